@@ -1,0 +1,5 @@
+import sys
+
+from robustft.cli import main
+
+sys.exit(main())

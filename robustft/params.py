@@ -1,0 +1,233 @@
+"""Which tensors a method touches, copies of them, and swapping copies in and out of a model.
+
+Every callback goes through this module: it selects parameters by name (trainable ones by
+default), keeps snapshots on a chosen device/dtype, and swaps them into the live model in a
+context manager that always restores. DTensor parameters (FSDP2) are handled on their local
+shard, so nothing here gathers a full model.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+__all__ = [
+    "Snapshot",
+    "local_tensor",
+    "resolve_dtype",
+    "select_parameters",
+    "swapped_in",
+]
+
+_NORM_OR_BIAS = re.compile(r"(^|\.)(bias|[^.]*norm[^.]*|ln[^.]*|layernorm[^.]*)(\.|$)", re.IGNORECASE)
+
+
+def _as_patterns(option: str, value: str | Sequence[str] | None) -> list[re.Pattern]:
+    if value is None:
+        return []
+    values = [value] if isinstance(value, str) else list(value)
+    patterns = []
+    for v in values:
+        try:
+            patterns.append(re.compile(v))
+        except re.error as err:
+            raise ValueError(f"{option}: {v!r} is not a valid regular expression ({err})") from err
+    return patterns
+
+
+def select_parameters(
+    model: nn.Module,
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    trainable_only: bool = True,
+    buffers: bool = False,
+    skip_norm_and_bias: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Name -> tensor for the parameters (and optionally floating buffers) a method acts on.
+
+    ``include``/``exclude`` are regular expressions searched in the parameter name (as PEFT's
+    ``target_modules``); each ``include`` pattern must match at least one tensor, so a typo
+    fails loudly instead of silently averaging nothing.
+    """
+    inc = _as_patterns("include", include)
+    exc = _as_patterns("exclude", exclude)
+    candidates: list[tuple[str, torch.Tensor]] = [
+        (n, p) for n, p in model.named_parameters() if p.requires_grad or not trainable_only
+    ]
+    if buffers:
+        # integer buffers (BatchNorm's num_batches_tracked) are counters, not weights
+        candidates += [(n, b) for n, b in model.named_buffers() if b is not None and b.is_floating_point()]
+    selected: dict[str, torch.Tensor] = {}
+    hits = [0] * len(inc)
+    for name, tensor in candidates:
+        if inc:
+            matched = [i for i, p in enumerate(inc) if p.search(name)]
+            for i in matched:
+                hits[i] += 1
+            if not matched:
+                continue
+        if any(p.search(name) for p in exc):
+            continue
+        if skip_norm_and_bias and _NORM_OR_BIAS.search(name):
+            continue
+        selected[name] = tensor
+    for pattern, count in zip(inc, hits):
+        if count == 0:
+            kind = "trainable parameter" if trainable_only else "parameter"
+            raise ValueError(f"include: pattern {pattern.pattern!r} matches no {kind} of the model")
+    if not selected:
+        raise ValueError(
+            "no parameter selected: the model has no trainable parameter matching include/exclude "
+            f"(include={include!r}, exclude={exclude!r}, trainable_only={trainable_only})"
+        )
+    return selected
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The tensor this rank owns: the local shard of a DTensor (FSDP2), else ``t`` itself, detached."""
+    if hasattr(t, "to_local") and hasattr(t, "placements"):
+        t = t.to_local()
+    return t.detach()
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """``"float32"``/``torch.float32``/None (keep the parameter's dtype) -> torch dtype or None."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    resolved = getattr(torch, str(dtype), None)
+    if not isinstance(resolved, torch.dtype):
+        raise ValueError(f"dtype: {dtype!r} is not a torch dtype name (e.g. 'float32', 'bfloat16')")
+    return resolved
+
+
+def _resolve_device(device: str | torch.device) -> torch.device | None:
+    if device == "same":
+        return None
+    try:
+        return torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"device: {device!r} is not 'same' or a torch device ({err})") from err
+
+
+class Snapshot:
+    """Copies of a set of named tensors (their local shards), on a chosen device and dtype.
+
+    ``device="same"`` keeps each copy beside its parameter; ``"cpu"`` offloads. ``dtype=None``
+    keeps the parameter dtype; ``torch.float32`` gives an fp32 shadow of bf16/fp16 weights.
+    """
+
+    def __init__(self, names: Sequence[str], tensors: Sequence[torch.Tensor]):
+        if len(names) != len(tensors):
+            raise ValueError(f"Snapshot: {len(names)} names for {len(tensors)} tensors")
+        self.names = list(names)
+        self.tensors = list(tensors)
+
+    @classmethod
+    def of(
+        cls,
+        params: Mapping[str, torch.Tensor],
+        device: str | torch.device = "same",
+        dtype: str | torch.dtype | None = None,
+    ) -> Snapshot:
+        dev, dt = _resolve_device(device), resolve_dtype(dtype)
+        copies = []
+        with torch.no_grad():
+            for t in params.values():
+                src = local_tensor(t)
+                copies.append(src.to(device=dev or src.device, dtype=dt or src.dtype, copy=True))
+        return cls(list(params.keys()), copies)
+
+    @classmethod
+    def zeros_like(cls, other: Snapshot) -> Snapshot:
+        return cls(other.names, [torch.zeros_like(t) for t in other.tensors])
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def numel(self) -> int:
+        return sum(t.numel() for t in self.tensors)
+
+    def _check_names(self, params: Mapping[str, torch.Tensor]) -> None:
+        if list(params.keys()) != self.names:
+            missing = sorted(set(self.names) - set(params))
+            extra = sorted(set(params) - set(self.names))
+            raise ValueError(
+                "snapshot and model disagree on the selected tensors: "
+                f"missing in model {missing[:5]}, not in snapshot {extra[:5]}"
+            )
+
+    @torch.no_grad()
+    def copy_to(self, params: Mapping[str, torch.Tensor]) -> None:
+        """Write the snapshot into the live tensors (cast to their dtype/device)."""
+        self._check_names(params)
+        for p, s in zip(params.values(), self.tensors):
+            local_tensor(p).copy_(s)
+
+    @torch.no_grad()
+    def copy_from(self, params: Mapping[str, torch.Tensor]) -> None:
+        """Overwrite the snapshot with the live tensors."""
+        self._check_names(params)
+        for p, s in zip(params.values(), self.tensors):
+            s.copy_(local_tensor(p))
+
+    def state_dict(self, prefix: str = "") -> dict[str, torch.Tensor]:
+        return {prefix + n: t for n, t in zip(self.names, self.tensors)}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: Mapping[str, torch.Tensor], prefix: str = "", source: str = "") -> None:
+        """Copy saved tensors in; a missing name or a shape change is an error naming the tensor."""
+        where = f" in {source}" if source else ""
+        for n, t in zip(self.names, self.tensors):
+            key = prefix + n
+            if key not in state:
+                raise ValueError(f"tensor {key!r} missing{where}")
+            if tuple(state[key].shape) != tuple(t.shape):
+                raise ValueError(
+                    f"tensor {key!r}{where} has shape {tuple(state[key].shape)}, expected {tuple(t.shape)}"
+                )
+            t.copy_(state[key])
+
+
+def live_tensors(params: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+    """The local, detached tensors behind ``params``, in order (what fused ops act on)."""
+    return [local_tensor(p) for p in params.values()]
+
+
+@contextmanager
+def swapped_in(params: Mapping[str, torch.Tensor], snapshot: Snapshot | Iterable[torch.Tensor]) -> Iterator[None]:
+    """Temporarily put ``snapshot`` into the live tensors; the live values come back on exit, even on error.
+
+    When a copy has the live tensor's dtype and device the two are exchanged in place (no extra
+    memory); otherwise the live value is backed up first, so the restore is always bit-exact.
+    """
+    tensors = snapshot.tensors if isinstance(snapshot, Snapshot) else list(snapshot)
+    if isinstance(snapshot, Snapshot):
+        snapshot._check_names(params)
+    lives = live_tensors(params)
+    if len(lives) != len(tensors):
+        raise ValueError(f"swapped_in: {len(tensors)} tensors for {len(lives)} parameters")
+    backups: list[torch.Tensor | None] = []
+    with torch.no_grad():
+        try:
+            for live, s in zip(lives, tensors):
+                if live.dtype == s.dtype and live.device == s.device and isinstance(snapshot, Snapshot):
+                    tmp = live.clone()
+                    live.copy_(s)
+                    s.copy_(tmp)
+                    backups.append(None)
+                else:
+                    backups.append(live.clone())
+                    live.copy_(s)
+            yield
+        finally:
+            for live, s, b in zip(lives, tensors, backups):
+                if b is None:
+                    tmp = live.clone()
+                    live.copy_(s)
+                    s.copy_(tmp)
+                else:
+                    live.copy_(b)
