@@ -7,6 +7,21 @@ LoRA/task-vector arithmetic.
 
 __version__ = "0.1.0"
 
+from robustft.callbacks.averaging import (  # noqa: E402
+    EMACallback,
+    LAWACallback,
+    MomentumInterpolationCallback,
+    SWACallback,
+)
 from robustft.params import Snapshot, select_parameters, swapped_in  # noqa: E402
 
-__all__ = ["Snapshot", "__version__", "select_parameters", "swapped_in"]
+__all__ = [
+    "EMACallback",
+    "LAWACallback",
+    "MomentumInterpolationCallback",
+    "SWACallback",
+    "Snapshot",
+    "__version__",
+    "select_parameters",
+    "swapped_in",
+]

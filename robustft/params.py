@@ -17,6 +17,8 @@ from torch import nn
 
 __all__ = [
     "Snapshot",
+    "is_sharded",
+    "live_tensors",
     "local_tensor",
     "resolve_dtype",
     "select_parameters",
@@ -87,6 +89,11 @@ def select_parameters(
     return selected
 
 
+def is_sharded(params: Mapping[str, torch.Tensor]) -> bool:
+    """True when any tensor is a DTensor (FSDP2): each rank then holds only its local shard."""
+    return any(hasattr(t, "to_local") and hasattr(t, "placements") for t in params.values())
+
+
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
     """The tensor this rank owns: the local shard of a DTensor (FSDP2), else ``t`` itself, detached."""
     if hasattr(t, "to_local") and hasattr(t, "placements"):
@@ -104,6 +111,10 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return resolved
 
 
+def _shadow_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 def _resolve_device(device: str | torch.device) -> torch.device | None:
     if device == "same":
         return None
@@ -117,7 +128,8 @@ class Snapshot:
     """Copies of a set of named tensors (their local shards), on a chosen device and dtype.
 
     ``device="same"`` keeps each copy beside its parameter; ``"cpu"`` offloads. ``dtype=None``
-    keeps the parameter dtype; ``torch.float32`` gives an fp32 shadow of bf16/fp16 weights.
+    keeps the parameter dtype; ``"float32"`` casts every copy; ``"auto"`` keeps float32 copies of
+    16-bit weights (a shadow that does not lose small updates) and the dtype of the others.
     """
 
     def __init__(self, names: Sequence[str], tensors: Sequence[torch.Tensor]):
@@ -133,12 +145,15 @@ class Snapshot:
         device: str | torch.device = "same",
         dtype: str | torch.dtype | None = None,
     ) -> Snapshot:
-        dev, dt = _resolve_device(device), resolve_dtype(dtype)
+        """Copy ``params`` (local shards) to ``device`` (``"same"``/``"cpu"``/a device) and ``dtype``."""
+        dev = _resolve_device(device)
+        dt = None if dtype == "auto" else resolve_dtype(dtype)
         copies = []
         with torch.no_grad():
             for t in params.values():
                 src = local_tensor(t)
-                copies.append(src.to(device=dev or src.device, dtype=dt or src.dtype, copy=True))
+                target = dt or (_shadow_dtype(src.dtype) if dtype == "auto" else src.dtype)
+                copies.append(src.to(device=dev or src.device, dtype=target, copy=True))
         return cls(list(params.keys()), copies)
 
     @classmethod
@@ -198,7 +213,9 @@ def live_tensors(params: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
 
 
 @contextmanager
-def swapped_in(params: Mapping[str, torch.Tensor], snapshot: Snapshot | Iterable[torch.Tensor]) -> Iterator[None]:
+def swapped_in(
+    params: Mapping[str, torch.Tensor], snapshot: Snapshot | Iterable[torch.Tensor]
+) -> Iterator[None]:
     """Temporarily put ``snapshot`` into the live tensors; the live values come back on exit, even on error.
 
     When a copy has the live tensor's dtype and device the two are exchanged in place (no extra

@@ -1,0 +1,451 @@
+"""Momentum weight averaging callbacks: EMA, SWA, LAWA and momentum interpolation toward the start.
+
+The maths lives in ``robustft.ops.averaging``; these classes decide when to update, swap the
+average in for evaluation (and back), save it as a loadable model, and checkpoint it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import ExitStack, contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from robustft import distributed
+from robustft.callbacks.base import RobustCallback
+from robustft.ops.averaging import ema_decay, ema_update_, mean_of, squared_distance, swa_update_
+from robustft.params import Snapshot, is_sharded, live_tensors, select_parameters, swapped_in
+
+__all__ = [
+    "EMACallback",
+    "LAWACallback",
+    "MomentumInterpolationCallback",
+    "SWACallback",
+    "recompute_batchnorm",
+]
+
+
+class _AveragingCallback(RobustCallback):
+    """Shared life cycle: select parameters, keep an average, swap it in for eval, save, checkpoint."""
+
+    #: metric prefix and default name of the saved model folder
+    prefix = "avg"
+
+    def __init__(
+        self,
+        *,
+        update_every: int = 1,
+        start_step: int = 0,
+        include: str | list[str] | None = None,
+        exclude: str | list[str] | None = None,
+        buffers: bool = False,
+        device: str = "same",
+        dtype: str | torch.dtype | None = "auto",
+        eval_with_average: bool = True,
+        save_dir: str | None = "auto",
+        copy_to_model_at_end: bool = False,
+        log_distance: bool = True,
+        resume_state_from: str | None = None,
+        restart_if_missing: bool = False,
+    ):
+        super().__init__(resume_state_from=resume_state_from, restart_if_missing=restart_if_missing)
+        if not isinstance(update_every, int) or update_every < 1:
+            raise ValueError(f"update_every must be an integer >= 1, got {update_every!r}")
+        if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
+            raise ValueError(f"start_step must be an integer >= 0, got {start_step!r}")
+        self.update_every = update_every
+        self.start_step = start_step
+        self.include, self.exclude, self.buffers = include, exclude, buffers
+        self.device, self.dtype = device, dtype
+        self.eval_with_average = eval_with_average
+        self.save_dir = save_dir
+        self.copy_to_model_at_end = copy_to_model_at_end
+        self.log_distance = log_distance
+        self.num_updates = 0
+        self.params: dict[str, torch.Tensor] | None = None
+        self._swap = ExitStack()
+
+    # -- what subclasses provide ---------------------------------------------------------------
+    def _init_average(self) -> None:
+        """Allocate the average from the live weights (called once, at the first train begin)."""
+        self.avg = Snapshot.of(self.params, device=self.device, dtype=self.dtype)
+
+    def _update(self, step: int) -> None:
+        raise NotImplementedError
+
+    def average(self) -> Snapshot:
+        """The averaged weights, in the order of ``self.params``."""
+        return self.avg
+
+    def has_average(self) -> bool:
+        return self.params is not None
+
+    def _extra_logs(self) -> dict[str, float]:
+        return {}
+
+    # -- public helpers -------------------------------------------------------------------------
+    def _require_setup(self) -> dict[str, torch.Tensor]:
+        if self.params is None:
+            raise RuntimeError(f"{type(self).__name__} has no average yet: train with it first")
+        return self.params
+
+    @contextmanager
+    def averaged_weights(self) -> Iterator[None]:
+        """Context in which the model holds the averaged weights (always restored on exit).
+
+        ``with ema.averaged_weights(): trainer.evaluate()`` evaluates the average after training.
+        """
+        with swapped_in(self._require_setup(), self.average()):
+            yield
+
+    def copy_to_model(self) -> None:
+        """Overwrite the live weights with the average (what ``copy_to_model_at_end`` does)."""
+        self.average().copy_to(self._require_setup())
+
+    def distance(self) -> float:
+        """‖average − live‖₂ over the selected tensors (summed over ranks when sharded)."""
+        params = self._require_setup()
+        sq = squared_distance(self.average().tensors, live_tensors(params))
+        if is_sharded(params):
+            sq = distributed.all_reduce_sum(sq)
+        return math.sqrt(float(sq))
+
+    # -- state ----------------------------------------------------------------------------------
+    def sharded_state(self) -> bool:
+        return self.params is not None and is_sharded(self.params)
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        return self.avg.state_dict(), {"num_updates": self.num_updates}
+
+    def load_state_dict(self, tensors, meta, source):
+        self.avg.load_state_dict(tensors, source=source)
+        self.num_updates = int(meta["num_updates"])
+
+    # -- Trainer events -------------------------------------------------------------------------
+    def _due(self, step: int) -> bool:
+        return step >= self.start_step and (step - self.start_step) % self.update_every == 0
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        super().on_train_begin(args, state, control, **kwargs)
+        params = select_parameters(model, include=self.include, exclude=self.exclude, buffers=self.buffers)
+        checkpoint = self.resume_dir(args, state)
+        if self.params is None:
+            self.params = params
+            self._init_average()
+        else:  # the same callback in a further train(): same tensors, maybe a new model object
+            self.average()._check_names(params) if self.has_average() else None
+            self.params = params
+            if checkpoint is None:
+                self._task_boundary()
+        if checkpoint is not None:
+            self.load_from(checkpoint)
+
+    def _task_boundary(self) -> None:
+        """A further ``train()`` with the same callback (continual fine-tuning); nothing by default."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._due(state.global_step):
+            self._update(state.global_step)
+            self.num_updates += 1
+        if control.should_log:
+            logs = self._extra_logs()
+            logs[f"{self.prefix}/num_updates"] = float(self.num_updates)
+            if self.log_distance and self.has_average():
+                logs[f"{self.prefix}/distance"] = self.distance()
+            self.pending_logs.update(logs)
+        self._maybe_swap_for_eval(control)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self._maybe_swap_for_eval(control)
+
+    def _maybe_swap_for_eval(self, control) -> None:
+        if self.eval_with_average and control.should_evaluate and self.has_average() and not self._swapped:
+            self._swap.enter_context(self.averaged_weights())
+
+    @property
+    def _swapped(self) -> bool:
+        return bool(self._swap._exit_callbacks)
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        self._swap.close()
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self._swap.close()
+        if not self.has_average():
+            return
+        with ExitStack() as stack:
+            if not self.copy_to_model_at_end:
+                stack.enter_context(self.averaged_weights())
+            else:
+                self.copy_to_model()
+            self._finalize_weights(model, stack, kwargs)
+            if self.save_dir is not None:
+                self._save_model(model, args)
+
+    def _finalize_weights(self, model, stack: ExitStack, kwargs: Mapping[str, Any]) -> None:
+        """Last touch on the averaged model before it is saved (SWA recomputes BatchNorm here)."""
+
+    def _save_model(self, model: nn.Module, args) -> None:
+        target = os.path.join(args.output_dir, self.prefix) if self.save_dir == "auto" else self.save_dir
+        if self.sharded_state():
+            warnings.warn(
+                f"{type(self).__name__}: parameters are sharded (FSDP2); the averaged model is kept in the "
+                "checkpoint state but not saved as a full model. Gather it with your FSDP save path.",
+                stacklevel=2,
+            )
+            return
+        if distributed.is_main_process():
+            model.save_pretrained(target)
+        distributed.barrier()
+
+
+class EMACallback(_AveragingCallback):
+    """Exponential moving average of the weights: θ_ema ← β·θ_ema + (1−β)·θ after each update step.
+
+    The first update copies the live weights (as ``torch.optim.swa_utils.AveragedModel``); with
+    ``warmup=True`` the decay at the k-th update is min(β, 1 − (1 + k/γ)^−p) as in timm.
+
+    Args:
+        decay: β in (0, 1).
+        warmup, warmup_gamma, warmup_power: decay warmup (timm's ModelEmaV3 formula).
+        update_every: update every N optimizer steps; start_step: first step that updates.
+        include, exclude: regex name patterns (default: all trainable parameters); buffers: average
+            floating buffers too (BatchNorm statistics).
+        device: ``"same"`` or ``"cpu"`` for the shadow.
+        dtype: shadow dtype (``"auto"``: float32 for 16-bit weights, else the weight's dtype).
+        eval_with_ema: evaluate with the EMA weights during training (swapped in and back).
+        save_dir: where the EMA model is saved at the end (``"auto"``: ``<output_dir>/ema``; None: not saved).
+        copy_to_model_at_end: leave the EMA weights in the model when training ends.
+    """
+
+    prefix = "ema"
+    state_name = "ema"
+
+    def __init__(
+        self,
+        decay: float = 0.999,
+        *,
+        warmup: bool = False,
+        warmup_gamma: float = 1.0,
+        warmup_power: float = 2 / 3,
+        eval_with_ema: bool = True,
+        **kwargs: Any,
+    ):
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"decay must be in (0, 1), got {decay!r}")
+        if warmup_gamma <= 0 or warmup_power <= 0:
+            raise ValueError(
+                f"warmup_gamma and warmup_power must be > 0, got {warmup_gamma!r} and {warmup_power!r}"
+            )
+        super().__init__(eval_with_average=eval_with_ema, **kwargs)
+        self.decay = decay
+        self.warmup, self.warmup_gamma, self.warmup_power = warmup, warmup_gamma, warmup_power
+
+    def current_decay(self) -> float:
+        return ema_decay(self.num_updates, self.decay, self.warmup, self.warmup_gamma, self.warmup_power)
+
+    def _update(self, step: int) -> None:
+        live = live_tensors(self.params)
+        if self.num_updates == 0:
+            swa_update_(self.avg.tensors, live, 0)  # first update copies, as AveragedModel does
+        else:
+            ema_update_(self.avg.tensors, live, self.current_decay())
+
+    def _extra_logs(self) -> dict[str, float]:
+        return {"ema/decay": self.current_decay()}
+
+
+def _start_step(start: int | float, max_steps: int) -> int:
+    """An int is a step; a float in [0, 1) a fraction of the run's optimizer steps."""
+    if isinstance(start, float):
+        return int(math.floor(start * max_steps))
+    return start
+
+
+class SWACallback(_AveragingCallback):
+    """Stochastic weight averaging: equal-weight mean of the weights taken every N steps from a start.
+
+    θ_swa ← θ_swa + (θ − θ_swa)/(n+1) (Izmailov et al., 2018, "Averaging Weights Leads to Wider
+    Optima"). ``start`` is a step (int) or a fraction of the run (float in [0, 1)). BatchNorm
+    statistics are recomputed for the averaged weights on the training data before they are
+    saved or copied, as ``torch.optim.swa_utils.update_bn`` does.
+    """
+
+    prefix = "swa"
+    state_name = "swa"
+
+    def __init__(self, start: int | float = 0.75, *, eval_with_swa: bool = True, update_bn: bool = True,
+                 **kwargs: Any):
+        if isinstance(start, float) and not 0.0 <= start < 1.0:
+            raise ValueError(f"start as a fraction must be in [0, 1), got {start!r}")
+        if isinstance(start, int) and start < 0:
+            raise ValueError(f"start as a step must be >= 0, got {start!r}")
+        if "start_step" in kwargs:
+            raise ValueError("SWACallback: give the first averaged step as start=..., not start_step")
+        super().__init__(eval_with_average=eval_with_swa, **kwargs)
+        self.start = start
+        self.update_bn = update_bn
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.start_step = _start_step(self.start, state.max_steps)
+        super().on_train_begin(args, state, control, model=model, **kwargs)
+
+    def _update(self, step: int) -> None:
+        swa_update_(self.avg.tensors, live_tensors(self.params), self.num_updates)
+
+    def _finalize_weights(self, model, stack, kwargs):
+        loader = kwargs.get("train_dataloader")
+        if self.update_bn and loader is not None and _batchnorms(model):
+            if not self.copy_to_model_at_end:
+                stack.enter_context(_buffers_restored(model))
+            recompute_batchnorm(model, loader)
+
+
+class LAWACallback(_AveragingCallback):
+    """Latest weight averaging: the mean of the last k snapshots, taken every N steps.
+
+    θ_lawa = (1/k)·Σ_{i<k} θ_{t−i·N} (Kaddour, 2022, "Stop Wasting My Time! Saving Days of
+    ImageNet and BERT Training with Latest Weight Averaging"). Holds k copies of the weights.
+    """
+
+    prefix = "lawa"
+    state_name = "lawa"
+
+    def __init__(self, k: int = 5, *, update_every: int = 100, eval_with_lawa: bool = True, **kwargs: Any):
+        if not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be an integer >= 1, got {k!r}")
+        super().__init__(update_every=update_every, eval_with_average=eval_with_lawa, **kwargs)
+        self.k = k
+        self.snapshots: list[Snapshot] = []
+
+    def _init_average(self) -> None:
+        self.snapshots = []
+        self._mean: Snapshot | None = None
+
+    def has_average(self) -> bool:
+        return bool(self.snapshots)
+
+    def _update(self, step: int) -> None:
+        if len(self.snapshots) == self.k:
+            oldest = self.snapshots.pop(0)
+            oldest.copy_from(self.params)  # reuse the oldest buffer
+            self.snapshots.append(oldest)
+        else:
+            self.snapshots.append(Snapshot.of(self.params, device=self.device, dtype=self.dtype))
+
+    def average(self) -> Snapshot:
+        if not self.snapshots:
+            raise RuntimeError("LAWACallback has no snapshot yet")
+        if self._mean is None:
+            self._mean = Snapshot.zeros_like(self.snapshots[0])
+        mean_of(self._mean.tensors, [s.tensors for s in self.snapshots])
+        return self._mean
+
+    def state_dict(self):
+        tensors: dict[str, torch.Tensor] = {}
+        for i, snap in enumerate(self.snapshots):
+            tensors.update(snap.state_dict(prefix=f"{i}."))
+        return tensors, {"num_updates": self.num_updates, "num_snapshots": len(self.snapshots)}
+
+    def load_state_dict(self, tensors, meta, source):
+        self.snapshots = []
+        for i in range(int(meta["num_snapshots"])):
+            snap = Snapshot.of(self.params, device=self.device, dtype=self.dtype)
+            snap.load_state_dict(tensors, prefix=f"{i}.", source=source)
+            self.snapshots.append(snap)
+        self.num_updates = int(meta["num_updates"])
+
+
+class MomentumInterpolationCallback(_AveragingCallback):
+    """Slow weights that follow the trained ones by momentum, starting from the pretrained model.
+
+    θ_slow ← τ·θ_slow + (1−τ)·θ every N steps, with θ_slow = θ_pretrained at the first
+    ``train()`` (Stojanovski et al., 2022, "Momentum-based Weight Interpolation of Strong
+    Zero-Shot Models for Continual Learning"). Keep one instance across the tasks of a continual
+    run: each further ``train()`` is a task boundary, where the fast (trained) weights are reset
+    to the slow ones if ``reset_fast_at_task_boundary``. Evaluation uses the slow weights.
+    """
+
+    prefix = "momentum"
+    state_name = "momentum_interpolation"
+
+    def __init__(self, momentum: float = 0.99, *, reset_fast_at_task_boundary: bool = True,
+                 eval_with_slow: bool = True, **kwargs: Any):
+        if not 0.0 < momentum < 1.0:
+            raise ValueError(f"momentum must be in (0, 1), got {momentum!r}")
+        super().__init__(eval_with_average=eval_with_slow, **kwargs)
+        self.momentum = momentum
+        self.reset_fast_at_task_boundary = reset_fast_at_task_boundary
+        self.task = 0
+
+    def _update(self, step: int) -> None:
+        ema_update_(self.avg.tensors, live_tensors(self.params), self.momentum)
+
+    def _task_boundary(self) -> None:
+        self.task += 1
+        if self.reset_fast_at_task_boundary:
+            self.copy_to_model()
+
+    def state_dict(self):
+        tensors, meta = super().state_dict()
+        return tensors, {**meta, "task": self.task}
+
+    def load_state_dict(self, tensors, meta, source):
+        super().load_state_dict(tensors, meta, source)
+        self.task = int(meta["task"])
+
+    def _extra_logs(self) -> dict[str, float]:
+        return {"momentum/task": float(self.task)}
+
+
+def _batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+@contextmanager
+def _buffers_restored(model: nn.Module) -> Iterator[None]:
+    """Restore every BatchNorm buffer on exit (recomputing statistics is a temporary change too)."""
+    saved = {n: b.clone() for n, b in model.named_buffers() if b is not None}
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for n, b in model.named_buffers():
+                if n in saved:
+                    b.copy_(saved[n])
+
+
+@torch.no_grad()
+def recompute_batchnorm(model: nn.Module, loader) -> None:
+    """Recompute BatchNorm running statistics with one pass over ``loader`` (as swa_utils.update_bn).
+
+    Batches may be dicts (Hugging Face style, passed as ``model(**batch)``), tuples or tensors.
+    """
+    bns = _batchnorms(model)
+    if not bns:
+        return
+    momenta = {}
+    for bn in bns:
+        bn.reset_running_stats()
+        momenta[bn] = bn.momentum
+        bn.momentum = None  # cumulative average over the pass
+    was_training = model.training
+    model.train()
+    device = next(model.parameters()).device
+    try:
+        for batch in loader:
+            if isinstance(batch, Mapping):
+                model(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()})
+            elif isinstance(batch, (list, tuple)):
+                model(batch[0].to(device))
+            else:
+                model(batch.to(device))
+    finally:
+        for bn, m in momenta.items():
+            bn.momentum = m
+        model.train(was_training)

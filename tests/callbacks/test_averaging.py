@@ -1,0 +1,207 @@
+"""Averaging callbacks inside a real Trainer, checked against swa_utils and brute force."""
+
+import json
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from transformers import Trainer, TrainerCallback
+
+from robustft import EMACallback, LAWACallback, MomentumInterpolationCallback, SWACallback
+from robustft.params import select_parameters
+from tests.tiny import tiny_bert, token_dataset, training_args
+
+
+class Recorder(TrainerCallback):
+    """Records the live selected weights after every optimizer step (before any swap)."""
+
+    def __init__(self, **select):
+        self.select = select
+        self.points: list[dict[str, torch.Tensor]] = []
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        params = select_parameters(model, **self.select)
+        self.points.append({n: p.detach().clone() for n, p in params.items()})
+
+
+def _fed(averaged: AveragedModel, points) -> dict[str, torch.Tensor]:
+    """Feed ``averaged`` the recorded trajectory through a separate live model; its averaged weights."""
+    live = tiny_bert(seed=1)
+    params = dict(live.named_parameters())
+    for point in points:
+        with torch.no_grad():
+            for n, t in point.items():
+                params[n].copy_(t)
+        averaged.update_parameters(live)
+    return {n: p.detach() for n, p in averaged.module.named_parameters()}
+
+
+def _train(callbacks, tmp_path, model=None, **args):
+    model = model or tiny_bert()
+    trainer = Trainer(
+        model=model, args=training_args(tmp_path, **args), train_dataset=token_dataset(),
+        eval_dataset=token_dataset(32, seed=1), callbacks=callbacks,
+    )
+    trainer.train()
+    return trainer
+
+
+def test_ema_matches_averaged_model(tmp_path):
+    ema, rec = EMACallback(decay=0.8, save_dir=None), Recorder()
+    trainer = _train([ema, rec], tmp_path)
+    averaged = AveragedModel(tiny_bert(), multi_avg_fn=get_ema_multi_avg_fn(0.8), use_buffers=False)
+    ref = _fed(averaged, rec.points)
+    for name, avg in zip(ema.average().names, ema.average().tensors):
+        torch.testing.assert_close(avg, ref[name], atol=1e-6, rtol=0)
+    logged = [h for h in trainer.state.log_history if "ema/decay" in h]
+    assert logged and logged[-1]["ema/num_updates"] == 8 and logged[-1]["ema/distance"] > 0
+
+
+def test_swa_matches_averaged_model_from_start_every_n(tmp_path):
+    swa, rec = SWACallback(start=2, update_every=3, save_dir=None), Recorder()
+    _train([swa, rec], tmp_path)
+    used = [rec.points[s - 1] for s in (2, 5, 8)]  # global steps 2, 5, 8
+    ref = _fed(AveragedModel(tiny_bert(), use_buffers=False), used)
+    assert swa.num_updates == 3
+    for name, avg in zip(swa.average().names, swa.average().tensors):
+        torch.testing.assert_close(avg, ref[name], atol=1e-6, rtol=0)
+
+
+def test_lawa_is_mean_of_last_k_snapshots(tmp_path):
+    lawa, rec = LAWACallback(k=3, update_every=2, save_dir=None), Recorder()
+    _train([lawa, rec], tmp_path)
+    last = [rec.points[s - 1] for s in (4, 6, 8)]
+    avg = lawa.average()
+    for name, t in zip(avg.names, avg.tensors):
+        torch.testing.assert_close(t, torch.stack([p[name] for p in last]).mean(0), atol=1e-6, rtol=0)
+
+
+def test_momentum_interpolation_starts_from_pretrained_and_resets_fast_weights(tmp_path):
+    model = tiny_bert()
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    mom, rec = MomentumInterpolationCallback(momentum=0.7, save_dir=None), Recorder()
+    _train([mom, rec], tmp_path / "task1", model=model)
+    slow = dict(start)
+    for point in rec.points:
+        slow = {n: 0.7 * slow[n] + 0.3 * point[n] for n in point}
+    for name, t in zip(mom.average().names, mom.average().tensors):
+        torch.testing.assert_close(t, slow[name], atol=1e-6, rtol=1e-6)
+    # task 2: the fast weights start from the slow ones
+    first = Recorder()
+
+    class Probe(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            self.begin = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    probe = Probe()
+    _train([mom, probe, first], tmp_path / "task2", model=model, max_steps=2)
+    assert mom.task == 1
+    for name in slow:
+        torch.testing.assert_close(probe.begin[name], slow[name], atol=1e-6, rtol=1e-6)
+
+
+def test_eval_with_ema_differs_from_live_and_restores_live_weights(tmp_path):
+    class LiveAtStep(TrainerCallback):
+        def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+            self.live = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    ema, probe = EMACallback(decay=0.6, save_dir=None), LiveAtStep()
+    trainer = _train([ema, probe], tmp_path, eval_strategy="steps", eval_steps=8, learning_rate=2e-2)
+    ema_loss = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h][-1]
+    for n, p in trainer.model.named_parameters():
+        assert torch.equal(p.detach(), probe.live[n]), n  # bit-identical live weights after the eval
+    live_loss = trainer.evaluate()["eval_loss"]
+    with ema.averaged_weights():
+        again = trainer.evaluate()["eval_loss"]
+    assert ema_loss != pytest.approx(live_loss, abs=1e-6)
+    assert ema_loss == pytest.approx(again, abs=1e-6)  # the in-training eval really used the EMA weights
+
+
+def _stop_at(step):
+    class Stop(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == step:
+                control.should_training_stop = True
+
+    return Stop()
+
+
+@pytest.mark.parametrize("make", [lambda: EMACallback(decay=0.7, save_dir=None),
+                                  lambda: LAWACallback(k=2, update_every=3, save_dir=None),
+                                  lambda: SWACallback(start=0.25, save_dir=None)])
+def test_resume_equals_uninterrupted(tmp_path, make):
+    full = make()
+    _train([full], tmp_path / "full")
+    interrupted = make()
+    _train([interrupted, _stop_at(4)], tmp_path / "part", save_strategy="steps", save_steps=4)
+    assert (tmp_path / "part" / "checkpoint-4" / "robustft").is_dir()
+    resumed = make()
+    trainer = Trainer(
+        model=tiny_bert(), args=training_args(tmp_path / "part", save_strategy="no"),
+        train_dataset=token_dataset(), callbacks=[resumed],
+    )
+    trainer.train(resume_from_checkpoint=str(tmp_path / "part" / "checkpoint-4"))
+    assert resumed.num_updates == full.num_updates
+    for a, b in zip(full.average().tensors, resumed.average().tensors):
+        assert torch.equal(a, b)
+
+
+def test_resume_without_state_raises(tmp_path):
+    _train([_stop_at(4)], tmp_path, save_strategy="steps", save_steps=4)
+    trainer = Trainer(model=tiny_bert(), args=training_args(tmp_path), train_dataset=token_dataset(),
+                      callbacks=[EMACallback(save_dir=None)])
+    with pytest.raises(FileNotFoundError, match="EMACallback: resuming from .*checkpoint-4"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
+
+
+def test_lora_only_adapter_weights_averaged_and_saved_adapter_loads(tmp_path):
+    base = tiny_bert()
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS")
+    model = get_peft_model(base, config)
+    ema = EMACallback(decay=0.5, copy_to_model_at_end=False)
+    trainer = _train([ema], tmp_path, model=model, learning_rate=2e-2)
+    names = ema.average().names
+    assert names and all("lora_" in n or "classifier" in n for n in names)
+    adapter = tmp_path / "ema"
+    assert (adapter / "adapter_config.json").is_file()
+    json.loads((adapter / "adapter_config.json").read_text())
+    loaded = PeftModel.from_pretrained(tiny_bert(), str(adapter))
+    loaded_params = dict(loaded.named_parameters())
+    for name, t in zip(names, ema.average().tensors):
+        torch.testing.assert_close(loaded_params[name].detach(), t)
+    live = dict(trainer.model.named_parameters())
+    assert any(not torch.equal(live[n].detach(), t) for n, t in zip(names, ema.average().tensors))
+
+
+def test_plain_classifier_saved_ema_model_loads_and_copy_at_end(tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    ema = EMACallback(decay=0.5, copy_to_model_at_end=True)
+    trainer = _train([ema], tmp_path)
+    loaded = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "ema"))
+    loaded_params = dict(loaded.named_parameters())
+    for name, t in zip(ema.average().names, ema.average().tensors):
+        torch.testing.assert_close(loaded_params[name].detach(), t)
+        assert torch.equal(dict(trainer.model.named_parameters())[name].detach(), t)
+
+
+@pytest.mark.parametrize(
+    "make, option",
+    [
+        (lambda: EMACallback(decay=1.0), "decay"),
+        (lambda: EMACallback(decay=0.0), "decay"),
+        (lambda: EMACallback(update_every=0), "update_every"),
+        (lambda: SWACallback(start=1.5), "start"),
+        (lambda: LAWACallback(k=0), "k"),
+        (lambda: MomentumInterpolationCallback(momentum=1.2), "momentum"),
+    ],
+)
+def test_bad_configuration(make, option):
+    with pytest.raises(ValueError, match=option):
+        make()
+
+
+def test_pattern_matching_nothing_raises(tmp_path):
+    with pytest.raises(ValueError, match="include: pattern 'no_such_layer'"):
+        _train([EMACallback(include="no_such_layer")], tmp_path)

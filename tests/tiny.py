@@ -1,0 +1,43 @@
+"""Tiny models and generated data shared by the tests: everything local, random-init, CPU."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from datasets import Dataset
+from transformers import BertConfig, BertForSequenceClassification, TrainingArguments
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def tiny_bert(seed: int = 0, num_labels: int = 2) -> BertForSequenceClassification:
+    """A random-init 2-layer BERT classifier (about 30k parameters)."""
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=32, num_labels=num_labels,
+    )
+    return BertForSequenceClassification(config)
+
+
+def token_dataset(n: int = 64, seq_len: int = 8, seed: int = 0) -> Dataset:
+    """Random token sequences; the label is whether token 5 appears (learnable in a few steps)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(6, 64, (n, seq_len), generator=g)
+    labels = torch.randint(0, 2, (n,), generator=g)
+    ids[labels == 1, 0] = 5
+    return Dataset.from_dict({"input_ids": ids.tolist(), "labels": labels.tolist()})
+
+
+def training_args(output_dir, **overrides) -> TrainingArguments:
+    """Fast, deterministic CPU arguments; overrides win."""
+    kwargs = dict(
+        output_dir=str(output_dir), use_cpu=True, report_to=[], disable_tqdm=True, seed=0,
+        per_device_train_batch_size=8, per_device_eval_batch_size=16, learning_rate=5e-3,
+        max_steps=8, logging_steps=1, save_strategy="no", dataloader_num_workers=0,
+        lr_scheduler_type="constant",
+    )
+    kwargs.update(overrides)
+    return TrainingArguments(**kwargs)
