@@ -41,3 +41,22 @@ def training_args(output_dir, **overrides) -> TrainingArguments:
     )
     kwargs.update(overrides)
     return TrainingArguments(**kwargs)
+
+
+def tiny_llama(seed: int = 0):
+    """A random-init 2-layer Llama causal LM (about 20k parameters), untied embeddings."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=32, tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(config)
+
+
+def lm_dataset(n: int = 64, seq_len: int = 8, seed: int = 0) -> Dataset:
+    """Random token sequences for causal LM training (labels = inputs)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 64, (n, seq_len), generator=g).tolist()
+    return Dataset.from_dict({"input_ids": ids, "labels": ids})
