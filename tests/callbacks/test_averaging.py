@@ -205,3 +205,15 @@ def test_bad_configuration(make, option):
 def test_pattern_matching_nothing_raises(tmp_path):
     with pytest.raises(ValueError, match="include: pattern 'no_such_layer'"):
         _train([EMACallback(include="no_such_layer")], tmp_path)
+
+
+def test_bf16_model_gets_float32_shadow(tmp_path):
+    model = tiny_bert().to(torch.bfloat16)
+    ema, rec = EMACallback(decay=0.9, save_dir=None, device="cpu"), Recorder()
+    _train([ema, rec], tmp_path, model=model, learning_rate=5e-2)
+    assert all(t.dtype == torch.float32 for t in ema.average().tensors)
+    brute = {n: t.float() for n, t in rec.points[0].items()}
+    for point in rec.points[1:]:
+        brute = {n: 0.9 * brute[n] + 0.1 * point[n].float() for n in point}
+    for name, t in zip(ema.average().names, ema.average().tensors):
+        torch.testing.assert_close(t, brute[name], atol=1e-6, rtol=1e-5)
