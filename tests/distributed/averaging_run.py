@@ -87,6 +87,8 @@ def main(mode: str, out: str) -> None:
             "fsdp_enabled": trainer.is_fsdp_enabled, "distance": ema.distance()}
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(info, f)
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()  # a gloo group left open can abort at interpreter exit
 
 
 if __name__ == "__main__":
