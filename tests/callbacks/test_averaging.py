@@ -217,3 +217,19 @@ def test_bf16_model_gets_float32_shadow(tmp_path):
         brute = {n: 0.9 * brute[n] + 0.1 * point[n].float() for n in point}
     for name, t in zip(ema.average().names, ema.average().tensors):
         torch.testing.assert_close(t, brute[name], atol=1e-6, rtol=1e-5)
+
+
+def test_metrics_reach_reporting_callbacks_placed_before_user_callbacks(tmp_path):
+    class Reporter(TrainerCallback):  # stands for TensorBoard/W&B: the Trainer puts them before user callbacks
+        seen: list = []
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            self.seen.append(dict(logs))
+
+    ema = EMACallback(decay=0.9, save_dir=None)
+    trainer = Trainer(model=tiny_bert(), args=training_args(tmp_path, max_steps=3),
+                      train_dataset=token_dataset(), callbacks=[ema])
+    reporter = Reporter()
+    trainer.callback_handler.callbacks.insert(1, reporter)
+    trainer.train()
+    assert [s["ema/num_updates"] for s in reporter.seen if "ema/num_updates" in s] == [1.0, 2.0, 3.0]
