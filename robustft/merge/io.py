@@ -117,14 +117,12 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, dict]:
 class CheckpointReader:
     """Lazy name -> tensor access to a Hugging Face folder of safetensors (sharded or not) or to one file.
 
-    Construction reads headers only. ``get(name)`` reads one tensor. Use as a context manager (or call
-    ``close()``) to release file handles.
+    Construction reads headers only. ``get(name)`` reads one tensor (a fresh copy the caller owns).
     """
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.infos: dict[str, TensorInfo] = {}
-        self._handles: dict[Path, object] = {}
         for file in self._files():
             for name, entry in read_safetensors_header(file).items():
                 dtype = _DTYPES.get(entry["dtype"])
@@ -173,14 +171,13 @@ class CheckpointReader:
         info = self.infos.get(name)
         if info is None:
             raise KeyError(f"{self.path}: no tensor {name!r}")
-        handle = self._handles.get(info.file)
-        if handle is None:
-            handle = safe_open(str(info.file), framework="pt", device="cpu")
-            self._handles[info.file] = handle
-        return handle.get_tensor(name)
+        # a fresh safe_open per tensor: a handle kept open keeps its memory-mapped pages resident, so the
+        # RSS would grow to the size of the checkpoint; opening is cheap (the header is small)
+        with safe_open(str(info.file), framework="pt", device="cpu") as handle:
+            return handle.get_tensor(name)
 
     def close(self) -> None:
-        self._handles.clear()
+        """Nothing stays open between reads; kept so readers work as context managers."""
 
     def __enter__(self) -> CheckpointReader:
         return self

@@ -117,13 +117,12 @@ def trim_top_k(delta: torch.Tensor, density: float) -> torch.Tensor:
     return magnitude_prune(delta, density)
 
 
-def elect_sign(deltas: Sequence[torch.Tensor]) -> torch.Tensor:
+def elect_sign(deltas: Sequence[torch.Tensor], weights: Sequence[float] | None = None) -> torch.Tensor:
     """gamma = sgn(sum_i tau_i), sgn(0) = +1: the sign of larger total mass (TIES, Yadav et al., 2023).
 
-    Returns a tensor of +1/-1 in the deltas' dtype. Pass weighted deltas to elect on a weighted sum.
+    Returns a tensor of +1/-1 in the deltas' dtype; with ``weights`` the sum is sum_i w_i tau_i.
     """
-    _check_same_shape(deltas)
-    total = torch.stack(list(deltas)).sum(dim=0)
+    total = task_arithmetic(deltas, weights)
     return torch.where(total >= 0, 1.0, -1.0).to(deltas[0].dtype)
 
 
@@ -141,8 +140,11 @@ def disjoint_mean(
     num = torch.zeros_like(deltas[0])
     den = torch.zeros_like(deltas[0])
     for w, d in zip(_weights(weights, len(deltas)), deltas, strict=True):
-        agree = (torch.sign(d * w) == sign).to(d.dtype)
-        num.add_(d * agree, alpha=w)
+        if w == 0:
+            continue
+        # sgn(w d) = gamma  <=>  sgn(d) = gamma * sgn(w); no weighted copy of d is made
+        agree = (torch.sign(d) == (sign if w > 0 else -sign)).to(d.dtype)
+        num.addcmul_(d, agree, value=w)
         den.add_(agree, alpha=w)
     safe = torch.where(den != 0, den, torch.ones_like(den))
     return torch.where(den != 0, num / safe, torch.zeros_like(num))
@@ -163,7 +165,7 @@ def ties(
     densities = _per_input(density, len(deltas), "density")
     w = _weights(weights, len(deltas))
     trimmed = [trim_top_k(d, p) for d, p in zip(deltas, densities, strict=True)]
-    sign = elect_sign([t * wi for t, wi in zip(trimmed, w, strict=True)])
+    sign = elect_sign(trimmed, w)
     return disjoint_mean(trimmed, sign, w)
 
 
@@ -246,7 +248,7 @@ def model_stock(base: torch.Tensor, finetuned: Sequence[torch.Tensor]) -> torch.
     cos_theta = torch.stack(cosines).mean()
     denominator = 1 + (n - 1) * cos_theta
     t = torch.zeros_like(cos_theta) if denominator.abs() < 1e-6 else n * cos_theta / denominator
-    average = torch.stack(list(finetuned)).mean(dim=0)
+    average = task_arithmetic(finetuned) / n
     return t * average + (1 - t) * base
 
 
@@ -288,7 +290,7 @@ def tall_masks(deltas: Sequence[torch.Tensor], lambda_: float | Sequence[float] 
     """
     _check_same_shape(deltas)
     lambdas = _per_input(lambda_, len(deltas), "lambda_")
-    mtl = torch.stack(list(deltas)).sum(dim=0)
+    mtl = task_arithmetic(deltas)
     return [d.abs() >= lam * (mtl - d).abs() for d, lam in zip(deltas, lambdas, strict=True)]
 
 
@@ -302,7 +304,9 @@ def consensus_mask(
     if k < 0 or int(k) != k:
         raise ValueError(f"k must be a non-negative integer, got {k}")
     masks = tall_masks(deltas, lambda_)
-    votes = torch.stack([m.to(torch.int32) for m in masks]).sum(dim=0)
+    votes = torch.zeros(masks[0].shape, dtype=torch.int32, device=masks[0].device)
+    for m in masks:
+        votes += m
     return votes >= k
 
 
