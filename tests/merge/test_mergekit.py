@@ -30,14 +30,18 @@ def models(tmp_path_factory):
     return build_family(root, n=3, tokenizer=False)
 
 
+def _options(seed=None):
+    return MergeOptions(
+        copy_tokenizer=False, write_model_card=False, quiet=True, random_seed=seed, lazy_unpickle=True
+    )
+
+
 def _run_both(recipe: dict, tmp_path, seed: int = 0):
     mk_out, rf_out = tmp_path / "mergekit", tmp_path / "robustft"
     run_merge(
         MergeConfiguration.model_validate(recipe),
         str(mk_out),
-        MergeOptions(
-            copy_tokenizer=False, write_model_card=False, quiet=True, random_seed=seed, lazy_unpickle=True
-        ),
+        _options(seed),
     )
     ours = {k: v for k, v in recipe.items() if k != "parameters"}
     ours["parameters"] = {
@@ -60,8 +64,8 @@ def _models(dirs, params):
 
 def test_linear_matches_mergekit(models, tmp_path):
     base, dirs = models
-    recipe = {"merge_method": "linear", "models": _models(dirs, [{"weight": 1.0}, {"weight": 0.5}, {"weight": 2.0}]),
-              "dtype": "float32"}  # fmt: skip
+    weights = [{"weight": 1.0}, {"weight": 0.5}, {"weight": 2.0}]
+    recipe = {"merge_method": "linear", "models": _models(dirs, weights), "dtype": "float32"}
     _assert_same(*_run_both(recipe, tmp_path))
 
 
@@ -88,11 +92,12 @@ def test_model_stock_and_slerp_match_mergekit(models, tmp_path):
     recipe = {"merge_method": "model_stock", "base_model": str(base), "models": _models(dirs, [{}, {}, {}]),
               "dtype": "float32"}  # fmt: skip
     _assert_same(*_run_both(recipe, tmp_path / "ms"))
-    mk_slerp = {"merge_method": "slerp", "base_model": str(base), "models": _models([base, dirs[0]], [{}, {}]),
+    mk_slerp = {"merge_method": "slerp", "base_model": str(base),
+                "models": _models([base, dirs[0]], [{}, {}]),
                 "parameters": {"t": 0.3}, "dtype": "float32"}  # fmt: skip
     mk_out = tmp_path / "slerp_mk"
     run_merge(MergeConfiguration.model_validate(mk_slerp), str(mk_out),
-              MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True))  # fmt: skip
+              _options())  # fmt: skip
     ours = {**mk_slerp, "models": _models(dirs[:1], [{}])}  # we list only the non-base model
     merge_checkpoints(parse_recipe(ours), tmp_path / "slerp_rf", progress=False)
     _assert_same(load_all(mk_out), load_all(tmp_path / "slerp_rf"), atol=1e-5)
@@ -106,10 +111,11 @@ def test_dare_ties_agrees_with_mergekit_in_support_and_drop_rate(models, tmp_pat
               "parameters": {"normalize": True, "rescale": False}, "dtype": "float32"}  # fmt: skip
     mk_out = tmp_path / "mk"
     run_merge(MergeConfiguration.model_validate(recipe), str(mk_out),
-              MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True, random_seed=0))  # fmt: skip
+              _options(seed=0))  # fmt: skip
     mk = load_all(mk_out)
     ours_recipe = {"merge_method": "dare_ties", "base_model": str(base_dir), "models": [str(d) for d in dirs],
-                   "parameters": {"drop_rate": 1 - keep, "density": 1.0}, "dtype": "float32", "seed": 0}  # fmt: skip
+                   "parameters": {"drop_rate": 1 - keep, "density": 1.0}, "dtype": "float32",
+                   "seed": 0}  # fmt: skip
     merge_checkpoints(parse_recipe(ours_recipe), tmp_path / "rf", progress=False)
     rf = load_all(tmp_path / "rf")
     base, fts = load_all(base_dir), [load_all(d) for d in dirs]
