@@ -7,6 +7,15 @@ LoRA/task-vector arithmetic.
 
 __version__ = "0.1.0"
 
+from robustft.merge import estimate_fisher, load_recipe, merge_checkpoints  # noqa: E402
 from robustft.params import Snapshot, select_parameters, swapped_in  # noqa: E402
 
-__all__ = ["Snapshot", "__version__", "select_parameters", "swapped_in"]
+__all__ = [
+    "Snapshot",
+    "__version__",
+    "estimate_fisher",
+    "load_recipe",
+    "merge_checkpoints",
+    "select_parameters",
+    "swapped_in",
+]
