@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import build_family, load_all, tiny_config
 from transformers import AutoTokenizer, LlamaForCausalLM
 
 from robustft.merge import merge_checkpoints, parse_recipe
 from robustft.merge.engine import tensor_seed
 from robustft.ops import merge as M
+from tests.merge.tiny_models import build_family, load_all, tiny_config
 
 REPO = Path(__file__).resolve().parents[2]
 

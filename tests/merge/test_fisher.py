@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import build_family, load_all
 from safetensors.torch import load_file
 from torch import nn
 from transformers import LlamaForCausalLM
@@ -13,6 +12,7 @@ from transformers import LlamaForCausalLM
 from robustft.merge import merge_checkpoints, parse_recipe
 from robustft.merge.fisher import estimate_fisher, save_fisher
 from robustft.ops import merge as M
+from tests.merge.tiny_models import build_family, load_all
 
 
 class Softmax(nn.Module):

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import build_family, tiny_config
 
 from robustft.merge.io import CheckpointReader
+from tests.merge.tiny_models import build_family, tiny_config
 
 REPO = Path(__file__).resolve().parents[2]
 

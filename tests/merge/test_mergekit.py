@@ -13,10 +13,10 @@ import itertools
 
 import pytest
 import torch
-from conftest import build_family, load_all
 
 from robustft.merge import merge_checkpoints, parse_recipe
 from robustft.ops import merge as M
+from tests.merge.tiny_models import build_family, load_all
 
 mergekit = pytest.importorskip("mergekit", reason="mergekit is not installed (pip install mergekit==0.1.5)")
 
