@@ -56,7 +56,10 @@ def merge_tensor(
     seed: int = 0,
     fishers: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Merged weights of one tensor under ``method`` (a key of ``recipe.METHODS``); inputs may be consumed."""
+    """Merged weights of one tensor under ``method`` (a key of ``recipe.METHODS``).
+
+    Memory over purity: ``base`` and the ``tensors`` (and list entries) may be modified in place.
+    """
     weights = [p["weight"] for p in mparams] if mparams and "weight" in mparams[0] else None
     if method == "base":
         return base
@@ -69,11 +72,16 @@ def merge_tensor(
         return ops.fisher_merge(tensors, fishers, eps=gparams["eps"], weights=weights)
     if method == "slerp":
         return ops.slerp_merge(base, tensors[0], gparams["t"])
-    deltas = [t.sub_(base) for t in tensors]  # task vectors, in place: tensors are fresh reads
+    deltas = tensors  # task vectors in place: the tensors are fresh reads and the list is ours to reuse
+    for t in deltas:
+        t.sub_(base)
     if method == "task_arithmetic":
         delta = ops.task_arithmetic(deltas, weights)
     elif method == "ties":
-        delta = ops.ties(deltas, [p["density"] for p in mparams], weights)
+        # trim one task vector at a time, dropping each untrimmed one at once: fewer live copies
+        for i, p in enumerate(mparams):
+            deltas[i] = ops.trim_top_k(deltas[i], p["density"])
+        delta = ops.ties(deltas, 1.0, weights)
     elif method in ("dare_linear", "dare_ties"):
         delta = ops.dare_merge(
             deltas,
@@ -95,8 +103,8 @@ def merge_tensor(
         delta = ops.consensus_merge(deltas, gparams["k"], [p["tall_lambda"] for p in mparams], weights)
     else:
         raise ValueError(f"unknown merge method {method!r}")
-    lam = gparams.get("lambda", 1.0)
-    return base + delta if lam == 1 else base.add(delta, alpha=lam)
+    del deltas
+    return base.add_(delta, alpha=gparams.get("lambda", 1.0))  # base is a fresh read: update in place
 
 
 def _override_for(name: str, overrides: list[Override]) -> int | None:

@@ -164,7 +164,7 @@ def ties(
     _check_same_shape(deltas)
     densities = _per_input(density, len(deltas), "density")
     w = _weights(weights, len(deltas))
-    trimmed = [trim_top_k(d, p) for d, p in zip(deltas, densities, strict=True)]
+    trimmed = [trim_top_k(d, p) if p < 1 else d for d, p in zip(deltas, densities, strict=True)]
     sign = elect_sign(trimmed, w)
     return disjoint_mean(trimmed, sign, w)
 
