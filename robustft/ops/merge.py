@@ -137,17 +137,20 @@ def disjoint_mean(
     _check_same_shape(deltas)
     if sign.shape != deltas[0].shape:
         raise ValueError(f"sign has shape {tuple(sign.shape)}, expected {tuple(deltas[0].shape)}")
+    # boolean temporaries only (1 byte per entry): this runs on whole embedding matrices
+    positive = sign > 0
     num = torch.zeros_like(deltas[0])
     den = torch.zeros_like(deltas[0])
     for w, d in zip(_weights(weights, len(deltas)), deltas, strict=True):
         if w == 0:
             continue
         # sgn(w d) = gamma  <=>  sgn(d) = gamma * sgn(w); no weighted copy of d is made
-        agree = (torch.sign(d) == (sign if w > 0 else -sign)).to(d.dtype)
-        num.addcmul_(d, agree, value=w)
+        agree = torch.where(positive, d > 0, d < 0) if w > 0 else torch.where(positive, d < 0, d > 0)
+        num.add_(d.masked_fill(~agree, 0), alpha=w)
         den.add_(agree, alpha=w)
-    safe = torch.where(den != 0, den, torch.ones_like(den))
-    return torch.where(den != 0, num / safe, torch.zeros_like(num))
+    empty = den == 0
+    num.div_(den.masked_fill_(empty, 1))
+    return num.masked_fill_(empty, 0)
 
 
 def ties(
