@@ -199,6 +199,10 @@ def merge_checkpoints(
                             f"expected {ref.infos[name].shape}"
                         )
 
+        src_tok = ref_path if recipe.tokenizer_source == "base" else recipe.tokenizer_source
+        if src_tok is not None and not Path(src_tok).is_dir():
+            raise FileNotFoundError(f"tokenizer_source {src_tok} is not a folder")
+
         out_dtype = recipe.dtype
         plan = []
         for name in names:
@@ -234,7 +238,6 @@ def merge_checkpoints(
             except BaseException:
                 writer.abort()
                 raise
-            src_tok = ref_path if recipe.tokenizer_source == "base" else recipe.tokenizer_source
             copy_side_files(ref_path, src_tok, tmp, out_dtype)
             (tmp / "robustft_merge.yaml").write_text(yaml.safe_dump(recipe.raw, sort_keys=False))
             files = list(writer.files)

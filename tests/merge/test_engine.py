@@ -201,6 +201,7 @@ def _bad_cases(family, wrong_shape, tmp_path):
         (_recipe(base_dir, [tmp_path / "nowhere"], "ties"), "does not exist"),
         (_recipe(base_dir, dirs, "fisher"), "needs parameter 'fisher'"),
         ({**_recipe(base_dir, dirs, "ties"), "dtyp": "float16"}, "unknown option"),
+        ({**_recipe(base_dir, dirs, "ties"), "tokenizer_source": str(tmp_path / "tok")}, "tokenizer_source"),
     ]
 
 
