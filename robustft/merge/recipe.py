@@ -353,7 +353,7 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
     )
     # every method in play must get the inputs and required parameters it needs
     for override in [None, *overrides]:
-        method, _, mparams = recipe.resolve(override)
+        method, gparams, mparams = recipe.resolve(override)
         where = source if override is None else f"{source}: override {override.pattern.pattern!r}"
         mspec = METHODS[method]
         if mspec.needs_base and base is None:
@@ -368,6 +368,8 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
                 f"{where}: merge_method {method!r} takes at most {mspec.max_models} model(s) "
                 f"under models (besides base_model), got {len(models)}"
             )
+        if method == "linear" and gparams["normalize"] and sum(p["weight"] for p in mparams) == 0:
+            raise ValueError(f"{where}: linear with normalize: true needs weights with a non-zero sum")
         for i, values in enumerate(mparams):
             for key, value in values.items():
                 if value is _REQUIRED:

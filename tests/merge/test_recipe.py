@@ -63,6 +63,16 @@ def test_precedence_defaults_recipe_model_override():
         (_data(models=["b", "m"]), "also listed under models"),
         (_data(merge_method="model_stock", models=["m"]), "at least 2 model"),
         (_data(max_shard_size="big"), "max_shard_size"),
+        (
+            _data(
+                merge_method="linear",
+                models=[
+                    {"model": "a", "parameters": {"weight": 1}},
+                    {"model": "c", "parameters": {"weight": -1}},
+                ],
+            ),
+            "non-zero sum",
+        ),
         (_data(colour="red"), r"unknown option\(s\) \['colour'\]"),
     ],
 )
