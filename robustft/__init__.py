@@ -13,6 +13,7 @@ from robustft.callbacks.averaging import (  # noqa: E402
     MomentumInterpolationCallback,
     SWACallback,
 )
+from robustft.merge import estimate_fisher, load_recipe, merge_checkpoints  # noqa: E402
 from robustft.params import Snapshot, select_parameters, swapped_in  # noqa: E402
 
 __all__ = [
@@ -22,6 +23,9 @@ __all__ = [
     "SWACallback",
     "Snapshot",
     "__version__",
+    "estimate_fisher",
+    "load_recipe",
+    "merge_checkpoints",
     "select_parameters",
     "swapped_in",
 ]

@@ -1,0 +1,244 @@
+"""Streamed merge of whole checkpoints: one straight loop over tensor names.
+
+For each tensor name: read it from the base and every model (and Fisher files), upcast to float32,
+apply the recipe's rule from ``robustft.ops.merge`` (or an override's), cast to the output dtype and
+append it to the output shard. Everything that can be wrong is checked first, from the safetensors
+headers (names, shapes, Fisher files, override patterns, the output folder), before any file is written.
+Peak memory is about (inputs + 3) x the largest tensor in float32.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from robustft.merge.io import (
+    CheckpointReader,
+    ShardedWriter,
+    atomic_output_dir,
+    check_output_dir,
+    copy_side_files,
+)
+from robustft.merge.recipe import Override, Recipe, load_recipe
+from robustft.ops import merge as ops
+
+__all__ = ["MergeResult", "merge_checkpoints", "merge_tensor", "tensor_seed"]
+
+
+@dataclass
+class MergeResult:
+    out_dir: Path
+    tensors: int
+    files: list[str]
+    seconds: float
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    """Seed for tensor ``name``: stable across runs, machines and tensor order (sha256 of seed and name)."""
+    digest = hashlib.sha256(f"{seed}\0{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def merge_tensor(
+    method: str,
+    base: torch.Tensor | None,
+    tensors: list[torch.Tensor],
+    gparams: dict,
+    mparams: list[dict],
+    seed: int = 0,
+    fishers: list[torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Merged weights of one tensor under ``method`` (a key of ``recipe.METHODS``).
+
+    Memory over purity: ``base`` and the ``tensors`` (and list entries) may be modified in place.
+    """
+    weights = [p["weight"] for p in mparams] if mparams and "weight" in mparams[0] else None
+    if method == "base":
+        return base
+    if method == "linear":
+        out = ops.task_arithmetic(tensors, weights)
+        return out / sum(weights) if gparams["normalize"] else out
+    if method == "model_stock":
+        return ops.model_stock(base, tensors)
+    if method == "fisher":
+        return ops.fisher_merge(tensors, fishers, eps=gparams["eps"], weights=weights)
+    if method == "slerp":
+        return ops.slerp_merge(base, tensors[0], gparams["t"])
+    deltas = tensors  # task vectors in place: the tensors are fresh reads and the list is ours to reuse
+    for t in deltas:
+        t.sub_(base)
+    if method == "task_arithmetic":
+        delta = ops.task_arithmetic(deltas, weights)
+    elif method == "ties":
+        # trim one task vector at a time, dropping each untrimmed one at once: fewer live copies
+        for i, p in enumerate(mparams):
+            deltas[i] = ops.trim_top_k(deltas[i], p["density"])
+        delta = ops.ties(deltas, 1.0, weights)
+    elif method in ("dare_linear", "dare_ties"):
+        delta = ops.dare_merge(
+            deltas,
+            [p["drop_rate"] for p in mparams],
+            seed,
+            weights,
+            method="linear" if method == "dare_linear" else "ties",
+            density=[p["density"] for p in mparams] if method == "dare_ties" else 1.0,
+        )
+    elif method == "breadcrumbs":
+        delta = ops.task_arithmetic(
+            [ops.breadcrumbs(d, p["beta"], p["gamma"]) for d, p in zip(deltas, mparams, strict=True)], weights
+        )
+    elif method == "magnitude_prune":
+        delta = ops.task_arithmetic(
+            [ops.magnitude_prune(d, p["density"]) for d, p in zip(deltas, mparams, strict=True)], weights
+        )
+    elif method == "consensus":
+        delta = ops.consensus_merge(deltas, gparams["k"], [p["tall_lambda"] for p in mparams], weights)
+    else:
+        raise ValueError(f"unknown merge method {method!r}")
+    del deltas
+    return base.add_(delta, alpha=gparams.get("lambda", 1.0))  # base is a fresh read: update in place
+
+
+def _override_for(name: str, overrides: list[Override]) -> int | None:
+    for i, o in enumerate(overrides):
+        if o.pattern.search(name):
+            return i
+    return None
+
+
+def _check_inputs(
+    recipe: Recipe, ref: CheckpointReader, readers: list[CheckpointReader], label: list[str]
+) -> None:
+    """Same tensor names and shapes everywhere, checked on headers only; the error names tensor and model."""
+    ref_names = set(ref.names)
+    for reader, who in zip(readers, label[1:], strict=True):
+        names = set(reader.names)
+        missing = sorted(ref_names - names)
+        if missing:
+            raise ValueError(
+                f"{who} lacks tensor {missing[0]!r} present in {label[0]}"
+                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+            )
+        extra = sorted(names - ref_names)
+        if extra:
+            raise ValueError(
+                f"{who} has tensor {extra[0]!r} absent from {label[0]}"
+                + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
+            )
+        for name in ref.names:
+            a, b = ref.infos[name], reader.infos[name]
+            if a.shape != b.shape:
+                raise ValueError(f"tensor {name!r} has shape {b.shape} in {who} but {a.shape} in {label[0]}")
+            if a.dtype.is_floating_point != b.dtype.is_floating_point:
+                raise ValueError(f"tensor {name!r} is {b.dtype} in {who} but {a.dtype} in {label[0]}")
+
+
+def merge_checkpoints(
+    recipe: Recipe | str | os.PathLike,
+    out_dir: str | os.PathLike,
+    overwrite: bool = False,
+    max_shard_size: int | str | None = None,
+    progress: bool = True,
+) -> MergeResult:
+    """Merge the checkpoints of ``recipe`` (a ``Recipe`` or a YAML path) into the folder ``out_dir``.
+
+    The output holds sharded safetensors (+ index), the reference model's config and tokenizer files and
+    the recipe (``robustft_merge.yaml``); it is built in a temporary sibling folder and renamed into place.
+    """
+    start = time.perf_counter()
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe)
+    check_output_dir(out_dir, overwrite)
+    shard_size = max_shard_size or recipe.max_shard_size or "5GB"
+
+    with ExitStack() as stack:
+        ref_path = recipe.reference_model
+        ref = stack.enter_context(CheckpointReader(ref_path))
+        readers = [stack.enter_context(CheckpointReader(m.path)) for m in recipe.models]
+        who = [f"base_model {ref_path}" if recipe.base_model else f"models[0] {ref_path}"]
+        who += [f"models[{i}] {m.path}" for i, m in enumerate(recipe.models)]
+        _check_inputs(recipe, ref, readers, who)
+
+        names = ref.names
+        # which rule each tensor gets; every override pattern must match something
+        choice = {name: _override_for(name, recipe.overrides) for name in names}
+        for i, o in enumerate(recipe.overrides):
+            if i not in choice.values():
+                hit = any(o.pattern.search(n) for n in names)
+                reason = "is shadowed by an earlier override" if hit else "matches no tensor"
+                raise ValueError(f"overrides[{i}].pattern {o.pattern.pattern!r} {reason} of {ref_path}")
+        resolved = {
+            i: recipe.resolve(None if i is None else recipe.overrides[i]) for i in set(choice.values())
+        }
+
+        fisher_readers: dict[str, CheckpointReader] = {}
+        for i, (method, _, mparams) in resolved.items():
+            if method != "fisher":
+                continue
+            for k, p in enumerate(mparams):
+                path = p["fisher"]
+                if path not in fisher_readers:
+                    fisher_readers[path] = stack.enter_context(CheckpointReader(path))
+                fr = fisher_readers[path]
+                for name in names:
+                    if choice[name] != i or not ref.infos[name].dtype.is_floating_point:
+                        continue
+                    if name not in fr.infos:
+                        raise ValueError(f"Fisher file {path} (models[{k}]) has no tensor {name!r}")
+                    if fr.infos[name].shape != ref.infos[name].shape:
+                        raise ValueError(
+                            f"Fisher tensor {name!r} in {path} has shape {fr.infos[name].shape}, "
+                            f"expected {ref.infos[name].shape}"
+                        )
+
+        src_tok = ref_path if recipe.tokenizer_source == "base" else recipe.tokenizer_source
+        if src_tok is not None and not Path(src_tok).is_dir():
+            raise FileNotFoundError(f"tokenizer_source {src_tok} is not a folder")
+
+        out_dtype = recipe.dtype
+        plan = []
+        for name in names:
+            info = ref.infos[name]
+            dtype = out_dtype if (out_dtype is not None and info.dtype.is_floating_point) else info.dtype
+            plan.append((name, info.shape, dtype))
+
+        with atomic_output_dir(out_dir, overwrite) as tmp:
+            writer = ShardedWriter(tmp, plan, shard_size, metadata={"merged_by": "robustft"})
+            try:
+                for name, _, dtype in tqdm(plan, desc="merging", unit="tensor", disable=not progress):
+                    info = ref.infos[name]
+                    if not info.dtype.is_floating_point:
+                        writer.write(name, ref.get(name))
+                        continue
+                    method, gparams, mparams = resolved[choice[name]]
+                    compute = torch.float64 if info.dtype == torch.float64 else torch.float32
+                    base = ref.get(name).to(compute) if recipe.base_model is not None else None
+                    if method == "base":
+                        merged = base
+                    else:
+                        tensors = [r.get(name).to(compute) for r in readers]
+                        fishers = None
+                        if method == "fisher":
+                            fishers = [fisher_readers[p["fisher"]].get(name).to(compute) for p in mparams]
+                        merged = merge_tensor(
+                            method, base, tensors, gparams, mparams, tensor_seed(recipe.seed, name), fishers
+                        )
+                        del tensors, fishers
+                    writer.write(name, merged.to(dtype))
+                    del merged, base
+                writer.close()
+            except BaseException:
+                writer.abort()
+                raise
+            copy_side_files(ref_path, src_tok, tmp, out_dtype)
+            (tmp / "robustft_merge.yaml").write_text(yaml.safe_dump(recipe.raw, sort_keys=False))
+            files = list(writer.files)
+    return MergeResult(Path(out_dir), len(plan), files, time.perf_counter() - start)

@@ -1,0 +1,392 @@
+"""YAML merge recipes: schema, defaults and validation (every error names the option it is about).
+
+A recipe reads like mergekit's::
+
+    merge_method: ties
+    base_model: ./base
+    models:
+      - model: ./ft_math
+        parameters: {weight: 1.0, density: 0.3}
+      - model: ./ft_code
+    parameters: {density: 0.2, lambda: 1.0}   # method-wide values and per-model defaults
+    dtype: bfloat16                           # output dtype (default: as stored in the base)
+    seed: 0                                   # randomised methods (DARE)
+    overrides:                                # per-tensor, by regex searched in the name; first match wins
+      - pattern: "embed_tokens|lm_head"
+        merge_method: base                    # keep the base model's tensor
+      - pattern: "\\.mlp\\."
+        parameters: {density: 0.5}
+
+Relative paths are taken relative to the current directory (as mergekit does).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from robustft.params import resolve_dtype
+
+__all__ = ["METHODS", "MethodSpec", "ModelEntry", "Override", "Recipe", "load_recipe", "parse_recipe"]
+
+
+def _fraction(name: str, value: Any, upper_open: bool = False, lower_open: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    low_ok = value > 0 if lower_open else value >= 0
+    high_ok = value < 1 if upper_open else value <= 1
+    if not (low_ok and high_ok):
+        interval = ("(" if lower_open else "[") + "0, 1" + (")" if upper_open else "]")
+        raise ValueError(f"{name} must be in {interval}, got {value!r}")
+
+
+def _number(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+
+
+def _non_negative(name: str, value: Any) -> None:
+    _number(name, value)
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value!r}")
+
+
+def _bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+
+
+def _count(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+
+
+def _path(name: str, value: Any) -> None:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{name} must be a path string, got {value!r}")
+
+
+_REQUIRED = object()
+
+
+@dataclass(frozen=True)
+class Param:
+    default: Any
+    check: Callable[[str, Any], None]
+
+
+def _density(n, v):
+    _fraction(n, v, lower_open=True)
+
+
+def _drop(n, v):
+    _fraction(n, v, upper_open=True)
+
+
+WEIGHT = Param(1.0, _number)
+LAMBDA = Param(1.0, _number)
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A merge method as the recipe sees it: which inputs it needs and which parameters it takes.
+
+    ``global_params`` are method-wide; ``model_params`` may differ per model (their recipe-level value is
+    the default for every model).
+    """
+
+    name: str
+    needs_base: bool
+    min_models: int
+    max_models: int | None
+    global_params: dict[str, Param] = field(default_factory=dict)
+    model_params: dict[str, Param] = field(default_factory=dict)
+    delta: bool = True  # works on task vectors (needs the base)
+
+
+METHODS: dict[str, MethodSpec] = {
+    m.name: m
+    for m in [
+        MethodSpec("base", True, 0, None, delta=False),
+        MethodSpec(
+            "linear", False, 1, None, {"normalize": Param(True, _bool)}, {"weight": WEIGHT}, delta=False
+        ),
+        MethodSpec("task_arithmetic", True, 1, None, {"lambda": LAMBDA}, {"weight": WEIGHT}),
+        MethodSpec(
+            "ties", True, 1, None, {"lambda": LAMBDA}, {"weight": WEIGHT, "density": Param(0.2, _density)}
+        ),
+        MethodSpec(
+            "dare_linear",
+            True,
+            1,
+            None,
+            {"lambda": LAMBDA},
+            {"weight": WEIGHT, "drop_rate": Param(0.9, _drop)},
+        ),
+        MethodSpec(
+            "dare_ties",
+            True,
+            1,
+            None,
+            {"lambda": LAMBDA},
+            {"weight": WEIGHT, "drop_rate": Param(0.9, _drop), "density": Param(1.0, _density)},
+        ),
+        MethodSpec(
+            "breadcrumbs",
+            True,
+            1,
+            None,
+            {"lambda": LAMBDA},
+            {"weight": WEIGHT, "beta": Param(0.01, _fraction), "gamma": Param(0.9, _fraction)},
+        ),
+        MethodSpec(
+            "magnitude_prune",
+            True,
+            1,
+            None,
+            {"lambda": LAMBDA},
+            {"weight": WEIGHT, "density": Param(0.2, _density)},
+        ),
+        MethodSpec(
+            "consensus",
+            True,
+            2,
+            None,
+            {"lambda": LAMBDA, "k": Param(2, _count)},
+            {"weight": WEIGHT, "tall_lambda": Param(0.6, _non_negative)},
+        ),
+        MethodSpec("model_stock", True, 2, None, delta=False),
+        MethodSpec(
+            "fisher",
+            False,
+            1,
+            None,
+            {"eps": Param(1e-8, _non_negative)},
+            {"weight": WEIGHT, "fisher": Param(_REQUIRED, _path)},
+            delta=False,
+        ),
+        MethodSpec("slerp", True, 1, 1, {"t": Param(0.5, _fraction)}, delta=False),
+    ]
+}
+
+_TOP_KEYS = {
+    "merge_method",
+    "base_model",
+    "models",
+    "parameters",
+    "dtype",
+    "seed",
+    "overrides",
+    "tokenizer_source",
+    "max_shard_size",
+}
+
+
+@dataclass
+class ModelEntry:
+    path: str
+    parameters: dict[str, Any]
+
+
+@dataclass
+class Override:
+    pattern: re.Pattern
+    merge_method: str | None
+    parameters: dict[str, Any]
+
+
+@dataclass
+class Recipe:
+    """A validated recipe. ``resolve(override)`` gives (method, global params, per-model params)."""
+
+    merge_method: str
+    base_model: str | None
+    models: list[ModelEntry]
+    parameters: dict[str, Any]
+    dtype: Any = None
+    seed: int = 0
+    overrides: list[Override] = field(default_factory=list)
+    tokenizer_source: str | None = "base"
+    max_shard_size: int | str | None = None
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    def resolve(self, override: Override | None = None) -> tuple[str, dict[str, Any], list[dict[str, Any]]]:
+        """(method, method-wide parameters, one parameter dict per model) with defaults filled in."""
+        method = (override.merge_method if override and override.merge_method else None) or self.merge_method
+        spec = METHODS[method]
+        extra = override.parameters if override else {}
+        gparams = {k: p.default for k, p in spec.global_params.items()}
+        gparams.update({k: v for k, v in self.parameters.items() if k in spec.global_params})
+        gparams.update({k: v for k, v in extra.items() if k in spec.global_params})
+        mparams = []
+        for entry in self.models:
+            values = {k: p.default for k, p in spec.model_params.items()}
+            values.update({k: v for k, v in self.parameters.items() if k in spec.model_params})
+            values.update({k: v for k, v in entry.parameters.items() if k in spec.model_params})
+            values.update({k: v for k, v in extra.items() if k in spec.model_params})
+            mparams.append(values)
+        return method, gparams, mparams
+
+    @property
+    def reference_model(self) -> str:
+        """The model whose tensor names/shapes, config and tokenizer the output follows."""
+        return self.base_model if self.base_model is not None else self.models[0].path
+
+
+def _check_params(where: str, params: Any, spec: MethodSpec, allow_global: bool) -> dict[str, Any]:
+    if params is None:
+        return {}
+    if not isinstance(params, Mapping):
+        raise ValueError(f"{where}: expected a mapping of parameter names to values, got {params!r}")
+    known = dict(spec.model_params)
+    if allow_global:
+        known.update(spec.global_params)
+    for key, value in params.items():
+        if key not in known:
+            names = ", ".join(sorted(known)) or "none"
+            raise ValueError(
+                f"{where}: unknown parameter {key!r} for merge_method {spec.name!r} (known: {names})"
+            )
+        known[key].check(f"{where}.{key}", value)
+    return dict(params)
+
+
+def _method(where: str, value: Any) -> MethodSpec:
+    if value not in METHODS:
+        raise ValueError(f"{where}: unknown merge method {value!r} (known: {', '.join(sorted(METHODS))})")
+    return METHODS[value]
+
+
+def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
+    """Validate a recipe mapping (as loaded from YAML); raises ValueError naming the offending option."""
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{source}: expected a YAML mapping at the top level, got {type(data).__name__}")
+    unknown = sorted(set(data) - _TOP_KEYS)
+    if unknown:
+        raise ValueError(f"{source}: unknown option(s) {unknown} (known: {', '.join(sorted(_TOP_KEYS))})")
+    if "merge_method" not in data:
+        raise ValueError(f"{source}: merge_method is required (one of {', '.join(sorted(METHODS))})")
+    spec = _method(f"{source}: merge_method", data["merge_method"])
+    if spec.name == "base":
+        raise ValueError(f"{source}: merge_method 'base' is only meaningful in overrides")
+
+    base = data.get("base_model")
+    if base is not None:
+        _path(f"{source}: base_model", base)
+    models_raw = data.get("models") or []
+    if not isinstance(models_raw, list):
+        raise ValueError(f"{source}: models must be a list of {{model: PATH, parameters: {{...}}}}")
+    models = []
+    for i, item in enumerate(models_raw):
+        where = f"{source}: models[{i}]"
+        if isinstance(item, str):
+            item = {"model": item}
+        if not isinstance(item, Mapping) or "model" not in item:
+            raise ValueError(f"{where}: expected {{model: PATH, parameters: {{...}}}}, got {item!r}")
+        extra = sorted(set(item) - {"model", "parameters"})
+        if extra:
+            raise ValueError(f"{where}: unknown option(s) {extra} (known: model, parameters)")
+        _path(f"{where}.model", item["model"])
+        params = _check_params(f"{where}.parameters", item.get("parameters"), spec, allow_global=False)
+        models.append(ModelEntry(str(item["model"]), params))
+    if base is not None and any(os.path.normpath(m.path) == os.path.normpath(base) for m in models):
+        raise ValueError(
+            f"{source}: base_model {base!r} is also listed under models; list only fine-tuned models"
+        )
+
+    overrides = []
+    for i, item in enumerate(data.get("overrides") or []):
+        where = f"{source}: overrides[{i}]"
+        if not isinstance(item, Mapping) or "pattern" not in item:
+            raise ValueError(f"{where}: expected {{pattern: REGEX, merge_method: ..., parameters: {{...}}}}")
+        extra = sorted(set(item) - {"pattern", "merge_method", "parameters"})
+        if extra:
+            raise ValueError(f"{where}: unknown option(s) {extra} (known: pattern, merge_method, parameters)")
+        try:
+            pattern = re.compile(str(item["pattern"]))
+        except re.error as err:
+            raise ValueError(
+                f"{where}.pattern: {item['pattern']!r} is not a valid regular expression ({err})"
+            ) from err
+        ospec = _method(f"{where}.merge_method", item["merge_method"]) if "merge_method" in item else spec
+        params = _check_params(f"{where}.parameters", item.get("parameters"), ospec, allow_global=True)
+        overrides.append(Override(pattern, item.get("merge_method"), params))
+
+    dtype = data.get("dtype")
+    if dtype is not None:
+        try:
+            dtype = resolve_dtype(dtype)
+        except ValueError as err:
+            raise ValueError(f"{source}: dtype: {err}") from err
+        if not dtype.is_floating_point:
+            raise ValueError(f"{source}: dtype must be a floating dtype, got {data['dtype']!r}")
+    seed = data.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"{source}: seed must be an integer, got {seed!r}")
+    tokenizer_source = data.get("tokenizer_source", "base")
+    if tokenizer_source is not None:
+        _path(f"{source}: tokenizer_source", tokenizer_source)
+    max_shard_size = data.get("max_shard_size")
+    if max_shard_size is not None:
+        from robustft.merge.io import parse_size
+
+        parse_size(max_shard_size)
+
+    recipe = Recipe(
+        merge_method=spec.name,
+        base_model=base,
+        models=models,
+        parameters=_check_params(f"{source}: parameters", data.get("parameters"), spec, allow_global=True),
+        dtype=dtype,
+        seed=seed,
+        overrides=overrides,
+        tokenizer_source=tokenizer_source,
+        max_shard_size=max_shard_size,
+        raw=dict(data),
+    )
+    # every method in play must get the inputs and required parameters it needs
+    for override in [None, *overrides]:
+        method, gparams, mparams = recipe.resolve(override)
+        where = source if override is None else f"{source}: override {override.pattern.pattern!r}"
+        mspec = METHODS[method]
+        if mspec.needs_base and base is None:
+            raise ValueError(f"{where}: merge_method {method!r} needs base_model")
+        if len(models) < mspec.min_models:
+            raise ValueError(
+                f"{where}: merge_method {method!r} needs at least {mspec.min_models} model(s) "
+                f"under models, got {len(models)}"
+            )
+        if mspec.max_models is not None and len(models) > mspec.max_models:
+            raise ValueError(
+                f"{where}: merge_method {method!r} takes at most {mspec.max_models} model(s) "
+                f"under models (besides base_model), got {len(models)}"
+            )
+        if method == "linear" and gparams["normalize"] and sum(p["weight"] for p in mparams) == 0:
+            raise ValueError(f"{where}: linear with normalize: true needs weights with a non-zero sum")
+        for i, values in enumerate(mparams):
+            for key, value in values.items():
+                if value is _REQUIRED:
+                    raise ValueError(
+                        f"{where}: models[{i}] ({models[i].path}) needs parameter {key!r} "
+                        f"for merge_method {method!r}"
+                    )
+    return recipe
+
+
+def load_recipe(path: str | os.PathLike) -> Recipe:
+    """Read and validate a YAML recipe (``yaml.safe_load``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"recipe {path} not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ValueError(f"recipe {path}: invalid YAML ({err})") from err
+    return parse_recipe(data, source=str(path))

@@ -1,0 +1,344 @@
+"""Merge rules on task vectors, one tensor at a time: task arithmetic, TIES, DARE, Breadcrumbs, Model Stock,
+Fisher averaging, consensus/TALL masks, SLERP.
+
+A task vector (delta) is ``theta_i - theta_base`` for one tensor. Every function here is pure: tensors in,
+a new tensor out, inputs untouched, no I/O. Functions that return a *delta* leave adding it to the base
+(and scaling it by a global lambda) to the caller; ``model_stock``, ``fisher_merge`` and ``slerp_merge``
+return merged *weights*. Randomised rules take a ``torch.Generator`` or an integer seed and are reproducible.
+
+Ties in magnitude: pruning keeps exactly ``k`` elements (``torch.topk``, never a full sort); which of several
+equal magnitudes is kept at the cut is unspecified. TIES sign election: where the (weighted) sum of trimmed
+deltas is exactly zero the elected sign is +1 (as mergekit), so e.g. +a and -a merge to +a.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+__all__ = [
+    "breadcrumbs",
+    "consensus_mask",
+    "consensus_merge",
+    "dare",
+    "dare_merge",
+    "disjoint_mean",
+    "elect_sign",
+    "fisher_merge",
+    "magnitude_prune",
+    "model_stock",
+    "slerp_merge",
+    "tall_masks",
+    "task_arithmetic",
+    "ties",
+    "trim_top_k",
+]
+
+
+def _check_same_shape(tensors: Sequence[torch.Tensor], what: str = "deltas") -> None:
+    if len(tensors) == 0:
+        raise ValueError(f"{what}: need at least one tensor")
+    shape = tensors[0].shape
+    for i, t in enumerate(tensors):
+        if t.shape != shape:
+            raise ValueError(f"{what}[{i}] has shape {tuple(t.shape)}, expected {tuple(shape)} ({what}[0])")
+
+
+def _weights(weights: Sequence[float] | None, n: int) -> list[float]:
+    if weights is None:
+        return [1.0] * n
+    weights = [float(w) for w in weights]
+    if len(weights) != n:
+        raise ValueError(f"weights: {len(weights)} weights for {n} tensors")
+    return weights
+
+
+def _per_input(value: float | Sequence[float], n: int, name: str) -> list[float]:
+    if isinstance(value, (int, float)):
+        return [float(value)] * n
+    value = [float(v) for v in value]
+    if len(value) != n:
+        raise ValueError(f"{name}: {len(value)} values for {n} tensors")
+    return value
+
+
+def _check_fraction(value: float, name: str, upper_open: bool = False) -> None:
+    if not (0.0 <= value <= 1.0) or (upper_open and value >= 1.0) or math.isnan(value):
+        interval = "[0, 1)" if upper_open else "[0, 1]"
+        raise ValueError(f"{name} must be in {interval}, got {value}")
+
+
+def _extreme_mask(magnitude: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
+    """Boolean mask (flat) of exactly ``k`` largest (or smallest) entries of ``magnitude`` (flat)."""
+    mask = torch.zeros(magnitude.numel(), dtype=torch.bool, device=magnitude.device)
+    if k <= 0:
+        return mask
+    if k >= magnitude.numel():
+        return mask.fill_(True)
+    # topk of the smaller side is cheaper; exactly k elements either way
+    if k <= magnitude.numel() // 2:
+        mask[torch.topk(magnitude, k, largest=largest, sorted=False).indices] = True
+    else:
+        mask.fill_(True)
+        mask[torch.topk(magnitude, magnitude.numel() - k, largest=not largest, sorted=False).indices] = False
+    return mask
+
+
+def task_arithmetic(deltas: Sequence[torch.Tensor], weights: Sequence[float] | None = None) -> torch.Tensor:
+    """tau = sum_i w_i * tau_i: weighted sum of task vectors (Ilharco et al., 2023, "Editing Models with Task
+    Arithmetic"); the caller adds ``lambda * tau`` to the base. Negative weights negate a task.
+    """
+    _check_same_shape(deltas)
+    out = torch.zeros_like(deltas[0])
+    for w, d in zip(_weights(weights, len(deltas)), deltas, strict=True):
+        out.add_(d, alpha=w)
+    return out
+
+
+def magnitude_prune(delta: torch.Tensor, density: float) -> torch.Tensor:
+    """delta * 1{|delta| in the top k}, k = max(1, floor(density * numel)): keep the largest magnitudes.
+
+    Magnitude pruning of a task vector, the "trim" step of TIES (Yadav et al., 2023). ``density=1`` keeps all.
+    """
+    _check_fraction(density, "density")
+    if density >= 1.0 or delta.numel() == 0:
+        return delta.clone()
+    if density == 0.0:
+        return torch.zeros_like(delta)
+    k = max(1, int(density * delta.numel()))
+    mask = _extreme_mask(delta.detach().reshape(-1).abs().float(), k, largest=True)
+    return delta * mask.view_as(delta)
+
+
+def trim_top_k(delta: torch.Tensor, density: float) -> torch.Tensor:
+    """Trim of TIES: keep the top ``density`` fraction of ``delta`` by magnitude (= ``magnitude_prune``)."""
+    return magnitude_prune(delta, density)
+
+
+def elect_sign(deltas: Sequence[torch.Tensor], weights: Sequence[float] | None = None) -> torch.Tensor:
+    """gamma = sgn(sum_i tau_i), sgn(0) = +1: the sign of larger total mass (TIES, Yadav et al., 2023).
+
+    Returns a tensor of +1/-1 in the deltas' dtype; with ``weights`` the sum is sum_i w_i tau_i.
+    """
+    total = task_arithmetic(deltas, weights)
+    return torch.where(total >= 0, 1.0, -1.0).to(deltas[0].dtype)
+
+
+def disjoint_mean(
+    deltas: Sequence[torch.Tensor], sign: torch.Tensor, weights: Sequence[float] | None = None
+) -> torch.Tensor:
+    """tau_m = sum_i w_i m_i tau_i / sum_i w_i m_i, m_i = 1{sgn(w_i tau_i) = gamma}: mean of agreeing entries.
+
+    Disjoint merge of TIES (Yadav et al., 2023); zero where no input agrees with the elected sign
+    (an exact zero never agrees). With ``weights=None`` it is the plain mean over agreeing tasks.
+    """
+    _check_same_shape(deltas)
+    if sign.shape != deltas[0].shape:
+        raise ValueError(f"sign has shape {tuple(sign.shape)}, expected {tuple(deltas[0].shape)}")
+    # boolean temporaries only (1 byte per entry): this runs on whole embedding matrices
+    positive = sign > 0
+    num = torch.zeros_like(deltas[0])
+    den = torch.zeros_like(deltas[0])
+    for w, d in zip(_weights(weights, len(deltas)), deltas, strict=True):
+        if w == 0:
+            continue
+        # sgn(w d) = gamma  <=>  sgn(d) = gamma * sgn(w); no weighted copy of d is made
+        agree = torch.where(positive, d > 0, d < 0) if w > 0 else torch.where(positive, d < 0, d > 0)
+        num.add_(d.masked_fill(~agree, 0), alpha=w)
+        den.add_(agree, alpha=w)
+    empty = den == 0
+    num.div_(den.masked_fill_(empty, 1))
+    return num.masked_fill_(empty, 0)
+
+
+def ties(
+    deltas: Sequence[torch.Tensor],
+    density: float | Sequence[float],
+    weights: Sequence[float] | None = None,
+) -> torch.Tensor:
+    """TIES: trim each tau_i to its top-``density`` magnitudes, elect gamma = sgn(sum_i w_i trim(tau_i)),
+    return the disjoint (weighted) mean of the entries agreeing with gamma (Yadav et al., 2023, TIES-Merging).
+
+    ``density`` may be one value or one per delta; weights follow mergekit (sign elected on the weighted sum,
+    weighted disjoint mean). Tie rule: sgn(0) = +1.
+    """
+    _check_same_shape(deltas)
+    densities = _per_input(density, len(deltas), "density")
+    w = _weights(weights, len(deltas))
+    trimmed = [trim_top_k(d, p) if p < 1 else d for d, p in zip(deltas, densities, strict=True)]
+    sign = elect_sign(trimmed, w)
+    return disjoint_mean(trimmed, sign, w)
+
+
+def dare(delta: torch.Tensor, drop_rate: float, generator: torch.Generator) -> torch.Tensor:
+    """delta * m / (1 - p), m_j ~ Bernoulli(1 - p): drop and rescale, unbiased since E[m/(1-p)] = 1.
+
+    DARE (Yu et al., 2024, "Language Models are Super Mario"). ``generator`` makes it reproducible.
+    """
+    _check_fraction(drop_rate, "drop_rate", upper_open=True)
+    if drop_rate == 0.0:
+        return delta.clone()
+    keep = torch.rand(delta.shape, generator=generator, device=delta.device) >= drop_rate
+    return delta * keep.to(delta.dtype) / (1.0 - drop_rate)
+
+
+def dare_merge(
+    deltas: Sequence[torch.Tensor],
+    drop_rate: float | Sequence[float],
+    seed: int,
+    weights: Sequence[float] | None = None,
+    method: str = "linear",
+    density: float | Sequence[float] = 1.0,
+) -> torch.Tensor:
+    """DARE each tau_i (drop p, rescale 1/(1-p)), then combine: ``"linear"`` sum_i w_i tau~_i, or ``"ties"``
+    (trim to ``density``, elect sign, disjoint mean) (Yu et al., 2024).
+
+    One ``torch.Generator`` seeded with ``seed`` draws the masks of deltas 0, 1, ... in order.
+    """
+    _check_same_shape(deltas)
+    if method not in ("linear", "ties"):
+        raise ValueError(f"method must be 'linear' or 'ties', got {method!r}")
+    rates = _per_input(drop_rate, len(deltas), "drop_rate")
+    gen = torch.Generator(device=deltas[0].device).manual_seed(int(seed))
+    dropped = [dare(d, p, gen) for d, p in zip(deltas, rates, strict=True)]
+    if method == "linear":
+        return task_arithmetic(dropped, weights)
+    return ties(dropped, density, weights)
+
+
+def breadcrumbs(delta: torch.Tensor, beta: float, gamma: float) -> torch.Tensor:
+    """delta * 1{rank of |delta| not in the largest beta nor the smallest gamma fraction}, per tensor (layer).
+
+    Model Breadcrumbs (Davari & Belilovsky, 2024): drop outliers and tiny perturbations; counts are
+    floor(beta * numel) largest and floor(gamma * numel) smallest.
+    """
+    _check_fraction(beta, "beta")
+    _check_fraction(gamma, "gamma")
+    if beta + gamma > 1.0:
+        raise ValueError(f"beta + gamma must be <= 1, got beta={beta}, gamma={gamma}")
+    n = delta.numel()
+    magnitude = delta.detach().reshape(-1).abs().float()
+    drop = _extreme_mask(magnitude, int(beta * n), largest=True)
+    n_small = int(gamma * n)
+    if n_small:
+        # the smallest gamma among the entries not already dropped as outliers
+        remaining = magnitude.masked_fill(drop, float("inf"))
+        drop |= _extreme_mask(remaining, n_small, largest=False)
+    return delta * (~drop).view_as(delta)
+
+
+def model_stock(base: torch.Tensor, finetuned: Sequence[torch.Tensor]) -> torch.Tensor:
+    """w_H = t * mean_i(w_i) + (1 - t) * w_0, t = N cos(theta) / (1 + (N - 1) cos(theta)), per tensor (layer).
+
+    Model Stock (Jang et al., 2024): cos(theta) is the mean pairwise cosine between the fine-tuned deltas
+    w_i - w_0 (N >= 2). Where 1 + (N-1)cos(theta) = 0 (or a delta is zero) the base is kept.
+    """
+    _check_same_shape([base, *finetuned], "base+finetuned")
+    n = len(finetuned)
+    if n < 2:
+        raise ValueError(f"model_stock needs at least 2 fine-tuned tensors, got {n}")
+    flat0 = base.reshape(-1)
+    offsets = [w.reshape(-1) - flat0 for w in finetuned]
+    norms = [o.norm() for o in offsets]
+    cosines = []
+    for i in range(n):
+        for j in range(i + 1, n):
+            denom = norms[i] * norms[j]
+            cos = (offsets[i] @ offsets[j]) / denom if denom > 0 else torch.zeros((), dtype=base.dtype)
+            cosines.append(cos.clamp(-1.0, 1.0))
+    cos_theta = torch.stack(cosines).mean()
+    denominator = 1 + (n - 1) * cos_theta
+    t = torch.zeros_like(cos_theta) if denominator.abs() < 1e-6 else n * cos_theta / denominator
+    average = task_arithmetic(finetuned) / n
+    return t * average + (1 - t) * base
+
+
+def fisher_merge(
+    params: Sequence[torch.Tensor],
+    fishers: Sequence[torch.Tensor],
+    eps: float = 1e-8,
+    weights: Sequence[float] | None = None,
+) -> torch.Tensor:
+    """theta* = sum_i w_i (F_i + eps) theta_i / sum_i w_i (F_i + eps), elementwise with diagonal Fishers F_i.
+
+    Fisher-weighted averaging (Matena & Raffel, 2022); ``eps`` turns entries no model has information about
+    into the plain (weighted) average.
+    """
+    _check_same_shape(list(params) + list(fishers), "params+fishers")
+    if len(params) != len(fishers):
+        raise ValueError(f"fisher_merge: {len(params)} parameter tensors for {len(fishers)} Fishers")
+    if eps < 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    for i, f in enumerate(fishers):
+        if bool((f < 0).any()):
+            raise ValueError(f"fishers[{i}] has negative entries: a diagonal Fisher is a mean of squares")
+    num = torch.zeros_like(params[0])
+    den = torch.zeros_like(params[0])
+    for w, p, f in zip(_weights(weights, len(params)), params, fishers, strict=True):
+        fw = (f.to(p.dtype) + eps) * w
+        num.add_(fw * p)
+        den.add_(fw)
+    if bool((den == 0).any()):
+        raise ValueError("fisher_merge: zero total Fisher weight on some entries; use eps > 0")
+    return num / den
+
+
+def tall_masks(deltas: Sequence[torch.Tensor], lambda_: float | Sequence[float] = 0.6) -> list[torch.Tensor]:
+    """m_t = 1{|tau_t| >= lambda_t * |tau_MTL - tau_t|}, tau_MTL = sum_t tau_t: TALL masks (Wang et al., 2024,
+    "Localizing Task Information for Improved Model Merging and Compression").
+
+    Entry j of task t is kept where that task's delta dominates the other tasks' sum. Returns boolean masks.
+    """
+    _check_same_shape(deltas)
+    lambdas = _per_input(lambda_, len(deltas), "lambda_")
+    mtl = task_arithmetic(deltas)
+    return [d.abs() >= lam * (mtl - d).abs() for d, lam in zip(deltas, lambdas, strict=True)]
+
+
+def consensus_mask(
+    deltas: Sequence[torch.Tensor], k: int = 2, lambda_: float | Sequence[float] = 0.6
+) -> torch.Tensor:
+    """m_cons = 1{sum_t m_t >= k}: keep entries that at least k TALL masks select (Wang et al., 2024).
+
+    k = 2 removes "selfish" weights (used by one task only) and "catastrophic" ones (used by none).
+    """
+    if k < 0 or int(k) != k:
+        raise ValueError(f"k must be a non-negative integer, got {k}")
+    masks = tall_masks(deltas, lambda_)
+    votes = torch.zeros(masks[0].shape, dtype=torch.int32, device=masks[0].device)
+    for m in masks:
+        votes += m
+    return votes >= k
+
+
+def consensus_merge(
+    deltas: Sequence[torch.Tensor],
+    k: int = 2,
+    lambda_: float | Sequence[float] = 0.6,
+    weights: Sequence[float] | None = None,
+) -> torch.Tensor:
+    """tau = m_cons * sum_i w_i tau_i: consensus task arithmetic (Wang et al., 2024)."""
+    return task_arithmetic(deltas, weights) * consensus_mask(deltas, k, lambda_).to(deltas[0].dtype)
+
+
+def slerp_merge(a: torch.Tensor, b: torch.Tensor, t: float, dot_threshold: float = 0.9995) -> torch.Tensor:
+    """slerp(a, b; t) = sin((1-t)W)/sin(W) a + sin(tW)/sin(W) b, cos(W) = <a, b>/(|a||b|).
+
+    Spherical linear interpolation (Shoemake, 1985) of two whole tensors; falls back to the linear
+    interpolation (1-t) a + t b when they are (anti)parallel beyond ``dot_threshold`` or one is zero.
+    """
+    _check_same_shape([a, b], "a,b")
+    if not 0.0 <= t <= 1.0:
+        raise ValueError(f"t must be in [0, 1], got {t}")
+    fa, fb = a.reshape(-1).double(), b.reshape(-1).double()
+    na, nb = fa.norm(), fb.norm()
+    if na == 0 or nb == 0:
+        return torch.lerp(a, b, t)
+    cos = float((fa @ fb) / (na * nb))
+    if abs(cos) > dot_threshold:
+        return torch.lerp(a, b, t)
+    omega = math.acos(max(-1.0, min(1.0, cos)))
+    s = math.sin(omega)
+    return (math.sin((1 - t) * omega) / s) * a + (math.sin(t * omega) / s) * b

