@@ -220,7 +220,7 @@ def test_bf16_model_gets_float32_shadow(tmp_path):
 
 
 def test_metrics_reach_reporting_callbacks_placed_before_user_callbacks(tmp_path):
-    class Reporter(TrainerCallback):  # stands for TensorBoard/W&B: the Trainer puts them before user callbacks
+    class Reporter(TrainerCallback):  # stands for TensorBoard/W&B, which come before user callbacks
         seen: list = []
 
         def on_log(self, args, state, control, logs=None, **kwargs):
