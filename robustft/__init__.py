@@ -7,6 +7,21 @@ LoRA/task-vector arithmetic.
 
 __version__ = "0.1.0"
 
+from robustft.callbacks.sam import (  # noqa: E402
+    GGPOCallback,
+    MomentumSAMCallback,
+    RandomPerturbationCallback,
+    SAMCallback,
+)
 from robustft.params import Snapshot, select_parameters, swapped_in  # noqa: E402
 
-__all__ = ["Snapshot", "__version__", "select_parameters", "swapped_in"]
+__all__ = [
+    "GGPOCallback",
+    "MomentumSAMCallback",
+    "RandomPerturbationCallback",
+    "SAMCallback",
+    "Snapshot",
+    "__version__",
+    "select_parameters",
+    "swapped_in",
+]
