@@ -1,0 +1,99 @@
+"""Tiny models, data and a Trainer factory shared by the SAM tests, the example's test and the benchmark."""
+
+from __future__ import annotations
+
+import torch
+from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
+
+N_SAMPLES, SEQ_LEN, VOCAB, N_LABELS = 16, 8, 40, 3
+
+
+def tiny_bert(seed: int = 0, hidden: int = 32) -> BertForSequenceClassification:
+    torch.manual_seed(seed)
+    cfg = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=2 * hidden,
+        max_position_embeddings=SEQ_LEN,
+        num_labels=N_LABELS,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    return BertForSequenceClassification(cfg)
+
+
+def tiny_lora_bert(seed: int = 0):
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_bert(seed)
+    torch.manual_seed(seed + 1)
+    cfg = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS", lora_dropout=0.0
+    )
+    peft_model = get_peft_model(model, cfg)
+    # a non-zero B, so the merged weight differs from the base weight from the first step
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    return peft_model
+
+
+class ToyData(torch.utils.data.Dataset):
+    """Token sequences whose label is a function of the first token (learnable by the tiny model)."""
+
+    def __init__(self, n: int = N_SAMPLES, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(0, VOCAB, (n, SEQ_LEN), generator=g)
+        self.labels = self.ids[:, 0] % N_LABELS
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return {
+            "input_ids": self.ids[i],
+            "attention_mask": torch.ones(SEQ_LEN, dtype=torch.long),
+            "labels": self.labels[i],
+        }
+
+    def batch(self) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids, "attention_mask": torch.ones_like(self.ids), "labels": self.labels}
+
+
+def make_trainer(
+    model,
+    out_dir,
+    callbacks,
+    *,
+    ga=1,
+    total_batch=N_SAMPLES,
+    steps=3,
+    lr=0.1,
+    momentum=0.9,
+    max_grad_norm=0.0,
+    data=None,
+    **extra,
+) -> Trainer:
+    args = TrainingArguments(
+        output_dir=str(out_dir),
+        per_device_train_batch_size=total_batch // ga,
+        gradient_accumulation_steps=ga,
+        max_steps=steps,
+        learning_rate=lr,
+        lr_scheduler_type="constant",
+        max_grad_norm=max_grad_norm,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        seed=0,
+        **extra,
+    )
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=momentum)
+    return Trainer(
+        model=model, args=args, train_dataset=data or ToyData(), callbacks=callbacks, optimizers=(opt, None)
+    )

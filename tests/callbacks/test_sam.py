@@ -1,0 +1,306 @@
+"""SAM-family callbacks in a real Trainer on tiny models, against references written here."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from sam_helpers import ToyData, make_trainer, tiny_bert, tiny_lora_bert
+from transformers import TrainerCallback
+
+from robustft import GGPOCallback, MomentumSAMCallback, RandomPerturbationCallback, SAMCallback
+
+RHO, ASAM_RHO, CLIP = 0.05, 0.5, 0.05
+
+
+def _loss(model, batch, label_smoothing: float, scale: float = 1.0) -> torch.Tensor:
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return scale * F.cross_entropy(logits, batch["labels"], label_smoothing=label_smoothing)
+
+
+def reference_sam(
+    model, batch, steps, rho, adaptive, eta, clip, lr, momentum, label_smoothing=0.0, scale=1.0
+):
+    """Two-step SAM (davda54/sam formulation) on the full batch, written independently of robustft.
+
+    ``scale`` multiplies the loss: transformers 5.23 passes ``num_items_in_batch`` to models that
+    accept loss kwargs (BERT does) and then does not divide by the accumulation steps, but BERT's
+    classification loss ignores it - so with k micro-batches the Trainer's gradient is k times the
+    full-batch mean gradient. Clipping hides the factor; without clipping the reference needs it.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=lr, momentum=momentum)
+    for _ in range(steps):
+        opt.zero_grad()
+        _loss(model, batch, label_smoothing, scale).backward()
+        torch.nn.utils.clip_grad_norm_(params, clip)
+        with torch.no_grad():
+            t_w = [(p.abs() + eta) if adaptive else torch.ones_like(p) for p in params]
+            norm = torch.norm(
+                torch.stack([(t * p.grad).norm(2) for t, p in zip(t_w, params, strict=True)]), 2
+            )
+            old = [p.clone() for p in params]
+            for t, p in zip(t_w, params, strict=True):
+                p.add_(t * t * p.grad * (rho / (norm + 1e-12)))
+        opt.zero_grad()
+        _loss(model, batch, label_smoothing, scale).backward()
+        torch.nn.utils.clip_grad_norm_(params, clip)
+        with torch.no_grad():
+            for p, o in zip(params, old, strict=True):
+                p.copy_(o)
+        opt.step()
+    return model
+
+
+def _max_diff(a, b) -> float:
+    pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
+    return max((pa[n].detach() - pb[n].detach()).abs().max().item() for n in pa)
+
+
+@pytest.mark.parametrize(
+    ("ga", "adaptive", "smoothing", "lora"),
+    [
+        (1, False, 0.0, False),
+        (4, False, 0.0, False),
+        (1, True, 0.0, False),
+        (4, True, 0.1, False),
+        (2, False, 0.0, True),
+    ],
+)
+def test_sam_matches_two_step_reference(tmp_path, ga, adaptive, smoothing, lora):
+    model = tiny_lora_bert() if lora else tiny_bert()
+    ref_model = copy.deepcopy(model)
+    untouched = copy.deepcopy(model)
+    rho = ASAM_RHO if adaptive else RHO
+    cb = SAMCallback(rho=rho, adaptive=adaptive, eta=0.01)
+    trainer = make_trainer(model, tmp_path, [cb], ga=ga, max_grad_norm=CLIP, label_smoothing_factor=smoothing)
+    trainer.train()
+    reference_sam(ref_model, ToyData().batch(), 3, rho, adaptive, 0.01, CLIP, 0.1, 0.9, smoothing)
+    assert _max_diff(model, untouched) > 1e-3  # it trained
+    assert _max_diff(model, ref_model) < 1e-6
+    logs = [h for h in trainer.state.log_history if "grad_norm" in h]
+    assert len(logs) == 3 and all(h["grad_norm"] > CLIP for h in logs)  # clipping was active
+    assert all("sam/perturbation_norm" in h and "sam/sharpness" in h for h in logs)
+    if not adaptive:
+        assert all(abs(h["sam/perturbation_norm"] - rho) < 1e-6 for h in logs)
+    assert "training_step" not in trainer.__dict__  # the hook is removed after training
+
+
+@pytest.mark.parametrize("ga", [1, 2])
+def test_sam_without_clipping_matches_reference_and_differs_from_plain(tmp_path, ga):
+    model, plain = tiny_bert(), tiny_bert()
+    ref_model = copy.deepcopy(model)
+    make_trainer(model, tmp_path / "a", [SAMCallback(rho=RHO)], ga=ga).train()
+    make_trainer(plain, tmp_path / "b", [], ga=ga).train()
+    reference_sam(ref_model, ToyData().batch(), 3, RHO, False, 0.0, float("inf"), 0.1, 0.9, scale=ga)
+    assert _max_diff(model, ref_model) < 1e-6
+    assert _max_diff(model, plain) > 1e-5
+
+
+class BitProbe(TrainerCallback):
+    """Records every parameter at step begin (after the perturbation), before the optimizer step
+    (after the undo), the gradients and SGD momentum buffers seen by the step, and the result."""
+
+    def __init__(self):
+        self.begin, self.pre, self.end, self.grads, self.bufs = [], [], [], [], []
+
+    @staticmethod
+    def _snap(model):
+        return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    def on_train_begin(self, args, state, control, model=None, **kw):
+        self.start = self._snap(model)
+
+    def on_step_begin(self, args, state, control, model=None, **kw):
+        self.begin.append(self._snap(model))
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kw):
+        self.pre.append(self._snap(model))
+        self.grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        st = optimizer.state
+        self.bufs.append(
+            {
+                n: st[p]["momentum_buffer"].clone()
+                for n, p in model.named_parameters()
+                if "momentum_buffer" in st.get(p, {})
+            }
+        )
+
+    def on_optimizer_step(self, args, state, control, model=None, **kw):
+        self.end.append(self._snap(model))
+
+
+def _bits(t):
+    return t.view(torch.int32)
+
+
+ONE_PASS = {
+    "msam": lambda: MomentumSAMCallback(rho=0.3),
+    "rwp": lambda: RandomPerturbationCallback(rho=0.05, seed=3),
+    "rwp_linear": lambda: RandomPerturbationCallback(rho=0.05, schedule="linear", skip_norm_and_bias=True),
+    "flat_lora": lambda: RandomPerturbationCallback(rho=0.05),
+    "ggpo": lambda: GGPOCallback(rho=0.05),
+}
+
+
+@pytest.mark.parametrize("variant", list(ONE_PASS))
+def test_one_pass_undo_is_bit_exact(tmp_path, variant):
+    lora = variant in ("flat_lora", "ggpo")
+    model = tiny_lora_bert() if lora else tiny_bert()
+    probe = BitProbe()
+    lr, mu = 0.1, 0.9
+    trainer = make_trainer(model, tmp_path, [ONE_PASS[variant](), probe], ga=2, steps=4, lr=lr, momentum=mu)
+    trainer.train()
+    perturbed_steps = 0
+    for t in range(4):
+        before = probe.start if t == 0 else probe.end[t - 1]
+        # the optimizer sees exactly the unperturbed weights
+        for n, w in before.items():
+            assert torch.equal(_bits(probe.pre[t][n]), _bits(w)), (variant, t, n)
+        # ... and its update is applied to them: SGD with momentum, recomputed here bit for bit
+        for n, g in probe.grads[t].items():
+            buf = g.clone() if n not in probe.bufs[t] else probe.bufs[t][n].mul(mu).add_(g)
+            expected = probe.pre[t][n].add(buf, alpha=-lr)
+            assert torch.equal(_bits(probe.end[t][n]), _bits(expected)), (variant, t, n)
+        changed = [n for n in before if not torch.equal(probe.begin[t][n], before[n])]
+        perturbed_steps += bool(changed)
+        if lora and variant == "flat_lora" and changed:
+            assert all("base_layer.weight" in n for n in changed)  # Flat-LoRA perturbs W0 (the merged weight)
+        if variant == "ggpo" and changed:
+            assert all("lora_" in n or "classifier" in n for n in changed)
+    # the forward really ran at perturbed weights (MSAM has no momentum at step 0)
+    assert perturbed_steps >= (3 if variant == "msam" else 4)
+
+
+def test_flat_lora_noise_scales_with_merged_row_norms(tmp_path):
+    model = tiny_lora_bert()
+    layer = model.base_model.model.bert.encoder.layer[0].attention.self.query
+    probe = BitProbe()
+    make_trainer(model, tmp_path, [RandomPerturbationCallback(rho=0.05), probe], steps=1).train()
+    name = [n for n in probe.start if n.endswith("layer.0.attention.self.query.base_layer.weight")][0]
+    eps = probe.begin[0][name] - probe.start[name]
+    w0 = probe.start[name]
+    merged = w0 + layer.get_delta_weight("default").detach()  # B, A unchanged before the first step
+    ratio = eps.norm(dim=1) / merged.norm(dim=1)
+    # E‖ε_i‖ ≈ σ‖W'_i‖ for n = 32 columns: the per-row ratio is ≈ σ, and tracks W' rather than W0
+    assert ratio.mean().item() == pytest.approx(0.05, rel=0.2)
+
+
+def test_exception_in_step_restores_weights(tmp_path):
+    model = tiny_bert()
+
+    class Boom(RuntimeError):
+        pass
+
+    class Exploding(torch.nn.Module):
+        pass
+
+    cb = RandomPerturbationCallback(rho=0.05)
+    trainer = make_trainer(model, tmp_path, [cb], steps=2)
+    orig_compute_loss = trainer.compute_loss
+    calls = {"n": 0}
+
+    def compute_loss(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise Boom
+        return orig_compute_loss(*a, **k)
+
+    trainer.compute_loss = compute_loss
+    snap = {}
+
+    class Snap(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kw):
+            snap.update({n: p.detach().clone() for n, p in model.named_parameters()})
+
+    trainer.add_callback(Snap())
+    with pytest.raises(Boom):
+        trainer.train()
+    for n, p in model.named_parameters():
+        assert torch.equal(p.detach(), snap[n]), n
+
+
+def test_exception_in_sam_replay_restores_weights(tmp_path):
+    model = tiny_bert()
+    trainer = make_trainer(model, tmp_path, [SAMCallback(rho=RHO)], steps=1)
+    orig = trainer.compute_loss
+    calls = {"n": 0}
+    seen = {}
+
+    def compute_loss(m, inputs, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the replay at w + eps
+            raise RuntimeError("boom in replay")
+        seen.update({n: p.detach().clone() for n, p in model.named_parameters()})
+        return orig(m, inputs, **k)
+
+    trainer.compute_loss = compute_loss
+    with pytest.raises(RuntimeError, match="boom in replay"):
+        trainer.train()
+    for n, p in model.named_parameters():
+        assert torch.equal(p.detach(), seen[n]), n
+
+
+def test_nonfinite_gradient_skips_sam_and_warns(tmp_path):
+    model = tiny_bert()
+    cb = SAMCallback(rho=RHO)
+
+    class PoisonGrad(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
+            self.before = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    poison = PoisonGrad()
+    trainer = make_trainer(model, tmp_path, [cb, poison], steps=1, lr=0.0)
+    orig = trainer.training_step
+
+    def training_step(m, inputs, n=None):
+        loss = orig(m, inputs, n)
+        model.classifier.weight.grad[0, 0] = float("nan")
+        return loss
+
+    trainer.training_step = training_step
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    assert any("non-finite gradient" in str(w.message) for w in caught)
+    assert any(h.get("sam/skipped_nonfinite") == 1.0 for h in trainer.state.log_history)
+    # the weights the optimizer saw were never perturbed
+    start = tiny_bert()
+    for n, p in poison.before.items():
+        assert torch.equal(p, dict(start.named_parameters())[n].detach()), n
+
+
+@pytest.mark.parametrize(
+    ("factory", "match"),
+    [
+        (lambda: SAMCallback(rho=0), "rho"),
+        (lambda: SAMCallback(rho=-0.1), "rho"),
+        (lambda: SAMCallback(rho=float("nan")), "rho"),
+        (lambda: MomentumSAMCallback(rho=0.0), "rho"),
+        (lambda: RandomPerturbationCallback(rho=-1), "rho"),
+        (lambda: GGPOCallback(rho=0), "rho"),
+        (lambda: SAMCallback(schedule="cosine"), "schedule"),
+        (lambda: SAMCallback(start_step=-1), "start_step"),
+        (lambda: SAMCallback(eta=-1.0), "eta"),
+        (lambda: RandomPerturbationCallback(lora="merged"), "lora"),
+        (lambda: GGPOCallback(alpha=0, beta=0), "alpha"),
+    ],
+)
+def test_bad_options_raise(factory, match):
+    with pytest.raises(ValueError, match=match):
+        factory()
+
+
+def test_bad_selection_and_lora_without_lora_raise(tmp_path):
+    with pytest.raises(ValueError, match="include"):
+        make_trainer(tiny_bert(), tmp_path, [SAMCallback(include="no_such_layer")]).train()
+    with pytest.raises(ValueError, match="LoRA"):
+        make_trainer(tiny_bert(), tmp_path, [RandomPerturbationCallback(lora=True)]).train()
+
+
+def test_attach_rejects_non_trainer():
+    with pytest.raises(ValueError, match="Trainer"):
+        SAMCallback().attach(object())
