@@ -97,3 +97,60 @@ def make_trainer(
     return Trainer(
         model=model, args=args, train_dataset=data or ToyData(), callbacks=callbacks, optimizers=(opt, None)
     )
+
+
+class MLP(torch.nn.Module):
+    """A plain (non-transformers) classifier: the Trainer computes nothing but calls forward(x, labels)."""
+
+    def __init__(self, d: int = 10, h: int = 64, k: int = 2):
+        super().__init__()
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(d, h),
+            torch.nn.Tanh(),
+            torch.nn.Linear(h, h),
+            torch.nn.Tanh(),
+            torch.nn.Linear(h, k),
+        )
+
+    def forward(self, x, labels=None):
+        logits = self.net(x)
+        out = {"logits": logits}
+        if labels is not None:
+            out["loss"] = torch.nn.functional.cross_entropy(logits, labels)
+        return out
+
+
+class NoisyLinearData(torch.utils.data.Dataset):
+    """y = [x0 + x1 > 0] with 20% of the labels flipped: memorising the flips needs a sharp fit."""
+
+    def __init__(self, n: int = 128, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, 10, generator=g)
+        y = (self.x[:, 0] + self.x[:, 1] > 0).long()
+        self.y = torch.where(torch.rand(n, generator=g) < 0.2, 1 - y, y)
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return {"x": self.x[i], "labels": self.y[i]}
+
+
+@torch.no_grad()
+def mean_loss_increase(
+    model, data: NoisyLinearData, radius: float, draws: int = 100, seed: int = 123
+) -> float:
+    """E_d[L(w + radius·d/‖d‖) − L(w)] over random Gaussian directions d of the whole parameter vector."""
+    params = list(model.parameters())
+    base = model(data.x, data.y)["loss"].item()
+    g = torch.Generator().manual_seed(seed)
+    total = 0.0
+    for _ in range(draws):
+        d = [torch.randn(p.shape, generator=g) for p in params]
+        scale = radius / torch.sqrt(sum((x**2).sum() for x in d))
+        for p, x in zip(params, d, strict=True):
+            p.add_(x * scale)
+        total += model(data.x, data.y)["loss"].item() - base
+        for p, x in zip(params, d, strict=True):
+            p.sub_(x * scale)
+    return total / draws
