@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import sys
 import warnings
 
 import pytest
@@ -344,3 +345,32 @@ def test_sam_ends_in_a_flatter_minimum_than_plain_training(tmp_path):
         for model in runs.values():
             assert model(data.x, data.y)["loss"].item() < 0.01  # both reached a minimum of the training loss
     assert sum(ratios) / len(ratios) < 0.9, ratios
+
+
+def test_sam_replay_runs_under_the_trainers_bf16_autocast(tmp_path, monkeypatch):
+    model = tiny_bert()
+    ref_bf16, ref_fp32 = copy.deepcopy(model), copy.deepcopy(model)
+    make_trainer(model, tmp_path, [SAMCallback(rho=RHO)], max_grad_norm=CLIP, bf16=True).train()
+    reference_sam(ref_fp32, ToyData().batch(), 3, RHO, False, 0.0, CLIP, 0.1, 0.9)
+    plain_loss = _loss
+
+    def autocast_loss(*a, **k):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return plain_loss(*a, **k)
+
+    monkeypatch.setattr(sys.modules[__name__], "_loss", autocast_loss)
+    reference_sam(ref_bf16, ToyData().batch(), 3, RHO, False, 0.0, CLIP, 0.1, 0.9)
+    # both passes ran in bf16 autocast: equal to a bf16-autocast reference, not to the fp32 one
+    assert _max_diff(model, ref_bf16) < 1e-6
+    assert _max_diff(model, ref_fp32) > 1e-6
+
+
+def test_one_pass_undo_is_bit_exact_on_bf16_weights(tmp_path):
+    model = tiny_bert().to(torch.bfloat16)
+    probe = BitProbe()
+    make_trainer(model, tmp_path, [RandomPerturbationCallback(rho=0.05), probe], ga=2, steps=2).train()
+    for t in range(2):
+        before = probe.start if t == 0 else probe.end[t - 1]
+        for n, w in before.items():
+            assert torch.equal(probe.pre[t][n].view(torch.int16), w.view(torch.int16)), (t, n)
+        assert any(not torch.equal(probe.begin[t][n], before[n]) for n in before)
