@@ -374,3 +374,37 @@ def test_one_pass_undo_is_bit_exact_on_bf16_weights(tmp_path):
         for n, w in before.items():
             assert torch.equal(probe.pre[t][n].view(torch.int16), w.view(torch.int16)), (t, n)
         assert any(not torch.equal(probe.begin[t][n], before[n]) for n in before)
+
+
+def test_sam_with_fp16_grad_scaler_unscales_the_second_gradient(tmp_path, monkeypatch):
+    """accelerate only builds a GradScaler for fp16 on accelerators; this test gives the CPU Trainer
+    the same wiring (a torch.amp.GradScaler on the accelerator and on its optimizer, mixed precision
+    'fp16'), so the scaled backward, unscale and scaler.step/update path of a GPU fp16 run is
+    exercised. Unscaling twice in one step would raise; a second gradient left scaled (x4096,
+    no clipping here) would be far off the reference. Measured: under this wiring even a plain run
+    differs from the fp32 reference by ~1.5e-5, hence the tolerance."""
+    model = tiny_bert()
+    ref_model = copy.deepcopy(model)
+    trainer = make_trainer(model, tmp_path, [SAMCallback(rho=RHO)], ga=2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    acc = trainer.accelerator
+    monkeypatch.setattr(acc, "scaler", scaler)
+    monkeypatch.setattr(acc, "native_amp", True)
+    monkeypatch.setattr(acc.state, "_mixed_precision", "fp16")
+    orig_prepare = acc.prepare
+
+    def prepare(*objs, **kw):
+        out = orig_prepare(*objs, **kw)
+        for o in out if isinstance(out, tuple) else (out,):
+            if hasattr(o, "scaler") and hasattr(o, "optimizer"):
+                o.scaler = scaler  # AcceleratedOptimizer: scaler.step + update
+        return out
+
+    monkeypatch.setattr(acc, "prepare", prepare)
+    updates = []
+    orig_update = scaler.update
+    monkeypatch.setattr(scaler, "update", lambda *a: (updates.append(scaler.get_scale()), orig_update(*a)))
+    trainer.train()
+    reference_sam(ref_model, ToyData().batch(), 3, RHO, False, 0.0, float("inf"), 0.1, 0.9, scale=2)
+    assert updates == [2.0**12] * 3  # the scaler stepped and updated every step, no inf found
+    assert _max_diff(model, ref_model) < 1e-4
