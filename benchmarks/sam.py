@@ -6,7 +6,9 @@
 Two groups, each against its own baseline measured in the same process: full fine-tuning (plain,
 SAM, ASAM, Momentum-SAM, random perturbation) and LoRA (plain LoRA, SAM, Flat-LoRA, GGPO).
 Step time: median over steps (after warm-up) of on_step_begin -> on_step_end, best of ``--rounds``
-interleaved rounds. Extra memory: what the callback holds across the step, measured from its own
+interleaved rounds; on CPU it is the training thread's CPU time with torch on one thread
+(``--clock thread``), which other processes on a shared machine do not inflate.
+Extra memory: what the callback holds across the step, measured from its own
 buffers (SAM: the saved weights; one-pass: the fix-up lists), against the bytes of the perturbed
 tensors. Goals (issue 4): exact SAM <= 2.1x, one-pass <= 1.1x, random perturbation with no
 parameter-sized buffer.
@@ -33,6 +35,9 @@ SIZES = {
 }
 
 
+CLOCK = time.perf_counter
+
+
 class Tokens(torch.utils.data.Dataset):
     def __init__(self, n, seq, vocab):
         self.ids = torch.randint(0, vocab, (n, seq), generator=torch.Generator().manual_seed(0))
@@ -49,12 +54,12 @@ class Clock(TrainerCallback):
         self.times, self.cb, self.extra = [], cb, 0
 
     def on_step_begin(self, *a, **k):
-        self.t0 = time.perf_counter()
+        self.t0 = CLOCK()
         if self.cb is not None and hasattr(self.cb, "_applied"):  # one-pass: fix-ups held during the step
             self.extra = max(self.extra, sum(f.nbytes() for *_, f in self.cb._applied))
 
     def on_step_end(self, *a, **k):
-        self.times.append(time.perf_counter() - self.t0)
+        self.times.append(CLOCK() - self.t0)
 
 
 def build(size, lora):
@@ -134,7 +139,18 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument(
+        "--clock",
+        choices=("thread", "wall"),
+        default="thread" if not torch.cuda.is_available() else "wall",
+        help="thread: CPU time of the training thread with torch on 1 thread (robust to other load on a "
+        "shared machine); wall: wall-clock time",
+    )
     a = p.parse_args(argv)
+    global CLOCK
+    if a.clock == "thread":
+        torch.set_num_threads(1)
+        CLOCK = time.thread_time
     print(
         f"size={a.size} {SIZES[a.size]} steps={a.steps} rounds={a.rounds} device={a.device} "
         f"threads={torch.get_num_threads()} torch={torch.__version__}"

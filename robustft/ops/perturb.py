@@ -203,7 +203,9 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 def _add(w: torch.Tensor, e: torch.Tensor, sign: float) -> torch.Tensor:
     # the same rounding on the way in and out: compute in float32 (or wider), cast back to w's dtype
     wide = torch.promote_types(w.dtype, torch.float32)
-    return (w.to(wide) + sign * e.to(device=w.device, dtype=wide)).to(w.dtype)
+    e = e.to(device=w.device, dtype=wide)
+    out = w.to(wide).add(e) if sign > 0 else w.to(wide).sub(e)
+    return out.to(w.dtype)
 
 
 @dataclass
@@ -248,7 +250,10 @@ def perturb_(w: torch.Tensor, e: torch.Tensor) -> Fixup:
 @torch.no_grad()
 def unperturb_(w: torch.Tensor, e: torch.Tensor, fixup: Fixup) -> None:
     """w ← fl(w − e), then the fixed-up elements get their saved values: exact inverse of :func:`perturb_`."""
-    w.copy_(_add(w, e, -1.0))
+    if w.dtype == e.dtype and w.device == e.device:
+        w.sub_(e)  # the same rounding as _add(w, e, -1.0), without a temporary
+    else:
+        w.copy_(_add(w, e, -1.0))
     if fixup.numel():
         w[torch.unravel_index(fixup.index.long(), w.shape)] = fixup.values
 
