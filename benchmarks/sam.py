@@ -1,7 +1,8 @@
 """Step time and extra memory of the SAM-family callbacks relative to plain training, same model, same run.
 
-    OMP_NUM_THREADS=2 python benchmarks/sam.py                 # default size (< 3 min on 2 CPU cores)
-    python benchmarks/sam.py --size full                       # GPT-2 small shape (124M), for a GPU/large box
+    python benchmarks/sam.py                   # default size, ~40 s on one CPU thread
+    python benchmarks/sam.py --size medium     # 4x the tokens per step, ~3 min
+    python benchmarks/sam.py --size full       # GPT-2 small shape (124M), for a GPU or a large box
 
 Two groups, each against its own baseline measured in the same process: full fine-tuning (plain,
 SAM, ASAM, Momentum-SAM, random perturbation) and LoRA (plain LoRA, SAM, Flat-LoRA, GGPO).
@@ -31,6 +32,7 @@ from robustft import GGPOCallback, MomentumSAMCallback, RandomPerturbationCallba
 
 SIZES = {
     "default": dict(n_embd=192, n_layer=4, n_head=4, vocab_size=2048, n_positions=64, batch=8, seq=64),
+    "medium": dict(n_embd=256, n_layer=4, n_head=4, vocab_size=4096, n_positions=256, batch=8, seq=256),
     "full": dict(n_embd=768, n_layer=12, n_head=12, vocab_size=50257, n_positions=1024, batch=8, seq=512),
 }
 
