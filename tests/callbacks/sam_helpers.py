@@ -77,6 +77,7 @@ def make_trainer(
     data=None,
     **extra,
 ) -> Trainer:
+    extra.setdefault("save_strategy", "no")
     args = TrainingArguments(
         output_dir=str(out_dir),
         per_device_train_batch_size=total_batch // ga,
@@ -87,7 +88,6 @@ def make_trainer(
         max_grad_norm=max_grad_norm,
         report_to=[],
         use_cpu=True,
-        save_strategy="no",
         logging_steps=1,
         disable_tqdm=True,
         seed=0,

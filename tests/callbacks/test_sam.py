@@ -446,3 +446,30 @@ def test_sam_and_random_perturbation_under_ddp(tmp_path):
     sam = load_file(tmp_path / "sam-rank0.safetensors")
     diff = max((sam[n] - p.detach()).abs().max().item() for n, p in ref.named_parameters())
     assert diff < 1e-6
+
+
+def test_ggpo_resume_equals_uninterrupted_run(tmp_path):
+    """GGPO keeps the previous step's per-row gradient norms: they are saved with the checkpoint and
+    read back, so a run resumed at step 2 ends where an uninterrupted 4-step run ends."""
+    full = tiny_lora_bert()
+    make_trainer(full, tmp_path / "full", [GGPOCallback(rho=0.05)], steps=4).train()
+
+    first = tiny_lora_bert()
+    kw = dict(steps=4, save_strategy="steps", save_steps=2)
+    trainer = make_trainer(first, tmp_path / "cut", [GGPOCallback(rho=0.05)], **kw)
+    trainer.train()
+    assert (tmp_path / "cut" / "checkpoint-2" / "robustft").is_dir()
+    resumed = tiny_lora_bert()
+    make_trainer(resumed, tmp_path / "cut", [GGPOCallback(rho=0.05)], **kw).train(
+        resume_from_checkpoint=str(tmp_path / "cut" / "checkpoint-2")
+    )
+    for (n, a), (_, b) in zip(full.named_parameters(), resumed.named_parameters(), strict=True):
+        assert torch.equal(a, b), n
+    # and without the saved gradient norms the run would differ: the state matters
+    stateless = tiny_lora_bert()
+    cb = GGPOCallback(rho=0.05, restart_if_missing=True)
+    cb.has_state = False
+    make_trainer(stateless, tmp_path / "cut", [cb], **kw).train(
+        resume_from_checkpoint=str(tmp_path / "cut" / "checkpoint-2")
+    )
+    assert any(not torch.equal(a, b) for a, b in zip(full.parameters(), stateless.parameters(), strict=True))
