@@ -267,24 +267,25 @@ class SAMCallback(_WeightPerturbation):
             self._warn_nonfinite(state, "gradient")
             return
         saved = [w.clone() for w in weights]
-        eps_sq = torch.zeros((), dtype=torch.float32)
+        eps_sq = []
         try:
             with torch.no_grad():
                 for w, g in zip(weights, grads, strict=True):
                     e = sam_epsilon(w, g, rho, norm, self.adaptive, self.eta)
-                    eps_sq += e.pow(2).sum().cpu()
+                    eps_sq.append(e.pow(2).sum())
                     w.copy_((w.float() + e).to(w.dtype))
             loss_perturbed = self._replay(trainer, args, batches)
         finally:
             with torch.no_grad():
                 for w, s in zip(weights, saved, strict=True):
                     w.copy_(s)
+        eps_sq = torch.stack([x.to(norm.device) for x in eps_sq]).sum()
         if reduce is not None:
             eps_sq = reduce(eps_sq)
         self._record("perturbation_norm", eps_sq.sqrt().item())
-        self._record("sharpness", (loss_perturbed - torch.stack(losses).sum()).item())
+        self._record("sharpness", loss_perturbed - torch.stack(losses).float().sum().item())
 
-    def _replay(self, trainer: Trainer, args, batches) -> torch.Tensor:
+    def _replay(self, trainer: Trainer, args, batches) -> float:
         """Second forward/backward at w + ε on the recorded micro-batches; returns Σ of their losses."""
         model = batches[0][0]
         model.zero_grad(set_to_none=True)
@@ -300,18 +301,17 @@ class SAMCallback(_WeightPerturbation):
                     "use bf16 instead of fp16"
                 )
             scaler._per_optimizer_states.clear()
-        total = torch.zeros(())
+        losses = []
         for i, (mb_model, inputs, num_items) in enumerate(batches):
             last = i == len(batches) - 1
             sync = contextlib.nullcontext() if last else accelerator.no_sync(model=mb_model)
             with sync:
-                loss = self._orig_training_step(mb_model, inputs, num_items)
-            total = total + loss.detach().float().cpu()
+                losses.append(self._orig_training_step(mb_model, inputs, num_items).detach().float())
         if args.max_grad_norm is not None and args.max_grad_norm > 0:
             trainer._clip_grad_norm(model)
         else:
             accelerator.unscale_gradients()
-        return total
+        return torch.stack(losses).sum().item()
 
 
 class _OnePass(_WeightPerturbation):
@@ -357,30 +357,31 @@ class _OnePass(_WeightPerturbation):
         self._step = state.global_step
         weights = [local_tensor(p) for p in self._params.values()]
         contexts = self._contexts(weights, rho, state, optimizer)
-        noise_sq = torch.zeros((), dtype=torch.float32)
+        noise_sq = []
         fixed = total = 0
         try:
             for i, (w, ctx) in enumerate(zip(weights, contexts, strict=True)):
                 if ctx is None:
                     continue
                 e = self._noise(i, w, ctx)
-                if not torch.isfinite(e).all():
-                    raise FloatingPointError
-                noise_sq += e.pow(2).sum().cpu()
+                noise_sq.append(e.pow(2).sum())
+                # exact to undo even if e holds NaN/Inf: every element then is a fix-up
                 fixup = perturb_(w, e)
                 self._applied.append((i, w, ctx, fixup))
                 fixed += fixup.numel()
                 total += w.numel()
-        except FloatingPointError:
-            self._restore()
-            self._warn_nonfinite(state, "perturbation")
-            return
         except BaseException:
             self._restore()
             raise
-        if self._applied:
-            self._record("perturbation_norm", noise_sq.sqrt().item())
-            self._record("fixup_fraction", fixed / max(total, 1))
+        if not self._applied:
+            return
+        norm = torch.stack([x.to(noise_sq[0].device) for x in noise_sq]).sum().sqrt().item()
+        if not math.isfinite(norm):
+            self._restore()
+            self._warn_nonfinite(state, "perturbation")
+            return
+        self._record("perturbation_norm", norm)
+        self._record("fixup_fraction", fixed / max(total, 1))
 
     def _restore(self) -> None:
         applied, self._applied = self._applied, []
@@ -435,7 +436,10 @@ class MomentumSAMCallback(_OnePass):
                 self._warned = True
             return [None] * len(buffers)
         norm = global_norm(buffers, self._reduce())
-        if not torch.isfinite(norm) or norm == 0:
+        if not torch.isfinite(norm):
+            self._warn_nonfinite(state, "momentum")
+            return [None] * len(buffers)
+        if norm == 0:
             return [None] * len(buffers)
         return [None if b is None else (b, rho, norm) for b in buffers]
 

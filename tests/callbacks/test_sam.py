@@ -473,3 +473,33 @@ def test_ggpo_resume_equals_uninterrupted_run(tmp_path):
         resume_from_checkpoint=str(tmp_path / "cut" / "checkpoint-2")
     )
     assert any(not torch.equal(a, b) for a, b in zip(full.parameters(), stateless.parameters(), strict=True))
+
+
+def test_nonfinite_perturbation_is_undone_exactly_and_warns():
+    from types import SimpleNamespace
+
+    w = torch.nn.Parameter(torch.randn(4, 6))
+    with torch.no_grad():
+        w[1, 2] = float("nan")  # its row scale, hence that row's noise, is NaN
+    before = w.detach().clone()
+    cb = RandomPerturbationCallback(rho=0.05)
+    cb._params = {"w": w}
+    state = SimpleNamespace(global_step=0, max_steps=10)
+    with pytest.warns(RuntimeWarning, match="non-finite perturbation"):
+        cb.on_step_begin(None, state, None)
+    assert torch.equal(w.detach().view(torch.int32), before.view(torch.int32))
+    assert cb.pending_logs["rwp/skipped_nonfinite"] == 1.0 and not cb._applied
+
+
+def test_nonfinite_momentum_skips_msam_and_warns():
+    from types import SimpleNamespace
+
+    w = torch.nn.Parameter(torch.randn(4, 6))
+    opt = torch.optim.SGD([w], lr=0.1, momentum=0.9)
+    opt.state[w]["momentum_buffer"] = torch.full_like(w, float("inf"))
+    before = w.detach().clone()
+    cb = MomentumSAMCallback(rho=0.3)
+    cb._params = {"w": w}
+    with pytest.warns(RuntimeWarning, match="non-finite momentum"):
+        cb.on_step_begin(None, SimpleNamespace(global_step=3, max_steps=10), None, optimizer=opt)
+    assert torch.equal(w.detach(), before) and not cb._applied
