@@ -111,7 +111,9 @@ def test_sam_matches_two_step_reference(tmp_path, ga, adaptive, smoothing, lora)
 def test_sam_without_clipping_matches_reference_and_differs_from_plain(tmp_path, ga):
     model, plain = tiny_bert(), tiny_bert()
     ref_model = copy.deepcopy(model)
-    make_trainer(model, tmp_path / "a", [SAMCallback(rho=RHO)], ga=ga).train()
+    trainer = make_trainer(model, tmp_path / "a", [], ga=ga)
+    trainer.add_callback(SAMCallback(rho=RHO).attach(trainer))  # the explicit attach point
+    trainer.train()
     make_trainer(plain, tmp_path / "b", [], ga=ga).train()
     reference_sam(ref_model, ToyData().batch(), 3, RHO, False, 0.0, float("inf"), 0.1, 0.9, scale=ga)
     assert _max_diff(model, ref_model) < 1e-6
