@@ -169,11 +169,12 @@ class _WeightPerturbation(RobustCallback):
     def _reduce(self):
         return distributed.all_reduce_sum if _is_sharded(self._params) else None
 
-    def _record(self, name: str, value: float) -> None:
+    def _record(self, name: str, value: float, mean: bool = True) -> None:
+        """Mean (or sum, for counts) of a metric over the steps since the last Trainer log."""
         total = self._sums.setdefault(name, [0.0, 0])
         total[0] += float(value)
         total[1] += 1
-        self.pending_logs[f"{self.log_prefix}/{name}"] = total[0] / total[1]
+        self.pending_logs[f"{self.log_prefix}/{name}"] = total[0] / total[1] if mean else total[0]
 
     def _warn_nonfinite(self, state, what: str) -> None:
         warnings.warn(
@@ -182,7 +183,7 @@ class _WeightPerturbation(RobustCallback):
             RuntimeWarning,
             stacklevel=3,
         )
-        self._record("skipped_nonfinite", 1.0)
+        self._record("skipped_nonfinite", 1.0, mean=False)
 
     # -- events --------------------------------------------------------------------------------
     def on_log(self, args, state, control, logs=None, **kwargs):
