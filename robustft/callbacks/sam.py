@@ -335,6 +335,11 @@ class _OnePass(_WeightPerturbation):
     def _targets(self, model) -> dict[str, torch.Tensor]:
         return self._select(model)
 
+    def _seed_for(self, step: int, index: int) -> int:
+        # replicated weights (DDP) draw the same noise on every rank; FSDP2 shards each draw their own
+        shard = distributed.rank() if _is_sharded(self._params) else 0
+        return noise_seed(self.seed, step, index + (shard << 32))
+
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         super().on_train_begin(args, state, control, model=model, **kwargs)
         self._hook_trainer(required=False)
@@ -526,7 +531,7 @@ class RandomPerturbationCallback(_OnePass):
 
     def _noise(self, index, w, ctx):
         scale, step = ctx
-        return row_noise(w.shape, scale, noise_seed(self.seed, step, index), device=w.device)
+        return row_noise(w.shape, scale, self._seed_for(step, index), device=w.device)
 
 
 class GGPOCallback(_OnePass):
@@ -565,7 +570,7 @@ class GGPOCallback(_OnePass):
 
     def _noise(self, index, w, ctx):
         scale, step = ctx
-        return row_noise(w.shape, scale, noise_seed(self.seed, step, index), device=w.device)
+        return row_noise(w.shape, scale, self._seed_for(step, index), device=w.device)
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         super().on_pre_optimizer_step(args, state, control, **kwargs)
