@@ -1,7 +1,7 @@
 """Step time and extra memory of the SAM-family callbacks relative to plain training, same model, same run.
 
     python benchmarks/sam.py                   # default size, ~40 s on one CPU thread
-    python benchmarks/sam.py --size medium     # 4x the tokens per step, ~3 min
+    python benchmarks/sam.py --size medium     # 4x the tokens per step (~4 min unloaded, 10 here)
     python benchmarks/sam.py --size full       # GPT-2 small shape (124M), for a GPU or a large box
 
 Two groups, each against its own baseline measured in the same process: full fine-tuning (plain,
