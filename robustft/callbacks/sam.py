@@ -43,7 +43,7 @@ from robustft.ops.perturb import (
     scheduled_rho,
     unperturb_,
 )
-from robustft.params import local_tensor, select_parameters
+from robustft.params import Snapshot, local_tensor, select_parameters
 
 __all__ = ["GGPOCallback", "MomentumSAMCallback", "RandomPerturbationCallback", "SAMCallback"]
 
@@ -267,7 +267,7 @@ class SAMCallback(_WeightPerturbation):
         if not torch.isfinite(norm):
             self._warn_nonfinite(state, "gradient")
             return
-        saved = [w.clone() for w in weights]
+        saved = Snapshot.of(self._params)  # exact restore, also for bf16 weights
         eps_sq = []
         try:
             with torch.no_grad():
@@ -277,9 +277,7 @@ class SAMCallback(_WeightPerturbation):
                     w.copy_((w.float() + e).to(w.dtype))
             loss_perturbed = self._replay(trainer, args, batches)
         finally:
-            with torch.no_grad():
-                for w, s in zip(weights, saved, strict=True):
-                    w.copy_(s)
+            saved.copy_to(self._params)
         eps_sq = torch.stack([x.to(norm.device) for x in eps_sq]).sum()
         if reduce is not None:
             eps_sq = reduce(eps_sq)

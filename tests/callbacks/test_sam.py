@@ -40,7 +40,19 @@ def _loss(model, batch, label_smoothing: float, scale: float = 1.0) -> torch.Ten
 
 
 def reference_sam(
-    model, batch, steps, rho, adaptive, eta, clip, lr, momentum, label_smoothing=0.0, scale=1.0
+    model,
+    batch,
+    steps,
+    rho,
+    adaptive,
+    eta,
+    clip,
+    lr,
+    momentum,
+    label_smoothing=0.0,
+    scale=1.0,
+    only=None,
+    start=0,
 ):
     """Two-step SAM (davda54/sam formulation) on the full batch, written independently of robustft.
 
@@ -48,26 +60,33 @@ def reference_sam(
     accept loss kwargs (BERT does) and then does not divide by the accumulation steps, but BERT's
     classification loss ignores it - so with k micro-batches the Trainer's gradient is k times the
     full-batch mean gradient. Clipping hides the factor; without clipping the reference needs it.
+    ``only``: perturb only parameters whose name contains it; ``start``: plain steps before SAM.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=lr, momentum=momentum)
-    for _ in range(steps):
+    for step in range(steps):
         opt.zero_grad()
         _loss(model, batch, label_smoothing, scale).backward()
         torch.nn.utils.clip_grad_norm_(params, clip)
+        if step < start:
+            opt.step()
+            continue
+        perturbed = [
+            p for n, p in model.named_parameters() if p.requires_grad and (only is None or only in n)
+        ]
         with torch.no_grad():
-            t_w = [(p.abs() + eta) if adaptive else torch.ones_like(p) for p in params]
+            t_w = [(p.abs() + eta) if adaptive else torch.ones_like(p) for p in perturbed]
             norm = torch.norm(
-                torch.stack([(t * p.grad).norm(2) for t, p in zip(t_w, params, strict=True)]), 2
+                torch.stack([(t * p.grad).norm(2) for t, p in zip(t_w, perturbed, strict=True)]), 2
             )
-            old = [p.clone() for p in params]
-            for t, p in zip(t_w, params, strict=True):
+            old = [p.clone() for p in perturbed]
+            for t, p in zip(t_w, perturbed, strict=True):
                 p.add_(t * t * p.grad * (rho / (norm + 1e-12)))
         opt.zero_grad()
         _loss(model, batch, label_smoothing, scale).backward()
         torch.nn.utils.clip_grad_norm_(params, clip)
         with torch.no_grad():
-            for p, o in zip(params, old, strict=True):
+            for p, o in zip(perturbed, old, strict=True):
                 p.copy_(o)
         opt.step()
     return model
@@ -505,3 +524,17 @@ def test_nonfinite_momentum_skips_msam_and_warns():
     with pytest.warns(RuntimeWarning, match="non-finite momentum"):
         cb.on_step_begin(None, SimpleNamespace(global_step=3, max_steps=10), None, optimizer=opt)
     assert torch.equal(w.detach(), before) and not cb._applied
+
+
+def test_sam_include_and_start_step_match_reference(tmp_path):
+    model = tiny_bert()
+    ref_model = copy.deepcopy(model)
+    cb = SAMCallback(rho=RHO, include=r"encoder\.layer\.1\.", start_step=1)
+    trainer = make_trainer(model, tmp_path, [cb], ga=2, max_grad_norm=CLIP)
+    trainer.train()
+    reference_sam(
+        ref_model, ToyData().batch(), 3, RHO, False, 0.0, CLIP, 0.1, 0.9, only="encoder.layer.1.", start=1
+    )
+    assert _max_diff(model, ref_model) < 1e-6
+    logs = [h for h in trainer.state.log_history if "grad_norm" in h]
+    assert ["sam/sharpness" in h for h in logs] == [False, True, True]
