@@ -7,10 +7,14 @@ LoRA/task-vector arithmetic.
 
 __version__ = "0.1.0"
 
-from robustft.callbacks.averaging import (  # noqa: E402
+from robustft.callbacks import (  # noqa: E402
     EMACallback,
+    GGPOCallback,
     LAWACallback,
     MomentumInterpolationCallback,
+    MomentumSAMCallback,
+    RandomPerturbationCallback,
+    SAMCallback,
     SWACallback,
 )
 from robustft.merge import estimate_fisher, load_recipe, merge_checkpoints  # noqa: E402
@@ -18,8 +22,12 @@ from robustft.params import Snapshot, select_parameters, swapped_in  # noqa: E40
 
 __all__ = [
     "EMACallback",
+    "GGPOCallback",
     "LAWACallback",
     "MomentumInterpolationCallback",
+    "MomentumSAMCallback",
+    "RandomPerturbationCallback",
+    "SAMCallback",
     "SWACallback",
     "Snapshot",
     "__version__",

@@ -7,5 +7,21 @@ from robustft.callbacks.averaging import (
     SWACallback,
 )
 from robustft.callbacks.base import RobustCallback
+from robustft.callbacks.sam import (
+    GGPOCallback,
+    MomentumSAMCallback,
+    RandomPerturbationCallback,
+    SAMCallback,
+)
 
-__all__ = ["EMACallback", "LAWACallback", "MomentumInterpolationCallback", "RobustCallback", "SWACallback"]
+__all__ = [
+    "EMACallback",
+    "GGPOCallback",
+    "LAWACallback",
+    "MomentumInterpolationCallback",
+    "MomentumSAMCallback",
+    "RandomPerturbationCallback",
+    "RobustCallback",
+    "SAMCallback",
+    "SWACallback",
+]

@@ -1,0 +1,585 @@
+"""SAM and one-pass weight perturbations as ``TrainerCallback``s (the maths is in ``robustft.ops.perturb``).
+
+* :class:`SAMCallback` - exact SAM / ASAM: a second forward/backward at w + ε on the step's own
+  micro-batches, replayed through the Trainer's ``training_step`` (so ``compute_loss`` overrides,
+  label smoothing, autocast, loss scaling and gradient-accumulation scaling all hold).
+* :class:`MomentumSAMCallback`, :class:`RandomPerturbationCallback` (RWP / Flat-LoRA),
+  :class:`GGPOCallback` (LoRA-GGPO) - one forward/backward per step: perturb at ``on_step_begin``,
+  undo at ``on_pre_optimizer_step``, so the gradient is taken at w + ε and the step applied to w.
+
+How the callbacks reach the Trainer: callbacks are never handed the Trainer or the batch. These
+callbacks find the Trainer that calls ``on_train_begin`` (it is on the call stack), or you pass it
+with ``callback.attach(trainer)``. They then wrap ``trainer.training_step`` (an instance attribute,
+removed at ``on_train_end``) to record the micro-batches (exact SAM) and to undo a perturbation when
+a micro-batch raises (all variants).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import inspect
+import math
+import warnings
+from typing import Any
+
+import torch
+from transformers import Trainer
+
+from robustft import distributed
+from robustft.callbacks.base import RobustCallback
+from robustft.ops.perturb import (
+    Fixup,
+    ggpo_row_scale,
+    global_norm,
+    momentum_epsilon,
+    noise_seed,
+    perturb_,
+    row_noise,
+    row_sq_norms,
+    rwp_row_scale,
+    sam_epsilon,
+    sam_norm,
+    scheduled_rho,
+    unperturb_,
+)
+from robustft.params import Snapshot, local_tensor, select_parameters
+
+__all__ = ["GGPOCallback", "MomentumSAMCallback", "RandomPerturbationCallback", "SAMCallback"]
+
+_SCHEDULES = ("constant", "linear")
+
+
+def _is_sharded(params: dict[str, torch.Tensor]) -> bool:
+    return any(hasattr(p, "to_local") and hasattr(p, "placements") for p in params.values())
+
+
+def _find_trainer() -> Trainer | None:
+    """The Trainer whose event is running: the ``self`` of a frame up the call stack."""
+    frame = inspect.currentframe()
+    for _ in range(12):
+        frame = frame.f_back if frame is not None else None
+        if frame is None:
+            return None
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, Trainer):
+            return owner
+    return None
+
+
+class _WeightPerturbation(RobustCallback):
+    """What all variants share: options, parameter selection, ρ schedule, the Trainer hook, metrics."""
+
+    log_prefix = "sam"
+    #: True when the callback keeps state a resumed run must read back
+    has_state = False
+
+    def __init__(
+        self,
+        rho: float,
+        schedule: str = "constant",
+        start_step: int = 0,
+        include: str | list[str] | None = None,
+        exclude: str | list[str] | None = None,
+        skip_norm_and_bias: bool = False,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not math.isfinite(rho) or rho <= 0:
+            raise ValueError(f"rho: must be a finite number > 0, got {rho!r}")
+        if schedule not in _SCHEDULES:
+            raise ValueError(f"schedule: {schedule!r} is not one of {_SCHEDULES}")
+        if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
+            raise ValueError(f"start_step: must be an integer >= 0, got {start_step!r}")
+        self.rho = float(rho)
+        self.schedule = schedule
+        self.start_step = start_step
+        self.include = include
+        self.exclude = exclude
+        self.skip_norm_and_bias = skip_norm_and_bias
+        self.trainer: Trainer | None = None
+        self._orig_training_step = None
+        self._params: dict[str, torch.Tensor] = {}
+        self._sums: dict[str, list[float]] = {}
+
+    # -- the Trainer ---------------------------------------------------------------------------
+    def attach(self, trainer: Trainer) -> _WeightPerturbation:
+        """Use ``trainer`` (instead of finding it on the call stack at ``on_train_begin``); returns self."""
+        if not isinstance(trainer, Trainer):
+            raise ValueError(f"attach: expected a transformers.Trainer, got {type(trainer).__name__}")
+        self.trainer = trainer
+        return self
+
+    def _hook_trainer(self, required: bool) -> None:
+        if self.trainer is None:
+            self.trainer = _find_trainer()
+        if self.trainer is None:
+            if required:
+                raise ValueError(
+                    f"{type(self).__name__}: no Trainer found; call callback.attach(trainer) before train()"
+                )
+            return
+        if getattr(self.trainer, "is_deepspeed_enabled", False) and required:
+            raise ValueError(
+                f"{type(self).__name__} does not support DeepSpeed: the engine steps inside its own "
+                "backward, so the gradient cannot be replaced before the step. Use DDP or FSDP, or a "
+                "one-pass variant."
+            )
+        if self._orig_training_step is not None:
+            return
+        self._orig_training_step = self.trainer.training_step
+        orig = self._orig_training_step
+
+        def training_step(model, inputs, num_items_in_batch=None, *args, **kwargs):
+            recorded = self._before_micro_batch(model, inputs, num_items_in_batch)
+            try:
+                loss = orig(model, inputs, num_items_in_batch, *args, **kwargs)
+            except BaseException:
+                self._on_micro_batch_error()
+                raise
+            self._after_micro_batch(recorded, loss)
+            return loss
+
+        self.trainer.training_step = training_step
+
+    def _unhook_trainer(self) -> None:
+        if self.trainer is not None and self._orig_training_step is not None:
+            if self.trainer.__dict__.get("training_step") is not None:
+                del self.trainer.training_step
+            self._orig_training_step = None
+
+    def _before_micro_batch(self, model, inputs, num_items_in_batch) -> Any:
+        return None
+
+    def _after_micro_batch(self, recorded: Any, loss: torch.Tensor) -> None:
+        pass
+
+    def _on_micro_batch_error(self) -> None:
+        pass
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _select(self, model) -> dict[str, torch.Tensor]:
+        return select_parameters(
+            model, self.include, self.exclude, trainable_only=True, skip_norm_and_bias=self.skip_norm_and_bias
+        )
+
+    def _rho_at(self, state) -> float:
+        return scheduled_rho(self.rho, self.schedule, state.global_step, self.start_step, state.max_steps)
+
+    def _reduce(self):
+        return distributed.all_reduce_sum if _is_sharded(self._params) else None
+
+    def _record(self, name: str, value: float, mean: bool = True) -> None:
+        """Mean (or sum, for counts) of a metric over the steps since the last Trainer log."""
+        total = self._sums.setdefault(name, [0.0, 0])
+        total[0] += float(value)
+        total[1] += 1
+        self.pending_logs[f"{self.log_prefix}/{name}"] = total[0] / total[1] if mean else total[0]
+
+    def _warn_nonfinite(self, state, what: str) -> None:
+        warnings.warn(
+            f"{type(self).__name__}: non-finite {what} at step {state.global_step}; perturbation skipped, "
+            "weights unchanged",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        self._record("skipped_nonfinite", 1.0, mean=False)
+
+    # -- events --------------------------------------------------------------------------------
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        super().on_log(args, state, control, logs=logs, **kwargs)
+        if logs is not None:
+            self._sums = {}
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._unhook_trainer()
+
+
+class SAMCallback(_WeightPerturbation):
+    """Exact SAM (Foret et al., 2021) or, with ``adaptive=True``, ASAM (Kwon et al., 2021).
+
+    At ``on_pre_optimizer_step`` (gradients accumulated over the step's micro-batches, synchronized
+    across ranks, clipped): ε = ρ·T²g/‖Tg‖ (T = I, or |w| + η for ASAM) from that gradient - global
+    clipping only rescales g, so ε is the same as from the unclipped gradient; the selected weights
+    are saved, w ← w + ε, the gradients zeroed, the recorded micro-batches replayed through the
+    Trainer's own ``training_step`` (same loss, same gradient-accumulation scaling, same autocast and
+    GradScaler), the new gradient clipped as the Trainer does (``max_grad_norm``), and w restored from
+    the saved copy (bit-exact, also in bf16, also when the replay raises). ``optimizer.step()`` then
+    applies the gradient taken at w + ε.
+
+    Cost: one extra forward/backward per step; memory: one copy of the selected parameters plus the
+    step's micro-batches. Dropout masks differ between the two passes (as in davda54/sam).
+
+    Args:
+        rho: radius ρ > 0 (typical: 0.05 for SAM, 0.5-2 for ASAM).
+        adaptive: ASAM's scale-invariant ε.
+        eta: ASAM's η in T = |w| + η (0.01 in the ASAM paper; 0 gives davda54/sam's ASAM).
+        schedule: ``"constant"`` or ``"linear"`` (ρ ramps from 0 at ``start_step`` to ρ at the last step).
+        start_step: optimizer steps before this one are plain steps.
+        include, exclude, skip_norm_and_bias: which trainable parameters are perturbed (regexes,
+            see ``select_parameters``); all trainable parameters still get the second gradient.
+    Logs ``sam/perturbation_norm`` (‖ε‖) and ``sam/sharpness`` (L(w+ε) − L(w) on the step's batch).
+    """
+
+    state_name = "sam"
+
+    def __init__(self, rho: float = 0.05, adaptive: bool = False, eta: float = 0.01, **kwargs):
+        super().__init__(rho, **kwargs)
+        if not isinstance(eta, (int, float)) or not math.isfinite(eta) or eta < 0:
+            raise ValueError(f"eta: must be a finite number >= 0, got {eta!r}")
+        self.adaptive = bool(adaptive)
+        self.eta = float(eta)
+        self._capturing = False
+        self._batches: list[tuple[Any, Any, Any]] = []
+        self._losses: list[torch.Tensor] = []
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        super().on_train_begin(args, state, control, model=model, **kwargs)
+        self._hook_trainer(required=True)
+        self._params = self._select(model)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._batches, self._losses = [], []
+        self._capturing = self._rho_at(state) > 0
+
+    def _before_micro_batch(self, model, inputs, num_items_in_batch):
+        if not self._capturing:
+            return None
+        return (model, copy.copy(inputs), num_items_in_batch)
+
+    def _after_micro_batch(self, recorded, loss):
+        if recorded is not None:
+            self._batches.append(recorded)
+            self._losses.append(loss.detach())
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        batches, losses = self._batches, self._losses
+        self._batches, self._losses, self._capturing = [], [], False
+        rho = self._rho_at(state)
+        if rho <= 0 or not batches:
+            return
+        trainer = self.trainer
+        names = list(self._params)
+        weights = [local_tensor(self._params[n]) for n in names]
+        grads = [None if self._params[n].grad is None else local_tensor(self._params[n].grad) for n in names]
+        reduce = self._reduce()
+        norm = sam_norm(weights, grads, self.adaptive, self.eta, reduce)
+        if not torch.isfinite(norm):
+            self._warn_nonfinite(state, "gradient")
+            return
+        saved = Snapshot.of(self._params)  # exact restore, also for bf16 weights
+        eps_sq = []
+        try:
+            with torch.no_grad():
+                for w, g in zip(weights, grads, strict=True):
+                    e = sam_epsilon(w, g, rho, norm, self.adaptive, self.eta)
+                    eps_sq.append(e.pow(2).sum())
+                    w.copy_((w.float() + e).to(w.dtype))
+            loss_perturbed = self._replay(trainer, args, batches)
+        finally:
+            saved.copy_to(self._params)
+        eps_sq = torch.stack([x.to(norm.device) for x in eps_sq]).sum()
+        if reduce is not None:
+            eps_sq = reduce(eps_sq)
+        self._record("perturbation_norm", eps_sq.sqrt().item())
+        self._record("sharpness", loss_perturbed - torch.stack(losses).float().sum().item())
+
+    def _replay(self, trainer: Trainer, args, batches) -> float:
+        """Second forward/backward at w + ε on the recorded micro-batches; returns Σ of their losses."""
+        model = batches[0][0]
+        model.zero_grad(set_to_none=True)
+        accelerator = trainer.accelerator
+        scaler = getattr(accelerator, "scaler", None)
+        if scaler is not None:
+            # the first gradient was unscaled by the clip/grad-norm call; let the scaler unscale (and
+            # check for inf) the second gradient afresh, as a fresh step would
+            reset = getattr(torch.amp.grad_scaler, "_refresh_per_optimizer_state", None)
+            if reset is None or not hasattr(scaler, "_per_optimizer_states"):
+                raise ValueError(
+                    "SAMCallback: this GradScaler does not expose its per-optimizer state; "
+                    "use bf16 instead of fp16"
+                )
+            scaler._per_optimizer_states.clear()
+        losses = []
+        for i, (mb_model, inputs, num_items) in enumerate(batches):
+            last = i == len(batches) - 1
+            sync = contextlib.nullcontext() if last else accelerator.no_sync(model=mb_model)
+            with sync:
+                losses.append(self._orig_training_step(mb_model, inputs, num_items).detach().float())
+        if args.max_grad_norm is not None and args.max_grad_norm > 0:
+            trainer._clip_grad_norm(model)
+        else:
+            accelerator.unscale_gradients()
+        return torch.stack(losses).sum().item()
+
+
+class _OnePass(_WeightPerturbation):
+    """Perturb at ``on_step_begin``; undo bit-exactly at ``on_pre_optimizer_step`` or if a micro-batch raises.
+
+    Nothing parameter-sized is kept: the perturbation is regenerated from small per-tensor data
+    (a seed, row scales, a norm) and :func:`robustft.ops.perturb.perturb_` keeps only the elements
+    where floating point does not round-trip (a few percent, reported as ``<prefix>/fixup_fraction``).
+    """
+
+    def __init__(self, rho: float, seed: int = 0, **kwargs):
+        super().__init__(rho, **kwargs)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed: must be an integer, got {seed!r}")
+        self.seed = seed
+        # index -> (tensor, per-tensor context, fixup) for the perturbation in force
+        self._applied: list[tuple[int, torch.Tensor, Any, Fixup]] = []
+        self._step = 0
+
+    def _targets(self, model) -> dict[str, torch.Tensor]:
+        return self._select(model)
+
+    def _seed_for(self, step: int, index: int) -> int:
+        # replicated weights (DDP) draw the same noise on every rank; FSDP2 shards each draw their own
+        shard = distributed.rank() if _is_sharded(self._params) else 0
+        return noise_seed(self.seed, step, index + (shard << 32))
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        super().on_train_begin(args, state, control, model=model, **kwargs)
+        self._hook_trainer(required=False)
+        self._params = self._targets(model)
+        resume = self.resume_dir(args, state)
+        if resume is not None and self.has_state:
+            self.load_from(resume)
+
+    # subclasses: small per-tensor context (None = do not perturb this tensor), then the noise from it
+    def _contexts(self, weights: list[torch.Tensor], rho: float, state, optimizer) -> list[Any]:
+        raise NotImplementedError
+
+    def _noise(self, index: int, w: torch.Tensor, ctx: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+    def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
+        self._restore()  # never stack two perturbations
+        rho = self._rho_at(state)
+        if rho <= 0:
+            return
+        self._step = state.global_step
+        weights = [local_tensor(p) for p in self._params.values()]
+        contexts = self._contexts(weights, rho, state, optimizer)
+        noise_sq = []
+        fixed = total = 0
+        try:
+            for i, (w, ctx) in enumerate(zip(weights, contexts, strict=True)):
+                if ctx is None:
+                    continue
+                e = self._noise(i, w, ctx)
+                noise_sq.append(e.pow(2).sum())
+                # exact to undo even if e holds NaN/Inf: every element then is a fix-up
+                fixup = perturb_(w, e)
+                self._applied.append((i, w, ctx, fixup))
+                fixed += fixup.numel()
+                total += w.numel()
+        except BaseException:
+            self._restore()
+            raise
+        if not self._applied:
+            return
+        norm = torch.stack([x.to(noise_sq[0].device) for x in noise_sq]).sum().sqrt().item()
+        if not math.isfinite(norm):
+            self._restore()
+            self._warn_nonfinite(state, "perturbation")
+            return
+        self._record("perturbation_norm", norm)
+        self._record("fixup_fraction", fixed / max(total, 1))
+
+    def _restore(self) -> None:
+        applied, self._applied = self._applied, []
+        for i, w, ctx, fixup in reversed(applied):
+            unperturb_(w, self._noise(i, w, ctx), fixup)
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self._restore()
+
+    def _on_micro_batch_error(self) -> None:
+        self._restore()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._restore()
+        super().on_train_end(args, state, control, **kwargs)
+
+    def on_save(self, args, state, control, **kwargs):
+        self._restore()
+        super().on_save(args, state, control, **kwargs)
+
+
+class MomentumSAMCallback(_OnePass):
+    """Momentum-SAM (Becker et al., 2024): gradient at w − ρ·v/‖v‖, v = the optimizer's momentum.
+
+    v is SGD's ``momentum_buffer`` or Adam's ``exp_avg``; on the first step (no momentum yet) the
+    step is plain. ~1x the cost of a plain step. Options as :class:`SAMCallback` (ρ, schedule, ...).
+    """
+
+    state_name = "momentum_sam"
+    log_prefix = "msam"
+
+    def __init__(self, rho: float = 0.3, **kwargs):
+        super().__init__(rho, **kwargs)
+        self._warned = False
+
+    def _contexts(self, weights, rho, state, optimizer):
+        if optimizer is None:
+            raise ValueError("MomentumSAMCallback: the Trainer passed no optimizer to the callback")
+        buffers = []
+        for p in self._params.values():
+            st = optimizer.state.get(p, {}) if hasattr(optimizer, "state") else {}
+            buf = st.get("momentum_buffer", st.get("exp_avg"))
+            buffers.append(None if buf is None else local_tensor(buf))
+        if all(b is None for b in buffers):
+            if state.global_step > self.start_step and not self._warned:
+                warnings.warn(
+                    "MomentumSAMCallback: the optimizer keeps no momentum (momentum_buffer/exp_avg); "
+                    "no perturbation is applied",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                self._warned = True
+            return [None] * len(buffers)
+        norm = global_norm(buffers, self._reduce())
+        if not torch.isfinite(norm):
+            self._warn_nonfinite(state, "momentum")
+            return [None] * len(buffers)
+        if norm == 0:
+            return [None] * len(buffers)
+        return [None if b is None else (b, rho, norm) for b in buffers]
+
+    def _noise(self, index, w, ctx):
+        buf, rho, norm = ctx
+        return momentum_epsilon(buf, rho, norm)
+
+
+def _lora_layers(model) -> dict[str, torch.nn.Module]:
+    """PEFT LoRA layers by module name (modules with ``lora_A``/``lora_B`` and a ``base_layer``)."""
+    return {
+        name: m
+        for name, m in model.named_modules()
+        if hasattr(m, "lora_A")
+        and hasattr(m, "lora_B")
+        and hasattr(m, "get_delta_weight")
+        and hasattr(m, "base_layer")
+    }
+
+
+class RandomPerturbationCallback(_OnePass):
+    """Random weight perturbation, filter-wise: ε_{i,j} ~ N(0, ρ²/n · ‖W_{i,:}‖²) (RWP; Flat-LoRA for LoRA).
+
+    ρ plays the paper's σ. On a plain model the selected trainable weights are perturbed. On a PEFT
+    LoRA model (``lora="auto"`` or ``True``) the perturbation acts on the merged weight
+    W' = W₀ + s·BA, as in Flat-LoRA: the row norms are those of W' and the noise is added to the frozen
+    base weight W₀ (equivalent, since W' = (W₀ + ε) + s·BA). The noise is regenerated from
+    (seed, step, tensor) to undo it; no parameter-sized buffer is kept. ~1x a plain step.
+    """
+
+    state_name = "random_perturbation"
+    log_prefix = "rwp"
+
+    def __init__(self, rho: float = 0.05, lora: bool | str = "auto", **kwargs):
+        super().__init__(rho, **kwargs)
+        if lora not in (True, False, "auto"):
+            raise ValueError(f"lora: must be True, False or 'auto', got {lora!r}")
+        self.lora = lora
+        self._layers: dict[str, torch.nn.Module] = {}
+
+    def _targets(self, model):
+        layers = _lora_layers(model)
+        if self.lora is True and not layers:
+            raise ValueError("lora=True: the model has no PEFT LoRA layer")
+        if not layers or self.lora is False:
+            self._layers = {}
+            return self._select(model)
+        candidates = select_parameters(
+            model,
+            self.include,
+            self.exclude,
+            trainable_only=False,
+            skip_norm_and_bias=self.skip_norm_and_bias,
+        )
+        targets, self._layers = {}, {}
+        for name, layer in layers.items():
+            key = f"{name}.base_layer.weight"
+            if key in candidates:
+                targets[key] = candidates[key]
+                self._layers[key] = layer
+        if not targets:
+            raise ValueError(
+                "RandomPerturbationCallback: include/exclude leave no LoRA base weight to perturb"
+            )
+        return targets
+
+    @torch.no_grad()
+    def _merged_sq_rows(self, name: str, w: torch.Tensor) -> torch.Tensor:
+        layer = self._layers.get(name)
+        if layer is None:
+            return row_sq_norms(w)
+        merged = w.float()
+        for adapter in layer.active_adapters:
+            if adapter in layer.lora_A:
+                merged = merged + layer.get_delta_weight(adapter).float()
+        return row_sq_norms(merged)
+
+    def _contexts(self, weights, rho, state, optimizer):
+        return [
+            (rwp_row_scale(self._merged_sq_rows(name, w), w.shape, rho), self._step)
+            for name, w in zip(self._params, weights, strict=True)
+        ]
+
+    def _noise(self, index, w, ctx):
+        scale, step = ctx
+        return row_noise(w.shape, scale, self._seed_for(step, index), device=w.device)
+
+
+class GGPOCallback(_OnePass):
+    """LoRA-GGPO-style perturbation of the trained (LoRA) factors from weight and gradient norms.
+
+    ε_{i,j} ~ N(0, ρ²/n · (α‖W_{i,:}‖² + β‖∇W_{i,:}‖²)) per row of each trainable tensor, with ∇W the
+    previous step's gradient (see :func:`robustft.ops.perturb.ggpo_row_scale`: the paper's equation
+    was not available; this follows its abstract). Noise regenerated from a seed; ~1x a plain step.
+    The per-row gradient norms (one float per row) are saved with checkpoints.
+    """
+
+    state_name = "ggpo"
+    log_prefix = "ggpo"
+    has_state = True
+
+    def __init__(self, rho: float = 0.05, alpha: float = 1.0, beta: float = 1.0, **kwargs):
+        super().__init__(rho, **kwargs)
+        for name, v in (("alpha", alpha), ("beta", beta)):
+            if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"{name}: must be a finite number >= 0, got {v!r}")
+        if alpha == 0 and beta == 0:
+            raise ValueError("alpha and beta: at least one must be > 0")
+        self.alpha, self.beta = float(alpha), float(beta)
+        self._grad_sq_rows: dict[str, torch.Tensor] = {}
+
+    def _contexts(self, weights, rho, state, optimizer):
+        return [
+            (
+                ggpo_row_scale(
+                    row_sq_norms(w), self._grad_sq_rows.get(name), w.shape, rho, self.alpha, self.beta
+                ),
+                self._step,
+            )
+            for name, w in zip(self._params, weights, strict=True)
+        ]
+
+    def _noise(self, index, w, ctx):
+        scale, step = ctx
+        return row_noise(w.shape, scale, self._seed_for(step, index), device=w.device)
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        super().on_pre_optimizer_step(args, state, control, **kwargs)
+        for name, p in self._params.items():
+            if p.grad is not None:
+                sq = row_sq_norms(local_tensor(p.grad))
+                if torch.isfinite(sq).all():
+                    self._grad_sq_rows[name] = sq
+
+    def state_dict(self):
+        return {f"grad_sq_rows.{n}": t.cpu() for n, t in self._grad_sq_rows.items()}, {"seed": self.seed}
+
+    def load_state_dict(self, tensors, meta, source):
+        self._grad_sq_rows = {k[len("grad_sq_rows.") :]: t for k, t in tensors.items()}

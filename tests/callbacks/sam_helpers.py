@@ -1,0 +1,156 @@
+"""Tiny models, data and a Trainer factory shared by the SAM tests, the example's test and the benchmark."""
+
+from __future__ import annotations
+
+import torch
+from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
+
+N_SAMPLES, SEQ_LEN, VOCAB, N_LABELS = 16, 8, 40, 3
+
+
+def tiny_bert(seed: int = 0, hidden: int = 32) -> BertForSequenceClassification:
+    torch.manual_seed(seed)
+    cfg = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=2 * hidden,
+        max_position_embeddings=SEQ_LEN,
+        num_labels=N_LABELS,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    return BertForSequenceClassification(cfg)
+
+
+def tiny_lora_bert(seed: int = 0):
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_bert(seed)
+    torch.manual_seed(seed + 1)
+    cfg = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS", lora_dropout=0.0
+    )
+    peft_model = get_peft_model(model, cfg)
+    # a non-zero B, so the merged weight differs from the base weight from the first step
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    return peft_model
+
+
+class ToyData(torch.utils.data.Dataset):
+    """Token sequences whose label is a function of the first token (learnable by the tiny model)."""
+
+    def __init__(self, n: int = N_SAMPLES, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(0, VOCAB, (n, SEQ_LEN), generator=g)
+        self.labels = self.ids[:, 0] % N_LABELS
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return {
+            "input_ids": self.ids[i],
+            "attention_mask": torch.ones(SEQ_LEN, dtype=torch.long),
+            "labels": self.labels[i],
+        }
+
+    def batch(self) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids, "attention_mask": torch.ones_like(self.ids), "labels": self.labels}
+
+
+def make_trainer(
+    model,
+    out_dir,
+    callbacks,
+    *,
+    ga=1,
+    total_batch=N_SAMPLES,
+    steps=3,
+    lr=0.1,
+    momentum=0.9,
+    max_grad_norm=0.0,
+    data=None,
+    **extra,
+) -> Trainer:
+    extra.setdefault("save_strategy", "no")
+    args = TrainingArguments(
+        output_dir=str(out_dir),
+        per_device_train_batch_size=total_batch // ga,
+        gradient_accumulation_steps=ga,
+        max_steps=steps,
+        learning_rate=lr,
+        lr_scheduler_type="constant",
+        max_grad_norm=max_grad_norm,
+        report_to=[],
+        use_cpu=True,
+        logging_steps=1,
+        disable_tqdm=True,
+        seed=0,
+        **extra,
+    )
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=momentum)
+    return Trainer(
+        model=model, args=args, train_dataset=data or ToyData(), callbacks=callbacks, optimizers=(opt, None)
+    )
+
+
+class MLP(torch.nn.Module):
+    """A plain (non-transformers) classifier: the Trainer computes nothing but calls forward(x, labels)."""
+
+    def __init__(self, d: int = 10, h: int = 64, k: int = 2):
+        super().__init__()
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(d, h),
+            torch.nn.Tanh(),
+            torch.nn.Linear(h, h),
+            torch.nn.Tanh(),
+            torch.nn.Linear(h, k),
+        )
+
+    def forward(self, x, labels=None):
+        logits = self.net(x)
+        out = {"logits": logits}
+        if labels is not None:
+            out["loss"] = torch.nn.functional.cross_entropy(logits, labels)
+        return out
+
+
+class NoisyLinearData(torch.utils.data.Dataset):
+    """y = [x0 + x1 > 0] with 20% of the labels flipped: memorising the flips needs a sharp fit."""
+
+    def __init__(self, n: int = 128, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, 10, generator=g)
+        y = (self.x[:, 0] + self.x[:, 1] > 0).long()
+        self.y = torch.where(torch.rand(n, generator=g) < 0.2, 1 - y, y)
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return {"x": self.x[i], "labels": self.y[i]}
+
+
+@torch.no_grad()
+def mean_loss_increase(
+    model, data: NoisyLinearData, radius: float, draws: int = 100, seed: int = 123
+) -> float:
+    """E_d[L(w + radius·d/‖d‖) − L(w)] over random Gaussian directions d of the whole parameter vector."""
+    params = list(model.parameters())
+    base = model(data.x, data.y)["loss"].item()
+    g = torch.Generator().manual_seed(seed)
+    total = 0.0
+    for _ in range(draws):
+        d = [torch.randn(p.shape, generator=g) for p in params]
+        scale = radius / torch.sqrt(sum((x**2).sum() for x in d))
+        for p, x in zip(params, d, strict=True):
+            p.add_(x * scale)
+        total += model(data.x, data.y)["loss"].item() - base
+        for p, x in zip(params, d, strict=True):
+            p.sub_(x * scale)
+    return total / draws

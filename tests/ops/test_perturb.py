@@ -1,0 +1,153 @@
+"""robustft.ops.perturb against dense formulas computed here."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from robustft.ops.perturb import (
+    ggpo_row_scale,
+    global_norm,
+    momentum_epsilon,
+    noise_seed,
+    perturb_,
+    row_noise,
+    row_sq_norms,
+    rwp_row_scale,
+    sam_perturbation,
+    scheduled_rho,
+    unperturb_,
+)
+
+
+def _tensors(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(5, 7), (7,), (3, 2, 4)]
+    w = [torch.randn(s, generator=g) for s in shapes]
+    gr = [torch.randn(s, generator=g) for s in shapes]
+    return w, gr
+
+
+def _flat(ts):
+    return torch.cat([t.reshape(-1) for t in ts])
+
+
+@pytest.mark.parametrize(("adaptive", "eta"), [(False, 0.0), (True, 0.0), (True, 0.01)])
+def test_sam_perturbation_is_the_dense_formula(adaptive, eta):
+    w, g = _tensors()
+    eps = sam_perturbation(w, g, rho=0.1, adaptive=adaptive, eta=eta)
+    wf, gf = _flat(w).double(), _flat(g).double()
+    t = (wf.abs() + eta) if adaptive else torch.ones_like(wf)
+    expected = 0.1 * t * t * gf / (torch.linalg.vector_norm(t * gf) + 1e-12)
+    torch.testing.assert_close(_flat(eps).double(), expected, rtol=1e-6, atol=1e-9)
+    if not adaptive:
+        assert _flat(eps).norm().item() == pytest.approx(0.1, rel=1e-6)
+        # first-order ascent: eps is the maximiser of <g, e> on the rho-sphere (beats random directions)
+        for _ in range(5):
+            r = torch.randn_like(gf)
+            assert (gf @ (0.1 * r / r.norm())).item() <= (gf @ _flat(eps).double()).item()
+
+
+def test_sam_perturbation_ignores_gradient_scale_and_missing_grads():
+    w, g = _tensors()
+    a = sam_perturbation(w, g, 0.05)
+    b = sam_perturbation(w, [x * 0.01 for x in g], 0.05)  # e.g. clipped by global norm
+    torch.testing.assert_close(_flat(a), _flat(b), rtol=1e-5, atol=1e-8)
+    c = sam_perturbation(w, [g[0], None, g[2]], 0.05)
+    assert torch.count_nonzero(c[1]) == 0
+    expected = 0.05 * torch.cat([g[0].reshape(-1), g[2].reshape(-1)])
+    expected = expected / torch.cat([g[0].reshape(-1), g[2].reshape(-1)]).norm()
+    torch.testing.assert_close(torch.cat([c[0].reshape(-1), c[2].reshape(-1)]), expected)
+
+
+def test_global_norm_reduce_hook_gives_the_full_norm_of_shards():
+    full = torch.randn(10, 4)
+    shard_a, shard_b = full[:5], full[5:]
+    other = shard_b.pow(2).sum()
+    norm_a = global_norm([shard_a], reduce=lambda sq: sq + other)  # what an all-reduce over 2 ranks gives
+    assert norm_a.item() == pytest.approx(full.norm().item(), rel=1e-6)
+
+
+def test_momentum_epsilon_points_against_momentum_with_radius_rho():
+    m = [torch.randn(4, 3), torch.randn(3)]
+    norm = global_norm(m)
+    e = [momentum_epsilon(x, 0.3, norm) for x in m]
+    expected = -0.3 * _flat(m) / _flat(m).norm()
+    torch.testing.assert_close(_flat(e), expected)
+
+
+def test_row_scales_are_the_dense_formulas():
+    w = torch.randn(6, 10)
+    g = torch.randn(6, 10)
+    sq = row_sq_norms(w)
+    torch.testing.assert_close(sq, torch.stack([(r**2).sum() for r in w]))
+    rwp = rwp_row_scale(sq, w.shape, 0.05)
+    torch.testing.assert_close(rwp, 0.05 * w.norm(dim=1) / math.sqrt(10))
+    gg = ggpo_row_scale(sq, row_sq_norms(g), w.shape, 0.05, alpha=2.0, beta=3.0)
+    expected = 0.05 / math.sqrt(10) * torch.sqrt(2.0 * w.norm(dim=1) ** 2 + 3.0 * g.norm(dim=1) ** 2)
+    torch.testing.assert_close(gg, expected)
+    torch.testing.assert_close(ggpo_row_scale(sq, None, w.shape, 0.05, 4.0, 1.0), 2.0 * rwp)
+    conv = torch.randn(4, 3, 2, 2)  # a filter per output channel
+    torch.testing.assert_close(row_sq_norms(conv), conv.reshape(4, -1).pow(2).sum(1))
+    torch.testing.assert_close(row_sq_norms(torch.tensor([3.0, 4.0])), torch.tensor([25.0]))
+
+
+def test_row_noise_is_regenerated_from_the_seed_and_has_the_row_std():
+    scale = torch.tensor([0.1, 1.0, 3.0])
+    a = row_noise(torch.Size((3, 20000)), scale, seed=noise_seed(1, 7, 2))
+    b = row_noise(torch.Size((3, 20000)), scale, seed=noise_seed(1, 7, 2))
+    c = row_noise(torch.Size((3, 20000)), scale, seed=noise_seed(1, 8, 2))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    torch.testing.assert_close(a.std(dim=1), scale, rtol=0.03, atol=0)
+    assert len({noise_seed(s, t, i) for s in range(3) for t in range(3) for i in range(3)}) == 27
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("sigma", [0.01, 0.5, 5.0])
+def test_perturb_then_unperturb_is_bit_exact(dtype, sigma):
+    g = torch.Generator().manual_seed(3)
+    w = (torch.randn(64, 48, generator=g) * 0.05).to(dtype)
+    w[0, :4] = torch.tensor([0.0, -0.0, 1e-30, -1e-30]).to(dtype)  # signed zeros and tiny values
+    original = w.clone()
+    e = row_noise(w.shape, rwp_row_scale(row_sq_norms(w), w.shape, sigma), seed=11)
+    fix = perturb_(w, e)
+    # the weights really moved to fl(w + e)
+    expected = (
+        (original.double() + e.double()).to(dtype)
+        if dtype == torch.float64
+        else ((original.float() + e).to(dtype))
+    )
+    assert torch.equal(w, expected)
+    unperturb_(w, e, fix)
+    ints = {8: torch.int64, 4: torch.int32, 2: torch.int16}[w.element_size()]
+    assert torch.equal(w.view(ints), original.view(ints))
+    assert fix.numel() < w.numel()
+
+
+def test_fixups_are_few_for_small_noise_and_work_on_non_contiguous_views():
+    base = torch.randn(40, 30) * 0.05
+    w = base.t()  # a non-contiguous view
+    original = w.clone()
+    e = row_noise(w.shape, rwp_row_scale(row_sq_norms(w), w.shape, 0.01), seed=5)
+    fix = perturb_(w, e)
+    assert fix.numel() / w.numel() < 0.1  # measured ~2.6% at sigma = 0.01
+    unperturb_(w, e, fix)
+    assert torch.equal(w.view(torch.int32), original.view(torch.int32))
+
+
+def test_perturb_rejects_bad_input():
+    with pytest.raises(ValueError, match="shape"):
+        perturb_(torch.zeros(3, 2), torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="floating"):
+        perturb_(torch.zeros(3, dtype=torch.long), torch.zeros(3))
+
+
+def test_scheduled_rho():
+    assert scheduled_rho(0.1, "constant", 0, 0, 10) == 0.1
+    assert scheduled_rho(0.1, "constant", 1, 2, 10) == 0.0
+    assert scheduled_rho(0.1, "linear", 2, 2, 10) == pytest.approx(0.1 / 8)
+    assert scheduled_rho(0.1, "linear", 9, 2, 10) == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="schedule"):
+        scheduled_rho(0.1, "cosine", 0, 0, 10)
