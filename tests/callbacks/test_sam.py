@@ -9,7 +9,10 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from sam_helpers import (
+from transformers import TrainerCallback
+
+from robustft import GGPOCallback, MomentumSAMCallback, RandomPerturbationCallback, SAMCallback
+from tests.callbacks.sam_helpers import (
     MLP,
     NoisyLinearData,
     ToyData,
@@ -18,9 +21,6 @@ from sam_helpers import (
     tiny_bert,
     tiny_lora_bert,
 )
-from transformers import TrainerCallback
-
-from robustft import GGPOCallback, MomentumSAMCallback, RandomPerturbationCallback, SAMCallback
 
 RHO, ASAM_RHO, CLIP = 0.05, 0.5, 0.05
 
@@ -442,7 +442,7 @@ def test_sam_and_random_perturbation_under_ddp(tmp_path):
     from safetensors.torch import load_file
 
     here = Path(__file__).resolve().parent
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{here.parents[1]}{os.pathsep}{here}"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(here.parents[1])}
     import socket
 
     with socket.socket() as sock:  # a free port: other test sessions may run DDP tests too
