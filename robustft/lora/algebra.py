@@ -92,8 +92,7 @@ class LoRADelta:
             return NotImplemented
         if self.shape != other.shape:
             raise ValueError(
-                f"{self.name}: cannot add LoRA deltas of shapes {self.shape} and {other.shape} "
-                f"({other.name})"
+                f"{self.name}: cannot add LoRA deltas of shapes {self.shape} and {other.shape} ({other.name})"
             )
         a, b = self.folded(), other.folded()
         dtype = torch.promote_types(a.B.dtype, b.B.dtype)
