@@ -21,7 +21,7 @@ Everything here is pure torch: no files, no PEFT.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +30,8 @@ __all__ = [
     "DeltaSet",
     "LoRADelta",
     "combine",
+    "combine_dense",
+    "factorize",
     "paper_add",
     "paper_negate",
 ]
@@ -269,3 +271,41 @@ def combine(
             out[name] = paper_add(terms, [abs(w) for w, _ in present])
         return out
     raise ValueError(f"combine: unknown method {method!r}; expected 'exact' or 'paper'")
+
+
+def factorize(dense: torch.Tensor, rank: int, name: str = "<delta>") -> LoRADelta:
+    """Best rank-k factors of a dense ΔW: B = U_k √Σ_k, A = √Σ_k V_kᵀ (truncated SVD, Eckart-Young)."""
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        raise ValueError(f"{name}: rank must be a positive integer, got {rank!r}")
+    U, S, Vh = torch.linalg.svd(dense.to(_compute_dtype(dense)), full_matrices=False)
+    k = min(rank, S.shape[0])
+    root = S[:k].sqrt()
+    return LoRADelta((U[:, :k] * root).to(dense.dtype), (root[:, None] * Vh[:k]).to(dense.dtype), 1.0, name)
+
+
+def combine_dense(
+    sets: Sequence[Mapping[str, LoRADelta]],
+    merge_fn: Callable[[list[torch.Tensor], list[float]], torch.Tensor],
+    rank: int,
+    weights: Iterable[float] | None = None,
+) -> DeltaSet:
+    """ΔW = factorize(merge_fn([ΔW_1, ..., ΔW_n], w), rank) per module, for merges that are not linear.
+
+    TIES, DARE and other element-wise merges need the dense ΔW_i (a module missing from an input
+    is a zero matrix there); the merged matrix is brought back to LoRA factors by a truncated SVD,
+    so the result is the best rank-``rank`` approximation of the merge. One module at a time is
+    densified, never the whole adapter.
+    """
+    sets = list(sets)
+    if not sets:
+        raise ValueError("combine_dense: no adapters given")
+    weights = [1.0] * len(sets) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(sets):
+        raise ValueError(f"combine_dense: {len(weights)} weights for {len(sets)} adapters")
+    names = sorted(set().union(*[s.keys() for s in sets]))
+    out = DeltaSet()
+    for name in names:
+        template = next(s[name] for s in sets if name in s)
+        dense = [s[name].dense() if name in s else template.dense().zero_() for s in sets]
+        out[name] = factorize(merge_fn(dense, weights), rank, name)
+    return out

@@ -29,11 +29,15 @@ def _common(p: argparse.ArgumentParser, method: bool = True, rank: bool = True) 
     if method:
         p.add_argument(
             "--method",
-            choices=["exact", "paper"],
+            choices=["exact", "paper", "ties", "dare_linear", "dare_ties"],
             default="exact",
             help="exact: ΔW = Σ w_i ΔW_i by rank concatenation (default); paper: Zhang et al. 2023's "
-            "factor-space addition/negation",
+            "factor-space addition/negation; ties/dare_*: element-wise merge of each module's dense ΔW_i, "
+            "refactored to --rank",
         )
+        p.add_argument("--density", type=float, default=None, help="ties/dare_ties: fraction kept per ΔW_i")
+        p.add_argument("--drop-rate", type=float, default=None, help="dare_*: drop probability p")
+        p.add_argument("--seed", type=int, default=None, help="dare_*: seed of the drop masks")
     if rank:
         p.add_argument(
             "--rank", type=int, default=None, help="compress the result to this rank (best rank-r)"
@@ -98,9 +102,17 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--weights: {len(weights)} weights for {len(paths)} adapters")
     if args.rank is not None and args.rank < 1:
         raise ValueError(f"--rank must be a positive integer, got {args.rank}")
+    params = {
+        k: getattr(args, k) for k in ("density", "drop_rate", "seed") if getattr(args, k, None) is not None
+    }
     adapters = [read_adapter(p) for p in paths]
     composed = compose_adapters(
-        adapters, weights, method=getattr(args, "method", "exact"), rank=args.rank, extras=args.extras
+        adapters,
+        weights,
+        method=getattr(args, "method", "exact"),
+        rank=args.rank,
+        extras=args.extras,
+        params=params,
     )
     if args.merge_into:
         out = merge_into_base(composed, args.merge_into, args.out, args.overwrite, args.model_class)

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from robustft.lora.algebra import DeltaSet, LoRADelta, combine
+from robustft.lora.algebra import DeltaSet, LoRADelta, combine, combine_dense
 
 __all__ = [
     "LoRAAdapter",
@@ -241,27 +241,70 @@ def _combined_extras(adapters: Sequence[LoRAAdapter], extras: str) -> dict[str, 
     return out
 
 
+#: element-wise merges needing each module's dense ΔW: name -> (function in robustft.ops.merge, parameters)
+DENSE_METHODS = {
+    "ties": ("ties", ("density",)),
+    "dare_linear": ("dare_merge", ("drop_rate", "seed")),
+    "dare_ties": ("dare_merge", ("drop_rate", "seed", "density")),
+}
+
+
+def _dense_merge_fn(method: str, params: Mapping[str, Any]):
+    """The merge rule of ``robustft.ops.merge`` for ``method``, with its parameters checked."""
+    func_name, allowed = DENSE_METHODS[method]
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        raise ValueError(f"method {method!r}: unknown parameter(s) {unknown}; expected {list(allowed)}")
+    missing = [k for k in allowed if k not in params and k != "density"]
+    if missing:
+        raise ValueError(f"method {method!r} needs parameter(s) {missing}")
+    try:
+        from robustft.ops import merge as merge_ops
+    except ImportError as err:  # the merge piece is a separate module of robustft
+        raise ValueError(f"method {method!r} needs robustft.ops.merge, which this install lacks") from err
+    fn = getattr(merge_ops, func_name)
+    if method == "ties":
+        return lambda dense, w: fn(dense, params.get("density", 1.0), weights=w)
+    kind = "ties" if method == "dare_ties" else "linear"
+    return lambda dense, w: fn(
+        dense, params["drop_rate"], params["seed"], weights=w, method=kind, density=params.get("density", 1.0)
+    )
+
+
 def compose_adapters(
     adapters: Sequence[LoRAAdapter],
     weights: Sequence[float] | None = None,
     method: str = "exact",
     rank: int | None = None,
     extras: str = "same",
+    params: Mapping[str, Any] | None = None,
 ) -> LoRAAdapter:
     """ΔW = Σ_i w_i ΔW_i for every module (exact), optionally compressed to ``rank``; see :func:`combine`.
 
-    ``method="paper"`` uses Zhang et al. 2023's factor-space operators instead. ``extras`` says what
-    to do with non-LoRA tensors (``modules_to_save``): ``"same"`` keeps them if equal in every
-    adapter and refuses otherwise, ``"first"`` keeps the first adapter's, ``"drop"`` drops them.
+    ``method="paper"`` uses Zhang et al. 2023's factor-space operators instead; ``"ties"``,
+    ``"dare_linear"`` and ``"dare_ties"`` apply ``robustft.ops.merge`` to each module's dense ΔW_i
+    (``params``: density, drop_rate, seed) and keep the best rank-``rank`` factors of the result
+    (default rank: the sum of the inputs' largest ranks). ``extras`` says what to do with non-LoRA
+    tensors (``modules_to_save``): ``"same"`` keeps them if equal in every adapter and refuses
+    otherwise, ``"first"`` keeps the first adapter's, ``"drop"`` drops them.
     """
     adapters = list(adapters)
     check_compatible(adapters)
     if rank is not None and (not isinstance(rank, int) or rank < 1):
         raise ValueError(f"rank must be a positive integer, got {rank!r}")
+    params = dict(params or {})
+    if method in DENSE_METHODS:
+        merge_fn = _dense_merge_fn(method, params)
+    elif params:
+        raise ValueError(f"method {method!r} takes no parameters, got {sorted(params)}")
     kept_extras = _combined_extras(adapters, extras)
-    deltas = combine([a.deltas for a in adapters], weights, method=method)
-    if rank is not None:
-        deltas = deltas.compress(rank)
+    if method in DENSE_METHODS:
+        rank = rank or sum(max(d.rank for d in a.deltas.values()) for a in adapters)
+        deltas = combine_dense([a.deltas for a in adapters], merge_fn, rank, weights)
+    else:
+        deltas = combine([a.deltas for a in adapters], weights, method=method)
+        if rank is not None:
+            deltas = deltas.compress(rank)
     kinds: dict[str, str] = {}
     for a in adapters:
         kinds.update(a.kinds)

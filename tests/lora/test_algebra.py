@@ -106,3 +106,23 @@ def test_bad_input_is_refused_with_the_module_name():
         combine([DeltaSet(q=a)], method="ties")
     with pytest.raises(ValueError, match="2 weights for 1"):
         combine([DeltaSet(q=a)], [1, 2])
+
+
+def test_combine_dense_refactors_the_merged_matrix():
+    from robustft.lora.algebra import combine_dense, factorize
+
+    a = DeltaSet(q=rand_delta(seed=1), v=rand_delta(seed=2))
+    b = DeltaSet(q=rand_delta(seed=3))
+
+    def clipped_sum(dense, weights):  # a non-linear, element-wise merge
+        return sum(w * d for w, d in zip(weights, dense, strict=True)).clamp(-1, 1)
+
+    out = combine_dense([a, b], clipped_sum, rank=3, weights=[1.0, 2.0])
+    ref_q = (dense_ref(a["q"]) + 2 * dense_ref(b["q"])).clamp(-1, 1)
+    U, S, Vh = torch.linalg.svd(ref_q)
+    torch.testing.assert_close(out["q"].dense(), (U[:, :3] * S[:3]) @ Vh[:3])
+    assert out["q"].rank == 3
+    # exact when the rank allows it
+    torch.testing.assert_close(factorize(dense_ref(a["v"]), 4).dense(), dense_ref(a["v"]))
+    with pytest.raises(ValueError, match="rank must be"):
+        factorize(dense_ref(a["v"]), 0)
