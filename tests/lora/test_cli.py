@@ -82,4 +82,4 @@ def test_cli_refuses_bad_input_before_writing(lora_zoo, tmp_path, capsys):
     assert "adapter_config.json" in capsys.readouterr().err
     assert not out.exists()
     with pytest.raises(SystemExit):
-        main(["lora", "compose", "--adapters", str(p["a"]), "--method", "ties", "--out", str(out)])
+        main(["lora", "compose", "--adapters", str(p["a"]), "--method", "magic", "--out", str(out)])

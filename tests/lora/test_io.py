@@ -127,3 +127,32 @@ def test_bad_inputs_fail_before_writing(lora_zoo, tmp_path):
     write_adapter(compose_adapters([a], [2.0]), out, overwrite=True)
     assert (out / "adapter_model.safetensors").read_bytes() != before
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_ties_recipe_matches_peft_ties_svd(lora_zoo, tmp_path):
+    pytest.importorskip("robustft.ops.merge", reason="TIES comes from robustft.ops.merge (the merge piece)")
+    from peft import PeftModel
+
+    base, paths = lora_zoo
+    a2 = make_adapter(base, tmp_path / "a2", 12, r=2, lora_alpha=3, target_modules=["q_proj", "v_proj"])
+    composed = compose_adapters(
+        [read_adapter(paths["a"]), read_adapter(a2)], method="ties", rank=3, params={"density": 0.4}
+    )
+    ours = peft_deltas(base, {"t": write_adapter(composed, tmp_path / "ties")})["t"]
+    # the peer: PEFT's own TIES + SVD on the same adapters (weights 1, so both weighting conventions agree)
+    model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base), paths["a"], adapter_name="a")
+    model.load_adapter(a2, adapter_name="a2")
+    model.add_weighted_adapter(
+        ["a", "a2"], [1.0, 1.0], "peft", combination_type="ties_svd", svd_rank=3, density=0.4
+    )
+    checked = 0
+    for name, module in model.named_modules():
+        if hasattr(module, "get_delta_weight") and "peft" in getattr(module, "lora_A", {}):
+            want = module.get_delta_weight("peft").double()
+            torch.testing.assert_close(ours[name.removeprefix("base_model.model.")], want, **TOL)
+            checked += 1
+    assert checked == len(ours) == 4
+    with pytest.raises(ValueError, match="unknown parameter"):
+        compose_adapters([read_adapter(paths["a"])], method="ties", params={"densty": 0.4})
+    with pytest.raises(ValueError, match="needs parameter"):
+        compose_adapters([read_adapter(paths["a"])], method="dare_linear", params={"drop_rate": 0.3})
