@@ -7,6 +7,29 @@ LoRA/task-vector arithmetic.
 
 __version__ = "0.1.0"
 
+from robustft.callbacks.lora_arithmetic import LoRAArithmeticCallback  # noqa: E402
+from robustft.lora import (  # noqa: E402
+    DeltaSet,
+    LoRAAdapter,
+    LoRADelta,
+    compose_adapters,
+    merge_into_base,
+    read_adapter,
+    write_adapter,
+)
 from robustft.params import Snapshot, select_parameters, swapped_in  # noqa: E402
 
-__all__ = ["Snapshot", "__version__", "select_parameters", "swapped_in"]
+__all__ = [
+    "DeltaSet",
+    "LoRAAdapter",
+    "LoRAArithmeticCallback",
+    "LoRADelta",
+    "Snapshot",
+    "__version__",
+    "compose_adapters",
+    "merge_into_base",
+    "read_adapter",
+    "select_parameters",
+    "swapped_in",
+    "write_adapter",
+]

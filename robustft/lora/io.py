@@ -12,6 +12,7 @@ algebra is the same on the factors, so both are carried through unchanged.
 
 from __future__ import annotations
 
+import enum
 import json
 import math
 import os
@@ -170,11 +171,20 @@ def read_adapter(path: str | os.PathLike) -> LoRAAdapter:
     return adapter_from_state_dict(load_file(str(path / WEIGHTS_NAME)), config, source=str(path))
 
 
+def _jsonable(value):
+    """Enum -> its value, set -> sorted list (as PEFT writes adapter_config.json)."""
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, (set, frozenset)):
+        return sorted(value)
+    return value
+
+
 def adapter_from_peft_model(model, adapter_name: str = "default") -> LoRAAdapter:
     """The adapter ``adapter_name`` of an in-memory ``PeftModel``, as saved by ``save_pretrained``."""
     from peft import get_peft_model_state_dict
 
-    config = model.peft_config[adapter_name].to_dict()
+    config = {k: _jsonable(v) for k, v in model.peft_config[adapter_name].to_dict().items()}
     state = get_peft_model_state_dict(model, adapter_name=adapter_name)
     state = {k: v.detach() for k, v in state.items()}
     return adapter_from_state_dict(state, config, source=f"PeftModel adapter {adapter_name!r}")
