@@ -156,3 +156,51 @@ def test_ties_recipe_matches_peft_ties_svd(lora_zoo, tmp_path):
         compose_adapters([read_adapter(paths["a"])], method="ties", params={"densty": 0.4})
     with pytest.raises(ValueError, match="needs parameter"):
         compose_adapters([read_adapter(paths["a"])], method="dare_linear", params={"drop_rate": 0.3})
+
+
+def test_modules_to_save_heads_follow_the_extras_policy(tmp_path):
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=64
+    )
+    BertForSequenceClassification(cfg).save_pretrained(tmp_path / "bert")
+    paths = []
+    for seed in (1, 2):
+        model = get_peft_model(
+            BertForSequenceClassification.from_pretrained(tmp_path / "bert"),
+            LoraConfig(r=2, target_modules=["query", "value"], task_type="SEQ_CLS"),
+        )
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:  # LoRA factors and the classifier head
+                    p.copy_(torch.randn(p.shape, generator=g))
+        model.save_pretrained(tmp_path / f"ad{seed}")
+        paths.append(tmp_path / f"ad{seed}")
+    adapters = [read_adapter(p) for p in paths]
+    assert any("classifier" in k for k in adapters[0].extras)
+    with pytest.raises(ValueError, match="classifier"):
+        compose_adapters(adapters)
+    out = write_adapter(compose_adapters(adapters, [1.0, -1.0], extras="first"), tmp_path / "out")
+    loaded = PeftModel.from_pretrained(BertForSequenceClassification.from_pretrained(tmp_path / "bert"), out)
+    first = PeftModel.from_pretrained(
+        BertForSequenceClassification.from_pretrained(tmp_path / "bert"), paths[0]
+    )
+    head = "classifier.modules_to_save.default.weight"
+    torch.testing.assert_close(
+        loaded.base_model.model.get_parameter(head), first.base_model.model.get_parameter(head)
+    )
+    # and its LoRA part is the difference, as PEFT computes the deltas
+    first.load_adapter(paths[1], adapter_name="second")
+    checked = 0
+    refs = dict(first.named_modules())
+    for name, mod in loaded.named_modules():
+        if hasattr(mod, "get_delta_weight") and "default" in getattr(mod, "lora_A", {}):
+            ref = refs[name]
+            want = ref.get_delta_weight("default") - ref.get_delta_weight("second")
+            torch.testing.assert_close(mod.get_delta_weight("default"), want, **TOL)
+            checked += 1
+    assert checked == 2
