@@ -45,17 +45,19 @@ def peft_deltas(base_dir: Path, adapters: dict[str, Path]) -> dict[str, dict[str
     """adapter name -> module -> ΔW, as PEFT itself computes it (``get_delta_weight``) after loading."""
     model = LlamaForCausalLM.from_pretrained(base_dir)
     names = list(adapters)
-    peft_model = PeftModel.from_pretrained(model, adapters[names[0]], adapter_name=names[0])
+    # PEFT adapter names must not be substrings of "lora_" (a, o, r ...): load them under a prefix
+    peft_model = PeftModel.from_pretrained(model, adapters[names[0]], adapter_name=f"ad_{names[0]}")
     for n in names[1:]:
-        peft_model.load_adapter(adapters[n], adapter_name=n)
+        peft_model.load_adapter(adapters[n], adapter_name=f"ad_{n}")
     out: dict[str, dict[str, torch.Tensor]] = {n: {} for n in names}
     prefix = "base_model.model."
     for mod_name, module in peft_model.named_modules():
         if not hasattr(module, "get_delta_weight"):
             continue
         for n in names:
-            if n in getattr(module, "lora_A", {}) or n in getattr(module, "lora_embedding_A", {}):
-                out[n][mod_name.removeprefix(prefix)] = module.get_delta_weight(n).detach().double()
+            key = f"ad_{n}"
+            if key in getattr(module, "lora_A", {}) or key in getattr(module, "lora_embedding_A", {}):
+                out[n][mod_name.removeprefix(prefix)] = module.get_delta_weight(key).detach().double()
     return out
 
 

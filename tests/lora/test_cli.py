@@ -21,6 +21,7 @@ def run_cli(*argv: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_compose_subprocess_and_errors(lora_zoo, tmp_path):
     base, p = lora_zoo
     out = tmp_path / "composed"
@@ -32,9 +33,7 @@ def test_compose_subprocess_and_errors(lora_zoo, tmp_path):
     for module, got in refs["out"].items():
         want = sum(w * refs[n].get(module, 0) for n, w in (("a", 1.0), ("b", 1.0), ("c", -0.5)))
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    # refusing to overwrite, and a weight-count mismatch: exit 2, a message, nothing written
-    res = run_cli("negate", p["a"], "--out", out)
-    assert res.returncode == 2 and "already exists" in res.stderr and "--overwrite" in res.stderr
+    # a weight-count mismatch: exit 2, a message, nothing written
     bad = tmp_path / "bad"
     res = run_cli("compose", "--adapters", p["a"], p["b"], "--weights", "1", "--out", bad)
     assert res.returncode == 2 and "1 weights for 2 adapters" in res.stderr
@@ -74,6 +73,9 @@ def test_cli_refuses_bad_input_before_writing(lora_zoo, tmp_path, capsys):
         save_base(tmp_path / "b2", seed=3), tmp_path / "o", 1, r=2, target_modules=["q_proj"]
     )
     out = tmp_path / "x"
+    assert main(["lora", "negate", str(p["a"]), "--out", str(p["b"])]) == 2
+    err = capsys.readouterr().err
+    assert "already exists" in err and "--overwrite" in err
     assert main(["lora", "add", str(p["a"]), str(other), "--out", str(out)]) == 2
     assert "different base models" in capsys.readouterr().err
     assert main(["lora", "compress", str(p["a"]), "--rank", "0", "--out", str(out)]) == 2
