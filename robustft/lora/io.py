@@ -111,7 +111,7 @@ def adapter_from_state_dict(
     state_dict: Mapping[str, torch.Tensor], config: Mapping[str, Any], source: str = "<memory>"
 ) -> LoRAAdapter:
     """Parse a PEFT adapter state dict (keys as in ``adapter_model.safetensors``) and its config."""
-    config = dict(config)
+    config = {k: _jsonable(v) for k, v in config.items()}
     if str(config.get("peft_type", "LORA")).upper() != "LORA":
         raise ValueError(
             f"{source}: peft_type is {config.get('peft_type')!r}, only LORA adapters are supported"
