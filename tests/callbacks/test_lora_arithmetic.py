@@ -90,3 +90,30 @@ def test_bad_setups_fail_before_training(setup, tmp_path):
     with pytest.raises(ValueError, match=r"different base models|q_proj"):
         trainer.train()
     assert not (tmp_path / "run3" / "composed").exists()
+
+
+@pytest.mark.slow
+def test_two_rank_ddp_writes_once_and_evaluates_on_every_rank(setup, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    base, other, _ = setup
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "tests/lora/ddp_run.py", str(base), str(other), str(tmp_path)]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    infos = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(
+        i["world_size"] == 2 and i["active"] == "default" and i["adapters"] == ["default"] for i in infos
+    )
+    assert infos[0]["loss"] == pytest.approx(infos[1]["loss"], rel=1e-6)
+    refs = peft_deltas(base, {"t": tmp_path / "trained", "o": other, "c": tmp_path / "run" / "composed"})
+    for module, got in refs["c"].items():
+        want = refs["t"].get(module, 0) - 0.5 * refs["o"].get(module, 0)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert not [p for p in (tmp_path / "run").iterdir() if p.name.startswith(".")]  # no temp folders left
