@@ -42,7 +42,7 @@ def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class LoRADelta:
     """ΔW = scale · B @ A for one module; B: (out, r), A: (r, in).
 
