@@ -11,19 +11,33 @@ from robustft.callbacks import (  # noqa: E402
     EMACallback,
     GGPOCallback,
     LAWACallback,
+    LoRAArithmeticCallback,
     MomentumInterpolationCallback,
     MomentumSAMCallback,
     RandomPerturbationCallback,
     SAMCallback,
     SWACallback,
 )
+from robustft.lora import (  # noqa: E402
+    DeltaSet,
+    LoRAAdapter,
+    LoRADelta,
+    compose_adapters,
+    merge_into_base,
+    read_adapter,
+    write_adapter,
+)
 from robustft.merge import estimate_fisher, load_recipe, merge_checkpoints  # noqa: E402
 from robustft.params import Snapshot, select_parameters, swapped_in  # noqa: E402
 
 __all__ = [
+    "DeltaSet",
     "EMACallback",
     "GGPOCallback",
     "LAWACallback",
+    "LoRAAdapter",
+    "LoRAArithmeticCallback",
+    "LoRADelta",
     "MomentumInterpolationCallback",
     "MomentumSAMCallback",
     "RandomPerturbationCallback",
@@ -31,9 +45,13 @@ __all__ = [
     "SWACallback",
     "Snapshot",
     "__version__",
+    "compose_adapters",
     "estimate_fisher",
     "load_recipe",
     "merge_checkpoints",
+    "merge_into_base",
+    "read_adapter",
     "select_parameters",
     "swapped_in",
+    "write_adapter",
 ]

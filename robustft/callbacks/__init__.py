@@ -7,6 +7,7 @@ from robustft.callbacks.averaging import (
     SWACallback,
 )
 from robustft.callbacks.base import RobustCallback
+from robustft.callbacks.lora_arithmetic import LoRAArithmeticCallback
 from robustft.callbacks.sam import (
     GGPOCallback,
     MomentumSAMCallback,
@@ -18,6 +19,7 @@ __all__ = [
     "EMACallback",
     "GGPOCallback",
     "LAWACallback",
+    "LoRAArithmeticCallback",
     "MomentumInterpolationCallback",
     "MomentumSAMCallback",
     "RandomPerturbationCallback",

@@ -1,0 +1,126 @@
+"""``robustft lora {add,negate,scale,compose,compress}``: exact arithmetic on saved PEFT LoRA adapters.
+
+Examples::
+
+    robustft lora add skill_a skill_b --out both
+    robustft lora compose --adapters a b toxic --weights 1 1 -0.5 --rank 16 --out composed
+    robustft lora compress big_adapter --rank 8 --out small_adapter
+    robustft lora negate toxic --out detox --merge-into ./base_model   # a dense model instead
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from robustft.lora.io import compose_adapters, merge_into_base, read_adapter, write_adapter
+
+__all__ = ["register", "run"]
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _common(p: argparse.ArgumentParser, method: bool = True, rank: bool = True) -> None:
+    p.add_argument(
+        "--out", required=True, help="output folder (an adapter, or a dense model with --merge-into)"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    if method:
+        p.add_argument(
+            "--method",
+            choices=["exact", "paper", "ties", "dare_linear", "dare_ties"],
+            default="exact",
+            help="exact: ΔW = Σ w_i ΔW_i by rank concatenation (default); paper: Zhang et al. 2023's "
+            "factor-space addition/negation; ties/dare_*: element-wise merge of each module's dense ΔW_i, "
+            "refactored to --rank",
+        )
+        p.add_argument("--density", type=float, default=None, help="ties/dare_ties: fraction kept per ΔW_i")
+        p.add_argument("--drop-rate", type=float, default=None, help="dare_*: drop probability p")
+        p.add_argument("--seed", type=int, default=None, help="dare_*: seed of the drop masks")
+    if rank:
+        p.add_argument(
+            "--rank", type=int, default=None, help="compress the result to this rank (best rank-r)"
+        )
+    p.add_argument(
+        "--extras",
+        choices=["same", "first", "drop"],
+        default="same",
+        help="non-LoRA tensors (modules_to_save): keep if identical, keep the first's, or drop",
+    )
+    p.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="dtype of the written factors")
+    p.add_argument("--merge-into", metavar="BASE_DIR", default=None, help="write BASE + ΔW as a dense model")
+    p.add_argument(
+        "--model-class", default=None, help="transformers class for --merge-into (default: config)"
+    )
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "lora",
+        help="exact arithmetic on PEFT LoRA adapters",
+        description="Add, negate, scale, compose and compress PEFT LoRA adapters exactly in factor space.",
+    )
+    sub = parser.add_subparsers(dest="lora_command", metavar="OP", required=True)
+    p = sub.add_parser("add", help="ΔW = ΔW_1 + ΔW_2 + ...")
+    p.add_argument("adapters", nargs="+", help="adapter folders")
+    _common(p)
+    p = sub.add_parser("negate", help="ΔW = -ΔW_1")
+    p.add_argument("adapter", help="adapter folder")
+    _common(p)
+    p = sub.add_parser("scale", help="ΔW = c · ΔW_1")
+    p.add_argument("adapter", help="adapter folder")
+    p.add_argument("--factor", type=float, required=True, help="the scalar c")
+    _common(p, method=False)
+    p = sub.add_parser("compose", help="ΔW = Σ w_i ΔW_i")
+    p.add_argument("--adapters", nargs="+", required=True, help="adapter folders")
+    p.add_argument(
+        "--weights", nargs="+", type=float, default=None, help="one weight per adapter (default 1)"
+    )
+    _common(p)
+    p = sub.add_parser("compress", help="best rank-r approximation of ΔW, from the factors")
+    p.add_argument("adapter", help="adapter folder")
+    p.add_argument("--rank", type=int, required=True, help="target rank r")
+    _common(p, method=False, rank=False)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    op = args.lora_command
+    if op == "add":
+        paths, weights = args.adapters, [1.0] * len(args.adapters)
+    elif op == "negate":
+        paths, weights = [args.adapter], [-1.0]
+    elif op == "scale":
+        paths, weights = [args.adapter], [args.factor]
+    elif op == "compress":
+        paths, weights = [args.adapter], [1.0]
+    else:
+        paths = args.adapters
+        weights = args.weights if args.weights is not None else [1.0] * len(paths)
+        if len(weights) != len(paths):
+            raise ValueError(f"--weights: {len(weights)} weights for {len(paths)} adapters")
+    if args.rank is not None and args.rank < 1:
+        raise ValueError(f"--rank must be a positive integer, got {args.rank}")
+    params = {
+        k: getattr(args, k) for k in ("density", "drop_rate", "seed") if getattr(args, k, None) is not None
+    }
+    adapters = [read_adapter(p) for p in paths]
+    composed = compose_adapters(
+        adapters,
+        weights,
+        method=getattr(args, "method", "exact"),
+        rank=args.rank,
+        extras=args.extras,
+        params=params,
+    )
+    if args.merge_into:
+        out = merge_into_base(composed, args.merge_into, args.out, args.overwrite, args.model_class)
+        print(f"robustft lora {op}: wrote dense model {out} ({len(composed.deltas)} modules merged)")
+    else:
+        out = write_adapter(composed, args.out, args.overwrite, _DTYPES.get(args.dtype))
+        ranks = [d.rank for d in composed.deltas.values()]
+        print(
+            f"robustft lora {op}: wrote adapter {out} ({len(ranks)} modules, rank {min(ranks)}-{max(ranks)})"
+        )
+    return 0

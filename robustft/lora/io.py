@@ -1,0 +1,472 @@
+"""PEFT LoRA adapters in and out: read ``adapter_config.json`` + ``adapter_model.safetensors`` into
+:class:`~robustft.lora.algebra.DeltaSet`, compose them, write an adapter that
+``PeftModel.from_pretrained`` loads exactly, or merge it into a dense base model.
+
+Every module of an adapter becomes a :class:`LoRADelta` (B, A, s) with PEFT's own scale
+s = lora_alpha / r (lora_alpha / √r with rsLoRA; ``rank_pattern``/``alpha_pattern`` honoured).
+Written adapters fold s into B and declare scale 1 for every module (``lora_alpha = r`` per module
+through ``rank_pattern``/``alpha_pattern``), so ranks may differ per module and loading is exact.
+For embeddings PEFT's ΔW is (B A)ᵀ and for ``fan_in_fan_out`` layers it is stored transposed; the
+algebra is the same on the factors, so both are carried through unchanged.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from robustft.lora.algebra import DeltaSet, LoRADelta, combine, combine_dense
+
+__all__ = [
+    "LoRAAdapter",
+    "adapter_from_peft_model",
+    "adapter_from_state_dict",
+    "check_compatible",
+    "compose_adapters",
+    "merge_into_base",
+    "read_adapter",
+    "write_adapter",
+]
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+_FACTOR = re.compile(
+    r"^(?P<module>.+)\.(?P<key>lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)$"
+)
+_KIND = {
+    "lora_A.weight": "linear",
+    "lora_B.weight": "linear",
+    "lora_embedding_A": "embedding",
+    "lora_embedding_B": "embedding",
+}
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "added_tokens.json",
+)
+
+
+@dataclass
+class LoRAAdapter:
+    """A LoRA adapter as factors: ``deltas`` (module -> (B, A, s)) plus what is needed to write it back.
+
+    Attributes:
+        deltas: module name (as inside the base model) -> :class:`LoRADelta`.
+        config: the ``adapter_config.json`` content it came from (a template for writing).
+        kinds: module name -> ``"linear"`` or ``"embedding"`` (which PEFT keys to write).
+        extras: non-LoRA tensors under their saved keys (``modules_to_save`` heads, saved embeddings).
+        dtype: dtype of the stored factors.
+        source: where it was read from, for error messages.
+    """
+
+    deltas: DeltaSet
+    config: dict[str, Any]
+    kinds: dict[str, str] = field(default_factory=dict)
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    dtype: torch.dtype = torch.float32
+    source: str = "<memory>"
+
+    @property
+    def base_model(self) -> str | None:
+        return self.config.get("base_model_name_or_path")
+
+
+# -- reading -----------------------------------------------------------------------------------------
+def _pattern_value(patterns: Mapping[str, Any], module: str, default):
+    """PEFT's rule for ``rank_pattern``/``alpha_pattern``: the first key matching the module's name suffix."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def _module_scale(config: Mapping[str, Any], module: str, rank: int) -> float:
+    alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", 8))
+    if config.get("use_rslora"):
+        return alpha / math.sqrt(rank)
+    return alpha / rank
+
+
+def adapter_from_state_dict(
+    state_dict: Mapping[str, torch.Tensor], config: Mapping[str, Any], source: str = "<memory>"
+) -> LoRAAdapter:
+    """Parse a PEFT adapter state dict (keys as in ``adapter_model.safetensors``) and its config."""
+    config = {k: _jsonable(v) for k, v in config.items()}
+    if str(config.get("peft_type", "LORA")).upper() != "LORA":
+        raise ValueError(
+            f"{source}: peft_type is {config.get('peft_type')!r}, only LORA adapters are supported"
+        )
+    if config.get("use_dora"):
+        raise ValueError(
+            f"{source}: DoRA adapters (use_dora=True) are not linear in their factors; not supported"
+        )
+    factors: dict[str, dict[str, torch.Tensor]] = {}
+    kinds: dict[str, str] = {}
+    extras: dict[str, torch.Tensor] = {}
+    for key, tensor in state_dict.items():
+        name = key[len(PREFIX) :] if key.startswith(PREFIX) else key
+        m = _FACTOR.match(name)
+        if m is None:
+            if ".lora_" in name:
+                raise ValueError(
+                    f"{source}: tensor {key!r} is a LoRA part robustft cannot combine exactly "
+                    "(lora_bias, DoRA or a tuner variant); not supported"
+                )
+            extras[key] = tensor
+            continue
+        module, part = m["module"], m["key"]
+        factors.setdefault(module, {})[part[len("lora_embedding_") :] if "embedding" in part else part[5]] = (
+            tensor
+        )
+        kinds[module] = _KIND[part]
+    deltas = DeltaSet()
+    dtype = None
+    for module, parts in sorted(factors.items()):
+        if set(parts) != {"A", "B"}:
+            raise ValueError(
+                f"{source}: module {module!r} has only lora_{next(iter(parts))}; the adapter is incomplete"
+            )
+        A, B = parts["A"], parts["B"]
+        if A.ndim != 2 or B.ndim != 2:
+            raise ValueError(
+                f"{source}: module {module!r} has {A.ndim}-D LoRA factors (a convolution?); "
+                "only Linear/Conv1D/Embedding LoRA is supported"
+            )
+        deltas[module] = LoRADelta(B, A, _module_scale(config, module, A.shape[0]), module)
+        dtype = A.dtype if dtype is None else torch.promote_types(dtype, A.dtype)
+    if not deltas:
+        raise ValueError(f"{source}: no LoRA factors found")
+    return LoRAAdapter(deltas, config, kinds, extras, dtype, source)
+
+
+def read_adapter(path: str | os.PathLike) -> LoRAAdapter:
+    """Read a PEFT LoRA adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``)."""
+    path = Path(path)
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        if not (path / name).is_file():
+            raise FileNotFoundError(
+                f"{path / name} not found: {path} is not a PEFT adapter saved as safetensors"
+            )
+    config = json.loads((path / CONFIG_NAME).read_text())
+    return adapter_from_state_dict(load_file(str(path / WEIGHTS_NAME)), config, source=str(path))
+
+
+def _jsonable(value):
+    """Enum -> its value, set -> sorted list (as PEFT writes adapter_config.json)."""
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, (set, frozenset)):
+        return sorted(value)
+    return value
+
+
+def adapter_from_peft_model(model, adapter_name: str = "default") -> LoRAAdapter:
+    """The adapter ``adapter_name`` of an in-memory ``PeftModel``, as saved by ``save_pretrained``."""
+    from peft import get_peft_model_state_dict
+
+    config = {k: _jsonable(v) for k, v in model.peft_config[adapter_name].to_dict().items()}
+    state = get_peft_model_state_dict(model, adapter_name=adapter_name)
+    state = {k: v.detach() for k, v in state.items()}
+    return adapter_from_state_dict(state, config, source=f"PeftModel adapter {adapter_name!r}")
+
+
+# -- checking and composing --------------------------------------------------------------------------
+def check_compatible(adapters: Sequence[LoRAAdapter]) -> str | None:
+    """Refuse adapters of different base models, layouts or shapes; returns the common base model name.
+
+    Modules present in some adapters only are fine (they combine with zero). An adapter without
+    ``base_model_name_or_path`` is accepted with a warning.
+    """
+    if not adapters:
+        raise ValueError("no adapters given")
+    bases = {a.base_model for a in adapters if a.base_model}
+    if len(bases) > 1:
+        listing = ", ".join(f"{a.source}: {a.base_model}" for a in adapters)
+        raise ValueError(f"adapters of different base models cannot be combined ({listing})")
+    if any(not a.base_model for a in adapters):
+        warnings.warn(
+            "an adapter does not name its base model (base_model_name_or_path); assuming the same base",
+            stacklevel=2,
+        )
+    fan = {bool(a.config.get("fan_in_fan_out")) for a in adapters}
+    if len(fan) > 1:
+        raise ValueError("adapters disagree on fan_in_fan_out; they were not made for the same model class")
+    shapes: dict[str, tuple[tuple[int, int], str, str]] = {}
+    for a in adapters:
+        for module, d in a.deltas.items():
+            kind = a.kinds.get(module, "linear")
+            if module not in shapes:
+                shapes[module] = (d.shape, kind, a.source)
+                continue
+            shape, first_kind, first_source = shapes[module]
+            if kind != first_kind:
+                raise ValueError(
+                    f"module {module!r} is a LoRA {first_kind} in {first_source} but a {kind} in {a.source}"
+                )
+            if d.shape != shape:
+                raise ValueError(
+                    f"module {module!r}: ΔW shape {shape} in {first_source} but {d.shape} in {a.source}; "
+                    "the adapters were not made for the same base model"
+                )
+    return next(iter(bases), None)
+
+
+def _combined_extras(adapters: Sequence[LoRAAdapter], extras: str) -> dict[str, torch.Tensor]:
+    if extras not in ("same", "first", "drop"):
+        raise ValueError(f"extras: unknown policy {extras!r}; expected 'same', 'first' or 'drop'")
+    if extras == "drop":
+        return {}
+    if extras == "first":
+        return dict(adapters[0].extras)
+    out: dict[str, torch.Tensor] = {}
+    for a in adapters:
+        for key, t in a.extras.items():
+            if key in out and (out[key].shape != t.shape or not torch.equal(out[key], t.to(out[key].dtype))):
+                raise ValueError(
+                    f"non-LoRA tensor {key!r} (modules_to_save) differs between the adapters and has no "
+                    "exact "
+                    "combination; pass extras='first' (CLI: --extras first) to keep the first adapter's"
+                )
+            out.setdefault(key, t)
+    return out
+
+
+#: element-wise merges needing each module's dense ΔW: name -> (function in robustft.ops.merge, parameters)
+DENSE_METHODS = {
+    "ties": ("ties", ("density",)),
+    "dare_linear": ("dare_merge", ("drop_rate", "seed")),
+    "dare_ties": ("dare_merge", ("drop_rate", "seed", "density")),
+}
+
+
+def _dense_merge_fn(method: str, params: Mapping[str, Any]):
+    """The merge rule of ``robustft.ops.merge`` for ``method``, with its parameters checked."""
+    func_name, allowed = DENSE_METHODS[method]
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        raise ValueError(f"method {method!r}: unknown parameter(s) {unknown}; expected {list(allowed)}")
+    missing = [k for k in allowed if k not in params and k != "density"]
+    if missing:
+        raise ValueError(f"method {method!r} needs parameter(s) {missing}")
+    try:
+        from robustft.ops import merge as merge_ops
+    except ImportError as err:  # the merge piece is a separate module of robustft
+        raise ValueError(f"method {method!r} needs robustft.ops.merge, which this install lacks") from err
+    fn = getattr(merge_ops, func_name)
+    if method == "ties":
+        return lambda dense, w: fn(dense, params.get("density", 1.0), weights=w)
+    kind = "ties" if method == "dare_ties" else "linear"
+    return lambda dense, w: fn(
+        dense, params["drop_rate"], params["seed"], weights=w, method=kind, density=params.get("density", 1.0)
+    )
+
+
+def compose_adapters(
+    adapters: Sequence[LoRAAdapter],
+    weights: Sequence[float] | None = None,
+    method: str = "exact",
+    rank: int | None = None,
+    extras: str = "same",
+    params: Mapping[str, Any] | None = None,
+) -> LoRAAdapter:
+    """ΔW = Σ_i w_i ΔW_i for every module (exact), optionally compressed to ``rank``; see :func:`combine`.
+
+    ``method="paper"`` uses Zhang et al. 2023's factor-space operators instead; ``"ties"``,
+    ``"dare_linear"`` and ``"dare_ties"`` apply ``robustft.ops.merge`` to each module's dense ΔW_i
+    (``params``: density, drop_rate, seed) and keep the best rank-``rank`` factors of the result
+    (default rank: the sum of the inputs' largest ranks). ``extras`` says what to do with non-LoRA
+    tensors (``modules_to_save``): ``"same"`` keeps them if equal in every adapter and refuses
+    otherwise, ``"first"`` keeps the first adapter's, ``"drop"`` drops them.
+    """
+    adapters = list(adapters)
+    check_compatible(adapters)
+    if rank is not None and (not isinstance(rank, int) or rank < 1):
+        raise ValueError(f"rank must be a positive integer, got {rank!r}")
+    params = dict(params or {})
+    if method in DENSE_METHODS:
+        merge_fn = _dense_merge_fn(method, params)
+    elif params:
+        raise ValueError(f"method {method!r} takes no parameters, got {sorted(params)}")
+    kept_extras = _combined_extras(adapters, extras)
+    if method in DENSE_METHODS:
+        rank = rank or sum(max(d.rank for d in a.deltas.values()) for a in adapters)
+        deltas = combine_dense([a.deltas for a in adapters], merge_fn, rank, weights)
+    else:
+        deltas = combine([a.deltas for a in adapters], weights, method=method)
+        if rank is not None:
+            deltas = deltas.compress(rank)
+    kinds: dict[str, str] = {}
+    for a in adapters:
+        kinds.update(a.kinds)
+    dtype = adapters[0].dtype
+    for a in adapters[1:]:
+        dtype = torch.promote_types(dtype, a.dtype)
+    config = dict(adapters[0].config)
+    config["base_model_name_or_path"] = next((a.base_model for a in adapters if a.base_model), None)
+    return LoRAAdapter(deltas, config, kinds, kept_extras, dtype, source="<composed>")
+
+
+# -- writing -----------------------------------------------------------------------------------------
+@contextmanager
+def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool = False):
+    """Yield a temporary sibling folder; it replaces ``out_dir`` on success; an existing one only if asked."""
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _adapter_files(
+    adapter: LoRAAdapter, dtype: torch.dtype | None
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(adapter_config dict, safetensors dict) with scales folded into B and per-module rank patterns."""
+    if not adapter.deltas:
+        raise ValueError("the adapter has no modules to write")
+    dtype = dtype or adapter.dtype
+    tensors: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    for module, delta in adapter.deltas.items():
+        d = delta.folded()
+        ranks[module] = d.rank
+        if adapter.kinds.get(module, "linear") == "embedding":
+            keys = (f"{PREFIX}{module}.lora_embedding_A", f"{PREFIX}{module}.lora_embedding_B")
+        else:
+            keys = (f"{PREFIX}{module}.lora_A.weight", f"{PREFIX}{module}.lora_B.weight")
+        tensors[keys[0]] = d.A.to(dtype).contiguous()
+        tensors[keys[1]] = d.B.to(dtype).contiguous()
+    for key, t in adapter.extras.items():
+        tensors[key] = t.contiguous()
+    r = max(ranks.values())
+    pattern = {re.escape(m): k for m, k in sorted(ranks.items()) if k != r}
+    config = dict(adapter.config)
+    config.update(
+        r=r,
+        lora_alpha=r,  # scale lora_alpha / r = 1: the scales are folded into B
+        rank_pattern=pattern,
+        alpha_pattern=dict(pattern),
+        use_rslora=False,
+        use_dora=False,
+        lora_bias=False,
+        target_modules=sorted(ranks),
+        exclude_modules=None,
+        layers_to_transform=None,
+        layers_pattern=None,
+        target_parameters=None,
+        inference_mode=True,
+    )
+    return config, tensors
+
+
+def write_adapter(
+    adapter: LoRAAdapter,
+    out_dir: str | os.PathLike,
+    overwrite: bool = False,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Write ``adapter`` as a folder ``PeftModel.from_pretrained`` loads; atomic, overwrites only if asked."""
+    config, tensors = _adapter_files(adapter, dtype)
+    with atomic_output_dir(out_dir, overwrite) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
+    return Path(out_dir)
+
+
+def _model_class(base_dir: Path, model_class: str | None):
+    import transformers
+
+    if model_class is None:
+        cfg = (
+            json.loads((base_dir / "config.json").read_text()) if (base_dir / "config.json").is_file() else {}
+        )
+        archs = cfg.get("architectures") or []
+        if not archs:
+            raise ValueError(
+                f"{base_dir}/config.json names no architectures; pass model_class (CLI: --model-class)"
+            )
+        model_class = archs[0]
+    cls = getattr(transformers, model_class, None)
+    if cls is None:
+        raise ValueError(f"model_class {model_class!r} is not a transformers class")
+    return cls
+
+
+def merge_into_base(
+    adapter: LoRAAdapter,
+    base_model_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    overwrite: bool = False,
+    model_class: str | None = None,
+) -> Path:
+    """W = W_base + ΔW for every module, through PEFT's ``merge_and_unload``; saved with ``save_pretrained``.
+
+    Shapes are checked against the base model before anything is written; tokenizer files in
+    ``base_model_dir`` are copied along.
+    """
+    from peft import PeftModel
+
+    base_dir = Path(base_model_dir)
+    if not base_dir.is_dir():
+        raise FileNotFoundError(f"base model folder {base_dir} not found")
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
+    model = _model_class(base_dir, model_class).from_pretrained(str(base_dir))
+    modules = dict(model.named_modules())
+    for module, d in adapter.deltas.items():
+        target = modules.get(module)
+        weight = getattr(target, "weight", None)
+        if weight is None:
+            raise ValueError(f"module {module!r} of the adapter is not a weighted module of {base_dir}")
+        expected = tuple(weight.shape)
+        if adapter.kinds.get(module) == "embedding" or adapter.config.get("fan_in_fan_out"):
+            expected = expected[::-1]
+        if d.shape != expected:
+            raise ValueError(
+                f"module {module!r}: adapter ΔW shape {d.shape} does not fit base weight "
+                f"{tuple(weight.shape)} in {base_dir}"
+            )
+    config, tensors = _adapter_files(adapter, dtype=torch.float32)
+    config["base_model_name_or_path"] = str(base_dir)
+    with tempfile.TemporaryDirectory() as adir:
+        save_file(tensors, os.path.join(adir, WEIGHTS_NAME), metadata={"format": "pt"})
+        Path(adir, CONFIG_NAME).write_text(json.dumps(config, default=str))
+        merged = PeftModel.from_pretrained(model, adir).merge_and_unload()
+    with atomic_output_dir(out, overwrite) as tmp:
+        merged.save_pretrained(str(tmp))
+        for name in _TOKENIZER_FILES:
+            if (base_dir / name).is_file():
+                shutil.copy2(base_dir / name, tmp / name)
+    return out

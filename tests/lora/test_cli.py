@@ -1,0 +1,87 @@
+"""``robustft lora ...``: outputs checked through PEFT, errors exit 2 before anything is written."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from robustft.cli import main
+from tests.lora.conftest import make_adapter, peft_deltas, save_base
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_cli(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "robustft", "lora", *map(str, argv)], cwd=ROOT, capture_output=True, text=True
+    )
+
+
+@pytest.mark.slow
+def test_compose_subprocess_and_errors(lora_zoo, tmp_path):
+    base, p = lora_zoo
+    out = tmp_path / "composed"
+    res = run_cli(
+        "compose", "--adapters", p["a"], p["b"], p["c"], "--weights", "1", "1", "-0.5", "--out", out
+    )
+    assert res.returncode == 0, res.stderr
+    refs = peft_deltas(base, {"a": p["a"], "b": p["b"], "c": p["c"], "out": out})
+    for module, got in refs["out"].items():
+        want = sum(w * refs[n].get(module, 0) for n, w in (("a", 1.0), ("b", 1.0), ("c", -0.5)))
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # a weight-count mismatch: exit 2, a message, nothing written
+    bad = tmp_path / "bad"
+    res = run_cli("compose", "--adapters", p["a"], p["b"], "--weights", "1", "--out", bad)
+    assert res.returncode == 2 and "1 weights for 2 adapters" in res.stderr
+    assert not bad.exists()
+
+
+def test_add_negate_scale_compress_in_process(lora_zoo, tmp_path):
+    base, p = lora_zoo
+    outs = {
+        "add": ["add", p["a"], p["b"]],
+        "neg": ["negate", p["c"]],
+        "scale": ["scale", p["b"], "--factor", "-2.5"],
+        "compress": ["compress", p["b"], "--rank", "1"],
+        "paper_neg": ["negate", p["a"], "--method", "paper"],
+    }
+    for name, argv in outs.items():
+        assert main(["lora", *map(str, argv), "--out", str(tmp_path / name)]) == 0
+    refs = peft_deltas(base, {"a": p["a"], "b": p["b"], "c": p["c"], **{n: tmp_path / n for n in outs}})
+    close = dict(atol=1e-5, rtol=1e-5)
+    for module in refs["add"]:
+        torch.testing.assert_close(
+            refs["add"][module], refs["a"].get(module, 0) + refs["b"].get(module, 0), **close
+        )
+    for module, dw in refs["c"].items():
+        torch.testing.assert_close(refs["neg"][module], -dw, **close)
+    for module, dw in refs["a"].items():
+        torch.testing.assert_close(refs["paper_neg"][module], -dw, **close)
+    for module, dw in refs["b"].items():
+        torch.testing.assert_close(refs["scale"][module], -2.5 * dw, **close)
+        U, S, Vh = torch.linalg.svd(dw, full_matrices=False)
+        torch.testing.assert_close(refs["compress"][module], S[0] * torch.outer(U[:, 0], Vh[0]), **close)
+
+
+def test_cli_refuses_bad_input_before_writing(lora_zoo, tmp_path, capsys):
+    base, p = lora_zoo
+    other = make_adapter(
+        save_base(tmp_path / "b2", seed=3), tmp_path / "o", 1, r=2, target_modules=["q_proj"]
+    )
+    out = tmp_path / "x"
+    assert main(["lora", "negate", str(p["a"]), "--out", str(p["b"])]) == 2
+    err = capsys.readouterr().err
+    assert "already exists" in err and "--overwrite" in err
+    assert main(["lora", "add", str(p["a"]), str(other), "--out", str(out)]) == 2
+    assert "different base models" in capsys.readouterr().err
+    assert main(["lora", "compress", str(p["a"]), "--rank", "0", "--out", str(out)]) == 2
+    assert "--rank" in capsys.readouterr().err
+    assert main(["lora", "negate", str(tmp_path / "missing"), "--out", str(out)]) == 2
+    assert "adapter_config.json" in capsys.readouterr().err
+    assert not out.exists()
+    with pytest.raises(SystemExit):
+        main(["lora", "compose", "--adapters", str(p["a"]), "--method", "magic", "--out", str(out)])
