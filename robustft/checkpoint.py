@@ -9,13 +9,25 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
-__all__ = ["STATE_DIR", "atomic_write_text", "load_state", "save_state", "state_paths"]
+__all__ = [
+    "STATE_DIR",
+    "atomic_output_dir",
+    "atomic_write_text",
+    "check_output_dir",
+    "load_state",
+    "save_state",
+    "state_paths",
+]
 
 STATE_DIR = "robustft"
 
@@ -64,3 +76,37 @@ def load_state(
                 "with this callback (or the file was removed)"
             )
     return load_file(str(tensor_path)), json.loads(meta_path.read_text())
+
+
+def check_output_dir(out: str | os.PathLike, overwrite: bool) -> Path:
+    """Refuse an existing output unless ``overwrite``; refuse a file where a folder should be."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"output {out} already exists; pass --overwrite (overwrite=True) to replace it")
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"output {out} exists and is not a folder")
+    return out
+
+
+@contextmanager
+def atomic_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling folder; on success it replaces ``out`` by rename, on error it is removed.
+
+    An existing ``out`` is only replaced when ``overwrite`` is true, and only after the new folder is
+    complete, so a failed write never destroys the previous output.
+    """
+    out = check_output_dir(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -21,7 +21,6 @@ import shutil
 import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from robustft.checkpoint import atomic_output_dir
 from robustft.lora.algebra import DeltaSet, LoRADelta, combine, combine_dense
 
 __all__ = [
@@ -327,26 +327,6 @@ def compose_adapters(
 
 
 # -- writing -----------------------------------------------------------------------------------------
-@contextmanager
-def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool = False):
-    """Yield a temporary sibling folder; it replaces ``out_dir`` on success; an existing one only if asked."""
-    out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _adapter_files(

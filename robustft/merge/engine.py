@@ -20,13 +20,8 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from robustft.merge.io import (
-    CheckpointReader,
-    ShardedWriter,
-    atomic_output_dir,
-    check_output_dir,
-    copy_side_files,
-)
+from robustft.checkpoint import atomic_output_dir, check_output_dir
+from robustft.merge.io import CheckpointReader, ShardedWriter, copy_side_files
 from robustft.merge.recipe import Override, Recipe, load_recipe
 from robustft.ops import merge as ops
 

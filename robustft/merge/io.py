@@ -17,8 +17,7 @@ import os
 import re
 import shutil
 import struct
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +28,6 @@ __all__ = [
     "CheckpointReader",
     "ShardedWriter",
     "TensorInfo",
-    "atomic_output_dir",
     "copy_side_files",
     "parse_size",
     "read_safetensors_header",
@@ -351,38 +349,3 @@ def copy_side_files(
     return copied
 
 
-def check_output_dir(out: str | os.PathLike, overwrite: bool) -> Path:
-    """Refuse an existing output unless ``overwrite``; refuse a file where a folder should be."""
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"output {out} already exists; pass --overwrite (overwrite=True) to replace it")
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"output {out} exists and is not a folder")
-    return out
-
-
-@contextmanager
-def atomic_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling folder; on success it replaces ``out`` by rename, on error it is removed.
-
-    An existing ``out`` is only replaced when ``overwrite`` is true, and only after the new folder is
-    complete, so a failed merge never destroys the previous output.
-    """
-    out = check_output_dir(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
