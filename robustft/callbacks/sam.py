@@ -43,15 +43,11 @@ from robustft.ops.perturb import (
     scheduled_rho,
     unperturb_,
 )
-from robustft.params import Snapshot, local_tensor, select_parameters
+from robustft.params import Snapshot, is_sharded, local_tensor, select_parameters
 
 __all__ = ["GGPOCallback", "MomentumSAMCallback", "RandomPerturbationCallback", "SAMCallback"]
 
 _SCHEDULES = ("constant", "linear")
-
-
-def _is_sharded(params: dict[str, torch.Tensor]) -> bool:
-    return any(hasattr(p, "to_local") and hasattr(p, "placements") for p in params.values())
 
 
 def _find_trainer() -> Trainer | None:
@@ -167,7 +163,7 @@ class _WeightPerturbation(RobustCallback):
         return scheduled_rho(self.rho, self.schedule, state.global_step, self.start_step, state.max_steps)
 
     def _reduce(self):
-        return distributed.all_reduce_sum if _is_sharded(self._params) else None
+        return distributed.all_reduce_sum if is_sharded(self._params) else None
 
     def _record(self, name: str, value: float, mean: bool = True) -> None:
         """Mean (or sum, for counts) of a metric over the steps since the last Trainer log."""
@@ -335,7 +331,7 @@ class _OnePass(_WeightPerturbation):
 
     def _seed_for(self, step: int, index: int) -> int:
         # replicated weights (DDP) draw the same noise on every rank; FSDP2 shards each draw their own
-        shard = distributed.rank() if _is_sharded(self._params) else 0
+        shard = distributed.rank() if is_sharded(self._params) else 0
         return noise_seed(self.seed, step, index + (shard << 32))
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
