@@ -12,13 +12,30 @@ import os
 from typing import Any
 
 import torch
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback
 
 from robustft import distributed
 from robustft.checkpoint import load_state, save_state
 
-__all__ = ["RobustCallback"]
+__all__ = ["RobustCallback", "caller_self"]
+
+
+def caller_self(kind: type, depth: int = 12):
+    """The nearest ``self`` of type ``kind`` up the call stack, or None.
+
+    The Trainer hands callbacks neither itself nor its callback handler; both are the ``self`` of a
+    frame that is running the current event, so they are found there.
+    """
+    frame = inspect.currentframe()
+    for _ in range(depth):
+        frame = frame.f_back if frame is not None else None
+        if frame is None:
+            return None
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, kind):
+            return owner
+    return None
 
 
 class RobustCallback(TrainerCallback):
@@ -37,6 +54,16 @@ class RobustCallback(TrainerCallback):
         self.resume_state_from = resume_state_from
         self.restart_if_missing = restart_if_missing
         self.pending_logs: dict[str, float] = {}
+        self.trainer: Trainer | None = None
+
+    def attach(self, trainer: Trainer):
+        """Use ``trainer`` (and register with it) instead of finding it when training starts; returns self."""
+        if not isinstance(trainer, Trainer):
+            raise ValueError(f"attach: expected a transformers.Trainer, got {type(trainer).__name__}")
+        self.trainer = trainer
+        if self not in trainer.callback_handler.callbacks:
+            trainer.add_callback(self)
+        return self
 
     # -- state --------------------------------------------------------------------------------
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -89,6 +116,8 @@ class RobustCallback(TrainerCallback):
     # -- Trainer events -----------------------------------------------------------------------
     def on_train_begin(self, args, state, control, **kwargs):
         self._log_before_reporters()
+        if self.trainer is None:
+            self.trainer = caller_self(Trainer)
 
     def on_save(self, args, state, control, **kwargs):
         self.save_to(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
@@ -107,14 +136,9 @@ class RobustCallback(TrainerCallback):
         The Trainer calls reporting callbacks before user callbacks and hands callbacks no handle
         on the list; the handler is the caller of this event, so it is found on the call stack.
         """
-        frame = inspect.currentframe()
-        for _ in range(4):
-            frame = frame.f_back if frame is not None else None
-            handler = frame.f_locals.get("self") if frame is not None else None
-            if isinstance(handler, CallbackHandler):
-                callbacks = handler.callbacks
-                if self in callbacks:
-                    callbacks.remove(self)
-                    flow = [i for i, cb in enumerate(callbacks) if isinstance(cb, DefaultFlowCallback)]
-                    callbacks.insert(flow[-1] + 1 if flow else 0, self)
-                return
+        handler = caller_self(CallbackHandler, depth=4)
+        if handler is not None and self in handler.callbacks:
+            callbacks = handler.callbacks
+            callbacks.remove(self)
+            flow = [i for i, cb in enumerate(callbacks) if isinstance(cb, DefaultFlowCallback)]
+            callbacks.insert(flow[-1] + 1 if flow else 0, self)

@@ -5,7 +5,7 @@ The maths lives in :mod:`robustft.lora`; this callback only decides when (``on_t
 
     cb = LoRAArithmeticCallback({"self": 1.0, "adapters/math": 1.0, "adapters/toxic": -0.5})
     trainer = Trainer(model=peft_model, args=args, ..., callbacks=[cb])
-    cb.attach(trainer)           # optional: evaluate the composite at the end
+    # the Trainer is found when training starts (or pass it with cb.attach(trainer))
     trainer.train()              # -> output_dir/composed/ (a PEFT adapter), cb.metrics
 """
 
@@ -50,7 +50,8 @@ class LoRAArithmeticCallback(RobustCallback):
         extras: non-LoRA tensors (a ``modules_to_save`` head): ``"first"`` keeps the trained
             adapter's (default), ``"same"`` requires them equal, ``"drop"`` drops them.
         adapter_name: the PEFT adapter being trained.
-        evaluate: evaluate the composite with the attached Trainer (see :meth:`attach`) at the end.
+        evaluate: evaluate the composite with the Trainer at the end (found when training starts,
+            or given with :meth:`attach`).
         eval_dataset: dataset for that evaluation (default: the Trainer's).
         overwrite: replace an existing ``output_dir/name``; otherwise training refuses to start.
     """
@@ -92,16 +93,10 @@ class LoRAArithmeticCallback(RobustCallback):
         self.evaluate_at_end, self.eval_dataset = evaluate, eval_dataset
         # saved adapters are read now, so a typo fails before training, not after it
         self.others: dict[str, LoRAAdapter] = {k: read_adapter(k) for k, _ in self.recipe if k != SELF}
-        self.trainer = None
         self.output_path: Path | None = None
         self.metrics: dict[str, float] = {}
 
     # -- wiring --------------------------------------------------------------------------------
-    def attach(self, trainer) -> LoRAArithmeticCallback:
-        """Give the callback the Trainer, so that the composite can be evaluated at the end."""
-        self.trainer = trainer
-        return self
-
     def _adapters(self, model) -> list[LoRAAdapter]:
         if not hasattr(model, "peft_config") or self.adapter_name not in getattr(model, "peft_config", {}):
             raise ValueError(

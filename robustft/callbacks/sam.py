@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import inspect
 import math
 import warnings
 from typing import Any
@@ -48,19 +47,6 @@ from robustft.params import Snapshot, is_sharded, local_tensor, select_parameter
 __all__ = ["GGPOCallback", "MomentumSAMCallback", "RandomPerturbationCallback", "SAMCallback"]
 
 _SCHEDULES = ("constant", "linear")
-
-
-def _find_trainer() -> Trainer | None:
-    """The Trainer whose event is running: the ``self`` of a frame up the call stack."""
-    frame = inspect.currentframe()
-    for _ in range(12):
-        frame = frame.f_back if frame is not None else None
-        if frame is None:
-            return None
-        owner = frame.f_locals.get("self")
-        if isinstance(owner, Trainer):
-            return owner
-    return None
 
 
 class _WeightPerturbation(RobustCallback):
@@ -93,22 +79,12 @@ class _WeightPerturbation(RobustCallback):
         self.include = include
         self.exclude = exclude
         self.skip_norm_and_bias = skip_norm_and_bias
-        self.trainer: Trainer | None = None
         self._orig_training_step = None
         self._params: dict[str, torch.Tensor] = {}
         self._sums: dict[str, list[float]] = {}
 
     # -- the Trainer ---------------------------------------------------------------------------
-    def attach(self, trainer: Trainer) -> _WeightPerturbation:
-        """Use ``trainer`` (instead of finding it on the call stack at ``on_train_begin``); returns self."""
-        if not isinstance(trainer, Trainer):
-            raise ValueError(f"attach: expected a transformers.Trainer, got {type(trainer).__name__}")
-        self.trainer = trainer
-        return self
-
     def _hook_trainer(self, required: bool) -> None:
-        if self.trainer is None:
-            self.trainer = _find_trainer()
         if self.trainer is None:
             if required:
                 raise ValueError(
