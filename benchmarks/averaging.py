@@ -11,7 +11,6 @@ on a small GPT-2's Trainer step against the same Trainer without it.
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 import time
 
@@ -23,14 +22,21 @@ from robustft import EMACallback
 from robustft.ops.averaging import ema_update_
 
 
-def _median_time(fn, repeat: int = 7) -> float:
-    fn()  # warm-up
-    times = []
+def _best_times(fns: dict[str, object], repeat: int = 9) -> dict[str, float]:
+    """Best-of-``repeat`` seconds per call for each function, measured in interleaved rounds.
+
+    Interleaving spreads any load from other processes over all candidates; the minimum is the
+    least disturbed run of each.
+    """
+    for fn in fns.values():
+        fn()  # warm-up
+    best = {k: float("inf") for k in fns}
     for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for key, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            best[key] = min(best[key], time.perf_counter() - t0)
+    return best
 
 
 def update_costs(total: int) -> dict[str, float]:
@@ -46,12 +52,12 @@ def update_costs(total: int) -> dict[str, float]:
         for a, l in zip(avg, live):
             a.mul_(decay).add_(l, alpha=1 - decay)
 
-    return {
-        "numel": float(sum(shapes)),
-        "copy": _median_time(lambda: torch._foreach_copy_(avg, live)),
-        "fused": _median_time(lambda: ema_update_(avg, live, decay)),
-        "loop": _median_time(naive),
-    }
+    costs = _best_times({
+        "copy": lambda: torch._foreach_copy_(avg, live),
+        "fused": lambda: ema_update_(avg, live, decay),
+        "loop": naive,
+    })
+    return {"numel": float(sum(shapes)), **costs}
 
 
 def trainer_step_overhead(steps: int) -> tuple[float, float, int]:
@@ -89,7 +95,7 @@ def main() -> None:
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     c = update_costs(int(args.params))
-    print(f"\nEMA update over {c['numel'] / 1e6:.1f}M float32 parameters (median of 7)")
+    print(f"\nEMA update over {c['numel'] / 1e6:.1f}M float32 parameters (best of 9, interleaved)")
     print(f"{'path':<28}{'ms':>10}{'x copy':>10}")
     for key, label in [("copy", "plain copy (floor)"), ("fused", "fused _foreach_lerp_"),
                        ("loop", "per-parameter loop")]:
