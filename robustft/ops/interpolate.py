@@ -18,6 +18,7 @@ __all__ = [
     "METHODS",
     "check_alpha",
     "interpolate",
+    "interpolate_end_",
     "interpolate_into_",
     "lerp",
     "slerp",
@@ -160,6 +161,42 @@ def interpolate_into_(
         return
     for o, s, e in zip(out, start, end, strict=True):
         o.copy_(lerp(s.to(o.device), e, alpha))
+
+
+@torch.no_grad()
+def interpolate_end_(
+    end: Sequence[torch.Tensor],
+    start: Sequence[torch.Tensor],
+    alpha: float,
+    method: str = "linear",
+    extrapolate: bool = False,
+    foreach: bool = True,
+) -> None:
+    """end ← θ(α) in place, when the live tensors hold θ_end and no second copy is wanted.
+
+    Linear: ``end.lerp_(start, 1−α)``, which leaves ``end`` bit-exact at α=1 and gives ``start``
+    bit-exactly at α=0. ``start`` may live on another device or dtype (a CPU snapshot).
+    """
+    alpha = check_alpha(alpha, extrapolate)
+    check_method(method)
+    if len(end) != len(start):
+        raise ValueError(f"interpolate_end_: {len(end)} live tensors for {len(start)} start tensors")
+    for i, (e, s) in enumerate(zip(end, start, strict=True)):
+        _check_shape(f"#{i}", s, e)
+    if method == "slerp":
+        for e, s in zip(end, start, strict=True):
+            e.copy_(slerp(s.to(e.device), e, alpha))
+        return
+    same = all(s.dtype == e.dtype and s.device == e.device for e, s in zip(end, start, strict=True))
+    low = any(e.dtype in (torch.float16, torch.bfloat16) for e in end)
+    if foreach and same and not low and len(end):
+        torch._foreach_lerp_(list(end), list(start), 1.0 - alpha)
+        return
+    for e, s in zip(end, start, strict=True):
+        if e.dtype in (torch.float16, torch.bfloat16):
+            e.copy_(torch.lerp(e.float(), s.to(device=e.device, dtype=torch.float32), 1.0 - alpha))
+        else:
+            e.lerp_(s.to(device=e.device, dtype=e.dtype), 1.0 - alpha)
 
 
 def _check_same_keys(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> None:

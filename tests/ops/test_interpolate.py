@@ -107,3 +107,22 @@ def test_extrapolation_is_an_explicit_opt_in():
     torch.testing.assert_close(out, -0.5 * s + 1.5 * e)
     with pytest.raises(ValueError, match="method"):
         interpolate([s], [e], 0.5, method="cubic")
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+def test_in_place_from_end_matches_formula_and_endpoints(foreach):
+    from robustft.ops.interpolate import interpolate_end_
+
+    s, e = _pair(7)
+    for alpha in (0.0, 0.3, 0.8, 1.0):
+        live = [e.clone()]
+        interpolate_end_(live, [s], alpha, foreach=foreach)
+        torch.testing.assert_close(live[0], (1 - alpha) * s + alpha * e, rtol=0, atol=1e-6)
+        if alpha in (0.0, 1.0):
+            assert torch.equal(live[0], s if alpha == 0.0 else e)
+    live = [e.bfloat16()]
+    interpolate_end_(live, [s.bfloat16().float()], 0.0, foreach=foreach)
+    assert torch.equal(live[0], s.bfloat16())
+    live = [e.clone()]
+    interpolate_end_(live, [s], 0.4, method="slerp")
+    torch.testing.assert_close(live[0], slerp(s, e, 0.4))
