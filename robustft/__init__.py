@@ -8,5 +8,22 @@ LoRA/task-vector arithmetic.
 __version__ = "0.1.0"
 
 from robustft.params import Snapshot, select_parameters, swapped_in  # noqa: E402
+from robustft.callbacks.wise_ft import WiseFTCallback  # noqa: E402
+from robustft.ops.interpolate import interpolate  # noqa: E402
+from robustft.wise_ft import WiseFTCurve, interpolate_models, interpolate_state_dicts, wise_ft_sweep  # noqa: E402
+from robustft.zero_shot import SentenceClassifier, install_zero_shot_head  # noqa: E402
 
-__all__ = ["Snapshot", "__version__", "select_parameters", "swapped_in"]
+__all__ = [
+    "SentenceClassifier",
+    "Snapshot",
+    "WiseFTCallback",
+    "WiseFTCurve",
+    "__version__",
+    "install_zero_shot_head",
+    "interpolate",
+    "interpolate_models",
+    "interpolate_state_dicts",
+    "select_parameters",
+    "swapped_in",
+    "wise_ft_sweep",
+]

@@ -51,7 +51,10 @@ def embed_texts(
         out = []
         for i in range(0, len(texts), batch_size):
             batch = tokenizer(
-                list(texts[i : i + batch_size]), padding=True, truncation=True, max_length=max_length,
+                list(texts[i : i + batch_size]),
+                padding=True,
+                truncation=True,
+                max_length=max_length,
                 return_tensors="pt",
             ).to(device)
             hidden = encoder(**batch).last_hidden_state
@@ -75,7 +78,9 @@ def zero_shot_weights(
     for c, desc in enumerate(descriptions):
         texts = [desc] if isinstance(desc, str) else list(desc)
         if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
-            raise ValueError(f"descriptions[{c}]: expected a non-empty string or list of strings, got {desc!r}")
+            raise ValueError(
+                f"descriptions[{c}]: expected a non-empty string or list of strings, got {desc!r}"
+            )
         e = embed_texts(encoder, tokenizer, texts).mean(dim=0)
         rows.append(nn.functional.normalize(e, dim=0))
     return logit_scale * torch.stack(rows)

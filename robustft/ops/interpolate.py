@@ -95,9 +95,7 @@ def slerp(
 _FUNCS = {"linear": lerp, "slerp": slerp}
 
 
-def interpolate(
-    start: T, end: T, alpha: float, method: str = "linear", extrapolate: bool = False
-) -> T:
+def interpolate(start: T, end: T, alpha: float, method: str = "linear", extrapolate: bool = False) -> T:
     """θ(α) for every tensor of two aligned lists or name->tensor mappings (new tensors, inputs untouched).
 
     Mappings must have the same keys and every pair the same shape; a mismatch is a ValueError
