@@ -7,9 +7,9 @@ LoRA/task-vector arithmetic.
 
 __version__ = "0.1.0"
 
-from robustft.params import Snapshot, select_parameters, swapped_in  # noqa: E402
 from robustft.callbacks.wise_ft import WiseFTCallback  # noqa: E402
 from robustft.ops.interpolate import interpolate  # noqa: E402
+from robustft.params import Snapshot, select_parameters, swapped_in  # noqa: E402
 from robustft.wise_ft import WiseFTCurve, interpolate_models, interpolate_state_dicts, wise_ft_sweep  # noqa: E402
 from robustft.zero_shot import SentenceClassifier, install_zero_shot_head  # noqa: E402
 
