@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from robustft import __version__
 
 # module path of each sub-command; each exposes register(subparsers)
-SUBCOMMANDS: list[str] = []
+SUBCOMMANDS: list[str] = ["robustft.cli_interpolate", "robustft.demo"]
 
 
 def build_parser() -> argparse.ArgumentParser:
