@@ -70,6 +70,7 @@ class CheckpointReader:
         self._files = files
         self._handles = {k: safe_open(str(f), framework="pt") for k, f in files.items()}
         self._where: dict[str, str | None] = {}
+        self._layout: dict[str | None, tuple[int, dict]] = {}
         self.metadata: dict[str, str] = {}
         for k, h in self._handles.items():
             self.metadata.update(h.metadata() or {})
@@ -99,7 +100,25 @@ class CheckpointReader:
         return self._handles[self._where[name]].get_slice(name).get_dtype()
 
     def get(self, name: str) -> torch.Tensor:
-        return self._handles[self._where[name]].get_tensor(name)
+        """Read one tensor with a positioned read (no memory map), so only this tensor becomes resident."""
+        shard = self._where[name]
+        path = self._files[shard]
+        if shard not in self._layout:
+            self._layout[shard] = _read_header(path)
+        base, entries = self._layout[shard]
+        code, shape, (begin, end) = entries[name]
+        buf = bytearray(end - begin)
+        with open(path, "rb", buffering=0) as f:
+            f.seek(base + begin)
+            view, got = memoryview(buf), 0
+            while got < len(buf):
+                n = f.readinto(view[got:])
+                if not n:
+                    raise ValueError(f"{path}: tensor {name!r} is truncated")
+                got += n
+        if not buf:
+            return torch.empty(shape, dtype=_TORCH[code])
+        return torch.frombuffer(buf, dtype=_TORCH[code]).reshape(shape)
 
     def nbytes(self) -> int:
         return sum(f.stat().st_size for f in self._files.values())
@@ -122,6 +141,8 @@ def check_same_layout(
             raise ValueError(
                 f"tensor {name!r}: shape {a.shape(name)} in {names[0]} but {b.shape(name)} in {names[1]}"
             )
+        if a.dtype(name) not in _TORCH:
+            raise ValueError(f"tensor {name!r}: dtype {a.dtype(name)} not supported by the streamed reader")
         if a.dtype(name) != b.dtype(name):
             raise ValueError(
                 f"tensor {name!r}: dtype {a.dtype(name)} in {names[0]} but {b.dtype(name)} in {names[1]}"
@@ -132,6 +153,18 @@ def _dtype_code(dtype: torch.dtype) -> str:
     if dtype not in _DTYPES:
         raise ValueError(f"dtype {dtype} cannot be written to safetensors by the streamed writer")
     return _DTYPES[dtype]
+
+
+_TORCH = {v: k for k, v in _DTYPES.items()}
+
+
+def _read_header(path: Path) -> tuple[int, dict[str, tuple[str, tuple[int, ...], tuple[int, int]]]]:
+    """(offset of the data section, name -> (dtype code, shape, (begin, end))) of a safetensors file."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return 8 + n, {k: (v["dtype"], tuple(v["shape"]), tuple(v["data_offsets"])) for k, v in header.items()}
 
 
 _ITEMSIZE = {
@@ -184,7 +217,7 @@ def write_safetensors_streamed(
                 )
             t = t.detach().contiguous().cpu()
             if t.numel():
-                f.write(t.view(-1).view(torch.uint8).numpy().tobytes())
+                f.write(memoryview(t.view(-1).view(torch.uint8).numpy()))
 
 
 def copy_side_files(src: Path, dst: Path) -> list[str]:
