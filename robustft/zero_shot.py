@@ -74,15 +74,15 @@ def zero_shot_weights(
     """
     if not descriptions:
         raise ValueError("descriptions: at least one label description is needed")
-    rows = []
+    groups = []
     for c, desc in enumerate(descriptions):
         texts = [desc] if isinstance(desc, str) else list(desc)
         if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
             raise ValueError(
                 f"descriptions[{c}]: expected a non-empty string or list of strings, got {desc!r}"
             )
-        e = embed_texts(encoder, tokenizer, texts).mean(dim=0)
-        rows.append(nn.functional.normalize(e, dim=0))
+        groups.append(texts)
+    rows = [nn.functional.normalize(embed_texts(encoder, tokenizer, t).mean(dim=0), dim=0) for t in groups]
     return logit_scale * torch.stack(rows)
 
 
