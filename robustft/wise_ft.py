@@ -302,6 +302,7 @@ class WiseFTCurve:
             ax.annotate(
                 f"chosen α={self.chosen_alpha:g}", (x[ci], y[ci]), textcoords="offset points", xytext=(6, 6)
             )
+        ax.margins(x=0.15, y=0.1)
         ax.set_xlabel(f"{self.id_dataset} {self.metric} (in-distribution)")
         ax.set_ylabel(f"{self.metric} under shift" if self.shifted else f"{self.id_dataset} {self.metric}")
         ax.set_title("WiSE-FT: weight-space ensembles of start and fine-tuned")

@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +30,7 @@ def test_demo_shows_the_wise_ft_effect(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "robustft", "demo", "--out", str(out), "--eval-size", "200", "--no-progress"],
         cwd=ROOT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
         capture_output=True,
         text=True,
         timeout=540,
