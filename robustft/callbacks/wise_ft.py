@@ -135,12 +135,10 @@ class WiseFTCallback(RobustCallback):
             return
         if self.trainer is None or not self.trainer.is_in_train:
             return
-        end = self.weights.capture_end()
         self._sweeping = True
-        try:
+        try:  # ends at α=1, i.e. bit-exactly the weights training continues from
             curve = self._sweep(apply_alpha=1.0)
         finally:
-            end.copy_to(self.weights.params)
             self._sweeping = False
         self._record(curve, args, final=False)
 

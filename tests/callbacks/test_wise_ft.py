@@ -194,7 +194,10 @@ def test_sweep_chooses_alpha_on_in_distribution_set_only(tmp_path, full_run, met
         probe.load_state_dict({k: (1 - a) * start[k] + a * end[k] for k in start})
         targets[name] = _data(32, seed, labels=_outputs(probe, _data(32, seed)))
     model = _model()
-    cb = WiseFTCallback(eval_datasets=targets, id_dataset="id", metric=metric, greater_is_better=greater)
+    grid = [0.0, 0.2, 0.5, 0.7, 1.0]
+    cb = WiseFTCallback(
+        eval_datasets=targets, id_dataset="id", metric=metric, greater_is_better=greater, alphas=grid
+    )
     trainer = Trainer(
         model=model,
         args=_args(tmp_path),
@@ -212,8 +215,8 @@ def test_sweep_chooses_alpha_on_in_distribution_set_only(tmp_path, full_run, met
     for k, v in model.state_dict().items():  # the chosen weights are left in the model
         torch.testing.assert_close(v, 0.3 * start[k] + 0.7 * end[k], rtol=0, atol=1e-6, msg=k)
     saved = json.loads((tmp_path / "wise_ft.json").read_text())
-    assert saved["chosen_alpha"] == 0.7 and len(saved["results"]["shifted"]) == 11
-    assert (tmp_path / "wise_ft.csv").read_text().count("\n") == 12
+    assert saved["chosen_alpha"] == 0.7 and len(saved["results"]["shifted"]) == 5
+    assert (tmp_path / "wise_ft.csv").read_text().count("\n") == 6
     assert (tmp_path / "wise_ft.png").stat().st_size > 1000
     logged = [h for h in trainer.state.log_history if "wise_ft_curve" in h]
     assert logged and logged[-1]["wise_ft_chosen_alpha"] == 0.7
@@ -266,3 +269,44 @@ def test_resume_restores_the_start_snapshot(tmp_path, full_run):
     trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
     for k, v in model2.state_dict().items():
         torch.testing.assert_close(v, once[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_slerp_and_attach(tmp_path, full_run):
+    from robustft.ops.interpolate import slerp
+
+    start, end = full_run
+    model = _model()
+    trainer = Trainer(model=model, args=_args(tmp_path), train_dataset=_data(48, 1))
+    cb = WiseFTCallback(alpha=0.4, method="slerp").attach(trainer)
+    assert cb in trainer.callback_handler.callbacks and cb.trainer is trainer
+    trainer.train()
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, slerp(start[k], end[k], 0.4), rtol=0, atol=1e-6, msg=k)
+
+
+def test_sweep_at_eval_logs_curves_and_leaves_training_untouched(tmp_path, full_run):
+    _, end = full_run
+    model = _model()
+    ds = _data(16, 3)
+    cb = WiseFTCallback(
+        alpha=1.0,
+        eval_datasets={"id": ds},
+        alphas=[0.0, 0.5, 1.0],
+        metric="mse",
+        greater_is_better=False,
+        sweep_at_eval=True,
+        save_curve=False,
+    )
+    trainer = Trainer(
+        model=model,
+        args=_args(tmp_path, eval_strategy="steps", eval_steps=3),
+        train_dataset=_data(48, 1),
+        eval_dataset=ds,
+        compute_metrics=_neg_mse,
+        callbacks=[cb],
+    )
+    trainer.train()
+    curves = [h for h in trainer.state.log_history if "wise_ft_curve" in h]
+    assert [h["wise_ft_curve"]["step"] for h in curves] == [3, 6, 6]
+    for k, v in model.state_dict().items():  # α=1 fixed: the run equals the reference run bit for bit
+        assert torch.equal(v, end[k]), k
