@@ -107,16 +107,22 @@ def _merged(peft_model):
     }
 
 
-def test_lora_scales_the_delta_exactly(tmp_path):
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+    """(merged start, merged end, adapter state at the end) of a LoRA reference run without WiSE-FT."""
     pytest.importorskip("peft")
     ref = _lora(_model())
     start_merged = _merged(ref)
-    _train(tmp_path / "ref", ref)
-    end_merged = _merged(ref)
+    _train(tmp_path_factory.mktemp("lora_ref"), ref)
+    return start_merged, _merged(ref), {k: v.detach().clone() for k, v in ref.state_dict().items()}
+
+
+def test_lora_scales_the_delta_exactly(tmp_path, lora_run):
+    start_merged, end_merged, end_state = lora_run
     alpha = 0.4
     model = _lora(_model())
     cb = WiseFTCallback(alpha=alpha)
-    _train(tmp_path / "wise", model, [cb])
+    _train(tmp_path, model, [cb])
     # nothing stored for the LoRA factors: only the (modules_to_save) head is snapshotted
     assert cb.weights.lora_b and all("lora" not in n for n in cb.weights.start.names)
     got = _merged(model)
@@ -126,26 +132,23 @@ def test_lora_scales_the_delta_exactly(tmp_path):
         torch.testing.assert_close(got[k].double(), want, rtol=0, atol=1e-5, msg=k)
         changed += not torch.equal(start_merged[k], end_merged[k])
     assert changed > 4
-    # interpolating the factors A and B separately would NOT match the dense formula
-    for name, p in model.named_parameters():
+    for name, p in model.state_dict().items():  # A keeps its fine-tuned value, B is scaled
         if "lora_A" in name:
-            assert torch.equal(p.detach(), dict(ref.named_parameters())[name].detach()), name
+            assert torch.equal(p, end_state[name]), name
+        if "lora_B" in name:
+            torch.testing.assert_close(p, alpha * end_state[name], msg=name)
 
 
-def test_lora_endpoints_bit_exact(tmp_path):
-    pytest.importorskip("peft")
-    ref = _lora(_model())
-    _train(tmp_path / "ref", ref)
-    end = {k: v.detach().clone() for k, v in ref.state_dict().items()}
+def test_lora_endpoints_bit_exact(tmp_path, lora_run):
+    start_merged, _, end_state = lora_run
     model = _lora(_model())
-    start_merged = _merged(model)
     _train(tmp_path / "a0", model, [WiseFTCallback(alpha=0.0)])
     for k, v in _merged(model).items():  # B = 0: the start model, whatever A holds
         assert torch.equal(v, start_merged[k]), k
     model = _lora(_model())
     _train(tmp_path / "a1", model, [WiseFTCallback(alpha=1.0)])
     for k, v in model.state_dict().items():
-        assert torch.equal(v, end[k]), k
+        assert torch.equal(v, end_state[k]), k
 
 
 def test_nonzero_lora_start_is_refused(tmp_path):
