@@ -151,13 +151,17 @@ def test_lora_endpoints_bit_exact(tmp_path, lora_run):
         assert torch.equal(v, end_state[k]), k
 
 
-def test_nonzero_lora_start_is_refused(tmp_path):
+@pytest.mark.parametrize("init", ["pissa", "olora", "trained"])
+def test_nonzero_lora_start_is_refused(tmp_path, init):
     pytest.importorskip("peft")
-    model = _lora(_model())
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_()  # what PiSSA/OLoRA/LoftQ inits (or a trained adapter) look like
+    if init == "trained":
+        model = _lora(_model())
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_()  # an adapter that already carries a delta
+    else:  # these inits also rewrite the base weights: W_res = W - B·A
+        model = _lora(_model(), init_lora_weights=init)
     with pytest.raises(ValueError, match="lora_B.*non-zero"):
         _train(tmp_path, model, [WiseFTCallback(alpha=0.5)])
 
