@@ -234,6 +234,7 @@ def run_demo(
     import numpy as np
     import torch
     from datasets import Dataset
+    from datasets.utils import logging as datasets_logging
     from transformers import AutoTokenizer, DataCollatorWithPadding, Trainer, TrainingArguments
     from transformers.utils import logging as hf_logging
 
@@ -244,6 +245,7 @@ def run_demo(
     t0 = time.time()
     out = Path(output_dir)
     hf_logging.set_verbosity_error()
+    datasets_logging.disable_progress_bar()
     path = encoder_path()
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     torch.manual_seed(seed)
