@@ -59,6 +59,12 @@ class CheckpointReader:
                 files = {f: self.path / f for f in sorted(set(self.index.values()))}
             elif (self.path / SINGLE_NAME).is_file():
                 self.index, files = None, {None: self.path / SINGLE_NAME}
+            elif (self.path / "adapter_config.json").is_file():
+                raise ValueError(
+                    f"checkpoint {self.path} is a PEFT adapter: interpolating LoRA factors A and B is not "
+                    "interpolating the model (WiSE-FT of LoRA scales the delta B·A). Merge each adapter "
+                    "into its base model (merge_and_unload + save_pretrained) and interpolate those folders"
+                )
             else:
                 raise FileNotFoundError(
                     f"checkpoint {self.path}: no {SINGLE_NAME} or {INDEX_NAME} (only safetensors checkpoints "

@@ -175,3 +175,11 @@ def test_tokenizer_files_are_copied(pair, tmp_path):
     _, _, d = pair
     interpolate_checkpoints(d / "start", d / "end", tmp_path / "o", 0.5)
     assert json.loads((tmp_path / "o" / "tokenizer_config.json").read_text())["model_max_length"] == 32
+
+
+def test_peft_adapter_folders_are_refused_with_a_hint(tmp_path):
+    (tmp_path / "ad").mkdir()
+    (tmp_path / "ad" / "adapter_config.json").write_text("{}")
+    with pytest.raises(ValueError, match="PEFT adapter.*merge_and_unload"):
+        interpolate_checkpoints(tmp_path / "ad", tmp_path / "ad", tmp_path / "o", 0.5)
+    assert not (tmp_path / "o").exists()
