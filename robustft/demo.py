@@ -6,8 +6,9 @@
 3. The task is generated from templates: four topics, sentences that sometimes mention a second
    topic, and some topic-free sentences. Every fine-tuning sentence carries a source tag
    ("kappa: ...") that agrees with the label 95% of the time: a spurious cue. In-distribution
-   evaluation data has the same cue; the shifted split has no topic-free sentences and its tags
-   are permuted, so the cue now points to a wrong label.
+   evaluation data ("id", where α is chosen, and a held-out "id_test") has the same cue; the
+   shifted split has no topic-free sentences and its tags are permuted, so the cue now points to
+   a wrong label.
 4. Fine-tuning (Trainer + WiseFTCallback) learns both the topic and the cue; the callback sweeps α
    on both splits with ``trainer.evaluate``, chooses α on the in-distribution split only, and
    writes the curve (``wise_ft.json``/``.csv``/``.png``).
@@ -203,17 +204,17 @@ class DemoResult:
         return self.curve.value(split, alpha)
 
     def summary(self) -> str:
-        c = self.curve
-        a = c.chosen_alpha
-        sh = c.shifted[0]
-        gain = 100 * (c.value(sh, a) - c.value(sh, 1.0))
-        did = 100 * (c.value(c.id_dataset, a) - c.value(c.id_dataset, 1.0))
+        c, a = self.curve, self.curve.chosen_alpha
+
+        def pct(split: str, alpha: float) -> str:
+            return f"{100 * c.value(split, alpha):.1f}%"
+
+        gain = 100 * (c.value("shifted", a) - c.value("shifted", 1.0))
+        did = 100 * (c.value("id_test", a) - c.value("id_test", 1.0))
         return (
-            f"WiSE-FT (alpha={a:g}, chosen on '{c.id_dataset}' only) gained {gain:+.1f} points on '{sh}' "
-            f"over the fine-tuned model ({100 * c.value(sh, a):.1f}% vs {100 * c.value(sh, 1.0):.1f}%) "
-            f"while changing in-distribution accuracy by {did:+.1f} "
-            f"({100 * c.value(c.id_dataset, a):.1f}% vs "
-            f"{100 * c.value(c.id_dataset, 1.0):.1f}%)."
+            f"WiSE-FT (alpha={a:g}, chosen on '{c.id_dataset}' only) gained {gain:+.1f} points under shift "
+            f"over the fine-tuned model ({pct('shifted', a)} vs {pct('shifted', 1.0)}) and changed held-out "
+            f"in-distribution accuracy by {did:+.1f} ({pct('id_test', a)} vs {pct('id_test', 1.0)})."
         )
 
 
@@ -259,7 +260,11 @@ def run_demo(
         return ds.rename_column("label", "labels").remove_columns(["text"])
 
     train = encode(make_task(n_train, seed))
-    evals = {"id": encode(make_task(n_eval, seed + 1)), "shifted": encode(make_task(n_eval, seed + 2, True))}
+    evals = {
+        "id": encode(make_task(n_eval, seed + 1)),  # α is chosen here
+        "id_test": encode(make_task(n_eval, seed + 3)),  # held-out in-distribution: only reported
+        "shifted": encode(make_task(n_eval, seed + 2, True)),
+    }
 
     def accuracy(pred) -> dict[str, float]:
         return {"accuracy": float((np.argmax(pred.predictions, axis=-1) == pred.label_ids).mean())}

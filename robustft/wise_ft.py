@@ -304,7 +304,9 @@ class WiseFTCurve:
             )
         ax.margins(x=0.15, y=0.1)
         ax.set_xlabel(f"{self.id_dataset} {self.metric} (in-distribution)")
-        ax.set_ylabel(f"{self.metric} under shift" if self.shifted else f"{self.id_dataset} {self.metric}")
+        ax.set_ylabel(
+            f"{self.metric} on the other eval sets" if self.shifted else f"{self.id_dataset} {self.metric}"
+        )
         ax.set_title("WiSE-FT: weight-space ensembles of start and fine-tuned")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="best")
