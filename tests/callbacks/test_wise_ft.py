@@ -317,3 +317,36 @@ def test_sweep_at_eval_logs_curves_and_leaves_training_untouched(tmp_path, full_
     assert [h["wise_ft_curve"]["step"] for h in curves] == [3, 6, 6]
     for k, v in model.state_dict().items():  # α=1 fixed: the run equals the reference run bit for bit
         assert torch.equal(v, end[k]), k
+
+
+def test_manual_sweep_after_training(tmp_path, full_run):
+    from robustft import wise_ft_sweep
+
+    start, end = full_run
+    model = _model()
+    cb = WiseFTCallback(alpha=1.0)
+    trainer = Trainer(
+        model=model,
+        args=_args(tmp_path),
+        train_dataset=_data(48, 1),
+        callbacks=[cb],
+        compute_metrics=_neg_mse,
+    )
+    trainer.train()
+    ds = _data(16, 9)
+    at_end = trainer.evaluate(eval_dataset=ds)["eval_mse"]
+    curve = wise_ft_sweep(
+        trainer,
+        cb.weights,
+        {"id": ds},
+        "id",
+        alphas=[0.0, 0.5, 1.0],
+        metric="mse",
+        greater_is_better=False,
+        progress=False,
+    )
+    assert curve.value("id", 1.0) == pytest.approx(at_end, rel=1e-6)
+    a = curve.chosen_alpha
+    assert curve.value("id", a) == min(curve.results["id"])
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, (1 - a) * start[k] + a * end[k], rtol=0, atol=1e-6, msg=k)
