@@ -120,6 +120,10 @@ class WiseFTCallback(RobustCallback):
         super().on_train_begin(args, state, control, **kwargs)
         if self.trainer is None:
             self.trainer = _find_trainer()
+        if self.eval_datasets and self.trainer is None:
+            raise ValueError(
+                "WiseFTCallback: a sweep needs the Trainer; pass trainer= or call attach(trainer)"
+            )
         params = select_parameters(model, include=self.include, exclude=self.exclude)
         resume = self.resume_dir(args, state)
         if resume is not None:
@@ -146,10 +150,6 @@ class WiseFTCallback(RobustCallback):
         if self.weights is None:
             return
         if self.eval_datasets:
-            if self.trainer is None:
-                raise ValueError(
-                    "WiseFTCallback: a sweep needs the Trainer; pass trainer= or call attach(trainer)"
-                )
             self._sweeping = True
             try:
                 self.curve = self._sweep(apply_alpha=self.alpha)
@@ -182,7 +182,9 @@ class WiseFTCallback(RobustCallback):
         if final:
             logs["wise_ft_alpha"] = applied
         for name in curve.results:
-            logs[f"wise_ft_{name}_{curve.metric}"] = curve.value(name, curve.chosen_alpha)
+            logs[f"wise_ft_{name}_{curve.metric.removeprefix('eval_')}"] = curve.value(
+                name, curve.chosen_alpha
+            )
         self.trainer.log(logs)
         history = self.trainer.state.log_history
         if history:

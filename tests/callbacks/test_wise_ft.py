@@ -350,3 +350,12 @@ def test_manual_sweep_after_training(tmp_path, full_run):
     assert curve.value("id", a) == min(curve.results["id"])
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, (1 - a) * start[k] + a * end[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_sweep_without_a_trainer_fails_before_training():
+    cb = WiseFTCallback(eval_datasets={"id": []})
+    cb._log_before_reporters = lambda: None
+    args = type("A", (), {"output_dir": "unused"})()
+    state = type("S", (), {"global_step": 0})()
+    with pytest.raises(ValueError, match="needs the Trainer"):
+        cb.on_train_begin(args, state, None, model=_model())
