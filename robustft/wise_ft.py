@@ -59,18 +59,30 @@ def check_alphas(alphas: Sequence[float], extrapolate: bool = False) -> list[flo
     return sorted({check_alpha(a, extrapolate, name="alphas") for a in alphas})
 
 
-def choose_alpha(alphas: Sequence[float], values: Sequence[float], greater_is_better: bool = True) -> float:
-    """α* = argbest_α metric_ID(α); among equal best values the smallest α (closest to the start).
+def choose_alpha(
+    alphas: Sequence[float],
+    values: Sequence[float],
+    greater_is_better: bool = True,
+    tie_break: Sequence[float] | None = None,
+) -> float:
+    """α* = argbest_α metric_ID(α); ties go to the lowest ``tie_break`` (ID loss), then the smallest α.
 
-    Only the in-distribution values are passed in, so a shifted set can never steer the choice.
-    Ties go to the α nearest the start because ID data cannot tell those models apart, and the
-    start is the robust end of the segment (WiSE-FT's premise).
+    Only in-distribution numbers are passed in, so a shifted set can never steer the choice. A
+    metric like accuracy is often flat over a range of α on a finite validation set; the ID loss
+    of the same evaluation separates those models, and the smallest α (closest to the start) is the
+    last resort.
     """
     if len(alphas) != len(values) or not alphas:
         raise ValueError(f"choose_alpha: {len(alphas)} alphas for {len(values)} metric values")
+    if tie_break is not None and len(tie_break) != len(alphas):
+        raise ValueError(f"choose_alpha: {len(tie_break)} tie-break values for {len(alphas)} alphas")
     sign = 1.0 if greater_is_better else -1.0
     best = max(sign * v for v in values)
-    return min(a for a, v in zip(alphas, values, strict=True) if sign * v == best)
+    tied = [i for i, v in enumerate(values) if sign * v == best]
+    if tie_break is not None:
+        low = min(tie_break[i] for i in tied)
+        tied = [i for i in tied if tie_break[i] == low]
+    return min(alphas[i] for i in tied)
 
 
 # -- offline, whole models ---------------------------------------------------------------------
@@ -353,6 +365,7 @@ def wise_ft_sweep(
     check_method(method)
     end = weights.capture_end()
     results: dict[str, list[float]] = {name: [] for name in eval_datasets}
+    id_loss: list[float] = []
     bar = None
     if progress and distributed.is_main_process():
         from tqdm.auto import tqdm
@@ -373,10 +386,13 @@ def wise_ft_sweep(
                         "give the Trainer a compute_metrics that returns it"
                     )
                 results[name].append(float(metrics[key]))
+                if name == id_dataset and f"{prefix}_loss" in metrics:
+                    id_loss.append(float(metrics[f"{prefix}_loss"]))
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(alpha=alpha, **{name: round(results[name][-1], 4)})
-        chosen = choose_alpha(grid, results[id_dataset], greater_is_better)
+        tie = id_loss if len(id_loss) == len(grid) and metric.removeprefix("eval_") != "loss" else None
+        chosen = choose_alpha(grid, results[id_dataset], greater_is_better, tie_break=tie)
         final = chosen if apply_alpha is None else check_alpha(apply_alpha, extrapolate)
         weights.apply_(final, method, end=end, extrapolate=extrapolate)
         ok = True
@@ -394,5 +410,5 @@ def wise_ft_sweep(
         greater_is_better=greater_is_better,
         method=method,
         step=int(getattr(trainer.state, "global_step", 0)),
-        extra={"applied_alpha": final},
+        extra={"applied_alpha": final, "id_loss": id_loss},
     )
