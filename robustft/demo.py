@@ -303,6 +303,7 @@ def run_demo(
         compute_metrics=accuracy,
         callbacks=callbacks,
     )
+    _quiet_sweep_logs(trainer)
     trainer.train()
     result = DemoResult(curve=wise.curve, output_dir=out, seconds=time.time() - t0)
     if verbose:
@@ -312,6 +313,26 @@ def run_demo(
         print(result.summary())
         print(f"({result.seconds:.0f} s)")
     return result
+
+
+def _quiet_sweep_logs(trainer) -> None:
+    """Keep the console to training logs and the final table: the 33 per-(α, split) evaluation logs
+    still reach ``state.log_history`` and the curve files, they are just not printed."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    for base in (ProgressCallback, PrinterCallback):
+        old = next((cb for cb in trainer.callback_handler.callbacks if type(cb) is base), None)
+        if old is None:
+            continue
+
+        class Quiet(base):
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                if logs and any(k.startswith("wise_ft_a") for k in logs):
+                    return
+                return super().on_log(args, state, control, logs=logs, **kwargs)
+
+        trainer.remove_callback(old)
+        trainer.add_callback(Quiet())
 
 
 def register(subparsers) -> None:
