@@ -85,6 +85,12 @@ def main(out: str) -> None:
         info["brute"] = brute
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(info, f)
+    # destroy the gloo group before exit: a rank leaving while the other still works aborts at teardown
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
