@@ -17,6 +17,7 @@ from robustft.callbacks import (  # noqa: E402
     RandomPerturbationCallback,
     SAMCallback,
     SWACallback,
+    WiseFTCallback,
 )
 from robustft.lora import (  # noqa: E402
     DeltaSet,
@@ -28,7 +29,10 @@ from robustft.lora import (  # noqa: E402
     write_adapter,
 )
 from robustft.merge import estimate_fisher, load_recipe, merge_checkpoints  # noqa: E402
+from robustft.ops.interpolate import interpolate  # noqa: E402
 from robustft.params import Snapshot, select_parameters, swapped_in  # noqa: E402
+from robustft.wise_ft import WiseFTCurve, interpolate_models, interpolate_state_dicts, wise_ft_sweep  # noqa: E402
+from robustft.zero_shot import SentenceClassifier, install_zero_shot_head  # noqa: E402
 
 __all__ = [
     "DeltaSet",
@@ -43,15 +47,23 @@ __all__ = [
     "RandomPerturbationCallback",
     "SAMCallback",
     "SWACallback",
+    "SentenceClassifier",
     "Snapshot",
+    "WiseFTCallback",
+    "WiseFTCurve",
     "__version__",
     "compose_adapters",
     "estimate_fisher",
+    "install_zero_shot_head",
+    "interpolate",
+    "interpolate_models",
+    "interpolate_state_dicts",
     "load_recipe",
     "merge_checkpoints",
     "merge_into_base",
     "read_adapter",
     "select_parameters",
     "swapped_in",
+    "wise_ft_sweep",
     "write_adapter",
 ]

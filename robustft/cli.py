@@ -14,7 +14,12 @@ from collections.abc import Sequence
 from robustft import __version__
 
 # module path of each sub-command; each exposes register(subparsers)
-SUBCOMMANDS: list[str] = ["robustft.merge.command", "robustft.lora.cli"]
+SUBCOMMANDS: list[str] = [
+    "robustft.demo",
+    "robustft.cli_interpolate",
+    "robustft.merge.command",
+    "robustft.lora.cli",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

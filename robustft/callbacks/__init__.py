@@ -14,6 +14,7 @@ from robustft.callbacks.sam import (
     RandomPerturbationCallback,
     SAMCallback,
 )
+from robustft.callbacks.wise_ft import WiseFTCallback
 
 __all__ = [
     "EMACallback",
@@ -26,4 +27,5 @@ __all__ = [
     "RobustCallback",
     "SAMCallback",
     "SWACallback",
+    "WiseFTCallback",
 ]

@@ -1,0 +1,208 @@
+"""WiSE-FT as a Trainer callback: snapshot the start, interpolate (or sweep α) when training ends.
+
+Usage::
+
+    cb = WiseFTCallback(eval_datasets={"id": val, "shifted": ood}, id_dataset="id")
+    trainer = Trainer(..., callbacks=[cb]); trainer.train()   # model now holds θ(α*)
+
+The sweep needs the Trainer's own ``evaluate``; callbacks are handed no trainer, so the
+callback finds it on the call stack of ``on_train_begin`` (the Trainer is the caller of its
+callback handler), or takes it from :meth:`WiseFTCallback.attach` / ``trainer=``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from robustft import distributed
+from robustft.callbacks.base import RobustCallback
+from robustft.ops.interpolate import check_alpha, check_method
+from robustft.params import select_parameters
+from robustft.wise_ft import DEFAULT_ALPHAS, WiseFTCurve, WiseFTWeights, check_alphas, wise_ft_sweep
+
+__all__ = ["WiseFTCallback"]
+
+logger = logging.getLogger(__name__)
+
+
+class WiseFTCallback(RobustCallback):
+    """θ(α) = (1−α)·θ_start + α·θ_end at the end of training, for a fixed α or the best α of a sweep.
+
+    Args:
+        alpha: fixed α to leave in the model. With ``eval_datasets`` the curve is still measured.
+        alphas: grid swept when ``eval_datasets`` are given (default 0, 0.1, ..., 1).
+        method: ``"linear"`` (WiSE-FT) or ``"slerp"`` (per tensor, linear for near-parallel tensors).
+        eval_datasets: name -> dataset, evaluated with ``trainer.evaluate`` at every α.
+        id_dataset: the in-distribution set α is chosen on (never the shifted ones).
+        metric: key of the Trainer's metrics (``compute_metrics``) to choose on, e.g. ``"accuracy"``.
+        greater_is_better: False for a loss-like metric.
+        snapshot_device: ``"same"`` or ``"cpu"`` (offload the start copy).
+        include / exclude: regexes selecting the interpolated trainable parameters.
+        extrapolate: allow α outside [0, 1].
+        save_curve: write ``wise_ft.json``/``.csv``/``.png`` into ``output_dir`` (main process).
+        sweep_at_eval: also sweep at every intermediate evaluation (logs only; the model is restored).
+        trainer: the Trainer, if known (else found when training starts).
+    """
+
+    state_name = "wise_ft"
+
+    def __init__(
+        self,
+        alpha: float | None = None,
+        alphas: Sequence[float] = DEFAULT_ALPHAS,
+        method: str = "linear",
+        eval_datasets: Mapping[str, Any] | None = None,
+        id_dataset: str | None = None,
+        metric: str = "accuracy",
+        greater_is_better: bool = True,
+        snapshot_device: str | torch.device = "same",
+        include: str | Sequence[str] | None = None,
+        exclude: str | Sequence[str] | None = None,
+        extrapolate: bool = False,
+        save_curve: bool = True,
+        sweep_at_eval: bool = False,
+        progress: bool = True,
+        trainer=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.alpha = None if alpha is None else check_alpha(alpha, extrapolate)
+        self.alphas = check_alphas(alphas, extrapolate)
+        self.method = check_method(method)
+        self.eval_datasets = dict(eval_datasets or {})
+        if self.alpha is None and not self.eval_datasets:
+            raise ValueError("WiseFTCallback: give a fixed `alpha` or `eval_datasets` to choose α on")
+        if self.eval_datasets:
+            if id_dataset is None and len(self.eval_datasets) == 1:
+                id_dataset = next(iter(self.eval_datasets))
+            if id_dataset not in self.eval_datasets:
+                raise ValueError(
+                    f"id_dataset: {id_dataset!r} must name the in-distribution set among eval_datasets "
+                    f"{sorted(self.eval_datasets)}"
+                )
+        self.id_dataset = id_dataset
+        self.metric = metric
+        self.greater_is_better = greater_is_better
+        self.snapshot_device = snapshot_device
+        self.include, self.exclude = include, exclude
+        self.extrapolate = extrapolate
+        self.save_curve = save_curve
+        self.sweep_at_eval = sweep_at_eval
+        self.progress = progress
+        self.trainer = trainer
+        self.weights: WiseFTWeights | None = None
+        self.curve: WiseFTCurve | None = None
+        self._sweeping = False
+
+    def attach(self, trainer) -> WiseFTCallback:
+        """Register with ``trainer`` (``add_callback``) and keep it for sweeps; returns self."""
+        self.trainer = trainer
+        if self not in trainer.callback_handler.callbacks:
+            trainer.add_callback(self)
+        return self
+
+    # -- state ------------------------------------------------------------------------------------
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        if self.weights is None:
+            return {}, {}
+        return self.weights.state_dict()
+
+    def load_state_dict(self, tensors, meta, source: str) -> None:
+        self.weights.load_state_dict(tensors, meta, source)
+
+    # -- events -----------------------------------------------------------------------------------
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        super().on_train_begin(args, state, control, **kwargs)
+        if self.trainer is None:
+            self.trainer = _find_trainer()
+        if self.eval_datasets and self.trainer is None:
+            raise ValueError(
+                "WiseFTCallback: a sweep needs the Trainer; pass trainer= or call attach(trainer)"
+            )
+        params = select_parameters(model, include=self.include, exclude=self.exclude)
+        resume = self.resume_dir(args, state)
+        if resume is not None:
+            # the live weights are the checkpoint's: the start comes from the saved state
+            self.weights = WiseFTWeights(params, device=self.snapshot_device, check_start=False)
+            self.load_from(resume)
+        else:
+            self.weights = WiseFTWeights(params, device=self.snapshot_device)
+        self.pending_logs["wise_ft_start_numel"] = float(self.weights.stored_numel())
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        if not self.sweep_at_eval or self._sweeping or self.weights is None or not self.eval_datasets:
+            return
+        if self.trainer is None or not self.trainer.is_in_train:
+            return
+        self._sweeping = True
+        try:  # ends at α=1, i.e. bit-exactly the weights training continues from
+            curve = self._sweep(apply_alpha=1.0)
+        finally:
+            self._sweeping = False
+        self._record(curve, args, final=False)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.weights is None:
+            return
+        if self.eval_datasets:
+            self._sweeping = True
+            try:
+                self.curve = self._sweep(apply_alpha=self.alpha)
+            finally:
+                self._sweeping = False
+            self._record(self.curve, args, final=True)
+        else:
+            self.weights.apply_(self.alpha, self.method, extrapolate=self.extrapolate)
+            logger.info("WiSE-FT: model set to θ(α=%s)", self.alpha)
+
+    # -- helpers ----------------------------------------------------------------------------------
+    def _sweep(self, apply_alpha: float | None) -> WiseFTCurve:
+        return wise_ft_sweep(
+            self.trainer,
+            self.weights,
+            self.eval_datasets,
+            self.id_dataset,
+            alphas=self.alphas,
+            metric=self.metric,
+            greater_is_better=self.greater_is_better,
+            method=self.method,
+            extrapolate=self.extrapolate,
+            apply_alpha=apply_alpha,
+            progress=self.progress,
+        )
+
+    def _record(self, curve: WiseFTCurve, args, final: bool) -> None:
+        applied = curve.extra["applied_alpha"]
+        logs = {"wise_ft_chosen_alpha": curve.chosen_alpha}
+        if final:
+            logs["wise_ft_alpha"] = applied
+        for name in curve.results:
+            logs[f"wise_ft_{name}_{curve.metric.removeprefix('eval_')}"] = curve.value(
+                name, curve.chosen_alpha
+            )
+        self.trainer.log(logs)
+        history = self.trainer.state.log_history
+        if history:
+            history[-1]["wise_ft_curve"] = curve.as_dict()
+        if final and self.save_curve and distributed.is_main_process():
+            curve.save(args.output_dir)
+
+
+def _find_trainer():
+    """The Trainer whose callback handler is running this event (found on the call stack), or None."""
+    from transformers import Trainer
+
+    frame = inspect.currentframe()
+    for _ in range(12):
+        frame = frame.f_back if frame is not None else None
+        if frame is None:
+            return None
+        obj = frame.f_locals.get("self")
+        if isinstance(obj, Trainer):
+            return obj
+    return None

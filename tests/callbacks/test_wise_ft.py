@@ -1,0 +1,361 @@
+import copy
+import json
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
+
+from robustft import WiseFTCallback
+from robustft.wise_ft import interpolate_models
+
+VOCAB = 64
+
+
+def _model(num_labels=1, seed=0):
+    torch.manual_seed(seed)
+    cfg = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=32,
+        num_labels=num_labels,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    if num_labels == 1:
+        cfg.problem_type = "regression"
+    return BertForSequenceClassification(cfg).eval()
+
+
+def _data(n, seed, labels=None):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, VOCAB, (n, 8), generator=g)
+    y = torch.randn(n, generator=g) if labels is None else labels
+    return Dataset.from_dict({"input_ids": ids.tolist(), "labels": y.tolist()})
+
+
+def _args(tmp_path, **kw):
+    base = dict(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=8,
+        per_device_eval_batch_size=16,
+        max_steps=6,
+        learning_rate=5e-3,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        logging_steps=3,
+        seed=0,
+        disable_tqdm=True,
+    )
+    base.update(kw)
+    return TrainingArguments(**base)
+
+
+def _train(tmp_path, model, callbacks=(), **kw):
+    trainer = Trainer(
+        model=model, args=_args(tmp_path, **kw), train_dataset=_data(48, 1), callbacks=list(callbacks)
+    )
+    trainer.train()
+    return trainer
+
+
+def _state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    """(start state, fine-tuned state) of the reference run without WiSE-FT."""
+    model = _model()
+    start = _state(model)
+    _train(tmp_path_factory.mktemp("ref"), model)
+    return start, _state(model)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.35, 1.0])
+def test_fixed_alpha_equals_dense_formula_on_every_tensor(tmp_path, full_run, alpha):
+    start, end = full_run
+    model = _model()
+    _train(tmp_path, model, [WiseFTCallback(alpha=alpha, snapshot_device="cpu")])
+    got = model.state_dict()
+    assert any(not torch.equal(start[k], end[k]) for k in start)
+    for k in start:
+        want = (1 - alpha) * start[k].double() + alpha * end[k].double()
+        torch.testing.assert_close(got[k].double(), want, rtol=0, atol=1e-6, msg=k)
+        if alpha == 0.0:
+            assert torch.equal(got[k], start[k]), k
+        if alpha == 1.0:
+            assert torch.equal(got[k], end[k]), k
+
+
+def _lora(model, **kw):
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["query", "value", "dense"], modules_to_save=["classifier"], **kw
+    )
+    return get_peft_model(model, cfg)
+
+
+def _merged(peft_model):
+    return {
+        k: v.detach().clone() for k, v in copy.deepcopy(peft_model).merge_and_unload().state_dict().items()
+    }
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+    """(merged start, merged end, adapter state at the end) of a LoRA reference run without WiSE-FT."""
+    pytest.importorskip("peft")
+    ref = _lora(_model())
+    start_merged = _merged(ref)
+    _train(tmp_path_factory.mktemp("lora_ref"), ref)
+    return start_merged, _merged(ref), {k: v.detach().clone() for k, v in ref.state_dict().items()}
+
+
+def test_lora_scales_the_delta_exactly(tmp_path, lora_run):
+    start_merged, end_merged, end_state = lora_run
+    alpha = 0.4
+    model = _lora(_model())
+    cb = WiseFTCallback(alpha=alpha)
+    _train(tmp_path, model, [cb])
+    # nothing stored for the LoRA factors: only the (modules_to_save) head is snapshotted
+    assert cb.weights.lora_b and all("lora" not in n for n in cb.weights.start.names)
+    got = _merged(model)
+    changed = 0
+    for k in start_merged:
+        want = (1 - alpha) * start_merged[k].double() + alpha * end_merged[k].double()
+        torch.testing.assert_close(got[k].double(), want, rtol=0, atol=1e-5, msg=k)
+        changed += not torch.equal(start_merged[k], end_merged[k])
+    assert changed > 4
+    for name, p in model.state_dict().items():  # A keeps its fine-tuned value, B is scaled
+        if "lora_A" in name:
+            assert torch.equal(p, end_state[name]), name
+        if "lora_B" in name:
+            torch.testing.assert_close(p, alpha * end_state[name], msg=name)
+
+
+def test_lora_endpoints_bit_exact(tmp_path, lora_run):
+    start_merged, _, end_state = lora_run
+    model = _lora(_model())
+    _train(tmp_path / "a0", model, [WiseFTCallback(alpha=0.0)])
+    for k, v in _merged(model).items():  # B = 0: the start model, whatever A holds
+        assert torch.equal(v, start_merged[k]), k
+    model = _lora(_model())
+    _train(tmp_path / "a1", model, [WiseFTCallback(alpha=1.0)])
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, end_state[k]), k
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora", "trained"])
+def test_nonzero_lora_start_is_refused(tmp_path, init):
+    pytest.importorskip("peft")
+    if init == "trained":
+        model = _lora(_model())
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_()  # an adapter that already carries a delta
+    else:  # these inits also rewrite the base weights: W_res = W - B·A
+        model = _lora(_model(), init_lora_weights=init)
+    with pytest.raises(ValueError, match="lora_B.*non-zero"):
+        _train(tmp_path, model, [WiseFTCallback(alpha=0.5)])
+
+
+def test_options_are_validated():
+    with pytest.raises(ValueError, match="outside"):
+        WiseFTCallback(alpha=1.2)
+    assert WiseFTCallback(alpha=1.2, extrapolate=True).alpha == 1.2
+    with pytest.raises(ValueError, match="alphas"):
+        WiseFTCallback(alphas=[0.0, -0.5], eval_datasets={"id": []})
+    with pytest.raises(ValueError, match="id_dataset"):
+        WiseFTCallback(eval_datasets={"a": [], "b": []}, id_dataset="c")
+    with pytest.raises(ValueError, match="alpha"):
+        WiseFTCallback()
+    with pytest.raises(ValueError, match="method"):
+        WiseFTCallback(alpha=0.5, method="cubic")
+
+
+def _neg_mse(pred):
+    p = torch.as_tensor(pred.predictions).reshape(-1)
+    y = torch.as_tensor(pred.label_ids).reshape(-1)
+    return {"neg_mse": -torch.mean((p - y) ** 2).item(), "mse": torch.mean((p - y) ** 2).item()}
+
+
+@torch.no_grad()
+def _outputs(model, ds):
+    return model(input_ids=torch.tensor(ds["input_ids"])).logits.reshape(-1)
+
+
+@pytest.mark.parametrize("metric,greater", [("neg_mse", True), ("eval_mse", False)])
+def test_sweep_chooses_alpha_on_in_distribution_set_only(tmp_path, full_run, metric, greater):
+    """ID targets are θ(0.7)'s outputs, shifted targets θ(0.2)'s: the shifted set would pick 0.2."""
+    start, end = full_run
+    probe = _model()
+    targets = {}
+    for name, a, seed in (("id", 0.7, 5), ("shifted", 0.2, 6)):
+        probe.load_state_dict({k: (1 - a) * start[k] + a * end[k] for k in start})
+        targets[name] = _data(32, seed, labels=_outputs(probe, _data(32, seed)))
+    model = _model()
+    grid = [0.0, 0.2, 0.5, 0.7, 1.0]
+    cb = WiseFTCallback(
+        eval_datasets=targets, id_dataset="id", metric=metric, greater_is_better=greater, alphas=grid
+    )
+    trainer = Trainer(
+        model=model,
+        args=_args(tmp_path),
+        train_dataset=_data(48, 1),
+        callbacks=[cb],
+        compute_metrics=_neg_mse,
+    )
+    trainer.train()
+    curve = cb.curve
+    assert cb.trainer is trainer  # found on the call stack
+    assert curve.chosen_alpha == 0.7
+    shifted = curve.results["shifted"]
+    sign = 1 if greater else -1
+    assert curve.alphas[max(range(len(shifted)), key=lambda i: sign * shifted[i])] == 0.2
+    for k, v in model.state_dict().items():  # the chosen weights are left in the model
+        torch.testing.assert_close(v, 0.3 * start[k] + 0.7 * end[k], rtol=0, atol=1e-6, msg=k)
+    saved = json.loads((tmp_path / "wise_ft.json").read_text())
+    assert saved["chosen_alpha"] == 0.7 and len(saved["results"]["shifted"]) == 5
+    assert (tmp_path / "wise_ft.csv").read_text().count("\n") == 6
+    assert (tmp_path / "wise_ft.png").stat().st_size > 1000
+    logged = [h for h in trainer.state.log_history if "wise_ft_curve" in h]
+    assert logged and logged[-1]["wise_ft_chosen_alpha"] == 0.7
+    assert any(
+        "wise_ft_a0.2_shifted_neg_mse" in h or "wise_ft_a0.2_shifted_mse" in h
+        for h in trainer.state.log_history
+    )
+
+
+def test_sweep_restores_fine_tuned_weights_when_evaluation_fails(tmp_path, full_run):
+    _, end = full_run
+
+    def broken(pred):
+        raise RuntimeError("metric exploded")
+
+    model = _model()
+    cb = WiseFTCallback(eval_datasets={"id": _data(16, 3)}, metric="neg_mse")
+    trainer = Trainer(
+        model=model, args=_args(tmp_path), train_dataset=_data(48, 1), callbacks=[cb], compute_metrics=broken
+    )
+    with pytest.raises(RuntimeError, match="exploded"):
+        trainer.train()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, end[k]), k
+
+
+def test_functional_api_matches_callback(full_run):
+    start, end = full_run
+    a, b, into = _model(), _model(), _model()
+    a.load_state_dict(start)
+    b.load_state_dict(end)
+    sd = interpolate_models(a, b, 0.25, into=into)
+    for k in start:
+        torch.testing.assert_close(sd[k], 0.75 * start[k] + 0.25 * end[k])
+        assert torch.equal(into.state_dict()[k], sd[k])
+
+
+def test_resume_restores_the_start_snapshot(tmp_path, full_run):
+    start, end = full_run
+    model = _model()
+    _train(tmp_path, model, [WiseFTCallback(alpha=0.5)], max_steps=6, save_strategy="steps", save_steps=3)
+    once = _state(model)
+    model2 = _model(seed=1)  # different init: the start must come from the checkpoint, not the live model
+    trainer = Trainer(
+        model=model2,
+        args=_args(tmp_path, save_strategy="steps", save_steps=3),
+        train_dataset=_data(48, 1),
+        callbacks=[WiseFTCallback(alpha=0.5)],
+    )
+    trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
+    for k, v in model2.state_dict().items():
+        torch.testing.assert_close(v, once[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_slerp_and_attach(tmp_path, full_run):
+    from robustft.ops.interpolate import slerp
+
+    start, end = full_run
+    model = _model()
+    trainer = Trainer(model=model, args=_args(tmp_path), train_dataset=_data(48, 1))
+    cb = WiseFTCallback(alpha=0.4, method="slerp").attach(trainer)
+    assert cb in trainer.callback_handler.callbacks and cb.trainer is trainer
+    trainer.train()
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, slerp(start[k], end[k], 0.4), rtol=0, atol=1e-6, msg=k)
+
+
+def test_sweep_at_eval_logs_curves_and_leaves_training_untouched(tmp_path, full_run):
+    _, end = full_run
+    model = _model()
+    ds = _data(16, 3)
+    cb = WiseFTCallback(
+        alpha=1.0,
+        eval_datasets={"id": ds},
+        alphas=[0.0, 0.5, 1.0],
+        metric="mse",
+        greater_is_better=False,
+        sweep_at_eval=True,
+        save_curve=False,
+    )
+    trainer = Trainer(
+        model=model,
+        args=_args(tmp_path, eval_strategy="steps", eval_steps=3),
+        train_dataset=_data(48, 1),
+        eval_dataset=ds,
+        compute_metrics=_neg_mse,
+        callbacks=[cb],
+    )
+    trainer.train()
+    curves = [h for h in trainer.state.log_history if "wise_ft_curve" in h]
+    assert [h["wise_ft_curve"]["step"] for h in curves] == [3, 6, 6]
+    for k, v in model.state_dict().items():  # α=1 fixed: the run equals the reference run bit for bit
+        assert torch.equal(v, end[k]), k
+
+
+def test_manual_sweep_after_training(tmp_path, full_run):
+    from robustft import wise_ft_sweep
+
+    start, end = full_run
+    model = _model()
+    cb = WiseFTCallback(alpha=1.0)
+    trainer = Trainer(
+        model=model,
+        args=_args(tmp_path),
+        train_dataset=_data(48, 1),
+        callbacks=[cb],
+        compute_metrics=_neg_mse,
+    )
+    trainer.train()
+    ds = _data(16, 9)
+    at_end = trainer.evaluate(eval_dataset=ds)["eval_mse"]
+    curve = wise_ft_sweep(
+        trainer,
+        cb.weights,
+        {"id": ds},
+        "id",
+        alphas=[0.0, 0.5, 1.0],
+        metric="mse",
+        greater_is_better=False,
+        progress=False,
+    )
+    assert curve.value("id", 1.0) == pytest.approx(at_end, rel=1e-6)
+    a = curve.chosen_alpha
+    assert curve.value("id", a) == min(curve.results["id"])
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, (1 - a) * start[k] + a * end[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_sweep_without_a_trainer_fails_before_training():
+    cb = WiseFTCallback(eval_datasets={"id": []})
+    cb._log_before_reporters = lambda: None
+    args = type("A", (), {"output_dir": "unused"})()
+    state = type("S", (), {"global_step": 0})()
+    with pytest.raises(ValueError, match="needs the Trainer"):
+        cb.on_train_begin(args, state, None, model=_model())
