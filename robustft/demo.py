@@ -199,6 +199,7 @@ class DemoResult:
     curve: object  # WiseFTCurve
     output_dir: Path
     seconds: float
+    ema_accuracy: dict[str, float]
 
     def accuracy(self, split: str, alpha: float) -> float:
         return self.curve.value(split, alpha)
@@ -215,6 +216,16 @@ class DemoResult:
             f"WiSE-FT (alpha={a:g}, chosen on '{c.id_dataset}' only) gained {gain:+.1f} points under shift "
             f"over the fine-tuned model ({pct('shifted', a)} vs {pct('shifted', 1.0)}) and changed held-out "
             f"in-distribution accuracy by {did:+.1f} ({pct('id_test', a)} vs {pct('id_test', 1.0)})."
+        )
+
+
+    def ema_summary(self) -> str:
+        c, e = self.curve, self.ema_accuracy
+        return (
+            f"EMA of the fine-tuning weights (decay 0.9): held-out in-distribution "
+            f"{100 * e['id_test']:.1f}%, "
+            f"shifted {100 * e['shifted']:.1f}% (fine-tuned: {100 * c.value('id_test', 1.0):.1f}%, "
+            f"{100 * c.value('shifted', 1.0):.1f}%)."
         )
 
 
@@ -239,6 +250,7 @@ def run_demo(
     from transformers import AutoTokenizer, DataCollatorWithPadding, Trainer, TrainingArguments
     from transformers.utils import logging as hf_logging
 
+    from robustft.callbacks.averaging import EMACallback
     from robustft.callbacks.wise_ft import WiseFTCallback
     from robustft.wise_ft import DEFAULT_ALPHAS
     from robustft.zero_shot import SentenceClassifier, install_zero_shot_head
@@ -292,9 +304,9 @@ def run_demo(
         metric="accuracy",
         progress=progress,
     )
-    callbacks = [wise]
-    # --- EMA goes here: the lead wires robustft.callbacks.averaging.EMACallback
-    # (e.g. callbacks.append(EMACallback(...))) once it is on main.
+    # EMA of the fine-tuning trajectory, reported beside the WiSE-FT curve
+    ema = EMACallback(decay=0.9, eval_with_ema=False, save_dir=None)
+    callbacks = [wise, ema]
     trainer = Trainer(
         model=model,
         args=args,
@@ -305,12 +317,18 @@ def run_demo(
     )
     _quiet_sweep_logs(trainer)
     trainer.train()
-    result = DemoResult(curve=wise.curve, output_dir=out, seconds=time.time() - t0)
+    with ema.averaged_weights():
+        ema_accuracy = {
+            split: trainer.evaluate(evals[split], metric_key_prefix=f"ema_{split}")[f"ema_{split}_accuracy"]
+            for split in ("id_test", "shifted")
+        }
+    result = DemoResult(curve=wise.curve, output_dir=out, seconds=time.time() - t0, ema_accuracy=ema_accuracy)
     if verbose:
         print("\nWiSE-FT curve (accuracy; alpha=0 is the zero-shot start, alpha=1 the fine-tuned model):")
         print(wise.curve.table())
         print(f"\nplot and table: {out / 'wise_ft.png'}, {out / 'wise_ft.csv'}, {out / 'wise_ft.json'}")
         print(result.summary())
+        print(result.ema_summary())
         print(f"({result.seconds:.0f} s)")
     return result
 
@@ -327,7 +345,7 @@ def _quiet_sweep_logs(trainer) -> None:
 
         class Quiet(base):
             def on_log(self, args, state, control, logs=None, **kwargs):
-                if logs and any(k.startswith("wise_ft_a") for k in logs):
+                if logs and any(k.startswith(("wise_ft_a", "ema_")) for k in logs):
                     return
                 return super().on_log(args, state, control, logs=logs, **kwargs)
 

@@ -14,6 +14,7 @@ from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from robustft import distributed
@@ -200,7 +201,12 @@ class _AveragingCallback(RobustCallback):
             )
             return
         if distributed.is_main_process():
-            model.save_pretrained(target)
+            if hasattr(model, "save_pretrained"):
+                model.save_pretrained(target)
+            else:  # a plain nn.Module: its state dict as safetensors
+                os.makedirs(target, exist_ok=True)
+                save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+                          os.path.join(target, "model.safetensors"))
         distributed.barrier()
 
 

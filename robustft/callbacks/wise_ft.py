@@ -12,7 +12,6 @@ callback handler), or takes it from :meth:`WiseFTCallback.attach` / ``trainer=``
 
 from __future__ import annotations
 
-import inspect
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -99,13 +98,6 @@ class WiseFTCallback(RobustCallback):
         self.curve: WiseFTCurve | None = None
         self._sweeping = False
 
-    def attach(self, trainer) -> WiseFTCallback:
-        """Register with ``trainer`` (``add_callback``) and keep it for sweeps; returns self."""
-        self.trainer = trainer
-        if self not in trainer.callback_handler.callbacks:
-            trainer.add_callback(self)
-        return self
-
     # -- state ------------------------------------------------------------------------------------
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         if self.weights is None:
@@ -117,9 +109,7 @@ class WiseFTCallback(RobustCallback):
 
     # -- events -----------------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        super().on_train_begin(args, state, control, **kwargs)
-        if self.trainer is None:
-            self.trainer = _find_trainer()
+        super().on_train_begin(args, state, control, **kwargs)  # finds the Trainer if not given
         if self.eval_datasets and self.trainer is None:
             raise ValueError(
                 "WiseFTCallback: a sweep needs the Trainer; pass trainer= or call attach(trainer)"
@@ -191,18 +181,3 @@ class WiseFTCallback(RobustCallback):
             history[-1]["wise_ft_curve"] = curve.as_dict()
         if final and self.save_curve and distributed.is_main_process():
             curve.save(args.output_dir)
-
-
-def _find_trainer():
-    """The Trainer whose callback handler is running this event (found on the call stack), or None."""
-    from transformers import Trainer
-
-    frame = inspect.currentframe()
-    for _ in range(12):
-        frame = frame.f_back if frame is not None else None
-        if frame is None:
-            return None
-        obj = frame.f_locals.get("self")
-        if isinstance(obj, Trainer):
-            return obj
-    return None

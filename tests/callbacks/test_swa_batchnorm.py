@@ -1,6 +1,7 @@
 """SWA with BatchNorm: statistics recomputed for the averaged weights, as swa_utils.update_bn does."""
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 from torch.optim.swa_utils import update_bn
 from torch.utils.data import DataLoader, TensorDataset
@@ -52,7 +53,7 @@ class DictData(torch.utils.data.Dataset):
 
 def test_swa_saves_averaged_weights_with_recomputed_statistics(tmp_path):
     model = BNNet()
-    swa = SWACallback(start=2, save_dir=None, copy_to_model_at_end=True)
+    swa = SWACallback(start=2, save_dir=str(tmp_path / "swa"), copy_to_model_at_end=True)
     # one batch per epoch, so the reference sees the same batch whatever the shuffling
     args = training_args(tmp_path, per_device_train_batch_size=64, learning_rate=5e-2)
     Trainer(model=model, args=args, train_dataset=DictData(), callbacks=[swa]).train()
@@ -63,3 +64,6 @@ def test_swa_saves_averaged_weights_with_recomputed_statistics(tmp_path):
     update_bn(DataLoader(TensorDataset(DictData().x), batch_size=64), expected)
     torch.testing.assert_close(model.body[1].running_mean, expected.body[1].running_mean)
     torch.testing.assert_close(model.body[1].running_var, expected.body[1].running_var)
+    saved = load_file(str(tmp_path / "swa" / "model.safetensors"))  # a plain nn.Module: its state dict
+    for name, t in model.state_dict().items():
+        assert torch.equal(saved[name], t), name
