@@ -69,7 +69,6 @@ class _AveragingCallback(RobustCallback):
         self.log_distance = log_distance
         self.num_updates = 0
         self.params: dict[str, torch.Tensor] | None = None
-        self._swap = ExitStack()
 
     # -- what subclasses provide ---------------------------------------------------------------
     def _init_average(self) -> None:
@@ -145,6 +144,30 @@ class _AveragingCallback(RobustCallback):
                 self._task_boundary()
         if checkpoint is not None:
             self.load_from(checkpoint)
+        if self.eval_with_average:
+            self._evaluate_with_average()
+
+    def _evaluate_with_average(self) -> None:
+        """Make the Trainer's evaluations during training run on the average, swapped back even on error.
+
+        The Trainer has no "before evaluation" event, so its ``evaluate`` is wrapped (an instance
+        attribute, removed at the end of training) in :meth:`averaged_weights`.
+        """
+        trainer = self.trainer
+        if trainer is None:
+            warnings.warn(f"{type(self).__name__}: no Trainer found, evaluations use the live weights",
+                          stacklevel=3)
+            return
+        original = trainer.evaluate
+
+        def evaluate(*args, **kwargs):
+            if not self.has_average():
+                return original(*args, **kwargs)
+            with self.averaged_weights():
+                return original(*args, **kwargs)
+
+        evaluate.robustft_wrapper = self  # marks our wrapper, so only ours is removed
+        trainer.evaluate = evaluate
 
     def _task_boundary(self) -> None:
         """A further ``train()`` with the same callback (continual fine-tuning); nothing by default."""
@@ -159,24 +182,11 @@ class _AveragingCallback(RobustCallback):
             if self.log_distance and self.has_average():
                 logs[f"{self.prefix}/distance"] = self.distance()
             self.pending_logs.update(logs)
-        self._maybe_swap_for_eval(control)
-
-    def on_epoch_end(self, args, state, control, **kwargs):
-        self._maybe_swap_for_eval(control)
-
-    def _maybe_swap_for_eval(self, control) -> None:
-        if self.eval_with_average and control.should_evaluate and self.has_average() and not self._swapped:
-            self._swap.enter_context(self.averaged_weights())
-
-    @property
-    def _swapped(self) -> bool:
-        return bool(self._swap._exit_callbacks)
-
-    def on_evaluate(self, args, state, control, **kwargs):
-        self._swap.close()
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
-        self._swap.close()
+        wrapper = self.trainer.__dict__.get("evaluate") if self.trainer is not None else None
+        if getattr(wrapper, "robustft_wrapper", None) is self:
+            del self.trainer.evaluate
         if not self.has_average():
             return
         with ExitStack() as stack:

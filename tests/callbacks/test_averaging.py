@@ -233,3 +233,24 @@ def test_metrics_reach_reporting_callbacks_placed_before_user_callbacks(tmp_path
     trainer.callback_handler.callbacks.insert(1, reporter)
     trainer.train()
     assert [s["ema/num_updates"] for s in reporter.seen if "ema/num_updates" in s] == [1.0, 2.0, 3.0]
+
+
+def test_evaluation_that_raises_leaves_the_live_weights(tmp_path):
+    class LiveAtStep(TrainerCallback):
+        def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+            self.live = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    def broken_metrics(_):
+        raise RuntimeError("metric failed")
+
+    probe, ema = LiveAtStep(), EMACallback(decay=0.5, save_dir=None)
+    trainer = Trainer(
+        model=tiny_bert(), args=training_args(tmp_path, eval_strategy="steps", eval_steps=3, max_steps=3),
+        train_dataset=token_dataset(), eval_dataset=token_dataset(16, seed=1), compute_metrics=broken_metrics,
+        callbacks=[ema, probe],
+    )
+    with pytest.raises(RuntimeError, match="metric failed"):
+        trainer.train()
+    assert ema.distance() > 0  # the average differs from the live weights, so a leak would show
+    for n, p in trainer.model.named_parameters():
+        assert torch.equal(p.detach(), probe.live[n]), n
