@@ -115,18 +115,8 @@ def _check_inputs(
     """Same tensor names and shapes everywhere, checked on headers only; the error names tensor and model."""
     for reader, who in zip(readers, label[1:], strict=True):
         diff = layout_difference(ref, reader, exact_dtype=False)
-        if diff is None:
-            continue
-        more = f" (and {diff.more} more)" if diff.more else ""
-        name = diff.name
-        if diff.kind == "missing":
-            raise ValueError(f"{who} lacks tensor {name!r} present in {label[0]}{more}")
-        if diff.kind == "extra":
-            raise ValueError(f"{who} has tensor {name!r} absent from {label[0]}{more}")
-        a, b = ref.infos[name], reader.infos[name]
-        if diff.kind == "shape":
-            raise ValueError(f"tensor {name!r} has shape {b.shape} in {who} but {a.shape} in {label[0]}")
-        raise ValueError(f"tensor {name!r} is {b.dtype} in {who} but {a.dtype} in {label[0]}")
+        if diff is not None:
+            raise ValueError(diff.describe(label[0], who))
 
 
 def merge_checkpoints(

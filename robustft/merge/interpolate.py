@@ -29,16 +29,11 @@ def check_same_layout(
     diff = layout_difference(a, b)
     if diff is None:
         return
-    name = diff.name
-    more = f" (and {diff.more} more)" if diff.more else ""
-    if diff.kind == "missing":
-        raise ValueError(f"tensor {name!r} is in {names[0]} but not in {names[1]}{more}")
-    if diff.kind == "extra":
-        raise ValueError(f"tensor {name!r} is in {names[1]} but not in {names[0]}{more}")
-    x, y = a.infos[name], b.infos[name]
     if diff.kind == "shape":
-        raise ValueError(f"tensor {name!r}: shape {x.shape} in {names[0]} but {y.shape} in {names[1]}")
-    raise ValueError(f"tensor {name!r}: dtype {x.dtype} in {names[0]} but {y.dtype} in {names[1]}")
+        raise ValueError(
+            f"tensor {diff.name!r}: shape {diff.ref_value} in {names[0]} but {diff.other_value} in {names[1]}"
+        )
+    raise ValueError(diff.describe(*names))
 
 
 def interpolate_checkpoints(

@@ -238,18 +238,32 @@ class CheckpointReader:
 @dataclass(frozen=True)
 class LayoutDifference:
     """The first way ``other`` differs from ``ref``: ``kind`` is missing/extra (tensor ``name`` only in
-    ``ref``/``other``; ``more`` others like it), shape or dtype."""
+    ``ref``/``other``; ``more`` others like it), shape or dtype (``ref_value`` vs ``other_value``)."""
 
     kind: str
     name: str
     more: int = 0
+    ref_value: object = None
+    other_value: object = None
+
+    def describe(self, ref_label: str, other_label: str) -> str:
+        """The error message, naming the tensor and both checkpoints."""
+        name, more = self.name, f" (and {self.more} more)" if self.more else ""
+        if self.kind == "missing":
+            return f"{other_label} lacks tensor {name!r} present in {ref_label}{more}"
+        if self.kind == "extra":
+            return f"{other_label} has tensor {name!r} absent from {ref_label}{more}"
+        what = "has shape" if self.kind == "shape" else "is"
+        return (
+            f"tensor {name!r} {what} {self.other_value} in {other_label} but {self.ref_value} in {ref_label}"
+        )
 
 
 def layout_difference(
     ref: CheckpointReader, other: CheckpointReader, exact_dtype: bool = True
 ) -> LayoutDifference | None:
     """Compare two checkpoints' headers: same names, shapes, and dtypes (or, unless ``exact_dtype``, the
-    same floating/non-floating kind). None when they agree; callers word the error for their command."""
+    same floating/non-floating kind). None when they agree."""
     ref_names, names = set(ref.infos), set(other.infos)
     for kind, diff in (("missing", ref_names - names), ("extra", names - ref_names)):
         if diff:
@@ -257,9 +271,9 @@ def layout_difference(
     for name, a in ref.infos.items():
         b = other.infos[name]
         if a.shape != b.shape:
-            return LayoutDifference("shape", name)
+            return LayoutDifference("shape", name, ref_value=a.shape, other_value=b.shape)
         if a.dtype != b.dtype if exact_dtype else a.dtype.is_floating_point != b.dtype.is_floating_point:
-            return LayoutDifference("dtype", name)
+            return LayoutDifference("dtype", name, ref_value=a.dtype, other_value=b.dtype)
     return None
 
 
