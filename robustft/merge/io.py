@@ -140,6 +140,7 @@ class CheckpointReader:
         self.files = self._files()
         for file in self.files:
             data_start, header, metadata = read_safetensors_header(file)
+            size = file.stat().st_size
             self.metadata.update(metadata)
             for name, entry in header.items():
                 dtype = _DTYPES.get(entry["dtype"])
@@ -153,6 +154,8 @@ class CheckpointReader:
                 )
                 if end - begin != info.nbytes:
                     raise ValueError(f"{file}: tensor {name!r} has {end - begin} bytes for {info.nbytes}")
+                if info.end > size:
+                    raise ValueError(f"{file}: tensor {name!r} is truncated (the file is {size} bytes)")
                 self.infos[name] = info
         for name, shard in (self.index or {}).items():
             if name not in self.infos or self.infos[name].file.name != shard:

@@ -110,6 +110,10 @@ def test_layout_difference_and_bad_folders(tmp_path):
     save_file(ts, str(tmp_path / "ad" / "adapter_model.safetensors"))
     with pytest.raises(ValueError, match="PEFT adapter"):
         CheckpointReader(tmp_path / "ad")
+    raw = (tmp_path / "a" / "model.safetensors").read_bytes()
+    (tmp_path / "a" / "model.safetensors").write_bytes(raw[:-4])
+    with pytest.raises(ValueError, match="truncated"):
+        CheckpointReader(tmp_path / "a")
     (tmp_path / "bin").mkdir()
     (tmp_path / "bin" / "pytorch_model.bin").write_bytes(b"")
     with pytest.raises(FileNotFoundError, match="pytorch_model.bin"):
