@@ -89,7 +89,7 @@ def main() -> None:
         make_checkpoint(d / "b", args.size, 1)
         res = {m: run(m, d / "a", d / "b", d / f"out_{m}") for m in ("plain", "robustft")}
         # same numbers out of both
-        from robustft.merge.stream import CheckpointReader
+        from robustft.merge.io import CheckpointReader
 
         r = CheckpointReader(d / "out_robustft")
         plain = load_file(str(d / "out_plain" / "model.safetensors"))

@@ -21,7 +21,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from robustft.checkpoint import atomic_output_dir, check_output_dir
-from robustft.merge.io import CheckpointReader, ShardedWriter, copy_side_files
+from robustft.merge.io import CheckpointReader, ShardedWriter, copy_side_files, layout_difference
 from robustft.merge.recipe import Override, Recipe, load_recipe
 from robustft.ops import merge as ops
 
@@ -113,27 +113,10 @@ def _check_inputs(
     recipe: Recipe, ref: CheckpointReader, readers: list[CheckpointReader], label: list[str]
 ) -> None:
     """Same tensor names and shapes everywhere, checked on headers only; the error names tensor and model."""
-    ref_names = set(ref.names)
     for reader, who in zip(readers, label[1:], strict=True):
-        names = set(reader.names)
-        missing = sorted(ref_names - names)
-        if missing:
-            raise ValueError(
-                f"{who} lacks tensor {missing[0]!r} present in {label[0]}"
-                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
-            )
-        extra = sorted(names - ref_names)
-        if extra:
-            raise ValueError(
-                f"{who} has tensor {extra[0]!r} absent from {label[0]}"
-                + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
-            )
-        for name in ref.names:
-            a, b = ref.infos[name], reader.infos[name]
-            if a.shape != b.shape:
-                raise ValueError(f"tensor {name!r} has shape {b.shape} in {who} but {a.shape} in {label[0]}")
-            if a.dtype.is_floating_point != b.dtype.is_floating_point:
-                raise ValueError(f"tensor {name!r} is {b.dtype} in {who} but {a.dtype} in {label[0]}")
+        diff = layout_difference(ref, reader, exact_dtype=False)
+        if diff is not None:
+            raise ValueError(diff.describe(label[0], who))
 
 
 def merge_checkpoints(
@@ -206,8 +189,7 @@ def merge_checkpoints(
             plan.append((name, info.shape, dtype))
 
         with atomic_output_dir(out_dir, overwrite) as tmp:
-            writer = ShardedWriter(tmp, plan, shard_size, metadata={"merged_by": "robustft"})
-            try:
+            with ShardedWriter(tmp, plan, shard_size, metadata={"merged_by": "robustft"}) as writer:
                 for name, _, dtype in tqdm(plan, desc="merging", unit="tensor", disable=not progress):
                     info = ref.infos[name]
                     if not info.dtype.is_floating_point:
@@ -229,10 +211,6 @@ def merge_checkpoints(
                         del tensors, fishers
                     writer.write(name, merged.to(dtype))
                     del merged, base
-                writer.close()
-            except BaseException:
-                writer.abort()
-                raise
             copy_side_files(ref_path, src_tok, tmp, out_dtype)
             (tmp / "robustft_merge.yaml").write_text(yaml.safe_dump(recipe.raw, sort_keys=False))
             files = list(writer.files)

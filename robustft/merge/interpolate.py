@@ -15,18 +15,25 @@ from pathlib import Path
 
 import torch
 
-from robustft.merge.stream import (
-    INDEX_NAME,
-    SINGLE_NAME,
-    CheckpointReader,
-    atomic_output_dir,
-    check_same_layout,
-    copy_side_files,
-    write_safetensors_streamed,
-)
+from robustft.checkpoint import atomic_output_dir
+from robustft.merge.io import CheckpointReader, ShardedWriter, copy_side_files, layout_difference
 from robustft.ops.interpolate import check_alpha, check_method, lerp, slerp
 
-__all__ = ["interpolate_checkpoints"]
+__all__ = ["check_same_layout", "interpolate_checkpoints"]
+
+
+def check_same_layout(
+    a: CheckpointReader, b: CheckpointReader, names: tuple[str, str] = ("start", "end")
+) -> None:
+    """Same tensor names, shapes and dtypes in both checkpoints; else a ValueError naming the tensor."""
+    diff = layout_difference(a, b)
+    if diff is None:
+        return
+    if diff.kind == "shape":
+        raise ValueError(
+            f"tensor {diff.name!r}: shape {diff.ref_value} in {names[0]} but {diff.other_value} in {names[1]}"
+        )
+    raise ValueError(diff.describe(*names))
 
 
 def interpolate_checkpoints(
@@ -47,34 +54,28 @@ def interpolate_checkpoints(
     for src in (a.path, b.path):
         if out.resolve() == src.resolve():
             raise ValueError(f"out: {out} is one of the inputs; write to a new folder")
+    plan = [(n, info.shape, info.dtype) for n, info in b.infos.items()]
+    shards = {n: info.file.name for n, info in b.infos.items()} if b.index is not None else None
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
-
-        def produce(name: str) -> torch.Tensor:
-            s, e = a.get(name), b.get(name)
-            if not e.is_floating_point():
-                if not torch.equal(s, e):
-                    raise ValueError(f"tensor {name!r}: non-floating tensors differ between start and end")
-                return e
-            return fn(s, e, alpha).to(e.dtype)
-
-        shards = b.shards()
-        for shard in shards:
-            names = [n for n in b.keys() if b.shard_of(n) == shard]
-            specs = {n: (b.dtype(n), b.shape(n)) for n in names}
-            target = tmp / (shard if shard is not None else SINGLE_NAME)
-            write_safetensors_streamed(target, specs, produce, metadata={"format": "pt", **b.metadata})
-        if b.index is not None:
-            index = json.loads((b.folder / INDEX_NAME).read_text())
-            (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2))
+        with ShardedWriter(tmp, plan, metadata=b.metadata, shards=shards) as writer:
+            for name in b.names:
+                s, e = a.get(name), b.get(name)
+                if not e.is_floating_point():
+                    if not torch.equal(s, e):
+                        raise ValueError(f"tensor {name!r}: non-floating tensors differ in start and end")
+                    writer.write(name, e)
+                else:
+                    writer.write(name, fn(s, e, alpha).to(e.dtype))
+                del s, e
         if b.path.is_dir():
-            copy_side_files(b.folder, tmp)
+            copy_side_files(b.folder, b.folder, tmp)
         info = {
             "start": str(a.path),
             "end": str(b.path),
             "alpha": alpha,
             "method": method,
-            "tensors": len(b.keys()),
-            "shards": len(shards),
+            "tensors": len(b.names),
+            "shards": len(writer.files),
             "bytes": b.nbytes(),
         }
         (tmp / "robustft_interpolate.json").write_text(json.dumps(info, indent=2))

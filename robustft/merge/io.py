@@ -1,13 +1,14 @@
-"""Streamed checkpoint I/O: lazy reads of (sharded) safetensors, a streaming sharded writer, atomic outputs.
+"""Streamed safetensors I/O for whole checkpoints: lazy reads of (sharded) folders, a streaming writer.
 
-Reading: ``CheckpointReader`` learns every tensor's name, shape and dtype from the safetensors *headers*
-only (no tensor data), so shapes can be checked across models before anything is loaded; ``get(name)``
-then reads that one tensor through ``safe_open``.
+Reading: ``CheckpointReader`` learns every tensor's name, shape, dtype and byte range from the safetensors
+*headers* only (no tensor data), so layouts can be compared across models (``layout_difference``) before
+anything is loaded; ``get(name)`` then reads that one tensor with a positioned read (no memory map).
 
 Writing: because all output names, shapes and dtypes are known before the first tensor is merged,
 ``ShardedWriter`` fixes the shard layout and each file's header up front and appends each tensor's bytes
 as soon as it is computed. No shard is ever held in memory, so the peak stays near
-(number of inputs x largest tensor), whatever ``max_shard_size`` is.
+(number of inputs x largest tensor), whatever ``max_shard_size`` is. Outputs go through
+``robustft.checkpoint.atomic_output_dir`` (temporary sibling folder, renamed into place).
 """
 
 from __future__ import annotations
@@ -17,18 +18,19 @@ import os
 import re
 import shutil
 import struct
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 __all__ = [
     "CheckpointReader",
+    "LayoutDifference",
     "ShardedWriter",
     "TensorInfo",
     "copy_side_files",
+    "layout_difference",
     "parse_size",
     "read_safetensors_header",
 ]
@@ -56,6 +58,8 @@ _NAMES = {v: k for k, v in _DTYPES.items()}
 SIDE_FILES = (
     "config.json",
     "generation_config.json",
+    "preprocessor_config.json",
+    "processor_config.json",
 )
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -75,27 +79,34 @@ TOKENIZER_FILES = (
 
 @dataclass(frozen=True)
 class TensorInfo:
-    """What a safetensors header says about one tensor."""
+    """What a safetensors header says about one tensor (``begin``/``end``: absolute offsets in ``file``)."""
 
     name: str
     shape: tuple[int, ...]
     dtype: torch.dtype
     file: Path
+    begin: int = 0
+    end: int = 0
 
     @property
     def nbytes(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n * _element_size(self.dtype)
+        return _nbytes(self.shape, self.dtype)
 
 
 def _element_size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def read_safetensors_header(path: str | os.PathLike) -> dict[str, dict]:
-    """The JSON header of a safetensors file (name -> {dtype, shape, data_offsets}), without tensor data."""
+def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n * _element_size(dtype)
+
+
+def read_safetensors_header(path: str | os.PathLike) -> tuple[int, dict[str, dict], dict[str, str]]:
+    """(offset of the data section, name -> {dtype, shape, data_offsets}, ``__metadata__``) of a safetensors
+    file, read without touching tensor data."""
     path = Path(path)
     with open(path, "rb") as f:
         raw = f.read(8)
@@ -108,27 +119,47 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, dict]:
             header = json.loads(f.read(size))
         except json.JSONDecodeError as err:
             raise ValueError(f"{path}: not a safetensors file (bad header: {err})") from err
-    header.pop("__metadata__", None)
-    return header
+    metadata = header.pop("__metadata__", None) or {}
+    return 8 + size, header, metadata
 
 
 class CheckpointReader:
     """Lazy name -> tensor access to a Hugging Face folder of safetensors (sharded or not) or to one file.
 
-    Construction reads headers only. ``get(name)`` reads one tensor (a fresh copy the caller owns).
+    Construction reads headers only (``infos``: name, shape, dtype, file, byte range of every tensor;
+    ``metadata``: the files' ``__metadata__``). ``get(name)`` reads one tensor with a positioned read into a
+    fresh tensor the caller owns: no memory map, so only that tensor becomes resident (``safe_open`` kept
+    mapped pages resident and measured a higher peak RSS at the same speed).
     """
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.infos: dict[str, TensorInfo] = {}
-        for file in self._files():
-            for name, entry in read_safetensors_header(file).items():
+        self.metadata: dict[str, str] = {}
+        self.index: dict[str, str] | None = None  # weight_map of a sharded folder
+        self.files = self._files()
+        for file in self.files:
+            data_start, header, metadata = read_safetensors_header(file)
+            size = file.stat().st_size
+            self.metadata.update(metadata)
+            for name, entry in header.items():
                 dtype = _DTYPES.get(entry["dtype"])
                 if dtype is None:
                     raise ValueError(f"{file}: tensor {name!r} has unsupported dtype {entry['dtype']}")
                 if name in self.infos:
                     raise ValueError(f"{self.path}: tensor {name!r} appears in two files")
-                self.infos[name] = TensorInfo(name, tuple(entry["shape"]), dtype, file)
+                begin, end = entry["data_offsets"]
+                info = TensorInfo(
+                    name, tuple(entry["shape"]), dtype, file, data_start + begin, data_start + end
+                )
+                if end - begin != info.nbytes:
+                    raise ValueError(f"{file}: tensor {name!r} has {end - begin} bytes for {info.nbytes}")
+                if info.end > size:
+                    raise ValueError(f"{file}: tensor {name!r} is truncated (the file is {size} bytes)")
+                self.infos[name] = info
+        for name, shard in (self.index or {}).items():
+            if name not in self.infos or self.infos[name].file.name != shard:
+                raise ValueError(f"{self.path}: tensor {name!r} is not in its indexed shard {shard}")
 
     def _files(self) -> list[Path]:
         p = self.path
@@ -140,9 +171,9 @@ class CheckpointReader:
             raise FileNotFoundError(f"model path {p} does not exist")
         index = p / SAFE_INDEX
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            self.index = json.loads(index.read_text())["weight_map"]
             files = []
-            for name in dict.fromkeys(weight_map.values()):
+            for name in dict.fromkeys(self.index.values()):
                 f = p / name
                 if not f.is_file():
                     raise FileNotFoundError(f"{index} lists shard {name}, which is missing")
@@ -150,6 +181,12 @@ class CheckpointReader:
             return files
         if (p / SAFE_SINGLE).is_file():
             return [p / SAFE_SINGLE]
+        if (p / "adapter_config.json").is_file():
+            raise ValueError(
+                f"{p} is a PEFT adapter: merging or interpolating LoRA factors A and B is not doing so to "
+                "the model (WiSE-FT of LoRA scales the delta B·A). Merge each adapter into its base model "
+                "(merge_and_unload + save_pretrained) and use those folders"
+            )
         files = sorted(p.glob("*.safetensors"))
         if files:
             return files
@@ -165,14 +202,31 @@ class CheckpointReader:
     def names(self) -> list[str]:
         return list(self.infos)
 
+    @property
+    def folder(self) -> Path:
+        """The model folder (the parent of a single file)."""
+        return self.path if self.path.is_dir() else self.path.parent
+
+    def nbytes(self) -> int:
+        return sum(f.stat().st_size for f in self.files)
+
     def get(self, name: str) -> torch.Tensor:
         info = self.infos.get(name)
         if info is None:
             raise KeyError(f"{self.path}: no tensor {name!r}")
-        # a fresh safe_open per tensor: a handle kept open keeps its memory-mapped pages resident, so the
-        # RSS would grow to the size of the checkpoint; opening is cheap (the header is small)
-        with safe_open(str(info.file), framework="pt", device="cpu") as handle:
-            return handle.get_tensor(name)
+        out = torch.empty(info.shape, dtype=info.dtype)
+        if not out.numel():
+            return out
+        view = memoryview(out.view(-1).view(torch.uint8).numpy())
+        with open(info.file, "rb", buffering=0) as f:
+            f.seek(info.begin)
+            got = 0
+            while got < len(view):
+                n = f.readinto(view[got:])
+                if not n:
+                    raise ValueError(f"{info.file}: tensor {name!r} is truncated")
+                got += n
+        return out
 
     def close(self) -> None:
         """Nothing stays open between reads; kept so readers work as context managers."""
@@ -182,6 +236,48 @@ class CheckpointReader:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+@dataclass(frozen=True)
+class LayoutDifference:
+    """The first way ``other`` differs from ``ref``: ``kind`` is missing/extra (tensor ``name`` only in
+    ``ref``/``other``; ``more`` others like it), shape or dtype (``ref_value`` vs ``other_value``)."""
+
+    kind: str
+    name: str
+    more: int = 0
+    ref_value: object = None
+    other_value: object = None
+
+    def describe(self, ref_label: str, other_label: str) -> str:
+        """The error message, naming the tensor and both checkpoints."""
+        name, more = self.name, f" (and {self.more} more)" if self.more else ""
+        if self.kind == "missing":
+            return f"{other_label} lacks tensor {name!r} present in {ref_label}{more}"
+        if self.kind == "extra":
+            return f"{other_label} has tensor {name!r} absent from {ref_label}{more}"
+        what = "has shape" if self.kind == "shape" else "is"
+        return (
+            f"tensor {name!r} {what} {self.other_value} in {other_label} but {self.ref_value} in {ref_label}"
+        )
+
+
+def layout_difference(
+    ref: CheckpointReader, other: CheckpointReader, exact_dtype: bool = True
+) -> LayoutDifference | None:
+    """Compare two checkpoints' headers: same names, shapes, and dtypes (or, unless ``exact_dtype``, the
+    same floating/non-floating kind). None when they agree."""
+    ref_names, names = set(ref.infos), set(other.infos)
+    for kind, diff in (("missing", ref_names - names), ("extra", names - ref_names)):
+        if diff:
+            return LayoutDifference(kind, sorted(diff)[0], len(diff) - 1)
+    for name, a in ref.infos.items():
+        b = other.infos[name]
+        if a.shape != b.shape:
+            return LayoutDifference("shape", name, ref_value=a.shape, other_value=b.shape)
+        if a.dtype != b.dtype if exact_dtype else a.dtype.is_floating_point != b.dtype.is_floating_point:
+            return LayoutDifference("dtype", name, ref_value=a.dtype, other_value=b.dtype)
+    return None
 
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
@@ -204,37 +300,58 @@ def parse_size(size: int | str) -> int:
 
 
 class ShardedWriter:
-    """Writes tensors, in a layout fixed up front, straight to safetensors shards plus an index.
+    """Writes tensors, in a layout fixed up front, straight to safetensors files (plus an index when sharded).
 
-    ``plan`` lists (name, shape, dtype) in writing order. Shards are cut greedily at ``max_shard_size``
-    bytes (a tensor larger than that gets a shard of its own); one shard is named ``model.safetensors``,
-    several ``model-0000i-of-0000n.safetensors`` with ``model.safetensors.index.json``, as
-    ``save_pretrained`` does. ``write`` must be called in plan order.
+    ``plan`` lists (name, shape, dtype) in writing order. The files: with ``shards`` (name -> file name, e.g.
+    an input's index) that layout, in order of first appearance (each file's tensors must be consecutive in
+    the plan); else with ``max_shard_size`` shards cut greedily at that many bytes (a tensor larger than
+    that gets a shard of its own); else one file. One file is named ``model.safetensors``, several
+    ``model-0000i-of-0000n.safetensors`` (unless given) with ``model.safetensors.index.json``, as
+    ``save_pretrained`` does. ``write`` must be called in plan order. As a context manager it closes on
+    success and aborts on an error.
     """
 
     def __init__(
         self,
         out_dir: str | os.PathLike,
         plan: Sequence[tuple[str, tuple[int, ...], torch.dtype]],
-        max_shard_size: int | str = "5GB",
+        max_shard_size: int | str | None = None,
         metadata: dict[str, str] | None = None,
+        shards: Mapping[str, str] | None = None,
     ):
         self.out_dir = Path(out_dir)
-        limit = parse_size(max_shard_size)
         self._plan = [(n, tuple(s), d) for n, s, d in plan]
+        for name, _, dtype in self._plan:
+            if dtype not in _NAMES:
+                raise ValueError(f"tensor {name!r}: dtype {dtype} cannot be written to safetensors")
         groups: list[list[int]] = []
-        size = 0
-        for i, (_, shape, dtype) in enumerate(self._plan):
-            nbytes = _nbytes(shape, dtype)
-            if not groups or (size + nbytes > limit and size > 0):
-                groups.append([])
-                size = 0
-            groups[-1].append(i)
-            size += nbytes
-        n = len(groups)
-        self.files = [
-            SAFE_SINGLE if n == 1 else f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(max(n, 1))
-        ]
+        if shards is not None:
+            files: list[str] = []
+            for i, (name, _, _) in enumerate(self._plan):
+                if name not in shards:
+                    raise ValueError(f"ShardedWriter: tensor {name!r} has no file in the given shard layout")
+                if not files or shards[name] != files[-1]:
+                    if shards[name] in files:
+                        raise ValueError(f"ShardedWriter: the tensors of {shards[name]} are not consecutive")
+                    files.append(shards[name])
+                    groups.append([])
+                groups[-1].append(i)
+            self.files = files if len(files) > 1 else [SAFE_SINGLE]
+        else:
+            limit = parse_size(max_shard_size) if max_shard_size is not None else None
+            size = 0
+            for i, (_, shape, dtype) in enumerate(self._plan):
+                nbytes = _nbytes(shape, dtype)
+                if not groups or (limit is not None and size + nbytes > limit and size > 0):
+                    groups.append([])
+                    size = 0
+                groups[-1].append(i)
+                size += nbytes
+            n = len(groups)
+            self.files = [
+                SAFE_SINGLE if n <= 1 else f"model-{k + 1:05d}-of-{n:05d}.safetensors"
+                for k in range(max(n, 1))
+            ]
         self._groups = groups
         self._metadata = {"format": "pt", **(metadata or {})}
         self._next = 0  # index in plan of the next tensor to write
@@ -242,6 +359,15 @@ class ShardedWriter:
         self._fh = None
         self._shard_of = {i: k for k, g in enumerate(groups) for i in g}
         self.total_bytes = sum(_nbytes(s, d) for _, s, d in self._plan)
+
+    def __enter__(self) -> ShardedWriter:
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
 
     def _open_shard(self, k: int) -> None:
         if self._fh is not None:
@@ -272,7 +398,7 @@ class ShardedWriter:
         exp_name, shape, dtype = self._plan[self._next]
         if name != exp_name or tuple(tensor.shape) != shape or tensor.dtype != dtype:
             raise ValueError(
-                f"ShardedWriter: got {name!r} {tuple(tensor.shape)} {tensor.dtype}, "
+                f"tensor {name!r}: got {tuple(tensor.shape)} {tensor.dtype} to write, "
                 f"planned {exp_name!r} {shape} {dtype}"
             )
         k = self._shard_of[self._next]
@@ -307,27 +433,22 @@ class ShardedWriter:
             self._fh = None
 
 
-def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n * _element_size(dtype)
-
-
 def copy_side_files(
     config_source: str | os.PathLike | None,
     tokenizer_source: str | os.PathLike | None,
     out_dir: str | os.PathLike,
     dtype: torch.dtype | None = None,
 ) -> list[str]:
-    """Copy config (+ generation config) and tokenizer files next to merged weights; returns copied names.
+    """Copy config (+ generation/processor configs, remote-code ``*.py`` modules) from ``config_source`` and
+    tokenizer files from ``tokenizer_source`` next to written weights; returns the copied names.
 
     When ``dtype`` is given the config's ``dtype``/``torch_dtype`` entry is set to it.
     """
     out_dir = Path(out_dir)
     copied = []
     if config_source is not None and Path(config_source).is_dir():
-        for name in SIDE_FILES:
+        code = sorted(f.name for f in Path(config_source).glob("*.py"))  # auto_map modules (remote code)
+        for name in (*SIDE_FILES, *code):
             src = Path(config_source) / name
             if src.is_file():
                 if name == "config.json" and dtype is not None:
@@ -347,5 +468,3 @@ def copy_side_files(
                 shutil.copyfile(src, out_dir / name)
                 copied.append(name)
     return copied
-
-
