@@ -1,7 +1,8 @@
-"""Launched by tests/test_distributed.py with torchrun (2 CPU ranks, gloo): EMA under DDP or FSDP2.
+"""Launched by tests/test_distributed.py with torchrun (2 CPU ranks, gloo): EMA, WiSE-FT under DDP/FSDP2.
 
 Writes, per rank, the EMA tensors (full, gathered from shards for FSDP2) and a brute-force EMA of
-the recorded full weights, plus what mode really ran, to OUT/rank<R>.safetensors and .json.
+the recorded full weights; the weights WiSE-FT (α=0.3) left in the model and the dense formula on
+the recorded start/end; plus what mode really ran, to OUT/rank<R>.safetensors and .json.
 """
 
 import json
@@ -13,7 +14,7 @@ from safetensors.torch import save_file
 from transformers import Trainer, TrainerCallback
 
 sys.path.insert(0, os.getcwd())
-from robustft import EMACallback  # noqa: E402
+from robustft import EMACallback, WiseFTCallback  # noqa: E402
 from tests.tiny import lm_dataset, tiny_llama, training_args  # noqa: E402
 
 
@@ -43,7 +44,10 @@ def full(t: torch.Tensor) -> torch.Tensor:
 
 class Recorder(TrainerCallback):
     def __init__(self):
-        self.points, self.dtensor = [], None
+        self.points, self.dtensor, self.start = [], None, None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.start = {n: full(p).clone() for n, p in model.named_parameters() if p.requires_grad}
 
     def on_optimizer_step(self, args, state, control, model=None, **kwargs):
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -80,11 +84,24 @@ def main(mode: str, out: str) -> None:
             averaged[name] = shard
     tensors = {f"ema.{n}": t.contiguous() for n, t in averaged.items()}
     tensors.update({f"brute.{n}": t.contiguous() for n, t in brute.items()})
+    # WiSE-FT with a fixed α: the model ends at (1-α)·start + α·end, shard by shard
+    alpha, wise_rec = 0.3, Recorder()
+    wise = Trainer(
+        model=tiny_llama(), args=training_args(os.path.join(out, "wise"), max_steps=3, **extra),
+        train_dataset=lm_dataset(), callbacks=[WiseFTCallback(alpha=alpha, progress=False), wise_rec],
+    )
+    wise.train()
+    for n, p in wise.model.named_parameters():
+        if p.requires_grad:
+            tensors[f"wise.{n}"] = full(p).contiguous()
+            dense = (1 - alpha) * wise_rec.start[n] + alpha * wise_rec.points[-1][n]
+            tensors[f"wise_ref.{n}"] = dense.contiguous()
     save_file(tensors, os.path.join(out, f"rank{rank}.safetensors"))
     local = sum(t.numel() for t in ema.average().tensors)
     info = {"world_size": torch.distributed.get_world_size(), "dtensor": rec.dtensor, "local_numel": local,
             "full_numel": sum(t.numel() for t in averaged.values()),
-            "fsdp_enabled": trainer.is_fsdp_enabled, "distance": ema.distance()}
+            "fsdp_enabled": trainer.is_fsdp_enabled, "wise_dtensor": wise_rec.dtensor,
+            "distance": ema.distance()}
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(info, f)
     torch.distributed.barrier()
