@@ -153,21 +153,21 @@ class _AveragingCallback(RobustCallback):
         The Trainer has no "before evaluation" event, so its ``evaluate`` is wrapped (an instance
         attribute, removed at the end of training) in :meth:`averaged_weights`.
         """
-        trainer = self.trainer
-        if trainer is None:
+        if self.trainer is None:
             warnings.warn(f"{type(self).__name__}: no Trainer found, evaluations use the live weights",
                           stacklevel=3)
             return
-        original = trainer.evaluate
 
-        def evaluate(*args, **kwargs):
-            if not self.has_average():
-                return original(*args, **kwargs)
-            with self.averaged_weights():
-                return original(*args, **kwargs)
+        def make_wrapper(original):
+            def evaluate(*args, **kwargs):
+                if not self.has_average():
+                    return original(*args, **kwargs)
+                with self.averaged_weights():
+                    return original(*args, **kwargs)
 
-        evaluate.robustft_wrapper = self  # marks our wrapper, so only ours is removed
-        trainer.evaluate = evaluate
+            return evaluate
+
+        self.wrap_trainer_method("evaluate", make_wrapper)
 
     def _task_boundary(self) -> None:
         """A further ``train()`` with the same callback (continual fine-tuning); nothing by default."""
@@ -184,9 +184,7 @@ class _AveragingCallback(RobustCallback):
             self.pending_logs.update(logs)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
-        wrapper = self.trainer.__dict__.get("evaluate") if self.trainer is not None else None
-        if getattr(wrapper, "robustft_wrapper", None) is self:
-            del self.trainer.evaluate
+        self.unwrap_trainer_method("evaluate")
         if not self.has_average():
             return
         with ExitStack() as stack:

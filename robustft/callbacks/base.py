@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -64,6 +65,32 @@ class RobustCallback(TrainerCallback):
         if self not in trainer.callback_handler.callbacks:
             trainer.add_callback(self)
         return self
+
+    def wrap_trainer_method(self, name: str, make_wrapper: Callable[[Callable], Callable]) -> Callable:
+        """Put ``make_wrapper(original)`` on the Trainer as ``name`` until :meth:`unwrap_trainer_method`.
+
+        The Trainer gives callbacks no hook inside a step or around an evaluation; wrapping the method
+        on the instance (not the class) is the narrowest way in. Returns the original; wrapping twice
+        keeps the first wrapper.
+        """
+        current = getattr(self.trainer, name)
+        if getattr(current, "robustft_owner", None) is self:
+            return current.robustft_original
+        wrapper = make_wrapper(current)
+        wrapper.robustft_owner, wrapper.robustft_original = self, current
+        wrapper.robustft_was_instance_attr = name in self.trainer.__dict__
+        setattr(self.trainer, name, wrapper)
+        return current
+
+    def unwrap_trainer_method(self, name: str) -> None:
+        """Remove this callback's wrapper of ``name`` (only ours), restoring what was there before."""
+        wrapper = self.trainer.__dict__.get(name) if self.trainer is not None else None
+        if getattr(wrapper, "robustft_owner", None) is not self:
+            return
+        if wrapper.robustft_was_instance_attr:
+            setattr(self.trainer, name, wrapper.robustft_original)
+        else:
+            delattr(self.trainer, name)
 
     # -- state --------------------------------------------------------------------------------
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -97,28 +97,25 @@ class _WeightPerturbation(RobustCallback):
                 "backward, so the gradient cannot be replaced before the step. Use DDP or FSDP, or a "
                 "one-pass variant."
             )
-        if self._orig_training_step is not None:
-            return
-        self._orig_training_step = self.trainer.training_step
-        orig = self._orig_training_step
 
-        def training_step(model, inputs, num_items_in_batch=None, *args, **kwargs):
-            recorded = self._before_micro_batch(model, inputs, num_items_in_batch)
-            try:
-                loss = orig(model, inputs, num_items_in_batch, *args, **kwargs)
-            except BaseException:
-                self._on_micro_batch_error()
-                raise
-            self._after_micro_batch(recorded, loss)
-            return loss
+        def make_wrapper(orig):
+            def training_step(model, inputs, num_items_in_batch=None, *args, **kwargs):
+                recorded = self._before_micro_batch(model, inputs, num_items_in_batch)
+                try:
+                    loss = orig(model, inputs, num_items_in_batch, *args, **kwargs)
+                except BaseException:
+                    self._on_micro_batch_error()
+                    raise
+                self._after_micro_batch(recorded, loss)
+                return loss
 
-        self.trainer.training_step = training_step
+            return training_step
+
+        self._orig_training_step = self.wrap_trainer_method("training_step", make_wrapper)
 
     def _unhook_trainer(self) -> None:
-        if self.trainer is not None and self._orig_training_step is not None:
-            if self.trainer.__dict__.get("training_step") is not None:
-                del self.trainer.training_step
-            self._orig_training_step = None
+        self.unwrap_trainer_method("training_step")
+        self._orig_training_step = None
 
     def _before_micro_batch(self, model, inputs, num_items_in_batch) -> Any:
         return None
