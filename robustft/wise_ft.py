@@ -34,7 +34,7 @@ from robustft.ops.interpolate import (
     interpolate_end_,
     interpolate_into_,
 )
-from robustft.params import Snapshot, live_tensors
+from robustft.params import Snapshot, is_sharded, live_tensors
 
 __all__ = [
     "DEFAULT_ALPHAS",
@@ -144,8 +144,10 @@ class WiseFTWeights:
         params: Mapping[str, torch.Tensor],
         device: str | torch.device = "same",
         check_start: bool = True,
+        model: nn.Module | None = None,
     ):
         self.params = dict(params)
+        self.model = model  # resharded after every write (FSDP2), see distributed.reshard
         names = list(self.params)
         self.lora_b = [n for n in names if _LORA_B.search(n)]
         partners = {_lora_a_name(b) for b in self.lora_b}
@@ -190,14 +192,18 @@ class WiseFTWeights:
         alpha = check_alpha(alpha, extrapolate)
         check_method(method)
         dense_live = live_tensors(self._dense_params())
+        # SLERP's angle is that of the whole tensor: on FSDP2 shards its dot products are summed over ranks
+        reduce = distributed.all_reduce_sum if is_sharded(self.params) else None
         if end is None:
-            interpolate_end_(dense_live, self.start.tensors, alpha, method, extrapolate)
+            interpolate_end_(dense_live, self.start.tensors, alpha, method, extrapolate, reduce=reduce)
             for n in self.lora_b:
                 live_tensors({n: self.params[n]})[0].mul_(alpha)
+            distributed.reshard(self.model)
             return
         ends = dict(zip(end.names, end.tensors, strict=True))
         interpolate_into_(
-            dense_live, self.start.tensors, [ends[n] for n in self.dense], alpha, method, extrapolate
+            dense_live, self.start.tensors, [ends[n] for n in self.dense], alpha, method, extrapolate,
+            reduce=reduce,
         )
         for n in self.lora_a:
             live_tensors({n: self.params[n]})[0].copy_(ends[n])
@@ -205,6 +211,7 @@ class WiseFTWeights:
             b = live_tensors({n: self.params[n]})[0]
             b.copy_(ends[n])
             b.mul_(alpha)
+        distributed.reshard(self.model)
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         return self.start.state_dict(prefix="start."), {"dense": self.dense, "lora_b": self.lora_b}
@@ -401,6 +408,7 @@ def wise_ft_sweep(
             bar.close()
         if not ok:
             end.copy_to(weights.params)
+            distributed.reshard(weights.model)
     return WiseFTCurve(
         alphas=grid,
         results=results,

@@ -69,6 +69,7 @@ class _AveragingCallback(RobustCallback):
         self.log_distance = log_distance
         self.num_updates = 0
         self.params: dict[str, torch.Tensor] | None = None
+        self.model: nn.Module | None = None
 
     # -- what subclasses provide ---------------------------------------------------------------
     def _init_average(self) -> None:
@@ -100,12 +101,17 @@ class _AveragingCallback(RobustCallback):
 
         ``with ema.averaged_weights(): trainer.evaluate()`` evaluates the average after training.
         """
-        with swapped_in(self._require_setup(), self.average()):
-            yield
+        try:
+            with swapped_in(self._require_setup(), self.average()):
+                distributed.reshard(self.model)  # FSDP2: no stale gathered copy of the live weights
+                yield
+        finally:
+            distributed.reshard(self.model)
 
     def copy_to_model(self) -> None:
         """Overwrite the live weights with the average (what ``copy_to_model_at_end`` does)."""
         self.average().copy_to(self._require_setup())
+        distributed.reshard(self.model)
 
     def distance(self) -> float:
         """‖average − live‖₂ over the selected tensors (summed over ranks when sharded)."""
@@ -133,6 +139,7 @@ class _AveragingCallback(RobustCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         super().on_train_begin(args, state, control, **kwargs)
         params = select_parameters(model, include=self.include, exclude=self.exclude, buffers=self.buffers)
+        self.model = model
         checkpoint = self.resume_dir(args, state)
         if self.params is None:
             self.params = params
@@ -201,19 +208,15 @@ class _AveragingCallback(RobustCallback):
 
     def _save_model(self, model: nn.Module, args) -> None:
         target = os.path.join(args.output_dir, self.prefix) if self.save_dir == "auto" else self.save_dir
-        if self.sharded_state():
-            warnings.warn(
-                f"{type(self).__name__}: parameters are sharded (FSDP2); the averaged model is kept in the "
-                "checkpoint state but not saved as a full model. Gather it with your FSDP save path.",
-                stacklevel=2,
-            )
-            return
+        # FSDP2: every rank takes part in gathering the full (averaged) weights; the main process writes them
+        state_dict = distributed.full_state_dict(model) if self.sharded_state() else None
         if distributed.is_main_process():
             if hasattr(model, "save_pretrained"):
-                model.save_pretrained(target)
+                model.save_pretrained(target, state_dict=state_dict)
             else:  # a plain nn.Module: its state dict as safetensors
                 os.makedirs(target, exist_ok=True)
-                save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+                state_dict = model.state_dict() if state_dict is None else state_dict
+                save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()},
                           os.path.join(target, "model.safetensors"))
         distributed.barrier()
 

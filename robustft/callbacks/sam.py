@@ -80,6 +80,7 @@ class _WeightPerturbation(RobustCallback):
         self.exclude = exclude
         self.skip_norm_and_bias = skip_norm_and_bias
         self._orig_training_step = None
+        self._model = None
         self._params: dict[str, torch.Tensor] = {}
         self._sums: dict[str, list[float]] = {}
 
@@ -137,6 +138,24 @@ class _WeightPerturbation(RobustCallback):
 
     def _reduce(self):
         return distributed.all_reduce_sum if is_sharded(self._params) else None
+
+    def _row_sq(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        """Squared row norms of ``t``, the local part of parameter ``name`` (or of its gradient).
+
+        FSDP2 shards dim 0, so each rank holds whole rows of a matrix; a 1-D tensor is one row split over
+        the ranks, whose squared norm is summed across them.
+        """
+        param = self._params[name]
+        if is_sharded({name: param}):
+            shard_dims = [getattr(pl, "dim", 0) for pl in param.placements if pl.is_shard()]
+            if param.dim() > 1 and any(d != 0 for d in shard_dims):
+                raise ValueError(
+                    f"{type(self).__name__}: {name!r} is sharded along a dim other than 0; row-wise "
+                    "perturbations need FSDP2's default Shard(0)"
+                )
+            rows = row_sq_norms(t)
+            return distributed.all_reduce_sum(rows) if param.dim() <= 1 else rows
+        return row_sq_norms(t)
 
     def _record(self, name: str, value: float, mean: bool = True) -> None:
         """Mean (or sum, for counts) of a metric over the steps since the last Trainer log."""
@@ -205,6 +224,7 @@ class SAMCallback(_WeightPerturbation):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         super().on_train_begin(args, state, control, model=model, **kwargs)
         self._hook_trainer(required=True)
+        self._model = model
         self._params = self._select(model)
 
     def on_step_begin(self, args, state, control, **kwargs):
@@ -244,16 +264,20 @@ class SAMCallback(_WeightPerturbation):
                     e = sam_epsilon(w, g, rho, norm, self.adaptive, self.eta)
                     eps_sq.append(e.pow(2).sum())
                     w.copy_((w.float() + e).to(w.dtype))
+            distributed.reshard(self._model)  # FSDP2: the replay gathers the perturbed shards
             loss_perturbed = self._replay(trainer, args, batches)
         finally:
             saved.copy_to(self._params)
+            distributed.reshard(self._model)
         eps_sq = torch.stack([x.to(norm.device) for x in eps_sq]).sum()
         if reduce is not None:
             eps_sq = reduce(eps_sq)
         self._record("perturbation_norm", eps_sq.sqrt().item())
-        self._record("sharpness", loss_perturbed - torch.stack(losses).float().sum().item())
+        # each rank saw its own micro-batches: the logged sharpness is the mean over ranks
+        sharpness = torch.stack([loss_perturbed - torch.stack(losses).float().sum()]).to(norm.device)
+        self._record("sharpness", distributed.all_reduce_mean(sharpness).item())
 
-    def _replay(self, trainer: Trainer, args, batches) -> float:
+    def _replay(self, trainer: Trainer, args, batches) -> torch.Tensor:
         """Second forward/backward at w + ε on the recorded micro-batches; returns Σ of their losses."""
         model = batches[0][0]
         model.zero_grad(set_to_none=True)
@@ -279,7 +303,7 @@ class SAMCallback(_WeightPerturbation):
             trainer._clip_grad_norm(model)
         else:
             accelerator.unscale_gradients()
-        return torch.stack(losses).sum().item()
+        return torch.stack(losses).sum()
 
 
 class _OnePass(_WeightPerturbation):
@@ -310,6 +334,7 @@ class _OnePass(_WeightPerturbation):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         super().on_train_begin(args, state, control, model=model, **kwargs)
         self._hook_trainer(required=False)
+        self._model = model
         self._params = self._targets(model)
         resume = self.resume_dir(args, state)
         if resume is not None and self.has_state:
@@ -346,9 +371,14 @@ class _OnePass(_WeightPerturbation):
         except BaseException:
             self._restore()
             raise
+        distributed.reshard(self._model)  # FSDP2: the next forward gathers the perturbed shards
+        sq = torch.stack([x.float().cpu() for x in noise_sq]).sum() if noise_sq else torch.zeros(())
+        reduce = self._reduce()
+        if reduce is not None:  # ‖ε‖ of the whole model, the same on every rank
+            sq = reduce(sq.to(weights[0].device)).cpu()
         if not self._applied:
             return
-        norm = torch.stack([x.to(noise_sq[0].device) for x in noise_sq]).sum().sqrt().item()
+        norm = sq.sqrt().item()
         if not math.isfinite(norm):
             self._restore()
             self._warn_nonfinite(state, "perturbation")
@@ -360,6 +390,8 @@ class _OnePass(_WeightPerturbation):
         applied, self._applied = self._applied, []
         for i, w, ctx, fixup in reversed(applied):
             unperturb_(w, self._noise(i, w, ctx), fixup)
+        if applied:
+            distributed.reshard(self._model)
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         self._restore()
@@ -433,6 +465,24 @@ def _lora_layers(model) -> dict[str, torch.nn.Module]:
     }
 
 
+def _lora_delta(layer, adapter: str) -> torch.Tensor:
+    """s·B·A of a PEFT LoRA layer (float32), for this rank's rows of the base weight under FSDP2.
+
+    FSDP2 shards W₀ (out × in) and B (out × r) along dim 0 alike, so the local rows of B times the whole A
+    (gathered: r × in, small) are the local rows of the delta.
+    """
+    b = layer.lora_B[adapter].weight
+    if not is_sharded({"B": b}):
+        return layer.get_delta_weight(adapter).float()
+    if getattr(layer, "fan_in_fan_out", False) or getattr(layer, "use_dora", {}).get(adapter, False):
+        raise ValueError(
+            "RandomPerturbationCallback: Flat-LoRA on FSDP2 shards supports plain LoRA Linear layers "
+            "(not DoRA or fan_in_fan_out Conv1D); use DDP for this model"
+        )
+    a = layer.lora_A[adapter].weight.full_tensor()
+    return (local_tensor(b).float() @ a.float()) * layer.scaling[adapter]
+
+
 class RandomPerturbationCallback(_OnePass):
     """Random weight perturbation, filter-wise: ε_{i,j} ~ N(0, ρ²/n · ‖W_{i,:}‖²) (RWP; Flat-LoRA for LoRA).
 
@@ -483,16 +533,16 @@ class RandomPerturbationCallback(_OnePass):
     def _merged_sq_rows(self, name: str, w: torch.Tensor) -> torch.Tensor:
         layer = self._layers.get(name)
         if layer is None:
-            return row_sq_norms(w)
+            return self._row_sq(name, w)
         merged = w.float()
         for adapter in layer.active_adapters:
             if adapter in layer.lora_A:
-                merged = merged + layer.get_delta_weight(adapter).float()
-        return row_sq_norms(merged)
+                merged = merged + _lora_delta(layer, adapter)
+        return self._row_sq(name, merged)
 
     def _contexts(self, weights, rho, state, optimizer):
-        return [
-            (rwp_row_scale(self._merged_sq_rows(name, w), w.shape, rho), self._step)
+        return [  # the full shape: a 1-D tensor's n counts the elements of every rank
+            (rwp_row_scale(self._merged_sq_rows(name, w), self._params[name].shape, rho), self._step)
             for name, w in zip(self._params, weights, strict=True)
         ]
 
@@ -528,7 +578,8 @@ class GGPOCallback(_OnePass):
         return [
             (
                 ggpo_row_scale(
-                    row_sq_norms(w), self._grad_sq_rows.get(name), w.shape, rho, self.alpha, self.beta
+                    self._row_sq(name, w), self._grad_sq_rows.get(name), self._params[name].shape, rho,
+                    self.alpha, self.beta,
                 ),
                 self._step,
             )
@@ -543,7 +594,7 @@ class GGPOCallback(_OnePass):
         super().on_pre_optimizer_step(args, state, control, **kwargs)
         for name, p in self._params.items():
             if p.grad is not None:
-                sq = row_sq_norms(local_tensor(p.grad))
+                sq = self._row_sq(name, local_tensor(p.grad))
                 if torch.isfinite(sq).all():
                     self._grad_sq_rows[name] = sq
 

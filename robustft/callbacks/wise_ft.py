@@ -118,10 +118,10 @@ class WiseFTCallback(RobustCallback):
         resume = self.resume_dir(args, state)
         if resume is not None:
             # the live weights are the checkpoint's: the start comes from the saved state
-            self.weights = WiseFTWeights(params, device=self.snapshot_device, check_start=False)
+            self.weights = WiseFTWeights(params, device=self.snapshot_device, check_start=False, model=model)
             self.load_from(resume)
         else:
-            self.weights = WiseFTWeights(params, device=self.snapshot_device)
+            self.weights = WiseFTWeights(params, device=self.snapshot_device, model=model)
         self.pending_logs["wise_ft_start_numel"] = float(self.weights.stored_numel())
 
     def on_evaluate(self, args, state, control, **kwargs):

@@ -14,6 +14,8 @@ from typing import TypeVar
 
 import torch
 
+from robustft.ops import Reduce
+
 __all__ = [
     "METHODS",
     "check_alpha",
@@ -66,13 +68,18 @@ def lerp(start: torch.Tensor, end: torch.Tensor, alpha: float) -> torch.Tensor:
 
 
 def slerp(
-    start: torch.Tensor, end: torch.Tensor, alpha: float, threshold: float = PARALLEL_THRESHOLD
+    start: torch.Tensor,
+    end: torch.Tensor,
+    alpha: float,
+    threshold: float = PARALLEL_THRESHOLD,
+    reduce: Reduce | None = None,
 ) -> torch.Tensor:
     """θ(α) = sin((1−α)Ω)/sin Ω · θ_start + sin(αΩ)/sin Ω · θ_end, cos Ω = <θ_s, θ_e>/(|θ_s||θ_e|).
 
     Spherical linear interpolation (Shoemake, 1985) of the flattened tensors, as used for model
     merging by mergekit. Falls back to :func:`lerp` when |cos Ω| > ``threshold`` (near-parallel)
     or a tensor is zero, where Ω is ill-conditioned. α=0 and α=1 return the endpoints exactly.
+    On local shards (FSDP2) pass ``reduce`` (a sum over ranks): Ω is then the angle of the whole tensors.
     """
     if alpha == 0.0:
         return start.clone()
@@ -80,10 +87,13 @@ def slerp(
         return end.to(device=start.device, dtype=start.dtype, copy=True)
     s = start.to(torch.float64).flatten()
     e = end.to(device=start.device, dtype=torch.float64).flatten()
-    ns, ne = s.norm(), e.norm()
+    sums = torch.stack([s @ s, e @ e, s @ e])
+    if reduce is not None:
+        sums = reduce(sums)
+    ns, ne = sums[0].sqrt(), sums[1].sqrt()
     if ns == 0 or ne == 0:
         return lerp(start, end, alpha)
-    cos = torch.clamp((s @ e) / (ns * ne), -1.0, 1.0).item()
+    cos = torch.clamp(sums[2] / (ns * ne), -1.0, 1.0).item()
     if abs(cos) > threshold:
         return lerp(start, end, alpha)
     omega = math.acos(cos)
@@ -130,6 +140,7 @@ def interpolate_into_(
     method: str = "linear",
     extrapolate: bool = False,
     foreach: bool = True,
+    reduce: Reduce | None = None,
 ) -> None:
     """out ← θ(α) in place, tensor by tensor (``start``/``end`` may live on another device or dtype).
 
@@ -146,7 +157,7 @@ def interpolate_into_(
         _check_shape(f"#{i}", o, s)
     if method == "slerp":
         for o, s, e in zip(out, start, end, strict=True):
-            o.copy_(slerp(s.to(o.device), e, alpha))
+            o.copy_(slerp(s.to(o.device), e, alpha, reduce=reduce))
         return
     same = all(
         s.dtype == o.dtype == e.dtype and s.device == o.device == e.device and o.is_floating_point()
@@ -169,6 +180,7 @@ def interpolate_end_(
     method: str = "linear",
     extrapolate: bool = False,
     foreach: bool = True,
+    reduce: Reduce | None = None,
 ) -> None:
     """end ← θ(α) in place, when the live tensors hold θ_end and no second copy is wanted.
 
@@ -183,7 +195,7 @@ def interpolate_end_(
         _check_shape(f"#{i}", s, e)
     if method == "slerp":
         for e, s in zip(end, start, strict=True):
-            e.copy_(slerp(s.to(e.device), e, alpha))
+            e.copy_(slerp(s.to(e.device), e, alpha, reduce=reduce))
         return
     same = all(s.dtype == e.dtype and s.device == e.device for e, s in zip(end, start, strict=True))
     low = any(e.dtype in (torch.float16, torch.bfloat16) for e in end)

@@ -16,10 +16,12 @@ decide when to call them. Conventions:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+from robustft.ops import Reduce
 
 __all__ = [
     "Fixup",
@@ -37,8 +39,6 @@ __all__ = [
     "scheduled_rho",
     "unperturb_",
 ]
-
-Reduce = Callable[[torch.Tensor], torch.Tensor]
 
 
 def global_norm(tensors: Sequence[torch.Tensor | None], reduce: Reduce | None = None) -> torch.Tensor:

@@ -1,0 +1,84 @@
+"""Launching 1- and 2-rank CPU runs (gloo) from tests, and what the launched scripts share.
+
+The FSDP2 patch here is TEST-ONLY (see shared/FACTS.md): accelerate switches to FSDP only for GPU-like
+devices and silently runs DDP on CPU; the patch lets the Trainer really shard with FSDP2 on CPU ranks.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    """A free TCP port: other test sessions may launch distributed runs at the same time."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def torchrun(script: str, *args: str, nproc: int = 2, timeout: int = 300, env: dict | None = None) -> str:
+    """Run ``script`` under ``torch.distributed.run`` with ``nproc`` CPU ranks; returns its output."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           "--master_port", str(free_port()), str(ROOT / script), *args]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc.stdout + proc.stderr
+
+
+def allow_fsdp_on_cpu() -> None:
+    """TEST-ONLY patch: let accelerate run FSDP2 on MULTI_CPU instead of silently falling back to DDP."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType
+
+    original = AcceleratorState.__init__
+
+    def patched(self, *args, fsdp_plugin=None, **kwargs):
+        original(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        # later AcceleratorState() calls (no plugin) re-run the device check: keep the plugin already set
+        plugin = fsdp_plugin or getattr(self, "fsdp_plugin", None)
+        if plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type = DistributedType.FSDP
+            self.fsdp_plugin = plugin
+
+    AcceleratorState.__init__ = patched
+    # the mesh accelerate builds for MULTI_CPU has no dimension names; let fully_shard build its own
+    Accelerator.torch_device_mesh = property(lambda self: None)
+
+
+def fsdp_args() -> dict:
+    """TrainingArguments for FSDP2 full sharding (with :func:`allow_fsdp_on_cpu` applied first)."""
+    return dict(fsdp="full_shard", fsdp_config={"fsdp_version": 2, "reshard_after_forward": True})
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor on every rank: a DTensor is gathered (a collective: call it on every rank)."""
+    return t.full_tensor().detach() if hasattr(t, "full_tensor") else t.detach()
+
+
+def full_like(param: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    """Gather ``local``, a shard laid out like the DTensor ``param`` (a callback's state), to a full tensor."""
+    if not hasattr(param, "placements"):
+        return local
+    from torch.distributed.tensor import DTensor
+
+    dt = DTensor.from_local(local, param.device_mesh, param.placements, shape=param.shape, stride=param.stride())
+    return dt.full_tensor()
+
+
+def finish() -> None:
+    """Barrier and destroy the gloo group: a rank leaving while the other still works aborts at exit."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -1,0 +1,148 @@
+"""Launched by tests/test_distributed.py: every callback trained in one mode, results dumped for comparison.
+
+argv: MODE OUT [CASE ...]. MODE is ``single`` (1 rank), ``ddp`` or ``fsdp`` (2 CPU ranks, gloo; FSDP2 through
+the test-only patch in harness.py). The global batch is the whole 8-sample dataset in every mode (8 per
+device on 1 rank, 4 per device on 2), so every mode takes the same steps. Per case, each rank writes
+OUT/<case>/rank<R>.safetensors (final trainable weights and the callback's state, gathered to full tensors)
+and OUT/<case>/rank<R>.json (the mode that ran, the size of the state this rank holds, logged metrics).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import save_file
+from transformers import Trainer
+
+sys.path.insert(0, os.getcwd())
+from robustft import (  # noqa: E402
+    EMACallback,
+    GGPOCallback,
+    LAWACallback,
+    LoRAArithmeticCallback,
+    MomentumInterpolationCallback,
+    MomentumSAMCallback,
+    RandomPerturbationCallback,
+    SAMCallback,
+    SWACallback,
+    WiseFTCallback,
+)
+from robustft.params import local_tensor  # noqa: E402
+from tests.distributed.harness import allow_fsdp_on_cpu, finish, fsdp_args, full, full_like  # noqa: E402
+from tests.tiny import lm_dataset, tiny_llama, training_args  # noqa: E402
+
+GLOBAL_BATCH, STEPS = 8, 3
+
+
+def lora_llama():
+    torch.manual_seed(1)
+    return get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+
+
+def averaging(cb):
+    return lambda: (tiny_llama(), [cb()])
+
+
+CASES = {
+    "ema": averaging(lambda: EMACallback(decay=0.7)),
+    "swa": averaging(lambda: SWACallback(start=1)),
+    "lawa": averaging(lambda: LAWACallback(k=2, update_every=1)),
+    "momentum": averaging(lambda: MomentumInterpolationCallback(momentum=0.6)),
+    "wise_fixed": lambda: (tiny_llama(), [WiseFTCallback(alpha=0.3, progress=False)]),
+    "wise_slerp": lambda: (tiny_llama(), [WiseFTCallback(alpha=0.4, method="slerp", progress=False)]),
+    "wise_lora": lambda: (lora_llama(), [WiseFTCallback(alpha=0.5, progress=False)]),
+    "wise_sweep": lambda: (tiny_llama(), [WiseFTCallback(
+        alphas=[0.0, 0.5, 1.0], eval_datasets={"id": lm_dataset(8, seed=1), "shifted": lm_dataset(8, seed=2)},
+        id_dataset="id", metric="eval_loss", greater_is_better=False, progress=False)]),
+    "sam": lambda: (tiny_llama(), [SAMCallback(rho=0.05)]),
+    "asam": lambda: (tiny_llama(), [SAMCallback(rho=0.5, adaptive=True)]),
+    "msam": lambda: (tiny_llama(), [MomentumSAMCallback(rho=0.3)]),
+    "rwp": lambda: (tiny_llama(), [RandomPerturbationCallback(rho=0.05)]),
+    "flat_lora": lambda: (lora_llama(), [RandomPerturbationCallback(rho=0.05)]),
+    "ggpo": lambda: (lora_llama(), [GGPOCallback(rho=0.05)]),
+}
+
+
+def lora_arithmetic(out: Path):
+    return lambda: (lora_llama(), [LoRAArithmeticCallback({"self": 1.0, str(out / "other"): -0.5})])
+
+
+def callback_state(cb) -> dict[str, torch.Tensor]:
+    """The callback's state as full tensors (gathered from shards), and the numel this rank holds."""
+    if hasattr(cb, "average"):
+        avg = cb.average()
+        params = cb.params
+    elif isinstance(cb, WiseFTCallback):
+        avg, params = cb.weights.start, cb.weights.params
+    else:
+        return {}
+    return {f"state.{n}": full_like(params[n], t).contiguous() for n, t in zip(avg.names, avg.tensors)}
+
+
+def local_state_numel(cb) -> int:
+    if hasattr(cb, "average"):
+        return cb.average().numel()
+    if isinstance(cb, WiseFTCallback):
+        return cb.weights.stored_numel()
+    return 0
+
+
+def run_case(name: str, factory, mode: str, out: Path, resume: bool = False) -> None:
+    model, callbacks = factory()
+    extra = fsdp_args() if mode == "fsdp" else {}
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    per_device = GLOBAL_BATCH // world
+    case_dir = out / name
+    save = dict(save_strategy="steps", save_steps=2) if resume else {}
+    args = training_args(case_dir, max_steps=STEPS, per_device_train_batch_size=per_device,
+                         per_device_eval_batch_size=per_device, **save, **extra)
+    trainer = Trainer(model=model, args=args, train_dataset=lm_dataset(GLOBAL_BATCH), callbacks=callbacks)
+    if resume:  # stop after the checkpoint at step 2, then resume into a fresh model and Trainer
+        trainer.train()
+        model, callbacks = factory()
+        trainer = Trainer(model=model, args=args, train_dataset=lm_dataset(GLOBAL_BATCH), callbacks=callbacks)
+        trainer.train(resume_from_checkpoint=str(case_dir / "checkpoint-2"))
+    else:
+        trainer.train()
+    cb = callbacks[0]
+    trainable = {n: p for n, p in trainer.model.named_parameters() if p.requires_grad}
+    tensors = {f"final.{n}": full(p).contiguous() for n, p in trainable.items()}
+    tensors.update(callback_state(cb))
+    metrics = {}
+    for entry in trainer.state.log_history:
+        for key, value in entry.items():
+            if "/" in key or key.startswith("wise_ft_") and isinstance(value, (int, float)):
+                metrics[key] = value
+    info = {
+        "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+        "dtensor": all(hasattr(p, "placements") for p in trainable.values()),
+        "fsdp_enabled": trainer.is_fsdp_enabled,
+        "local_param_numel": sum(local_tensor(p).numel() for p in trainable.values()),
+        "full_param_numel": sum(p.numel() for p in trainable.values()),
+        "local_state_numel": local_state_numel(cb),
+        "metrics": metrics,
+        "curve": cb.curve.as_dict() if getattr(cb, "curve", None) is not None else None,
+    }
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    save_file(tensors, str(case_dir / f"rank{rank}.safetensors"))
+    (case_dir / f"rank{rank}.json").write_text(json.dumps(info))
+
+
+def main(mode: str, out: str, names: list[str]) -> None:
+    if mode == "fsdp":
+        allow_fsdp_on_cpu()
+    out = Path(out)
+    cases = {**CASES, "ema_resume": CASES["ema"], "lora_arithmetic": lora_arithmetic(out)}
+    for name in names or list(CASES):
+        run_case(name, cases[name], mode, out, resume=name.endswith("_resume"))
+    finish()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], sys.argv[3:])
