@@ -27,6 +27,7 @@ from robustft.lora.io import (
     read_adapter,
     write_adapter,
 )
+from robustft.params import is_sharded
 
 __all__ = ["SELF", "LoRAArithmeticCallback"]
 
@@ -113,6 +114,11 @@ class LoRAArithmeticCallback(RobustCallback):
         if target.exists() and not self.overwrite:
             raise FileExistsError(
                 f"LoRAArithmeticCallback: {target} exists; pass overwrite=True to replace it"
+            )
+        if self.evaluate_at_end and is_sharded(dict(model.named_parameters())):
+            raise ValueError(
+                "LoRAArithmeticCallback(evaluate=True) cannot load a second adapter into an FSDP2-sharded "
+                "model; compose under FSDP2 with evaluate=False and evaluate the written adapter afterwards"
             )
         if self.evaluate_at_end and self.trainer is None:
             raise ValueError(

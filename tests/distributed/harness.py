@@ -66,13 +66,13 @@ def full(t: torch.Tensor) -> torch.Tensor:
 
 
 def full_like(param: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
-    """Gather ``local``, a shard laid out like the DTensor ``param`` (a callback's state), to a full tensor."""
+    """Gather ``local``, a shard laid out like the DTensor ``param`` (callback state), to a whole tensor."""
     if not hasattr(param, "placements"):
         return local
     from torch.distributed.tensor import DTensor
 
-    dt = DTensor.from_local(local, param.device_mesh, param.placements, shape=param.shape, stride=param.stride())
-    return dt.full_tensor()
+    mesh, placements = param.device_mesh, param.placements
+    return DTensor.from_local(local, mesh, placements, shape=param.shape, stride=param.stride()).full_tensor()
 
 
 def finish() -> None:
