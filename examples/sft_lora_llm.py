@@ -124,6 +124,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ema-decay", type=float, default=0.99)
     p.add_argument("--alphas", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
     p.add_argument("--bf16", action="store_true", help="bf16 mixed precision (GPUs)")
+    p.add_argument("--cpu", action="store_true", help="train on CPU (the default when no GPU is found)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     args.tiny = args.tiny or args.model is None
@@ -148,6 +149,8 @@ def main(argv: Sequence[str] | None = None, extra_callbacks: Sequence = ()) -> d
         logging_steps=max(1, args.steps // 6), save_strategy="no", eval_strategy="no", report_to=[],
         max_length=args.max_length, dataset_text_field="text", bf16=args.bf16, seed=args.seed,
         disable_tqdm=True, dataloader_num_workers=0,
+        # on a machine without an accelerator, say so: a multi-process launch then runs DDP over gloo
+        use_cpu=args.cpu or not (torch.cuda.is_available() or torch.xpu.is_available()),
     )
     model_path, data = args.model, {"train": args.data, "id": args.eval_id, "shift": args.eval_shift}
     if args.tiny:
