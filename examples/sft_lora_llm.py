@@ -1,7 +1,7 @@
-"""Fine-tune a causal LM with LoRA under TRL's SFTTrainer, with EMA, a one-pass SAM and WiSE-FT on the adapter.
+"""Fine-tune a causal LM with LoRA under TRL's SFTTrainer, with EMA, one-pass SAM and WiSE-FT on the adapter.
 
-    python examples/sft_lora_llm.py                     # --tiny: random-init Llama + tokenizer + data, CPU, <1 min
-    python examples/sft_lora_llm.py --model PATH --data train.jsonl --eval-id id.jsonl --eval-shift shift.jsonl
+    python examples/sft_lora_llm.py        # --tiny: random-init Llama + tokenizer + data, CPU, < 1 min
+    python examples/sft_lora_llm.py --model PATH --data train.jsonl --eval-id id.jsonl --eval-shift ood.jsonl
     accelerate launch --config_file examples/accelerate/ddp.yaml examples/sft_lora_llm.py --model PATH ...
 
 Three callbacks on an unchanged ``trl.SFTTrainer`` (LoRA from ``peft_config``):
@@ -58,7 +58,8 @@ def sentences(templates: Sequence[str], n: int, seed: int) -> list[dict[str, str
     """``n`` rows ``{"text": ...}`` drawn from ``templates`` with random slot fillers."""
     rng = random.Random(seed)
     return [
-        {"text": rng.choice(templates).format(n=rng.choice(NAMES), c=rng.choice(COLORS), t=rng.choice(THINGS))}
+        {"text": rng.choice(templates).format(n=rng.choice(NAMES), c=rng.choice(COLORS),
+                                              t=rng.choice(THINGS))}
         for _ in range(n)
     ]
 
@@ -108,7 +109,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", help="local folder (or hub id, if you are online) of a causal LM; "
                                    "without it: --tiny")
-    p.add_argument("--tiny", action="store_true", help="build a random-init tiny Llama (default without --model)")
+    p.add_argument("--tiny", action="store_true",
+                   help="build a random-init tiny Llama (the default without --model)")
     p.add_argument("--data", help="train JSON/JSONL with a 'text' field (tiny mode: generated)")
     p.add_argument("--eval-id", help="in-distribution eval JSON/JSONL (default: 10%% held out of --data)")
     p.add_argument("--eval-shift", help="shifted eval JSON/JSONL (optional outside tiny mode)")
@@ -194,7 +196,7 @@ def main(argv: Sequence[str] | None = None, extra_callbacks: Sequence = ()) -> d
 
     curve = wise.curve
     with ema.averaged_weights():
-        ema_id_loss = trainer.evaluate(eval_dataset=eval_sets["id"], metric_key_prefix="ema_id")["ema_id_loss"]
+        ema_id_loss = trainer.evaluate(eval_dataset=eval_sets["id"], metric_key_prefix="ema")["ema_loss"]
     alphas_per_rank = [curve.chosen_alpha]
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         alphas_per_rank = [None] * torch.distributed.get_world_size()
@@ -216,10 +218,11 @@ def main(argv: Sequence[str] | None = None, extra_callbacks: Sequence = ()) -> d
     if trainer.is_world_process_zero():
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         ev = summary["eval_loss"]
-        print(f"WiSE-FT chose alpha={curve.chosen_alpha:g} on 'id' eval loss (world size {summary['world_size']})")
+        chosen = curve.chosen_alpha
+        print(f"WiSE-FT chose alpha={chosen:g} on 'id' eval loss (world size {summary['world_size']})")
         for name, v in ev.items():
             start = "n/a" if v["alpha0"] is None else f"{v['alpha0']:.4f}"
-            print(f"  {name:8s} eval loss: alpha=0 {start}  ->  alpha={curve.chosen_alpha:g} {v['chosen']:.4f}")
+            print(f"  {name:8s} eval loss: alpha=0 {start}  ->  alpha={chosen:g} {v['chosen']:.4f}")
         print(f"  EMA adapter id eval loss {ema_id_loss:.4f}")
         print(f"WiSE-FT adapter saved to {summary['adapter_dir']}")
         print(f"EMA adapter saved to {summary['ema_adapter_dir']}; curve in {summary['curve']}")
