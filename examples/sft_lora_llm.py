@@ -202,8 +202,10 @@ def main(argv: Sequence[str] | None = None, extra_callbacks: Sequence = ()) -> d
         alphas_per_rank = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(alphas_per_rank, curve.chosen_alpha)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    norms = [v for h in trainer.state.log_history for k, v in h.items() if k.endswith("/perturbation_norm")]
     summary = {
         "world_size": trainer.args.world_size,
+        "distributed_type": trainer.accelerator.distributed_type.value,
         "chosen_alpha": curve.chosen_alpha,
         "chosen_alpha_per_rank": alphas_per_rank,
         "eval_loss": {name: {"alpha0": curve.value(name, 0.0) if 0.0 in curve.alphas else None,
@@ -211,6 +213,7 @@ def main(argv: Sequence[str] | None = None, extra_callbacks: Sequence = ()) -> d
         "ema_id_loss": ema_id_loss,
         "train_loss_first_last": [losses[0], losses[-1]] if losses else None,
         "sam": args.sam,
+        "perturbation_norm_last": norms[-1] if norms else None,
         "adapter_dir": str(out / "adapter"),
         "ema_adapter_dir": str(out / "ema"),
         "curve": str(out / "wise_ft.json"),

@@ -168,7 +168,8 @@ def test_two_process_accelerate_launch_with_the_ddp_config(tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, env=launch_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["world_size"] == 2
+    assert summary["world_size"] == 2 and summary["distributed_type"] == "MULTI_CPU"  # DDP over gloo
+    assert summary["perturbation_norm_last"] > 0  # Flat-LoRA acted on both ranks' replicas
     assert summary["chosen_alpha_per_rank"] == [summary["chosen_alpha"]] * 2  # both ranks chose the same α
     assert proc.stdout.count("WiSE-FT chose alpha") == 1  # only the main process prints
     assert (tmp_path / "ema" / "adapter_model.safetensors").is_file()
