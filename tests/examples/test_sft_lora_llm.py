@@ -1,0 +1,238 @@
+"""examples/sft_lora_llm.py (LoRA in TRL's SFTTrainer + EMA + Flat-LoRA + WiSE-FT) and examples/accelerate/.
+
+The in-process run records the adapter after every optimizer step; every claim of the example is then
+checked against a reference computed here from those records: the dense WiSE-FT formula merged by PEFT,
+the argmin of the saved curve, a brute-force EMA, and the untouched base weights. The 2-process run goes
+through ``accelerate launch`` with examples/accelerate/ddp.yaml (gloo on CPU). The YAML configs are fed
+through accelerate's own launch validation into its FSDP/DeepSpeed plugins.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = ROOT / "examples" / "sft_lora_llm.py"
+CONFIGS = ROOT / "examples" / "accelerate"
+
+pytest.importorskip("trl", reason="the LLM example needs trl (pip install -e '.[llm]')")
+
+
+def load_example():
+    spec = importlib.util.spec_from_file_location("sft_lora_llm_example", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class AdapterRecorder(TrainerCallback):
+    """The trainable (LoRA) tensors after every optimizer step, and the step's logged perturbation."""
+
+    def __init__(self):
+        self.steps: list[dict[str, torch.Tensor]] = []
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.steps.append({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sft")
+    recorder = AdapterRecorder()
+    alphas = [0.0, 0.3, 0.6, 0.9]  # 1.0 left out, so the chosen model is a real interpolation
+    result = load_example().main(
+        ["--output-dir", str(out), "--steps", "30", "--ema-decay", "0.85", "--alphas", *map(str, alphas)],
+        extra_callbacks=[recorder],
+    )
+    return out, result, recorder
+
+
+def lora_pairs(names):
+    """(A name, B name) of every LoRA layer, by the PEFT naming ``...lora_A.default.weight``."""
+    return [(n, n.replace("lora_A", "lora_B")) for n in names if ".lora_A." in n]
+
+
+@pytest.mark.slow
+def test_sft_trainer_really_trained_a_lora_adapter(run):
+    out, result, rec = run
+    trainer = result["trainer"]
+    assert len(rec.steps) == trainer.state.max_steps == 30
+    names = list(rec.steps[-1])
+    assert names and all("lora_" in n for n in names)  # only the adapter is trained
+    for _, b in lora_pairs(names):
+        assert rec.steps[-1][b].abs().max() > 0, b  # B starts at 0 and moved
+    first, last = result["train_loss_first_last"]
+    assert last < first - 0.1
+    assert json.loads((out / "summary.json").read_text())["world_size"] == 1
+
+
+@pytest.mark.slow
+def test_wise_ft_left_the_dense_interpolation_chosen_on_id_loss(run):
+    out, result, rec = run
+    curve = json.loads((out / "wise_ft.json").read_text())
+    ids = curve["results"]["id"]
+    alpha = curve["chosen_alpha"]
+    assert alpha == curve["alphas"][min(range(len(ids)), key=ids.__getitem__)]  # argmin of ID loss
+    assert alpha == result["chosen_alpha"] and alpha not in (0.0, 1.0)
+    assert set(curve["results"]) == {"id", "shifted"}
+
+    model = result["trainer"].model
+    scale = model.peft_config["default"].lora_alpha / model.peft_config["default"].r
+    end = rec.steps[-1]
+    w0 = load_file(str(out / "tiny" / "model" / "model.safetensors"))
+    merged = copy.deepcopy(model).merge_and_unload().state_dict()  # PEFT merges the live adapter
+    checked = 0
+    for a, b in lora_pairs(end):
+        key = a.split("base_model.model.", 1)[1].replace(".lora_A.default", "")
+        dense = w0[key] + alpha * scale * end[b] @ end[a]  # W0 + α*·s·B_end A_end
+        torch.testing.assert_close(merged[key], dense, atol=1e-6, rtol=1e-5)
+        checked += 1
+    assert checked == 14  # 7 linear modules x 2 layers (all-linear)
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(out / "tiny" / "model")
+    saved = PeftModel.from_pretrained(base, out / "adapter")
+    params = dict(saved.named_parameters())
+    for a, b in lora_pairs(end):
+        torch.testing.assert_close(params[b], alpha * end[b], atol=1e-7, rtol=1e-6)
+        assert torch.equal(params[a], end[a])
+
+
+@pytest.mark.slow
+def test_ema_adapter_loads_with_peft_and_equals_brute_force_ema(run):
+    out, _, rec = run
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    ema = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out / "tiny" / "model"), out / "ema")
+    params = dict(ema.named_parameters())
+    beta = 0.85
+    brute = {n: t.clone() for n, t in rec.steps[0].items()}  # the first update copies
+    for k, step in enumerate(rec.steps[1:], start=1):
+        decay = min(beta, 1 - (1 + k) ** (-2 / 3))  # timm's warmup, k = updates so far
+        for n in brute:
+            brute[n] = decay * brute[n] + (1 - decay) * step[n]
+    assert math.isclose(decay, beta)  # the warmup reached β: both regimes checked
+    for n, t in brute.items():
+        torch.testing.assert_close(params[n], t, atol=1e-6, rtol=1e-5)
+        assert not torch.equal(params[n], rec.steps[-1][n])  # an average, not the last weights
+
+
+@pytest.mark.slow
+def test_flat_lora_logged_a_perturbation_and_left_none_behind(run):
+    out, result, _ = run
+    trainer = result["trainer"]
+    norms = [h["rwp/perturbation_norm"] for h in trainer.state.log_history if "rwp/perturbation_norm" in h]
+    assert norms and all(n > 0 for n in norms)
+    w0 = load_file(str(out / "tiny" / "model" / "model.safetensors"))
+    base = trainer.model.get_base_model().state_dict()
+    perturbed_targets = 0
+    for key, ref in w0.items():  # the perturbed (frozen) base weights are bit-exactly the saved ones
+        live = base.get(key, base.get(key.replace(".weight", ".base_layer.weight")))
+        assert torch.equal(live, ref), key
+        perturbed_targets += key.replace(".weight", ".base_layer.weight") in base
+    assert perturbed_targets == 14
+
+
+def launch_env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false"}
+
+
+@pytest.mark.slow
+def test_two_process_accelerate_launch_with_the_ddp_config(tmp_path):
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "ddp.yaml"),
+           "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(free_port()),
+           str(EXAMPLE), "--output-dir", str(tmp_path), "--steps", "12"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=launch_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["distributed_type"] == "MULTI_CPU"  # DDP over gloo
+    assert summary["perturbation_norm_last"] > 0  # Flat-LoRA acted on both ranks' replicas
+    assert summary["chosen_alpha_per_rank"] == [summary["chosen_alpha"]] * 2  # both ranks chose the same α
+    assert proc.stdout.count("WiSE-FT chose alpha") == 1  # only the main process prints
+    assert (tmp_path / "ema" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+
+# -- the accelerate configs -------------------------------------------------------------------------
+def validated(name: str):
+    """Parse ``accelerate launch --config_file <name>`` with accelerate's own parser and validation."""
+    from accelerate.commands.config.config_args import ClusterConfig, load_config_from_file
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+
+    path = CONFIGS / name
+    config = load_config_from_file(str(path))  # unknown top-level keys raise here
+    assert isinstance(config, ClusterConfig)
+    parser = launch_command_parser()
+    known = {a.dest for a in parser._actions}
+    for section in (config.fsdp_config, config.deepspeed_config):
+        unknown = set(section) - known  # launch would copy these onto its args and silently ignore them
+        assert not unknown, f"{name}: keys accelerate launch does not know: {sorted(unknown)}"
+    args, _, _ = _validate_launch_command(
+        parser.parse_args(["--config_file", str(path), "--main_process_port", "29555", "train.py"])
+    )
+    assert config.mixed_precision == args.mixed_precision == "bf16" and not config.use_cpu
+    assert config.num_processes == args.num_processes == 2
+    return config, args
+
+
+def test_ddp_config_is_multi_gpu():
+    config, args = validated("ddp.yaml")
+    assert config.distributed_type.value == "MULTI_GPU" and args.multi_gpu
+    assert not (args.use_fsdp or args.use_deepspeed)
+
+
+def test_fsdp2_config_reaches_accelerates_fsdp2_plugin(monkeypatch):
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.launch import prepare_multi_gpu_env
+    from transformers.models.llama import modeling_llama
+
+    config, args = validated("fsdp2.yaml")
+    assert config.distributed_type.value == "FSDP" and args.use_fsdp
+    env = prepare_multi_gpu_env(args)
+    for key, value in env.items():
+        if key.startswith(("FSDP_", "ACCELERATE_")):
+            monkeypatch.setenv(key, value)
+    plugin = FullyShardedDataParallelPlugin()  # reads the environment the launcher hands the workers
+    assert plugin.fsdp_version == 2 and plugin.reshard_after_forward is True  # FSDP2 full shard
+    assert plugin.transformer_cls_names_to_wrap == ["LlamaDecoderLayer"]
+    assert plugin.auto_wrap_policy.__name__ == "transformer_auto_wrap_policy"
+    assert hasattr(modeling_llama, "LlamaDecoderLayer")  # the class named really exists
+
+
+def test_deepspeed_config_reaches_accelerates_deepspeed_plugin(monkeypatch):
+    from accelerate.utils import DeepSpeedPlugin
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env
+
+    config, args = validated("deepspeed_zero2.yaml")
+    assert config.distributed_type.value == "DEEPSPEED" and args.use_deepspeed
+    args.deepspeed_fields_from_accelerate_config = ",".join(config.deepspeed_config)
+    _, env = prepare_deepspeed_cmd_env(args)
+    for key, value in env.items():
+        if key.startswith("ACCELERATE_"):
+            monkeypatch.setenv(key, value)
+    plugin = DeepSpeedPlugin()
+    assert plugin.zero_stage == 2 and plugin.deepspeed_config["zero_optimization"]["stage"] == 2
+    assert plugin.deepspeed_config["zero_optimization"]["offload_optimizer"]["device"] == "none"
