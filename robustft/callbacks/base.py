@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import inspect
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -91,6 +92,26 @@ class RobustCallback(TrainerCallback):
             setattr(self.trainer, name, wrapper.robustft_original)
         else:
             delattr(self.trainer, name)
+
+    @contextmanager
+    def without_robustft_wrappers(self, name: str) -> Iterator[None]:
+        """The Trainer's ``name`` with every robustft wrapper (any callback's) removed, put back on exit.
+
+        EMA/SWA/LAWA wrap ``evaluate`` to swap their average in until their own ``on_train_end``; a WiSE-FT
+        sweep running before that must score the live weights, whatever the order of the callbacks.
+        """
+        wrapper = self.trainer.__dict__.get(name) if self.trainer is not None else None
+        plain = wrapper
+        while getattr(plain, "robustft_owner", None) is not None:
+            plain = plain.robustft_original
+        if plain is wrapper:
+            yield
+            return
+        setattr(self.trainer, name, plain)
+        try:
+            yield
+        finally:
+            setattr(self.trainer, name, wrapper)
 
     # -- state --------------------------------------------------------------------------------
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

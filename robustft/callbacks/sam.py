@@ -293,12 +293,20 @@ class SAMCallback(_WeightPerturbation):
                     "use bf16 instead of fp16"
                 )
             scaler._per_optimizer_states.clear()
+        # TRL trainers count tokens and average per-batch metrics inside compute_loss; the replay is not a
+        # new batch, so that bookkeeping is put back as it was after the first pass (best effort: private)
+        metrics = copy.deepcopy(getattr(trainer, "_metrics", None))
+        tokens = getattr(trainer, "_total_train_tokens", None)
         losses = []
         for i, (mb_model, inputs, num_items) in enumerate(batches):
             last = i == len(batches) - 1
             sync = contextlib.nullcontext() if last else accelerator.no_sync(model=mb_model)
             with sync:
                 losses.append(self._orig_training_step(mb_model, inputs, num_items).detach().float())
+        if metrics is not None:
+            trainer._metrics = metrics
+        if tokens is not None:
+            trainer._total_train_tokens = tokens
         if args.max_grad_norm is not None and args.max_grad_norm > 0:
             trainer._clip_grad_norm(model)
         else:

@@ -152,19 +152,20 @@ class WiseFTCallback(RobustCallback):
 
     # -- helpers ----------------------------------------------------------------------------------
     def _sweep(self, apply_alpha: float | None) -> WiseFTCurve:
-        return wise_ft_sweep(
-            self.trainer,
-            self.weights,
-            self.eval_datasets,
-            self.id_dataset,
-            alphas=self.alphas,
-            metric=self.metric,
-            greater_is_better=self.greater_is_better,
-            method=self.method,
-            extrapolate=self.extrapolate,
-            apply_alpha=apply_alpha,
-            progress=self.progress,
-        )
+        with self.without_robustft_wrappers("evaluate"):  # the live weights, not an EMA swapped in
+            return wise_ft_sweep(
+                self.trainer,
+                self.weights,
+                self.eval_datasets,
+                self.id_dataset,
+                alphas=self.alphas,
+                metric=self.metric,
+                greater_is_better=self.greater_is_better,
+                method=self.method,
+                extrapolate=self.extrapolate,
+                apply_alpha=apply_alpha,
+                progress=self.progress,
+            )
 
     def _record(self, curve: WiseFTCurve, args, final: bool) -> None:
         applied = curve.extra["applied_alpha"]

@@ -359,3 +359,30 @@ def test_sweep_without_a_trainer_fails_before_training():
     state = type("S", (), {"global_step": 0})()
     with pytest.raises(ValueError, match="needs the Trainer"):
         cb.on_train_begin(args, state, None, model=_model())
+
+
+@pytest.mark.parametrize("ema_first", [True, False])
+def test_sweep_scores_the_live_weights_whatever_the_callback_order(tmp_path, ema_first):
+    """An EMA wraps trainer.evaluate until its own on_train_end; the sweep must not score the EMA instead.
+
+    Reference: the ID loss of θ(α) computed by hand from the start snapshot and the trained weights."""
+    from robustft import EMACallback
+    from tests.tiny import lm_dataset, tiny_llama, training_args
+
+    model = tiny_llama()
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    evals = {"id": lm_dataset(8, seed=1)}
+    wise = WiseFTCallback(alpha=1.0, alphas=[0.0, 0.5, 1.0], eval_datasets=evals, metric="eval_loss",
+                          greater_is_better=False, progress=False, save_curve=False)
+    ema = EMACallback(decay=0.5, save_dir=None)
+    callbacks = [ema, wise] if ema_first else [wise, ema]
+    args = training_args(tmp_path, max_steps=4, learning_rate=2e-2)
+    Trainer(model=model, args=args, train_dataset=lm_dataset(16), callbacks=callbacks).train()
+    end = {n: p.detach().clone() for n, p in model.named_parameters()}  # alpha=1 applied: the trained weights
+    batch = torch.tensor(evals["id"]["input_ids"])
+    for alpha, got in zip(wise.curve.alphas, wise.curve.results["id"]):
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_((1 - alpha) * start[n] + alpha * end[n])
+            want = model(input_ids=batch, labels=batch).loss.item()
+        assert got == pytest.approx(want, rel=1e-4), alpha
