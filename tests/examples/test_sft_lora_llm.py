@@ -236,3 +236,20 @@ def test_deepspeed_config_reaches_accelerates_deepspeed_plugin(monkeypatch):
     plugin = DeepSpeedPlugin()
     assert plugin.zero_stage == 2 and plugin.deepspeed_config["zero_optimization"]["stage"] == 2
     assert plugin.deepspeed_config["zero_optimization"]["offload_optimizer"]["device"] == "none"
+
+
+def test_exact_sam_replay_is_not_counted_by_trl(tmp_path):
+    """SAM replays each micro-batch through SFTTrainer.compute_loss; TRL's token count and per-batch metrics
+    must still count every batch once: the logged num_tokens equals that of a run without SAM."""
+    from robustft import SAMCallback
+
+    example = load_example()
+    argv = ["--tiny", "--steps", "3", "--sam", "none", "--alphas", "1.0", "--batch-size", "4"]
+    plain = example.main([*argv, "--output-dir", str(tmp_path / "plain")])
+    sam = example.main([*argv, "--output-dir", str(tmp_path / "sam")], extra_callbacks=[SAMCallback(rho=0.05)])
+
+    def tokens(run):
+        return [e["num_tokens"] for e in run["trainer"].state.log_history if "num_tokens" in e]
+
+    assert tokens(plain) and tokens(sam) == tokens(plain)
+    assert any("sam/sharpness" in e for e in sam["trainer"].state.log_history)  # SAM really ran
