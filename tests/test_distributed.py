@@ -21,7 +21,8 @@ MODES = {"single": 1, "ddp": 2, "fsdp": 2}
 DETERMINISTIC = ["ema", "swa", "lawa", "momentum", "wise_fixed", "wise_slerp", "wise_lora", "wise_sweep",
                  "sam", "asam", "msam", "lora_arithmetic"]  # fmt: skip
 RANDOM = ["rwp", "flat_lora", "ggpo"]  # noise drawn per shard under FSDP2: same law, other draws
-CASES = DETERMINISTIC + RANDOM + ["ema_resume"]
+RESUMED = ["ema", "wise_fixed", "ggpo"]  # <case>_resume: stopped after the checkpoint at step 2, resumed
+CASES = DETERMINISTIC + RANDOM + [f"{c}_resume" for c in RESUMED]
 AVERAGES = {"ema": "ema", "swa": "swa", "lawa": "lawa", "momentum": "momentum"}
 
 
@@ -120,12 +121,16 @@ def test_fsdp2_random_perturbation_has_the_same_law(runs, case):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", list(MODES))
-def test_resume_equals_uninterrupted(runs, mode):
-    _assert_same(_load(runs[mode], "ema_resume"), _load(runs[mode], "ema"), atol=1e-7, rtol=1e-6)
-    state = runs[mode] / "ema_resume" / "checkpoint-2" / "robustft"
-    files = sorted(p.name for p in state.glob("ema*.safetensors"))
-    per_rank = ["ema.rank0.safetensors", "ema.rank1.safetensors"]
-    assert files == (per_rank if mode == "fsdp" else ["ema.safetensors"])
+@pytest.mark.parametrize("case", RESUMED)
+def test_resume_equals_uninterrupted(runs, mode, case):
+    _assert_same(_load(runs[mode], f"{case}_resume"), _load(runs[mode], case), atol=1e-7, rtol=1e-6)
+    state = runs[mode] / f"{case}_resume" / "checkpoint-2" / "robustft"
+    files = sorted(p.name for p in state.glob("*.safetensors"))
+    name = json.loads(next(state.glob("*.json")).read_text())["callback"]
+    assert name in {"EMACallback", "WiseFTCallback", "GGPOCallback"}
+    stem = files[0].split(".")[0]
+    per_rank = [f"{stem}.rank0.safetensors", f"{stem}.rank1.safetensors"]
+    assert files == (per_rank if mode == "fsdp" else [f"{stem}.safetensors"])  # FSDP2: each rank its shard
 
 
 @pytest.mark.slow

@@ -153,7 +153,14 @@ class RobustCallback(TrainerCallback):
                 f"{type(self).__name__}: resuming from {checkpoint_dir} but its state is missing ({err}). "
                 "Pass restart_if_missing=True to start this callback afresh."
             ) from err
-        self.load_state_dict(tensors, meta, source=os.path.join(checkpoint_dir, "robustft", self.state_name))
+        source = os.path.join(checkpoint_dir, "robustft", self.state_name)
+        saved_world = meta.get("world_size", distributed.world_size())
+        if rank is not None and saved_world != distributed.world_size():
+            raise ValueError(
+                f"{type(self).__name__}: {source} holds FSDP2 shards of {saved_world} ranks; resume with "
+                f"{saved_world} ranks (now {distributed.world_size()})"
+            )
+        self.load_state_dict(tensors, meta, source=source)
 
     def resume_dir(self, args, state) -> str | None:
         """Checkpoint folder the Trainer resumed from (None when training starts at step 0)."""

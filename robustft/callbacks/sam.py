@@ -611,3 +611,6 @@ class GGPOCallback(_OnePass):
 
     def load_state_dict(self, tensors, meta, source):
         self._grad_sq_rows = {k[len("grad_sq_rows.") :]: t for k, t in tensors.items()}
+
+    def sharded_state(self) -> bool:  # FSDP2: each rank keeps the row norms of its own rows
+        return is_sharded(self._params)

@@ -21,7 +21,7 @@ import torch
 from robustft import distributed
 from robustft.callbacks.base import RobustCallback
 from robustft.ops.interpolate import check_alpha, check_method
-from robustft.params import select_parameters
+from robustft.params import is_sharded, select_parameters
 from robustft.wise_ft import DEFAULT_ALPHAS, WiseFTCurve, WiseFTWeights, check_alphas, wise_ft_sweep
 
 __all__ = ["WiseFTCallback"]
@@ -106,6 +106,9 @@ class WiseFTCallback(RobustCallback):
 
     def load_state_dict(self, tensors, meta, source: str) -> None:
         self.weights.load_state_dict(tensors, meta, source)
+
+    def sharded_state(self) -> bool:
+        return self.weights is not None and is_sharded(self.weights.params)
 
     # -- events -----------------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, **kwargs):

@@ -246,7 +246,8 @@ def test_exact_sam_replay_is_not_counted_by_trl(tmp_path):
     example = load_example()
     argv = ["--tiny", "--steps", "3", "--sam", "none", "--alphas", "1.0", "--batch-size", "4"]
     plain = example.main([*argv, "--output-dir", str(tmp_path / "plain")])
-    sam = example.main([*argv, "--output-dir", str(tmp_path / "sam")], extra_callbacks=[SAMCallback(rho=0.05)])
+    sam_cb = SAMCallback(rho=0.05)
+    sam = example.main([*argv, "--output-dir", str(tmp_path / "sam")], extra_callbacks=[sam_cb])
 
     def tokens(run):
         return [e["num_tokens"] for e in run["trainer"].state.log_history if "num_tokens" in e]
