@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 
 from robustft import RandomPerturbationCallback, SAMCallback
 from tests.callbacks.sam_helpers import make_trainer, tiny_bert
+from tests.distributed.harness import finish
 
 out = sys.argv[1]
 torch.set_num_threads(1)
@@ -27,5 +28,4 @@ for variant, factory in (
         {n: p.detach().contiguous() for n, p in model.named_parameters()},
         f"{out}/{variant}-rank{rank}.safetensors",
     )
-torch.distributed.barrier()
-torch.distributed.destroy_process_group()  # a gloo group left open can abort at interpreter exit
+finish()

@@ -90,18 +90,11 @@ def test_bad_setups_fail_before_training(setup, tmp_path):
 @pytest.mark.slow
 def test_two_rank_ddp_writes_once_and_evaluates_on_every_rank(setup, tmp_path):
     import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
+
+    from tests.distributed.harness import torchrun
 
     base, other, _ = setup
-    root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "tests/lora/ddp_run.py", str(base), str(other), str(tmp_path)]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    torchrun("tests/lora/ddp_run.py", str(base), str(other), str(tmp_path))
     infos = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert all(
         i["world_size"] == 2 and i["active"] == "default" and i["adapters"] == ["default"] for i in infos

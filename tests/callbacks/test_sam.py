@@ -435,28 +435,11 @@ def test_sam_with_fp16_grad_scaler_unscales_the_second_gradient(tmp_path, monkey
 def test_sam_and_random_perturbation_under_ddp(tmp_path):
     """2 processes (torchrun, gloo): ε from the synchronized gradient keeps the ranks identical, and
     SAM equals the single-process reference on the whole batch."""
-    import os
-    import subprocess
-    from pathlib import Path
-
     from safetensors.torch import load_file
 
-    here = Path(__file__).resolve().parent
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(here.parents[1])}
-    import socket
+    from tests.distributed.harness import torchrun
 
-    with socket.socket() as sock:  # a free port: other test sessions may run DDP tests too
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
-    res = subprocess.run(
-        [*cmd, str(here / "ddp_sam_script.py"), str(tmp_path)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
+    torchrun("tests/callbacks/ddp_sam_script.py", str(tmp_path))
     ref = tiny_bert()
     reference_sam(ref, ToyData().batch(), 3, RHO, False, 0.0, CLIP, 0.1, 0.9)
     for variant in ("sam", "rwp"):

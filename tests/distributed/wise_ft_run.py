@@ -15,6 +15,7 @@ from transformers import BertConfig, BertForSequenceClassification, Trainer, Tra
 
 sys.path.insert(0, os.getcwd())
 from robustft import WiseFTCallback  # noqa: E402
+from tests.distributed.harness import finish  # noqa: E402
 
 
 def data(n, seed):
@@ -85,13 +86,7 @@ def main(out: str) -> None:
         info["brute"] = brute
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(info, f)
-    # destroy the gloo group before exit: a rank leaving while the other still works aborts at teardown
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
+    finish()
 
 if __name__ == "__main__":
     main(sys.argv[1])

@@ -17,6 +17,7 @@ from transformers import LlamaForCausalLM, Trainer, TrainingArguments
 
 sys.path.insert(0, os.getcwd())
 from robustft.callbacks.lora_arithmetic import LoRAArithmeticCallback  # noqa: E402
+from tests.distributed.harness import finish  # noqa: E402
 
 
 def main() -> None:
@@ -43,8 +44,7 @@ def main() -> None:
         "adapters": sorted(trainer.model.peft_config),
     }
     (out / f"rank{rank}.json").write_text(json.dumps(info))
-    dist.barrier()
-    dist.destroy_process_group()
+    finish()
 
 
 if __name__ == "__main__":
