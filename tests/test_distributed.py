@@ -43,7 +43,8 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("matrix")
     for mode, nproc in MODES.items():
         _other_adapter(root / mode / "other")
-        torchrun("tests/distributed/matrix_run.py", mode, str(root / mode), *CASES, nproc=nproc, timeout=400)
+        cases = CASES + (["swa_bn"] if mode == "ddp" else [])  # a plain MLP: no FSDP2 wrap policy for it
+        torchrun("tests/distributed/matrix_run.py", mode, str(root / mode), *cases, nproc=nproc, timeout=400)
     return {mode: root / mode for mode in MODES}
 
 
@@ -166,3 +167,22 @@ def test_lora_composite_is_the_dense_formula(runs, mode):
         want = scale * t_b @ t_a - 0.5 * scale * o_b @ o_a
         got = c_scale * composed[f"{module}.lora_B.weight"] @ composed[f"{module}.lora_A.weight"]
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=module)
+
+
+@pytest.mark.slow
+def test_swa_batchnorm_statistics_are_averaged_over_ranks(runs):
+    """Each DDP rank recomputes BatchNorm statistics on its half of the data; averaged over ranks, every
+    rank holds the same ones and the running mean is that of one pass over all data at the SWA weights."""
+    from tests.distributed.matrix_run import BNNet, features
+
+    (t0, _), (t1, _) = (_load(runs["ddp"], "swa_bn", r) for r in (0, 1))
+    buffers = [k for k in t0 if k.startswith("buffer.")]
+    assert buffers
+    for key in buffers:
+        assert torch.equal(t0[key], t1[key]), key
+    net = BNNet()
+    net.load_state_dict({k[len("final."):]: v for k, v in t0.items() if k.startswith("final.")}, strict=False)
+    x = torch.tensor(features()["x"])
+    with torch.no_grad():
+        want = net.body[0](x).mean(dim=0)
+    torch.testing.assert_close(t0["buffer.body.1.running_mean"], want, atol=1e-5, rtol=1e-5)

@@ -321,6 +321,12 @@ class SWACallback(_AveragingCallback):
             if not self.copy_to_model_at_end:
                 stack.enter_context(_buffers_restored(model))
             recompute_batchnorm(model, loader)
+            # each rank saw its own shard of the data: the statistics are averaged so every rank (and the
+            # saved model) holds the same ones; with equal shards the mean is that of one pass over all data
+            for bn in _batchnorms(model):
+                for buffer in (bn.running_mean, bn.running_var):
+                    if buffer is not None:
+                        distributed.all_reduce_mean(buffer)
 
 
 class LAWACallback(_AveragingCallback):

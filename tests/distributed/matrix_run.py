@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from datasets import Dataset
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import save_file
 from transformers import Trainer
@@ -69,6 +70,26 @@ CASES = {
 }
 
 
+class BNNet(torch.nn.Module):
+    """A tiny MLP with BatchNorm: SWA recomputes its statistics on each rank's shard of the data."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(),
+                                        torch.nn.Linear(8, 2))
+
+    def forward(self, x, labels=None):
+        logits = self.body(x)
+        return {"loss": torch.nn.functional.cross_entropy(logits, labels), "logits": logits}
+
+
+def features(n: int = GLOBAL_BATCH) -> Dataset:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 6, generator=g) * 3 + 1
+    return Dataset.from_dict({"x": x.tolist(), "labels": (x[:, 0] > 1).long().tolist()})
+
+
 def lora_arithmetic(out: Path):
     return lambda: (lora_llama(), [LoRAArithmeticCallback({"self": 1.0, str(out / "other"): -0.5})])
 
@@ -95,6 +116,7 @@ def local_state_numel(cb) -> int:
 
 def run_case(name: str, factory, mode: str, out: Path, resume: bool = False) -> None:
     model, callbacks = factory()
+    data = features() if isinstance(model, BNNet) else lm_dataset(GLOBAL_BATCH)
     extra = fsdp_args() if mode == "fsdp" else {}
     world = int(os.environ.get("WORLD_SIZE", "1"))
     per_device = GLOBAL_BATCH // world
@@ -102,11 +124,11 @@ def run_case(name: str, factory, mode: str, out: Path, resume: bool = False) -> 
     save = dict(save_strategy="steps", save_steps=2) if resume else {}
     args = training_args(case_dir, max_steps=STEPS, per_device_train_batch_size=per_device,
                          per_device_eval_batch_size=per_device, **save, **extra)
-    trainer = Trainer(model=model, args=args, train_dataset=lm_dataset(GLOBAL_BATCH), callbacks=callbacks)
+    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=callbacks)
     if resume:  # stop after the checkpoint at step 2, then resume into a fresh model and Trainer
         trainer.train()
         model, callbacks = factory()
-        trainer = Trainer(model=model, args=args, train_dataset=lm_dataset(GLOBAL_BATCH), callbacks=callbacks)
+        trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=callbacks)
         trainer.train(resume_from_checkpoint=str(case_dir / "checkpoint-2"))
     else:
         trainer.train()
@@ -114,6 +136,8 @@ def run_case(name: str, factory, mode: str, out: Path, resume: bool = False) -> 
     trainable = {n: p for n, p in trainer.model.named_parameters() if p.requires_grad}
     tensors = {f"final.{n}": full(p).contiguous() for n, p in trainable.items()}
     tensors.update(callback_state(cb))
+    tensors.update({f"buffer.{n}": b.detach().float() for n, b in trainer.model.named_buffers()
+                    if n.endswith(("running_mean", "running_var"))})
     metrics = {}
     for entry in trainer.state.log_history:
         for key, value in entry.items():
@@ -138,7 +162,8 @@ def main(mode: str, out: str, names: list[str]) -> None:
     if mode == "fsdp":
         allow_fsdp_on_cpu()
     out = Path(out)
-    cases = {**CASES, "lora_arithmetic": lora_arithmetic(out)}
+    cases = {**CASES, "lora_arithmetic": lora_arithmetic(out),
+             "swa_bn": lambda: (BNNet(), [SWACallback(start=1, copy_to_model_at_end=True)])}
     for name in names or list(CASES):  # <case>_resume: <case> stopped at step 2 and resumed
         run_case(name, cases[name.removesuffix("_resume")], mode, out, resume=name.endswith("_resume"))
     finish()
