@@ -201,20 +201,23 @@ class _AveragingCallback(RobustCallback):
 
     def _save_model(self, model: nn.Module, args) -> None:
         target = os.path.join(args.output_dir, self.prefix) if self.save_dir == "auto" else self.save_dir
-        if self.sharded_state():
+        zero3 = distributed.deepspeed_stage(self.params) == 3
+        if self.sharded_state() and not zero3:
             warnings.warn(
                 f"{type(self).__name__}: parameters are sharded (FSDP2); the averaged model is kept in the "
                 "checkpoint state but not saved as a full model. Gather it with your FSDP save path.",
                 stacklevel=2,
             )
             return
-        if distributed.is_main_process():
-            if hasattr(model, "save_pretrained"):
-                model.save_pretrained(target)
-            else:  # a plain nn.Module: its state dict as safetensors
-                os.makedirs(target, exist_ok=True)
-                save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-                          os.path.join(target, "model.safetensors"))
+        # ZeRO-3: every rank gathers the full (averaged) weights, the main process writes them
+        with distributed.gathered(model.parameters()):
+            if distributed.is_main_process():
+                if hasattr(model, "save_pretrained"):
+                    model.save_pretrained(target)
+                else:  # a plain nn.Module: its state dict as safetensors
+                    os.makedirs(target, exist_ok=True)
+                    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+                              os.path.join(target, "model.safetensors"))
         distributed.barrier()
 
 
