@@ -33,6 +33,27 @@ from tests.tiny import lm_dataset, tiny_llama, training_args  # noqa: E402
 STEPS = 4
 
 
+def allow_deepspeed_on_cpu() -> None:
+    """TEST-ONLY patch: with no GPU, accelerate 1.15 gives DeepSpeed no backend and counts ONE process
+    (``PartialState().num_processes == 1``) while DeepSpeed's engine spans every rank: each rank then
+    reads the whole dataset (no distributed sampler) and ``trainer.evaluate`` fails in its gather.
+    Make accelerate see the CPU ranks (gloo), as it does for plain DDP on CPU."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    original = PartialState._prepare_backend
+
+    def patched(self, cpu=False, sagemaker_dp=False, backend=None):
+        found, kind = original(self, cpu, sagemaker_dp, backend)
+        if (kind == DistributedType.NO and not torch.cuda.is_available()
+                and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+                and int(os.environ.get("LOCAL_RANK", -1)) != -1):
+            return "gloo", DistributedType.MULTI_CPU
+        return found, kind
+
+    PartialState._prepare_backend = patched
+
+
 def ds_config(stage: int, persistence: float = 0) -> dict:
     zero = {"stage": stage, "reduce_bucket_size": 2000, "allgather_bucket_size": 2000}
     if stage == 3:  # persistence 0: partition every parameter, however small (see shared/FACTS.md)
@@ -109,6 +130,8 @@ def refusal(fn) -> str | None:
 
 
 def main(mode: str, out: str) -> None:
+    if mode != "ddp":
+        allow_deepspeed_on_cpu()
     info: dict = {"mode": mode, "world_size": dist.get_world_size() if dist.is_initialized() else 1}
     tensors: dict[str, torch.Tensor] = {}
 
