@@ -132,7 +132,7 @@ def refusal(fn) -> str | None:
 def main(mode: str, out: str) -> None:
     if mode != "ddp":
         allow_deepspeed_on_cpu()
-    info: dict = {"mode": mode, "world_size": dist.get_world_size() if dist.is_initialized() else 1}
+    info: dict = {"mode": mode, "out": out}
     tensors: dict[str, torch.Tensor] = {}
 
     def put(prefix: str, weights: dict[str, torch.Tensor]) -> None:
@@ -231,6 +231,7 @@ def main(mode: str, out: str) -> None:
         info["persistent_refused"] = refusal(persist.train)
 
     rank = dist.get_rank()
+    info["world_size"] = dist.get_world_size()
     save_file(tensors, os.path.join(out, f"rank{rank}.safetensors"))
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(info, f, indent=1)
