@@ -100,6 +100,20 @@ def test_callbacks_under_zero(runs, mode):
         assert info["wise_curve"][alpha] == pytest.approx(value, rel=1e-5)
     assert info["wise_files"] == ["wise_ft.csv", "wise_ft.json", "wise_ft.png"]
 
+    # LoRA arithmetic: the composite written by rank 0 is 0.5·ΔW of the trained adapter (gathered here)
+    assert info["lora"]["stage"] == stage
+    out = Path(info["out"]) / "lora" / "composed"
+    composed = load_file(str(out / "adapter_model.safetensors"))
+    config = json.loads((out / "adapter_config.json").read_text())
+    trained = group(t, "lora_trained")
+    modules = [k[: -len(".lora_A.weight")] for k in trained if k.endswith(".lora_A.weight")]
+    assert modules
+    for m in modules:
+        delta = 0.5 * (8 / 2) * trained[f"{m}.lora_B.weight"] @ trained[f"{m}.lora_A.weight"]  # α=8, r=2
+        written = composed[f"{m}.lora_B.weight"] @ composed[f"{m}.lora_A.weight"]
+        torch.testing.assert_close(written * config["lora_alpha"] / config["r"], delta, atol=1e-6, rtol=1e-5)
+        assert delta.abs().max() > 0
+
     # exact SAM is refused under every stage
     assert "SAMCallback does not support DeepSpeed" in info["sam_refused"]
     # one-pass perturbations: exact (= DDP) under ZeRO-1/2, refused under ZeRO-3

@@ -186,7 +186,7 @@ def adapter_from_peft_model(model, adapter_name: str = "default") -> LoRAAdapter
 
     config = {k: _jsonable(v) for k, v in model.peft_config[adapter_name].to_dict().items()}
     state = get_peft_model_state_dict(model, adapter_name=adapter_name)
-    state = {k: v.detach() for k, v in state.items()}
+    state = {k: v.detach().clone() for k, v in state.items()}  # a copy: ZeRO-3 frees gathered data
     return adapter_from_state_dict(state, config, source=f"PeftModel adapter {adapter_name!r}")
 
 

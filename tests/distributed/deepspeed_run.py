@@ -21,6 +21,7 @@ from robustft import (  # noqa: E402
     EMACallback,
     GGPOCallback,
     LAWACallback,
+    LoRAArithmeticCallback,
     MomentumInterpolationCallback,
     MomentumSAMCallback,
     RandomPerturbationCallback,
@@ -96,13 +97,13 @@ class Recorder(TrainerCallback):
         self.points.append(full_weights(model))
 
 
-def make_trainer(mode: str, out: str, callbacks, persistence: float = 0, **overrides) -> Trainer:
+def make_trainer(mode: str, out: str, callbacks, persistence: float = 0, model=None, **overrides) -> Trainer:
     extra = {} if mode == "ddp" else {"use_cpu": False, "deepspeed": ds_config(int(mode[-1]), persistence)}
     kwargs = dict(max_steps=STEPS, per_device_train_batch_size=4, gradient_accumulation_steps=2,
                   max_grad_norm=1.0, **extra)
     kwargs.update(overrides)
-    return Trainer(model=tiny_llama(), args=training_args(out, **kwargs), train_dataset=lm_dataset(),
-                   eval_dataset=lm_dataset(n=16, seed=1), callbacks=callbacks)
+    return Trainer(model=model if model is not None else tiny_llama(), args=training_args(out, **kwargs),
+                   train_dataset=lm_dataset(), eval_dataset=lm_dataset(n=16, seed=1), callbacks=callbacks)
 
 
 def check_mode(trainer: Trainer, mode: str) -> dict:
@@ -222,6 +223,25 @@ def main(mode: str, out: str) -> None:
     put("wise_ref", {n: (1 - alpha) * rec.start[n] + alpha * rec.points[-1][n] for n in rec.start})
     info["wise_curve"] = {str(a): wise_cb.curve.value("id", a) for a in (0.0, 0.5, 1.0)}
     info["wise_files"] = sorted(f for f in os.listdir(os.path.join(out, "wise")) if f.startswith("wise_ft"))
+
+    # 6. LoRA arithmetic: the trained adapter (read from partitions under ZeRO-3) written by rank 0
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+
+    lora_out = os.path.join(out, "lora")
+    peft_model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    lora = make_trainer(mode, lora_out, [LoRAArithmeticCallback({"self": 0.5})], model=peft_model,
+                        learning_rate=5e-2)
+    lora.train()
+    info["lora"] = check_mode(lora, mode)
+    params = [p for n, p in peft_model.named_parameters() if "lora_" in n]
+    if mode == "zero3":
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params):
+            trained = {k: v.clone() for k, v in get_peft_model_state_dict(peft_model).items()}
+    else:
+        trained = {k: v.clone() for k, v in get_peft_model_state_dict(peft_model).items()}
+    put("lora_trained", trained)
 
     if mode == "zero3":
         slerp = make_trainer(mode, os.path.join(out, "slerp"), [WiseFTCallback(alpha=0.5, method="slerp")])
