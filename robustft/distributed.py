@@ -1,6 +1,15 @@
-"""The few collectives robustft needs, on top of torch.distributed (a no-op when not initialised)."""
+"""The few collectives robustft needs, on top of torch.distributed (a no-op when not initialised).
+
+DeepSpeed is detected here and only here (:func:`deepspeed_stage`); it is never imported by robustft:
+if the ``deepspeed`` module was not imported by the Trainer/accelerate, DeepSpeed is not running.
+"""
 
 from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import nullcontext
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -10,10 +19,16 @@ __all__ = [
     "all_reduce_mean",
     "all_reduce_sum",
     "barrier",
+    "deepspeed_clipped_grads",
+    "deepspeed_engine",
+    "deepspeed_optimizer_states",
+    "deepspeed_stage",
     "full_state_dict",
+    "gathered",
     "is_main_process",
     "rank",
     "reshard",
+    "run_before_deepspeed_step",
     "world_size",
 ]
 
@@ -83,3 +98,138 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     return get_model_state_dict(model, options=options)
+
+
+# -- DeepSpeed ----------------------------------------------------------------------------------------
+def _deepspeed():
+    return sys.modules.get("deepspeed")
+
+
+def deepspeed_engine(obj: Any):
+    """The ``DeepSpeedEngine`` behind ``obj`` (an engine, or a Trainer's ``model_wrapped``), else None."""
+    ds = _deepspeed()
+    if ds is None:
+        return None
+    engine_cls = ds.DeepSpeedEngine
+    for candidate in (obj, getattr(obj, "model_wrapped", None), getattr(obj, "deepspeed", None)):
+        if isinstance(candidate, engine_cls):
+            return candidate
+    return None
+
+
+def _is_zero3_param(t: Any) -> bool:
+    return hasattr(t, "ds_id") and hasattr(t, "ds_tensor")
+
+
+def deepspeed_stage(obj: Any) -> int | None:
+    """ZeRO stage (0-3) DeepSpeed runs with, or None without DeepSpeed.
+
+    ``obj`` is a Trainer, a ``DeepSpeedEngine``, a model, or parameters (a name->tensor mapping or an
+    iterable). A model or parameters alone only reveal ZeRO-3 (its parameters carry ``ds_id``);
+    ZeRO-1/2 keep plain parameters, so pass the Trainer or the engine to see those stages.
+    """
+    if _deepspeed() is None:
+        return None
+    engine = deepspeed_engine(obj)
+    if engine is not None:
+        return int(engine.zero_optimization_stage())
+    if getattr(obj, "is_deepspeed_enabled", False):  # a Trainer whose engine is not built yet
+        plugin = getattr(getattr(getattr(obj, "accelerator", None), "state", None), "deepspeed_plugin", None)
+        return int(plugin.zero_stage) if plugin is not None else 0
+    if isinstance(obj, torch.nn.Module):
+        tensors: Iterable[Any] = obj.parameters()
+    elif isinstance(obj, Mapping):
+        tensors = obj.values()
+    elif isinstance(obj, Iterable):
+        tensors = obj
+    else:
+        return None
+    return 3 if any(_is_zero3_param(t) for t in tensors) else None
+
+
+def gathered(params: Iterable[torch.Tensor]):
+    """Context in which ZeRO-3 partitioned ``params`` hold their full values on every rank (read-only).
+
+    A collective: every rank must enter it. Anything else (plain, DTensor) is left as it is.
+    """
+    params = [p for p in params if _is_zero3_param(p)]
+    if not params:
+        return nullcontext()
+    return _deepspeed().zero.GatheredParameters(params, modifier_rank=None)
+
+
+def run_before_deepspeed_step(engine, fn: Callable[[], None]) -> Callable[[], None]:
+    """Call ``fn()`` just before every optimizer step of the DeepSpeed ``engine``; returns the remover.
+
+    Under DeepSpeed the Trainer's ``accelerator.backward`` of the last micro-batch runs
+    ``engine.step()`` (gradient clipping, optimizer step, copy of the fp32 master weights into the
+    model), before the callbacks' ``on_pre_optimizer_step``. Wrapping ``engine.step`` on the instance
+    is the narrowest hook before that step. The remover only removes this wrapper.
+    """
+    previous = engine.__dict__.get("step")  # an instance attribute already there, else None
+    original = engine.step
+
+    def step(*args, **kwargs):
+        fn()
+        return original(*args, **kwargs)
+
+    engine.step = step
+
+    def remove() -> None:
+        if engine.__dict__.get("step") is step:
+            if previous is None:
+                del engine.__dict__["step"]
+            else:
+                engine.step = previous
+
+    return remove
+
+
+def deepspeed_optimizer_states(
+    engine, params: Iterable[torch.Tensor], keys: Iterable[str]
+) -> list[torch.Tensor | None]:
+    """The full fp32 optimizer state of each ZeRO-1/2 parameter under the first of ``keys`` the optimizer
+    keeps (e.g. ``("momentum_buffer", "exp_avg")``); all None before the first step.
+
+    DeepSpeed keys its optimizer state by flat partitions, not by parameter; this assembles it with
+    ``deepspeed.utils.safe_get_full_optimizer_state`` (a collective: every rank must call it).
+    """
+    params = list(params)
+    zero = getattr(engine, "optimizer", None)
+    state = getattr(getattr(zero, "optimizer", None), "state", None) or {}
+    present = next(iter(state.values()), {}) if state else {}
+    key = next((k for k in keys if k in present), None)
+    if key is None:
+        return [None] * len(params)
+    if hasattr(zero, "_lazy_init_hp_params_optimizer_state"):
+        # deepspeed 0.19.8 links parameters to their optimizer state once, right after the first
+        # param group's first step, so the parameters of later groups (the Trainer's no-decay group)
+        # stay unlinked and their lookup raises; linking again only makes views
+        zero._hp_optimizer_states_linked = False
+        zero._lazy_init_hp_params_optimizer_state()
+    get = _deepspeed().utils.safe_get_full_optimizer_state
+    return [get(p, key) for p in params]
+
+
+def deepspeed_clipped_grads(
+    params: Mapping[str, torch.Tensor], model: torch.nn.Module, max_norm: float | None
+) -> dict[str, torch.Tensor | None]:
+    """Full gradients of ``params`` between DeepSpeed's backward and its step, clipped as the Trainer clips.
+
+    Under DDP the Trainer clips (``torch.nn.utils.clip_grad_norm_`` over every trainable parameter)
+    before ``on_pre_optimizer_step``; DeepSpeed clips inside its step. This applies the same
+    coefficient min(1, max_norm / (‖g‖ + 1e-6)) to the assembled gradients (a collective).
+    """
+    get = _deepspeed().utils.safe_get_full_grad
+    grads = {n: get(p) for n, p in params.items()}
+    if max_norm is None or max_norm <= 0:
+        return grads
+    chosen = {id(p): n for n, p in params.items()}
+    sq = torch.zeros((), dtype=torch.float64)
+    for p in model.parameters():
+        if p.requires_grad:
+            g = grads[chosen[id(p)]] if id(p) in chosen else get(p)
+            if g is not None:
+                sq += g.detach().double().pow(2).sum().cpu()
+    coef = min(1.0, max_norm / (float(sq.sqrt()) + 1e-6))
+    return {n: None if g is None else g * coef for n, g in grads.items()}

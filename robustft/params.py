@@ -2,8 +2,10 @@
 
 Every callback goes through this module: it selects parameters by name (trainable ones by
 default), keeps snapshots on a chosen device/dtype, and swaps them into the live model in a
-context manager that always restores. DTensor parameters (FSDP2) are handled on their local
-shard, so nothing here gathers a full model.
+context manager that always restores. DTensor parameters (FSDP2) and DeepSpeed ZeRO-3 parameters
+are handled on their local shard, so nothing here gathers a full model. A ZeRO-3 shard
+(``p.ds_tensor``) is a flat, padded 1-D partition of the flattened weight: element-wise maths
+works on it as it is, norms need a sum over ranks (``distributed.all_reduce_sum``).
 """
 
 from __future__ import annotations
@@ -86,16 +88,38 @@ def select_parameters(
             "no parameter selected: the model has no trainable parameter matching include/exclude "
             f"(include={include!r}, exclude={exclude!r}, trainable_only={trainable_only})"
         )
+    _refuse_zero3_persistent(selected)
     return selected
 
 
+def _refuse_zero3_persistent(selected: Mapping[str, torch.Tensor]) -> None:
+    """ZeRO-3 keeps small ("persistent") parameters whole between steps and refreshes them from their
+    partition only after an optimizer step, so a value written into the partition would not be seen
+    by the next forward (an evaluation on swapped-in weights would silently use the live ones)."""
+    persistent = [n for n, t in selected.items() if getattr(t, "ds_persist", False)]
+    if persistent:
+        raise ValueError(
+            f"DeepSpeed ZeRO-3 keeps {len(persistent)} selected parameter(s) whole between steps "
+            f"(persistent, e.g. {persistent[:3]}); robustft works on ZeRO-3 partitions and needs every "
+            "selected parameter partitioned: set zero_optimization.stage3_param_persistence_threshold "
+            "to 0 in the DeepSpeed config, or exclude those parameters (exclude=...)"
+        )
+
+
+def _is_zero3(t: torch.Tensor) -> bool:
+    return getattr(t, "ds_tensor", None) is not None and hasattr(t, "ds_id")
+
+
 def is_sharded(params: Mapping[str, torch.Tensor]) -> bool:
-    """True when any tensor is a DTensor (FSDP2): each rank then holds only its local shard."""
-    return any(hasattr(t, "to_local") and hasattr(t, "placements") for t in params.values())
+    """True when any tensor is a DTensor (FSDP2) or a ZeRO-3 parameter: each rank holds only its shard."""
+    return any((hasattr(t, "to_local") and hasattr(t, "placements")) or _is_zero3(t) for t in params.values())
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
-    """The tensor this rank owns: the local shard of a DTensor (FSDP2), else ``t`` itself, detached."""
+    """The tensor this rank owns, detached: a DTensor's local shard (FSDP2), a ZeRO-3 parameter's flat
+    partition ``ds_tensor`` (DeepSpeed; the parameter itself is empty outside forward), else ``t``."""
+    if _is_zero3(t):
+        return t.ds_tensor.detach()
     if hasattr(t, "to_local") and hasattr(t, "placements"):
         t = t.to_local()
     return t.detach()

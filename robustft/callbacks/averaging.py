@@ -208,16 +208,19 @@ class _AveragingCallback(RobustCallback):
 
     def _save_model(self, model: nn.Module, args) -> None:
         target = os.path.join(args.output_dir, self.prefix) if self.save_dir == "auto" else self.save_dir
-        # FSDP2: every rank takes part in gathering the full (averaged) weights; the main process writes them
-        state_dict = distributed.full_state_dict(model) if self.sharded_state() else None
-        if distributed.is_main_process():
-            if hasattr(model, "save_pretrained"):
-                model.save_pretrained(target, state_dict=state_dict)
-            else:  # a plain nn.Module: its state dict as safetensors
-                os.makedirs(target, exist_ok=True)
-                state_dict = model.state_dict() if state_dict is None else state_dict
-                save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()},
-                          os.path.join(target, "model.safetensors"))
+        # FSDP2 / ZeRO-3: every rank takes part in gathering the full (averaged) weights; the main process
+        # writes them (FSDP2 through a full state dict, ZeRO-3 inside GatheredParameters)
+        zero3 = distributed.deepspeed_stage(self.params) == 3
+        state_dict = distributed.full_state_dict(model) if self.sharded_state() and not zero3 else None
+        with distributed.gathered(model.parameters()):
+            if distributed.is_main_process():
+                if hasattr(model, "save_pretrained"):
+                    model.save_pretrained(target, state_dict=state_dict)
+                else:  # a plain nn.Module: its state dict as safetensors
+                    os.makedirs(target, exist_ok=True)
+                    state_dict = model.state_dict() if state_dict is None else state_dict
+                    save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()},
+                              os.path.join(target, "model.safetensors"))
         distributed.barrier()
 
 

@@ -104,7 +104,10 @@ class LoRAArithmeticCallback(RobustCallback):
                 f"LoRAArithmeticCallback: the model has no PEFT adapter {self.adapter_name!r} "
                 "(wrap it with peft.get_peft_model, or set adapter_name)"
             )
-        own = adapter_from_peft_model(model, self.adapter_name)
+        # ZeRO-3 keeps partitions: every rank gathers the adapter's tensors to read them
+        mine = [p for n, p in model.named_parameters() if f".{self.adapter_name}." in n]
+        with distributed.gathered(mine):
+            own = adapter_from_peft_model(model, self.adapter_name)
         return [own if k == SELF else self.others[k] for k, _ in self.recipe]
 
     # -- Trainer events ------------------------------------------------------------------------

@@ -147,7 +147,7 @@ class _WeightPerturbation(RobustCallback):
         """
         param = self._params[name]
         if is_sharded({name: param}):
-            shard_dims = [getattr(pl, "dim", 0) for pl in param.placements if pl.is_shard()]
+            shard_dims = [getattr(pl, "dim", 0) for pl in getattr(param, "placements", ()) if pl.is_shard()]
             if param.dim() > 1 and any(d != 0 for d in shard_dims):
                 raise ValueError(
                     f"{type(self).__name__}: {name!r} is sharded along a dim other than 0; row-wise "
@@ -330,6 +330,8 @@ class _OnePass(_WeightPerturbation):
         # index -> (tensor, per-tensor context, fixup) for the perturbation in force
         self._applied: list[tuple[int, torch.Tensor, Any, Fixup]] = []
         self._step = 0
+        self._engine = None  # the DeepSpeed engine whose step undoes the perturbation, if any
+        self._unhook_engine = None
 
     def _targets(self, model) -> dict[str, torch.Tensor]:
         return self._select(model)
@@ -344,9 +346,33 @@ class _OnePass(_WeightPerturbation):
         self._hook_trainer(required=False)
         self._model = model
         self._params = self._targets(model)
+        self._hook_deepspeed_step(model)
         resume = self.resume_dir(args, state)
         if resume is not None and self.has_state:
             self.load_from(resume)
+
+    def _hook_deepspeed_step(self, model) -> None:
+        """Under DeepSpeed, undo the perturbation just before the engine's step.
+
+        The engine steps inside the backward of the last micro-batch, before ``on_pre_optimizer_step``,
+        and then copies its fp32 master weights into the model: an undo after that would corrupt them.
+        """
+        stage = distributed.deepspeed_stage(self.trainer if self.trainer is not None else model)
+        if stage is None:
+            return
+        engine = distributed.deepspeed_engine(self.trainer)
+        if stage == 3 or engine is None:
+            raise ValueError(
+                f"{type(self).__name__} does not support DeepSpeed ZeRO-{stage}"
+                + (": its perturbation is built from whole weight rows (or the optimizer's momentum), and "
+                   "ZeRO-3 keeps only flat partitions of them" if stage == 3 else ": no engine found")
+                + ". Use ZeRO-1 or ZeRO-2 (supported), DDP or FSDP."
+            )
+        self._engine = engine
+        self._unhook_engine = distributed.run_before_deepspeed_step(engine, self._before_deepspeed_step)
+
+    def _before_deepspeed_step(self) -> None:
+        self._restore()
 
     # subclasses: small per-tensor context (None = do not perturb this tensor), then the noise from it
     def _contexts(self, weights: list[torch.Tensor], rho: float, state, optimizer) -> list[Any]:
@@ -409,6 +435,9 @@ class _OnePass(_WeightPerturbation):
 
     def on_train_end(self, args, state, control, **kwargs):
         self._restore()
+        if self._unhook_engine is not None:
+            self._unhook_engine()
+            self._engine = self._unhook_engine = None
         super().on_train_end(args, state, control, **kwargs)
 
     def on_save(self, args, state, control, **kwargs):
@@ -434,9 +463,16 @@ class MomentumSAMCallback(_OnePass):
         if optimizer is None:
             raise ValueError("MomentumSAMCallback: the Trainer passed no optimizer to the callback")
         buffers = []
-        for p in self._params.values():
-            st = optimizer.state.get(p, {}) if hasattr(optimizer, "state") else {}
-            buf = st.get("momentum_buffer", st.get("exp_avg"))
+        if self._engine is not None:  # DeepSpeed ZeRO-1/2 keys its state by flat partitions
+            found = distributed.deepspeed_optimizer_states(
+                self._engine, self._params.values(), ("momentum_buffer", "exp_avg")
+            )
+        else:
+            found = []
+            for p in self._params.values():
+                st = optimizer.state.get(p, {}) if hasattr(optimizer, "state") else {}
+                found.append(st.get("momentum_buffer", st.get("exp_avg")))
+        for buf in found:
             buffers.append(None if buf is None else local_tensor(buf))
         if all(b is None for b in buffers):
             if state.global_step > self.start_step and not self._warned:
@@ -600,9 +636,20 @@ class GGPOCallback(_OnePass):
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         super().on_pre_optimizer_step(args, state, control, **kwargs)
-        for name, p in self._params.items():
-            if p.grad is not None:
-                sq = self._row_sq(name, local_tensor(p.grad))
+        if self._engine is None:  # under DeepSpeed: recorded before the engine's step
+            self._record_grad_rows({n: p.grad for n, p in self._params.items()})
+
+    def _before_deepspeed_step(self) -> None:
+        super()._before_deepspeed_step()
+        args = self.trainer.args
+        self._record_grad_rows(
+            distributed.deepspeed_clipped_grads(self._params, self.trainer.model, args.max_grad_norm)
+        )
+
+    def _record_grad_rows(self, grads: dict[str, torch.Tensor | None]) -> None:
+        for name, g in grads.items():
+            if g is not None:
+                sq = self._row_sq(name, local_tensor(g))
                 if torch.isfinite(sq).all():
                     self._grad_sq_rows[name] = sq
 

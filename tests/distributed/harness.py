@@ -1,7 +1,8 @@
 """Launching 1- and 2-rank CPU runs (gloo) from tests, and what the launched scripts share.
 
-The FSDP2 patch here is TEST-ONLY (see shared/FACTS.md): accelerate switches to FSDP only for GPU-like
-devices and silently runs DDP on CPU; the patch lets the Trainer really shard with FSDP2 on CPU ranks.
+The FSDP2 and DeepSpeed patches here are TEST-ONLY (see shared/FACTS.md): without a GPU, accelerate silently
+runs DDP when FSDP is asked for, and counts one process under DeepSpeed; the patches make the Trainer
+really shard with FSDP2 / run DeepSpeed over the CPU ranks (gloo). The library carries no such patch.
 """
 
 from __future__ import annotations
@@ -53,6 +54,27 @@ def allow_fsdp_on_cpu() -> None:
     AcceleratorState.__init__ = patched
     # the mesh accelerate builds for MULTI_CPU has no dimension names; let fully_shard build its own
     Accelerator.torch_device_mesh = property(lambda self: None)
+
+
+def allow_deepspeed_on_cpu() -> None:
+    """TEST-ONLY patch: with no GPU, accelerate 1.15 gives DeepSpeed no backend and counts ONE process
+    (``PartialState().num_processes == 1``) while DeepSpeed's engine spans every rank: each rank then
+    reads the whole dataset (no distributed sampler) and ``trainer.evaluate`` fails in its gather.
+    Make accelerate see the CPU ranks (gloo), as it does for plain DDP on CPU."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    original = PartialState._prepare_backend
+
+    def patched(self, cpu=False, sagemaker_dp=False, backend=None):
+        found, kind = original(self, cpu, sagemaker_dp, backend)
+        if (kind == DistributedType.NO and not torch.cuda.is_available()
+                and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+                and int(os.environ.get("LOCAL_RANK", -1)) != -1):
+            return "gloo", DistributedType.MULTI_CPU
+        return found, kind
+
+    PartialState._prepare_backend = patched
 
 
 def fsdp_args() -> dict:
