@@ -14,7 +14,6 @@ import importlib.util
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +22,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
+
+from tests.distributed.harness import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "sft_lora_llm.py"
@@ -46,12 +47,6 @@ class AdapterRecorder(TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         self.steps.append({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
