@@ -160,8 +160,12 @@ class WiseFTWeights:
         self.device = device
 
     def _check_zero_delta(self) -> None:
+        sharded = is_sharded(self.params)
         for n in self.lora_b:
-            if live_tensors({n: self.params[n]})[0].count_nonzero().item():
+            nonzero = live_tensors({n: self.params[n]})[0].count_nonzero().reshape(1)
+            if sharded:  # every rank decides on the whole factor, so all raise together (no hang)
+                nonzero = distributed.all_reduce_sum(nonzero)
+            if nonzero.item():
                 raise ValueError(
                     f"WiSE-FT: LoRA factor {n!r} is non-zero at the start of training, so the "
                     "adapter's initial delta B·A is not zero (PiSSA/OLoRA/LoftQ-style init, or a trained "
