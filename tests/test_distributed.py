@@ -19,7 +19,7 @@ from tests.distributed.harness import torchrun
 
 MODES = {"single": 1, "ddp": 2, "fsdp": 2}
 DETERMINISTIC = ["ema", "swa", "lawa", "momentum", "wise_fixed", "wise_slerp", "wise_lora", "wise_sweep",
-                 "sam", "asam", "msam", "lora_arithmetic"]  # fmt: skip
+                 "sam", "asam", "sam_ga2", "msam", "lora_arithmetic"]  # fmt: skip
 RANDOM = ["rwp", "flat_lora", "ggpo"]  # noise drawn per shard under FSDP2: same law, other draws
 RESUMED = ["ema", "wise_fixed", "ggpo"]  # <case>_resume: stopped after the checkpoint at step 2, resumed
 CASES = DETERMINISTIC + RANDOM + [f"{c}_resume" for c in RESUMED]

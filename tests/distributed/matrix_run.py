@@ -2,7 +2,8 @@
 
 argv: MODE OUT [CASE ...]. MODE is ``single`` (1 rank), ``ddp`` or ``fsdp`` (2 CPU ranks, gloo; FSDP2 through
 the test-only patch in harness.py). The global batch is the whole 8-sample dataset in every mode (8 per
-device on 1 rank, 4 per device on 2), so every mode takes the same steps. Per case, each rank writes
+device on 1 rank, 4 per device on 2; halved again with 2 accumulated micro-batches for ``<case>_ga2``),
+so every mode takes the same steps. Per case, each rank writes
 OUT/<case>/rank<R>.safetensors (final trainable weights and the callback's state, gathered to full tensors)
 and OUT/<case>/rank<R>.json (the mode that ran, the size of the state this rank holds, logged metrics).
 """
@@ -114,16 +115,17 @@ def local_state_numel(cb) -> int:
     return 0
 
 
-def run_case(name: str, factory, mode: str, out: Path, resume: bool = False) -> None:
+def run_case(name: str, factory, mode: str, out: Path, resume: bool = False, accumulation: int = 1) -> None:
     model, callbacks = factory()
     data = features() if isinstance(model, BNNet) else lm_dataset(GLOBAL_BATCH)
     extra = fsdp_args() if mode == "fsdp" else {}
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    per_device = GLOBAL_BATCH // world
+    per_device = GLOBAL_BATCH // world // accumulation
     case_dir = out / name
     save = dict(save_strategy="steps", save_steps=2) if resume else {}
     args = training_args(case_dir, max_steps=STEPS, per_device_train_batch_size=per_device,
-                         per_device_eval_batch_size=per_device, **save, **extra)
+                         per_device_eval_batch_size=per_device, gradient_accumulation_steps=accumulation,
+                         **save, **extra)
     trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=callbacks)
     if resume:  # stop after the checkpoint at step 2, then resume into a fresh model and Trainer
         trainer.train()
@@ -164,8 +166,11 @@ def main(mode: str, out: str, names: list[str]) -> None:
     out = Path(out)
     cases = {**CASES, "lora_arithmetic": lora_arithmetic(out),
              "swa_bn": lambda: (BNNet(), [SWACallback(start=1, copy_to_model_at_end=True)])}
-    for name in names or list(CASES):  # <case>_resume: <case> stopped at step 2 and resumed
-        run_case(name, cases[name.removesuffix("_resume")], mode, out, resume=name.endswith("_resume"))
+    for name in names or list(CASES):
+        # <case>_resume: <case> stopped at step 2 and resumed; <case>_ga2: 2 micro-batches per step
+        base = name.removesuffix("_resume").removesuffix("_ga2")
+        run_case(name, cases[base], mode, out, resume=name.endswith("_resume"),
+                 accumulation=2 if name.endswith("_ga2") else 1)
     finish()
 
 
