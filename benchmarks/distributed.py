@@ -5,12 +5,12 @@
 For each mode (1 = a plain single process; 2 and 4 = FSDP2 through the TEST-ONLY CPU patch in
 tests/distributed/harness.py; DDP at 2 ranks as the reference) it trains a random-init Llama for 10 steps
 (same global batch in every mode) three times, each in fresh processes: (a) no callback, (b) EMACallback,
-(c) EMACallback + WiseFTCallback(alpha=0.5) + RandomPerturbationCallback(0.05). Each rank reports the bytes
-of callback state it holds (EMA shadow + WiSE-FT start weights), its parameter bytes, its peak RSS and the
-median wall time of a step (first 2 steps skipped); the launched script asserts the mode that ran
-(DTensor parameters under FSDP2). Printed: state per rank and its ratio to 1 rank, and the step time of
-(b) and (c) as ratios to (a) of the same mode. With more ranks than cores, step times are not meaningful
-(the ranks share the cores); memory is.
+(c) EMACallback + WiseFTCallback(alpha=0.5) + RandomPerturbationCallback(0.05). Each rank reports the
+bytes of callback state it holds (EMA shadow + WiSE-FT start weights), its parameter bytes, its RSS (peak
+and at the end, both above the RSS after imports) and the median wall time of a step (first 2 steps
+skipped); the launched script asserts the mode that ran (DTensor parameters under FSDP2). Printed: state
+per rank and its ratio to 1 rank, and the step time of (b) and (c) as ratios to (a) of the same mode.
+With more ranks than cores, step times are not meaningful (the ranks share the cores); memory is.
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ def launch(mode: str, ranks: int, case: str, size: str, out: Path) -> list[dict]
     """Run one case in one mode; the per-rank figures, rank 0 first."""
     if ranks == 1:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-        proc = subprocess.run([sys.executable, str(ROOT / RUN), mode, case, size, str(out)], cwd=ROOT, env=env,
-                              capture_output=True, text=True, timeout=600)
+        cmd = [sys.executable, str(ROOT / RUN), mode, case, size, str(out)]
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     else:
         torchrun(RUN, mode, case, size, str(out), nproc=ranks, timeout=600)
@@ -72,16 +72,19 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for mode, n in modes(args.ranks):
             for case in CASES:
-                results[mode, n, case] = figures = launch(mode, n, case, args.size, Path(tmp) / f"{mode}{n}_{case}")
-                print(f"  ran {mode} x{n} {case}: {statistics.median(figures[0]['step_times']) * 1e3:.0f} ms/step",
-                      flush=True)
+                t0 = time.perf_counter()
+                figures = launch(mode, n, case, args.size, Path(tmp) / f"{mode}{n}_{case}")
+                results[mode, n, case] = figures
+                step = statistics.median(figures[0]["step_times"])
+                print(f"  ran {mode} x{n} {case}: {step * 1e3:.0f} ms/step, launch took "
+                      f"{time.perf_counter() - t0:.0f} s", flush=True)
     any_run = next(iter(results.values()))[0]
     print(f"\nLlama '{args.size}': {any_run['full_param_bytes'] / 4 / 1e6:.2f}M float32 parameters "
           f"({any_run['full_param_bytes'] / MB:.1f} MB), 10 steps, global batch 8 x 64 tokens, "
           f"{os.cpu_count()} CPU cores, 1 thread per rank; figures per rank are the max over ranks")
-    one_rank = {case: results["single", 1, case][0]["state_bytes"] for case in CASES if ("single", 1, case) in results}
+    one_rank = {case: r[0]["state_bytes"] for (mode, _, case), r in results.items() if mode == "single"}
     head = (f"{'mode':<7}{'ranks':>6}  {'callbacks':<18}{'state MB':>9}{'x 1 rank':>9}{'params MB':>10}"
-            f"{'peak RSS':>9}{'RSS-base':>9}{'ms/step':>9}{'x (a)':>7}")
+            f"{'peak RSS':>9}{'peak-base':>10}{'end-base':>9}{'ms/step':>9}{'x (a)':>7}")
     print(head)
     print("-" * len(head))
     for (mode, n, case), ranks in results.items():
@@ -93,11 +96,12 @@ def main() -> None:
         print(f"{name:<7}{n:>6}  {CASES[case]:<18}{state / MB:>9.2f}{ratio:>9}"
               f"{max(r['param_bytes'] for r in ranks) / MB:>10.2f}"
               f"{max(r['rss_peak_mb'] for r in ranks):>9.0f}"
-              f"{max(r['rss_peak_mb'] - r['rss_base_mb'] for r in ranks):>9.0f}"
+              f"{max(r['rss_peak_mb'] - r['rss_base_mb'] for r in ranks):>10.0f}"
+              f"{max(r['rss_end_mb'] - r['rss_base_mb'] for r in ranks):>9.0f}"
               f"{step * 1e3:>9.0f}{step / base:>7.2f}")
     if max(args.ranks) > (os.cpu_count() or 1):
-        print(f"\nNote: {max(args.ranks)} ranks on {os.cpu_count()} cores oversubscribe the CPU: their step times "
-              "are not meaningful, their memory is.")
+        print(f"\nNote: {max(args.ranks)} ranks on {os.cpu_count()} cores oversubscribe the CPU: their step "
+              "times are not meaningful, their memory is.")
     print(f"total wall time {time.perf_counter() - t_start:.0f} s")
 
 

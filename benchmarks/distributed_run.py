@@ -1,10 +1,10 @@
-"""Launched by benchmarks/distributed.py: one Trainer run of one case in one mode; each rank dumps its figures.
+"""Launched by benchmarks/distributed.py: one Trainer run of one case in one mode; each rank dumps figures.
 
 argv: MODE CASE SIZE OUT. MODE is ``single`` (a plain process), ``ddp`` or ``fsdp`` (under
 ``torch.distributed.run``; FSDP2 on CPU through the TEST-ONLY patch in tests/distributed/harness.py). CASE is
 ``plain`` (no callback), ``ema`` or ``ema_wise_rwp``. The global batch is the same in every mode. Each rank
 writes OUT/rank<R>.json: the mode that ran (asserted), the bytes of callback state it holds, its parameter
-bytes, its peak RSS (and the RSS after imports), and its step times.
+bytes, its peak RSS, the RSS after imports and at the end, and its step times.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ SIZES = {"small": (256, 688, 4, 4, 8192), "medium": (512, 1376, 6, 8, 12288)}
 CASES = {
     "plain": lambda: [],
     "ema": lambda: [EMACallback(decay=0.999, save_dir=None)],
-    "ema_wise_rwp": lambda: [EMACallback(decay=0.999, save_dir=None), WiseFTCallback(alpha=0.5, progress=False),
-                             RandomPerturbationCallback(0.05)],
+    "ema_wise_rwp": lambda: [EMACallback(decay=0.999, save_dir=None),
+                             WiseFTCallback(alpha=0.5, progress=False), RandomPerturbationCallback(0.05)],
 }
 
 
@@ -44,12 +44,18 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def rss_now_mb() -> float:
+    """Resident set size of this process now, MB."""
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
 def llama(size: str) -> LlamaForCausalLM:
     hidden, inter, layers, heads, vocab = SIZES[size]
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                         num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=SEQ_LEN,
-                         tie_word_embeddings=False)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                         max_position_embeddings=SEQ_LEN, tie_word_embeddings=False)
     return LlamaForCausalLM(config)
 
 
@@ -136,7 +142,7 @@ def main(mode: str, case: str, size: str, out: str) -> None:
         "state_bytes": state_bytes(callbacks),
         "param_bytes": sum(local_tensor(p).numel() * p.element_size() for p in params),
         "full_param_bytes": sum(p.numel() * p.element_size() for p in params),
-        "rss_base_mb": base_rss, "rss_peak_mb": rss_mb(),
+        "rss_base_mb": base_rss, "rss_peak_mb": rss_mb(), "rss_end_mb": rss_now_mb(),
         "step_times": timer.times[SKIP:],
     }
     Path(out).mkdir(parents=True, exist_ok=True)
