@@ -7,10 +7,11 @@ tests/distributed/harness.py; DDP at 2 ranks as the reference) it trains a rando
 (same global batch in every mode) three times, each in fresh processes: (a) no callback, (b) EMACallback,
 (c) EMACallback + WiseFTCallback(alpha=0.5) + RandomPerturbationCallback(0.05). Each rank reports the
 bytes of callback state it holds (EMA shadow + WiSE-FT start weights), its parameter bytes, its RSS (peak
-and at the end, both above the RSS after imports) and the median wall time of a step (first 2 steps
-skipped); the launched script asserts the mode that ran (DTensor parameters under FSDP2). Printed: state
-per rank and its ratio to 1 rank, and the step time of (b) and (c) as ratios to (a) of the same mode.
-With more ranks than cores, step times are not meaningful (the ranks share the cores); memory is.
+and at the end, both above the RSS after imports) and the median wall and process CPU time of a step
+(first 2 steps skipped, rank 0); the launched script asserts the mode that ran (DTensor parameters under
+FSDP2). Printed: state per rank and its ratio to 1 rank, and the step times of (b) and (c) as ratios to
+(a) of the same mode. The CPU time hardly moves with other load on the machine, the wall time does; with
+more ranks than cores, wall step times are not meaningful (the ranks share the cores); memory is.
 """
 
 from __future__ import annotations
@@ -75,8 +76,8 @@ def main() -> None:
                 t0 = time.perf_counter()
                 figures = launch(mode, n, case, args.size, Path(tmp) / f"{mode}{n}_{case}")
                 results[mode, n, case] = figures
-                step = statistics.median(figures[0]["step_times"])
-                print(f"  ran {mode} x{n} {case}: {step * 1e3:.0f} ms/step, launch took "
+                step = statistics.median(figures[0]["step_wall"])
+                print(f"  ran {mode} x{n} {case}: {step * 1e3:.0f} ms/step (wall), launch took "
                       f"{time.perf_counter() - t0:.0f} s", flush=True)
     any_run = next(iter(results.values()))[0]
     print(f"\nLlama '{args.size}': {any_run['full_param_bytes'] / 4 / 1e6:.2f}M float32 parameters "
@@ -84,21 +85,23 @@ def main() -> None:
           f"{os.cpu_count()} CPU cores, 1 thread per rank; figures per rank are the max over ranks")
     one_rank = {case: r[0]["state_bytes"] for (mode, _, case), r in results.items() if mode == "single"}
     head = (f"{'mode':<7}{'ranks':>6}  {'callbacks':<18}{'state MB':>9}{'x 1 rank':>9}{'params MB':>10}"
-            f"{'peak RSS':>9}{'peak-base':>10}{'end-base':>9}{'ms/step':>9}{'x (a)':>7}")
+            f"{'peak RSS':>9}{'peak-base':>10}{'end-base':>9}"
+            f"{'wall ms':>8}{'x (a)':>6}{'cpu ms':>8}{'x (a)':>6}")
     print(head)
     print("-" * len(head))
     for (mode, n, case), ranks in results.items():
         state = max(r["state_bytes"] for r in ranks)
         ratio = f"{state / one_rank[case]:.3f}" if one_rank.get(case) else "-"
-        step = statistics.median(ranks[0]["step_times"])
-        base = statistics.median(results[mode, n, "plain"][0]["step_times"])
+        wall, cpu = (statistics.median(ranks[0][key]) for key in ("step_wall", "step_cpu"))
+        base_wall, base_cpu = (statistics.median(results[mode, n, "plain"][0][key])
+                               for key in ("step_wall", "step_cpu"))
         name = {"single": "single", "ddp": "DDP", "fsdp": "FSDP2"}[mode]
         print(f"{name:<7}{n:>6}  {CASES[case]:<18}{state / MB:>9.2f}{ratio:>9}"
               f"{max(r['param_bytes'] for r in ranks) / MB:>10.2f}"
               f"{max(r['rss_peak_mb'] for r in ranks):>9.0f}"
               f"{max(r['rss_peak_mb'] - r['rss_base_mb'] for r in ranks):>10.0f}"
               f"{max(r['rss_end_mb'] - r['rss_base_mb'] for r in ranks):>9.0f}"
-              f"{step * 1e3:>9.0f}{step / base:>7.2f}")
+              f"{wall * 1e3:>8.0f}{wall / base_wall:>6.2f}{cpu * 1e3:>8.0f}{cpu / base_cpu:>6.2f}")
     if max(args.ranks) > (os.cpu_count() or 1):
         print(f"\nNote: {max(args.ranks)} ranks on {os.cpu_count()} cores oversubscribe the CPU: their step "
               "times are not meaningful, their memory is.")

@@ -4,7 +4,7 @@ argv: MODE CASE SIZE OUT. MODE is ``single`` (a plain process), ``ddp`` or ``fsd
 ``torch.distributed.run``; FSDP2 on CPU through the TEST-ONLY patch in tests/distributed/harness.py). CASE is
 ``plain`` (no callback), ``ema`` or ``ema_wise_rwp``. The global batch is the same in every mode. Each rank
 writes OUT/rank<R>.json: the mode that ran (asserted), the bytes of callback state it holds, its parameter
-bytes, its peak RSS, the RSS after imports and at the end, and its step times.
+bytes, its peak RSS, the RSS after imports and at the end, and its step times (wall and process CPU).
 """
 
 from __future__ import annotations
@@ -66,23 +66,27 @@ def tokens(vocab: int, n: int) -> Dataset:
 
 
 class StepTimer:
-    """Wall time from the first ``on_step_begin`` to the last ``on_step_end`` of each optimizer step.
+    """Wall and process CPU time from the first ``on_step_begin`` to the last ``on_step_end`` of each step.
 
-    Two callbacks: ``begin`` goes first in the Trainer's list and ``end`` last, so the time covers every
-    other callback's work in the step (robust callbacks move themselves after DefaultFlowCallback).
+    The process CPU time (all threads of the rank, gloo's included) hardly moves with other load on the
+    machine; the wall time does. Two callbacks: ``begin`` goes first in the Trainer's list and ``end``
+    last, so the time covers every other callback's work in the step (robust callbacks move themselves
+    after DefaultFlowCallback).
     """
 
     def __init__(self):
-        self.times: list[float] = []
+        self.wall: list[float] = []
+        self.cpu: list[float] = []
         timer = self
 
         class Begin(TrainerCallback):
             def on_step_begin(self, args, state, control, **kwargs):
-                timer.t0 = time.perf_counter()
+                timer.t0 = time.perf_counter(), time.process_time()
 
         class End(TrainerCallback):
             def on_step_end(self, args, state, control, **kwargs):
-                timer.times.append(time.perf_counter() - timer.t0)
+                timer.wall.append(time.perf_counter() - timer.t0[0])
+                timer.cpu.append(time.process_time() - timer.t0[1])
 
         self.begin, self.end = Begin(), End()
 
@@ -143,7 +147,7 @@ def main(mode: str, case: str, size: str, out: str) -> None:
         "param_bytes": sum(local_tensor(p).numel() * p.element_size() for p in params),
         "full_param_bytes": sum(p.numel() * p.element_size() for p in params),
         "rss_base_mb": base_rss, "rss_peak_mb": rss_mb(), "rss_end_mb": rss_now_mb(),
-        "step_times": timer.times[SKIP:],
+        "step_wall": timer.wall[SKIP:], "step_cpu": timer.cpu[SKIP:],
     }
     Path(out).mkdir(parents=True, exist_ok=True)
     (Path(out) / f"rank{rank}.json").write_text(json.dumps(info))
