@@ -82,7 +82,7 @@ def main() -> None:
     any_run = next(iter(results.values()))[0]
     print(f"\nLlama '{args.size}': {any_run['full_param_bytes'] / 4 / 1e6:.2f}M float32 parameters "
           f"({any_run['full_param_bytes'] / MB:.1f} MB), 10 steps, global batch 8 x 64 tokens, "
-          f"{os.cpu_count()} CPU cores, 1 thread per rank; figures per rank are the max over ranks")
+          f"{os.cpu_count()} CPU cores, 1 thread per rank; memory: max over ranks, times: rank 0")
     one_rank = {case: r[0]["state_bytes"] for (mode, _, case), r in results.items() if mode == "single"}
     head = (f"{'mode':<7}{'ranks':>6}  {'callbacks':<18}{'state MB':>9}{'x 1 rank':>9}{'params MB':>10}"
             f"{'peak RSS':>9}{'peak-base':>10}{'end-base':>9}"
