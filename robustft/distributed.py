@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from robustft.params import is_zero3_param
+
 __all__ = [
     "all_reduce_mean",
     "all_reduce_sum",
@@ -117,10 +119,6 @@ def deepspeed_engine(obj: Any):
     return None
 
 
-def _is_zero3_param(t: Any) -> bool:
-    return hasattr(t, "ds_id") and hasattr(t, "ds_tensor")
-
-
 def deepspeed_stage(obj: Any) -> int | None:
     """ZeRO stage (0-3) DeepSpeed runs with, or None without DeepSpeed.
 
@@ -144,7 +142,7 @@ def deepspeed_stage(obj: Any) -> int | None:
         tensors = obj
     else:
         return None
-    return 3 if any(_is_zero3_param(t) for t in tensors) else None
+    return 3 if any(is_zero3_param(t) for t in tensors) else None
 
 
 def gathered(params: Iterable[torch.Tensor]):
@@ -152,7 +150,7 @@ def gathered(params: Iterable[torch.Tensor]):
 
     A collective: every rank must enter it. Anything else (plain, DTensor) is left as it is.
     """
-    params = [p for p in params if _is_zero3_param(p)]
+    params = [p for p in params if is_zero3_param(p)]
     if not params:
         return nullcontext()
     return _deepspeed().zero.GatheredParameters(params, modifier_rank=None)

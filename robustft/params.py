@@ -20,6 +20,7 @@ from torch import nn
 __all__ = [
     "Snapshot",
     "is_sharded",
+    "is_zero3_param",
     "live_tensors",
     "local_tensor",
     "resolve_dtype",
@@ -106,21 +107,26 @@ def _refuse_zero3_persistent(selected: Mapping[str, torch.Tensor]) -> None:
         )
 
 
-def _is_zero3(t: torch.Tensor) -> bool:
+def is_zero3_param(t: torch.Tensor) -> bool:
+    """True for a DeepSpeed ZeRO-3 parameter (empty outside forward; its shard is ``t.ds_tensor``)."""
     return getattr(t, "ds_tensor", None) is not None and hasattr(t, "ds_id")
 
 
 def is_sharded(params: Mapping[str, torch.Tensor]) -> bool:
     """True when any tensor is a DTensor (FSDP2) or a ZeRO-3 parameter: each rank holds only its shard."""
-    return any((hasattr(t, "to_local") and hasattr(t, "placements")) or _is_zero3(t) for t in params.values())
+    return any(_is_dtensor(t) or is_zero3_param(t) for t in params.values())
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    return hasattr(t, "to_local") and hasattr(t, "placements")
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
     """The tensor this rank owns, detached: a DTensor's local shard (FSDP2), a ZeRO-3 parameter's flat
     partition ``ds_tensor`` (DeepSpeed; the parameter itself is empty outside forward), else ``t``."""
-    if _is_zero3(t):
+    if is_zero3_param(t):
         return t.ds_tensor.detach()
-    if hasattr(t, "to_local") and hasattr(t, "placements"):
+    if _is_dtensor(t):
         t = t.to_local()
     return t.detach()
 
