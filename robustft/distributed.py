@@ -7,7 +7,7 @@ if the ``deepspeed`` module was not imported by the Trainer/accelerate, DeepSpee
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from contextlib import nullcontext
 from typing import Any
 
@@ -30,7 +30,6 @@ __all__ = [
     "is_main_process",
     "rank",
     "reshard",
-    "run_before_deepspeed_step",
     "world_size",
 ]
 
@@ -154,33 +153,6 @@ def gathered(params: Iterable[torch.Tensor]):
     if not params:
         return nullcontext()
     return _deepspeed().zero.GatheredParameters(params, modifier_rank=None)
-
-
-def run_before_deepspeed_step(engine, fn: Callable[[], None]) -> Callable[[], None]:
-    """Call ``fn()`` just before every optimizer step of the DeepSpeed ``engine``; returns the remover.
-
-    Under DeepSpeed the Trainer's ``accelerator.backward`` of the last micro-batch runs
-    ``engine.step()`` (gradient clipping, optimizer step, copy of the fp32 master weights into the
-    model), before the callbacks' ``on_pre_optimizer_step``. Wrapping ``engine.step`` on the instance
-    is the narrowest hook before that step. The remover only removes this wrapper.
-    """
-    previous = engine.__dict__.get("step")  # an instance attribute already there, else None
-    original = engine.step
-
-    def step(*args, **kwargs):
-        fn()
-        return original(*args, **kwargs)
-
-    engine.step = step
-
-    def remove() -> None:
-        if engine.__dict__.get("step") is step:
-            if previous is None:
-                del engine.__dict__["step"]
-            else:
-                engine.step = previous
-
-    return remove
 
 
 def deepspeed_optimizer_states(

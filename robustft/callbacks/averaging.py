@@ -174,7 +174,7 @@ class _AveragingCallback(RobustCallback):
 
             return evaluate
 
-        self.wrap_trainer_method("evaluate", make_wrapper)
+        self.wrap_method("evaluate", make_wrapper)
 
     def _task_boundary(self) -> None:
         """A further ``train()`` with the same callback (continual fine-tuning); nothing by default."""
@@ -191,7 +191,7 @@ class _AveragingCallback(RobustCallback):
             self.pending_logs.update(logs)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
-        self.unwrap_trainer_method("evaluate")
+        self.unwrap_method("evaluate")
         if not self.has_average():
             return
         with ExitStack() as stack:

@@ -67,31 +67,36 @@ class RobustCallback(TrainerCallback):
             trainer.add_callback(self)
         return self
 
-    def wrap_trainer_method(self, name: str, make_wrapper: Callable[[Callable], Callable]) -> Callable:
-        """Put ``make_wrapper(original)`` on the Trainer as ``name`` until :meth:`unwrap_trainer_method`.
+    def wrap_method(
+        self, name: str, make_wrapper: Callable[[Callable], Callable], target: Any = None
+    ) -> Callable:
+        """Put ``make_wrapper(original)`` on ``target`` (default: the Trainer) as ``name`` until
+        :meth:`unwrap_method`.
 
-        The Trainer gives callbacks no hook inside a step or around an evaluation; wrapping the method
-        on the instance (not the class) is the narrowest way in. Returns the original; wrapping twice
-        keeps the first wrapper.
+        The Trainer gives callbacks no hook inside a step or around an evaluation, and DeepSpeed's engine
+        steps inside the backward; wrapping the method on the instance (not the class) is the narrowest
+        way in. Returns the original; wrapping twice keeps the first wrapper.
         """
-        current = getattr(self.trainer, name)
+        target = self.trainer if target is None else target
+        current = getattr(target, name)
         if getattr(current, "robustft_owner", None) is self:
             return current.robustft_original
         wrapper = make_wrapper(current)
         wrapper.robustft_owner, wrapper.robustft_original = self, current
-        wrapper.robustft_was_instance_attr = name in self.trainer.__dict__
-        setattr(self.trainer, name, wrapper)
+        wrapper.robustft_was_instance_attr = name in target.__dict__
+        setattr(target, name, wrapper)
         return current
 
-    def unwrap_trainer_method(self, name: str) -> None:
-        """Remove this callback's wrapper of ``name`` (only ours), restoring what was there before."""
-        wrapper = self.trainer.__dict__.get(name) if self.trainer is not None else None
+    def unwrap_method(self, name: str, target: Any = None) -> None:
+        """Remove this callback's wrapper of ``name`` on ``target`` (only ours), restoring what was there."""
+        target = self.trainer if target is None else target
+        wrapper = target.__dict__.get(name) if target is not None else None
         if getattr(wrapper, "robustft_owner", None) is not self:
             return
         if wrapper.robustft_was_instance_attr:
-            setattr(self.trainer, name, wrapper.robustft_original)
+            setattr(target, name, wrapper.robustft_original)
         else:
-            delattr(self.trainer, name)
+            delattr(target, name)
 
     @contextmanager
     def without_robustft_wrappers(self, name: str) -> Iterator[None]:

@@ -112,10 +112,10 @@ class _WeightPerturbation(RobustCallback):
 
             return training_step
 
-        self._orig_training_step = self.wrap_trainer_method("training_step", make_wrapper)
+        self._orig_training_step = self.wrap_method("training_step", make_wrapper)
 
     def _unhook_trainer(self) -> None:
-        self.unwrap_trainer_method("training_step")
+        self.unwrap_method("training_step")
         self._orig_training_step = None
 
     def _before_micro_batch(self, model, inputs, num_items_in_batch) -> Any:
@@ -331,7 +331,6 @@ class _OnePass(_WeightPerturbation):
         self._applied: list[tuple[int, torch.Tensor, Any, Fixup]] = []
         self._step = 0
         self._engine = None  # the DeepSpeed engine whose step undoes the perturbation, if any
-        self._unhook_engine = None
 
     def _targets(self, model) -> dict[str, torch.Tensor]:
         return self._select(model)
@@ -369,7 +368,15 @@ class _OnePass(_WeightPerturbation):
                 + ". Use ZeRO-1 or ZeRO-2 (supported), DDP or FSDP."
             )
         self._engine = engine
-        self._unhook_engine = distributed.run_before_deepspeed_step(engine, self._before_deepspeed_step)
+
+        def make_wrapper(original):
+            def step(*args, **kwargs):
+                self._before_deepspeed_step()
+                return original(*args, **kwargs)
+
+            return step
+
+        self.wrap_method("step", make_wrapper, target=engine)
 
     def _before_deepspeed_step(self) -> None:
         self._restore()
@@ -435,9 +442,9 @@ class _OnePass(_WeightPerturbation):
 
     def on_train_end(self, args, state, control, **kwargs):
         self._restore()
-        if self._unhook_engine is not None:
-            self._unhook_engine()
-            self._engine = self._unhook_engine = None
+        if self._engine is not None:
+            self.unwrap_method("step", target=self._engine)
+            self._engine = None
         super().on_train_end(args, state, control, **kwargs)
 
     def on_save(self, args, state, control, **kwargs):
