@@ -158,11 +158,13 @@ def gathered(params: Iterable[torch.Tensor]):
 def deepspeed_optimizer_states(
     engine, params: Iterable[torch.Tensor], keys: Iterable[str]
 ) -> list[torch.Tensor | None]:
-    """The full fp32 optimizer state of each ZeRO-1/2 parameter under the first of ``keys`` the optimizer
-    keeps (e.g. ``("momentum_buffer", "exp_avg")``); all None before the first step.
+    """The fp32 optimizer state of each parameter under the first of ``keys`` the optimizer keeps (e.g.
+    ``("momentum_buffer", "exp_avg")``); all None before the first step.
 
-    DeepSpeed keys its optimizer state by flat partitions, not by parameter; this assembles it with
-    ``deepspeed.utils.safe_get_full_optimizer_state`` (a collective: every rank must call it).
+    DeepSpeed keys its optimizer state by flat partitions, not by parameter. ZeRO-1/2: the whole state,
+    assembled with ``deepspeed.utils.safe_get_full_optimizer_state`` (a collective: every rank must call
+    it). ZeRO-3: this rank's partition, laid out like ``p.ds_tensor``
+    (``safe_get_local_optimizer_state``).
     """
     params = list(params)
     zero = getattr(engine, "optimizer", None)
@@ -171,6 +173,9 @@ def deepspeed_optimizer_states(
     key = next((k for k in keys if k in present), None)
     if key is None:
         return [None] * len(params)
+    if any(is_zero3_param(p) for p in params):
+        local = _deepspeed().utils.safe_get_local_optimizer_state
+        return [local(p, key) for p in params]
     if hasattr(zero, "_lazy_init_hp_params_optimizer_state"):
         # deepspeed 0.19.8 links parameters to their optimizer state once, right after the first
         # param group's first step, so the parameters of later groups (the Trainer's no-decay group)

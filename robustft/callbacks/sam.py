@@ -322,6 +322,9 @@ class _OnePass(_WeightPerturbation):
     where floating point does not round-trip (a few percent, reported as ``<prefix>/fixup_fraction``).
     """
 
+    #: True when the perturbation is element-wise, so it can act on ZeRO-3's flat partitions as they are
+    zero3_partitions = False
+
     def __init__(self, rho: float, seed: int = 0, **kwargs):
         super().__init__(rho, **kwargs)
         if isinstance(seed, bool) or not isinstance(seed, int):
@@ -360,12 +363,13 @@ class _OnePass(_WeightPerturbation):
         if stage is None:
             return
         engine = distributed.deepspeed_engine(self.trainer)
-        if stage == 3 or engine is None:
+        if engine is None:
+            raise ValueError(f"{type(self).__name__}: DeepSpeed ZeRO-{stage} runs but no engine was found")
+        if stage == 3 and not self.zero3_partitions:
             raise ValueError(
-                f"{type(self).__name__} does not support DeepSpeed ZeRO-{stage}"
-                + (": its perturbation is built from whole weight rows (or the optimizer's momentum), and "
-                   "ZeRO-3 keeps only flat partitions of them" if stage == 3 else ": no engine found")
-                + ". Use ZeRO-1 or ZeRO-2 (supported), DDP or FSDP."
+                f"{type(self).__name__} does not support DeepSpeed ZeRO-3: its perturbation is built from "
+                "whole weight rows, and ZeRO-3 keeps only flat partitions of them. Use ZeRO-1 or ZeRO-2 "
+                "(supported), DDP or FSDP."
             )
         self._engine = engine
 
@@ -461,6 +465,7 @@ class MomentumSAMCallback(_OnePass):
 
     state_name = "momentum_sam"
     log_prefix = "msam"
+    zero3_partitions = True  # ε = ρ·v/‖v‖ element-wise, ‖v‖ summed over ranks
 
     def __init__(self, rho: float = 0.3, **kwargs):
         super().__init__(rho, **kwargs)
