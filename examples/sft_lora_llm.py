@@ -231,4 +231,10 @@ def main(argv: Sequence[str] | None = None, extra_callbacks: Sequence = ()) -> d
 
 
 if __name__ == "__main__":
-    main()
+    accelerator = main()["trainer"].accelerator
+    # A gloo worker thread frees the tensors of the last collective only once it gets the GIL; if the
+    # interpreter is already shutting down, the process aborts ("terminate called without an active
+    # exception") after every file was written (pytorch/pytorch#179291). A barrier releases the GIL to
+    # those threads; then the process group is torn down while the interpreter is alive.
+    accelerator.wait_for_everyone()
+    accelerator.end_training()

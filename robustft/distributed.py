@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from robustft.params import is_zero3_param
+from robustft.params import is_zero3_param, zero3_partition
 
 __all__ = [
     "all_reduce_mean",
@@ -163,8 +163,8 @@ def deepspeed_optimizer_states(
 
     DeepSpeed keys its optimizer state by flat partitions, not by parameter. ZeRO-1/2: the whole state,
     assembled with ``deepspeed.utils.safe_get_full_optimizer_state`` (a collective: every rank must call
-    it). ZeRO-3: this rank's partition, laid out like ``p.ds_tensor``
-    (``safe_get_local_optimizer_state``).
+    it). ZeRO-3: this rank's partition, laid out like ``params.local_tensor(p)``
+    (``safe_get_local_optimizer_state``, padding left out).
     """
     params = list(params)
     zero = getattr(engine, "optimizer", None)
@@ -175,7 +175,7 @@ def deepspeed_optimizer_states(
         return [None] * len(params)
     if any(is_zero3_param(p) for p in params):
         local = _deepspeed().utils.safe_get_local_optimizer_state
-        return [local(p, key) for p in params]
+        return [_valid(p, local(p, key)) for p in params]
     if hasattr(zero, "_lazy_init_hp_params_optimizer_state"):
         # deepspeed 0.19.8 links parameters to their optimizer state once, right after the first
         # param group's first step, so the parameters of later groups (the Trainer's no-decay group)
@@ -186,16 +186,29 @@ def deepspeed_optimizer_states(
     return [get(p, key) for p in params]
 
 
+def _valid(param: torch.Tensor, partition: torch.Tensor | None) -> torch.Tensor | None:
+    """A ZeRO-3 state/gradient partition without its padding, laid out like ``local_tensor(param)``."""
+    if partition is None:
+        return None
+    return partition.reshape(-1).narrow(0, 0, zero3_partition(param)[1])
+
+
 def deepspeed_clipped_grads(
     params: Mapping[str, torch.Tensor], model: torch.nn.Module, max_norm: float | None
 ) -> dict[str, torch.Tensor | None]:
-    """Full gradients of ``params`` between DeepSpeed's backward and its step, clipped as the Trainer clips.
+    """Gradients of ``params`` between DeepSpeed's backward and its step, clipped as the Trainer clips.
 
     Under DDP the Trainer clips (``torch.nn.utils.clip_grad_norm_`` over every trainable parameter)
     before ``on_pre_optimizer_step``; DeepSpeed clips inside its step. This applies the same
-    coefficient min(1, max_norm / (‖g‖ + 1e-6)) to the assembled gradients (a collective).
+    coefficient min(1, max_norm / (‖g‖ + 1e-6)) to the gradients (a collective). ZeRO-1/2: full
+    gradients; ZeRO-3: this rank's partitions, laid out like ``params.local_tensor(p)``.
     """
-    get = _deepspeed().utils.safe_get_full_grad
+    utils = _deepspeed().utils
+    zero3 = any(is_zero3_param(p) for p in params.values())
+
+    def get(p):
+        return _valid(p, utils.safe_get_local_grad(p)) if zero3 else utils.safe_get_full_grad(p)
+
     grads = {n: get(p) for n, p in params.items()}
     if max_norm is None or max_norm <= 0:
         return grads
@@ -206,5 +219,8 @@ def deepspeed_clipped_grads(
             g = grads[chosen[id(p)]] if id(p) in chosen else get(p)
             if g is not None:
                 sq += g.detach().double().pow(2).sum().cpu()
+    if zero3:  # each rank summed its partitions (reduced on the gradients' device: NCCL needs CUDA)
+        device = next((g.device for g in grads.values() if g is not None), sq.device)
+        sq = all_reduce_sum(sq.to(device)).cpu()
     coef = min(1.0, max_norm / (float(sq.sqrt()) + 1e-6))
     return {n: None if g is None else g * coef for n, g in grads.items()}

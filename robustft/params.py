@@ -4,8 +4,9 @@ Every callback goes through this module: it selects parameters by name (trainabl
 default), keeps snapshots on a chosen device/dtype, and swaps them into the live model in a
 context manager that always restores. DTensor parameters (FSDP2) and DeepSpeed ZeRO-3 parameters
 are handled on their local shard, so nothing here gathers a full model. A ZeRO-3 shard
-(``p.ds_tensor``) is a flat, padded 1-D partition of the flattened weight: element-wise maths
-works on it as it is, norms need a sum over ranks (``distributed.all_reduce_sum``).
+(``p.ds_tensor``) is a flat 1-D slice of the flattened weight (:func:`zero3_partition`; its padding is
+left out): element-wise maths works on it as it is, norms need a sum over ranks
+(``distributed.all_reduce_sum``), row-wise maths maps each element to its row (``ops.perturb.flat_rows``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torch import nn
 
 __all__ = [
     "Snapshot",
+    "full_shape",
     "is_sharded",
     "is_zero3_param",
     "live_tensors",
@@ -26,6 +28,7 @@ __all__ = [
     "resolve_dtype",
     "select_parameters",
     "swapped_in",
+    "zero3_partition",
 ]
 
 _NORM_OR_BIAS = re.compile(r"(^|\.)(bias|[^.]*norm[^.]*|ln[^.]*|layernorm[^.]*)(\.|$)", re.IGNORECASE)
@@ -121,11 +124,31 @@ def _is_dtensor(t: torch.Tensor) -> bool:
     return hasattr(t, "to_local") and hasattr(t, "placements")
 
 
+def zero3_partition(t: torch.Tensor) -> tuple[int, int]:
+    """(offset, length) of this rank's slice of a ZeRO-3 parameter's flattened weight, padding excluded.
+
+    DeepSpeed pads the flat weight to a multiple of the world size and gives rank r the elements
+    [r·P, (r+1)·P), P = ``t.ds_tensor.ds_numel``; the last ranks' tails (or whole partitions) are padding.
+    """
+    size = t.ds_tensor.ds_numel
+    dist = torch.distributed
+    rank = dist.get_rank(group=getattr(t, "ds_process_group", None)) if dist.is_initialized() else 0
+    offset = size * rank
+    return offset, max(0, min(size, t.ds_numel - offset))
+
+
+def full_shape(t: torch.Tensor) -> torch.Size:
+    """The shape of the whole parameter (a ZeRO-3 parameter is empty outside forward; a DTensor's
+    ``shape`` is already global)."""
+    return torch.Size(t.ds_shape) if is_zero3_param(t) else t.shape
+
+
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
-    """The tensor this rank owns, detached: a DTensor's local shard (FSDP2), a ZeRO-3 parameter's flat
-    partition ``ds_tensor`` (DeepSpeed; the parameter itself is empty outside forward), else ``t``."""
+    """The tensor this rank owns, detached: a DTensor's local shard (FSDP2), the valid part of a ZeRO-3
+    parameter's flat partition ``ds_tensor`` (DeepSpeed; the parameter itself is empty outside
+    forward; see :func:`zero3_partition`), else ``t``."""
     if is_zero3_param(t):
-        return t.ds_tensor.detach()
+        return t.ds_tensor.detach().narrow(0, 0, zero3_partition(t)[1])
     if _is_dtensor(t):
         t = t.to_local()
     return t.detach()

@@ -8,6 +8,7 @@ a brute-force average of the full weights recorded after every step, and after a
 import functools
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -103,17 +104,79 @@ def test_callbacks_under_zero(runs, mode):
 
     # exact SAM is refused under every stage
     assert "SAMCallback does not support DeepSpeed" in info["sam_refused"]
-    # one-pass perturbations: exact (= DDP) under ZeRO-1/2; under ZeRO-3 MSAM (element-wise) acts on the
-    # partitions, the row-wise ones are refused
-    for name, cls in (("rwp", "RandomPerturbationCallback"), ("msam", "MomentumSAMCallback"),
-                      ("ggpo", "GGPOCallback")):
-        if stage == 3 and name != "msam":
-            assert info[f"{name}_refused"].startswith(f"{cls} does not support DeepSpeed ZeRO-3")
-        else:
-            assert info[f"{name}_refused"] is None
-            # the perturbation did act (differs from plain training) and was undone before the step
-            assert any(not torch.allclose(v, t["plain." + k]) for k, v in group(t, name).items())
+    # one-pass perturbations act and are undone before the engine's step: = DDP under ZeRO-1/2, and for
+    # MSAM (element-wise) under ZeRO-3; ZeRO-3 draws RWP/GGPO noise per partition (law tested below)
+    for name in ("rwp", "msam", "ggpo"):
+        assert info[f"{name}_refused"] is None
+        assert any(not torch.allclose(v, t["plain." + k]) for k, v in group(t, name).items())
+        if stage < 3 or name == "msam":
             assert_close_groups(group(t, name), group(r, name))
     if stage == 3:
-        assert "method='slerp') does not support DeepSpeed ZeRO-3" in info["slerp_refused"]
         assert "stage3_param_persistence_threshold" in info["persistent_refused"]
+
+
+def expected_row_std(weights: dict[str, torch.Tensor], eps: dict[str, torch.Tensor], rho: float, lora: bool):
+    """RWP's std_i = ρ·‖W_{i,:}‖/√n for every tensor with a perturbation; Flat-LoRA: W = W₀ + s·B·A."""
+    stds = {}
+    for name, e in eps.items():
+        if not e.any():
+            continue
+        w = weights[name].double()
+        if lora:  # s = lora_alpha / r = 8 / 2
+            prefix = name[: -len("base_layer.weight")]
+            w = w + 4.0 * weights[prefix + "lora_B.default.weight"].double() @ weights[
+                prefix + "lora_A.default.weight"].double()
+        rows = w.reshape(w.shape[0], -1) if w.dim() > 1 else w.reshape(1, -1)
+        stds[name] = (rho * rows.norm(dim=1) / math.sqrt(rows.shape[1])).reshape((-1,) + (1,) * (w.dim() - 1))
+    return stds
+
+
+@pytest.mark.parametrize("mode", ["ddp", "zero3"])
+@pytest.mark.parametrize("name", ["rwp_rows", "flat_lora"])
+def test_row_wise_perturbations_have_the_rwp_law_on_zero3_partitions(runs, mode, name):
+    """ZeRO-3 forms row norms from flat partitions and maps each element to its row: the perturbation
+    seen in the gathered weights is N(0, ρ²/n·‖W_i‖²) per row, as under DDP (the same check), logged
+    norms are the whole model's, and training at learning rate 0 leaves the weights bit-exact."""
+    infos, tensors = runs(mode)
+    info, t = infos[0], tensors[0]
+    if mode == "zero3":
+        assert info[name]["stage"] == 3 and info[name]["partitioned"]
+    assert info[f"{name}_exact"] and infos[1][f"{name}_exact"]
+    z, eps_prev, weights = [], None, group(t, f"{name}_w")
+    for step in range(4):
+        eps = group(t, f"{name}_eps{step}")
+        stds = expected_row_std(weights, eps, 0.05, lora=name == "flat_lora")
+        if name == "flat_lora":  # only the base weights of the LoRA layers, and all of them
+            assert sorted(stds) == sorted(k for k in eps if k.endswith("base_layer.weight"))
+            assert len(stds) == 4
+        else:
+            assert len(stds) == len(eps)
+        z += [eps[n].double() / std for n, std in stds.items()]
+        norm = math.sqrt(sum(float(e.double().pow(2).sum()) for e in eps.values()))
+        assert info[f"{name}_norms"][step] == pytest.approx(norm, rel=1e-4)
+        if eps_prev is not None:
+            assert not torch.equal(eps[next(iter(stds))], eps_prev[next(iter(stds))])  # a new draw each step
+        eps_prev = eps
+    # per row (≥ 64 draws over the 4 steps; the run spreads row norms 1-7x apart): mean z² ≈ 1, so every
+    # element was scaled by its own row's norm, summed over the ranks that hold the row
+    rows = [torch.stack([zi.reshape(zi.shape[0], -1) if zi.dim() > 1 else zi.reshape(1, -1)
+                         for zi in z[k::len(stds)]], dim=1).flatten(1) for k in range(len(stds))]
+    mean_sq = torch.cat([r.pow(2).mean(dim=1) for r in rows])
+    assert min(r.shape[1] for r in rows) >= 64
+    assert 0.4 < float(mean_sq.min()) and float(mean_sq.max()) < 1.9, (mean_sq.min(), mean_sq.max())
+    z = torch.cat([zi.flatten() for zi in z])
+    assert z.numel() >= 4000
+    assert abs(float(z.mean())) < 0.05 and float(z.std()) == pytest.approx(1.0, abs=0.05)
+
+
+def test_ggpo_gradient_rows_and_slerp_on_zero3_partitions_equal_ddp(runs):
+    """GGPO's per-row gradient norms (from ZeRO-3's local gradient partitions, clipped with the global
+    norm) and WiSE-FT's slerp (angles from partitions) equal DDP's."""
+    infos, tensors = runs("zero3")
+    _, ref = runs("ddp")
+    assert infos[0]["slerp"]["stage"] == 3 and infos[0]["slerp"]["partitioned"]
+    grad_rows = group(tensors[0], "ggpo_grad_rows")
+    assert len(grad_rows) == len(group(tensors[0], "plain")) and all(v.sum() > 0 for v in grad_rows.values())
+    assert_close_groups(grad_rows, group(ref[0], "ggpo_grad_rows"), tol=1e-5)
+    assert_close_groups(group(tensors[0], "slerp"), group(ref[0], "slerp"), tol=1e-5)
+    assert any(not torch.allclose(v, tensors[0]["plain." + k]) for k, v in group(tensors[0], "slerp").items())

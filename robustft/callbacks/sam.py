@@ -29,6 +29,8 @@ from robustft import distributed
 from robustft.callbacks.base import RobustCallback
 from robustft.ops.perturb import (
     Fixup,
+    flat_row_sq_norms,
+    flat_rows,
     ggpo_row_scale,
     global_norm,
     momentum_epsilon,
@@ -42,7 +44,15 @@ from robustft.ops.perturb import (
     scheduled_rho,
     unperturb_,
 )
-from robustft.params import Snapshot, is_sharded, local_tensor, select_parameters
+from robustft.params import (
+    Snapshot,
+    full_shape,
+    is_sharded,
+    is_zero3_param,
+    local_tensor,
+    select_parameters,
+    zero3_partition,
+)
 
 __all__ = ["GGPOCallback", "MomentumSAMCallback", "RandomPerturbationCallback", "SAMCallback"]
 
@@ -143,9 +153,13 @@ class _WeightPerturbation(RobustCallback):
         """Squared row norms of ``t``, the local part of parameter ``name`` (or of its gradient).
 
         FSDP2 shards dim 0, so each rank holds whole rows of a matrix; a 1-D tensor is one row split over
-        the ranks, whose squared norm is summed across them.
+        the ranks, whose squared norm is summed across them. A ZeRO-3 partition is a flat slice that
+        cuts rows anywhere: each rank's share of every row is summed across them.
         """
         param = self._params[name]
+        if is_zero3_param(param):  # a flat slice of the rows: each rank adds its elements' squares
+            offset = zero3_partition(param)[0]
+            return distributed.all_reduce_sum(flat_row_sq_norms(t, full_shape(param), offset))
         if is_sharded({name: param}):
             shard_dims = [getattr(pl, "dim", 0) for pl in getattr(param, "placements", ()) if pl.is_shard()]
             if param.dim() > 1 and any(d != 0 for d in shard_dims):
@@ -322,9 +336,6 @@ class _OnePass(_WeightPerturbation):
     where floating point does not round-trip (a few percent, reported as ``<prefix>/fixup_fraction``).
     """
 
-    #: True when the perturbation is element-wise, so it can act on ZeRO-3's flat partitions as they are
-    zero3_partitions = False
-
     def __init__(self, rho: float, seed: int = 0, **kwargs):
         super().__init__(rho, **kwargs)
         if isinstance(seed, bool) or not isinstance(seed, int):
@@ -365,12 +376,6 @@ class _OnePass(_WeightPerturbation):
         engine = distributed.deepspeed_engine(self.trainer)
         if engine is None:
             raise ValueError(f"{type(self).__name__}: DeepSpeed ZeRO-{stage} runs but no engine was found")
-        if stage == 3 and not self.zero3_partitions:
-            raise ValueError(
-                f"{type(self).__name__} does not support DeepSpeed ZeRO-3: its perturbation is built from "
-                "whole weight rows, and ZeRO-3 keeps only flat partitions of them. Use ZeRO-1 or ZeRO-2 "
-                "(supported), DDP or FSDP."
-            )
         self._engine = engine
 
         def make_wrapper(original):
@@ -465,7 +470,6 @@ class MomentumSAMCallback(_OnePass):
 
     state_name = "momentum_sam"
     log_prefix = "msam"
-    zero3_partitions = True  # ε = ρ·v/‖v‖ element-wise, ‖v‖ summed over ranks
 
     def __init__(self, rho: float = 0.3, **kwargs):
         super().__init__(rho, **kwargs)
@@ -522,12 +526,19 @@ def _lora_layers(model) -> dict[str, torch.nn.Module]:
 
 
 def _lora_delta(layer, adapter: str) -> torch.Tensor:
-    """s·B·A of a PEFT LoRA layer (float32), for this rank's rows of the base weight under FSDP2.
+    """s·B·A of a PEFT LoRA layer (float32), laid out like ``local_tensor`` of the base weight W₀.
 
     FSDP2 shards W₀ (out × in) and B (out × r) along dim 0 alike, so the local rows of B times the whole A
-    (gathered: r × in, small) are the local rows of the delta.
+    (gathered: r × in, small) are the local rows of the delta. ZeRO-3: the delta of the gathered factors,
+    cut like W₀'s flat partition (a collective).
     """
     b = layer.lora_B[adapter].weight
+    base = layer.base_layer.weight
+    if is_zero3_param(base):
+        with distributed.gathered([layer.lora_A[adapter].weight, b]):
+            delta = layer.get_delta_weight(adapter).float()
+        offset, length = zero3_partition(base)
+        return delta.reshape(-1).narrow(0, offset, length)
     if not is_sharded({"B": b}):
         return layer.get_delta_weight(adapter).float()
     if getattr(layer, "fan_in_fan_out", False) or getattr(layer, "use_dora", {}).get(adapter, False):
@@ -539,7 +550,22 @@ def _lora_delta(layer, adapter: str) -> torch.Tensor:
     return (local_tensor(b).float() @ a.float()) * layer.scaling[adapter]
 
 
-class RandomPerturbationCallback(_OnePass):
+class _RowWise(_OnePass):
+    """One-pass perturbations with Gaussian noise scaled per weight row: ε_{i,j} = z_{i,j}·std_i.
+
+    Subclasses give each tensor's per-row std (row norms from :meth:`_row_sq`). Under ZeRO-3 each rank
+    draws its partition's noise and maps every element to its row (``flat_rows``).
+    """
+
+    def _noise(self, index, w, ctx):
+        scale, step, name = ctx
+        param, rows = self._params[name], None
+        if is_zero3_param(param):
+            rows = flat_rows(full_shape(param), zero3_partition(param)[0], w.numel(), device=w.device)
+        return row_noise(w.shape, scale, self._seed_for(step, index), device=w.device, rows=rows)
+
+
+class RandomPerturbationCallback(_RowWise):
     """Random weight perturbation, filter-wise: ε_{i,j} ~ N(0, ρ²/n · ‖W_{i,:}‖²) (RWP; Flat-LoRA for LoRA).
 
     ρ plays the paper's σ. On a plain model the selected trainable weights are perturbed. On a PEFT
@@ -598,16 +624,13 @@ class RandomPerturbationCallback(_OnePass):
 
     def _contexts(self, weights, rho, state, optimizer):
         return [  # the full shape: a 1-D tensor's n counts the elements of every rank
-            (rwp_row_scale(self._merged_sq_rows(name, w), self._params[name].shape, rho), self._step)
+            (rwp_row_scale(self._merged_sq_rows(name, w), full_shape(self._params[name]), rho), self._step,
+             name)
             for name, w in zip(self._params, weights, strict=True)
         ]
 
-    def _noise(self, index, w, ctx):
-        scale, step = ctx
-        return row_noise(w.shape, scale, self._seed_for(step, index), device=w.device)
 
-
-class GGPOCallback(_OnePass):
+class GGPOCallback(_RowWise):
     """LoRA-GGPO-style perturbation of the trained (LoRA) factors from weight and gradient norms.
 
     ε_{i,j} ~ N(0, ρ²/n · (α‖W_{i,:}‖² + β‖∇W_{i,:}‖²)) per row of each trainable tensor, with ∇W the
@@ -634,17 +657,14 @@ class GGPOCallback(_OnePass):
         return [
             (
                 ggpo_row_scale(
-                    self._row_sq(name, w), self._grad_sq_rows.get(name), self._params[name].shape, rho,
+                    self._row_sq(name, w), self._grad_sq_rows.get(name), full_shape(self._params[name]), rho,
                     self.alpha, self.beta,
                 ),
                 self._step,
+                name,
             )
             for name, w in zip(self._params, weights, strict=True)
         ]
-
-    def _noise(self, index, w, ctx):
-        scale, step = ctx
-        return row_noise(w.shape, scale, self._seed_for(step, index), device=w.device)
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         super().on_pre_optimizer_step(args, state, control, **kwargs)

@@ -118,11 +118,6 @@ class WiseFTCallback(RobustCallback):
                 "WiseFTCallback: a sweep needs the Trainer; pass trainer= or call attach(trainer)"
             )
         params = select_parameters(model, include=self.include, exclude=self.exclude)
-        if self.method == "slerp" and distributed.deepspeed_stage(params) == 3:
-            raise ValueError(
-                "WiseFTCallback(method='slerp') does not support DeepSpeed ZeRO-3: slerp needs each whole "
-                "tensor's norms and ZeRO-3 keeps flat partitions. Use method='linear', or ZeRO-1/2."
-            )
         resume = self.resume_dir(args, state)
         if resume is not None:
             # the live weights are the checkpoint's: the start comes from the saved state

@@ -25,6 +25,8 @@ from robustft.ops import Reduce
 
 __all__ = [
     "Fixup",
+    "flat_row_sq_norms",
+    "flat_rows",
     "ggpo_row_scale",
     "global_norm",
     "momentum_epsilon",
@@ -134,6 +136,26 @@ def _row_numel(shape: torch.Size) -> int:
     return math.prod(shape[1:]) if len(shape) > 1 else max(math.prod(shape), 1)
 
 
+def flat_rows(
+    shape: torch.Size, offset: int, length: int, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """Row (dim 0; a 1-D tensor is one row) of each element of the slice ``[offset, offset + length)``
+    of a row-major tensor of ``shape`` flattened: how a ZeRO-3 partition maps onto whole rows."""
+    return torch.arange(offset, offset + length, device=device) // _row_numel(shape)
+
+
+def flat_row_sq_norms(flat: torch.Tensor, shape: torch.Size, offset: int) -> torch.Tensor:
+    """This slice's share of :func:`row_sq_norms` of the whole tensor (zero for rows it misses).
+
+    ``flat`` is the slice starting at ``offset`` of the flattened tensor of ``shape``; summing the
+    result over slices that cover the tensor (ranks) gives ``row_sq_norms`` of the whole tensor.
+    """
+    n_rows = shape[0] if len(shape) > 1 else 1
+    rows = flat_rows(shape, offset, flat.numel(), device=flat.device)
+    out = torch.zeros(n_rows, dtype=torch.float32, device=flat.device)
+    return out.index_add_(0, rows, flat.detach().float().reshape(-1).pow(2))
+
+
 def rwp_row_scale(w_sq_rows: torch.Tensor, shape: torch.Size, sigma: float) -> torch.Tensor:
     """std_i = σ · ‖W_{i,:}‖₂ / √n: filter-wise random weight perturbation, n = elements per row.
 
@@ -179,15 +201,20 @@ def row_noise(
     row_scale: torch.Tensor,
     seed: int,
     device: torch.device | str = "cpu",
+    rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """ε = z ⊙ std (broadcast per row), z ~ N(0, I) from a torch.Generator seeded with ``seed`` (float32).
 
-    Deterministic for a given (shape, seed, device), so a perturbation can be regenerated to undo it.
+    ``rows`` (a flat slice of a larger tensor, see :func:`flat_rows`): the row of each element, so
+    element k gets ``row_scale[rows[k]]``. Deterministic for a given (shape, seed, device), so a
+    perturbation can be regenerated to undo it.
     """
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
     z = torch.randn(tuple(shape), generator=gen, device=device, dtype=torch.float32)
     scale = row_scale.to(device=device, dtype=torch.float32)
+    if rows is not None:
+        return z * scale[rows.to(device)].reshape(z.shape)
     if len(shape) <= 1:
         return z * scale.reshape(())
     return z * scale.reshape((-1,) + (1,) * (len(shape) - 1))

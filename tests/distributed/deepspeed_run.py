@@ -44,9 +44,9 @@ def ds_config(stage: int, persistence: float = 0) -> dict:
             "gradient_clipping": "auto", "zero_optimization": zero}
 
 
-def full_weights(model) -> dict[str, torch.Tensor]:
-    """Every trainable weight in full, on every rank (gathered from ZeRO-3 partitions)."""
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+def full_weights(model, trainable_only: bool = True) -> dict[str, torch.Tensor]:
+    """Every (trainable) weight in full, on every rank (gathered from ZeRO-3 partitions)."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad or not trainable_only]
     if any(hasattr(p, "ds_id") for _, p in params):
         import deepspeed
 
@@ -56,12 +56,26 @@ def full_weights(model) -> dict[str, torch.Tensor]:
 
 
 def full_from_partition(param, shard: torch.Tensor) -> torch.Tensor:
-    """A ZeRO-3 flat partition (of a copy of ``param``) -> the full tensor: all-gather, concat, unpad."""
+    """A ZeRO-3 flat partition (of a copy of ``param``, padding left out) -> the full tensor: pad to
+    DeepSpeed's partition size, all-gather, concat, unpad."""
     if not hasattr(param, "ds_id"):
         return shard
-    parts = [torch.empty_like(shard) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, shard.contiguous())
+    padded = torch.zeros(param.ds_tensor.ds_numel, dtype=shard.dtype)
+    padded[: shard.numel()] = shard
+    parts = [torch.empty_like(padded) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, padded)
     return torch.cat(parts)[: param.ds_numel].view(param.ds_shape)
+
+
+class StepBeginRecorder(TrainerCallback):
+    """All full weights at on_step_begin, after a one-pass callback perturbed them (robustft callbacks
+    run first: they move themselves just after DefaultFlowCallback)."""
+
+    def __init__(self):
+        self.points = []
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        self.points.append(full_weights(model, trainable_only=False))
 
 
 class Recorder(TrainerCallback):
@@ -110,6 +124,53 @@ def refusal(fn) -> str | None:
     return None
 
 
+def row_wise_on_partitions(mode: str, out: str, info: dict, put) -> None:
+    """The row-wise methods, which ZeRO-3 computes from flat partitions (compared with DDP by the test).
+
+    RWP and Flat-LoRA at learning rate 0, so the weights stay the start's (bit-exact if every perturbation
+    is undone): each step's perturbation is the perturbed weights minus the start. GGPO with
+    its perturbation never starting: the per-row gradient norms it records. WiSE-FT with slerp.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    def perturbations(name: str, model, callback) -> None:
+        perturbed = StepBeginRecorder()
+        trainer = make_trainer(mode, os.path.join(out, name), [callback, perturbed], model=model,
+                               learning_rate=0.0)
+        start = full_weights(model, trainable_only=False)
+        trainer.train()
+        info[name] = check_mode(trainer, mode)
+        info[f"{name}_exact"] = all(torch.equal(a, b) for a, b in
+                                    zip(start.values(), full_weights(model, trainable_only=False).values()))
+        info[f"{name}_norms"] = [h["rwp/perturbation_norm"] for h in trainer.state.log_history
+                                 if "rwp/perturbation_norm" in h]
+        put(f"{name}_w", start)
+        for step, weights in enumerate(perturbed.points):
+            put(f"{name}_eps{step}", {n: weights[n] - start[n] for n in start})
+
+    def spread_rows(model):
+        """Row i of every matrix times 1 + i mod 7: row norms far apart, so a row mix-up shows."""
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() > 1:
+                    p.mul_((1.0 + torch.arange(p.shape[0]) % 7).reshape(-1, 1))
+        return model
+
+    perturbations("rwp_rows", spread_rows(tiny_llama()), RandomPerturbationCallback(rho=0.05, seed=3))
+    lora_model = get_peft_model(spread_rows(tiny_llama()), LoraConfig(
+        r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))  # B ≠ 0: W₀+sBA ≠ W₀
+    perturbations("flat_lora", lora_model, RandomPerturbationCallback(rho=0.05, seed=3))
+
+    ggpo = GGPOCallback(rho=0.05, start_step=STEPS)
+    make_trainer(mode, os.path.join(out, "ggpo_rows"), [ggpo]).train()
+    put("ggpo_grad_rows", ggpo.state_dict()[0])
+
+    slerp = make_trainer(mode, os.path.join(out, "slerp"), [WiseFTCallback(alpha=0.5, method="slerp")])
+    slerp.train()
+    info["slerp"] = check_mode(slerp, mode)
+    put("slerp", full_weights(slerp.model))
+
+
 def main(mode: str, out: str) -> None:
     if mode != "ddp":
         allow_deepspeed_on_cpu()
@@ -126,7 +187,7 @@ def main(mode: str, out: str) -> None:
     info["plain"] = check_mode(plain, mode)
     put("plain", rec.points[-1])
 
-    # 2. one-pass perturbations (exact under ZeRO-1/2, refused under ZeRO-3), SAM (refused)
+    # 2. one-pass perturbations (= DDP under ZeRO-1/2; ZeRO-3 draws per partition), SAM (refused)
     for name, make in {
         "rwp": lambda: RandomPerturbationCallback(rho=0.05, seed=3),
         "msam": lambda: MomentumSAMCallback(rho=0.3),
@@ -223,9 +284,9 @@ def main(mode: str, out: str) -> None:
         trained = {k: v.clone() for k, v in get_peft_model_state_dict(peft_model).items()}
     put("lora_trained", trained)
 
+    if mode in ("ddp", "zero3"):
+        row_wise_on_partitions(mode, out, info, put)
     if mode == "zero3":
-        slerp = make_trainer(mode, os.path.join(out, "slerp"), [WiseFTCallback(alpha=0.5, method="slerp")])
-        info["slerp_refused"] = refusal(slerp.train)
         persist = make_trainer(mode, os.path.join(out, "persist"), [EMACallback(decay=0.9, save_dir=None)],
                                persistence=1e5)
         info["persistent_refused"] = refusal(persist.train)
