@@ -6,7 +6,8 @@ context manager that always restores. DTensor parameters (FSDP2) and DeepSpeed Z
 are handled on their local shard, so nothing here gathers a full model. A ZeRO-3 shard
 (``p.ds_tensor``) is a flat 1-D slice of the flattened weight (:func:`zero3_partition`; its padding is
 left out): element-wise maths works on it as it is, norms need a sum over ranks
-(``distributed.all_reduce_sum``), row-wise maths maps each element to its row (``ops.perturb.flat_rows``).
+(``distributed.all_reduce_sum``), row-wise maths cuts it at row boundaries
+(``ops.perturb.flat_row_sq_norms``).
 """
 
 from __future__ import annotations

@@ -30,7 +30,6 @@ from robustft.callbacks.base import RobustCallback
 from robustft.ops.perturb import (
     Fixup,
     flat_row_sq_norms,
-    flat_rows,
     ggpo_row_scale,
     global_norm,
     momentum_epsilon,
@@ -554,15 +553,14 @@ class _RowWise(_OnePass):
     """One-pass perturbations with Gaussian noise scaled per weight row: ε_{i,j} = z_{i,j}·std_i.
 
     Subclasses give each tensor's per-row std (row norms from :meth:`_row_sq`). Under ZeRO-3 each rank
-    draws its partition's noise and maps every element to its row (``flat_rows``).
+    draws its partition's noise and scales each element by its row's std (``scale_flat_rows_``).
     """
 
     def _noise(self, index, w, ctx):
         scale, step, name = ctx
-        param, rows = self._params[name], None
-        if is_zero3_param(param):
-            rows = flat_rows(full_shape(param), zero3_partition(param)[0], w.numel(), device=w.device)
-        return row_noise(w.shape, scale, self._seed_for(step, index), device=w.device, rows=rows)
+        param = self._params[name]
+        slice_of = (full_shape(param), zero3_partition(param)[0]) if is_zero3_param(param) else None
+        return row_noise(w.shape, scale, self._seed_for(step, index), device=w.device, slice_of=slice_of)
 
 
 class RandomPerturbationCallback(_RowWise):

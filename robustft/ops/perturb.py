@@ -26,7 +26,6 @@ from robustft.ops import Reduce
 __all__ = [
     "Fixup",
     "flat_row_sq_norms",
-    "flat_rows",
     "ggpo_row_scale",
     "global_norm",
     "momentum_epsilon",
@@ -38,6 +37,7 @@ __all__ = [
     "sam_epsilon",
     "sam_norm",
     "sam_perturbation",
+    "scale_flat_rows_",
     "scheduled_rho",
     "unperturb_",
 ]
@@ -136,24 +136,48 @@ def _row_numel(shape: torch.Size) -> int:
     return math.prod(shape[1:]) if len(shape) > 1 else max(math.prod(shape), 1)
 
 
-def flat_rows(
-    shape: torch.Size, offset: int, length: int, device: torch.device | str = "cpu"
-) -> torch.Tensor:
-    """Row (dim 0; a 1-D tensor is one row) of each element of the slice ``[offset, offset + length)``
-    of a row-major tensor of ``shape`` flattened: how a ZeRO-3 partition maps onto whole rows."""
-    return torch.arange(offset, offset + length, device=device) // _row_numel(shape)
+def _flat_row_segments(shape: torch.Size, offset: int, length: int) -> list[tuple[int, int, int, int]]:
+    """The slice ``[offset, offset + length)`` of a row-major tensor of ``shape`` flattened, cut at row
+    boundaries: (first row, rows, start, stop) for its head (end of a cut row), its whole rows, and its
+    tail (start of a cut row); start/stop index the slice. A 1-D tensor is one row."""
+    n = _row_numel(shape)
+    row, pos = offset // n, 0
+    segments = []
+    head = min(length, -offset % n)
+    if head:
+        segments.append((row, 1, 0, head))
+        row, pos = row + 1, head
+    whole = (length - pos) // n
+    if whole:
+        segments.append((row, whole, pos, pos + whole * n))
+        row, pos = row + whole, pos + whole * n
+    if pos < length:
+        segments.append((row, 1, pos, length))
+    return segments
 
 
 def flat_row_sq_norms(flat: torch.Tensor, shape: torch.Size, offset: int) -> torch.Tensor:
     """This slice's share of :func:`row_sq_norms` of the whole tensor (zero for rows it misses).
 
-    ``flat`` is the slice starting at ``offset`` of the flattened tensor of ``shape``; summing the
-    result over slices that cover the tensor (ranks) gives ``row_sq_norms`` of the whole tensor.
+    ``flat`` is the slice starting at ``offset`` of the flattened tensor of ``shape`` (a ZeRO-3
+    partition); summing the result over slices that cover the tensor (ranks) gives ``row_sq_norms``.
     """
-    n_rows = shape[0] if len(shape) > 1 else 1
-    rows = flat_rows(shape, offset, flat.numel(), device=flat.device)
-    out = torch.zeros(n_rows, dtype=torch.float32, device=flat.device)
-    return out.index_add_(0, rows, flat.detach().float().reshape(-1).pow(2))
+    out = torch.zeros(shape[0] if len(shape) > 1 else 1, dtype=torch.float32, device=flat.device)
+    flat = flat.detach().reshape(-1)
+    for row, rows, start, stop in _flat_row_segments(shape, offset, flat.numel()):
+        out[row : row + rows] += flat[start:stop].float().reshape(rows, -1).pow(2).sum(dim=1)
+    return out
+
+
+def scale_flat_rows_(
+    flat: torch.Tensor, row_scale: torch.Tensor, shape: torch.Size, offset: int
+) -> torch.Tensor:
+    """Multiply each element of a flat slice (see :func:`flat_row_sq_norms`) by its row's scale, in
+    place, segment by segment (no per-element index or scale tensor); returns ``flat``."""
+    scale = row_scale.to(device=flat.device, dtype=flat.dtype)
+    for row, rows, start, stop in _flat_row_segments(shape, offset, flat.numel()):
+        flat[start:stop].view(rows, -1).mul_(scale[row : row + rows, None])
+    return flat
 
 
 def rwp_row_scale(w_sq_rows: torch.Tensor, shape: torch.Size, sigma: float) -> torch.Tensor:
@@ -201,20 +225,20 @@ def row_noise(
     row_scale: torch.Tensor,
     seed: int,
     device: torch.device | str = "cpu",
-    rows: torch.Tensor | None = None,
+    slice_of: tuple[torch.Size, int] | None = None,
 ) -> torch.Tensor:
     """ε = z ⊙ std (broadcast per row), z ~ N(0, I) from a torch.Generator seeded with ``seed`` (float32).
 
-    ``rows`` (a flat slice of a larger tensor, see :func:`flat_rows`): the row of each element, so
-    element k gets ``row_scale[rows[k]]``. Deterministic for a given (shape, seed, device), so a
-    perturbation can be regenerated to undo it.
+    ``slice_of=(full_shape, offset)``: ``shape`` is a flat slice of a larger tensor (a ZeRO-3
+    partition) whose rows are those of ``full_shape`` (:func:`scale_flat_rows_`). Deterministic for a
+    given (shape, seed, device), so a perturbation can be regenerated to undo it.
     """
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
     z = torch.randn(tuple(shape), generator=gen, device=device, dtype=torch.float32)
+    if slice_of is not None:
+        return scale_flat_rows_(z, row_scale, *slice_of)
     scale = row_scale.to(device=device, dtype=torch.float32)
-    if rows is not None:
-        return z * scale[rows.to(device)].reshape(z.shape)
     if len(shape) <= 1:
         return z * scale.reshape(())
     return z * scale.reshape((-1,) + (1,) * (len(shape) - 1))
