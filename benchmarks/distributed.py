@@ -1,9 +1,10 @@
 """Per-rank memory and step overhead of robustft callbacks: 1 process vs DDP vs FSDP2 (CPU ranks, gloo).
 
-    python benchmarks/distributed.py [--size small|medium] [--ranks 1 2 4]
+    python benchmarks/distributed.py [--size small|medium] [--ranks 1 2 4] [--deepspeed]
 
 For each mode (1 = a plain single process; 2 and 4 = FSDP2 through the TEST-ONLY CPU patch in
-tests/distributed/harness.py; DDP at 2 ranks as the reference) it trains a random-init Llama for 10 steps
+tests/distributed/harness.py; DDP at 2 ranks as the reference; with --deepspeed also DeepSpeed ZeRO-3 at 2
+ranks) it trains a random-init Llama for 10 steps
 (same global batch in every mode) three times, each in fresh processes: (a) no callback, (b) EMACallback,
 (c) EMACallback + WiseFTCallback(alpha=0.5) + RandomPerturbationCallback(0.05). Each rank reports the
 bytes of callback state it holds (EMA shadow + WiSE-FT start weights), its parameter bytes, its RSS (peak
@@ -37,7 +38,9 @@ MB = 2**20
 
 def launch(mode: str, ranks: int, case: str, size: str, out: Path) -> list[dict]:
     """Run one case in one mode; the per-rank figures, rank 0 first."""
-    if ranks == 1:
+    if mode == "zero3":
+        torchrun(RUN, mode, case, size, str(out), nproc=ranks, timeout=600, env={"DS_ACCELERATOR": "cpu"})
+    elif ranks == 1:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
         cmd = [sys.executable, str(ROOT / RUN), mode, case, size, str(out)]
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -47,8 +50,8 @@ def launch(mode: str, ranks: int, case: str, size: str, out: Path) -> list[dict]
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(ranks)]
 
 
-def modes(ranks: list[int]) -> list[tuple[str, int]]:
-    """(mode, ranks) to run: 1 rank plain, FSDP2 at every N > 1, DDP at 2 as the reference."""
+def modes(ranks: list[int], deepspeed: bool = False) -> list[tuple[str, int]]:
+    """(mode, ranks) to run: 1 rank plain, FSDP2 at every N > 1, DDP (and ZeRO-3) at 2."""
     out = []
     for n in sorted(set(ranks)):
         if n == 1:
@@ -57,6 +60,8 @@ def modes(ranks: list[int]) -> list[tuple[str, int]]:
             if n == 2:
                 out.append(("ddp", 2))
             out.append(("fsdp", n))
+            if n == 2 and deepspeed:
+                out.append(("zero3", 2))
     return out
 
 
@@ -65,13 +70,14 @@ def main() -> None:
     parser.add_argument("--size", choices=["small", "medium"], default="small",
                         help="Llama size: small ~7.4M parameters, medium ~31M")
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4], help="rank counts to run")
+    parser.add_argument("--deepspeed", action="store_true", help="also DeepSpeed ZeRO-3 at 2 ranks")
     args = parser.parse_args()
     if any(n < 1 for n in args.ranks):
         parser.error("--ranks: every count must be >= 1")
     t_start = time.perf_counter()
     results: dict[tuple[str, int, str], list[dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for mode, n in modes(args.ranks):
+        for mode, n in modes(args.ranks, args.deepspeed):
             for case in CASES:
                 t0 = time.perf_counter()
                 figures = launch(mode, n, case, args.size, Path(tmp) / f"{mode}{n}_{case}")
@@ -95,7 +101,7 @@ def main() -> None:
         wall, cpu = (statistics.median(ranks[0][key]) for key in ("step_wall", "step_cpu"))
         base_wall, base_cpu = (statistics.median(results[mode, n, "plain"][0][key])
                                for key in ("step_wall", "step_cpu"))
-        name = {"single": "single", "ddp": "DDP", "fsdp": "FSDP2"}[mode]
+        name = {"single": "single", "ddp": "DDP", "fsdp": "FSDP2", "zero3": "ZeRO-3"}[mode]
         print(f"{name:<7}{n:>6}  {CASES[case]:<18}{state / MB:>9.2f}{ratio:>9}"
               f"{max(r['param_bytes'] for r in ranks) / MB:>10.2f}"
               f"{max(r['rss_peak_mb'] for r in ranks):>9.0f}"

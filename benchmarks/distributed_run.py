@@ -1,7 +1,8 @@
 """Launched by benchmarks/distributed.py: one Trainer run of one case in one mode; each rank dumps figures.
 
-argv: MODE CASE SIZE OUT. MODE is ``single`` (a plain process), ``ddp`` or ``fsdp`` (under
-``torch.distributed.run``; FSDP2 on CPU through the TEST-ONLY patch in tests/distributed/harness.py). CASE is
+argv: MODE CASE SIZE OUT. MODE is ``single`` (a plain process), ``ddp``, ``fsdp`` or ``zero3`` (under
+``torch.distributed.run``; FSDP2 and DeepSpeed on CPU through the TEST-ONLY patches in
+tests/distributed/harness.py, DeepSpeed with ``DS_ACCELERATOR=cpu``). CASE is
 ``plain`` (no callback), ``ema`` or ``ema_wise_rwp``. The global batch is the same in every mode. Each rank
 writes OUT/rank<R>.json: the mode that ran (asserted), the bytes of callback state it holds, its parameter
 bytes, its peak RSS, the RSS after imports and at the end, and its step times (wall and process CPU).
@@ -24,13 +25,17 @@ from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from robustft import EMACallback, RandomPerturbationCallback, WiseFTCallback  # noqa: E402
-from robustft.params import local_tensor  # noqa: E402
-from tests.distributed.harness import allow_fsdp_on_cpu, finish, fsdp_args  # noqa: E402
+from robustft.params import is_zero3_param, local_tensor  # noqa: E402
+from tests.distributed.harness import allow_deepspeed_on_cpu, allow_fsdp_on_cpu, finish, fsdp_args  # noqa: E402
 from tests.tiny import training_args  # noqa: E402
 
 GLOBAL_BATCH, SEQ_LEN, STEPS, SKIP = 8, 64, 10, 2
 #: Llama shapes: (hidden, intermediate, layers, heads, vocab); untied embeddings
 SIZES = {"small": (256, 688, 4, 4, 8192), "medium": (512, 1376, 6, 8, 12288)}
+#: DeepSpeed's defaults, every parameter partitioned (small ones stay whole otherwise: docs/deepspeed.md)
+ZERO3 = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+         "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+         "gradient_clipping": "auto"}
 CASES = {
     "plain": lambda: [],
     "ema": lambda: [EMACallback(decay=0.999, save_dir=None)],
@@ -110,7 +115,9 @@ def check_mode(mode: str, trainer: Trainer, params: list[torch.Tensor], world: i
     """Fail unless the run really was the mode asked for (accelerate falls back to DDP silently on CPU)."""
     dtensor = [hasattr(p, "placements") for p in params]
     ddp = isinstance(trainer.model_wrapped, torch.nn.parallel.DistributedDataParallel)
-    if mode == "fsdp":
+    if mode == "zero3":
+        ok = world > 1 and trainer.is_deepspeed_enabled and all(is_zero3_param(p) for p in params)
+    elif mode == "fsdp":
         ok = world > 1 and all(dtensor) and trainer.is_fsdp_enabled
     elif mode == "ddp":
         ok = world > 1 and not any(dtensor) and ddp and not trainer.is_fsdp_enabled
@@ -125,11 +132,13 @@ def main(mode: str, case: str, size: str, out: str) -> None:
     base_rss = rss_mb()  # after imports
     if mode == "fsdp":
         allow_fsdp_on_cpu()
+    if mode == "zero3":
+        allow_deepspeed_on_cpu()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     model = llama(size)
     callbacks = CASES[case]()
     timer = StepTimer()
-    extra = fsdp_args() if mode == "fsdp" else {}
+    extra = {"fsdp": fsdp_args(), "zero3": {"use_cpu": False, "deepspeed": ZERO3}}.get(mode, {})
     with tempfile.TemporaryDirectory() as tmp:
         args = training_args(tmp, max_steps=STEPS, per_device_train_batch_size=GLOBAL_BATCH // world,
                              logging_strategy="no", learning_rate=1e-4, **extra)
