@@ -113,6 +113,9 @@ def test_callbacks_under_zero(runs, mode):
             assert_close_groups(group(t, name), group(r, name))
     if stage == 3:
         assert "stage3_param_persistence_threshold" in info["persistent_refused"]
+        # examples/accelerate/ds_zero3.json partitions every parameter: EMA and RWP run on it
+        assert info["shipped_refused"] is None
+        assert info["shipped"]["stage"] == 3 and info["shipped"]["partitioned"]
 
 
 def expected_row_std(weights: dict[str, torch.Tensor], eps: dict[str, torch.Tensor], rho: float, lora: bool):

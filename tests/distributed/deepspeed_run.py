@@ -287,6 +287,13 @@ def main(mode: str, out: str) -> None:
     if mode in ("ddp", "zero3"):
         row_wise_on_partitions(mode, out, info, put)
     if mode == "zero3":
+        # the shipped ZeRO-3 config (examples/accelerate/ds_zero3.json) with EMA + a row-wise perturbation
+        with open("examples/accelerate/ds_zero3.json") as f:
+            config = json.load(f)
+        callbacks = [EMACallback(decay=0.9, save_dir=None), RandomPerturbationCallback(rho=0.05)]
+        shipped = make_trainer(mode, os.path.join(out, "shipped"), callbacks, deepspeed=config)
+        info["shipped_refused"] = refusal(shipped.train)
+        info["shipped"] = check_mode(shipped, mode)
         persist = make_trainer(mode, os.path.join(out, "persist"), [EMACallback(decay=0.9, save_dir=None)],
                                persistence=1e5)
         info["persistent_refused"] = refusal(persist.train)

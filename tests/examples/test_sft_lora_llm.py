@@ -233,6 +233,25 @@ def test_deepspeed_config_reaches_accelerates_deepspeed_plugin(monkeypatch):
     assert plugin.deepspeed_config["zero_optimization"]["offload_optimizer"]["device"] == "none"
 
 
+def test_deepspeed_zero3_config_reaches_accelerates_deepspeed_plugin(monkeypatch):
+    """The ZeRO-3 yaml hands its json to accelerate; the json partitions every parameter (persistence
+    threshold 0, which robustft needs). tests/distributed/deepspeed_run.py trains with this json."""
+    from accelerate.utils import DeepSpeedPlugin
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env
+
+    monkeypatch.chdir(ROOT)  # the yaml names the json relative to the repository root
+    config, args = validated("deepspeed_zero3.yaml")
+    assert config.distributed_type.value == "DEEPSPEED" and args.use_deepspeed
+    args.deepspeed_fields_from_accelerate_config = ",".join(config.deepspeed_config)
+    _, env = prepare_deepspeed_cmd_env(args)
+    for key, value in env.items():
+        if key.startswith("ACCELERATE_"):
+            monkeypatch.setenv(key, value)
+    plugin = DeepSpeedPlugin()
+    assert plugin.zero_stage == 3 and plugin.zero3_init_flag
+    assert plugin.deepspeed_config["zero_optimization"]["stage3_param_persistence_threshold"] == 0
+
+
 def test_exact_sam_replay_is_not_counted_by_trl(tmp_path):
     """SAM replays each micro-batch through SFTTrainer.compute_loss; TRL's token count and per-batch metrics
     must still count every batch once: the logged num_tokens equals that of a run without SAM."""
