@@ -71,15 +71,21 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
 
 
 def reshard(model: nn.Module | None) -> None:
-    """Free the gathered full parameters FSDP2 may still hold, so the next forward re-gathers the shards.
+    """Free the gathered full parameters FSDP2 or ZeRO-3 may still hold, so the next forward (or a gather)
+    re-gathers the shards.
 
-    FSDP2 keeps the root module's parameters unsharded after a forward without backward (evaluation).
-    A callback that then writes into the sharded parameters (EMA weights swapped in, a perturbation, θ(α))
-    would not be seen by that stale full copy; resharding after every such write keeps the two in step.
-    A no-op for models without FSDP2 modules.
+    FSDP2 keeps the root module's parameters unsharded after a forward without backward (evaluation);
+    ZeRO-3 (prefetch/reuse defaults) keeps most parameters gathered after an evaluation and fetches
+    only those that are not. A callback that then writes into the shards (EMA weights swapped in, a
+    perturbation, θ(α)) would not be seen by that stale full copy; resharding after every such write
+    keeps the two in step. A no-op for other models.
     """
     if model is None:
         return
+    zero3 = next((p for p in model.parameters() if is_zero3_param(p)), None)
+    optimizer = getattr(zero3, "_z3_optimizer", None)  # set by the engine; what safe_get_local_grad uses
+    if optimizer is not None:
+        optimizer.empty_partition_cache()  # releases every gathered parameter (no gc, unlike the engine's)
     try:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:  # torch without FSDP2

@@ -73,6 +73,9 @@ def test_callbacks_under_zero(runs, mode):
         assert_close_groups(group(t, f"resumed_{key}"), group(t, key), tol=1e-6)
     info = infos[0]
     assert info["live_unchanged"]
+    # evaluating with the EMA weights swapped in after every step did not change training
+    assert len(info["ema_eval_losses"]) == 4
+    assert_close_groups(group(t, "avg_live"), group(t, "plain"), tol=1e-6)
     assert infos[1]["ema_distance"] == pytest.approx(info["ema_distance"], rel=1e-9)
     assert info["ema_distance"] == pytest.approx(info["ema_distance_brute"], rel=1e-5)
     # callback state beside the checkpoint: one file, or one per rank for ZeRO-3 partitions

@@ -37,9 +37,9 @@ STEPS = 4
 
 def ds_config(stage: int, persistence: float = 0) -> dict:
     zero = {"stage": stage, "reduce_bucket_size": 2000, "allgather_bucket_size": 2000}
-    if stage == 3:  # persistence 0: partition every parameter, however small (see shared/FACTS.md)
-        zero.update(stage3_param_persistence_threshold=persistence, stage3_prefetch_bucket_size=0,
-                    stage3_max_live_parameters=0, stage3_max_reuse_distance=0)
+    if stage == 3:  # persistence 0: partition every parameter, however small (see shared/FACTS.md); the
+        # prefetch/reuse defaults keep parameters gathered between forwards (robustft must release them)
+        zero.update(stage3_param_persistence_threshold=persistence)
     return {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
             "gradient_clipping": "auto", "zero_optimization": zero}
 
@@ -110,8 +110,8 @@ def check_mode(trainer: Trainer, mode: str) -> dict:
         info["engine"] = isinstance(engine, deepspeed.DeepSpeedEngine)
         info["stage"] = int(engine.zero_optimization_stage())
         params = [p for p in trainer.model.parameters() if p.requires_grad]
-        info["partitioned"] = all(
-            hasattr(p, "ds_id") and p.shape == (0,) and p.ds_tensor.numel() < p.ds_numel for p in params
+        info["partitioned"] = all(  # (between forwards a parameter may still hold its gathered copy)
+            hasattr(p, "ds_id") and p.ds_tensor.numel() < p.ds_numel for p in params
         )
     return info
 
@@ -201,17 +201,21 @@ def main(mode: str, out: str) -> None:
             put(name, rec.points[-1])
 
     if mode != "ddp":
-        # 3. averaging: four callbacks at once, saving their states at step 2 for the resume below
+        # 3. averaging: four callbacks at once, saving their states at step 2 for the resume below; an
+        # evaluation with the EMA weights swapped in after every step must leave training as it was
         decay, momentum = 0.7, 0.8
-        cbs = {"ema": EMACallback(decay=decay, eval_with_ema=False),
+        cbs = {"ema": EMACallback(decay=decay, eval_with_ema=True),
                "swa": SWACallback(start=2, eval_with_swa=False, save_dir=None),
                "lawa": LAWACallback(k=2, update_every=1, eval_with_lawa=False, save_dir=None),
                "momentum": MomentumInterpolationCallback(momentum=momentum, eval_with_slow=False,
                                                          save_dir=None)}
         rec = Recorder()
         avg_out = os.path.join(out, "avg")
-        trainer = make_trainer(mode, avg_out, [*cbs.values(), rec], save_strategy="steps", save_steps=2)
+        trainer = make_trainer(mode, avg_out, [*cbs.values(), rec], save_strategy="steps", save_steps=2,
+                               eval_strategy="steps", eval_steps=1)
         trainer.train()
+        put("avg_live", rec.points[-1])
+        info["ema_eval_losses"] = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
         info["avg"] = check_mode(trainer, mode)
         points = rec.points
         ema = points[0]

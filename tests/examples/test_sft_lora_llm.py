@@ -2,9 +2,10 @@
 
 The in-process run records the adapter after every optimizer step; every claim of the example is then
 checked against a reference computed here from those records: the dense WiSE-FT formula merged by PEFT,
-the argmin of the saved curve, a brute-force EMA, and the untouched base weights. The 2-process run goes
-through ``accelerate launch`` with examples/accelerate/ddp.yaml (gloo on CPU). The YAML configs are fed
-through accelerate's own launch validation into its FSDP/DeepSpeed plugins.
+the argmin of the saved curve, a brute-force EMA, and the untouched base weights. The 2-process runs go
+through ``accelerate launch`` with examples/accelerate/{ddp,fsdp2,deepspeed_zero3}.yaml (gloo on CPU;
+FSDP2 and DeepSpeed through the TEST-ONLY CPU patches). The YAML configs are also fed through
+accelerate's own launch validation into its FSDP/DeepSpeed plugins.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from tests.distributed.harness import free_port
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "sft_lora_llm.py"
 CONFIGS = ROOT / "examples" / "accelerate"
+WRAPPER = ROOT / "tests" / "distributed" / "example_run.py"  # the example with TEST-ONLY CPU patches
 
 pytest.importorskip("trl", reason="the LLM example needs trl (pip install -e '.[llm]')")
 
@@ -155,20 +157,54 @@ def launch_env() -> dict[str, str]:
             "TOKENIZERS_PARALLELISM": "false"}
 
 
+CONFIG_RUNS = {  # config -> (TEST-ONLY CPU patch applied by tests/distributed/example_run.py, mode that runs)
+    "ddp.yaml": (None, "MULTI_CPU"),  # DDP over gloo
+    "fsdp2.yaml": ("fsdp", "FSDP"),
+    "deepspeed_zero3.yaml": ("deepspeed", "DEEPSPEED"),
+}
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory):
+    """``accelerate launch --config_file examples/accelerate/<config>`` of the example on 2 CPU ranks, once
+    per config: (stdout, output folder)."""
+    done = {}
+
+    def launch(config: str):
+        if config not in done:
+            out = tmp_path_factory.mktemp(config.split(".")[0])
+            patch = CONFIG_RUNS[config][0]
+            script = [str(EXAMPLE)] if patch is None else [str(WRAPPER), patch]
+            cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / config),
+                   "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(free_port()),
+                   *script, "--output-dir", str(out), "--steps", "12"]
+            env = {**launch_env(), "DS_ACCELERATOR": "cpu"}
+            proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+            assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+            done[config] = proc.stdout, out
+        return done[config]
+
+    return launch
+
+
 @pytest.mark.slow
-def test_two_process_accelerate_launch_with_the_ddp_config(tmp_path):
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "ddp.yaml"),
-           "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(free_port()),
-           str(EXAMPLE), "--output-dir", str(tmp_path), "--steps", "12"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=launch_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["distributed_type"] == "MULTI_CPU"  # DDP over gloo
-    assert summary["perturbation_norm_last"] > 0  # Flat-LoRA acted on both ranks' replicas
+@pytest.mark.parametrize("config", list(CONFIG_RUNS))
+def test_two_process_accelerate_launch_with_each_config(launched, config):
+    stdout, out = launched(config)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["distributed_type"] == CONFIG_RUNS[config][1]
+    assert summary["perturbation_norm_last"] > 0  # Flat-LoRA acted on every rank
     assert summary["chosen_alpha_per_rank"] == [summary["chosen_alpha"]] * 2  # both ranks chose the same α
-    assert proc.stdout.count("WiSE-FT chose alpha") == 1  # only the main process prints
-    assert (tmp_path / "ema" / "adapter_model.safetensors").is_file()
-    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    assert stdout.count("WiSE-FT chose alpha") == 1  # only the main process prints
+    assert (out / "ema" / "adapter_model.safetensors").is_file()
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    # the sweep scored the θ(α) it wrote into the shards: θ(0) is the untrained start, the same in every
+    # mode (same data and start; Flat-LoRA's draws differ between modes, so later points differ), and the
+    # trained end is clearly better on the id set
+    id_losses = json.loads((out / "wise_ft.json").read_text())["results"]["id"]
+    ddp_losses = json.loads((launched("ddp.yaml")[1] / "wise_ft.json").read_text())["results"]["id"]
+    assert id_losses[0] == pytest.approx(ddp_losses[0], rel=1e-5)
+    assert id_losses[-1] < id_losses[0] - 0.1
 
 
 # -- the accelerate configs -------------------------------------------------------------------------
