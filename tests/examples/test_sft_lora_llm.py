@@ -3,9 +3,9 @@
 The in-process run records the adapter after every optimizer step; every claim of the example is then
 checked against a reference computed here from those records: the dense WiSE-FT formula merged by PEFT,
 the argmin of the saved curve, a brute-force EMA, and the untouched base weights. The 2-process runs go
-through ``accelerate launch`` with examples/accelerate/{ddp,fsdp2,deepspeed_zero3}.yaml (gloo on CPU;
-FSDP2 and DeepSpeed through the TEST-ONLY CPU patches). The YAML configs are also fed through
-accelerate's own launch validation into its FSDP/DeepSpeed plugins.
+through ``accelerate launch`` with each config of examples/accelerate/ (gloo on CPU; FSDP2 and
+DeepSpeed through the TEST-ONLY CPU patches) and must reproduce the DDP launch. The YAML configs are
+also fed through accelerate's own launch validation into its FSDP/DeepSpeed plugins.
 """
 
 from __future__ import annotations
@@ -158,8 +158,9 @@ def launch_env() -> dict[str, str]:
 
 
 CONFIG_RUNS = {  # config -> (TEST-ONLY CPU patch applied by tests/distributed/example_run.py, mode that runs)
-    "ddp.yaml": (None, "MULTI_CPU"),  # DDP over gloo
+    "ddp.yaml": (None, "MULTI_CPU"),  # DDP over gloo: the reference
     "fsdp2.yaml": ("fsdp", "FSDP"),
+    "deepspeed_zero2.yaml": ("deepspeed", "DEEPSPEED"),
     "deepspeed_zero3.yaml": ("deepspeed", "DEEPSPEED"),
 }
 
@@ -167,7 +168,8 @@ CONFIG_RUNS = {  # config -> (TEST-ONLY CPU patch applied by tests/distributed/e
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory):
     """``accelerate launch --config_file examples/accelerate/<config>`` of the example on 2 CPU ranks, once
-    per config: (stdout, output folder)."""
+    per config: (stdout, output folder). Momentum-SAM (element-wise, no random draw) as the one-pass
+    perturbation, so every mode must reproduce the DDP run."""
     done = {}
 
     def launch(config: str):
@@ -177,7 +179,7 @@ def launched(tmp_path_factory):
             script = [str(EXAMPLE)] if patch is None else [str(WRAPPER), patch]
             cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / config),
                    "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(free_port()),
-                   *script, "--output-dir", str(out), "--steps", "12"]
+                   *script, "--output-dir", str(out), "--steps", "12", "--sam", "msam"]
             env = {**launch_env(), "DS_ACCELERATOR": "cpu"}
             proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
             assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
@@ -189,22 +191,31 @@ def launched(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("config", list(CONFIG_RUNS))
-def test_two_process_accelerate_launch_with_each_config(launched, config):
+def test_two_process_accelerate_launch_with_each_config_equals_ddp(launched, config):
+    """Under every shipped config the example's outputs (the WiSE-FT curve, the chosen and the EMA adapter
+    files) equal the DDP launch's: FSDP2 and ZeRO-3 write θ(α) and the EMA weights into shards and
+    partitions, and the sweep scores what was written."""
     stdout, out = launched(config)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["distributed_type"] == CONFIG_RUNS[config][1]
-    assert summary["perturbation_norm_last"] > 0  # Flat-LoRA acted on every rank
+    assert summary["sam"] == "msam" and summary["perturbation_norm_last"] > 0  # MSAM acted on every rank
     assert summary["chosen_alpha_per_rank"] == [summary["chosen_alpha"]] * 2  # both ranks chose the same α
     assert stdout.count("WiSE-FT chose alpha") == 1  # only the main process prints
-    assert (out / "ema" / "adapter_model.safetensors").is_file()
-    assert (out / "adapter" / "adapter_model.safetensors").is_file()
-    # the sweep scored the θ(α) it wrote into the shards: θ(0) is the untrained start, the same in every
-    # mode (same data and start; Flat-LoRA's draws differ between modes, so later points differ), and the
-    # trained end is clearly better on the id set
-    id_losses = json.loads((out / "wise_ft.json").read_text())["results"]["id"]
-    ddp_losses = json.loads((launched("ddp.yaml")[1] / "wise_ft.json").read_text())["results"]["id"]
-    assert id_losses[0] == pytest.approx(ddp_losses[0], rel=1e-5)
-    assert id_losses[-1] < id_losses[0] - 0.1
+    curve = json.loads((out / "wise_ft.json").read_text())["results"]
+    assert curve["id"][-1] < curve["id"][0] - 0.1  # the sweep saw the trained adapter at α=1
+    _, ref = launched("ddp.yaml")
+    ref_curve = json.loads((ref / "wise_ft.json").read_text())["results"]
+    for name in ("id", "shifted"):
+        assert curve[name] == pytest.approx(ref_curve[name], abs=1e-5)
+    for sub in ("adapter", "ema"):
+        got = load_file(str(out / sub / "adapter_model.safetensors"))
+        want = load_file(str(ref / sub / "adapter_model.safetensors"))
+        assert got.keys() == want.keys() and want
+        for key in want:
+            scale = float(want[key].abs().max())
+            torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-4 * scale + 1e-9, msg=key)
+            if sub == "ema":
+                assert scale > 0, key
 
 
 # -- the accelerate configs -------------------------------------------------------------------------
