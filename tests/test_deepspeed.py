@@ -85,8 +85,9 @@ def test_callbacks_under_zero(runs, mode):
     saved = load_file(str(Path(info["out"]) / "avg" / "ema" / "model.safetensors"))
     assert_close_groups({k: saved[k] for k in group(t, "ema")}, group(t, "ema"), tol=0)
 
-    # WiSE-FT: θ(α) in the model; the α-sweep's curve equals DDP's
+    # WiSE-FT: θ(α) in the model, also after a resume from step 2; the α-sweep's curve equals DDP's
     assert_close_groups(group(t, "wise"), group(t, "wise_ref"), tol=1e-6)
+    assert_close_groups(group(t, "wise_resumed"), group(t, "wise"), tol=1e-6)
     for alpha, value in ref_infos[0]["wise_curve"].items():
         assert info["wise_curve"][alpha] == pytest.approx(value, rel=1e-5)
     assert info["wise_files"] == ["wise_ft.csv", "wise_ft.json", "wise_ft.png"]

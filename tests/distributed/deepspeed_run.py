@@ -256,13 +256,18 @@ def main(mode: str, out: str) -> None:
             put(f"resumed_{key}", weights)
         info["state_files"] = sorted(os.listdir(os.path.join(avg_out, "checkpoint-2", "robustft")))
 
-    # 5. WiSE-FT: a sweep over α on the eval set (loss), then the fixed α left in the model
+    # 5. WiSE-FT: a sweep over α on the eval set (loss), then the fixed α left in the model; a run resumed
+    # from its step-2 checkpoint (start weights from the saved state) must leave the same θ(α)
     alpha, rec = 0.3, Recorder()
     wise_cb = WiseFTCallback(alpha=alpha, alphas=(0.0, 0.5, 1.0),
                              eval_datasets={"id": lm_dataset(n=16, seed=1)},
                              metric="loss", greater_is_better=False, progress=False)
-    wise = make_trainer(mode, os.path.join(out, "wise"), [wise_cb, rec])
+    wise_out = os.path.join(out, "wise")
+    wise = make_trainer(mode, wise_out, [wise_cb, rec], save_strategy="steps", save_steps=2)
     wise.train()
+    resumed = make_trainer(mode, wise_out, [WiseFTCallback(alpha=alpha, save_curve=False)])
+    resumed.train(resume_from_checkpoint=os.path.join(wise_out, "checkpoint-2"))
+    put("wise_resumed", full_weights(resumed.model))
     info["wise"] = check_mode(wise, mode)
     put("wise", full_weights(wise.model))
     put("wise_ref", {n: (1 - alpha) * rec.start[n] + alpha * rec.points[-1][n] for n in rec.start})
