@@ -94,7 +94,23 @@ def select_parameters(
             f"(include={include!r}, exclude={exclude!r}, trainable_only={trainable_only})"
         )
     _refuse_zero3_persistent(selected)
+    _refuse_replicated_dtensors(selected)
     return selected
+
+
+def _refuse_replicated_dtensors(selected: Mapping[str, torch.Tensor]) -> None:
+    """robustft sums norms over every rank and draws noise per rank: right for disjoint shards (FSDP2,
+    ``Shard`` placements), wrong where ranks hold copies (``Replicate``: HSDP's replica dimension, tensor
+    parallelism's replicated weights) or partial sums (``Partial``)."""
+    for name, t in selected.items():
+        placements = getattr(t, "placements", None) if _is_dtensor(t) else None
+        if placements is not None and not all(pl.is_shard() for pl in placements):
+            raise ValueError(
+                f"{name!r} is a DTensor with placements {tuple(placements)} on a {t.device_mesh.ndim}-D "
+                "mesh: robustft handles sharded parameters (FSDP2 full sharding, Shard placements), not "
+                "replicated or partial ones (HSDP, tensor parallelism), whose norms and random draws "
+                "would be wrong across the copies. Use FSDP2 on a 1-D mesh, DDP or DeepSpeed."
+            )
 
 
 def _refuse_zero3_persistent(selected: Mapping[str, torch.Tensor]) -> None:

@@ -186,3 +186,12 @@ def test_swa_batchnorm_statistics_are_averaged_over_ranks(runs):
     with torch.no_grad():
         want = net.body[0](x).mean(dim=0)
     torch.testing.assert_close(t0["buffer.body.1.running_mean"], want, atol=1e-5, rtol=1e-5)
+
+
+def test_hsdp_replicated_parameters_are_refused(runs):
+    """On a 2-D mesh FSDP2 replicates each shard (HSDP): sums over every rank would double-count the
+    copies, so selecting such parameters raises, naming the placements."""
+    for r in (0, 1):
+        info = json.loads((runs["fsdp"] / f"hsdp.rank{r}.json").read_text())
+        assert info["placements"] == ["Replicate()", "Shard(dim=0)"]  # HSDP really was built
+        assert "is a DTensor with placements (Replicate(), Shard(dim=0)) on a 2-D mesh" in info["refused"]

@@ -35,7 +35,7 @@ from robustft import (  # noqa: E402
     SWACallback,
     WiseFTCallback,
 )
-from robustft.params import local_tensor  # noqa: E402
+from robustft.params import local_tensor, select_parameters  # noqa: E402
 from tests.distributed.harness import allow_fsdp_on_cpu, finish, fsdp_args, full, full_like  # noqa: E402
 from tests.tiny import lm_dataset, tiny_llama, training_args  # noqa: E402
 
@@ -160,6 +160,26 @@ def run_case(name: str, factory, mode: str, out: Path, resume: bool = False, acc
     (case_dir / f"rank{rank}.json").write_text(json.dumps(info))
 
 
+def hsdp_refusal(out: Path) -> None:
+    """FSDP2 on a 2-D (replicate x shard) mesh, i.e. HSDP: selecting its parameters must raise.
+    Written to OUT/hsdp.rank<R>.json."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = tiny_llama()
+    mesh = init_device_mesh("cpu", (dist.get_world_size(), 1), mesh_dim_names=("replicate", "shard"))
+    fully_shard(model, mesh=mesh)
+    try:
+        select_parameters(model)  # what every callback does first
+    except ValueError as err:
+        message = str(err)
+    else:
+        message = None
+    placements = [repr(pl) for pl in next(model.parameters()).placements]
+    (out / f"hsdp.rank{dist.get_rank()}.json").write_text(json.dumps({"refused": message,
+                                                                       "placements": placements}))
+
+
 def main(mode: str, out: str, names: list[str]) -> None:
     if mode == "fsdp":
         allow_fsdp_on_cpu()
@@ -171,6 +191,8 @@ def main(mode: str, out: str, names: list[str]) -> None:
         base = name.removesuffix("_resume").removesuffix("_ga2")
         run_case(name, cases[base], mode, out, resume=name.endswith("_resume"),
                  accumulation=2 if name.endswith("_ga2") else 1)
+    if mode == "fsdp":  # after the Trainers: they set up the process group
+        hsdp_refusal(out)
     finish()
 
 
