@@ -115,6 +115,8 @@ def test_callbacks_under_zero(runs, mode):
         assert any(not torch.allclose(v, t["plain." + k]) for k, v in group(t, name).items())
         if stage < 3 or name == "msam":
             assert_close_groups(group(t, name), group(r, name))
+    # GGPO resumed from step 2 (its gradient row norms restored from the checkpoint) ends as uninterrupted
+    assert_close_groups(group(t, "ggpo_resumed"), group(t, "ggpo"), tol=1e-6)
     if stage == 3:
         assert "stage3_param_persistence_threshold" in info["persistent_refused"]
         # examples/accelerate/ds_zero3.json partitions every parameter: EMA and RWP run on it

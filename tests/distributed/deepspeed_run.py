@@ -195,10 +195,15 @@ def main(mode: str, out: str) -> None:
         "sam": lambda: SAMCallback(rho=0.05),
     }.items():
         rec = Recorder()
-        trainer = make_trainer(mode, os.path.join(out, name), [make(), rec])
+        trainer = make_trainer(mode, os.path.join(out, name), [make(), rec],
+                               save_strategy="steps", save_steps=2)
         info[f"{name}_refused"] = refusal(trainer.train)
         if info[f"{name}_refused"] is None:
             put(name, rec.points[-1])
+    # GGPO keeps state (the last gradient's row norms): resumed from step 2 it must end where it did
+    resumed = make_trainer(mode, os.path.join(out, "ggpo"), [GGPOCallback(rho=0.05, seed=3)])
+    resumed.train(resume_from_checkpoint=os.path.join(out, "ggpo", "checkpoint-2"))
+    put("ggpo_resumed", full_weights(resumed.model))
 
     if mode != "ddp":
         # 3. averaging: four callbacks at once, saving their states at step 2 for the resume below; an
