@@ -264,18 +264,24 @@ def test_fsdp2_config_reaches_accelerates_fsdp2_plugin(monkeypatch):
     assert hasattr(modeling_llama, "LlamaDecoderLayer")  # the class named really exists
 
 
-def test_deepspeed_config_reaches_accelerates_deepspeed_plugin(monkeypatch):
+def deepspeed_plugin(name: str, monkeypatch):
+    """The DeepSpeedPlugin a worker builds from the environment ``accelerate launch`` hands it for <name>."""
     from accelerate.utils import DeepSpeedPlugin
     from accelerate.utils.launch import prepare_deepspeed_cmd_env
 
-    config, args = validated("deepspeed_zero2.yaml")
+    monkeypatch.chdir(ROOT)  # a yaml names its DeepSpeed json relative to the repository root
+    config, args = validated(name)
     assert config.distributed_type.value == "DEEPSPEED" and args.use_deepspeed
     args.deepspeed_fields_from_accelerate_config = ",".join(config.deepspeed_config)
     _, env = prepare_deepspeed_cmd_env(args)
     for key, value in env.items():
         if key.startswith("ACCELERATE_"):
             monkeypatch.setenv(key, value)
-    plugin = DeepSpeedPlugin()
+    return DeepSpeedPlugin()
+
+
+def test_deepspeed_config_reaches_accelerates_deepspeed_plugin(monkeypatch):
+    plugin = deepspeed_plugin("deepspeed_zero2.yaml", monkeypatch)
     assert plugin.zero_stage == 2 and plugin.deepspeed_config["zero_optimization"]["stage"] == 2
     assert plugin.deepspeed_config["zero_optimization"]["offload_optimizer"]["device"] == "none"
 
@@ -283,18 +289,7 @@ def test_deepspeed_config_reaches_accelerates_deepspeed_plugin(monkeypatch):
 def test_deepspeed_zero3_config_reaches_accelerates_deepspeed_plugin(monkeypatch):
     """The ZeRO-3 yaml hands its json to accelerate; the json partitions every parameter (persistence
     threshold 0, which robustft needs). tests/distributed/deepspeed_run.py trains with this json."""
-    from accelerate.utils import DeepSpeedPlugin
-    from accelerate.utils.launch import prepare_deepspeed_cmd_env
-
-    monkeypatch.chdir(ROOT)  # the yaml names the json relative to the repository root
-    config, args = validated("deepspeed_zero3.yaml")
-    assert config.distributed_type.value == "DEEPSPEED" and args.use_deepspeed
-    args.deepspeed_fields_from_accelerate_config = ",".join(config.deepspeed_config)
-    _, env = prepare_deepspeed_cmd_env(args)
-    for key, value in env.items():
-        if key.startswith("ACCELERATE_"):
-            monkeypatch.setenv(key, value)
-    plugin = DeepSpeedPlugin()
+    plugin = deepspeed_plugin("deepspeed_zero3.yaml", monkeypatch)
     assert plugin.zero_stage == 3 and plugin.zero3_init_flag
     assert plugin.deepspeed_config["zero_optimization"]["stage3_param_persistence_threshold"] == 0
 
