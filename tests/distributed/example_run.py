@@ -7,7 +7,6 @@ tests/distributed/harness.py are applied before the example's ``main`` builds it
 """
 
 import importlib.util
-import os
 import sys
 from pathlib import Path
 
@@ -20,6 +19,5 @@ if __name__ == "__main__":
     spec = importlib.util.spec_from_file_location("sft_lora_llm", ROOT / "examples" / "sft_lora_llm.py")
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
-    os.chdir(ROOT)
     example.main(sys.argv[2:])
     finish()
