@@ -103,10 +103,9 @@ def _refuse_replicated_dtensors(selected: Mapping[str, torch.Tensor]) -> None:
     ``Shard`` placements), wrong where ranks hold copies (``Replicate``: HSDP's replica dimension, tensor
     parallelism's replicated weights) or partial sums (``Partial``)."""
     for name, t in selected.items():
-        placements = getattr(t, "placements", None) if _is_dtensor(t) else None
-        if placements is not None and not all(pl.is_shard() for pl in placements):
+        if _is_dtensor(t) and not all(pl.is_shard() for pl in t.placements):
             raise ValueError(
-                f"{name!r} is a DTensor with placements {tuple(placements)} on a {t.device_mesh.ndim}-D "
+                f"{name!r} is a DTensor with placements {tuple(t.placements)} on a {t.device_mesh.ndim}-D "
                 "mesh: robustft handles sharded parameters (FSDP2 full sharding, Shard placements), not "
                 "replicated or partial ones (HSDP, tensor parallelism), whose norms and random draws "
                 "would be wrong across the copies. Use FSDP2 on a 1-D mesh, DDP or DeepSpeed."
@@ -128,7 +127,8 @@ def _refuse_zero3_persistent(selected: Mapping[str, torch.Tensor]) -> None:
 
 
 def is_zero3_param(t: torch.Tensor) -> bool:
-    """True for a DeepSpeed ZeRO-3 parameter (empty outside forward; its shard is ``t.ds_tensor``)."""
+    """True for a DeepSpeed ZeRO-3 parameter (outside forward empty, or a gathered copy DeepSpeed has not
+    released yet; its shard is ``t.ds_tensor``)."""
     return getattr(t, "ds_tensor", None) is not None and hasattr(t, "ds_id")
 
 
