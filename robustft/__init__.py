@@ -3,36 +3,76 @@
 Weight-space methods as ``TrainerCallback``s: WiSE-FT interpolation, SAM and one-pass weight
 perturbations, momentum weight averaging (EMA, SWA, LAWA, momentum interpolation) and exact
 LoRA/task-vector arithmetic.
+
+The public names below are imported on first use (PEP 562), so ``import robustft`` is cheap and
+only what a program touches pulls in torch or transformers (see docs/architecture.md).
 """
+
+from typing import TYPE_CHECKING
+
+from robustft._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
-from robustft.callbacks import (  # noqa: E402
-    EMACallback,
-    GGPOCallback,
-    LAWACallback,
-    LoRAArithmeticCallback,
-    MomentumInterpolationCallback,
-    MomentumSAMCallback,
-    RandomPerturbationCallback,
-    SAMCallback,
-    SWACallback,
-    WiseFTCallback,
+if TYPE_CHECKING:  # the same names, for type checkers and IDEs
+    from robustft.callbacks import (
+        EMACallback,
+        GGPOCallback,
+        LAWACallback,
+        LoRAArithmeticCallback,
+        MomentumInterpolationCallback,
+        MomentumSAMCallback,
+        RandomPerturbationCallback,
+        SAMCallback,
+        SWACallback,
+        WiseFTCallback,
+    )
+    from robustft.lora import (
+        DeltaSet,
+        LoRAAdapter,
+        LoRADelta,
+        compose_adapters,
+        merge_into_base,
+        read_adapter,
+        write_adapter,
+    )
+    from robustft.merge import estimate_fisher, load_recipe, merge_checkpoints
+    from robustft.ops.interpolate import interpolate
+    from robustft.params import Snapshot, select_parameters, swapped_in
+    from robustft.wise_ft import WiseFTCurve, interpolate_models, interpolate_state_dicts, wise_ft_sweep
+    from robustft.zero_shot import SentenceClassifier, install_zero_shot_head
+
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "robustft.callbacks": (
+            "EMACallback",
+            "GGPOCallback",
+            "LAWACallback",
+            "LoRAArithmeticCallback",
+            "MomentumInterpolationCallback",
+            "MomentumSAMCallback",
+            "RandomPerturbationCallback",
+            "SAMCallback",
+            "SWACallback",
+            "WiseFTCallback",
+        ),
+        "robustft.lora": (
+            "DeltaSet",
+            "LoRAAdapter",
+            "LoRADelta",
+            "compose_adapters",
+            "merge_into_base",
+            "read_adapter",
+            "write_adapter",
+        ),
+        "robustft.merge": ("estimate_fisher", "load_recipe", "merge_checkpoints"),
+        "robustft.ops.interpolate": ("interpolate",),
+        "robustft.params": ("Snapshot", "select_parameters", "swapped_in"),
+        "robustft.wise_ft": ("WiseFTCurve", "interpolate_models", "interpolate_state_dicts", "wise_ft_sweep"),
+        "robustft.zero_shot": ("SentenceClassifier", "install_zero_shot_head"),
+    },
 )
-from robustft.lora import (  # noqa: E402
-    DeltaSet,
-    LoRAAdapter,
-    LoRADelta,
-    compose_adapters,
-    merge_into_base,
-    read_adapter,
-    write_adapter,
-)
-from robustft.merge import estimate_fisher, load_recipe, merge_checkpoints  # noqa: E402
-from robustft.ops.interpolate import interpolate  # noqa: E402
-from robustft.params import Snapshot, select_parameters, swapped_in  # noqa: E402
-from robustft.wise_ft import WiseFTCurve, interpolate_models, interpolate_state_dicts, wise_ft_sweep  # noqa: E402
-from robustft.zero_shot import SentenceClassifier, install_zero_shot_head  # noqa: E402
 
 __all__ = [
     "DeltaSet",

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from robustft.merge.interpolate import interpolate_checkpoints
-
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -27,6 +25,8 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from robustft.merge.interpolate import interpolate_checkpoints
+
     info = interpolate_checkpoints(
         args.start, args.end, args.out, args.alpha, args.method, args.extrapolate, args.overwrite
     )

@@ -188,6 +188,7 @@ def test_swa_batchnorm_statistics_are_averaged_over_ranks(runs):
     torch.testing.assert_close(t0["buffer.body.1.running_mean"], want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_hsdp_replicated_parameters_are_refused(runs):
     """On a 2-D mesh FSDP2 replicates each shard (HSDP): sums over every rank would double-count the
     copies, so selecting such parameters raises, naming the placements."""

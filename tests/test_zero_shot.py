@@ -20,6 +20,7 @@ def encoder():
     return path, AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
 
 
+@pytest.mark.slow  # loads the real pretrained encoder
 def test_zero_shot_logits_are_scaled_cosines_of_label_descriptions(encoder):
     path, tok, enc = encoder
     descs = ["This text is about sports.", ["This text is about the weather.", "A weather report."]]

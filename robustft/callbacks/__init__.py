@@ -1,20 +1,50 @@
-"""Thin adapters to ``transformers.TrainerCallback``: when to act, what to log, what to checkpoint."""
+"""Thin adapters to ``transformers.TrainerCallback``: when to act, what to log, what to checkpoint.
 
-from robustft.callbacks.averaging import (
-    EMACallback,
-    LAWACallback,
-    MomentumInterpolationCallback,
-    SWACallback,
+Each callback is imported on first use (PEP 562), so ``import robustft.callbacks`` alone does not
+import transformers.
+"""
+
+from typing import TYPE_CHECKING
+
+from robustft._lazy import lazy_exports
+
+if TYPE_CHECKING:  # the same names, for type checkers and IDEs
+    from robustft.callbacks.averaging import (
+        EMACallback,
+        LAWACallback,
+        MomentumInterpolationCallback,
+        SWACallback,
+    )
+    from robustft.callbacks.base import RobustCallback
+    from robustft.callbacks.lora_arithmetic import LoRAArithmeticCallback
+    from robustft.callbacks.sam import (
+        GGPOCallback,
+        MomentumSAMCallback,
+        RandomPerturbationCallback,
+        SAMCallback,
+    )
+    from robustft.callbacks.wise_ft import WiseFTCallback
+
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "robustft.callbacks.averaging": (
+            "EMACallback",
+            "LAWACallback",
+            "MomentumInterpolationCallback",
+            "SWACallback",
+        ),
+        "robustft.callbacks.base": ("RobustCallback",),
+        "robustft.callbacks.lora_arithmetic": ("LoRAArithmeticCallback",),
+        "robustft.callbacks.sam": (
+            "GGPOCallback",
+            "MomentumSAMCallback",
+            "RandomPerturbationCallback",
+            "SAMCallback",
+        ),
+        "robustft.callbacks.wise_ft": ("WiseFTCallback",),
+    },
 )
-from robustft.callbacks.base import RobustCallback
-from robustft.callbacks.lora_arithmetic import LoRAArithmeticCallback
-from robustft.callbacks.sam import (
-    GGPOCallback,
-    MomentumSAMCallback,
-    RandomPerturbationCallback,
-    SAMCallback,
-)
-from robustft.callbacks.wise_ft import WiseFTCallback
 
 __all__ = [
     "EMACallback",

@@ -12,13 +12,9 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
-from robustft.lora.io import compose_adapters, merge_into_base, read_adapter, write_adapter
-
 __all__ = ["register", "run"]
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPES = ("bfloat16", "float16", "float32")  # names only: the parser is built without importing torch
 
 
 def _common(p: argparse.ArgumentParser, method: bool = True, rank: bool = True) -> None:
@@ -48,7 +44,7 @@ def _common(p: argparse.ArgumentParser, method: bool = True, rank: bool = True) 
         default="same",
         help="non-LoRA tensors (modules_to_save): keep if identical, keep the first's, or drop",
     )
-    p.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="dtype of the written factors")
+    p.add_argument("--dtype", choices=_DTYPES, default=None, help="dtype of the written factors")
     p.add_argument("--merge-into", metavar="BASE_DIR", default=None, help="write BASE + ΔW as a dense model")
     p.add_argument(
         "--model-class", default=None, help="transformers class for --merge-into (default: config)"
@@ -86,6 +82,9 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from robustft.lora.io import compose_adapters, merge_into_base, read_adapter, write_adapter
+    from robustft.params import resolve_dtype
+
     op = args.lora_command
     if op == "add":
         paths, weights = args.adapters, [1.0] * len(args.adapters)
@@ -118,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
         out = merge_into_base(composed, args.merge_into, args.out, args.overwrite, args.model_class)
         print(f"robustft lora {op}: wrote dense model {out} ({len(composed.deltas)} modules merged)")
     else:
-        out = write_adapter(composed, args.out, args.overwrite, _DTYPES.get(args.dtype))
+        out = write_adapter(composed, args.out, args.overwrite, resolve_dtype(args.dtype))
         ranks = [d.rank for d in composed.deltas.values()]
         print(
             f"robustft lora {op}: wrote adapter {out} ({len(ranks)} modules, rank {min(ranks)}-{max(ranks)})"

@@ -1,8 +1,26 @@
-"""Merging whole checkpoints from a recipe, tensor by tensor, streamed from safetensors to safetensors."""
+"""Merging whole checkpoints from a recipe, tensor by tensor, streamed from safetensors to safetensors.
 
-from robustft.merge.engine import MergeResult, merge_checkpoints, merge_tensor
-from robustft.merge.fisher import estimate_fisher, save_fisher
-from robustft.merge.recipe import METHODS, Recipe, load_recipe, parse_recipe
+The names below are imported on first use (PEP 562): ``import robustft.merge`` alone imports nothing
+heavy, and ``robustft merge --help`` answers without torch.
+"""
+
+from typing import TYPE_CHECKING
+
+from robustft._lazy import lazy_exports
+
+if TYPE_CHECKING:  # the same names, for type checkers and IDEs
+    from robustft.merge.engine import MergeResult, merge_checkpoints, merge_tensor
+    from robustft.merge.fisher import estimate_fisher, save_fisher
+    from robustft.merge.recipe import METHODS, Recipe, load_recipe, parse_recipe
+
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "robustft.merge.engine": ("MergeResult", "merge_checkpoints", "merge_tensor"),
+        "robustft.merge.fisher": ("estimate_fisher", "save_fisher"),
+        "robustft.merge.recipe": ("METHODS", "Recipe", "load_recipe", "parse_recipe"),
+    },
+)
 
 __all__ = [
     "METHODS",

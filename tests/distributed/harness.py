@@ -25,8 +25,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def require_slow_marker() -> None:
+    """Launching processes is for slow tests: the fast subset (``pytest -m "not slow"``) starts none."""
+    if os.environ.get("ROBUSTFT_TEST_SLOW") == "0":  # set per test by tests/conftest.py
+        test = os.environ.get("PYTEST_CURRENT_TEST", "this test").split(" ")[0]
+        raise RuntimeError(f"{test} launches processes: mark it @pytest.mark.slow")
+
+
 def torchrun(script: str, *args: str, nproc: int = 2, timeout: int = 300, env: dict | None = None) -> str:
     """Run ``script`` under ``torch.distributed.run`` with ``nproc`` CPU ranks; returns its output."""
+    require_slow_marker()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
     # --standalone: torchrun picks a free rendezvous port itself (other test sessions may launch too)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),

@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from tests.distributed.harness import free_port
+from tests.distributed.harness import free_port, require_slow_marker
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "sft_lora_llm.py"
@@ -174,6 +174,7 @@ def launched(tmp_path_factory):
 
     def launch(config: str):
         if config not in done:
+            require_slow_marker()
             out = tmp_path_factory.mktemp(config.split(".")[0])
             patch = CONFIG_RUNS[config][0]
             script = [str(EXAMPLE)] if patch is None else [str(WRAPPER), patch]
@@ -294,6 +295,7 @@ def test_deepspeed_zero3_config_reaches_accelerates_deepspeed_plugin(monkeypatch
     assert plugin.deepspeed_config["zero_optimization"]["stage3_param_persistence_threshold"] == 0
 
 
+@pytest.mark.slow  # two end-to-end SFTTrainer runs
 def test_exact_sam_replay_is_not_counted_by_trl(tmp_path):
     """SAM replays each micro-batch through SFTTrainer.compute_loss; TRL's token count and per-batch metrics
     must still count every batch once: the logged num_tokens equals that of a run without SAM."""
