@@ -294,9 +294,10 @@ METHODS: dict[str, MethodSpec] = {
 def method_spec(where: str, value: Any, lora: bool = False) -> MethodSpec:
     """The registered method named ``value`` (a string); else a ValueError naming ``where`` and the choices."""
     known = sorted(n for n, s in METHODS.items() if s.lora or not lora)
-    if not isinstance(value, str) or value not in known:
-        what = "merge method name (a string)" if not isinstance(value, str) else "merge method"
-        raise ValueError(f"{where}: {value!r} is not a known {what} (known: {', '.join(known)})")
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: expected a method name (a string), got {value!r} (known: {', '.join(known)})")
+    if value not in known:
+        raise ValueError(f"{where}: unknown merge method {value!r} (known: {', '.join(known)})")
     return METHODS[value]
 
 
