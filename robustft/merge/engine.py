@@ -165,7 +165,8 @@ def merge_checkpoints(
                 for name, _, dtype in tqdm(plan, desc="merging", unit="tensor", disable=not progress):
                     info = layout.infos[name]
                     if not info.dtype.is_floating_point:
-                        writer.write(name, kept_tensor(name, [ref.get(name), *[r.get(name) for r in readers]], who))
+                        kept = kept_tensor(name, [ref.get(name), *[r.get(name) for r in readers]], who)
+                        writer.write(name, kept)
                         continue
                     method, gparams, mparams = resolved[choice[name]]
                     compute = work_dtype(info.dtype)

@@ -38,7 +38,11 @@ def check_same_layout(
 
 
 def interpolation_recipe(
-    start: str | os.PathLike, end: str | os.PathLike, alpha: float, method: str = "linear", extrapolate: bool = False
+    start: str | os.PathLike,
+    end: str | os.PathLike,
+    alpha: float,
+    method: str = "linear",
+    extrapolate: bool = False,
 ) -> Recipe:
     """The merge recipe of θ(α): ``lerp``/``slerp`` with the start as base and the end as the one model."""
     alpha = check_alpha(alpha, extrapolate)

@@ -31,7 +31,16 @@ from typing import Any
 
 import yaml
 
-from robustft.ops.registry import METHODS, REQUIRED, MethodSpec, check_params, check_path, method_spec, resolve_params
+from robustft.ops.registry import (
+    METHODS,
+    REQUIRED,
+    MethodSpec,
+    check_integer,
+    check_params,
+    check_path,
+    method_spec,
+    resolve_params,
+)
 from robustft.params import resolve_dtype
 
 __all__ = ["METHODS", "MethodSpec", "ModelEntry", "Override", "Recipe", "load_recipe", "parse_recipe"]
@@ -155,8 +164,7 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
         if not dtype.is_floating_point:
             raise ValueError(f"{source}: dtype must be a floating dtype, got {data['dtype']!r}")
     seed = data.get("seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"{source}: seed must be an integer, got {seed!r}")
+    check_integer(f"{source}: seed", seed)
     tokenizer_source = data.get("tokenizer_source", "base")
     if tokenizer_source is not None:
         check_path(f"{source}: tokenizer_source", tokenizer_source)

@@ -132,7 +132,7 @@ FUNCTIONS = {"linear": lerp, "slerp": slerp}
 
 
 def kept_tensor(name: str, tensors: Sequence[torch.Tensor], labels: Sequence[str]) -> torch.Tensor:
-    """A non-floating tensor (ids, masks, counters) has no θ(α): it must be equal in every model and is kept."""
+    """A non-floating tensor (ids, masks, counters) has no θ(α): equal in every model, it is kept."""
     first = tensors[0]
     for t, label in zip(tensors[1:], labels[1:], strict=True):
         if t.is_floating_point() != first.is_floating_point():
@@ -223,7 +223,9 @@ def interpolate_end_(
         _apply(fn, s, e, alpha, e, reduce)
 
 
-def _apply(fn, s: torch.Tensor, e: torch.Tensor, alpha: float, out: torch.Tensor, reduce: Reduce | None) -> None:
+def _apply(
+    fn, s: torch.Tensor, e: torch.Tensor, alpha: float, out: torch.Tensor, reduce: Reduce | None
+) -> None:
     if fn is slerp:
         slerp(s, e, alpha, reduce=reduce, out=out)
     else:

@@ -1,5 +1,5 @@
 """Merge rules on task vectors, one tensor at a time: task arithmetic, TIES, DARE, Breadcrumbs, Model Stock,
-Fisher averaging, consensus/TALL masks (interpolation, linear and SLERP, lives in ``robustft.ops.interpolate``).
+Fisher averaging, consensus/TALL masks (linear and SLERP interpolation: ``robustft.ops.interpolate``).
 
 A task vector (delta) is ``theta_i - theta_base`` for one tensor. Every function here is pure: tensors in,
 a new tensor out, inputs untouched, no I/O. Functions that return a *delta* leave adding it to the base

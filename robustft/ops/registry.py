@@ -36,6 +36,7 @@ __all__ = [
     "Param",
     "check_count",
     "check_fraction",
+    "check_integer",
     "check_number",
     "check_params",
     "method_spec",
@@ -87,6 +88,12 @@ def check_count(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
 
 
+def check_integer(name: str, value: Any) -> None:
+    """An integer (bool refused), e.g. a seed."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+
+
 def check_path(name: str, value: Any) -> None:
     if not isinstance(value, str) or not value:
         raise ValueError(f"{name} must be a path string, got {value!r}")
@@ -113,7 +120,9 @@ T = Param(0.5, check_number)
 EXTRAPOLATE = Param(False, check_bool)
 
 # tensor function: (tensors, method-wide params, per-model params, seed, base, fishers) -> merged tensor
-MergeFn = Callable[[list[torch.Tensor], dict, list[dict], int, torch.Tensor | None, list | None], torch.Tensor]
+MergeFn = Callable[
+    [list[torch.Tensor], dict, list[dict], int, torch.Tensor | None, list | None], torch.Tensor
+]
 
 
 @dataclass(frozen=True)
@@ -185,7 +194,9 @@ def _check_linear(where: str, g: dict, m: list[dict]) -> None:
 def _check_breadcrumbs(where: str, g: dict, m: list[dict]) -> None:
     for i, p in enumerate(m):
         if p["beta"] + p["gamma"] > 1:
-            raise ValueError(f"{where}: models[{i}] beta + gamma must be <= 1, got {p['beta']} + {p['gamma']}")
+            raise ValueError(
+                f"{where}: models[{i}] beta + gamma must be <= 1, got {p['beta']} + {p['gamma']}"
+            )
 
 
 def _task_arithmetic(deltas, g, m, seed, base, fishers):
@@ -238,64 +249,115 @@ METHODS: dict[str, MethodSpec] = {
     for m in [
         MethodSpec("base", None, needs_base=True, min_models=0),
         MethodSpec(
-            "linear", _linear, needs_base=False, global_params={"normalize": Param(True, check_bool)},
-            model_params={"weight": WEIGHT}, check=_check_linear,
+            "linear",
+            _linear,
+            needs_base=False,
+            global_params={"normalize": Param(True, check_bool)},
+            model_params={"weight": WEIGHT},
+            check=_check_linear,
         ),
         MethodSpec(
-            "lerp", _interpolation("linear"), needs_base=True, max_models=1, global_params=_INTERPOLATION,
+            "lerp",
+            _interpolation("linear"),
+            needs_base=True,
+            max_models=1,
+            global_params=_INTERPOLATION,
             check=_check_interpolation,
         ),
         MethodSpec(
-            "slerp", _interpolation("slerp"), needs_base=True, max_models=1, global_params=_INTERPOLATION,
+            "slerp",
+            _interpolation("slerp"),
+            needs_base=True,
+            max_models=1,
+            global_params=_INTERPOLATION,
             check=_check_interpolation,
         ),
         MethodSpec(
-            "task_arithmetic", _task_arithmetic, needs_base=True, global_params=_DELTA,
-            model_params={"weight": WEIGHT}, delta=True,
+            "task_arithmetic",
+            _task_arithmetic,
+            needs_base=True,
+            global_params=_DELTA,
+            model_params={"weight": WEIGHT},
+            delta=True,
         ),
         MethodSpec(
-            "ties", _ties, needs_base=True, global_params=_DELTA,
-            model_params={"weight": WEIGHT, "density": DENSITY}, delta=True, lora=True,
+            "ties",
+            _ties,
+            needs_base=True,
+            global_params=_DELTA,
+            model_params={"weight": WEIGHT, "density": DENSITY},
+            delta=True,
+            lora=True,
         ),
         MethodSpec(
-            "dare_linear", _dare("linear"), needs_base=True, global_params=_DELTA,
-            model_params={"weight": WEIGHT, "drop_rate": DROP_RATE}, delta=True, lora=True, seeded=True,
+            "dare_linear",
+            _dare("linear"),
+            needs_base=True,
+            global_params=_DELTA,
+            model_params={"weight": WEIGHT, "drop_rate": DROP_RATE},
+            delta=True,
+            lora=True,
+            seeded=True,
         ),
         MethodSpec(
-            "dare_ties", _dare("ties"), needs_base=True, global_params=_DELTA,
+            "dare_ties",
+            _dare("ties"),
+            needs_base=True,
+            global_params=_DELTA,
             model_params={"weight": WEIGHT, "drop_rate": DROP_RATE, "density": Param(1.0, check_density)},
-            delta=True, lora=True, seeded=True,
+            delta=True,
+            lora=True,
+            seeded=True,
         ),
         MethodSpec(
-            "breadcrumbs", _breadcrumbs, needs_base=True, global_params=_DELTA,
+            "breadcrumbs",
+            _breadcrumbs,
+            needs_base=True,
+            global_params=_DELTA,
             model_params={
-                "weight": WEIGHT, "beta": Param(0.01, check_fraction), "gamma": Param(0.9, check_fraction)
+                "weight": WEIGHT,
+                "beta": Param(0.01, check_fraction),
+                "gamma": Param(0.9, check_fraction),
             },
-            delta=True, check=_check_breadcrumbs,
+            delta=True,
+            check=_check_breadcrumbs,
         ),
         MethodSpec(
-            "magnitude_prune", _magnitude_prune, needs_base=True, global_params=_DELTA,
-            model_params={"weight": WEIGHT, "density": DENSITY}, delta=True,
+            "magnitude_prune",
+            _magnitude_prune,
+            needs_base=True,
+            global_params=_DELTA,
+            model_params={"weight": WEIGHT, "density": DENSITY},
+            delta=True,
         ),
         MethodSpec(
-            "consensus", _consensus, needs_base=True, min_models=2,
+            "consensus",
+            _consensus,
+            needs_base=True,
+            min_models=2,
             global_params={**_DELTA, "k": Param(2, check_count)},
-            model_params={"weight": WEIGHT, "tall_lambda": Param(0.6, check_non_negative)}, delta=True,
+            model_params={"weight": WEIGHT, "tall_lambda": Param(0.6, check_non_negative)},
+            delta=True,
         ),
         MethodSpec("model_stock", _model_stock, needs_base=True, min_models=2),
         MethodSpec(
-            "fisher", _fisher, needs_base=False, global_params={"eps": Param(1e-8, check_non_negative)},
+            "fisher",
+            _fisher,
+            needs_base=False,
+            global_params={"eps": Param(1e-8, check_non_negative)},
             model_params={"weight": WEIGHT, "fisher": Param(REQUIRED, check_path)},
         ),
     ]
 }
 
 
-def method_spec(where: str, value: Any, lora: bool = False) -> MethodSpec:
+def method_spec(where: str, value: Any) -> MethodSpec:
     """The registered method named ``value`` (a string); else a ValueError naming ``where`` and the choices."""
-    known = sorted(n for n, s in METHODS.items() if s.lora or not lora)
+    known = sorted(METHODS)
     if not isinstance(value, str):
-        raise ValueError(f"{where}: expected a method name (a string), got {value!r} (known: {', '.join(known)})")
+        raise ValueError(
+            f"{where}: expected a method name (a string), got {value!r} (known: {', '.join(known)})"
+        )
     if value not in known:
         raise ValueError(f"{where}: unknown merge method {value!r} (known: {', '.join(known)})")
     return METHODS[value]
@@ -313,7 +375,9 @@ def check_params(where: str, params: Any, spec: MethodSpec, allow_global: bool =
     for key, value in params.items():
         if key not in known:
             names = ", ".join(sorted(known)) or "none"
-            raise ValueError(f"{where}: unknown parameter {key!r} for merge_method {spec.name!r} (known: {names})")
+            raise ValueError(
+                f"{where}: unknown parameter {key!r} for merge_method {spec.name!r} (known: {names})"
+            )
         known[key].check(f"{where}.{key}", value)
     return dict(params)
 

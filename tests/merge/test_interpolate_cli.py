@@ -187,7 +187,9 @@ def test_peft_adapter_folders_are_refused_with_a_hint(tmp_path):
 
 def _load_folder(path):
     index = path / "model.safetensors.index.json"
-    files = set(json.loads(index.read_text())["weight_map"].values()) if index.is_file() else {"model.safetensors"}
+    files = {"model.safetensors"}
+    if index.is_file():
+        files = set(json.loads(index.read_text())["weight_map"].values())
     out = {}
     for f in files:
         out.update(load_file(str(path / f)))

@@ -131,7 +131,8 @@ def test_reader_matches_safe_open_on_every_dtype_safetensors_supports(tmp_path):
             for name in f.keys():
                 want, got = f.get_tensor(name), reader.get(name)
                 assert got.dtype == want.dtype and got.shape == want.shape, name
-                assert torch.equal(got.reshape(-1).view(torch.uint8), want.reshape(-1).view(torch.uint8)), name
+                as_bytes = [t.reshape(-1).view(torch.uint8) for t in (got, want)]
+                assert torch.equal(*as_bytes), name
 
 
 def test_writer_refuses_wrong_tensors_and_incomplete_plans(tmp_path):

@@ -3,7 +3,14 @@ import math
 import pytest
 import torch
 
-from robustft.ops.interpolate import check_alpha, interpolate, interpolate_end_, interpolate_into_, lerp, slerp
+from robustft.ops.interpolate import (
+    check_alpha,
+    interpolate,
+    interpolate_end_,
+    interpolate_into_,
+    lerp,
+    slerp,
+)
 
 
 def _pair(seed=0, shape=(7, 5)):
