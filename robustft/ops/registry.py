@@ -352,7 +352,7 @@ METHODS: dict[str, MethodSpec] = {
 
 
 def method_spec(where: str, value: Any) -> MethodSpec:
-    """The registered method named ``value`` (a string); else a ValueError naming ``where`` and the choices."""
+    """The registered method named ``value`` (a string); else a ValueError naming ``where``, the choices."""
     known = sorted(METHODS)
     if not isinstance(value, str):
         raise ValueError(
