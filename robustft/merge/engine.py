@@ -184,7 +184,7 @@ def merge_checkpoints(
                         del tensors, fishers
                     writer.write(name, merged.to(dtype))
                     del merged, base
-            copy_side_files(layout.folder if layout_from is not None else ref_path, src_tok, tmp, out_dtype)
+            copy_side_files(layout.path if layout_from is not None else ref_path, src_tok, tmp, out_dtype)
             (tmp / "robustft_merge.yaml").write_text(yaml.safe_dump(recipe.raw, sort_keys=False))
             for fname, text in (info_files or {}).items():
                 (tmp / fname).write_text(text)
