@@ -1,8 +1,9 @@
 """Streamed merge of whole checkpoints: one straight loop over tensor names.
 
-For each tensor name: read it from the base and every model (and Fisher files), upcast to float32,
-apply the recipe's rule from ``robustft.ops.merge`` (or an override's), cast to the output dtype and
-append it to the output shard. Everything that can be wrong is checked first, from the safetensors
+For each tensor name: read it from the base and every model (and Fisher files), upcast to float32
+(float64 stays), apply the tensor function of the recipe's method (or an override's) from the merge-method
+registry (``robustft.ops.registry``), cast to the output dtype and append it to the output shard.
+Non-floating tensors must be equal in every model and are copied. Everything that can be wrong is checked first, from the safetensors
 headers (names, shapes, Fisher files, override patterns, the output folder), before any file is written.
 Peak memory is about (inputs + 3) x the largest tensor in float32.
 """
