@@ -4,7 +4,8 @@ For each tensor name: read it from the base and every model (and Fisher files), 
 (float64 stays), apply the tensor function of the recipe's method (or an override's) from the merge-method
 registry (``robustft.ops.registry``), cast to the output dtype and append it to the output shard.
 Non-floating tensors must be equal in every model and are copied. Everything that can be wrong is
-checked first, from the safetensors headers (names, shapes, Fisher files, override patterns, the output folder), before any file is written.
+checked first, from the safetensors headers (names, shapes, Fisher files, override patterns, the output
+folder), before any file is written.
 Peak memory is about (inputs + 3) x the largest tensor in float32.
 """
 
