@@ -95,21 +95,11 @@ def interpolate_state_dicts(
 ) -> dict[str, torch.Tensor]:
     """θ(α) for every floating tensor of two state dicts; integer tensors must be equal and are kept.
 
-    Different keys or shapes are a ValueError naming the tensor.
+    The same :func:`robustft.ops.interpolate.interpolate` as the callback, ``robustft interpolate`` and
+    merge recipes (identical bits). Different keys or shapes are a ValueError naming the tensor.
     """
-    floats_s = {k: v for k, v in start.items() if v.is_floating_point()}
-    floats_e = {k: v for k, v in end.items() if v.is_floating_point()}
-    if set(start) != set(end):
-        interpolate(dict(start), dict(end), alpha, method, extrapolate)  # raises, naming the keys
-    for k in start:
-        if k in floats_s and k not in floats_e or k in floats_e and k not in floats_s:
-            raise ValueError(
-                f"tensor {k!r}: floating point in one model only ({start[k].dtype} vs {end[k].dtype})"
-            )
-        if k not in floats_s and not torch.equal(start[k], end[k]):
-            raise ValueError(f"tensor {k!r}: non-floating tensors differ between start and end")
-    out = interpolate(floats_s, floats_e, alpha, method, extrapolate)
-    return {k: (out[k] if k in out else end[k].clone()) for k in end}
+    out = interpolate(dict(start), dict(end), alpha, method, extrapolate)
+    return {k: out[k] for k in end}
 
 
 def interpolate_models(

@@ -25,14 +25,16 @@ def _common(p: argparse.ArgumentParser, method: bool = True, rank: bool = True) 
     if method:
         p.add_argument(
             "--method",
-            choices=["exact", "paper", "ties", "dare_linear", "dare_ties"],
             default="exact",
+            metavar="METHOD",
             help="exact: ΔW = Σ w_i ΔW_i by rank concatenation (default); paper: Zhang et al. 2023's "
-            "factor-space addition/negation; ties/dare_*: element-wise merge of each module's dense ΔW_i, "
-            "refactored to --rank",
+            "factor-space addition/negation; the others: that merge method (as in a merge recipe) on each "
+            "module's dense ΔW_i, refactored to --rank (an unknown name lists the methods)",
         )
-        p.add_argument("--density", type=float, default=None, help="ties/dare_ties: fraction kept per ΔW_i")
-        p.add_argument("--drop-rate", type=float, default=None, help="dare_*: drop probability p")
+        p.add_argument(
+            "--density", type=float, default=None, help="ties/dare_ties: fraction kept per ΔW_i, in (0, 1]"
+        )
+        p.add_argument("--drop-rate", type=float, default=None, help="dare_*: drop probability p, in [0, 1)")
         p.add_argument("--seed", type=int, default=None, help="dare_*: seed of the drop masks")
     if rank:
         p.add_argument(
@@ -82,7 +84,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from robustft.lora.io import compose_adapters, merge_into_base, read_adapter, write_adapter
+    from robustft.lora.io import check_compose, compose_adapters, merge_into_base, read_adapter, write_adapter
     from robustft.params import resolve_dtype
 
     op = args.lora_command
@@ -97,18 +99,21 @@ def run(args: argparse.Namespace) -> int:
     else:
         paths = args.adapters
         weights = args.weights if args.weights is not None else [1.0] * len(paths)
-        if len(weights) != len(paths):
-            raise ValueError(f"--weights: {len(weights)} weights for {len(paths)} adapters")
     if args.rank is not None and args.rank < 1:
         raise ValueError(f"--rank must be a positive integer, got {args.rank}")
     params = {
         k: getattr(args, k) for k in ("density", "drop_rate", "seed") if getattr(args, k, None) is not None
     }
+    method = getattr(args, "method", "exact")
+    # every value checked by the merge-method registry (as in a merge recipe) before any file is touched
+    options = {k: "--" + k.replace("_", "-") for k in ("method", "density", "drop_rate", "seed")}
+    options["weights"] = "--factor" if op == "scale" else "--weights"
+    check_compose(method, weights, params, len(paths), options)
     adapters = [read_adapter(p) for p in paths]
     composed = compose_adapters(
         adapters,
         weights,
-        method=getattr(args, "method", "exact"),
+        method=method,
         rank=args.rank,
         extras=args.extras,
         params=params,

@@ -17,7 +17,6 @@ import json
 import math
 import os
 import re
-import shutil
 import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
@@ -30,12 +29,16 @@ from safetensors.torch import load_file, save_file
 
 from robustft.checkpoint import atomic_output_dir
 from robustft.lora.algebra import DeltaSet, LoRADelta, combine, combine_dense
+from robustft.ops.registry import METHODS, check_integer, check_number
 
 __all__ = [
+    "COMPOSE_METHODS",
+    "DENSE_METHODS",
     "LoRAAdapter",
     "adapter_from_peft_model",
     "adapter_from_state_dict",
     "check_compatible",
+    "check_compose",
     "compose_adapters",
     "merge_into_base",
     "read_adapter",
@@ -54,16 +57,6 @@ _KIND = {
     "lora_embedding_A": "embedding",
     "lora_embedding_B": "embedding",
 }
-_TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "vocab.txt",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-    "added_tokens.json",
-)
 
 
 @dataclass
@@ -92,16 +85,13 @@ class LoRAAdapter:
 
 
 # -- reading -----------------------------------------------------------------------------------------
-def _pattern_value(patterns: Mapping[str, Any], module: str, default):
-    """PEFT's rule for ``rank_pattern``/``alpha_pattern``: the first key matching the module's name suffix."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
-
-
 def _module_scale(config: Mapping[str, Any], module: str, rank: int) -> float:
-    alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", 8))
+    """PEFT's scale of ``module``: lora_alpha (or its ``alpha_pattern`` entry, matched by PEFT's own
+    ``get_pattern_key``) over r, or over √r with rsLoRA."""
+    from peft.utils.other import get_pattern_key
+
+    patterns = config.get("alpha_pattern") or {}
+    alpha = patterns.get(get_pattern_key(patterns.keys(), module), config.get("lora_alpha", 8))
     if config.get("use_rslora"):
         return alpha / math.sqrt(rank)
     return alpha / rank
@@ -167,7 +157,9 @@ def read_adapter(path: str | os.PathLike) -> LoRAAdapter:
             raise FileNotFoundError(
                 f"{path / name} not found: {path} is not a PEFT adapter saved as safetensors"
             )
-    config = json.loads((path / CONFIG_NAME).read_text())
+    from peft import LoraConfig
+
+    config = LoraConfig.from_pretrained(str(path)).to_dict()  # PEFT's own reading (any PEFT type)
     return adapter_from_state_dict(load_file(str(path / WEIGHTS_NAME)), config, source=str(path))
 
 
@@ -254,34 +246,75 @@ def _combined_extras(adapters: Sequence[LoRAAdapter], extras: str) -> dict[str, 
     return out
 
 
-#: element-wise merges needing each module's dense ΔW: name -> (function in robustft.ops.merge, parameters)
-DENSE_METHODS = {
-    "ties": ("ties", ("density",)),
-    "dare_linear": ("dare_merge", ("drop_rate", "seed")),
-    "dare_ties": ("dare_merge", ("drop_rate", "seed", "density")),
-}
+#: element-wise merges of the merge-method registry that work on LoRA deltas (each module's dense ΔW_i)
+DENSE_METHODS = tuple(name for name, spec in METHODS.items() if spec.lora)
+#: all methods of :func:`compose_adapters`
+COMPOSE_METHODS = ("exact", "paper", *DENSE_METHODS)
+_NOT_LORA_PARAMS = ("weight", "lambda")  # weights are given per adapter; λ would only rescale them
 
 
-def _dense_merge_fn(method: str, params: Mapping[str, Any]):
-    """The merge rule of ``robustft.ops.merge`` for ``method``, with its parameters checked."""
-    func_name, allowed = DENSE_METHODS[method]
+def check_compose(
+    method: str,
+    weights: Sequence[float] | None,
+    params: Mapping[str, Any],
+    n: int,
+    option: Mapping[str, str] | None = None,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Check a composition before any adapter is read: the method, one finite weight per adapter and the
+    method's parameters, by the merge-method registry's own checks (as a merge recipe is). Returns the
+    method-wide and per-adapter parameters with the registry's defaults filled in. ``option`` renames
+    what errors call the values (the CLI's ``--density``, ``--weights``).
+    """
+    option = dict(option or {})
+    if not isinstance(method, str) or method not in COMPOSE_METHODS:
+        raise ValueError(
+            f"{option.get('method', 'method')}: unknown method {method!r}; "
+            f"expected one of {list(COMPOSE_METHODS)}"
+        )
+    if weights is not None:
+        weights = list(weights)
+        if len(weights) != n:
+            raise ValueError(f"{option.get('weights', 'weights')}: {len(weights)} weights for {n} adapters")
+        for i, w in enumerate(weights):
+            check_number(option.get("weights", "weights") + (f"[{i}]" if n > 1 else ""), w)
+    params = dict(params)
+    if method not in DENSE_METHODS:
+        if params:
+            raise ValueError(f"method {method!r} takes no parameters, got {sorted(params)}")
+        return {}, []
+    spec = METHODS[method]
+    every = {**spec.global_params, **spec.model_params}
+    allowed = {k: p for k, p in every.items() if k not in _NOT_LORA_PARAMS}
+    if spec.seeded:
+        allowed["seed"] = None
     unknown = sorted(set(params) - set(allowed))
     if unknown:
-        raise ValueError(f"method {method!r}: unknown parameter(s) {unknown}; expected {list(allowed)}")
-    missing = [k for k in allowed if k not in params and k != "density"]
-    if missing:
-        raise ValueError(f"method {method!r} needs parameter(s) {missing}")
-    try:
-        from robustft.ops import merge as merge_ops
-    except ImportError as err:  # the merge piece is a separate module of robustft
-        raise ValueError(f"method {method!r} needs robustft.ops.merge, which this install lacks") from err
-    fn = getattr(merge_ops, func_name)
-    if method == "ties":
-        return lambda dense, w: fn(dense, params.get("density", 1.0), weights=w)
-    kind = "ties" if method == "dare_ties" else "linear"
-    return lambda dense, w: fn(
-        dense, params["drop_rate"], params["seed"], weights=w, method=kind, density=params.get("density", 1.0)
-    )
+        raise ValueError(f"method {method!r}: unknown parameter(s) {unknown}; expected {sorted(allowed)}")
+    if spec.seeded and "seed" not in params:
+        raise ValueError(f"method {method!r} needs parameter(s) ['seed'] (the seed of the drop masks)")
+    for key, value in params.items():
+        name = option.get(key, key)
+        check_integer(name, value) if key == "seed" else allowed[key].check(name, value)
+    gparams = {k: p.default for k, p in spec.global_params.items()}
+    gparams.update({k: v for k, v in params.items() if k in spec.global_params})
+    model = {k: p.default for k, p in spec.model_params.items()}
+    model.update({k: v for k, v in params.items() if k in spec.model_params})
+    if spec.check is not None:
+        spec.check(f"method {method!r}", gparams, [model] * n)
+    return gparams, [dict(model) for _ in range(n)]
+
+
+def _dense_merge_fn(method: str, params: Mapping[str, Any], n: int):
+    """The registry's tensor function of ``method`` on the modules' dense ΔW_i (a delta, no base)."""
+    spec = METHODS[method]
+    gparams, mparams = check_compose(method, None, params, n)
+    seed = int(params.get("seed", 0))
+
+    def merge(dense: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+        per_model = [{**p, "weight": w} for p, w in zip(mparams, weights, strict=True)]
+        return spec.fn(list(dense), gparams, per_model, seed, None, None)
+
+    return merge
 
 
 def compose_adapters(
@@ -296,20 +329,20 @@ def compose_adapters(
 
     ``method="paper"`` uses Zhang et al. 2023's factor-space operators instead; ``"ties"``,
     ``"dare_linear"`` and ``"dare_ties"`` apply ``robustft.ops.merge`` to each module's dense ΔW_i
-    (``params``: density, drop_rate, seed) and keep the best rank-``rank`` factors of the result
+    (``params``: their parameters in the merge-method registry, ``robustft.ops.registry``, with its defaults
+    and checks, plus ``seed`` for DARE) and keep the best rank-``rank`` factors of the result
     (default rank: the sum of the inputs' largest ranks). ``extras`` says what to do with non-LoRA
     tensors (``modules_to_save``): ``"same"`` keeps them if equal in every adapter and refuses
     otherwise, ``"first"`` keeps the first adapter's, ``"drop"`` drops them.
     """
     adapters = list(adapters)
+    params = dict(params or {})
+    check_compose(method, weights, params, len(adapters))
     check_compatible(adapters)
     if rank is not None and (not isinstance(rank, int) or rank < 1):
         raise ValueError(f"rank must be a positive integer, got {rank!r}")
-    params = dict(params or {})
     if method in DENSE_METHODS:
-        merge_fn = _dense_merge_fn(method, params)
-    elif params:
-        raise ValueError(f"method {method!r} takes no parameters, got {sorted(params)}")
+        merge_fn = _dense_merge_fn(method, params, len(adapters))
     kept_extras = _combined_extras(adapters, extras)
     if method in DENSE_METHODS:
         rank = rank or sum(max(d.rank for d in a.deltas.values()) for a in adapters)
@@ -449,7 +482,7 @@ def merge_into_base(
         merged = PeftModel.from_pretrained(model, adir).merge_and_unload()
     with atomic_output_dir(out, overwrite) as tmp:
         merged.save_pretrained(str(tmp))
-        for name in _TOKENIZER_FILES:
-            if (base_dir / name).is_file():
-                shutil.copy2(base_dir / name, tmp / name)
+        from robustft.merge.io import copy_side_files
+
+        copy_side_files(None, base_dir, tmp)  # tokenizer files: the same list as merged checkpoints
     return out

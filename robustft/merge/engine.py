@@ -1,9 +1,11 @@
 """Streamed merge of whole checkpoints: one straight loop over tensor names.
 
-For each tensor name: read it from the base and every model (and Fisher files), upcast to float32,
-apply the recipe's rule from ``robustft.ops.merge`` (or an override's), cast to the output dtype and
-append it to the output shard. Everything that can be wrong is checked first, from the safetensors
-headers (names, shapes, Fisher files, override patterns, the output folder), before any file is written.
+For each tensor name: read it from the base and every model (and Fisher files), upcast to float32
+(float64 stays), apply the tensor function of the recipe's method (or an override's) from the merge-method
+registry (``robustft.ops.registry``), cast to the output dtype and append it to the output shard.
+Non-floating tensors must be equal in every model and are copied. Everything that can be wrong is
+checked first, from the safetensors headers (names, shapes, Fisher files, override patterns, the output
+folder), before any file is written.
 Peak memory is about (inputs + 3) x the largest tensor in float32.
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from collections.abc import Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +26,8 @@ from tqdm.auto import tqdm
 from robustft.checkpoint import atomic_output_dir, check_output_dir
 from robustft.merge.io import CheckpointReader, ShardedWriter, copy_side_files, layout_difference
 from robustft.merge.recipe import Override, Recipe, load_recipe
-from robustft.ops import merge as ops
+from robustft.ops.interpolate import kept_tensor, work_dtype
+from robustft.ops.registry import method_spec
 
 __all__ = ["MergeResult", "merge_checkpoints", "merge_tensor", "tensor_seed"]
 
@@ -51,55 +55,11 @@ def merge_tensor(
     seed: int = 0,
     fishers: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Merged weights of one tensor under ``method`` (a key of ``recipe.METHODS``).
+    """Merged weights of one tensor under ``method`` (a key of ``robustft.ops.registry.METHODS``).
 
     Memory over purity: ``base`` and the ``tensors`` (and list entries) may be modified in place.
     """
-    weights = [p["weight"] for p in mparams] if mparams and "weight" in mparams[0] else None
-    if method == "base":
-        return base
-    if method == "linear":
-        out = ops.task_arithmetic(tensors, weights)
-        return out / sum(weights) if gparams["normalize"] else out
-    if method == "model_stock":
-        return ops.model_stock(base, tensors)
-    if method == "fisher":
-        return ops.fisher_merge(tensors, fishers, eps=gparams["eps"], weights=weights)
-    if method == "slerp":
-        return ops.slerp_merge(base, tensors[0], gparams["t"])
-    deltas = tensors  # task vectors in place: the tensors are fresh reads and the list is ours to reuse
-    for t in deltas:
-        t.sub_(base)
-    if method == "task_arithmetic":
-        delta = ops.task_arithmetic(deltas, weights)
-    elif method == "ties":
-        # trim one task vector at a time, dropping each untrimmed one at once: fewer live copies
-        for i, p in enumerate(mparams):
-            deltas[i] = ops.trim_top_k(deltas[i], p["density"])
-        delta = ops.ties(deltas, 1.0, weights)
-    elif method in ("dare_linear", "dare_ties"):
-        delta = ops.dare_merge(
-            deltas,
-            [p["drop_rate"] for p in mparams],
-            seed,
-            weights,
-            method="linear" if method == "dare_linear" else "ties",
-            density=[p["density"] for p in mparams] if method == "dare_ties" else 1.0,
-        )
-    elif method == "breadcrumbs":
-        delta = ops.task_arithmetic(
-            [ops.breadcrumbs(d, p["beta"], p["gamma"]) for d, p in zip(deltas, mparams, strict=True)], weights
-        )
-    elif method == "magnitude_prune":
-        delta = ops.task_arithmetic(
-            [ops.magnitude_prune(d, p["density"]) for d, p in zip(deltas, mparams, strict=True)], weights
-        )
-    elif method == "consensus":
-        delta = ops.consensus_merge(deltas, gparams["k"], [p["tall_lambda"] for p in mparams], weights)
-    else:
-        raise ValueError(f"unknown merge method {method!r}")
-    del deltas
-    return base.add_(delta, alpha=gparams.get("lambda", 1.0))  # base is a fresh read: update in place
+    return method_spec("merge_method", method).apply(base, tensors, gparams, mparams, seed, fishers)
 
 
 def _override_for(name: str, overrides: list[Override]) -> int | None:
@@ -125,11 +85,16 @@ def merge_checkpoints(
     overwrite: bool = False,
     max_shard_size: int | str | None = None,
     progress: bool = True,
+    layout_from: str | os.PathLike | None = None,
+    info_files: Mapping[str, str] | None = None,
 ) -> MergeResult:
     """Merge the checkpoints of ``recipe`` (a ``Recipe`` or a YAML path) into the folder ``out_dir``.
 
     The output holds sharded safetensors (+ index), the reference model's config and tokenizer files and
     the recipe (``robustft_merge.yaml``); it is built in a temporary sibling folder and renamed into place.
+    ``layout_from`` (one of the recipe's inputs) makes the output copy that checkpoint's tensor order,
+    dtypes, shard files, metadata and config instead (``robustft interpolate`` follows the fine-tuned end);
+    ``info_files`` are extra small text files (name -> content) written into the output.
     """
     start = time.perf_counter()
     if not isinstance(recipe, Recipe):
@@ -144,8 +109,13 @@ def merge_checkpoints(
         who = [f"base_model {ref_path}" if recipe.base_model else f"models[0] {ref_path}"]
         who += [f"models[{i}] {m.path}" for i, m in enumerate(recipe.models)]
         _check_inputs(recipe, ref, readers, who)
+        layout = ref
+        if layout_from is not None:
+            layout = next((r for r in [ref, *readers] if r.path == Path(layout_from)), None)
+            if layout is None:
+                raise ValueError(f"layout_from: {layout_from} is not one of the recipe's checkpoints")
 
-        names = ref.names
+        names = layout.names
         # which rule each tensor gets; every override pattern must match something
         choice = {name: _override_for(name, recipe.overrides) for name in names}
         for i, o in enumerate(recipe.overrides):
@@ -184,19 +154,24 @@ def merge_checkpoints(
         out_dtype = recipe.dtype
         plan = []
         for name in names:
-            info = ref.infos[name]
+            info = layout.infos[name]
             dtype = out_dtype if (out_dtype is not None and info.dtype.is_floating_point) else info.dtype
             plan.append((name, info.shape, dtype))
 
         with atomic_output_dir(out_dir, overwrite) as tmp:
-            with ShardedWriter(tmp, plan, shard_size, metadata={"merged_by": "robustft"}) as writer:
+            shards, metadata = None, {"merged_by": "robustft"}
+            if layout_from is not None:
+                shards = {n: i.file.name for n, i in layout.infos.items()}
+                metadata = {**layout.metadata, **metadata}
+            with ShardedWriter(tmp, plan, shard_size, metadata, shards) as writer:
                 for name, _, dtype in tqdm(plan, desc="merging", unit="tensor", disable=not progress):
-                    info = ref.infos[name]
+                    info = layout.infos[name]
                     if not info.dtype.is_floating_point:
-                        writer.write(name, ref.get(name))
+                        kept = kept_tensor(name, [ref.get(name), *[r.get(name) for r in readers]], who)
+                        writer.write(name, kept)
                         continue
                     method, gparams, mparams = resolved[choice[name]]
-                    compute = torch.float64 if info.dtype == torch.float64 else torch.float32
+                    compute = work_dtype(info.dtype)
                     base = ref.get(name).to(compute) if recipe.base_model is not None else None
                     if method == "base":
                         merged = base
@@ -211,7 +186,9 @@ def merge_checkpoints(
                         del tensors, fishers
                     writer.write(name, merged.to(dtype))
                     del merged, base
-            copy_side_files(ref_path, src_tok, tmp, out_dtype)
+            copy_side_files(layout.path if layout_from is not None else ref_path, src_tok, tmp, out_dtype)
             (tmp / "robustft_merge.yaml").write_text(yaml.safe_dump(recipe.raw, sort_keys=False))
+            for fname, text in (info_files or {}).items():
+                (tmp / fname).write_text(text)
             files = list(writer.files)
     return MergeResult(Path(out_dir), len(plan), files, time.perf_counter() - start)

@@ -1,10 +1,12 @@
 """Streamed WiSE-FT / SLERP interpolation of two saved checkpoints into a loadable model folder.
 
-θ(α) = (1−α)·θ_start + α·θ_end (or per-tensor SLERP), read tensor by tensor from two
-(sharded) safetensors checkpoints and written tensor by tensor, so peak memory is a few
-tensors. Every header is checked before anything is written: different tensor names, shapes or
-dtypes stop with an error naming the tensor. The output mirrors the end checkpoint's shard
-layout (and index), and carries its config and tokenizer files.
+θ(α) = (1−α)·θ_start + α·θ_end (or per-tensor SLERP) is the two-model case of the merge engine: the
+recipe ``{merge_method: lerp|slerp, base_model: start, models: [end], parameters: {t: α}}``, streamed
+tensor by tensor with the same reader, writer and tensor functions (``robustft.ops.interpolate``), so
+a merge recipe, ``robustft interpolate`` and ``robustft.wise_ft.interpolate_state_dicts`` give the same
+bits. Every header is checked before anything is written: different tensor names, shapes or dtypes
+stop with an error naming the tensor. The output mirrors the end checkpoint's shard layout (and
+index), and carries its config and tokenizer files.
 """
 
 from __future__ import annotations
@@ -13,13 +15,12 @@ import json
 import os
 from pathlib import Path
 
-import torch
+from robustft.merge.engine import merge_checkpoints
+from robustft.merge.io import CheckpointReader, layout_difference
+from robustft.merge.recipe import Recipe, parse_recipe
+from robustft.ops.interpolate import check_alpha, check_method
 
-from robustft.checkpoint import atomic_output_dir
-from robustft.merge.io import CheckpointReader, ShardedWriter, copy_side_files, layout_difference
-from robustft.ops.interpolate import check_alpha, check_method, lerp, slerp
-
-__all__ = ["check_same_layout", "interpolate_checkpoints"]
+__all__ = ["check_same_layout", "interpolate_checkpoints", "interpolation_recipe"]
 
 
 def check_same_layout(
@@ -36,6 +37,25 @@ def check_same_layout(
     raise ValueError(diff.describe(*names))
 
 
+def interpolation_recipe(
+    start: str | os.PathLike,
+    end: str | os.PathLike,
+    alpha: float,
+    method: str = "linear",
+    extrapolate: bool = False,
+) -> Recipe:
+    """The merge recipe of θ(α): ``lerp``/``slerp`` with the start as base and the end as the one model."""
+    alpha = check_alpha(alpha, extrapolate)
+    data = {
+        "merge_method": {"linear": "lerp", "slerp": "slerp"}[check_method(method)],
+        "base_model": str(start),
+        "models": [{"model": str(end)}],
+        "parameters": {"t": alpha, "extrapolate": bool(extrapolate)},
+        "tokenizer_source": str(end) if Path(end).is_dir() else None,
+    }
+    return parse_recipe(data, source="interpolation")
+
+
 def interpolate_checkpoints(
     start: str | os.PathLike,
     end: str | os.PathLike,
@@ -45,38 +65,31 @@ def interpolate_checkpoints(
     extrapolate: bool = False,
     overwrite: bool = False,
 ) -> dict:
-    """Write θ(α) of two checkpoints to ``out``; returns a summary (tensors, bytes, shards)."""
+    """Write θ(α) of two checkpoints to ``out`` through the merge engine; returns a summary (tensors, bytes,
+    shards). The output follows the end checkpoint: its tensor order, shard files, config and tokenizer."""
     alpha = check_alpha(alpha, extrapolate)
-    fn = {"linear": lerp, "slerp": slerp}[check_method(method)]
     a, b = CheckpointReader(start), CheckpointReader(end)
     check_same_layout(a, b)
+    recipe = interpolation_recipe(start, end, alpha, method, extrapolate)
     out = Path(out)
     for src in (a.path, b.path):
         if out.resolve() == src.resolve():
             raise ValueError(f"out: {out} is one of the inputs; write to a new folder")
-    plan = [(n, info.shape, info.dtype) for n, info in b.infos.items()]
-    shards = {n: info.file.name for n, info in b.infos.items()} if b.index is not None else None
-    with atomic_output_dir(out, overwrite=overwrite) as tmp:
-        with ShardedWriter(tmp, plan, metadata=b.metadata, shards=shards) as writer:
-            for name in b.names:
-                s, e = a.get(name), b.get(name)
-                if not e.is_floating_point():
-                    if not torch.equal(s, e):
-                        raise ValueError(f"tensor {name!r}: non-floating tensors differ in start and end")
-                    writer.write(name, e)
-                else:
-                    writer.write(name, fn(s, e, alpha).to(e.dtype))
-                del s, e
-        if b.path.is_dir():
-            copy_side_files(b.folder, b.folder, tmp)
-        info = {
-            "start": str(a.path),
-            "end": str(b.path),
-            "alpha": alpha,
-            "method": method,
-            "tensors": len(b.names),
-            "shards": len(writer.files),
-            "bytes": b.nbytes(),
-        }
-        (tmp / "robustft_interpolate.json").write_text(json.dumps(info, indent=2))
+    info = {
+        "start": str(a.path),
+        "end": str(b.path),
+        "alpha": alpha,
+        "method": method,
+        "tensors": len(b.names),
+        "shards": len(set(i.file for i in b.infos.values())),
+        "bytes": b.nbytes(),
+    }
+    merge_checkpoints(
+        recipe,
+        out,
+        overwrite=overwrite,
+        progress=False,
+        layout_from=end,
+        info_files={"robustft_interpolate.json": json.dumps(info, indent=2)},
+    )
     return info

@@ -33,6 +33,7 @@ __all__ = [
     "layout_difference",
     "parse_size",
     "read_safetensors_header",
+    "shard_plan",
 ]
 
 SAFE_INDEX = "model.safetensors.index.json"
@@ -51,6 +52,12 @@ _DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
     "F8_E4M3": torch.float8_e4m3fn,
     "F8_E5M2": torch.float8_e5m2,
+    "F8_E4M3FNUZ": torch.float8_e4m3fnuz,
+    "F8_E5M2FNUZ": torch.float8_e5m2fnuz,
+    "C64": torch.complex64,
+    "U16": torch.uint16,
+    "U32": torch.uint32,
+    "U64": torch.uint64,
 }
 _NAMES = {v: k for k, v in _DTYPES.items()}
 
@@ -299,16 +306,30 @@ def parse_size(size: int | str) -> int:
     return value
 
 
+def shard_plan(
+    plan: Sequence[tuple[str, tuple[int, ...], torch.dtype]], max_shard_size: int | str
+) -> dict[str, str]:
+    """Tensor name -> file name, cut at ``max_shard_size`` bytes by huggingface_hub's own planner
+    (``split_torch_state_dict_into_shards``, as ``save_pretrained``), fed shape-only meta tensors."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    meta = {name: torch.empty(shape, dtype=dtype, device="meta") for name, shape, dtype in plan}
+    split = split_torch_state_dict_into_shards(meta, max_shard_size=parse_size(max_shard_size))
+    return dict(split.tensor_to_filename)
+
+
 class ShardedWriter:
     """Writes tensors, in a layout fixed up front, straight to safetensors files (plus an index when sharded).
 
     ``plan`` lists (name, shape, dtype) in writing order. The files: with ``shards`` (name -> file name, e.g.
-    an input's index) that layout, in order of first appearance (each file's tensors must be consecutive in
-    the plan); else with ``max_shard_size`` shards cut greedily at that many bytes (a tensor larger than
-    that gets a shard of its own); else one file. One file is named ``model.safetensors``, several
-    ``model-0000i-of-0000n.safetensors`` (unless given) with ``model.safetensors.index.json``, as
-    ``save_pretrained`` does. ``write`` must be called in plan order. As a context manager it closes on
-    success and aborts on an error.
+    an input's index) that layout; else with ``max_shard_size`` the layout huggingface_hub plans for
+    ``save_pretrained`` (:func:`shard_plan`: a tensor larger than the limit gets a file of its own); else one
+    file. One file is named ``model.safetensors``. ``write`` must be called in plan order; each file is
+    opened (header first) at its first tensor and closed after its last, so a file's tensors need not be
+    consecutive in the plan. As a context manager it closes on success and aborts on an error.
+
+    Hand-written rather than ``safetensors.torch.save_file`` on each shard because that needs the whole
+    shard in memory: streaming keeps the peak near one tensor (tests/merge/test_memory.py measures it).
     """
 
     def __init__(
@@ -324,40 +345,25 @@ class ShardedWriter:
         for name, _, dtype in self._plan:
             if dtype not in _NAMES:
                 raise ValueError(f"tensor {name!r}: dtype {dtype} cannot be written to safetensors")
-        groups: list[list[int]] = []
-        if shards is not None:
-            files: list[str] = []
-            for i, (name, _, _) in enumerate(self._plan):
-                if name not in shards:
-                    raise ValueError(f"ShardedWriter: tensor {name!r} has no file in the given shard layout")
-                if not files or shards[name] != files[-1]:
-                    if shards[name] in files:
-                        raise ValueError(f"ShardedWriter: the tensors of {shards[name]} are not consecutive")
-                    files.append(shards[name])
-                    groups.append([])
-                groups[-1].append(i)
-            self.files = files if len(files) > 1 else [SAFE_SINGLE]
-        else:
-            limit = parse_size(max_shard_size) if max_shard_size is not None else None
-            size = 0
-            for i, (_, shape, dtype) in enumerate(self._plan):
-                nbytes = _nbytes(shape, dtype)
-                if not groups or (limit is not None and size + nbytes > limit and size > 0):
-                    groups.append([])
-                    size = 0
-                groups[-1].append(i)
-                size += nbytes
-            n = len(groups)
-            self.files = [
-                SAFE_SINGLE if n <= 1 else f"model-{k + 1:05d}-of-{n:05d}.safetensors"
-                for k in range(max(n, 1))
-            ]
-        self._groups = groups
+        if shards is None and max_shard_size is not None:
+            shards = shard_plan(self._plan, max_shard_size)
+        files: dict[str, list[int]] = {}  # file name -> plan indices, in order of first appearance
+        for i, (name, _, _) in enumerate(self._plan):
+            if shards is None:
+                files.setdefault(SAFE_SINGLE, []).append(i)
+            elif name not in shards:
+                raise ValueError(f"ShardedWriter: tensor {name!r} has no file in the given shard layout")
+            else:
+                files.setdefault(shards[name], []).append(i)
+        if len(files) == 1:
+            files = {SAFE_SINGLE: next(iter(files.values()))}
+        self.files = list(files) or [SAFE_SINGLE]
+        self._groups = list(files.values())
         self._metadata = {"format": "pt", **(metadata or {})}
         self._next = 0  # index in plan of the next tensor to write
-        self._shard = -1
-        self._fh = None
-        self._shard_of = {i: k for k, g in enumerate(groups) for i in g}
+        self._open: dict[int, object] = {}  # shard -> open file
+        self._shard_of = {i: k for k, g in enumerate(self._groups) for i in g}
+        self._last = {g[-1]: k for k, g in enumerate(self._groups)}
         self.total_bytes = sum(_nbytes(s, d) for _, s, d in self._plan)
 
     def __enter__(self) -> ShardedWriter:
@@ -369,9 +375,7 @@ class ShardedWriter:
         else:
             self.abort()
 
-    def _open_shard(self, k: int) -> None:
-        if self._fh is not None:
-            self._fh.close()
+    def _open_shard(self, k: int):
         header: dict[str, object] = {"__metadata__": self._metadata}
         offset = 0
         for i in self._groups[k]:
@@ -385,10 +389,10 @@ class ShardedWriter:
             offset += nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned
-        self._fh = open(self.out_dir / self.files[k], "wb")
-        self._fh.write(struct.pack("<Q", len(raw)))
-        self._fh.write(raw)
-        self._shard = k
+        fh = self._open[k] = open(self.out_dir / self.files[k], "wb")
+        fh.write(struct.pack("<Q", len(raw)))
+        fh.write(raw)
+        return fh
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         if self._next >= len(self._plan):
@@ -402,18 +406,17 @@ class ShardedWriter:
                 f"planned {exp_name!r} {shape} {dtype}"
             )
         k = self._shard_of[self._next]
-        if k != self._shard:
-            self._open_shard(k)
+        fh = self._open.get(k) or self._open_shard(k)
         data = tensor.detach().contiguous().cpu()
         if data.numel():
-            self._fh.write(data.reshape(-1).view(torch.uint8).numpy().data)
+            fh.write(data.reshape(-1).view(torch.uint8).numpy().data)
+        if self._next in self._last:
+            self._open.pop(k).close()
         self._next += 1
 
     def close(self) -> None:
         """Finish: check every planned tensor was written, write the index when sharded."""
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
+        self.abort()
         if self._next != len(self._plan):
             raise ValueError(f"ShardedWriter: {self._next} of {len(self._plan)} planned tensors were written")
         if not self._plan:
@@ -428,9 +431,9 @@ class ShardedWriter:
             (self.out_dir / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
 
     def abort(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
+        """Close any open file (the folder is discarded by the caller)."""
+        while self._open:
+            self._open.popitem()[1].close()
 
 
 def copy_side_files(

@@ -22,159 +22,29 @@ Relative paths are taken relative to the current directory (as mergekit does).
 
 from __future__ import annotations
 
-import math
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from robustft.ops.registry import (
+    METHODS,
+    REQUIRED,
+    MethodSpec,
+    check_integer,
+    check_params,
+    check_path,
+    method_spec,
+    resolve_params,
+)
 from robustft.params import resolve_dtype
 
 __all__ = ["METHODS", "MethodSpec", "ModelEntry", "Override", "Recipe", "load_recipe", "parse_recipe"]
 
-
-def _fraction(name: str, value: Any, upper_open: bool = False, lower_open: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    low_ok = value > 0 if lower_open else value >= 0
-    high_ok = value < 1 if upper_open else value <= 1
-    if not (low_ok and high_ok):
-        interval = ("(" if lower_open else "[") + "0, 1" + (")" if upper_open else "]")
-        raise ValueError(f"{name} must be in {interval}, got {value!r}")
-
-
-def _number(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-
-
-def _non_negative(name: str, value: Any) -> None:
-    _number(name, value)
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value!r}")
-
-
-def _bool(name: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be true or false, got {value!r}")
-
-
-def _count(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
-
-
-def _path(name: str, value: Any) -> None:
-    if not isinstance(value, str) or not value:
-        raise ValueError(f"{name} must be a path string, got {value!r}")
-
-
-_REQUIRED = object()
-
-
-@dataclass(frozen=True)
-class Param:
-    default: Any
-    check: Callable[[str, Any], None]
-
-
-def _density(n, v):
-    _fraction(n, v, lower_open=True)
-
-
-def _drop(n, v):
-    _fraction(n, v, upper_open=True)
-
-
-WEIGHT = Param(1.0, _number)
-LAMBDA = Param(1.0, _number)
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    """A merge method as the recipe sees it: which inputs it needs and which parameters it takes.
-
-    ``global_params`` are method-wide; ``model_params`` may differ per model (their recipe-level value is
-    the default for every model).
-    """
-
-    name: str
-    needs_base: bool
-    min_models: int
-    max_models: int | None
-    global_params: dict[str, Param] = field(default_factory=dict)
-    model_params: dict[str, Param] = field(default_factory=dict)
-    delta: bool = True  # works on task vectors (needs the base)
-
-
-METHODS: dict[str, MethodSpec] = {
-    m.name: m
-    for m in [
-        MethodSpec("base", True, 0, None, delta=False),
-        MethodSpec(
-            "linear", False, 1, None, {"normalize": Param(True, _bool)}, {"weight": WEIGHT}, delta=False
-        ),
-        MethodSpec("task_arithmetic", True, 1, None, {"lambda": LAMBDA}, {"weight": WEIGHT}),
-        MethodSpec(
-            "ties", True, 1, None, {"lambda": LAMBDA}, {"weight": WEIGHT, "density": Param(0.2, _density)}
-        ),
-        MethodSpec(
-            "dare_linear",
-            True,
-            1,
-            None,
-            {"lambda": LAMBDA},
-            {"weight": WEIGHT, "drop_rate": Param(0.9, _drop)},
-        ),
-        MethodSpec(
-            "dare_ties",
-            True,
-            1,
-            None,
-            {"lambda": LAMBDA},
-            {"weight": WEIGHT, "drop_rate": Param(0.9, _drop), "density": Param(1.0, _density)},
-        ),
-        MethodSpec(
-            "breadcrumbs",
-            True,
-            1,
-            None,
-            {"lambda": LAMBDA},
-            {"weight": WEIGHT, "beta": Param(0.01, _fraction), "gamma": Param(0.9, _fraction)},
-        ),
-        MethodSpec(
-            "magnitude_prune",
-            True,
-            1,
-            None,
-            {"lambda": LAMBDA},
-            {"weight": WEIGHT, "density": Param(0.2, _density)},
-        ),
-        MethodSpec(
-            "consensus",
-            True,
-            2,
-            None,
-            {"lambda": LAMBDA, "k": Param(2, _count)},
-            {"weight": WEIGHT, "tall_lambda": Param(0.6, _non_negative)},
-        ),
-        MethodSpec("model_stock", True, 2, None, delta=False),
-        MethodSpec(
-            "fisher",
-            False,
-            1,
-            None,
-            {"eps": Param(1e-8, _non_negative)},
-            {"weight": WEIGHT, "fisher": Param(_REQUIRED, _path)},
-            delta=False,
-        ),
-        MethodSpec("slerp", True, 1, 1, {"t": Param(0.5, _fraction)}, delta=False),
-    ]
-}
 
 _TOP_KEYS = {
     "merge_method",
@@ -220,48 +90,14 @@ class Recipe:
     def resolve(self, override: Override | None = None) -> tuple[str, dict[str, Any], list[dict[str, Any]]]:
         """(method, method-wide parameters, one parameter dict per model) with defaults filled in."""
         method = (override.merge_method if override and override.merge_method else None) or self.merge_method
-        spec = METHODS[method]
-        extra = override.parameters if override else {}
-        gparams = {k: p.default for k, p in spec.global_params.items()}
-        gparams.update({k: v for k, v in self.parameters.items() if k in spec.global_params})
-        gparams.update({k: v for k, v in extra.items() if k in spec.global_params})
-        mparams = []
-        for entry in self.models:
-            values = {k: p.default for k, p in spec.model_params.items()}
-            values.update({k: v for k, v in self.parameters.items() if k in spec.model_params})
-            values.update({k: v for k, v in entry.parameters.items() if k in spec.model_params})
-            values.update({k: v for k, v in extra.items() if k in spec.model_params})
-            mparams.append(values)
+        layers = [self.parameters, override.parameters if override else {}]
+        gparams, mparams = resolve_params(METHODS[method], layers, [m.parameters for m in self.models])
         return method, gparams, mparams
 
     @property
     def reference_model(self) -> str:
         """The model whose tensor names/shapes, config and tokenizer the output follows."""
         return self.base_model if self.base_model is not None else self.models[0].path
-
-
-def _check_params(where: str, params: Any, spec: MethodSpec, allow_global: bool) -> dict[str, Any]:
-    if params is None:
-        return {}
-    if not isinstance(params, Mapping):
-        raise ValueError(f"{where}: expected a mapping of parameter names to values, got {params!r}")
-    known = dict(spec.model_params)
-    if allow_global:
-        known.update(spec.global_params)
-    for key, value in params.items():
-        if key not in known:
-            names = ", ".join(sorted(known)) or "none"
-            raise ValueError(
-                f"{where}: unknown parameter {key!r} for merge_method {spec.name!r} (known: {names})"
-            )
-        known[key].check(f"{where}.{key}", value)
-    return dict(params)
-
-
-def _method(where: str, value: Any) -> MethodSpec:
-    if value not in METHODS:
-        raise ValueError(f"{where}: unknown merge method {value!r} (known: {', '.join(sorted(METHODS))})")
-    return METHODS[value]
 
 
 def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
@@ -273,13 +109,13 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
         raise ValueError(f"{source}: unknown option(s) {unknown} (known: {', '.join(sorted(_TOP_KEYS))})")
     if "merge_method" not in data:
         raise ValueError(f"{source}: merge_method is required (one of {', '.join(sorted(METHODS))})")
-    spec = _method(f"{source}: merge_method", data["merge_method"])
+    spec = method_spec(f"{source}: merge_method", data["merge_method"])
     if spec.name == "base":
         raise ValueError(f"{source}: merge_method 'base' is only meaningful in overrides")
 
     base = data.get("base_model")
     if base is not None:
-        _path(f"{source}: base_model", base)
+        check_path(f"{source}: base_model", base)
     models_raw = data.get("models") or []
     if not isinstance(models_raw, list):
         raise ValueError(f"{source}: models must be a list of {{model: PATH, parameters: {{...}}}}")
@@ -293,8 +129,8 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
         extra = sorted(set(item) - {"model", "parameters"})
         if extra:
             raise ValueError(f"{where}: unknown option(s) {extra} (known: model, parameters)")
-        _path(f"{where}.model", item["model"])
-        params = _check_params(f"{where}.parameters", item.get("parameters"), spec, allow_global=False)
+        check_path(f"{where}.model", item["model"])
+        params = check_params(f"{where}.parameters", item.get("parameters"), spec, allow_global=False)
         models.append(ModelEntry(str(item["model"]), params))
     if base is not None and any(os.path.normpath(m.path) == os.path.normpath(base) for m in models):
         raise ValueError(
@@ -315,8 +151,8 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
             raise ValueError(
                 f"{where}.pattern: {item['pattern']!r} is not a valid regular expression ({err})"
             ) from err
-        ospec = _method(f"{where}.merge_method", item["merge_method"]) if "merge_method" in item else spec
-        params = _check_params(f"{where}.parameters", item.get("parameters"), ospec, allow_global=True)
+        ospec = method_spec(f"{where}.merge_method", item["merge_method"]) if "merge_method" in item else spec
+        params = check_params(f"{where}.parameters", item.get("parameters"), ospec, allow_global=True)
         overrides.append(Override(pattern, item.get("merge_method"), params))
 
     dtype = data.get("dtype")
@@ -328,11 +164,10 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
         if not dtype.is_floating_point:
             raise ValueError(f"{source}: dtype must be a floating dtype, got {data['dtype']!r}")
     seed = data.get("seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"{source}: seed must be an integer, got {seed!r}")
+    check_integer(f"{source}: seed", seed)
     tokenizer_source = data.get("tokenizer_source", "base")
     if tokenizer_source is not None:
-        _path(f"{source}: tokenizer_source", tokenizer_source)
+        check_path(f"{source}: tokenizer_source", tokenizer_source)
     max_shard_size = data.get("max_shard_size")
     if max_shard_size is not None:
         from robustft.merge.io import parse_size
@@ -343,7 +178,7 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
         merge_method=spec.name,
         base_model=base,
         models=models,
-        parameters=_check_params(f"{source}: parameters", data.get("parameters"), spec, allow_global=True),
+        parameters=check_params(f"{source}: parameters", data.get("parameters"), spec, allow_global=True),
         dtype=dtype,
         seed=seed,
         overrides=overrides,
@@ -368,15 +203,15 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
                 f"{where}: merge_method {method!r} takes at most {mspec.max_models} model(s) "
                 f"under models (besides base_model), got {len(models)}"
             )
-        if method == "linear" and gparams["normalize"] and sum(p["weight"] for p in mparams) == 0:
-            raise ValueError(f"{where}: linear with normalize: true needs weights with a non-zero sum")
         for i, values in enumerate(mparams):
             for key, value in values.items():
-                if value is _REQUIRED:
+                if value is REQUIRED:
                     raise ValueError(
                         f"{where}: models[{i}] ({models[i].path}) needs parameter {key!r} "
                         f"for merge_method {method!r}"
                     )
+        if mspec.check is not None:
+            mspec.check(f"{where}: parameters", gparams, mparams)
     return recipe
 
 

@@ -1,9 +1,9 @@
 """Merge rules on task vectors, one tensor at a time: task arithmetic, TIES, DARE, Breadcrumbs, Model Stock,
-Fisher averaging, consensus/TALL masks, SLERP.
+Fisher averaging, consensus/TALL masks (linear and SLERP interpolation: ``robustft.ops.interpolate``).
 
 A task vector (delta) is ``theta_i - theta_base`` for one tensor. Every function here is pure: tensors in,
 a new tensor out, inputs untouched, no I/O. Functions that return a *delta* leave adding it to the base
-(and scaling it by a global lambda) to the caller; ``model_stock``, ``fisher_merge`` and ``slerp_merge``
+(and scaling it by a global lambda) to the caller; ``model_stock`` and ``fisher_merge``
 return merged *weights*. Randomised rules take a ``torch.Generator`` or an integer seed and are reproducible.
 
 Ties in magnitude: pruning keeps exactly ``k`` elements (``torch.topk``, never a full sort); which of several
@@ -29,7 +29,6 @@ __all__ = [
     "fisher_merge",
     "magnitude_prune",
     "model_stock",
-    "slerp_merge",
     "tall_masks",
     "task_arithmetic",
     "ties",
@@ -321,24 +320,3 @@ def consensus_merge(
 ) -> torch.Tensor:
     """tau = m_cons * sum_i w_i tau_i: consensus task arithmetic (Wang et al., 2024)."""
     return task_arithmetic(deltas, weights) * consensus_mask(deltas, k, lambda_).to(deltas[0].dtype)
-
-
-def slerp_merge(a: torch.Tensor, b: torch.Tensor, t: float, dot_threshold: float = 0.9995) -> torch.Tensor:
-    """slerp(a, b; t) = sin((1-t)W)/sin(W) a + sin(tW)/sin(W) b, cos(W) = <a, b>/(|a||b|).
-
-    Spherical linear interpolation (Shoemake, 1985) of two whole tensors; falls back to the linear
-    interpolation (1-t) a + t b when they are (anti)parallel beyond ``dot_threshold`` or one is zero.
-    """
-    _check_same_shape([a, b], "a,b")
-    if not 0.0 <= t <= 1.0:
-        raise ValueError(f"t must be in [0, 1], got {t}")
-    fa, fb = a.reshape(-1).double(), b.reshape(-1).double()
-    na, nb = fa.norm(), fb.norm()
-    if na == 0 or nb == 0:
-        return torch.lerp(a, b, t)
-    cos = float((fa @ fb) / (na * nb))
-    if abs(cos) > dot_threshold:
-        return torch.lerp(a, b, t)
-    omega = math.acos(max(-1.0, min(1.0, cos)))
-    s = math.sin(omega)
-    return (math.sin((1 - t) * omega) / s) * a + (math.sin(t * omega) / s) * b

@@ -83,5 +83,101 @@ def test_cli_refuses_bad_input_before_writing(lora_zoo, tmp_path, capsys):
     assert main(["lora", "negate", str(tmp_path / "missing"), "--out", str(out)]) == 2
     assert "adapter_config.json" in capsys.readouterr().err
     assert not out.exists()
-    with pytest.raises(SystemExit):
-        main(["lora", "compose", "--adapters", str(p["a"]), "--method", "magic", "--out", str(out)])
+    assert main(["lora", "compose", "--adapters", str(p["a"]), "--method", "magic", "--out", str(out)]) == 2
+    assert "--method: unknown method 'magic'" in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "argv,option,recipe_params",
+    [
+        (["scale", "{a}", "--factor", "nan"], "--factor", {"weight": float("nan")}),
+        (["scale", "{a}", "--factor", "inf"], "--factor", {"weight": float("inf")}),
+        (
+            ["compose", "--adapters", "{a}", "{b}", "--weights", "1", "nan"],
+            "--weights[1]",
+            {"weight": float("nan")},
+        ),
+        (
+            ["compose", "--adapters", "{a}", "--method", "ties", "--density", "1.5"],
+            "--density",
+            {"density": 1.5},
+        ),
+        (
+            ["compose", "--adapters", "{a}", "--method", "ties", "--density", "nan"],
+            "--density",
+            {"density": float("nan")},
+        ),
+        (
+            ["compose", "--adapters", "{a}", "--method", "ties", "--density", "0"],
+            "--density",
+            {"density": 0.0},
+        ),
+        (
+            [
+                "add",
+                "{a}",
+                "{b}",
+                "--method",
+                "dare_ties",
+                "--drop-rate",
+                "0.1",
+                "--seed",
+                "0",
+                "--density",
+                "2",
+            ],
+            "--density",
+            {"density": 2.0},
+        ),
+        (
+            ["add", "{a}", "--method", "dare_linear", "--drop-rate", "1", "--seed", "0"],
+            "--drop-rate",
+            {"drop_rate": 1.0},
+        ),
+    ],
+)
+def test_cli_values_are_checked_like_a_merge_recipe(lora_zoo, tmp_path, capsys, argv, option, recipe_params):
+    """A bad value is refused before anything is written, with exit 2 and the option's name, by the same
+    registry check that refuses it in a merge recipe."""
+    from robustft.merge import parse_recipe
+
+    _, p = lora_zoo
+    out = tmp_path / "out"
+    argv = [a.format(a=p["a"], b=p["b"]) for a in argv]
+    assert main(["lora", *argv, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("robustft lora: error: ") and f"{option} must be" in err, err
+    assert not out.exists() and not any(x.name.startswith(".") for x in tmp_path.iterdir())
+    method = "dare_ties" if "drop_rate" in recipe_params or "dare_ties" in argv else "ties"
+    recipe = {
+        "merge_method": method,
+        "base_model": "b",
+        "models": [{"model": "m", "parameters": recipe_params}],
+    }
+    with pytest.raises(ValueError) as recipe_err:
+        parse_recipe(recipe)
+    # the same check: the same words after the option's name
+    assert (
+        err.strip().split(f"{option} ", 1)[1]
+        == str(recipe_err.value).split(".parameters.", 1)[1].split(" ", 1)[1]
+    )
+
+
+def test_merge_into_keeps_every_tokenizer_file_of_a_merged_checkpoint(lora_zoo, tmp_path):
+    """One side-file list: ``--merge-into`` copies what ``robustft merge`` does (chat_template.jinja too)."""
+    import shutil
+
+    from robustft.merge.io import TOKENIZER_FILES
+
+    base, p = lora_zoo
+    shutil.copytree(base, tmp_path / "base")
+    for name in TOKENIZER_FILES:
+        (tmp_path / "base" / name).write_text(f"{name}\n")
+    out = tmp_path / "dense"
+    assert (
+        main(["lora", "negate", str(p["a"]), "--merge-into", str(tmp_path / "base"), "--out", str(out)]) == 0
+    )
+    for name in TOKENIZER_FILES:
+        assert (out / name).read_text() == f"{name}\n", name
+    assert "chat_template.jinja" in TOKENIZER_FILES

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from robustft.merge import load_recipe, parse_recipe
+from robustft.merge import METHODS, load_recipe, merge_tensor, parse_recipe
 
 
 def _data(**extra):
@@ -74,6 +74,21 @@ def test_precedence_defaults_recipe_model_override():
             "non-zero sum",
         ),
         (_data(colour="red"), r"unknown option\(s\) \['colour'\]"),
+        (_data(merge_method=["ties"]), r"merge_method: expected a method name \(a string\), got \['ties'\]"),
+        (
+            _data(overrides=[{"pattern": "a", "merge_method": {"x": 1}}]),
+            r"overrides\[0\].merge_method: expected a method name",
+        ),
+        (_data(parameters={"density": float("nan")}), "density must be a finite number, got nan"),
+        (_data(parameters={"lambda": float("inf")}), "lambda must be a finite number, got inf"),
+        (
+            _data(merge_method="slerp", models=["m"], parameters={"t": 1.5}),
+            r"parameters.t=1.5 is outside \[0, 1\].*extrapolate",
+        ),
+        (
+            _data(merge_method="breadcrumbs", models=["m"], parameters={"beta": 0.6, "gamma": 0.6}),
+            r"beta \+ gamma must be <= 1",
+        ),
     ],
 )
 def test_bad_recipes_name_the_option(data, match):
@@ -91,3 +106,40 @@ def test_load_recipe_file_errors(tmp_path):
     ok = tmp_path / "ok.yaml"
     ok.write_text("merge_method: linear\nmodels: [a, b]\n")
     assert load_recipe(ok).reference_model == "a"
+
+
+def test_every_registered_method_is_parsed_and_merged_by_the_engine():
+    """The registry is the one list: each method parses from a recipe with its defaults and runs in the
+    engine's merge_tensor on a small tensor (finite result, the tensor's shape)."""
+    g = torch.Generator().manual_seed(0)
+    for name, spec in METHODS.items():
+        if name == "base":
+            continue
+        n = max(spec.min_models, 2 if spec.max_models is None else 1)
+        own = [{"fisher": f"f{i}"} if name == "fisher" else {} for i in range(n)]
+        models = [{"model": f"m{i}", "parameters": p} for i, p in enumerate(own)]
+        recipe = parse_recipe({"merge_method": name, "base_model": "b", "models": models})
+        method, gparams, mparams = recipe.resolve()
+        assert method == name and set(gparams) == set(spec.global_params)
+        assert all(set(p) == set(spec.model_params) for p in mparams)
+        base = torch.randn(4, 5, generator=g)
+        tensors = [base + 0.1 * torch.randn(4, 5, generator=g) for _ in range(n)]
+        fishers = [torch.rand(4, 5, generator=g) for _ in range(n)] if name == "fisher" else None
+        out = merge_tensor(name, base.clone(), [t.clone() for t in tensors], gparams, mparams, 3, fishers)
+        assert out.shape == base.shape and bool(out.isfinite().all()), name
+
+
+@pytest.mark.parametrize("method", ["lerp", "slerp"])
+def test_interpolation_methods_extrapolate_only_when_asked(method):
+    data = {"merge_method": method, "base_model": "b", "models": ["m"], "parameters": {"t": 1.5}}
+    with pytest.raises(ValueError, match="extrapolate"):
+        parse_recipe(data)
+    recipe = parse_recipe({**data, "parameters": {"t": 1.5, "extrapolate": True}})
+    _, gparams, mparams = recipe.resolve()
+    base, end = torch.randn(6), torch.randn(6)
+    got = merge_tensor(method, base, [end], gparams, mparams)
+    if method == "lerp":  # the dense formula
+        torch.testing.assert_close(got, -0.5 * base + 1.5 * end)
+    else:  # the angle keeps growing past the end: |θ(1.5)| on the great circle of two unit vectors
+        b, e = base / base.norm(), end / end.norm()
+        torch.testing.assert_close(merge_tensor(method, b, [e], gparams, mparams).norm(), torch.tensor(1.0))

@@ -216,21 +216,6 @@ def test_tall_and_consensus_masks():
         assert float(merged.reshape(-1)[idx]) == pytest.approx(mtl if votes >= k else 0.0, abs=1e-12)
 
 
-def test_slerp_formula_and_endpoints():
-    a, b = _rand(2, seed=15)
-    t = 0.3
-    fa, fb = _flat(a), _flat(b)
-    dot = sum(x * y for x, y in zip(fa, fb, strict=True))
-    cos = dot / math.sqrt(sum(x * x for x in fa) * sum(y * y for y in fb))
-    om = math.acos(cos)
-    s0, s1 = math.sin((1 - t) * om) / math.sin(om), math.sin(t * om) / math.sin(om)
-    ref = [s0 * x + s1 * y for x, y in zip(fa, fb, strict=True)]
-    torch.testing.assert_close(M.slerp_merge(a, b, t).reshape(-1), torch.tensor(ref, dtype=torch.float64))
-    torch.testing.assert_close(M.slerp_merge(a, b, 0.0), a)
-    torch.testing.assert_close(M.slerp_merge(a, b, 1.0), b)
-    torch.testing.assert_close(M.slerp_merge(a, 2 * a, 0.5), 1.5 * a)  # parallel -> lerp
-
-
 def test_inputs_are_not_modified():
     deltas = _rand(3, seed=16)
     copies = [d.clone() for d in deltas]
@@ -254,7 +239,6 @@ def test_inputs_are_not_modified():
         (lambda d: M.model_stock(d[0], [d[1]]), "at least 2"),
         (lambda d: M.fisher_merge(d[:2], [d[0], -d[0].abs() - 1]), "negative"),
         (lambda d: M.dare_merge(d, 0.1, 0, method="median"), "method"),
-        (lambda d: M.slerp_merge(d[0], d[1], 1.2), "t must"),
     ],
 )
 def test_bad_input_names_the_cause(call, match):

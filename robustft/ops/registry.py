@@ -1,0 +1,399 @@
+"""The merge-method registry: every merge method declared once, read by the recipe parser
+(``robustft.merge.recipe``), the merge engine (``robustft.merge.engine``) and ``robustft lora compose``.
+
+A :class:`MethodSpec` says which inputs a method needs (the base, how many models), its parameters with
+their checks and defaults (method-wide ``global_params``; ``model_params`` may differ per model), the
+tensor function, and whether it works on task vectors (``delta``: the function maps deltas
+θ_i − θ_base to a delta, the caller adds λ·τ to the base) and on LoRA deltas (``lora``: usable on the dense
+ΔW_i of adapter modules). Adding a method is one :data:`METHODS` entry (plus its tests)::
+
+    MethodSpec("my_rule", _my_rule, needs_base=True, delta=True, lora=True,
+               global_params={"lambda": LAMBDA}, model_params={"weight": WEIGHT, "p": Param(0.5, fraction)})
+
+with ``_my_rule(tensors, gparams, mparams, seed, base, fishers) -> Tensor`` (``tensors`` are deltas when
+``delta`` is true). Every check raises a ValueError that names the option it is about; NaN and ±inf are
+refused everywhere.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from robustft.ops import interpolate as interp
+from robustft.ops import merge as ops
+
+__all__ = [
+    "LAMBDA",
+    "METHODS",
+    "REQUIRED",
+    "WEIGHT",
+    "MethodSpec",
+    "Param",
+    "check_count",
+    "check_fraction",
+    "check_integer",
+    "check_number",
+    "check_params",
+    "method_spec",
+    "resolve_params",
+]
+
+
+# -- value checks: (option name, value) -> None, or a ValueError naming the option ---------------------------
+def check_number(name: str, value: Any) -> None:
+    """A finite real number (bool, NaN and ±inf refused)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+
+
+def check_fraction(name: str, value: Any, upper_open: bool = False, lower_open: bool = False) -> None:
+    """A number in [0, 1] (ends excluded when asked)."""
+    check_number(name, value)
+    low_ok = value > 0 if lower_open else value >= 0
+    high_ok = value < 1 if upper_open else value <= 1
+    if not (low_ok and high_ok):
+        interval = ("(" if lower_open else "[") + "0, 1" + (")" if upper_open else "]")
+        raise ValueError(f"{name} must be in {interval}, got {value!r}")
+
+
+def check_density(name: str, value: Any) -> None:
+    """Fraction of entries kept, in (0, 1]: 0 would keep nothing."""
+    check_fraction(name, value, lower_open=True)
+
+
+def check_drop_rate(name: str, value: Any) -> None:
+    """DARE drop probability, in [0, 1): 1 would drop everything and divide by zero."""
+    check_fraction(name, value, upper_open=True)
+
+
+def check_non_negative(name: str, value: Any) -> None:
+    check_number(name, value)
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value!r}")
+
+
+def check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+
+
+def check_count(name: str, value: Any) -> None:
+    """A non-negative integer (bool refused)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+
+
+def check_integer(name: str, value: Any) -> None:
+    """An integer (bool refused), e.g. a seed."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+
+
+def check_path(name: str, value: Any) -> None:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{name} must be a path string, got {value!r}")
+
+
+#: default of a parameter every model must give (``fisher``)
+REQUIRED = object()
+
+
+@dataclass(frozen=True)
+class Param:
+    """A method parameter: its default (or :data:`REQUIRED`) and its check."""
+
+    default: Any
+    check: Callable[[str, Any], None]
+
+
+WEIGHT = Param(1.0, check_number)
+LAMBDA = Param(1.0, check_number)
+DENSITY = Param(0.2, check_density)
+DROP_RATE = Param(0.9, check_drop_rate)
+#: interpolation position between the base (0) and the model (1); outside [0, 1] needs ``extrapolate``
+T = Param(0.5, check_number)
+EXTRAPOLATE = Param(False, check_bool)
+
+# tensor function: (tensors, method-wide params, per-model params, seed, base, fishers) -> merged tensor
+MergeFn = Callable[
+    [list[torch.Tensor], dict, list[dict], int, torch.Tensor | None, list | None], torch.Tensor
+]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One merge method: inputs, parameters (with checks), tensor function, and where it applies.
+
+    ``fn`` gets the models' tensors (task vectors when ``delta``) and returns merged weights (a delta when
+    ``delta``). It may modify its inputs in place (they are fresh reads). ``check`` validates the parameters
+    together, after each one passed its own check. ``seeded``: the method draws random masks.
+    """
+
+    name: str
+    fn: MergeFn | None
+    needs_base: bool
+    min_models: int = 1
+    max_models: int | None = None
+    global_params: dict[str, Param] = field(default_factory=dict)
+    model_params: dict[str, Param] = field(default_factory=dict)
+    delta: bool = False
+    lora: bool = False
+    seeded: bool = False
+    check: Callable[[str, dict, list[dict]], None] | None = None
+
+    def apply(
+        self,
+        base: torch.Tensor | None,
+        tensors: list[torch.Tensor],
+        gparams: Mapping[str, Any],
+        mparams: Sequence[Mapping[str, Any]],
+        seed: int = 0,
+        fishers: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Merged weights of one tensor; delta methods subtract the base and add λ·τ back (in place)."""
+        if self.fn is None:  # "base": keep the base model's tensor
+            return base
+        if not self.delta:
+            return self.fn(tensors, dict(gparams), list(mparams), seed, base, fishers)
+        for t in tensors:  # task vectors in place: the tensors are fresh reads and the list is ours
+            t.sub_(base)
+        delta = self.fn(tensors, dict(gparams), list(mparams), seed, None, None)
+        return base.add_(delta, alpha=gparams.get("lambda", 1.0))
+
+
+def _weights(mparams: Sequence[Mapping[str, Any]]) -> list[float] | None:
+    return [p["weight"] for p in mparams] if mparams and "weight" in mparams[0] else None
+
+
+# -- tensor functions -------------------------------------------------------------------------------------
+def _linear(tensors, g, m, seed, base, fishers):
+    weights = _weights(m)
+    out = ops.task_arithmetic(tensors, weights)
+    return out / sum(weights) if g["normalize"] else out
+
+
+def _interpolation(kind: str) -> MergeFn:
+    fn = interp.FUNCTIONS[kind]
+    return lambda tensors, g, m, seed, base, fishers: fn(base, tensors[0], g["t"])
+
+
+def _check_interpolation(where: str, g: dict, m: list[dict]) -> None:
+    interp.check_alpha(g["t"], g["extrapolate"], name=f"{where}.t")
+
+
+def _check_linear(where: str, g: dict, m: list[dict]) -> None:
+    if g["normalize"] and sum(p["weight"] for p in m) == 0:
+        raise ValueError(f"{where}: linear with normalize: true needs weights with a non-zero sum")
+
+
+def _check_breadcrumbs(where: str, g: dict, m: list[dict]) -> None:
+    for i, p in enumerate(m):
+        if p["beta"] + p["gamma"] > 1:
+            raise ValueError(
+                f"{where}: models[{i}] beta + gamma must be <= 1, got {p['beta']} + {p['gamma']}"
+            )
+
+
+def _task_arithmetic(deltas, g, m, seed, base, fishers):
+    return ops.task_arithmetic(deltas, _weights(m))
+
+
+def _ties(deltas, g, m, seed, base, fishers):
+    # trim one task vector at a time, dropping each untrimmed one at once: fewer live copies
+    for i, p in enumerate(m):
+        deltas[i] = ops.trim_top_k(deltas[i], p["density"])
+    return ops.ties(deltas, 1.0, _weights(m))
+
+
+def _dare(kind: str) -> MergeFn:
+    def fn(deltas, g, m, seed, base, fishers):
+        density = [p["density"] for p in m] if kind == "ties" else 1.0
+        rates = [p["drop_rate"] for p in m]
+        return ops.dare_merge(deltas, rates, seed, _weights(m), method=kind, density=density)
+
+    return fn
+
+
+def _breadcrumbs(deltas, g, m, seed, base, fishers):
+    pruned = [ops.breadcrumbs(d, p["beta"], p["gamma"]) for d, p in zip(deltas, m, strict=True)]
+    return ops.task_arithmetic(pruned, _weights(m))
+
+
+def _magnitude_prune(deltas, g, m, seed, base, fishers):
+    pruned = [ops.magnitude_prune(d, p["density"]) for d, p in zip(deltas, m, strict=True)]
+    return ops.task_arithmetic(pruned, _weights(m))
+
+
+def _consensus(deltas, g, m, seed, base, fishers):
+    return ops.consensus_merge(deltas, g["k"], [p["tall_lambda"] for p in m], _weights(m))
+
+
+def _model_stock(tensors, g, m, seed, base, fishers):
+    return ops.model_stock(base, tensors)
+
+
+def _fisher(tensors, g, m, seed, base, fishers):
+    return ops.fisher_merge(tensors, fishers, eps=g["eps"], weights=_weights(m))
+
+
+_DELTA = {"lambda": LAMBDA}
+_INTERPOLATION = {"t": T, "extrapolate": EXTRAPOLATE}
+
+METHODS: dict[str, MethodSpec] = {
+    m.name: m
+    for m in [
+        MethodSpec("base", None, needs_base=True, min_models=0),
+        MethodSpec(
+            "linear",
+            _linear,
+            needs_base=False,
+            global_params={"normalize": Param(True, check_bool)},
+            model_params={"weight": WEIGHT},
+            check=_check_linear,
+        ),
+        MethodSpec(
+            "lerp",
+            _interpolation("linear"),
+            needs_base=True,
+            max_models=1,
+            global_params=_INTERPOLATION,
+            check=_check_interpolation,
+        ),
+        MethodSpec(
+            "slerp",
+            _interpolation("slerp"),
+            needs_base=True,
+            max_models=1,
+            global_params=_INTERPOLATION,
+            check=_check_interpolation,
+        ),
+        MethodSpec(
+            "task_arithmetic",
+            _task_arithmetic,
+            needs_base=True,
+            global_params=_DELTA,
+            model_params={"weight": WEIGHT},
+            delta=True,
+        ),
+        MethodSpec(
+            "ties",
+            _ties,
+            needs_base=True,
+            global_params=_DELTA,
+            model_params={"weight": WEIGHT, "density": DENSITY},
+            delta=True,
+            lora=True,
+        ),
+        MethodSpec(
+            "dare_linear",
+            _dare("linear"),
+            needs_base=True,
+            global_params=_DELTA,
+            model_params={"weight": WEIGHT, "drop_rate": DROP_RATE},
+            delta=True,
+            lora=True,
+            seeded=True,
+        ),
+        MethodSpec(
+            "dare_ties",
+            _dare("ties"),
+            needs_base=True,
+            global_params=_DELTA,
+            model_params={"weight": WEIGHT, "drop_rate": DROP_RATE, "density": Param(1.0, check_density)},
+            delta=True,
+            lora=True,
+            seeded=True,
+        ),
+        MethodSpec(
+            "breadcrumbs",
+            _breadcrumbs,
+            needs_base=True,
+            global_params=_DELTA,
+            model_params={
+                "weight": WEIGHT,
+                "beta": Param(0.01, check_fraction),
+                "gamma": Param(0.9, check_fraction),
+            },
+            delta=True,
+            check=_check_breadcrumbs,
+        ),
+        MethodSpec(
+            "magnitude_prune",
+            _magnitude_prune,
+            needs_base=True,
+            global_params=_DELTA,
+            model_params={"weight": WEIGHT, "density": DENSITY},
+            delta=True,
+        ),
+        MethodSpec(
+            "consensus",
+            _consensus,
+            needs_base=True,
+            min_models=2,
+            global_params={**_DELTA, "k": Param(2, check_count)},
+            model_params={"weight": WEIGHT, "tall_lambda": Param(0.6, check_non_negative)},
+            delta=True,
+        ),
+        MethodSpec("model_stock", _model_stock, needs_base=True, min_models=2),
+        MethodSpec(
+            "fisher",
+            _fisher,
+            needs_base=False,
+            global_params={"eps": Param(1e-8, check_non_negative)},
+            model_params={"weight": WEIGHT, "fisher": Param(REQUIRED, check_path)},
+        ),
+    ]
+}
+
+
+def method_spec(where: str, value: Any) -> MethodSpec:
+    """The registered method named ``value`` (a string); else a ValueError naming ``where``, the choices."""
+    known = sorted(METHODS)
+    if not isinstance(value, str):
+        raise ValueError(
+            f"{where}: expected a method name (a string), got {value!r} (known: {', '.join(known)})"
+        )
+    if value not in known:
+        raise ValueError(f"{where}: unknown merge method {value!r} (known: {', '.join(known)})")
+    return METHODS[value]
+
+
+def check_params(where: str, params: Any, spec: MethodSpec, allow_global: bool = True) -> dict[str, Any]:
+    """Check a mapping of parameter values against ``spec``: known names, each value its own check."""
+    if params is None:
+        return {}
+    if not isinstance(params, Mapping):
+        raise ValueError(f"{where}: expected a mapping of parameter names to values, got {params!r}")
+    known = dict(spec.model_params)
+    if allow_global:
+        known.update(spec.global_params)
+    for key, value in params.items():
+        if key not in known:
+            names = ", ".join(sorted(known)) or "none"
+            raise ValueError(
+                f"{where}: unknown parameter {key!r} for merge_method {spec.name!r} (known: {names})"
+            )
+        known[key].check(f"{where}.{key}", value)
+    return dict(params)
+
+
+def resolve_params(
+    spec: MethodSpec, layers: Sequence[Mapping[str, Any]], per_model: Sequence[Mapping[str, Any]]
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(method-wide parameters, one dict per model): defaults, then ``layers`` in order (later wins); a
+    model's own values (``per_model``) come before the last layer (an override beats them)."""
+    gparams = {k: p.default for k, p in spec.global_params.items()}
+    for layer in layers:
+        gparams.update({k: v for k, v in layer.items() if k in spec.global_params})
+    mparams = []
+    for own in per_model:
+        values = {k: p.default for k, p in spec.model_params.items()}
+        for layer in [*layers[:1], own, *layers[1:]]:
+            values.update({k: v for k, v in layer.items() if k in spec.model_params})
+        mparams.append(values)
+    return gparams, mparams
