@@ -8,12 +8,8 @@ from robustft.callbacks.averaging import (
 )
 from robustft.callbacks.base import RobustCallback
 from robustft.callbacks.lora_arithmetic import LoRAArithmeticCallback
-from robustft.callbacks.sam import (
-    GGPOCallback,
-    MomentumSAMCallback,
-    RandomPerturbationCallback,
-    SAMCallback,
-)
+from robustft.callbacks.perturbation import GGPOCallback, MomentumSAMCallback, RandomPerturbationCallback
+from robustft.callbacks.sam import SAMCallback
 from robustft.callbacks.wise_ft import WiseFTCallback
 
 __all__ = [
