@@ -354,6 +354,24 @@ def test_nonfinite_replay_falls_back_to_the_plain_step(tmp_path):
     assert sum(counts) == steps
 
 
+def test_nonfinite_replay_under_fp16_grad_scaler_takes_the_plain_step(tmp_path, monkeypatch):
+    """With fp16's GradScaler the fallback also puts back the scaler's state of the first pass (gradient
+    unscaled, no inf found): the scaler steps and keeps its scale, and the weights equal a plain fp16 run."""
+    torch.manual_seed(0)
+    model = NanAwayFromStart()
+    plain = copy.deepcopy(model)
+    kw = {"ga": 2, "total_batch": 8, "steps": 2, "data": _mlp_data()}
+    for m, cbs, out in ((plain, [], "plain"), (model, [SAMCallback(rho=RHO), MarkStart()], "sam")):
+        trainer = make_trainer(m, tmp_path / out, cbs, **kw)
+        scaler = _fp16_scaler(trainer, monkeypatch)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            trainer.train()
+        assert scaler.get_scale() == 2.0**12  # no step was skipped for an inf
+    for (n, p), q in zip(model.named_parameters(), plain.parameters(), strict=True):
+        assert torch.isfinite(p).all() and torch.equal(p, q), n
+
+
 def test_float64_model_is_perturbed_in_float64(tmp_path):
     """SAM on a float64 model: the weights seen by the replay are w + ρ·g/‖g‖ computed densely in float64
     (g the full-batch gradient); a float32 ε is off by ~1e-9, far outside the 1e-15 tolerance."""
@@ -471,6 +489,18 @@ def test_sam_with_fp16_grad_scaler_unscales_the_second_gradient(tmp_path, monkey
     model = tiny_bert()
     ref_model = copy.deepcopy(model)
     trainer = make_trainer(model, tmp_path, [SAMCallback(rho=RHO)], ga=2)
+    scaler = _fp16_scaler(trainer, monkeypatch)
+    updates = []
+    orig_update = scaler.update
+    monkeypatch.setattr(scaler, "update", lambda *a: (updates.append(scaler.get_scale()), orig_update(*a)))
+    trainer.train()
+    reference_sam(ref_model, ToyData().batch(), 3, RHO, False, 0.0, float("inf"), 0.1, 0.9, scale=2)
+    assert updates == [2.0**12] * 3  # the scaler stepped and updated every step, no inf found
+    assert _max_diff(model, ref_model) < 1e-4
+
+
+def _fp16_scaler(trainer, monkeypatch) -> torch.amp.GradScaler:
+    """Give a CPU Trainer the wiring of a GPU fp16 run: a GradScaler on the accelerator and its optimizer."""
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
     acc = trainer.accelerator
     monkeypatch.setattr(acc, "scaler", scaler)
@@ -486,13 +516,7 @@ def test_sam_with_fp16_grad_scaler_unscales_the_second_gradient(tmp_path, monkey
         return out
 
     monkeypatch.setattr(acc, "prepare", prepare)
-    updates = []
-    orig_update = scaler.update
-    monkeypatch.setattr(scaler, "update", lambda *a: (updates.append(scaler.get_scale()), orig_update(*a)))
-    trainer.train()
-    reference_sam(ref_model, ToyData().batch(), 3, RHO, False, 0.0, float("inf"), 0.1, 0.9, scale=2)
-    assert updates == [2.0**12] * 3  # the scaler stepped and updated every step, no inf found
-    assert _max_diff(model, ref_model) < 1e-4
+    return scaler
 
 
 @pytest.mark.slow
