@@ -49,6 +49,7 @@ __all__ = [
 
 DEFAULT_ALPHAS: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(11))
 
+
 def check_alphas(alphas: Sequence[float], extrapolate: bool = False) -> list[float]:
     """The α grid as sorted unique floats, each checked by :func:`check_alpha`."""
     if isinstance(alphas, (str, bytes)) or not len(alphas):
