@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from robustft.compat import release_zero3_gathered, relink_zero_optimizer_states
 from robustft.params import is_zero3_param, zero3_partition
 
 __all__ = [
@@ -82,10 +83,7 @@ def reshard(model: nn.Module | None) -> None:
     """
     if model is None:
         return
-    zero3 = next((p for p in model.parameters() if is_zero3_param(p)), None)
-    optimizer = getattr(zero3, "_z3_optimizer", None)  # set by the engine; what safe_get_local_grad uses
-    if optimizer is not None:
-        optimizer.empty_partition_cache()  # releases every gathered parameter (no gc, unlike the engine's)
+    release_zero3_gathered(next((p for p in model.parameters() if is_zero3_param(p)), None))
     try:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:  # torch without FSDP2
@@ -182,12 +180,7 @@ def deepspeed_optimizer_states(
     if any(is_zero3_param(p) for p in params):
         local = _deepspeed().utils.safe_get_local_optimizer_state
         return [_valid(p, local(p, key)) for p in params]
-    if hasattr(zero, "_lazy_init_hp_params_optimizer_state"):
-        # deepspeed 0.19.8 links parameters to their optimizer state once, right after the first
-        # param group's first step, so the parameters of later groups (the Trainer's no-decay group)
-        # stay unlinked and their lookup raises; linking again only makes views
-        zero._hp_optimizer_states_linked = False
-        zero._lazy_init_hp_params_optimizer_state()
+    relink_zero_optimizer_states(zero)  # parameters of later param groups are linked lazily, if ever
     get = _deepspeed().utils.safe_get_full_optimizer_state
     return [get(p, key) for p in params]
 

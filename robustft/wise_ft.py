@@ -16,7 +16,6 @@ import csv
 import io
 import json
 import os
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ from torch import nn
 
 from robustft import distributed
 from robustft.checkpoint import atomic_write_text
+from robustft.lora.layers import is_lora_b, lora_a_name
 from robustft.ops.interpolate import (
     check_alpha,
     check_method,
@@ -48,8 +48,6 @@ __all__ = [
 ]
 
 DEFAULT_ALPHAS: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(11))
-
-_LORA_B = re.compile(r"(^|\.)lora_(embedding_)?B(\.|$)")
 
 
 def check_alphas(alphas: Sequence[float], extrapolate: bool = False) -> list[float]:
@@ -139,8 +137,8 @@ class WiseFTWeights:
         self.params = dict(params)
         self.model = model  # resharded after every write (FSDP2), see distributed.reshard
         names = list(self.params)
-        self.lora_b = [n for n in names if _LORA_B.search(n)]
-        partners = {_lora_a_name(b) for b in self.lora_b}
+        self.lora_b = [n for n in names if is_lora_b(n)]
+        partners = {lora_a_name(b) for b in self.lora_b}
         self.lora_a = [n for n in names if n in partners]
         factor = set(self.lora_b) | set(self.lora_a)
         self.dense = [n for n in names if n not in factor]
@@ -218,10 +216,6 @@ class WiseFTWeights:
                 f"{source}: saved WiSE-FT start covers other tensors than the selected parameters"
             )
         self.start.load_state_dict(tensors, prefix="start.", source=source)
-
-
-def _lora_a_name(b_name: str) -> str:
-    return re.sub(r"(^|\.)lora_(embedding_)?B(\.|$)", lambda m: f"{m[1]}lora_{m[2] or ''}A{m[3]}", b_name)
 
 
 # -- the curve ---------------------------------------------------------------------------------

@@ -17,12 +17,8 @@ if TYPE_CHECKING:  # the same names, for type checkers and IDEs
     )
     from robustft.callbacks.base import RobustCallback
     from robustft.callbacks.lora_arithmetic import LoRAArithmeticCallback
-    from robustft.callbacks.sam import (
-        GGPOCallback,
-        MomentumSAMCallback,
-        RandomPerturbationCallback,
-        SAMCallback,
-    )
+    from robustft.callbacks.perturbation import GGPOCallback, MomentumSAMCallback, RandomPerturbationCallback
+    from robustft.callbacks.sam import SAMCallback
     from robustft.callbacks.wise_ft import WiseFTCallback
 
 __getattr__, __dir__ = lazy_exports(
@@ -36,12 +32,12 @@ __getattr__, __dir__ = lazy_exports(
         ),
         "robustft.callbacks.base": ("RobustCallback",),
         "robustft.callbacks.lora_arithmetic": ("LoRAArithmeticCallback",),
-        "robustft.callbacks.sam": (
+        "robustft.callbacks.perturbation": (
             "GGPOCallback",
             "MomentumSAMCallback",
             "RandomPerturbationCallback",
-            "SAMCallback",
         ),
+        "robustft.callbacks.sam": ("SAMCallback",),
         "robustft.callbacks.wise_ft": ("WiseFTCallback",),
     },
 )

@@ -7,7 +7,6 @@ reach the next Trainer log (and so TensorBoard/W&B) and ``state.log_history``.
 
 from __future__ import annotations
 
-import inspect
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -19,25 +18,9 @@ from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback
 
 from robustft import distributed
 from robustft.checkpoint import load_state, save_state
+from robustft.compat import caller_self
 
 __all__ = ["RobustCallback", "caller_self"]
-
-
-def caller_self(kind: type, depth: int = 12):
-    """The nearest ``self`` of type ``kind`` up the call stack, or None.
-
-    The Trainer hands callbacks neither itself nor its callback handler; both are the ``self`` of a
-    frame that is running the current event, so they are found there.
-    """
-    frame = inspect.currentframe()
-    for _ in range(depth):
-        frame = frame.f_back if frame is not None else None
-        if frame is None:
-            return None
-        owner = frame.f_locals.get("self")
-        if isinstance(owner, kind):
-            return owner
-    return None
 
 
 class RobustCallback(TrainerCallback):

@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from robustft.checkpoint import atomic_output_dir
 from robustft.lora.algebra import DeltaSet, LoRADelta, combine, combine_dense
+from robustft.lora.layers import mentions_lora, parse_factor_key
 from robustft.ops.registry import METHODS, check_integer, check_number
 
 __all__ = [
@@ -48,15 +49,6 @@ __all__ = [
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
-_FACTOR = re.compile(
-    r"^(?P<module>.+)\.(?P<key>lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)$"
-)
-_KIND = {
-    "lora_A.weight": "linear",
-    "lora_B.weight": "linear",
-    "lora_embedding_A": "embedding",
-    "lora_embedding_B": "embedding",
-}
 
 
 @dataclass
@@ -115,20 +107,17 @@ def adapter_from_state_dict(
     extras: dict[str, torch.Tensor] = {}
     for key, tensor in state_dict.items():
         name = key[len(PREFIX) :] if key.startswith(PREFIX) else key
-        m = _FACTOR.match(name)
-        if m is None:
-            if ".lora_" in name:
+        parsed = parse_factor_key(name)
+        if parsed is None:
+            if mentions_lora(name):
                 raise ValueError(
                     f"{source}: tensor {key!r} is a LoRA part robustft cannot combine exactly "
                     "(lora_bias, DoRA or a tuner variant); not supported"
                 )
             extras[key] = tensor
             continue
-        module, part = m["module"], m["key"]
-        factors.setdefault(module, {})[part[len("lora_embedding_") :] if "embedding" in part else part[5]] = (
-            tensor
-        )
-        kinds[module] = _KIND[part]
+        module, factor, kinds[module] = parsed
+        factors.setdefault(module, {})[factor] = tensor
     deltas = DeltaSet()
     dtype = None
     for module, parts in sorted(factors.items()):

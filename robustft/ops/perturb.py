@@ -1,12 +1,14 @@
 """Weight perturbations for flat minima: SAM/ASAM ascent steps, momentum and random perturbations.
 
-Pure tensor maths (no Trainer, no PEFT, no I/O). The callbacks in ``robustft.callbacks.sam``
-decide when to call them. Conventions:
+Pure tensor maths (no Trainer, no PEFT, no I/O). The callbacks in ``robustft.callbacks.sam`` and
+``robustft.callbacks.perturbation`` decide when to call them. Conventions:
 
 * a perturbation is a list of tensors ``eps`` added to the weights ``w`` (``w + eps``);
 * norms are global (over every tensor of the list) and accept a ``reduce`` hook (e.g.
   ``robustft.distributed.all_reduce_sum``) applied to the sum of squares, so sharded tensors
   (FSDP2 local shards) give the norm of the full model;
+* everything is computed in float32, or in the tensors' own dtype when it is wider (float64 models
+  are perturbed in float64; :func:`compute_dtype`);
 * random noise is regenerated from a ``(seed, step, index)`` triple, so it never has to be stored;
 * :func:`perturb_` / :func:`unperturb_` add and remove a perturbation *bit-exactly* without a
   parameter-sized buffer: ``fl(fl(w + e) - e)`` differs from ``w`` only on a few elements, whose
@@ -25,6 +27,7 @@ from robustft.ops import Reduce
 
 __all__ = [
     "Fixup",
+    "compute_dtype",
     "flat_row_sq_norms",
     "ggpo_row_scale",
     "global_norm",
@@ -43,22 +46,32 @@ __all__ = [
 ]
 
 
+def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """float32, or the widest of ``dtypes`` when wider (float64): the dtype perturbations are computed in."""
+    out = torch.float32
+    for dtype in dtypes:
+        out = torch.promote_types(out, dtype)
+    return out
+
+
 def global_norm(tensors: Sequence[torch.Tensor | None], reduce: Reduce | None = None) -> torch.Tensor:
-    """‖x‖₂ = sqrt(Σ_t Σ_i x_{t,i}²) over a list of tensors (None counts as zero), computed in float32.
+    """‖x‖₂ = sqrt(Σ_t Σ_i x_{t,i}²) over a list of tensors (None counts as zero), computed in float32
+    (float64 if a tensor is float64).
 
     ``reduce`` sums the squared norm across ranks when the tensors are local shards.
     """
     present = [t for t in tensors if t is not None]
     if not present:
         return torch.zeros(())
-    sq = torch.stack([t.detach().float().pow(2).sum() for t in present]).sum()
+    dtype = compute_dtype(*(t.dtype for t in present))
+    sq = torch.stack([t.detach().to(dtype).pow(2).sum() for t in present]).sum()
     if reduce is not None:
         sq = reduce(sq)
     return sq.sqrt()
 
 
 def _asam_scale(w: torch.Tensor, eta: float) -> torch.Tensor:
-    return w.detach().float().abs().add_(eta)
+    return w.detach().to(compute_dtype(w.dtype)).abs().add_(eta)
 
 
 def sam_norm(
@@ -72,7 +85,7 @@ def sam_norm(
     if not adaptive:
         return global_norm(grads, reduce)
     scaled = [
-        None if g is None else _asam_scale(w, eta) * g.detach().float()
+        None if g is None else _asam_scale(w, eta) * g.detach().to(compute_dtype(w.dtype, g.dtype))
         for w, g in zip(weights, grads, strict=True)
     ]
     return global_norm(scaled, reduce)
@@ -86,7 +99,8 @@ def sam_epsilon(
     adaptive: bool = False,
     eta: float = 0.0,
 ) -> torch.Tensor:
-    """ε = ρ · T_w² g / (‖T_w g‖₂ + 1e-12) for one tensor, in float32 (T_w = I for SAM, |w| + η for ASAM).
+    """ε = ρ · T_w² g / (‖T_w g‖₂ + 1e-12) for one tensor (T_w = I for SAM, |w| + η for ASAM), in float32 or
+    float64 for float64 tensors (:func:`compute_dtype`).
 
     The ascent step of SAM (Foret et al., 2021, "Sharpness-Aware Minimization for Efficiently
     Improving Generalization") and ASAM (Kwon et al., 2021); ``norm`` is :func:`sam_norm` over every
@@ -94,8 +108,9 @@ def sam_epsilon(
     a constant (gradient clipping by global norm, loss scaling) leaves ε unchanged.
     """
     if g is None:
-        return torch.zeros_like(w, dtype=torch.float32)
-    e = g.detach().float() * (rho / (norm.to(g.device).float() + 1e-12))
+        return torch.zeros_like(w, dtype=compute_dtype(w.dtype))
+    dtype = compute_dtype(w.dtype, g.dtype)
+    e = g.detach().to(dtype) * (rho / (norm.to(device=g.device, dtype=dtype) + 1e-12))
     if adaptive:
         e = e * _asam_scale(w, eta).pow(2)
     return e
@@ -115,18 +130,19 @@ def sam_perturbation(
 
 
 def momentum_epsilon(m: torch.Tensor, rho: float, norm: torch.Tensor) -> torch.Tensor:
-    """ε = −ρ · v / ‖v‖₂ with v the optimizer's momentum (float32), ``norm`` = ‖v‖ over all tensors.
+    """ε = −ρ · v / ‖v‖₂ with v the optimizer's momentum (float32 or wider), ``norm`` = ‖v‖ over all tensors.
 
     Momentum-SAM (Becker et al., 2024, "Momentum-SAM: Sharpness Aware Minimization without
     Computational Overhead"): the gradient is taken at w − ρ v/‖v‖, where v is the accumulated
     momentum, which the coming step follows; no extra forward/backward is needed.
     """
-    return m.detach().float() * (-rho / (norm.to(m.device).float() + 1e-12))
+    dtype = compute_dtype(m.dtype)
+    return m.detach().to(dtype) * (-rho / (norm.to(device=m.device, dtype=dtype) + 1e-12))
 
 
 def row_sq_norms(t: torch.Tensor) -> torch.Tensor:
     """‖t_{i,:}‖₂² for each row i (dim 0, the output filter of a Linear/Conv); a 1-D tensor is one row."""
-    t = t.detach().float()
+    t = t.detach().to(compute_dtype(t.dtype))
     if t.dim() <= 1:
         return t.pow(2).sum().reshape(1)
     return t.reshape(t.shape[0], -1).pow(2).sum(dim=1)
@@ -162,10 +178,11 @@ def flat_row_sq_norms(flat: torch.Tensor, shape: torch.Size, offset: int) -> tor
     ``flat`` is the slice starting at ``offset`` of the flattened tensor of ``shape`` (a ZeRO-3
     partition); summing the result over slices that cover the tensor (ranks) gives ``row_sq_norms``.
     """
-    out = torch.zeros(shape[0] if len(shape) > 1 else 1, dtype=torch.float32, device=flat.device)
+    dtype = compute_dtype(flat.dtype)
+    out = torch.zeros(shape[0] if len(shape) > 1 else 1, dtype=dtype, device=flat.device)
     flat = flat.detach().reshape(-1)
     for row, rows, start, stop in _flat_row_segments(shape, offset, flat.numel()):
-        out[row : row + rows] += flat[start:stop].float().reshape(rows, -1).pow(2).sum(dim=1)
+        out[row : row + rows] += flat[start:stop].to(dtype).reshape(rows, -1).pow(2).sum(dim=1)
     return out
 
 
@@ -226,8 +243,9 @@ def row_noise(
     seed: int,
     device: torch.device | str = "cpu",
     slice_of: tuple[torch.Size, int] | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """ε = z ⊙ std (broadcast per row), z ~ N(0, I) from a torch.Generator seeded with ``seed`` (float32).
+    """ε = z ⊙ std (broadcast per row), z ~ N(0, I) of ``dtype`` from a torch.Generator seeded with ``seed``.
 
     ``slice_of=(full_shape, offset)``: ``shape`` is a flat slice of a larger tensor (a ZeRO-3
     partition) whose rows are those of ``full_shape`` (:func:`scale_flat_rows_`). Deterministic for a
@@ -235,10 +253,10 @@ def row_noise(
     """
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
-    z = torch.randn(tuple(shape), generator=gen, device=device, dtype=torch.float32)
+    z = torch.randn(tuple(shape), generator=gen, device=device, dtype=dtype)
     if slice_of is not None:
         return scale_flat_rows_(z, row_scale, *slice_of)
-    scale = row_scale.to(device=device, dtype=torch.float32)
+    scale = row_scale.to(device=device, dtype=dtype)
     if len(shape) <= 1:
         return z * scale.reshape(())
     return z * scale.reshape((-1,) + (1,) * (len(shape) - 1))
@@ -253,7 +271,7 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 
 def _add(w: torch.Tensor, e: torch.Tensor, sign: float) -> torch.Tensor:
     # the same rounding on the way in and out: compute in float32 (or wider), cast back to w's dtype
-    wide = torch.promote_types(w.dtype, torch.float32)
+    wide = compute_dtype(w.dtype)
     e = e.to(device=w.device, dtype=wide)
     out = w.to(wide).add(e) if sign > 0 else w.to(wide).sub(e)
     return out.to(w.dtype)

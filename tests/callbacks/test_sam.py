@@ -312,6 +312,88 @@ def test_nonfinite_gradient_skips_sam_and_warns(tmp_path):
         assert torch.equal(p, dict(start.named_parameters())[n].detach()), n
 
 
+class NanAwayFromStart(MLP):
+    """An MLP whose loss is NaN whenever its first weight is not the one it had at the step's start:
+    finite for the Trainer's own pass, non-finite only for SAM's replay at w + ε."""
+
+    start: torch.Tensor | None = None
+
+    def forward(self, x, labels=None):
+        out = super().forward(x, labels)
+        if self.start is not None and not torch.equal(self.net[0].weight, self.start):
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+
+class MarkStart(TrainerCallback):
+    def on_step_begin(self, args, state, control, model=None, **kw):
+        model.start = model.net[0].weight.detach().clone()
+
+
+def _mlp_data(n: int = 32) -> list[dict[str, torch.Tensor]]:
+    data = NoisyLinearData(n=n)
+    return [{"x": data.x[i], "labels": data.y[i]} for i in range(n)]
+
+
+def test_nonfinite_replay_falls_back_to_the_plain_step(tmp_path):
+    """First pass finite, replay at w + ε NaN (loss and gradient): every step is then exactly the step
+    plain training takes (clipped first-pass gradient, gradient accumulation), weights stay finite, a
+    warning names the step and ``sam/nonfinite_replays`` counts the steps."""
+    torch.manual_seed(0)
+    model = NanAwayFromStart()
+    plain = copy.deepcopy(model)
+    data, steps = _mlp_data(), 3
+    kw = {"ga": 2, "total_batch": 8, "steps": steps, "max_grad_norm": CLIP, "data": data}
+    make_trainer(plain, tmp_path / "plain", [], **kw).train()
+    trainer = make_trainer(model, tmp_path / "sam", [SAMCallback(rho=RHO), MarkStart()], **kw)
+    with pytest.warns(RuntimeWarning, match="replay at w \\+ ε gave a non-finite loss or gradient at step 0"):
+        trainer.train()
+    for (n, p), q in zip(model.named_parameters(), plain.parameters(), strict=True):
+        assert torch.isfinite(p).all() and torch.equal(p, q), n
+    counts = [h["sam/nonfinite_replays"] for h in trainer.state.log_history if "sam/nonfinite_replays" in h]
+    assert sum(counts) == steps
+
+
+def test_nonfinite_replay_under_fp16_grad_scaler_takes_the_plain_step(tmp_path, monkeypatch):
+    """With fp16's GradScaler the fallback also puts back the scaler's state of the first pass (gradient
+    unscaled, no inf found): the scaler steps and keeps its scale, and the weights equal a plain fp16 run."""
+    torch.manual_seed(0)
+    model = NanAwayFromStart()
+    plain = copy.deepcopy(model)
+    kw = {"ga": 2, "total_batch": 8, "steps": 2, "data": _mlp_data()}
+    for m, cbs, out in ((plain, [], "plain"), (model, [SAMCallback(rho=RHO), MarkStart()], "sam")):
+        trainer = make_trainer(m, tmp_path / out, cbs, **kw)
+        scaler = _fp16_scaler(trainer, monkeypatch)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            trainer.train()
+        assert scaler.get_scale() == 2.0**12  # no step was skipped for an inf
+    for (n, p), q in zip(model.named_parameters(), plain.parameters(), strict=True):
+        assert torch.isfinite(p).all() and torch.equal(p, q), n
+
+
+def test_float64_model_is_perturbed_in_float64(tmp_path):
+    """SAM on a float64 model: the weights seen by the replay are w + ρ·g/‖g‖ computed densely in float64
+    (g the full-batch gradient); a float32 ε is off by ~1e-9, far outside the 1e-15 tolerance."""
+    torch.manual_seed(0)
+    model = MLP().double()
+    start = copy.deepcopy(model)
+    raw = NoisyLinearData(n=16)
+    data = [{"x": raw.x[i].double(), "labels": raw.y[i]} for i in range(16)]
+    seen = []
+    model.register_forward_pre_hook(lambda m, args: seen.append([p.detach().clone() for p in m.parameters()]))
+    make_trainer(model, tmp_path, [SAMCallback(rho=RHO)], total_batch=16, steps=1, data=data).train()
+    start.zero_grad()
+    start(raw.x.double(), raw.y)["loss"].backward()
+    grads = [p.grad for p in start.parameters()]
+    norm = torch.sqrt(sum((g**2).sum() for g in grads))
+    expected = [p.detach() + RHO * g / (norm + 1e-12) for p, g in zip(start.parameters(), grads, strict=True)]
+    assert len(seen) == 2  # the Trainer's pass, then the replay at w + ε
+    for got, want in zip(seen[1], expected, strict=True):
+        assert got.dtype == torch.float64
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-15)
+
+
 @pytest.mark.parametrize(
     ("factory", "match"),
     [
@@ -407,6 +489,18 @@ def test_sam_with_fp16_grad_scaler_unscales_the_second_gradient(tmp_path, monkey
     model = tiny_bert()
     ref_model = copy.deepcopy(model)
     trainer = make_trainer(model, tmp_path, [SAMCallback(rho=RHO)], ga=2)
+    scaler = _fp16_scaler(trainer, monkeypatch)
+    updates = []
+    orig_update = scaler.update
+    monkeypatch.setattr(scaler, "update", lambda *a: (updates.append(scaler.get_scale()), orig_update(*a)))
+    trainer.train()
+    reference_sam(ref_model, ToyData().batch(), 3, RHO, False, 0.0, float("inf"), 0.1, 0.9, scale=2)
+    assert updates == [2.0**12] * 3  # the scaler stepped and updated every step, no inf found
+    assert _max_diff(model, ref_model) < 1e-4
+
+
+def _fp16_scaler(trainer, monkeypatch) -> torch.amp.GradScaler:
+    """Give a CPU Trainer the wiring of a GPU fp16 run: a GradScaler on the accelerator and its optimizer."""
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
     acc = trainer.accelerator
     monkeypatch.setattr(acc, "scaler", scaler)
@@ -422,13 +516,7 @@ def test_sam_with_fp16_grad_scaler_unscales_the_second_gradient(tmp_path, monkey
         return out
 
     monkeypatch.setattr(acc, "prepare", prepare)
-    updates = []
-    orig_update = scaler.update
-    monkeypatch.setattr(scaler, "update", lambda *a: (updates.append(scaler.get_scale()), orig_update(*a)))
-    trainer.train()
-    reference_sam(ref_model, ToyData().batch(), 3, RHO, False, 0.0, float("inf"), 0.1, 0.9, scale=2)
-    assert updates == [2.0**12] * 3  # the scaler stepped and updated every step, no inf found
-    assert _max_diff(model, ref_model) < 1e-4
+    return scaler
 
 
 @pytest.mark.slow

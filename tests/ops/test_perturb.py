@@ -51,6 +51,39 @@ def test_sam_perturbation_is_the_dense_formula(adaptive, eta):
             assert (gf @ (0.1 * r / r.norm())).item() <= (gf @ _flat(eps).double()).item()
 
 
+@pytest.mark.parametrize(("adaptive", "eta"), [(False, 0.0), (True, 0.01)])
+def test_float64_tensors_are_perturbed_in_float64(adaptive, eta):
+    """float64 weights/gradients: ε, norms and row norms equal the float64 dense formula to float64
+    precision (a float32 computation is off by ~1e-8 relative); float32 inputs still give float32."""
+    w, g = _tensors()
+    w, g = [x.double() for x in w], [x.double() for x in g]
+    eps = sam_perturbation(w, g, rho=0.1, adaptive=adaptive, eta=eta)
+    wf, gf = _flat(w), _flat(g)
+    t = (wf.abs() + eta) if adaptive else torch.ones_like(wf)
+    expected = 0.1 * t * t * gf / (torch.linalg.vector_norm(t * gf) + 1e-12)
+    assert all(e.dtype == torch.float64 for e in eps)
+    torch.testing.assert_close(_flat(eps), expected, rtol=1e-14, atol=0)
+    torch.testing.assert_close(global_norm(g), torch.linalg.vector_norm(gf), rtol=1e-15, atol=0)
+    norm = global_norm(g)
+    msam = momentum_epsilon(g[0], 0.1, norm)
+    torch.testing.assert_close(msam, -0.1 * g[0] / (norm + 1e-12), rtol=1e-15, atol=0)
+    torch.testing.assert_close(row_sq_norms(w[0]), (w[0] ** 2).sum(dim=1), rtol=1e-15, atol=0)
+    flat = w[2].reshape(-1)
+    tail = flat_row_sq_norms(flat[8:], w[2].shape, 8)  # rows 1 and 2 whole: offset 8 starts row 1
+    torch.testing.assert_close(tail[1:], (w[2] ** 2).sum(dim=(1, 2))[1:], rtol=1e-15, atol=0)
+    assert sam_perturbation([x.float() for x in w], [x.float() for x in g], 0.1)[0].dtype == torch.float32
+
+
+def test_float64_noise_undo_is_bit_exact():
+    w = torch.randn(6, 5, dtype=torch.float64)
+    e = row_noise(w.shape, rwp_row_scale(row_sq_norms(w), w.shape, 0.05), seed=3, dtype=torch.float64)
+    assert e.dtype == torch.float64
+    before = w.clone()
+    fixup = perturb_(w, e)
+    unperturb_(w, e, fixup)
+    assert torch.equal(w.view(torch.int64), before.view(torch.int64))
+
+
 def test_sam_perturbation_ignores_gradient_scale_and_missing_grads():
     w, g = _tensors()
     a = sam_perturbation(w, g, 0.05)

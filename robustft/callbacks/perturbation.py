@@ -1,0 +1,527 @@
+"""Weight perturbations as ``TrainerCallback``s: the shared base and the one-pass family.
+
+* :class:`_WeightPerturbation` - what every perturbation callback shares (exact SAM in
+  ``robustft.callbacks.sam`` included): options, parameter selection, the ρ schedule, the hook on
+  ``trainer.training_step``, metrics.
+* :class:`MomentumSAMCallback`, :class:`RandomPerturbationCallback` (RWP / Flat-LoRA),
+  :class:`GGPOCallback` (LoRA-GGPO) - one forward/backward per step: perturb at ``on_step_begin``,
+  undo at ``on_pre_optimizer_step``, so the gradient is taken at w + ε and the step applied to w.
+
+The maths is in ``robustft.ops.perturb``; PEFT LoRA layers are found by ``robustft.lora.layers``.
+
+How the callbacks reach the Trainer: callbacks are never handed the Trainer or the batch. These
+callbacks find the Trainer that calls ``on_train_begin`` (it is on the call stack), or you pass it
+with ``callback.attach(trainer)``. They then wrap ``trainer.training_step`` (an instance attribute,
+removed at ``on_train_end``) to undo a perturbation when a micro-batch raises (exact SAM also records
+the micro-batches).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import torch
+
+from robustft import distributed
+from robustft.callbacks.base import RobustCallback
+from robustft.lora.layers import lora_delta, lora_layers
+from robustft.ops.perturb import (
+    Fixup,
+    compute_dtype,
+    flat_row_sq_norms,
+    ggpo_row_scale,
+    global_norm,
+    momentum_epsilon,
+    noise_seed,
+    perturb_,
+    row_noise,
+    row_sq_norms,
+    rwp_row_scale,
+    scheduled_rho,
+    unperturb_,
+)
+from robustft.params import (
+    full_shape,
+    is_sharded,
+    is_zero3_param,
+    local_tensor,
+    select_parameters,
+    zero3_partition,
+)
+
+__all__ = ["GGPOCallback", "MomentumSAMCallback", "RandomPerturbationCallback"]
+
+_SCHEDULES = ("constant", "linear")
+
+
+class _WeightPerturbation(RobustCallback):
+    """What all variants share: options, parameter selection, ρ schedule, the Trainer hook, metrics."""
+
+    log_prefix = "sam"
+    #: True when the callback keeps state a resumed run must read back
+    has_state = False
+
+    def __init__(
+        self,
+        rho: float,
+        schedule: str = "constant",
+        start_step: int = 0,
+        include: str | list[str] | None = None,
+        exclude: str | list[str] | None = None,
+        skip_norm_and_bias: bool = False,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not math.isfinite(rho) or rho <= 0:
+            raise ValueError(f"rho: must be a finite number > 0, got {rho!r}")
+        if schedule not in _SCHEDULES:
+            raise ValueError(f"schedule: {schedule!r} is not one of {_SCHEDULES}")
+        if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
+            raise ValueError(f"start_step: must be an integer >= 0, got {start_step!r}")
+        self.rho = float(rho)
+        self.schedule = schedule
+        self.start_step = start_step
+        self.include = include
+        self.exclude = exclude
+        self.skip_norm_and_bias = skip_norm_and_bias
+        self._orig_training_step = None
+        self._model = None
+        self._params: dict[str, torch.Tensor] = {}
+        self._sums: dict[str, list[float]] = {}
+
+    # -- the Trainer ---------------------------------------------------------------------------
+    def _hook_trainer(self, required: bool) -> None:
+        if self.trainer is None:
+            if required:
+                raise ValueError(
+                    f"{type(self).__name__}: no Trainer found; call callback.attach(trainer) before train()"
+                )
+            return
+        if getattr(self.trainer, "is_deepspeed_enabled", False) and required:
+            raise ValueError(
+                f"{type(self).__name__} does not support DeepSpeed: the engine steps inside its own "
+                "backward, so the gradient cannot be replaced before the step. Use DDP or FSDP, or a "
+                "one-pass variant."
+            )
+
+        def make_wrapper(orig):
+            def training_step(model, inputs, num_items_in_batch=None, *args, **kwargs):
+                recorded = self._before_micro_batch(model, inputs, num_items_in_batch)
+                try:
+                    loss = orig(model, inputs, num_items_in_batch, *args, **kwargs)
+                except BaseException:
+                    self._on_micro_batch_error()
+                    raise
+                self._after_micro_batch(recorded, loss)
+                return loss
+
+            return training_step
+
+        self._orig_training_step = self.wrap_method("training_step", make_wrapper)
+
+    def _unhook_trainer(self) -> None:
+        self.unwrap_method("training_step")
+        self._orig_training_step = None
+
+    def _before_micro_batch(self, model, inputs, num_items_in_batch) -> Any:
+        return None
+
+    def _after_micro_batch(self, recorded: Any, loss: torch.Tensor) -> None:
+        pass
+
+    def _on_micro_batch_error(self) -> None:
+        pass
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _select(self, model) -> dict[str, torch.Tensor]:
+        return select_parameters(
+            model, self.include, self.exclude, trainable_only=True, skip_norm_and_bias=self.skip_norm_and_bias
+        )
+
+    def _rho_at(self, state) -> float:
+        return scheduled_rho(self.rho, self.schedule, state.global_step, self.start_step, state.max_steps)
+
+    def _reduce(self):
+        return distributed.all_reduce_sum if is_sharded(self._params) else None
+
+    def _record(self, name: str, value: float, mean: bool = True) -> None:
+        """Mean (or sum, for counts) of a metric over the steps since the last Trainer log."""
+        total = self._sums.setdefault(name, [0.0, 0])
+        total[0] += float(value)
+        total[1] += 1
+        self.pending_logs[f"{self.log_prefix}/{name}"] = total[0] / total[1] if mean else total[0]
+
+    def _warn_nonfinite(self, state, what: str, outcome: str) -> None:
+        """Warn that ``what`` is non-finite at this step and say what happens (``outcome``); count it."""
+        warnings.warn(
+            f"{type(self).__name__}: non-finite {what} at step {state.global_step}; no perturbation this "
+            f"step: {outcome}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        self._record("skipped_nonfinite", 1.0, mean=False)
+
+    # -- events --------------------------------------------------------------------------------
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        super().on_log(args, state, control, logs=logs, **kwargs)
+        if logs is not None:
+            self._sums = {}
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._unhook_trainer()
+
+
+class _OnePass(_WeightPerturbation):
+    """Perturb at ``on_step_begin``; undo bit-exactly at ``on_pre_optimizer_step`` or if a micro-batch raises.
+
+    Nothing parameter-sized is kept: the perturbation is regenerated from small per-tensor data
+    (a seed, row scales, a norm) and :func:`robustft.ops.perturb.perturb_` keeps only the elements
+    where floating point does not round-trip (a few percent, reported as ``<prefix>/fixup_fraction``).
+    """
+
+    def __init__(self, rho: float, seed: int = 0, **kwargs):
+        super().__init__(rho, **kwargs)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed: must be an integer, got {seed!r}")
+        self.seed = seed
+        # index -> (tensor, per-tensor context, fixup) for the perturbation in force
+        self._applied: list[tuple[int, torch.Tensor, Any, Fixup]] = []
+        self._step = 0
+        self._engine = None  # the DeepSpeed engine whose step undoes the perturbation, if any
+
+    def _targets(self, model) -> dict[str, torch.Tensor]:
+        return self._select(model)
+
+    def _seed_for(self, step: int, index: int) -> int:
+        # replicated weights (DDP) draw the same noise on every rank; FSDP2 shards each draw their own
+        shard = distributed.rank() if is_sharded(self._params) else 0
+        return noise_seed(self.seed, step, index + (shard << 32))
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        super().on_train_begin(args, state, control, model=model, **kwargs)
+        self._hook_trainer(required=False)
+        self._model = model
+        self._params = self._targets(model)
+        self._hook_deepspeed_step(model)
+        resume = self.resume_dir(args, state)
+        if resume is not None and self.has_state:
+            self.load_from(resume)
+
+    def _hook_deepspeed_step(self, model) -> None:
+        """Under DeepSpeed, undo the perturbation just before the engine's step.
+
+        The engine steps inside the backward of the last micro-batch, before ``on_pre_optimizer_step``,
+        and then copies its fp32 master weights into the model: an undo after that would corrupt them.
+        """
+        stage = distributed.deepspeed_stage(self.trainer if self.trainer is not None else model)
+        if stage is None:
+            return
+        engine = distributed.deepspeed_engine(self.trainer)
+        if engine is None:
+            raise ValueError(f"{type(self).__name__}: DeepSpeed ZeRO-{stage} runs but no engine was found")
+        self._engine = engine
+
+        def make_wrapper(original):
+            def step(*args, **kwargs):
+                self._before_deepspeed_step()
+                return original(*args, **kwargs)
+
+            return step
+
+        self.wrap_method("step", make_wrapper, target=engine)
+
+    def _before_deepspeed_step(self) -> None:
+        self._restore()
+
+    # subclasses: small per-tensor context (None = do not perturb this tensor), then the noise from it
+    def _contexts(self, weights: list[torch.Tensor], rho: float, state, optimizer) -> list[Any]:
+        raise NotImplementedError
+
+    def _noise(self, index: int, w: torch.Tensor, ctx: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+    def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
+        self._restore()  # never stack two perturbations
+        rho = self._rho_at(state)
+        if rho <= 0:
+            return
+        self._step = state.global_step
+        weights = [local_tensor(p) for p in self._params.values()]
+        contexts = self._contexts(weights, rho, state, optimizer)
+        noise_sq = []
+        fixed = total = 0
+        try:
+            for i, (w, ctx) in enumerate(zip(weights, contexts, strict=True)):
+                if ctx is None:
+                    continue
+                e = self._noise(i, w, ctx)
+                noise_sq.append(e.pow(2).sum())
+                # exact to undo even if e holds NaN/Inf: every element then is a fix-up
+                fixup = perturb_(w, e)
+                self._applied.append((i, w, ctx, fixup))
+                fixed += fixup.numel()
+                total += w.numel()
+        except BaseException:
+            self._restore()
+            raise
+        distributed.reshard(self._model)  # FSDP2: the next forward gathers the perturbed shards
+        sq = torch.stack([x.float().cpu() for x in noise_sq]).sum() if noise_sq else torch.zeros(())
+        reduce = self._reduce()
+        if reduce is not None:  # ‖ε‖ of the whole model, the same on every rank
+            sq = reduce(sq.to(weights[0].device)).cpu()
+        if not self._applied:
+            return
+        norm = sq.sqrt().item()
+        if not math.isfinite(norm):
+            self._restore()
+            self._warn_nonfinite(state, "perturbation", "the gradient is taken at the unperturbed weights")
+            return
+        self._record("perturbation_norm", norm)
+        self._record("fixup_fraction", fixed / max(total, 1))
+
+    def _restore(self) -> None:
+        applied, self._applied = self._applied, []
+        for i, w, ctx, fixup in reversed(applied):
+            unperturb_(w, self._noise(i, w, ctx), fixup)
+        if applied:
+            distributed.reshard(self._model)
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self._restore()
+
+    def _on_micro_batch_error(self) -> None:
+        self._restore()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._restore()
+        if self._engine is not None:
+            self.unwrap_method("step", target=self._engine)
+            self._engine = None
+        super().on_train_end(args, state, control, **kwargs)
+
+    def on_save(self, args, state, control, **kwargs):
+        self._restore()
+        super().on_save(args, state, control, **kwargs)
+
+
+class MomentumSAMCallback(_OnePass):
+    """Momentum-SAM (Becker et al., 2024): gradient at w − ρ·v/‖v‖, v = the optimizer's momentum.
+
+    v is SGD's ``momentum_buffer`` or Adam's ``exp_avg``; on the first step (no momentum yet) the
+    step is plain. ~1x the cost of a plain step. Options as :class:`SAMCallback` (ρ, schedule, ...).
+    """
+
+    state_name = "momentum_sam"
+    log_prefix = "msam"
+
+    def __init__(self, rho: float = 0.3, **kwargs):
+        super().__init__(rho, **kwargs)
+        self._warned = False
+
+    def _contexts(self, weights, rho, state, optimizer):
+        if optimizer is None:
+            raise ValueError("MomentumSAMCallback: the Trainer passed no optimizer to the callback")
+        buffers = []
+        if self._engine is not None:  # DeepSpeed ZeRO-1/2 keys its state by flat partitions
+            found = distributed.deepspeed_optimizer_states(
+                self._engine, self._params.values(), ("momentum_buffer", "exp_avg")
+            )
+        else:
+            found = []
+            for p in self._params.values():
+                st = optimizer.state.get(p, {}) if hasattr(optimizer, "state") else {}
+                found.append(st.get("momentum_buffer", st.get("exp_avg")))
+        for buf in found:
+            buffers.append(None if buf is None else local_tensor(buf))
+        if all(b is None for b in buffers):
+            if state.global_step > self.start_step and not self._warned:
+                warnings.warn(
+                    "MomentumSAMCallback: the optimizer keeps no momentum (momentum_buffer/exp_avg); "
+                    "no perturbation is applied",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                self._warned = True
+            return [None] * len(buffers)
+        norm = global_norm(buffers, self._reduce())
+        if not torch.isfinite(norm):
+            self._warn_nonfinite(
+                state, "momentum", "the optimizer still steps with this momentum, so its update is non-finite"
+            )
+            return [None] * len(buffers)
+        if norm == 0:
+            return [None] * len(buffers)
+        return [None if b is None else (b, rho, norm) for b in buffers]
+
+    def _noise(self, index, w, ctx):
+        buf, rho, norm = ctx
+        return momentum_epsilon(buf, rho, norm)
+
+
+class _RowWise(_OnePass):
+    """One-pass perturbations with Gaussian noise scaled per weight row: ε_{i,j} = z_{i,j}·std_i.
+
+    Subclasses give each tensor's per-row std (row norms from :meth:`_row_sq`). Under ZeRO-3 each rank
+    draws its partition's noise and scales each element by its row's std (``scale_flat_rows_``).
+    """
+
+    def _noise(self, index, w, ctx):
+        scale, step, name = ctx
+        param = self._params[name]
+        slice_of = (full_shape(param), zero3_partition(param)[0]) if is_zero3_param(param) else None
+        seed, dtype = self._seed_for(step, index), compute_dtype(w.dtype)
+        return row_noise(w.shape, scale, seed, device=w.device, slice_of=slice_of, dtype=dtype)
+
+    def _row_sq(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        """Squared row norms of ``t``, the local part of parameter ``name`` (or of its gradient).
+
+        FSDP2 shards dim 0, so each rank holds whole rows of a matrix; a 1-D tensor is one row split over
+        the ranks, whose squared norm is summed across them. A ZeRO-3 partition is a flat slice that
+        cuts rows anywhere: each rank's share of every row is summed across them.
+        """
+        param = self._params[name]
+        if is_zero3_param(param):  # a flat slice of the rows: each rank adds its elements' squares
+            offset = zero3_partition(param)[0]
+            return distributed.all_reduce_sum(flat_row_sq_norms(t, full_shape(param), offset))
+        if is_sharded({name: param}):
+            shard_dims = [getattr(pl, "dim", 0) for pl in getattr(param, "placements", ()) if pl.is_shard()]
+            if param.dim() > 1 and any(d != 0 for d in shard_dims):
+                raise ValueError(
+                    f"{type(self).__name__}: {name!r} is sharded along a dim other than 0; row-wise "
+                    "perturbations need FSDP2's default Shard(0)"
+                )
+            rows = row_sq_norms(t)
+            return distributed.all_reduce_sum(rows) if param.dim() <= 1 else rows
+        return row_sq_norms(t)
+
+
+class RandomPerturbationCallback(_RowWise):
+    """Random weight perturbation, filter-wise: ε_{i,j} ~ N(0, ρ²/n · ‖W_{i,:}‖²) (RWP; Flat-LoRA for LoRA).
+
+    ρ plays the paper's σ. On a plain model the selected trainable weights are perturbed. On a PEFT
+    LoRA model (``lora="auto"`` or ``True``) the perturbation acts on the merged weight
+    W' = W₀ + s·BA, as in Flat-LoRA: the row norms are those of W' and the noise is added to the frozen
+    base weight W₀ (equivalent, since W' = (W₀ + ε) + s·BA). The noise is regenerated from
+    (seed, step, tensor) to undo it; no parameter-sized buffer is kept. ~1x a plain step.
+    """
+
+    state_name = "random_perturbation"
+    log_prefix = "rwp"
+
+    def __init__(self, rho: float = 0.05, lora: bool | str = "auto", **kwargs):
+        super().__init__(rho, **kwargs)
+        if lora not in (True, False, "auto"):
+            raise ValueError(f"lora: must be True, False or 'auto', got {lora!r}")
+        self.lora = lora
+        self._layers: dict[str, torch.nn.Module] = {}
+
+    def _targets(self, model):
+        layers = lora_layers(model)
+        if self.lora is True and not layers:
+            raise ValueError("lora=True: the model has no PEFT LoRA layer")
+        if not layers or self.lora is False:
+            self._layers = {}
+            return self._select(model)
+        candidates = select_parameters(
+            model,
+            self.include,
+            self.exclude,
+            trainable_only=False,
+            skip_norm_and_bias=self.skip_norm_and_bias,
+        )
+        targets, self._layers = {}, {}
+        for name, layer in layers.items():
+            key = f"{name}.base_layer.weight"
+            if key in candidates:
+                targets[key] = candidates[key]
+                self._layers[key] = layer
+        if not targets:
+            raise ValueError(
+                "RandomPerturbationCallback: include/exclude leave no LoRA base weight to perturb"
+            )
+        return targets
+
+    @torch.no_grad()
+    def _merged_sq_rows(self, name: str, w: torch.Tensor) -> torch.Tensor:
+        layer = self._layers.get(name)
+        if layer is None:
+            return self._row_sq(name, w)
+        merged = w.to(compute_dtype(w.dtype))
+        for adapter in layer.active_adapters:
+            if adapter in layer.lora_A:
+                merged = merged + lora_delta(layer, adapter)
+        return self._row_sq(name, merged)
+
+    def _contexts(self, weights, rho, state, optimizer):
+        return [  # the full shape: a 1-D tensor's n counts the elements of every rank
+            (rwp_row_scale(self._merged_sq_rows(name, w), full_shape(self._params[name]), rho), self._step,
+             name)
+            for name, w in zip(self._params, weights, strict=True)
+        ]
+
+
+class GGPOCallback(_RowWise):
+    """LoRA-GGPO-style perturbation of the trained (LoRA) factors from weight and gradient norms.
+
+    ε_{i,j} ~ N(0, ρ²/n · (α‖W_{i,:}‖² + β‖∇W_{i,:}‖²)) per row of each trainable tensor, with ∇W the
+    previous step's gradient (see :func:`robustft.ops.perturb.ggpo_row_scale`: the paper's equation
+    was not available; this follows its abstract). Noise regenerated from a seed; ~1x a plain step.
+    The per-row gradient norms (one float per row) are saved with checkpoints.
+    """
+
+    state_name = "ggpo"
+    log_prefix = "ggpo"
+    has_state = True
+
+    def __init__(self, rho: float = 0.05, alpha: float = 1.0, beta: float = 1.0, **kwargs):
+        super().__init__(rho, **kwargs)
+        for name, v in (("alpha", alpha), ("beta", beta)):
+            if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"{name}: must be a finite number >= 0, got {v!r}")
+        if alpha == 0 and beta == 0:
+            raise ValueError("alpha and beta: at least one must be > 0")
+        self.alpha, self.beta = float(alpha), float(beta)
+        self._grad_sq_rows: dict[str, torch.Tensor] = {}
+
+    def _contexts(self, weights, rho, state, optimizer):
+        return [
+            (
+                ggpo_row_scale(
+                    self._row_sq(name, w), self._grad_sq_rows.get(name), full_shape(self._params[name]), rho,
+                    self.alpha, self.beta,
+                ),
+                self._step,
+                name,
+            )
+            for name, w in zip(self._params, weights, strict=True)
+        ]
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        super().on_pre_optimizer_step(args, state, control, **kwargs)
+        if self._engine is None:  # under DeepSpeed: recorded before the engine's step
+            self._record_grad_rows({n: p.grad for n, p in self._params.items()})
+
+    def _before_deepspeed_step(self) -> None:
+        super()._before_deepspeed_step()
+        args = self.trainer.args
+        self._record_grad_rows(
+            distributed.deepspeed_clipped_grads(self._params, self.trainer.model, args.max_grad_norm)
+        )
+
+    def _record_grad_rows(self, grads: dict[str, torch.Tensor | None]) -> None:
+        for name, g in grads.items():
+            if g is not None:
+                sq = self._row_sq(name, local_tensor(g))
+                if torch.isfinite(sq).all():
+                    self._grad_sq_rows[name] = sq
+
+    def state_dict(self):
+        return {f"grad_sq_rows.{n}": t.cpu() for n, t in self._grad_sq_rows.items()}, {"seed": self.seed}
+
+    def load_state_dict(self, tensors, meta, source):
+        self._grad_sq_rows = {k[len("grad_sq_rows.") :]: t for k, t in tensors.items()}
+
+    def sharded_state(self) -> bool:  # FSDP2: each rank keeps the row norms of its own rows
+        return is_sharded(self._params)

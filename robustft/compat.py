@@ -1,0 +1,144 @@
+"""Every use of another library's private state, and every walk of the call stack, in one place.
+
+Checked against: transformers 5.24.0, accelerate 1.15.0, deepspeed 0.19.8, torch 2.13.0, trl 1.16.0.
+``tests/test_compat.py`` has one test per function below that fails, naming the private attribute,
+when an installed release no longer has it. Update both together.
+
+Only the standard library and torch are imported at module level (this module sits at the
+params/distributed layer); transformers and DeepSpeed objects are handed in by the caller.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+__all__ = [
+    "CHECKED_AGAINST",
+    "caller_self",
+    "clip_grad_norm",
+    "grad_scaler_state",
+    "release_zero3_gathered",
+    "relink_zero_optimizer_states",
+    "reset_grad_scaler",
+    "restore_grad_scaler",
+    "trl_bookkeeping_kept",
+]
+
+CHECKED_AGAINST = {
+    "transformers": "5.24.0",
+    "accelerate": "1.15.0",
+    "deepspeed": "0.19.8",
+    "torch": "2.13.0",
+    "trl": "1.16.0",
+}
+
+
+def _missing(owner: str, name: str, library: str, what: str) -> RuntimeError:
+    return RuntimeError(
+        f"robustft.compat: {owner} has no {name!r} (checked against {library} {CHECKED_AGAINST[library]}); "
+        f"{what} cannot work with this version"
+    )
+
+
+# -- the call stack -----------------------------------------------------------------------------------
+def caller_self(kind: type, depth: int = 12) -> Any:
+    """The nearest ``self`` of type ``kind`` up the call stack, or None.
+
+    The Trainer hands callbacks neither itself nor its callback handler; both are the ``self`` (the
+    frame local of that name) of a frame that is running the current event, so they are found there.
+    """
+    frame = inspect.currentframe()
+    for _ in range(depth):
+        frame = frame.f_back if frame is not None else None
+        if frame is None:
+            return None
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, kind):
+            return owner
+    return None
+
+
+# -- transformers / TRL Trainer -----------------------------------------------------------------------
+def clip_grad_norm(trainer: Any, model: torch.nn.Module) -> None:
+    """Clip (and unscale) the gradients as the Trainer's own step does (``Trainer._clip_grad_norm``)."""
+    clip = getattr(trainer, "_clip_grad_norm", None)
+    if clip is None:
+        raise _missing(type(trainer).__name__, "_clip_grad_norm", "transformers", "SAMCallback's replay")
+    clip(model)
+
+
+@contextmanager
+def trl_bookkeeping_kept(trainer: Any) -> Iterator[None]:
+    """Put TRL's per-batch bookkeeping (``_metrics``, ``_total_train_tokens``) back as it was on exit.
+
+    TRL trainers count tokens and collect per-batch metrics inside ``compute_loss``; a replay of the
+    same batches (exact SAM) is not new data. Plain Trainers have neither attribute: nothing to do.
+    """
+    metrics = copy.deepcopy(getattr(trainer, "_metrics", None))
+    tokens = getattr(trainer, "_total_train_tokens", None)
+    try:
+        yield
+    finally:
+        if metrics is not None:
+            trainer._metrics = metrics
+        if tokens is not None:
+            trainer._total_train_tokens = tokens
+
+
+# -- torch GradScaler ---------------------------------------------------------------------------------
+def _scaler_states(scaler: Any) -> dict:
+    states = getattr(scaler, "_per_optimizer_states", None)
+    if states is None or getattr(torch.amp.grad_scaler, "_refresh_per_optimizer_state", None) is None:
+        raise _missing(type(scaler).__name__, "_per_optimizer_states", "torch", "SAMCallback with fp16")
+    return states
+
+
+def grad_scaler_state(scaler: Any) -> dict | None:
+    """A copy of the GradScaler's per-optimizer state (unscaled yet? inf found?), None without a scaler."""
+    if scaler is None:
+        return None
+    return {key: dict(value) for key, value in _scaler_states(scaler).items()}
+
+
+def reset_grad_scaler(scaler: Any) -> None:
+    """Forget that this step's gradients were unscaled, so ``unscale_`` (and its inf check) runs afresh."""
+    if scaler is not None:
+        _scaler_states(scaler).clear()
+
+
+def restore_grad_scaler(scaler: Any, state: dict | None) -> None:
+    """Put back a state taken by :func:`grad_scaler_state`."""
+    if scaler is None or state is None:
+        return
+    states = _scaler_states(scaler)
+    states.clear()
+    states.update({key: dict(value) for key, value in state.items()})
+
+
+# -- DeepSpeed ----------------------------------------------------------------------------------------
+def release_zero3_gathered(param: torch.Tensor | None) -> None:
+    """Release every parameter a ZeRO-3 engine still holds gathered (``param._z3_optimizer``, set by
+    the engine on each partitioned parameter, ``.empty_partition_cache()``); no-op for other tensors."""
+    optimizer = getattr(param, "_z3_optimizer", None)
+    if optimizer is not None:
+        optimizer.empty_partition_cache()  # releases every gathered parameter (no gc, unlike the engine's)
+
+
+def relink_zero_optimizer_states(zero_optimizer: Any) -> None:
+    """Link every parameter of a ZeRO-1/2 optimizer to its optimizer state again.
+
+    deepspeed 0.19.8 links parameters to their optimizer state once, right after the first param
+    group's first step (``_lazy_init_hp_params_optimizer_state`` guarded by
+    ``_hp_optimizer_states_linked``), so the parameters of later groups (the Trainer's no-decay group)
+    stay unlinked and ``safe_get_full_optimizer_state`` raises for them; linking again only makes views.
+    """
+    if not hasattr(zero_optimizer, "_lazy_init_hp_params_optimizer_state"):
+        return  # not a ZeRO-1/2 (or bf16) optimizer: nothing is linked lazily
+    zero_optimizer._hp_optimizer_states_linked = False
+    zero_optimizer._lazy_init_hp_params_optimizer_state()

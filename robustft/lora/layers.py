@@ -1,0 +1,103 @@
+"""The one place that knows how PEFT lays out LoRA: parameter names, saved-adapter keys and live layers.
+
+PEFT (checked with peft 0.21.2) gives a LoRA ``Linear``/``Conv1D`` layer two ``ModuleDict`` s of
+``Linear`` factors and an ``Embedding`` layer two ``ParameterDict`` s, so the names are
+
+* in a live model: ``<module>.lora_A.<adapter>.weight`` / ``<module>.lora_embedding_A.<adapter>``
+  (B alike), beside ``<module>.base_layer.weight``;
+* in a saved adapter (``adapter_model.safetensors``, adapter name removed):
+  ``<module>.lora_A.weight`` / ``<module>.lora_embedding_A`` (B alike).
+
+Live layers are recognised by what they hold (``lora_A``, ``lora_B``, ``base_layer``,
+``get_delta_weight``), not by class, so PEFT is never imported here.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from robustft import distributed
+from robustft.params import is_sharded, is_zero3_param, local_tensor, zero3_partition
+
+__all__ = [
+    "is_lora_b",
+    "lora_a_name",
+    "lora_delta",
+    "lora_layers",
+    "mentions_lora",
+    "parse_factor_key",
+]
+
+# a factor's name part, in a live model or a saved adapter: lora_A, lora_B, lora_embedding_A, lora_embedding_B
+_B_PART = re.compile(r"(^|\.)lora_(embedding_)?B(\.|$)")
+# a saved adapter's factor key: "<module>.lora_A.weight" (Linear/Conv1D) or "<module>.lora_embedding_A"
+_SAVED_FACTOR = re.compile(
+    r"^(?P<module>.+)\.(?:lora_(?P<linear>[AB])\.weight|lora_embedding_(?P<embedding>[AB]))$"
+)
+
+
+def is_lora_b(name: str) -> bool:
+    """True for the name of a LoRA B factor (``...lora_B...`` or ``...lora_embedding_B...``)."""
+    return _B_PART.search(name) is not None
+
+
+def lora_a_name(b_name: str) -> str:
+    """The name of the A factor that pairs with the B factor ``b_name`` (same module, same adapter)."""
+    return _B_PART.sub(lambda m: f"{m[1]}lora_{m[2] or ''}A{m[3]}", b_name)
+
+
+def parse_factor_key(key: str) -> tuple[str, str, str] | None:
+    """(module, ``"A"``/``"B"``, ``"linear"``/``"embedding"``) of a saved adapter's factor key, else None."""
+    m = _SAVED_FACTOR.match(key)
+    if m is None:
+        return None
+    if m["linear"] is not None:
+        return m["module"], m["linear"], "linear"
+    return m["module"], m["embedding"], "embedding"
+
+
+def mentions_lora(key: str) -> bool:
+    """True for any key that belongs to a LoRA layer (factors, ``lora_bias``, DoRA magnitudes, ...)."""
+    return ".lora_" in key
+
+
+def lora_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """PEFT LoRA layers by module name (modules with ``lora_A``/``lora_B``, ``get_delta_weight`` and a
+    ``base_layer``)."""
+    return {
+        name: m
+        for name, m in model.named_modules()
+        if hasattr(m, "lora_A")
+        and hasattr(m, "lora_B")
+        and hasattr(m, "get_delta_weight")
+        and hasattr(m, "base_layer")
+    }
+
+
+def lora_delta(layer: torch.nn.Module, adapter: str) -> torch.Tensor:
+    """s·B·A of a PEFT LoRA layer (float32, or wider like the base weight), laid out like ``local_tensor``
+    of the base weight W₀.
+
+    FSDP2 shards W₀ (out × in) and B (out × r) along dim 0 alike, so the local rows of B times the whole A
+    (gathered: r × in, small) are the local rows of the delta. ZeRO-3: the delta of the gathered factors,
+    cut like W₀'s flat partition (a collective).
+    """
+    b = layer.lora_B[adapter].weight
+    base = layer.base_layer.weight
+    wide = torch.promote_types(base.dtype, torch.float32)
+    if is_zero3_param(base):
+        with distributed.gathered([layer.lora_A[adapter].weight, b]):
+            delta = layer.get_delta_weight(adapter).to(wide)
+        offset, length = zero3_partition(base)
+        return delta.reshape(-1).narrow(0, offset, length)
+    if not is_sharded({"B": b}):
+        return layer.get_delta_weight(adapter).to(wide)
+    if getattr(layer, "fan_in_fan_out", False) or getattr(layer, "use_dora", {}).get(adapter, False):
+        raise ValueError(
+            "LoRA delta on FSDP2 shards: only plain LoRA Linear layers are supported (not DoRA or "
+            "fan_in_fan_out Conv1D); use DDP for this model"
+        )
+    a = layer.lora_A[adapter].weight.full_tensor()
+    return (local_tensor(b).to(wide) @ a.to(wide)) * layer.scaling[adapter]

@@ -1,0 +1,192 @@
+"""robustft.compat: every private name it relies on still exists in the INSTALLED library versions.
+
+One test per private access. When a release moves one, the test fails naming the attribute; update
+``robustft/compat.py`` (and its ``CHECKED_AGAINST``) with the new name. The DeepSpeed checks inspect
+the classes without launching anything.
+"""
+
+from __future__ import annotations
+
+import inspect
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_callback import CallbackHandler
+
+from robustft import compat
+from tests.callbacks.sam_helpers import MLP, NoisyLinearData, make_trainer
+
+
+def _run_one_step(tmp_path, callback: TrainerCallback, **kw) -> Trainer:
+    torch.manual_seed(0)
+    data = NoisyLinearData(n=8)
+    trainer = make_trainer(MLP(), tmp_path, [callback], total_batch=8, steps=1, lr=0.0, data=data, **kw)
+    trainer.train()
+    return trainer
+
+
+def test_module_imports_only_stdlib_and_torch():
+    """compat.py alone (loaded without the robustft package) imports no transformers/accelerate/DeepSpeed."""
+    code = (
+        "import importlib.util, sys; "
+        f"spec = importlib.util.spec_from_file_location('compat', {compat.__file__!r}); "
+        "spec.loader.exec_module(importlib.util.module_from_spec(spec)); "
+        "heavy = ('transformers', 'accelerate', 'deepspeed', 'trl', 'peft'); "
+        "print(' '.join(m for m in heavy if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    assert out.stdout.strip() == ""
+
+
+def test_caller_self_finds_the_trainer_and_handler_in_a_real_event(tmp_path):
+    """``caller_self`` reads the frame local ``self`` of the frames running a callback event: the
+    CallbackHandler's ``call_event`` right above the callback, the Trainer further up."""
+
+    class Probe(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            self.trainer = compat.caller_self(Trainer)
+            self.handler = compat.caller_self(CallbackHandler, depth=2)
+
+    probe = Probe()
+    trainer = _run_one_step(tmp_path, probe)
+    assert probe.trainer is trainer, "frame local 'self' of Trainer.train not found on the call stack"
+    assert probe.handler is trainer.callback_handler, (
+        "frame local 'self' of CallbackHandler.call_event is no longer the callback's caller"
+    )
+
+
+def test_trainer_clip_grad_norm(tmp_path):
+    """``Trainer._clip_grad_norm(model)`` clips to ``max_grad_norm`` (SAM's replay clips with it)."""
+
+    class Clip(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
+            for p in model.parameters():
+                p.grad.mul_(1000.0)
+            compat.clip_grad_norm(self.trainer, model)
+            self.norm = torch.sqrt(sum((p.grad**2).sum() for p in model.parameters())).item()
+
+    clip = Clip()
+    torch.manual_seed(0)
+    data = NoisyLinearData(n=8)
+    trainer = make_trainer(
+        MLP(), tmp_path, [clip], total_batch=8, steps=1, lr=0.0, data=data, max_grad_norm=0.5
+    )
+    assert hasattr(trainer, "_clip_grad_norm"), "transformers.Trainer has no '_clip_grad_norm'"
+    clip.trainer = trainer
+    trainer.train()
+    assert clip.norm == pytest.approx(0.5, rel=1e-4)
+
+
+def test_clip_grad_norm_names_a_missing_attribute():
+    with pytest.raises(RuntimeError, match="'_clip_grad_norm'.*transformers 5.24.0"):
+        compat.clip_grad_norm(object(), torch.nn.Linear(1, 1))
+
+
+def test_trl_sft_trainer_keeps_metrics_and_token_count():
+    """TRL's SFTTrainer sets ``_metrics`` and ``_total_train_tokens`` in ``__init__`` and updates them in
+    ``compute_loss``; ``trl_bookkeeping_kept`` puts both back after SAM's replay."""
+    trl = pytest.importorskip("trl")
+    sft = trl.SFTTrainer
+    for name in ("_metrics", "_total_train_tokens"):
+        assert f"self.{name} =" in inspect.getsource(sft.__init__), (
+            f"trl.SFTTrainer.__init__ no longer sets {name!r}"
+        )
+        assert f"self.{name}" in inspect.getsource(sft.compute_loss), (
+            f"trl.SFTTrainer.compute_loss no longer updates {name!r}"
+        )
+
+    class Fake:
+        _metrics = {"train": {"num_tokens": [10]}}
+        _total_train_tokens = 10
+
+    fake = Fake()
+    with compat.trl_bookkeeping_kept(fake):
+        fake._metrics["train"]["num_tokens"].append(20)
+        fake._total_train_tokens = 20
+    assert fake._metrics == {"train": {"num_tokens": [10]}} and fake._total_train_tokens == 10
+
+
+def test_grad_scaler_per_optimizer_state():
+    """``GradScaler._per_optimizer_states`` (a defaultdict of ``_refresh_per_optimizer_state``) records
+    that a step's gradients were unscaled; clearing it lets ``unscale_`` run again, restoring it puts
+    the "already unscaled" state back."""
+    assert hasattr(torch.amp.grad_scaler, "_refresh_per_optimizer_state"), (
+        "torch.amp.grad_scaler has no '_refresh_per_optimizer_state'"
+    )
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    assert hasattr(scaler, "_per_optimizer_states"), "torch.amp.GradScaler has no '_per_optimizer_states'"
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.SGD([p], lr=0.1)
+    scaler.scale(p.sum()).backward()  # gradient 4 = init_scale
+    scaler.unscale_(opt)
+    assert torch.equal(p.grad, torch.ones(3))
+    saved = compat.grad_scaler_state(scaler)
+    with pytest.raises(RuntimeError, match="unscale_"):
+        scaler.unscale_(opt)
+    compat.reset_grad_scaler(scaler)
+    p.grad = torch.full((3,), 8.0)
+    scaler.unscale_(opt)  # unscaled afresh
+    assert torch.equal(p.grad, torch.full((3,), 2.0))
+    compat.restore_grad_scaler(scaler, saved)
+    with pytest.raises(RuntimeError, match="unscale_"):
+        scaler.unscale_(opt)
+
+
+@pytest.fixture(scope="module")
+def zero():
+    pytest.importorskip("deepspeed")
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    return DeepSpeedZeroOptimizer, DeepSpeedZeroOptimizer_Stage3
+
+
+def test_deepspeed_zero12_lazy_optimizer_state_link(zero):
+    """ZeRO-1/2: ``_lazy_init_hp_params_optimizer_state`` guarded by ``_hp_optimizer_states_linked``."""
+    zero12 = zero[0]
+    assert hasattr(zero12, "_lazy_init_hp_params_optimizer_state"), (
+        "DeepSpeedZeroOptimizer has no '_lazy_init_hp_params_optimizer_state'"
+    )
+    body = inspect.getsource(zero12._lazy_init_hp_params_optimizer_state)
+    assert "self._hp_optimizer_states_linked" in body, (
+        "DeepSpeedZeroOptimizer._lazy_init_hp_params_optimizer_state no longer reads "
+        "'_hp_optimizer_states_linked'"
+    )
+    assert "self._hp_optimizer_states_linked = False" in inspect.getsource(zero12.__init__)
+
+    class Fake:  # what relink does, on an object that records the calls
+        _hp_optimizer_states_linked = True
+        calls = []
+
+        def _lazy_init_hp_params_optimizer_state(self):
+            self.calls.append(self._hp_optimizer_states_linked)
+
+    fake = Fake()
+    compat.relink_zero_optimizer_states(fake)
+    assert fake.calls == [False]
+
+
+def test_deepspeed_zero3_partition_cache(zero):
+    """ZeRO-3: the optimizer sets ``param._z3_optimizer = self`` and has ``empty_partition_cache``."""
+    zero3 = zero[1]
+    assert callable(getattr(zero3, "empty_partition_cache", None)), (
+        "DeepSpeedZeroOptimizer_Stage3 has no 'empty_partition_cache'"
+    )
+    assert "._z3_optimizer = self" in inspect.getsource(zero3), (
+        "DeepSpeedZeroOptimizer_Stage3 no longer sets '_z3_optimizer' on its parameters"
+    )
+
+    class Opt:
+        emptied = 0
+
+        def empty_partition_cache(self):
+            self.emptied += 1
+
+    p = torch.nn.Parameter(torch.ones(1))
+    p._z3_optimizer = Opt()
+    compat.release_zero3_gathered(p)
+    compat.release_zero3_gathered(torch.ones(1))  # a plain tensor: nothing to do
+    assert p._z3_optimizer.emptied == 1
