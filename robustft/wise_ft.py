@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from robustft import distributed
-from robustft.checkpoint import atomic_write_text
+from robustft.checkpoint import atomic_output_file, atomic_write_text
 from robustft.ops.interpolate import (
     check_alpha,
     check_method,
@@ -334,10 +334,9 @@ class WiseFTCurve:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="best")
         fig.tight_layout()
-        tmp = path.with_name(path.stem + ".tmp.png")
-        fig.savefig(tmp, dpi=110)
+        with atomic_output_file(path) as tmp:
+            fig.savefig(tmp, dpi=110)
         plt.close(fig)
-        os.replace(tmp, path)
         return path
 
 

@@ -14,6 +14,7 @@ import argparse
 
 import torch
 
+from robustft.checkpoint import check_output_dir
 from robustft.lora.io import compose_adapters, merge_into_base, read_adapter, write_adapter
 
 __all__ = ["register", "run"]
@@ -105,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
     params = {
         k: getattr(args, k) for k in ("density", "drop_rate", "seed") if getattr(args, k, None) is not None
     }
+    check_output_dir(args.out, args.overwrite, [*paths, args.merge_into])
     adapters = [read_adapter(p) for p in paths]
     composed = compose_adapters(
         adapters,
@@ -115,10 +117,10 @@ def run(args: argparse.Namespace) -> int:
         params=params,
     )
     if args.merge_into:
-        out = merge_into_base(composed, args.merge_into, args.out, args.overwrite, args.model_class)
+        out = merge_into_base(composed, args.merge_into, args.out, args.overwrite, args.model_class, paths)
         print(f"robustft lora {op}: wrote dense model {out} ({len(composed.deltas)} modules merged)")
     else:
-        out = write_adapter(composed, args.out, args.overwrite, _DTYPES.get(args.dtype))
+        out = write_adapter(composed, args.out, args.overwrite, _DTYPES.get(args.dtype), paths)
         ranks = [d.rank for d in composed.deltas.values()]
         print(
             f"robustft lora {op}: wrote adapter {out} ({len(ranks)} modules, rank {min(ranks)}-{max(ranks)})"

@@ -134,7 +134,9 @@ def merge_checkpoints(
     start = time.perf_counter()
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
-    check_output_dir(out_dir, overwrite)
+    tok = None if recipe.tokenizer_source == "base" else recipe.tokenizer_source
+    inputs = [recipe.reference_model, *(m.path for m in recipe.models), tok]
+    check_output_dir(out_dir, overwrite, inputs)
     shard_size = max_shard_size or recipe.max_shard_size or "5GB"
 
     with ExitStack() as stack:
@@ -188,7 +190,7 @@ def merge_checkpoints(
             dtype = out_dtype if (out_dtype is not None and info.dtype.is_floating_point) else info.dtype
             plan.append((name, info.shape, dtype))
 
-        with atomic_output_dir(out_dir, overwrite) as tmp:
+        with atomic_output_dir(out_dir, overwrite, [*inputs, *fisher_readers]) as tmp:
             with ShardedWriter(tmp, plan, shard_size, metadata={"merged_by": "robustft"}) as writer:
                 for name, _, dtype in tqdm(plan, desc="merging", unit="tensor", disable=not progress):
                     info = ref.infos[name]

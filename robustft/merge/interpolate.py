@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import torch
 
-from robustft.checkpoint import atomic_output_dir
+from robustft.checkpoint import atomic_output_dir, check_output_dir
 from robustft.merge.io import CheckpointReader, ShardedWriter, copy_side_files, layout_difference
 from robustft.ops.interpolate import check_alpha, check_method, lerp, slerp
 
@@ -50,13 +49,10 @@ def interpolate_checkpoints(
     fn = {"linear": lerp, "slerp": slerp}[check_method(method)]
     a, b = CheckpointReader(start), CheckpointReader(end)
     check_same_layout(a, b)
-    out = Path(out)
-    for src in (a.path, b.path):
-        if out.resolve() == src.resolve():
-            raise ValueError(f"out: {out} is one of the inputs; write to a new folder")
+    out = check_output_dir(out, overwrite, [start, end])
     plan = [(n, info.shape, info.dtype) for n, info in b.infos.items()]
     shards = {n: info.file.name for n, info in b.infos.items()} if b.index is not None else None
-    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+    with atomic_output_dir(out, overwrite, [start, end]) as tmp:
         with ShardedWriter(tmp, plan, metadata=b.metadata, shards=shards) as writer:
             for name in b.names:
                 s, e = a.get(name), b.get(name)
