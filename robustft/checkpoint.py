@@ -59,15 +59,15 @@ def _temp_name(target: Path, kind: str, suffix: str = "") -> Path:
 
 
 def _pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` exists on this host (a process of another user counts as alive)."""
-    if pid == os.getpid():
+    """Whether process ``pid`` exists on this host (another user's counts; off POSIX: always assumed)."""
+    if os.name != "posix":  # os.kill(pid, 0) would terminate it on Windows
         return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except (PermissionError, OverflowError):
-        return True
+        pass
     return True
 
 
@@ -86,10 +86,10 @@ def _leftovers(target: Path, kind: str, suffix: str = "") -> tuple[list[Path], l
         m = pattern.fullmatch(entry.name)
         if m is None:
             continue
-        if m.group(1) == _HOST and not _pid_alive(int(m.group(2))):
-            stale.append(entry)
-        elif m.group(1) is None or m.group(1) != _HOST or int(m.group(2)) != os.getpid():
-            unknown.append(entry)
+        ours = m.group(1) == _HOST
+        if ours and int(m.group(2)) == os.getpid():
+            continue  # this process is writing it
+        (stale if ours and not _pid_alive(int(m.group(2))) else unknown).append(entry)
     return stale, unknown
 
 
