@@ -14,7 +14,6 @@ import argparse
 
 import torch
 
-from robustft.checkpoint import check_output_dir
 from robustft.lora.io import compose_adapters, merge_into_base, read_adapter, write_adapter
 
 __all__ = ["register", "run"]
@@ -87,6 +86,8 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from robustft.checkpoint import check_output_dir
+
     op = args.lora_command
     if op == "add":
         paths, weights = args.adapters, [1.0] * len(args.adapters)
