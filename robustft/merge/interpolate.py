@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from robustft.checkpoint import atomic_output_dir, check_output_dir
+from robustft.checkpoint import atomic_output_dir
 from robustft.merge.io import CheckpointReader, ShardedWriter, copy_side_files, layout_difference
 from robustft.ops.interpolate import check_alpha, check_method, lerp, slerp
 
@@ -49,7 +49,6 @@ def interpolate_checkpoints(
     fn = {"linear": lerp, "slerp": slerp}[check_method(method)]
     a, b = CheckpointReader(start), CheckpointReader(end)
     check_same_layout(a, b)
-    out = check_output_dir(out, overwrite, [start, end])
     plan = [(n, info.shape, info.dtype) for n, info in b.infos.items()]
     shards = {n: info.file.name for n, info in b.infos.items()} if b.index is not None else None
     with atomic_output_dir(out, overwrite, [start, end]) as tmp:
