@@ -34,7 +34,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _reported_errors() -> tuple[type[BaseException], ...]:
+    """Bad input or a failing disk: ValueError (every validation), OSError (missing/existing paths, a full
+    or read-only disk), and the safetensors library's error for a malformed file it was asked to read."""
+    errors: list[type[BaseException]] = [ValueError, OSError]
+    safetensors = sys.modules.get("safetensors")
+    if safetensors is not None:
+        errors.append(safetensors.SafetensorError)
+    return tuple(errors)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one sub-command; bad input or a disk error prints ``robustft CMD: error: ...`` and returns 2."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
@@ -42,8 +53,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
-        print(f"robustft {args.command}: error: {err}", file=sys.stderr)
+    except Exception as err:
+        if not isinstance(err, _reported_errors()):
+            raise
+        print(f"robustft {args.command}: error: {str(err) or type(err).__name__}", file=sys.stderr)
         return 2
 
 

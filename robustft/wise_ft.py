@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from robustft import distributed
-from robustft.checkpoint import atomic_write_text
+from robustft.checkpoint import atomic_output_file, atomic_write_text
 from robustft.lora.layers import is_lora_b, lora_a_name
 from robustft.ops.interpolate import (
     check_alpha,
@@ -318,10 +318,9 @@ class WiseFTCurve:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="best")
         fig.tight_layout()
-        tmp = path.with_name(path.stem + ".tmp.png")
-        fig.savefig(tmp, dpi=110)
+        with atomic_output_file(path) as tmp:
+            fig.savefig(tmp, dpi=110)
         plt.close(fig)
-        os.replace(tmp, path)
         return path
 
 

@@ -84,6 +84,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from robustft.checkpoint import check_output_dir
     from robustft.lora.io import check_compose, compose_adapters, merge_into_base, read_adapter, write_adapter
     from robustft.params import resolve_dtype
 
@@ -109,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
     options = {k: "--" + k.replace("_", "-") for k in ("method", "density", "drop_rate", "seed")}
     options["weights"] = "--factor" if op == "scale" else "--weights"
     check_compose(method, weights, params, len(paths), options)
+    check_output_dir(args.out, args.overwrite, [*paths, args.merge_into])
     adapters = [read_adapter(p) for p in paths]
     composed = compose_adapters(
         adapters,
@@ -119,10 +121,10 @@ def run(args: argparse.Namespace) -> int:
         params=params,
     )
     if args.merge_into:
-        out = merge_into_base(composed, args.merge_into, args.out, args.overwrite, args.model_class)
+        out = merge_into_base(composed, args.merge_into, args.out, args.overwrite, args.model_class, paths)
         print(f"robustft lora {op}: wrote dense model {out} ({len(composed.deltas)} modules merged)")
     else:
-        out = write_adapter(composed, args.out, args.overwrite, resolve_dtype(args.dtype))
+        out = write_adapter(composed, args.out, args.overwrite, resolve_dtype(args.dtype), paths)
         ranks = [d.rank for d in composed.deltas.values()]
         print(
             f"robustft lora {op}: wrote adapter {out} ({len(ranks)} modules, rank {min(ranks)}-{max(ranks)})"

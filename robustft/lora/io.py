@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from robustft.checkpoint import atomic_output_dir
+from robustft.checkpoint import atomic_output_dir, check_output_dir
 from robustft.lora.algebra import DeltaSet, LoRADelta, combine, combine_dense
 from robustft.lora.layers import mentions_lora, parse_factor_key
 from robustft.ops.registry import METHODS, check_integer, check_number
@@ -400,10 +400,12 @@ def write_adapter(
     out_dir: str | os.PathLike,
     overwrite: bool = False,
     dtype: torch.dtype | None = None,
+    inputs: Sequence[str | os.PathLike] = (),
 ) -> Path:
-    """Write ``adapter`` as a folder ``PeftModel.from_pretrained`` loads; atomic, overwrites only if asked."""
+    """Write ``adapter`` as a folder ``PeftModel.from_pretrained`` loads; atomic, overwrites only if asked,
+    never over or around one of ``inputs`` (the adapters it was computed from)."""
     config, tensors = _adapter_files(adapter, dtype)
-    with atomic_output_dir(out_dir, overwrite) as tmp:
+    with atomic_output_dir(out_dir, overwrite, inputs) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
     return Path(out_dir)
@@ -423,8 +425,8 @@ def _model_class(base_dir: Path, model_class: str | None):
             )
         model_class = archs[0]
     cls = getattr(transformers, model_class, None)
-    if cls is None:
-        raise ValueError(f"model_class {model_class!r} is not a transformers class")
+    if not (isinstance(cls, type) and hasattr(cls, "from_pretrained")):
+        raise ValueError(f"model_class {model_class!r} is not a transformers model class")
     return cls
 
 
@@ -434,20 +436,20 @@ def merge_into_base(
     out_dir: str | os.PathLike,
     overwrite: bool = False,
     model_class: str | None = None,
+    inputs: Sequence[str | os.PathLike] = (),
 ) -> Path:
     """W = W_base + ΔW for every module, through PEFT's ``merge_and_unload``; saved with ``save_pretrained``.
 
     Shapes are checked against the base model before anything is written; tokenizer files in
-    ``base_model_dir`` are copied along.
+    ``base_model_dir`` are copied along. The output may not be, contain or lie inside the base or ``inputs``.
     """
     from peft import PeftModel
 
     base_dir = Path(base_model_dir)
     if not base_dir.is_dir():
         raise FileNotFoundError(f"base model folder {base_dir} not found")
-    out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
+    inputs = [base_dir, *inputs]
+    out = check_output_dir(out_dir, overwrite, inputs)
     model = _model_class(base_dir, model_class).from_pretrained(str(base_dir))
     modules = dict(model.named_modules())
     for module, d in adapter.deltas.items():
@@ -469,7 +471,7 @@ def merge_into_base(
         save_file(tensors, os.path.join(adir, WEIGHTS_NAME), metadata={"format": "pt"})
         Path(adir, CONFIG_NAME).write_text(json.dumps(config, default=str))
         merged = PeftModel.from_pretrained(model, adir).merge_and_unload()
-    with atomic_output_dir(out, overwrite) as tmp:
+    with atomic_output_dir(out, overwrite, inputs) as tmp:
         merged.save_pretrained(str(tmp))
         from robustft.merge.io import copy_side_files
 

@@ -99,7 +99,9 @@ def merge_checkpoints(
     start = time.perf_counter()
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
-    check_output_dir(out_dir, overwrite)
+    tok = None if recipe.tokenizer_source == "base" else recipe.tokenizer_source
+    inputs = [recipe.reference_model, *(m.path for m in recipe.models), tok]
+    check_output_dir(out_dir, overwrite, inputs)
     shard_size = max_shard_size or recipe.max_shard_size or "5GB"
 
     with ExitStack() as stack:
@@ -158,7 +160,7 @@ def merge_checkpoints(
             dtype = out_dtype if (out_dtype is not None and info.dtype.is_floating_point) else info.dtype
             plan.append((name, info.shape, dtype))
 
-        with atomic_output_dir(out_dir, overwrite) as tmp:
+        with atomic_output_dir(out_dir, overwrite, [*inputs, *fisher_readers]) as tmp:
             shards, metadata = None, {"merged_by": "robustft"}
             if layout_from is not None:
                 shards = {n: i.file.name for n, i in layout.infos.items()}

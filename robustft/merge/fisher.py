@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from robustft.checkpoint import atomic_output_file
 from robustft.params import select_parameters
 
 __all__ = ["estimate_fisher", "save_fisher"]
@@ -87,9 +88,8 @@ def save_fisher(fisher: Mapping[str, torch.Tensor], path: str | os.PathLike, ove
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(
-        {k: v.detach().contiguous().cpu() for k, v in fisher.items()}, str(tmp), metadata={"format": "pt"}
-    )
-    os.replace(tmp, path)
+    with atomic_output_file(path) as tmp:
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in fisher.items()}, str(tmp), metadata={"format": "pt"}
+        )
     return path

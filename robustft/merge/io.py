@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from robustft.messages import short_repr
+
 __all__ = [
     "CheckpointReader",
     "LayoutDifference",
@@ -124,10 +126,46 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[int, dict[str, dic
             raise ValueError(f"{path}: not a safetensors file (header size {size})")
         try:
             header = json.loads(f.read(size))
-        except json.JSONDecodeError as err:
+        except ValueError as err:  # bad JSON or bad UTF-8
             raise ValueError(f"{path}: not a safetensors file (bad header: {err})") from err
+    if not isinstance(header, dict):
+        kind = type(header).__name__
+        raise ValueError(f"{path}: not a safetensors file (the header is a {kind}, not a map of tensors)")
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise ValueError(f"{path}: __metadata__ must map names to strings, got {short_repr(metadata)}")
+    for name, entry in header.items():
+        _check_entry(path, name, entry)
     return 8 + size, header, metadata
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_entry(path: Path, name: str, entry: object) -> None:
+    """One header entry is {dtype: str, shape: [int >= 0], data_offsets: [begin, end], 0 <= begin <= end}."""
+    where = f"{path}: tensor {short_repr(name)}"
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where}: header entry must be a map, got {short_repr(entry)}")
+    missing = [k for k in ("dtype", "shape", "data_offsets") if k not in entry]
+    if missing:
+        raise ValueError(f"{where}: header entry lacks {', '.join(missing)}")
+    if not isinstance(entry["dtype"], str):
+        raise ValueError(f"{where}: dtype must be a string, got {short_repr(entry['dtype'])}")
+    shape = entry["shape"]
+    if not isinstance(shape, list) or not all(_is_int(s) and s >= 0 for s in shape):
+        raise ValueError(f"{where}: shape must be a list of non-negative integers, got {short_repr(shape)}")
+    offsets = entry["data_offsets"]
+    if not (
+        isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(_is_int(o) for o in offsets)
+        and 0 <= offsets[0] <= offsets[1]
+    ):
+        raise ValueError(
+            f"{where}: data_offsets must be [begin, end] with 0 <= begin <= end, got {short_repr(offsets)}"
+        )
 
 
 class CheckpointReader:
@@ -152,7 +190,8 @@ class CheckpointReader:
             for name, entry in header.items():
                 dtype = _DTYPES.get(entry["dtype"])
                 if dtype is None:
-                    raise ValueError(f"{file}: tensor {name!r} has unsupported dtype {entry['dtype']}")
+                    what = short_repr(entry["dtype"])
+                    raise ValueError(f"{file}: tensor {short_repr(name)} has unsupported dtype {what}")
                 if name in self.infos:
                     raise ValueError(f"{self.path}: tensor {name!r} appears in two files")
                 begin, end = entry["data_offsets"]
@@ -178,7 +217,13 @@ class CheckpointReader:
             raise FileNotFoundError(f"model path {p} does not exist")
         index = p / SAFE_INDEX
         if index.is_file():
-            self.index = json.loads(index.read_text())["weight_map"]
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, TypeError, KeyError) as err:
+                raise ValueError(f"{index}: not a safetensors index (no weight_map: {err!r})") from err
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise ValueError(f"{index}: weight_map must map tensor names to file names")
+            self.index = weight_map
             files = []
             for name in dict.fromkeys(self.index.values()):
                 f = p / name
@@ -299,10 +344,12 @@ def parse_size(size: int | str) -> int:
     else:
         m = _SIZE.match(str(size))
         if not m:
-            raise ValueError(f"max_shard_size: {size!r} is not a size like '5GB', '500MiB' or a byte count")
+            raise ValueError(
+                f"max_shard_size: {short_repr(size)} is not a size like '5GB', '500MiB' or a byte count"
+            )
         value = int(float(m.group(1)) * _UNITS[(m.group(2) or "B").lower()])
     if value <= 0:
-        raise ValueError(f"max_shard_size must be positive, got {size!r}")
+        raise ValueError(f"max_shard_size must be positive, got {short_repr(size)}")
     return value
 
 

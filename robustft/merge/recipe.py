@@ -31,6 +31,7 @@ from typing import Any
 
 import yaml
 
+from robustft.messages import short_repr
 from robustft.ops.registry import (
     METHODS,
     REQUIRED,
@@ -125,7 +126,9 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
         if isinstance(item, str):
             item = {"model": item}
         if not isinstance(item, Mapping) or "model" not in item:
-            raise ValueError(f"{where}: expected {{model: PATH, parameters: {{...}}}}, got {item!r}")
+            raise ValueError(
+                f"{where}: expected {{model: PATH, parameters: {{...}}}}, got {short_repr(item)}"
+            )
         extra = sorted(set(item) - {"model", "parameters"})
         if extra:
             raise ValueError(f"{where}: unknown option(s) {extra} (known: model, parameters)")
@@ -134,7 +137,8 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
         models.append(ModelEntry(str(item["model"]), params))
     if base is not None and any(os.path.normpath(m.path) == os.path.normpath(base) for m in models):
         raise ValueError(
-            f"{source}: base_model {base!r} is also listed under models; list only fine-tuned models"
+            f"{source}: base_model {short_repr(base)} is also listed under models; "
+            "list only fine-tuned models"
         )
 
     overrides = []
@@ -149,7 +153,7 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
             pattern = re.compile(str(item["pattern"]))
         except re.error as err:
             raise ValueError(
-                f"{where}.pattern: {item['pattern']!r} is not a valid regular expression ({err})"
+                f"{where}.pattern: {short_repr(item['pattern'])} is not a valid regular expression ({err})"
             ) from err
         ospec = method_spec(f"{where}.merge_method", item["merge_method"]) if "merge_method" in item else spec
         params = check_params(f"{where}.parameters", item.get("parameters"), ospec, allow_global=True)
@@ -162,7 +166,7 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
         except ValueError as err:
             raise ValueError(f"{source}: dtype: {err}") from err
         if not dtype.is_floating_point:
-            raise ValueError(f"{source}: dtype must be a floating dtype, got {data['dtype']!r}")
+            raise ValueError(f"{source}: dtype must be a floating dtype, got {short_repr(data['dtype'])}")
     seed = data.get("seed", 0)
     check_integer(f"{source}: seed", seed)
     tokenizer_source = data.get("tokenizer_source", "base")
@@ -215,13 +219,63 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
     return recipe
 
 
+MAX_YAML_NODES = 100_000  # a recipe of hundreds of models and overrides stays far below
+
+
+def _expanded_nodes(node: yaml.Node, sizes: dict[int, int], open_: set[int]) -> int:
+    """Number of nodes ``node`` stands for once every alias is expanded (memoised: linear in the file)."""
+    key = id(node)
+    if key in sizes:
+        return sizes[key]
+    if key in open_:
+        raise ValueError("a recursive alias (an anchor used inside itself)")
+    open_.add(key)
+    children: list[yaml.Node] = []
+    if isinstance(node, yaml.SequenceNode):
+        children = node.value
+    elif isinstance(node, yaml.MappingNode):
+        children = [n for pair in node.value for n in pair]
+    total = 1
+    for child in children:
+        total += _expanded_nodes(child, sizes, open_)
+        if total > MAX_YAML_NODES:
+            break
+    open_.discard(key)
+    sizes[key] = total
+    return total
+
+
+def safe_load_bounded(text: str, source: str) -> Any:
+    """``yaml.safe_load`` that refuses documents whose aliases expand beyond ``MAX_YAML_NODES`` nodes (a
+    "billion laughs" bomb would otherwise explode in every consumer that walks or prints the data)."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        try:
+            size = _expanded_nodes(node, {}, set())
+        except ValueError as err:
+            raise ValueError(f"{source}: {err} is not allowed") from None
+        if size > MAX_YAML_NODES:
+            raise ValueError(
+                f"{source}: the YAML expands to more than {MAX_YAML_NODES} values through its aliases "
+                "(&anchor / *alias); a recipe needs far fewer: write the values out"
+            )
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 def load_recipe(path: str | os.PathLike) -> Recipe:
-    """Read and validate a YAML recipe (``yaml.safe_load``)."""
+    """Read and validate a YAML recipe (safe YAML, aliases bounded: ``safe_load_bounded``)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"recipe {path} not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = safe_load_bounded(path.read_text(), f"recipe {path}")
     except yaml.YAMLError as err:
         raise ValueError(f"recipe {path}: invalid YAML ({err})") from err
+    except RecursionError:
+        raise ValueError(f"recipe {path}: the YAML is nested too deeply") from None
     return parse_recipe(data, source=str(path))

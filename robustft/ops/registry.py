@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from robustft.messages import short_repr
 from robustft.ops import interpolate as interp
 from robustft.ops import merge as ops
 
@@ -48,7 +49,7 @@ __all__ = [
 def check_number(name: str, value: Any) -> None:
     """A finite real number (bool, NaN and ±inf refused)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
+        raise ValueError(f"{name} must be a finite number, got {short_repr(value)}")
 
 
 def check_fraction(name: str, value: Any, upper_open: bool = False, lower_open: bool = False) -> None:
@@ -58,7 +59,7 @@ def check_fraction(name: str, value: Any, upper_open: bool = False, lower_open: 
     high_ok = value < 1 if upper_open else value <= 1
     if not (low_ok and high_ok):
         interval = ("(" if lower_open else "[") + "0, 1" + (")" if upper_open else "]")
-        raise ValueError(f"{name} must be in {interval}, got {value!r}")
+        raise ValueError(f"{name} must be in {interval}, got {short_repr(value)}")
 
 
 def check_density(name: str, value: Any) -> None:
@@ -74,29 +75,29 @@ def check_drop_rate(name: str, value: Any) -> None:
 def check_non_negative(name: str, value: Any) -> None:
     check_number(name, value)
     if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value!r}")
+        raise ValueError(f"{name} must be >= 0, got {short_repr(value)}")
 
 
 def check_bool(name: str, value: Any) -> None:
     if not isinstance(value, bool):
-        raise ValueError(f"{name} must be true or false, got {value!r}")
+        raise ValueError(f"{name} must be true or false, got {short_repr(value)}")
 
 
 def check_count(name: str, value: Any) -> None:
     """A non-negative integer (bool refused)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        raise ValueError(f"{name} must be a non-negative integer, got {short_repr(value)}")
 
 
 def check_integer(name: str, value: Any) -> None:
     """An integer (bool refused), e.g. a seed."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
+        raise ValueError(f"{name} must be an integer, got {short_repr(value)}")
 
 
 def check_path(name: str, value: Any) -> None:
     if not isinstance(value, str) or not value:
-        raise ValueError(f"{name} must be a path string, got {value!r}")
+        raise ValueError(f"{name} must be a path string, got {short_repr(value)}")
 
 
 #: default of a parameter every model must give (``fisher``)
@@ -356,10 +357,10 @@ def method_spec(where: str, value: Any) -> MethodSpec:
     known = sorted(METHODS)
     if not isinstance(value, str):
         raise ValueError(
-            f"{where}: expected a method name (a string), got {value!r} (known: {', '.join(known)})"
+            f"{where}: expected a method name (a string), got {short_repr(value)} (known: {', '.join(known)})"
         )
     if value not in known:
-        raise ValueError(f"{where}: unknown merge method {value!r} (known: {', '.join(known)})")
+        raise ValueError(f"{where}: unknown merge method {short_repr(value)} (known: {', '.join(known)})")
     return METHODS[value]
 
 
@@ -368,7 +369,9 @@ def check_params(where: str, params: Any, spec: MethodSpec, allow_global: bool =
     if params is None:
         return {}
     if not isinstance(params, Mapping):
-        raise ValueError(f"{where}: expected a mapping of parameter names to values, got {params!r}")
+        raise ValueError(
+            f"{where}: expected a mapping of parameter names to values, got {short_repr(params)}"
+        )
     known = dict(spec.model_params)
     if allow_global:
         known.update(spec.global_params)
@@ -376,7 +379,8 @@ def check_params(where: str, params: Any, spec: MethodSpec, allow_global: bool =
         if key not in known:
             names = ", ".join(sorted(known)) or "none"
             raise ValueError(
-                f"{where}: unknown parameter {key!r} for merge_method {spec.name!r} (known: {names})"
+                f"{where}: unknown parameter {short_repr(key)} for merge_method {spec.name!r} "
+                f"(known: {names})"
             )
         known[key].check(f"{where}.{key}", value)
     return dict(params)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from robustft.cli import main
+from robustft.lora.io import merge_into_base, read_adapter
 from tests.lora.conftest import make_adapter, peft_deltas, save_base
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -181,3 +182,33 @@ def test_merge_into_keeps_every_tokenizer_file_of_a_merged_checkpoint(lora_zoo, 
     for name in TOKENIZER_FILES:
         assert (out / name).read_text() == f"{name}\n", name
     assert "chat_template.jinja" in TOKENIZER_FILES
+
+
+def test_outputs_never_replace_or_contain_an_input(lora_zoo, tmp_path, capsys):
+    base, p = lora_zoo
+    root = Path(p["a"]).parent
+
+    def files() -> dict[str, bytes]:
+        return {str(f): f.read_bytes() for f in sorted(root.rglob("*")) if f.is_file()}
+
+    before = files()
+    for argv in (
+        ["negate", p["a"], "--out", p["a"]],  # is the input
+        ["add", p["a"], p["b"], "--out", root],  # contains both inputs (and the base)
+        ["scale", p["a"], "--factor", "2", "--out", Path(p["a"]) / "sub"],  # lies inside the input
+        ["negate", p["a"], "--merge-into", base, "--out", base],  # replaces the base it merges into
+    ):
+        assert main(["lora", *map(str, argv), "--overwrite"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("robustft lora: error: output ") and "the input" in err, err
+    assert files() == before
+    with pytest.raises(ValueError, match="is the input"):  # the library function checks the base too
+        merge_into_base(read_adapter(p["a"]), base, base, overwrite=True)
+
+
+def test_model_class_must_be_a_model_class(lora_zoo, tmp_path, capsys):
+    base, p = lora_zoo
+    argv = ["negate", p["a"], "--merge-into", base, "--out", tmp_path / "m", "--model-class", "pipeline"]
+    assert main(["lora", *map(str, argv)]) == 2
+    assert "'pipeline' is not a transformers model class" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()

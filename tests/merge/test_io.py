@@ -186,3 +186,35 @@ def test_copy_side_files_sets_dtype_and_skips_other_files(tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config["torch_dtype"] == config["dtype"] == "bfloat16" and config["hidden_size"] == 8
     assert copy_side_files(None, src, out) == ["tokenizer.json"]
+
+
+@pytest.mark.parametrize(
+    ("index", "message"),
+    [
+        ("[1, 2]", "not a safetensors index"),
+        ('{"metadata": {}}', "not a safetensors index"),
+        ('{"weight_map": [["a.weight", "model-1.safetensors"]]}', "weight_map must map tensor names"),
+        ("{bad json", "not a safetensors index"),
+    ],
+)
+def test_malformed_index_is_a_value_error_naming_it(tmp_path, index, message):
+    _sharded(tmp_path / "m", _tensors(), 3)
+    (tmp_path / "m" / "model.safetensors.index.json").write_text(index)
+    with pytest.raises(ValueError, match=message) as err:
+        CheckpointReader(tmp_path / "m")
+    assert "model.safetensors.index.json" in str(err.value)
+
+
+def test_reader_names_file_and_tensor_of_a_malformed_entry(tmp_path):
+    raw = json.dumps(
+        {
+            "ok": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+            "bad": {"dtype": "F32", "shape": [2, -1], "data_offsets": [4, 4]},
+        }
+    ).encode()
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + bytes(8))
+    with pytest.raises(
+        ValueError, match=r"model\.safetensors: tensor 'bad': shape must be a list of non-negative"
+    ):
+        CheckpointReader(path)
