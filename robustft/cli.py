@@ -16,8 +16,7 @@ from robustft import __version__
 # module path of each sub-command; each exposes register(subparsers)
 SUBCOMMANDS: list[str] = [
     "robustft.demo",
-    "robustft.cli_interpolate",
-    "robustft.merge.command",
+    "robustft.merge.cli",
     "robustft.lora.cli",
 ]
 

@@ -33,10 +33,9 @@ TORCH_FREE = (
     "robustft.lora",
     "robustft.merge",
     "robustft.cli",
-    "robustft.cli_interpolate",
     "robustft.demo",
     "robustft.lora.cli",
-    "robustft.merge.command",
+    "robustft.merge.cli",
 )
 
 PACKAGES = ("robustft", "robustft.callbacks", "robustft.lora", "robustft.merge")

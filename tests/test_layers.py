@@ -36,9 +36,8 @@ MODULE_LAYERS = {
     "robustft.zero_shot": "lora/merge",  # a model built from a sentence encoder; no robustft import
     "robustft.cli": "cli",
     "robustft.__main__": "cli",
-    "robustft.cli_interpolate": "cli",
     "robustft.demo": "cli",
-    "robustft.merge.command": "cli",
+    "robustft.merge.cli": "cli",
     "robustft.lora.cli": "cli",
 }
 #: ... and of every other module inside these packages

@@ -1,0 +1,79 @@
+"""``robustft merge`` (a streamed merge of checkpoints from a YAML recipe) and ``robustft interpolate``
+(θ(α) of two checkpoints, the two-model case of the same engine)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers) -> None:
+    _register_merge(subparsers)
+    _register_interpolate(subparsers)
+
+
+def _register_merge(subparsers) -> None:
+    p = subparsers.add_parser(
+        "merge",
+        help="merge checkpoints from a YAML recipe (TIES, DARE, task arithmetic, ...)",
+        description="Merge whole checkpoints tensor by tensor from a YAML recipe into a loadable folder "
+        "(sharded safetensors + index, config, tokenizer). See docs/merging.md for the recipe format.",
+    )
+    p.add_argument(
+        "recipe", help="YAML recipe (merge_method, base_model, models, parameters, dtype, overrides)"
+    )
+    p.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument(
+        "--max-shard-size", default=None, help="shard size, e.g. 2GB or 500MiB (default: recipe or 5GB)"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_merge)
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    from robustft.merge.engine import merge_checkpoints
+
+    result = merge_checkpoints(
+        args.recipe,
+        args.out,
+        overwrite=args.overwrite,
+        max_shard_size=args.max_shard_size,
+        progress=not args.no_progress,
+    )
+    print(
+        f"merged {result.tensors} tensors into {result.out_dir} "
+        f"({len(result.files)} file(s), {result.seconds:.1f} s)"
+    )
+    return 0
+
+
+def _register_interpolate(subparsers) -> None:
+    p = subparsers.add_parser(
+        "interpolate",
+        help="WiSE-FT: interpolate two checkpoints, theta = (1-alpha)*start + alpha*end",
+        description="Interpolate two saved safetensors checkpoints (sharded accepted) tensor by tensor "
+        "into a folder that from_pretrained loads: theta(alpha) = (1-alpha)*start + alpha*end.",
+    )
+    p.add_argument("--start", required=True, help="start (pre-trained / zero-shot) checkpoint folder or file")
+    p.add_argument(
+        "--end", required=True, help="fine-tuned checkpoint folder or file (config/tokenizer copied)"
+    )
+    p.add_argument("--alpha", required=True, type=float, help="0 = start, 1 = fine-tuned")
+    p.add_argument("--method", choices=["linear", "slerp"], default="linear")
+    p.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
+    p.add_argument("--extrapolate", action="store_true", help="allow alpha outside [0, 1]")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.set_defaults(func=run_interpolate)
+
+
+def run_interpolate(args: argparse.Namespace) -> int:
+    from robustft.merge.interpolate import interpolate_checkpoints
+
+    info = interpolate_checkpoints(
+        args.start, args.end, args.out, args.alpha, args.method, args.extrapolate, args.overwrite
+    )
+    print(
+        f"wrote {args.out}: {info['tensors']} tensors in {info['shards']} file(s), "
+        f"alpha={info['alpha']:g} ({info['method']})"
+    )
+    return 0
