@@ -286,8 +286,8 @@ class RobustCallback(TrainerCallback):
 
     # -- Trainer events -----------------------------------------------------------------------
     def on_train_begin(self, args, state, control, **kwargs):
-        if self.trainer is None:
-            self.trainer = caller_self(Trainer)
+        # the Trainer running this event (a callback reused with another Trainer follows it), else attached
+        self.trainer = caller_self(Trainer) or self.trainer
         self._resumed_from = trainer_resume_checkpoint()
         self._ended = False
         if self.trainer is not None:
