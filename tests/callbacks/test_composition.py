@@ -91,6 +91,7 @@ def _run(tmp_path, callbacks, reverse, model=None, **args):
     user_order = list(trainer.callback_handler.callbacks)
     trainer.train()
     assert trainer.callback_handler.callbacks == user_order  # nothing reorders the user's list
+    assert "evaluate" not in vars(trainer)  # every evaluation wrapper removed, whichever was on top
     return trainer, rec
 
 
