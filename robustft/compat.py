@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -20,6 +21,7 @@ import torch
 
 __all__ = [
     "CHECKED_AGAINST",
+    "UNKNOWN_RESUME",
     "caller_self",
     "clip_grad_norm",
     "grad_scaler_state",
@@ -27,6 +29,7 @@ __all__ = [
     "relink_zero_optimizer_states",
     "reset_grad_scaler",
     "restore_grad_scaler",
+    "trainer_resume_checkpoint",
     "trl_bookkeeping_kept",
 ]
 
@@ -62,6 +65,27 @@ def caller_self(kind: type, depth: int = 12) -> Any:
         if isinstance(owner, kind):
             return owner
     return None
+
+
+#: what :func:`trainer_resume_checkpoint` returns when no training loop is on the call stack
+UNKNOWN_RESUME = object()
+
+
+def trainer_resume_checkpoint(kind: type) -> str | None | object:
+    """The checkpoint folder the running ``kind.train`` (a Trainer class) resumes from: None when it starts
+    afresh, :data:`UNKNOWN_RESUME` when no training loop is on the call stack.
+
+    transformers keeps the folder (``resume_from_checkpoint=PATH``, or ``True`` already resolved to the
+    last checkpoint of ``output_dir``) only as the local ``resume_from_checkpoint`` of
+    ``Trainer._inner_training_loop``, the frame that fires ``on_train_begin``; it is read there.
+    """
+    frame = inspect.currentframe()
+    while frame is not None:
+        if frame.f_code.co_name == "_inner_training_loop" and isinstance(frame.f_locals.get("self"), kind):
+            folder = frame.f_locals.get("resume_from_checkpoint")
+            return None if folder is None else os.fspath(folder)
+        frame = frame.f_back
+    return UNKNOWN_RESUME
 
 
 # -- transformers / TRL Trainer -----------------------------------------------------------------------

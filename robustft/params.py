@@ -20,7 +20,10 @@ import torch
 from torch import nn
 
 __all__ = [
+    "SelectionChangedError",
+    "SelectionGuard",
     "Snapshot",
+    "check_snapshot_spec",
     "full_shape",
     "is_sharded",
     "is_zero3_param",
@@ -185,13 +188,71 @@ def _shadow_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def _resolve_device(device: str | torch.device) -> torch.device | None:
-    if device == "same":
+def _resolve_device(device: str | torch.device, name: str = "device") -> torch.device | None:
+    if isinstance(device, str) and device == "same":
         return None
     try:
-        return torch.device(device)
-    except RuntimeError as err:
-        raise ValueError(f"device: {device!r} is not 'same' or a torch device ({err})") from err
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"{name}: {device!r} is not 'same' or a torch device ({err})") from err
+    backend = getattr(torch, dev.type, None)
+    if dev.type != "cpu" and not (hasattr(backend, "is_available") and backend.is_available()):
+        raise ValueError(f"{name}: {device!r} is not 'same', 'cpu' or an available accelerator")
+    return dev
+
+
+def check_snapshot_spec(device: str | torch.device, dtype: str | torch.dtype | None,
+                        device_name: str = "device", dtype_name: str = "dtype") -> None:
+    """Refuse, when a callback is built, a snapshot device or dtype that :meth:`Snapshot.of` would fail on
+    (or that could not hold weights: an integer dtype) once training runs."""
+    _resolve_device(device, device_name)
+    if isinstance(dtype, str) and dtype == "auto" or dtype is None:
+        return
+    if not isinstance(dtype, (str, torch.dtype)):
+        raise ValueError(f"{dtype_name}: {dtype!r} is not 'auto', None or a torch dtype")
+    try:
+        resolved = resolve_dtype(dtype)
+    except ValueError as err:
+        raise ValueError(f"{dtype_name}: {err}") from err
+    if not resolved.is_floating_point:
+        raise ValueError(f"{dtype_name}: {dtype!r} is not a floating dtype; weights and averages need one "
+                         "(e.g. 'float32', 'bfloat16', or 'auto')")
+
+
+class SelectionChangedError(RuntimeError):
+    """A selected tensor was replaced, removed or resized after it was selected (e.g. a new head)."""
+
+
+class SelectionGuard:
+    """The tensors selected from a model when training began, and a check that the model still holds them.
+
+    Callbacks keep references to the selected tensors; a module replaced during training (a new
+    head) would leave them averaging, snapshotting or interpolating tensors the model no longer uses.
+    """
+
+    def __init__(self, owner: str, model: nn.Module, params: Mapping[str, torch.Tensor]):
+        self.owner, self.model = owner, model
+        self.params = dict(params)
+        self.shapes = {n: tuple(full_shape(t)) for n, t in self.params.items()}
+
+    def check(self) -> None:
+        """Raise :class:`SelectionChangedError` naming the first selected tensor that changed."""
+        current = dict(self.model.named_parameters())
+        current.update((n, b) for n, b in self.model.named_buffers() if n not in current)
+        for name, tensor in self.params.items():
+            now = current.get(name)
+            if now is None:
+                why = "is no longer in the model"
+            elif now is not tensor:
+                why = "was replaced by another tensor (a module swapped during training?)"
+            elif tuple(full_shape(now)) != self.shapes[name]:
+                why = f"changed shape from {self.shapes[name]} to {tuple(full_shape(now))}"
+            else:
+                continue
+            raise SelectionChangedError(
+                f"{self.owner}: parameter {name!r} selected when training began {why}; nothing was written. "
+                "Replace modules before training starts (or build a new callback for the new model)."
+            )
 
 
 class Snapshot:

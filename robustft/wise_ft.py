@@ -15,7 +15,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -68,17 +70,25 @@ def choose_alpha(
     Only in-distribution numbers are passed in, so a shifted set can never steer the choice. A
     metric like accuracy is often flat over a range of α on a finite validation set; the ID loss
     of the same evaluation separates those models, and the smallest α (closest to the start) is the
-    last resort.
+    last resort. A non-finite value (a diverged evaluation) is never chosen: it is reported with a
+    warning, and a curve with no finite value is an error.
     """
     if len(alphas) != len(values) or not alphas:
         raise ValueError(f"choose_alpha: {len(alphas)} alphas for {len(values)} metric values")
     if tie_break is not None and len(tie_break) != len(alphas):
         raise ValueError(f"choose_alpha: {len(tie_break)} tie-break values for {len(alphas)} alphas")
+    finite = [i for i, v in enumerate(values) if math.isfinite(v)]
+    if not finite:
+        raise ValueError(f"choose_alpha: no finite metric value at any α ({list(values)}); nothing to choose")
+    if len(finite) < len(values):
+        skipped = [alphas[i] for i in range(len(values)) if i not in finite]
+        warnings.warn(f"choose_alpha: the metric is not finite at α={skipped}; those points are never chosen",
+                      RuntimeWarning, stacklevel=2)
     sign = 1.0 if greater_is_better else -1.0
-    best = max(sign * v for v in values)
-    tied = [i for i, v in enumerate(values) if sign * v == best]
-    if tie_break is not None:
-        low = min(tie_break[i] for i in tied)
+    best = max(sign * values[i] for i in finite)
+    tied = [i for i in finite if sign * values[i] == best]
+    if tie_break is not None and any(math.isfinite(tie_break[i]) for i in tied):
+        low = min(tie_break[i] for i in tied if math.isfinite(tie_break[i]))
         tied = [i for i in tied if tie_break[i] == low]
     return min(alphas[i] for i in tied)
 
@@ -267,6 +277,8 @@ class WiseFTCurve:
                 notes.append("fine-tuned")
             if a == self.chosen_alpha:
                 notes.append(f"<- chosen on {self.id_dataset}")
+            if not math.isfinite(self.results[self.id_dataset][i]):
+                notes.append("not finite: never chosen")
             vals = " ".join(f"{self.results[d][i]:>14.4f}" for d in names)
             rows.append(f"{a:>7.2f} {vals}  {', '.join(notes)}")
         return "\n".join(rows)

@@ -58,6 +58,27 @@ def test_caller_self_finds_the_trainer_and_handler_in_a_real_event(tmp_path):
     )
 
 
+def test_trainer_resume_checkpoint_reads_the_training_loops_local(tmp_path):
+    """``_inner_training_loop``'s local ``resume_from_checkpoint`` holds the folder ``train`` resumes from
+    (None when it starts afresh); outside a training loop the answer is ``UNKNOWN_RESUME``."""
+    assert "resume_from_checkpoint" in inspect.signature(Trainer._inner_training_loop).parameters, (
+        "Trainer._inner_training_loop has no parameter 'resume_from_checkpoint'"
+    )
+
+    class Probe(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            self.folder = compat.trainer_resume_checkpoint(Trainer)
+
+    probe = Probe()
+    trainer = _run_one_step(tmp_path, probe, save_strategy="steps", save_steps=1)
+    assert probe.folder is None
+    checkpoint = tmp_path / "checkpoint-1"
+    assert checkpoint.is_dir()
+    trainer.train(resume_from_checkpoint=str(checkpoint))
+    assert probe.folder == str(checkpoint), "frame local 'resume_from_checkpoint' not found"
+    assert compat.trainer_resume_checkpoint(Trainer) is compat.UNKNOWN_RESUME
+
+
 def test_trainer_clip_grad_norm(tmp_path):
     """``Trainer._clip_grad_norm(model)`` clips to ``max_grad_norm`` (SAM's replay clips with it)."""
 

@@ -22,7 +22,7 @@ MODULE_LAYERS = {
     # the package __init__ files only name their exports; each is imported lazily (robustft/_lazy.py)
     "robustft": "init",
     "robustft._lazy": "init",
-    "robustft.messages": "init",  # bounded reprs for error messages; standard library only
+    "robustft.checks": "init",  # bounded reprs for error messages; standard library only
     "robustft.callbacks": "init",
     "robustft.lora": "init",
     "robustft.merge": "init",

@@ -21,10 +21,10 @@ from safetensors.torch import load_file, save_file
 
 from robustft import checkpoint
 from robustft.checkpoint import atomic_output_dir, atomic_output_file, check_output_dir
+from robustft.checks import short_repr
 from robustft.cli import main
 from robustft.merge.fisher import save_fisher
 from robustft.merge.recipe import parse_recipe
-from robustft.messages import short_repr
 
 ROOT = Path(__file__).resolve().parents[1]
 

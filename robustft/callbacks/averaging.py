@@ -1,7 +1,9 @@
 """Momentum weight averaging callbacks: EMA, SWA, LAWA and momentum interpolation toward the start.
 
 The maths lives in ``robustft.ops.averaging``; these classes decide when to update, swap the
-average in for evaluation (and back), save it as a loadable model, and checkpoint it.
+average in for evaluation (and back), save it as a loadable model, and checkpoint it. An average exists
+only from its first update on: before it, evaluation uses the live weights, and a run that ends without
+any update warns and leaves the model (and the save folder) alone.
 """
 
 from __future__ import annotations
@@ -18,9 +20,18 @@ from safetensors.torch import save_file
 from torch import nn
 
 from robustft import distributed
-from robustft.callbacks.base import RobustCallback
+from robustft.callbacks.base import END_COPY_AVERAGE, END_SAVE_AVERAGE, RobustCallback
+from robustft.checks import check_bool, check_number
 from robustft.ops.averaging import ema_decay, ema_update_, mean_of, squared_distance, swa_update_
-from robustft.params import Snapshot, is_sharded, live_tensors, select_parameters, swapped_in
+from robustft.params import (
+    SelectionGuard,
+    Snapshot,
+    check_snapshot_spec,
+    is_sharded,
+    live_tensors,
+    select_parameters,
+    swapped_in,
+)
 
 __all__ = [
     "EMACallback",
@@ -55,10 +66,14 @@ class _AveragingCallback(RobustCallback):
         restart_if_missing: bool = False,
     ):
         super().__init__(resume_state_from=resume_state_from, restart_if_missing=restart_if_missing)
-        if not isinstance(update_every, int) or update_every < 1:
-            raise ValueError(f"update_every must be an integer >= 1, got {update_every!r}")
-        if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
-            raise ValueError(f"start_step must be an integer >= 0, got {start_step!r}")
+        check_number("update_every", update_every, low=1, integer=True)
+        check_number("start_step", start_step, low=0, integer=True)
+        for option, value in (("buffers", buffers), ("eval_with_average", eval_with_average),
+                              ("copy_to_model_at_end", copy_to_model_at_end), ("log_distance", log_distance)):
+            check_bool(option, value)
+        check_snapshot_spec(device, dtype)
+        if save_dir is not None and not isinstance(save_dir, (str, os.PathLike)):
+            raise ValueError(f"save_dir must be 'auto', a folder or None, got {save_dir!r}")
         self.update_every = update_every
         self.start_step = start_step
         self.include, self.exclude, self.buffers = include, exclude, buffers
@@ -70,6 +85,7 @@ class _AveragingCallback(RobustCallback):
         self.num_updates = 0
         self.params: dict[str, torch.Tensor] | None = None
         self.model: nn.Module | None = None
+        self.guard: SelectionGuard | None = None
 
     # -- what subclasses provide ---------------------------------------------------------------
     def _init_average(self) -> None:
@@ -80,20 +96,31 @@ class _AveragingCallback(RobustCallback):
         raise NotImplementedError
 
     def average(self) -> Snapshot:
-        """The averaged weights, in the order of ``self.params``."""
+        """The averaged weights, in the order of ``self.params`` (an error before the first update)."""
+        self._require_average()
         return self.avg
 
     def has_average(self) -> bool:
-        return self.params is not None
+        """True from the first update on: before it the buffer holds the start weights, not an average."""
+        return self.params is not None and self.num_updates > 0
 
     def _extra_logs(self) -> dict[str, float]:
         return {}
 
     # -- public helpers -------------------------------------------------------------------------
     def _require_setup(self) -> dict[str, torch.Tensor]:
+        """The selected parameters, checked to still be the model's (a replaced module is an error)."""
         if self.params is None:
             raise RuntimeError(f"{type(self).__name__} has no average yet: train with it first")
+        self.guard.check()
         return self.params
+
+    def _require_average(self) -> None:
+        if not self.has_average():
+            raise RuntimeError(
+                f"{type(self).__name__} has no average: no update has happened yet "
+                f"(start_step={self.start_step}, update_every={self.update_every})"
+            )
 
     @contextmanager
     def averaged_weights(self) -> Iterator[None]:
@@ -140,6 +167,7 @@ class _AveragingCallback(RobustCallback):
         super().on_train_begin(args, state, control, **kwargs)
         params = select_parameters(model, include=self.include, exclude=self.exclude, buffers=self.buffers)
         self.model = model
+        self.guard = SelectionGuard(type(self).__name__, model, params)
         checkpoint = self.resume_dir(args, state)
         if self.params is None:
             self.params = params
@@ -181,6 +209,7 @@ class _AveragingCallback(RobustCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         if self._due(state.global_step):
+            self._require_setup()  # the tensors updated from are still the model's
             self._update(state.global_step)
             self.num_updates += 1
         if control.should_log:
@@ -190,10 +219,26 @@ class _AveragingCallback(RobustCallback):
                 logs[f"{self.prefix}/distance"] = self.distance()
             self.pending_logs.update(logs)
 
-    def on_train_end(self, args, state, control, model=None, **kwargs):
+    @property
+    def end_phase(self) -> int:
+        """Saving an average (swapped in and out) comes before copying one in (docs/composition.md)."""
+        return END_COPY_AVERAGE if self.copy_to_model_at_end else END_SAVE_AVERAGE
+
+    def end_of_training(self, args, state, control, model=None, **kwargs):
+        """Save the average as a model and/or copy it into the live weights; nothing without an update."""
         self.unwrap_method("evaluate")
-        if not self.has_average():
+        if self.params is None:
             return
+        if not self.has_average():
+            warnings.warn(
+                f"{type(self).__name__}: training ended at step {state.global_step} before the first update "
+                f"(start_step={self.start_step}, update_every={self.update_every}): there is no average, so "
+                "the model keeps its trained weights and no average is saved",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return
+        self._require_setup()
         with ExitStack() as stack:
             if not self.copy_to_model_at_end:
                 stack.enter_context(self.averaged_weights())
@@ -256,12 +301,11 @@ class EMACallback(_AveragingCallback):
         eval_with_ema: bool = True,
         **kwargs: Any,
     ):
-        if not 0.0 < decay < 1.0:
-            raise ValueError(f"decay must be in (0, 1), got {decay!r}")
-        if warmup_gamma <= 0 or warmup_power <= 0:
-            raise ValueError(
-                f"warmup_gamma and warmup_power must be > 0, got {warmup_gamma!r} and {warmup_power!r}"
-            )
+        check_number("decay", decay, low=0.0, high=1.0, low_open=True, high_open=True)
+        check_bool("warmup", warmup)
+        check_number("warmup_gamma", warmup_gamma, low=0.0, low_open=True)
+        check_number("warmup_power", warmup_power, low=0.0, low_open=True)
+        check_bool("eval_with_ema", eval_with_ema)
         super().__init__(eval_with_average=eval_with_ema, **kwargs)
         self.decay = decay
         self.warmup, self.warmup_gamma, self.warmup_power = warmup, warmup_gamma, warmup_power
@@ -301,12 +345,14 @@ class SWACallback(_AveragingCallback):
 
     def __init__(self, start: int | float = 0.75, *, eval_with_swa: bool = True, update_bn: bool = True,
                  **kwargs: Any):
-        if isinstance(start, float) and not 0.0 <= start < 1.0:
-            raise ValueError(f"start as a fraction must be in [0, 1), got {start!r}")
-        if isinstance(start, int) and start < 0:
-            raise ValueError(f"start as a step must be >= 0, got {start!r}")
+        if isinstance(start, float):
+            check_number("start (a fraction of the run)", start, low=0.0, high=1.0, high_open=True)
+        else:
+            check_number("start (a step)", start, low=0, integer=True)
         if "start_step" in kwargs:
             raise ValueError("SWACallback: give the first averaged step as start=..., not start_step")
+        check_bool("eval_with_swa", eval_with_swa)
+        check_bool("update_bn", update_bn)
         super().__init__(eval_with_average=eval_with_swa, **kwargs)
         self.start = start
         self.update_bn = update_bn
@@ -343,8 +389,8 @@ class LAWACallback(_AveragingCallback):
     state_name = "lawa"
 
     def __init__(self, k: int = 5, *, update_every: int = 100, eval_with_lawa: bool = True, **kwargs: Any):
-        if not isinstance(k, int) or k < 1:
-            raise ValueError(f"k must be an integer >= 1, got {k!r}")
+        check_number("k", k, low=1, integer=True)
+        check_bool("eval_with_lawa", eval_with_lawa)
         super().__init__(update_every=update_every, eval_with_average=eval_with_lawa, **kwargs)
         self.k = k
         self.snapshots: list[Snapshot] = []
@@ -354,7 +400,7 @@ class LAWACallback(_AveragingCallback):
         self._mean: Snapshot | None = None
 
     def has_average(self) -> bool:
-        return bool(self.snapshots)
+        return self.params is not None and bool(self.snapshots)
 
     def _update(self, step: int) -> None:
         if len(self.snapshots) == self.k:
@@ -365,8 +411,7 @@ class LAWACallback(_AveragingCallback):
             self.snapshots.append(Snapshot.of(self.params, device=self.device, dtype=self.dtype))
 
     def average(self) -> Snapshot:
-        if not self.snapshots:
-            raise RuntimeError("LAWACallback has no snapshot yet")
+        self._require_average()
         if self._mean is None:
             self._mean = Snapshot.zeros_like(self.snapshots[0])
         mean_of(self._mean.tensors, [s.tensors for s in self.snapshots])
@@ -402,8 +447,9 @@ class MomentumInterpolationCallback(_AveragingCallback):
 
     def __init__(self, momentum: float = 0.99, *, reset_fast_at_task_boundary: bool = True,
                  eval_with_slow: bool = True, **kwargs: Any):
-        if not 0.0 < momentum < 1.0:
-            raise ValueError(f"momentum must be in (0, 1), got {momentum!r}")
+        check_number("momentum", momentum, low=0.0, high=1.0, low_open=True, high_open=True)
+        check_bool("reset_fast_at_task_boundary", reset_fast_at_task_boundary)
+        check_bool("eval_with_slow", eval_with_slow)
         super().__init__(eval_with_average=eval_with_slow, **kwargs)
         self.momentum = momentum
         self.reset_fast_at_task_boundary = reset_fast_at_task_boundary
@@ -414,8 +460,10 @@ class MomentumInterpolationCallback(_AveragingCallback):
 
     def _task_boundary(self) -> None:
         self.task += 1
-        if self.reset_fast_at_task_boundary:
-            self.copy_to_model()
+        if self.reset_fast_at_task_boundary:  # the slow weights: θ_pretrained until their first update
+            self.guard.check()
+            self.avg.copy_to(self.params)
+            distributed.reshard(self.model)
 
     def state_dict(self):
         tensors, meta = super().state_dict()

@@ -1,8 +1,13 @@
-"""What every robustft callback shares: metrics into the Trainer's logs, and state beside checkpoints.
+"""What every robustft callback shares: metrics into the Trainer's logs, state beside checkpoints, and
+one fixed order for what the callbacks do to the model when training ends.
 
 A subclass implements ``state_dict()``/``load_state_dict()`` (tensors + small JSON meta) and
 gets save-on-checkpoint and load-on-resume for free. Metrics it puts in ``self.pending_logs``
-reach the next Trainer log (and so TensorBoard/W&B) and ``state.log_history``.
+reach the next Trainer log (and so TensorBoard/W&B) and ``state.log_history``. A subclass that acts
+on the model at the end of training implements ``end_of_training`` and names its phase
+(``end_phase``): the first robustft callback to get ``on_train_end`` runs every attached robustft
+callback's end action in phase order, so the result never depends on the order of the callback list
+(docs/composition.md).
 """
 
 from __future__ import annotations
@@ -14,13 +19,26 @@ from typing import Any
 
 import torch
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback
 
 from robustft import distributed
 from robustft.checkpoint import load_state, save_state
-from robustft.compat import caller_self
+from robustft.checks import check_bool
+from robustft.compat import UNKNOWN_RESUME, caller_self, trainer_resume_checkpoint
 
-__all__ = ["RobustCallback", "caller_self"]
+__all__ = [
+    "END_COMPOSE",
+    "END_COPY_AVERAGE",
+    "END_INTERPOLATE",
+    "END_SAVE_AVERAGE",
+    "RobustCallback",
+    "caller_self",
+]
+
+#: end-of-training phases, run in this order whatever the order of the callback list (docs/composition.md)
+END_SAVE_AVERAGE = 0  # an average saved as a model, swapped in and back out: the live weights are untouched
+END_COPY_AVERAGE = 1  # an average copied into the model (copy_to_model_at_end): the end point from now on
+END_INTERPOLATE = 2  # WiSE-FT: θ(α) between the start and the end point (live, or the average copied in)
+END_COMPOSE = 3  # LoRA arithmetic: compose the adapter as the model finally holds it
 
 
 class RobustCallback(TrainerCallback):
@@ -28,7 +46,7 @@ class RobustCallback(TrainerCallback):
 
     Args:
         resume_state_from: checkpoint folder to read this callback's state from when the Trainer
-            resumes; by default ``<output_dir>/checkpoint-<global_step>``.
+            resumes; by default the folder the Trainer resumes from (``resume_from_checkpoint``).
         restart_if_missing: when resuming and no state is found, start afresh instead of raising.
     """
 
@@ -36,10 +54,15 @@ class RobustCallback(TrainerCallback):
     state_name: str = "state"
 
     def __init__(self, resume_state_from: str | None = None, restart_if_missing: bool = False):
+        if resume_state_from is not None and not isinstance(resume_state_from, (str, os.PathLike)):
+            raise ValueError(f"resume_state_from must be a folder path, got {resume_state_from!r}")
+        check_bool("restart_if_missing", restart_if_missing)
         self.resume_state_from = resume_state_from
         self.restart_if_missing = restart_if_missing
         self.pending_logs: dict[str, float] = {}
         self.trainer: Trainer | None = None
+        self._resumed_from: str | None | object = UNKNOWN_RESUME
+        self._ended = True
 
     def attach(self, trainer: Trainer):
         """Use ``trainer`` (and register with it) instead of finding it when training starts; returns self."""
@@ -58,26 +81,42 @@ class RobustCallback(TrainerCallback):
 
         The Trainer gives callbacks no hook inside a step or around an evaluation, and DeepSpeed's engine
         steps inside the backward; wrapping the method on the instance (not the class) is the narrowest
-        way in. Returns the original; wrapping twice keeps the first wrapper.
+        way in. ``original`` calls whatever is below this wrapper at call time, so another callback's
+        wrapper can be removed from under it. Returns ``original``; wrapping twice keeps the first wrapper
+        (also under other callbacks' wrappers).
         """
         target = self.trainer if target is None else target
         current = getattr(target, name)
-        if getattr(current, "robustft_owner", None) is self:
-            return current.robustft_original
-        wrapper = make_wrapper(current)
+        link = current
+        while getattr(link, "robustft_owner", None) is not None:
+            if link.robustft_owner is self:
+                return link.robustft_call_original
+            link = link.robustft_original
+
+        def original(*args, **kwargs):
+            return wrapper.robustft_original(*args, **kwargs)
+
+        wrapper = make_wrapper(original)
         wrapper.robustft_owner, wrapper.robustft_original = self, current
+        wrapper.robustft_call_original = original
         wrapper.robustft_was_instance_attr = name in target.__dict__
         setattr(target, name, wrapper)
-        return current
+        return original
 
     def unwrap_method(self, name: str, target: Any = None) -> None:
-        """Remove this callback's wrapper of ``name`` on ``target`` (only ours), restoring what was there."""
+        """Remove this callback's wrapper of ``name`` on ``target`` (only ours, wherever it sits in the
+        chain of robustft wrappers), restoring what was below it."""
         target = self.trainer if target is None else target
-        wrapper = target.__dict__.get(name) if target is not None else None
-        if getattr(wrapper, "robustft_owner", None) is not self:
+        outer, link = None, target.__dict__.get(name) if target is not None else None
+        while getattr(link, "robustft_owner", None) is not None and link.robustft_owner is not self:
+            outer, link = link, link.robustft_original
+        if getattr(link, "robustft_owner", None) is not self:
             return
-        if wrapper.robustft_was_instance_attr:
-            setattr(target, name, wrapper.robustft_original)
+        if outer is not None:  # another callback wrapped over ours: it now calls what ours called
+            outer.robustft_original = link.robustft_original
+            outer.robustft_was_instance_attr = link.robustft_was_instance_attr
+        elif link.robustft_was_instance_attr:
+            setattr(target, name, link.robustft_original)
         else:
             delattr(target, name)
 
@@ -151,16 +190,62 @@ class RobustCallback(TrainerCallback):
         self.load_state_dict(tensors, meta, source=source)
 
     def resume_dir(self, args, state) -> str | None:
-        """Checkpoint folder the Trainer resumed from (None when training starts at step 0)."""
-        if state.global_step == 0:
+        """Folder to read this callback's state from: None when the Trainer starts afresh, else
+        ``resume_state_from`` or the folder the Trainer resumes from (``resume_from_checkpoint``)."""
+        resumed = self._resumed_from
+        if resumed is UNKNOWN_RESUME:  # no training loop on the stack (on_train_begin called by hand)
+            resumed = None if state.global_step == 0 else os.path.join(
+                args.output_dir, f"checkpoint-{state.global_step}"
+            )
+        if resumed is None:
             return None
-        return self.resume_state_from or os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        return os.fspath(self.resume_state_from) if self.resume_state_from is not None else resumed
+
+    # -- end of training ----------------------------------------------------------------------
+    #: phase of :meth:`end_of_training` (``END_*``); None: the callback does nothing to the model at the end
+    end_phase: int | None = None
+
+    def end_of_training(self, args, state, control, **kwargs) -> None:
+        """What the callback does when training ends; run once, in phase order (see :meth:`on_train_end`)."""
+
+    def _attached(self) -> list[RobustCallback]:
+        """The robustft callbacks of this callback's Trainer (just this one when no Trainer is known)."""
+        if self.trainer is None:
+            return [self]
+        attached = [cb for cb in self.trainer.callback_handler.callbacks if isinstance(cb, RobustCallback)]
+        return attached if self in attached else [self, *attached]
+
+    def _check_end_phases(self) -> None:
+        """Refuse, before any step, two callbacks that would each replace the model by their average."""
+        copiers = [cb for cb in self._attached() if cb.end_phase == END_COPY_AVERAGE]
+        if len(copiers) > 1:
+            raise ValueError(
+                "copy_to_model_at_end: more than one callback copies its average into the model at the end "
+                f"({', '.join(type(cb).__name__ for cb in copiers)}); keep it on one of them "
+                "(docs/composition.md)"
+            )
 
     # -- Trainer events -----------------------------------------------------------------------
     def on_train_begin(self, args, state, control, **kwargs):
-        self._log_before_reporters()
-        if self.trainer is None:
-            self.trainer = caller_self(Trainer)
+        # the Trainer running this event (a callback reused with another Trainer follows it), else attached
+        self.trainer = caller_self(Trainer) or self.trainer
+        self._resumed_from = trainer_resume_checkpoint(Trainer)
+        self._ended = False
+        if self.trainer is not None:
+            self._log_through_trainer()
+        self._check_end_phases()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        """Run the end actions of every attached robustft callback, in phase order, once.
+
+        The first robustft callback to get the event runs them all (the callbacks of one phase touch
+        disjoint things, so their order within it does not matter); the others find theirs done.
+        """
+        pending = [cb for cb in self._attached() if not cb._ended and cb.end_phase is not None]
+        for cb in sorted(pending, key=lambda cb: cb.end_phase):
+            cb._ended = True
+            cb.end_of_training(args, state, control, **kwargs)
+        self._ended = True
 
     def on_save(self, args, state, control, **kwargs):
         self.save_to(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
@@ -173,15 +258,21 @@ class RobustCallback(TrainerCallback):
             state.log_history[-1].update(self.pending_logs)
         self.pending_logs = {}
 
-    def _log_before_reporters(self) -> None:
-        """Move this callback just after DefaultFlowCallback, so its metrics reach TensorBoard/W&B.
+    def _log_through_trainer(self) -> None:
+        """Put the pending metrics into every ``Trainer.log`` before any callback sees the logs.
 
-        The Trainer calls reporting callbacks before user callbacks and hands callbacks no handle
-        on the list; the handler is the caller of this event, so it is found on the call stack.
+        The Trainer calls reporting callbacks (TensorBoard/W&B) before user callbacks, so ``on_log`` comes
+        too late for them; wrapping ``log`` reaches them without reordering the user's callback list
+        (``on_log`` stays the fallback when no Trainer is known).
         """
-        handler = caller_self(CallbackHandler, depth=4)
-        if handler is not None and self in handler.callbacks:
-            callbacks = handler.callbacks
-            callbacks.remove(self)
-            flow = [i for i, cb in enumerate(callbacks) if isinstance(cb, DefaultFlowCallback)]
-            callbacks.insert(flow[-1] + 1 if flow else 0, self)
+
+        def make_wrapper(original):
+            def log(logs, *args, **kwargs):
+                if self.pending_logs and logs is not None:
+                    logs.update(self.pending_logs)
+                    self.pending_logs = {}
+                return original(logs, *args, **kwargs)
+
+            return log
+
+        self.wrap_method("log", make_wrapper)

@@ -7,6 +7,9 @@ The maths lives in :mod:`robustft.lora`; this callback only decides when (``on_t
     trainer = Trainer(model=peft_model, args=args, ..., callbacks=[cb])
     # the Trainer is found when training starts (or pass it with cb.attach(trainer))
     trainer.train()              # -> output_dir/composed/ (a PEFT adapter), cb.metrics
+
+It acts last among the end-of-training actions: ``"self"`` is the adapter as the model finally holds it,
+after an average copied in and WiSE-FT's θ(α), whatever the order of the callbacks (docs/composition.md).
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from robustft import distributed
-from robustft.callbacks.base import RobustCallback
+from robustft.callbacks.base import END_COMPOSE, RobustCallback
+from robustft.checks import check_bool, check_number
 from robustft.lora.io import (
     DENSE_METHODS,
     LoRAAdapter,
@@ -39,6 +43,9 @@ _METHODS = ("exact", "paper", *DENSE_METHODS)
 class LoRAArithmeticCallback(RobustCallback):
     """Compose the freshly trained LoRA adapter with saved adapters at ``on_train_end``.
 
+    ``"self"`` is the trained adapter as the model holds it after the other end-of-training actions
+    (an average copied in, then WiSE-FT), see docs/composition.md.
+
     Args:
         recipe: adapter -> weight, where an adapter is ``"self"`` (the one being trained) or a
             saved PEFT adapter folder; e.g. ``{"self": 1, "skills/a": 1, "toxic": -0.5}``. A list
@@ -56,6 +63,8 @@ class LoRAArithmeticCallback(RobustCallback):
         eval_dataset: dataset for that evaluation (default: the Trainer's).
         overwrite: replace an existing ``output_dir/name``; otherwise training refuses to start.
     """
+
+    end_phase = END_COMPOSE
 
     def __init__(
         self,
@@ -76,17 +85,22 @@ class LoRAArithmeticCallback(RobustCallback):
         if not items:
             raise ValueError("recipe: empty; give adapter -> weight, e.g. {'self': 1, 'other': -0.5}")
         for entry in items:
-            if len(entry) != 2 or not isinstance(entry[1], (int, float)):
+            if len(entry) != 2:
                 raise ValueError(f"recipe: entry {entry!r} is not (adapter, weight)")
+            check_number(f"recipe: weight of {entry[0]!r}", entry[1])
         if SELF not in [k for k, _ in items]:
             items.insert(0, (SELF, 1.0))
         if method not in _METHODS:
             raise ValueError(f"method: unknown {method!r}; expected one of {list(_METHODS)}")
-        if rank is not None and (not isinstance(rank, int) or rank < 1):
-            raise ValueError(f"rank: must be a positive integer, got {rank!r}")
+        if rank is not None:
+            check_number("rank", rank, low=1, integer=True)
+        check_bool("evaluate", evaluate)
+        check_bool("overwrite", overwrite)
+        if not isinstance(adapter_name, str) or not adapter_name:
+            raise ValueError(f"adapter_name must be a PEFT adapter name, got {adapter_name!r}")
         if extras not in ("same", "first", "drop"):
             raise ValueError(f"extras: unknown policy {extras!r}; expected 'same', 'first' or 'drop'")
-        if not name or os.sep in name or name in (".", ".."):
+        if not isinstance(name, str) or not name or os.sep in name or name in (".", ".."):
             raise ValueError(f"name: {name!r} must be a plain folder name inside output_dir")
         self.recipe = [(str(k), float(w)) for k, w in items]
         self.name, self.method, self.params, self.rank = name, method, dict(params or {}), rank
@@ -129,7 +143,8 @@ class LoRAArithmeticCallback(RobustCallback):
             )
         check_compatible(self._adapters(model))  # shapes and base models, before any step
 
-    def on_train_end(self, args, state, control, model=None, **kwargs):
+    def end_of_training(self, args, state, control, model=None, **kwargs):
+        """Compose the adapter the model holds now with the saved ones, write it, evaluate it if asked."""
         adapters = self._adapters(model)
         composed = compose_adapters(
             adapters,

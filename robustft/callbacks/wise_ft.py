@@ -8,6 +8,10 @@ Usage::
 The sweep needs the Trainer's own ``evaluate``; callbacks are handed no trainer, so the
 callback finds it on the call stack of ``on_train_begin`` (the Trainer is the caller of its
 callback handler), or takes it from :meth:`WiseFTCallback.attach` / ``trainer=``.
+
+With an averaging callback that copies its average into the model at the end
+(``copy_to_model_at_end=True``), the end point is that average, whatever the order of the callbacks:
+averages are copied in first, then θ(α) is set between the start and them (docs/composition.md).
 """
 
 from __future__ import annotations
@@ -19,9 +23,10 @@ from typing import Any
 import torch
 
 from robustft import distributed
-from robustft.callbacks.base import RobustCallback
+from robustft.callbacks.base import END_INTERPOLATE, RobustCallback
+from robustft.checks import check_bool
 from robustft.ops.interpolate import check_alpha, check_method
-from robustft.params import is_sharded, select_parameters
+from robustft.params import SelectionGuard, check_snapshot_spec, is_sharded, select_parameters
 from robustft.wise_ft import DEFAULT_ALPHAS, WiseFTCurve, WiseFTWeights, check_alphas, wise_ft_sweep
 
 __all__ = ["WiseFTCallback"]
@@ -31,6 +36,8 @@ logger = logging.getLogger(__name__)
 
 class WiseFTCallback(RobustCallback):
     """θ(α) = (1−α)·θ_start + α·θ_end at the end of training, for a fixed α or the best α of a sweep.
+
+    θ_end is the model's weights once every average to be copied in is (see docs/composition.md).
 
     Args:
         alpha: fixed α to leave in the model. With ``eval_datasets`` the curve is still measured.
@@ -49,6 +56,7 @@ class WiseFTCallback(RobustCallback):
     """
 
     state_name = "wise_ft"
+    end_phase = END_INTERPOLATE
 
     def __init__(
         self,
@@ -70,6 +78,13 @@ class WiseFTCallback(RobustCallback):
         **kwargs,
     ):
         super().__init__(**kwargs)
+        for option, value in (("extrapolate", extrapolate), ("greater_is_better", greater_is_better),
+                              ("save_curve", save_curve), ("sweep_at_eval", sweep_at_eval),
+                              ("progress", progress)):
+            check_bool(option, value)
+        if not isinstance(metric, str) or not metric:
+            raise ValueError(f"metric must be the name of an evaluation metric, got {metric!r}")
+        check_snapshot_spec(snapshot_device, None, device_name="snapshot_device")
         self.alpha = None if alpha is None else check_alpha(alpha, extrapolate)
         self.alphas = check_alphas(alphas, extrapolate)
         self.method = check_method(method)
@@ -96,6 +111,7 @@ class WiseFTCallback(RobustCallback):
         self.trainer = trainer
         self.weights: WiseFTWeights | None = None
         self.curve: WiseFTCurve | None = None
+        self.guard: SelectionGuard | None = None
         self._sweeping = False
 
     # -- state ------------------------------------------------------------------------------------
@@ -118,6 +134,7 @@ class WiseFTCallback(RobustCallback):
                 "WiseFTCallback: a sweep needs the Trainer; pass trainer= or call attach(trainer)"
             )
         params = select_parameters(model, include=self.include, exclude=self.exclude)
+        self.guard = SelectionGuard(type(self).__name__, model, params)
         resume = self.resume_dir(args, state)
         if resume is not None:
             # the live weights are the checkpoint's: the start comes from the saved state
@@ -132,6 +149,7 @@ class WiseFTCallback(RobustCallback):
             return
         if self.trainer is None or not self.trainer.is_in_train:
             return
+        self.guard.check()
         self._sweeping = True
         try:  # ends at α=1, i.e. bit-exactly the weights training continues from
             curve = self._sweep(apply_alpha=1.0)
@@ -139,9 +157,11 @@ class WiseFTCallback(RobustCallback):
             self._sweeping = False
         self._record(curve, args, final=False)
 
-    def on_train_end(self, args, state, control, **kwargs):
+    def end_of_training(self, args, state, control, **kwargs):
+        """θ(α) from the start to the end point: the live weights, or an average copied in just before."""
         if self.weights is None:
             return
+        self.guard.check()  # before any weight is written
         if self.eval_datasets:
             self._sweeping = True
             try:

@@ -28,9 +28,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from robustft.checkpoint import atomic_output_dir, check_output_dir
+from robustft.checks import check_integer, check_number
 from robustft.lora.algebra import DeltaSet, LoRADelta, combine, combine_dense
 from robustft.lora.layers import mentions_lora, parse_factor_key
-from robustft.ops.registry import METHODS, check_integer, check_number
+from robustft.ops.registry import METHODS
 
 __all__ = [
     "COMPOSE_METHODS",

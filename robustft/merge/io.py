@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from robustft.messages import short_repr
+from robustft.checks import short_repr
 
 __all__ = [
     "CheckpointReader",

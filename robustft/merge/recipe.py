@@ -31,14 +31,12 @@ from typing import Any
 
 import yaml
 
-from robustft.messages import short_repr
+from robustft.checks import check_integer, check_path, short_repr
 from robustft.ops.registry import (
     METHODS,
     REQUIRED,
     MethodSpec,
-    check_integer,
     check_params,
-    check_path,
     method_spec,
     resolve_params,
 )

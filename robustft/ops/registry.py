@@ -17,14 +17,23 @@ refused everywhere.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from robustft.messages import short_repr
+from robustft.checks import (
+    check_bool,
+    check_count,
+    check_density,
+    check_drop_rate,
+    check_fraction,
+    check_non_negative,
+    check_number,
+    check_path,
+    short_repr,
+)
 from robustft.ops import interpolate as interp
 from robustft.ops import merge as ops
 
@@ -35,69 +44,10 @@ __all__ = [
     "WEIGHT",
     "MethodSpec",
     "Param",
-    "check_count",
-    "check_fraction",
-    "check_integer",
-    "check_number",
     "check_params",
     "method_spec",
     "resolve_params",
 ]
-
-
-# -- value checks: (option name, value) -> None, or a ValueError naming the option ---------------------------
-def check_number(name: str, value: Any) -> None:
-    """A finite real number (bool, NaN and ±inf refused)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {short_repr(value)}")
-
-
-def check_fraction(name: str, value: Any, upper_open: bool = False, lower_open: bool = False) -> None:
-    """A number in [0, 1] (ends excluded when asked)."""
-    check_number(name, value)
-    low_ok = value > 0 if lower_open else value >= 0
-    high_ok = value < 1 if upper_open else value <= 1
-    if not (low_ok and high_ok):
-        interval = ("(" if lower_open else "[") + "0, 1" + (")" if upper_open else "]")
-        raise ValueError(f"{name} must be in {interval}, got {short_repr(value)}")
-
-
-def check_density(name: str, value: Any) -> None:
-    """Fraction of entries kept, in (0, 1]: 0 would keep nothing."""
-    check_fraction(name, value, lower_open=True)
-
-
-def check_drop_rate(name: str, value: Any) -> None:
-    """DARE drop probability, in [0, 1): 1 would drop everything and divide by zero."""
-    check_fraction(name, value, upper_open=True)
-
-
-def check_non_negative(name: str, value: Any) -> None:
-    check_number(name, value)
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {short_repr(value)}")
-
-
-def check_bool(name: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be true or false, got {short_repr(value)}")
-
-
-def check_count(name: str, value: Any) -> None:
-    """A non-negative integer (bool refused)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} must be a non-negative integer, got {short_repr(value)}")
-
-
-def check_integer(name: str, value: Any) -> None:
-    """An integer (bool refused), e.g. a seed."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an integer, got {short_repr(value)}")
-
-
-def check_path(name: str, value: Any) -> None:
-    if not isinstance(value, str) or not value:
-        raise ValueError(f"{name} must be a path string, got {short_repr(value)}")
 
 
 #: default of a parameter every model must give (``fisher``)

@@ -254,3 +254,46 @@ def test_evaluation_that_raises_leaves_the_live_weights(tmp_path):
     assert ema.distance() > 0  # the average differs from the live weights, so a leak would show
     for n, p in trainer.model.named_parameters():
         assert torch.equal(p.detach(), probe.live[n]), n
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda save: SWACallback(start=100, copy_to_model_at_end=True, save_dir=save),
+        lambda save: EMACallback(start_step=100, copy_to_model_at_end=True, save_dir=save),
+        lambda save: LAWACallback(k=2, update_every=100, copy_to_model_at_end=True, save_dir=save),
+        lambda save: MomentumInterpolationCallback(start_step=100, copy_to_model_at_end=True, save_dir=save),
+    ],
+)
+def test_run_ending_before_the_first_update_warns_and_leaves_the_model(tmp_path, make):
+    avg, rec = make(str(tmp_path / "avg")), Recorder()
+    with pytest.warns(RuntimeWarning, match="before the first update"):
+        trainer = _train([avg, rec], tmp_path, max_steps=4)
+    for n, p in select_parameters(trainer.model).items():  # the trained weights, not θ_start
+        assert torch.equal(p.detach(), rec.points[-1][n]), n
+    assert not (tmp_path / "avg").exists()
+    assert not avg.has_average() and avg.num_updates == 0
+    assert not any(f"{avg.prefix}/distance" in h for h in trainer.state.log_history)
+    with pytest.raises(RuntimeError, match="no update has happened"):
+        avg.average()
+
+
+def test_evaluation_before_the_first_update_scores_the_live_weights(tmp_path):
+    class LiveAt(TrainerCallback):
+        def __init__(self):
+            self.weights = {}
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            self.weights[state.global_step] = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    swa, live = SWACallback(start=0.75, save_dir=None), LiveAt()  # first update at step 6 of 8
+    trainer = _train([swa, live], tmp_path, eval_strategy="steps", eval_steps=2, learning_rate=2e-2)
+    logged = {h["step"]: h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h}
+    assert sorted(logged) == [2, 4, 6, 8]
+    for step in (2, 4):  # no average yet: the live weights of that step are evaluated
+        with torch.no_grad():
+            for n, p in trainer.model.named_parameters():
+                p.copy_(live.weights[step][n])
+        assert logged[step] == pytest.approx(trainer.evaluate()["eval_loss"], rel=1e-6), step
+    distance_steps = [h["step"] for h in trainer.state.log_history if "swa/distance" in h]
+    assert distance_steps and min(distance_steps) == 6

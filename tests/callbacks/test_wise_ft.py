@@ -354,7 +354,6 @@ def test_manual_sweep_after_training(tmp_path, full_run):
 
 def test_sweep_without_a_trainer_fails_before_training():
     cb = WiseFTCallback(eval_datasets={"id": []})
-    cb._log_before_reporters = lambda: None
     args = type("A", (), {"output_dir": "unused"})()
     state = type("S", (), {"global_step": 0})()
     with pytest.raises(ValueError, match="needs the Trainer"):
