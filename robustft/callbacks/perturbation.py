@@ -26,6 +26,7 @@ import torch
 
 from robustft import distributed
 from robustft.callbacks.base import RobustCallback
+from robustft.checks import check_bool, check_integer, check_number, short_repr
 from robustft.lora.layers import lora_delta, lora_layers
 from robustft.ops.perturb import (
     Fixup,
@@ -43,6 +44,7 @@ from robustft.ops.perturb import (
     unperturb_,
 )
 from robustft.params import (
+    SelectionGuard,
     full_shape,
     is_sharded,
     is_zero3_param,
@@ -74,12 +76,11 @@ class _WeightPerturbation(RobustCallback):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not math.isfinite(rho) or rho <= 0:
-            raise ValueError(f"rho: must be a finite number > 0, got {rho!r}")
+        check_number("rho", rho, low=0.0, low_open=True)
         if schedule not in _SCHEDULES:
-            raise ValueError(f"schedule: {schedule!r} is not one of {_SCHEDULES}")
-        if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
-            raise ValueError(f"start_step: must be an integer >= 0, got {start_step!r}")
+            raise ValueError(f"schedule: {short_repr(schedule)} is not one of {_SCHEDULES}")
+        check_number("start_step", start_step, low=0, integer=True)
+        check_bool("skip_norm_and_bias", skip_norm_and_bias)
         self.rho = float(rho)
         self.schedule = schedule
         self.start_step = start_step
@@ -89,6 +90,7 @@ class _WeightPerturbation(RobustCallback):
         self._orig_training_step = None
         self._model = None
         self._params: dict[str, torch.Tensor] = {}
+        self._guard: SelectionGuard | None = None
         self._sums: dict[str, list[float]] = {}
 
     # -- the Trainer ---------------------------------------------------------------------------
@@ -183,8 +185,7 @@ class _OnePass(_WeightPerturbation):
 
     def __init__(self, rho: float, seed: int = 0, **kwargs):
         super().__init__(rho, **kwargs)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed: must be an integer, got {seed!r}")
+        check_integer("seed", seed)
         self.seed = seed
         # index -> (tensor, per-tensor context, fixup) for the perturbation in force
         self._applied: list[tuple[int, torch.Tensor, Any, Fixup]] = []
@@ -204,6 +205,7 @@ class _OnePass(_WeightPerturbation):
         self._hook_trainer(required=False)
         self._model = model
         self._params = self._targets(model)
+        self._guard = SelectionGuard(type(self).__name__, model, self._params)
         self._hook_deepspeed_step(model)
         resume = self.resume_dir(args, state)
         if resume is not None and self.has_state:
@@ -247,6 +249,7 @@ class _OnePass(_WeightPerturbation):
         rho = self._rho_at(state)
         if rho <= 0:
             return
+        self._guard.check()  # a module replaced since train begin would be perturbed no more
         self._step = state.global_step
         weights = [local_tensor(p) for p in self._params.values()]
         contexts = self._contexts(weights, rho, state, optimizer)
@@ -477,9 +480,8 @@ class GGPOCallback(_RowWise):
 
     def __init__(self, rho: float = 0.05, alpha: float = 1.0, beta: float = 1.0, **kwargs):
         super().__init__(rho, **kwargs)
-        for name, v in (("alpha", alpha), ("beta", beta)):
-            if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-                raise ValueError(f"{name}: must be a finite number >= 0, got {v!r}")
+        check_number("alpha", alpha, low=0.0)
+        check_number("beta", beta, low=0.0)
         if alpha == 0 and beta == 0:
             raise ValueError("alpha and beta: at least one must be > 0")
         self.alpha, self.beta = float(alpha), float(beta)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 import warnings
 from typing import Any
 
@@ -21,8 +20,9 @@ from transformers import Trainer
 
 from robustft import compat, distributed
 from robustft.callbacks.perturbation import _WeightPerturbation
+from robustft.checks import check_bool, check_number
 from robustft.ops.perturb import sam_epsilon, sam_norm
-from robustft.params import Snapshot, local_tensor
+from robustft.params import SelectionGuard, Snapshot, local_tensor
 
 __all__ = ["SAMCallback"]
 
@@ -65,9 +65,9 @@ class SAMCallback(_WeightPerturbation):
 
     def __init__(self, rho: float = 0.05, adaptive: bool = False, eta: float = 0.01, **kwargs):
         super().__init__(rho, **kwargs)
-        if not isinstance(eta, (int, float)) or not math.isfinite(eta) or eta < 0:
-            raise ValueError(f"eta: must be a finite number >= 0, got {eta!r}")
-        self.adaptive = bool(adaptive)
+        check_number("eta", eta, low=0.0)
+        check_bool("adaptive", adaptive)
+        self.adaptive = adaptive
         self.eta = float(eta)
         self._capturing = False
         self._batches: list[tuple[Any, Any, Any]] = []
@@ -78,6 +78,7 @@ class SAMCallback(_WeightPerturbation):
         self._hook_trainer(required=True)
         self._model = model
         self._params = self._select(model)
+        self._guard = SelectionGuard(type(self).__name__, model, self._params)
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._batches, self._losses = [], []
@@ -99,6 +100,7 @@ class SAMCallback(_WeightPerturbation):
         rho = self._rho_at(state)
         if rho <= 0 or not batches:
             return
+        self._guard.check()  # a module replaced since train begin would be perturbed no more
         trainer = self.trainer
         names = list(self._params)
         weights = [local_tensor(self._params[n]) for n in names]

@@ -6,7 +6,14 @@ import pytest
 import torch
 from transformers import Trainer, TrainerCallback
 
-from robustft import EMACallback, SWACallback, WiseFTCallback
+from robustft import (
+    EMACallback,
+    GGPOCallback,
+    RandomPerturbationCallback,
+    SAMCallback,
+    SWACallback,
+    WiseFTCallback,
+)
 from robustft.params import SelectionChangedError
 from tests.tiny import tiny_bert, token_dataset, training_args
 
@@ -57,3 +64,16 @@ def test_average_updates_stop_at_the_step_after_a_replacement(tmp_path):
     with pytest.raises(SelectionChangedError, match="EMACallback: parameter 'classifier.weight'"):
         trainer.train()
     assert trainer.state.global_step == 3 and ema.num_updates == 2
+
+
+@pytest.mark.parametrize("make", [SAMCallback, RandomPerturbationCallback, GGPOCallback])
+def test_perturbations_refuse_a_replaced_module_at_the_next_step(tmp_path, make):
+    """SAM and the one-pass family would silently stop perturbing a replaced head: a named error instead,
+    raised before the next perturbation, with the weights left as the step before ended them."""
+    change = Change(2, "new_head")
+    args = training_args(tmp_path, max_steps=4)
+    trainer = Trainer(model=tiny_bert(), args=args, train_dataset=token_dataset(), callbacks=[make(), change])
+    with pytest.raises(SelectionChangedError, match=rf"{make.__name__}: parameter 'classifier.weight'"):
+        trainer.train()
+    for n, p in trainer.model.named_parameters():
+        assert torch.equal(p.detach(), change.after[n]), n
