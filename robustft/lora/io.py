@@ -169,8 +169,9 @@ def adapter_from_peft_model(model, adapter_name: str = "default") -> LoRAAdapter
     state = get_peft_model_state_dict(model, adapter_name=adapter_name)
     # FSDP2 shards are gathered (a collective: every rank reads the adapter, in the same order); a copy,
     # as ZeRO-3 frees gathered data
-    state = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
-             for k, v in state.items()}
+    state = {
+        k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone() for k, v in state.items()
+    }
     return adapter_from_state_dict(state, config, source=f"PeftModel adapter {adapter_name!r}")
 
 
@@ -272,6 +273,9 @@ def check_compose(
             raise ValueError(f"method {method!r} takes no parameters, got {sorted(params)}")
         return {}, []
     spec = METHODS[method]
+    if n < spec.min_models or (spec.max_models is not None and n > spec.max_models):
+        most = "" if spec.max_models is None else f" and at most {spec.max_models}"
+        raise ValueError(f"method {method!r} takes at least {spec.min_models}{most} adapters, got {n}")
     every = {**spec.global_params, **spec.model_params}
     allowed = {k: p for k, p in every.items() if k not in _NOT_LORA_PARAMS}
     if spec.seeded:

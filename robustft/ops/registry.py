@@ -380,7 +380,13 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec("model_stock", _model_stock, needs_base=True, min_models=2),
         # spherical merges of task vectors (WARP, mergekit); lambda is LITI's η: θ_init + η·τ_merged
         MethodSpec(
-            "warp", _warp, needs_base=False, global_params=_DELTA, model_params={"weight": WEIGHT}, delta=True
+            "warp",
+            _warp,
+            needs_base=False,
+            global_params=_DELTA,
+            model_params={"weight": WEIGHT},
+            delta=True,
+            lora=True,
         ),
         MethodSpec(
             "nuslerp",
@@ -395,6 +401,7 @@ METHODS: dict[str, MethodSpec] = {
             },
             model_params={"weight": WEIGHT},
             delta=True,
+            lora=True,
         ),
         MethodSpec(
             "multislerp",
@@ -407,6 +414,7 @@ METHODS: dict[str, MethodSpec] = {
             },
             model_params={"weight": WEIGHT},
             delta=True,
+            lora=True,
             check=_check_weight_sum,
         ),
         MethodSpec(
@@ -416,6 +424,7 @@ METHODS: dict[str, MethodSpec] = {
             global_params={**_DELTA, "max_iter": Param(10, check_count), "tol": Param(1e-5, _check_positive)},
             model_params={"weight": WEIGHT},
             delta=True,
+            lora=True,
             check=_check_weight_sum,
         ),
         # end of the spherical merges

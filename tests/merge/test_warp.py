@@ -77,3 +77,7 @@ def test_bad_options_are_refused_before_writing(family, tmp_path, capsys):
         main([*base, "--eta", "0.5", "--method", "nuslerp"]) == 2 and "at most 2" in capsys.readouterr().err
     )
     assert not out.exists()
+    inside = ["warp", "--init", str(init_dir), "--policies", *map(str, dirs), "--eta", "0.5"]
+    assert main([*inside, "--out", str(dirs[1] / "next")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("robustft warp: error: output ") and "input" in err, err
