@@ -81,3 +81,13 @@ def test_bad_options_are_refused_before_writing(family, tmp_path, capsys):
     assert main([*inside, "--out", str(dirs[1] / "next")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("robustft warp: error: output ") and "input" in err, err
+
+
+def test_lambda_without_a_base_is_refused():
+    """Without base_model the spherical methods merge the weights (mergekit); λ (LITI's η) needs the init."""
+    from robustft.merge import parse_recipe
+
+    data = {"merge_method": "multislerp", "models": ["a", "b"]}
+    assert parse_recipe(data).base_model is None
+    with pytest.raises(ValueError, match="lambda .* needs base_model"):
+        parse_recipe({**data, "parameters": {"lambda": 0.5}})
