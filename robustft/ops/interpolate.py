@@ -181,7 +181,7 @@ def slerp_iterated(
     dim: int | None = None,
     threshold: float = PARALLEL_THRESHOLD,
 ) -> torch.Tensor:
-    """WARP's SLERP of M task vectors (Ramé et al., 2024, arXiv:2406.16768, §3.2), iterated for M > 2.
+    """WARP's SLERP of M task vectors (Ramé et al., 2024, arXiv:2406.16768, stage 2), iterated for M > 2.
 
     μ_1 = τ_1, μ_m = slerp(μ_{m−1}, τ_m, λ_m) with λ_m = w_m / (w_1 + … + w_m): for M = 2 the paper's
     θ_init + sin((1−λ)Ω)/sin Ω · δ_1 + sin(λΩ)/sin Ω · δ_2 (λ = w_2/(w_1+w_2)); equal weights give λ_m = 1/m,

@@ -19,7 +19,7 @@ def family(tmp_path_factory):
 
 
 def _dense_slerp(a: torch.Tensor, b: torch.Tensor, lam: float) -> torch.Tensor:
-    """WARP §3.2 on flattened float64 task vectors (the reference: no robustft code)."""
+    """WARP stage 2 on flattened float64 task vectors (the reference: no robustft code)."""
     fa, fb = a.double().reshape(-1), b.double().reshape(-1)
     om = math.acos((fa @ fb / (fa.norm() * fb.norm())).item())
     return ((math.sin((1 - lam) * om) * fa + math.sin(lam * om) * fb) / math.sin(om)).reshape(a.shape)

@@ -182,7 +182,7 @@ def _family(n: int, shape=(6, 5), seed=7):
 
 @pytest.mark.parametrize("weights", [None, [1.0, 3.0]])
 def test_warp_of_two_policies_is_slerp_of_their_task_vectors(weights):
-    """WARP §3.2: θ_init + sin((1−λ)Ω)/sin Ω δ_1 + sin(λΩ)/sin Ω δ_2, λ = w_2/(w_1+w_2) (1/2 by default)."""
+    """WARP stage 2: θ_init + sin((1−λ)Ω)/sin Ω δ_1 + sin(λΩ)/sin Ω δ_2, λ = w_2/(w_1+w_2) (default 1/2)."""
     init, (p1, p2) = _family(2)
     lam = 0.5 if weights is None else 0.75
     ref = init + _dense_slerp(p1 - init, p2 - init, lam)
@@ -275,7 +275,7 @@ def test_karcher_matches_mergekit_function():
 
 @pytest.mark.parametrize("method", ["warp", "nuslerp", "multislerp", "karcher"])
 def test_lambda_is_liti_toward_the_init(method):
-    """LITI (WARP §3.3): (1−η) θ_init + η θ_merged is the spherical merge with lambda = η."""
+    """LITI (WARP stage 3): (1−η) θ_init + η θ_merged is the spherical merge with lambda = η."""
     init, models = _family(2, seed=12)
     merged = _merge(method, init, models)
     eta = 0.3
