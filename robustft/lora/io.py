@@ -169,9 +169,8 @@ def adapter_from_peft_model(model, adapter_name: str = "default") -> LoRAAdapter
     state = get_peft_model_state_dict(model, adapter_name=adapter_name)
     # FSDP2 shards are gathered (a collective: every rank reads the adapter, in the same order); a copy,
     # as ZeRO-3 frees gathered data
-    state = {
-        k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone() for k, v in state.items()
-    }
+    state = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
+             for k, v in state.items()}
     return adapter_from_state_dict(state, config, source=f"PeftModel adapter {adapter_name!r}")
 
 
