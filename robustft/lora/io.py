@@ -273,6 +273,9 @@ def check_compose(
             raise ValueError(f"method {method!r} takes no parameters, got {sorted(params)}")
         return {}, []
     spec = METHODS[method]
+    if n < spec.min_models or (spec.max_models is not None and n > spec.max_models):
+        most = "" if spec.max_models is None else f" and at most {spec.max_models}"
+        raise ValueError(f"method {method!r} takes at least {spec.min_models}{most} adapters, got {n}")
     every = {**spec.global_params, **spec.model_params}
     allowed = {k: p for k, p in every.items() if k not in _NOT_LORA_PARAMS}
     if spec.seeded:

@@ -11,6 +11,7 @@ from robustft._lazy import lazy_exports
 if TYPE_CHECKING:  # the same names, for type checkers and IDEs
     from robustft.merge.engine import MergeResult, merge_checkpoints, merge_tensor
     from robustft.merge.fisher import estimate_fisher, save_fisher
+    from robustft.merge.interpolate import warp_checkpoints
     from robustft.merge.recipe import METHODS, Recipe, load_recipe, parse_recipe
 
 __getattr__, __dir__ = lazy_exports(
@@ -18,6 +19,7 @@ __getattr__, __dir__ = lazy_exports(
     {
         "robustft.merge.engine": ("MergeResult", "merge_checkpoints", "merge_tensor"),
         "robustft.merge.fisher": ("estimate_fisher", "save_fisher"),
+        "robustft.merge.interpolate": ("warp_checkpoints",),
         "robustft.merge.recipe": ("METHODS", "Recipe", "load_recipe", "parse_recipe"),
     },
 )
@@ -32,4 +34,5 @@ __all__ = [
     "estimate_fisher",
     "save_fisher",
     "parse_recipe",
+    "warp_checkpoints",
 ]

@@ -1,5 +1,5 @@
-"""``robustft merge`` (a streamed merge of checkpoints from a YAML recipe) and ``robustft interpolate``
-(θ(α) of two checkpoints, the two-model case of the same engine)."""
+"""``robustft merge`` (a streamed merge of checkpoints from a YAML recipe), ``robustft interpolate``
+(θ(α) of two checkpoints) and ``robustft warp`` (WARP's merge + LITI), all recipes of the same engine."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import argparse
 def register(subparsers) -> None:
     _register_merge(subparsers)
     _register_interpolate(subparsers)
+    _register_warp(subparsers)
 
 
 def _register_merge(subparsers) -> None:
@@ -75,5 +76,54 @@ def run_interpolate(args: argparse.Namespace) -> int:
     print(
         f"wrote {args.out}: {info['tensors']} tensors in {info['shards']} file(s), "
         f"alpha={info['alpha']:g} ({info['method']})"
+    )
+    return 0
+
+
+def _register_warp(subparsers) -> None:
+    p = subparsers.add_parser(
+        "warp",
+        help="WARP step: spherical merge of M policies' task vectors, then LITI toward the init",
+        description="Write the next WARP init: theta = (1-eta)*init + eta*merged, where merged is the "
+        "spherical merge of the policies' task vectors (policy - init). Streamed by the merge engine "
+        "(recipe: merge_method METHOD, base_model INIT, parameters {lambda: ETA}). See docs/alignment.md.",
+    )
+    p.add_argument(
+        "--init", required=True, help="the iteration's init checkpoint folder (config/tokenizer copied)"
+    )
+    p.add_argument("--policies", required=True, nargs="+", help="the M fine-tuned policy checkpoint folders")
+    p.add_argument(
+        "--eta", required=True, type=float, help="LITI coefficient: 0 = init, 1 = the merged policy"
+    )
+    p.add_argument(
+        "--method",
+        default="warp",
+        help="merge of the task vectors: warp (iterated SLERP, default), nuslerp (M=2), multislerp, karcher",
+    )
+    p.add_argument("--weights", nargs="+", type=float, default=None, help="one weight per policy (default 1)")
+    p.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
+    p.add_argument("--extrapolate", action="store_true", help="allow eta outside [0, 1]")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_warp)
+
+
+def run_warp(args: argparse.Namespace) -> int:
+    from robustft.merge.interpolate import warp_checkpoints
+
+    result = warp_checkpoints(
+        args.init,
+        args.policies,
+        args.out,
+        args.eta,
+        method=args.method,
+        weights=args.weights,
+        extrapolate=args.extrapolate,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
+    print(
+        f"wrote {result.out_dir}: {result.tensors} tensors, eta={args.eta:g} toward {args.init} "
+        f"({args.method} of {len(args.policies)} policies, {result.seconds:.1f} s)"
     )
     return 0

@@ -1,4 +1,5 @@
-"""Streamed WiSE-FT / SLERP interpolation of two saved checkpoints into a loadable model folder.
+"""Streamed WiSE-FT / SLERP interpolation of two saved checkpoints into a loadable model folder, and
+WARP's merge + LITI step (``warp_checkpoints``): interpolation toward the init, also one merge recipe.
 
 θ(α) = (1−α)·θ_start + α·θ_end (or per-tensor SLERP) is the two-model case of the merge engine: the
 recipe ``{merge_method: lerp|slerp, base_model: start, models: [end], parameters: {t: α}}``, streamed
@@ -15,12 +16,18 @@ import json
 import os
 from pathlib import Path
 
-from robustft.merge.engine import merge_checkpoints
+from robustft.merge.engine import MergeResult, merge_checkpoints
 from robustft.merge.io import CheckpointReader, layout_difference
 from robustft.merge.recipe import Recipe, parse_recipe
 from robustft.ops.interpolate import check_alpha, check_method
 
-__all__ = ["check_same_layout", "interpolate_checkpoints", "interpolation_recipe"]
+__all__ = [
+    "check_same_layout",
+    "interpolate_checkpoints",
+    "interpolation_recipe",
+    "warp_checkpoints",
+    "warp_recipe",
+]
 
 
 def check_same_layout(
@@ -89,3 +96,52 @@ def interpolate_checkpoints(
         info_files={"robustft_interpolate.json": json.dumps(info, indent=2)},
     )
     return info
+
+
+def warp_recipe(
+    init: str | os.PathLike,
+    policies: list[str | os.PathLike],
+    eta: float,
+    method: str = "warp",
+    weights: list[float] | None = None,
+    extrapolate: bool = False,
+) -> Recipe:
+    """One WARP iteration's merge + LITI as a merge recipe: θ_next = (1−η)·θ_init + η·θ_merged.
+
+    θ_merged is the spherical merge ``method`` (``warp``, ``nuslerp``, ``multislerp``, ``karcher``, or any
+    other task-vector method of the registry) of the policies' task vectors θ_m − θ_init, so θ_next =
+    θ_init + η·τ_merged: the method with ``lambda: η``. η outside [0, 1] needs ``extrapolate``.
+    """
+    from robustft.ops.registry import method_spec
+
+    eta = check_alpha(eta, extrapolate, name="eta")
+    spec = method_spec("method", method)
+    if not spec.delta:
+        raise ValueError(
+            f"method: {method!r} does not merge task vectors; LITI needs one that does (e.g. warp)"
+        )
+    if weights is not None and len(weights) != len(policies):
+        raise ValueError(f"weights: {len(weights)} weight(s) for {len(policies)} policies")
+    models = [
+        {"model": str(p)} if weights is None else {"model": str(p), "parameters": {"weight": w}}
+        for p, w in zip(policies, weights or [None] * len(policies), strict=True)
+    ]
+    data = {"merge_method": method, "base_model": str(init), "models": models, "parameters": {"lambda": eta}}
+    return parse_recipe(data, source="warp")
+
+
+def warp_checkpoints(
+    init: str | os.PathLike,
+    policies: list[str | os.PathLike],
+    out: str | os.PathLike,
+    eta: float,
+    method: str = "warp",
+    weights: list[float] | None = None,
+    extrapolate: bool = False,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> MergeResult:
+    """Write the next WARP init (:func:`warp_recipe`) to ``out``, streamed by the merge engine; the output
+    follows the init checkpoint (tensor names, config, tokenizer)."""
+    recipe = warp_recipe(init, policies, eta, method, weights, extrapolate)
+    return merge_checkpoints(recipe, out, overwrite=overwrite, progress=progress)

@@ -195,6 +195,8 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
         mspec = METHODS[method]
         if mspec.needs_base and base is None:
             raise ValueError(f"{where}: merge_method {method!r} needs base_model")
+        if mspec.delta and base is None and gparams.get("lambda", 1.0) != 1.0:
+            raise ValueError(f"{where}: lambda scales task vectors ({method!r}): it needs base_model")
         if len(models) < mspec.min_models:
             raise ValueError(
                 f"{where}: merge_method {method!r} needs at least {mspec.min_models} model(s) "

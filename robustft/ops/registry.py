@@ -81,8 +81,10 @@ class MethodSpec:
     """One merge method: inputs, parameters (with checks), tensor function, and where it applies.
 
     ``fn`` gets the models' tensors (task vectors when ``delta``) and returns merged weights (a delta when
-    ``delta``). It may modify its inputs in place (they are fresh reads). ``check`` validates the parameters
-    together, after each one passed its own check. ``seeded``: the method draws random masks.
+    ``delta``; a delta method with ``needs_base=False`` and no base merges the weights themselves, as
+    mergekit's spherical methods do). It may modify its inputs in place (they are fresh reads). ``check``
+    validates the parameters together, after each one passed its own check. ``seeded``: the method draws
+    random masks.
     """
 
     name: str
@@ -109,7 +111,7 @@ class MethodSpec:
         """Merged weights of one tensor; delta methods subtract the base and add λ·τ back (in place)."""
         if self.fn is None:  # "base": keep the base model's tensor
             return base
-        if not self.delta:
+        if not self.delta or (base is None and not self.needs_base):  # optional base: merge the weights
             return self.fn(tensors, dict(gparams), list(mparams), seed, base, fishers)
         for t in tensors:  # task vectors in place: the tensors are fresh reads and the list is ours
             t.sub_(base)
@@ -190,6 +192,41 @@ def _model_stock(tensors, g, m, seed, base, fishers):
 
 def _fisher(tensors, g, m, seed, base, fishers):
     return ops.fisher_merge(tensors, fishers, eps=g["eps"], weights=_weights(m))
+
+
+# -- spherical merges of task vectors (robustft.ops.interpolate); base optional: without it, of the weights
+def _warp(deltas, g, m, seed, base, fishers):
+    return interp.slerp_iterated(deltas, _weights(m))
+
+
+#: mergekit's nuslerp is linear only where 1 − cos²Ω <= (1e-8)², i.e. for (numerically) colinear vectors
+NUSLERP_THRESHOLD = math.sqrt(1.0 - 1e-16)
+
+
+def _nuslerp(deltas, g, m, seed, base, fishers):
+    # mergekit: flattened (one angle per tensor) by default; else one angle per vector along the last
+    # axis, or along axis 0 with nuslerp_row_wise (mergekit's naming)
+    dim = None if g["nuslerp_flatten"] or deltas[0].dim() == 0 else (0 if g["nuslerp_row_wise"] else -1)
+    return interp.slerp_iterated(deltas, _weights(m), dim=dim, threshold=NUSLERP_THRESHOLD)
+
+
+def _multislerp(deltas, g, m, seed, base, fishers):
+    return interp.multislerp(deltas, _weights(m), g["normalize_weights"], g["eps"])
+
+
+def _karcher(deltas, g, m, seed, base, fishers):
+    return interp.karcher_mean(deltas, _weights(m), g["max_iter"], g["tol"])
+
+
+def _check_weight_sum(where: str, g: dict, m: list[dict]) -> None:
+    if g.get("normalize_weights", True) and sum(p["weight"] for p in m) == 0:
+        raise ValueError(f"{where}: the models' weights sum to 0; they cannot be normalized")
+
+
+def _check_positive(name: str, value: Any) -> None:
+    check_number(name, value)
+    if value <= 0:
+        raise ValueError(f"{name} must be > 0, got {short_repr(value)}")
 
 
 _DELTA = {"lambda": LAMBDA}
@@ -291,6 +328,56 @@ METHODS: dict[str, MethodSpec] = {
             delta=True,
         ),
         MethodSpec("model_stock", _model_stock, needs_base=True, min_models=2),
+        # spherical merges of task vectors (WARP, mergekit); lambda is LITI's η: θ_init + η·τ_merged
+        MethodSpec(
+            "warp",
+            _warp,
+            needs_base=False,
+            global_params=_DELTA,
+            model_params={"weight": WEIGHT},
+            delta=True,
+            lora=True,
+        ),
+        MethodSpec(
+            "nuslerp",
+            _nuslerp,
+            needs_base=False,
+            min_models=2,
+            max_models=2,
+            global_params={
+                **_DELTA,
+                "nuslerp_flatten": Param(True, check_bool),
+                "nuslerp_row_wise": Param(False, check_bool),
+            },
+            model_params={"weight": WEIGHT},
+            delta=True,
+            lora=True,
+        ),
+        MethodSpec(
+            "multislerp",
+            _multislerp,
+            needs_base=False,
+            global_params={
+                **_DELTA,
+                "normalize_weights": Param(True, check_bool),
+                "eps": Param(1e-8, _check_positive),
+            },
+            model_params={"weight": WEIGHT},
+            delta=True,
+            lora=True,
+            check=_check_weight_sum,
+        ),
+        MethodSpec(
+            "karcher",
+            _karcher,
+            needs_base=False,
+            global_params={**_DELTA, "max_iter": Param(10, check_count), "tol": Param(1e-5, _check_positive)},
+            model_params={"weight": WEIGHT},
+            delta=True,
+            lora=True,
+            check=_check_weight_sum,
+        ),
+        # end of the spherical merges
         MethodSpec(
             "fisher",
             _fisher,

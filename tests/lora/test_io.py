@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -204,3 +205,22 @@ def test_modules_to_save_heads_follow_the_extras_policy(tmp_path):
             torch.testing.assert_close(mod.get_delta_weight("default"), want, **TOL)
             checked += 1
     assert checked == 2
+
+
+@pytest.mark.parametrize("method", ["warp", "nuslerp"])
+def test_spherical_compose_is_the_slerp_of_the_dense_deltas(lora_zoo, tmp_path, method):
+    """WARP's SLERP on each module's dense ΔW (λ = w_2/(w_1+w_2)), at the default (exact) rank."""
+    base, paths = lora_zoo
+    a2 = make_adapter(base, tmp_path / "a2", 13, r=2, lora_alpha=3, target_modules=["q_proj", "v_proj"])
+    composed = compose_adapters([read_adapter(paths["a"]), read_adapter(a2)], [1.0, 3.0], method=method)
+    ours = peft_deltas(base, {"t": write_adapter(composed, tmp_path / "sph")})["t"]
+    refs = peft_deltas(base, {"a": paths["a"], "a2": a2})
+    for module, got in ours.items():
+        x, y = refs["a"][module].double().flatten(), refs["a2"][module].double().flatten()
+        om = math.acos((x @ y / (x.norm() * y.norm())).item())
+        want = (math.sin(0.25 * om) * x + math.sin(0.75 * om) * y) / math.sin(om)
+        torch.testing.assert_close(got.double().flatten(), want, **TOL)
+    assert len(ours) == 4
+    if method == "nuslerp":
+        with pytest.raises(ValueError, match="at most 2 adapters"):
+            compose_adapters([read_adapter(paths["a"])] * 3, method=method)
