@@ -127,8 +127,8 @@ class L2SPCallback(_AnchorCallback):
 
     With ``decoupled=True`` nothing enters the loss; instead, after each optimizer step,
     θ ← θ − lr·λ·(θ − θ_start) (lr of the parameter's group at that step), as AdamW's decoupled weight decay
-    but toward θ_start: with SGD both forms give the same step, with Adam the decoupled one is not rescaled
-    by the second-moment estimate.
+    but toward θ_start: with plain SGD (no momentum) both forms give the same step; with momentum or Adam the
+    decoupled pull bypasses the momentum and second-moment estimates.
 
     Args:
         strength: λ >= 0.
