@@ -19,7 +19,7 @@ from torch import nn
 
 from robustft import compat
 from robustft.callbacks.base import RobustCallback
-from robustft.checks import check_bool, check_integer, check_number
+from robustft.checks import check_bool, check_number
 from robustft.ops.anchor import anchor_penalty, decoupled_anchor_step_, spectral_penalty, top_singular_value
 from robustft.params import SelectionGuard, Snapshot, check_snapshot_spec, is_sharded, select_parameters
 
@@ -272,7 +272,6 @@ class SpectralRegCallback(_AnchorCallback):
 
     def __init__(self, strength: float, *, power: int = 2, target: str = "start", **kwargs: Any):
         super().__init__(strength, **kwargs)
-        check_integer("power", power)
         check_number("power", power, low=1, integer=True)
         if target not in ("start", "one"):
             raise ValueError(f"target must be 'start' or 'one', got {target!r}")
