@@ -54,11 +54,11 @@ def _model(kind):
     return tiny_bert(0), None
 
 
-def _first_grads(tmp_path, kind, callback, ga):
+def _first_grads(tmp_path, kind, callback, ga, **extra):
     model, data = _model(kind)
     probe = Probe()
     callbacks = [probe] if callback is None else [callback(model), probe]
-    make_trainer(model, tmp_path, callbacks, ga=ga, steps=1, data=data).train()
+    make_trainer(model, tmp_path, callbacks, ga=ga, steps=1, data=data, **extra).train()
     return probe
 
 
@@ -82,6 +82,26 @@ def test_penalty_gradient_enters_each_step_once(tmp_path, penalty, kind, ga):
         w, w0 = with_penalty.weights[name], with_penalty.start[name]
         assert torch.equal(w, plain.weights[name])
         torch.testing.assert_close(g - plain.grads[name], grad(w, w0, name, fisher), atol=2e-6, rtol=1e-4)
+
+
+def test_penalty_gradient_under_bf16_autocast(tmp_path):
+    """Under bf16 autocast (really run on CPU) the penalty, computed in float32, still adds λ(θ − θ₀) once."""
+    with_penalty = _first_grads(tmp_path / "a", "mlp", PENALTIES["l2sp"][0], 2, bf16=True)
+    plain = _first_grads(tmp_path / "b", "mlp", None, 2, bf16=True)
+    for name, g in with_penalty.grads.items():
+        want = LAM * (with_penalty.weights[name] - with_penalty.start[name])
+        torch.testing.assert_close(g - plain.grads[name], want, atol=2e-6, rtol=1e-4)
+
+
+def test_penalty_gradient_is_clipped_with_the_data_gradient(tmp_path):
+    """max_grad_norm clips the sum (data + penalty), as weight decay written in the loss would be."""
+    with_penalty = _first_grads(tmp_path / "a", "mlp", PENALTIES["l2sp"][0], 1, max_grad_norm=0.1)
+    plain = _first_grads(tmp_path / "b", "mlp", None, 1)
+    total = {n: g + LAM * (with_penalty.weights[n] - with_penalty.start[n]) for n, g in plain.grads.items()}
+    norm = torch.sqrt(sum((g**2).sum() for g in total.values()))
+    assert norm > 0.1
+    for name, g in with_penalty.grads.items():
+        torch.testing.assert_close(g, total[name] * (0.1 / norm), atol=1e-6, rtol=1e-4)
 
 
 def _reference_l2sp(steps, lr=0.1, momentum=0.9, decoupled=False):
