@@ -70,9 +70,10 @@ PENALTIES = {
 }
 
 
+# the Trainer divides the MLP's loss by GA, not BERT's (given num_items_in_batch): the scaling branch does not
+# depend on the penalty, so BERT runs L2-SP only (a spectral penalty on BERT costs an SVD per matrix)
 @pytest.mark.parametrize("ga", [1, 2])
-@pytest.mark.parametrize("kind", ["mlp", "bert"])  # the Trainer divides the MLP's loss by GA, not BERT's
-@pytest.mark.parametrize("penalty", sorted(PENALTIES))
+@pytest.mark.parametrize("penalty, kind", [(p, "mlp") for p in sorted(PENALTIES)] + [("l2sp", "bert")])
 def test_penalty_gradient_enters_each_step_once(tmp_path, penalty, kind, ga):
     make, grad = PENALTIES[penalty]
     with_penalty = _first_grads(tmp_path / "a", kind, make, ga)
