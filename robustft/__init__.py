@@ -17,13 +17,16 @@ __version__ = "0.1.0"
 if TYPE_CHECKING:  # the same names, for type checkers and IDEs
     from robustft.callbacks import (
         EMACallback,
+        EWCCallback,
         GGPOCallback,
+        L2SPCallback,
         LAWACallback,
         LoRAArithmeticCallback,
         MomentumInterpolationCallback,
         MomentumSAMCallback,
         RandomPerturbationCallback,
         SAMCallback,
+        SpectralRegCallback,
         SWACallback,
         WiseFTCallback,
     )
@@ -47,7 +50,9 @@ __getattr__, __dir__ = lazy_exports(
     {
         "robustft.callbacks": (
             "EMACallback",
+            "EWCCallback",
             "GGPOCallback",
+            "L2SPCallback",
             "LAWACallback",
             "LoRAArithmeticCallback",
             "MomentumInterpolationCallback",
@@ -55,6 +60,7 @@ __getattr__, __dir__ = lazy_exports(
             "RandomPerturbationCallback",
             "SAMCallback",
             "SWACallback",
+            "SpectralRegCallback",
             "WiseFTCallback",
         ),
         "robustft.lora": (
@@ -77,7 +83,9 @@ __getattr__, __dir__ = lazy_exports(
 __all__ = [
     "DeltaSet",
     "EMACallback",
+    "EWCCallback",
     "GGPOCallback",
+    "L2SPCallback",
     "LAWACallback",
     "LoRAAdapter",
     "LoRAArithmeticCallback",
@@ -89,6 +97,7 @@ __all__ = [
     "SWACallback",
     "SentenceClassifier",
     "Snapshot",
+    "SpectralRegCallback",
     "WiseFTCallback",
     "WiseFTCurve",
     "__version__",

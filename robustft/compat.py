@@ -29,6 +29,7 @@ __all__ = [
     "relink_zero_optimizer_states",
     "reset_grad_scaler",
     "restore_grad_scaler",
+    "trainer_loss_accumulation",
     "trainer_resume_checkpoint",
     "trl_bookkeeping_kept",
 ]
@@ -95,6 +96,28 @@ def clip_grad_norm(trainer: Any, model: torch.nn.Module) -> None:
     if clip is None:
         raise _missing(type(trainer).__name__, "_clip_grad_norm", "transformers", "SAMCallback's replay")
     clip(model)
+
+
+def trainer_loss_accumulation(trainer: Any, num_items_in_batch: Any) -> tuple[int, int]:
+    """(what the Trainer's ``training_step`` divides ``compute_loss``'s loss by, micro-batches in this
+    optimizer step).
+
+    transformers 5.24 divides by ``current_gradient_accumulation_steps`` (set per optimizer step, so a short
+    last step counts its own micro-batches) unless the loss counts as already scaled for accumulation:
+    ``loss_is_scaled_for_ga`` when set, else a model that accepts loss kwargs and got ``num_items_in_batch``,
+    or a ``compute_loss_func``; then it divides by nothing (1).
+    """
+    for name in ("loss_is_scaled_for_ga", "model_accepts_loss_kwargs", "compute_loss_func",
+                 "current_gradient_accumulation_steps"):
+        if not hasattr(trainer, name):
+            raise _missing(type(trainer).__name__, name, "transformers", "the anchor penalties' loss scaling")
+    steps = int(trainer.current_gradient_accumulation_steps)
+    scaled = trainer.loss_is_scaled_for_ga
+    if scaled is None:
+        scaled = (trainer.model_accepts_loss_kwargs and num_items_in_batch is not None) or (
+            trainer.compute_loss_func is not None
+        )
+    return (1 if scaled else steps), steps
 
 
 @contextmanager

@@ -101,6 +101,45 @@ def test_trainer_clip_grad_norm(tmp_path):
     assert clip.norm == pytest.approx(0.5, rel=1e-4)
 
 
+@pytest.mark.parametrize("kind, divisor", [("mlp", 2), ("bert", 1)])
+def test_trainer_loss_accumulation_predicts_training_steps_division(tmp_path, kind, divisor):
+    """``trainer_loss_accumulation`` says what ``training_step`` divides ``compute_loss``'s loss by (GA for a
+    model without loss kwargs, nothing for BERT given ``num_items_in_batch``) and the step's micro-batches."""
+    from tests.callbacks.sam_helpers import tiny_bert
+
+    seen = []
+
+    def make_wrappers(trainer):
+        compute, backward = trainer.compute_loss, trainer.accelerator.backward
+
+        def compute_loss(model, inputs, *args, **kwargs):
+            loss = compute(model, inputs, *args, **kwargs)
+            num_items = kwargs.get("num_items_in_batch")
+            seen.append([loss.item(), compat.trainer_loss_accumulation(trainer, num_items)])
+            return loss
+
+        def backward_(loss, **kwargs):
+            seen[-1].append(loss.item())
+            return backward(loss, **kwargs)
+
+        trainer.compute_loss, trainer.accelerator.backward = compute_loss, backward_
+
+    torch.manual_seed(0)
+    model, data = (MLP(), NoisyLinearData(n=16)) if kind == "mlp" else (tiny_bert(0), None)
+    trainer = make_trainer(model, tmp_path, [], ga=2, steps=1, lr=0.0, data=data)
+    make_wrappers(trainer)
+    trainer.train()
+    assert len(seen) == 2
+    for loss, (div, steps), backed in seen:
+        assert (div, steps) == (divisor, 2)
+        assert backed == pytest.approx(loss / div, rel=1e-6)
+
+
+def test_trainer_loss_accumulation_names_a_missing_attribute():
+    with pytest.raises(RuntimeError, match="'loss_is_scaled_for_ga'.*transformers 5.24.0"):
+        compat.trainer_loss_accumulation(object(), None)
+
+
 def test_clip_grad_norm_names_a_missing_attribute():
     with pytest.raises(RuntimeError, match="'_clip_grad_norm'.*transformers 5.24.0"):
         compat.clip_grad_norm(object(), torch.nn.Linear(1, 1))

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from robustft._lazy import lazy_exports
 
 if TYPE_CHECKING:  # the same names, for type checkers and IDEs
+    from robustft.callbacks.anchor import EWCCallback, L2SPCallback, SpectralRegCallback
     from robustft.callbacks.averaging import (
         EMACallback,
         LAWACallback,
@@ -24,6 +25,7 @@ if TYPE_CHECKING:  # the same names, for type checkers and IDEs
 __getattr__, __dir__ = lazy_exports(
     __name__,
     {
+        "robustft.callbacks.anchor": ("EWCCallback", "L2SPCallback", "SpectralRegCallback"),
         "robustft.callbacks.averaging": (
             "EMACallback",
             "LAWACallback",
@@ -44,7 +46,9 @@ __getattr__, __dir__ = lazy_exports(
 
 __all__ = [
     "EMACallback",
+    "EWCCallback",
     "GGPOCallback",
+    "L2SPCallback",
     "LAWACallback",
     "LoRAArithmeticCallback",
     "MomentumInterpolationCallback",
@@ -53,5 +57,6 @@ __all__ = [
     "RobustCallback",
     "SAMCallback",
     "SWACallback",
+    "SpectralRegCallback",
     "WiseFTCallback",
 ]
