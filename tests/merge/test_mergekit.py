@@ -184,9 +184,9 @@ def test_della_matches_mergekit_with_the_draw_removed(family, tmp_path, method, 
 
 
 def test_della_linear_draws_agree_with_mergekit_in_distribution(family, tmp_path):
-    """Real draws (different generators): every output entry is the base's or the model's (support), and in
-    each row the lower and upper halves by magnitude rank are kept at rates density -/+ epsilon/2 in both
-    tools (binomial, 6 sigma)."""
+    """Real draws (different generators): every output entry is the base's or the model's (support), and the
+    number of kept entries in the lower and in the upper half of each row by magnitude rank matches the sum
+    of the keep probabilities p_j in both tools (a sum of Bernoullis: within 6 standard deviations)."""
     base, dirs = family
     density, eps = 0.5, 0.3
     recipe = {"merge_method": "della_linear", "base_model": str(base),
@@ -195,23 +195,28 @@ def test_della_linear_draws_agree_with_mergekit_in_distribution(family, tmp_path
     mk, rf = _run_pair(recipe, recipe, tmp_path, seed=0)
     b, ft = load_all(base), load_all(dirs[0])
     counts = {"mk": [0, 0], "rf": [0, 0]}
-    total = 0
+    mean, var = [0.0, 0.0], [0.0, 0.0]
     for name, t in b.items():
         delta = ft[name] - t
         rows = delta.reshape(1, -1) if delta.dim() < 2 else delta
-        upper = rows.abs().argsort(dim=1).argsort(dim=1) >= rows.shape[1] / 2
+        rank = rows.abs().argsort(dim=1).argsort(dim=1).double()
+        p = density - eps + 2 * eps * rank / (rows.shape[1] - 1)
+        upper = rank >= rows.shape[1] / 2
+        for half, where in enumerate([~upper, upper]):
+            mean[half] += float(p[where].sum())
+            var[half] += float((p * (1 - p))[where].sum())
         for who, out in (("mk", mk), ("rf", rf)):
             kept = out[name] == ft[name]
             assert bool((kept | (out[name] == t)).all()), (who, name)
             kept = kept.reshape(rows.shape)
             counts[who][0] += int(kept[~upper].sum())
             counts[who][1] += int(kept[upper].sum())
-        total += int((~upper).sum())
-    for half, p in enumerate([density - eps / 2, density + eps / 2]):
+    for half in (0, 1):
         for who in ("mk", "rf"):
-            rate = counts[who][half] / total
-            print(f"{who} keeps the {'upper' if half else 'lower'} half at {rate:.4f} (expected {p:.2f})")
-            assert abs(rate - p) < 6 * (p * (1 - p) / total) ** 0.5 + 2e-3, (who, half, rate, p)
+            z = (counts[who][half] - mean[half]) / var[half] ** 0.5
+            print(f"{who} keeps {counts[who][half]} of the {'upper' if half else 'lower'} half, "
+                  f"expected {mean[half]:.0f} (z = {z:.2f})")  # fmt: skip
+            assert abs(z) < 6, (who, half, counts[who][half], mean[half])
 
 
 @pytest.mark.parametrize("normalize", [False, True])
