@@ -247,8 +247,9 @@ def della_keep_probabilities(delta: torch.Tensor, density: float, epsilon: float
     order = torch.argsort(rows.abs().float(), dim=1)
     ranks = torch.empty(rows.shape, dtype=torch.float32, device=delta.device)
     ranks.scatter_(1, order, torch.arange(n, dtype=torch.float32, device=delta.device).expand_as(ranks))
+    del order  # in place from here on: the rounding of (d - e) + r * 2 * e, one float32 tensor alive
     rank_norm = ranks.div_(n - 1) if n > 1 else ranks.fill_(0.5)
-    return ((density - epsilon) + rank_norm * 2 * epsilon).view(delta.shape)
+    return rank_norm.mul_(2).mul_(epsilon).add_(density - epsilon).view(delta.shape)
 
 
 def della(
@@ -268,8 +269,10 @@ def della(
             f"della: density +/- epsilon must lie in (0, 1), got density={density}, epsilon={epsilon}"
         )
     probs = della_keep_probabilities(delta, density, epsilon)
-    keep = torch.rand(delta.shape, generator=generator, device=delta.device) < probs
+    keep = torch.rand(delta.shape, generator=generator, device=delta.device).lt_(probs)  # 1.0 / 0.0
+    del probs
     masked = delta * keep.to(delta.dtype)
+    del keep
     return l1_rescale(masked, delta) if rescale else masked
 
 
@@ -485,8 +488,9 @@ def ramplus_tl(
         own = a & unique
         n_unique, n_shared = int(own.sum()), int((a & ~unique).sum())
         lam = 1 + r * min(max(n_shared / max(n_unique, epsilon), 0.0), alpha)
-        kept = d * a
-        out.add_(torch.where(own, kept * lam, kept / count))
+        kept = (d * a).div_(count)  # count is 1 on the entries only this model updated
+        kept[own] *= lam
+        out.add_(kept)
     return out
 
 
