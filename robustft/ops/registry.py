@@ -503,7 +503,9 @@ def describe_methods() -> str:
         if spec.max_models == spec.min_models:
             models = str(spec.min_models)
         flags = [
-            "needs base_model" if spec.needs_base else "no base_model",
+            "needs base_model"
+            if spec.needs_base
+            else ("base_model optional" if spec.delta else "no base_model"),
             f"models: {models}",
             "on task vectors" if spec.delta else "on weights",
             f"LoRA deltas: {'yes' if spec.lora else 'no'}",
