@@ -20,9 +20,14 @@ def _register_merge(subparsers) -> None:
         "(sharded safetensors + index, config, tokenizer). See docs/merging.md for the recipe format.",
     )
     p.add_argument(
-        "recipe", help="YAML recipe (merge_method, base_model, models, parameters, dtype, overrides)"
+        "recipe",
+        nargs="?",
+        help="YAML recipe (merge_method, base_model, models, parameters, dtype, overrides)",
     )
-    p.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
+    p.add_argument("--out", help="output folder (must not exist unless --overwrite)")
+    p.add_argument(
+        "--list", action="store_true", help="print every merge method with its parameters and defaults"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument(
         "--max-shard-size", default=None, help="shard size, e.g. 2GB or 500MiB (default: recipe or 5GB)"
@@ -32,6 +37,13 @@ def _register_merge(subparsers) -> None:
 
 
 def run_merge(args: argparse.Namespace) -> int:
+    if args.list:
+        from robustft.ops.registry import describe_methods
+
+        print(describe_methods())
+        return 0
+    if args.recipe is None or args.out is None:
+        raise ValueError("give a RECIPE and --out DIR (or --list to see the merge methods)")
     from robustft.merge.engine import merge_checkpoints
 
     result = merge_checkpoints(

@@ -207,6 +207,11 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
                 f"{where}: merge_method {method!r} takes at most {mspec.max_models} model(s) "
                 f"under models (besides base_model), got {len(models)}"
             )
+        for key, value in gparams.items():
+            if value is REQUIRED:
+                raise ValueError(
+                    f"{where}: merge_method {method!r} needs parameter {key!r} (under parameters)"
+                )
         for i, values in enumerate(mparams):
             for key, value in values.items():
                 if value is REQUIRED:

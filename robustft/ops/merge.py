@@ -1,5 +1,6 @@
-"""Merge rules on task vectors, one tensor at a time: task arithmetic, TIES, DARE, Breadcrumbs, Model Stock,
-Fisher averaging, consensus/TALL masks (linear and SLERP interpolation: ``robustft.ops.interpolate``).
+"""Merge rules on task vectors, one tensor at a time: task arithmetic, TIES, DARE, DELLA, Breadcrumbs, SCE,
+RAM, Model Stock, Fisher averaging, consensus/TALL masks, NearSwap, Arcee Fusion (linear and SLERP
+interpolation: ``robustft.ops.interpolate``).
 
 A task vector (delta) is ``theta_i - theta_base`` for one tensor. Every function here is pure: tensors in,
 a new tensor out, inputs untouched, no I/O. Functions that return a *delta* leave adding it to the base
@@ -19,16 +20,25 @@ from collections.abc import Sequence
 import torch
 
 __all__ = [
+    "arcee_fusion",
     "breadcrumbs",
     "consensus_mask",
     "consensus_merge",
     "dare",
     "dare_merge",
+    "della",
+    "della_keep_probabilities",
+    "della_merge",
     "disjoint_mean",
     "elect_sign",
     "fisher_merge",
+    "l1_rescale",
     "magnitude_prune",
     "model_stock",
+    "nearswap",
+    "ram",
+    "ramplus_tl",
+    "sce",
     "tall_masks",
     "task_arithmetic",
     "ties",
@@ -126,12 +136,16 @@ def elect_sign(deltas: Sequence[torch.Tensor], weights: Sequence[float] | None =
 
 
 def disjoint_mean(
-    deltas: Sequence[torch.Tensor], sign: torch.Tensor, weights: Sequence[float] | None = None
+    deltas: Sequence[torch.Tensor],
+    sign: torch.Tensor,
+    weights: Sequence[float] | None = None,
+    normalize: bool = True,
 ) -> torch.Tensor:
     """tau_m = sum_i w_i m_i tau_i / sum_i w_i m_i, m_i = 1{sgn(w_i tau_i) = gamma}: mean of agreeing entries.
 
     Disjoint merge of TIES (Yadav et al., 2023); zero where no input agrees with the elected sign
-    (an exact zero never agrees). With ``weights=None`` it is the plain mean over agreeing tasks.
+    (an exact zero never agrees). With ``weights=None`` it is the plain mean over agreeing tasks;
+    ``normalize=False`` returns the numerator alone (the disjoint sum: mergekit's ``normalize: false``).
     """
     _check_same_shape(deltas)
     if sign.shape != deltas[0].shape:
@@ -147,6 +161,8 @@ def disjoint_mean(
         agree = torch.where(positive, d > 0, d < 0) if w > 0 else torch.where(positive, d < 0, d > 0)
         num.add_(d.masked_fill(~agree, 0), alpha=w)
         den.add_(agree, alpha=w)
+    if not normalize:
+        return num
     empty = den == 0
     num.div_(den.masked_fill_(empty, 1))
     return num.masked_fill_(empty, 0)
@@ -205,6 +221,89 @@ def dare_merge(
     if method == "linear":
         return task_arithmetic(dropped, weights)
     return ties(dropped, density, weights)
+
+
+def l1_rescale(masked: torch.Tensor, original: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """masked * |original|_1 / |masked|_1: restore the L1 norm a drop removed (mergekit's ``rescale``).
+
+    Left unscaled when either norm is below ``eps`` (nothing left, or nothing to restore). In place.
+    """
+    before, after = original.abs().sum(), masked.abs().sum()
+    if before < eps or after < eps:
+        return masked
+    return masked.mul_(before / after)
+
+
+def della_keep_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+    """p_j = density - epsilon + 2 epsilon (r_j - 1) / (n - 1): keep probability rising with magnitude rank.
+
+    MagPrune of DELLA (Deep et al., 2024): r_j is the rank (1 = smallest) of |delta_j| among the n entries
+    of its row (a 2-D tensor's rows; a 1-D tensor is one row; higher ranks flatten all but the first dim),
+    so the smallest entry is kept with probability density - epsilon and the largest with density +
+    epsilon. A row of one entry gets p = density. Returns float32 probabilities shaped as ``delta``.
+    """
+    rows = delta.detach().reshape(1, -1) if delta.dim() < 2 else delta.detach().reshape(delta.shape[0], -1)
+    n = rows.shape[1]
+    order = torch.argsort(rows.abs().float(), dim=1)
+    ranks = torch.empty(rows.shape, dtype=torch.float32, device=delta.device)
+    ranks.scatter_(1, order, torch.arange(n, dtype=torch.float32, device=delta.device).expand_as(ranks))
+    del order  # in place from here on: the rounding of (d - e) + r * 2 * e, one float32 tensor alive
+    rank_norm = ranks.div_(n - 1) if n > 1 else ranks.fill_(0.5)
+    return rank_norm.mul_(2).mul_(epsilon).add_(density - epsilon).view(delta.shape)
+
+
+def della(
+    delta: torch.Tensor, density: float, epsilon: float, generator: torch.Generator, rescale: bool = True
+) -> torch.Tensor:
+    """delta * m, m_j ~ Bernoulli(p_j) with p_j of :func:`della_keep_probabilities`; with ``rescale`` the
+    L1 norm of delta is restored (:func:`l1_rescale`, as mergekit; the paper's per-entry 1/p_j differs).
+
+    DELLA MagPrune (Deep et al., 2024, "DELLA-Merging: Reducing Interference in Model Merging through
+    Magnitude-Based Sampling"). ``density >= 1`` keeps everything; else density +/- epsilon must lie in
+    (0, 1). The mask draws m_j = 1{u_j < p_j}, u = torch.rand(delta.shape, generator=generator).
+    """
+    if density >= 1.0:
+        return delta.clone()
+    if not (epsilon >= 0 and 0 < density - epsilon and density + epsilon < 1):
+        raise ValueError(
+            f"della: density +/- epsilon must lie in (0, 1), got density={density}, epsilon={epsilon}"
+        )
+    probs = della_keep_probabilities(delta, density, epsilon)
+    keep = torch.rand(delta.shape, generator=generator, device=delta.device).lt_(probs)  # 1.0 / 0.0
+    del probs
+    masked = delta * keep.to(delta.dtype)
+    del keep
+    return l1_rescale(masked, delta) if rescale else masked
+
+
+def della_merge(
+    deltas: Sequence[torch.Tensor],
+    density: float | Sequence[float],
+    epsilon: float | Sequence[float],
+    seed: int,
+    weights: Sequence[float] | None = None,
+    method: str = "ties",
+    rescale: bool = True,
+    normalize: bool = True,
+) -> torch.Tensor:
+    """DELLA each tau_i, then combine: ``"ties"`` (elect sgn(sum_i w_i tau~_i), disjoint mean, or sum when
+    not ``normalize``) or ``"linear"`` (sum_i w_i tau~_i, divided by sum_i w_i when ``normalize``; a sum
+    below 1e-8 in magnitude is not divided by, as mergekit) (Deep et al., 2024).
+
+    One ``torch.Generator`` seeded with ``seed`` draws the masks of deltas 0, 1, ... in order.
+    """
+    _check_same_shape(deltas)
+    if method not in ("linear", "ties"):
+        raise ValueError(f"method must be 'linear' or 'ties', got {method!r}")
+    densities = _per_input(density, len(deltas), "density")
+    epsilons = _per_input(epsilon, len(deltas), "epsilon")
+    w = _weights(weights, len(deltas))
+    gen = torch.Generator(device=deltas[0].device).manual_seed(int(seed))
+    dropped = [della(d, p, e, gen, rescale) for d, p, e in zip(deltas, densities, epsilons, strict=True)]
+    if method == "ties":
+        return disjoint_mean(dropped, elect_sign(dropped, w), w, normalize)
+    out = task_arithmetic(dropped, w)
+    return out / sum(w) if normalize and abs(sum(w)) >= 1e-8 else out
 
 
 def breadcrumbs(delta: torch.Tensor, beta: float, gamma: float) -> torch.Tensor:
@@ -320,3 +419,115 @@ def consensus_merge(
 ) -> torch.Tensor:
     """tau = m_cons * sum_i w_i tau_i: consensus task arithmetic (Wang et al., 2024)."""
     return task_arithmetic(deltas, weights) * consensus_mask(deltas, k, lambda_).to(deltas[0].dtype)
+
+
+def sce(deltas: Sequence[torch.Tensor], select_topk: float = 1.0) -> torch.Tensor:
+    """SCE (Wan et al., 2024, "FuseChat"): Select the top ``select_topk`` fraction of entries by variance
+    across the task vectors (of those with non-zero variance), Calculate w_i = mean(tau_i^2) / sum_j
+    mean(tau_j^2) on the selected entries, Erase entries whose sign disagrees with sgn(sum_i tau_i), and
+    return sum_i w_i m_i tau_i / sum_i w_i m_i (0 where nothing agrees).
+
+    As mergekit's ``sce``: k = floor(select_topk * #nonzero variances), the weights are uniform when
+    sum_j mean(tau_j^2) < 1e-6, and the denominator is clamped at 1e-6 from below.
+    """
+    _check_same_shape(deltas)
+    if not 0.0 <= select_topk <= 1.0:
+        raise ValueError(f"select_topk must be in [0, 1], got {select_topk}")
+    deltas = list(deltas)
+    if select_topk < 1:
+        var = torch.var(torch.stack(deltas), dim=0, unbiased=False).reshape(-1)
+        k = int(int(torch.count_nonzero(var)) * select_topk)
+        keep = _extreme_mask(var, k, largest=True).view_as(deltas[0])
+        deltas = [d * keep for d in deltas]
+    energy = [float(d.square().mean()) if d.numel() else 0.0 for d in deltas]
+    total = sum(energy)
+    w = [1.0 / len(deltas)] * len(deltas) if abs(total) < 1e-6 else [e / total for e in energy]
+    sign = elect_sign(deltas)
+    num = disjoint_mean(deltas, sign, w, normalize=False)
+    positive = sign > 0
+    den = torch.zeros_like(deltas[0])
+    for wi, d in zip(w, deltas, strict=True):
+        den.add_(torch.where(positive, d > 0, d < 0), alpha=wi)
+    return num.div_(den.clamp_(min=1e-6))
+
+
+def ram(deltas: Sequence[torch.Tensor], epsilon: float = 1e-5) -> torch.Tensor:
+    """RAM (Reinforced Agent Merging, arXiv:2601.13572): the mean over the task vectors whose entry exceeds
+    ``epsilon`` in magnitude, sum_i tau_i 1{|tau_i| > eps} / max(1, #{i: |tau_i| > eps}); 0 where none does.
+
+    Unlike an average, an update only one model made is kept at full size instead of divided by N.
+    """
+    _check_same_shape(deltas)
+    active = [d.abs() > epsilon for d in deltas]
+    count = torch.zeros(deltas[0].shape, dtype=deltas[0].dtype, device=deltas[0].device)
+    for a in active:
+        count.add_(a)
+    count.clamp_(min=1)
+    out = torch.zeros_like(deltas[0])
+    for d, a in zip(deltas, active, strict=True):
+        out.add_((d * a).div_(count))
+    return out
+
+
+def ramplus_tl(
+    deltas: Sequence[torch.Tensor], epsilon: float = 1e-5, r: float = 0.1, alpha: float = 0.2
+) -> torch.Tensor:
+    """RAM+ (tensor-local; arXiv:2601.13572, as mergekit's ``ramplus_tl``): :func:`ram`, but the entries only
+    model i updated are scaled by lambda_i = 1 + r * clamp(rho_i, 0, alpha), rho_i = (#entries i shares
+    with another model) / max(#entries only i updated, epsilon), counted in this tensor.
+    """
+    _check_same_shape(deltas)
+    active = [d.abs() > epsilon for d in deltas]
+    count = torch.zeros(deltas[0].shape, dtype=deltas[0].dtype, device=deltas[0].device)
+    for a in active:
+        count.add_(a)
+    unique = count == 1
+    count.clamp_(min=1)
+    out = torch.zeros_like(deltas[0])
+    for d, a in zip(deltas, active, strict=True):
+        own = a & unique
+        n_unique, n_shared = int(own.sum()), int((a & ~unique).sum())
+        lam = 1 + r * min(max(n_shared / max(n_unique, epsilon), 0.0), alpha)
+        kept = (d * a).div_(count)  # count is 1 on the entries only this model updated
+        kept[own] *= lam
+        out.add_(kept)
+    return out
+
+
+def nearswap(base: torch.Tensor, model: torch.Tensor, t: float) -> torch.Tensor:
+    """theta = w model + (1 - w) base, w = clamp(t / max(|model - base|, 1e-6), 0, 1), elementwise.
+
+    NearSwap (alchemonaut, as mergekit's ``nearswap``): take the model's value where it is within ``t`` of
+    the base, move only t towards it where they differ more.
+    """
+    _check_same_shape([base, model], "base+model")
+    if t < 0:
+        raise ValueError(f"t must be >= 0, got {t}")
+    weight = (t / (model - base).abs_().clamp_(min=1e-6)).clamp_(0, 1)
+    return weight * model + (1 - weight) * base
+
+
+def _quantile_floor(flat: torch.Tensor, q: float) -> torch.Tensor:
+    """The floor(q (n - 1))-th smallest entry (0-based) of a flat tensor: a quantile without interpolation."""
+    index = math.floor(q * (flat.numel() - 1))
+    return torch.kthvalue(flat, index + 1).values
+
+
+def arcee_fusion(base: torch.Tensor, model: torch.Tensor) -> torch.Tensor:
+    """Arcee Fusion (Arcee AI, as mergekit's ``arcee_fusion``): take the model's entry where its importance
+    s = |model - base| * KL(softmax(model) || softmax(base)) (softmax and KL along the last dim, +1e-8)
+    reaches median(s) + 1.5 IQR(s), else the base's.
+
+    Quantiles are exact order statistics floor(q (n - 1)); mergekit samples 10^6 entries (with replacement,
+    from its global random state) of tensors larger than that, so there the two differ slightly.
+    """
+    _check_same_shape([base, model], "base+model")
+    p = torch.softmax(model, dim=-1).add_(1e-8)
+    q = torch.softmax(base, dim=-1).add_(1e-8)
+    kl = torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
+    del p, q
+    importance = (model - base).abs_().mul_(kl)
+    flat = importance.reshape(-1)
+    q1, median, q3 = (_quantile_floor(flat, x) for x in (0.25, 0.5, 0.75))
+    keep = importance >= median + 1.5 * (q3 - q1)
+    return torch.where(keep, model, base)

@@ -46,6 +46,7 @@ __all__ = [
     "MethodSpec",
     "Param",
     "check_params",
+    "describe_methods",
     "method_spec",
     "resolve_params",
 ]
@@ -230,6 +231,60 @@ def _check_positive(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be > 0, got {short_repr(value)}")
 
 
+# -- methods of mergekit 0.1.5 (issue 16): DELLA, Breadcrumbs-TIES, SCE, RAM, NearSwap, Arcee Fusion ---------
+def _della(kind: str) -> MergeFn:
+    def fn(deltas, g, m, seed, base, fishers):
+        density, epsilon = [p["density"] for p in m], [p["epsilon"] for p in m]
+        return ops.della_merge(
+            deltas, density, epsilon, seed, _weights(m), kind, rescale=g["rescale"], normalize=g["normalize"]
+        )
+
+    return fn
+
+
+def _check_della(where: str, g: dict, m: list[dict]) -> None:
+    for i, p in enumerate(m):
+        d, e = p["density"], p["epsilon"]
+        if d < 1 and not (0 < d - e and d + e < 1):
+            raise ValueError(
+                f"{where}: models[{i}] density +/- epsilon must lie in (0, 1) (density < 1), got {d} +/- {e}"
+            )
+
+
+def _breadcrumbs_ties(deltas, g, m, seed, base, fishers):
+    pruned = [ops.breadcrumbs(d, p["beta"], p["gamma"]) for d, p in zip(deltas, m, strict=True)]
+    weights = _weights(m)
+    return ops.disjoint_mean(pruned, ops.elect_sign(pruned, weights), weights, g["normalize"])
+
+
+def _sce(deltas, g, m, seed, base, fishers):
+    return ops.sce(deltas, g["select_topk"])
+
+
+def _ram(deltas, g, m, seed, base, fishers):
+    return ops.ram(deltas, g["epsilon"])
+
+
+def _ramplus_tl(deltas, g, m, seed, base, fishers):
+    return ops.ramplus_tl(deltas, g["epsilon"], g["r"], g["alpha"])
+
+
+def _nearswap(tensors, g, m, seed, base, fishers):
+    return ops.nearswap(base, tensors[0], g["t"])
+
+
+def _arcee_fusion(tensors, g, m, seed, base, fishers):
+    return ops.arcee_fusion(base, tensors[0])
+
+
+_DELLA_MODEL = {
+    "weight": WEIGHT,
+    "density": Param(REQUIRED, check_density),
+    "epsilon": Param(0.15, check_non_negative),
+}
+_RAM_EPSILON = Param(1e-5, check_non_negative)
+
+
 _DELTA = {"lambda": LAMBDA}
 _INTERPOLATION = {"t": T, "extrapolate": EXTRAPOLATE}
 
@@ -386,6 +441,75 @@ METHODS: dict[str, MethodSpec] = {
             global_params={"eps": Param(1e-8, check_non_negative)},
             model_params={"weight": WEIGHT, "fisher": Param(REQUIRED, check_path)},
         ),
+        # -- methods of mergekit 0.1.5 (issue 16) --
+        MethodSpec(
+            "della",
+            _della("ties"),
+            needs_base=True,
+            global_params={
+                **_DELTA,
+                "normalize": Param(True, check_bool),
+                "rescale": Param(True, check_bool),
+            },
+            model_params=_DELLA_MODEL,
+            delta=True,
+            seeded=True,
+            check=_check_della,
+        ),
+        MethodSpec(
+            "della_linear",
+            _della("linear"),
+            needs_base=True,
+            global_params={
+                **_DELTA,
+                "normalize": Param(False, check_bool),
+                "rescale": Param(True, check_bool),
+            },
+            model_params=_DELLA_MODEL,
+            delta=True,
+            seeded=True,
+            check=_check_della,
+        ),
+        MethodSpec(
+            "breadcrumbs_ties",
+            _breadcrumbs_ties,
+            needs_base=True,
+            global_params={**_DELTA, "normalize": Param(False, check_bool)},
+            model_params={
+                "weight": WEIGHT,
+                "beta": Param(0.01, check_fraction),
+                "gamma": Param(0.9, check_fraction),
+            },
+            delta=True,
+            check=_check_breadcrumbs,
+        ),
+        MethodSpec(
+            "sce",
+            _sce,
+            needs_base=True,
+            global_params={"select_topk": Param(1.0, check_fraction)},
+            delta=True,
+        ),
+        MethodSpec("ram", _ram, needs_base=True, global_params={"epsilon": _RAM_EPSILON}, delta=True),
+        MethodSpec(
+            "ramplus_tl",
+            _ramplus_tl,
+            needs_base=True,
+            global_params={
+                "epsilon": _RAM_EPSILON,
+                "r": Param(0.1, check_number),
+                "alpha": Param(0.2, check_non_negative),
+            },
+            delta=True,
+        ),
+        MethodSpec(
+            "nearswap",
+            _nearswap,
+            needs_base=True,
+            max_models=1,
+            global_params={"t": Param(REQUIRED, check_non_negative)},
+        ),
+        MethodSpec("arcee_fusion", _arcee_fusion, needs_base=True, max_models=1),
     ]
 }
 
@@ -400,6 +524,38 @@ def method_spec(where: str, value: Any) -> MethodSpec:
     if value not in known:
         raise ValueError(f"{where}: unknown merge method {short_repr(value)} (known: {', '.join(known)})")
     return METHODS[value]
+
+
+def _default_text(value: Any) -> str:
+    if value is REQUIRED:
+        return "required"
+    return str(value).lower() if isinstance(value, bool) else repr(value)
+
+
+def describe_methods() -> str:
+    """The registry as text (``robustft merge --list``): each method, its inputs, its parameters/defaults."""
+    lines = []
+    for name in sorted(METHODS):
+        spec = METHODS[name]
+        models = f"{spec.min_models}+" if spec.max_models is None else f"{spec.min_models}-{spec.max_models}"
+        if spec.max_models == spec.min_models:
+            models = str(spec.min_models)
+        flags = [
+            "needs base_model"
+            if spec.needs_base
+            else ("base_model optional" if spec.delta else "no base_model"),
+            f"models: {models}",
+            "on task vectors" if spec.delta else "on weights",
+            f"LoRA deltas: {'yes' if spec.lora else 'no'}",
+        ]
+        if spec.seeded:
+            flags.append("random (seed)")
+        lines.append(f"{name}  ({'; '.join(flags)})")
+        for label, params in (("method-wide", spec.global_params), ("per model", spec.model_params)):
+            if params:
+                values = ", ".join(f"{k}={_default_text(p.default)}" for k, p in params.items())
+                lines.append(f"    {label}: {values}")
+    return "\n".join(lines)
 
 
 def check_params(where: str, params: Any, spec: MethodSpec, allow_global: bool = True) -> dict[str, Any]:

@@ -121,6 +121,44 @@ def test_cli_ties_merge_of_sharded_llama_streams_loads_and_matches_in_memory(fam
             lambda b, ts, n: b + M.consensus_merge([t - b for t in ts], 2, 0.5),
         ),
         ("model_stock", {}, lambda b, ts, n: M.model_stock(b, ts)),
+        (
+            "della",
+            {"density": 0.5, "epsilon": 0.2, "lambda": 0.8},
+            lambda b, ts, n: b + 0.8 * M.della_merge([t - b for t in ts], 0.5, 0.2, tensor_seed(7, n)),
+        ),
+        (
+            "della_linear",
+            {"density": 0.4, "epsilon": 0.1, "rescale": False},
+            lambda b, ts, n: (
+                b
+                + M.della_merge(
+                    [t - b for t in ts],
+                    0.4,
+                    0.1,
+                    tensor_seed(7, n),
+                    method="linear",
+                    rescale=False,
+                    normalize=False,
+                )
+            ),
+        ),
+        (
+            "breadcrumbs_ties",
+            {"beta": 0.05, "gamma": 0.5},
+            lambda b, ts, n: (
+                b
+                + M.disjoint_mean(
+                    bc := [M.breadcrumbs(t - b, 0.05, 0.5) for t in ts], M.elect_sign(bc), normalize=False
+                )
+            ),
+        ),
+        ("sce", {"select_topk": 0.4}, lambda b, ts, n: b + M.sce([t - b for t in ts], 0.4)),
+        ("ram", {"epsilon": 0.02}, lambda b, ts, n: b + M.ram([t - b for t in ts], 0.02)),
+        (
+            "ramplus_tl",
+            {"epsilon": 0.02, "r": 0.5},
+            lambda b, ts, n: b + M.ramplus_tl([t - b for t in ts], 0.02, 0.5, 0.2),
+        ),
     ],
 )
 def test_each_method_streamed_equals_in_memory(family, tmp_path, method, params, reference):

@@ -1,7 +1,8 @@
 """robustft's merges against mergekit (a peer library) run in the test on the same tiny local models.
 
 The recipes are the same YAML for both tools where the formats agree (linear, task arithmetic, TIES,
-Model Stock, SLERP). DARE draws its masks from a different random stream in each tool, so no fixed seed
+Model Stock, SLERP, DELLA, SCE, RAM, NearSwap, Arcee Fusion; Breadcrumbs-TIES names its fractions
+differently, see its test). DARE draws its masks from a different random stream in each tool, so no fixed seed
 can make them equal; for DARE-TIES we check instead that every element mergekit produced is one of the
 values robustft's formula gives for *some* keep/drop pattern of the three models, and that both tools
 zero the same fraction of elements (binomial tolerance).
@@ -185,3 +186,123 @@ def test_warp_of_two_policies_matches_mergekit_nuslerp(sharded, tmp_path):
     run_merge(MergeConfiguration.model_validate(recipe), str(tmp_path / "mk"), _options())
     merge_checkpoints(parse_recipe({**recipe, "merge_method": "warp"}), tmp_path / "rf", progress=False)
     _assert_same(load_all(tmp_path / "mk"), load_all(tmp_path / "rf"), atol=1e-6)
+
+
+# -- methods of mergekit 0.1.5 (issue 16), on sharded inputs (the ``family`` fixture: 40 KB shards) ---------
+def _run_pair(mk_recipe: dict, rf_recipe: dict, tmp_path, seed: int = 0):
+    """mergekit on its recipe, robustft on its own (the parameter names differ only where stated)."""
+    run_merge(MergeConfiguration.model_validate(mk_recipe), str(tmp_path / "mk"), _options(seed))
+    merge_checkpoints(parse_recipe(rf_recipe), tmp_path / "rf", progress=False)
+    return load_all(tmp_path / "mk"), load_all(tmp_path / "rf")
+
+
+def _max_diff(mk, rf) -> float:
+    assert set(mk) == set(rf)
+    diff = max(float((mk[n] - rf[n]).abs().max()) for n in rf)
+    print(f"max |mergekit - robustft| = {diff:.3g}")  # shown with -s: the measured agreement
+    return diff
+
+
+@pytest.fixture
+def no_randomness(monkeypatch):
+    """DELLA with the draw removed: both tools keep exactly the entries whose keep probability exceeds 1/2
+    (mergekit draws ``torch.bernoulli(p)``, robustft ``torch.rand() < p``; both become p > 1/2)."""
+    monkeypatch.setattr(torch, "bernoulli", lambda p, *a, **k: (p > 0.5).to(p.dtype))
+    monkeypatch.setattr(torch, "rand", lambda shape, *a, **k: torch.full(tuple(shape), 0.5))
+
+
+@pytest.mark.parametrize("method", ["della", "della_linear"])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_della_matches_mergekit_with_the_draw_removed(family, tmp_path, method, normalize, no_randomness):
+    """Same ranks, same probabilities, same L1 rescale and sign election: equal to float rounding."""
+    base, dirs = family
+    params = [{"weight": 1.0, "density": 0.45, "epsilon": 0.1},
+              {"weight": 0.6, "density": 0.6, "epsilon": 0.2},
+              {"weight": 1.3, "density": 0.35, "epsilon": 0.15}]  # fmt: skip
+    recipe = {"merge_method": method, "base_model": str(base), "models": _models(dirs, params),
+              "parameters": {"lambda": 0.9, "normalize": normalize, "rescale": True},
+              "dtype": "float32"}  # fmt: skip
+    mk, rf = _run_pair(recipe, recipe, tmp_path)
+    assert _max_diff(mk, rf) < 2e-6
+    b = load_all(base)
+    assert any(not torch.equal(rf[n], b[n]) for n in b)  # something was merged
+
+
+def test_della_linear_draws_agree_with_mergekit_in_distribution(family, tmp_path):
+    """Real draws (different generators): every output entry is the base's or the model's (support), and the
+    number of kept entries in the lower and in the upper half of each row by magnitude rank matches the sum
+    of the keep probabilities p_j in both tools (a sum of Bernoullis: within 6 standard deviations)."""
+    base, dirs = family
+    density, eps = 0.5, 0.3
+    recipe = {"merge_method": "della_linear", "base_model": str(base),
+              "models": _models(dirs[:1], [{"weight": 1.0, "density": density, "epsilon": eps}]),
+              "parameters": {"rescale": False}, "dtype": "float32", "seed": 0}  # fmt: skip
+    mk, rf = _run_pair(recipe, recipe, tmp_path, seed=0)
+    b, ft = load_all(base), load_all(dirs[0])
+    counts = {"mk": [0, 0], "rf": [0, 0]}
+    mean, var = [0.0, 0.0], [0.0, 0.0]
+    for name, t in b.items():
+        delta = ft[name] - t
+        rows = delta.reshape(1, -1) if delta.dim() < 2 else delta
+        rank = rows.abs().argsort(dim=1).argsort(dim=1).double()
+        p = density - eps + 2 * eps * rank / (rows.shape[1] - 1)
+        upper = rank >= rows.shape[1] / 2
+        for half, where in enumerate([~upper, upper]):
+            mean[half] += float(p[where].sum())
+            var[half] += float((p * (1 - p))[where].sum())
+        for who, out in (("mk", mk), ("rf", rf)):
+            kept = out[name] == ft[name]
+            assert bool((kept | (out[name] == t)).all()), (who, name)
+            kept = kept.reshape(rows.shape)
+            counts[who][0] += int(kept[~upper].sum())
+            counts[who][1] += int(kept[upper].sum())
+    for half in (0, 1):
+        for who in ("mk", "rf"):
+            z = (counts[who][half] - mean[half]) / var[half] ** 0.5
+            print(f"{who} keeps {counts[who][half]} of the {'upper' if half else 'lower'} half, "
+                  f"expected {mean[half]:.0f} (z = {z:.2f})")  # fmt: skip
+            assert abs(z) < 6, (who, half, counts[who][half], mean[half])
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_breadcrumbs_ties_matches_mergekit(family, tmp_path, normalize):
+    """mergekit keeps ``density`` and drops the ``gamma`` largest; robustft (as its ``breadcrumbs``) drops the
+    beta largest and gamma smallest: density 0.5, mergekit gamma 0.25 = beta 0.25, gamma 0.25 here (every
+    tensor size is a multiple of 4, so the counts are exact)."""
+    base, dirs = family
+    weights = [1.0, 0.6, 1.3]
+    mk_recipe = {"merge_method": "breadcrumbs_ties", "base_model": str(base),
+                 "models": _models(dirs, [{"weight": w, "density": 0.5, "gamma": 0.25} for w in weights]),
+                 "parameters": {"lambda": 0.8, "normalize": normalize}, "dtype": "float32"}  # fmt: skip
+    rf_recipe = {
+        **mk_recipe,
+        "models": _models(dirs, [{"weight": w, "beta": 0.25, "gamma": 0.25} for w in weights]),
+    }
+    mk, rf = _run_pair(mk_recipe, rf_recipe, tmp_path)
+    assert _max_diff(mk, rf) < 2e-6
+
+
+@pytest.mark.parametrize(
+    "method,parameters,n_models",
+    [
+        ("sce", {"select_topk": 0.5}, 3),
+        ("sce", {}, 3),
+        ("ram", {"epsilon": 0.02}, 3),
+        ("ramplus_tl", {"epsilon": 0.02, "r": 0.5, "alpha": 0.3}, 3),
+        ("nearswap", {"t": 0.01}, 1),
+        ("arcee_fusion", {}, 1),
+    ],
+)
+def test_method_matches_mergekit(family, tmp_path, method, parameters, n_models):
+    """Deterministic methods on the same sharded inputs: equal to float rounding (sums in another order)."""
+    base, dirs = family
+    rf_recipe = {"merge_method": method, "base_model": str(base),
+                 "models": _models(dirs[:n_models], [{}] * n_models),
+                 "parameters": parameters, "dtype": "float32"}  # fmt: skip
+    mk_recipe = dict(rf_recipe)
+    if n_models == 1:  # mergekit counts the base among its two inputs
+        mk_recipe["models"] = _models([base, dirs[0]], [{}, {}])
+    mk, rf = _run_pair(mk_recipe, rf_recipe, tmp_path)
+    assert _max_diff(mk, rf) < 2e-6
+    b = load_all(base)
+    assert any(not torch.equal(rf[n], b[n]) for n in b)

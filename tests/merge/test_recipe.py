@@ -3,7 +3,9 @@
 import pytest
 import torch
 
+from robustft.cli import main
 from robustft.merge import METHODS, load_recipe, merge_tensor, parse_recipe
+from robustft.ops.registry import REQUIRED
 
 
 def _data(**extra):
@@ -89,6 +91,26 @@ def test_precedence_defaults_recipe_model_override():
             _data(merge_method="breadcrumbs", models=["m"], parameters={"beta": 0.6, "gamma": 0.6}),
             r"beta \+ gamma must be <= 1",
         ),
+        (
+            _data(merge_method="della", models=["m"]),
+            r"models\[0\] \(m\) needs parameter 'density' for merge_method 'della'",
+        ),
+        (
+            _data(merge_method="della_linear", models=["m"], parameters={"density": 0.5, "epsilon": 0.5}),
+            r"models\[0\] density \+/- epsilon must lie in \(0, 1\)",
+        ),
+        (_data(merge_method="nearswap", models=["m"]), r"merge_method 'nearswap' needs parameter 't'"),
+        (_data(merge_method="nearswap", models=["m"], parameters={"t": -1}), r"parameters.t must be >= 0"),
+        (_data(merge_method="arcee_fusion", models=["m", "n"]), "at most 1 model"),
+        (
+            _data(merge_method="sce", models=["m"], parameters={"select_topk": 1.5}),
+            r"select_topk must be in \[0, 1\]",
+        ),
+        (_data(merge_method="ram", models=["m"], parameters={"epsilon": -1}), "epsilon must be >= 0"),
+        (
+            _data(merge_method="breadcrumbs_ties", parameters={"density": 0.5}),
+            "unknown parameter 'density' for merge_method 'breadcrumbs_ties'",
+        ),
     ],
 )
 def test_bad_recipes_name_the_option(data, match):
@@ -108,6 +130,9 @@ def test_load_recipe_file_errors(tmp_path):
     assert load_recipe(ok).reference_model == "a"
 
 
+REQUIRED_VALUES = {"density": 0.5, "t": 0.05}
+
+
 def test_every_registered_method_is_parsed_and_merged_by_the_engine():
     """The registry is the one list: each method parses from a recipe with its defaults and runs in the
     engine's merge_tensor on a small tensor (finite result, the tensor's shape)."""
@@ -118,7 +143,12 @@ def test_every_registered_method_is_parsed_and_merged_by_the_engine():
         n = max(spec.min_models, 2 if spec.max_models is None else 1)
         own = [{"fisher": f"f{i}"} if name == "fisher" else {} for i in range(n)]
         models = [{"model": f"m{i}", "parameters": p} for i, p in enumerate(own)]
-        recipe = parse_recipe({"merge_method": name, "base_model": "b", "models": models})
+        # values for the parameters without a default (other than the Fisher paths above)
+        required = {k: REQUIRED_VALUES[k] for k, p in {**spec.global_params, **spec.model_params}.items()
+                    if p.default is REQUIRED and k != "fisher"}  # fmt: skip
+        recipe = parse_recipe(
+            {"merge_method": name, "base_model": "b", "models": models, "parameters": required}
+        )
         method, gparams, mparams = recipe.resolve()
         assert method == name and set(gparams) == set(spec.global_params)
         assert all(set(p) == set(spec.model_params) for p in mparams)
@@ -143,3 +173,31 @@ def test_interpolation_methods_extrapolate_only_when_asked(method):
     else:  # the angle keeps growing past the end: |θ(1.5)| on the great circle of two unit vectors
         b, e = base / base.norm(), end / end.norm()
         torch.testing.assert_close(merge_tensor(method, b, [e], gparams, mparams).norm(), torch.tensor(1.0))
+
+
+def test_merge_list_prints_the_registry(capsys):
+    """``robustft merge --list``: every registered method with its inputs and each parameter's default."""
+    assert main(["merge", "--list"]) == 0
+    text = capsys.readouterr().out
+    blocks = {b.split("  (")[0]: b for b in ("\n" + text).split("\n") if b and not b.startswith(" ")}
+    assert set(blocks) == set(METHODS)
+    lines = text.splitlines()
+    for name, spec in METHODS.items():
+        head = blocks[name]
+        assert ("needs base_model" in head) == spec.needs_base, head
+        assert f"LoRA deltas: {'yes' if spec.lora else 'no'}" in head
+        assert ("on task vectors" in head) == spec.delta
+        start = lines.index(head)
+        body = []
+        for line in lines[start + 1 :]:
+            if not line.startswith(" "):
+                break
+            body.append(line)
+        for key, param in {**spec.global_params, **spec.model_params}.items():
+            shown = "required" if param.default is REQUIRED else str(param.default)
+            assert any(f"{key}={shown}".lower() in line.lower() for line in body), (name, key, body)
+
+
+def test_merge_without_recipe_is_an_error(capsys):
+    assert main(["merge", "--out", "x"]) == 2
+    assert "give a RECIPE and --out DIR" in capsys.readouterr().err

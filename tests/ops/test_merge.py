@@ -244,3 +244,216 @@ def test_inputs_are_not_modified():
 def test_bad_input_names_the_cause(call, match):
     with pytest.raises(ValueError, match=match):
         call(_rand(3))
+
+
+# -- methods of mergekit 0.1.5 (issue 16) ------------------------------------------------------------------
+def _ref_disjoint(deltas, weights, normalize=True, sign_weights=None):
+    """TIES' sign election + disjoint mean (or sum) element by element; ``sign_weights`` elect the sign."""
+    flat = [_flat(d) for d in deltas]
+    sw = weights if sign_weights is None else sign_weights
+    out = []
+    for j in range(len(flat[0])):
+        gamma = 1.0 if sum(w * f[j] for w, f in zip(sw, flat, strict=True)) >= 0 else -1.0
+        num = den = 0.0
+        for w, f in zip(weights, flat, strict=True):
+            if f[j] != 0 and math.copysign(1.0, w * f[j]) == gamma:
+                num += w * f[j]
+                den += w
+        out.append((num / den if den != 0 else 0.0) if normalize else num)
+    return torch.tensor(out, dtype=deltas[0].dtype).view_as(deltas[0])
+
+
+def _ref_della(d, density, epsilon, u, rescale=True):
+    """DELLA MagPrune by hand: per-row ranks by a Python sort, p = density - eps + 2 eps (r-1)/(n-1)."""
+    rows = d.reshape(1, -1) if d.dim() < 2 else d.reshape(d.shape[0], -1)
+    ur = u.reshape(rows.shape)
+    out = torch.zeros_like(rows)
+    n = rows.shape[1]
+    for i in range(rows.shape[0]):
+        v = _flat(rows[i])
+        order = sorted(range(n), key=lambda j: abs(v[j]))
+        for rank, j in enumerate(order, start=1):
+            p = density - epsilon + 2 * epsilon * (rank - 1) / (n - 1)
+            out[i, j] = v[j] if float(ur[i, j]) < p else 0.0
+    out = out.view_as(d)
+    before, after = sum(abs(x) for x in _flat(d)), sum(abs(x) for x in _flat(out))
+    return out * (before / after) if rescale and after > 1e-7 else out
+
+
+@pytest.mark.parametrize("shape", [(6, 7), (40,), (3, 4, 5)])
+@pytest.mark.parametrize("rescale", [True, False])
+def test_della_matches_formula_with_same_draws(shape, rescale):
+    (d,) = _rand(1, seed=21, shape=shape)
+    got = M.della(d, 0.5, 0.2, torch.Generator().manual_seed(3), rescale=rescale)
+    u = torch.rand(shape, generator=torch.Generator().manual_seed(3))  # the same uniform draws
+    torch.testing.assert_close(got, _ref_della(d, 0.5, 0.2, u, rescale))
+
+
+def test_della_keep_rate_follows_magnitude_rank():
+    """Over many seeds the smallest entry of each row is kept with probability density - epsilon, the largest
+    with density + epsilon (binomial, 5 sigma)."""
+    d = torch.randn(8, 50, generator=torch.Generator().manual_seed(0))
+    density, eps, n = 0.5, 0.3, 400
+    smallest, largest = d.abs().argmin(dim=1), d.abs().argmax(dim=1)
+    rows = torch.arange(8)
+    kept_small = kept_large = 0
+    for seed in range(n):
+        kept = M.della(d, density, eps, torch.Generator().manual_seed(seed), rescale=False) != 0
+        kept_small += int(kept[rows, smallest].sum())
+        kept_large += int(kept[rows, largest].sum())
+    total = 8 * n
+    for rate, p in ((kept_small / total, density - eps), (kept_large / total, density + eps)):
+        assert abs(rate - p) < 5 * math.sqrt(p * (1 - p) / total), (rate, p)
+
+
+@pytest.mark.parametrize(
+    "method,normalize", [("ties", True), ("ties", False), ("linear", False), ("linear", True)]
+)
+def test_della_merge_is_della_then_combine(method, normalize):
+    deltas, w = _rand(3, seed=22), [1.0, 0.5, 2.0]
+    got = M.della_merge(deltas, [0.4, 0.6, 0.5], 0.1, 7, w, method, normalize=normalize)
+    gen = torch.Generator().manual_seed(7)
+    us = []
+    for _ in deltas:  # deltas 0, 1, 2 draw from one generator in order
+        us.append(torch.rand(SHAPE, generator=gen))
+    dropped = [_ref_della(d, p, 0.1, u) for d, p, u in zip(deltas, [0.4, 0.6, 0.5], us, strict=True)]
+    if method == "ties":
+        ref = _ref_disjoint(dropped, w, normalize)
+    else:
+        ref = sum(wi * x for wi, x in zip(w, dropped, strict=True)) / (sum(w) if normalize else 1.0)
+    torch.testing.assert_close(got, ref)
+
+
+def test_breadcrumbs_ties_is_breadcrumbs_then_sign_election():
+    from robustft.ops.registry import METHODS
+
+    base, *fts = _rand(4, seed=23)
+    w = [1.0, 0.7, 1.5]
+    deltas = [f - base for f in fts]
+    pruned = []
+    for d in deltas:  # drop the 10% largest and 40% smallest magnitudes by a Python sort
+        v = _flat(d)
+        order = sorted(range(len(v)), key=lambda j: abs(v[j]))
+        keep = set(order[int(0.4 * len(v)) : len(v) - int(0.1 * len(v))])
+        pruned.append(
+            torch.tensor([x if j in keep else 0.0 for j, x in enumerate(v)], dtype=d.dtype).view_as(d)
+        )
+    spec = METHODS["breadcrumbs_ties"]
+    for normalize in (False, True):
+        got = spec.apply(base.clone(), [f.clone() for f in fts], {"lambda": 0.8, "normalize": normalize},
+                         [{"weight": wi, "beta": 0.1, "gamma": 0.4} for wi in w])  # fmt: skip
+        torch.testing.assert_close(got, base + 0.8 * _ref_disjoint(pruned, w, normalize))
+
+
+@pytest.mark.parametrize("select_topk", [1.0, 0.3])
+def test_sce_matches_formula(select_topk):
+    deltas = _rand(3, seed=24)
+    flat = [_flat(d) for d in deltas]
+    n = len(flat[0])
+    var = [sum((f[j] - sum(g[j] for g in flat) / 3) ** 2 for f in flat) / 3 for j in range(n)]
+    k = int(sum(v != 0 for v in var) * select_topk)
+    keep = set(sorted(range(n), key=lambda j: var[j], reverse=True)[:k]) if select_topk < 1 else set(range(n))
+    sel = [[f[j] if j in keep else 0.0 for j in range(n)] for f in flat]
+    energy = [sum(x * x for x in s) / n for s in sel]
+    w = [e / sum(energy) for e in energy]
+    out = []
+    for j in range(n):
+        gamma = 1.0 if sum(s[j] for s in sel) >= 0 else -1.0
+        agree = [
+            (wi, s[j]) for wi, s in zip(w, sel, strict=True) if s[j] != 0 and math.copysign(1, s[j]) == gamma
+        ]
+        out.append(sum(wi * x for wi, x in agree) / max(sum(wi for wi, _ in agree), 1e-6))
+    torch.testing.assert_close(M.sce(deltas, select_topk), torch.tensor(out, dtype=torch.float64).view(SHAPE))
+
+
+def _sparse_deltas(seed):
+    """Task vectors with many entries below epsilon, so RAM sees 0, 1, 2 and 3 contributors."""
+    deltas = _rand(3, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    return [d * (torch.rand(SHAPE, generator=g, dtype=torch.float64) < 0.5) for d in deltas]
+
+
+def test_ram_and_ramplus_match_formula():
+    deltas = _sparse_deltas(25)
+    eps, r, alpha = 1e-5, 0.5, 0.4
+    flat = [_flat(d) for d in deltas]
+    n = len(flat[0])
+    count = [sum(abs(f[j]) > eps for f in flat) for j in range(n)]
+    ram = [sum(f[j] for f in flat if abs(f[j]) > eps) / max(count[j], 1) for j in range(n)]
+    torch.testing.assert_close(M.ram(deltas, eps), torch.tensor(ram, dtype=torch.float64).view(SHAPE))
+    lam = []
+    for f in flat:
+        unique = sum(abs(f[j]) > eps and count[j] == 1 for j in range(n))
+        shared = sum(abs(f[j]) > eps and count[j] > 1 for j in range(n))
+        lam.append(1 + r * min(max(shared / max(unique, eps), 0), alpha))
+    plus = [
+        sum((lam[i] if count[j] == 1 else 1 / count[j]) * f[j] for i, f in enumerate(flat) if abs(f[j]) > eps)
+        for j in range(n)
+    ]
+    got = M.ramplus_tl(deltas, eps, r, alpha)
+    torch.testing.assert_close(got, torch.tensor(plus, dtype=torch.float64).view(SHAPE))
+    assert any(c == 1 for c in count) and any(c > 1 for c in count) and any(c == 0 for c in count)
+
+
+def test_nearswap_matches_formula():
+    base, model = _rand(2, seed=26)
+    t = 0.7
+    ref = []
+    for a, b in zip(_flat(base), _flat(model), strict=True):
+        w = min(max(t / max(abs(a - b), 1e-6), 0.0), 1.0)
+        ref.append(w * b + (1 - w) * a)
+    torch.testing.assert_close(M.nearswap(base, model, t), torch.tensor(ref, dtype=torch.float64).view(SHAPE))
+
+
+@pytest.mark.parametrize("shape", [(6, 7), (50,)])
+def test_arcee_fusion_matches_formula(shape):
+    base, noise = _rand(2, seed=27, shape=shape)
+    g = torch.Generator().manual_seed(1)
+    model = base + noise * (torch.rand(shape, generator=g, dtype=torch.float64) ** 4)  # a few large changes
+    rows_b = base.reshape(-1, shape[-1]).tolist()
+    rows_m = model.reshape(-1, shape[-1]).tolist()
+    importance = []
+    for rb, rm in zip(rows_b, rows_m, strict=True):
+        zb, zm = sum(math.exp(x) for x in rb), sum(math.exp(x) for x in rm)
+        p = [math.exp(x) / zm + 1e-8 for x in rm]
+        q = [math.exp(x) / zb + 1e-8 for x in rb]
+        kl = sum(pi * math.log(pi / qi) for pi, qi in zip(p, q, strict=True))
+        importance += [abs(m - b) * kl for m, b in zip(rm, rb, strict=True)]
+    s = sorted(importance)
+    q1, med, q3 = (s[math.floor(x * (len(s) - 1))] for x in (0.25, 0.5, 0.75))
+    threshold = med + 1.5 * (q3 - q1)
+    ref = [
+        m if imp >= threshold else b for m, b, imp in zip(_flat(model), _flat(base), importance, strict=True)
+    ]
+    got = M.arcee_fusion(base, model)
+    torch.testing.assert_close(got, torch.tensor(ref, dtype=torch.float64).view(shape))
+    assert 0 < sum(imp >= threshold for imp in importance) < len(importance)
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda d: M.della(d[0], 0.5, 0.5, torch.Generator()), "density \\+/- epsilon"),
+        (lambda d: M.della_merge(d, 0.5, 0.1, 0, method="mean"), "method"),
+        (lambda d: M.sce(d, 1.5), "select_topk"),
+        (lambda d: M.nearswap(d[0], d[1], -1.0), "t must be"),
+        (lambda d: M.arcee_fusion(d[0], d[1][:2]), "base\\+model\\[1\\] has shape"),
+        (lambda d: M.ram([d[0], d[1][:2]]), "deltas\\[1\\] has shape"),
+    ],
+)
+def test_new_methods_bad_input_names_the_cause(call, match):
+    with pytest.raises(ValueError, match=match):
+        call(_rand(3))
+
+
+def test_new_methods_leave_inputs_untouched():
+    deltas = _rand(3, seed=28)
+    copies = [d.clone() for d in deltas]
+    M.della_merge(deltas, 0.5, 0.1, 0)
+    M.sce(deltas, 0.5)
+    M.ram(deltas)
+    M.ramplus_tl(deltas)
+    M.nearswap(deltas[0], deltas[1], 0.3)
+    M.arcee_fusion(deltas[0], deltas[1])
+    for d, c in zip(deltas, copies, strict=True):
+        torch.testing.assert_close(d, c, rtol=0, atol=0)
