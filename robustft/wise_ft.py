@@ -606,14 +606,16 @@ def dawin_evaluate(
     sigmoid(H_start − H_ft), a ``n_components``-Beta mixture fitted to the λ of that set, each input
     routed to its most likely component and predicted at θ(mean λ of the component) by
     :func:`evaluate_at_alphas` (one interpolation per component). The predictions are put back in input
-    order and scored by ``trainer.compute_metrics`` on the whole set, so any metric works. For a causal LM
+    order and scored by ``trainer.compute_metrics`` on the whole set, so any metric works (``metric="loss"``:
+    the input-weighted mean of the components' losses, no ``compute_metrics`` needed). For a causal LM
     (``causal_lm``; default: the model has a ``...ForCausalLM`` module) the entropy of a sequence is the mean
     next-token entropy over the positions that predict a label. ``loss`` is the input-weighted mean of
     the components' losses.
     """
-    if trainer.compute_metrics is None:
-        raise ValueError("DaWin scores the reassembled predictions with the Trainer's compute_metrics; "
-                         "give the Trainer one that returns the metric")
+    key = metric.removeprefix("eval_")
+    if trainer.compute_metrics is None and key != "loss":
+        raise ValueError(f"metric: DaWin scores the reassembled predictions with the Trainer's "
+                         f"compute_metrics; give the Trainer one that returns {metric!r} (or metric='loss')")
     check_method(method)
     causal = _is_causal_lm(trainer.model) if causal_lm is None else bool(causal_lm)
     names = list(eval_datasets)
@@ -634,6 +636,8 @@ def dawin_evaluate(
     mean_lambda: dict[str, float] = {}
     for n in names:
         lam = dawin_lambda(h_start[n].to(torch.float64), h_ft[n].to(torch.float64))
+        if lam.numel() == 0:
+            raise ValueError(f"eval_datasets: {n!r} is empty")
         mixture = fit_beta_mixture(lam, min(n_components, lam.numel()))
         comp_alphas, groups = component_alphas(lam, mixture.assign(lam))
         plan += [(n, a, g) for a, g in zip(comp_alphas, groups, strict=True)]
@@ -653,16 +657,20 @@ def dawin_evaluate(
     for n in names:
         mine = [i for i, (m, _, _) in enumerate(plan) if m == n]
         groups = [plan[i][2] for i in mine]
+        losses = [(outputs[i].metrics.get(f"{key_prefix}_c{i}_{n}_loss"), len(plan[i][2])) for i in mine]
+        if all(v is not None for v, _ in losses):
+            loss[n] = sum(float(v) * c for v, c in losses) / sum(c for _, c in losses)
+        if key == "loss":
+            if n not in loss:
+                raise ValueError(f"metric: 'loss' but the model returned no loss on {n!r} (no labels?)")
+            results[n] = loss[n]
+            continue
         preds = _reassemble([outputs[i].predictions for i in mine], groups)
         has_labels = outputs[mine[0]].label_ids is not None
         labels = _reassemble([outputs[i].label_ids for i in mine], groups) if has_labels else None
         scores = compute(EvalPrediction(predictions=preds, label_ids=labels))
-        key = metric.removeprefix("eval_")
         if key not in scores:
             raise ValueError(f"metric: {metric!r} not in compute_metrics' results on {n!r} "
                              f"(keys: {sorted(scores)})")
         results[n] = float(scores[key])
-        losses = [(outputs[i].metrics.get(f"{key_prefix}_c{i}_{n}_loss"), len(plan[i][2])) for i in mine]
-        if all(v is not None for v, _ in losses):
-            loss[n] = sum(float(v) * c for v, c in losses) / sum(c for _, c in losses)
     return DaWinResult(results, metric, n_components, alphas, counts, mean_lambda, loss)

@@ -159,6 +159,10 @@ class WiseFTCallback(RobustCallback):
             raise ValueError(
                 "WiseFTCallback: a sweep needs the Trainer; pass trainer= or call attach(trainer)"
             )
+        if (self.dynamic and self.trainer.compute_metrics is None
+                and self.metric.removeprefix("eval_") != "loss"):
+            raise ValueError(f"WiseFTCallback: dynamic={self.dynamic!r} scores predictions with the "
+                             f"Trainer's compute_metrics; give the Trainer one that returns {self.metric!r}")
         params = select_parameters(model, include=self.include, exclude=self.exclude)
         self.guard = SelectionGuard(type(self).__name__, model, params)
         resume = self.resume_dir(args, state)

@@ -94,6 +94,9 @@ def test_one_component_on_saved_checkpoints_equals_the_static_sweep_at_the_mean_
         assert dawin.results[name] == curve.results[name][0]
         assert dawin.loss[name] == pytest.approx(curve.extra["id_loss"][0], rel=1e-6)
         end.load_state_dict(ft_state)
+        by_loss = dawin_evaluate(evaluator, weights, {name: ds}, n_components=1, metric="loss")
+        assert by_loss.results[name] == dawin.loss[name]
+        end.load_state_dict(ft_state)
 
 
 def test_causal_lm_entropy_is_the_mean_next_token_entropy(tmp_path):
@@ -114,3 +117,25 @@ def test_causal_lm_entropy_is_the_mean_next_token_entropy(tmp_path):
              for m in (start, model)]
     assert result.mean_lambda["lm"] == pytest.approx(float(dawin_lambda(*h).mean()), rel=1e-5)
     assert 0.0 <= result.results["lm"] <= 1.0 and sum(result.counts["lm"]) == len(ds)
+
+
+def test_options_are_checked_when_the_callback_is_built():
+    with pytest.raises(ValueError, match="dynamic: 'nope'"):
+        WiseFTCallback(eval_datasets=_sets(), id_dataset="id", dynamic="nope")
+    with pytest.raises(ValueError, match="measured on eval_datasets"):
+        WiseFTCallback(alpha=0.5, dynamic="dawin")
+    with pytest.raises(ValueError, match="n_components"):
+        WiseFTCallback(eval_datasets=_sets(), id_dataset="id", dynamic="dawin", n_components=0)
+
+
+def test_without_compute_metrics_it_fails_before_the_first_step(tmp_path):
+    model = tiny_bert(0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cb = WiseFTCallback(eval_datasets=_sets(), id_dataset="id", dynamic="dawin")
+    trainer = Trainer(model=model, args=training_args(tmp_path, max_steps=2), train_dataset=token_dataset(16),
+                      callbacks=[cb])
+    with pytest.raises(ValueError, match="compute_metrics"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
