@@ -139,3 +139,16 @@ def test_without_compute_metrics_it_fails_before_the_first_step(tmp_path):
     assert trainer.state.global_step == 0
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_dawin_leaves_the_static_sweep_and_its_chosen_model_unchanged(tmp_path):
+    runs = []
+    for dynamic in (None, "dawin"):
+        cb = WiseFTCallback(eval_datasets=_sets(), id_dataset="id", dynamic=dynamic, progress=False)
+        trainer = _train(tmp_path / str(dynamic), [cb])
+        runs.append((cb.curve, {k: v.clone() for k, v in trainer.model.state_dict().items()}))
+    (plain, plain_state), (with_dawin, dawin_state) = runs
+    assert with_dawin.results == plain.results and with_dawin.chosen_alpha == plain.chosen_alpha
+    assert "dawin" in with_dawin.extra and "dawin" not in plain.extra
+    for k, v in plain_state.items():
+        assert torch.equal(dawin_state[k], v), k  # θ(α*) bit for bit
