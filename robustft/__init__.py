@@ -42,7 +42,14 @@ if TYPE_CHECKING:  # the same names, for type checkers and IDEs
     from robustft.merge import estimate_fisher, load_recipe, merge_checkpoints
     from robustft.ops.interpolate import interpolate
     from robustft.params import Snapshot, select_parameters, swapped_in
-    from robustft.wise_ft import WiseFTCurve, interpolate_models, interpolate_state_dicts, wise_ft_sweep
+    from robustft.wise_ft import (
+        WiseFTCurve,
+        dawin_evaluate,
+        evaluate_at_alphas,
+        interpolate_models,
+        interpolate_state_dicts,
+        wise_ft_sweep,
+    )
     from robustft.zero_shot import SentenceClassifier, install_zero_shot_head
 
 __getattr__, __dir__ = lazy_exports(
@@ -75,7 +82,14 @@ __getattr__, __dir__ = lazy_exports(
         "robustft.merge": ("estimate_fisher", "load_recipe", "merge_checkpoints"),
         "robustft.ops.interpolate": ("interpolate",),
         "robustft.params": ("Snapshot", "select_parameters", "swapped_in"),
-        "robustft.wise_ft": ("WiseFTCurve", "interpolate_models", "interpolate_state_dicts", "wise_ft_sweep"),
+        "robustft.wise_ft": (
+            "WiseFTCurve",
+            "dawin_evaluate",
+            "evaluate_at_alphas",
+            "interpolate_models",
+            "interpolate_state_dicts",
+            "wise_ft_sweep",
+        ),
         "robustft.zero_shot": ("SentenceClassifier", "install_zero_shot_head"),
     },
 )
@@ -102,7 +116,9 @@ __all__ = [
     "WiseFTCurve",
     "__version__",
     "compose_adapters",
+    "dawin_evaluate",
     "estimate_fisher",
+    "evaluate_at_alphas",
     "install_zero_shot_head",
     "interpolate",
     "interpolate_models",

@@ -8,6 +8,10 @@ fine-tuned weights: θ(α) = (1−α)·θ_start + α·θ_end, with α chosen on 
   (with the exact LoRA rule: the delta B·A is scaled, not the factors interpolated).
 - :func:`wise_ft_sweep`: every α on every eval set through ``trainer.evaluate``; α is chosen on
   the in-distribution set only; returns a :class:`WiseFTCurve` (table, JSON, CSV, PNG plot).
+- :func:`evaluate_at_alphas`: the one loop behind the sweep and DaWin: θ(α) written once per α into
+  the live tensors, something run, the end weights restored (also on error).
+- :func:`dawin_evaluate`: DaWin (per-input α from the endpoints' entropies, one interpolation per
+  Beta-mixture component; maths in :mod:`robustft.ops.dawin`) on every eval set, beside the curve.
 """
 
 from __future__ import annotations
@@ -18,10 +22,11 @@ import json
 import math
 import os
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -29,6 +34,13 @@ from torch import nn
 from robustft import distributed
 from robustft.checkpoint import atomic_output_file, atomic_write_text
 from robustft.lora.layers import is_lora_b, lora_a_name
+from robustft.ops.dawin import (
+    causal_lm_mask,
+    component_alphas,
+    dawin_lambda,
+    fit_beta_mixture,
+    prediction_entropy,
+)
 from robustft.ops.interpolate import (
     check_alpha,
     check_method,
@@ -36,20 +48,25 @@ from robustft.ops.interpolate import (
     interpolate_end_,
     interpolate_into_,
 )
-from robustft.params import Snapshot, is_sharded, live_tensors
+from robustft.params import Snapshot, full_shape, is_sharded, live_tensors, select_parameters, swapped_in
 
 __all__ = [
     "DEFAULT_ALPHAS",
+    "DaWinResult",
     "WiseFTCurve",
     "WiseFTWeights",
     "check_alphas",
     "choose_alpha",
+    "dawin_evaluate",
+    "evaluate_at_alphas",
     "interpolate_models",
     "interpolate_state_dicts",
     "wise_ft_sweep",
 ]
 
 DEFAULT_ALPHAS: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(11))
+
+R = TypeVar("R")
 
 
 def check_alphas(alphas: Sequence[float], extrapolate: bool = False) -> list[float]:
@@ -156,6 +173,37 @@ class WiseFTWeights:
             self._check_zero_delta()
         self.start = Snapshot.of({n: self.params[n] for n in self.dense}, device=device)
         self.device = device
+
+    @classmethod
+    def from_models(
+        cls,
+        start: nn.Module,
+        end: nn.Module,
+        include: str | Sequence[str] | None = None,
+        exclude: str | Sequence[str] | None = None,
+        device: str | torch.device = "same",
+    ) -> WiseFTWeights:
+        """Two models in memory (e.g. loaded from saved checkpoints): θ(α) is written into ``end``'s tensors.
+
+        Every floating parameter and buffer (as :func:`interpolate_models`, which also interpolates buffers)
+        is selected in both models by name; the start values are copied once (``device``), ``start`` itself
+        is never written. Different names or shapes are a ValueError naming the tensor.
+        """
+        kw = dict(include=include, exclude=exclude, trainable_only=False, buffers=True)
+        start_params = select_parameters(start, **kw)
+        end_params = select_parameters(end, **kw)
+        if list(start_params) != list(end_params):
+            only_s = sorted(set(start_params) - set(end_params))
+            only_e = sorted(set(end_params) - set(start_params))
+            raise ValueError(f"start and end models select different tensors: only in start {only_s[:5]}, "
+                             f"only in end {only_e[:5]}")
+        for name, t in start_params.items():
+            if tuple(full_shape(t)) != tuple(full_shape(end_params[name])):
+                raise ValueError(f"tensor {name!r}: start has shape {tuple(full_shape(t))}, end has shape "
+                                 f"{tuple(full_shape(end_params[name]))}")
+        weights = cls(start_params, device=device)  # start snapshot (and the zero-delta check of LoRA B)
+        weights.params = dict(end_params)
+        return weights
 
     def _check_zero_delta(self) -> None:
         sharded = is_sharded(self.params)
@@ -342,6 +390,44 @@ def _metric_key(prefix: str, metric: str) -> str:
     return f"{prefix}_{metric}"
 
 
+def evaluate_at_alphas(
+    weights: WiseFTWeights,
+    alphas: Sequence[float],
+    run: Callable[[int], R],
+    method: str = "linear",
+    extrapolate: bool = False,
+) -> list[R]:
+    """[run(i) with the model at θ(α_i)] for each α_i: one interpolation per α, never a model copy.
+
+    θ(α_i) is written into the live tensors (:meth:`WiseFTWeights.apply_`, i.e. ``lerp(..., out=live)``)
+    and ``run(i)`` evaluates whatever inputs belong to α_i (a whole eval set in a sweep, one mixture
+    component's inputs in DaWin). The live values (θ_end) are kept aside once
+    (:func:`robustft.params.swapped_in`) and put back bit-exactly afterwards, also when ``run`` raises.
+    """
+    grid = [check_alpha(a, extrapolate, name="alphas") for a in alphas]
+    check_method(method)
+    end = weights.capture_end()
+    try:
+        with swapped_in(weights.params, end):  # restores the end values on exit; ``end`` holds them meanwhile
+            results = []
+            for i, alpha in enumerate(grid):
+                weights.apply_(alpha, method, end=end, extrapolate=extrapolate)
+                results.append(run(i))
+    finally:
+        distributed.reshard(weights.model)
+    return results
+
+
+def _metric_value(metrics: Mapping[str, float], prefix: str, metric: str, name: str) -> float:
+    key = _metric_key(prefix, metric)
+    if key not in metrics:
+        raise ValueError(
+            f"metric: {metric!r} not in the evaluation results of {name!r} (keys: {sorted(metrics)}); "
+            "give the Trainer a compute_metrics that returns it"
+        )
+    return float(metrics[key])
+
+
 def wise_ft_sweep(
     trainer,
     weights: WiseFTWeights,
@@ -369,7 +455,6 @@ def wise_ft_sweep(
         )
     grid = check_alphas(alphas, extrapolate)
     check_method(method)
-    end = weights.capture_end()
     results: dict[str, list[float]] = {name: [] for name in eval_datasets}
     id_loss: list[float] = []
     bar = None
@@ -377,37 +462,28 @@ def wise_ft_sweep(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(grid) * len(eval_datasets), desc="WiSE-FT sweep", unit="eval")
-    ok = False
-    try:
-        for alpha in grid:
-            weights.apply_(alpha, method, end=end, extrapolate=extrapolate)
-            for name, ds in eval_datasets.items():
-                prefix = f"{key_prefix}_a{alpha:g}_{name}"
-                metrics = trainer.evaluate(eval_dataset=ds, metric_key_prefix=prefix)
-                key = _metric_key(prefix, metric)
-                if key not in metrics:
-                    raise ValueError(
-                        f"metric: {metric!r} not in the evaluation results of {name!r} "
-                        f"(keys: {sorted(metrics)}); "
-                        "give the Trainer a compute_metrics that returns it"
-                    )
-                results[name].append(float(metrics[key]))
-                if name == id_dataset and f"{prefix}_loss" in metrics:
-                    id_loss.append(float(metrics[f"{prefix}_loss"]))
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(alpha=alpha, **{name: round(results[name][-1], 4)})
-        tie = id_loss if len(id_loss) == len(grid) and metric.removeprefix("eval_") != "loss" else None
-        chosen = choose_alpha(grid, results[id_dataset], greater_is_better, tie_break=tie)
-        final = chosen if apply_alpha is None else check_alpha(apply_alpha, extrapolate)
-        weights.apply_(final, method, end=end, extrapolate=extrapolate)
-        ok = True
+
+    def evaluate_all(i: int) -> None:
+        alpha = grid[i]
+        for name, ds in eval_datasets.items():
+            prefix = f"{key_prefix}_a{alpha:g}_{name}"
+            metrics = trainer.evaluate(eval_dataset=ds, metric_key_prefix=prefix)
+            results[name].append(_metric_value(metrics, prefix, metric, name))
+            if name == id_dataset and f"{prefix}_loss" in metrics:
+                id_loss.append(float(metrics[f"{prefix}_loss"]))
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(alpha=alpha, **{name: round(results[name][-1], 4)})
+
+    try:  # the fine-tuned weights are back after the sweep, also if an evaluation raises
+        evaluate_at_alphas(weights, grid, evaluate_all, method, extrapolate)
     finally:
         if bar is not None:
             bar.close()
-        if not ok:
-            end.copy_to(weights.params)
-            distributed.reshard(weights.model)
+    tie = id_loss if len(id_loss) == len(grid) and metric.removeprefix("eval_") != "loss" else None
+    chosen = choose_alpha(grid, results[id_dataset], greater_is_better, tie_break=tie)
+    final = chosen if apply_alpha is None else check_alpha(apply_alpha, extrapolate)
+    weights.apply_(final, method, extrapolate=extrapolate)  # in place from the fine-tuned values
     return WiseFTCurve(
         alphas=grid,
         results=results,
@@ -419,3 +495,182 @@ def wise_ft_sweep(
         step=int(getattr(trainer.state, "global_step", 0)),
         extra={"applied_alpha": final, "id_loss": id_loss},
     )
+
+
+# -- DaWin: a per-input α, one interpolation per mixture component ------------------------------
+@dataclass
+class DaWinResult:
+    """DaWin's metric on every eval set, with each set's mixture components (α_k and input counts)."""
+
+    results: dict[str, float]
+    metric: str
+    n_components: int
+    alphas: dict[str, list[float]]
+    counts: dict[str, list[int]]
+    mean_lambda: dict[str, float]
+    loss: dict[str, float] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def table(self) -> str:
+        """One row per eval set: the metric, mean λ and the components as α×count."""
+        rows = [f"{'eval set':>14} {self.metric:>10} {'mean λ':>7}  components (α × inputs)"]
+        for name, value in self.results.items():
+            pairs = zip(self.alphas[name], self.counts[name], strict=True)
+            comps = ", ".join(f"{a:.3f}×{c}" for a, c in pairs)
+            rows.append(f"{name[:14]:>14} {value:>10.4f} {self.mean_lambda[name]:>7.3f}  {comps}")
+        return "\n".join(rows)
+
+
+def _first(logits):
+    return logits[0] if isinstance(logits, (tuple, list)) else logits
+
+
+def _entropy_of_batch(logits, labels, causal: bool) -> torch.Tensor:
+    """Per-input prediction entropy of one evaluation batch (the Trainer's ``preprocess_logits_for_metrics``).
+
+    Per-position logits (N, T, C) are averaged over the positions with a label: for a causal LM those
+    predicting a token (labels shifted by one, :func:`robustft.ops.dawin.causal_lm_mask`), otherwise
+    (token classification) those whose own label is not -100; all positions when there are no labels.
+    """
+    logits = _first(logits)
+    mask = None
+    if logits.dim() == 3 and isinstance(labels, torch.Tensor) and labels.shape == logits.shape[:2]:
+        mask = causal_lm_mask(labels) if causal else labels != -100
+    return prediction_entropy(logits, mask)
+
+
+def _is_causal_lm(model: nn.Module) -> bool:
+    return any(type(m).__name__.endswith("ForCausalLM") for m in model.modules())
+
+
+@contextmanager
+def _trainer_attributes(trainer, **values: Any) -> Iterator[None]:
+    """Public Trainer attributes (``compute_metrics``, ...) replaced for a while, restored on exit."""
+    saved = {k: getattr(trainer, k) for k in values}
+    for k, v in values.items():
+        setattr(trainer, k, v)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(trainer, k, v)
+
+
+def _subset(dataset, indices: torch.Tensor):
+    rows = indices.tolist()
+    if hasattr(dataset, "select"):  # datasets.Dataset: the Trainer still drops its unused columns
+        return dataset.select(rows)
+    return torch.utils.data.Subset(dataset, rows)
+
+
+def _predict(trainer, dataset, prefix: str):
+    out = trainer.predict(dataset, metric_key_prefix=prefix)
+    if out.predictions is None:
+        raise ValueError("DaWin needs the model's predictions: set prediction_loss_only=False in the "
+                         "TrainingArguments")
+    return out
+
+
+def _reassemble(parts: Sequence[Any], groups: Sequence[torch.Tensor]) -> Any:
+    """The per-component outputs (arrays or nested tuples, in component order) back in input order."""
+    import numpy as np
+    from transformers.trainer_pt_utils import nested_concat  # pads along dim 1 when lengths differ
+
+    joined = parts[0]
+    for part in parts[1:]:
+        joined = nested_concat(joined, part, padding_index=-100)
+    inverse = np.argsort(torch.cat(list(groups)).numpy(), kind="stable")
+
+    def take(x):
+        return type(x)(take(t) for t in x) if isinstance(x, (tuple, list)) else x[inverse]
+
+    return take(joined)
+
+
+def dawin_evaluate(
+    trainer,
+    weights: WiseFTWeights,
+    eval_datasets: Mapping[str, Any],
+    n_components: int = 3,
+    metric: str = "accuracy",
+    method: str = "linear",
+    causal_lm: bool | None = None,
+    key_prefix: str = "dawin",
+) -> DaWinResult:
+    """DaWin on every eval set with the Trainer's evaluation loop; the model is left at θ_end.
+
+    Per set: the prediction entropies of θ(0) and θ(1) (two ``trainer.predict`` passes whose logits are
+    reduced to one entropy per input in the loop, so no logits are kept), λ(x) =
+    sigmoid(H_start − H_ft), a ``n_components``-Beta mixture fitted to the λ of that set, each input
+    routed to its most likely component and predicted at θ(mean λ of the component) by
+    :func:`evaluate_at_alphas` (one interpolation per component). The predictions are put back in input
+    order and scored by ``trainer.compute_metrics`` on the whole set, so any metric works (``metric="loss"``:
+    the input-weighted mean of the components' losses, no ``compute_metrics`` needed). For a causal LM
+    (``causal_lm``; default: the model has a ``...ForCausalLM`` module) the entropy of a sequence is the mean
+    next-token entropy over the positions that predict a label. ``loss`` is the input-weighted mean of
+    the components' losses.
+    """
+    key = metric.removeprefix("eval_")
+    if trainer.compute_metrics is None and key != "loss":
+        raise ValueError(f"metric: DaWin scores the reassembled predictions with the Trainer's "
+                         f"compute_metrics; give the Trainer one that returns {metric!r} (or metric='loss')")
+    check_method(method)
+    causal = _is_causal_lm(trainer.model) if causal_lm is None else bool(causal_lm)
+    names = list(eval_datasets)
+    compute = trainer.compute_metrics
+
+    def entropies(i: int) -> dict[str, torch.Tensor]:
+        return {n: torch.as_tensor(_predict(trainer, eval_datasets[n], f"{key_prefix}_h{i}_{n}").predictions)
+                for n in names}
+
+    def reduce(logits, labels):
+        return _entropy_of_batch(logits, labels, causal)
+
+    with _trainer_attributes(trainer, compute_metrics=None, preprocess_logits_for_metrics=reduce):
+        h_start, h_ft = evaluate_at_alphas(weights, [0.0, 1.0], entropies, method)
+    plan: list[tuple[str, float, torch.Tensor]] = []
+    alphas: dict[str, list[float]] = {}
+    counts: dict[str, list[int]] = {}
+    mean_lambda: dict[str, float] = {}
+    for n in names:
+        lam = dawin_lambda(h_start[n].to(torch.float64), h_ft[n].to(torch.float64))
+        if lam.numel() == 0:
+            raise ValueError(f"eval_datasets: {n!r} is empty")
+        mixture = fit_beta_mixture(lam, min(n_components, lam.numel()))
+        comp_alphas, groups = component_alphas(lam, mixture.assign(lam))
+        plan += [(n, a, g) for a, g in zip(comp_alphas, groups, strict=True)]
+        alphas[n], counts[n] = comp_alphas, [len(g) for g in groups]
+        mean_lambda[n] = float(lam.mean())
+
+    def predict_component(i: int):
+        n, alpha, group = plan[i]
+        return _predict(trainer, _subset(eval_datasets[n], group), f"{key_prefix}_c{i}_{n}")
+
+    with _trainer_attributes(trainer, compute_metrics=None):
+        outputs = evaluate_at_alphas(weights, [a for _, a, _ in plan], predict_component, method)
+    results: dict[str, float] = {}
+    loss: dict[str, float] = {}
+    from transformers import EvalPrediction
+
+    for n in names:
+        mine = [i for i, (m, _, _) in enumerate(plan) if m == n]
+        groups = [plan[i][2] for i in mine]
+        losses = [(outputs[i].metrics.get(f"{key_prefix}_c{i}_{n}_loss"), len(plan[i][2])) for i in mine]
+        if all(v is not None for v, _ in losses):
+            loss[n] = sum(float(v) * c for v, c in losses) / sum(c for _, c in losses)
+        if key == "loss":
+            if n not in loss:
+                raise ValueError(f"metric: 'loss' but the model returned no loss on {n!r} (no labels?)")
+            results[n] = loss[n]
+            continue
+        preds = _reassemble([outputs[i].predictions for i in mine], groups)
+        has_labels = outputs[mine[0]].label_ids is not None
+        labels = _reassemble([outputs[i].label_ids for i in mine], groups) if has_labels else None
+        scores = compute(EvalPrediction(predictions=preds, label_ids=labels))
+        if key not in scores:
+            raise ValueError(f"metric: {metric!r} not in compute_metrics' results on {n!r} "
+                             f"(keys: {sorted(scores)})")
+        results[n] = float(scores[key])
+    return DaWinResult(results, metric, n_components, alphas, counts, mean_lambda, loss)

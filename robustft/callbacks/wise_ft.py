@@ -9,6 +9,9 @@ The sweep needs the Trainer's own ``evaluate``; callbacks are handed no trainer,
 callback finds it on the call stack of ``on_train_begin`` (the Trainer is the caller of its
 callback handler), or takes it from :meth:`WiseFTCallback.attach` / ``trainer=``.
 
+``dynamic="dawin"`` also reports DaWin (a per-input α, one interpolation per Beta-mixture component;
+docs/dynamic_interpolation.md) on every eval set beside the static curve; the model is still left at θ(α*).
+
 With an averaging callback that copies its average into the model at the end
 (``copy_to_model_at_end=True``), the end point is that average, whatever the order of the callbacks:
 averages are copied in first, then θ(α) is set between the start and them (docs/composition.md).
@@ -27,9 +30,20 @@ from robustft.callbacks.base import END_INTERPOLATE, RobustCallback
 from robustft.checks import check_bool
 from robustft.ops.interpolate import check_alpha, check_method
 from robustft.params import SelectionGuard, check_snapshot_spec, is_sharded, select_parameters
-from robustft.wise_ft import DEFAULT_ALPHAS, WiseFTCurve, WiseFTWeights, check_alphas, wise_ft_sweep
+from robustft.wise_ft import (
+    DEFAULT_ALPHAS,
+    DaWinResult,
+    WiseFTCurve,
+    WiseFTWeights,
+    check_alphas,
+    dawin_evaluate,
+    wise_ft_sweep,
+)
 
-__all__ = ["WiseFTCallback"]
+__all__ = ["DYNAMIC_METHODS", "WiseFTCallback"]
+
+#: per-input interpolations reported beside the static curve (``dynamic=``)
+DYNAMIC_METHODS = ("dawin",)
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +66,8 @@ class WiseFTCallback(RobustCallback):
         extrapolate: allow α outside [0, 1].
         save_curve: write ``wise_ft.json``/``.csv``/``.png`` into ``output_dir`` (main process).
         sweep_at_eval: also sweep at every intermediate evaluation (logs only; the model is restored).
+        dynamic: ``"dawin"`` to also evaluate DaWin on every eval set at the end (reported, never applied).
+        n_components: Beta-mixture components of DaWin (one interpolation each per eval set).
         trainer: the Trainer, if known (else found when training starts).
     """
 
@@ -73,6 +89,8 @@ class WiseFTCallback(RobustCallback):
         extrapolate: bool = False,
         save_curve: bool = True,
         sweep_at_eval: bool = False,
+        dynamic: str | None = None,
+        n_components: int = 3,
         progress: bool = True,
         trainer=None,
         **kwargs,
@@ -99,6 +117,14 @@ class WiseFTCallback(RobustCallback):
                     f"id_dataset: {id_dataset!r} must name the in-distribution set among eval_datasets "
                     f"{sorted(self.eval_datasets)}"
                 )
+        if dynamic is not None and dynamic not in DYNAMIC_METHODS:
+            raise ValueError(f"dynamic: {dynamic!r} is not None or one of {', '.join(DYNAMIC_METHODS)}")
+        if dynamic is not None and not self.eval_datasets:
+            raise ValueError(f"dynamic={dynamic!r} is measured on eval_datasets; give them")
+        if isinstance(n_components, bool) or not isinstance(n_components, int) or n_components < 1:
+            raise ValueError(f"n_components: expected a positive integer, got {n_components!r}")
+        self.dynamic, self.n_components = dynamic, n_components
+        self.dawin: DaWinResult | None = None
         self.id_dataset = id_dataset
         self.metric = metric
         self.greater_is_better = greater_is_better
@@ -133,6 +159,10 @@ class WiseFTCallback(RobustCallback):
             raise ValueError(
                 "WiseFTCallback: a sweep needs the Trainer; pass trainer= or call attach(trainer)"
             )
+        if (self.dynamic and self.trainer.compute_metrics is None
+                and self.metric.removeprefix("eval_") != "loss"):
+            raise ValueError(f"WiseFTCallback: dynamic={self.dynamic!r} scores predictions with the "
+                             f"Trainer's compute_metrics; give the Trainer one that returns {self.metric!r}")
         params = select_parameters(model, include=self.include, exclude=self.exclude)
         self.guard = SelectionGuard(type(self).__name__, model, params)
         resume = self.resume_dir(args, state)
@@ -165,9 +195,17 @@ class WiseFTCallback(RobustCallback):
         if self.eval_datasets:
             self._sweeping = True
             try:
+                if self.dynamic == "dawin":  # first: the model is at θ_end, and is left there
+                    self.dawin = dawin_evaluate(
+                        self.trainer, self.weights, self.eval_datasets, self.n_components, self.metric,
+                        self.method,
+                    )
                 self.curve = self._sweep(apply_alpha=self.alpha)
             finally:
                 self._sweeping = False
+            if self.dawin is not None:
+                self.curve.extra["dawin"] = self.dawin.as_dict()
+                logger.info("DaWin (K=%d):\n%s", self.n_components, self.dawin.table())
             self._record(self.curve, args, final=True)
         else:
             self.weights.apply_(self.alpha, self.method, extrapolate=self.extrapolate)
@@ -195,10 +233,11 @@ class WiseFTCallback(RobustCallback):
         logs = {"wise_ft_chosen_alpha": curve.chosen_alpha}
         if final:
             logs["wise_ft_alpha"] = applied
+        key = curve.metric.removeprefix("eval_")
         for name in curve.results:
-            logs[f"wise_ft_{name}_{curve.metric.removeprefix('eval_')}"] = curve.value(
-                name, curve.chosen_alpha
-            )
+            logs[f"wise_ft_{name}_{key}"] = curve.value(name, curve.chosen_alpha)
+        if final and self.dawin is not None:
+            logs.update({f"dawin_{name}_{key}": value for name, value in self.dawin.results.items()})
         self.trainer.log(logs)
         history = self.trainer.state.log_history
         if history:
