@@ -8,7 +8,7 @@ from robustft.ops.sparse import keep_masked_, magnitude_scores, mask_gradient, t
 
 def _brute_top_k(scores, density):
     """The k largest (score, tensor, flat index) by a plain Python sort over every entry of every tensor."""
-    entries = [(float(v), name, i) for name, s in scores.items() for i, v in enumerate(s.reshape(-1).tolist())]
+    entries = [(float(v), n, i) for n, s in scores.items() for i, v in enumerate(s.reshape(-1).tolist())]
     k = max(1, round(density * len(entries)))
     return {(name, i) for _, name, i in sorted(entries, key=lambda e: -e[0])[:k]}
 
@@ -16,7 +16,8 @@ def _brute_top_k(scores, density):
 @pytest.mark.parametrize("density", [0.003, 0.1, 0.5, 1.0])
 def test_top_k_mask_equals_a_brute_force_sort(density):
     g = torch.Generator().manual_seed(0)
-    scores = {"a": torch.rand(7, 5, generator=g), "b": torch.rand(13, generator=g) * 2, "c": torch.rand(3, 2, 2)}
+    scores = {"a": torch.rand(7, 5, generator=g), "b": 2 * torch.rand(13, generator=g),
+              "c": torch.rand(3, 2, 2, generator=g)}
     masks = top_k_mask(scores, density)
     got = {(n, i) for n, m in masks.items() for i in m.reshape(-1).nonzero().squeeze(1).tolist()}
     assert got == _brute_top_k(scores, density)
