@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback
 
-from robustft import SparseUpdateCallback
+from robustft import RandomPerturbationCallback, SparseUpdateCallback
 from robustft.callbacks.sparse import load_mask, save_mask
 from tests.tiny import tiny_bert, token_dataset, training_args
 
@@ -45,11 +45,12 @@ def _fisher_loader():
     return DataLoader(token_dataset(n=16, seed=1).with_format("torch"), batch_size=4)
 
 
-def test_frozen_entries_end_bit_identical_with_adamw_weight_decay(tmp_path):
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_frozen_entries_end_bit_identical_with_adamw_weight_decay(tmp_path, accumulation):
     start = _weights(tiny_bert())
-    plain = _weights(_train(tmp_path / "plain", []).model)
+    plain = _weights(_train(tmp_path / "plain", [], gradient_accumulation_steps=accumulation).model)
     cb = SparseUpdateCallback(density=0.1, scores="magnitude")
-    end = _weights(_train(tmp_path / "sparse", [cb]).model)
+    end = _weights(_train(tmp_path / "sparse", [cb], gradient_accumulation_steps=accumulation).model)
     moved_plain = moved_kept = 0
     for name, m in cb.masks.items():
         # every frozen entry is bit-identical to the start (weight decay would have moved it: see `plain`)
@@ -61,6 +62,16 @@ def test_frozen_entries_end_bit_identical_with_adamw_weight_decay(tmp_path):
     total = sum(m.numel() for m in cb.masks.values())
     assert sum(int(m.sum()) for m in cb.masks.values()) == round(0.1 * total)
     assert getattr(cb.trainer.optimizer.step, "robustft_owner", None) is None  # the step wrapper is removed
+
+
+@pytest.mark.parametrize("order", ["perturbation_first", "sparse_first"])
+def test_frozen_entries_stay_exact_beside_a_one_pass_perturbation(tmp_path, order):
+    """The perturbation is undone before the step, so the values kept around it are the unperturbed ones."""
+    start = _weights(tiny_bert())
+    sparse, rwp = SparseUpdateCallback(density=0.1, scores="magnitude"), RandomPerturbationCallback(rho=0.05)
+    end = _weights(_train(tmp_path, [rwp, sparse] if order == "perturbation_first" else [sparse, rwp]).model)
+    for name, m in sparse.masks.items():
+        assert torch.equal(end[name][~m].view(torch.int32), start[name][~m].view(torch.int32)), name
 
 
 def test_magnitude_mask_is_the_top_k_of_the_start_weights(tmp_path):
