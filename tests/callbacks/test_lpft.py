@@ -66,6 +66,24 @@ def test_backbone_bit_identical_through_the_probe_then_trained(tmp_path):
         assert not torch.equal(w[8][n], w[3][n])
 
 
+def test_probe_phase_trains_the_head_as_a_true_linear_probe(tmp_path):
+    """Reference: the backbone frozen with requires_grad=False before the Trainer is built (its optimizer then
+    holds the head only). The same model after the probe steps: clipping and AdamW saw the head alone."""
+    rec = Recorder()
+    clip = {**ADAMW, "max_grad_norm": 0.05}  # clipping acts at every step
+    trainer = Trainer(model=tiny_bert(), args=training_args(tmp_path / "lpft", **clip),
+                      train_dataset=token_dataset(), callbacks=[LPFTCallback(probe_steps=3), rec])
+    trainer.train()
+    model = tiny_bert()
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in HEAD)
+    trainer = Trainer(model=model, args=training_args(tmp_path / "lp", **clip, max_steps=3),
+                      train_dataset=token_dataset())
+    trainer.train()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(rec.weights[3][n], p.detach(), atol=1e-7, rtol=0, msg=n)
+
+
 def test_without_the_callback_weight_decay_moves_the_backbone(tmp_path):
     """The reference the test above is meant to fail against: AdamW with weight decay moves every weight."""
     rec = Recorder()
