@@ -240,9 +240,9 @@ class SparseUpdateCallback(RobustCallback):
             with torch.random.fork_rng(devices=cuda):  # the training run's random stream is left as it was
                 scores = estimate_fisher(model, self.fisher_data, max_examples=self.fisher_examples,
                                          include=self.include, exclude=self.exclude)
-        masks = top_k_mask(scores, self.density)
-        for m in masks.values():  # one mask for every rank (float ties could differ across devices)
-            m.copy_(distributed.broadcast_from_main(m.to(torch.uint8)).bool())
+        masks = {}
+        for n, m in top_k_mask(scores, self.density).items():  # the main process's mask on every rank
+            masks[n] = distributed.broadcast_from_main(m.to(self.params[n].device, torch.uint8)).bool()
         return masks
 
     # -- events -----------------------------------------------------------------------------------
@@ -267,6 +267,7 @@ class SparseUpdateCallback(RobustCallback):
         super().on_train_end(args, state, control, **kwargs)
         if self.frozen is not None:
             self.frozen.stop()
+            self.frozen = None
 
 
 def load_scores(

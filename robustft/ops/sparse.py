@@ -30,9 +30,13 @@ def top_k_mask(scores: Mapping[str, torch.Tensor], density: float) -> dict[str, 
     for name, s in scores.items():
         if not torch.isfinite(s).all():
             raise ValueError(f"top_k_mask: scores of {name!r} hold NaN or Inf")
-    flat = torch.cat([s.detach().reshape(-1).to(device="cpu", dtype=torch.float64) for s in scores.values()])
+    first = next(iter(scores.values()))
+    dtype = torch.float32
+    for s in scores.values():  # float64 scores are compared in float64
+        dtype = torch.promote_types(dtype, s.dtype)
+    flat = torch.cat([s.detach().reshape(-1).to(first.device, dtype) for s in scores.values()])
     k = max(1, round(density * flat.numel()))
-    keep = torch.zeros(flat.numel(), dtype=torch.bool)
+    keep = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
     keep[torch.topk(flat, k, sorted=False).indices] = True
     masks, offset = {}, 0
     for name, s in scores.items():
