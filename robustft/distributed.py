@@ -22,6 +22,7 @@ __all__ = [
     "all_reduce_mean",
     "all_reduce_sum",
     "barrier",
+    "broadcast_from_main",
     "deepspeed_clipped_grads",
     "deepspeed_engine",
     "deepspeed_optimizer_states",
@@ -60,6 +61,13 @@ def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
     """Sum ``value`` over ranks (in place, returned); used for global norms of sharded tensors."""
     if _active():
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value
+
+
+def broadcast_from_main(value: torch.Tensor) -> torch.Tensor:
+    """Overwrite ``value`` with the main process's (in place, returned): one mask for all ranks."""
+    if _active() and dist.get_world_size() > 1:
+        dist.broadcast(value, src=0)
     return value
 
 

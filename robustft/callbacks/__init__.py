@@ -18,8 +18,11 @@ if TYPE_CHECKING:  # the same names, for type checkers and IDEs
     )
     from robustft.callbacks.base import RobustCallback
     from robustft.callbacks.lora_arithmetic import LoRAArithmeticCallback
+    from robustft.callbacks.lpft import LPFTCallback
     from robustft.callbacks.perturbation import GGPOCallback, MomentumSAMCallback, RandomPerturbationCallback
+    from robustft.callbacks.plasticity import ShrinkPerturbCallback
     from robustft.callbacks.sam import SAMCallback
+    from robustft.callbacks.sparse import SparseUpdateCallback, load_mask, save_mask
     from robustft.callbacks.wise_ft import WiseFTCallback
 
 __getattr__, __dir__ = lazy_exports(
@@ -34,12 +37,15 @@ __getattr__, __dir__ = lazy_exports(
         ),
         "robustft.callbacks.base": ("RobustCallback",),
         "robustft.callbacks.lora_arithmetic": ("LoRAArithmeticCallback",),
+        "robustft.callbacks.lpft": ("LPFTCallback",),
         "robustft.callbacks.perturbation": (
             "GGPOCallback",
             "MomentumSAMCallback",
             "RandomPerturbationCallback",
         ),
+        "robustft.callbacks.plasticity": ("ShrinkPerturbCallback",),
         "robustft.callbacks.sam": ("SAMCallback",),
+        "robustft.callbacks.sparse": ("SparseUpdateCallback", "load_mask", "save_mask"),
         "robustft.callbacks.wise_ft": ("WiseFTCallback",),
     },
 )
@@ -50,6 +56,7 @@ __all__ = [
     "GGPOCallback",
     "L2SPCallback",
     "LAWACallback",
+    "LPFTCallback",
     "LoRAArithmeticCallback",
     "MomentumInterpolationCallback",
     "MomentumSAMCallback",
@@ -58,5 +65,9 @@ __all__ = [
     "SAMCallback",
     "SWACallback",
     "SpectralRegCallback",
+    "ShrinkPerturbCallback",
+    "SparseUpdateCallback",
     "WiseFTCallback",
+    "load_mask",
+    "save_mask",
 ]

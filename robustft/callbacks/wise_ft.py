@@ -174,6 +174,16 @@ class WiseFTCallback(RobustCallback):
             self.weights = WiseFTWeights(params, device=self.snapshot_device, model=model)
         self.pending_logs["wise_ft_start_numel"] = float(self.weights.stored_numel())
 
+    def restart_from_live(self) -> None:
+        """Take the live weights as θ_start from now on: the hook LP-FT (``LPFTCallback``) uses to hand over
+        the probed model at its phase boundary, so θ(α) runs from the probed to the fine-tuned model."""
+        if self.weights is None:
+            raise RuntimeError("WiseFTCallback.restart_from_live: training has not begun (no start snapshot)")
+        self.guard.check()
+        params, model = self.weights.params, self.weights.model
+        self.weights = None  # free the old start before the new copy is taken
+        self.weights = WiseFTWeights(params, device=self.snapshot_device, model=model)
+
     def on_evaluate(self, args, state, control, **kwargs):
         if not self.sweep_at_eval or self._sweeping or self.weights is None or not self.eval_datasets:
             return

@@ -42,6 +42,8 @@ __all__ = [
     "sam_perturbation",
     "scale_flat_rows_",
     "scheduled_rho",
+    "seeded_normal",
+    "shrink_perturb_",
     "unperturb_",
 ]
 
@@ -237,6 +239,17 @@ def noise_seed(seed: int, step: int, index: int) -> int:
     return x % (1 << 63)
 
 
+def seeded_normal(
+    shape: torch.Size | tuple[int, ...], seed: int, device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """z ~ N(0, I) of ``shape`` from a torch.Generator seeded with ``seed``: the same (shape, seed, device,
+    dtype) gives the same z, so noise is regenerated instead of stored (seeds from :func:`noise_seed`)."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    return torch.randn(tuple(shape), generator=gen, device=device, dtype=dtype)
+
+
 def row_noise(
     shape: torch.Size,
     row_scale: torch.Tensor,
@@ -251,9 +264,7 @@ def row_noise(
     partition) whose rows are those of ``full_shape`` (:func:`scale_flat_rows_`). Deterministic for a
     given (shape, seed, device), so a perturbation can be regenerated to undo it.
     """
-    gen = torch.Generator(device=device)
-    gen.manual_seed(seed)
-    z = torch.randn(tuple(shape), generator=gen, device=device, dtype=dtype)
+    z = seeded_normal(shape, seed, device, dtype)
     if slice_of is not None:
         return scale_flat_rows_(z, row_scale, *slice_of)
     scale = row_scale.to(device=device, dtype=dtype)
@@ -325,6 +336,22 @@ def unperturb_(w: torch.Tensor, e: torch.Tensor, fixup: Fixup) -> None:
         w.copy_(_add(w, e, -1.0))
     if fixup.numel():
         w[torch.unravel_index(fixup.index.long(), w.shape)] = fixup.values
+
+
+@torch.no_grad()
+def shrink_perturb_(w: torch.Tensor, shrink: float, sigma: float, seed: int) -> torch.Tensor:
+    """θ ← λ·θ + σ·ε in place, ε ~ N(0, I) regenerated from ``seed`` (:func:`seeded_normal`); returns θ.
+
+    Shrink-and-perturb (Ash & Adams, 2020, "On Warm-Starting Neural Network Training", sec. 4): shrinking
+    the weights toward zero and adding a little noise restores the plasticity a warm-started model lost.
+    Computed in float32 (float64 for float64 weights), written back in θ's dtype.
+    """
+    dtype = compute_dtype(w.dtype)
+    out = w.to(dtype) * shrink
+    if sigma:
+        out = out + sigma * seeded_normal(w.shape, seed, w.device, dtype)
+    w.copy_(out)
+    return w
 
 
 def scheduled_rho(rho: float, schedule: str, step: int, start_step: int, max_steps: int) -> float:

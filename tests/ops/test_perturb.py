@@ -209,3 +209,27 @@ def test_scheduled_rho():
     assert scheduled_rho(0.1, "linear", 9, 2, 10) == pytest.approx(0.1)
     with pytest.raises(ValueError, match="schedule"):
         scheduled_rho(0.1, "cosine", 0, 0, 10)
+
+
+# -- shrink and perturb ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_shrink_perturb_equals_the_dense_formula(dtype):
+    from robustft.ops.perturb import noise_seed, shrink_perturb_
+
+    w0 = torch.randn(6, 5).to(dtype)
+    seed = noise_seed(3, 7, 1)
+    wide = torch.float64 if dtype == torch.float64 else torch.float32
+    eps = torch.randn(6, 5, generator=torch.Generator().manual_seed(seed), dtype=wide)  # independent draw
+    want = (0.4 * w0.to(wide) + 0.01 * eps).to(dtype)
+    got = shrink_perturb_(w0.clone(), 0.4, 0.01, seed)
+    assert torch.equal(got, want)
+
+
+def test_shrink_perturb_noise_is_regenerated_from_the_seed():
+    from robustft.ops.perturb import shrink_perturb_
+
+    w = torch.randn(4, 4)
+    a, b, c = (shrink_perturb_(w.clone(), 0.5, 0.1, s) for s in (11, 11, 12))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    assert torch.equal(shrink_perturb_(w.clone(), 0.5, 0.0, 11), 0.5 * w)  # σ = 0: shrink only

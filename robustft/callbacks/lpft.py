@@ -1,0 +1,145 @@
+"""LP-FT as a Trainer callback: a linear probe (backbone frozen, head trained), then full fine-tuning.
+
+Kumar et al., 2022, "Fine-Tuning can Distort Pretrained Features and Underperform Out-of-Distribution":
+fine-tuning from a random head distorts the pretrained features; training the head first (linear probing)
+and then everything keeps them and does better out of distribution. The Trainer builds one optimizer
+with every trainable parameter before training, so the backbone is frozen *inside* that optimizer by
+:class:`robustft.callbacks.sparse.FrozenEntries` (gradient masked at backward so clipping sees only the
+head, gradient dropped before the step so AdamW neither decays nor builds state for it, and its values
+restored after every step): bit-identical through the probe phase. At the boundary the backbone starts
+training with a fresh optimizer state (its first step is Adam's first step).
+
+With :class:`~robustft.callbacks.wise_ft.WiseFTCallback` on the same Trainer (either order of the
+callback list), ``interpolate_from_probe=True`` makes the probed model its θ_start: at the boundary the
+WiSE-FT start is re-taken from the live weights, so θ(α) lies between the probed and the fine-tuned model.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from robustft.callbacks.base import RobustCallback
+from robustft.callbacks.sparse import FrozenEntries, refuse_unsupported
+from robustft.callbacks.wise_ft import WiseFTCallback
+from robustft.checks import check_bool, check_number, short_repr
+from robustft.params import select_parameters
+
+__all__ = ["DEFAULT_HEAD", "LPFTCallback"]
+
+logger = logging.getLogger(__name__)
+
+#: the classification / LM heads of transformers models (``classifier``, ``score``, ``lm_head``)
+DEFAULT_HEAD = r"(^|\.)(classifier|score|lm_head)\."
+
+
+class LPFTCallback(RobustCallback):
+    """Linear probe for ``probe_steps`` optimizer steps (or ``probe_epochs`` epochs), then full fine-tuning.
+
+    Args:
+        probe_steps: optimizer steps of the probe phase (give this or ``probe_epochs``).
+        probe_epochs: whole epochs of the probe phase.
+        head: regex(es) of the head's parameter names (trained in both phases); every other trainable
+            parameter is the backbone, frozen during the probe.
+        interpolate_from_probe: hand the probed model to every attached ``WiseFTCallback`` as its start.
+    """
+
+    state_name = "lp_ft"
+
+    def __init__(
+        self,
+        probe_steps: int | None = None,
+        probe_epochs: int | None = None,
+        head: str | Sequence[str] = DEFAULT_HEAD,
+        interpolate_from_probe: bool = True,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if (probe_steps is None) == (probe_epochs is None):
+            raise ValueError(
+                "probe_steps / probe_epochs: give exactly one length for the probe phase, got "
+                f"probe_steps={short_repr(probe_steps)}, probe_epochs={short_repr(probe_epochs)}"
+            )
+        for name, value in (("probe_steps", probe_steps), ("probe_epochs", probe_epochs)):
+            if value is not None:
+                check_number(name, value, low=1, integer=True)
+        if not (isinstance(head, str) and head) and not (
+            isinstance(head, Sequence) and head and all(isinstance(h, str) and h for h in head)
+        ):
+            raise ValueError(f"head must be a regex or a list of regexes of parameter names, got "
+                             f"{short_repr(head)}")
+        check_bool("interpolate_from_probe", interpolate_from_probe)
+        for pattern in [head] if isinstance(head, str) else head:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ValueError(f"head: {pattern!r} is not a valid regular expression ({err})") from err
+        self.probe_steps, self.probe_epochs = probe_steps, probe_epochs
+        self.head = head
+        self.interpolate_from_probe = interpolate_from_probe
+        self.probing = False
+        self.boundary_step: int | None = None
+        self.frozen: FrozenEntries | None = None
+
+    # -- state ------------------------------------------------------------------------------------
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        return {}, {"probing": self.probing, "boundary_step": self.boundary_step}
+
+    def load_state_dict(self, tensors, meta, source: str) -> None:
+        if "probing" not in meta:
+            raise ValueError(f"{source}: not an LP-FT state (no 'probing' entry)")
+        self.probing, self.boundary_step = bool(meta["probing"]), meta.get("boundary_step")
+
+    # -- events -----------------------------------------------------------------------------------
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        super().on_train_begin(args, state, control, **kwargs)
+        params = select_parameters(model)
+        try:
+            head = select_parameters(model, include=self.head)
+        except ValueError as err:
+            raise ValueError(f"head: {err}") from err
+        backbone = {n: p for n, p in params.items() if n not in head}
+        if not backbone:
+            raise ValueError(f"head: {short_repr(self.head)} matches every trainable parameter; "
+                             "nothing to probe")
+        refuse_unsupported(type(self).__name__, self.trainer, params)
+        self.probing, self.boundary_step = True, None
+        resume = self.resume_dir(args, state)
+        if resume is not None:
+            self.load_from(resume)
+        if not self.probing:
+            return
+        self.frozen = FrozenEntries(self, backbone, {n: torch.zeros((), dtype=torch.bool) for n in backbone})
+        self.frozen.start(optimizer)
+        self.pending_logs["lpft/probing"] = 1.0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.probing and self.probe_steps is not None and state.global_step >= self.probe_steps:
+            self._end_probe(state)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if self.probing and self.probe_epochs is not None and state.epoch >= self.probe_epochs - 1e-9:
+            self._end_probe(state)
+
+    def _end_probe(self, state) -> None:
+        """The phase boundary: the backbone trains from the next step; WiSE-FT restarts from the probe."""
+        self.frozen.stop()
+        self.frozen = None
+        self.probing, self.boundary_step = False, state.global_step
+        if self.interpolate_from_probe:
+            for cb in self._attached():
+                if isinstance(cb, WiseFTCallback):
+                    cb.restart_from_live()
+        self.pending_logs["lpft/probing"] = 0.0
+        self.pending_logs["lpft/boundary_step"] = float(state.global_step)
+        logger.info("LP-FT: linear probe done at step %d; fine-tuning every parameter", state.global_step)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        super().on_train_end(args, state, control, **kwargs)
+        if self.frozen is not None:
+            self.frozen.stop()
+            self.frozen = None

@@ -1,0 +1,159 @@
+"""LPFTCallback on a real Trainer: the backbone bit-identical through the probe phase (AdamW + weight decay),
+moving after it; the head trained in both; WiSE-FT from the probed model in either list order; resume."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import Trainer, TrainerCallback
+
+from robustft import LPFTCallback, WiseFTCallback
+from tests.tiny import tiny_bert, token_dataset, training_args
+
+ADAMW = dict(weight_decay=0.1, adam_beta1=0.9, max_grad_norm=1.0)
+HEAD = ("classifier.weight", "classifier.bias")
+
+
+class Recorder(TrainerCallback):
+    """The weights after every optimizer step (and at train begin), and which have optimizer state."""
+
+    def __init__(self):
+        self.weights, self.has_state = {}, {}
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.weights[state.global_step] = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self.weights[state.global_step] = {n: p.detach().clone() for n, p in model.named_parameters()}
+        inner = getattr(optimizer, "optimizer", optimizer)
+        self.has_state[state.global_step] = {n: bool(inner.state.get(p)) for n, p in model.named_parameters()}
+
+
+def _stop_at(step):
+    class Stop(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == step:
+                control.should_training_stop = True
+
+    return Stop()
+
+
+def _train(out, callbacks, resume=None, **args):
+    trainer = Trainer(model=tiny_bert(), args=training_args(out, **{**ADAMW, **args}),
+                      train_dataset=token_dataset(), callbacks=callbacks)
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer
+
+
+def _bits_equal(a, b):
+    return torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
+def test_backbone_bit_identical_through_the_probe_then_trained(tmp_path):
+    rec = Recorder()
+    _train(tmp_path, [LPFTCallback(probe_steps=3), rec])
+    w = rec.weights
+    backbone = [n for n in w[0] if n not in HEAD]
+    for step in (1, 2, 3):
+        for n in backbone:  # AdamW's decoupled decay would move them: they are frozen inside the optimizer
+            assert _bits_equal(w[step][n], w[0][n]), (step, n)
+            assert not rec.has_state[step][n]  # the optimizer skipped them: no moments, no step count
+        for n in HEAD:
+            assert not torch.equal(w[step][n], w[step - 1][n]), (step, n)
+    moved = [n for n in backbone if not torch.equal(w[4][n], w[3][n])]
+    assert len(moved) > 0.9 * len(backbone)  # from step 4 the backbone trains
+    for n in HEAD:
+        assert not torch.equal(w[8][n], w[3][n])
+
+
+def test_probe_phase_trains_the_head_as_a_true_linear_probe(tmp_path):
+    """Reference: the backbone frozen with requires_grad=False before the Trainer is built (its optimizer then
+    holds the head only). The same model after the probe steps: clipping and AdamW saw the head alone."""
+    rec = Recorder()
+    clip = {**ADAMW, "max_grad_norm": 0.05}  # clipping acts at every step
+    trainer = Trainer(model=tiny_bert(), args=training_args(tmp_path / "lpft", **clip),
+                      train_dataset=token_dataset(), callbacks=[LPFTCallback(probe_steps=3), rec])
+    trainer.train()
+    model = tiny_bert()
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in HEAD)
+    trainer = Trainer(model=model, args=training_args(tmp_path / "lp", **clip, max_steps=3),
+                      train_dataset=token_dataset())
+    trainer.train()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(rec.weights[3][n], p.detach(), atol=1e-7, rtol=0, msg=n)
+
+
+def test_without_the_callback_weight_decay_moves_the_backbone(tmp_path):
+    """The reference the test above is meant to fail against: AdamW with weight decay moves every weight."""
+    rec = Recorder()
+    _train(tmp_path, [rec], max_steps=1)
+    assert not torch.equal(rec.weights[1]["bert.encoder.layer.0.attention.self.query.weight"],
+                           rec.weights[0]["bert.encoder.layer.0.attention.self.query.weight"])
+
+
+def test_probe_epochs_sets_the_boundary_at_the_end_of_the_epoch(tmp_path):
+    rec = Recorder()  # 64 examples, batch 8: 8 steps per epoch
+    _train(tmp_path, [LPFTCallback(probe_epochs=1), rec], max_steps=-1, num_train_epochs=2, logging_steps=4)
+    name = "bert.encoder.layer.1.output.dense.weight"
+    assert _bits_equal(rec.weights[8][name], rec.weights[0][name])
+    assert not torch.equal(rec.weights[9][name], rec.weights[8][name])
+
+
+@pytest.mark.parametrize("order", ["lpft_first", "wise_first"])
+def test_wise_ft_interpolates_from_the_probed_model_in_either_order(tmp_path, order):
+    rec = Recorder()
+    _train(tmp_path / "ref", [LPFTCallback(probe_steps=3), rec])
+    probed, end = rec.weights[3], rec.weights[8]
+    lpft, wise = LPFTCallback(probe_steps=3), WiseFTCallback(alpha=0.25)
+    trainer = _train(tmp_path / "run", [lpft, wise] if order == "lpft_first" else [wise, lpft])
+    got = {n: p.detach() for n, p in trainer.model.named_parameters()}
+    for n in got:
+        torch.testing.assert_close(got[n], 0.75 * probed[n] + 0.25 * end[n], atol=1e-6, rtol=0, msg=n)
+    # the probed start differs from the pretrained start (on the head)
+    assert not torch.equal(probed["classifier.weight"], rec.weights[0]["classifier.weight"])
+
+
+def test_interpolate_from_probe_false_keeps_the_pretrained_start(tmp_path):
+    rec = Recorder()
+    _train(tmp_path / "ref", [LPFTCallback(probe_steps=3), rec])
+    trainer = _train(tmp_path / "run", [LPFTCallback(probe_steps=3, interpolate_from_probe=False),
+                                        WiseFTCallback(alpha=0.25)])
+    for n, p in trainer.model.named_parameters():
+        want = 0.75 * rec.weights[0][n] + 0.25 * rec.weights[8][n]
+        torch.testing.assert_close(p.detach(), want, atol=1e-6, rtol=0, msg=n)
+
+
+@pytest.mark.parametrize("cut", [2, 4], ids=["in_probe", "after_probe"])
+def test_resumed_equals_uninterrupted(tmp_path, cut):
+    make = lambda: [LPFTCallback(probe_steps=3), WiseFTCallback(alpha=0.5)]  # noqa: E731
+    want = {n: p.detach().clone() for n, p in _train(tmp_path / "full", make()).model.named_parameters()}
+    _train(tmp_path / "part", [*make(), _stop_at(cut)], save_strategy="steps", save_steps=cut)
+    got = _train(tmp_path / "part", make(), resume=True).model
+    for n, p in got.named_parameters():
+        assert torch.equal(p.detach(), want[n]), n
+
+
+@pytest.mark.parametrize(
+    "kwargs, option",
+    [
+        (dict(), "probe_steps"),
+        (dict(probe_steps=2, probe_epochs=1), "probe_steps"),
+        (dict(probe_steps=0), "probe_steps"),
+        (dict(probe_steps=2.5), "probe_steps"),
+        (dict(probe_epochs=True), "probe_epochs"),
+        (dict(probe_steps=2, head=""), "head"),
+        (dict(probe_steps=2, head="("), "head"),
+        (dict(probe_steps=2, interpolate_from_probe="yes"), "interpolate_from_probe"),
+    ],
+)
+def test_bad_option_is_refused_at_construction(kwargs, option):
+    with pytest.raises(ValueError, match=option):
+        LPFTCallback(**kwargs)
+
+
+def test_head_matching_nothing_or_everything_is_a_named_error(tmp_path):
+    with pytest.raises(ValueError, match="head"):
+        _train(tmp_path / "a", [LPFTCallback(probe_steps=1, head="no_such_module")], max_steps=1)
+    with pytest.raises(ValueError, match="head"):
+        _train(tmp_path / "b", [LPFTCallback(probe_steps=1, head=".")], max_steps=1)
