@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import save_file
 from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
 
@@ -16,8 +17,6 @@ from robustft.merge.align import (
     permutation_spec,
     weight_matching,
 )
-from robustft.merge.engine import merge_checkpoints
-from robustft.merge.recipe import parse_recipe
 from robustft.ops.rebasin import apply_permutations
 from tests.merge.tiny_models import load_all, save_model, tiny_config
 
@@ -194,7 +193,8 @@ def test_cli_aligns_a_sharded_llama_checkpoint_and_the_aligned_pair_merges(llama
             {"model": str(out), "parameters": {"weight": 1.0}},
         ],
     }
-    merge_checkpoints(parse_recipe(recipe), merged)
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    assert main(["merge", str(tmp_path / "recipe.yaml"), "--out", str(merged), "--no-progress"]) == 0
     got = load_all(merged)
     sa = a.state_dict()
     assert all(torch.allclose(got[k], (sa[k] + expected[k]) / 2, atol=1e-7) for k in got)
