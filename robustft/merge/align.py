@@ -215,6 +215,8 @@ def permutation_spec(
 ) -> PermutationSpec:
     """The permutation spec of a model from its tensor shapes and transformers config dict (``family`` from
     the config's model_type when not given; no config: an ``nn.Sequential`` MLP), checked on the shapes."""
+    if config is not None and hasattr(config, "to_dict"):  # a transformers PretrainedConfig
+        config = config.to_dict()
     family = family or _family(config)
     if family not in FAMILIES:
         raise UnalignableError(f"family: {family!r} is not one of {FAMILIES}")

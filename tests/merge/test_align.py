@@ -181,7 +181,7 @@ def test_cli_aligns_a_sharded_llama_checkpoint_and_the_aligned_pair_merges(llama
     ids = torch.randint(0, 128, (2, 9))
     torch.testing.assert_close(_out(c, ids), _out(b, ids), rtol=1e-5, atol=1e-5)
     # the same permutations as the in-memory API
-    expected, _ = align_state_dicts(a.state_dict(), b.state_dict(), b.config.to_dict())
+    expected, _ = align_state_dicts(a.state_dict(), b.state_dict(), b.config)  # a PretrainedConfig works too
     written = load_all(out)
     assert all(torch.equal(written[k], expected[k]) for k in written)
 
