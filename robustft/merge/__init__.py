@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from robustft._lazy import lazy_exports
 
 if TYPE_CHECKING:  # the same names, for type checkers and IDEs
+    from robustft.merge.align import AlignResult, align_checkpoints, align_state_dicts
     from robustft.merge.engine import MergeResult, merge_checkpoints, merge_tensor
     from robustft.merge.fisher import estimate_fisher, save_fisher
     from robustft.merge.interpolate import warp_checkpoints
@@ -17,6 +18,7 @@ if TYPE_CHECKING:  # the same names, for type checkers and IDEs
 __getattr__, __dir__ = lazy_exports(
     __name__,
     {
+        "robustft.merge.align": ("AlignResult", "align_checkpoints", "align_state_dicts"),
         "robustft.merge.engine": ("MergeResult", "merge_checkpoints", "merge_tensor"),
         "robustft.merge.fisher": ("estimate_fisher", "save_fisher"),
         "robustft.merge.interpolate": ("warp_checkpoints",),
@@ -25,6 +27,9 @@ __getattr__, __dir__ = lazy_exports(
 )
 
 __all__ = [
+    "AlignResult",
+    "align_checkpoints",
+    "align_state_dicts",
     "METHODS",
     "MergeResult",
     "Recipe",

@@ -1,5 +1,6 @@
 """``robustft merge`` (a streamed merge of checkpoints from a YAML recipe), ``robustft interpolate``
-(θ(α) of two checkpoints) and ``robustft warp`` (WARP's merge + LITI), all recipes of the same engine."""
+(θ(α) of two checkpoints) and ``robustft warp`` (WARP's merge + LITI), all recipes of the same engine; and
+``robustft align`` (Git Re-Basin: permute one model's hidden units to match another before merging)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ def register(subparsers) -> None:
     _register_merge(subparsers)
     _register_interpolate(subparsers)
     _register_warp(subparsers)
+    _register_align(subparsers)
 
 
 def _register_merge(subparsers) -> None:
@@ -137,5 +139,39 @@ def run_warp(args: argparse.Namespace) -> int:
     print(
         f"wrote {result.out_dir}: {result.tensors} tensors, eta={args.eta:g} toward {args.init} "
         f"({args.method} of {len(args.policies)} policies, {result.seconds:.1f} s)"
+    )
+    return 0
+
+
+def _register_align(subparsers) -> None:
+    p = subparsers.add_parser(
+        "align",
+        help="Git Re-Basin: permute MODEL's hidden units (MLP units, attention heads) to match REFERENCE",
+        description="Weight matching (Ainsworth et al. 2023): write MODEL with its hidden units permuted to "
+        "best match REFERENCE. The output computes the same function as MODEL, and merges or interpolates "
+        "with REFERENCE with a lower loss barrier. Families: nn.Sequential MLPs, Llama (mistral, qwen2, "
+        "qwen3), GPT-2, BERT. See docs/merging.md.",
+    )
+    p.add_argument("--reference", required=True, help="the model to match (checkpoint folder or file)")
+    p.add_argument("--model", required=True, help="the model to permute (its config/tokenizer are copied)")
+    p.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
+    p.add_argument("--family", default=None, help="mlp, llama, gpt2 or bert (default: from config.json)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the order the permutations are visited in")
+    p.add_argument("--max-iter", type=int, default=100, help="at most this many sweeps over the permutations")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.set_defaults(func=run_align)
+
+
+def run_align(args: argparse.Namespace) -> int:
+    from robustft.merge.align import align_checkpoints
+
+    result = align_checkpoints(
+        args.reference, args.model, args.out, args.family, args.seed, args.max_iter, args.overwrite
+    )
+    moved = sum(result.moved.values())
+    print(
+        f"wrote {result.out_dir}: {args.model} aligned to {args.reference} ({result.family}, "
+        f"{len(result.moved)} permutations, {moved} units moved, {result.sweeps} sweeps, "
+        f"{result.seconds:.1f} s)"
     )
     return 0
