@@ -553,6 +553,17 @@ def _polar(x: torch.Tensor) -> torch.Tensor:
     return p @ qh
 
 
+def _reassemble(us: list[torch.Tensor], s: torch.Tensor, vhs: list[torch.Tensor]) -> torch.Tensor:
+    """polar([U_1 ... U_T]) diag(s) polar([V_1 ... V_T]^T): stacked bases decorrelated, reassembled (the
+    lists are emptied as they are stacked, so only one copy of each basis is alive)."""
+    u = torch.cat(us, dim=1)
+    us.clear()
+    u = _polar(u).mul_(s)
+    vh = torch.cat(vhs, dim=0)
+    vhs.clear()
+    return u @ _polar(vh)
+
+
 def tsv_merge(
     deltas: Sequence[torch.Tensor],
     weights: Sequence[float] | None = None,
@@ -583,14 +594,14 @@ def tsv_merge(
     us, ss, vhs = [], [], []
     for wi, d in zip(w, deltas, strict=True):
         u, s, vh = torch.linalg.svd(d.to(dtype) * wi, full_matrices=False)
-        us.append(u[:, :k])
-        ss.append(s[:k])
-        vhs.append(vh[:k])
+        # copies, not views: a view of the first k columns would keep the whole factor alive
+        us.append(u[:, :k].clone())
+        ss.append(s[:k].clone())
+        vhs.append(vh[:k].clone())
         del u, s, vh
     if k == 0:  # a task matrix thinner than T: no singular component survives (as FusionBench)
         return torch.zeros_like(deltas[0])
-    u_perp = _polar(torch.cat(us, dim=1)).mul_(torch.cat(ss))
-    return (u_perp @ _polar(torch.cat(vhs, dim=0))).to(deltas[0].dtype)
+    return _reassemble(us, torch.cat(ss), vhs).to(deltas[0].dtype)
 
 
 def iso_c(deltas: Sequence[torch.Tensor], weights: Sequence[float] | None = None) -> torch.Tensor:
@@ -639,17 +650,16 @@ def iso_cts(
     k_common, k_task = iso_cts_sizes(min(total.shape), n_tasks, common_space_fraction)
     u, s, vh = torch.linalg.svd(total.to(dtype), full_matrices=False)
     del total
-    u_common = u[:, :k_common]
-    us, ss, vhs = [u_common], [s[:k_common]], [vh[:k_common]]
+    u_common = u[:, :k_common].clone()
+    us, ss, vhs = [u_common], [s[:k_common].clone()], [vh[:k_common].clone()]
     del u, s, vh
     for wi, d in zip(w, deltas, strict=True):
         scaled = d.to(dtype) * wi
         residual = scaled.sub_(u_common @ (u_common.T @ scaled))
         ut, st, vht = torch.linalg.svd(residual, full_matrices=False)
-        us.append(ut[:, :k_task])
-        ss.append(st[:k_task])
-        vhs.append(vht[:k_task])
+        us.append(ut[:, :k_task].clone())
+        ss.append(st[:k_task].clone())
+        vhs.append(vht[:k_task].clone())
         del residual, ut, st, vht
-    sigma_bar = torch.cat(ss).mean()
-    u_perp = _polar(torch.cat(us, dim=1)).mul_(sigma_bar)
-    return (u_perp @ _polar(torch.cat(vhs, dim=0))).to(deltas[0].dtype)
+    del u_common
+    return _reassemble(us, torch.cat(ss).mean(), vhs).to(deltas[0].dtype)
