@@ -570,10 +570,11 @@ def tsv_merge(
     sv_reduction: float | None = None,
 ) -> torch.Tensor:
     """TSV-M (Gargiulo et al., CVPR 2025, "Task Singular Vectors: Reducing Task Interference in Model
-    Merging", Sec. 5 "TSV-Merge"): per 2-D task matrix w_i tau_i = U_i S_i V_i^T keep the top k = floor(f r)
-    singular triplets (r = min(m, n), f = ``sv_reduction``, default 1/T), stack U = [U_1,k ... U_T,k],
-    S = diag(S_1,k ... S_T,k), V = [V_1,k ... V_T,k], decorrelate both bases by orthogonal Procrustes
-    (U_perp = P_U Q_U^T from U = P_U Sigma_U Q_U^T, likewise V_perp) and return U_perp S V_perp^T.
+    Merging", arXiv:2412.00081): per 2-D task matrix w_i tau_i = U_i S_i V_i^T keep the top k = floor(f r)
+    singular triplets (r = min(m, n), f = ``sv_reduction``, default 1/T as the paper), stack
+    U = [U_1,k ... U_T,k], S = diag(S_1,k ... S_T,k), V = [V_1,k ... V_T,k], decorrelate both bases by
+    orthogonal Procrustes (U_perp = P_U Q_U^T from U = P_U Sigma_U Q_U^T, likewise V_perp) and return
+    U_perp S V_perp^T.
 
     Other tensors: sum_i w_i tau_i / T (FusionBench's mean). f T <= 1 keeps the stacked bases at most r wide.
     One task with f = 1 returns the task vector itself.
@@ -606,7 +607,7 @@ def tsv_merge(
 
 def iso_c(deltas: Sequence[torch.Tensor], weights: Sequence[float] | None = None) -> torch.Tensor:
     """Iso-C (Marczak et al., ICML 2025, "No Task Left Behind: Isotropic Model Merging with Common and
-    Task-Specific Subspaces", Sec. 4.1): for the summed task matrix sum_i w_i tau_i = U S V^T return
+    Task-Specific Subspaces", arXiv:2502.04959): for the summed task matrix sum_i w_i tau_i = U S V^T return
     sigma_bar U V^T, sigma_bar = (1/r) sum_j sigma_j (r = min(m, n)): the same subspace with a flat spectrum.
 
     Other tensors: sum_i w_i tau_i / T (FusionBench's mean).
@@ -631,11 +632,12 @@ def iso_cts(
     common_space_fraction: float = 0.8,
     weights: Sequence[float] | None = None,
 ) -> torch.Tensor:
-    """Iso-CTS (Marczak et al., ICML 2025, Sec. 4.2): the top k_c left/right singular vectors of the summed
-    task matrix sum_i w_i tau_i = U S V^T span the common subspace; each task adds the top k_t singular
-    triplets of its residual w_i tau_i - U_c U_c^T w_i tau_i (sizes: :func:`iso_cts_sizes`, together r);
-    both stacked bases are orthogonalised by Procrustes (U_perp = P Q^T, as :func:`tsv_merge`) and the
-    spectrum is made isotropic: sigma_bar U_perp V_perp^T, sigma_bar the mean of the r kept singular values.
+    """Iso-CTS (Marczak et al., ICML 2025, arXiv:2502.04959): the top k_c left/right singular vectors of
+    the summed task matrix sum_i w_i tau_i = U S V^T span the common subspace; each task adds the top k_t
+    singular triplets of its residual w_i tau_i - U_c U_c^T w_i tau_i (sizes: :func:`iso_cts_sizes`,
+    together r); both stacked bases are orthogonalised by Procrustes (U_perp = P Q^T, as :func:`tsv_merge`)
+    and the spectrum is made isotropic: sigma_bar U_perp V_perp^T, sigma_bar the mean of the r kept
+    singular values.
 
     Other tensors: sum_i w_i tau_i / T (FusionBench's mean). ``common_space_fraction = 1`` is Iso-C.
     """
