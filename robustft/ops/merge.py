@@ -592,6 +592,8 @@ def tsv_merge(
         )
     dtype = _svd_dtype(deltas[0])
     k = int(min(deltas[0].shape) * fraction)
+    if k == 0:  # a task matrix thinner than T: no singular component survives (as FusionBench)
+        return torch.zeros_like(deltas[0])
     us, ss, vhs = [], [], []
     for wi, d in zip(w, deltas, strict=True):
         u, s, vh = torch.linalg.svd(d.to(dtype) * wi, full_matrices=False)
@@ -600,8 +602,6 @@ def tsv_merge(
         ss.append(s[:k].clone())
         vhs.append(vh[:k].clone())
         del u, s, vh
-    if k == 0:  # a task matrix thinner than T: no singular component survives (as FusionBench)
-        return torch.zeros_like(deltas[0])
     return _reassemble(us, torch.cat(ss), vhs).to(deltas[0].dtype)
 
 

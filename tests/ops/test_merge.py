@@ -533,6 +533,12 @@ def test_tsv_m_one_task_full_rank_is_the_task_vector():
     torch.testing.assert_close(M.tsv_merge([delta]), delta)  # default fraction 1/T = 1
 
 
+def test_tsv_m_of_a_matrix_thinner_than_the_task_count_is_zero():
+    deltas = _rand(3, seed=51, shape=(2, 9))  # r = 2 < T = 3: k = floor(2 / 3) = 0, as FusionBench
+    torch.testing.assert_close(M.tsv_merge(deltas), _ref_tsv_m(deltas))
+    assert not M.tsv_merge(deltas).any()
+
+
 def test_tsv_m_keeps_each_tasks_top_singular_values_on_orthonormal_bases():
     """U_perp, V_perp orthonormal => the merged matrix's singular values are exactly the T k kept ones."""
     deltas = _rand(3, seed=42, shape=(12, 10))
