@@ -1,6 +1,6 @@
 """Merge rules on task vectors, one tensor at a time: task arithmetic, TIES, DARE, DELLA, Breadcrumbs, SCE,
-RAM, Model Stock, Fisher averaging, consensus/TALL masks, NearSwap, Arcee Fusion (linear and SLERP
-interpolation: ``robustft.ops.interpolate``).
+RAM, Model Stock, Fisher averaging, consensus/TALL masks, NearSwap, Arcee Fusion, and the SVD merges of
+layer task matrices TSV-M, Iso-C, Iso-CTS (linear and SLERP interpolation: ``robustft.ops.interpolate``).
 
 A task vector (delta) is ``theta_i - theta_base`` for one tensor. Every function here is pure: tensors in,
 a new tensor out, inputs untouched, no I/O. Functions that return a *delta* leave adding it to the base
@@ -32,6 +32,9 @@ __all__ = [
     "disjoint_mean",
     "elect_sign",
     "fisher_merge",
+    "iso_c",
+    "iso_cts",
+    "iso_cts_sizes",
     "l1_rescale",
     "magnitude_prune",
     "model_stock",
@@ -43,6 +46,7 @@ __all__ = [
     "task_arithmetic",
     "ties",
     "trim_top_k",
+    "tsv_merge",
 ]
 
 
@@ -531,3 +535,133 @@ def arcee_fusion(base: torch.Tensor, model: torch.Tensor) -> torch.Tensor:
     q1, median, q3 = (_quantile_floor(flat, x) for x in (0.25, 0.5, 0.75))
     keep = importance >= median + 1.5 * (q3 - q1)
     return torch.where(keep, model, base)
+
+
+# -- SVD merges of FusionBench (issue 16): TSV-M, Iso-C, Iso-CTS --------------------------------------------
+# Per 2-D tensor (a layer's task matrix); any other tensor gets the mean of its task vectors, as FusionBench.
+# The SVDs run in float32 (float64 inputs in float64) and the result comes back in the inputs' dtype.
+
+
+def _svd_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _polar(x: torch.Tensor) -> torch.Tensor:
+    """P Q^T for x = P S Q^T: the matrix with orthonormal columns (rows if x is wide) nearest to x in
+    Frobenius norm: the orthogonal Procrustes solution (TSV-M's and Iso-CTS's decorrelation)."""
+    p, _, qh = torch.linalg.svd(x, full_matrices=False)
+    return p @ qh
+
+
+def _reassemble(us: list[torch.Tensor], s: torch.Tensor, vhs: list[torch.Tensor]) -> torch.Tensor:
+    """polar([U_1 ... U_T]) diag(s) polar([V_1 ... V_T]^T): stacked bases decorrelated, reassembled (the
+    lists are emptied as they are stacked, so only one copy of each basis is alive)."""
+    u = torch.cat(us, dim=1)
+    us.clear()
+    u = _polar(u).mul_(s)
+    vh = torch.cat(vhs, dim=0)
+    vhs.clear()
+    return u @ _polar(vh)
+
+
+def tsv_merge(
+    deltas: Sequence[torch.Tensor],
+    weights: Sequence[float] | None = None,
+    sv_reduction: float | None = None,
+) -> torch.Tensor:
+    """TSV-M (Gargiulo et al., CVPR 2025, "Task Singular Vectors: Reducing Task Interference in Model
+    Merging", arXiv:2412.00081): per 2-D task matrix w_i tau_i = U_i S_i V_i^T keep the top k = floor(f r)
+    singular triplets (r = min(m, n), f = ``sv_reduction``, default 1/T as the paper), stack
+    U = [U_1,k ... U_T,k], S = diag(S_1,k ... S_T,k), V = [V_1,k ... V_T,k], decorrelate both bases by
+    orthogonal Procrustes (U_perp = P_U Q_U^T from U = P_U Sigma_U Q_U^T, likewise V_perp) and return
+    U_perp S V_perp^T.
+
+    Other tensors: sum_i w_i tau_i / T (FusionBench's mean). f T <= 1 keeps the stacked bases at most r wide.
+    One task with f = 1 returns the task vector itself.
+    """
+    _check_same_shape(deltas)
+    n_tasks = len(deltas)
+    w = _weights(weights, n_tasks)
+    if deltas[0].dim() != 2:
+        return task_arithmetic(deltas, w) / n_tasks
+    fraction = 1.0 / n_tasks if sv_reduction is None else float(sv_reduction)
+    if not 0.0 < fraction * n_tasks <= 1.0 + 1e-12:
+        raise ValueError(
+            f"sv_reduction must be in (0, 1/T] = (0, {1 / n_tasks:g}] for T={n_tasks} task vectors, "
+            f"got {fraction}"
+        )
+    dtype = _svd_dtype(deltas[0])
+    k = int(min(deltas[0].shape) * fraction)
+    if k == 0:  # a task matrix thinner than T: no singular component survives (as FusionBench)
+        return torch.zeros_like(deltas[0])
+    us, ss, vhs = [], [], []
+    for wi, d in zip(w, deltas, strict=True):
+        u, s, vh = torch.linalg.svd(d.to(dtype) * wi, full_matrices=False)
+        # copies, not views: a view of the first k columns would keep the whole factor alive
+        us.append(u[:, :k].clone())
+        ss.append(s[:k].clone())
+        vhs.append(vh[:k].clone())
+        del u, s, vh
+    return _reassemble(us, torch.cat(ss), vhs).to(deltas[0].dtype)
+
+
+def iso_c(deltas: Sequence[torch.Tensor], weights: Sequence[float] | None = None) -> torch.Tensor:
+    """Iso-C (Marczak et al., ICML 2025, "No Task Left Behind: Isotropic Model Merging with Common and
+    Task-Specific Subspaces", arXiv:2502.04959): for the summed task matrix sum_i w_i tau_i = U S V^T return
+    sigma_bar U V^T, sigma_bar = (1/r) sum_j sigma_j (r = min(m, n)): the same subspace with a flat spectrum.
+
+    Other tensors: sum_i w_i tau_i / T (FusionBench's mean).
+    """
+    _check_same_shape(deltas)
+    total = task_arithmetic(deltas, weights)
+    if total.dim() != 2:
+        return total / len(deltas)
+    u, s, vh = torch.linalg.svd(total.to(_svd_dtype(total)), full_matrices=False)
+    return (u.mul_(s.mean()) @ vh).to(total.dtype)
+
+
+def iso_cts_sizes(r: int, n_tasks: int, common_space_fraction: float) -> tuple[int, int]:
+    """(k_common, k_task): k_task = round((r - floor(f r)) / T) (at most floor(r / T)) singular directions
+    per task and k_common = r - T k_task for the common subspace, so that both fill the r dimensions."""
+    k_task = min(round((r - int(r * common_space_fraction)) / n_tasks), r // n_tasks)
+    return r - n_tasks * k_task, k_task
+
+
+def iso_cts(
+    deltas: Sequence[torch.Tensor],
+    common_space_fraction: float = 0.8,
+    weights: Sequence[float] | None = None,
+) -> torch.Tensor:
+    """Iso-CTS (Marczak et al., ICML 2025, arXiv:2502.04959): the top k_c left/right singular vectors of
+    the summed task matrix sum_i w_i tau_i = U S V^T span the common subspace; each task adds the top k_t
+    singular triplets of its residual w_i tau_i - U_c U_c^T w_i tau_i (sizes: :func:`iso_cts_sizes`,
+    together r); both stacked bases are orthogonalised by Procrustes (U_perp = P Q^T, as :func:`tsv_merge`)
+    and the spectrum is made isotropic: sigma_bar U_perp V_perp^T, sigma_bar the mean of the r kept
+    singular values.
+
+    Other tensors: sum_i w_i tau_i / T (FusionBench's mean). ``common_space_fraction = 1`` is Iso-C.
+    """
+    _check_same_shape(deltas)
+    _check_fraction(common_space_fraction, "common_space_fraction")
+    n_tasks = len(deltas)
+    w = _weights(weights, n_tasks)
+    total = task_arithmetic(deltas, w)
+    if total.dim() != 2:
+        return total / n_tasks
+    dtype = _svd_dtype(total)
+    k_common, k_task = iso_cts_sizes(min(total.shape), n_tasks, common_space_fraction)
+    u, s, vh = torch.linalg.svd(total.to(dtype), full_matrices=False)
+    del total
+    u_common = u[:, :k_common].clone()
+    us, ss, vhs = [u_common], [s[:k_common].clone()], [vh[:k_common].clone()]
+    del u, s, vh
+    for wi, d in zip(w, deltas, strict=True):
+        scaled = d.to(dtype) * wi
+        residual = scaled.sub_(u_common @ (u_common.T @ scaled))
+        ut, st, vht = torch.linalg.svd(residual, full_matrices=False)
+        us.append(ut[:, :k_task].clone())
+        ss.append(st[:k_task].clone())
+        vhs.append(vht[:k_task].clone())
+        del residual, ut, st, vht
+    del u_common
+    return _reassemble(us, torch.cat(ss).mean(), vhs).to(deltas[0].dtype)

@@ -277,6 +277,34 @@ def _arcee_fusion(tensors, g, m, seed, base, fishers):
     return ops.arcee_fusion(base, tensors[0])
 
 
+# -- SVD merges of FusionBench (issue 16): TSV-M, Iso-C, Iso-CTS; scale named as FusionBench (alpha,
+# scaling_factor), applied here since these methods take no lambda
+def _tsv_m(deltas, g, m, seed, base, fishers):
+    return ops.tsv_merge(deltas, _weights(m), g["sv_reduction"]).mul_(g["alpha"])
+
+
+def _iso_c(deltas, g, m, seed, base, fishers):
+    return ops.iso_c(deltas, _weights(m)).mul_(g["scaling_factor"])
+
+
+def _iso_cts(deltas, g, m, seed, base, fishers):
+    return ops.iso_cts(deltas, g["common_space_fraction"], _weights(m)).mul_(g["scaling_factor"])
+
+
+def _check_sv_reduction(name: str, value: Any) -> None:
+    if value is not None:  # null: 1/T, the paper's and FusionBench's choice
+        check_density(name, value)
+
+
+def _check_tsv_m(where: str, g: dict, m: list[dict]) -> None:
+    f = g["sv_reduction"]
+    if f is not None and f * len(m) > 1 + 1e-12:
+        raise ValueError(
+            f"{where}: sv_reduction x number of models must be <= 1 (the stacked task singular vectors "
+            f"must fit in the layer's rank), got {f} x {len(m)}"
+        )
+
+
 _DELLA_MODEL = {
     "weight": WEIGHT,
     "density": Param(REQUIRED, check_density),
@@ -510,6 +538,38 @@ METHODS: dict[str, MethodSpec] = {
             global_params={"t": Param(REQUIRED, check_non_negative)},
         ),
         MethodSpec("arcee_fusion", _arcee_fusion, needs_base=True, max_models=1),
+        # -- SVD merges of FusionBench (issue 16) --
+        MethodSpec(
+            "tsv_m",
+            _tsv_m,
+            needs_base=True,
+            global_params={
+                "alpha": Param(1.0, check_number),
+                "sv_reduction": Param(None, _check_sv_reduction),
+            },
+            model_params={"weight": WEIGHT},
+            delta=True,
+            check=_check_tsv_m,
+        ),
+        MethodSpec(
+            "iso_c",
+            _iso_c,
+            needs_base=True,
+            global_params={"scaling_factor": Param(1.0, check_number)},
+            model_params={"weight": WEIGHT},
+            delta=True,
+        ),
+        MethodSpec(
+            "iso_cts",
+            _iso_cts,
+            needs_base=True,
+            global_params={
+                "scaling_factor": Param(1.0, check_number),
+                "common_space_fraction": Param(0.8, check_fraction),
+            },
+            model_params={"weight": WEIGHT},
+            delta=True,
+        ),
     ]
 }
 

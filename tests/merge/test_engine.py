@@ -159,6 +159,14 @@ def test_cli_ties_merge_of_sharded_llama_streams_loads_and_matches_in_memory(fam
             {"epsilon": 0.02, "r": 0.5},
             lambda b, ts, n: b + M.ramplus_tl([t - b for t in ts], 0.02, 0.5, 0.2),
         ),
+        # SVD merges: 2-D tensors through the SVDs, norms (1-D) averaged
+        ("tsv_m", {"alpha": 0.7}, lambda b, ts, n: b + 0.7 * M.tsv_merge([t - b for t in ts])),
+        ("iso_c", {"scaling_factor": 0.5}, lambda b, ts, n: b + 0.5 * M.iso_c([t - b for t in ts])),
+        (
+            "iso_cts",
+            {"common_space_fraction": 0.5, "scaling_factor": 1.5},
+            lambda b, ts, n: b + 1.5 * M.iso_cts([t - b for t in ts], 0.5),
+        ),
     ],
 )
 def test_each_method_streamed_equals_in_memory(family, tmp_path, method, params, reference):

@@ -111,6 +111,27 @@ def test_precedence_defaults_recipe_model_override():
             _data(merge_method="breadcrumbs_ties", parameters={"density": 0.5}),
             "unknown parameter 'density' for merge_method 'breadcrumbs_ties'",
         ),
+        (
+            _data(models=["m1", "m2"], merge_method="tsv_m", parameters={"sv_reduction": 0.6}),
+            r"sv_reduction x number of models must be <= 1 .* got 0.6 x 2",
+        ),
+        (
+            _data(models=["m1", "m2"], merge_method="tsv_m", parameters={"sv_reduction": 0}),
+            r"parameters.sv_reduction must be in \(0, 1\]",
+        ),
+        (
+            _data(models=["m1", "m2"], merge_method="tsv_m", parameters={"alpha": float("nan")}),
+            "parameters.alpha",
+        ),
+        (
+            _data(models=["m1", "m2"], merge_method="tsv_m", parameters={"lambda": 1.0}),
+            "unknown parameter 'lambda' for merge_method 'tsv_m'",
+        ),
+        (
+            _data(models=["m1", "m2"], merge_method="iso_cts", parameters={"common_space_fraction": 1.5}),
+            r"parameters.common_space_fraction must be in \[0, 1\]",
+        ),
+        (_data(merge_method="iso_c", models=["m"], base_model=None), "merge_method 'iso_c' needs base_model"),
     ],
 )
 def test_bad_recipes_name_the_option(data, match):

@@ -6,8 +6,10 @@ The references below never call robustft: they walk the elements one by one (sor
 
 import math
 
+import numpy as np
 import pytest
 import torch
+from scipy import linalg as scipy_linalg
 
 from robustft.ops import merge as M
 
@@ -457,3 +459,168 @@ def test_new_methods_leave_inputs_untouched():
     M.arcee_fusion(deltas[0], deltas[1])
     for d, c in zip(deltas, copies, strict=True):
         torch.testing.assert_close(d, c, rtol=0, atol=0)
+
+
+# -- SVD merges (TSV-M, Iso-C, Iso-CTS) against numpy references laid out as the papers / FusionBench: each
+# task's top-k singular vectors placed in a zero-padded r-wide block, decorrelated by scipy's polar
+# decomposition (the orthogonal Procrustes solution), reassembled ------------------------------------------
+
+
+def _np_polar(x):
+    """Unitary factor W of scipy's polar decomposition x = W P (orthonormal columns; for a wide x, rows)."""
+    if x.shape[0] >= x.shape[1]:
+        return scipy_linalg.polar(x)[0]
+    return scipy_linalg.polar(x.T)[0].T
+
+
+def _ref_tsv_m(deltas, weights=None, fraction=None):
+    mats = [d.numpy() * (1.0 if weights is None else weights[i]) for i, d in enumerate(deltas)]
+    if mats[0].ndim != 2:
+        return torch.from_numpy(sum(mats) / len(mats))
+    m, n = mats[0].shape
+    r = min(m, n)
+    k = int(r * (1 / len(mats) if fraction is None else fraction))
+    u_all, s_all, vt_all = np.zeros((m, r)), np.zeros(r), np.zeros((r, n))
+    for i, a in enumerate(mats):
+        u, s, vt = np.linalg.svd(a, full_matrices=False)
+        u_all[:, i * k : (i + 1) * k], s_all[i * k : (i + 1) * k], vt_all[i * k : (i + 1) * k] = (
+            u[:, :k],
+            s[:k],
+            vt[:k],
+        )
+    used = len(mats) * k  # zero padding columns have no singular value: leave them out of the polar factor
+    out = _np_polar(u_all[:, :used]) @ np.diag(s_all[:used]) @ _np_polar(vt_all[:used])
+    return torch.from_numpy(out)
+
+
+def _ref_iso_c(deltas):
+    total = sum(d.numpy() for d in deltas)
+    if total.ndim != 2:
+        return torch.from_numpy(total / len(deltas))
+    u, s, vt = np.linalg.svd(total, full_matrices=False)
+    return torch.from_numpy(u @ np.diag(np.full_like(s, s.mean())) @ vt)
+
+
+def _ref_iso_cts(deltas, fraction):
+    mats = [d.numpy() for d in deltas]
+    total, t = sum(mats), len(mats)
+    r = min(total.shape)
+    k_task = min(round((r - int(r * fraction)) / t), r // t)
+    k_common = r - t * k_task
+    u, s, vt = np.linalg.svd(total, full_matrices=False)
+    uc = u[:, :k_common]
+    blocks_u, blocks_s, blocks_v = [uc], [s[:k_common]], [vt[:k_common]]
+    for a in mats:
+        ut, st, vtt = np.linalg.svd(a - uc @ uc.T @ a, full_matrices=False)
+        blocks_u.append(ut[:, :k_task])
+        blocks_s.append(st[:k_task])
+        blocks_v.append(vtt[:k_task])
+    u_all, v_all = np.concatenate(blocks_u, axis=1), np.concatenate(blocks_v, axis=0)
+    sigma = np.concatenate(blocks_s).mean()
+    return torch.from_numpy(sigma * _np_polar(u_all) @ _np_polar(v_all))
+
+
+@pytest.mark.parametrize("shape", [(6, 7), (9, 4), (8, 8)])
+@pytest.mark.parametrize("n,weights", [(1, None), (2, None), (3, None), (3, [0.5, 1.0, 2.0])])
+def test_tsv_m_matches_dense_reference(shape, n, weights):
+    deltas = _rand(n, seed=40 + n, shape=shape)
+    torch.testing.assert_close(M.tsv_merge(deltas, weights), _ref_tsv_m(deltas, weights))
+
+
+def test_tsv_m_one_task_full_rank_is_the_task_vector():
+    delta = _rand(1, seed=41)[0]
+    torch.testing.assert_close(M.tsv_merge([delta], sv_reduction=1.0), delta)
+    torch.testing.assert_close(M.tsv_merge([delta]), delta)  # default fraction 1/T = 1
+
+
+def test_tsv_m_of_a_matrix_thinner_than_the_task_count_is_zero():
+    deltas = _rand(3, seed=51, shape=(2, 9))  # r = 2 < T = 3: k = floor(2 / 3) = 0, as FusionBench
+    torch.testing.assert_close(M.tsv_merge(deltas), _ref_tsv_m(deltas))
+    assert not M.tsv_merge(deltas).any()
+
+
+def test_tsv_m_keeps_each_tasks_top_singular_values_on_orthonormal_bases():
+    """U_perp, V_perp orthonormal => the merged matrix's singular values are exactly the T k kept ones."""
+    deltas = _rand(3, seed=42, shape=(12, 10))
+    merged = M.tsv_merge(deltas, sv_reduction=0.2)
+    kept = torch.cat([torch.linalg.svdvals(d)[:2] for d in deltas])  # k = floor(0.2 * 10) = 2
+    got = torch.linalg.svdvals(merged)
+    torch.testing.assert_close(got[:6], kept.sort(descending=True).values)
+    torch.testing.assert_close(got[6:], torch.zeros(4, dtype=got.dtype), atol=1e-10, rtol=0)
+    torch.testing.assert_close(merged, _ref_tsv_m(deltas, fraction=0.2))
+
+
+@pytest.mark.parametrize("shape", [(6, 7), (9, 4)])
+def test_iso_c_flattens_the_spectrum_of_the_sum(shape):
+    deltas = _rand(3, seed=43, shape=shape)
+    merged = M.iso_c(deltas)
+    torch.testing.assert_close(merged, _ref_iso_c(deltas))
+    sigma = torch.linalg.svdvals(sum(deltas))
+    torch.testing.assert_close(torch.linalg.svdvals(merged), sigma.mean().expand(min(shape)))
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.2, 0.5, 0.8, 1.0])
+@pytest.mark.parametrize("n,shape", [(2, (12, 10)), (3, (10, 16)), (5, (40, 9))])
+def test_iso_cts_matches_dense_reference(fraction, n, shape):
+    deltas = _rand(n, seed=44 + n, shape=shape)
+    merged = M.iso_cts(deltas, fraction)
+    torch.testing.assert_close(merged, _ref_iso_cts(deltas, fraction))
+    # isotropic, full rank r, and the common subspace (top k_common of the sum) lies in its column space
+    sv = torch.linalg.svdvals(merged)
+    torch.testing.assert_close(sv, sv[0].expand(min(shape)))
+    k_common, k_task = M.iso_cts_sizes(min(shape), n, fraction)
+    assert k_common + n * k_task == min(shape) and k_common >= 0
+    uc = torch.linalg.svd(sum(deltas))[0][:, :k_common]
+    q = torch.linalg.svd(merged, full_matrices=False)[0]
+    torch.testing.assert_close(q @ (q.T @ uc), uc)
+
+
+def test_iso_cts_with_the_whole_space_common_is_iso_c():
+    deltas = _rand(3, seed=48)
+    torch.testing.assert_close(M.iso_cts(deltas, 1.0), M.iso_c(deltas))
+
+
+def test_iso_cts_sizes_fill_the_rank_where_rounding_overshoots():
+    # r = 9, T = 5, f = 0.2: round((9 - 1) / 5) * 5 = 10 > 9 (FusionBench 0.2.33 raises there)
+    assert M.iso_cts_sizes(9, 5, 0.2) == (4, 1)
+    for r in range(1, 30):
+        for t in range(1, 7):
+            for f in (0.0, 0.1, 0.25, 0.5, 0.8, 1.0):
+                kc, kt = M.iso_cts_sizes(r, t, f)
+                assert kc + t * kt == r and kc >= 0 and kt >= 0
+
+
+@pytest.mark.parametrize("shape", [(7,), (2, 3, 4)])
+def test_svd_merges_average_tensors_that_are_not_matrices(shape):
+    deltas = _rand(3, seed=49, shape=shape)
+    mean = sum(deltas) / 3
+    for got in (M.tsv_merge(deltas), M.iso_c(deltas), M.iso_cts(deltas)):
+        torch.testing.assert_close(got, mean)
+    torch.testing.assert_close(
+        M.tsv_merge(deltas, [1.0, 2.0, 3.0]), (deltas[0] + 2 * deltas[1] + 3 * deltas[2]) / 3
+    )
+
+
+def test_svd_merges_keep_the_dtype_and_leave_inputs_untouched():
+    deltas = [d.to(torch.bfloat16) for d in _rand(2, seed=50)]
+    copies = [d.clone() for d in deltas]
+    for fn in (M.tsv_merge, M.iso_c, M.iso_cts):
+        out = fn(deltas)
+        assert out.dtype == torch.bfloat16 and out.shape == deltas[0].shape
+    for d, c in zip(deltas, copies, strict=True):
+        torch.testing.assert_close(d, c, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda d: M.tsv_merge(d, sv_reduction=0.5), r"sv_reduction must be in \(0, 1/T\]"),
+        (lambda d: M.tsv_merge(d, sv_reduction=0.0), "sv_reduction"),
+        (lambda d: M.iso_cts(d, 1.5), r"common_space_fraction must be in \[0, 1\]"),
+        (lambda d: M.iso_c([d[0], d[1][:2]]), r"deltas\[1\] has shape"),
+        (lambda d: M.tsv_merge(d, weights=[1.0]), "1 weights for 3 tensors"),
+    ],
+)
+def test_svd_merges_bad_input_names_the_cause(call, match):
+    with pytest.raises(ValueError, match=match):
+        call(_rand(3))
