@@ -1,10 +1,11 @@
 """Learned per-block coefficients of task vectors (aTLAS, layer-wise AdaMerging): blocks and the composed θ.
 
-θ = θ_start + Σ_k Σ_b α_{k,b} τ_{k,b}: one coefficient per task vector τ_k = θ_k − θ_start and per parameter
-block b (one tensor, or the tensors whose names share a pattern match, e.g. a layer index). aTLAS (Zhang et al.,
-2024, "Knowledge Composition using Task Vectors with Learned Anisotropic Scaling", arXiv:2407.02880) learns
-α on a few labelled examples; AdaMerging (Yang et al., 2024, arXiv:2310.02575) by prediction-entropy
-minimisation on unlabelled inputs. With one task vector and one block this is WiSE-FT at a learned α.
+θ = θ_start + Σ_k Σ_b α_{k,b} τ_{k,b}: one coefficient per task vector τ_k = θ_k − θ_start and per
+parameter block b (one tensor, or the tensors whose names share a pattern match, e.g. a layer index). aTLAS
+(Zhang et al., 2024, "Knowledge Composition using Task Vectors with Learned Anisotropic Scaling",
+arXiv:2407.02880) learns α on a few labelled examples; AdaMerging (Yang et al., 2024, arXiv:2310.02575)
+by prediction-entropy minimisation on unlabelled inputs. With one task vector and one block this is
+WiSE-FT at a learned α.
 
 Pure tensor maths: the block assignment of tensor names and the (differentiable) composition; learning α
 through ``torch.func.functional_call`` is ``robustft.learned.LearnedInterpolation``.
@@ -30,9 +31,10 @@ BLOCKINGS = {
 def assign_blocks(names: Sequence[str], blocks: str = "tensor") -> tuple[list[str], list[int]]:
     """(block names, the block index of each tensor name), blocks in order of first appearance.
 
-    ``blocks``: ``"tensor"`` (one per tensor), ``"all"`` (one for the model), ``"layer"`` (the tensors whose names
-    contain the same ``.<i>.`` layer index), or a regular expression: tensors whose first ``re.search`` match
-    (its first group when it has one) is equal share a block; a tensor it does not match is a block of its own.
+    ``blocks``: ``"tensor"`` (one per tensor), ``"all"`` (one for the model), ``"layer"`` (the tensors whose
+    names contain the same ``.<i>.`` layer index), or a regular expression: tensors whose first ``re.search``
+    match (its first group when it has one) is equal share a block; a tensor it does not match is a block of
+    its own.
     """
     names = list(names)
     if not names:
@@ -58,7 +60,7 @@ def assign_blocks(names: Sequence[str], blocks: str = "tensor") -> tuple[list[st
 def check_task_vectors(
     start: Mapping[str, torch.Tensor], vectors: Sequence[Mapping[str, torch.Tensor]]
 ) -> None:
-    """ValueError naming the task vector and tensor when a τ_k lacks, adds or reshapes a tensor of ``start``."""
+    """ValueError naming the task vector and tensor when τ_k lacks, adds or reshapes a tensor of ``start``."""
     if not vectors:
         raise ValueError("task_vectors: none given; need at least one fine-tuned model / task vector")
     for k, tau in enumerate(vectors):
@@ -88,10 +90,10 @@ def compose_weights(
     coefficients: torch.Tensor,
     block_index: Sequence[int],
 ) -> dict[str, torch.Tensor]:
-    """θ_n = start_n + Σ_k coefficients[k, block(n)]·τ_k,n for every tensor n (differentiable in the coefficients).
+    """θ_n = start_n + Σ_k coefficients[k, block(n)]·τ_k,n for every tensor n (differentiable in α).
 
-    ``coefficients`` is (K, B); ``block_index`` gives each tensor's block in the order of ``start``. Each θ_n is
-    computed in the start tensor's dtype; the result is the name->tensor mapping ``functional_call`` takes.
+    ``coefficients`` is (K, B); ``block_index`` gives each tensor's block in the order of ``start``. Each θ_n
+    is computed in the start tensor's dtype; the result is the name->tensor mapping ``functional_call`` takes.
     """
     if coefficients.dim() != 2 or coefficients.shape[0] != len(vectors):
         raise ValueError(f"coefficients: expected shape (K={len(vectors)}, blocks), got "

@@ -5,15 +5,18 @@ import torch
 
 from robustft.ops.learned import assign_blocks, compose_weights, task_vectors
 
-NAMES = ["emb.weight", "layer.0.a.weight", "layer.0.b.bias", "layer.1.a.weight", "head.weight", "layer.10.a.w"]
+NAMES = ["emb.weight", "layer.0.a.weight", "layer.0.b.bias", "layer.1.a.weight", "head.weight",
+         "layer.10.a.w"]
 
 
 def test_assign_blocks_named_and_regex():
     assert assign_blocks(NAMES, "tensor") == (NAMES, [0, 1, 2, 3, 4, 5])
     assert assign_blocks(NAMES, "all") == (["all"], [0] * 6)
-    assert assign_blocks(NAMES, "layer") == (["emb.weight", "0", "1", "head.weight", "10"], [0, 1, 1, 2, 3, 4])
+    layer = (["emb.weight", "0", "1", "head.weight", "10"], [0, 1, 1, 2, 3, 4])
+    assert assign_blocks(NAMES, "layer") == layer
     # a regex without a group: the whole match is the key; unmatched tensors are blocks of their own
-    assert assign_blocks(NAMES, r"weight$") == (["weight", "layer.0.b.bias", "layer.10.a.w"], [0, 0, 1, 0, 0, 2])
+    regex = (["weight", "layer.0.b.bias", "layer.10.a.w"], [0, 0, 1, 0, 0, 2])
+    assert assign_blocks(NAMES, r"weight$") == regex
 
 
 @pytest.mark.parametrize("blocks", ["", "(", 3])
@@ -24,7 +27,8 @@ def test_assign_blocks_bad_option_is_named(blocks):
 
 def test_compose_equals_dense_formula_for_several_task_vectors_per_block():
     g = torch.Generator().manual_seed(0)
-    shapes = {"emb.weight": (5, 3), "layer.0.a.weight": (3, 3), "layer.0.b.bias": (3,), "layer.1.a.weight": (3, 2)}
+    shapes = {"emb.weight": (5, 3), "layer.0.a.weight": (3, 3), "layer.0.b.bias": (3,),
+              "layer.1.a.weight": (3, 2)}
     start = {n: torch.randn(s, generator=g) for n, s in shapes.items()}
     ends = [{n: torch.randn(s, generator=g) for n, s in shapes.items()} for _ in range(3)]
     taus = task_vectors(start, ends)
