@@ -30,6 +30,7 @@ if TYPE_CHECKING:  # the same names, for type checkers and IDEs
         SWACallback,
         WiseFTCallback,
     )
+    from robustft.learned import LearnedInterpolation
     from robustft.lora import (
         DeltaSet,
         LoRAAdapter,
@@ -70,6 +71,7 @@ __getattr__, __dir__ = lazy_exports(
             "SpectralRegCallback",
             "WiseFTCallback",
         ),
+        "robustft.learned": ("LearnedInterpolation",),
         "robustft.lora": (
             "DeltaSet",
             "LoRAAdapter",
@@ -101,6 +103,7 @@ __all__ = [
     "GGPOCallback",
     "L2SPCallback",
     "LAWACallback",
+    "LearnedInterpolation",
     "LoRAAdapter",
     "LoRAArithmeticCallback",
     "LoRADelta",

@@ -169,9 +169,9 @@ class LearnedInterpolation:
         ``objective="loss"``: ``loss_fn(outputs, batch)`` (default: the model's own ``outputs.loss``, i.e.
         batches with labels), aTLAS. ``"entropy"``: the mean prediction entropy of the batch (no labels
         needed; for a causal LM the mean next-token entropy per sequence), AdaMerging. ``optimizer``:
-        ``"adam"`` (torch.optim.Adam, AdaMerging's) or ``"sgd"`` (plain α ← α − lr·∇). ``clamp=(lo, hi)`` clips α after
-        each step (AdaMerging keeps α in [0, 1]). The model runs in its current train/eval mode (call
-        ``model.eval()`` for no dropout).
+        ``"adam"`` (torch.optim.Adam, AdaMerging's) or ``"sgd"`` (plain α ← α − lr·∇). ``clamp=(lo, hi)``
+        clips α after each step (AdaMerging keeps α in [0, 1]). The model runs in its current train/eval mode
+        (call ``model.eval()`` for no dropout).
         """
         if objective not in OBJECTIVES:
             raise ValueError(f"objective: {objective!r} is not one of {', '.join(OBJECTIVES)}")

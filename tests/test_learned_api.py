@@ -58,6 +58,10 @@ def test_one_task_vector_one_block_reproduces_the_best_alpha_of_a_fine_grid():
     coef = learned.fit([(x, target)], objective="loss", loss_fn=loss_fn, steps=80, lr=0.05)
     assert coef.shape == (1, 1)
     assert abs(float(coef) - best) <= spacing
+    # clamped below the optimum, the learned α stops at the bound (AdaMerging keeps α in [0, 1])
+    capped = LearnedInterpolation(start, end, blocks="all", init=0.3)
+    capped.fit([(x, target)], objective="loss", loss_fn=loss_fn, steps=20, lr=0.05, clamp=(0.0, best - 0.1))
+    assert float(capped.coefficients) == pytest.approx(best - 0.1)
     # the start model was only read
     torch.testing.assert_close(_state(start), _state(_net(0)), rtol=0, atol=0)
 
