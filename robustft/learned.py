@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from torch import nn
 from torch.func import functional_call
 
 from robustft.checkpoint import atomic_output_dir, atomic_output_file, atomic_write_text
+from robustft.lora.io import LoRAAdapter
 from robustft.ops.dawin import prediction_entropy
 from robustft.ops.learned import assign_blocks, compose_weights, task_vectors
 from robustft.params import live_tensors, select_parameters, swapped_in
@@ -134,6 +136,46 @@ class LearnedInterpolation:
         self.coefficients = start_coef.to(next(iter(self.start.values())).device)
         self.history: list[float] = []
         self.fit_options: dict[str, Any] = {}
+
+    @classmethod
+    def from_lora(
+        cls,
+        model: nn.Module,
+        adapters: Sequence[LoRAAdapter],
+        blocks: str = "tensor",
+        init: float | torch.Tensor = 0.3,
+    ) -> LearnedInterpolation:
+        """Coefficients per LoRA module on the deltas s·B_k A_k of K adapters of the base ``model`` (no PEFT).
+
+        τ_k of a module's base weight is adapter k's dense ΔW (transposed for embeddings and
+        ``fan_in_fan_out``; zero where adapter k has no such module); only the adapted weights are
+        interpolated. With the default ``blocks="tensor"`` each LoRA module gets its own α per adapter. The
+        task vectors are kept dense (K × the adapted weights), not as factors.
+        """
+        adapters = list(adapters)
+        if not adapters:
+            raise ValueError("adapters: none given; need at least one LoRA adapter")
+        modules = dict(model.named_modules())
+        weights: dict[str, torch.Tensor] = {}
+        deltas: list[dict[str, torch.Tensor]] = [{} for _ in adapters]
+        for k, adapter in enumerate(adapters):
+            for module, delta in adapter.deltas.items():
+                weight = getattr(modules.get(module), "weight", None)
+                if weight is None:
+                    raise ValueError(f"adapters[{k}]: module {module!r} is not a weighted module of the "
+                                     "model (pass the base model, not the PeftModel)")
+                dense = delta.dense()
+                if adapter.kinds.get(module) == "embedding" or adapter.config.get("fan_in_fan_out"):
+                    dense = dense.T
+                if tuple(dense.shape) != tuple(weight.shape):
+                    raise ValueError(f"adapters[{k}]: module {module!r}: ΔW shape {tuple(dense.shape)} does "
+                                     f"not fit the weight {tuple(weight.shape)}")
+                weights[f"{module}.weight"] = weight
+                deltas[k][f"{module}.weight"] = dense
+        ends = [{n: w.detach() + d[n].to(w.dtype) if n in d else w.detach() for n, w in weights.items()}
+                for d in deltas]
+        include = [f"^{re.escape(n)}$" for n in weights]
+        return cls(model, ends, blocks=blocks, init=init, include=include)
 
     def stored_numel(self) -> int:
         """Extra elements kept: the task vectors and the coefficients (the start is the model's own)."""

@@ -11,7 +11,7 @@ from torch.func import functional_call
 
 from robustft.learned import LearnedInterpolation
 from robustft.wise_ft import interpolate_models
-from tests.tiny import tiny_bert
+from tests.tiny import tiny_bert, tiny_llama
 
 
 def _net(seed=0):
@@ -172,7 +172,6 @@ def test_hf_model_learns_on_the_loss_and_saves_a_loadable_merged_checkpoint(tmp_
 
 def test_causal_lm_entropy_is_the_mean_next_token_entropy_per_sequence():
     from robustft.ops.dawin import causal_lm_mask, prediction_entropy
-    from tests.tiny import tiny_llama
 
     start = tiny_llama(0).eval()
     end = _perturbed(start, 1, scale=0.05)
@@ -220,3 +219,38 @@ def test_bad_options_are_named():
         learned.fit(x, objective="loss")
     with pytest.raises(ValueError, match="save_pretrained"):
         learned.save_merged("unused")
+
+
+def _lora(base, seed, targets):
+    from peft import LoraConfig, get_peft_model
+
+    from robustft.lora.io import adapter_from_peft_model
+
+    torch.manual_seed(seed)
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=targets, init_lora_weights=False)
+    peft = get_peft_model(copy.deepcopy(base), config)
+    return adapter_from_peft_model(peft), _state(peft.merge_and_unload())
+
+
+def test_lora_coefficients_per_module_equal_peft_merges():
+    base = tiny_bert(0).eval()
+    ad1, merged1 = _lora(base, 1, ["query", "value"])
+    ad2, merged2 = _lora(base, 2, ["query"])  # no value module: its τ is zero
+    learned = LearnedInterpolation.from_lora(base, [ad1, ad2])
+    names = list(learned.start)
+    assert names and all(n.endswith(("query.weight", "value.weight")) for n in names)
+    assert learned.coefficients.shape == (2, len(names))
+    coef = torch.randn(2, len(names), generator=torch.Generator().manual_seed(8))
+    learned.coefficients = coef
+    got = learned.merged_state_dict()
+    w = _state(base)
+    for i, n in enumerate(names):  # θ = W + Σ_k α_k (merge_and_unload_k − W), PEFT's own merges
+        want = w[n] + coef[0, i] * (merged1[n] - w[n]) + coef[1, i] * (merged2[n] - w[n])
+        torch.testing.assert_close(got[n], want, rtol=1e-5, atol=1e-6)
+    ids = torch.randint(6, 64, (4, 6), generator=torch.Generator().manual_seed(9))
+    learned.fit([{"input_ids": ids}], objective="entropy", steps=2, lr=0.1)
+    assert not torch.equal(learned.coefficients, coef)
+    with pytest.raises(ValueError, match="adapters: none"):
+        LearnedInterpolation.from_lora(base, [])
+    with pytest.raises(ValueError, match="not a weighted module"):
+        LearnedInterpolation.from_lora(tiny_llama(0), [ad1])
