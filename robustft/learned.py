@@ -29,7 +29,7 @@ from robustft.ops.learned import assign_blocks, compose_weights, task_vectors
 from robustft.params import live_tensors, select_parameters, swapped_in
 from robustft.wise_ft import _entropy_of_batch, _first, _is_causal_lm
 
-__all__ = ["OBJECTIVES", "OPTIMIZERS", "LearnedInterpolation"]
+__all__ = ["OBJECTIVES", "OPTIMIZERS", "LearnedInterpolation", "merge_saved", "read_coefficients"]
 
 OBJECTIVES = ("loss", "entropy")
 OPTIMIZERS = ("adam", "sgd")
@@ -79,6 +79,24 @@ def _model_loss(outputs: Any, batch: Any) -> torch.Tensor:
         raise ValueError("objective='loss': the model returned no loss; put labels in the batches or pass "
                          "a loss_fn")
     return loss
+
+
+def read_coefficients(path: str | os.PathLike) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The (K, blocks) coefficients and the JSON metadata of a folder written by ``save_coefficients``."""
+    from safetensors.torch import load_file
+
+    folder = Path(path)
+    tensor_path, meta_path = folder / COEFFICIENTS_FILE, folder / META_FILE
+    for p in (tensor_path, meta_path):
+        if not p.is_file():
+            raise FileNotFoundError(f"{p}: no such file (LearnedInterpolation.save_coefficients writes it)")
+    meta = json.loads(meta_path.read_text())
+    coef = load_file(str(tensor_path)).get("coefficients")
+    blocks = meta.get("block_names")
+    if coef is None or coef.dim() != 2 or not isinstance(blocks, list) or coef.shape[1] != len(blocks):
+        shown = None if coef is None else tuple(coef.shape)
+        raise ValueError(f"{tensor_path}: coefficients of shape {shown} do not fit the blocks of {meta_path}")
+    return coef.to(torch.float32), meta
 
 
 class LearnedInterpolation:
@@ -287,23 +305,14 @@ class LearnedInterpolation:
 
     def load_coefficients(self, path: str | os.PathLike) -> torch.Tensor:
         """Set the coefficients from a folder of :meth:`save_coefficients` (same tensors and blocks)."""
-        from safetensors.torch import load_file
-
-        folder = Path(path)
-        tensor_path, meta_path = folder / COEFFICIENTS_FILE, folder / META_FILE
-        for p in (tensor_path, meta_path):
-            if not p.is_file():
-                raise FileNotFoundError(f"{p}: no such file (LearnedInterpolation.save_coefficients writes "
-                                        "it)")
-        meta = json.loads(meta_path.read_text())
+        coef, meta = read_coefficients(path)
         mine = dict(zip(self.start, self.block_index, strict=True))
         if meta.get("tensor_blocks") != mine or meta.get("block_names") != self.block_names:
-            raise ValueError(f"{meta_path}: saved for other tensors or blocks than this model's selection")
-        coef = load_file(str(tensor_path)).get("coefficients")
-        if coef is None or tuple(coef.shape) != tuple(self.coefficients.shape):
-            shown = None if coef is None else tuple(coef.shape)
-            raise ValueError(f"{tensor_path}: coefficients of shape {shown}, expected "
-                             f"{tuple(self.coefficients.shape)}")
+            raise ValueError(f"{Path(path) / META_FILE}: saved for other tensors or blocks than this model's "
+                             "selection")
+        if tuple(coef.shape) != tuple(self.coefficients.shape):
+            raise ValueError(f"{Path(path) / COEFFICIENTS_FILE}: coefficients of shape {tuple(coef.shape)}, "
+                             f"expected {tuple(self.coefficients.shape)}")
         self.coefficients = coef.to(device=self.coefficients.device, dtype=torch.float32)
         return self.coefficients.clone()
 
@@ -332,3 +341,56 @@ class LearnedInterpolation:
         theta = self.weights()
         for live, n in zip(live_tensors({n: target[n] for n in theta}), theta, strict=True):
             live.copy_(theta[n])
+
+
+def merge_saved(
+    start: str | os.PathLike,
+    ends: Sequence[str | os.PathLike],
+    coefficients: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    overwrite: bool = False,
+    max_shard_size: int | str | None = None,
+) -> Path:
+    """θ = θ_start + Σ_k α_{k,b} τ_k of saved checkpoints, streamed tensor by tensor to ``output_dir``.
+
+    ``coefficients``: a folder written by :meth:`LearnedInterpolation.save_coefficients` (fitted on models in
+    memory); ``ends`` in the order of its task vectors. Each tensor of ``start`` listed in the coefficients'
+    ``tensor_blocks`` is composed by :func:`robustft.ops.learned.compose_weights` (the same arithmetic as in
+    memory), every other tensor is copied. Read with ``CheckpointReader`` and written with ``ShardedWriter``
+    (at most 1 + K tensors in memory at a time) into an ``atomic_output_dir``; config and tokenizer files are
+    copied from ``start``. Layouts are checked before anything is written.
+    """
+    from contextlib import ExitStack
+
+    from robustft.merge.io import CheckpointReader, ShardedWriter, copy_side_files
+
+    coef, meta = read_coefficients(coefficients)
+    ends = list(ends)
+    if len(ends) != coef.shape[0]:
+        raise ValueError(f"ends: {len(ends)} checkpoints for {coef.shape[0]} task vectors in {coefficients}")
+    tensor_blocks = meta.get("tensor_blocks") or {}
+    with ExitStack() as stack:
+        ref = stack.enter_context(CheckpointReader(start))
+        readers = [stack.enter_context(CheckpointReader(e)) for e in ends]
+        composed = [n for n in ref.names if n in tensor_blocks]
+        if not composed:
+            raise ValueError(f"{coefficients}: none of its tensors is in {start}; fitted on another model?")
+        for k, r in enumerate(readers):
+            for n in composed:
+                info = r.infos.get(n)
+                if info is None or info.shape != ref.infos[n].shape:
+                    got = None if info is None else info.shape
+                    raise ValueError(f"ends[{k}] ({ends[k]}): tensor {n!r} has shape {got}, start has "
+                                     f"{ref.infos[n].shape}")
+        plan = [(n, ref.infos[n].shape, ref.infos[n].dtype) for n in ref.names]
+        with atomic_output_dir(output_dir, overwrite, [start, *ends, coefficients]) as tmp:
+            with ShardedWriter(tmp, plan, max_shard_size, metadata=ref.metadata) as writer:
+                for n in ref.names:
+                    s = ref.get(n)
+                    if n in tensor_blocks:
+                        b = int(tensor_blocks[n])
+                        taus = [{n: r.get(n).to(s.dtype) - s} for r in readers]
+                        s = compose_weights({n: s}, taus, coef[:, b : b + 1], [0])[n]
+                    writer.write(n, s)
+            copy_side_files(start, start, tmp)
+    return Path(output_dir)

@@ -254,3 +254,31 @@ def test_lora_coefficients_per_module_equal_peft_merges():
         LearnedInterpolation.from_lora(base, [])
     with pytest.raises(ValueError, match="not a weighted module"):
         LearnedInterpolation.from_lora(tiny_llama(0), [ad1])
+
+
+def test_merge_saved_streams_the_same_weights_as_in_memory(tmp_path):
+    from transformers import BertForSequenceClassification
+
+    from robustft.learned import merge_saved
+
+    start = tiny_bert(0).eval()
+    ends = [_perturbed(start, 1, scale=0.05), _perturbed(start, 2, scale=0.05)]
+    for name, m in [("start", start), ("a", ends[0]), ("b", ends[1])]:
+        m.save_pretrained(tmp_path / name)
+    learned = LearnedInterpolation(start, ends, blocks="layer")
+    shape = learned.coefficients.shape
+    learned.coefficients = torch.randn(shape, generator=torch.Generator().manual_seed(10))
+    learned.save_coefficients(tmp_path / "coef")
+    out = merge_saved(tmp_path / "start", [tmp_path / "a", tmp_path / "b"], tmp_path / "coef",
+                      tmp_path / "merged", max_shard_size="20KB")
+    assert (out / "model.safetensors.index.json").is_file() and (out / "config.json").is_file()
+    loaded = BertForSequenceClassification.from_pretrained(out).state_dict()
+    merged = learned.merged_state_dict()
+    for n, t in loaded.items():
+        torch.testing.assert_close(t, merged.get(n, _state(start)[n]), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="ends: 1 checkpoints for 2 task vectors"):
+        merge_saved(tmp_path / "start", [tmp_path / "a"], tmp_path / "coef", tmp_path / "other")
+    tiny_llama(0).save_pretrained(tmp_path / "llama")
+    with pytest.raises(ValueError, match="fitted on another model"):
+        merge_saved(tmp_path / "llama", [tmp_path / "llama"] * 2, tmp_path / "coef", tmp_path / "other")
+    assert not (tmp_path / "other").exists()
