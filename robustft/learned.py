@@ -24,6 +24,7 @@ from torch.func import functional_call
 
 from robustft.checkpoint import atomic_output_dir, atomic_output_file, atomic_write_text
 from robustft.lora.io import LoRAAdapter
+from robustft.lora.layers import is_lora_b
 from robustft.ops.dawin import prediction_entropy
 from robustft.ops.learned import assign_blocks, compose_weights, task_vectors
 from robustft.params import live_tensors, select_parameters, swapped_in
@@ -129,6 +130,11 @@ class LearnedInterpolation:
             raise ValueError("ends: no fine-tuned model given; need at least one task vector")
         self.model = model
         self.params = select_parameters(model, include, exclude, trainable_only=False, buffers=True)
+        factors = [n for n in self.params if is_lora_b(n)]
+        if factors:  # α·(B_end − B_0) on each factor is not α on the delta B·A (α² appears): use from_lora
+            raise ValueError(f"model: LoRA factor {factors[0]!r} selected; interpolating factors does not "
+                             "scale the delta s·B·A. Pass the base model and the adapters to "
+                             "LearnedInterpolation.from_lora, or exclude the factors")
         self.start = {n: t.detach() for n, t in self.params.items()}
         kw = dict(include=include, exclude=exclude, trainable_only=False, buffers=True)
         end_sds = [select_parameters(e, **kw) if isinstance(e, nn.Module) else e for e in ends]

@@ -250,6 +250,11 @@ def test_lora_coefficients_per_module_equal_peft_merges():
     ids = torch.randint(6, 64, (4, 6), generator=torch.Generator().manual_seed(9))
     learned.fit([{"input_ids": ids}], objective="entropy", steps=2, lr=0.1)
     assert not torch.equal(learned.coefficients, coef)
+    from peft import LoraConfig, get_peft_model
+
+    peft = get_peft_model(copy.deepcopy(base), LoraConfig(r=2, target_modules=["query"]))
+    with pytest.raises(ValueError, match="LoRA factor .*lora_B.*from_lora"):
+        LearnedInterpolation(peft, copy.deepcopy(peft))
     with pytest.raises(ValueError, match="adapters: none"):
         LearnedInterpolation.from_lora(base, [])
     with pytest.raises(ValueError, match="not a weighted module"):
