@@ -153,7 +153,10 @@ class LearnedInterpolation:
                                  f"{shape}")
             start_coef = init.detach().to(torch.float32).clone()
         else:
-            value = float(init)
+            try:
+                value = float(init)
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"init: {init!r} is not a number or a tensor") from err
             if not math.isfinite(value):
                 raise ValueError(f"init: {init!r} is not finite")
             start_coef = torch.full(shape, value)

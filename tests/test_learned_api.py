@@ -201,6 +201,10 @@ def test_bad_options_are_named():
         LearnedInterpolation(start, wrong)
     with pytest.raises(ValueError, match="ends\\[0\\]: has no tensor"):
         LearnedInterpolation(start, {"0.weight": torch.zeros(8, 4)})
+    with pytest.raises(ValueError, match="init: 'half' is not a number"):
+        LearnedInterpolation(start, end, init="half")
+    with pytest.raises(ValueError, match="init: nan is not finite"):
+        LearnedInterpolation(start, end, init=float("nan"))
     with pytest.raises(ValueError, match="init: shape"):
         LearnedInterpolation(start, end, init=torch.zeros(2, 2))
     learned = LearnedInterpolation(start, end)
