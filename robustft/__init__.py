@@ -33,6 +33,7 @@ if TYPE_CHECKING:  # the same names, for type checkers and IDEs
         SWACallback,
         WiseFTCallback,
     )
+    from robustft.learned import LearnedInterpolation
     from robustft.lora import (
         DeltaSet,
         LoRAAdapter,
@@ -76,6 +77,7 @@ __getattr__, __dir__ = lazy_exports(
             "SparseUpdateCallback",
             "WiseFTCallback",
         ),
+        "robustft.learned": ("LearnedInterpolation",),
         "robustft.lora": (
             "DeltaSet",
             "LoRAAdapter",
@@ -108,6 +110,7 @@ __all__ = [
     "L2SPCallback",
     "LAWACallback",
     "LPFTCallback",
+    "LearnedInterpolation",
     "LoRAAdapter",
     "LoRAArithmeticCallback",
     "LoRADelta",

@@ -35,11 +35,10 @@ from robustft import distributed
 from robustft.checkpoint import atomic_output_file, atomic_write_text
 from robustft.lora.layers import is_lora_b, lora_a_name
 from robustft.ops.dawin import (
-    causal_lm_mask,
+    batch_entropy,
     component_alphas,
     dawin_lambda,
     fit_beta_mixture,
-    prediction_entropy,
 )
 from robustft.ops.interpolate import (
     check_alpha,
@@ -523,25 +522,8 @@ class DaWinResult:
         return "\n".join(rows)
 
 
-def _first(logits):
-    return logits[0] if isinstance(logits, (tuple, list)) else logits
-
-
-def _entropy_of_batch(logits, labels, causal: bool) -> torch.Tensor:
-    """Per-input prediction entropy of one evaluation batch (the Trainer's ``preprocess_logits_for_metrics``).
-
-    Per-position logits (N, T, C) are averaged over the positions with a label: for a causal LM those
-    predicting a token (labels shifted by one, :func:`robustft.ops.dawin.causal_lm_mask`), otherwise
-    (token classification) those whose own label is not -100; all positions when there are no labels.
-    """
-    logits = _first(logits)
-    mask = None
-    if logits.dim() == 3 and isinstance(labels, torch.Tensor) and labels.shape == logits.shape[:2]:
-        mask = causal_lm_mask(labels) if causal else labels != -100
-    return prediction_entropy(logits, mask)
-
-
-def _is_causal_lm(model: nn.Module) -> bool:
+def is_causal_lm(model: nn.Module) -> bool:
+    """True when the model holds a ``...ForCausalLM`` module (its entropies are per next-token)."""
     return any(type(m).__name__.endswith("ForCausalLM") for m in model.modules())
 
 
@@ -617,7 +599,7 @@ def dawin_evaluate(
         raise ValueError(f"metric: DaWin scores the reassembled predictions with the Trainer's "
                          f"compute_metrics; give the Trainer one that returns {metric!r} (or metric='loss')")
     check_method(method)
-    causal = _is_causal_lm(trainer.model) if causal_lm is None else bool(causal_lm)
+    causal = is_causal_lm(trainer.model) if causal_lm is None else bool(causal_lm)
     names = list(eval_datasets)
     compute = trainer.compute_metrics
 
@@ -626,7 +608,7 @@ def dawin_evaluate(
                 for n in names}
 
     def reduce(logits, labels):
-        return _entropy_of_batch(logits, labels, causal)
+        return batch_entropy(logits, labels, causal)
 
     with _trainer_attributes(trainer, compute_metrics=None, preprocess_logits_for_metrics=reduce):
         h_start, h_ft = evaluate_at_alphas(weights, [0.0, 1.0], entropies, method)

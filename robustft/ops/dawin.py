@@ -24,9 +24,11 @@ import torch
 
 __all__ = [
     "BetaMixture",
+    "batch_entropy",
     "causal_lm_mask",
     "component_alphas",
     "dawin_lambda",
+    "first_logits",
     "fit_beta_mixture",
     "prediction_entropy",
 ]
@@ -184,3 +186,22 @@ def component_alphas(lam: torch.Tensor, assignment: torch.Tensor) -> tuple[list[
         alphas.append(float(lam[idx].to(torch.float64).mean()))
         groups.append(idx)
     return alphas, groups
+
+
+def first_logits(logits):
+    """The logits of a model output that may be a tuple (logits first)."""
+    return logits[0] if isinstance(logits, (tuple, list)) else logits
+
+
+def batch_entropy(logits, labels, causal: bool) -> torch.Tensor:
+    """Per-input prediction entropy of one evaluation batch (the Trainer's ``preprocess_logits_for_metrics``).
+
+    Per-position logits (N, T, C) are averaged over the positions with a label: for a causal LM those
+    predicting a token (labels shifted by one, :func:`causal_lm_mask`), otherwise
+    (token classification) those whose own label is not -100; all positions when there are no labels.
+    """
+    logits = first_logits(logits)
+    mask = None
+    if logits.dim() == 3 and isinstance(labels, torch.Tensor) and labels.shape == logits.shape[:2]:
+        mask = causal_lm_mask(labels) if causal else labels != -100
+    return prediction_entropy(logits, mask)
