@@ -213,3 +213,24 @@ def test_plain_trainer_without_reference_is_refused(tmp_path):
                       train_dataset=token_dataset(8), callbacks=[EMAReferenceCallback(0.9)])
     with pytest.raises(RuntimeError, match="'ref_model'"):
         trainer.train()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("use_peft", [False, True], ids=["full", "peft"])
+def test_resume_equals_uninterrupted(tiny_path, tmp_path, use_peft):
+    """A resumed run's reference is the uninterrupted one's: full models through the callback's state (TRL
+    rebuilds its reference from the model path), PEFT also through the "ref" adapter the Trainer saves and
+    loads with the checkpoint (kept as it is by the callback)."""
+    config = lora_config() if use_peft else None
+    whole = dpo_trainer(tiny_path, tmp_path, callbacks=[EMAReferenceCallback(DECAY)], peft_config=config,
+                        save_strategy="steps", save_steps=2)
+    whole.train()
+    resumed = dpo_trainer(tiny_path, tmp_path / "again", callbacks=[EMAReferenceCallback(DECAY)],
+                          peft_config=config)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    owner = (lambda t: t.model) if use_peft else (lambda t: t.ref_model)
+    ref = {n: p for n, p in owner(resumed).named_parameters() if not use_peft or ".ref." in n}
+    assert ref
+    for name, p in owner(whole).named_parameters():
+        if name in ref:
+            torch.testing.assert_close(ref[name], p, rtol=1e-6, atol=1e-7, msg=name)
