@@ -92,6 +92,9 @@ class EMAReferenceCallback(EMACallback):
         if getattr(trl_args, "precompute_ref_log_probs", False):
             raise ValueError("EMAReferenceCallback: precompute_ref_log_probs=True computes the reference "
                              "once, before training, so it could not follow the EMA; set it to False")
+        if getattr(trl_args, "beta", None) == 0.0:
+            raise ValueError("EMAReferenceCallback: beta=0.0, so the trainer computes no reference; "
+                             "set beta > 0")
         if (is_sharded(self.params) or getattr(trainer, "is_deepspeed_enabled", False)
                 or getattr(trainer, "is_fsdp_enabled", False)):
             raise NotImplementedError("EMAReferenceCallback supports one process or DDP; FSDP and DeepSpeed "

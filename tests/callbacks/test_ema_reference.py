@@ -189,6 +189,7 @@ def test_trl_refuses_sync_ref_model_with_peft(tiny_path, tmp_path):
 @pytest.mark.parametrize("option, value, match", [
     ("sync_ref_model", True, "sync_ref_model=True would move the reference a second time"),
     ("precompute_ref_log_probs", True, "precompute_ref_log_probs=True"),
+    ("beta", 0.0, "beta=0.0, so the trainer computes no reference"),
 ])
 def test_refuses_settings_where_the_reference_cannot_follow(tiny_path, tmp_path, option, value, match):
     trainer = dpo_trainer(tiny_path, tmp_path, callbacks=[EMAReferenceCallback(DECAY)], **{option: value})
