@@ -98,6 +98,8 @@ def test_full_model_equals_trl_sync_ref_model(tiny_path, tmp_path):
     ours = dpo_trainer(tiny_path, tmp_path / "ours", callbacks=[EMAReferenceCallback(DECAY)])
     ours.train()
     ref_ours, ref_theirs = dict(ours.ref_model.named_parameters()), dict(theirs.ref_model.named_parameters())
+    logged = [h for h in ours.state.log_history if "ema_ref/distance" in h]
+    assert len(logged) == STEPS and all(h["ema_ref/decay"] == DECAY for h in logged)
     moved = max((ref_ours[n] - start[n]).abs().max().item() for n in start)
     assert moved > 1e-3  # the reference really followed the policy
     for name, p in ref_theirs.items():
