@@ -1,4 +1,4 @@
-"""EMAReferenceCallback: TRL's DPO reference is the EMA of the policy (WARP's EMA anchor).
+"""EMAReferenceCallback: TRL's DPO/GRPO reference is the EMA of the policy (WARP's EMA anchor).
 
 Full models: the run equals TRL's own ``sync_ref_model`` with α = 1 − β, step 1 (reference and policy).
 PEFT: the reference log-probs TRL computes equal those of a separately built base + adapter model whose
@@ -237,3 +237,63 @@ def test_resume_equals_uninterrupted(tiny_path, tmp_path, use_peft):
     for name, p in owner(whole).named_parameters():
         if name in ref:
             torch.testing.assert_close(ref[name], p, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def grpo_trainer(path, tmp_path, callbacks=(), peft_config=None, **overrides):
+    """GRPO on the prompts, rewarded by completion length; SGD, so that float rounding is not amplified
+    by Adam's normalisation of near-zero gradients when two runs are compared."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    def reward(completions, **kwargs):
+        return [float(len(c)) for c in completions]
+
+    kwargs = dict(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=2, max_completion_length=4,
+        max_steps=3, learning_rate=1.0, optim="sgd", lr_scheduler_type="constant", beta=0.5, report_to=[],
+        save_strategy="no", seed=0, use_cpu=True, bf16=False, logging_steps=1, disable_tqdm=True,
+    )
+    kwargs.update(overrides)
+    torch.manual_seed(0)
+    return trl.GRPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(path), reward_funcs=reward, args=trl.GRPOConfig(**kwargs),
+        train_dataset=Dataset.from_dict({"prompt": [p for p, _, _ in PAIRS]}),
+        processing_class=AutoTokenizer.from_pretrained(path), callbacks=list(callbacks),
+        peft_config=peft_config,
+    )
+
+
+@pytest.mark.slow
+def test_grpo_full_model_equals_trl_sync_ref_model(tiny_path, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    theirs = grpo_trainer(tiny_path, tmp_path / "trl", sync_ref_model=True, ref_model_mixup_alpha=1 - DECAY,
+                          ref_model_sync_steps=1)
+    theirs.train()
+    ours = grpo_trainer(tiny_path, tmp_path / "ours", callbacks=[EMAReferenceCallback(DECAY)])
+    ours.train()
+    start = dict(AutoModelForCausalLM.from_pretrained(tiny_path).named_parameters())
+    assert max((p - start[n]).abs().max().item() for n, p in ours.ref_model.named_parameters()) > 1e-2
+    for (name, p), q in zip(ours.ref_model.named_parameters(), theirs.ref_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+    for (name, p), q in zip(ours.model.named_parameters(), theirs.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_grpo_peft_reference_adapter_holds_the_ema(tiny_path, tmp_path):
+    """GRPO reads the PEFT reference through the same "ref" adapter (tests/test_compat.py); it holds the EMA
+    of the recorded adapter states and the KL to it is logged."""
+    recorder = AdapterRecorder()
+    trainer = grpo_trainer(tiny_path, tmp_path, callbacks=[recorder, EMAReferenceCallback(DECAY)],
+                           peft_config=lora_config())
+    trainer.train()
+    ema = {n: t.clone() for n, t in recorder.states[0].items()}
+    for state in recorder.states[1:]:
+        for n in ema:
+            ema[n] = DECAY * ema[n] + (1 - DECAY) * state[n]
+    params = dict(trainer.model.named_parameters())
+    moved = max((ema[n] - recorder.states[0][n]).abs().max().item() for n in ema)
+    assert moved > 1e-3
+    for n, t in ema.items():
+        torch.testing.assert_close(params[n.replace(".default.", ".ref.")], t, rtol=1e-6, atol=1e-7)
+    assert any(h.get("kl", 0.0) > 0 for h in trainer.state.log_history)
