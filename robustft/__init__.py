@@ -17,6 +17,7 @@ __version__ = "0.1.0"
 if TYPE_CHECKING:  # the same names, for type checkers and IDEs
     from robustft.callbacks import (
         EMACallback,
+        EMAReferenceCallback,
         EWCCallback,
         GGPOCallback,
         L2SPCallback,
@@ -61,6 +62,7 @@ __getattr__, __dir__ = lazy_exports(
     {
         "robustft.callbacks": (
             "EMACallback",
+            "EMAReferenceCallback",
             "EWCCallback",
             "GGPOCallback",
             "L2SPCallback",
@@ -105,6 +107,7 @@ __getattr__, __dir__ = lazy_exports(
 __all__ = [
     "DeltaSet",
     "EMACallback",
+    "EMAReferenceCallback",
     "EWCCallback",
     "GGPOCallback",
     "L2SPCallback",

@@ -21,6 +21,7 @@ import torch
 
 __all__ = [
     "CHECKED_AGAINST",
+    "TRL_REF_ADAPTER",
     "UNKNOWN_RESUME",
     "caller_self",
     "clip_grad_norm",
@@ -32,6 +33,7 @@ __all__ = [
     "trainer_loss_accumulation",
     "trainer_resume_checkpoint",
     "trl_bookkeeping_kept",
+    "trl_reference_model",
 ]
 
 CHECKED_AGAINST = {
@@ -137,6 +139,22 @@ def trl_bookkeeping_kept(trainer: Any) -> Iterator[None]:
         if tokens is not None:
             trainer._total_train_tokens = tokens
 
+
+#: the adapter TRL's DPO/GRPO/RLOO trainers activate for the reference forward of a PEFT policy when it exists
+#: (``use_adapter(model, adapter_name="ref" if "ref" in model.peft_config else None)``; otherwise they
+#: disable the adapters and use the base model)
+TRL_REF_ADAPTER = "ref"
+
+
+def trl_reference_model(trainer: Any) -> torch.nn.Module | None:
+    """The separate reference model a TRL trainer computes reference log-probs with (``trainer.ref_model``,
+    unwrapped), or None when it has none (a PEFT policy, or no reference in use)."""
+    if not hasattr(trainer, "ref_model"):
+        raise _missing(type(trainer).__name__, "ref_model", "trl", "EMAReferenceCallback (a TRL trainer "
+                       "with a reference model: DPOTrainer, GRPOTrainer, RLOOTrainer)")
+    ref = trainer.ref_model
+    accelerator = getattr(trainer, "accelerator", None)
+    return accelerator.unwrap_model(ref) if ref is not None and accelerator is not None else ref
 
 # -- torch GradScaler ---------------------------------------------------------------------------------
 def _scaler_states(scaler: Any) -> dict:

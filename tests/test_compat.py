@@ -169,6 +169,29 @@ def test_trl_sft_trainer_keeps_metrics_and_token_count():
     assert fake._metrics == {"train": {"num_tokens": [10]}} and fake._total_train_tokens == 10
 
 
+@pytest.mark.parametrize("name, method", [
+    ("DPOTrainer", "_compute_loss"), ("DPOTrainer", "compute_ref_log_probs"),
+    ("GRPOTrainer", "_generate_and_score_completions"), ("RLOOTrainer", "_generate_and_score_completions"),
+])
+def test_trl_reference_forward_uses_the_ref_adapter_or_ref_model(name, method):
+    """EMAReferenceCallback holds the EMA where TRL reads the reference: ``trainer.ref_model`` (set in
+    ``__init__``), or for a PEFT policy the adapter ``compat.TRL_REF_ADAPTER``, which the reference forward
+    activates with ``use_adapter`` when it exists."""
+    trl = pytest.importorskip("trl")
+    trainer = getattr(trl, name)
+    assert "self.ref_model =" in inspect.getsource(trainer.__init__), f"trl.{name} no longer sets ref_model"
+    source = " ".join(inspect.getsource(getattr(trainer, method)).split())
+    ref = compat.TRL_REF_ADAPTER
+    assert "use_adapter(" in source and f'adapter_name="{ref}" if "{ref}" in' in source, (
+        f"trl.{name}.{method}: the reference forward no longer activates adapter {ref!r}"
+    )
+
+
+def test_trl_reference_model_names_a_missing_attribute():
+    with pytest.raises(RuntimeError, match="'ref_model'.*trl 1.16.0"):
+        compat.trl_reference_model(object())
+
+
 def test_grad_scaler_per_optimizer_state():
     """``GradScaler._per_optimizer_states`` (a defaultdict of ``_refresh_per_optimizer_state``) records
     that a step's gradients were unscaled; clearing it lets ``unscale_`` run again, restoring it puts

@@ -17,6 +17,7 @@ if TYPE_CHECKING:  # the same names, for type checkers and IDEs
         SWACallback,
     )
     from robustft.callbacks.base import RobustCallback
+    from robustft.callbacks.ema_reference import EMAReferenceCallback
     from robustft.callbacks.lora_arithmetic import LoRAArithmeticCallback
     from robustft.callbacks.lpft import LPFTCallback
     from robustft.callbacks.perturbation import GGPOCallback, MomentumSAMCallback, RandomPerturbationCallback
@@ -36,6 +37,7 @@ __getattr__, __dir__ = lazy_exports(
             "SWACallback",
         ),
         "robustft.callbacks.base": ("RobustCallback",),
+        "robustft.callbacks.ema_reference": ("EMAReferenceCallback",),
         "robustft.callbacks.lora_arithmetic": ("LoRAArithmeticCallback",),
         "robustft.callbacks.lpft": ("LPFTCallback",),
         "robustft.callbacks.perturbation": (
@@ -52,6 +54,7 @@ __getattr__, __dir__ = lazy_exports(
 
 __all__ = [
     "EMACallback",
+    "EMAReferenceCallback",
     "EWCCallback",
     "GGPOCallback",
     "L2SPCallback",

@@ -321,7 +321,7 @@ class EMACallback(_AveragingCallback):
             ema_update_(self.avg.tensors, live, self.current_decay())
 
     def _extra_logs(self) -> dict[str, float]:
-        return {"ema/decay": self.current_decay()}
+        return {f"{self.prefix}/decay": self.current_decay()}
 
 
 def _start_step(start: int | float, max_steps: int) -> int:
