@@ -6,7 +6,7 @@ import os
 
 import torch
 from datasets import Dataset
-from transformers import BertConfig, BertForSequenceClassification, TrainingArguments
+from transformers import BertConfig, BertForSequenceClassification, TrainerCallback, TrainingArguments
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -60,3 +60,14 @@ def lm_dataset(n: int = 64, seq_len: int = 8, seed: int = 0) -> Dataset:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, 64, (n, seq_len), generator=g).tolist()
     return Dataset.from_dict({"input_ids": ids, "labels": ids})
+
+
+def stop_at(step: int) -> TrainerCallback:
+    """A callback that stops training after optimizer step ``step`` (to cut a run for a resume test)."""
+
+    class Stop(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == step:
+                control.should_training_stop = True
+
+    return Stop()

@@ -313,6 +313,25 @@ _DELLA_MODEL = {
 _RAM_EPSILON = Param(1e-5, check_non_negative)
 
 
+def _della_spec(name: str, kind: str, normalize: bool) -> MethodSpec:
+    """DELLA with TIES sign election (``della``) or a weighted sum (``della_linear``); they differ only there
+    and in the default of ``normalize``."""
+    return MethodSpec(
+        name,
+        _della(kind),
+        needs_base=True,
+        global_params={
+            **_DELTA,
+            "normalize": Param(normalize, check_bool),
+            "rescale": Param(True, check_bool),
+        },
+        model_params=_DELLA_MODEL,
+        delta=True,
+        seeded=True,
+        check=_check_della,
+    )
+
+
 _DELTA = {"lambda": LAMBDA}
 _INTERPOLATION = {"t": T, "extrapolate": EXTRAPOLATE}
 
@@ -470,34 +489,8 @@ METHODS: dict[str, MethodSpec] = {
             model_params={"weight": WEIGHT, "fisher": Param(REQUIRED, check_path)},
         ),
         # -- methods of mergekit 0.1.5 (issue 16) --
-        MethodSpec(
-            "della",
-            _della("ties"),
-            needs_base=True,
-            global_params={
-                **_DELTA,
-                "normalize": Param(True, check_bool),
-                "rescale": Param(True, check_bool),
-            },
-            model_params=_DELLA_MODEL,
-            delta=True,
-            seeded=True,
-            check=_check_della,
-        ),
-        MethodSpec(
-            "della_linear",
-            _della("linear"),
-            needs_base=True,
-            global_params={
-                **_DELTA,
-                "normalize": Param(False, check_bool),
-                "rescale": Param(True, check_bool),
-            },
-            model_params=_DELLA_MODEL,
-            delta=True,
-            seeded=True,
-            check=_check_della,
-        ),
+        _della_spec("della", "ties", normalize=True),
+        _della_spec("della_linear", "linear", normalize=False),
         MethodSpec(
             "breadcrumbs_ties",
             _breadcrumbs_ties,

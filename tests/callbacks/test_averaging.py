@@ -10,7 +10,7 @@ from transformers import Trainer, TrainerCallback
 
 from robustft import EMACallback, LAWACallback, MomentumInterpolationCallback, SWACallback
 from robustft.params import select_parameters
-from tests.tiny import tiny_bert, token_dataset, training_args
+from tests.tiny import stop_at, tiny_bert, token_dataset, training_args
 
 
 class Recorder(TrainerCallback):
@@ -118,15 +118,6 @@ def test_eval_with_ema_differs_from_live_and_restores_live_weights(tmp_path):
     assert ema_loss == pytest.approx(again, abs=1e-6)  # the in-training eval really used the EMA weights
 
 
-def _stop_at(step):
-    class Stop(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == step:
-                control.should_training_stop = True
-
-    return Stop()
-
-
 @pytest.mark.parametrize("make", [lambda: EMACallback(decay=0.7, save_dir=None),
                                   lambda: LAWACallback(k=2, update_every=3, save_dir=None),
                                   lambda: SWACallback(start=0.25, save_dir=None)])
@@ -134,7 +125,7 @@ def test_resume_equals_uninterrupted(tmp_path, make):
     full = make()
     _train([full], tmp_path / "full")
     interrupted = make()
-    _train([interrupted, _stop_at(4)], tmp_path / "part", save_strategy="steps", save_steps=4)
+    _train([interrupted, stop_at(4)], tmp_path / "part", save_strategy="steps", save_steps=4)
     assert (tmp_path / "part" / "checkpoint-4" / "robustft").is_dir()
     resumed = make()
     trainer = Trainer(
@@ -148,7 +139,7 @@ def test_resume_equals_uninterrupted(tmp_path, make):
 
 
 def test_resume_without_state_raises(tmp_path):
-    _train([_stop_at(4)], tmp_path, save_strategy="steps", save_steps=4)
+    _train([stop_at(4)], tmp_path, save_strategy="steps", save_steps=4)
     trainer = Trainer(model=tiny_bert(), args=training_args(tmp_path), train_dataset=token_dataset(),
                       callbacks=[EMACallback(save_dir=None)])
     with pytest.raises(FileNotFoundError, match="EMACallback: resuming from .*checkpoint-4"):

@@ -8,7 +8,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from robustft import LPFTCallback, WiseFTCallback
-from tests.tiny import tiny_bert, token_dataset, training_args
+from tests.tiny import stop_at, tiny_bert, token_dataset, training_args
 
 ADAMW = dict(weight_decay=0.1, adam_beta1=0.9, max_grad_norm=1.0)
 HEAD = ("classifier.weight", "classifier.bias")
@@ -27,15 +27,6 @@ class Recorder(TrainerCallback):
         self.weights[state.global_step] = {n: p.detach().clone() for n, p in model.named_parameters()}
         inner = getattr(optimizer, "optimizer", optimizer)
         self.has_state[state.global_step] = {n: bool(inner.state.get(p)) for n, p in model.named_parameters()}
-
-
-def _stop_at(step):
-    class Stop(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == step:
-                control.should_training_stop = True
-
-    return Stop()
 
 
 def _train(out, callbacks, resume=None, **args):
@@ -128,7 +119,7 @@ def test_interpolate_from_probe_false_keeps_the_pretrained_start(tmp_path):
 def test_resumed_equals_uninterrupted(tmp_path, cut):
     make = lambda: [LPFTCallback(probe_steps=3), WiseFTCallback(alpha=0.5)]  # noqa: E731
     want = {n: p.detach().clone() for n, p in _train(tmp_path / "full", make()).model.named_parameters()}
-    _train(tmp_path / "part", [*make(), _stop_at(cut)], save_strategy="steps", save_steps=cut)
+    _train(tmp_path / "part", [*make(), stop_at(cut)], save_strategy="steps", save_steps=cut)
     got = _train(tmp_path / "part", make(), resume=True).model
     for n, p in got.named_parameters():
         assert torch.equal(p.detach(), want[n]), n

@@ -6,19 +6,10 @@ import shutil
 
 import pytest
 import torch
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer
 
 from robustft import EMACallback, WiseFTCallback
-from tests.tiny import tiny_bert, token_dataset, training_args
-
-
-def _stop_at(step):
-    class Stop(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == step:
-                control.should_training_stop = True
-
-    return Stop()
+from tests.tiny import stop_at, tiny_bert, token_dataset, training_args
 
 
 def _train(out, callbacks, resume=None, **args):
@@ -47,7 +38,7 @@ def _result(cb, trainer):
 def test_resumed_equals_uninterrupted(tmp_path, make, where):
     full = make()
     want = _result(full, _train(tmp_path / "full", [full]))
-    _train(tmp_path / "part", [make(), _stop_at(4)], save_strategy="steps", save_steps=4)
+    _train(tmp_path / "part", [make(), stop_at(4)], save_strategy="steps", save_steps=4)
     if where == "last_in_output_dir":  # resume_from_checkpoint=True: the last checkpoint of output_dir
         out, resume = tmp_path / "part", True
     else:  # the checkpoint copied elsewhere, its run folder gone; output_dir is another folder
@@ -56,7 +47,7 @@ def test_resumed_equals_uninterrupted(tmp_path, make, where):
         shutil.rmtree(tmp_path / "part")
         out = tmp_path / "other"
         if where == "moved_stale_output_dir":  # holding a checkpoint-4 of another run, which must not be read
-            _train(out, [make(), _stop_at(4)], save_strategy="steps", save_steps=4, learning_rate=1e-2)
+            _train(out, [make(), stop_at(4)], save_strategy="steps", save_steps=4, learning_rate=1e-2)
         resume = str(resume)
     resumed = make()
     got = _result(resumed, _train(out, [resumed], resume=resume, save_strategy="no"))

@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 from torch.utils.data import DataLoader
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer
 
 from robustft import RandomPerturbationCallback, SparseUpdateCallback
 from robustft.callbacks.sparse import load_mask, save_mask
-from tests.tiny import tiny_bert, token_dataset, training_args
+from tests.tiny import stop_at, tiny_bert, token_dataset, training_args
 
 ADAMW = dict(weight_decay=0.1, adam_beta1=0.9, max_grad_norm=1.0)  # decoupled decay + momentum + clipping
 
@@ -24,15 +24,6 @@ def _train(out, callbacks, resume=None, model=None, **args):
 
 def _weights(model):
     return {n: p.detach().clone() for n, p in model.named_parameters()}
-
-
-def _stop_at(step):
-    class Stop(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == step:
-                control.should_training_stop = True
-
-    return Stop()
 
 
 def _ranked(scores):
@@ -146,7 +137,7 @@ def test_resumed_equals_uninterrupted(tmp_path):
     """The mask comes from the checkpoint: recomputed from |θ| at step 4 it would differ."""
     make = lambda: SparseUpdateCallback(density=0.1, scores="magnitude")  # noqa: E731
     want = _weights(_train(tmp_path / "full", [make()]).model)
-    _train(tmp_path / "part", [make(), _stop_at(4)], save_strategy="steps", save_steps=4)
+    _train(tmp_path / "part", [make(), stop_at(4)], save_strategy="steps", save_steps=4)
     resumed = make()
     got = _weights(_train(tmp_path / "part", [resumed], resume=True).model)
     for name in want:
