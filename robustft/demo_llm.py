@@ -471,8 +471,8 @@ def run_llm_demo(
         if method == "plain LoRA":  # EMA and WiSE-FT only read the trajectory: they share this run
             ema = EMACallback(decay=cfg.ema_decay, warmup=True, eval_with_ema=False, save_dir=None)
             wise = WiseFTCallback(alphas=cfg.alphas, eval_datasets=evals, id_dataset="id", metric="eval_loss",
-                                  greater_is_better=False, progress=progress)
-            extra = [ema, wise]
+                                  greater_is_better=False, progress=progress, save_curve=False)
+            extra = [ema, wise]  # the curve is saved once, into the demo's folder
         trainer = SFTTrainer(
             model=model,
             args=sft_config(out / method.replace(" ", "_"), cfg, progress, **(train_overrides or {})),

@@ -86,6 +86,7 @@ def test_demo_cli_refuses_llm_options_out_of_place(argv, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1500)  # first run on a fresh machine also converts the GGUF and asks the base model
 def test_llm_demo_runs_offline_and_wise_ft_keeps_more_of_the_base_model(tmp_path):
     """The fast default end to end: every row scored, α chosen on id only, and WiSE-FT's direction.
 
