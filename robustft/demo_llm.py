@@ -382,8 +382,9 @@ def step_clock():
 
 
 def sft_config(output_dir: str | os.PathLike, cfg: LLMDemoConfig, progress: bool = False, **overrides):
-    """The demo's ``SFTConfig``: CPU float32 unless overridden (TRL's defaults are bf16 autocast and
-    activation checkpointing, which only slow a 135M model on CPU), constant LR, no saving, tokens counted."""
+    """The demo's ``SFTConfig``: CPU with bf16 autocast (TRL's default; float32 master weights, several
+    times faster than float32 on CPUs with AVX512-BF16) unless overridden, no activation checkpointing
+    (it only slows a 135M model), constant LR, no saving, tokens counted."""
     from trl import SFTConfig
 
     kwargs = dict(
@@ -391,7 +392,7 @@ def sft_config(output_dir: str | os.PathLike, cfg: LLMDemoConfig, progress: bool
         per_device_eval_batch_size=16, learning_rate=cfg.learning_rate, lr_scheduler_type="constant",
         warmup_steps=0, weight_decay=0.0, logging_steps=max(1, cfg.steps // 4), save_strategy="no",
         eval_strategy="no", report_to=[], max_length=128, seed=cfg.seed, disable_tqdm=not progress,
-        dataloader_num_workers=0, use_cpu=True, bf16=False, gradient_checkpointing=False,
+        dataloader_num_workers=0, use_cpu=True, bf16=True, gradient_checkpointing=False,
         include_num_input_tokens_seen="non_padding",
     )
     kwargs.update(overrides)
