@@ -86,7 +86,8 @@ def test_demo_cli_refuses_llm_options_out_of_place(argv, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1500)  # first run on a fresh machine also converts the GGUF and asks the base model
+# a few minutes alone; 16-25 min were measured with 5-10 other jobs on the same 2 cores
+@pytest.mark.timeout(2400)
 def test_llm_demo_runs_offline_and_wise_ft_keeps_more_of_the_base_model(tmp_path):
     """The fast default end to end: every row scored, α chosen on id only, and WiSE-FT's direction.
 
@@ -100,7 +101,7 @@ def test_llm_demo_runs_offline_and_wise_ft_keeps_more_of_the_base_model(tmp_path
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
         capture_output=True,
         text=True,
-        timeout=1500,
+        timeout=2300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((out / "llm_demo.json").read_text())
