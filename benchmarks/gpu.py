@@ -1,0 +1,234 @@
+"""The LLM benchmark on a CUDA GPU with ``bf16=True``, plus bf16 correctness checks of EMA, SAM and WiSE-FT.
+
+    python benchmarks/gpu.py                          # on a machine with an NVIDIA GPU: checks + benchmark
+    python benchmarks/gpu.py --checks-only            # the three bf16 checks only (seconds)
+    python benchmarks/gpu.py --device cpu --checks-only   # the same checks with CPU bf16 (tests the script)
+
+Without CUDA (and without ``--device cpu``) it prints why nothing ran and exits 0.
+
+Checks, each on a small random Llama whose weights are bfloat16, trained by the ``Trainer`` with
+``bf16=True``, against a float32 (or float64) reference computed here from the same weights:
+
+* EMA: ``EMACallback``'s shadow (float32 for 16-bit weights) equals the float64 EMA of the recorded
+  bf16 weight trajectory (relative error <= 1e-5; a bf16 shadow would be off by ~1e-3).
+* SAM: ``SAMCallback``'s gradient (taken at w + ε) has cosine >= 0.99 with the float32 reference SAM
+  gradient (ε = ρ·g/‖g‖ from the float32 gradient at w, then the gradient at w + ε), and is closer to it
+  than to the plain gradient; after the SGD step the weights are exactly the bf16 SGD update of the
+  start weights with that gradient, so the perturbation was undone exactly (w + ε − ε is not w in bf16).
+* WiSE-FT: ``WiseFTCallback(alpha=0.5)`` leaves (θ_start + θ_end)/2 computed in float32 and rounded to
+  bf16 (each element within one bf16 rounding, 2^-8 relative).
+
+Benchmark: ``benchmarks/llm.py``'s two parts on CUDA with bf16 autocast (float32 master weights): the
+scores of every method in the ``--setting`` (default full) and the interleaved throughput rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+NO_CUDA = (
+    "benchmarks/gpu.py: no CUDA device (torch.cuda.is_available() is False), so nothing was run. "
+    "Run it on a machine with an NVIDIA GPU; `--device cpu --checks-only` runs the bf16 checks on CPU."
+)
+
+
+def tiny_llama(dtype, device: str, seed: int = 0):
+    """A 2-layer random Llama (about 60k parameters) in ``dtype`` on ``device``."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(config).to(device=device, dtype=dtype)
+
+
+def token_data(n: int = 8, seq: int = 32, seed: int = 0):
+    import torch
+    from datasets import Dataset
+
+    ids = torch.randint(0, 128, (n, seq), generator=torch.Generator().manual_seed(seed)).tolist()
+    return Dataset.from_dict({"input_ids": ids, "labels": ids})
+
+
+def trainer_for(model, callbacks, device: str, out: str, steps: int, lr: float, optim: str = "adamw_torch"):
+    from transformers import Trainer, TrainingArguments
+
+    args = TrainingArguments(
+        output_dir=out, max_steps=steps, per_device_train_batch_size=8, learning_rate=lr, optim=optim,
+        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=0.0, bf16=True,
+        use_cpu=device == "cpu", save_strategy="no", report_to=[], disable_tqdm=True, logging_steps=10**6,
+        seed=0, dataloader_num_workers=0,
+    )
+    return Trainer(model=model, args=args, train_dataset=token_data(), callbacks=callbacks)
+
+
+def recorder(at: str):
+    """A callback keeping float32 copies of the trainable weights (``at="weights"``, at each step end and
+    at train begin) or of their gradients (``at="grads"``, before each optimizer step)."""
+    from transformers import TrainerCallback
+
+    class Recorder(TrainerCallback):
+        def __init__(self):
+            self.start, self.steps = None, []
+
+        def _copy(self, model, grads: bool):
+            return {n: (p.grad if grads else p).detach().float().clone()
+                    for n, p in model.named_parameters() if p.requires_grad}
+
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            self.start = self._copy(model, False)
+
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            if at == "grads":
+                self.steps.append(self._copy(model, True))
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if at == "weights":
+                self.steps.append(self._copy(model, False))
+
+    return Recorder()
+
+
+def check_ema(device: str, out: str) -> tuple[str, float, float]:
+    import torch
+
+    from robustft import EMACallback
+
+    decay = 0.9
+    model = tiny_llama(torch.bfloat16, device)
+    ema = EMACallback(decay=decay, warmup=False, eval_with_ema=False, save_dir=None)
+    rec = recorder("weights")
+    trainer_for(model, [rec, ema], device, out, steps=6, lr=1e-2).train()
+    ref = {n: w.double() for n, w in rec.steps[0].items()}  # the first update copies
+    for weights in rec.steps[1:]:
+        ref = {n: decay * ref[n] + (1 - decay) * weights[n].double() for n in ref}
+    shadow = dict(zip(ema.params, ema.avg.tensors, strict=True))
+    err = max(((shadow[n].double() - ref[n]).abs().max() / ref[n].abs().max()).item() for n in ref)
+    return "EMA shadow vs float64 EMA of the bf16 trajectory (max relative error)", err, 1e-5
+
+
+def check_sam(device: str, out: str) -> list[tuple[str, float, float]]:
+    import torch
+
+    from robustft import SAMCallback
+
+    rho, lr = 0.5, 0.1
+    model = tiny_llama(torch.bfloat16, device)
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    rec = recorder("grads")
+    trainer_for(model, [SAMCallback(rho=rho), rec], device, out, steps=1, lr=lr, optim="sgd").train()
+    g_sam = rec.steps[0]
+
+    ref = tiny_llama(torch.float32, device)  # float32 reference from the same (bf16-valued) weights
+    ref.load_state_dict({n: t.float() for n, t in start.items()})
+    batch = {k: torch.tensor(v, device=device) for k, v in token_data()[:8].items()}
+
+    def grads() -> dict[str, torch.Tensor]:
+        ref.zero_grad()
+        ref(**batch).loss.backward()
+        return {n: p.grad.detach().clone() for n, p in ref.named_parameters()}
+
+    g1 = grads()
+    norm = torch.sqrt(sum((g * g).sum() for g in g1.values()))
+    with torch.no_grad():
+        for n, p in ref.named_parameters():
+            p.add_(g1[n], alpha=rho / norm.item())
+    g2 = grads()
+
+    def cos(a, b) -> float:
+        dot = sum((a[n] * b[n]).sum() for n in a)
+        sq_a, sq_b = sum((a[n] ** 2).sum() for n in a), sum((b[n] ** 2).sum() for n in b)
+        return (dot / torch.sqrt(sq_a * sq_b)).item()
+
+    after = dict(model.named_parameters())
+    exact = sum(
+        int(not torch.equal(after[n].detach(), start[n].add(g_sam[n].to(torch.bfloat16), alpha=-lr)))
+        for n in start
+    )
+    return [
+        ("SAM gradient vs float32 reference SAM gradient (1 - cosine)", 1 - cos(g_sam, g2), 0.01),
+        ("SAM gradient: 1 - cos to the SAM reference minus 1 - cos to the plain gradient",
+         (1 - cos(g_sam, g2)) - (1 - cos(g_sam, g1)), 0.0),
+        ("weights after the step != w - lr*g_SAM in bf16 (tensors)", float(exact), 0.0),
+    ]
+
+
+def check_wise_ft(device: str, out: str) -> tuple[str, float, float]:
+    import torch
+
+    from robustft import WiseFTCallback
+
+    model = tiny_llama(torch.bfloat16, device)
+    rec = recorder("weights")
+    trainer_for(model, [rec, WiseFTCallback(alpha=0.5)], device, out, steps=4, lr=1e-2).train()
+    end = rec.steps[-1]
+    worst = 0.0
+    for n, p in model.named_parameters():
+        ref = 0.5 * rec.start[n] + 0.5 * end[n]
+        worst = max(worst, ((p.detach().float() - ref).abs() / (ref.abs() + 1e-30)).max().item())
+    moved = any(not torch.equal(p.detach().float(), end[n]) for n, p in model.named_parameters())
+    name = "WiSE-FT θ(0.5) vs float32 midpoint (max relative error per element)"
+    return name, worst if moved else math.inf, 2**-8
+
+
+def run_checks(device: str) -> bool:
+    from robustft.demo_llm import format_table
+
+    with tempfile.TemporaryDirectory() as out:
+        results = [check_ema(device, out), *check_sam(device, out), check_wise_ft(device, out)]
+    rows = [[name, f"{value:.3g}", f"<= {tol:g}", "ok" if value <= tol else "FAILED"]
+            for name, value, tol in results]
+    print(f"\nbf16 correctness checks on {device}:")
+    print(format_table(["check", "value", "bound", ""], rows))
+    return all(value <= tol for _, value, tol in results)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    p.add_argument("--checks-only", action="store_true")
+    p.add_argument("--skip-checks", action="store_true")
+    p.add_argument("--setting", choices=["full", "fast"], default="full")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=20, help="optimizer steps per throughput run")
+    p.add_argument("--out", default=os.path.join(tempfile.gettempdir(), "robustft_gpu_benchmark"))
+    args = p.parse_args(argv)
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print(NO_CUDA)
+        return 0
+    ok = True
+    if not args.skip_checks:
+        ok = run_checks(args.device)
+    if args.checks_only:
+        return 0 if ok else 1
+    from dataclasses import replace
+
+    from benchmarks.llm import throughput, throughput_table
+    from robustft import demo_llm
+
+    cfg = demo_llm.FULL if args.setting == "full" else demo_llm.FAST
+    name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    overrides = {"use_cpu": args.device == "cpu", "bf16": True}
+    result = demo_llm.run_llm_demo(args.out, cfg, progress=False, train_overrides=overrides)
+    per = throughput(replace(cfg, steps=args.steps), args.rounds, device=args.device, bf16=True)
+    print(f"\n{name}, bf16 autocast, setting {args.setting}:\n")
+    print(result.table())
+    print(result.summary())
+    print(f"\nthroughput, {args.rounds} interleaved rounds of {args.steps} steps:\n")
+    print(throughput_table(per))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
