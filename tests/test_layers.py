@@ -38,6 +38,7 @@ MODULE_LAYERS = {
     "robustft.cli": "cli",
     "robustft.__main__": "cli",
     "robustft.demo": "cli",
+    "robustft.demo_llm": "cli",  # the LLM demo (robustft demo --llm)
     "robustft.merge.cli": "cli",
     "robustft.lora.cli": "cli",
 }

@@ -249,7 +249,8 @@ class _OnePass(_WeightPerturbation):
         rho = self._rho_at(state)
         if rho <= 0:
             return
-        self._guard.check()  # a module replaced since train begin would be perturbed no more
+        if self._guard is not None:  # set at train begin: a module replaced since would go unperturbed
+            self._guard.check()
         self._step = state.global_step
         weights = [local_tensor(p) for p in self._params.values()]
         contexts = self._contexts(weights, rho, state, optimizer)

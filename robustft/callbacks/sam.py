@@ -100,7 +100,8 @@ class SAMCallback(_WeightPerturbation):
         rho = self._rho_at(state)
         if rho <= 0 or not batches:
             return
-        self._guard.check()  # a module replaced since train begin would be perturbed no more
+        if self._guard is not None:  # set at train begin: a module replaced since would go unperturbed
+            self._guard.check()
         trainer = self.trainer
         names = list(self._params)
         weights = [local_tensor(self._params[n]) for n in names]
