@@ -134,7 +134,7 @@ def main(argv=None) -> int:
         f"Command: `{command.strip()}` (written by the script; setting `{args.setting}`: "
         f"{cfg.n_train} training examples, {cfg.steps} steps x {cfg.batch_size}, LoRA r={cfg.rank} on every "
         f"linear layer, lr {cfg.learning_rate:g}; eval {cfg.n_eval} words per set). Load average at start: "
-        f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (other jobs were running).",
+        f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (above ~1 per core, other jobs were running).",
     ]
     if not args.skip_scores:
         t0 = time.time()
@@ -160,8 +160,7 @@ def main(argv=None) -> int:
             f"Training throughput, {args.rounds} interleaved rounds of {args.steps} steps per variant "
             f"(batch {tcfg.batch_size}, median step after the first; the ratio is the step time over the "
             f"same round's plain LoRA step). Load average {load0:.1f} before, {os.getloadavg()[0]:.1f} "
-            "after, on 2 shared cores: other jobs were running, so single runs vary by several times; read "
-            "the medians and the ranges.",
+            "after (on a shared machine single runs vary by several times: read the medians and the ranges).",
             "",
             throughput_table(per),
         ]
