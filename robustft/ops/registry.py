@@ -333,6 +333,12 @@ def _della_spec(name: str, kind: str, normalize: bool) -> MethodSpec:
 
 
 _DELTA = {"lambda": LAMBDA}
+#: per-model parameters of the Breadcrumbs masks (breadcrumbs, breadcrumbs_ties)
+_BREADCRUMBS_MODEL = {
+    "weight": WEIGHT,
+    "beta": Param(0.01, check_fraction),
+    "gamma": Param(0.9, check_fraction),
+}
 _INTERPOLATION = {"t": T, "extrapolate": EXTRAPOLATE}
 
 METHODS: dict[str, MethodSpec] = {
@@ -405,11 +411,7 @@ METHODS: dict[str, MethodSpec] = {
             _breadcrumbs,
             needs_base=True,
             global_params=_DELTA,
-            model_params={
-                "weight": WEIGHT,
-                "beta": Param(0.01, check_fraction),
-                "gamma": Param(0.9, check_fraction),
-            },
+            model_params=_BREADCRUMBS_MODEL,
             delta=True,
             check=_check_breadcrumbs,
         ),
@@ -496,11 +498,7 @@ METHODS: dict[str, MethodSpec] = {
             _breadcrumbs_ties,
             needs_base=True,
             global_params={**_DELTA, "normalize": Param(False, check_bool)},
-            model_params={
-                "weight": WEIGHT,
-                "beta": Param(0.01, check_fraction),
-                "gamma": Param(0.9, check_fraction),
-            },
+            model_params=_BREADCRUMBS_MODEL,
             delta=True,
             check=_check_breadcrumbs,
         ),
