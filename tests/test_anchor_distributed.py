@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from tests.distributed.harness import torchrun
@@ -32,3 +33,16 @@ def test_ddp_equals_one_process(runs, case):
     for name, want in single.items():
         assert torch.equal(ddp0[name], ddp1[name]), name
         torch.testing.assert_close(ddp0[name], want, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.slow
+def test_the_mode_that_ran(runs):
+    """The 2-process launch really trained under DDP on 2 ranks; the reference launch on one process."""
+
+    def mode(m, rank=0):
+        with safe_open(str(runs / m / "l2sp" / f"rank{rank}.safetensors"), "pt") as f:
+            return f.metadata()
+
+    assert mode("single")["world_size"] == "1"
+    for rank in (0, 1):
+        assert mode("ddp", rank) == {"wrapper": "DistributedDataParallel", "world_size": "2"}

@@ -50,7 +50,9 @@ def run_case(name: str, out: Path) -> None:
     trainer.train()
     tensors = {n: p.detach().contiguous() for n, p in trainer.model.named_parameters() if p.requires_grad}
     rank = dist.get_rank() if dist.is_initialized() else 0
-    save_file(tensors, str(out / name / f"rank{rank}.safetensors"))
+    # the mode that really ran: the Trainer's wrapper and the number of processes it trained with
+    mode = {"wrapper": type(trainer.model_wrapped).__name__, "world_size": str(trainer.args.world_size)}
+    save_file(tensors, str(out / name / f"rank{rank}.safetensors"), metadata=mode)
 
 
 def main(out: str) -> None:
