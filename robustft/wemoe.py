@@ -358,12 +358,15 @@ def fit_wemoe(
 
 def save_wemoe(model: nn.Module, output_dir: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write an upscaled model to ``output_dir`` atomically: ``wemoe.safetensors`` (every tensor of its state
-    dict, tied ones once), ``wemoe.json`` (format, model class, options) and the config's ``config.json``."""
+    dict, tied ones once), ``wemoe.json`` (format, model class, dtype, options) and the config's
+    ``config.json``."""
     from safetensors.torch import save_model
 
     options = wemoe_options(model)
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     meta = {"format": FORMAT, "version": FORMAT_VERSION,
-            "model_class": f"{type(model).__module__}.{type(model).__qualname__}", **options}
+            "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
+            "dtype": str(dtype).removeprefix("torch."), **options}
     config = getattr(model, "config", None)
     with atomic_output_dir(output_dir, overwrite=overwrite) as tmp:
         save_model(model, str(Path(tmp) / WEIGHTS_FILE), metadata={"format": FORMAT})
@@ -398,7 +401,7 @@ def load_wemoe(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Mo
         from transformers import AutoConfig
 
         cls = getattr(importlib.import_module(module_name), class_name)
-        model = cls(AutoConfig.from_pretrained(str(folder)))
+        model = cls(AutoConfig.from_pretrained(str(folder))).to(getattr(torch, meta.get("dtype", "float32")))
     elif type(model).__qualname__ != class_name:
         raise ValueError(f"model: {type(model).__name__}, but {meta_path} was saved from "
                          f"{meta['model_class']}")

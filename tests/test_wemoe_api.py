@@ -23,7 +23,7 @@ MAKERS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert}
 
 
 def _perturbed(model, seed, only=None, scale=0.3):
-    """A copy with noise added to every parameter (or those whose name matches ``only``): a 'fine-tuned' model."""
+    """A 'fine-tuned' model: a copy with noise on every parameter (or those whose name matches ``only``)."""
     out = copy.deepcopy(model)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -35,7 +35,8 @@ def _perturbed(model, seed, only=None, scale=0.3):
 
 def _inputs(seed=0, n=3, t=6):
     g = torch.Generator().manual_seed(seed)
-    return {"input_ids": torch.randint(0, 64, (n, t), generator=g), "attention_mask": torch.ones(n, t, dtype=torch.long)}
+    ids = torch.randint(0, 64, (n, t), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones(n, t, dtype=torch.long)}
 
 
 def _fix_routers(model, values):
@@ -59,7 +60,7 @@ def _state(model):
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
 def test_one_hot_router_equals_that_task_s_fine_tuned_model(arch):
     start = MAKERS[arch](0).eval()
-    ends = [_perturbed(start, s, only=MLP[arch]) for s in (1, 2)]  # experts differ from the start in MLPs only
+    ends = [_perturbed(start, s, only=MLP[arch]) for s in (1, 2)]  # they differ from the start in MLPs only
     before = _state(start)
     model = upscale_wemoe(start, ends, scaling_factor=0.3)
     batch = _inputs()
@@ -120,7 +121,8 @@ def test_learned_router_equals_the_block_at_per_input_merged_weights(routing):
         if routing == "sequence":
             want = torch.cat([at(gate[i].mean(0), h[i : i + 1]) for i in range(2)])
         else:
-            want = torch.stack([torch.cat([at(gate[i, t], h[i, t : t + 1]) for t in range(5)]) for i in range(2)])
+            want = torch.stack([torch.cat([at(gate[i, t], h[i, t : t + 1]) for t in range(5)])
+                                for i in range(2)])
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
@@ -139,7 +141,7 @@ def test_sequence_routing_ignores_padding():
 
 
 def _hand_written_entropy_steps(model, batches, lr, steps):
-    """Adam on the router parameters by hand: mean over sequences of the mean token entropy (attention mask)."""
+    """Adam on the router parameters by hand: the mean over sequences of the mean token entropy (mask)."""
     routers = [p for n, p in model.named_parameters() if "wemoe_router" in n]
     opt = torch.optim.Adam(routers, lr=lr)
     losses = []
@@ -161,7 +163,7 @@ def _hand_written_entropy_steps(model, batches, lr, steps):
 
 @pytest.mark.parametrize("arch", ["llama", "bert"])
 def test_entropy_minimisation_steps_match_a_hand_written_loop(arch):
-    start = MAKERS[arch](0).double().eval()  # float64: Adam's first steps amplify float32 rounding of tiny grads
+    start = MAKERS[arch](0).double().eval()  # float64: Adam's first steps amplify rounding of tiny grads
     ends = [_perturbed(start, s) for s in (1, 2)]
     torch.manual_seed(5)
     model = upscale_wemoe(start, ends)
@@ -178,7 +180,8 @@ def test_entropy_minimisation_steps_match_a_hand_written_loop(arch):
     torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-12)
     # nothing but the routers changed
     frozen = {n: t for n, t in _state(model).items() if "wemoe_router" not in n}
-    torch.testing.assert_close(frozen, {n: t for n, t in _state(reference).items() if "wemoe_router" not in n})
+    want_frozen = {n: t for n, t in _state(reference).items() if "wemoe_router" not in n}
+    torch.testing.assert_close(frozen, want_frozen)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
@@ -199,6 +202,16 @@ def test_save_load_round_trip(arch, tmp_path):
         save_wemoe(model, tmp_path / "moe")
 
 
+def test_a_bfloat16_model_loads_back_in_bfloat16(tmp_path):
+    start = tiny_llama(0).to(torch.bfloat16)
+    model = upscale_wemoe(start, [_perturbed(start, 1)])
+    save_wemoe(model, tmp_path / "moe")
+    loaded = load_wemoe(tmp_path / "moe")
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    batch = _inputs(4)
+    torch.testing.assert_close(_logits(loaded, batch), _logits(model, batch), rtol=0, atol=0)
+
+
 class Wrapper(nn.Module):
     """A model that is not a transformers class around a BERT encoder (like robustft's SentenceClassifier)."""
 
@@ -208,7 +221,8 @@ class Wrapper(nn.Module):
         self.head = nn.Linear(16, 3)
 
     def forward(self, input_ids, attention_mask=None):
-        return self.head(self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, 0])
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.head(hidden[:, 0])
 
 
 def test_a_wrapped_encoder_is_upscaled_trained_saved_and_loaded_into_a_given_model(tmp_path):
