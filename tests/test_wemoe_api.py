@@ -3,6 +3,7 @@ routers), per-sample merged weights through functional_call (trained-looking rou
 entropy-minimisation step, and a save/load round trip."""
 
 import copy
+import os
 import re
 
 import pytest
@@ -260,3 +261,31 @@ def test_bad_input_is_refused_with_a_clear_error(tmp_path):
         fit_wemoe_router(start, [_inputs()], steps=1)
     with pytest.raises(FileNotFoundError, match="wemoe.json"):
         load_wemoe(tmp_path)
+
+
+@pytest.mark.skipif(not os.environ.get("FUSION_BENCH_DIR"),
+                    reason="FUSION_BENCH_DIR (see tests/merge/test_fusionbench.py) not set")
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_mlp_block_equals_fusionbench_weight_ensembling_moe(arch):
+    """FusionBench's ``WeightEnsemblingMoE`` (models/we_moe.py) merges a state dict per sample and calls the
+    block through functional_call; with the same router weights its output is ours (per-sequence routing)."""
+    from tests.merge.test_fusionbench import _load
+
+    fb = _load("fb_we_moe", "models/we_moe.py", needs=(("fusion_bench.models.utils", "models/utils.py"),))
+    start = MAKERS[arch](0).double().eval()
+    ends = [_perturbed(start, s) for s in (1, 2, 3)]
+    model = upscale_wemoe(start, ends, routing="sequence", router_hidden_layers=2)
+
+    def block(m):
+        return m.model.layers[1].mlp if arch == "llama" else m.transformer.h[1].mlp
+
+    ours = block(model)
+    with torch.no_grad():
+        for p in ours.wemoe_router.parameters():
+            p.normal_(0, 0.5, generator=torch.Generator().manual_seed(p.numel()))
+    theirs = fb.WeightEnsemblingMoE(16, copy.deepcopy(block(start)), [copy.deepcopy(block(e)) for e in ends],
+                                    batch_first=True, router_hidden_layers=2).double().eval()
+    theirs.gate.load_state_dict(ours.wemoe_router.state_dict())
+    h = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(h), theirs(h), rtol=1e-10, atol=1e-10)
