@@ -240,6 +240,16 @@ def test_a_wrapped_encoder_is_upscaled_trained_saved_and_loaded_into_a_given_mod
         torch.testing.assert_close(loaded(**batches[0]), model(**batches[0]), rtol=0, atol=0)
 
 
+def test_gpt2_is_a_causal_lm_so_it_routes_per_token_by_default():
+    from robustft.wise_ft import is_causal_lm
+
+    # GPT2LMHeadModel is not named ...ForCausalLM: it was taken for a classifier (sequence routing, which lets
+    # a position see later tokens, and no next-token shift of the entropy mask)
+    assert is_causal_lm(tiny_gpt2()) and is_causal_lm(tiny_llama()) and not is_causal_lm(tiny_bert())
+    assert wemoe_options(upscale_wemoe(tiny_gpt2(0), [tiny_gpt2(1)]))["routing"] == "token"
+    assert wemoe_options(upscale_wemoe(tiny_bert(0), [tiny_bert(1)]))["routing"] == "sequence"
+
+
 def test_bad_input_is_refused_with_a_clear_error(tmp_path):
     start = tiny_llama(0)
     with pytest.raises(ValueError, match="at least one expert"):
