@@ -226,13 +226,12 @@ def wemoe_options(model: nn.Module) -> dict[str, Any]:
     return dict(context.options)
 
 
-def _install(model: nn.Module, vectors: Mapping[str, list[torch.Tensor]] | None, options: Mapping[str, Any]
-             ) -> list[str]:
-    """Put routers and ensembled linear layers into the model's MLP blocks (task vectors from ``vectors``, per
-    parameter name, or zeros to be loaded), hooks included; the names of the linear layers replaced."""
+def _install(model: nn.Module, vectors: dict[str, list[torch.Tensor]] | None, options: Mapping[str, Any]
+             ) -> None:
+    """Put routers and ensembled linear layers into the model's MLP blocks, hooks included; the task vectors
+    are taken out of ``vectors`` (per parameter name; each list freed once stacked), or zeros to be loaded."""
     k = options["experts"]
     context = _Context(options)
-    replaced = []
     for block_name, spec in _blocks(model):
         block = _module(model, block_name)
         first = _linear_params(_module(block, spec.linears[0]), f"{block_name}.{spec.linears[0]}")[0]
@@ -252,16 +251,14 @@ def _install(model: nn.Module, vectors: Mapping[str, list[torch.Tensor]] | None,
                 bv = None if bias is None else torch.zeros((k, *bias.shape), dtype=bias.dtype,
                                                            device=bias.device)
             else:
-                wv = torch.stack(vectors[f"{full}.weight"])
-                bv = None if bias is None else torch.stack(vectors[f"{full}.bias"])
+                wv = torch.stack(vectors.pop(f"{full}.weight"))
+                bv = None if bias is None else torch.stack(vectors.pop(f"{full}.bias"))
             _set_module(block, linear, EnsembledLinear(weight, bias, wv, bv, router, spec.transposed))
-            replaced.append(full)
     model.wemoe = context
     model.register_forward_pre_hook(context.capture, with_kwargs=True)
     model.register_forward_hook(context.release, with_kwargs=True)
     for name, p in model.named_parameters():
         p.requires_grad_(".wemoe_router." in f".{name}")
-    return replaced
 
 
 def upscale_wemoe(
