@@ -11,6 +11,8 @@ unpacked wheel, with the package's ``__init__`` stubbed. Run it with::
 Measured with fusion-bench 0.2.33 (float64): largest relative difference 2.2e-15 (tsv_m, iso_c) and 4.5e-14
 (iso_cts); FusionBench's iso_cts raises where its rounding of the task-specific size overshoots the rank
 (r = 9, T = 5, common_space_fraction = 0.2), robustft caps it (``iso_cts_sizes``).
+
+The loader ``_load`` is also used by ``tests/test_wemoe_api.py`` (FusionBench's ``models/we_moe.py``).
 """
 
 from __future__ import annotations
