@@ -47,6 +47,7 @@ if TYPE_CHECKING:  # the same names, for type checkers and IDEs
     from robustft.merge import estimate_fisher, load_recipe, merge_checkpoints
     from robustft.ops.interpolate import interpolate
     from robustft.params import Snapshot, select_parameters, swapped_in
+    from robustft.wemoe import fit_wemoe, load_wemoe, save_wemoe, upscale_wemoe
     from robustft.wise_ft import (
         WiseFTCurve,
         dawin_evaluate,
@@ -100,6 +101,7 @@ __getattr__, __dir__ = lazy_exports(
             "interpolate_state_dicts",
             "wise_ft_sweep",
         ),
+        "robustft.wemoe": ("fit_wemoe", "load_wemoe", "save_wemoe", "upscale_wemoe"),
         "robustft.zero_shot": ("SentenceClassifier", "install_zero_shot_head"),
     },
 )
@@ -134,16 +136,20 @@ __all__ = [
     "dawin_evaluate",
     "estimate_fisher",
     "evaluate_at_alphas",
+    "fit_wemoe",
     "install_zero_shot_head",
     "interpolate",
     "interpolate_models",
     "interpolate_state_dicts",
     "load_recipe",
+    "load_wemoe",
     "merge_checkpoints",
     "merge_into_base",
     "read_adapter",
+    "save_wemoe",
     "select_parameters",
     "swapped_in",
+    "upscale_wemoe",
     "wise_ft_sweep",
     "write_adapter",
 ]

@@ -82,6 +82,66 @@ def _model_loss(outputs: Any, batch: Any) -> torch.Tensor:
     return loss
 
 
+def _minimise(
+    params: Sequence[torch.Tensor],
+    forward: Callable[[Any], Any],
+    data: Iterable[Any],
+    objective: str,
+    steps: int,
+    lr: float,
+    optimizer: str,
+    loss_fn: Callable[[Any, Any], torch.Tensor] | None,
+    clamp: tuple[float, float] | None,
+    causal: bool,
+) -> list[float]:
+    """``steps`` optimizer steps on ``params`` (leaf tensors, updated in place) of the objective of
+    ``forward(batch)`` on the cycled batches of ``data``; the objective's value at each step.
+
+    The one training loop of learned coefficients (:class:`LearnedInterpolation`) and of WEMoE's routers
+    (:func:`robustft.wemoe.fit_wemoe_router`): ``objective="loss"`` scores ``loss_fn(outputs, batch)``
+    (default the model's ``outputs.loss``), ``"entropy"`` the batch's mean prediction entropy (DaWin's, per
+    sequence for a causal LM when ``causal``). Options are checked before the first step.
+    """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective: {objective!r} is not one of {', '.join(OBJECTIVES)}")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer: {optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps: expected a positive integer, got {steps!r}")
+    try:
+        lr_value = float(lr)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"lr: {lr!r} is not a number") from err
+    if not math.isfinite(lr_value) or lr_value <= 0:
+        raise ValueError(f"lr: expected a finite positive number, got {lr!r}")
+    if clamp is not None and not (len(clamp) == 2 and float(clamp[0]) <= float(clamp[1])):
+        raise ValueError(f"clamp: expected (low, high) with low <= high, got {clamp!r}")
+    if objective == "loss":
+        score = loss_fn or _model_loss
+    else:
+        def score(outputs, batch):
+            return _batch_entropy(outputs, batch, causal)
+
+    params = list(params)
+    opt = (torch.optim.Adam if optimizer == "adam" else torch.optim.SGD)(params, lr=lr_value)
+    history = []
+    batches = _cycle(data)
+    for step in range(steps):
+        batch = next(batches)
+        value = score(forward(batch), batch)
+        if not torch.isfinite(value):
+            raise FloatingPointError(f"fit: the {objective} is not finite at step {step} ({float(value)})")
+        opt.zero_grad(set_to_none=True)
+        value.backward()
+        opt.step()
+        if clamp is not None:
+            with torch.no_grad():
+                for p in params:
+                    p.clamp_(float(clamp[0]), float(clamp[1]))
+        history.append(float(value.detach()))
+    return history
+
+
 def read_coefficients(path: str | os.PathLike) -> tuple[torch.Tensor, dict[str, Any]]:
     """The (K, blocks) coefficients and the JSON metadata of a folder written by ``save_coefficients``."""
     from safetensors.torch import load_file
@@ -242,47 +302,16 @@ class LearnedInterpolation:
         clips α after each step (AdaMerging keeps α in [0, 1]). The model runs in its current train/eval mode
         (call ``model.eval()`` for no dropout).
         """
-        if objective not in OBJECTIVES:
-            raise ValueError(f"objective: {objective!r} is not one of {', '.join(OBJECTIVES)}")
-        if optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer: {optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps: expected a positive integer, got {steps!r}")
-        try:
-            lr_value = float(lr)
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"lr: {lr!r} is not a number") from err
-        if not math.isfinite(lr_value) or lr_value <= 0:
-            raise ValueError(f"lr: expected a finite positive number, got {lr!r}")
-        if clamp is not None and not (len(clamp) == 2 and float(clamp[0]) <= float(clamp[1])):
-            raise ValueError(f"clamp: expected (low, high) with low <= high, got {clamp!r}")
         causal = is_causal_lm(self.model) if causal_lm is None else bool(causal_lm)
-        if objective == "loss":
-            score = loss_fn or _model_loss
-        else:
-            def score(outputs, batch):
-                return _batch_entropy(outputs, batch, causal)
-
         coef = self.coefficients.clone().requires_grad_(True)
-        opt = (torch.optim.Adam if optimizer == "adam" else torch.optim.SGD)([coef], lr=lr_value)
-        history = []
-        batches = _cycle(data)
-        for step in range(steps):
-            batch = next(batches)
-            value = score(_call(self.model, self._full(self.weights(coef)), batch), batch)
-            if not torch.isfinite(value):
-                raise FloatingPointError(f"fit: the {objective} is not finite at step {step} "
-                                         f"({float(value)})")
-            opt.zero_grad(set_to_none=True)
-            value.backward()
-            opt.step()
-            if clamp is not None:
-                with torch.no_grad():
-                    coef.clamp_(float(clamp[0]), float(clamp[1]))
-            history.append(float(value.detach()))
+
+        def forward(batch):
+            return _call(self.model, self._full(self.weights(coef)), batch)
+
+        history = _minimise([coef], forward, data, objective, steps, lr, optimizer, loss_fn, clamp, causal)
         self.coefficients = coef.detach()
         self.history = history
-        self.fit_options = {"objective": objective, "steps": steps, "lr": lr_value, "optimizer": optimizer,
+        self.fit_options = {"objective": objective, "steps": steps, "lr": float(lr), "optimizer": optimizer,
                             "clamp": list(clamp) if clamp is not None else None}
         return self.coefficients.clone()
 

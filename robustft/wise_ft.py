@@ -523,8 +523,15 @@ class DaWinResult:
 
 
 def is_causal_lm(model: nn.Module) -> bool:
-    """True when the model holds a ``...ForCausalLM`` module (its entropies are per next-token)."""
-    return any(type(m).__name__.endswith("ForCausalLM") for m in model.modules())
+    """True when the model holds a causal LM module (its entropies are per next-token): a ``...ForCausalLM``
+    class or one of transformers' causal-LM classes named otherwise (``GPT2LMHeadModel``, ...)."""
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as names
+    except ImportError:  # transformers without its auto mapping: the naming convention only
+        names = {}
+    others = {c for v in names.values() for c in ((v,) if isinstance(v, str) else v)}
+    return any(type(m).__name__.endswith("ForCausalLM") or type(m).__name__ in others
+               for m in model.modules())
 
 
 @contextmanager

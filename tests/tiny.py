@@ -71,3 +71,15 @@ def stop_at(step: int) -> TrainerCallback:
                 control.should_training_stop = True
 
     return Stop()
+
+
+def tiny_gpt2(seed: int = 0):
+    """A random-init 2-layer GPT-2 causal LM (about 20k parameters), tied embeddings, no dropout."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=64, n_embd=16, n_layer=2, n_head=2, n_positions=32, resid_pdrop=0.0, embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
+    return GPT2LMHeadModel(config)

@@ -11,6 +11,8 @@ unpacked wheel, with the package's ``__init__`` stubbed. Run it with::
 Measured with fusion-bench 0.2.33 (float64): largest relative difference 2.2e-15 (tsv_m, iso_c) and 4.5e-14
 (iso_cts); FusionBench's iso_cts raises where its rounding of the task-specific size overshoots the rank
 (r = 9, T = 5, common_space_fraction = 0.2), robustft caps it (``iso_cts_sizes``).
+
+The loader ``_load`` is also used by ``tests/test_wemoe_api.py`` (FusionBench's ``models/we_moe.py``).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import importlib.util
 import os
 import sys
 import types
+import typing
 from pathlib import Path
 
 import pytest
@@ -31,22 +34,35 @@ ROOT = os.environ.get("FUSION_BENCH_DIR")
 pytestmark = pytest.mark.skipif(not ROOT, reason="FUSION_BENCH_DIR (an unpacked fusion-bench wheel) not set")
 
 
-def _load(name: str, relative: str):
+def _exec(name: str, relative: str) -> types.ModuleType:
+    spec = importlib.util.spec_from_file_location(name, Path(ROOT) / relative)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _load(name: str, relative: str, needs: tuple[tuple[str, str], ...] = ()):
+    """The wheel's file ``relative`` as a module, the package stubbed; ``needs``: (module name, file) of the
+    wheel's modules it imports, loaded first (e.g. ``fusion_bench.models.utils`` for ``models/we_moe.py``)."""
     stubs = {
         "fusion_bench": types.ModuleType("fusion_bench"),
         "fusion_bench.utils": types.ModuleType("fusion_bench.utils"),
         "fusion_bench.utils.type": types.ModuleType("fusion_bench.utils.type"),
+        "fusion_bench.utils.dict": types.ModuleType("fusion_bench.utils.dict"),
+        "fusion_bench.models": types.ModuleType("fusion_bench.models"),
     }
-    stubs["fusion_bench"].__path__ = []
-    stubs["fusion_bench.utils"].__path__ = []
+    for package in ("fusion_bench", "fusion_bench.utils", "fusion_bench.models"):
+        stubs[package].__path__ = []
     stubs["fusion_bench.utils"].timeit_context = lambda *a, **k: contextlib.nullcontext()
     stubs["fusion_bench.utils.type"].StateDictType = dict
-    saved = {k: sys.modules.get(k) for k in stubs}
+    stubs["fusion_bench.utils.type"].TorchModelType = typing.TypeVar("TorchModelType")
+    stubs["fusion_bench.utils.dict"].dict_merge = None
+    saved = {k: sys.modules.get(k) for k in [*stubs, *(n for n, _ in needs)]}
     sys.modules.update(stubs)
     try:
-        spec = importlib.util.spec_from_file_location(name, Path(ROOT) / relative)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        for dep, dep_relative in needs:
+            sys.modules[dep] = _exec(dep, dep_relative)
+        module = _exec(name, relative)
     finally:
         for k, v in saved.items():
             if v is None:
