@@ -432,10 +432,10 @@ def regmean(
         lhs.add_(g)
         rhs.addmm_(g, p.to(torch.float64).T)
         del g, diagonal
-    chol, info = torch.linalg.cholesky_ex(lhs)
-    pivots = chol.diagonal().square()
     scale = float(lhs.diagonal().max())
-    if int(info) > 0 or float(pivots.min()) <= eps * scale:
+    chol, info = torch.linalg.cholesky_ex(lhs)
+    del lhs
+    if int(info) > 0 or float(chol.diagonal().square().min()) <= eps * scale:
         raise ValueError(
             f"regmean: the summed ({in_features} x {in_features}) Gram matrix is singular to the precision "
             f"of the Gram matrices (eps {eps:.1e}): some input directions were (almost) never seen. Use "
