@@ -190,11 +190,11 @@ def estimate_gram(
             "estimate_gram: no nn.Linear or Conv1D weight selected "
             f"(include={include!r}, exclude={exclude!r})"
         )
-    device = layers[0][0].weight.device
-    grams = Grams()
+    grams = Grams()  # each Gram on its layer's device while it is estimated
     for module, name, axis in layers:
         n_in = module.weight.shape[axis]
-        grams.matrices.setdefault(name, torch.zeros(n_in, n_in, dtype=torch.float32, device=device))
+        zeros = torch.zeros(n_in, n_in, dtype=torch.float32, device=module.weight.device)
+        grams.matrices.setdefault(name, zeros)
         grams.counts[name] = 0
         grams.input_axis[name] = axis
     batch_mask: list[torch.Tensor | None] = [None]
@@ -206,7 +206,9 @@ def estimate_gram(
             mask = batch_mask[0]
             if mask is not None and tuple(x.shape[:-1]) == tuple(mask.shape):
                 rows = rows[mask.reshape(-1).to(rows.device) != 0]
-            grams.matrices[name].addmm_(rows.T, rows)
+            gram = grams.matrices[name]
+            rows = rows.to(gram.device)
+            gram.addmm_(rows.T, rows)
             grams.counts[name] += rows.shape[0]
 
         return record
@@ -216,6 +218,7 @@ def estimate_gram(
         for module, name, _ in layers:
             handles.append(module.register_forward_hook(hook(name), with_kwargs=True))
         with _eval_mode(model), torch.no_grad():
+            device = next(model.parameters()).device  # the inputs' device, as the model takes them
             for batch in _model_inputs(dataloader, device, max_examples, False, "estimate_gram"):
                 mask = batch.get("attention_mask")
                 batch_mask[0] = mask if torch.is_tensor(mask) and mask.dim() == 2 else None
