@@ -60,7 +60,8 @@ def _load(name: str, relative: str, extra: dict[str, dict] | None = None):
                 sys.modules.pop(k, None)
             else:
                 sys.modules[k] = v
-        sys.modules.pop(name.rpartition(".")[0] + ".utils", None)  # a sibling the relative import loaded
+        if "." in name:  # a sibling module its relative import loaded
+            sys.modules.pop(name.rpartition(".")[0] + ".utils", None)
     return module
 
 
