@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,7 +56,7 @@ def merge_tensor(
     gparams: dict,
     mparams: list[dict],
     seed: int = 0,
-    fishers: list[torch.Tensor] | None = None,
+    fishers: Iterable[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Merged weights of one tensor under ``method`` (a key of ``robustft.ops.registry.METHODS``).
 

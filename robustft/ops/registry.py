@@ -19,7 +19,7 @@ names the option it is about; NaN and ±inf are refused everywhere.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,7 +75,8 @@ EXTRAPOLATE = Param(False, check_bool)
 
 # tensor function: (tensors, method-wide params, per-model params, seed, base, per-model statistics) -> merged
 MergeFn = Callable[
-    [list[torch.Tensor], dict, list[dict], int, torch.Tensor | None, list | None], torch.Tensor
+    [list[torch.Tensor], dict, list[dict], int, torch.Tensor | None, Iterable[torch.Tensor] | None],
+    torch.Tensor,
 ]
 
 
@@ -109,7 +110,7 @@ class MethodSpec:
         gparams: Mapping[str, Any],
         mparams: Sequence[Mapping[str, Any]],
         seed: int = 0,
-        fishers: list[torch.Tensor] | None = None,
+        fishers: Iterable[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Merged weights of one tensor; delta methods subtract the base and add λ·τ back (in place)."""
         if self.fn is None:  # "base": keep the base model's tensor
