@@ -144,7 +144,7 @@ def test_estimate_gram_cleans_up_when_the_model_raises():
 def _grams_of(model: nn.Module, seed: int) -> Grams:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, model.config.vocab_size, (8, 12), generator=g)
-    mask = torch.ones_like(ids)  # 83 + 4 seed tokens: more than the widest input (64), so definite Grams
+    mask = torch.ones_like(ids)  # 82 + 4 seed tokens: more than the widest input (64), so definite Grams
     mask[1, 7:] = 0
     mask[4, 3 + 4 * seed :] = 0  # models see different numbers of tokens: the counts normalise
     return estimate_gram(model, [{"input_ids": ids[:4], "attention_mask": mask[:4]},
@@ -181,22 +181,21 @@ def _check_merge(out, dirs, gram_files, weights, ratio):
     return merged_by_gram
 
 
-def test_regmean_recipe_on_tiny_llamas_with_estimated_grams(tmp_path):
-    base_dir, dirs = build_family(tmp_path, n=2, tokenizer=False)
-    gram_files = []
-    for i, d in enumerate(dirs):
-        grams = _grams_of(LlamaForCausalLM.from_pretrained(d), seed=i)
-        gram_files.append(save_gram(grams, tmp_path / f"gram{i}.safetensors"))
+@pytest.fixture(scope="module")
+def llamas(tmp_path_factory):
+    root = tmp_path_factory.mktemp("regmean")
+    base_dir, dirs = build_family(root, n=2, tokenizer=False)
+    files = [save_gram(_grams_of(LlamaForCausalLM.from_pretrained(d), seed=i), root / f"g{i}.safetensors")
+             for i, d in enumerate(dirs)]  # fmt: skip
+    return root, dirs, files
+
+
+def test_regmean_recipe_on_tiny_llamas_with_estimated_grams(llamas, tmp_path):
+    root, dirs, gram_files = llamas
     with pytest.raises(FileExistsError):
-        save_gram(grams, gram_files[-1])
-    recipe = {
-        "merge_method": "regmean",
-        "models": [
-            {"model": str(d), "parameters": {"gram": str(f), "weight": w}}
-            for d, f, w in zip(dirs, gram_files, [1.0, 2.0], strict=True)
-        ],
-        "parameters": {"reduce_non_diagonal_ratio": 0.9},
-    }
+        save_gram(Grams(), gram_files[-1])
+    recipe = _regmean_recipe(dirs, gram_files, reduce_non_diagonal_ratio=0.9)
+    recipe["models"][1]["parameters"]["weight"] = 2.0
     merge_checkpoints(parse_recipe(recipe), tmp_path / "out", progress=False)
     # every linear weight (7 per layer, 2 layers, and lm_head) merged by RegMean, the rest by the mean
     assert _check_merge(tmp_path / "out", dirs, gram_files, [1.0, 2.0], 0.9) == 15
@@ -226,15 +225,6 @@ def test_regmean_recipe_on_gpt2_conv1d_weights(tmp_path):
     GPT2LMHeadModel.from_pretrained(tmp_path / "out")
 
 
-@pytest.fixture(scope="module")
-def llamas(tmp_path_factory):
-    root = tmp_path_factory.mktemp("regmean")
-    base_dir, dirs = build_family(root, n=2, tokenizer=False)
-    files = [save_gram(_grams_of(LlamaForCausalLM.from_pretrained(d), seed=i), root / f"g{i}.safetensors")
-             for i, d in enumerate(dirs)]  # fmt: skip
-    return root, dirs, files
-
-
 def _regmean_recipe(dirs, grams, **parameters):
     models = [{"model": str(d), "parameters": {} if g is None else {"gram": str(g)}}
               for d, g in zip(dirs, grams, strict=True)]  # fmt: skip
@@ -249,7 +239,8 @@ def test_regmean_bad_inputs_are_named_and_write_nothing(llamas, tmp_path):
     wrong = Grams({**good, q: torch.eye(5)}, meta.counts, meta.input_axis)
     missing_one = Grams({k: v for k, v in good.items() if k != q}, meta.counts, meta.input_axis)
     few = Grams(dict(good), {**meta.counts}, meta.input_axis)
-    x = torch.randn(3, 32)  # 3 input rows for a 32-wide layer: rank 3 in both models
+    # 3 input rows for a 32-wide layer: rank 3 in both models
+    x = torch.randn(3, 32, generator=torch.Generator().manual_seed(0))
     few.matrices[q] = x.T @ x
     few_file = save_gram(few, tmp_path / "few.safetensors")
     cases = [
