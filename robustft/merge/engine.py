@@ -1,12 +1,14 @@
 """Streamed merge of whole checkpoints: one straight loop over tensor names.
 
-For each tensor name: read it from the base and every model (and Fisher files), upcast to float32
-(float64 stays), apply the tensor function of the recipe's method (or an override's) from the merge-method
-registry (``robustft.ops.registry``), cast to the output dtype and append it to the output shard.
-Non-floating tensors must be equal in every model and are copied. Everything that can be wrong is
-checked first, from the safetensors headers (names, shapes, Fisher files, override patterns, the output
-folder), before any file is written.
-Peak memory is about (inputs + 3) x the largest tensor in float32.
+For each tensor name: read it from the base and every model (and its Fisher or Gram statistics), upcast
+to float32 (float64 stays), apply the tensor function of the recipe's method (or an override's) from the
+merge-method registry (``robustft.ops.registry``), cast to the output dtype and append it to the output
+shard. Non-floating tensors must be equal in every model and are copied. Everything that can be wrong is
+checked first, from the safetensors headers (names, shapes, Fisher and Gram files, override patterns, the
+output folder), before any file is written; an error while merging (a singular RegMean system) names the
+tensor and leaves no output folder.
+Peak memory is about (inputs + 3) x the largest tensor in float32 (RegMean: plus two in x in float64
+matrices and one Gram at a time).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +26,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from robustft.checkpoint import atomic_output_dir, check_output_dir
+from robustft.merge.fisher import GramFile
 from robustft.merge.io import CheckpointReader, ShardedWriter, copy_side_files, layout_difference
 from robustft.merge.recipe import Override, Recipe, load_recipe
 from robustft.ops.interpolate import kept_tensor, work_dtype
@@ -53,10 +56,13 @@ def merge_tensor(
     gparams: dict,
     mparams: list[dict],
     seed: int = 0,
-    fishers: list[torch.Tensor] | None = None,
+    fishers: Iterable[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Merged weights of one tensor under ``method`` (a key of ``robustft.ops.registry.METHODS``).
 
+    ``fishers``: the models' statistics of this tensor, where the method uses some: diagonal Fishers
+    (``fisher``), or mean input Gram matrices in (in, in) for (out, in) weights (``regmean``; an iterable
+    read one at a time; None merges the tensor by the weighted mean).
     Memory over purity: ``base`` and the ``tensors`` (and list entries) may be modified in place.
     """
     return method_spec("merge_method", method).apply(base, tensors, gparams, mparams, seed, fishers)
@@ -67,6 +73,48 @@ def _override_for(name: str, overrides: list[Override]) -> int | None:
         if o.pattern.search(name):
             return i
     return None
+
+
+def _gram_files(
+    rule: int,
+    mparams: list[dict],
+    opened: dict[str, GramFile],
+    names: list[str],
+    choice: dict[str, int | None],
+    ref: CheckpointReader,
+) -> list[GramFile]:
+    """The Gram files of a ``regmean`` rule (opened once per path), checked against the tensors it merges:
+    every model has a Gram for a tensor or none does, each fits the weight's shape, the models agree on the
+    weight's input axis, and at least one tensor has Grams."""
+    files = []
+    for k, p in enumerate(mparams):
+        if p["gram"] not in opened:
+            opened[p["gram"]] = GramFile(p["gram"], f"models[{k}] gram")
+        files.append(opened[p["gram"]])
+    with_gram = 0
+    for name in names:
+        if choice[name] != rule or not ref.infos[name].dtype.is_floating_point:
+            continue
+        have = [name in f for f in files]
+        if not any(have):
+            continue
+        if not all(have):
+            raise ValueError(
+                f"tensor {name!r} has a Gram in {files[have.index(True)].path} but none in "
+                f"{files[have.index(False)].path}: RegMean needs one from every model (or none: the mean)"
+            )
+        for f in files:
+            f.check(name, ref.infos[name].shape)
+        if len({f.input_axis[name] for f in files}) > 1:
+            raise ValueError(f"tensor {name!r}: the Gram files disagree on the weight's input axis")
+        with_gram += 1
+    if with_gram == 0:
+        paths = ", ".join(sorted({str(f.path) for f in files}))
+        raise ValueError(
+            f"regmean: no tensor it merges has a Gram in {paths} (the Grams' names must be the "
+            "checkpoint's weight names, as estimate_gram writes them)"
+        )
+    return files
 
 
 def _check_inputs(
@@ -149,6 +197,13 @@ def merge_checkpoints(
                             f"expected {ref.infos[name].shape}"
                         )
 
+        gram_files: dict[str, GramFile] = {}
+        grams_of = {
+            i: _gram_files(i, mparams, gram_files, names, choice, ref)
+            for i, (method, _, mparams) in resolved.items()
+            if method == "regmean"
+        }
+
         src_tok = ref_path if recipe.tokenizer_source == "base" else recipe.tokenizer_source
         if src_tok is not None and not Path(src_tok).is_dir():
             raise FileNotFoundError(f"tokenizer_source {src_tok} is not a folder")
@@ -160,7 +215,7 @@ def merge_checkpoints(
             dtype = out_dtype if (out_dtype is not None and info.dtype.is_floating_point) else info.dtype
             plan.append((name, info.shape, dtype))
 
-        with atomic_output_dir(out_dir, overwrite, [*inputs, *fisher_readers]) as tmp:
+        with atomic_output_dir(out_dir, overwrite, [*inputs, *fisher_readers, *gram_files]) as tmp:
             shards, metadata = None, {"merged_by": "robustft"}
             if layout_from is not None:
                 shards = {n: i.file.name for n, i in layout.infos.items()}
@@ -179,13 +234,23 @@ def merge_checkpoints(
                         merged = base
                     else:
                         tensors = [r.get(name).to(compute) for r in readers]
-                        fishers = None
+                        stats, transposed = None, False
                         if method == "fisher":
-                            fishers = [fisher_readers[p["fisher"]].get(name).to(compute) for p in mparams]
-                        merged = merge_tensor(
-                            method, base, tensors, gparams, mparams, tensor_seed(recipe.seed, name), fishers
-                        )
-                        del tensors, fishers
+                            stats = [fisher_readers[p["fisher"]].get(name).to(compute) for p in mparams]
+                        elif method == "regmean" and name in grams_of[choice[name]][0]:
+                            files = grams_of[choice[name]]
+                            stats = (f.mean(name) for f in files)  # one Gram in memory at a time
+                            # GPT-2's Conv1D stores (in, out): RegMean works on (out, in)
+                            transposed = files[0].input_axis[name] == 0
+                            tensors = [t.T for t in tensors] if transposed else tensors
+                        try:
+                            merged = merge_tensor(
+                                method, base, tensors, gparams, mparams, tensor_seed(recipe.seed, name), stats
+                            )
+                        except ValueError as err:
+                            raise ValueError(f"tensor {name!r} ({method}): {err}") from err
+                        merged = merged.T if transposed else merged
+                        del tensors, stats
                     writer.write(name, merged.to(dtype))
                     del merged, base
             copy_side_files(layout.path if layout_from is not None else ref_path, src_tok, tmp, out_dtype)

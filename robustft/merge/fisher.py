@@ -1,13 +1,18 @@
-"""Diagonal Fisher information of a model on a dataset, for Fisher-weighted merging (``fisher`` method).
+"""Statistics of a model on data, for merges that weigh each model by what its data constrains: the diagonal
+Fisher information (``fisher`` method) and the Gram matrices of the linear layers' inputs (``regmean``).
 
-Lives outside ``ops/`` because it runs the model. The result is name -> tensor, saved with
-``save_fisher`` as safetensors whose names match the checkpoint's, so a recipe can point at it.
+Lives outside ``ops/`` because it runs the model. Both are saved as safetensors whose tensor names are the
+checkpoint's parameter names (``save_fisher``, ``save_gram``), so a recipe can point at them; the merge
+engine reads a Gram file through :class:`GramFile`, one tensor at a time.
 """
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -15,17 +20,73 @@ from safetensors.torch import save_file
 from torch import nn
 
 from robustft.checkpoint import atomic_output_file
+from robustft.merge.io import CheckpointReader
 from robustft.params import select_parameters
 
-__all__ = ["estimate_fisher", "save_fisher"]
+__all__ = ["GramFile", "Grams", "estimate_fisher", "estimate_gram", "save_fisher", "save_gram"]
 
 
-def _examples(batch: Mapping[str, torch.Tensor]) -> Iterable[dict[str, torch.Tensor]]:
+def _batch_size(batch: Mapping[str, torch.Tensor], who: str) -> int:
     sizes = {v.shape[0] for v in batch.values() if torch.is_tensor(v) and v.dim() > 0}
     if len(sizes) != 1:
-        raise ValueError(f"estimate_fisher: batch tensors disagree on the batch size: {sorted(sizes)}")
-    for i in range(sizes.pop()):
-        yield {k: (v[i : i + 1] if torch.is_tensor(v) and v.dim() > 0 else v) for k, v in batch.items()}
+        raise ValueError(f"{who}: batch tensors disagree on the batch size: {sorted(sizes)}")
+    return sizes.pop()
+
+
+def _rows(batch: Mapping[str, torch.Tensor], start: int, stop: int, device: torch.device) -> dict:
+    return {
+        k: ((v[start:stop] if v.dim() > 0 else v).to(device) if torch.is_tensor(v) else v)
+        for k, v in batch.items()
+    }
+
+
+def _model_inputs(
+    dataloader: Iterable[Mapping[str, torch.Tensor]],
+    device: torch.device,
+    max_examples: int | None,
+    single: bool,
+    who: str,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """The dataloader's batches on ``device`` (split into single examples if ``single``), cut after
+    ``max_examples`` examples in all; raises if it yields none."""
+    n = 0
+    for batch in dataloader:
+        size = _batch_size(batch, who)
+        step = 1 if single else size
+        for start in range(0, size, step):
+            stop = min(start + step, size)
+            if max_examples is not None:
+                stop = min(stop, start + max_examples - n)
+            yield _rows(batch, start, stop, device)
+            n += stop - start
+            if max_examples is not None and n >= max_examples:
+                return
+    if n == 0:
+        raise ValueError(f"{who}: the dataloader yielded no examples")
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """The model in eval mode (no dropout) for the duration; its train/eval mode restored, also on error."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _save(
+    tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, overwrite: bool, metadata: dict[str, str]
+) -> Path:
+    """Write name -> tensor to ``path`` as safetensors, atomically; no overwrite unless asked."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
+    with atomic_output_file(path) as tmp:
+        data = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+        save_file(data, str(tmp), metadata={"format": "pt", **metadata})
+    return path
 
 
 def _default_loss(model: nn.Module, example: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -59,37 +120,174 @@ def estimate_fisher(
     device = tensors[0].device
     fisher = [torch.zeros(t.shape, dtype=torch.float32, device=device) for t in tensors]
     loss_fn = loss_fn or _default_loss
-    was_training = model.training
-    model.eval()
     n = 0
-    try:
-        for batch in dataloader:
-            for example in _examples(batch):
-                example = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in example.items()}
-                loss = loss_fn(model, example)
-                grads = torch.autograd.grad(loss, tensors, allow_unused=True)
-                for f, g in zip(fisher, grads, strict=True):
-                    if g is not None:
-                        f.add_(g.detach().float().pow(2))
-                n += 1
-                if max_examples is not None and n >= max_examples:
-                    break
-            if max_examples is not None and n >= max_examples:
-                break
-    finally:
-        model.train(was_training)
-    if n == 0:
-        raise ValueError("estimate_fisher: the dataloader yielded no examples")
+    with _eval_mode(model):
+        for example in _model_inputs(dataloader, device, max_examples, True, "estimate_fisher"):
+            loss = loss_fn(model, example)
+            grads = torch.autograd.grad(loss, tensors, allow_unused=True)
+            for f, g in zip(fisher, grads, strict=True):
+                if g is not None:
+                    f.add_(g.detach().float().pow(2))
+            n += 1
     return {name: (f / n).cpu() for name, f in zip(names, fisher, strict=True)}
 
 
 def save_fisher(fisher: Mapping[str, torch.Tensor], path: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write a Fisher (name -> tensor) to ``path`` as safetensors, atomically; no overwrite unless asked."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
-    with atomic_output_file(path) as tmp:
-        save_file(
-            {k: v.detach().contiguous().cpu() for k, v in fisher.items()}, str(tmp), metadata={"format": "pt"}
+    return _save(fisher, path, overwrite, {})
+
+
+#: safetensors metadata of a Gram file: its kind, and JSON maps weight name -> row count / input axis
+GRAM_KIND = "robustft-gram"
+
+
+@dataclass
+class Grams:
+    """Input Gram matrices of a model's linear layers, keyed by the layer's *weight* name (as saved).
+
+    ``matrices[name]`` = G = sum over input rows x of x x^T (in x in, float32, CPU); ``counts[name]`` the
+    number of rows summed; ``input_axis[name]`` the weight's input axis: 1 for ``nn.Linear`` (out, in),
+    0 for transformers' GPT-2 ``Conv1D``, which stores its weight as (in, out).
+    """
+
+    matrices: dict[str, torch.Tensor] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+    input_axis: dict[str, int] = field(default_factory=dict)
+
+
+def _linear_layers(model: nn.Module, names: Mapping[int, str]) -> list[tuple[nn.Module, str, int]]:
+    """(module, weight name, input axis) of each ``nn.Linear`` / GPT-2 ``Conv1D`` whose weight is selected."""
+    from transformers.pytorch_utils import Conv1D
+
+    layers = []
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, Conv1D)) and id(module.weight) in names:
+            layers.append((module, names[id(module.weight)], 0 if isinstance(module, Conv1D) else 1))
+    return layers
+
+
+def estimate_gram(
+    model: nn.Module,
+    dataloader: Iterable[Mapping[str, torch.Tensor]],
+    max_examples: int | None = None,
+    include: str | list[str] | None = None,
+    exclude: str | list[str] | None = None,
+) -> Grams:
+    """G = sum_x x x^T over the inputs x of every selected linear layer, for RegMean (``regmean`` method).
+
+    Forward hooks on each ``nn.Linear`` and GPT-2 ``Conv1D`` whose weight is selected (``include``/
+    ``exclude``: regular expressions searched in the weight's name, frozen weights included) record the
+    float32 Gram of the layer's input rows (every leading axis flattened) and their count. Where the batch
+    has a 2-D ``attention_mask`` and a layer's input starts with the mask's (batch, sequence) shape, the
+    rows of padding tokens (mask 0) are left out. A weight shared by several layers gets the sum of their
+    Grams; a layer the data never reaches gets none. At most ``max_examples`` examples (rows of the batch),
+    in eval mode and without gradients; hooks removed and the mode restored also when the model raises.
+    """
+    params = select_parameters(model, include=include, exclude=exclude, trainable_only=False)
+    layers = _linear_layers(model, {id(t): name for name, t in params.items()})
+    if not layers:
+        raise ValueError(
+            "estimate_gram: no nn.Linear or Conv1D weight selected "
+            f"(include={include!r}, exclude={exclude!r})"
         )
-    return path
+    grams = Grams()  # each Gram on its layer's device while it is estimated
+    for module, name, axis in layers:
+        n_in = module.weight.shape[axis]
+        zeros = torch.zeros(n_in, n_in, dtype=torch.float32, device=module.weight.device)
+        grams.matrices.setdefault(name, zeros)
+        grams.counts[name] = 0
+        grams.input_axis[name] = axis
+    batch_mask: list[torch.Tensor | None] = [None]
+
+    def hook(name: str) -> Callable:
+        def record(module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
+            x = (args[0] if args else next(iter(kwargs.values()))).detach()
+            rows = x.reshape(-1, x.shape[-1]).float()
+            mask = batch_mask[0]
+            if mask is not None and tuple(x.shape[:-1]) == tuple(mask.shape):
+                rows = rows[mask.reshape(-1).to(rows.device) != 0]
+            gram = grams.matrices[name]
+            rows = rows.to(gram.device)
+            gram.addmm_(rows.T, rows)
+            grams.counts[name] += rows.shape[0]
+
+        return record
+
+    handles = []
+    try:
+        for module, name, _ in layers:
+            handles.append(module.register_forward_hook(hook(name), with_kwargs=True))
+        with _eval_mode(model), torch.no_grad():
+            device = next(model.parameters()).device  # the inputs' device, as the model takes them
+            for batch in _model_inputs(dataloader, device, max_examples, False, "estimate_gram"):
+                mask = batch.get("attention_mask")
+                batch_mask[0] = mask if torch.is_tensor(mask) and mask.dim() == 2 else None
+                model(**batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    # a layer the data never reached has no Gram (the merge then averages it, as FusionBench)
+    reached = [name for name, n in grams.counts.items() if n > 0]
+    return Grams(
+        {k: grams.matrices[k].cpu() for k in reached},
+        {k: grams.counts[k] for k in reached},
+        {k: grams.input_axis[k] for k in reached},
+    )
+
+
+def save_gram(grams: Grams, path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write Gram matrices (keyed by weight name) with their row counts and input axes to ``path`` as
+    safetensors, atomically; no overwrite unless asked. A recipe's ``gram:`` points at the file."""
+    metadata = {
+        "kind": GRAM_KIND,
+        "counts": json.dumps(grams.counts, sort_keys=True),
+        "input_axis": json.dumps(grams.input_axis, sort_keys=True),
+    }
+    return _save(grams.matrices, path, overwrite, metadata)
+
+
+class GramFile:
+    """A file written by :func:`save_gram`, read lazily: headers and counts at once, one Gram per ``mean``."""
+
+    def __init__(self, path: str | os.PathLike, who: str = "gram"):
+        self.path = Path(path)
+        self.who = who
+        if not self.path.is_file():
+            raise FileNotFoundError(f"{who}: Gram file {self.path} not found")
+        self.reader = CheckpointReader(self.path)
+        meta = self.reader.metadata
+        if meta.get("kind") != GRAM_KIND:
+            raise ValueError(f"{who}: {self.path} is not a Gram file (written by robustft's save_gram)")
+        try:
+            self.counts = {str(k): int(v) for k, v in json.loads(meta["counts"]).items()}
+            self.input_axis = {str(k): int(v) for k, v in json.loads(meta["input_axis"]).items()}
+        except (KeyError, ValueError, TypeError, AttributeError) as err:
+            raise ValueError(f"{who}: {self.path} has unreadable Gram metadata ({err!r})") from err
+        for name in self.reader.infos:
+            if self.counts.get(name, 0) <= 0 or self.input_axis.get(name) not in (0, 1):
+                raise ValueError(
+                    f"{who}: Gram {name!r} in {self.path} has no rows counted or no input axis; "
+                    "estimate it on data that reaches the layer"
+                )
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.reader.infos
+
+    def check(self, name: str, weight_shape: tuple[int, ...]) -> None:
+        """Raise unless the Gram of ``name`` fits a weight of ``weight_shape`` (2-D, (in, in))."""
+        shape = self.reader.infos[name].shape
+        if len(weight_shape) != 2:
+            raise ValueError(
+                f"{self.who}: {self.path} has a Gram for {name!r}, whose weight has shape "
+                f"{tuple(weight_shape)} (RegMean needs a 2-D weight)"
+            )
+        n_in = weight_shape[self.input_axis[name]]
+        if shape != (n_in, n_in):
+            raise ValueError(
+                f"{self.who}: Gram {name!r} in {self.path} has shape {shape}, expected ({n_in}, {n_in}) for "
+                f"the weight of shape {tuple(weight_shape)} (input axis {self.input_axis[name]})"
+            )
+
+    def mean(self, name: str) -> torch.Tensor:
+        """G / count: the Gram of ``name`` averaged over its rows (FusionBench's normalisation), float32."""
+        return self.reader.get(name).float().div_(self.counts[name])

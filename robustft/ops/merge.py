@@ -1,10 +1,11 @@
 """Merge rules on task vectors, one tensor at a time: task arithmetic, TIES, DARE, DELLA, Breadcrumbs, SCE,
-RAM, Model Stock, Fisher averaging, consensus/TALL masks, NearSwap, Arcee Fusion, and the SVD merges of
-layer task matrices TSV-M, Iso-C, Iso-CTS (linear and SLERP interpolation: ``robustft.ops.interpolate``).
+RAM, Model Stock, Fisher averaging, RegMean, consensus/TALL masks, NearSwap, Arcee Fusion, and the SVD
+merges of layer task matrices TSV-M, Iso-C, Iso-CTS (linear and SLERP interpolation:
+``robustft.ops.interpolate``).
 
 A task vector (delta) is ``theta_i - theta_base`` for one tensor. Every function here is pure: tensors in,
 a new tensor out, inputs untouched, no I/O. Functions that return a *delta* leave adding it to the base
-(and scaling it by a global lambda) to the caller; ``model_stock`` and ``fisher_merge``
+(and scaling it by a global lambda) to the caller; ``model_stock``, ``fisher_merge`` and ``regmean``
 return merged *weights*. Randomised rules take a ``torch.Generator`` or an integer seed and are reproducible.
 
 Ties in magnitude: pruning keeps exactly ``k`` elements (``torch.topk``, never a full sort); which of several
@@ -15,7 +16,7 @@ deltas is exactly zero the elected sign is +1 (as mergekit), so e.g. +a and -a m
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -41,6 +42,7 @@ __all__ = [
     "nearswap",
     "ram",
     "ramplus_tl",
+    "regmean",
     "sce",
     "tall_masks",
     "task_arithmetic",
@@ -385,6 +387,63 @@ def fisher_merge(
     if bool((den == 0).any()):
         raise ValueError("fisher_merge: zero total Fisher weight on some entries; use eps > 0")
     return num / den
+
+
+def regmean(
+    params: Sequence[torch.Tensor],
+    grams: Iterable[torch.Tensor],
+    reduce_non_diagonal_ratio: float = 1.0,
+    weights: Sequence[float] | None = None,
+) -> torch.Tensor:
+    """W* = ((sum_k w_k G~_k)^-1 sum_k w_k G~_k W_k^T)^T for linear weights W_k in torch's (out, in) layout.
+
+    RegMean (Jin et al., ICLR 2023, "Dataless Knowledge Fusion by Merging Weights of Language Models",
+    arXiv:2212.09849): with G_k the Gram matrix X_k^T X_k of the layer's inputs in model k, W* minimises
+    sum_k w_k ||X_k W^T - X_k W_k^T||^2 (the merged layer reproduces each model's outputs on its own
+    inputs). G~_k = a G_k + (1 - a) diag(G_k), a = ``reduce_non_diagonal_ratio`` (the paper's alpha): the
+    off-diagonal entries scaled by a, which regularises towards the (Gram-weighted) mean. ``grams`` is
+    consumed one at a time (it may be a generator reading them lazily). Solved in float64 by Cholesky
+    (the summed Gram is symmetric positive semi-definite), never by an explicit inverse; a system that is
+    singular to the precision of the Gram matrices (a Cholesky pivot <= eps x its largest diagonal entry,
+    eps of the Grams' dtype) raises.
+    """
+    _check_same_shape(params, "params")
+    if params[0].dim() != 2:
+        raise ValueError(f"regmean: expected 2-D (out, in) weights, got shape {tuple(params[0].shape)}")
+    _check_fraction(reduce_non_diagonal_ratio, "reduce_non_diagonal_ratio")
+    w = _weights(weights, len(params))
+    if any(x < 0 for x in w) or sum(w) <= 0:
+        raise ValueError(f"regmean: weights must be >= 0 with a positive sum, got {w}")
+    out_features, in_features = params[0].shape
+    lhs = torch.zeros(in_features, in_features, dtype=torch.float64, device=params[0].device)
+    rhs = torch.zeros(in_features, out_features, dtype=torch.float64, device=params[0].device)
+    eps = 0.0
+    for k, (wk, p, g) in enumerate(zip(w, params, grams, strict=True)):
+        if tuple(g.shape) != (in_features, in_features):
+            raise ValueError(
+                f"regmean: grams[{k}] has shape {tuple(g.shape)}, expected ({in_features}, {in_features}) "
+                f"for a ({out_features}, {in_features}) weight"
+            )
+        eps = max(eps, torch.finfo(g.dtype).eps)
+        g = g.to(torch.float64, copy=True)
+        diagonal = g.diagonal().clone()
+        g.mul_(reduce_non_diagonal_ratio).diagonal().copy_(diagonal)
+        g.mul_(wk)
+        lhs.add_(g)
+        rhs.addmm_(g, p.to(torch.float64).T)
+        del g, diagonal
+    scale = float(lhs.diagonal().max())
+    chol, info = torch.linalg.cholesky_ex(lhs)
+    del lhs
+    if int(info) > 0 or float(chol.diagonal().square().min()) <= eps * scale:
+        raise ValueError(
+            f"regmean: the summed ({in_features} x {in_features}) Gram matrix is singular to the precision "
+            f"of the Gram matrices (eps {eps:.1e}): some input directions were (almost) never seen. Use "
+            "reduce_non_diagonal_ratio < 1 (it keeps each Gram's diagonal), more data for the Grams, or "
+            "send the tensor to another method with an override (an input feature that is zero on all "
+            "the data stays singular)"
+        )
+    return torch.cholesky_solve(rhs, chol).T.to(params[0].dtype).contiguous()
 
 
 def tall_masks(deltas: Sequence[torch.Tensor], lambda_: float | Sequence[float] = 0.6) -> list[torch.Tensor]:

@@ -11,14 +11,15 @@ tensor function, and whether it works on task vectors (``delta``: the function m
                global_params={"lambda": LAMBDA}, model_params={"weight": WEIGHT, "p": Param(0.5, fraction)})
 
 with ``_my_rule(tensors, gparams, mparams, seed, base, fishers) -> Tensor`` (``tensors`` are deltas when
-``delta`` is true). Every check raises a ValueError that names the option it is about; NaN and ±inf are
-refused everywhere.
+``delta`` is true; ``fishers``: the models' per-tensor statistics read by the engine, diagonal Fishers for
+``fisher``, mean input Gram matrices for ``regmean``, else None). Every check raises a ValueError that
+names the option it is about; NaN and ±inf are refused everywhere.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,7 +53,7 @@ __all__ = [
 ]
 
 
-#: default of a parameter every model must give (``fisher``)
+#: default of a parameter every model must give (``fisher``, ``gram``)
 REQUIRED = object()
 
 
@@ -72,9 +73,10 @@ DROP_RATE = Param(0.9, check_drop_rate)
 T = Param(0.5, check_number)
 EXTRAPOLATE = Param(False, check_bool)
 
-# tensor function: (tensors, method-wide params, per-model params, seed, base, fishers) -> merged tensor
+# tensor function: (tensors, method-wide params, per-model params, seed, base, per-model statistics) -> merged
 MergeFn = Callable[
-    [list[torch.Tensor], dict, list[dict], int, torch.Tensor | None, list | None], torch.Tensor
+    [list[torch.Tensor], dict, list[dict], int, torch.Tensor | None, Iterable[torch.Tensor] | None],
+    torch.Tensor,
 ]
 
 
@@ -108,7 +110,7 @@ class MethodSpec:
         gparams: Mapping[str, Any],
         mparams: Sequence[Mapping[str, Any]],
         seed: int = 0,
-        fishers: list[torch.Tensor] | None = None,
+        fishers: Iterable[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Merged weights of one tensor; delta methods subtract the base and add λ·τ back (in place)."""
         if self.fn is None:  # "base": keep the base model's tensor
@@ -194,6 +196,13 @@ def _model_stock(tensors, g, m, seed, base, fishers):
 
 def _fisher(tensors, g, m, seed, base, fishers):
     return ops.fisher_merge(tensors, fishers, eps=g["eps"], weights=_weights(m))
+
+
+def _regmean(tensors, g, m, seed, base, grams):
+    weights = _weights(m)
+    if grams is None:  # no Gram for this tensor (bias, norm, embedding): the weighted mean, as FusionBench
+        return ops.task_arithmetic(tensors, weights).div_(sum(weights))
+    return ops.regmean(tensors, grams, g["reduce_non_diagonal_ratio"], weights)
 
 
 # -- spherical merges of task vectors (robustft.ops.interpolate); base optional: without it, of the weights
@@ -489,6 +498,16 @@ METHODS: dict[str, MethodSpec] = {
             needs_base=False,
             global_params={"eps": Param(1e-8, check_non_negative)},
             model_params={"weight": WEIGHT, "fisher": Param(REQUIRED, check_path)},
+        ),
+        # RegMean: the engine passes each model's mean input Gram of the tensor (a file from save_gram) as
+        # the statistics argument, lazily, and None for tensors without one
+        MethodSpec(
+            "regmean",
+            _regmean,
+            needs_base=False,
+            global_params={"reduce_non_diagonal_ratio": Param(1.0, check_fraction)},
+            model_params={"weight": Param(1.0, check_non_negative), "gram": Param(REQUIRED, check_path)},
+            check=_check_weight_sum,
         ),
         # -- methods of mergekit 0.1.5 (issue 16) --
         _della_spec("della", "ties", normalize=True),

@@ -1,16 +1,18 @@
-"""TSV-M, Iso-C and Iso-CTS against FusionBench's own functions on the same tensors.
+"""TSV-M, Iso-C, Iso-CTS and RegMean against FusionBench's own functions on the same tensors.
 
 fusion-bench is not installable next to robustft's test environment without pulling hydra-core, lightning,
-tensorboard, h5py and more, so this test loads the two files that hold the maths
-(``method/task_singular_vector/utils/TSVM_utils.py``, ``method/isotropic_merging/iso_utils.py``) from an
-unpacked wheel, with the package's ``__init__`` stubbed. Run it with::
+tensorboard, h5py and more, so this test loads the files that hold the maths
+(``method/task_singular_vector/utils/TSVM_utils.py``, ``method/isotropic_merging/iso_utils.py``,
+``method/regmean/regmean.py``) from an unpacked wheel, with the package's ``__init__`` stubbed. Run it with::
 
     pip download --no-deps fusion-bench -d /tmp/fb && unzip -q /tmp/fb/fusion_bench-*.whl -d /tmp/fb/whl
     FUSION_BENCH_DIR=/tmp/fb/whl/fusion_bench python -m pytest -q tests/merge/test_fusionbench.py
 
 Measured with fusion-bench 0.2.33 (float64): largest relative difference 2.2e-15 (tsv_m, iso_c) and 4.5e-14
 (iso_cts); FusionBench's iso_cts raises where its rounding of the task-specific size overshoots the rank
-(r = 9, T = 5, common_space_fraction = 0.2), robustft caps it (``iso_cts_sizes``).
+(r = 9, T = 5, common_space_fraction = 0.2), robustft caps it (``iso_cts_sizes``). RegMean
+(``merging_with_regmean_weights``): 6.1e-16 with the ratio rounded to float32 as FusionBench's scaling
+matrix does (1.2e-8 without).
 
 The loader ``_load`` is also used by ``tests/test_wemoe_api.py`` (FusionBench's ``models/we_moe.py``).
 """
@@ -41,9 +43,13 @@ def _exec(name: str, relative: str) -> types.ModuleType:
     return module
 
 
-def _load(name: str, relative: str, needs: tuple[tuple[str, str], ...] = ()):
-    """The wheel's file ``relative`` as a module, the package stubbed; ``needs``: (module name, file) of the
-    wheel's modules it imports, loaded first (e.g. ``fusion_bench.models.utils`` for ``models/we_moe.py``)."""
+def _load(
+    name: str, relative: str, extra: dict[str, dict] | None = None, needs: tuple[tuple[str, str], ...] = ()
+):
+    """The wheel's file ``relative`` as module ``name``, the package stubbed. ``extra``: more stub modules,
+    name -> attributes (a stub named like ``name``'s package makes relative imports work); ``needs``: (module
+    name, file) of the wheel's modules it imports, loaded first (e.g. ``fusion_bench.models.utils`` for
+    ``models/we_moe.py``)."""
     stubs = {
         "fusion_bench": types.ModuleType("fusion_bench"),
         "fusion_bench.utils": types.ModuleType("fusion_bench.utils"),
@@ -57,6 +63,9 @@ def _load(name: str, relative: str, needs: tuple[tuple[str, str], ...] = ()):
     stubs["fusion_bench.utils.type"].StateDictType = dict
     stubs["fusion_bench.utils.type"].TorchModelType = typing.TypeVar("TorchModelType")
     stubs["fusion_bench.utils.dict"].dict_merge = None
+    for module, attributes in (extra or {}).items():
+        stubs[module] = types.ModuleType(module)
+        stubs[module].__dict__.update(attributes)
     saved = {k: sys.modules.get(k) for k in [*stubs, *(n for n, _ in needs)]}
     sys.modules.update(stubs)
     try:
@@ -69,6 +78,8 @@ def _load(name: str, relative: str, needs: tuple[tuple[str, str], ...] = ()):
                 sys.modules.pop(k, None)
             else:
                 sys.modules[k] = v
+        if "." in name:  # a sibling module its relative import loaded
+            sys.modules.pop(name.rpartition(".")[0] + ".utils", None)
     return module
 
 
@@ -88,3 +99,51 @@ def test_svd_merges_equal_fusionbench(n, shape):
         ]
     for ours, theirs in pairs:
         torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
+
+
+def _load_regmean():
+    package = "fusion_bench.method.regmean"
+    return _load(
+        f"{package}.regmean",
+        "method/regmean/regmean.py",
+        {
+            "fusion_bench.method": {"__path__": [], "BaseAlgorithm": type("BaseAlgorithm", (), {})},
+            package: {"__path__": [str(Path(ROOT) / "method" / "regmean")]},
+            "fusion_bench.mixins": {
+                "SimpleProfilerMixin": type("SimpleProfilerMixin", (), {}),
+                "auto_register_config": lambda cls: cls,
+            },
+            "fusion_bench.modelpool": {"BaseModelPool": object},
+        },
+    )
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5])
+@pytest.mark.parametrize("ratio", [1.0, 0.95, 0.6, 0.0])
+def test_regmean_equals_fusionbench(n, ratio):
+    """FusionBench's ``merging_with_regmean_weights`` on the same weights and (count-normalised) Grams, keyed
+    by module name as it wants them: linear weights by RegMean (also with weight_transpose=False, GPT-2's
+    Conv1D layout), every other tensor by the mean. FusionBench scales the off-diagonal entries by a float32
+    matrix, i.e. by the ratio rounded to float32 (a 1e-8 relative difference for 0.95 or 0.6): robustft
+    gets that rounded ratio here."""
+    fb = _load_regmean()
+    ratio32 = float(torch.tensor(ratio, dtype=torch.float32))
+    g = torch.Generator().manual_seed(n)
+    linear = [torch.randn(6, 9, generator=g, dtype=torch.float64) for _ in range(n)]
+    conv = [torch.randn(9, 4, generator=g, dtype=torch.float64) for _ in range(n)]  # (in, out)
+    bias = [torch.randn(6, generator=g, dtype=torch.float64) for _ in range(n)]
+    xs = [torch.randn(20 + 5 * k, 9, generator=g, dtype=torch.float64) for k in range(n)]
+    grams = [x.T @ x / x.shape[0] for x in xs]
+    ours = {
+        "l.weight": M.regmean(linear, grams, ratio32),
+        "l.bias": torch.stack(bias).mean(0),
+        "c.weight": M.regmean([w.T for w in conv], grams, ratio32).T,
+    }
+    params = {"l.weight": [w.clone() for w in linear], "l.bias": [b.clone() for b in bias]}
+    theirs = fb.merging_with_regmean_weights(params, [{"l": gr.clone()} for gr in grams], ratio)
+    conv_params = {"c.weight": [w.clone() for w in conv]}
+    conv_grams = [{"c": gr.clone()} for gr in grams]
+    theirs.update(fb.merging_with_regmean_weights(conv_params, conv_grams, ratio, weight_transpose=False))
+    assert set(theirs) == set(ours)
+    for name in ours:
+        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-10, atol=1e-12, msg=name)

@@ -162,11 +162,12 @@ def test_every_registered_method_is_parsed_and_merged_by_the_engine():
         if name == "base":
             continue
         n = max(spec.min_models, 2 if spec.max_models is None else 1)
-        own = [{"fisher": f"f{i}"} if name == "fisher" else {} for i in range(n)]
+        stats = {"fisher": "fisher", "regmean": "gram"}.get(name)  # the per-model statistics file
+        own = [{stats: f"s{i}"} if stats else {} for i in range(n)]
         models = [{"model": f"m{i}", "parameters": p} for i, p in enumerate(own)]
-        # values for the parameters without a default (other than the Fisher paths above)
+        # values for the parameters without a default (other than the statistics paths above)
         required = {k: REQUIRED_VALUES[k] for k, p in {**spec.global_params, **spec.model_params}.items()
-                    if p.default is REQUIRED and k != "fisher"}  # fmt: skip
+                    if p.default is REQUIRED and k != stats}  # fmt: skip
         recipe = parse_recipe(
             {"merge_method": name, "base_model": "b", "models": models, "parameters": required}
         )
@@ -176,6 +177,8 @@ def test_every_registered_method_is_parsed_and_merged_by_the_engine():
         base = torch.randn(4, 5, generator=g)
         tensors = [base + 0.1 * torch.randn(4, 5, generator=g) for _ in range(n)]
         fishers = [torch.rand(4, 5, generator=g) for _ in range(n)] if name == "fisher" else None
+        if name == "regmean":  # input Grams (5, 5) of the (4, 5) weights: positive definite
+            fishers = [(x := torch.randn(8, 5, generator=g)).T @ x for _ in range(n)]
         out = merge_tensor(name, base.clone(), [t.clone() for t in tensors], gparams, mparams, 3, fishers)
         assert out.shape == base.shape and bool(out.isfinite().all()), name
 
