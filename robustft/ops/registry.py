@@ -327,6 +327,7 @@ def _della_spec(name: str, kind: str, normalize: bool) -> MethodSpec:
         },
         model_params=_DELLA_MODEL,
         delta=True,
+        lora=True,
         seeded=True,
         check=_check_della,
     )
@@ -413,6 +414,7 @@ METHODS: dict[str, MethodSpec] = {
             global_params=_DELTA,
             model_params=_BREADCRUMBS_MODEL,
             delta=True,
+            lora=True,
             check=_check_breadcrumbs,
         ),
         MethodSpec(
@@ -422,6 +424,7 @@ METHODS: dict[str, MethodSpec] = {
             global_params=_DELTA,
             model_params={"weight": WEIGHT, "density": DENSITY},
             delta=True,
+            lora=True,
         ),
         MethodSpec(
             "consensus",
@@ -431,6 +434,7 @@ METHODS: dict[str, MethodSpec] = {
             global_params={**_DELTA, "k": Param(2, check_count)},
             model_params={"weight": WEIGHT, "tall_lambda": Param(0.6, check_non_negative)},
             delta=True,
+            lora=True,
         ),
         MethodSpec("model_stock", _model_stock, needs_base=True, min_models=2),
         # spherical merges of task vectors (WARP, mergekit); lambda is LITI's η: θ_init + η·τ_merged
@@ -500,6 +504,7 @@ METHODS: dict[str, MethodSpec] = {
             global_params={**_DELTA, "normalize": Param(False, check_bool)},
             model_params=_BREADCRUMBS_MODEL,
             delta=True,
+            lora=True,
             check=_check_breadcrumbs,
         ),
         MethodSpec(
@@ -508,8 +513,11 @@ METHODS: dict[str, MethodSpec] = {
             needs_base=True,
             global_params={"select_topk": Param(1.0, check_fraction)},
             delta=True,
+            lora=True,
         ),
-        MethodSpec("ram", _ram, needs_base=True, global_params={"epsilon": _RAM_EPSILON}, delta=True),
+        MethodSpec(
+            "ram", _ram, needs_base=True, global_params={"epsilon": _RAM_EPSILON}, delta=True, lora=True
+        ),
         MethodSpec(
             "ramplus_tl",
             _ramplus_tl,
@@ -520,6 +528,7 @@ METHODS: dict[str, MethodSpec] = {
                 "alpha": Param(0.2, check_non_negative),
             },
             delta=True,
+            lora=True,
         ),
         MethodSpec(
             "nearswap",
@@ -540,6 +549,7 @@ METHODS: dict[str, MethodSpec] = {
             },
             model_params={"weight": WEIGHT},
             delta=True,
+            lora=True,
             check=_check_tsv_m,
         ),
         MethodSpec(
@@ -549,6 +559,7 @@ METHODS: dict[str, MethodSpec] = {
             global_params={"scaling_factor": Param(1.0, check_number)},
             model_params={"weight": WEIGHT},
             delta=True,
+            lora=True,
         ),
         MethodSpec(
             "iso_cts",
@@ -560,6 +571,7 @@ METHODS: dict[str, MethodSpec] = {
             },
             model_params={"weight": WEIGHT},
             delta=True,
+            lora=True,
         ),
     ]
 }

@@ -114,14 +114,22 @@ def test_combine_dense_refactors_the_merged_matrix():
     a = DeltaSet(q=rand_delta(seed=1), v=rand_delta(seed=2))
     b = DeltaSet(q=rand_delta(seed=3))
 
-    def clipped_sum(dense, weights):  # a non-linear, element-wise merge
+    names = []
+
+    def clipped_sum(dense, weights, name):  # a non-linear, element-wise merge
+        names.append(name)
         return sum(w * d for w, d in zip(weights, dense, strict=True)).clamp(-1, 1)
 
-    out = combine_dense([a, b], clipped_sum, rank=3, weights=[1.0, 2.0])
+    out, errors = combine_dense([a, b], clipped_sum, rank=3, weights=[1.0, 2.0])
+    assert names == ["q.weight", "v.weight"]
     ref_q = (dense_ref(a["q"]) + 2 * dense_ref(b["q"])).clamp(-1, 1)
     U, S, Vh = torch.linalg.svd(ref_q)
-    torch.testing.assert_close(out["q"].dense(), (U[:, :3] * S[:3]) @ Vh[:3])
+    truncated = (U[:, :3] * S[:3]) @ Vh[:3]
+    torch.testing.assert_close(out["q"].dense(), truncated)
     assert out["q"].rank == 3
+    # the reported error is ‖ΔW − ΔW_3‖_F / ‖ΔW‖_F of the merged matrix
+    assert errors["q"] == pytest.approx(float((ref_q - truncated).norm() / ref_q.norm()), rel=1e-9)
+    assert 0 < errors["q"] < 1 and errors["v"] > 0
     # exact when the rank allows it
     torch.testing.assert_close(factorize(dense_ref(a["v"]), 4).dense(), dense_ref(a["v"]))
     with pytest.raises(ValueError, match="rank must be"):
