@@ -34,7 +34,7 @@ from robustft.checkpoint import atomic_output_dir, check_output_dir
 from robustft.checks import check_integer, check_number
 from robustft.lora.algebra import DeltaSet, LoRADelta, combine, combine_dense
 from robustft.lora.layers import mentions_lora, parse_factor_key
-from robustft.ops.registry import METHODS
+from robustft.ops.registry import METHODS, REQUIRED
 
 __all__ = [
     "COMPOSE_METHODS",
@@ -235,7 +235,9 @@ def adapter_from_peft_model(model, adapter_name: str = "default") -> LoRAAdapter
 def check_compatible(adapters: Sequence[LoRAAdapter]) -> str | None:
     """Refuse adapters of different base models, layouts or shapes; returns the common base model name.
 
-    Modules present in some adapters only are fine (they combine with zero). An adapter without
+    Modules present in some adapters only are fine (they combine with zero; the union of the target
+    modules is written). ``lora_bias`` together with an embedding LoRA is refused (PEFT cannot hold
+    both in one adapter). An adapter without
     ``base_model_name_or_path`` is accepted with a warning.
     """
     if not adapters:
@@ -248,6 +250,13 @@ def check_compatible(adapters: Sequence[LoRAAdapter]) -> str | None:
         warnings.warn(
             "an adapter does not name its base model (base_model_name_or_path); assuming the same base",
             stacklevel=2,
+        )
+    biased = next((a for a in adapters if any(d.bias is not None for d in a.deltas.values())), None)
+    embedding = next(((m, a) for a in adapters for m, k in sorted(a.kinds.items()) if k == "embedding"), None)
+    if biased is not None and embedding is not None:
+        raise ValueError(
+            f"{biased.source} has lora_bias=True but module {embedding[0]!r} of {embedding[1].source} is an "
+            "embedding LoRA: PEFT has no lora_bias for embeddings, so no single adapter can hold both"
         )
     fan = {bool(a.config.get("fan_in_fan_out")) for a in adapters}
     if len(fan) > 1:
@@ -346,6 +355,9 @@ def check_compose(
         raise ValueError(f"method {method!r}: unknown parameter(s) {unknown}; expected {sorted(allowed)}")
     if spec.seeded and "seed" not in params:
         raise ValueError(f"method {method!r} needs parameter(s) ['seed'] (the seed of the drop masks)")
+    missing = sorted(k for k, p in allowed.items() if p and p.default is REQUIRED and k not in params)
+    if missing:
+        raise ValueError(f"method {method!r} needs parameter(s) {missing}")
     for key, value in params.items():
         name = option.get(key, key)
         check_integer(name, value) if key == "seed" else allowed[key].check(name, value)
