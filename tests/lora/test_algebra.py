@@ -134,3 +134,21 @@ def test_combine_dense_refactors_the_merged_matrix():
     torch.testing.assert_close(factorize(dense_ref(a["v"]), 4).dense(), dense_ref(a["v"]))
     with pytest.raises(ValueError, match="rank must be"):
         factorize(dense_ref(a["v"]), 0)
+
+
+def test_lora_bias_follows_the_algebra_exactly():
+    """Δb = s·b (PEFT lora_bias) sums, negates, scales and survives compression exactly."""
+    a = LoRADelta(
+        rand_delta(seed=1).B, rand_delta(seed=1).A, 0.5, "q", torch.arange(24.0, dtype=torch.float64)
+    )
+    b = rand_delta(r=3, scale=2.0, seed=2)  # no bias: zero
+    combined = combine([DeltaSet(q=a), DeltaSet(q=b)], [2.0, -1.0])["q"]
+    torch.testing.assert_close(combined.dense(), 2 * a.dense() - b.dense())
+    torch.testing.assert_close(combined.dense_bias(), 2 * 0.5 * torch.arange(24.0, dtype=torch.float64))
+    torch.testing.assert_close((-a).dense_bias(), -a.dense_bias())
+    torch.testing.assert_close(combined.compress(2).dense_bias(), combined.dense_bias())
+    paper = paper_add([a, paper_negate(a)], [0.3, 0.7])  # the paper's λ on lora_B's parameters, bias too
+    torch.testing.assert_close(paper.dense_bias(), (0.3 - 0.7) * a.dense_bias())
+    assert b.dense_bias() is None
+    with pytest.raises(ValueError, match="q: the LoRA bias"):
+        LoRADelta(a.B, a.A, 1.0, "q", torch.zeros(3))

@@ -90,20 +90,29 @@ def variant_zoo(tmp_path_factory):
     return base, adapters
 
 
+@pytest.fixture(scope="module")
+def zoo_refs(variant_zoo):
+    """PEFT's own ΔW_i and Δb_i of the variant zoo's adapters."""
+    base, paths = variant_zoo
+    return peft_deltas(base, paths), peft_deltas(base, paths, bias=True)
+
+
 def _stacked(refs: dict, module: str, like: torch.Tensor) -> list[torch.Tensor]:
     """The adapters' tensors of ``module`` in order (float32, as robustft computes), zero where absent."""
     return [refs[n][module].float() if module in refs[n] else torch.zeros_like(like).float() for n in "abc"]
 
 
 @pytest.mark.parametrize("method", list(METHODS))
-def test_merge_of_lora_adapters_is_the_best_rank_r_of_the_dense_merge(variant_zoo, tmp_path, method):
+def test_merge_of_lora_adapters_is_the_best_rank_r_of_the_dense_merge(
+    variant_zoo, zoo_refs, tmp_path, method
+):
     base, paths = variant_zoo
     params, merge = METHODS[method]
     composed = compose_adapters(
         [read_adapter(paths[n]) for n in "abc"], WEIGHTS, method=method, rank=RANK, params=params
     )
     out = write_adapter(composed, tmp_path / method)
-    refs = peft_deltas(base, paths)
+    refs, bias_refs = zoo_refs
     got = peft_deltas(base, {"out": out})["out"]
     modules = set().union(*[refs[n] for n in "abc"])
     assert set(got) == modules == set(composed.truncation_errors)  # the union of the targets
@@ -123,7 +132,6 @@ def test_merge_of_lora_adapters_is_the_best_rank_r_of_the_dense_merge(variant_zo
     saved = json.loads((out / "truncation_errors.json").read_text())
     assert saved == pytest.approx(composed.truncation_errors)
     # lora_bias (adapter a only): the bias deltas merged by the same method, zero for b and c, exact
-    bias_refs = peft_deltas(base, paths, bias=True)
     got_bias = peft_deltas(base, {"out": out}, bias=True)["out"]
     assert set(bias_refs["a"]) == {m for m in modules if m.endswith(("q_proj", "v_proj"))}
     assert set(got_bias) == modules  # lora_bias is adapter-wide in PEFT: zeros elsewhere
@@ -134,10 +142,10 @@ def test_merge_of_lora_adapters_is_the_best_rank_r_of_the_dense_merge(variant_zo
         torch.testing.assert_close(got_bias[module], want, atol=1e-6, rtol=1e-5)
 
 
-def test_exact_compose_with_rank_reports_the_truncation_error(variant_zoo, tmp_path):
+def test_exact_compose_with_rank_reports_the_truncation_error(variant_zoo, zoo_refs, tmp_path):
     base, paths = variant_zoo
     composed = compose_adapters([read_adapter(paths[n]) for n in "abc"], WEIGHTS, rank=2)
-    refs = peft_deltas(base, paths)
+    refs = zoo_refs[0]
     got = peft_deltas(base, {"o": write_adapter(composed, tmp_path / "o")})["o"]
     for module, delta in got.items():
         dense = sum(w * refs[n][module] for w, n in zip(WEIGHTS, "abc", strict=True) if module in refs[n])
@@ -237,7 +245,9 @@ def test_dora_and_other_peft_variants_are_refused_naming_adapter_module_option(l
     plain = make_adapter(base, tmp_path / "plain", 42, r=2, target_modules=["v_proj"])
     config = json.loads((plain / "adapter_config.json").read_text())
     for option, value in [("alora_invocation_tokens", [1, 2]), ("init_lora_weights", "olora")]:
-        (plain / "adapter_config.json").write_text(json.dumps({**config, option: value}))
+        (plain / "adapter_config.json").write_text(
+            json.dumps({**config, "task_type": "CAUSAL_LM", option: value})
+        )
         with pytest.raises(ValueError, match=rf"plain.*model\.layers\.0\.self_attn\.v_proj.*{option}="):
             read_adapter(plain)
 
