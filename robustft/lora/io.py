@@ -370,9 +370,11 @@ def check_compose(
     return gparams, [dict(model) for _ in range(n)]
 
 
-def _dense_merge_fn(method: str, params: Mapping[str, Any], n: int):
-    """The registry's tensor function of ``method`` on the modules' dense ΔW_i (a delta, no base); random
-    methods seed each tensor as ``robustft merge`` does (from ``seed`` and ``<module>.weight``/``.bias``)."""
+def _dense_merge_fn(method: str, params: Mapping[str, Any], n: int, transposed: set[str]):
+    """The registry's tensor function of ``method`` on the modules' dense ΔW_i (a delta, no base), in the
+    layout of the base weight (``transposed``: weight names whose B·A is the weight's transpose, embeddings
+    and ``fan_in_fan_out`` layers; row-wise rules such as DELLA's ranks depend on it); random methods seed
+    each tensor as ``robustft merge`` does (from ``seed`` and ``<module>.weight``/``.bias``)."""
     from robustft.merge.engine import tensor_seed
 
     spec = METHODS[method]
@@ -381,7 +383,10 @@ def _dense_merge_fn(method: str, params: Mapping[str, Any], n: int):
 
     def merge(dense: list[torch.Tensor], weights: list[float], name: str) -> torch.Tensor:
         per_model = [{**p, "weight": w} for p, w in zip(mparams, weights, strict=True)]
-        return spec.fn(list(dense), gparams, per_model, tensor_seed(seed, name), None, None)
+        flip = name in transposed
+        tensors = [t.T for t in dense] if flip else list(dense)
+        merged = spec.fn(tensors, gparams, per_model, tensor_seed(seed, name), None, None)
+        return merged.T if flip else merged
 
     return merge
 
@@ -415,8 +420,13 @@ def compose_adapters(
     check_compatible(adapters)
     if rank is not None and (not isinstance(rank, int) or rank < 1):
         raise ValueError(f"rank must be a positive integer, got {rank!r}")
+    kinds: dict[str, str] = {}
+    for a in adapters:
+        kinds.update(a.kinds)
     if method in DENSE_METHODS:
-        merge_fn = _dense_merge_fn(method, params, len(adapters))
+        fan = bool(adapters[0].config.get("fan_in_fan_out"))
+        flipped = {f"{m}.weight" for m, k in kinds.items() if fan or k == "embedding"}
+        merge_fn = _dense_merge_fn(method, params, len(adapters), flipped)
     kept_extras = _combined_extras(adapters, extras)
     errors: dict[str, float] = {}
     if method in DENSE_METHODS:
@@ -427,9 +437,6 @@ def compose_adapters(
         if rank is not None:
             errors = {n: d.truncation_error(rank) for n, d in deltas.items()}
             deltas = deltas.compress(rank)
-    kinds: dict[str, str] = {}
-    for a in adapters:
-        kinds.update(a.kinds)
     dtype = adapters[0].dtype
     for a in adapters[1:]:
         dtype = torch.promote_types(dtype, a.dtype)

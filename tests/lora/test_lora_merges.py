@@ -285,3 +285,30 @@ def test_lora_merge_inputs_are_checked_before_anything_is_written(variant_zoo, l
     assert "truncation error" in printed and all(f"  {m}: " in printed for m in saved)
     python = compose_adapters([a, c], method="tsv_m", rank=2, params={"sv_reduction": 0.5})
     assert saved == pytest.approx(python.truncation_errors)
+
+
+def test_row_wise_merges_see_the_base_weight_layout(lora_zoo, tmp_path):
+    """DELLA ranks entries within rows: an embedding's B·A is its weight transposed (PEFT's
+    ``get_delta_weight`` transposes it back); the merge must see the weight's rows, as ``robustft merge``."""
+    base, paths = lora_zoo
+    weights = [1.0, -0.8]
+    composed = compose_adapters(
+        [read_adapter(paths["a"]), read_adapter(paths["c"])],
+        weights,
+        method="della",
+        rank=RANK,
+        params={"density": 0.4, "epsilon": 0.2, "seed": SEED},
+    )
+    got = peft_deltas(base, {"o": write_adapter(composed, tmp_path / "o")})["o"]
+    refs = peft_deltas(base, {"a": paths["a"], "c": paths["c"]})
+    assert "model.embed_tokens" in got
+    for module, delta in got.items():
+        like = next(refs[n][module] for n in "ac" if module in refs[n])
+        stacked = [
+            refs[n][module].float() if module in refs[n] else torch.zeros_like(like).float() for n in "ac"
+        ]
+        seed = tensor_seed(SEED, f"{module}.weight")
+        dense = ops.della_merge(stacked, [0.4] * 2, [0.2] * 2, seed, weights, "ties", True, True).double()
+        U, S, Vh = torch.linalg.svd(dense, full_matrices=False)
+        best = (U[:, :RANK] * S[:RANK]) @ Vh[:RANK]
+        torch.testing.assert_close(delta, best, atol=2e-5, rtol=1e-4, msg=lambda m, mod=module: f"{mod}: {m}")
