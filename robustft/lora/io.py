@@ -569,6 +569,11 @@ def merge_into_base(
                 f"module {module!r}: adapter ΔW shape {d.shape} does not fit base weight "
                 f"{tuple(weight.shape)} in {base_dir}"
             )
+        if d.bias is not None and getattr(target, "bias", None) is None:
+            raise ValueError(
+                f"module {module!r}: the adapter has a LoRA bias (lora_bias) but the base layer in "
+                f"{base_dir} has no bias to add it to"
+            )
     config, tensors = _adapter_files(adapter, dtype=torch.float32)
     config["base_model_name_or_path"] = str(base_dir)
     with tempfile.TemporaryDirectory() as adir:

@@ -312,3 +312,59 @@ def test_row_wise_merges_see_the_base_weight_layout(lora_zoo, tmp_path):
         U, S, Vh = torch.linalg.svd(dense, full_matrices=False)
         best = (U[:, :RANK] * S[:RANK]) @ Vh[:RANK]
         torch.testing.assert_close(delta, best, atol=2e-5, rtol=1e-4, msg=lambda m, mod=module: f"{mod}: {m}")
+
+
+def test_merge_into_a_base_without_biases_refuses_lora_bias(variant_zoo, tmp_path):
+    from robustft.lora import merge_into_base
+
+    base, paths = variant_zoo
+    composed = compose_adapters([read_adapter(paths["a"])], rank=2)
+    with pytest.raises(ValueError, match=r"q_proj.*lora_bias.*no bias"):
+        merge_into_base(composed, base, tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
+
+
+def test_merge_into_a_base_with_biases_adds_the_merged_bias_deltas(tmp_path):
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import BertConfig, BertModel
+
+    from robustft.lora import merge_into_base
+
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=64
+    )
+    BertModel(cfg).save_pretrained(tmp_path / "bert")
+    paths = []
+    for seed, rslora in ((1, True), (2, False)):
+        model = get_peft_model(
+            BertModel.from_pretrained(tmp_path / "bert"),
+            LoraConfig(
+                r=2, lora_alpha=4, use_rslora=rslora, lora_bias=True, target_modules=["query", "value"]
+            ),
+        )
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_" in name:
+                    p.copy_(torch.randn(p.shape, generator=g))
+        model.save_pretrained(tmp_path / f"ad{seed}")
+        paths.append(tmp_path / f"ad{seed}")
+    composed = compose_adapters([read_adapter(p) for p in paths], [1.0, -0.5])
+    out = merge_into_base(composed, tmp_path / "bert", tmp_path / "merged")
+    merged = dict(BertModel.from_pretrained(out).named_parameters())
+    ref = PeftModel.from_pretrained(BertModel.from_pretrained(tmp_path / "bert"), paths[0], adapter_name="x")
+    ref.load_adapter(paths[1], adapter_name="y")
+    checked = 0
+    for name, module in ref.named_modules():
+        if hasattr(module, "get_delta_weight") and "x" in getattr(module, "lora_A", {}):
+            key = name.removeprefix("base_model.model.")
+            delta_b = [module.lora_B[a].bias * module.scaling[a] for a in "xy"]
+            want = module.base_layer.bias + delta_b[0] - 0.5 * delta_b[1]
+            torch.testing.assert_close(merged[f"{key}.bias"], want, atol=1e-5, rtol=1e-5)
+            want_w = (
+                module.base_layer.weight + module.get_delta_weight("x") - 0.5 * module.get_delta_weight("y")
+            )
+            torch.testing.assert_close(merged[f"{key}.weight"], want_w, atol=1e-5, rtol=1e-5)
+            checked += 1
+    assert checked == 2
