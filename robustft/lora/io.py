@@ -165,8 +165,8 @@ def adapter_from_state_dict(
         module = min(factors) if factors else (unknown or ["<none>"])[0]
         raise ValueError(
             f"{source}: module {module!r} (and every other module of it) is a PEFT LoRA variant "
-            f"({', '.join(variants)}): its ΔW is not s·B·A (DoRA rescales columns by a learned magnitude, "
-            "non-linear in the factors), so no exact combination exists; not supported"
+            f"({', '.join(variants)}): its ΔW is not s·B·A (DoRA, for one, rescales columns by a learned "
+            "magnitude, non-linear in the factors), so no exact combination exists; not supported"
         )
     if unknown:
         raise ValueError(
@@ -321,6 +321,11 @@ def check_compose(
     what errors call the values (the CLI's ``--density``, ``--weights``).
     """
     option = dict(option or {})
+    if isinstance(method, str) and method in METHODS and method not in COMPOSE_METHODS:
+        raise ValueError(
+            f"{option.get('method', 'method')}: merge method {method!r} does not apply to LoRA deltas "
+            f"(see docs/lora_arithmetic.md); expected one of {list(COMPOSE_METHODS)}"
+        )
     if not isinstance(method, str) or method not in COMPOSE_METHODS:
         raise ValueError(
             f"{option.get('method', 'method')}: unknown method {method!r}; "

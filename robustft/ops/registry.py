@@ -278,7 +278,9 @@ def _arcee_fusion(tensors, g, m, seed, base, fishers):
 
 
 # -- SVD merges of FusionBench (issue 16): TSV-M, Iso-C, Iso-CTS; scale named as FusionBench (alpha,
-# scaling_factor), applied here since these methods take no lambda
+# scaling_factor), applied here since these methods take no lambda. Iso-C/Iso-CTS give every one of the
+# min(m, n) directions the mean singular value: on a low-rank delta (LoRA) that fills the null space with
+# directions LAPACK picks arbitrarily, and the flat spectrum has no unique rank-r truncation: not ``lora``
 def _tsv_m(deltas, g, m, seed, base, fishers):
     return ops.tsv_merge(deltas, _weights(m), g["sv_reduction"]).mul_(g["alpha"])
 
@@ -559,7 +561,6 @@ METHODS: dict[str, MethodSpec] = {
             global_params={"scaling_factor": Param(1.0, check_number)},
             model_params={"weight": WEIGHT},
             delta=True,
-            lora=True,
         ),
         MethodSpec(
             "iso_cts",
@@ -571,7 +572,6 @@ METHODS: dict[str, MethodSpec] = {
             },
             model_params={"weight": WEIGHT},
             delta=True,
-            lora=True,
         ),
     ]
 }

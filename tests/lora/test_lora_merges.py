@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from robustft.lora import compose_adapters, read_adapter, write_adapter
+from robustft.lora.io import DENSE_METHODS
 from robustft.merge.engine import tensor_seed
 from robustft.ops import merge as ops
 from tests.lora.conftest import make_adapter, peft_deltas, save_base
@@ -264,6 +265,9 @@ def test_lora_merge_inputs_are_checked_before_anything_is_written(variant_zoo, l
         compose_adapters([a, embedded], method="ties", params={"density": 0.5})
     with pytest.raises(ValueError, match=r"'della' needs parameter\(s\) \['density'\]"):
         compose_adapters([a, c], method="della", params={"seed": 0})
+    # Iso-C/CTS flatten the spectrum over all min(m, n) directions: ill-posed on low-rank deltas
+    with pytest.raises(ValueError, match="merge method 'iso_c' does not apply to LoRA deltas"):
+        compose_adapters([a, c], method="iso_c")
     with pytest.raises(ValueError, match="'sce' takes no per-adapter weights"):
         compose_adapters([a, c], [1.0, -1.0], method="sce")
     with pytest.raises(ValueError, match=r"tsv_m.*sv_reduction x number of models must be <= 1"):
@@ -368,3 +372,33 @@ def test_merge_into_a_base_with_biases_adds_the_merged_bias_deltas(tmp_path):
             torch.testing.assert_close(merged[f"{key}.weight"], want_w, atol=1e-5, rtol=1e-5)
             checked += 1
     assert checked == 2
+
+
+OTHER_METHODS = sorted(
+    set(DENSE_METHODS) - set(METHODS) - {"warp", "nuslerp", "multislerp", "karcher"}  # spherical: test_io
+)
+
+
+@pytest.mark.parametrize("method", OTHER_METHODS)
+def test_every_other_registry_method_on_lora_deltas(variant_zoo, zoo_refs, tmp_path, method):
+    """The rest of the registry's LoRA methods at their defaults: the tensor function of the registry on
+    PEFT's ΔW_i (the plumbing: scales, zeros, layout, truncation and its error)."""
+    from robustft.ops.registry import METHODS as REGISTRY
+
+    base, paths = variant_zoo
+    spec = REGISTRY[method]
+    weights = WEIGHTS if "weight" in spec.model_params else [1.0] * 3
+    composed = compose_adapters([read_adapter(paths[n]) for n in "abc"], weights, method=method, rank=RANK)
+    got = peft_deltas(base, {"o": write_adapter(composed, tmp_path / "o")})["o"]
+    refs = zoo_refs[0]
+    gparams = {k: p.default for k, p in spec.global_params.items()}
+    mparams = [{**{k: p.default for k, p in spec.model_params.items()}, "weight": w} for w in weights]
+    assert set(got) == set(composed.truncation_errors) and len(got) == 10
+    for module, delta in got.items():
+        like = next(refs[n][module] for n in "abc" if module in refs[n])
+        dense = spec.fn(_stacked(refs, module, like), gparams, mparams, 0, None, None).double()
+        U, S, Vh = torch.linalg.svd(dense, full_matrices=False)
+        best = (U[:, :RANK] * S[:RANK]) @ Vh[:RANK]
+        torch.testing.assert_close(delta, best, atol=2e-5, rtol=1e-4, msg=lambda m, mod=module: f"{mod}: {m}")
+        error = float((dense - best).norm() / dense.norm()) if dense.norm() > 0 else 0.0
+        assert composed.truncation_errors[module] == pytest.approx(error, rel=1e-4, abs=1e-6), module
