@@ -365,18 +365,20 @@ def combine_dense(
         raise ValueError(f"combine_dense: {len(weights)} weights for {len(sets)} adapters")
     names = sorted(set().union(*[s.keys() for s in sets]))
     out, errors = DeltaSet(), {}
-    bar = tqdm(names, desc="merging LoRA modules", unit="module",
-               disable=None if progress is None else not progress)
-    for name in bar:
+    disable = None if progress is None else not progress
+    for name in tqdm(names, desc="merging LoRA modules", unit="module", disable=disable):
         present = [s[name] for s in sets if name in s]
-        dense = [s[name].dense() if name in s else present[0].dense().zero_() for s in sets]
+        dtype, shape = _compute_dtype(*[t for d in present for t in (d.B, d.A)]), present[0].shape
+        dense = [s[name].dense(dtype) if name in s else torch.zeros(shape, dtype=dtype) for s in sets]
         merged = merge_fn(dense, weights, f"{name}.weight")
         del dense
         bias = None
         if any(d.bias is not None for d in present):
-            zero = torch.zeros(present[0].shape[0], dtype=_compute_dtype(present[0].B, present[0].A))
             biases = [
-                s[name].dense_bias() if name in s and s[name].bias is not None else zero.clone() for s in sets
+                s[name].dense_bias(dtype)
+                if name in s and s[name].bias is not None
+                else torch.zeros(shape[0], dtype=dtype)
+                for s in sets
             ]
             bias = merge_fn(biases, weights, f"{name}.bias")
         out[name], errors[name] = _truncated_svd(merged, rank, name, bias)
