@@ -287,8 +287,9 @@ def test_lora_merge_inputs_are_checked_before_anything_is_written(variant_zoo, l
     printed = capsys.readouterr().out
     saved = json.loads((out / "truncation_errors.json").read_text())
     assert "truncation error" in printed and all(f"  {m}: " in printed for m in saved)
-    python = compose_adapters([a, c], method="tsv_m", rank=2, params={"sv_reduction": 0.5})
+    python = compose_adapters([a, c], method="tsv_m", rank=2, params={"sv_reduction": 0.5}, progress=True)
     assert saved == pytest.approx(python.truncation_errors)
+    assert "merging LoRA modules" in capsys.readouterr().err  # the progress bar, one step per module
 
 
 def test_row_wise_merges_see_the_base_weight_layout(lora_zoo, tmp_path):
