@@ -403,3 +403,48 @@ def test_every_other_registry_method_on_lora_deltas(variant_zoo, zoo_refs, tmp_p
         torch.testing.assert_close(delta, best, atol=2e-5, rtol=1e-4, msg=lambda m, mod=module: f"{mod}: {m}")
         error = float((dense - best).norm() / dense.norm()) if dense.norm() > 0 else 0.0
         assert composed.truncation_errors[module] == pytest.approx(error, rel=1e-4, abs=1e-6), module
+
+
+def test_fan_in_fan_out_layers_are_merged_in_the_weight_layout(tmp_path):
+    """GPT-2's Conv1D stores W as (in, out): PEFT's ΔW is (B·A)ᵀ there, and DELLA's row ranks follow it."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(
+        GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=64, n_positions=16)
+    ).save_pretrained(tmp_path / "gpt2")
+    paths = []
+    for seed in (1, 2):
+        model = get_peft_model(
+            GPT2LMHeadModel.from_pretrained(tmp_path / "gpt2"),
+            LoraConfig(r=3, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True),
+        )
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_" in name:
+                    p.copy_(torch.randn(p.shape, generator=g))
+        model.save_pretrained(tmp_path / f"ad{seed}")
+        paths.append(tmp_path / f"ad{seed}")
+    params = {"density": 0.4, "epsilon": 0.2, "seed": SEED}
+    composed = compose_adapters(
+        [read_adapter(p) for p in paths], [1.0, 0.5], method="della", rank=64, params=params
+    )
+    write_adapter(composed, tmp_path / "out")
+    ref = PeftModel.from_pretrained(
+        GPT2LMHeadModel.from_pretrained(tmp_path / "gpt2"), paths[0], adapter_name="x"
+    )
+    ref.load_adapter(paths[1], adapter_name="y")
+    ref.load_adapter(tmp_path / "out", adapter_name="o")
+    checked = 0
+    for name, module in ref.named_modules():
+        if hasattr(module, "get_delta_weight") and "o" in getattr(module, "lora_A", {}):
+            key = name.removeprefix("base_model.model.")
+            stacked = [module.get_delta_weight(a).detach() for a in "xy"]
+            assert stacked[0].shape == module.base_layer.weight.shape  # (in, out)
+            seed = tensor_seed(SEED, f"{key}.weight")
+            want = ops.della_merge(stacked, [0.4] * 2, [0.2] * 2, seed, [1.0, 0.5], "ties", True, True)
+            torch.testing.assert_close(module.get_delta_weight("o").detach(), want, atol=1e-4, rtol=1e-4)
+            checked += 1
+    assert checked == 2
