@@ -11,6 +11,9 @@ low-rank deltas with known factors:
 - ``a.compress(k)``: best rank-k approximation (Eckart-Young) from QR of B and Aᵀ plus an SVD of the
   small r x r core, so the dense d x k matrix is never formed.
 
+A delta may carry a bias (PEFT's ``lora_bias=True``: Δb = s·b, b the bias of ``lora_B``); it follows the
+same linear algebra (sums, negation, scaling) and is never truncated.
+
 Beside it, :func:`paper_add` / :func:`paper_negate` implement the parameter-space operators of Zhang
 et al. 2023, "Composing Parameter-Efficient Modules with Arithmetic Operations" (NeurIPS), which add
 the factors themselves (A = Σ λ_i A_i, B = Σ λ_i B_i, so ΔW gets cross terms) and negate a LoRA
@@ -21,6 +24,7 @@ Everything here is pure torch: no files, no PEFT.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -34,6 +38,7 @@ __all__ = [
     "factorize",
     "paper_add",
     "paper_negate",
+    "relative_tail",
 ]
 
 
@@ -42,21 +47,43 @@ def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
+def _sum_bias(biases: Sequence[torch.Tensor | None], weights: Sequence[float] | None = None):
+    """Σ w_i b_i over the biases that exist (a missing one is zero); None when none exists."""
+    weights = [1.0] * len(biases) if weights is None else weights
+    terms = [(w, b) for w, b in zip(weights, biases, strict=True) if b is not None]
+    if not terms:
+        return None
+    dtype = terms[0][1].dtype
+    for _, b in terms[1:]:
+        dtype = torch.promote_types(dtype, b.dtype)
+    return sum(w * b.to(dtype) for w, b in terms)
+
+
+def relative_tail(singular_values: torch.Tensor, rank: int) -> float:
+    """‖ΔW − ΔW_k‖_F / ‖ΔW‖_F = √(Σ_{i>k} σ_i²) / √(Σ σ_i²): the relative error of the best rank-k
+    approximation (Eckart-Young), from the singular values; 0 for a zero matrix."""
+    energy = singular_values.double().square()
+    total = float(energy.sum())
+    return math.sqrt(float(energy[rank:].sum()) / total) if total > 0 else 0.0
+
+
 @dataclass(frozen=True, eq=False)
 class LoRADelta:
-    """ΔW = scale · B @ A for one module; B: (out, r), A: (r, in).
+    """ΔW = scale · B @ A for one module; B: (out, r), A: (r, in); with ``bias``, also Δb = scale · bias.
 
     Args:
         B: up-projection factor, shape (out, r).
         A: down-projection factor, shape (r, in).
         scale: the scalar s (PEFT: lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA).
         name: module name, only used in error messages.
+        bias: the bias of ``lora_B`` (PEFT ``lora_bias=True``), shape (out,), or None.
     """
 
     B: torch.Tensor
     A: torch.Tensor
     scale: float = 1.0
     name: str = "<delta>"
+    bias: torch.Tensor | None = None
 
     def __post_init__(self):
         if self.B.ndim != 2 or self.A.ndim != 2:
@@ -70,6 +97,13 @@ class LoRADelta:
             )
         if not torch.is_floating_point(self.B) or not torch.is_floating_point(self.A):
             raise ValueError(f"{self.name}: LoRA factors must be floating point")
+        if self.bias is not None and (
+            tuple(self.bias.shape) != (self.B.shape[0],) or not torch.is_floating_point(self.bias)
+        ):
+            raise ValueError(
+                f"{self.name}: the LoRA bias must be a floating-point vector of B's {self.B.shape[0]} rows, "
+                f"got {tuple(self.bias.shape)}"
+            )
 
     # -- shape ------------------------------------------------------------------------------------
     @property
@@ -83,13 +117,14 @@ class LoRADelta:
 
     # -- exact algebra ----------------------------------------------------------------------------
     def folded(self) -> LoRADelta:
-        """The same ΔW with the scale folded into B: (s·B, A, 1)."""
+        """The same ΔW (and Δb) with the scale folded into B (and the bias): (s·B, A, 1)."""
         if self.scale == 1.0:
             return self
-        return LoRADelta(self.B * self.scale, self.A, 1.0, self.name)
+        bias = None if self.bias is None else self.bias * self.scale
+        return LoRADelta(self.B * self.scale, self.A, 1.0, self.name, bias)
 
     def __add__(self, other: LoRADelta) -> LoRADelta:
-        """ΔW_a + ΔW_b = [s_a B_a, s_b B_b] @ [A_a; A_b] (rank concatenation, exact)."""
+        """ΔW_a + ΔW_b = [s_a B_a, s_b B_b] @ [A_a; A_b] (rank concatenation, exact); Δb_a + Δb_b."""
         if not isinstance(other, LoRADelta):
             return NotImplemented
         if self.shape != other.shape:
@@ -100,22 +135,23 @@ class LoRADelta:
         dtype = torch.promote_types(a.B.dtype, b.B.dtype)
         B = torch.cat([a.B.to(dtype), b.B.to(dtype)], dim=1)
         A = torch.cat([a.A.to(dtype), b.A.to(dtype)], dim=0)
-        return LoRADelta(B, A, 1.0, self.name)
+        return LoRADelta(B, A, 1.0, self.name, _sum_bias([a.bias, b.bias]))
 
     def __neg__(self) -> LoRADelta:
-        """-ΔW = (-B) @ A."""
-        return LoRADelta(-self.B, self.A, self.scale, self.name)
+        """-ΔW = (-B) @ A (and -Δb)."""
+        bias = None if self.bias is None else -self.bias
+        return LoRADelta(-self.B, self.A, self.scale, self.name, bias)
 
     def __sub__(self, other: LoRADelta) -> LoRADelta:
         return self + (-other)
 
     def __mul__(self, c: float) -> LoRADelta:
-        """c·ΔW = (c·s) · B @ A."""
+        """c·ΔW = (c·s) · B @ A (the bias follows the scale)."""
         if isinstance(c, torch.Tensor):
             c = float(c)
         if not isinstance(c, (int, float)):
             return NotImplemented
-        return LoRADelta(self.B, self.A, self.scale * float(c), self.name)
+        return LoRADelta(self.B, self.A, self.scale * float(c), self.name, self.bias)
 
     __rmul__ = __mul__
 
@@ -123,6 +159,12 @@ class LoRADelta:
         """The dense ΔW = s·B @ A, shape (out, in); only on request, it costs out x in memory."""
         dt = dtype or _compute_dtype(self.B, self.A)
         return (self.B.to(dt) @ self.A.to(dt)) * self.scale
+
+    def dense_bias(self, dtype: torch.dtype | None = None) -> torch.Tensor | None:
+        """Δb = s·bias, shape (out,), or None without a LoRA bias."""
+        if self.bias is None:
+            return None
+        return self.bias.to(dtype or _compute_dtype(self.B, self.A, self.bias)) * self.scale
 
     # -- compression ------------------------------------------------------------------------------
     def _core_svd(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -137,13 +179,17 @@ class LoRADelta:
         """Singular values of ΔW from the factors alone (QR + SVD of the r x r core)."""
         return self._core_svd()[3]
 
+    def truncation_error(self, rank: int) -> float:
+        """‖ΔW − ΔW_k‖_F / ‖ΔW‖_F of :meth:`compress` (``rank``), from the factors alone."""
+        return relative_tail(self.singular_values(), rank)
+
     def compress(self, rank: int) -> LoRADelta:
         """Best rank-k approximation of ΔW: ΔW_k = Σ_{i≤k} σ_i u_i v_iᵀ (Eckart-Young), from the factors.
 
         With B = Q_b R_b and Aᵀ = Q_a R_a, ΔW = Q_b (s R_b R_aᵀ) Q_aᵀ; the SVD of the small core
         U Σ Vᵀ gives ΔW's singular triplets (Q_b U, Σ, Q_a V). The result keeps √σ on each side,
         scale 1. Exact (up to rounding) when ``rank`` ≥ the true rank of ΔW. Cost
-        O((out + in)·r² + r³) instead of O(out·in·min(out, in)) for a dense SVD.
+        O((out + in)·r² + r³) instead of O(out·in·min(out, in)) for a dense SVD. A bias is kept exactly.
         """
         if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
             raise ValueError(f"{self.name}: compress rank must be a positive integer, got {rank!r}")
@@ -153,7 +199,7 @@ class LoRADelta:
         B = (Qb @ U[:, :k]) * root
         A = root[:, None] * (Vh[:k] @ Qa.T)
         dtype = torch.promote_types(self.B.dtype, self.A.dtype)
-        return LoRADelta(B.to(dtype), A.to(dtype), 1.0, self.name)
+        return LoRADelta(B.to(dtype), A.to(dtype), 1.0, self.name, self.folded().bias)
 
 
 def paper_add(deltas: Sequence[LoRADelta], weights: Sequence[float] | None = None) -> LoRADelta:
@@ -185,7 +231,8 @@ def paper_add(deltas: Sequence[LoRADelta], weights: Sequence[float] | None = Non
             )
     B = sum(w * d.B for w, d in zip(weights, deltas, strict=True))
     A = sum(w * d.A for w, d in zip(weights, deltas, strict=True))
-    return LoRADelta(B, A, first.scale, first.name)
+    # lora_B's bias is a parameter of B: summed with it
+    return LoRADelta(B, A, first.scale, first.name, _sum_bias([d.bias for d in deltas], weights))
 
 
 def paper_negate(delta: LoRADelta) -> LoRADelta:
@@ -194,9 +241,9 @@ def paper_negate(delta: LoRADelta) -> LoRADelta:
     The LoRA negation operator of Zhang et al. 2023 ("Composing Parameter-Efficient Modules with
     Arithmetic Operations"; their released code negates ``lora_B`` and keeps ``lora_A``). For ΔW it
     coincides with the exact negation; it differs from negating every parameter, which would leave
-    ΔW = (−B)(−A) unchanged.
+    ΔW = (−B)(−A) unchanged. A ``lora_B`` bias is negated with B.
     """
-    return LoRADelta(-delta.B, delta.A, delta.scale, delta.name)
+    return -delta
 
 
 class DeltaSet(dict):
@@ -273,29 +320,43 @@ def combine(
     raise ValueError(f"combine: unknown method {method!r}; expected 'exact' or 'paper'")
 
 
-def factorize(dense: torch.Tensor, rank: int, name: str = "<delta>") -> LoRADelta:
-    """Best rank-k factors of a dense ΔW: B = U_k √Σ_k, A = √Σ_k V_kᵀ (truncated SVD, Eckart-Young)."""
+def _truncated_svd(
+    dense: torch.Tensor, rank: int, name: str, bias: torch.Tensor | None = None
+) -> tuple[LoRADelta, float]:
+    """(best rank-k factors of ``dense``, their relative Frobenius error), from one SVD."""
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         raise ValueError(f"{name}: rank must be a positive integer, got {rank!r}")
     U, S, Vh = torch.linalg.svd(dense.to(_compute_dtype(dense)), full_matrices=False)
     k = min(rank, S.shape[0])
     root = S[:k].sqrt()
-    return LoRADelta((U[:, :k] * root).to(dense.dtype), (root[:, None] * Vh[:k]).to(dense.dtype), 1.0, name)
+    B, A = (U[:, :k] * root).to(dense.dtype), (root[:, None] * Vh[:k]).to(dense.dtype)
+    return LoRADelta(B, A, 1.0, name, bias), relative_tail(S, k)
+
+
+def factorize(dense: torch.Tensor, rank: int, name: str = "<delta>") -> LoRADelta:
+    """Best rank-k factors of a dense ΔW: B = U_k √Σ_k, A = √Σ_k V_kᵀ (truncated SVD, Eckart-Young)."""
+    return _truncated_svd(dense, rank, name)[0]
 
 
 def combine_dense(
     sets: Sequence[Mapping[str, LoRADelta]],
-    merge_fn: Callable[[list[torch.Tensor], list[float]], torch.Tensor],
+    merge_fn: Callable[[list[torch.Tensor], list[float], str], torch.Tensor],
     rank: int,
     weights: Iterable[float] | None = None,
-) -> DeltaSet:
-    """ΔW = factorize(merge_fn([ΔW_1, ..., ΔW_n], w), rank) per module, for merges that are not linear.
+    progress: bool | None = None,
+) -> tuple[DeltaSet, dict[str, float]]:
+    """ΔW = factorize(merge_fn([ΔW_1, ..., ΔW_n], w, name), rank) per module, for merges that are not
+    linear; returns the merged factors and, per module, ‖ΔW − ΔW_r‖_F / ‖ΔW‖_F of the truncation.
 
     TIES, DARE and other element-wise merges need the dense ΔW_i (a module missing from an input
     is a zero matrix there); the merged matrix is brought back to LoRA factors by a truncated SVD,
     so the result is the best rank-``rank`` approximation of the merge. One module at a time is
-    densified, never the whole adapter.
+    densified, never the whole adapter. ``name`` is ``<module>.weight``; LoRA biases (Δb_i, zero
+    where an input has none) are merged by the same ``merge_fn`` as ``<module>.bias`` and kept exactly.
+    ``progress``: a tqdm bar over the modules (None: only on a terminal).
     """
+    from tqdm.auto import tqdm
+
     sets = list(sets)
     if not sets:
         raise ValueError("combine_dense: no adapters given")
@@ -303,9 +364,22 @@ def combine_dense(
     if len(weights) != len(sets):
         raise ValueError(f"combine_dense: {len(weights)} weights for {len(sets)} adapters")
     names = sorted(set().union(*[s.keys() for s in sets]))
-    out = DeltaSet()
-    for name in names:
-        template = next(s[name] for s in sets if name in s)
-        dense = [s[name].dense() if name in s else template.dense().zero_() for s in sets]
-        out[name] = factorize(merge_fn(dense, weights), rank, name)
-    return out
+    out, errors = DeltaSet(), {}
+    disable = None if progress is None else not progress
+    for name in tqdm(names, desc="merging LoRA modules", unit="module", disable=disable):
+        present = [s[name] for s in sets if name in s]
+        dtype, shape = _compute_dtype(*[t for d in present for t in (d.B, d.A)]), present[0].shape
+        dense = [s[name].dense(dtype) if name in s else torch.zeros(shape, dtype=dtype) for s in sets]
+        merged = merge_fn(dense, weights, f"{name}.weight")
+        del dense
+        bias = None
+        if any(d.bias is not None for d in present):
+            biases = [
+                s[name].dense_bias(dtype)
+                if name in s and s[name].bias is not None
+                else torch.zeros(shape[0], dtype=dtype)
+                for s in sets
+            ]
+            bias = merge_fn(biases, weights, f"{name}.bias")
+        out[name], errors[name] = _truncated_svd(merged, rank, name, bias)
+    return out, errors

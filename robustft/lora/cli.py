@@ -5,6 +5,7 @@ Examples::
     robustft lora add skill_a skill_b --out both
     robustft lora compose --adapters a b toxic --weights 1 1 -0.5 --rank 16 --out composed
     robustft lora compress big_adapter --rank 8 --out small_adapter
+    robustft lora compose --adapters a b c --method della --param density=0.3 --seed 0 --rank 16 --out d
     robustft lora negate toxic --out detox --merge-into ./base_model   # a dense model instead
 """
 
@@ -35,7 +36,15 @@ def _common(p: argparse.ArgumentParser, method: bool = True, rank: bool = True) 
             "--density", type=float, default=None, help="ties/dare_ties: fraction kept per ΔW_i, in (0, 1]"
         )
         p.add_argument("--drop-rate", type=float, default=None, help="dare_*: drop probability p, in [0, 1)")
-        p.add_argument("--seed", type=int, default=None, help="dare_*: seed of the drop masks")
+        p.add_argument("--seed", type=int, default=None, help="dare_*, della*: seed of the drop masks")
+        p.add_argument(
+            "--param",
+            action="append",
+            default=[],
+            metavar="NAME=VALUE",
+            help="any other parameter of the method, as in a merge recipe (value read as YAML), e.g. "
+            "--param epsilon=0.1 --param sv_reduction=0.25; repeatable",
+        )
     if rank:
         p.add_argument(
             "--rank", type=int, default=None, help="compress the result to this rank (best rank-r)"
@@ -85,7 +94,14 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from robustft.checkpoint import check_output_dir
-    from robustft.lora.io import check_compose, compose_adapters, merge_into_base, read_adapter, write_adapter
+    from robustft.lora.io import (
+        TRUNCATION_NAME,
+        check_compose,
+        compose_adapters,
+        merge_into_base,
+        read_adapter,
+        write_adapter,
+    )
     from robustft.params import resolve_dtype
 
     op = args.lora_command
@@ -108,6 +124,11 @@ def run(args: argparse.Namespace) -> int:
     method = getattr(args, "method", "exact")
     # every value checked by the merge-method registry (as in a merge recipe) before any file is touched
     options = {k: "--" + k.replace("_", "-") for k in ("method", "density", "drop_rate", "seed")}
+    for item in getattr(args, "param", []):
+        key, value = _param(item)
+        if key in params:
+            raise ValueError(f"--param {item}: {key} is given twice")
+        params[key], options[key] = value, f"--param {key}"
     options["weights"] = "--factor" if op == "scale" else "--weights"
     check_compose(method, weights, params, len(paths), options)
     check_output_dir(args.out, args.overwrite, [*paths, args.merge_into])
@@ -129,4 +150,28 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"robustft lora {op}: wrote adapter {out} ({len(ranks)} modules, rank {min(ranks)}-{max(ranks)})"
         )
+    errors = composed.truncation_errors
+    if errors:
+        worst = max(errors, key=errors.get)
+        saved = "" if args.merge_into else f"; per module in {out / TRUNCATION_NAME}"
+        print(
+            f"truncation error ‖ΔW − ΔW_r‖/‖ΔW‖: mean {sum(errors.values()) / len(errors):.3g}, "
+            f"max {errors[worst]:.3g} ({worst}){saved}"
+        )
+        for module in sorted(errors):
+            print(f"  {module}: {errors[module]:.6g}")
     return 0
+
+
+def _param(item: str) -> tuple[str, object]:
+    """``NAME=VALUE`` of ``--param`` -> (name, value read as YAML, as a merge recipe's)."""
+    import yaml
+
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"--param {item!r}: expected NAME=VALUE")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ValueError(f"--param {item!r}: the value is not YAML ({err})") from None
+    return key.strip(), value

@@ -3,9 +3,12 @@
 ``PeftModel.from_pretrained`` loads exactly, or merge it into a dense base model.
 
 Every module of an adapter becomes a :class:`LoRADelta` (B, A, s) with PEFT's own scale
-s = lora_alpha / r (lora_alpha / √r with rsLoRA; ``rank_pattern``/``alpha_pattern`` honoured).
-Written adapters fold s into B and declare scale 1 for every module (``lora_alpha = r`` per module
-through ``rank_pattern``/``alpha_pattern``), so ranks may differ per module and loading is exact.
+s = lora_alpha / r (lora_alpha / √r with rsLoRA; ``rank_pattern``/``alpha_pattern`` honoured), plus the
+bias of ``lora_B`` with ``lora_bias=True``. PEFT LoRA variants whose delta is not s·B·A (DoRA and the other
+options PEFT tags as LoRA variants, base-mutating initialisations) are refused, naming the adapter, a
+module and the option. Written adapters fold s into B and declare scale 1 for every module
+(``lora_alpha = r`` per module through ``rank_pattern``/``alpha_pattern``, no rsLoRA), so ranks may differ
+per module and loading is exact.
 For embeddings PEFT's ΔW is (B A)ᵀ and for ``fan_in_fan_out`` layers it is stored transposed; the
 algebra is the same on the factors, so both are carried through unchanged.
 """
@@ -31,7 +34,7 @@ from robustft.checkpoint import atomic_output_dir, check_output_dir
 from robustft.checks import check_integer, check_number
 from robustft.lora.algebra import DeltaSet, LoRADelta, combine, combine_dense
 from robustft.lora.layers import mentions_lora, parse_factor_key
-from robustft.ops.registry import METHODS
+from robustft.ops.registry import METHODS, REQUIRED
 
 __all__ = [
     "COMPOSE_METHODS",
@@ -49,6 +52,8 @@ __all__ = [
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+#: per-module relative Frobenius error of a truncated composition, written beside the adapter
+TRUNCATION_NAME = "truncation_errors.json"
 PREFIX = "base_model.model."
 
 
@@ -63,6 +68,8 @@ class LoRAAdapter:
         extras: non-LoRA tensors under their saved keys (``modules_to_save`` heads, saved embeddings).
         dtype: dtype of the stored factors.
         source: where it was read from, for error messages.
+        truncation_errors: module -> ‖ΔW − ΔW_r‖_F / ‖ΔW‖_F of the rank-r truncation that made it (a
+            composition with a rank), else empty; written beside the adapter as ``truncation_errors.json``.
     """
 
     deltas: DeltaSet
@@ -71,6 +78,7 @@ class LoRAAdapter:
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
     dtype: torch.dtype = torch.float32
     source: str = "<memory>"
+    truncation_errors: dict[str, float] = field(default_factory=dict)
 
     @property
     def base_model(self) -> str | None:
@@ -90,41 +98,88 @@ def _module_scale(config: Mapping[str, Any], module: str, rank: int) -> float:
     return alpha / rank
 
 
+#: ``init_lora_weights`` values that change the base weights (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA): such an
+#: adapter's ΔW is s·B·A only once PEFT converted it (``path_initial_model_for_weight_conversion``), which
+#: saves ``init_lora_weights=True``
+_BASE_MUTATING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+
+
+def _variant_options(config: Mapping[str, Any]) -> list[str]:
+    """The options of ``config`` that make PEFT's ΔW something other than s·B·A (``"use_dora=True"``, ...).
+
+    PEFT tags its LoRA variants in ``LoraConfig``'s field metadata (``is_lora_variant``; the
+    ``init_lora_weights`` values in ``lora_variants``): read from there, so new variants are refused too.
+    """
+    import dataclasses
+
+    from peft import LoraConfig
+
+    found = []
+    init = config.get("init_lora_weights", True)
+    for f in dataclasses.fields(LoraConfig):
+        value = config.get(f.name)
+        if f.name == "init_lora_weights":
+            variants = (*f.metadata.get("lora_variants", ()), *_BASE_MUTATING_INITS)
+            if isinstance(init, str) and init.startswith(variants):
+                found.append(f"init_lora_weights={init!r}")
+        elif f.metadata.get("is_lora_variant") and value:
+            found.append(f"{f.name}={value!r}")
+    for name in ("use_qalora", "target_parameters", "layer_replication"):  # not s·B·A on a base module
+        if config.get(name):
+            found.append(f"{name}={config[name]!r}")
+    return found
+
+
 def adapter_from_state_dict(
     state_dict: Mapping[str, torch.Tensor], config: Mapping[str, Any], source: str = "<memory>"
 ) -> LoRAAdapter:
-    """Parse a PEFT adapter state dict (keys as in ``adapter_model.safetensors``) and its config."""
+    """Parse a PEFT adapter state dict (keys as in ``adapter_model.safetensors``) and its config.
+
+    The bias of ``lora_B`` (``lora_bias=True``) is carried exactly; a PEFT LoRA variant (DoRA, ...) is
+    refused with an error naming ``source``, a module and the option.
+    """
     config = {k: _jsonable(v) for k, v in config.items()}
     if str(config.get("peft_type", "LORA")).upper() != "LORA":
         raise ValueError(
             f"{source}: peft_type is {config.get('peft_type')!r}, only LORA adapters are supported"
         )
-    if config.get("use_dora"):
-        raise ValueError(
-            f"{source}: DoRA adapters (use_dora=True) are not linear in their factors; not supported"
-        )
     factors: dict[str, dict[str, torch.Tensor]] = {}
     kinds: dict[str, str] = {}
     extras: dict[str, torch.Tensor] = {}
+    unknown: list[str] = []
     for key, tensor in state_dict.items():
         name = key[len(PREFIX) :] if key.startswith(PREFIX) else key
         parsed = parse_factor_key(name)
         if parsed is None:
             if mentions_lora(name):
-                raise ValueError(
-                    f"{source}: tensor {key!r} is a LoRA part robustft cannot combine exactly "
-                    "(lora_bias, DoRA or a tuner variant); not supported"
-                )
-            extras[key] = tensor
+                unknown.append(key)
+            else:
+                extras[key] = tensor
             continue
-        module, factor, kinds[module] = parsed
+        module, factor, kind = parsed
+        if factor != "bias":
+            kinds[module] = kind
         factors.setdefault(module, {})[factor] = tensor
+    variants = _variant_options(config)
+    if variants:
+        module = min(factors) if factors else (unknown or ["<none>"])[0]
+        raise ValueError(
+            f"{source}: module {module!r} (and every other module of it) is a PEFT LoRA variant "
+            f"({', '.join(variants)}): its ΔW is not s·B·A (DoRA, for one, rescales columns by a learned "
+            "magnitude, non-linear in the factors), so no exact combination exists; not supported"
+        )
+    if unknown:
+        raise ValueError(
+            f"{source}: tensor {unknown[0]!r} is a LoRA part robustft cannot combine exactly "
+            "(a DoRA magnitude or a tuner variant); not supported"
+        )
     deltas = DeltaSet()
     dtype = None
     for module, parts in sorted(factors.items()):
-        if set(parts) != {"A", "B"}:
+        if not {"A", "B"} <= set(parts):
             raise ValueError(
-                f"{source}: module {module!r} has only lora_{next(iter(parts))}; the adapter is incomplete"
+                f"{source}: module {module!r} has only {', '.join(sorted(parts))} of lora_A/lora_B; "
+                "the adapter is incomplete"
             )
         A, B = parts["A"], parts["B"]
         if A.ndim != 2 or B.ndim != 2:
@@ -132,7 +187,8 @@ def adapter_from_state_dict(
                 f"{source}: module {module!r} has {A.ndim}-D LoRA factors (a convolution?); "
                 "only Linear/Conv1D/Embedding LoRA is supported"
             )
-        deltas[module] = LoRADelta(B, A, _module_scale(config, module, A.shape[0]), module)
+        scale = _module_scale(config, module, A.shape[0])
+        deltas[module] = LoRADelta(B, A, scale, module, parts.get("bias"))
         dtype = A.dtype if dtype is None else torch.promote_types(dtype, A.dtype)
     if not deltas:
         raise ValueError(f"{source}: no LoRA factors found")
@@ -179,7 +235,9 @@ def adapter_from_peft_model(model, adapter_name: str = "default") -> LoRAAdapter
 def check_compatible(adapters: Sequence[LoRAAdapter]) -> str | None:
     """Refuse adapters of different base models, layouts or shapes; returns the common base model name.
 
-    Modules present in some adapters only are fine (they combine with zero). An adapter without
+    Modules present in some adapters only are fine (they combine with zero; the union of the target
+    modules is written). ``lora_bias`` together with an embedding LoRA is refused (PEFT cannot hold
+    both in one adapter). An adapter without
     ``base_model_name_or_path`` is accepted with a warning.
     """
     if not adapters:
@@ -192,6 +250,13 @@ def check_compatible(adapters: Sequence[LoRAAdapter]) -> str | None:
         warnings.warn(
             "an adapter does not name its base model (base_model_name_or_path); assuming the same base",
             stacklevel=2,
+        )
+    biased = next((a for a in adapters if any(d.bias is not None for d in a.deltas.values())), None)
+    embedding = next(((m, a) for a in adapters for m, k in sorted(a.kinds.items()) if k == "embedding"), None)
+    if biased is not None and embedding is not None:
+        raise ValueError(
+            f"{biased.source} has lora_bias=True but module {embedding[0]!r} of {embedding[1].source} is an "
+            "embedding LoRA: PEFT has no lora_bias for embeddings, so no single adapter can hold both"
         )
     fan = {bool(a.config.get("fan_in_fan_out")) for a in adapters}
     if len(fan) > 1:
@@ -256,6 +321,11 @@ def check_compose(
     what errors call the values (the CLI's ``--density``, ``--weights``).
     """
     option = dict(option or {})
+    if isinstance(method, str) and method in METHODS and method not in COMPOSE_METHODS:
+        raise ValueError(
+            f"{option.get('method', 'method')}: merge method {method!r} does not apply to LoRA deltas "
+            f"(see docs/lora_arithmetic.md); expected one of {list(COMPOSE_METHODS)}"
+        )
     if not isinstance(method, str) or method not in COMPOSE_METHODS:
         raise ValueError(
             f"{option.get('method', 'method')}: unknown method {method!r}; "
@@ -280,11 +350,19 @@ def check_compose(
     allowed = {k: p for k, p in every.items() if k not in _NOT_LORA_PARAMS}
     if spec.seeded:
         allowed["seed"] = None
+    if "weight" not in spec.model_params and weights is not None and any(w != 1 for w in weights):
+        raise ValueError(
+            f"method {method!r} takes no per-adapter weights; leave "
+            f"{option.get('weights', 'weights')} at 1, got {list(weights)}"
+        )
     unknown = sorted(set(params) - set(allowed))
     if unknown:
         raise ValueError(f"method {method!r}: unknown parameter(s) {unknown}; expected {sorted(allowed)}")
     if spec.seeded and "seed" not in params:
         raise ValueError(f"method {method!r} needs parameter(s) ['seed'] (the seed of the drop masks)")
+    missing = sorted(k for k, p in allowed.items() if p and p.default is REQUIRED and k not in params)
+    if missing:
+        raise ValueError(f"method {method!r} needs parameter(s) {missing}")
     for key, value in params.items():
         name = option.get(key, key)
         check_integer(name, value) if key == "seed" else allowed[key].check(name, value)
@@ -297,15 +375,23 @@ def check_compose(
     return gparams, [dict(model) for _ in range(n)]
 
 
-def _dense_merge_fn(method: str, params: Mapping[str, Any], n: int):
-    """The registry's tensor function of ``method`` on the modules' dense ΔW_i (a delta, no base)."""
+def _dense_merge_fn(method: str, params: Mapping[str, Any], n: int, transposed: set[str]):
+    """The registry's tensor function of ``method`` on the modules' dense ΔW_i (a delta, no base), in the
+    layout of the base weight (``transposed``: weight names whose B·A is the weight's transpose, embeddings
+    and ``fan_in_fan_out`` layers; row-wise rules such as DELLA's ranks depend on it); random methods seed
+    each tensor as ``robustft merge`` does (from ``seed`` and ``<module>.weight``/``.bias``)."""
+    from robustft.merge.engine import tensor_seed
+
     spec = METHODS[method]
     gparams, mparams = check_compose(method, None, params, n)
     seed = int(params.get("seed", 0))
 
-    def merge(dense: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    def merge(dense: list[torch.Tensor], weights: list[float], name: str) -> torch.Tensor:
         per_model = [{**p, "weight": w} for p, w in zip(mparams, weights, strict=True)]
-        return spec.fn(list(dense), gparams, per_model, seed, None, None)
+        flip = name in transposed
+        tensors = [t.T for t in dense] if flip else list(dense)
+        merged = spec.fn(tensors, gparams, per_model, tensor_seed(seed, name), None, None)
+        return merged.T if flip else merged
 
     return merge
 
@@ -317,16 +403,21 @@ def compose_adapters(
     rank: int | None = None,
     extras: str = "same",
     params: Mapping[str, Any] | None = None,
+    progress: bool | None = None,
 ) -> LoRAAdapter:
     """ΔW = Σ_i w_i ΔW_i for every module (exact), optionally compressed to ``rank``; see :func:`combine`.
 
-    ``method="paper"`` uses Zhang et al. 2023's factor-space operators instead; ``"ties"``,
-    ``"dare_linear"`` and ``"dare_ties"`` apply ``robustft.ops.merge`` to each module's dense ΔW_i
-    (``params``: their parameters in the merge-method registry, ``robustft.ops.registry``, with its defaults
-    and checks, plus ``seed`` for DARE) and keep the best rank-``rank`` factors of the result
-    (default rank: the sum of the inputs' largest ranks). ``extras`` says what to do with non-LoRA
-    tensors (``modules_to_save``): ``"same"`` keeps them if equal in every adapter and refuses
-    otherwise, ``"first"`` keeps the first adapter's, ``"drop"`` drops them.
+    ``method="paper"`` uses Zhang et al. 2023's factor-space operators instead; the registry's LoRA
+    methods (:data:`DENSE_METHODS`: ``"ties"``, ``"dare_linear"``, ``"dare_ties"``, ``"della"``,
+    ``"della_linear"``, ``"tsv_m"``, ...) apply their tensor function to each module's dense ΔW_i, one
+    module at a time (``params``: their parameters in the merge-method registry, ``robustft.ops.registry``,
+    with its defaults and checks, plus ``seed`` for random ones) and keep the best rank-``rank`` factors of
+    the result (default rank: the sum of the inputs' largest ranks); LoRA biases are merged by the same
+    function. A module missing from an adapter is zero there. The result's ``truncation_errors`` holds,
+    per module, ‖ΔW − ΔW_r‖_F / ‖ΔW‖_F of the rank-r truncation (every dense merge, and ``rank`` given).
+    ``extras`` says what to do with non-LoRA tensors (``modules_to_save``): ``"same"`` keeps them if equal
+    in every adapter and refuses otherwise, ``"first"`` keeps the first adapter's, ``"drop"`` drops them.
+    ``progress``: a tqdm bar over the modules of a dense merge (None: only on a terminal).
     """
     adapters = list(adapters)
     params = dict(params or {})
@@ -334,25 +425,29 @@ def compose_adapters(
     check_compatible(adapters)
     if rank is not None and (not isinstance(rank, int) or rank < 1):
         raise ValueError(f"rank must be a positive integer, got {rank!r}")
-    if method in DENSE_METHODS:
-        merge_fn = _dense_merge_fn(method, params, len(adapters))
-    kept_extras = _combined_extras(adapters, extras)
-    if method in DENSE_METHODS:
-        rank = rank or sum(max(d.rank for d in a.deltas.values()) for a in adapters)
-        deltas = combine_dense([a.deltas for a in adapters], merge_fn, rank, weights)
-    else:
-        deltas = combine([a.deltas for a in adapters], weights, method=method)
-        if rank is not None:
-            deltas = deltas.compress(rank)
     kinds: dict[str, str] = {}
     for a in adapters:
         kinds.update(a.kinds)
+    if method in DENSE_METHODS:
+        fan = bool(adapters[0].config.get("fan_in_fan_out"))
+        flipped = {f"{m}.weight" for m, k in kinds.items() if fan or k == "embedding"}
+        merge_fn = _dense_merge_fn(method, params, len(adapters), flipped)
+    kept_extras = _combined_extras(adapters, extras)
+    errors: dict[str, float] = {}
+    if method in DENSE_METHODS:
+        rank = rank or sum(max(d.rank for d in a.deltas.values()) for a in adapters)
+        deltas, errors = combine_dense([a.deltas for a in adapters], merge_fn, rank, weights, progress)
+    else:
+        deltas = combine([a.deltas for a in adapters], weights, method=method)
+        if rank is not None:
+            errors = {n: d.truncation_error(rank) for n, d in deltas.items()}
+            deltas = deltas.compress(rank)
     dtype = adapters[0].dtype
     for a in adapters[1:]:
         dtype = torch.promote_types(dtype, a.dtype)
     config = dict(adapters[0].config)
     config["base_model_name_or_path"] = next((a.base_model for a in adapters if a.base_model), None)
-    return LoRAAdapter(deltas, config, kinds, kept_extras, dtype, source="<composed>")
+    return LoRAAdapter(deltas, config, kinds, kept_extras, dtype, "<composed>", errors)
 
 
 # -- writing -----------------------------------------------------------------------------------------
@@ -367,6 +462,7 @@ def _adapter_files(
     dtype = dtype or adapter.dtype
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
+    bias = any(d.bias is not None for d in adapter.deltas.values())
     for module, delta in adapter.deltas.items():
         d = delta.folded()
         ranks[module] = d.rank
@@ -376,6 +472,11 @@ def _adapter_files(
             keys = (f"{PREFIX}{module}.lora_A.weight", f"{PREFIX}{module}.lora_B.weight")
         tensors[keys[0]] = d.A.to(dtype).contiguous()
         tensors[keys[1]] = d.B.to(dtype).contiguous()
+        if bias:  # lora_bias is adapter-wide in PEFT: a module without one gets zeros
+            if adapter.kinds.get(module, "linear") == "embedding":
+                raise ValueError(f"module {module!r}: PEFT has no lora_bias for embeddings; cannot write it")
+            b = d.bias if d.bias is not None else torch.zeros(d.shape[0])
+            tensors[f"{PREFIX}{module}.lora_B.bias"] = b.to(dtype).contiguous()
     for key, t in adapter.extras.items():
         tensors[key] = t.contiguous()
     r = max(ranks.values())
@@ -388,7 +489,7 @@ def _adapter_files(
         alpha_pattern=dict(pattern),
         use_rslora=False,
         use_dora=False,
-        lora_bias=False,
+        lora_bias=bias,
         target_modules=sorted(ranks),
         exclude_modules=None,
         layers_to_transform=None,
@@ -407,11 +508,15 @@ def write_adapter(
     inputs: Sequence[str | os.PathLike] = (),
 ) -> Path:
     """Write ``adapter`` as a folder ``PeftModel.from_pretrained`` loads; atomic, overwrites only if asked,
-    never over or around one of ``inputs`` (the adapters it was computed from)."""
+    never over or around one of ``inputs`` (the adapters it was computed from). Its ``truncation_errors``
+    (if any) go to ``truncation_errors.json`` in the folder."""
     config, tensors = _adapter_files(adapter, dtype)
     with atomic_output_dir(out_dir, overwrite, inputs) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
+        if adapter.truncation_errors:
+            errors = json.dumps(adapter.truncation_errors, indent=2, sort_keys=True)
+            (tmp / TRUNCATION_NAME).write_text(errors)
     return Path(out_dir)
 
 
@@ -468,6 +573,11 @@ def merge_into_base(
             raise ValueError(
                 f"module {module!r}: adapter ΔW shape {d.shape} does not fit base weight "
                 f"{tuple(weight.shape)} in {base_dir}"
+            )
+        if d.bias is not None and getattr(target, "bias", None) is None:
+            raise ValueError(
+                f"module {module!r}: the adapter has a LoRA bias (lora_bias) but the base layer in "
+                f"{base_dir} has no bias to add it to"
             )
     config, tensors = _adapter_files(adapter, dtype=torch.float32)
     config["base_model_name_or_path"] = str(base_dir)

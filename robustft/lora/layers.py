@@ -32,9 +32,10 @@ __all__ = [
 
 # a factor's name part, in a live model or a saved adapter: lora_A, lora_B, lora_embedding_A, lora_embedding_B
 _B_PART = re.compile(r"(^|\.)lora_(embedding_)?B(\.|$)")
-# a saved adapter's factor key: "<module>.lora_A.weight" (Linear/Conv1D) or "<module>.lora_embedding_A"
+# a saved adapter's factor key: "<module>.lora_A.weight" (Linear/Conv1D), "<module>.lora_embedding_A", or
+# "<module>.lora_B.bias" (lora_bias=True)
 _SAVED_FACTOR = re.compile(
-    r"^(?P<module>.+)\.(?:lora_(?P<linear>[AB])\.weight|lora_embedding_(?P<embedding>[AB]))$"
+    r"^(?P<module>.+)\.(?:lora_(?P<linear>[AB])\.weight|lora_embedding_(?P<embedding>[AB])|lora_B\.(?P<bias>bias))$"
 )
 
 
@@ -49,12 +50,15 @@ def lora_a_name(b_name: str) -> str:
 
 
 def parse_factor_key(key: str) -> tuple[str, str, str] | None:
-    """(module, ``"A"``/``"B"``, ``"linear"``/``"embedding"``) of a saved adapter's factor key, else None."""
+    """(module, ``"A"``/``"B"``/``"bias"``, ``"linear"``/``"embedding"``) of a saved adapter's factor key
+    (``"bias"``: the bias of ``lora_B``, PEFT's ``lora_bias=True``), else None."""
     m = _SAVED_FACTOR.match(key)
     if m is None:
         return None
     if m["linear"] is not None:
         return m["module"], m["linear"], "linear"
+    if m["bias"] is not None:
+        return m["module"], "bias", "linear"
     return m["module"], m["embedding"], "embedding"
 
 

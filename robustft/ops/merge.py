@@ -605,6 +605,13 @@ def _svd_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+def _numerical_rank(s: torch.Tensor, shape: Sequence[int]) -> int:
+    """Number of singular values above max(m, n) eps(dtype) sigma_max (numpy's ``matrix_rank`` tolerance)."""
+    if s.numel() == 0 or s[0] <= 0:
+        return 0
+    return int((s > s[0] * max(shape) * torch.finfo(s.dtype).eps).sum())
+
+
 def _polar(x: torch.Tensor) -> torch.Tensor:
     """P Q^T for x = P S Q^T: the matrix with orthonormal columns (rows if x is wide) nearest to x in
     Frobenius norm: the orthogonal Procrustes solution (TSV-M's and Iso-CTS's decorrelation)."""
@@ -636,7 +643,10 @@ def tsv_merge(
     U_perp S V_perp^T.
 
     Other tensors: sum_i w_i tau_i / T (FusionBench's mean). f T <= 1 keeps the stacked bases at most r wide.
-    One task with f = 1 returns the task vector itself.
+    One task with f = 1 returns the task vector itself. A task matrix of rank below k contributes its nonzero
+    triplets only (numerical rank, numpy's tolerance): the others are an arbitrary null-space basis, so
+    keeping them (as FusionBench does) makes the merge of low-rank task matrices such as LoRA deltas depend on
+    rounding noise; on full-rank matrices nothing changes.
     """
     _check_same_shape(deltas)
     n_tasks = len(deltas)
@@ -656,11 +666,17 @@ def tsv_merge(
     us, ss, vhs = [], [], []
     for wi, d in zip(w, deltas, strict=True):
         u, s, vh = torch.linalg.svd(d.to(dtype) * wi, full_matrices=False)
+        # a triplet with sigma = 0 is not part of tau_i (its vectors are LAPACK's arbitrary basis of the null
+        # space, which the Procrustes step would mix into every other vector): keep the numerically nonzero
+        # ones only, so low-rank task matrices (LoRA deltas) have a well-defined merge
+        ki = min(k, _numerical_rank(s, d.shape))
         # copies, not views: a view of the first k columns would keep the whole factor alive
-        us.append(u[:, :k].clone())
-        ss.append(s[:k].clone())
-        vhs.append(vh[:k].clone())
+        us.append(u[:, :ki].clone())
+        ss.append(s[:ki].clone())
+        vhs.append(vh[:ki].clone())
         del u, s, vh
+    if not any(len(x) for x in ss):  # every task matrix is zero
+        return torch.zeros_like(deltas[0])
     return _reassemble(us, torch.cat(ss), vhs).to(deltas[0].dtype)
 
 

@@ -287,7 +287,9 @@ def _arcee_fusion(tensors, g, m, seed, base, fishers):
 
 
 # -- SVD merges of FusionBench (issue 16): TSV-M, Iso-C, Iso-CTS; scale named as FusionBench (alpha,
-# scaling_factor), applied here since these methods take no lambda
+# scaling_factor), applied here since these methods take no lambda. Iso-C/Iso-CTS give every one of the
+# min(m, n) directions the mean singular value: on a low-rank delta (LoRA) that fills the null space with
+# directions LAPACK picks arbitrarily, and the flat spectrum has no unique rank-r truncation: not ``lora``
 def _tsv_m(deltas, g, m, seed, base, fishers):
     return ops.tsv_merge(deltas, _weights(m), g["sv_reduction"]).mul_(g["alpha"])
 
@@ -336,6 +338,7 @@ def _della_spec(name: str, kind: str, normalize: bool) -> MethodSpec:
         },
         model_params=_DELLA_MODEL,
         delta=True,
+        lora=True,
         seeded=True,
         check=_check_della,
     )
@@ -422,6 +425,7 @@ METHODS: dict[str, MethodSpec] = {
             global_params=_DELTA,
             model_params=_BREADCRUMBS_MODEL,
             delta=True,
+            lora=True,
             check=_check_breadcrumbs,
         ),
         MethodSpec(
@@ -431,6 +435,7 @@ METHODS: dict[str, MethodSpec] = {
             global_params=_DELTA,
             model_params={"weight": WEIGHT, "density": DENSITY},
             delta=True,
+            lora=True,
         ),
         MethodSpec(
             "consensus",
@@ -440,6 +445,7 @@ METHODS: dict[str, MethodSpec] = {
             global_params={**_DELTA, "k": Param(2, check_count)},
             model_params={"weight": WEIGHT, "tall_lambda": Param(0.6, check_non_negative)},
             delta=True,
+            lora=True,
         ),
         MethodSpec("model_stock", _model_stock, needs_base=True, min_models=2),
         # spherical merges of task vectors (WARP, mergekit); lambda is LITI's η: θ_init + η·τ_merged
@@ -519,6 +525,7 @@ METHODS: dict[str, MethodSpec] = {
             global_params={**_DELTA, "normalize": Param(False, check_bool)},
             model_params=_BREADCRUMBS_MODEL,
             delta=True,
+            lora=True,
             check=_check_breadcrumbs,
         ),
         MethodSpec(
@@ -527,8 +534,11 @@ METHODS: dict[str, MethodSpec] = {
             needs_base=True,
             global_params={"select_topk": Param(1.0, check_fraction)},
             delta=True,
+            lora=True,
         ),
-        MethodSpec("ram", _ram, needs_base=True, global_params={"epsilon": _RAM_EPSILON}, delta=True),
+        MethodSpec(
+            "ram", _ram, needs_base=True, global_params={"epsilon": _RAM_EPSILON}, delta=True, lora=True
+        ),
         MethodSpec(
             "ramplus_tl",
             _ramplus_tl,
@@ -539,6 +549,7 @@ METHODS: dict[str, MethodSpec] = {
                 "alpha": Param(0.2, check_non_negative),
             },
             delta=True,
+            lora=True,
         ),
         MethodSpec(
             "nearswap",
@@ -559,6 +570,7 @@ METHODS: dict[str, MethodSpec] = {
             },
             model_params={"weight": WEIGHT},
             delta=True,
+            lora=True,
             check=_check_tsv_m,
         ),
         MethodSpec(

@@ -41,8 +41,11 @@ def make_adapter(base_dir: Path, out: Path, seed: int, **lora_kwargs) -> Path:
     return out
 
 
-def peft_deltas(base_dir: Path, adapters: dict[str, Path]) -> dict[str, dict[str, torch.Tensor]]:
-    """adapter name -> module -> ΔW, as PEFT itself computes it (``get_delta_weight``) after loading."""
+def peft_deltas(
+    base_dir: Path, adapters: dict[str, Path], bias: bool = False
+) -> dict[str, dict[str, torch.Tensor]]:
+    """adapter name -> module -> ΔW, as PEFT itself computes it (``get_delta_weight``) after loading; with
+    ``bias``, Δb = lora_B.bias · scaling instead (what PEFT's merge adds to the base bias)."""
     model = LlamaForCausalLM.from_pretrained(base_dir)
     names = list(adapters)
     # PEFT adapter names must not be substrings of "lora_" (a, o, r ...): load them under a prefix
@@ -56,7 +59,11 @@ def peft_deltas(base_dir: Path, adapters: dict[str, Path]) -> dict[str, dict[str
             continue
         for n in names:
             key = f"ad_{n}"
-            if key in getattr(module, "lora_A", {}) or key in getattr(module, "lora_embedding_A", {}):
+            if bias:
+                if key in getattr(module, "lora_B", {}) and module.lora_B[key].bias is not None:
+                    db = module.lora_B[key].bias * module.scaling[key]
+                    out[n][mod_name.removeprefix(prefix)] = db.detach().double()
+            elif key in getattr(module, "lora_A", {}) or key in getattr(module, "lora_embedding_A", {}):
                 out[n][mod_name.removeprefix(prefix)] = module.get_delta_weight(key).detach().double()
     return out
 

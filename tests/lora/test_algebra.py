@@ -114,15 +114,41 @@ def test_combine_dense_refactors_the_merged_matrix():
     a = DeltaSet(q=rand_delta(seed=1), v=rand_delta(seed=2))
     b = DeltaSet(q=rand_delta(seed=3))
 
-    def clipped_sum(dense, weights):  # a non-linear, element-wise merge
+    names = []
+
+    def clipped_sum(dense, weights, name):  # a non-linear, element-wise merge
+        names.append(name)
         return sum(w * d for w, d in zip(weights, dense, strict=True)).clamp(-1, 1)
 
-    out = combine_dense([a, b], clipped_sum, rank=3, weights=[1.0, 2.0])
+    out, errors = combine_dense([a, b], clipped_sum, rank=3, weights=[1.0, 2.0])
+    assert names == ["q.weight", "v.weight"]
     ref_q = (dense_ref(a["q"]) + 2 * dense_ref(b["q"])).clamp(-1, 1)
     U, S, Vh = torch.linalg.svd(ref_q)
-    torch.testing.assert_close(out["q"].dense(), (U[:, :3] * S[:3]) @ Vh[:3])
+    truncated = (U[:, :3] * S[:3]) @ Vh[:3]
+    torch.testing.assert_close(out["q"].dense(), truncated)
     assert out["q"].rank == 3
+    # the reported error is ‖ΔW − ΔW_3‖_F / ‖ΔW‖_F of the merged matrix
+    assert errors["q"] == pytest.approx(float((ref_q - truncated).norm() / ref_q.norm()), rel=1e-9)
+    assert 0 < errors["q"] < 1 and errors["v"] > 0
     # exact when the rank allows it
     torch.testing.assert_close(factorize(dense_ref(a["v"]), 4).dense(), dense_ref(a["v"]))
     with pytest.raises(ValueError, match="rank must be"):
         factorize(dense_ref(a["v"]), 0)
+
+
+def test_lora_bias_follows_the_algebra_exactly():
+    """Δb = s·b (PEFT lora_bias) sums, negates, scales and survives compression exactly."""
+    a = LoRADelta(
+        rand_delta(seed=1).B, rand_delta(seed=1).A, 0.5, "q", torch.arange(24.0, dtype=torch.float64)
+    )
+    b = rand_delta(r=3, scale=2.0, seed=2)  # no bias: zero
+    combined = combine([DeltaSet(q=a), DeltaSet(q=b)], [2.0, -1.0])["q"]
+    torch.testing.assert_close(combined.dense(), 2 * a.dense() - b.dense())
+    torch.testing.assert_close(combined.dense_bias(), 2 * 0.5 * torch.arange(24.0, dtype=torch.float64))
+    torch.testing.assert_close((-a).dense_bias(), -a.dense_bias())
+    torch.testing.assert_close(combined.compress(2).dense_bias(), combined.dense_bias())
+    paper = paper_add([a, paper_negate(a)], [0.3, 0.7])  # the paper's λ on lora_B's parameters, bias too
+    torch.testing.assert_close(paper.dense_bias(), (0.3 - 0.7) * a.dense_bias())
+    assert b.dense_bias() is None
+    with pytest.raises(ValueError, match="q: the LoRA bias"):
+        LoRADelta(a.B, a.A, 1.0, "q", torch.zeros(3))

@@ -473,7 +473,8 @@ def _np_polar(x):
     return scipy_linalg.polar(x.T)[0].T
 
 
-def _ref_tsv_m(deltas, weights=None, fraction=None):
+def _ref_tsv_m(deltas, weights=None, fraction=None, ranks=None):
+    """TSV-M densely; ``ranks``: the task matrices' true ranks (a low-rank one keeps its nonzero triplets)."""
     mats = [d.numpy() * (1.0 if weights is None else weights[i]) for i, d in enumerate(deltas)]
     if mats[0].ndim != 2:
         return torch.from_numpy(sum(mats) / len(mats))
@@ -481,14 +482,17 @@ def _ref_tsv_m(deltas, weights=None, fraction=None):
     r = min(m, n)
     k = int(r * (1 / len(mats) if fraction is None else fraction))
     u_all, s_all, vt_all = np.zeros((m, r)), np.zeros(r), np.zeros((r, n))
+    used = 0
     for i, a in enumerate(mats):
         u, s, vt = np.linalg.svd(a, full_matrices=False)
-        u_all[:, i * k : (i + 1) * k], s_all[i * k : (i + 1) * k], vt_all[i * k : (i + 1) * k] = (
-            u[:, :k],
-            s[:k],
-            vt[:k],
+        ki = k if ranks is None else min(k, ranks[i])
+        u_all[:, used : used + ki], s_all[used : used + ki], vt_all[used : used + ki] = (
+            u[:, :ki],
+            s[:ki],
+            vt[:ki],
         )
-    used = len(mats) * k  # zero padding columns have no singular value: leave them out of the polar factor
+        used += ki
+    # zero padding columns have no singular value: leave them out of the polar factor
     out = _np_polar(u_all[:, :used]) @ np.diag(s_all[:used]) @ _np_polar(vt_all[:used])
     return torch.from_numpy(out)
 
@@ -548,6 +552,23 @@ def test_tsv_m_keeps_each_tasks_top_singular_values_on_orthonormal_bases():
     torch.testing.assert_close(got[:6], kept.sort(descending=True).values)
     torch.testing.assert_close(got[6:], torch.zeros(4, dtype=got.dtype), atol=1e-10, rtol=0)
     torch.testing.assert_close(merged, _ref_tsv_m(deltas, fraction=0.2))
+
+
+def test_tsv_m_of_low_rank_task_matrices_keeps_their_nonzero_triplets_only():
+    """Ranks 2, 3, 1 < k = floor(12 / 3) = 4 (LoRA deltas): the null-space vectors of LAPACK are arbitrary,
+    so the merge is defined by the nonzero triplets and does not move when the inputs move by 1e-15."""
+    g = torch.Generator().manual_seed(44)
+    deltas = [
+        torch.randn(14, r, generator=g, dtype=torch.float64)
+        @ torch.randn(r, 12, generator=g, dtype=torch.float64)
+        for r in (2, 3, 1)
+    ]
+    weights = [1.0, 0.7, -0.5]
+    merged = M.tsv_merge(deltas, weights)
+    torch.testing.assert_close(merged, _ref_tsv_m(deltas, weights, ranks=[2, 3, 1]))
+    noisy = [d + 1e-15 * torch.randn(d.shape, generator=g, dtype=torch.float64) for d in deltas]
+    torch.testing.assert_close(M.tsv_merge(noisy, weights), merged, atol=1e-9, rtol=1e-9)
+    assert not M.tsv_merge([torch.zeros(4, 5), torch.zeros(4, 5)]).any()
 
 
 @pytest.mark.parametrize("shape", [(6, 7), (9, 4)])
