@@ -89,9 +89,9 @@ def _groups(model: nn.Module, names: Sequence[str] | None, option: str) -> dict[
 
 
 def _batches(data: Any) -> list[Any]:
-    """The batches, read once (a shuffling DataLoader would give each pass other batches): a mapping or a
-    tensor is one batch, anything else an iterable of batches."""
-    batches = [data] if isinstance(data, (Mapping, torch.Tensor)) else list(data)
+    """The batches, read once (a shuffling DataLoader would give each pass other batches): a mapping, a tensor
+    or a tuple ``(inputs, *targets)`` is one batch; a list, a DataLoader or any other iterable holds batches."""
+    batches = [data] if isinstance(data, (Mapping, torch.Tensor, tuple)) else list(data)
     if not batches:
         raise ValueError("data: no batch to measure the loss on")
     return batches
@@ -181,9 +181,9 @@ def module_criticality(
 ) -> dict[str, float]:
     """RiFT's module robust criticality of each module: max_{‖ΔW‖₂ ≤ ε‖W‖₂} L(θ + ΔW on M) − L(θ).
 
-    ``data``: one batch (a mapping of model kwargs, Hugging Face style, or an input tensor) or an iterable of
-    batches (``(inputs, *targets)`` tuples with a ``loss_fn(outputs, batch)``); the loss is the mean over them
-    (default: the model's own ``outputs.loss``). RiFT measures it on the (adversarial) examples the model must
+    ``data``: one batch (a mapping of model kwargs, Hugging Face style; an input tensor; or an ``(inputs,
+    *targets)`` tuple for a ``loss_fn(outputs, batch)``) or a list/DataLoader of batches, read once; the loss
+    is the mean over the batches of each batch's loss (default: the model's own ``outputs.loss``). RiFT measures it on the (adversarial) examples the model must
     stay robust on. ``modules``: names from ``model.named_modules()`` (each perturbed with all its parameters);
     default :func:`default_modules`. ``epsilon`` is relative to ‖W‖ (RiFT's 0.1); ``steps`` projected ascent
     steps of size ``step_size``·ε‖W‖ along the normalised gradient (RiFT's code: 10 epochs of SGD then a
