@@ -34,6 +34,14 @@ if TYPE_CHECKING:  # the same names, for type checkers and IDEs
         SWACallback,
         WiseFTCallback,
     )
+    from robustft.diagnostics import (
+        SharpnessReport,
+        layer_sharpness,
+        least_critical_module,
+        module_criticality,
+        plot_sharpness,
+        sharpness_along_path,
+    )
     from robustft.learned import LearnedInterpolation
     from robustft.lora import (
         DeltaSet,
@@ -79,6 +87,14 @@ __getattr__, __dir__ = lazy_exports(
             "SparseUpdateCallback",
             "WiseFTCallback",
         ),
+        "robustft.diagnostics": (
+            "SharpnessReport",
+            "layer_sharpness",
+            "least_critical_module",
+            "module_criticality",
+            "plot_sharpness",
+            "sharpness_along_path",
+        ),
         "robustft.learned": ("LearnedInterpolation",),
         "robustft.lora": (
             "DeltaSet",
@@ -123,6 +139,7 @@ __all__ = [
     "SAMCallback",
     "SWACallback",
     "SentenceClassifier",
+    "SharpnessReport",
     "ShrinkPerturbCallback",
     "Snapshot",
     "SpectralRegCallback",
@@ -138,11 +155,16 @@ __all__ = [
     "interpolate",
     "interpolate_models",
     "interpolate_state_dicts",
+    "layer_sharpness",
+    "least_critical_module",
     "load_recipe",
     "merge_checkpoints",
     "merge_into_base",
+    "module_criticality",
+    "plot_sharpness",
     "read_adapter",
     "select_parameters",
+    "sharpness_along_path",
     "swapped_in",
     "wise_ft_sweep",
     "write_adapter",

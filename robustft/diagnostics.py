@@ -1,4 +1,4 @@
-"""Which modules a model can spare, and which layers are sharp along the WiSE-FT path (RiFT and its diagnostic).
+"""Which modules a model can spare, which layers are sharp along the WiSE-FT path (RiFT, its diagnostic).
 
 Both measure a worst-case loss increase when only one group of weights (a module, a layer) is perturbed
 within a ball, found by projected gradient ascent (maths in :mod:`robustft.ops.sharpness`):
@@ -71,8 +71,8 @@ def _groups(model: nn.Module, names: Sequence[str] | None, option: str) -> dict[
         names = [names]
     names = default_modules(model) if names is None else list(names)
     if not names:
-        raise ValueError(f"{option}: no module to measure (the model has no Linear/Conv/Embedding-like module; "
-                         "name the modules)")
+        raise ValueError(f"{option}: no module to measure (the model has no Linear/Conv/Embedding-like "
+                         "module; name the modules)")
     modules = dict(model.named_modules())
     groups = {}
     for name in names:
@@ -89,8 +89,9 @@ def _groups(model: nn.Module, names: Sequence[str] | None, option: str) -> dict[
 
 
 def _batches(data: Any) -> list[Any]:
-    """The batches, read once (a shuffling DataLoader would give each pass other batches): a mapping, a tensor
-    or a tuple ``(inputs, *targets)`` is one batch; a list, a DataLoader or any other iterable holds batches."""
+    """The batches, read once (a shuffling DataLoader would give each pass other batches): a mapping, a
+    tensor or a tuple ``(inputs, *targets)`` is one batch; a list, a DataLoader or another iterable holds
+    batches."""
     batches = [data] if isinstance(data, (Mapping, torch.Tensor, tuple)) else list(data)
     if not batches:
         raise ValueError("data: no batch to measure the loss on")
@@ -120,7 +121,9 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
 
 
 def _perturbed(params: Mapping[str, torch.Tensor], deltas: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {n: (p.detach().to(d.dtype) + d).to(p.dtype) for (n, p), d in zip(params.items(), deltas, strict=True)}
+    """θ + δ on the group (δ added in its wider dtype, rounded to each weight's dtype)."""
+    pairs = zip(params.items(), deltas, strict=True)
+    return {n: (p.detach().to(d.dtype) + d).to(p.dtype) for (n, p), d in pairs}
 
 
 def _pass(model: nn.Module, params: Mapping[str, torch.Tensor], deltas: Sequence[torch.Tensor],
@@ -160,8 +163,8 @@ def _measure(model: nn.Module, batches: Sequence[Any], groups: Mapping[str, Mapp
                 if k == 0:
                     base = loss
                     if not math.isfinite(base):
-                        raise FloatingPointError(f"the loss at the unperturbed weights is not finite ({base}); "
-                                                 "nothing to measure")
+                        raise FloatingPointError(f"the loss at the unperturbed weights is not finite "
+                                                 f"({base}); nothing to measure")
                 else:
                     losses.append(loss)
                 deltas = ascent_step(deltas, weights, grads, radius, ball, step_size)
@@ -182,11 +185,12 @@ def module_criticality(
     """RiFT's module robust criticality of each module: max_{‖ΔW‖₂ ≤ ε‖W‖₂} L(θ + ΔW on M) − L(θ).
 
     ``data``: one batch (a mapping of model kwargs, Hugging Face style; an input tensor; or an ``(inputs,
-    *targets)`` tuple for a ``loss_fn(outputs, batch)``) or a list/DataLoader of batches, read once; the loss
-    is the mean over the batches of each batch's loss (default: the model's own ``outputs.loss``). RiFT measures it on the (adversarial) examples the model must
-    stay robust on. ``modules``: names from ``model.named_modules()`` (each perturbed with all its parameters);
-    default :func:`default_modules`. ``epsilon`` is relative to ‖W‖ (RiFT's 0.1); ``steps`` projected ascent
-    steps of size ``step_size``·ε‖W‖ along the normalised gradient (RiFT's code: 10 epochs of SGD then a
+    *targets)`` tuple for a ``loss_fn(outputs, batch)``) or a list/DataLoader of batches, read once; the
+    loss is the mean over the batches of each batch's loss (default: the model's own ``outputs.loss``).
+    RiFT measures it on the (adversarial) examples the model must stay robust on. ``modules``: names from
+    ``model.named_modules()``, each perturbed with all its parameters (default :func:`default_modules`).
+    ``epsilon`` is relative to ‖W‖ (RiFT's 0.1); ``steps`` projected ascent steps of size
+    ``step_size``·ε‖W‖ along the normalised gradient (RiFT's code: 10 epochs of SGD, each followed by the
     projection); the largest loss over the iterates counts. The model's weights are never written.
     """
     radius = _check_search("relative_l2", epsilon, steps, step_size, "epsilon")
@@ -196,8 +200,8 @@ def module_criticality(
 
 def least_critical_module(model: nn.Module, data: Any, modules: Sequence[str] | None = None,
                           **options: Any) -> str:
-    """The module with the lowest MRC (:func:`module_criticality`; the first of equal ones): RiFT fine-tunes it
-    alone (``requires_grad`` on its parameters only, or ``include=`` of the callbacks)."""
+    """The module of lowest MRC (:func:`module_criticality`; the first of equal ones): the one RiFT fine-tunes
+    alone (``requires_grad`` on its parameters only)."""
     mrc = module_criticality(model, data, modules, **options)
     return min(mrc, key=mrc.__getitem__)
 

@@ -143,7 +143,7 @@ def test_sharpness_at_the_path_ends_is_that_of_the_start_and_finetuned_models(ba
     for layer in report.layers:
         assert report.sharpness[layer][0] == pytest.approx(at_start[layer], rel=1e-6, abs=1e-9)
         assert report.sharpness[layer][2] == pytest.approx(at_end[layer], rel=1e-6, abs=1e-9)
-    assert report.loss[0] == pytest.approx(float(_ce(start.eval()(batch[0]), batch)), rel=1e-6)
+    assert report.loss[0] == pytest.approx(float(_ce(start.eval()(batch[0]), batch).detach()), rel=1e-6)
     assert any(v > 0 for v in report.sharpness["3"])
     _assert_bit_identical(finetuned, before)
 
