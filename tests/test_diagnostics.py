@@ -208,3 +208,34 @@ def test_a_non_finite_loss_is_refused():
     model, batch = _mlp(), _data()
     with pytest.raises(FloatingPointError, match="not finite"):
         module_criticality(model, batch, loss_fn=lambda o, b: o.sum() * math.inf)
+
+
+def _rift_recipe(tmp_path):
+    """RiFT end to end as docs/regularizers.md shows it: measure, train the least critical module alone, WiSE-FT."""
+    from transformers import Trainer
+
+    from robustft import WiseFTCallback
+    from tests.tiny import tiny_bert, token_dataset, training_args
+
+    model = tiny_bert(0)
+    train, val = token_dataset(48, seed=0), token_dataset(32, seed=1)
+    batch = {k: torch.tensor(val[k]) for k in ("input_ids", "labels")}
+    name = least_critical_module(model, batch, steps=2)
+    start = _bits(model)
+    for n, p in model.named_parameters():
+        p.requires_grad_(n.startswith(f"{name}."))
+    wise = WiseFTCallback(eval_datasets={"id": val}, id_dataset="id", metric="loss", greater_is_better=False,
+                          alphas=[0.0, 0.5, 1.0])
+    Trainer(model=model, args=training_args(tmp_path), train_dataset=train, callbacks=[wise]).train()
+    return model, name, start, wise
+
+
+@pytest.mark.slow
+def test_rift_recipe_trains_only_the_least_critical_module_and_interpolates(tmp_path):
+    model, name, start, wise = _rift_recipe(tmp_path)
+    after = model.state_dict()
+    moved = {n for n, t in start.items() if not torch.equal(after[n], t)}
+    assert all(n.startswith(f"{name}.") for n in moved), moved
+    curve = json.loads((tmp_path / "wise_ft.json").read_text())
+    assert curve["alphas"] == [0.0, 0.5, 1.0]
+    assert bool(moved) == (curve["chosen_alpha"] > 0)
