@@ -128,10 +128,11 @@ def _perturbed(params: Mapping[str, torch.Tensor], deltas: Sequence[torch.Tensor
 
 def _pass(model: nn.Module, params: Mapping[str, torch.Tensor], deltas: Sequence[torch.Tensor],
           batches: Sequence[Any], score: LossFn, grad: bool) -> tuple[float, list[torch.Tensor] | None]:
-    """Mean over the batches of the loss at θ + δ on the group, and its gradient in δ when ``grad``."""
+    """Mean over the batches of the loss at θ + δ on the group, and its gradient in δ when ``grad`` (None
+    when the loss does not depend on the group at all: a module the forward pass does not use)."""
     leaves = [d.detach().requires_grad_(grad) for d in deltas]
     grads = [torch.zeros_like(d) for d in leaves] if grad else None
-    total = 0.0
+    total, reached = 0.0, False
     for batch in batches:
         with torch.enable_grad() if grad else torch.no_grad():
             loss = score(call_with_weights(model, _perturbed(params, leaves), batch), batch)
@@ -141,18 +142,21 @@ def _pass(model: nn.Module, params: Mapping[str, torch.Tensor], deltas: Sequence
             if grad and loss.requires_grad:
                 for acc, g in zip(grads, torch.autograd.grad(loss, leaves, allow_unused=True), strict=True):
                     if g is not None:
+                        reached = True
                         acc.add_(g.to(acc.dtype), alpha=1.0 / len(batches))
-    return total, grads
+    return total, grads if reached else None
 
 
 def _measure(model: nn.Module, batches: Sequence[Any], groups: Mapping[str, Mapping[str, torch.Tensor]],
              ball: str, radius: float, steps: int, step_size: float,
-             loss_fn: LossFn | None) -> tuple[float, dict[str, float]]:
-    """(L(θ), {group: max(0, max_k L(θ + δ_k) − L(θ))}) with δ_k the iterates of ``steps`` projected ascent
-    steps from δ = 0 on that group alone; the loss is the mean over ``batches`` (one δ for all of them)."""
+             loss_fn: LossFn | None) -> tuple[float, dict[str, float], list[str]]:
+    """(L(θ), {group: max(0, max_k L(θ + δ_k) − L(θ))}, unused groups) with δ_k the iterates of ``steps``
+    projected ascent steps from δ = 0 on that group alone; the loss is the mean over ``batches`` (one δ for
+    all of them). A group the loss does not depend on (no gradient reaches it) gets 0 and is listed."""
     score = loss_fn or model_loss
     base = math.nan
     out: dict[str, float] = {}
+    unused: list[str] = []
     with _eval_mode(model):
         for name, params in groups.items():
             weights = [p.detach() for p in params.values()]
@@ -167,10 +171,16 @@ def _measure(model: nn.Module, batches: Sequence[Any], groups: Mapping[str, Mapp
                                                  f"({base}); nothing to measure")
                 else:
                     losses.append(loss)
+                if grads is None:
+                    unused.append(name)
+                    break
                 deltas = ascent_step(deltas, weights, grads, radius, ball, step_size)
+            if name in unused:
+                out[name] = 0.0
+                continue
             losses.append(_pass(model, params, deltas, batches, score, grad=False)[0])
             out[name] = worst_case_increase(base, losses)
-    return base, out
+    return base, out, unused
 
 
 def module_criticality(
@@ -193,17 +203,34 @@ def module_criticality(
     ``step_size``·ε‖W‖ along the normalised gradient (RiFT's code: 10 epochs of SGD, each followed by the
     projection); the largest loss over the iterates counts. The model's weights are never written.
     """
+    return _criticality(model, data, modules, epsilon, steps, step_size, loss_fn)[0]
+
+
+def _criticality(model: nn.Module, data: Any, modules: Sequence[str] | None, epsilon: float, steps: int,
+                 step_size: float, loss_fn: LossFn | None) -> tuple[dict[str, float], list[str]]:
     radius = _check_search("relative_l2", epsilon, steps, step_size, "epsilon")
     groups = _groups(model, modules, "modules")
-    return _measure(model, _batches(data), groups, "relative_l2", radius, steps, step_size, loss_fn)[1]
+    _, mrc, unused = _measure(model, _batches(data), groups, "relative_l2", radius, steps, step_size, loss_fn)
+    return mrc, unused
 
 
-def least_critical_module(model: nn.Module, data: Any, modules: Sequence[str] | None = None,
-                          **options: Any) -> str:
-    """The module of lowest MRC (:func:`module_criticality`; the first of equal ones): the one RiFT fine-tunes
-    alone (``requires_grad`` on its parameters only)."""
-    mrc = module_criticality(model, data, modules, **options)
-    return min(mrc, key=mrc.__getitem__)
+def least_critical_module(
+    model: nn.Module,
+    data: Any,
+    modules: Sequence[str] | None = None,
+    epsilon: float = 0.1,
+    steps: int = 10,
+    step_size: float = 1.0,
+    loss_fn: LossFn | None = None,
+) -> str:
+    """The module of lowest MRC (:func:`module_criticality`, same options; the first of equal ones): the one
+    RiFT fine-tunes alone (``requires_grad`` on its parameters only). A module the loss does not depend on
+    (MRC 0 because the forward pass never uses it, e.g. an unused pooler) is never chosen."""
+    mrc, unused = _criticality(model, data, modules, epsilon, steps, step_size, loss_fn)
+    used = [m for m in mrc if m not in unused]
+    if not used:
+        raise ValueError(f"modules: the loss depends on none of {list(mrc)[:5]}; nothing to fine-tune")
+    return min(used, key=mrc.__getitem__)
 
 
 def layer_sharpness(

@@ -211,7 +211,7 @@ def test_a_non_finite_loss_is_refused():
 
 
 def _rift_recipe(tmp_path):
-    """RiFT end to end as docs/regularizers.md shows it: measure, train the least critical module alone, WiSE-FT."""
+    """RiFT end to end as docs/regularizers.md shows it: measure, train the least critical module, WiSE-FT."""
     from transformers import Trainer
 
     from robustft import WiseFTCallback
@@ -239,3 +239,21 @@ def test_rift_recipe_trains_only_the_least_critical_module_and_interpolates(tmp_
     curve = json.loads((tmp_path / "wise_ft.json").read_text())
     assert curve["alphas"] == [0.0, 0.5, 1.0]
     assert bool(moved) == (curve["chosen_alpha"] > 0)
+
+
+def test_a_module_the_forward_never_uses_is_zero_and_never_the_least_critical():
+    class WithUnused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net, self.unused = _mlp(), nn.Linear(3, 3)
+
+        def forward(self, x):
+            return self.net(x)
+
+    model, batch = WithUnused(), _data()
+    mrc = module_criticality(model, batch, steps=2, loss_fn=_ce)
+    assert list(mrc) == ["net.0", "net.3", "unused"]
+    assert mrc["unused"] == 0.0 and mrc["net.0"] > 0 and mrc["net.3"] > 0
+    assert least_critical_module(model, batch, steps=2, loss_fn=_ce) == min(["net.0", "net.3"], key=mrc.get)
+    with pytest.raises(ValueError, match="the loss depends on none of"):
+        least_critical_module(model, batch, modules=["unused"], loss_fn=_ce)
