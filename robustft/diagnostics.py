@@ -333,10 +333,12 @@ def plot_sharpness(report: SharpnessReport, path: str | os.PathLike) -> Path | N
         return None
     path = Path(path)
     n = len(report.layers)
-    fig, (top, ax) = plt.subplots(2, 1, figsize=(7, 2.2 + 0.28 * n), sharex=False,
+    fig, (top, ax) = plt.subplots(2, 1, figsize=(7, 2.2 + 0.28 * n), layout="constrained",
                                   gridspec_kw={"height_ratios": [1.6, max(2.0, 0.28 * n)]})
-    top.plot(report.alphas, report.loss, "o-", ms=4, color="black")
-    top.set_xlim(report.alphas[0] - 0.05, report.alphas[-1] + 0.05)
+    columns = range(len(report.alphas))  # one column per α, above the heatmap's columns
+    top.plot(columns, report.loss, "o-", ms=4, color="black")
+    top.set_xlim(-0.5, len(report.alphas) - 0.5)
+    top.set_xticks(columns, [f"{a:g}" for a in report.alphas])
     top.set_ylabel("loss L(θ(α))")
     top.set_xlabel("α (0 = start, 1 = fine-tuned)")
     top.grid(alpha=0.3)
@@ -348,8 +350,9 @@ def plot_sharpness(report: SharpnessReport, path: str | os.PathLike) -> Path | N
     ax.set_xlabel("α")
     ball = report.options.get("ball", "")
     radius = report.options.get("rho", "")
-    fig.colorbar(image, ax=ax, label=f"worst-case loss increase ({ball}, ρ={radius})")
-    fig.tight_layout()
+    # one colour bar beside both panels keeps the loss points above their heatmap columns
+    fig.colorbar(image, ax=[top, ax], fraction=0.04, pad=0.02,
+                 label=f"worst-case loss increase ({ball}, ρ={radius})")
     with atomic_output_file(path) as tmp:
         fig.savefig(tmp, dpi=110)
     plt.close(fig)
