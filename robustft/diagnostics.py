@@ -3,7 +3,7 @@
 Both measure a worst-case loss increase when only one group of weights (a module, a layer) is perturbed
 within a ball, found by projected gradient ascent (maths in :mod:`robustft.ops.sharpness`):
 
-- :func:`module_criticality`: RiFT's module robust criticality (Zhu et al., ICCV 2023, Definition 1),
+- :func:`module_criticality`: RiFT's module robust criticality (Zhu et al., ICCV 2023, the MRC definition),
   MRC(M) = max_{‖ΔW‖₂ ≤ ε‖W‖₂} L(θ + ΔW on M) − L(θ); :func:`least_critical_module` is the module RiFT
   fine-tunes alone (then WiSE-FT interpolates start and fine-tuned, docs/regularizers.md).
 - :func:`layer_sharpness` / :func:`sharpness_along_path`: per-layer worst-case adaptive sharpness

@@ -5,7 +5,7 @@ gradient ascent (:func:`ascent_step`) from δ = 0:
 
 * ``"relative_l2"``: B = {δ : ‖δ‖₂ ≤ ε‖w‖₂} (norms over every tensor of the group together), the ball of
   module robust criticality (RiFT: Zhu et al., ICCV 2023, "Improving Generalization of Adversarial Training
-  via Robust Critical Fine-Tuning", Definition 1: MRC = max_{‖Δθ‖₂ ≤ ε‖θ^(i)‖₂} L(θ + Δθ^(i)) − L(θ)). The
+  via Robust Critical Fine-Tuning", its definition of MRC: max_{‖Δθ‖₂ ≤ ε‖θ^(i)‖₂} L(θ + Δθ^(i)) − L(θ)). The
   step is normalised, δ ← Π(δ + η·ε‖w‖·g/‖g‖) (:func:`robustft.ops.perturb.sam_perturbation`), so one step
   with η = 1 is the first-order maximiser, SAM's ε on the group with ρ = ε‖w‖.
 * ``"adaptive_linf"``: B = {δ : |δ_j| ≤ ρ|w_j| for every j}, the element-wise adaptive ℓ∞ ball of worst-case
