@@ -11,7 +11,7 @@ within a ball, found by projected gradient ascent (maths in :mod:`robustft.ops.s
   "In Search of the Successful Interpolation") of θ(α) for each α, a layers × α table
   (:class:`SharpnessReport`, JSON/CSV and a PNG heatmap by :func:`plot_sharpness`).
 
-The model is run by ``torch.func.functional_call`` on θ + δ (:func:`robustft.learned.call_with_weights`), so
+The model is run by ``torch.func.functional_call`` on θ + δ (``robustft.learned``'s batch call), so
 the perturbation is never written into it; gradients are taken with ``torch.autograd.grad`` (no ``.grad`` is
 touched). The model runs in eval mode (no dropout) and gets its modes back; along the path θ(α) is written by
 :func:`robustft.wise_ft.evaluate_at_alphas`, which puts the fine-tuned values back bit-exactly, also on error.
@@ -34,7 +34,10 @@ import torch
 from torch import nn
 
 from robustft.checkpoint import atomic_output_file, atomic_write_text
-from robustft.learned import call_with_weights, model_loss
+
+# one home for running a model on given weights and for its default loss (learned.py's, kept private there)
+from robustft.learned import _call as call_with_weights
+from robustft.learned import _model_loss as model_loss
 from robustft.ops.interpolate import check_method
 from robustft.ops.perturb import compute_dtype
 from robustft.ops.sharpness import ascent_step, check_ball, worst_case_increase

@@ -51,7 +51,7 @@ def _cycle(data: Iterable[Any]) -> Iterator[Any]:
             raise ValueError("data: no batch to learn the coefficients on")
 
 
-def call_with_weights(model: nn.Module, weights: Mapping[str, torch.Tensor], batch: Any) -> Any:
+def _call(model: nn.Module, weights: Mapping[str, torch.Tensor], batch: Any) -> Any:
     """The model's output on ``batch``: a mapping as keyword arguments, a tuple/list ``(inputs, *rest)`` as
     its first element (the rest, e.g. targets, is for the ``loss_fn``), anything else as the one argument."""
     if isinstance(batch, Mapping):
@@ -74,12 +74,11 @@ def _batch_entropy(outputs: Any, batch: Any, causal: bool) -> torch.Tensor:
     return prediction_entropy(logits, mask).mean()
 
 
-def model_loss(outputs: Any, batch: Any) -> torch.Tensor:
-    """The model's own ``outputs.loss`` (batches with labels); a named error when there is none."""
+def _model_loss(outputs: Any, batch: Any) -> torch.Tensor:
     loss = getattr(outputs, "loss", None)
     if loss is None:
-        raise ValueError("the model returned no loss: put labels in the batches or pass a loss_fn(outputs, "
-                         "batch)")
+        raise ValueError("objective='loss': the model returned no loss; put labels in the batches or pass "
+                         "a loss_fn")
     return loss
 
 
@@ -259,7 +258,7 @@ class LearnedInterpolation:
             raise ValueError(f"clamp: expected (low, high) with low <= high, got {clamp!r}")
         causal = is_causal_lm(self.model) if causal_lm is None else bool(causal_lm)
         if objective == "loss":
-            score = loss_fn or model_loss
+            score = loss_fn or _model_loss
         else:
             def score(outputs, batch):
                 return _batch_entropy(outputs, batch, causal)
@@ -270,7 +269,7 @@ class LearnedInterpolation:
         batches = _cycle(data)
         for step in range(steps):
             batch = next(batches)
-            value = score(call_with_weights(self.model, self._full(self.weights(coef)), batch), batch)
+            value = score(_call(self.model, self._full(self.weights(coef)), batch), batch)
             if not torch.isfinite(value):
                 raise FloatingPointError(f"fit: the {objective} is not finite at step {step} "
                                          f"({float(value)})")
