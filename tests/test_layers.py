@@ -34,8 +34,8 @@ MODULE_LAYERS = {
     "robustft.checkpoint": "params/distributed",  # atomic writes and the callbacks' side state files
     "robustft.wise_ft": "lora/merge",  # functional WiSE-FT on whole models (interpolate, sweep)
     "robustft.learned": "lora/merge",  # learned per-block coefficients (aTLAS / AdaMerging) on models
-    "robustft.diagnostics": "lora/merge",  # RiFT's module criticality, layer sharpness along the WiSE-FT path
     "robustft.zero_shot": "lora/merge",  # a model built from a sentence encoder; no robustft import
+    "robustft.diagnostics": "lora/merge",  # RiFT's module criticality, layer sharpness along the WiSE-FT path
     "robustft.cli": "cli",
     "robustft.__main__": "cli",
     "robustft.demo": "cli",
