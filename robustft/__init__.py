@@ -34,6 +34,14 @@ if TYPE_CHECKING:  # the same names, for type checkers and IDEs
         SWACallback,
         WiseFTCallback,
     )
+    from robustft.diagnostics import (
+        SharpnessReport,
+        layer_sharpness,
+        least_critical_module,
+        module_criticality,
+        plot_sharpness,
+        sharpness_along_path,
+    )
     from robustft.learned import LearnedInterpolation
     from robustft.lora import (
         DeltaSet,
@@ -80,6 +88,14 @@ __getattr__, __dir__ = lazy_exports(
             "SparseUpdateCallback",
             "WiseFTCallback",
         ),
+        "robustft.diagnostics": (
+            "SharpnessReport",
+            "layer_sharpness",
+            "least_critical_module",
+            "module_criticality",
+            "plot_sharpness",
+            "sharpness_along_path",
+        ),
         "robustft.learned": ("LearnedInterpolation",),
         "robustft.lora": (
             "DeltaSet",
@@ -125,6 +141,7 @@ __all__ = [
     "SAMCallback",
     "SWACallback",
     "SentenceClassifier",
+    "SharpnessReport",
     "ShrinkPerturbCallback",
     "Snapshot",
     "SpectralRegCallback",
@@ -141,13 +158,18 @@ __all__ = [
     "interpolate",
     "interpolate_models",
     "interpolate_state_dicts",
+    "layer_sharpness",
+    "least_critical_module",
     "load_recipe",
     "load_wemoe",
     "merge_checkpoints",
     "merge_into_base",
+    "module_criticality",
+    "plot_sharpness",
     "read_adapter",
     "save_wemoe",
     "select_parameters",
+    "sharpness_along_path",
     "swapped_in",
     "upscale_wemoe",
     "wise_ft_sweep",
