@@ -136,3 +136,13 @@ def test_ema_reference_with_dpo(runs):
             for step in range(1, STEPS + 1):
                 want = decay * want + (1 - decay) * run[f"step{step}"][name].double()
             torch.testing.assert_close(ref.double(), want, atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.slow
+def test_ema_reference_refused_under_fsdp2_at_train_begin(tmp_path):
+    """Under FSDP2 (the policy really sharded: DTensors) the EMA reference is refused before any step."""
+    torchrun("tests/distributed/callbacks_run.py", str(tmp_path), "ema_reference_fsdp", timeout=400)
+    for rank in (0, 1):
+        facts = json.loads((tmp_path / "ema_reference_fsdp" / f"rank{rank}.json").read_text())
+        assert facts["dtensors"] and facts["global_step"] == 0, facts
+        assert "supports one process or DDP; FSDP and DeepSpeed" in facts["refused"], facts

@@ -28,7 +28,7 @@ from robustft import (  # noqa: E402
     SparseUpdateCallback,
     WiseFTCallback,
 )
-from tests.distributed.harness import finish  # noqa: E402
+from tests.distributed.harness import allow_fsdp_on_cpu, finish, fsdp_args  # noqa: E402
 from tests.tiny import lm_dataset, tiny_llama, token_dataset, training_args  # noqa: E402
 
 GLOBAL_BATCH, STEPS = 8, 4
@@ -168,7 +168,7 @@ PAIRS = [("the cat", "sat on the mat", "ran fast"), ("the dog", "ran fast", "sat
          ("a blue dog", "ran slow", "is a mat")]
 
 
-def run_ema_reference(out: Path) -> None:
+def run_ema_reference(out: Path, fsdp: bool = False) -> None:
     import trl
     from datasets import Dataset
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -192,10 +192,21 @@ def run_ema_reference(out: Path) -> None:
                          max_steps=STEPS, optim="sgd", learning_rate=1.0, lr_scheduler_type="constant",
                          logging_steps=1,
                          save_strategy="no", report_to=[], seed=0, use_cpu=True, bf16=False, beta=0.5,
-                         disable_tqdm=True)
+                         disable_tqdm=True, **(fsdp_args() if fsdp else {}))
     trainer = trl.DPOTrainer(model=model, ref_model=copy.deepcopy(model), args=args, train_dataset=data,
                              processing_class=tokenizer, callbacks=[cb, record])
     start = trainable(trainer.model)
+    if fsdp:  # refused at train begin, before any step; the policy must really be sharded (DTensors)
+        try:
+            trainer.train()
+            facts = {"refused": None}
+        except NotImplementedError as err:
+            facts = {"refused": str(err)}
+        facts.update(global_step=trainer.state.global_step,  # the Trainer shards in train(), before callbacks
+                     dtensors=all(hasattr(p, "placements") for p in trainer.model.parameters()))
+        (out / "ema_reference_fsdp").mkdir(parents=True, exist_ok=True)
+        (out / "ema_reference_fsdp" / f"rank{rank()}.json").write_text(json.dumps(facts))
+        return
     trainer.train()
     ref = {f"ref.{n}": p.detach().clone() for n, p in trainer.ref_model.named_parameters()}
     save(trainer, out, "ema_reference", start, record, extra=ref)
@@ -206,9 +217,12 @@ def main(out: str) -> None:
     only = sys.argv[2].split(",") if len(sys.argv) > 2 else None
     cases = {"plain": run_plain, "sparse_fisher": lambda o: run_sparse("sparse_fisher", o),
              "sparse_magnitude": lambda o: run_sparse("sparse_magnitude", o), "lpft": run_lpft,
-             "shrink": run_shrink, "dawin": run_dawin, "ema_reference": run_ema_reference}
+             "shrink": run_shrink, "dawin": run_dawin, "ema_reference": run_ema_reference,
+             "ema_reference_fsdp": lambda o: run_ema_reference(o, fsdp=True)}
+    if only is not None and "ema_reference_fsdp" in only:
+        allow_fsdp_on_cpu()
     for name, run in cases.items():
-        if only is None or name in only:
+        if (only is None and name != "ema_reference_fsdp") or (only is not None and name in only):
             run(out)
     finish()
 
