@@ -139,10 +139,18 @@ def test_ema_reference_with_dpo(runs):
 
 
 @pytest.mark.slow
-def test_ema_reference_refused_under_fsdp2_at_train_begin(tmp_path):
-    """Under FSDP2 (the policy really sharded: DTensors) the EMA reference is refused before any step."""
-    torchrun("tests/distributed/callbacks_run.py", str(tmp_path), "ema_reference_fsdp", timeout=400)
+@pytest.mark.parametrize("sharding", ["fsdp", "zero3"])
+def test_ema_reference_refused_on_sharded_policies_at_train_begin(tmp_path, sharding):
+    """Under FSDP2 (DTensor shards) and DeepSpeed ZeRO-3 (every parameter partitioned) the EMA reference is
+    refused before any step."""
+    env = {"DS_ACCELERATOR": "cpu"} if sharding == "zero3" else None
+    torchrun("tests/distributed/callbacks_run.py", str(tmp_path), f"ema_reference_{sharding}", timeout=400,
+             env=env)
     for rank in (0, 1):
-        facts = json.loads((tmp_path / "ema_reference_fsdp" / f"rank{rank}.json").read_text())
-        assert facts["dtensors"] and facts["global_step"] == 0, facts
+        facts = json.loads((tmp_path / f"ema_reference_{sharding}" / f"rank{rank}.json").read_text())
+        if sharding == "fsdp":
+            assert facts["dtensors"], facts
+        else:
+            assert facts["wrapper"] == "DeepSpeedEngine" and facts["zero3_partitioned"], facts
+        assert facts["global_step"] == 0, facts
         assert "supports one process or DDP; FSDP and DeepSpeed" in facts["refused"], facts

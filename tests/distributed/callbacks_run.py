@@ -28,7 +28,8 @@ from robustft import (  # noqa: E402
     SparseUpdateCallback,
     WiseFTCallback,
 )
-from tests.distributed.harness import allow_fsdp_on_cpu, finish, fsdp_args  # noqa: E402
+from tests.distributed.deepspeed_run import ds_config  # noqa: E402
+from tests.distributed.harness import allow_deepspeed_on_cpu, allow_fsdp_on_cpu, finish, fsdp_args  # noqa: E402
 from tests.tiny import lm_dataset, tiny_llama, token_dataset, training_args  # noqa: E402
 
 GLOBAL_BATCH, STEPS = 8, 4
@@ -161,6 +162,10 @@ def run_dawin(out: Path) -> None:
     save(trainer, out, "dawin", start, None, facts=facts)
 
 
+#: launched alone (each patches accelerate for its mode): the EMA reference refused on sharded policies
+SHARDED_CASES = ("ema_reference_fsdp", "ema_reference_zero3")
+SHARDING = {"fsdp": fsdp_args, "zero3": lambda: dict(deepspeed=ds_config(3), use_cpu=False)}
+
 WORDS = "<pad> <unk> <s> </s> the cat dog sat ran on mat rug fast slow red blue is was a".split()
 PAIRS = [("the cat", "sat on the mat", "ran fast"), ("the dog", "ran fast", "sat on a rug"),
          ("a cat", "is red", "was blue"), ("a dog", "was slow", "is fast"), ("the mat", "is blue", "ran"),
@@ -168,7 +173,7 @@ PAIRS = [("the cat", "sat on the mat", "ran fast"), ("the dog", "ran fast", "sat
          ("a blue dog", "ran slow", "is a mat")]
 
 
-def run_ema_reference(out: Path, fsdp: bool = False) -> None:
+def run_ema_reference(out: Path, sharding: str | None = None) -> None:
     import trl
     from datasets import Dataset
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -191,21 +196,23 @@ def run_ema_reference(out: Path, fsdp: bool = False) -> None:
     args = trl.DPOConfig(output_dir=str(out / "ema_reference"), per_device_train_batch_size=4 // world(),
                          max_steps=STEPS, optim="sgd", learning_rate=1.0, lr_scheduler_type="constant",
                          logging_steps=1,
-                         save_strategy="no", report_to=[], seed=0, use_cpu=True, bf16=False, beta=0.5,
-                         disable_tqdm=True, **(fsdp_args() if fsdp else {}))
+                         save_strategy="no", report_to=[], seed=0, bf16=False, beta=0.5, disable_tqdm=True,
+                         **{"use_cpu": True, **SHARDING.get(sharding, dict)()})
     trainer = trl.DPOTrainer(model=model, ref_model=copy.deepcopy(model), args=args, train_dataset=data,
                              processing_class=tokenizer, callbacks=[cb, record])
     start = trainable(trainer.model)
-    if fsdp:  # refused at train begin, before any step; the policy must really be sharded (DTensors)
+    if sharding is not None:  # refused at train begin, before any step; the policy must really be sharded
         try:
             trainer.train()
             facts = {"refused": None}
         except NotImplementedError as err:
             facts = {"refused": str(err)}
-        facts.update(global_step=trainer.state.global_step,  # the Trainer shards in train(), before callbacks
-                     dtensors=all(hasattr(p, "placements") for p in trainer.model.parameters()))
-        (out / "ema_reference_fsdp").mkdir(parents=True, exist_ok=True)
-        (out / "ema_reference_fsdp" / f"rank{rank()}.json").write_text(json.dumps(facts))
+        params = list(trainer.model.parameters())  # the Trainer shards in train(), before the callbacks
+        facts.update(global_step=trainer.state.global_step, wrapper=type(trainer.model_wrapped).__name__,
+                     dtensors=all(hasattr(p, "placements") for p in params),
+                     zero3_partitioned=all(hasattr(p, "ds_tensor") and p.numel() == 0 for p in params))
+        (out / f"ema_reference_{sharding}").mkdir(parents=True, exist_ok=True)
+        (out / f"ema_reference_{sharding}" / f"rank{rank()}.json").write_text(json.dumps(facts))
         return
     trainer.train()
     ref = {f"ref.{n}": p.detach().clone() for n, p in trainer.ref_model.named_parameters()}
@@ -218,11 +225,14 @@ def main(out: str) -> None:
     cases = {"plain": run_plain, "sparse_fisher": lambda o: run_sparse("sparse_fisher", o),
              "sparse_magnitude": lambda o: run_sparse("sparse_magnitude", o), "lpft": run_lpft,
              "shrink": run_shrink, "dawin": run_dawin, "ema_reference": run_ema_reference,
-             "ema_reference_fsdp": lambda o: run_ema_reference(o, fsdp=True)}
+             "ema_reference_fsdp": lambda o: run_ema_reference(o, "fsdp"),
+             "ema_reference_zero3": lambda o: run_ema_reference(o, "zero3")}
     if only is not None and "ema_reference_fsdp" in only:
         allow_fsdp_on_cpu()
+    if only is not None and "ema_reference_zero3" in only:
+        allow_deepspeed_on_cpu()
     for name, run in cases.items():
-        if (only is None and name != "ema_reference_fsdp") or (only is not None and name in only):
+        if (only is None and name not in SHARDED_CASES) or (only is not None and name in only):
             run(out)
     finish()
 
