@@ -248,7 +248,8 @@ def test_low_rank_merged_row_norms_are_the_dense_formula(dtype, out, inp, r):
 
 
 def test_low_rank_merged_row_norms_of_a_cancelling_row_are_not_negative():
-    w0, b, a = torch.tensor([[1.0, -2.0], [3.0, 1.0]]), torch.tensor([[-1.0], [0.0]]), torch.tensor([[1.0, -2.0]])
+    w0, b = torch.tensor([[1.0, -2.0], [3.0, 1.0]]), torch.tensor([[-1.0], [0.0]])
+    a = torch.tensor([[1.0, -2.0]])
     got = low_rank_merged_row_sq_norms(w0, b, a)  # row 0: w0 + BA = 0 exactly
     assert got[0] >= 0 and got[0] < 1e-6 and got[1] == pytest.approx(10.0)
 
