@@ -55,6 +55,7 @@ __all__ = [
     "WiseFTCurve",
     "WiseFTWeights",
     "check_alphas",
+    "check_dawin_metric",
     "choose_alpha",
     "dawin_evaluate",
     "evaluate_at_alphas",
@@ -578,6 +579,23 @@ def _reassemble(parts: Sequence[Any], groups: Sequence[torch.Tensor]) -> Any:
     return take(joined)
 
 
+def check_dawin_metric(metric: str) -> None:
+    """Refuse DaWin's ``metric="loss"`` on several ranks, where the Trainer's evaluation loss is not exact.
+
+    Under DDP accelerate completes a rank's last evaluation batch with samples from the start of the set
+    (even batches), and the Trainer's loss is a per-batch mean repeated per sample, so the padding's losses
+    enter the mean whenever a component's size is not a multiple of ranks × eval batch. The predictions are
+    gathered exactly, so a ``compute_metrics`` metric is the same as on one process.
+    """
+    if metric.removeprefix("eval_") == "loss" and distributed.world_size() > 1:
+        raise ValueError(
+            f"metric: DaWin with metric='loss' is refused on {distributed.world_size()} ranks: the Trainer's "
+            "evaluation loss averages in the padding samples of uneven sets under DDP, so it would differ "
+            "from one process; give the Trainer a compute_metrics (scored on the gathered predictions, "
+            "exact) and name its metric"
+        )
+
+
 def dawin_evaluate(
     trainer,
     weights: WiseFTWeights,
@@ -599,8 +617,10 @@ def dawin_evaluate(
     the input-weighted mean of the components' losses, no ``compute_metrics`` needed). For a causal LM
     (``causal_lm``; default: the model has a ``...ForCausalLM`` module) the entropy of a sequence is the mean
     next-token entropy over the positions that predict a label. ``loss`` is the input-weighted mean of
-    the components' losses.
+    the components' losses; on several ranks it is left out and ``metric="loss"`` is refused
+    (:func:`check_dawin_metric`).
     """
+    check_dawin_metric(metric)
     key = metric.removeprefix("eval_")
     if trainer.compute_metrics is None and key != "loss":
         raise ValueError(f"metric: DaWin scores the reassembled predictions with the Trainer's "
@@ -647,7 +667,7 @@ def dawin_evaluate(
         mine = [i for i, (m, _, _) in enumerate(plan) if m == n]
         groups = [plan[i][2] for i in mine]
         losses = [(outputs[i].metrics.get(f"{key_prefix}_c{i}_{n}_loss"), len(plan[i][2])) for i in mine]
-        if all(v is not None for v, _ in losses):
+        if all(v is not None for v, _ in losses) and distributed.world_size() == 1:
             loss[n] = sum(float(v) * c for v, c in losses) / sum(c for _, c in losses)
         if key == "loss":
             if n not in loss:

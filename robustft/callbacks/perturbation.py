@@ -27,13 +27,14 @@ import torch
 from robustft import distributed
 from robustft.callbacks.base import RobustCallback
 from robustft.checks import check_bool, check_integer, check_number, short_repr
-from robustft.lora.layers import lora_delta, lora_layers
+from robustft.lora.layers import lora_delta, lora_layers, low_rank_factors
 from robustft.ops.perturb import (
     Fixup,
     compute_dtype,
     flat_row_sq_norms,
     ggpo_row_scale,
     global_norm,
+    low_rank_merged_row_sq_norms,
     momentum_epsilon,
     noise_seed,
     perturb_,
@@ -452,6 +453,9 @@ class RandomPerturbationCallback(_RowWise):
         layer = self._layers.get(name)
         if layer is None:
             return self._row_sq(name, w)
+        factors = low_rank_factors(layer)
+        if factors is not None:  # plain LoRA Linear, whole tensors: the row norms without s·B·A
+            return low_rank_merged_row_sq_norms(w, *factors)
         merged = w.to(compute_dtype(w.dtype))
         for adapter in layer.active_adapters:
             if adapter in layer.lora_A:

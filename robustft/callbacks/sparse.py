@@ -159,7 +159,8 @@ class SparseUpdateCallback(RobustCallback):
     Args:
         density: fraction of the selected entries that train, in (0, 1] (FISH's 0.5% by default).
         fisher_data: iterable of batches (dicts of tensors, e.g. a DataLoader) for ``scores="fisher"``.
-        fisher_examples: number of single examples the Fisher averages over (FISH: 1024).
+        fisher_examples: number of single examples the Fisher averages over (FISH: 1024); under DDP each
+            rank's cap: the Fisher is summed over the ranks' examples, so every rank has the same one.
         save_mask: write the mask there (safetensors, main process) once computed; refused if it exists.
         include / exclude: regexes selecting the trainable parameters the mask covers; unselected trainable
             parameters train normally.
@@ -239,7 +240,7 @@ class SparseUpdateCallback(RobustCallback):
             cuda = sorted({p.device.index or 0 for p in self.params.values() if p.device.type == "cuda"})
             with torch.random.fork_rng(devices=cuda):  # the training run's random stream is left as it was
                 scores = estimate_fisher(model, self.fisher_data, max_examples=self.fisher_examples,
-                                         include=self.include, exclude=self.exclude)
+                                         include=self.include, exclude=self.exclude, across_ranks=True)
         masks = {}
         for n, m in top_k_mask(scores, self.density).items():  # the main process's mask on every rank
             masks[n] = distributed.broadcast_from_main(m.to(self.params[n].device, torch.uint8)).bool()

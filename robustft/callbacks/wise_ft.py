@@ -36,6 +36,7 @@ from robustft.wise_ft import (
     WiseFTCurve,
     WiseFTWeights,
     check_alphas,
+    check_dawin_metric,
     dawin_evaluate,
     wise_ft_sweep,
 )
@@ -163,6 +164,8 @@ class WiseFTCallback(RobustCallback):
                 and self.metric.removeprefix("eval_") != "loss"):
             raise ValueError(f"WiseFTCallback: dynamic={self.dynamic!r} scores predictions with the "
                              f"Trainer's compute_metrics; give the Trainer one that returns {self.metric!r}")
+        if self.dynamic == "dawin":  # at train begin, not after the training it would evaluate
+            check_dawin_metric(self.metric)
         params = select_parameters(model, include=self.include, exclude=self.exclude)
         self.guard = SelectionGuard(type(self).__name__, model, params)
         resume = self.resume_dir(args, state)

@@ -26,6 +26,7 @@ __all__ = [
     "lora_a_name",
     "lora_delta",
     "lora_layers",
+    "low_rank_factors",
     "mentions_lora",
     "parse_factor_key",
 ]
@@ -105,3 +106,24 @@ def lora_delta(layer: torch.nn.Module, adapter: str) -> torch.Tensor:
         )
     a = layer.lora_A[adapter].weight.full_tensor()
     return (local_tensor(b).to(wide) @ a.to(wide)) * layer.scaling[adapter]
+
+
+def low_rank_factors(layer: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(S, A) with S·A = Σ over the active adapters of s·B·A (S: the s·B side by side, out × R; A: the A
+    stacked, R × in), so the merged weight W₀ + S·A of a plain LoRA ``Linear`` can be used without forming
+    the delta; None where the delta is not that product here: DoRA, fan_in_fan_out (Conv1D), a base layer
+    other than ``nn.Linear``, or sharded factors (FSDP2, ZeRO-3: see :func:`lora_delta`)."""
+    base = layer.base_layer
+    adapters = [a for a in layer.active_adapters if a in layer.lora_A]
+    if (not adapters or type(base) is not torch.nn.Linear or getattr(layer, "fan_in_fan_out", False)
+            or is_sharded({"W0": base.weight}) or is_zero3_param(base.weight)):
+        return None
+    scaled, stacked = [], []
+    for adapter in adapters:
+        a, b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+        if getattr(layer, "use_dora", {}).get(adapter, False) or is_sharded({"A": a, "B": b}) or a.dim() != 2:
+            return None
+        wide = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
+        scaled.append(b.detach().to(wide) * layer.scaling[adapter])
+        stacked.append(a.detach().to(wide))
+    return torch.cat(scaled, dim=1), torch.cat(stacked, dim=0)

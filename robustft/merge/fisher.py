@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from robustft import distributed
 from robustft.checkpoint import atomic_output_file
 from robustft.merge.io import CheckpointReader
 from robustft.params import select_parameters
@@ -106,6 +107,7 @@ def estimate_fisher(
     loss_fn: Callable[[nn.Module, Mapping[str, torch.Tensor]], torch.Tensor] | None = None,
     include: str | list[str] | None = None,
     exclude: str | list[str] | None = None,
+    across_ranks: bool = False,
 ) -> dict[str, torch.Tensor]:
     """F_j = (1/N) sum_n (d loss_n / d theta_j)^2: the empirical diagonal Fisher over N single examples.
 
@@ -114,6 +116,11 @@ def estimate_fisher(
     split into single examples, because the square of a batch gradient is not the mean of the squares.
     The model runs in eval mode (restored afterwards) and its ``.grad`` fields are not touched.
     Returns float32 CPU tensors keyed by parameter name (trainable parameters, filtered by include/exclude).
+
+    ``across_ranks=True`` (a collective: every rank must call it): the sums and N are added over the ranks
+    of a distributed run, so every rank gets the Fisher of all the ranks' examples together (each rank's
+    ``max_examples`` caps its own share): the whole set's Fisher when each rank reads its own share, the
+    same Fisher as one process when every rank reads the same data.
     """
     params = select_parameters(model, include=include, exclude=exclude)
     names, tensors = list(params), list(params.values())
@@ -129,6 +136,10 @@ def estimate_fisher(
                 if g is not None:
                     f.add_(g.detach().float().pow(2))
             n += 1
+    if across_ranks:
+        for f in fisher:
+            distributed.all_reduce_sum(f)
+        n = int(distributed.all_reduce_sum(torch.tensor([n], dtype=torch.int64, device=device)).item())
     return {name: (f / n).cpu() for name, f in zip(names, fisher, strict=True)}
 
 

@@ -31,6 +31,7 @@ __all__ = [
     "flat_row_sq_norms",
     "ggpo_row_scale",
     "global_norm",
+    "low_rank_merged_row_sq_norms",
     "momentum_epsilon",
     "noise_seed",
     "perturb_",
@@ -148,6 +149,30 @@ def row_sq_norms(t: torch.Tensor) -> torch.Tensor:
     if t.dim() <= 1:
         return t.pow(2).sum().reshape(1)
     return t.reshape(t.shape[0], -1).pow(2).sum(dim=1)
+
+
+def low_rank_merged_row_sq_norms(w0: torch.Tensor, b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """‖W₀_{i,:} + (B·A)_{i,:}‖₂² for each row i, without forming the (out × in) matrix B·A.
+
+    ‖w₀ᵢ + (BA)ᵢ‖² = ‖w₀ᵢ‖² + 2·Σ_k B_ik (W₀Aᵀ)_ik + Σ_kl B_ik (AAᵀ)_kl B_il: one (out × in × r)
+    product W₀Aᵀ and (out × r) work instead of the dense B·A, W₀ + B·A and its squares (several passes
+    over an out × in matrix). ``w0`` is (out × in), ``b`` (out × r) and ``a`` (r × in); for a LoRA layer
+    b = s·B (several adapters: their s·B side by side and their A stacked). Computed in float32 (or the
+    wider dtype of ``w0``) and summed in float64, clamped at 0 (the terms cancel exactly only in exact
+    arithmetic); equals :func:`row_sq_norms` of the dense sum to float rounding.
+    """
+    if w0.dim() != 2 or b.dim() != 2 or a.dim() != 2 or b.shape[1] != a.shape[0] or (
+        (b.shape[0], a.shape[1]) != tuple(w0.shape)
+    ):
+        raise ValueError(f"low_rank_merged_row_sq_norms: W0 {tuple(w0.shape)}, B {tuple(b.shape)} and A "
+                         f"{tuple(a.shape)} do not make W0 + B·A")
+    dtype = compute_dtype(w0.dtype)
+    w0, b, a = w0.detach().to(dtype), b.detach().to(dtype), a.detach().to(dtype)
+    wide = torch.float64
+    cross = ((w0 @ a.T).to(wide) * b.to(wide)).sum(1)  # ⟨w₀ᵢ, (BA)ᵢ⟩
+    gram = (a @ a.T).to(wide)
+    quad = ((b.to(wide) @ gram) * b.to(wide)).sum(1)  # ‖(BA)ᵢ‖²
+    return (row_sq_norms(w0).to(wide) + 2 * cross + quad).clamp_min_(0).to(dtype)
 
 
 def _row_numel(shape: torch.Size) -> int:

@@ -152,3 +152,23 @@ def test_dawin_leaves_the_static_sweep_and_its_chosen_model_unchanged(tmp_path):
     assert "dawin" in with_dawin.extra and "dawin" not in plain.extra
     for k, v in plain_state.items():
         assert torch.equal(dawin_state[k], v), k  # θ(α*) bit for bit
+
+
+def test_dawin_by_loss_is_refused_on_several_ranks_before_any_prediction(tmp_path, monkeypatch):
+    """The Trainer's eval loss is inexact under DDP (padding samples): refused before anything runs."""
+    from robustft import distributed
+
+    model = tiny_bert(0)
+    trainer = Trainer(model=model, args=training_args(tmp_path), compute_metrics=accuracy)
+    weights = WiseFTWeights.from_models(tiny_bert(1), model)
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(trainer, "predict", lambda *a, **k: pytest.fail("predicted before refusing"))
+    with pytest.raises(ValueError, match="metric='loss' is refused on 2 ranks"):
+        dawin_evaluate(trainer, weights, _sets(), metric="loss")
+    cb = WiseFTCallback(alpha=1.0, eval_datasets=_sets(), id_dataset="id", metric="loss", dynamic="dawin",
+                        progress=False)
+    trainer = Trainer(model=model, args=training_args(tmp_path, max_steps=1), train_dataset=token_dataset(8),
+                      compute_metrics=accuracy, callbacks=[cb])
+    with pytest.raises(ValueError, match="metric='loss' is refused on 2 ranks"):
+        trainer.train()
+    assert trainer.state.global_step == 0

@@ -228,6 +228,24 @@ def test_flat_lora_noise_scales_with_merged_row_norms(tmp_path):
     assert ratio.mean().item() == pytest.approx(0.05, rel=0.2)
 
 
+def test_flat_lora_perturbation_is_the_dense_formula(tmp_path):
+    """ε of every LoRA base weight = z ⊙ ρ‖(W0 + s·B·A)_i‖/√n per row, the merged weight formed densely
+    (the callback computes the row norms from W0·Aᵀ without forming s·B·A)."""
+    from robustft.ops.perturb import row_noise, row_sq_norms, rwp_row_scale
+
+    model = tiny_lora_bert()
+    layers = {n: m for n, m in model.named_modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")}
+    deltas = {f"{n}.base_layer.weight": m.get_delta_weight("default").detach() for n, m in layers.items()}
+    cb, probe = RandomPerturbationCallback(rho=0.05, seed=3), BitProbe()
+    make_trainer(model, tmp_path, [cb, probe], steps=1).train()
+    assert set(cb._params) == set(deltas)
+    for index, name in enumerate(cb._params):
+        w0 = probe.start[name]
+        scale = rwp_row_scale(row_sq_norms(w0 + deltas[name]), w0.shape, 0.05)
+        want = row_noise(w0.shape, scale, cb._seed_for(0, index))
+        torch.testing.assert_close(probe.begin[0][name] - w0, want, rtol=1e-4, atol=1e-7, msg=name)
+
+
 def test_exception_in_step_restores_weights(tmp_path):
     model = tiny_bert()
 

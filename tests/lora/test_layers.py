@@ -63,3 +63,34 @@ def test_module_does_not_import_peft():
     names = [a.name for n in top if isinstance(n, ast.Import) for a in n.names]
     names += [n.module for n in top if isinstance(n, ast.ImportFrom)]
     assert not any(str(m).split(".")[0] in {"peft", "transformers"} for m in names), names
+
+
+def _two_adapters(use_dora=False):
+    torch.manual_seed(0)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], lora_dropout=0.0,
+                     use_dora=use_dora)
+    model = get_peft_model(LlamaForCausalLM(tiny_llama_config()), cfg)
+    model.add_adapter("other", LoraConfig(r=2, lora_alpha=6, target_modules=["q_proj", "down_proj"],
+                                          lora_dropout=0.0, use_dora=use_dora))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:  # non-zero B, as after some training
+                p.normal_(0, 0.1)
+    model.base_model.set_adapter(["default", "other"])
+    return model
+
+
+def test_low_rank_factors_multiply_to_the_sum_of_the_active_deltas():
+    model = _two_adapters()
+    found = layers.lora_layers(model)
+    assert found
+    for name, layer in found.items():
+        assert layer.active_adapters == ["default", "other"]
+        s, a = layers.low_rank_factors(layer)
+        want = layer.get_delta_weight("default") + layer.get_delta_weight("other")
+        torch.testing.assert_close(s @ a, want, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_low_rank_factors_refuse_dora():
+    model = _two_adapters(use_dora=True)
+    assert all(layers.low_rank_factors(layer) is None for layer in layers.lora_layers(model).values())

@@ -11,6 +11,7 @@ from robustft.ops.perturb import (
     flat_row_sq_norms,
     ggpo_row_scale,
     global_norm,
+    low_rank_merged_row_sq_norms,
     momentum_epsilon,
     noise_seed,
     perturb_,
@@ -233,3 +234,26 @@ def test_shrink_perturb_noise_is_regenerated_from_the_seed():
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
     assert torch.equal(shrink_perturb_(w.clone(), 0.5, 0.0, 11), 0.5 * w)  # σ = 0: shrink only
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(("out", "inp", "r"), [(6, 9, 1), (24, 16, 4), (3, 40, 8)])
+def test_low_rank_merged_row_norms_are_the_dense_formula(dtype, out, inp, r):
+    g = torch.Generator().manual_seed(out * inp + r)
+    w0, b, a = (torch.randn(s, generator=g, dtype=dtype) for s in ((out, inp), (out, r), (r, inp)))
+    got = low_rank_merged_row_sq_norms(w0, 0.7 * b, a)
+    want = row_sq_norms(w0 + (0.7 * b) @ a)
+    assert got.dtype == want.dtype
+    torch.testing.assert_close(got, want, rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=0)
+
+
+def test_low_rank_merged_row_norms_of_a_cancelling_row_are_not_negative():
+    w0, b = torch.tensor([[1.0, -2.0], [3.0, 1.0]]), torch.tensor([[-1.0], [0.0]])
+    a = torch.tensor([[1.0, -2.0]])
+    got = low_rank_merged_row_sq_norms(w0, b, a)  # row 0: w0 + BA = 0 exactly
+    assert got[0] >= 0 and got[0] < 1e-6 and got[1] == pytest.approx(10.0)
+
+
+def test_low_rank_merged_row_norms_reject_mismatched_factors():
+    with pytest.raises(ValueError, match=r"W0 \(4, 5\), B \(4, 2\) and A \(3, 5\)"):
+        low_rank_merged_row_sq_norms(torch.zeros(4, 5), torch.zeros(4, 2), torch.zeros(3, 5))
