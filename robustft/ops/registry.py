@@ -159,10 +159,9 @@ def _task_arithmetic(deltas, g, m, seed, base, fishers):
 
 
 def _ties(deltas, g, m, seed, base, fishers):
-    # trim one task vector at a time, dropping each untrimmed one at once: fewer live copies
-    for i, p in enumerate(m):
-        deltas[i] = ops.trim_top_k(deltas[i], p["density"])
-    return ops.ties(deltas, 1.0, _weights(m))
+    # streamed: the merged delta overwrites the first task vector chunk by chunk, no tensor-sized temporary
+    out = deltas[0] if deltas[0].is_contiguous() else None
+    return ops.ties(deltas, [p["density"] for p in m], _weights(m), out=out)
 
 
 def _dare(kind: str) -> MergeFn:
