@@ -6,15 +6,19 @@ registry (``robustft.ops.registry``), cast to the output dtype and append it to 
 Non-floating tensors must be equal in every model and are copied. Everything that can be wrong is
 checked first, from the safetensors headers (names, shapes, Fisher files, override patterns, the output
 folder), before any file is written.
-Peak memory is about (inputs + 3) x the largest tensor in float32.
+Tensors are merged by a few threads at once (``workers``) and written in order; peak memory is about
+(inputs + 1) x the largest tensor in float32 (docs/merging.md, "Memory").
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import time
-from collections.abc import Mapping
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +66,35 @@ def merge_tensor(
     return method_spec("merge_method", method).apply(base, tensors, gparams, mparams, seed, fishers)
 
 
+def _ordered_map(
+    fn: Callable[[str], torch.Tensor], items: list[str], costs: list[int], budget: int, workers: int
+) -> Iterator[torch.Tensor]:
+    """``fn(item)`` for each item, yielded in order, computed by up to ``workers`` threads (torch releases
+    the GIL) while the summed ``costs`` of the items in flight (computed, not yet consumed) stay within
+    ``budget``; one item at a time is always allowed. Torch runs single-threaded meanwhile (no
+    oversubscription: the workers are the parallelism)."""
+    if workers <= 1:
+        yield from map(fn, items)
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(workers) as pool:
+            pending: deque[tuple[Future, int]] = deque()
+            in_flight = 0
+            for item, cost in zip(items, costs, strict=True):
+                while pending and (in_flight + cost > budget or len(pending) >= 2 * workers):
+                    future, done = pending.popleft()
+                    in_flight -= done
+                    yield future.result()
+                pending.append((pool.submit(fn, item), cost))
+                in_flight += cost
+            while pending:
+                yield pending.popleft()[0].result()
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _override_for(name: str, overrides: list[Override]) -> int | None:
     for i, o in enumerate(overrides):
         if o.pattern.search(name):
@@ -87,6 +120,7 @@ def merge_checkpoints(
     progress: bool = True,
     layout_from: str | os.PathLike | None = None,
     info_files: Mapping[str, str] | None = None,
+    workers: int | None = None,
 ) -> MergeResult:
     """Merge the checkpoints of ``recipe`` (a ``Recipe`` or a YAML path) into the folder ``out_dir``.
 
@@ -95,6 +129,8 @@ def merge_checkpoints(
     ``layout_from`` (one of the recipe's inputs) makes the output copy that checkpoint's tensor order,
     dtypes, shard files, metadata and config instead (``robustft interpolate`` follows the fine-tuned end);
     ``info_files`` are extra small text files (name -> content) written into the output.
+    ``workers`` tensors are merged at once (default: ``torch.get_num_threads()``, each worker then running
+    torch single-threaded), as long as their inputs fit in the memory of the largest tensor's merge.
     """
     start = time.perf_counter()
     if not isinstance(recipe, Recipe):
@@ -103,6 +139,9 @@ def merge_checkpoints(
     inputs = [recipe.reference_model, *(m.path for m in recipe.models), tok]
     check_output_dir(out_dir, overwrite, inputs)
     shard_size = max_shard_size or recipe.max_shard_size or "5GB"
+    workers = torch.get_num_threads() if workers is None else workers
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+        raise ValueError(f"workers must be a positive integer, got {workers!r}")
 
     with ExitStack() as stack:
         ref_path = recipe.reference_model
@@ -165,29 +204,36 @@ def merge_checkpoints(
             if layout_from is not None:
                 shards = {n: i.file.name for n, i in layout.infos.items()}
                 metadata = {**layout.metadata, **metadata}
+
+            def merge_one(name: str) -> torch.Tensor:
+                info = layout.infos[name]
+                if not info.dtype.is_floating_point:
+                    return kept_tensor(name, [ref.get(name), *[r.get(name) for r in readers]], who)
+                method, gparams, mparams = resolved[choice[name]]
+                compute = work_dtype(info.dtype)
+                base = ref.get(name).to(compute) if recipe.base_model is not None else None
+                if method == "base":
+                    return base
+                tensors = [r.get(name).to(compute) for r in readers]
+                fishers = None
+                if method == "fisher":
+                    fishers = [fisher_readers[p["fisher"]].get(name).to(compute) for p in mparams]
+                return merge_tensor(
+                    method, base, tensors, gparams, mparams, tensor_seed(recipe.seed, name), fishers
+                )
+
+            # a tensor in flight holds its inputs and its result: (inputs + 1) x its entries
+            n_inputs = 1 + len(readers) + len(fisher_readers)
+            costs = [(n_inputs + 1) * math.prod(shape) for _, shape, _ in plan]
+            budget = max(costs, default=0)  # the largest tensor alone, or several smaller ones together
             with ShardedWriter(tmp, plan, shard_size, metadata, shards) as writer:
-                for name, _, dtype in tqdm(plan, desc="merging", unit="tensor", disable=not progress):
-                    info = layout.infos[name]
-                    if not info.dtype.is_floating_point:
-                        kept = kept_tensor(name, [ref.get(name), *[r.get(name) for r in readers]], who)
-                        writer.write(name, kept)
-                        continue
-                    method, gparams, mparams = resolved[choice[name]]
-                    compute = work_dtype(info.dtype)
-                    base = ref.get(name).to(compute) if recipe.base_model is not None else None
-                    if method == "base":
-                        merged = base
-                    else:
-                        tensors = [r.get(name).to(compute) for r in readers]
-                        fishers = None
-                        if method == "fisher":
-                            fishers = [fisher_readers[p["fisher"]].get(name).to(compute) for p in mparams]
-                        merged = merge_tensor(
-                            method, base, tensors, gparams, mparams, tensor_seed(recipe.seed, name), fishers
-                        )
-                        del tensors, fishers
+                merged_in_order = _ordered_map(merge_one, [n for n, _, _ in plan], costs, budget, workers)
+                for (name, _, dtype), merged in zip(
+                    plan, tqdm(merged_in_order, total=len(plan), desc="merging", unit="tensor",
+                               disable=not progress), strict=True,
+                ):  # fmt: skip
                     writer.write(name, merged.to(dtype))
-                    del merged, base
+                    del merged
             copy_side_files(layout.path if layout_from is not None else ref_path, src_tok, tmp, out_dtype)
             (tmp / "robustft_merge.yaml").write_text(yaml.safe_dump(recipe.raw, sort_keys=False))
             for fname, text in (info_files or {}).items():

@@ -100,6 +100,15 @@ def _key(x: torch.Tensor, absolute: bool) -> torch.Tensor:
     return x.abs() if absolute else x
 
 
+def _within(v: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """The entries of ``v`` (flat, contiguous) in [lo, hi]; numpy's boolean indexing is ~4x faster than
+    torch's on CPU."""
+    if v.device.type == "cpu" and v.dtype in (torch.float64, torch.float32, torch.float16):
+        a = v.numpy()
+        return torch.from_numpy(a[(a >= lo) & (a <= hi)])
+    return v[v.ge(lo).logical_and_(v.le(hi))]
+
+
 def top_k_cut(x: torch.Tensor, k: int, absolute: bool = False) -> tuple[float, int]:
     """(threshold, last): the ``k`` largest entries of ``x`` (flat; of ``|x|`` if ``absolute``) are those
     above ``threshold`` plus those equal to it at flat index <= ``last``: exactly k, ties at the cut going
@@ -127,7 +136,7 @@ def top_k_cut(x: torch.Tensor, k: int, absolute: bool = False) -> tuple[float, i
         for s in _chunks(n):
             v = _key(flat[s : s + CHUNK], absolute)
             over += int(torch.gt(v, hi, out=count[: v.numel()]).sum())  # float 1/0: ~10x faster than bool
-            inside.append(v[v.ge(lo).logical_and_(v.le(hi))])
+            inside.append(_within(v, lo, hi))
         inside = torch.cat(inside)
         rank = k - over  # rank from the top among the entries inside the bracket
         if 1 <= rank <= inside.numel():
