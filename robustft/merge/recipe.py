@@ -103,6 +103,11 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
     """Validate a recipe mapping (as loaded from YAML); raises ValueError naming the offending option."""
     if not isinstance(data, Mapping):
         raise ValueError(f"{source}: expected a YAML mapping at the top level, got {type(data).__name__}")
+    if "slices" in data:
+        raise ValueError(
+            f"{source}: slices (mergekit's layer stacking with layer_range) is not supported; list whole "
+            "models under models (passthrough copies one model's tensors)"
+        )
     unknown = sorted(set(data) - _TOP_KEYS)
     if unknown:
         raise ValueError(f"{source}: unknown option(s) {unknown} (known: {', '.join(sorted(_TOP_KEYS))})")

@@ -268,6 +268,16 @@ def _ramplus_tl(deltas, g, m, seed, base, fishers):
     return ops.ramplus_tl(deltas, g["epsilon"], g["r"], g["alpha"])
 
 
+def _passthrough(tensors, g, m, seed, base, fishers):
+    scale = m[0]["scale"]
+    return tensors[0] if scale is None else tensors[0].mul_(scale)
+
+
+def _check_scale(name: str, value: Any) -> None:
+    if value is not None:  # null: the tensor as it is
+        check_number(name, value)
+
+
 def _nearswap(tensors, g, m, seed, base, fishers):
     return ops.nearswap(base, tensors[0], g["t"])
 
@@ -528,6 +538,14 @@ METHODS: dict[str, MethodSpec] = {
             global_params={"t": Param(REQUIRED, check_non_negative)},
         ),
         MethodSpec("arcee_fusion", _arcee_fusion, needs_base=True, max_models=1),
+        # one model's tensors, optionally scaled (mergekit's passthrough; layer-stacking slices are refused)
+        MethodSpec(
+            "passthrough",
+            _passthrough,
+            needs_base=False,
+            max_models=1,
+            model_params={"scale": Param(None, _check_scale)},
+        ),
         # -- SVD merges of FusionBench (issue 16) --
         MethodSpec(
             "tsv_m",

@@ -306,3 +306,25 @@ def test_method_matches_mergekit(family, tmp_path, method, parameters, n_models)
     assert _max_diff(mk, rf) < 2e-6
     b = load_all(base)
     assert any(not torch.equal(rf[n], b[n]) for n in b)
+
+
+@pytest.mark.parametrize("scale", [None, 0.5])
+def test_passthrough_matches_mergekit_bit_for_bit(sharded, tmp_path, scale):
+    """passthrough: one model's tensors (times ``scale``), the same YAML for both tools, on sharded inputs."""
+    _, dirs = sharded
+    params = {} if scale is None else {"scale": scale}
+    recipe = {"merge_method": "passthrough", "models": _models(dirs[:1], [params]), "dtype": "float32"}
+    mk, rf = _run_pair(recipe, recipe, tmp_path)
+    assert set(mk) == set(rf)
+    for name, tensor in rf.items():
+        assert torch.equal(tensor, mk[name]), name
+    if scale is not None:  # the scale was applied, not the model copied
+        assert not torch.equal(rf["model.norm.weight"], load_all(dirs[0])["model.norm.weight"])
+
+
+def test_slices_are_refused_with_a_clear_error(sharded):
+    _, dirs = sharded
+    recipe = {"merge_method": "passthrough", "dtype": "float32",
+              "slices": [{"sources": [{"model": str(dirs[0]), "layer_range": [0, 1]}]}]}  # fmt: skip
+    with pytest.raises(ValueError, match="slices .* is not supported"):
+        parse_recipe(recipe)
