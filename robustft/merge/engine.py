@@ -84,9 +84,8 @@ def _ordered_map(
             in_flight = 0
             for item, cost in zip(items, costs, strict=True):
                 while pending and (in_flight + cost > budget or len(pending) >= 2 * workers):
-                    future, done = pending.popleft()
-                    in_flight -= done
-                    yield future.result()
+                    in_flight -= pending[0][1]
+                    yield pending.popleft()[0].result()  # no name keeps the result alive here
                 pending.append((pool.submit(fn, item), cost))
                 in_flight += cost
             while pending:
