@@ -131,7 +131,7 @@ def top_k_cut(x: torch.Tensor, k: int, absolute: bool = False) -> tuple[float, i
         lo_i, hi_i = math.floor(p * m - margin), math.ceil(p * m + margin)  # 0-based ranks in the sample
         lo = float(torch.kthvalue(sample, lo_i + 1).values) if lo_i > 0 else -math.inf
         hi = float(torch.kthvalue(sample, hi_i + 1).values) if hi_i < m - 1 else math.inf
-        count = torch.empty(min(n, CHUNK), dtype=flat.dtype, device=flat.device)
+        count = torch.empty(min(n, CHUNK), device=flat.device)  # float32: exact counts up to 2^24
         over, inside = 0, []
         for s in _chunks(n):
             v = _key(flat[s : s + CHUNK], absolute)
@@ -172,7 +172,8 @@ def _keep_(v: torch.Tensor, threshold: float, last: int, start: int) -> torch.Te
     head = last - start + 1
     tie = torch.eq(v[:head], threshold)
     torch.gt(v, threshold, out=v)
-    return v.index_put_((torch.arange(head),), tie.to(v.dtype), accumulate=True)
+    v[:head].add_(tie)
+    return v
 
 
 def top_k_mask(values: torch.Tensor, k: int, largest: bool = True) -> torch.Tensor:
@@ -190,12 +191,15 @@ def top_k_mask(values: torch.Tensor, k: int, largest: bool = True) -> torch.Tens
     return mask
 
 
-def task_arithmetic(deltas: Sequence[torch.Tensor], weights: Sequence[float] | None = None) -> torch.Tensor:
+def task_arithmetic(
+    deltas: Sequence[torch.Tensor], weights: Sequence[float] | None = None, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """tau = sum_i w_i * tau_i: weighted sum of task vectors (Ilharco et al., 2023, "Editing Models with Task
     Arithmetic"); the caller adds ``lambda * tau`` to the base. Negative weights negate a task.
+    ``out`` (not one of the deltas) receives the sum instead of a new tensor.
     """
     _check_same_shape(deltas)
-    out = torch.zeros_like(deltas[0])
+    out = torch.zeros_like(deltas[0]) if out is None else out.zero_()
     for w, d in zip(_weights(weights, len(deltas)), deltas, strict=True):
         out.add_(d, alpha=w)
     return out
@@ -226,12 +230,15 @@ def trim_top_k(delta: torch.Tensor, density: float) -> torch.Tensor:
     return magnitude_prune(delta, density)
 
 
-def elect_sign(deltas: Sequence[torch.Tensor], weights: Sequence[float] | None = None) -> torch.Tensor:
+def elect_sign(
+    deltas: Sequence[torch.Tensor], weights: Sequence[float] | None = None, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """gamma = sgn(sum_i tau_i), sgn(0) = +1: the sign of larger total mass (TIES, Yadav et al., 2023).
 
-    Returns a tensor of +1/-1 in the deltas' dtype; with ``weights`` the sum is sum_i w_i tau_i.
+    Returns a tensor of +1/-1 in the deltas' dtype (``out`` if given); with ``weights`` the sum is
+    sum_i w_i tau_i.
     """
-    total = task_arithmetic(deltas, weights)
+    total = task_arithmetic(deltas, weights, out)
     return torch.ge(total, 0, out=total).mul_(2).sub_(1)  # 1.0/0.0 -> +1/-1 (NaN sums: -1)
 
 
@@ -240,13 +247,16 @@ def disjoint_mean(
     sign: torch.Tensor,
     weights: Sequence[float] | None = None,
     normalize: bool = True,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """tau_m = sum_i w_i m_i tau_i / sum_i w_i m_i, m_i = 1{sgn(w_i tau_i) = gamma}: mean of agreeing entries.
 
     Disjoint merge of TIES (Yadav et al., 2023); ``sign`` holds gamma (+1/-1, :func:`elect_sign`); zero
     where no input agrees with the elected sign (an exact zero never agrees). With ``weights=None`` it is
     the plain mean over agreeing tasks; ``normalize=False`` returns the numerator alone (the disjoint sum:
-    mergekit's ``normalize: false``). Streamed in chunks: the temporaries are a few chunks, not tensors.
+    mergekit's ``normalize: false``). Streamed in chunks: the temporaries are a few chunks, not tensors,
+    allocated once (freed and re-allocated chunks fragment glibc's heap: tens of MB of resident slack).
+    ``out`` (contiguous, not one of the inputs) receives the result instead of a new tensor.
     """
     _check_same_shape(deltas)
     if sign.shape != deltas[0].shape:
@@ -257,11 +267,14 @@ def disjoint_mean(
     # masks are float 1.0/0.0 (torch's float kernels are ~10x faster than its boolean ones); a kept entry is
     # d * mask, except in non-finite deltas (inf * 0 is NaN), where masked_fill keeps the exact zeros
     finite = all(math.isfinite(float(f.sum())) for f in flats)
-    out = torch.empty_like(flats[0])
-    for s in _chunks(out.numel()):
-        part = slice(s, s + CHUNK)
-        num = torch.zeros_like(out[part])
-        den, agree, kept = torch.zeros_like(num), torch.empty_like(num), torch.empty_like(num)
+    result = torch.empty_like(flats[0]) if out is None else out.view(-1)
+    n = result.numel()
+    buffers = [torch.empty_like(result[: min(n, CHUNK)]) for _ in range(3)]
+    for s in _chunks(n):
+        part, size = slice(s, s + CHUNK), min(CHUNK, n - s)
+        num = result[part].zero_()
+        den, agree, kept = (b[:size] for b in buffers)
+        den.zero_()
         for wi, f in zip(w, flats, strict=True):
             if wi == 0:
                 continue
@@ -275,8 +288,7 @@ def disjoint_mean(
             num.div_(den.add_(empty))  # num is exactly 0 where den is, unless mixed-sign weights cancel
             if min(w) < 0:
                 num.masked_fill_(empty.bool(), 0)
-        out[part] = num
-    return out.view(deltas[0].shape)
+    return result.view(deltas[0].shape) if out is None else out
 
 
 def ties(
@@ -311,16 +323,23 @@ def ties(
         for f, p in zip(flats, densities, strict=True)
     ]
     result = out.view(-1)
+    # chunk buffers allocated once: trimmed chunks (copies: ``out`` may alias an input), keys, sign
+    m = min(n, CHUNK)
+    buffers = [torch.empty_like(flats[0][:m]) for _ in range(len(flats) + 2)]
     for s in _chunks(n):
+        size = min(CHUNK, n - s)
+        *trim_bufs, keys, sign = (b[:size] for b in buffers)
         trimmed = []
-        for f, p, cut in zip(flats, densities, cuts, strict=True):
+        for f, p, cut, buf in zip(flats, densities, cuts, trim_bufs, strict=True):
             chunk = f[s : s + CHUNK]
             if cut is not None:
-                chunk = chunk * _keep_(chunk.abs(), *cut, s)
+                torch.mul(chunk, _keep_(torch.abs(chunk, out=keys), *cut, s), out=buf)
             elif p == 0:
-                chunk = torch.zeros_like(chunk)
-            trimmed.append(chunk)
-        result[s : s + CHUNK] = disjoint_mean(trimmed, elect_sign(trimmed, w), w)
+                buf.zero_()
+            else:
+                buf.copy_(chunk)
+            trimmed.append(buf)
+        disjoint_mean(trimmed, elect_sign(trimmed, w, out=sign), w, out=result[s : s + CHUNK])
     return out
 
 

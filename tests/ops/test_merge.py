@@ -146,6 +146,18 @@ def test_top_k_cut_is_the_exact_kth_value_with_ties_to_the_lowest_index(n, kind)
         assert torch.equal(M.top_k_mask(x, k, largest=False), _ref_top_k(-x, k))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_top_k_cut_in_half_precision_counts_exactly(dtype):
+    """Counts of 2^18-entry chunks are exact (float32), not half-precision sums; half types tie a lot."""
+    x = torch.randn(100_000, generator=torch.Generator().manual_seed(1)).to(dtype)
+    keys = x.abs().float()
+    k = 31_234
+    threshold, last = M.top_k_cut(x, k, absolute=True)
+    assert threshold == float(torch.kthvalue(keys, x.numel() - k + 1).values)
+    kept = (keys > threshold) | ((keys == threshold) & (torch.arange(x.numel()) <= last))
+    assert torch.equal(kept, _ref_top_k(keys, k))
+
+
 def test_top_k_cut_refuses_nan_and_bad_k():
     x = torch.randn(100)
     x[3] = float("nan")
