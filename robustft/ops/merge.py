@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 __all__ = [
@@ -100,12 +101,17 @@ def _key(x: torch.Tensor, absolute: bool) -> torch.Tensor:
     return x.abs() if absolute else x
 
 
-def _within(v: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+def _within(v: torch.Tensor, lo: float, hi: float, masks: tuple | None = None) -> torch.Tensor:
     """The entries of ``v`` (flat, contiguous) in [lo, hi]; numpy's boolean indexing is ~4x faster than
-    torch's on CPU."""
+    torch's on CPU. ``masks``: two boolean numpy buffers at least as long as ``v``, reused."""
     if v.device.type == "cpu" and v.dtype in (torch.float64, torch.float32, torch.float16):
         a = v.numpy()
-        return torch.from_numpy(a[(a >= lo) & (a <= hi)])
+        if masks is None:
+            return torch.from_numpy(a[(a >= lo) & (a <= hi)])
+        keep, other = (m[: a.size] for m in masks)
+        np.greater_equal(a, lo, out=keep)
+        keep &= np.less_equal(a, hi, out=other)
+        return torch.from_numpy(a[keep])
     return v[v.ge(lo).logical_and_(v.le(hi))]
 
 
@@ -131,12 +137,18 @@ def top_k_cut(x: torch.Tensor, k: int, absolute: bool = False) -> tuple[float, i
         lo_i, hi_i = math.floor(p * m - margin), math.ceil(p * m + margin)  # 0-based ranks in the sample
         lo = float(torch.kthvalue(sample, lo_i + 1).values) if lo_i > 0 else -math.inf
         hi = float(torch.kthvalue(sample, hi_i + 1).values) if hi_i < m - 1 else math.inf
-        count = torch.empty(min(n, CHUNK), device=flat.device)  # float32: exact counts up to 2^24
+        # buffers allocated once: per-chunk temporaries between the kept pieces of ``inside`` would pin
+        # glibc's heap (measured: +96 MB resident on a 98 MB tensor)
+        size = min(n, CHUNK)
+        count = torch.empty(size, device=flat.device)  # float32: exact counts up to 2^24
+        keys = torch.empty(size, dtype=flat.dtype, device=flat.device)
+        masks = (np.empty(size, dtype=bool), np.empty(size, dtype=bool))
         over, inside = 0, []
         for s in _chunks(n):
-            v = _key(flat[s : s + CHUNK], absolute)
+            chunk = flat[s : s + CHUNK]
+            v = torch.abs(chunk, out=keys[: chunk.numel()]) if absolute else chunk
             over += int(torch.gt(v, hi, out=count[: v.numel()]).sum())  # float 1/0: ~10x faster than bool
-            inside.append(_within(v, lo, hi))
+            inside.append(_within(v, lo, hi, masks))
         inside = torch.cat(inside)
         rank = k - over  # rank from the top among the entries inside the bracket
         if 1 <= rank <= inside.numel():
@@ -219,9 +231,11 @@ def magnitude_prune(delta: torch.Tensor, density: float) -> torch.Tensor:
     flat = delta.detach().reshape(-1)
     cut = top_k_cut(flat, max(1, int(density * flat.numel())), absolute=True)
     out = torch.empty_like(flat)
+    keys = torch.empty_like(flat[:CHUNK])  # allocated once (see top_k_cut)
     for s in _chunks(flat.numel()):
         chunk = flat[s : s + CHUNK]
-        torch.mul(chunk, _keep_(chunk.abs(), *cut, s), out=out[s : s + CHUNK])
+        mask = _keep_(torch.abs(chunk, out=keys[: chunk.numel()]), *cut, s)
+        torch.mul(chunk, mask, out=out[s : s + CHUNK])
     return out.view(delta.shape)
 
 
