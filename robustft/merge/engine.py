@@ -13,8 +13,10 @@ Tensors are merged by a few threads at once (``workers``) and written in order; 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
+import re
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
@@ -134,6 +136,8 @@ def merge_checkpoints(
     start = time.perf_counter()
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
+    if recipe.slices:
+        return _stack_layers(recipe, out_dir, overwrite, max_shard_size, progress, start)
     tok = None if recipe.tokenizer_source == "base" else recipe.tokenizer_source
     inputs = [recipe.reference_model, *(m.path for m in recipe.models), tok]
     check_output_dir(out_dir, overwrite, inputs)
@@ -238,4 +242,91 @@ def merge_checkpoints(
             for fname, text in (info_files or {}).items():
                 (tmp / fname).write_text(text)
             files = list(writer.files)
+    return MergeResult(Path(out_dir), len(plan), files, time.perf_counter() - start)
+
+
+#: a transformer block's tensor: prefix, layer index, rest ("model.layers.3.mlp.up_proj.weight")
+_LAYER = re.compile(r"^(.*\blayers\.)(\d+)(\..+)$")
+
+
+def _stack_layers(
+    recipe: Recipe,
+    out_dir: str | os.PathLike,
+    overwrite: bool,
+    max_shard_size: int | str | None,
+    progress: bool,
+    start: float,
+) -> MergeResult:
+    """Layer stacking (mergekit's ``passthrough`` with ``slices``): the slices' layers, renumbered from 0,
+    with the embeddings ("embed" in the name) of the first slice's model and the other non-layer tensors
+    (final norm, head) of the last slice's, as mergekit plans Llama-family models; the config is the first
+    slice model's with ``num_hidden_layers`` (and ``layer_types``) for the stack."""
+    paths = list(dict.fromkeys(s.path for s in recipe.slices))
+    tok = recipe.reference_model if recipe.tokenizer_source == "base" else recipe.tokenizer_source
+    check_output_dir(out_dir, overwrite, [*paths, tok])
+    readers = {p: CheckpointReader(p) for p in paths}
+    configs = {}
+    for path, reader in readers.items():
+        config = reader.folder / "config.json"
+        configs[path] = json.loads(config.read_text()) if config.is_file() else {}
+        if "num_hidden_layers" not in configs[path]:
+            raise ValueError(f"slices: {path} has no config.json with num_hidden_layers")
+        odd = [n for n in reader.names if not _LAYER.match(n) and ".layers." in n]
+        if odd or not any(_LAYER.match(n) for n in reader.names):
+            raise ValueError(
+                f"slices: {path} does not name its blocks '<prefix>.layers.<i>.' (Llama-family layout); "
+                "layer stacking supports those only"
+            )
+    first, last = recipe.slices[0].path, recipe.slices[-1].path
+    sources: list[tuple[str, str, str]] = []  # (output name, model path, input name)
+    others = [n for n in readers[first].names if not _LAYER.match(n)]
+    sources += [(n, first, n) for n in others if "embed" in n]
+    out_layer = 0
+    layer_types: list = []
+    for i, piece in enumerate(recipe.slices):
+        total = configs[piece.path]["num_hidden_layers"]
+        if piece.end > total:
+            raise ValueError(
+                f"slices[{i}].sources[0].layer_range: [{piece.start}, {piece.end}] goes beyond the "
+                f"{total} layers of {piece.path}"
+            )
+        names = readers[piece.path].names
+        for layer in range(piece.start, piece.end):
+            for n in names:
+                m = _LAYER.match(n)
+                if m and int(m.group(2)) == layer:
+                    sources.append((f"{m.group(1)}{out_layer}{m.group(3)}", piece.path, n))
+            out_layer += 1
+        types = configs[piece.path].get("layer_types")
+        if isinstance(types, list):
+            layer_types += types[piece.start : piece.end]
+    tail = [n for n in readers[last].names if not _LAYER.match(n) and "embed" not in n]
+    sources += [(n, last, n) for n in tail]
+    out_dtype = recipe.dtype
+    scale = recipe.resolve()[2][0]["scale"]
+    plan = []
+    for name, path, src in sources:
+        info = readers[path].infos[src]
+        floating = info.dtype.is_floating_point
+        plan.append((name, info.shape, out_dtype if out_dtype is not None and floating else info.dtype))
+    shard_size = max_shard_size or recipe.max_shard_size or "5GB"
+    with atomic_output_dir(out_dir, overwrite, [*paths, tok]) as tmp:
+        with ShardedWriter(tmp, plan, shard_size, {"merged_by": "robustft"}) as writer:
+            items = zip(plan, sources, strict=True)
+            for (name, _, dtype), (_, path, src) in tqdm(
+                list(items), desc="stacking", unit="tensor", disable=not progress
+            ):
+                tensor = readers[path].get(src)
+                if scale is not None and tensor.dtype.is_floating_point:
+                    tensor = tensor.to(work_dtype(tensor.dtype)).mul_(scale)
+                writer.write(name, tensor.to(dtype))
+        copy_side_files(first, tok, tmp, out_dtype)
+        config_path = tmp / "config.json"
+        config = json.loads(config_path.read_text())
+        config["num_hidden_layers"] = out_layer
+        if "layer_types" in config:
+            config["layer_types"] = layer_types
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        (tmp / "robustft_merge.yaml").write_text(yaml.safe_dump(recipe.raw, sort_keys=False))
+        files = list(writer.files)
     return MergeResult(Path(out_dir), len(plan), files, time.perf_counter() - start)
