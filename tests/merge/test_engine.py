@@ -273,3 +273,28 @@ def test_cli_reports_bad_input_with_exit_code_2(family, wrong_shape, tmp_path):
     assert proc.returncode == 2
     assert "robustft merge: error:" in proc.stderr and "has shape" in proc.stderr
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("method,params", [("ties", {"density": 0.3}), ("dare_ties", {"density": 0.5})])
+def test_workers_change_nothing_but_speed(family, tmp_path, method, params):
+    """Tensors merged by 1 or 3 threads at once: the same bytes in every output file (seeded methods too:
+    each tensor's seed comes from its name, not from the order it was computed in)."""
+    base_dir, dirs = family
+    recipe = parse_recipe(_recipe(base_dir, dirs, method, params, seed=7))
+    threads = torch.get_num_threads()
+    for workers in (1, 3):
+        merge_checkpoints(recipe, tmp_path / str(workers), progress=False, workers=workers)
+    assert torch.get_num_threads() == threads  # the pool's single-threaded torch is undone
+    files = sorted(f.name for f in (tmp_path / "1").iterdir())
+    assert files == sorted(f.name for f in (tmp_path / "3").iterdir())
+    for f in files:
+        if f.endswith(".safetensors"):
+            assert (tmp_path / "1" / f).read_bytes() == (tmp_path / "3" / f).read_bytes(), f
+
+
+@pytest.mark.parametrize("workers", [0, -1, 1.5, True])
+def test_bad_workers_are_refused_before_writing(family, tmp_path, workers):
+    base_dir, dirs = family
+    with pytest.raises(ValueError, match="workers must be a positive integer"):
+        merge_checkpoints(parse_recipe(_recipe(base_dir, dirs, "ties", {})), tmp_path / "o", workers=workers)
+    assert not (tmp_path / "o").exists()
