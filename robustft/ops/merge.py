@@ -18,7 +18,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 
 __all__ = [
@@ -101,18 +100,13 @@ def _key(x: torch.Tensor, absolute: bool) -> torch.Tensor:
     return x.abs() if absolute else x
 
 
-def _within(v: torch.Tensor, lo: float, hi: float, masks: tuple | None = None) -> torch.Tensor:
-    """The entries of ``v`` (flat, contiguous) in [lo, hi]; numpy's boolean indexing is ~4x faster than
-    torch's on CPU. ``masks``: two boolean numpy buffers at least as long as ``v``, reused."""
-    if v.device.type == "cpu" and v.dtype in (torch.float64, torch.float32, torch.float16):
-        a = v.numpy()
-        if masks is None:
-            return torch.from_numpy(a[(a >= lo) & (a <= hi)])
-        keep, other = (m[: a.size] for m in masks)
-        np.greater_equal(a, lo, out=keep)
-        keep &= np.less_equal(a, hi, out=other)
-        return torch.from_numpy(a[keep])
-    return v[v.ge(lo).logical_and_(v.le(hi))]
+def _within(v: torch.Tensor, lo: float, hi: float, masks: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """The entries of ``v`` (flat) in [lo, hi]. The mask is built in float (``masks``: two float32 buffers at
+    least as long as ``v``, reused): torch's float compares are ~10x faster than its boolean ones here
+    (numpy's boolean indexing would be ~3x faster still, but ops/ is torch only)."""
+    inside, upper = (m[: v.numel()] for m in masks)
+    torch.ge(v, lo, out=inside).mul_(torch.le(v, hi, out=upper))
+    return v[inside.bool()]
 
 
 def top_k_cut(x: torch.Tensor, k: int, absolute: bool = False) -> tuple[float, int]:
@@ -142,7 +136,7 @@ def top_k_cut(x: torch.Tensor, k: int, absolute: bool = False) -> tuple[float, i
         size = min(n, CHUNK)
         count = torch.empty(size, device=flat.device)  # float32: exact counts up to 2^24
         keys = torch.empty(size, dtype=flat.dtype, device=flat.device)
-        masks = (np.empty(size, dtype=bool), np.empty(size, dtype=bool))
+        masks = (torch.empty(size, device=flat.device), torch.empty(size, device=flat.device))
         over, inside = 0, []
         for s in _chunks(n):
             chunk = flat[s : s + CHUNK]
