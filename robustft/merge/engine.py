@@ -221,9 +221,12 @@ def merge_checkpoints(
                 fishers = None
                 if method == "fisher":
                     fishers = [fisher_readers[p["fisher"]].get(name).to(compute) for p in mparams]
-                return merge_tensor(
-                    method, base, tensors, gparams, mparams, tensor_seed(recipe.seed, name), fishers
-                )
+                try:
+                    return merge_tensor(
+                        method, base, tensors, gparams, mparams, tensor_seed(recipe.seed, name), fishers
+                    )
+                except ValueError as err:  # data errors (NaN under a top-k cut, ...): name the tensor
+                    raise ValueError(f"tensor {name!r}: {err}") from err
 
             # a tensor in flight holds its inputs and its result: (inputs + 1) x its entries
             n_inputs = 1 + len(readers) + len(fisher_readers)

@@ -298,3 +298,18 @@ def test_bad_workers_are_refused_before_writing(family, tmp_path, workers):
     with pytest.raises(ValueError, match="workers must be a positive integer"):
         merge_checkpoints(parse_recipe(_recipe(base_dir, dirs, "ties", {})), tmp_path / "o", workers=workers)
     assert not (tmp_path / "o").exists()
+
+
+def test_nan_under_a_trim_is_an_error_naming_the_tensor(family, tmp_path):
+    """TIES cannot take the top k of a task vector holding NaN: the error names the tensor, writes nothing."""
+    from safetensors.torch import save_file
+
+    base_dir, dirs = family
+    tensors = load_all(dirs[0])
+    tensors["model.norm.weight"][3] = float("nan")
+    save_file(tensors, str(tmp_path / "nan.safetensors"))
+    models = [str(tmp_path / "nan.safetensors"), str(dirs[1])]
+    recipe = parse_recipe({"merge_method": "ties", "base_model": str(base_dir), "models": models})
+    with pytest.raises(ValueError, match="tensor 'model.norm.weight': .*NaN"):
+        merge_checkpoints(recipe, tmp_path / "o", progress=False)
+    assert not (tmp_path / "o").exists()
