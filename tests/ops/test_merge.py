@@ -126,7 +126,7 @@ def _ref_top_k(keys, k):
     return mask
 
 
-@pytest.mark.parametrize("n", [50, 1000, 100_000])  # direct kthvalue; sampled bracket (> 65536 entries)
+@pytest.mark.parametrize("n", [50, 1000, 70_000])  # direct kthvalue; sampled bracket (> 65536 entries)
 @pytest.mark.parametrize("kind", ["random", "ties"])
 def test_top_k_cut_is_the_exact_kth_value_with_ties_to_the_lowest_index(n, kind):
     g = torch.Generator().manual_seed(n)
