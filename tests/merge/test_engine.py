@@ -13,6 +13,7 @@ import torch
 import yaml
 from transformers import AutoTokenizer, LlamaForCausalLM
 
+from robustft.cli import main
 from robustft.merge import merge_checkpoints, parse_recipe
 from robustft.merge.engine import tensor_seed
 from robustft.ops import merge as M
@@ -280,10 +281,11 @@ def test_workers_change_nothing_but_speed(family, tmp_path, method, params):
     """Tensors merged by 1 or 3 threads at once: the same bytes in every output file (seeded methods too:
     each tensor's seed comes from its name, not from the order it was computed in)."""
     base_dir, dirs = family
-    recipe = parse_recipe(_recipe(base_dir, dirs, method, params, seed=7))
+    data = _recipe(base_dir, dirs, method, params, seed=7)
     threads = torch.get_num_threads()
-    for workers in (1, 3):
-        merge_checkpoints(recipe, tmp_path / str(workers), progress=False, workers=workers)
+    merge_checkpoints(parse_recipe(data), tmp_path / "1", progress=False, workers=1)
+    cli = ["merge", str(_write_recipe(tmp_path, data)), "--out", str(tmp_path / "3"), "--workers", "3"]
+    assert main([*cli, "--no-progress"]) == 0
     assert torch.get_num_threads() == threads  # the pool's single-threaded torch is undone
     files = sorted(f.name for f in (tmp_path / "1").iterdir())
     assert files == sorted(f.name for f in (tmp_path / "3").iterdir())
