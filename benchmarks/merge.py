@@ -2,7 +2,9 @@
 
 Each tool runs in its own fresh process that reports the wall time of the merge call and its peak
 resident set (VmHWM); the printed ratios are robustft / mergekit (below 1 = robustft is better). The two
-outputs are compared tensor by tensor (elements may differ only where the elected sign is a tie).
+outputs are compared tensor by tensor (elements may differ only where several magnitudes tie at the trim
+cut). The same run measures the I/O floor (every input tensor of the 4 checkpoints read, the output written
+by the same writer, no maths) and robustft's other merge methods (``--methods``) on the same inputs.
 
     python benchmarks/merge.py                 # --size small: ~17M-parameter Llama x 4, < 3 min here
     python benchmarks/merge.py --size full     # the issue's size: ~134M-parameter Llama x 4
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -32,31 +35,59 @@ SIZES = {
 
 CHILD = r"""
 import json, sys, time
-tool, recipe_path, out = sys.argv[1:4]
+tool, recipe_path, out, workers = sys.argv[1:5]
 import yaml
 def status(key):
     return int(open("/proc/self/status").read().split(key + ":")[1].split()[0]) * 1024
+def reset_peak():
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return status("VmRSS")
 if tool == "robustft":
     from robustft.merge import merge_checkpoints, load_recipe
     recipe = load_recipe(recipe_path)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    start_rss = status("VmRSS")
+    start_rss = reset_peak()
     t = time.perf_counter()
-    merge_checkpoints(recipe, out, progress=False)
+    merge_checkpoints(recipe, out, progress=False, workers=int(workers))
+elif tool == "floor":  # read every input tensor, write the base's with the same writer: no maths
+    from pathlib import Path
+    from robustft.merge import load_recipe
+    from robustft.merge.io import CheckpointReader, ShardedWriter
+    recipe = load_recipe(recipe_path)
+    start_rss = reset_peak()
+    t = time.perf_counter()
+    readers = [CheckpointReader(p) for p in [recipe.base_model, *(m.path for m in recipe.models)]]
+    plan = [(name, info.shape, info.dtype) for name, info in readers[0].infos.items()]
+    Path(out).mkdir()
+    with ShardedWriter(out, plan, "5GB", {"merged_by": "robustft"}) as writer:
+        for name, _, _ in plan:
+            tensors = [r.get(name) for r in readers]
+            writer.write(name, tensors[0])
+            del tensors
 else:
     from mergekit.config import MergeConfiguration
     from mergekit.merge import MergeOptions, run_merge
     cfg = MergeConfiguration.model_validate(yaml.safe_load(open(recipe_path)))
     opts = MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True, lazy_unpickle=True)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    start_rss = status("VmRSS")
+    start_rss = reset_peak()
     t = time.perf_counter()
     run_merge(cfg, out, opts)
 seconds = time.perf_counter() - t
 print(json.dumps({"seconds": seconds, "peak": status("VmHWM"), "start": start_rss}))
 """
+
+#: robustft's other methods timed on the same inputs: method -> (parameters, number of fine-tuned models)
+METHODS = {
+    "task_arithmetic": ({}, 3),
+    "dare_ties": ({"drop_rate": 0.8, "density": 0.5}, 3),
+    "della": ({"density": 0.4}, 3),
+    "breadcrumbs_ties": ({}, 3),
+    "tsv_m": ({}, 3),
+    "iso_c": ({}, 3),
+    "karcher": ({}, 3),
+    "nuslerp": ({}, 2),
+    "model_stock": ({}, 3),
+}
 
 
 def build(root: Path, size: str, n: int = 3) -> tuple[Path, list[Path], int]:
@@ -84,11 +115,12 @@ def build(root: Path, size: str, n: int = 3) -> tuple[Path, list[Path], int]:
     return root / "base", dirs, n_params
 
 
-def run_tool(tool: str, recipe: Path, out: Path, threads: int) -> dict:
+def run_tool(tool: str, recipe: Path, out: Path, threads: int, workers: int) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(
-        [sys.executable, "-c", CHILD, tool, str(recipe), str(out)], env=env, capture_output=True, text=True
-    )
+        [sys.executable, "-c", CHILD, tool, str(recipe), str(out), str(workers)],
+        env=env, capture_output=True, text=True,
+    )  # fmt: skip
     if proc.returncode != 0:
         raise RuntimeError(f"{tool} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -113,39 +145,72 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="small")
     parser.add_argument("--density", type=float, default=0.2)
-    parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS for both tools")
-    parser.add_argument("--workdir", default=None)
+    parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS for every process")
+    parser.add_argument("--workers", type=int, default=2, help="robustft's tensors merged at once")
+    parser.add_argument(
+        "--methods", default=",".join(METHODS), help="robustft methods also timed (comma list, or none)"
+    )
+    parser.add_argument("--workdir", default=None, help="reuses the checkpoints already built there")
     args = parser.parse_args(argv)
     try:
         import mergekit  # noqa: F401
     except ImportError:
         sys.exit("mergekit is not installed: pip install mergekit==0.1.5")
+    methods = [] if args.methods == "none" else args.methods.split(",")
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        sys.exit(f"--methods: unknown {unknown} (known: {', '.join(METHODS)})")
     work = Path(args.workdir or tempfile.mkdtemp(prefix="robustft-bench-merge-"))
-    base, dirs, n_params = build(work, args.size)
-    recipe = {
-        "merge_method": "ties",
-        "base_model": str(base),
-        "models": [{"model": str(d), "parameters": {"weight": 1.0, "density": args.density}} for d in dirs],
-        "dtype": "float32",
-    }
     import yaml
 
-    path = work / "ties.yaml"
-    path.write_text(yaml.safe_dump(recipe))
+    if (work / "built.json").is_file():
+        built = json.loads((work / "built.json").read_text())
+        if args.size not in built:
+            sys.exit(f"--workdir {work} holds the checkpoints of --size {', '.join(built)}")
+        n_params = built[args.size]
+        base, dirs = work / "base", [work / f"ft{i}" for i in range(3)]
+    else:
+        base, dirs, n_params = build(work, args.size)
+        (work / "built.json").write_text(json.dumps({args.size: n_params}))
+    for old in work.glob("out_*"):
+        shutil.rmtree(old)
+
+    def recipe(method: str, params: dict, models: list[dict]) -> Path:
+        data = {"merge_method": method, "base_model": str(base), "models": models, "dtype": "float32"}
+        if params:
+            data["parameters"] = params
+        path = work / f"{method}.yaml"
+        path.write_text(yaml.safe_dump(data))
+        return path
+
+    ties = recipe(
+        "ties", {}, [{"model": str(d), "parameters": {"weight": 1.0, "density": args.density}} for d in dirs]
+    )
     results = {}
-    for tool in ("robustft", "mergekit"):
-        results[tool] = run_tool(tool, path, work / f"out_{tool}", args.threads)
+    for tool in ("floor", "robustft", "mergekit"):
+        results[tool] = run_tool(tool, ties, work / f"out_{tool}", args.threads, args.workers)
     differ, total, worst = compare(work / "out_robustft", work / "out_mergekit")
-    rf, mk = results["robustft"], results["mergekit"]
+    others = {}
+    for method in methods:
+        params, n = METHODS[method]
+        path = recipe(method, params, [{"model": str(d)} for d in dirs[:n]])
+        others[method] = run_tool("robustft", path, work / f"out_{method}", args.threads, args.workers)
+        shutil.rmtree(work / f"out_{method}")
+    fl, rf, mk = results["floor"], results["robustft"], results["mergekit"]
     mb = 2**20
     print(f"TIES merge of 3 fine-tuned + base, {n_params / 1e6:.1f}M params each (--size {args.size}), "
-          f"float32, density {args.density}, OMP_NUM_THREADS={args.threads}")  # fmt: skip
-    print(f"{'tool':<10}{'wall s':>10}{'peak RSS MB':>14}{'RSS growth MB':>16}")
-    for tool, r in results.items():
-        print(f"{tool:<10}{r['seconds']:>10.2f}{r['peak'] / mb:>14.0f}{(r['peak'] - r['start']) / mb:>16.0f}")
+          f"float32, density {args.density}, OMP_NUM_THREADS={args.threads}, "
+          f"robustft workers={args.workers}")  # fmt: skip
+    print(f"{'run':<26}{'wall s':>10}{'peak RSS MB':>14}{'RSS growth MB':>16}{'x floor':>10}")
+    rows = {"I/O floor (read 4, write)": fl, "robustft ties": rf, "mergekit ties": mk}
+    rows.update({f"robustft {m}": r for m, r in others.items()})
+    for label, r in rows.items():
+        print(f"{label:<26}{r['seconds']:>10.2f}{r['peak'] / mb:>14.0f}{(r['peak'] - r['start']) / mb:>16.0f}"
+              f"{r['seconds'] / fl['seconds']:>10.2f}")  # fmt: skip
     growth = (rf["peak"] - rf["start"]) / max(1, mk["peak"] - mk["start"])
     print(f"ratio robustft/mergekit: wall {rf['seconds'] / mk['seconds']:.2f}x, "
-          f"peak RSS {rf['peak'] / mk['peak']:.2f}x, RSS growth {growth:.2f}x")  # fmt: skip
+          f"peak RSS {rf['peak'] / mk['peak']:.2f}x, RSS growth {growth:.2f}x; "
+          f"robustft = {rf['seconds'] / fl['seconds']:.2f}x the I/O floor")  # fmt: skip
     print(f"outputs: {differ} of {total} elements differ ({differ / total:.2e}), max abs diff {worst:.3g}")
 
 

@@ -34,6 +34,10 @@ def _register_merge(subparsers) -> None:
     p.add_argument(
         "--max-shard-size", default=None, help="shard size, e.g. 2GB or 500MiB (default: recipe or 5GB)"
     )
+    p.add_argument(
+        "--workers", type=int, default=None,
+        help="tensors merged at once by threads (default: torch's intra-op thread count)",
+    )  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_merge)
 
@@ -54,6 +58,7 @@ def run_merge(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         max_shard_size=args.max_shard_size,
         progress=not args.no_progress,
+        workers=args.workers,
     )
     print(
         f"merged {result.tensors} tensors into {result.out_dir} "

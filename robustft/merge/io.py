@@ -356,12 +356,19 @@ def parse_size(size: int | str) -> int:
 def shard_plan(
     plan: Sequence[tuple[str, tuple[int, ...], torch.dtype]], max_shard_size: int | str
 ) -> dict[str, str]:
-    """Tensor name -> file name, cut at ``max_shard_size`` bytes by huggingface_hub's own planner
-    (``split_torch_state_dict_into_shards``, as ``save_pretrained``), fed shape-only meta tensors."""
-    from huggingface_hub import split_torch_state_dict_into_shards
+    """Tensor name -> file name, cut at ``max_shard_size`` bytes by huggingface_hub's own planner (the
+    factory behind ``split_torch_state_dict_into_shards``, as ``save_pretrained``), fed byte counts: its
+    torch entry point imports ``torch.distributed.tensor`` (seconds) to look for DTensors."""
+    from huggingface_hub.constants import SAFETENSORS_WEIGHTS_FILE_PATTERN
+    from huggingface_hub.serialization import split_state_dict_into_shards_factory
 
-    meta = {name: torch.empty(shape, dtype=dtype, device="meta") for name, shape, dtype in plan}
-    split = split_torch_state_dict_into_shards(meta, max_shard_size=parse_size(max_shard_size))
+    sizes = {name: _nbytes(shape, dtype) for name, shape, dtype in plan}
+    split = split_state_dict_into_shards_factory(
+        sizes,
+        get_storage_size=lambda nbytes: nbytes,
+        filename_pattern=SAFETENSORS_WEIGHTS_FILE_PATTERN,
+        max_shard_size=parse_size(max_shard_size),
+    )
     return dict(split.tensor_to_filename)
 
 

@@ -42,7 +42,16 @@ from robustft.ops.registry import (
 )
 from robustft.params import resolve_dtype
 
-__all__ = ["METHODS", "MethodSpec", "ModelEntry", "Override", "Recipe", "load_recipe", "parse_recipe"]
+__all__ = [
+    "METHODS",
+    "LayerSlice",
+    "MethodSpec",
+    "ModelEntry",
+    "Override",
+    "Recipe",
+    "load_recipe",
+    "parse_recipe",
+]
 
 
 _TOP_KEYS = {
@@ -55,6 +64,7 @@ _TOP_KEYS = {
     "overrides",
     "tokenizer_source",
     "max_shard_size",
+    "slices",
 }
 
 
@@ -62,6 +72,15 @@ _TOP_KEYS = {
 class ModelEntry:
     path: str
     parameters: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class LayerSlice:
+    """Layers ``start`` (inclusive) to ``end`` (exclusive) of the model at ``path`` (a mergekit slice)."""
+
+    path: str
+    start: int
+    end: int
 
 
 @dataclass
@@ -85,6 +104,8 @@ class Recipe:
     tokenizer_source: str | None = "base"
     max_shard_size: int | str | None = None
     raw: dict[str, Any] = field(default_factory=dict)
+    #: layer stacking (``passthrough`` with mergekit's ``slices``); ``models`` then holds the first slice's
+    slices: list[LayerSlice] = field(default_factory=list)
 
     def resolve(self, override: Override | None = None) -> tuple[str, dict[str, Any], list[dict[str, Any]]]:
         """(method, method-wide parameters, one parameter dict per model) with defaults filled in."""
@@ -115,7 +136,8 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
     base = data.get("base_model")
     if base is not None:
         check_path(f"{source}: base_model", base)
-    models_raw = data.get("models") or []
+    slices = _parse_slices(data, spec, source) if "slices" in data else []
+    models_raw = data.get("models") or [{"model": s.path} for s in slices[:1]]
     if not isinstance(models_raw, list):
         raise ValueError(f"{source}: models must be a list of {{model: PATH, parameters: {{...}}}}")
     models = []
@@ -187,6 +209,7 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
         tokenizer_source=tokenizer_source,
         max_shard_size=max_shard_size,
         raw=dict(data),
+        slices=slices,
     )
     # every method in play must get the inputs and required parameters it needs
     for override in [None, *overrides]:
@@ -222,6 +245,45 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
         if mspec.check is not None:
             mspec.check(f"{where}: parameters", gparams, mparams)
     return recipe
+
+
+def _parse_slices(data: Mapping, spec: MethodSpec, source: str) -> list[LayerSlice]:
+    """mergekit's ``slices: [{sources: [{model: PATH, layer_range: [start, end]}]}, ...]`` for
+    ``passthrough`` (layer stacking): one source per slice, no models, base_model or overrides beside."""
+    where = f"{source}: slices"
+    if spec.name != "passthrough":
+        raise ValueError(f"{where}: layer slices are supported with merge_method passthrough only")
+    clash = sorted(k for k in ("models", "base_model", "overrides") if data.get(k))
+    if clash:
+        raise ValueError(f"{where}: a recipe with slices takes no {', '.join(clash)}")
+    raw = data["slices"]
+    if not isinstance(raw, list) or not raw:
+        raise ValueError(f"{where}: expected a non-empty list of {{sources: [{{model, layer_range}}]}}")
+    slices = []
+    for i, item in enumerate(raw):
+        at = f"{where}[{i}]"
+        if not isinstance(item, Mapping) or set(item) != {"sources"}:
+            raise ValueError(f"{at}: expected {{sources: [{{model: PATH, layer_range: [start, end]}}]}}")
+        sources = item["sources"]
+        if not isinstance(sources, list) or len(sources) != 1:
+            raise ValueError(f"{at}.sources: passthrough takes exactly one source per slice")
+        src = sources[0]
+        if not isinstance(src, Mapping) or set(src) != {"model", "layer_range"}:
+            raise ValueError(f"{at}.sources[0]: expected {{model: PATH, layer_range: [start, end]}}")
+        check_path(f"{at}.sources[0].model", src["model"])
+        rng = src["layer_range"]
+        if not (
+            isinstance(rng, list)
+            and len(rng) == 2
+            and all(isinstance(x, int) and not isinstance(x, bool) for x in rng)
+            and 0 <= rng[0] < rng[1]
+        ):
+            raise ValueError(
+                f"{at}.sources[0].layer_range: expected [start, end] with 0 <= start < end, "
+                f"got {short_repr(rng)}"
+            )
+        slices.append(LayerSlice(str(src["model"]), rng[0], rng[1]))
+    return slices
 
 
 MAX_YAML_NODES = 100_000  # a recipe of hundreds of models and overrides stays far below

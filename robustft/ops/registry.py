@@ -161,10 +161,9 @@ def _task_arithmetic(deltas, g, m, seed, base, fishers):
 
 
 def _ties(deltas, g, m, seed, base, fishers):
-    # trim one task vector at a time, dropping each untrimmed one at once: fewer live copies
-    for i, p in enumerate(m):
-        deltas[i] = ops.trim_top_k(deltas[i], p["density"])
-    return ops.ties(deltas, 1.0, _weights(m))
+    # streamed: the merged delta overwrites the first task vector chunk by chunk, no tensor-sized temporary
+    out = deltas[0] if deltas[0].is_contiguous() else None
+    return ops.ties(deltas, [p["density"] for p in m], _weights(m), out=out)
 
 
 def _dare(kind: str) -> MergeFn:
@@ -276,6 +275,16 @@ def _ram(deltas, g, m, seed, base, fishers):
 
 def _ramplus_tl(deltas, g, m, seed, base, fishers):
     return ops.ramplus_tl(deltas, g["epsilon"], g["r"], g["alpha"])
+
+
+def _passthrough(tensors, g, m, seed, base, fishers):
+    scale = m[0]["scale"]
+    return tensors[0] if scale is None else tensors[0].mul_(scale)
+
+
+def _check_scale(name: str, value: Any) -> None:
+    if value is not None:  # null: the tensor as it is
+        check_number(name, value)
 
 
 def _nearswap(tensors, g, m, seed, base, fishers):
@@ -559,6 +568,14 @@ METHODS: dict[str, MethodSpec] = {
             global_params={"t": Param(REQUIRED, check_non_negative)},
         ),
         MethodSpec("arcee_fusion", _arcee_fusion, needs_base=True, max_models=1),
+        # one model's tensors, optionally scaled (mergekit's passthrough; layer-stacking slices are refused)
+        MethodSpec(
+            "passthrough",
+            _passthrough,
+            needs_base=False,
+            max_models=1,
+            model_params={"scale": Param(None, _check_scale)},
+        ),
         # -- SVD merges of FusionBench (issue 16) --
         MethodSpec(
             "tsv_m",

@@ -13,6 +13,7 @@ import torch
 import yaml
 from transformers import AutoTokenizer, LlamaForCausalLM
 
+from robustft.cli import main
 from robustft.merge import merge_checkpoints, parse_recipe
 from robustft.merge.engine import tensor_seed
 from robustft.ops import merge as M
@@ -272,4 +273,45 @@ def test_cli_reports_bad_input_with_exit_code_2(family, wrong_shape, tmp_path):
     )  # fmt: skip
     assert proc.returncode == 2
     assert "robustft merge: error:" in proc.stderr and "has shape" in proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("method,params", [("ties", {"density": 0.3}), ("dare_ties", {"density": 0.5})])
+def test_workers_change_nothing_but_speed(family, tmp_path, method, params):
+    """Tensors merged by 1 or 3 threads at once: the same bytes in every output file (seeded methods too:
+    each tensor's seed comes from its name, not from the order it was computed in)."""
+    base_dir, dirs = family
+    data = _recipe(base_dir, dirs, method, params, seed=7)
+    threads = torch.get_num_threads()
+    merge_checkpoints(parse_recipe(data), tmp_path / "1", progress=False, workers=1)
+    cli = ["merge", str(_write_recipe(tmp_path, data)), "--out", str(tmp_path / "3"), "--workers", "3"]
+    assert main([*cli, "--no-progress"]) == 0
+    assert torch.get_num_threads() == threads  # the pool's single-threaded torch is undone
+    files = sorted(f.name for f in (tmp_path / "1").iterdir())
+    assert files == sorted(f.name for f in (tmp_path / "3").iterdir())
+    for f in files:
+        if f.endswith(".safetensors"):
+            assert (tmp_path / "1" / f).read_bytes() == (tmp_path / "3" / f).read_bytes(), f
+
+
+@pytest.mark.parametrize("workers", [0, -1, 1.5, True])
+def test_bad_workers_are_refused_before_writing(family, tmp_path, workers):
+    base_dir, dirs = family
+    with pytest.raises(ValueError, match="workers must be a positive integer"):
+        merge_checkpoints(parse_recipe(_recipe(base_dir, dirs, "ties", {})), tmp_path / "o", workers=workers)
+    assert not (tmp_path / "o").exists()
+
+
+def test_nan_under_a_trim_is_an_error_naming_the_tensor(family, tmp_path):
+    """TIES cannot take the top k of a task vector holding NaN: the error names the tensor, writes nothing."""
+    from safetensors.torch import save_file
+
+    base_dir, dirs = family
+    tensors = load_all(dirs[0])
+    tensors["model.norm.weight"][3] = float("nan")
+    save_file(tensors, str(tmp_path / "nan.safetensors"))
+    models = [str(tmp_path / "nan.safetensors"), str(dirs[1])]
+    recipe = parse_recipe({"merge_method": "ties", "base_model": str(base_dir), "models": models})
+    with pytest.raises(ValueError, match=r"tensor 'model.norm.weight' \(ties\): .*NaN"):
+        merge_checkpoints(recipe, tmp_path / "o", progress=False)
     assert not (tmp_path / "o").exists()

@@ -11,13 +11,15 @@ zero the same fraction of elements (binomial tolerance).
 from __future__ import annotations
 
 import itertools
+import json
 
 import pytest
 import torch
+from transformers import LlamaForCausalLM
 
 from robustft.merge import merge_checkpoints, parse_recipe
 from robustft.ops import merge as M
-from tests.merge.tiny_models import build_family, load_all
+from tests.merge.tiny_models import build_family, load_all, tiny_config
 
 mergekit = pytest.importorskip("mergekit", reason="mergekit is not installed (pip install mergekit==0.1.5)")
 
@@ -306,3 +308,71 @@ def test_method_matches_mergekit(family, tmp_path, method, parameters, n_models)
     assert _max_diff(mk, rf) < 2e-6
     b = load_all(base)
     assert any(not torch.equal(rf[n], b[n]) for n in b)
+
+
+@pytest.mark.parametrize("scale", [None, 0.5])
+def test_passthrough_matches_mergekit_bit_for_bit(sharded, tmp_path, scale):
+    """passthrough: one model's tensors (times ``scale``), the same YAML for both tools, on sharded inputs."""
+    _, dirs = sharded
+    params = {} if scale is None else {"scale": scale}
+    recipe = {"merge_method": "passthrough", "models": _models(dirs[:1], [params]), "dtype": "float32"}
+    mk, rf = _run_pair(recipe, recipe, tmp_path)
+    assert set(mk) == set(rf)
+    for name, tensor in rf.items():
+        assert torch.equal(tensor, mk[name]), name
+    if scale is not None:  # the scale was applied, not the model copied
+        assert not torch.equal(rf["model.norm.weight"], load_all(dirs[0])["model.norm.weight"])
+
+
+@pytest.fixture(scope="module")
+def deep(tmp_path_factory):
+    """A 4-layer base and 2 fine-tuned copies, sharded."""
+    root = tmp_path_factory.mktemp("mk_deep")
+    return build_family(root, n=2, max_shard_size="30KB", config=tiny_config(layers=4), tokenizer=False)
+
+
+def test_passthrough_slices_stack_layers_as_mergekit(deep, tmp_path):
+    """Layer stacking: layers 0-1 of one model then 1-3 of another, renumbered 0-4, embeddings from the first
+    slice's model, norm and head from the last one's; the same YAML for both tools, bit for bit."""
+    _, dirs = deep
+    recipe = {"merge_method": "passthrough", "dtype": "float32",
+              "slices": [{"sources": [{"model": str(dirs[0]), "layer_range": [0, 2]}]},
+                         {"sources": [{"model": str(dirs[1]), "layer_range": [1, 4]}]}]}  # fmt: skip
+    mk, rf = _run_pair(recipe, recipe, tmp_path)
+    assert set(mk) == set(rf)
+    for name, tensor in rf.items():
+        assert torch.equal(tensor, mk[name]), name
+    a, b = load_all(dirs[0]), load_all(dirs[1])
+    assert torch.equal(rf["model.layers.1.mlp.up_proj.weight"], a["model.layers.1.mlp.up_proj.weight"])
+    assert torch.equal(rf["model.layers.2.mlp.up_proj.weight"], b["model.layers.1.mlp.up_proj.weight"])
+    assert torch.equal(rf["model.embed_tokens.weight"], a["model.embed_tokens.weight"])
+    assert torch.equal(rf["lm_head.weight"], b["lm_head.weight"])
+    for out in (tmp_path / "mk", tmp_path / "rf"):
+        assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 5
+    LlamaForCausalLM.from_pretrained(tmp_path / "rf")  # loads: names and config agree
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        ({"merge_method": "linear"}, "passthrough only"),
+        ({"models": ["x"]}, "takes no models"),
+        ({"slices": []}, "non-empty list"),
+        ({"slices": [{"sources": [{"model": "a", "layer_range": [2, 2]}]}]}, "0 <= start < end"),
+        ({"slices": [{"sources": [{"model": "a", "layer_range": [0, 1]}] * 2}]}, "exactly one source"),
+    ],
+)
+def test_bad_slices_name_the_option(change, match):
+    recipe = {"merge_method": "passthrough",
+              "slices": [{"sources": [{"model": "a", "layer_range": [0, 1]}]}], **change}  # fmt: skip
+    with pytest.raises(ValueError, match=match):
+        parse_recipe(recipe)
+
+
+def test_slices_beyond_the_models_layers_are_refused_before_writing(deep, tmp_path):
+    _, dirs = deep
+    recipe = {"merge_method": "passthrough",
+              "slices": [{"sources": [{"model": str(dirs[0]), "layer_range": [2, 6]}]}]}  # fmt: skip
+    with pytest.raises(ValueError, match=r"slices\[0\].*beyond the 4 layers"):
+        merge_checkpoints(parse_recipe(recipe), tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()

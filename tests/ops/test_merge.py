@@ -96,12 +96,93 @@ def test_disjoint_mean_counts_only_agreeing_entries():
     assert M.disjoint_mean([a, b], sign).tolist() == [3.0, -2.0, 0.0, 4.0]
 
 
+@pytest.fixture(params=["whole", "chunked"])
+def streaming(request, monkeypatch):
+    """Run a test as is, and again with 7-element chunks and the sampled bracket on every tensor (so the
+    6 x 7 test tensors cross chunk boundaries and take the selection path of large tensors)."""
+    if request.param == "chunked":
+        monkeypatch.setattr(M, "CHUNK", 7)
+        monkeypatch.setattr(M, "_SELECT_DIRECT", 4)
+    return request.param
+
+
 @pytest.mark.parametrize(
-    "density,weights", [(0.3, [1.0, 1.0, 1.0]), (0.6, [0.5, 1.5, 1.0]), (1.0, [1, 1, 1])]
+    "density,weights",
+    [(0.3, [1.0, 1.0, 1.0]), (0.6, [0.5, 1.5, 1.0]), (1.0, [1, 1, 1]), (0.5, [1.0, -1.0, 0.7])],
 )
-def test_ties_matches_dense_reference(density, weights):
+def test_ties_matches_dense_reference(density, weights, streaming):
     deltas = _rand(3, seed=7)
     torch.testing.assert_close(M.ties(deltas, density, weights), _ref_ties(deltas, density, weights))
+    out = deltas[0].clone()
+    copy = [out, *deltas[1:]]
+    assert M.ties(copy, density, weights, out=out) is out  # written over an input, chunk by chunk
+    torch.testing.assert_close(out, _ref_ties(deltas, density, weights))
+
+
+def _ref_top_k(keys, k):
+    """Mask of the k largest keys, ties to the lowest index: a full stable sort."""
+    mask = torch.zeros(keys.numel(), dtype=torch.bool)
+    mask[torch.sort(-keys, stable=True).indices[:k]] = True
+    return mask
+
+
+@pytest.mark.parametrize("n", [50, 1000, 70_000])  # direct kthvalue; sampled bracket (> 65536 entries)
+@pytest.mark.parametrize("kind", ["random", "ties"])
+def test_top_k_cut_is_the_exact_kth_value_with_ties_to_the_lowest_index(n, kind):
+    g = torch.Generator().manual_seed(n)
+    if kind == "random":
+        x = torch.randn(n, generator=g)
+    else:  # five magnitudes only: every cut falls inside a run of equal values
+        x = torch.randint(-2, 3, (n,), generator=g).float()
+    keys = x.abs()
+    for k in sorted({1, n // 10, n // 2, n - 1, n}):
+        threshold, last = M.top_k_cut(x, k, absolute=True)
+        assert threshold == float(torch.kthvalue(keys, n - k + 1).values)
+        kept = (keys > threshold) | ((keys == threshold) & (torch.arange(n) <= last))
+        assert torch.equal(kept, _ref_top_k(keys, k))
+        if kind == "random":  # distinct values: the same set as torch.topk
+            assert kept[torch.topk(keys, k).indices].all()
+        assert torch.equal(M.top_k_mask(x, k), _ref_top_k(x, k))  # signed values, largest and smallest
+        assert torch.equal(M.top_k_mask(x, k, largest=False), _ref_top_k(-x, k))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_top_k_cut_in_half_precision_counts_exactly(dtype):
+    """Counts of 2^18-entry chunks are exact (float32), not half-precision sums; half types tie a lot."""
+    x = torch.randn(100_000, generator=torch.Generator().manual_seed(1)).to(dtype)
+    keys = x.abs().float()
+    k = 31_234
+    threshold, last = M.top_k_cut(x, k, absolute=True)
+    assert threshold == float(torch.kthvalue(keys, x.numel() - k + 1).values)
+    kept = (keys > threshold) | ((keys == threshold) & (torch.arange(x.numel()) <= last))
+    assert torch.equal(kept, _ref_top_k(keys, k))
+
+
+def test_top_k_cut_refuses_nan_and_bad_k():
+    x = torch.randn(100)
+    x[3] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        M.top_k_cut(x, 10, absolute=True)
+    with pytest.raises(ValueError, match="k must be in"):
+        M.top_k_cut(torch.randn(5), 6)
+
+
+def test_magnitude_prune_tie_heavy_keeps_exactly_k_lowest_indices_first(streaming):
+    x = torch.tensor([1.0, -2.0, 2.0, 0.0, -1.0, 2.0, 1.0, -1.0, 2.0, 1.0] * 5).view(5, 10)
+    for density in (0.1, 0.3, 0.55, 0.9):
+        k = int(density * x.numel())
+        ref = x * _ref_top_k(x.abs().reshape(-1), k).view_as(x)
+        torch.testing.assert_close(M.magnitude_prune(x, density), ref, rtol=0, atol=0)
+
+
+def test_disjoint_mean_drops_disagreeing_infinities():
+    """A disagreeing inf is dropped (no inf * 0 = NaN from a float mask)."""
+    a = torch.tensor([float("inf"), 1.0, 2.0])
+    b = torch.tensor([-float("inf"), -float("inf"), 2.0])
+    c = torch.tensor([-float("inf"), -1.0, -5.0])
+    sign = M.elect_sign([a, b, c])
+    assert sign.tolist() == [-1.0, -1.0, -1.0]
+    assert M.disjoint_mean([a, b, c], sign).tolist() == [-float("inf"), -float("inf"), -5.0]
 
 
 def test_ties_per_model_density():
