@@ -46,3 +46,17 @@ def test_every_table_has_every_row_and_the_docs_get_each_section(tmp_path):
     assert all(bench.count(start) == 1 and bench.count(end) == 1 for start, end in rb.MARKERS.values())
     assert sections["interpolation"] in (docs / "dynamic_interpolation.md").read_text()
     assert sections["regularizers"] in (docs / "regularizers.md").read_text()
+
+
+def test_reading_reports_each_method_against_the_reference_and_names_only_real_gains():
+    from benchmarks.robustness import Row, reading
+
+    rows = {"ref": Row({"id_test": 0.80, "shifted": 0.50}),
+            "gains under shift": Row({"id_test": 0.795, "shifted": 0.60}),  # -0.5 / +10 points
+            "loses in distribution": Row({"id_test": 0.70, "shifted": 0.70}),  # -10 / +20 points
+            "worse": Row({"id_test": 0.80, "shifted": 0.40})}
+    text = reading(rows, "ref")
+    assert "gains under shift -0.5 / +10.0" in text and "worse +0.0 / -10.0" in text
+    assert text.endswith("at most 1 point lower in distribution: gains under shift.")
+    none = reading({"ref": rows["ref"], "worse": rows["worse"]}, "ref")
+    assert none.endswith("No method beats it under shift without losing over 1 point in distribution.")
