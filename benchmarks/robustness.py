@@ -335,7 +335,7 @@ def run_rows(variants: dict[str, Callable[[Context], Row]], ctx: Context) -> dic
     for name, fn in variants.items():
         t0 = time.perf_counter()
         rows[name] = fn(ctx)
-        print(f"{name}: {rows[name].scores} ({time.perf_counter() - t0:.0f} s)", flush=True)
+        print(f"{name}: {rows[name]} ({time.perf_counter() - t0:.0f} s)", flush=True)
     return rows
 
 
