@@ -434,7 +434,10 @@ FEATURE_DOC = {"interpolation": "dynamic_interpolation.md", "regularizers": "reg
 def build_sections(task: Task, out: Path, only: list[str], rounds: int, steps: int, command: str,
                    interpolation: dict | None = None, regularizers: dict | None = None) -> dict[str, str]:
     """Run the chosen sections; returns section name -> markdown (heading, command, table, reading)."""
-    load = f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores at start"
+    import torch
+
+    load = (f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores at start, "
+            f"{torch.get_num_threads()} torch thread(s)")
     head = f"Command: `{command}` ({task.description}; {load}; timings are wall time in this one run)."
     sections = {}
     ctx = Context(task, out) if {"interpolation", "regularizers"} & set(only) else None
