@@ -90,12 +90,12 @@ class Row:
 
     scores: dict[str, float]
     eval_seconds: float = math.nan  # evaluating the reported splits with the method's inference rule
-    reference_seconds: float = math.nan  # the plain model's evaluation of the same splits, timed just before
     train_seconds: float = math.nan  # its own training run (nan: shares the plain run)
     extra_fit_seconds: float = 0.0  # beyond training: choosing α, fitting coefficients, Fisher, ...
     infer_numel: int = 0  # held beyond one model at inference
     fit_numel: int = 0  # held beyond one model while fitting (sweep copies, task vectors, ...)
     note: str = ""
+    reference_seconds: float = math.nan  # the plain model's evaluation of the same splits, timed just before
 
 
 def numel(model) -> int:
@@ -145,7 +145,7 @@ class Context:
         self.weights = WiseFTWeights.from_models(self.start, model)  # θ(α) written into the fine-tuned model
         self.selected = sum(p.numel() for p in self.weights.params.values())
         scores, seconds = evaluate(self.trainer, task)
-        self.plain = Row(scores, seconds, clock.train_seconds)
+        self.plain = Row(scores, seconds, train_seconds=clock.train_seconds)
         self.cache: dict[str, Any] = {}
 
     def once(self, key: str, compute: Callable[[], Any]) -> Any:
@@ -181,7 +181,7 @@ class Context:
         after = time.perf_counter() - clock.last_step_end
         model.eval()
         scores, seconds = evaluate(trainer, self.task)
-        return Row(scores, seconds, clock.train_seconds + pre_seconds, extra_fit_seconds=after)
+        return Row(scores, seconds, train_seconds=clock.train_seconds + pre_seconds, extra_fit_seconds=after)
 
 
 # -- issue 14: the methods on the two endpoints of one fine-tuning run ---------------------------------------

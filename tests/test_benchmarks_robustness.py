@@ -36,6 +36,7 @@ def test_every_table_has_every_row_and_the_docs_get_each_section(tmp_path):
         rows = [line.split("|")[1].strip() for line in sections[name].splitlines() if line.startswith("| ")]
         assert rows[1:] == list(variants), name  # the header, then one row per variant in order
         assert "`cmd`" in sections[name]
+        assert "nan" not in sections[name], sections[name]  # every cost was measured
     docs = tmp_path / "docs"
     docs.mkdir()
     for doc in ("benchmarks.md", "dynamic_interpolation.md", "regularizers.md"):
