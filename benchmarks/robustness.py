@@ -194,6 +194,11 @@ def plain_again(ctx: Context) -> Row:
     return replace(ctx.plain, eval_seconds=evaluate(ctx.trainer, ctx.task)[1])
 
 
+def zero_shot(ctx: Context) -> Row:
+    """The start model (α=0), where the static curve begins."""
+    return Row(*ctx.at_alpha(0.0))
+
+
 def wise_ft(ctx: Context, oracle: bool = False) -> Row:
     curve, seconds = ctx.curve("shifted" if oracle else "id")
     alpha = curve.chosen_alpha
@@ -234,6 +239,7 @@ def learned(ctx: Context, objective: str, split: str) -> Row:
 
 
 INTERPOLATION: dict[str, Callable[[Context], Row]] = {
+    "zero-shot start (α=0)": zero_shot,
     "plain fine-tuning (α=1)": plain_again,
     "WiSE-FT, α* chosen on id": wise_ft,
     "WiSE-FT, best α on shifted (oracle)": lambda ctx: wise_ft(ctx, oracle=True),
