@@ -22,9 +22,20 @@ to choose (α, learned coefficients), as the demo does.
    in ``--rounds`` interleaved rounds of ``--steps`` steps (the order rotates each round; the ratio is taken
    against the same round's plain run), as ``benchmarks/llm.py`` measures throughput.
 
-A new method is one entry in ``INTERPOLATION`` or ``REGULARIZERS``. Each section is written between its
-markers in ``docs/benchmarks.md`` with the command; the tables also go into the "Measured" sections of
-``docs/dynamic_interpolation.md`` and ``docs/regularizers.md``.
+A new method is one entry in ``INTERPOLATION`` or ``REGULARIZERS`` (a function of the shared ``Context``:
+``ctx.start``/``ctx.model`` are the two endpoints, ``ctx.trainer`` evaluates the fine-tuned model,
+``evaluate`` times the reported splits, ``ctx.train_with(name, callbacks)`` trains from the start and scores
+the result)::
+
+    def wemoe(ctx: Context) -> Row:            # on the endpoints of the plain run
+        t0 = time.perf_counter(); upscaled = ...   # build/fit the method from ctx.start and ctx.model
+        scores, seconds = evaluate(make_trainer(ctx.task, upscaled, ctx.out / "wemoe"), ctx.task)
+        return Row(scores, seconds, extra_fit_seconds=..., infer_numel=..., fit_numel=...)
+    INTERPOLATION["WEMoE"] = wemoe
+    REGULARIZERS["RiFT"] = lambda ctx: ctx.train_with("RiFT", [RiFTCallback(...)])   # a training-time method
+
+Each section is written between its markers in ``docs/benchmarks.md`` with the command; the tables also go
+into the "Measured" sections of ``docs/dynamic_interpolation.md`` and ``docs/regularizers.md``.
 """
 
 from __future__ import annotations
