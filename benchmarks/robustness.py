@@ -311,7 +311,7 @@ REGULARIZER_SETTINGS = {
     "EWC": "λ=1/mean(F), F on 256 training examples at the start",
     "spectral": "λ=1, σ₁ of every encoder-layer matrix held at its start value",
     "FISH mask": "0.5% of the weights by Fisher (256 examples)",
-    "magnitude mask": "0.5% of the weights by |θ_start|",
+    "magnitude mask": "0.5% of the weights by abs(θ_start)",
     "shrink-perturb": "θ ← 0.99·θ + 0.001·ε every 10 steps",
     "LP-FT": "probe 1 epoch (head only), then 1 epoch full",
 }
