@@ -110,10 +110,12 @@ class Row:
 
 
 def numel(model) -> int:
+    """Floating elements of one model (parameters and buffers): the unit of the memory columns."""
     return sum(t.numel() for t in model.state_dict().values() if t.is_floating_point())
 
 
 def make_trainer(task: Task, model, out: Path, callbacks=(), **overrides):
+    """A Trainer of ``model`` with the task's data, collator, metric and training arguments."""
     from transformers import Trainer
 
     return Trainer(model=model, args=task.args(out, **overrides), train_dataset=task.train,
@@ -346,10 +348,12 @@ REGULARIZERS: dict[str, Callable[[Context], Row]] = {
 
 # -- tables --------------------------------------------------------------------------------------------------
 def pct(x: float) -> str:
+    """An accuracy in percent, one decimal."""
     return f"{100 * x:.1f}"
 
 
 def ratio(x: float, base: float) -> str:
+    """x/base as "1.23x", "-" when x was not measured."""
     return "-" if math.isnan(x) else f"{x / base:.2f}x"
 
 
