@@ -332,10 +332,10 @@ def lpft_wise(ctx: Context) -> Row:
     """LP-FT with WiseFTCallback in the same run (θ(α) from the probed model), α chosen on id."""
     from robustft import LPFTCallback, WiseFTCallback
 
-    wise = WiseFTCallback(eval_datasets=ctx.task.evals, id_dataset="id", save_curve=False, progress=False)
+    wise = WiseFTCallback(eval_datasets={"id": ctx.task.evals["id"]}, save_curve=False, progress=False)
     row = ctx.train_with("LP-FT + WiSE-FT", [LPFTCallback(probe_epochs=1), wise])
     alpha = wise.curve.chosen_alpha  # the model is left at θ(α*): the row's scores are its
-    return replace(row, note=f"α={alpha:g} from the probed model; the extra time is the sweep on all 3 sets")
+    return replace(row, note=f"α={alpha:g} from the probed model; the extra time is the α sweep on id")
 
 
 REGULARIZERS: dict[str, Callable[[Context], Row]] = {
