@@ -103,12 +103,13 @@ def throughput_table(per: dict[str, dict[str, list[float]]]) -> str:
     )
 
 
-def write_section(text: str, path: Path = ROOT / "docs" / "benchmarks.md") -> None:
-    """Replace the text between the llm-benchmark markers (or append the section)."""
+def write_section(text: str, path: Path = ROOT / "docs" / "benchmarks.md", start: str = START,
+                  end: str = END) -> None:
+    """Replace the text between the ``start`` and ``end`` markers (default: llm-benchmark's), or append it."""
     doc = path.read_text()
-    block = f"{START}\n{text.strip()}\n{END}"
-    if START in doc and END in doc:
-        doc = doc[: doc.index(START)] + block + doc[doc.index(END) + len(END):]
+    block = f"{start}\n{text.strip()}\n{end}"
+    if start in doc and end in doc:
+        doc = doc[: doc.index(start)] + block + doc[doc.index(end) + len(end):]
     else:
         doc = doc.rstrip() + "\n\n" + block + "\n"
     path.write_text(doc)

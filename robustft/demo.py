@@ -23,7 +23,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["DemoResult", "encoder_path", "make_task", "run_demo"]
+__all__ = [
+    "DemoResult", "accuracy", "encode_splits", "encoder_path", "make_task", "run_demo", "training_arguments",
+    "zero_shot_start",
+]
 
 TOPICS: dict[str, dict[str, list[str] | str]] = {
     "sports": {
@@ -229,42 +232,27 @@ class DemoResult:
         )
 
 
-def run_demo(
-    output_dir: str | os.PathLike = "runs/wise_ft_demo",
-    seed: int = 0,
-    n_train: int = 400,
-    n_eval: int = 300,
-    epochs: float = 2.0,
-    learning_rate: float = 5e-5,
-    alphas: tuple[float, ...] | None = None,
-    progress: bool = True,
-    verbose: bool = True,
-) -> DemoResult:
-    """Zero-shot start, fine-tune with the Trainer + WiseFTCallback, sweep α; returns the curve."""
+def zero_shot_start(seed: int = 0):
+    """(model, tokenizer): all-MiniLM-L6-v2 with the zero-shot head of the label descriptions (α=0)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    import numpy as np
     import torch
-    from datasets import Dataset
-    from datasets.utils import logging as datasets_logging
-    from transformers import AutoTokenizer, DataCollatorWithPadding, Trainer, TrainingArguments
-    from transformers.utils import logging as hf_logging
+    from transformers import AutoTokenizer
 
-    from robustft.callbacks.averaging import EMACallback
-    from robustft.callbacks.wise_ft import WiseFTCallback
-    from robustft.wise_ft import DEFAULT_ALPHAS
     from robustft.zero_shot import SentenceClassifier, install_zero_shot_head
 
-    t0 = time.time()
-    out = Path(output_dir)
-    hf_logging.set_verbosity_error()
-    datasets_logging.disable_progress_bar()
     path = encoder_path()
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     torch.manual_seed(seed)
     model = SentenceClassifier.from_pretrained(path, num_labels=len(LABELS))
     model.id2label = dict(enumerate(LABELS))
     install_zero_shot_head(model, tokenizer, [TOPICS[label]["description"] for label in LABELS])
+    return model, tokenizer
+
+
+def encode_splits(tokenizer, seed: int = 0, n_train: int = 400, n_eval: int = 300):
+    """(train, {"id", "id_test", "shifted"}): the demo's tokenized splits (α is chosen on "id" only)."""
+    from datasets import Dataset
 
     def encode(data: dict[str, list]) -> Dataset:
         ds = Dataset.from_dict(data)
@@ -277,12 +265,23 @@ def run_demo(
         "id_test": encode(make_task(n_eval, seed + 3)),  # held-out in-distribution: only reported
         "shifted": encode(make_task(n_eval, seed + 2, True)),
     }
+    return train, evals
 
-    def accuracy(pred) -> dict[str, float]:
-        return {"accuracy": float((np.argmax(pred.predictions, axis=-1) == pred.label_ids).mean())}
 
-    args = TrainingArguments(
-        output_dir=str(out),
+def accuracy(pred) -> dict[str, float]:
+    """The demo's ``compute_metrics``: top-1 accuracy."""
+    import numpy as np
+
+    return {"accuracy": float((np.argmax(pred.predictions, axis=-1) == pred.label_ids).mean())}
+
+
+def training_arguments(output_dir: str | os.PathLike, seed: int = 0, epochs: float = 2.0,
+                       learning_rate: float = 5e-5, progress: bool = True, **overrides):
+    """The demo's training budget: batch 32, ``epochs`` epochs at ``learning_rate``, CPU, no saving."""
+    from transformers import TrainingArguments
+
+    kwargs = dict(
+        output_dir=str(output_dir),
         per_device_train_batch_size=32,
         per_device_eval_batch_size=128,
         num_train_epochs=epochs,
@@ -297,6 +296,39 @@ def run_demo(
         seed=seed,
         disable_tqdm=not progress,
     )
+    kwargs.update(overrides)
+    return TrainingArguments(**kwargs)
+
+
+def run_demo(
+    output_dir: str | os.PathLike = "runs/wise_ft_demo",
+    seed: int = 0,
+    n_train: int = 400,
+    n_eval: int = 300,
+    epochs: float = 2.0,
+    learning_rate: float = 5e-5,
+    alphas: tuple[float, ...] | None = None,
+    progress: bool = True,
+    verbose: bool = True,
+) -> DemoResult:
+    """Zero-shot start, fine-tune with the Trainer + WiseFTCallback, sweep α; returns the curve."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from datasets.utils import logging as datasets_logging
+    from transformers import DataCollatorWithPadding, Trainer
+    from transformers.utils import logging as hf_logging
+
+    from robustft.callbacks.averaging import EMACallback
+    from robustft.callbacks.wise_ft import WiseFTCallback
+    from robustft.wise_ft import DEFAULT_ALPHAS
+
+    t0 = time.time()
+    out = Path(output_dir)
+    hf_logging.set_verbosity_error()
+    datasets_logging.disable_progress_bar()
+    model, tokenizer = zero_shot_start(seed)
+    train, evals = encode_splits(tokenizer, seed, n_train, n_eval)
+    args = training_arguments(out, seed, epochs, learning_rate, progress)
     wise = WiseFTCallback(
         alphas=alphas or DEFAULT_ALPHAS,
         eval_datasets=evals,

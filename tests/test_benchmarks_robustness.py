@@ -1,0 +1,63 @@
+"""benchmarks/robustness.py's machinery on a tiny model: every row of every table, and the docs sections."""
+
+import copy
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def tiny_task():
+    from transformers import default_data_collator
+
+    from benchmarks.robustness import Task
+    from robustft.demo import accuracy
+    from tests.tiny import tiny_bert, token_dataset, training_args
+
+    start = tiny_bert(num_labels=2)
+    evals = {name: token_dataset(32, seed=s) for name, s in (("id", 1), ("id_test", 2), ("shifted", 3))}
+    return Task(start=lambda: copy.deepcopy(start), train=token_dataset(32), evals=evals,
+                collator=default_data_collator, metrics=accuracy, description="tiny BERT",
+                args=lambda out, **kw: training_args(out, **{"max_steps": 4, "logging_steps": 10, **kw}),
+                fisher_examples=4, learned_steps=2, batch_size=8)
+
+
+@pytest.mark.slow
+def test_every_table_has_every_row_and_the_docs_get_each_section(tmp_path):
+    from benchmarks import robustness as rb
+
+    sections = rb.build_sections(tiny_task(), tmp_path, list(rb.MARKERS), rounds=1, steps=3, command="cmd")
+    assert set(sections) == set(rb.MARKERS)
+    for name, variants in (("interpolation", rb.INTERPOLATION), ("regularizers", rb.REGULARIZERS),
+                           ("overhead", rb.OVERHEAD_VARIANTS)):
+        rows = [line.split("|")[1].strip() for line in sections[name].splitlines() if line.startswith("| ")]
+        assert rows[1:] == list(variants), name  # the header, then one row per variant in order
+        assert "`cmd`" in sections[name]
+        assert "nan" not in sections[name], sections[name]  # every cost was measured
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for doc in ("benchmarks.md", "dynamic_interpolation.md", "regularizers.md"):
+        (docs / doc).write_text("# page\n")
+    rb.write_docs(sections, docs)
+    rb.write_docs(sections, docs)  # a rerun replaces its sections, never appends them twice
+    bench = (docs / "benchmarks.md").read_text()
+    assert all(bench.count(start) == 1 and bench.count(end) == 1 for start, end in rb.MARKERS.values())
+    assert sections["interpolation"] in (docs / "dynamic_interpolation.md").read_text()
+    assert sections["regularizers"] in (docs / "regularizers.md").read_text()
+
+
+def test_reading_reports_each_method_against_the_reference_and_names_only_real_gains():
+    from benchmarks.robustness import Row, reading
+
+    rows = {"ref": Row({"id_test": 0.80, "shifted": 0.50}),
+            "gains under shift": Row({"id_test": 0.795, "shifted": 0.60}),  # -0.5 / +10 points
+            "loses in distribution": Row({"id_test": 0.70, "shifted": 0.70}),  # -10 / +20 points
+            "worse": Row({"id_test": 0.80, "shifted": 0.40})}
+    text = reading(rows, "ref")
+    assert "gains under shift -0.5 / +10.0" in text and "worse +0.0 / -10.0" in text
+    assert text.endswith("at most 1 point lower in distribution: gains under shift.")
+    none = reading({"ref": rows["ref"], "worse": rows["worse"]}, "ref")
+    assert none.endswith("No method beats it under shift without losing over 1 point in distribution.")
