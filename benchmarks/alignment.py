@@ -2,7 +2,7 @@
 
     python benchmarks/alignment.py --setting fast     # a few minutes quiet; writes docs/benchmarks.md
     python benchmarks/alignment.py                    # --setting full: more pairs and steps
-    python benchmarks/alignment.py --skip-dpo --no-write
+    python benchmarks/alignment.py --setting fast --rm-steps 4 --dpo-steps 4    # a smoke run under load
 
 Data: ``robustft.demo_llm.make_preference_task`` (WordNet glosses; chosen = the word's definition, rejected
 = another word's). In ``train`` and ``id`` the chosen answer is always the longer one; in ``cue_reversed``
@@ -29,7 +29,7 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -165,6 +165,8 @@ def write_section(text: str, path: Path = ROOT / "docs" / "benchmarks.md") -> No
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--setting", choices=["full", "fast"], default="full")
+    p.add_argument("--rm-steps", type=int, help="override the setting's steps per reward model")
+    p.add_argument("--dpo-steps", type=int, help="override the setting's DPO steps")
     p.add_argument("--skip-warm", action="store_true")
     p.add_argument("--skip-dpo", action="store_true")
     p.add_argument("--out", default=os.path.join(tempfile.gettempdir(), "robustft_alignment_benchmark"))
@@ -178,6 +180,7 @@ def main(argv=None) -> int:
     hf_logging.disable_progress_bar()
     datasets_logging.disable_progress_bar()
     cfg = FULL if args.setting == "full" else FAST
+    cfg = replace(cfg, rm_steps=args.rm_steps or cfg.rm_steps, dpo_steps=args.dpo_steps or cfg.dpo_steps)
     command = "python benchmarks/alignment.py " + " ".join(argv if argv is not None else sys.argv[1:])
     model_dir = demo_llm.model_path()
     data = demo_llm.make_preference_task(demo_llm.wordnet_dir(), cfg.n_train, cfg.n_eval, cfg.seed)
