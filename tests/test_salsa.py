@@ -61,3 +61,52 @@ def test_dpo_reference_is_the_soup_of_two_sft_models(tiny_path, tmp_path):  # no
                 for i in range(2)]
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert all((got - e).abs().max() > 1e-3 for e in ends)  # the soup, not either SFT model
+
+
+def test_peft_reference_is_base_plus_the_soup_adapter(tiny_path, tmp_path):  # noqa: F811
+    """PEFT: two SFT adapters on one base -> their exact mean by robustft lora compose -> the policy starts at
+    that adapter, and TRL's "ref" copy of it is the reference: log-probs equal those of the base with
+    W + (ΔW_1 + ΔW_2)/2 folded in densely (torch, from the two adapters' factors)."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from robustft.lora import compose_adapters, read_adapter, write_adapter
+
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
+                        task_type="CAUSAL_LM")
+    deltas = []
+    for i in range(2):  # two "SFT adapters": random factors, seeded
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_path), config)
+        g = torch.Generator().manual_seed(10 + i)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.copy_(0.3 * torch.randn(p.shape, generator=g))
+        model.save_pretrained(tmp_path / f"sft{i}")
+        named = dict(model.named_parameters())
+        deltas.append({n.replace(".lora_A.default.weight", ".weight").replace("base_model.model.", ""):
+                       2.0 * named[n.replace("lora_A", "lora_B")] @ named[n]  # scale lora_alpha / r = 2
+                       for n in named if "lora_A" in n})
+    soup = compose_adapters([read_adapter(tmp_path / f"sft{i}") for i in range(2)], weights=[0.5, 0.5])
+    write_adapter(soup, tmp_path / "soup")
+
+    policy = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_path), tmp_path / "soup",
+                                       is_trainable=True)
+    args = trl.DPOConfig(output_dir=str(tmp_path / "dpo"), per_device_train_batch_size=8, max_steps=1,
+                         report_to=[], use_cpu=True, bf16=False, beta=0.5, disable_tqdm=True,
+                         precompute_ref_log_probs=True)
+    trainer = trl.DPOTrainer(model=policy, args=args, train_dataset=preference_data(),
+                             processing_class=AutoTokenizer.from_pretrained(tiny_path))
+    assert "ref" in trainer.model.peft_config and trainer.ref_model is None  # no copy of the base model
+    batch = next(iter(trainer.get_train_dataloader()))
+    got = torch.cat([batch["ref_chosen_logps"], batch["ref_rejected_logps"]])
+
+    dense = AutoModelForCausalLM.from_pretrained(tiny_path).eval()
+    params = dict(dense.named_parameters())
+    with torch.no_grad():
+        for name, d in deltas[0].items():
+            params[name].add_((d + deltas[1][name]) / 2)
+        expected = completion_logps(dense, batch)
+        base = completion_logps(AutoModelForCausalLM.from_pretrained(tiny_path).eval(), batch)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert (got - base).abs().max() > 1e-3
