@@ -15,6 +15,9 @@
    Rows: the base model, plain LoRA (TRL ``SFTTrainer``), WiSE-FT at α* (chosen on in-distribution data
    only; for LoRA θ(α) is B ← α·B), EMA of the LoRA factors, Flat-LoRA (``RandomPerturbationCallback``),
    LoRA-GGPO (``GGPOCallback``) and Momentum-SAM, each with its training wall time.
+5. The same glosses also give preference pairs for alignment (``make_preference_task``: chosen = the
+   word's definition, rejected = another word's), with a length cue that flips under shift; the
+   alignment benchmark (reward models, DPO) reads them.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ __all__ = [
     "LLMDemoResult",
     "gguf_folder",
     "make_definition_task",
+    "make_preference_task",
     "model_path",
     "read_wordnet_glosses",
     "run_llm_demo",
@@ -212,6 +216,64 @@ def make_definition_task(
         "id": [definition_example(*p) for p in chosen[n_train:]],
         "shifted": [definition_example(*p) for p in rng.sample(shift_pairs, n_eval)],
     }
+
+
+def preference_row(word: str, chosen: str, rejected: str) -> dict[str, list[dict[str, str]]]:
+    """One conversational preference row for TRL (DPO, reward models): the question and two answers."""
+    question = definition_example(word, chosen)["prompt"]
+    return {"prompt": question, "chosen": [{"role": "assistant", "content": chosen}],
+            "rejected": [{"role": "assistant", "content": rejected}]}
+
+
+def _preference_split(
+    pool: Sequence[tuple[str, str]], n: int, longer: bool, rng: random.Random, what: str
+) -> tuple[list[dict], list[tuple[str, str]]]:
+    """``n`` preference rows from the front of ``pool`` and the unused rest of it.
+
+    The first ``n`` entries are distractors (never prompts); then each word in turn is a prompt whose
+    chosen answer is its definition and whose rejected answer is a distractor's definition with fewer
+    words (``longer``: the chosen answer is always the longer one) or more words (always the shorter
+    one). Words no distractor can pair that way are skipped (they are used up all the same).
+    """
+    distractors = [d for _, d in pool[:n]]
+    rows: list[dict] = []
+    for used, (word, definition) in enumerate(pool[n:], start=n + 1):
+        k = len(definition.split())
+        fits = [d for d in distractors if (len(d.split()) < k if longer else len(d.split()) > k)]
+        if fits:
+            rows.append(preference_row(word, definition, rng.choice(fits)))
+            if len(rows) == n:
+                return rows, list(pool[used:])
+    raise ValueError(f"sizes: {what} needs {n} preference pairs, the WordNet definitions give {len(rows)}")
+
+
+def make_preference_task(
+    folder: str | os.PathLike, n_train: int, n_eval: int, seed: int = 0
+) -> dict[str, list[dict]]:
+    """Preference pairs (prompt, chosen, rejected) from WordNet glosses, with a length cue that flips.
+
+    The prompt asks for a word's definition; chosen is its WordNet definition, rejected the definition
+    of another word of the same split (a fluent, on-topic but wrong answer). Splits, words disjoint
+    (prompts and distractors alike):
+
+    - ``train`` and ``id``: animals and plants (``ID_LEXFILES``), chosen always LONGER (in words) than
+      rejected: length is a spurious cue that agrees with the preference;
+    - ``cue_reversed``: animals and plants, chosen always SHORTER: the cue alone now scores 0 %;
+    - ``shifted``: artifacts (``SHIFT_LEXFILES``), chosen always shorter: topic shift and reversed cue.
+
+    A reward model that learned the definitions keeps its accuracy on the last two; one that learned
+    the length cue (reward hacking) falls below 50 %. Seeded: the same seed gives the same rows.
+    """
+    rng = random.Random(seed)
+    id_pool = read_wordnet_glosses(folder, ID_LEXFILES)
+    shift_pool = read_wordnet_glosses(folder, SHIFT_LEXFILES)
+    rng.shuffle(id_pool)
+    rng.shuffle(shift_pool)
+    train, id_pool = _preference_split(id_pool, n_train, True, rng, "train")
+    id_rows, id_pool = _preference_split(id_pool, n_eval, True, rng, "id")
+    reversed_rows, _ = _preference_split(id_pool, n_eval, False, rng, "cue_reversed")
+    shifted, _ = _preference_split(shift_pool, n_eval, False, rng, "shifted")
+    return {"train": train, "id": id_rows, "cue_reversed": reversed_rows, "shifted": shifted}
 
 
 # -- retained capability: the base model's own answers to general prompts ---------------------------------

@@ -142,3 +142,40 @@ def test_gpu_benchmark_bf16_checks_pass_on_cpu():
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("| ok") == 5 and "FAILED" not in proc.stdout
+
+
+def _preference_wordnet(folder):
+    """60 animal and 30 artifact synsets with unique definitions of 1 to 10 words."""
+    def synsets(lexfile, stem, n):
+        return "".join(f"{lexfile}{i:06d} {lexfile} n 01 {stem}{chr(97 + i % 26)}{chr(97 + i // 26)} 0 000 | "
+                       + " ".join([f"{stem}{i}"] + ["w"] * (i % 10)) + "\n" for i in range(n))
+    (folder / "data.noun").write_text(synsets("05", "animal", 60) + synsets("06", "tool", 30))
+
+
+def test_preference_task_splits_are_disjoint_and_the_length_cue_flips(tmp_path):
+    _preference_wordnet(tmp_path)
+    task = demo_llm.make_preference_task(tmp_path, n_train=12, n_eval=6, seed=1)
+    assert {k: len(v) for k, v in task.items()} == {"train": 12, "id": 6, "cue_reversed": 6, "shifted": 6}
+    owner = {}  # definition -> its word, read back from the file (first token of the definition is unique)
+    for line in (tmp_path / "data.noun").read_text().splitlines():
+        head, gloss = line.split(" | ")
+        owner[gloss.split()[0]] = head.split()[4]
+    used = {}
+    for split, rows in task.items():
+        words = set()
+        for row in rows:
+            prompt_word = row["prompt"][0]["content"].split('"')[1]
+            chosen, rejected = row["chosen"][0]["content"], row["rejected"][0]["content"]
+            assert owner[chosen.split()[0]] == prompt_word  # chosen: the word's own definition
+            assert owner[rejected.split()[0]] != prompt_word
+            words |= {prompt_word, owner[rejected.split()[0]]}
+            n_c, n_r = len(chosen.split()), len(rejected.split())
+            assert n_c > n_r if split in ("train", "id") else n_c < n_r, (split, chosen, rejected)
+        assert all(w.startswith("tool" if split == "shifted" else "animal") for w in words)
+        used[split] = words
+    splits = list(used)
+    assert all(not used[a] & used[b] for i, a in enumerate(splits) for b in splits[i + 1:])
+    assert demo_llm.make_preference_task(tmp_path, 12, 6, seed=1) == task  # seeded
+    assert demo_llm.make_preference_task(tmp_path, 12, 6, seed=2) != task
+    with pytest.raises(ValueError, match="sizes: cue_reversed needs 20 preference pairs"):
+        demo_llm.make_preference_task(tmp_path, n_train=4, n_eval=20, seed=1)
