@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "examples"))
 import warm_reward_models as warm  # noqa: E402
 
+from benchmarks.llm import write_section  # noqa: E402
 from robustft import demo_llm  # noqa: E402
 
 START, END = "<!-- alignment-benchmark:start -->", "<!-- alignment-benchmark:end -->"
@@ -151,17 +152,6 @@ def dpo_table(runs: dict[str, dict]) -> str:
         for name, r in runs.items()])
 
 
-def write_section(text: str, path: Path = ROOT / "docs" / "benchmarks.md") -> None:
-    """Replace the text between the alignment-benchmark markers (or append the section)."""
-    doc = path.read_text()
-    block = f"{START}\n{text.strip()}\n{END}"
-    if START in doc and END in doc:
-        doc = doc[: doc.index(START)] + block + doc[doc.index(END) + len(END):]
-    else:
-        doc = doc.rstrip() + "\n\n" + block + "\n"
-    path.write_text(doc)
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--setting", choices=["full", "fast"], default="full")
@@ -242,7 +232,7 @@ def main(argv=None) -> int:
     text = "\n".join(parts)
     print("\n" + text)
     if not args.no_write:
-        write_section(text)
+        write_section(text, start=START, end=END)
         print(f"\nwritten to {ROOT / 'docs' / 'benchmarks.md'}")
     return 0
 

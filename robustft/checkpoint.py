@@ -29,7 +29,7 @@ import shutil
 import socket
 import warnings
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,7 @@ __all__ = [
     "atomic_write_text",
     "check_output_dir",
     "load_state",
+    "save_report",
     "save_state",
     "state_paths",
 ]
@@ -150,6 +151,27 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` atomically (``atomic_output_file``)."""
     with atomic_output_file(path) as tmp:
         Path(tmp).write_text(text)
+
+
+def save_report(
+    output_dir: str | os.PathLike,
+    stem: str,
+    json_text: str,
+    csv_text: str,
+    plot: Callable[[Path], Path | None] | None = None,
+) -> list[Path]:
+    """Write ``<stem>.json``, ``<stem>.csv`` and (``plot`` given; it returns None without matplotlib)
+    ``<stem>.png`` into ``output_dir``, each atomically; returns the paths written."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / f"{stem}.json", out / f"{stem}.csv"]
+    atomic_write_text(paths[0], json_text)
+    atomic_write_text(paths[1], csv_text)
+    if plot is not None:
+        png = plot(out / f"{stem}.png")
+        if png is not None:
+            paths.append(png)
+    return paths
 
 
 def state_paths(checkpoint_dir: str | os.PathLike, name: str, rank: int | None = None) -> tuple[Path, Path]:

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from robustft.checkpoint import atomic_output_file, atomic_write_text
+from robustft.checkpoint import atomic_output_file, save_report
 
 # one home for running a model on given weights and for its default loss (learned.py's, kept private there)
 from robustft.learned import _call as call_with_weights
@@ -313,16 +313,8 @@ class SharpnessReport:
 
     def save(self, output_dir: str | os.PathLike, plot: bool = True, stem: str = "sharpness") -> list[Path]:
         """Write ``<stem>.json``, ``.csv`` and (with matplotlib) ``.png`` atomically; returns the paths."""
-        out = Path(output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        paths = [out / f"{stem}.json", out / f"{stem}.csv"]
-        atomic_write_text(paths[0], self.to_json())
-        atomic_write_text(paths[1], self.to_csv())
-        if plot:
-            png = plot_sharpness(self, out / f"{stem}.png")
-            if png is not None:
-                paths.append(png)
-        return paths
+        return save_report(output_dir, stem, self.to_json(), self.to_csv(),
+                           (lambda png: plot_sharpness(self, png)) if plot else None)
 
 
 def plot_sharpness(report: SharpnessReport, path: str | os.PathLike) -> Path | None:

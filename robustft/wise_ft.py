@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from robustft import distributed
-from robustft.checkpoint import atomic_output_file, atomic_write_text
+from robustft.checkpoint import atomic_output_file, save_report
 from robustft.lora.layers import is_lora_b, lora_a_name
 from robustft.ops.dawin import (
     batch_entropy,
@@ -333,16 +333,7 @@ class WiseFTCurve:
 
     def save(self, output_dir: str | os.PathLike, plot: bool = True, stem: str = "wise_ft") -> list[Path]:
         """Write ``<stem>.json``, ``.csv`` and (with matplotlib) ``.png`` atomically; returns the paths."""
-        out = Path(output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        paths = [out / f"{stem}.json", out / f"{stem}.csv"]
-        atomic_write_text(paths[0], self.to_json())
-        atomic_write_text(paths[1], self.to_csv())
-        if plot:
-            png = self.plot(out / f"{stem}.png")
-            if png is not None:
-                paths.append(png)
-        return paths
+        return save_report(output_dir, stem, self.to_json(), self.to_csv(), self.plot if plot else None)
 
     def plot(self, path: str | os.PathLike) -> Path | None:
         """WiSE-FT-style plot: ID metric on x, each shifted metric on y, one point per α."""
