@@ -53,6 +53,7 @@ def _by_hand(start, end, ds, k):
     return correct / len(labels), alphas, [len(g) for g in groups]
 
 
+@pytest.mark.slow  # a Trainer run with sweeps (~10 s quiet)
 def test_callback_reports_dawin_beside_the_curve_on_every_eval_set(tmp_path):
     cb = WiseFTCallback(alpha=1.0, eval_datasets=_sets(), id_dataset="id", dynamic="dawin", n_components=2,
                         progress=False)
@@ -141,6 +142,7 @@ def test_without_compute_metrics_it_fails_before_the_first_step(tmp_path):
         assert torch.equal(v, before[k]), k
 
 
+@pytest.mark.slow  # a Trainer run with sweeps (~10 s quiet)
 def test_dawin_leaves_the_static_sweep_and_its_chosen_model_unchanged(tmp_path):
     runs = []
     for dynamic in (None, "dawin"):

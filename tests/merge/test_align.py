@@ -133,6 +133,7 @@ def _barrier(a, b, x, y):
     return max(loss - ((1 - t) * ends[0] + t * ends[1]) for t, loss in losses)
 
 
+@pytest.mark.slow  # trains two MLPs (~6 s quiet)
 def test_alignment_lowers_the_loss_barrier_of_two_independently_trained_mlps():
     """Two MLPs from different inits on the same toy task (3 interleaved spirals); barrier before vs after."""
     g = torch.Generator().manual_seed(0)
