@@ -523,9 +523,10 @@ def llm_rows(cfg, out: Path, task=None) -> tuple[dict[str, Row], str, int]:
     plain_train = clock.train_seconds
     sweep = time.perf_counter() - clock.last_step_end
     t0 = time.perf_counter()
-    dawin = dawin_evaluate(trainer, wise.weights, tokenized, 3, metric="loss")  # leaves the model at θ_end
+    dawin = dawin_evaluate(trainer, wise.weights, tokenized, 3, metric="loss")  # puts θ(α*) back
     dawin_seconds = time.perf_counter() - t0
-    plain, plain_seconds = scored(trainer, "plain")
+    plain_seconds = scored(trainer, "plain")[1]  # θ(α*): LoRA's cost at any α; the scores are the curve's
+    plain = {s: wise.curve.value(s, 1.0) for s in LLM_SPLITS}
     n = numel(trainer.model.get_base_model())  # the base model and its adapter
     adapted = sum(p.numel() for p in wise.weights.params.values())
     a = wise.curve.chosen_alpha
