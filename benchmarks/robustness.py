@@ -3,6 +3,7 @@
     python benchmarks/robustness.py                         # all three sections; writes the docs
     python benchmarks/robustness.py --only interpolation    # issue 14's table only
     python benchmarks/robustness.py --no-write              # print only
+    python benchmarks/robustness.py --llm                   # the LLM task's table (robustft demo --llm)
 
 The task, data, seeds and training budget are those of ``robustft demo`` (``robustft.demo``: the zero-shot
 all-MiniLM-L6-v2 start, 400 training examples with a spurious source tag, 2 epochs of batch 32 at lr 5e-5;
@@ -44,6 +45,7 @@ import argparse
 import copy
 import math
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -56,7 +58,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.llm import write_section  # noqa: E402
-from robustft import demo  # noqa: E402
+from robustft import demo, demo_llm  # noqa: E402
 from robustft.demo_llm import format_table, step_clock  # noqa: E402
 
 SPLITS = ("id_test", "shifted")  # reported; "id" chooses
@@ -184,12 +186,15 @@ class Context:
 
         return evaluate_at_alphas(self.weights, [alpha], lambda _: evaluate(self.trainer, self.task))[0]
 
-    def train_with(self, name: str, callbacks: list, pre_seconds: float = 0.0) -> Row:
-        """A training run from the start with ``callbacks``: its scores, its train time (the loop, plus
-        ``pre_seconds``) and, as extra fit time, what ran after the last step (a WiSE-FT sweep)."""
-        model = self.task.start()
+    def train_with(self, name: str, callbacks: list, pre_seconds: float = 0.0, model=None,
+                   **overrides) -> Row:
+        """A training run from the start (or from ``model``, a prepared copy of it) with ``callbacks`` and
+        training-argument ``overrides``: its scores, its train time (the loop, plus ``pre_seconds``) and, as
+        extra fit time, what ran after the last step (a WiSE-FT sweep)."""
+        model = self.task.start() if model is None else model
         clock = step_clock()
-        trainer = make_trainer(self.task, model, self.out / name.replace(" ", "_"), [clock, *callbacks])
+        trainer = make_trainer(self.task, model, self.out / name.replace(" ", "_"), [clock, *callbacks],
+                               **overrides)
         trainer.train()
         after = time.perf_counter() - clock.last_step_end
         model.eval()
@@ -251,6 +256,27 @@ def learned(ctx: Context, objective: str, split: str) -> Row:
                f"[{float(coef.min()):.2f}, {float(coef.max()):.2f}] (mean {float(coef.mean()):.2f})")
 
 
+def wemoe(ctx: Context, split: str) -> Row:
+    """WEMoE, K=1 (the fine-tuned model the one expert), routers trained by entropy on ``split``'s inputs."""
+    from robustft import fit_wemoe
+
+    task = ctx.task
+    t0 = time.perf_counter()
+    model = fit_wemoe(ctx.start, ctx.model, loader(task, split, labels=False), steps=task.learned_steps,
+                      lr=WEMOE_LR)
+    fit_seconds = time.perf_counter() - t0
+    model.eval()
+    scores, seconds = evaluate(make_trainer(task, model, ctx.out / f"wemoe_{split}"), task)
+    routers = sum(p.numel() for n, p in model.named_parameters() if ".wemoe_router." in f".{n}")
+    extra = numel(model) - ctx.n  # the MLP task vectors and the routers
+    # fitting holds the start, the fine-tuned model and the upscaled copy: 2 models + extra beyond one
+    return Row(scores, seconds, extra_fit_seconds=fit_seconds, infer_numel=extra, fit_numel=2 * ctx.n + extra,
+               note=f"{(extra - routers) / 1e6:.1f}M task-vector + {routers / 1e6:.1f}M router elements; "
+               f"{task.learned_steps} Adam steps at lr {WEMOE_LR:g}, non-MLP weights at α=0.3")
+
+
+WEMOE_LR = 1e-3  # FusionBench's 1e-4 is for 1000 steps; the table's budget is ``learned_steps`` (20)
+
 INTERPOLATION: dict[str, Callable[[Context], Row]] = {
     "zero-shot start (α=0)": zero_shot,
     "plain fine-tuning (α=1)": plain_again,
@@ -260,6 +286,8 @@ INTERPOLATION: dict[str, Callable[[Context], Row]] = {
     "learned per-layer α, loss on id (aTLAS)": lambda ctx: learned(ctx, "loss", "id"),
     "learned per-layer α, entropy on shifted inputs (AdaMerging)":
         lambda ctx: learned(ctx, "entropy", "shifted"),
+    "WEMoE (K=1, routers by entropy on unlabelled shifted inputs)": lambda ctx: wemoe(ctx, "shifted"),
+    "WEMoE (K=1, routers by entropy on id inputs)": lambda ctx: wemoe(ctx, "id"),
 }
 
 
@@ -338,11 +366,42 @@ def lpft_wise(ctx: Context) -> Row:
     return replace(row, note=f"α={alpha:g} from the probed model; the extra time is the α sweep on id")
 
 
+def transformer_blocks(model) -> list[str]:
+    """The encoder's transformer blocks (``...layer.<i>``): RiFT's candidates at block granularity."""
+    return [n for n, _ in model.named_modules() if re.fullmatch(r"(.*\.)?layer\.\d+", n)]
+
+
+RIFT_LR = 5e-4  # 10x the demo's: one module alone moves little in the demo's 26 steps at 5e-5
+
+
+def rift(ctx: Context, blocks: bool = False) -> Row:
+    """RiFT: the least critical module on a training batch (MRC, RiFT's ε=0.1 and 10 steps), trained alone at
+    ``RIFT_LR``, then WiSE-FT with α chosen on id (the callback interpolates the trained module only)."""
+    from robustft import WiseFTCallback, least_critical_module
+
+    task = ctx.task
+    model = task.start()
+    batch = next(iter(loader(task, "train")))
+    t0 = time.perf_counter()
+    name = least_critical_module(model, batch, modules=transformer_blocks(model) if blocks else None)
+    pre = time.perf_counter() - t0
+    model.zero_grad(set_to_none=True)
+    for n, p in model.named_parameters():
+        p.requires_grad_(n.startswith(f"{name}."))
+    trained_numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    wise = WiseFTCallback(eval_datasets={"id": task.evals["id"]}, save_curve=False, progress=False)
+    row = ctx.train_with("RiFT blocks" if blocks else "RiFT", [wise], pre, model=model, learning_rate=RIFT_LR)
+    return replace(row, note=f"module {name} ({trained_numel} weights), lr {RIFT_LR:g}, "
+                   f"α={wise.curve.chosen_alpha:g}; train time includes the MRC measurement")
+
+
 REGULARIZERS: dict[str, Callable[[Context], Row]] = {
     "plain fine-tuning": plain,
     "WiSE-FT, α* chosen on id": wise_ft,
     **{name: trained(name) for name in REGULARIZER_SETTINGS},
     "LP-FT + WiSE-FT": lpft_wise,
+    "RiFT (least critical module, then WiSE-FT)": rift,
+    "RiFT, modules = the transformer blocks": lambda ctx: rift(ctx, blocks=True),
 }
 
 
@@ -412,6 +471,147 @@ def reading(rows: dict[str, Row], reference: str) -> str:
     return (f"Against {reference} (points, id_test / shifted): " + "; ".join(parts) + ". " + verdict)
 
 
+# -- the LLM task (robustft demo --llm): LoRA on SmolLM2-135M-Instruct --------------------------------------
+LLM_SPLITS = ("id", "shifted", "retained")
+LLM_L2SP = 1.0  # λ of L2-SP and of EWC's λ·mean(F) (EWC: λ = 1/mean(F)), as on the encoder
+
+
+def llm_rows(cfg, out: Path, task=None) -> tuple[dict[str, Row], str, int]:
+    """The cheap rows on the LLM demo task (robustft.demo_llm's set-up, trainer and scores), its description
+    and the elements of one model. Row scores are mean answer-token losses (lower is better)."""
+    import torch
+    from transformers import AutoModelForCausalLM, TrainerCallback
+
+    from robustft import EWCCallback, L2SPCallback, WiseFTCallback
+    from robustft.learned import LearnedInterpolation
+    from robustft.lora.io import adapter_from_peft_model
+    from robustft.merge import estimate_fisher
+    from robustft.wise_ft import dawin_evaluate
+
+    task = task or demo_llm.prepare_llm_task(cfg, verbose=False)
+    evals = task.evals
+
+    def scored(trainer, name: str) -> tuple[dict[str, float], float]:
+        t0 = time.perf_counter()
+        return demo_llm.evaluate_losses(trainer, evals, name), time.perf_counter() - t0
+
+    def base_model():
+        return AutoModelForCausalLM.from_pretrained(task.model_dir, dtype=torch.float32)
+
+    def train(name: str, callbacks=(), prepare=None) -> tuple[Any, Any, float]:
+        clock = step_clock()
+        trainer = demo_llm.lora_trainer(task, cfg, out / name, [clock, *callbacks])
+        pre = prepare(trainer) if prepare else 0.0
+        trainer.train()
+        return trainer, clock, clock.train_seconds + pre
+
+    rows: dict[str, Row] = {}
+    wise = WiseFTCallback(alphas=cfg.alphas, eval_datasets=evals, id_dataset="id", metric="eval_loss",
+                          greater_is_better=False, progress=False, save_curve=False)
+    adapter = {}
+
+    class KeepAdapter(TrainerCallback):
+        def on_train_end(self, args, state, control, model=None, **kwargs):  # before WiSE-FT writes θ(α*)
+            adapter["end"] = adapter_from_peft_model(model)
+
+    clock = step_clock()
+    trainer = demo_llm.lora_trainer(task, cfg, out / "plain", [clock, KeepAdapter(), wise],
+                                    eval_dataset=evals)
+    tokenized = trainer.eval_dataset  # DaWin's predict passes and the coefficient fit read these
+    base, base_seconds = scored(trainer, "base")
+    trainer.train()
+    plain_train = clock.train_seconds
+    sweep = time.perf_counter() - clock.last_step_end
+    t0 = time.perf_counter()
+    dawin = dawin_evaluate(trainer, wise.weights, tokenized, 3, metric="loss")  # puts θ(α*) back
+    dawin_seconds = time.perf_counter() - t0
+    plain_seconds = scored(trainer, "plain")[1]  # θ(α*): LoRA's cost at any α; the scores are the curve's
+    plain = {s: wise.curve.value(s, 1.0) for s in LLM_SPLITS}
+    n = numel(trainer.model.get_base_model())  # the base model and its adapter
+    adapted = sum(p.numel() for p in wise.weights.params.values())
+    a = wise.curve.chosen_alpha
+    rows["base model (α=0)"] = Row(base, base_seconds, train_seconds=0.0)
+    rows["plain LoRA"] = Row(plain, plain_seconds, train_seconds=plain_train, reference_seconds=plain_seconds)
+    rows["WiSE-FT, α* chosen on id"] = Row({s: wise.curve.value(s, a) for s in LLM_SPLITS}, plain_seconds,
+                                           extra_fit_seconds=sweep, fit_numel=2 * adapted,
+                                           reference_seconds=plain_seconds,
+                                           note=f"α={a:g} (B ← α·B); inference as plain LoRA")
+    comps = "; ".join(f"{s}: " + ", ".join(f"{x:.2f}×{c}" for x, c in zip(dawin.alphas[s], dawin.counts[s],
+                                                                          strict=True)) for s in LLM_SPLITS)
+    rows["DaWin (per-sequence mean token entropy, K=3)"] = Row(
+        dict(dawin.results), dawin_seconds, infer_numel=2 * adapted, reference_seconds=plain_seconds,
+        note=f"components α×sequences {comps}")
+
+    t0 = time.perf_counter()
+    model = base_model().eval()
+    interp = LearnedInterpolation.from_lora(model, [adapter["end"]], blocks="layer", init=0.3)
+    fit_loader = trainer.get_eval_dataloader(tokenized["id"])
+    coef = interp.fit(fit_loader, objective="loss", steps=task_steps(cfg), lr=0.05, clamp=(0.0, 1.0))
+    fit_seconds = time.perf_counter() - t0
+    fit_numel = interp.stored_numel()
+    interp.apply_to(model)
+    del interp, trainer
+    learned, seconds = scored(demo_llm.lora_trainer(task, cfg, out / "learned", model=model), "learned")
+    rows["learned per-layer α on the LoRA delta, loss on id (aTLAS)"] = Row(
+        learned, seconds, extra_fit_seconds=fit_seconds, fit_numel=fit_numel, reference_seconds=plain_seconds,
+        note=f"{coef.numel()} coefficients, {task_steps(cfg)} Adam steps, α in [{float(coef.min()):.2f}, "
+        f"{float(coef.max()):.2f}] (mean {float(coef.mean()):.2f}); merged into the base weights")
+    del model
+
+    trainer, clock, seconds = train("l2sp", [L2SPCallback(LLM_L2SP)])
+    rows["L2-SP on the LoRA factors"] = Row(*scored(trainer, "l2sp"), train_seconds=seconds,
+                                            reference_seconds=plain_seconds,
+                                            note=f"λ={LLM_L2SP:g}, anchor = the adapter at train begin (B=0)")
+    del trainer
+
+    ewc = {}
+
+    def fisher(trainer) -> float:  # on the LoRA factors of the wrapped model, before training
+        t0 = time.perf_counter()
+        f = estimate_fisher(trainer.model, trainer.get_train_dataloader(), max_examples=cfg.n_train)
+        mean = float(torch.cat([v.flatten() for v in f.values()]).mean())
+        ewc["cb"] = EWCCallback(LLM_L2SP / mean, fisher=f)
+        trainer.add_callback(ewc["cb"])
+        return time.perf_counter() - t0
+
+    trainer, clock, seconds = train("ewc", prepare=fisher)
+    rows["EWC on the LoRA factors"] = Row(*scored(trainer, "ewc"), train_seconds=seconds,
+                                          reference_seconds=plain_seconds,
+                                          note=f"λ=1/mean(F), F on the {cfg.n_train} training examples")
+    del trainer
+    rows["WEMoE"] = Row({s: math.nan for s in LLM_SPLITS}, note="not run: WEMoE upscales full fine-tuned MLP "
+                        "weights; a LoRA run has no MLP task vector until its adapter is merged")
+    rows = {k: replace(r, reference_seconds=plain_seconds, train_seconds=(  # the others share the plain run
+        plain_train if math.isnan(r.train_seconds) else r.train_seconds)) for k, r in rows.items()}
+    description = (f"`robustft demo --llm` fast setting (SmolLM2-135M-Instruct, LoRA r={cfg.rank} on all "
+                   f"linear layers, {cfg.n_train} WordNet glosses, {cfg.steps} steps of batch "
+                   f"{cfg.batch_size} at lr {cfg.learning_rate:g}, {len(evals['id'])}/"
+                   f"{len(evals['shifted'])}/{len(evals['retained'])} id/shifted/retained sequences, seed "
+                   f"{cfg.seed}; a model is "
+                   f"{n / 1e6:.1f}M elements, the adapter {adapted / 1e6:.2f}M)")
+    return rows, description, n
+
+
+def task_steps(cfg) -> int:
+    """Adam steps of the learned coefficients on the LLM task: the demo's training steps."""
+    return cfg.steps
+
+
+def llm_table(rows: dict[str, Row], n: int) -> str:
+    def loss(x: float) -> str:
+        return "-" if math.isnan(x) else f"{x:.4f}"
+
+    plain = rows["plain LoRA"].train_seconds
+    return format_table(
+        ["method", "id loss", "shifted loss", "retained loss", "inference time", "extra memory at inference",
+         "train + fit time", "extra memory to fit", "notes"],
+        [[name, *(loss(r.scores[s]) for s in LLM_SPLITS), ratio(r.eval_seconds, r.reference_seconds),
+          f"{r.infer_numel / n:.3f} models", "-" if math.isnan(r.scores["id"]) else
+          f"{(r.train_seconds + r.extra_fit_seconds) / plain:.2f}x", f"{r.fit_numel / n:.3f} models", r.note]
+         for name, r in rows.items()],
+    )
+
+
 # -- per-step overhead ---------------------------------------------------------------------------------------
 OVERHEAD_VARIANTS = ("plain", "L2-SP", "EWC", "spectral", "FISH mask", "magnitude mask", "shrink-perturb",
                      "LP-FT")
@@ -450,6 +650,29 @@ MARKERS = {
     "overhead": ("<!-- robustness-overhead:start -->", "<!-- robustness-overhead:end -->"),
 }
 FEATURE_DOC = {"interpolation": "dynamic_interpolation.md", "regularizers": "regularizers.md"}
+LLM_MARKERS = ("<!-- robustness-llm:start -->", "<!-- robustness-llm:end -->")  # in all three documents
+
+
+def llm_section(out: Path, command: str, cfg=None) -> str:
+    """The LLM task's table (``--llm``): markdown with the command, the columns' meaning and the table."""
+    import torch
+
+    cfg = cfg or demo_llm.FAST
+    load = f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores at start"
+    rows, description, n = llm_rows(cfg, out)
+    print(rows, flush=True)
+    return "\n".join([
+        "### Measured: the issue 14 and 17 methods on the LLM task", "",
+        f"Command: `{command}` ({description}; {load}, {torch.get_num_threads()} torch thread(s); timings "
+        f"are wall time in this one run; load average {os.getloadavg()[0]:.1f} at the end).", "",
+        "Mean answer-token loss (lower is better; retained: the base model's own answers to general prompts, "
+        "so the base scores best there by construction). Inference time: scoring the three sets with the "
+        "method's rule over plain LoRA's scoring. Memory in models (tensor elements beyond one model: "
+        "DaWin holds the start and end adapters, the learned fit the dense LoRA deltas ΔW). Train + fit "
+        "time: its own training loop (or the plain run it shares), plus the α sweep, the coefficient fit "
+        "or the Fisher estimate, over plain LoRA's loop.", "",
+        llm_table(rows, n),
+    ])
 
 
 def build_sections(task: Task, out: Path, only: list[str], rounds: int, steps: int, command: str,
@@ -514,6 +737,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=8, help="optimizer steps per overhead run")
     p.add_argument("--out", default=os.path.join(tempfile.gettempdir(), "robustft_robustness_benchmark"))
     p.add_argument("--no-write", action="store_true", help="print only; leave the docs alone")
+    p.add_argument("--llm", action="store_true",
+                   help="the LLM task's table instead (robustft demo --llm, fast setting)")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers.utils import logging as hf_logging
@@ -521,6 +746,13 @@ def main(argv=None) -> int:
     hf_logging.set_verbosity_error()
     given = argv if argv is not None else sys.argv[1:]
     command = ("python benchmarks/robustness.py " + " ".join(given)).strip()
+    if args.llm:
+        text = llm_section(Path(args.out) / "llm", command)
+        print(text)
+        if not args.no_write:
+            for doc in ("benchmarks.md", *FEATURE_DOC.values()):
+                write_section(text, ROOT / "docs" / doc, *LLM_MARKERS)
+        return 0
     only = args.only or list(MARKERS)
     sections = build_sections(demo_task(args.seed), Path(args.out), only, args.rounds, args.steps, command)
     print("\n\n".join(sections.values()))

@@ -36,11 +36,15 @@ from pathlib import Path
 __all__ = [
     "GGUF_FILE",
     "LLMDemoConfig",
+    "LLMTask",
     "LLMDemoResult",
+    "evaluate_losses",
     "gguf_folder",
+    "lora_trainer",
     "make_definition_task",
     "make_preference_task",
     "model_path",
+    "prepare_llm_task",
     "read_wordnet_glosses",
     "run_llm_demo",
 ]
@@ -468,6 +472,79 @@ def lora_config(cfg: LLMDemoConfig):
                       task_type="CAUSAL_LM")
 
 
+@dataclass
+class LLMTask:
+    """The demo's model folder, tokenizer and datasets (train; id, shifted and retained to score)."""
+
+    model_dir: Path
+    tokenizer: object
+    train: object
+    evals: dict
+
+
+def prepare_llm_task(cfg: LLMDemoConfig = FAST, cache_dir: str | os.PathLike | None = None,
+                     wordnet: str | os.PathLike | None = None, verbose: bool = True) -> LLMTask:
+    """The model (dequantized once), the WordNet definition task and the base model's retained answers."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    folder = wordnet_dir(wordnet)
+    mdir = model_path(cache_dir, verbose=verbose)
+    gguf_folder()  # the model's source package is still there (the cache alone is not the set-up)
+    from datasets import Dataset
+    from datasets.utils import logging as datasets_logging
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    datasets_logging.disable_progress_bar()
+    task = make_definition_task(folder, cfg.n_train, cfg.n_eval, cfg.seed)
+    retained = base_answers(mdir, GENERAL_PROMPTS[: cfg.n_retained], cfg.max_new_tokens)
+    if not retained:
+        raise ValueError("the base model finished none of the general prompts: raise max_new_tokens")
+    train = Dataset.from_list(task["train"])
+    evals = {"id": Dataset.from_list(task["id"]), "shifted": Dataset.from_list(task["shifted"]),
+             "retained": Dataset.from_list(retained)}
+    if verbose:
+        print(f"model {mdir} | task: WordNet definitions, train {len(train)} ({'+'.join(ID_LEXFILES)}), "
+              f"id {len(evals['id'])}, shifted {len(evals['shifted'])} ({'+'.join(SHIFT_LEXFILES)}), "
+              f"retained {len(evals['retained'])} base-model answers | {cfg.steps} steps x {cfg.batch_size}")
+    return LLMTask(mdir, AutoTokenizer.from_pretrained(mdir), train, evals)
+
+
+def lora_trainer(task: LLMTask, cfg: LLMDemoConfig, output_dir: str | os.PathLike, callbacks: Sequence = (),
+                 progress: bool = False, train_overrides: dict | None = None, model=None, eval_dataset=None):
+    """The demo's LoRA ``SFTTrainer`` (fresh adapter, B = 0) on ``model`` (default: the base model, loaded
+    in float32 after seeding), with ``callbacks`` and its scoring logs kept off the console.
+
+    ``eval_dataset`` (a dataset or name -> dataset) is tokenized by TRL at construction:
+    ``trainer.eval_dataset`` then holds what ``predict`` and ``get_eval_dataloader`` need (they do not
+    tokenize chat rows themselves, ``evaluate`` does)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from trl import SFTTrainer
+
+    from robustft.demo import quiet_sweep_logs
+
+    torch.manual_seed(cfg.seed)
+    if model is None:
+        model = AutoModelForCausalLM.from_pretrained(task.model_dir, dtype=torch.float32)
+    trainer = SFTTrainer(
+        model=model, args=sft_config(output_dir, cfg, progress, **(train_overrides or {})),
+        train_dataset=task.train, eval_dataset=eval_dataset, processing_class=task.tokenizer,
+        peft_config=lora_config(cfg), callbacks=list(callbacks),
+    )
+    quiet_sweep_logs(trainer, prefixes=("wise_ft_a", "score_", "dawin_"))
+    return trainer
+
+
+def evaluate_losses(trainer, evals: dict, name: str) -> dict[str, float]:
+    """The mean answer-token loss of the trainer's model on each of ``evals`` (the demo's scores)."""
+    key = f"score_{name}"  # quiet_sweep_logs keeps these off the console
+    return {s: float(trainer.evaluate(eval_dataset=evals[s], metric_key_prefix=f"{key}_{s}")
+                     [f"{key}_{s}_loss"]) for s in evals}
+
+
 def run_llm_demo(
     output_dir: str | os.PathLike = "runs/llm_demo",
     cfg: LLMDemoConfig = FAST,
@@ -482,53 +559,19 @@ def run_llm_demo(
 
     ``train_overrides`` go to the ``SFTConfig`` (e.g. ``{"use_cpu": False, "bf16": True}`` on a GPU).
     """
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if "plain LoRA" not in methods:
         raise ValueError(f"methods: 'plain LoRA' is needed (WiSE-FT and EMA use its run), got {methods}")
     for m in methods:
         _method_callbacks(m, cfg)  # unknown names fail before anything runs
     t_start = time.time()
-    folder = wordnet_dir(wordnet)
-    mdir = model_path(cache_dir, verbose=verbose)
-    gguf_folder()  # the model's source package is still there (the cache alone is not the set-up)
-    import torch
-    from datasets import Dataset
-    from datasets.utils import logging as datasets_logging
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-    from trl import SFTTrainer
-
+    task = prepare_llm_task(cfg, cache_dir, wordnet, verbose)
     from robustft import EMACallback, WiseFTCallback
-    from robustft.demo import quiet_sweep_logs
 
-    hf_logging.set_verbosity_error()
-    datasets_logging.disable_progress_bar()
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    task = make_definition_task(folder, cfg.n_train, cfg.n_eval, cfg.seed)
-    retained = base_answers(mdir, GENERAL_PROMPTS[: cfg.n_retained], cfg.max_new_tokens)
-    if not retained:
-        raise ValueError("the base model finished none of the general prompts: raise max_new_tokens")
-    train = Dataset.from_list(task["train"])
-    evals = {"id": Dataset.from_list(task["id"]), "shifted": Dataset.from_list(task["shifted"]),
-             "retained": Dataset.from_list(retained)}
-    tokenizer = AutoTokenizer.from_pretrained(mdir)
-    if verbose:
-        print(f"model {mdir} | task: WordNet definitions, train {len(train)} ({'+'.join(ID_LEXFILES)}), "
-              f"id {len(evals['id'])}, shifted {len(evals['shifted'])} ({'+'.join(SHIFT_LEXFILES)}), "
-              f"retained {len(evals['retained'])} base-model answers | {cfg.steps} steps x {cfg.batch_size}")
-
-    def evaluate(trainer, name: str) -> dict[str, float]:
-        key = f"score_{name}"  # quiet_sweep_logs keeps these off the console
-        return {s: float(trainer.evaluate(eval_dataset=evals[s], metric_key_prefix=f"{key}_{s}")
-                         [f"{key}_{s}_loss"]) for s in SPLITS}
-
+    evals = task.evals
     scores, seconds, tps, curve = {}, {}, {}, None
     for method in methods:
-        torch.manual_seed(cfg.seed)
-        model = AutoModelForCausalLM.from_pretrained(mdir, dtype=torch.float32)
         clock = step_clock()
         extra = _method_callbacks(method, cfg)
         wise = ema = None
@@ -537,15 +580,10 @@ def run_llm_demo(
             wise = WiseFTCallback(alphas=cfg.alphas, eval_datasets=evals, id_dataset="id", metric="eval_loss",
                                   greater_is_better=False, progress=progress, save_curve=False)
             extra = [ema, wise]  # the curve is saved once, into the demo's folder
-        trainer = SFTTrainer(
-            model=model,
-            args=sft_config(out / method.replace(" ", "_"), cfg, progress, **(train_overrides or {})),
-            train_dataset=train, processing_class=tokenizer, peft_config=lora_config(cfg),
-            callbacks=[clock, *extra],
-        )
-        quiet_sweep_logs(trainer, prefixes=("wise_ft_a", "score_"))
+        trainer = lora_trainer(task, cfg, out / method.replace(" ", "_"), [clock, *extra], progress,
+                               train_overrides)
         if method == "plain LoRA":  # B = 0: the LoRA model is exactly the base model here
-            scores["base"] = evaluate(trainer, "base")
+            scores["base"] = evaluate_losses(trainer, evals, "base")
             if verbose:
                 print("base model (before fine-tuning): "
                       + ", ".join(f"{s} loss {v:.4f}" for s, v in scores["base"].items()))
@@ -560,14 +598,14 @@ def run_llm_demo(
             scores[f"WiSE-FT a={a:g}"] = {s: curve.value(s, a) for s in SPLITS}
             seconds[f"WiSE-FT a={a:g}"] = t_end - clock.train_begin  # the loop + the sweep at its end
             with ema.averaged_weights():
-                scores["EMA"] = evaluate(trainer, "ema")
+                scores["EMA"] = evaluate_losses(trainer, evals, "ema")
             seconds["EMA"] = seconds[method]  # same run: EMA adds one lerp of the adapter per step
         else:
-            scores[method] = evaluate(trainer, method.replace(" ", "_"))
+            scores[method] = evaluate_losses(trainer, evals, method.replace(" ", "_"))
         if verbose:
             print(f"{method}: " + ", ".join(f"{s} loss {v:.4f}" for s, v in scores[method].items())
                   + f" ({seconds[method]:.0f} s, {tps[method]:.0f} tokens/s)")
-        del trainer, model
+        del trainer
     order = ["base", "plain LoRA", f"WiSE-FT a={curve.chosen_alpha:g}", "EMA",
              *[m for m in methods if m != "plain LoRA"]]
     result = LLMDemoResult(

@@ -61,3 +61,41 @@ def test_reading_reports_each_method_against_the_reference_and_names_only_real_g
     assert text.endswith("at most 1 point lower in distribution: gains under shift.")
     none = reading({"ref": rows["ref"], "worse": rows["worse"]}, "ref")
     assert none.endswith("No method beats it under shift without losing over 1 point in distribution.")
+
+
+@pytest.mark.slow
+def test_llm_table_has_every_row_on_a_tiny_llama_with_the_demo_tokenizer(tmp_path):
+    """``--llm``'s rows through demo_llm's trainer and scores, on a tiny Llama (the demo's tokenizer and
+    chat rows): every method scored on every set, WEMoE left out with its reason, every cost measured."""
+    import math
+
+    import torch
+    from datasets import Dataset
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from benchmarks import robustness as rb
+    from robustft import demo_llm
+
+    cache = demo_llm.default_cache_dir() / "smollm2-135m-instruct"
+    if not (cache / "tokenizer.json").exists():
+        pytest.skip("the LLM demo's model is not in the cache (robustft demo --llm sets it up)")
+    tokenizer = AutoTokenizer.from_pretrained(cache)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=False)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "model")
+    words = [("heron", "a wading bird"), ("oak", "a tree"), ("lamp", "a light"), ("cup", "a vessel")] * 2
+    rows = [demo_llm.definition_example(w, d) for w, d in words]
+    task = demo_llm.LLMTask(tmp_path / "model", tokenizer, Dataset.from_list(rows),
+                            {s: Dataset.from_list(rows[:4]) for s in rb.LLM_SPLITS})
+    cfg = demo_llm.LLMDemoConfig(n_train=8, n_eval=4, steps=2, batch_size=4, rank=2)
+    table_rows, description, n = rb.llm_rows(cfg, tmp_path / "out", task)
+    assert "WEMoE" in table_rows and "not run" in table_rows["WEMoE"].note
+    for name, r in table_rows.items():
+        if name != "WEMoE":
+            assert all(math.isfinite(r.scores[s]) for s in rb.LLM_SPLITS), name
+            assert math.isfinite(r.eval_seconds) and math.isfinite(r.train_seconds), name
+    table = rb.llm_table(table_rows, n)
+    assert [line.split("|")[1].strip() for line in table.splitlines()[2:]] == list(table_rows)
+    assert "nan" not in table
