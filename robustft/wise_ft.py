@@ -597,7 +597,7 @@ def dawin_evaluate(
     causal_lm: bool | None = None,
     key_prefix: str = "dawin",
 ) -> DaWinResult:
-    """DaWin on every eval set with the Trainer's evaluation loop; the model is left at θ_end.
+    """DaWin on every eval set with the Trainer's evaluation loop; the model's weights are left as found.
 
     Per set: the prediction entropies of θ(0) and θ(1) (two ``trainer.predict`` passes whose logits are
     reduced to one entropy per input in the loop, so no logits are kept), λ(x) =
@@ -606,7 +606,7 @@ def dawin_evaluate(
     :func:`evaluate_at_alphas` (one interpolation per component). The predictions are put back in input
     order and scored by ``trainer.compute_metrics`` on the whole set, so any metric works (``metric="loss"``:
     the input-weighted mean of the components' losses, no ``compute_metrics`` needed). For a causal LM
-    (``causal_lm``; default: the model has a ``...ForCausalLM`` module) the entropy of a sequence is the mean
+    (``causal_lm``; default: :func:`is_causal_lm`) the entropy of a sequence is the mean
     next-token entropy over the positions that predict a label. ``loss`` is the input-weighted mean of
     the components' losses; on several ranks it is left out and ``metric="loss"`` is refused
     (:func:`check_dawin_metric`).
