@@ -1,4 +1,5 @@
-"""TSV-M, Iso-C, Iso-CTS and RegMean against FusionBench's own functions on the same tensors.
+"""TSV-M, Iso-C, Iso-CTS, RegMean and layer-wise AdaMerging against FusionBench's own functions on the same
+tensors.
 
 fusion-bench is not installable next to robustft's test environment without pulling hydra-core, lightning,
 tensorboard, h5py and more, so this test loads the files that hold the maths
@@ -147,3 +148,35 @@ def test_regmean_equals_fusionbench(n, ratio):
     assert set(theirs) == set(ours)
     for name in ours:
         torch.testing.assert_close(ours[name], theirs[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_layer_wise_adamerging_weights_and_entropy_equal_fusionbench():
+    """Layer-wise AdaMerging's two pieces against FusionBench's own: the merged weights of
+    ``LayerWiseMergedModel.merge_weights`` (one coefficient per task and parameter tensor) equal
+    ``robustft.ops.learned.compose_weights`` with ``blocks="tensor"``, and FusionBench's ``entropy_loss``
+    (eps = 1e-8 inside the log) equals the batch mean of ``robustft.ops.dawin.prediction_entropy``."""
+    from robustft.ops.dawin import prediction_entropy
+    from robustft.ops.learned import assign_blocks, compose_weights, task_vectors
+
+    fusion = _load("fb_layer_wise_fusion", "models/wrappers/layer_wise_fusion.py",
+                   needs=(("fusion_bench.models.utils", "models/utils.py"),))
+    entropy = _load("fb_entropy_loss", "method/adamerging/entropy_loss.py")
+
+    def mlp(seed: int) -> torch.nn.Module:
+        torch.manual_seed(seed)
+        return torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).double()
+
+    start, ends = mlp(0), [mlp(1), mlp(2)]
+    names = [n for n, _ in start.named_parameters()]
+    coefficients = torch.rand(2, len(names), dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    sd = {n: p.detach().clone() for n, p in start.named_parameters()}
+    taus = task_vectors(sd, [{n: p.detach() for n, p in e.named_parameters()} for e in ends])
+    _, block_index = assign_blocks(names, "tensor")
+    ours = compose_weights(sd, taus, coefficients, block_index)
+    theirs = fusion.LayerWiseMergedModel(coefficients.clone(), mlp(0), [mlp(1), mlp(2)]).merge_weights()
+    for n in names:
+        torch.testing.assert_close(ours[n], theirs[n].detach(), rtol=0, atol=1e-15)
+
+    logits = torch.randn(7, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(4)) * 3
+    expected = entropy.entropy_loss(logits)
+    torch.testing.assert_close(prediction_entropy(logits).mean(), expected, rtol=0, atol=1e-6)
