@@ -320,3 +320,25 @@ def test_router_initialisation_equals_fusionbench_gate(hidden_layers):
     assert sorted(got) == sorted(expected)
     for name, tensor in expected.items():
         assert torch.equal(got[name], tensor), name
+
+
+@pytest.mark.skipif(not os.environ.get("FUSION_BENCH_DIR"),
+                    reason="FUSION_BENCH_DIR (see tests/merge/test_fusionbench.py) not set")
+def test_defaults_are_fusionbench_weight_ensembling_moe_configuration():
+    """docs/dynamic_interpolation.md: the defaults of ``upscale_wemoe``/``fit_wemoe_router`` are FusionBench's
+    (its shipped ``method/wemoe/weight_ensembling_moe.yaml``: Adam, lr 1e-4, 1000 steps, two router layers,
+    init_lambda 0.3, which it also passes as the task-arithmetic scale of the non-MLP parameters)."""
+    import inspect
+    from pathlib import Path
+
+    import yaml
+
+    config = Path(os.environ["FUSION_BENCH_DIR"]).parent / "fusion_bench_config/method/wemoe"
+    theirs = yaml.safe_load((config / "weight_ensembling_moe.yaml").read_text())
+    upscale = inspect.signature(upscale_wemoe).parameters
+    fit = inspect.signature(fit_wemoe_router).parameters
+    assert upscale["router_hidden_layers"].default == theirs["router_hidden_layers"]
+    assert upscale["init_lambda"].default == upscale["scaling_factor"].default == float(theirs["init_lambda"])
+    assert fit["steps"].default == theirs["max_steps"]
+    assert fit["lr"].default == float(theirs["lr"])
+    assert fit["optimizer"].default == theirs["optimizer"]
