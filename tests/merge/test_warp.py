@@ -95,7 +95,7 @@ def test_lambda_without_a_base_is_refused():
 
 def test_recipe_with_lambda_eta_is_the_same_step_as_warp(family, tmp_path):
     """docs/alignment.md: a ``robustft merge`` recipe (``merge_method: warp``, ``lambda: η``) is "the same
-    step" as ``robustft warp --eta η``: both outputs hold the same tensors, and both equal the dense formula."""
+    step" as ``robustft warp --eta η``: both outputs hold the same tensors, both the dense formula."""
     import yaml
 
     init_dir, dirs = family
