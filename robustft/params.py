@@ -61,9 +61,9 @@ def select_parameters(
 ) -> dict[str, torch.Tensor]:
     """Name -> tensor for the parameters (and optionally floating buffers) a method acts on.
 
-    ``include``/``exclude`` are regular expressions searched in the parameter name (as PEFT's
-    ``target_modules``); each ``include`` pattern must match at least one tensor, so a typo
-    fails loudly instead of silently averaging nothing.
+    ``include``/``exclude`` are regular expressions searched anywhere in the parameter name (``re.search``;
+    unlike PEFT's ``target_modules``, which must match a whole module name); each ``include`` pattern must
+    match at least one tensor, so a typo fails loudly instead of silently averaging nothing.
     """
     inc = _as_patterns("include", include)
     exc = _as_patterns("exclude", exclude)

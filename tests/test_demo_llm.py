@@ -179,3 +179,13 @@ def test_preference_task_splits_are_disjoint_and_the_length_cue_flips(tmp_path):
     assert demo_llm.make_preference_task(tmp_path, 12, 6, seed=2) != task
     with pytest.raises(ValueError, match="sizes: cue_reversed needs 20 preference pairs"):
         demo_llm.make_preference_task(tmp_path, n_train=4, n_eval=20, seed=1)
+
+
+def test_bf16_autocast_is_trls_sft_default_and_the_demos(tmp_path):
+    """The demo's ``sft_config`` docstring says bf16 autocast is TRL's default: ``SFTConfig`` turns bf16 on
+    when fp16 is not set, and the demo's config keeps it (unless overridden)."""
+    from trl import SFTConfig
+
+    assert SFTConfig(output_dir=str(tmp_path / "trl"), use_cpu=True, report_to=[]).bf16 is True
+    assert demo_llm.sft_config(tmp_path / "demo", demo_llm.LLMDemoConfig()).bf16 is True
+    assert demo_llm.sft_config(tmp_path / "f32", demo_llm.LLMDemoConfig(), bf16=False).bf16 is False

@@ -299,3 +299,46 @@ def test_mlp_block_equals_fusionbench_weight_ensembling_moe(arch):
     h = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(ours(h), theirs(h), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.skipif(not os.environ.get("FUSION_BENCH_DIR"),
+                    reason="FUSION_BENCH_DIR (see tests/merge/test_fusionbench.py) not set")
+@pytest.mark.parametrize("hidden_layers", [0, 1, 2])
+def test_router_initialisation_equals_fusionbench_gate(hidden_layers):
+    """``WEMoERouter`` is "initialised as FusionBench": from the same torch seed, FusionBench's
+    ``construct_weight_ensembling_gate`` (models/we_moe.py) gives the same parameters, bit for bit."""
+    from robustft.wemoe import WEMoERouter
+    from tests.merge.test_fusionbench import _load
+
+    fb = _load("fb_we_moe", "models/we_moe.py", needs=(("fusion_bench.models.utils", "models/utils.py"),))
+    torch.manual_seed(11)
+    theirs = fb.construct_weight_ensembling_gate(16, 3, init_lambda=0.3, num_hidden_layers=hidden_layers)
+    torch.manual_seed(11)
+    ours = WEMoERouter(16, 3, hidden_layers=hidden_layers, init_lambda=0.3)
+    expected = theirs.state_dict()
+    got = ours.state_dict()
+    assert sorted(got) == sorted(expected)
+    for name, tensor in expected.items():
+        assert torch.equal(got[name], tensor), name
+
+
+@pytest.mark.skipif(not os.environ.get("FUSION_BENCH_DIR"),
+                    reason="FUSION_BENCH_DIR (see tests/merge/test_fusionbench.py) not set")
+def test_defaults_are_fusionbench_weight_ensembling_moe_configuration():
+    """docs/dynamic_interpolation.md: the defaults of ``upscale_wemoe``/``fit_wemoe_router`` are FusionBench's
+    (its shipped ``method/wemoe/weight_ensembling_moe.yaml``: Adam, lr 1e-4, 1000 steps, two router layers,
+    init_lambda 0.3, which it also passes as the task-arithmetic scale of the non-MLP parameters)."""
+    import inspect
+    from pathlib import Path
+
+    import yaml
+
+    config = Path(os.environ["FUSION_BENCH_DIR"]).parent / "fusion_bench_config/method/wemoe"
+    theirs = yaml.safe_load((config / "weight_ensembling_moe.yaml").read_text())
+    upscale = inspect.signature(upscale_wemoe).parameters
+    fit = inspect.signature(fit_wemoe_router).parameters
+    assert upscale["router_hidden_layers"].default == theirs["router_hidden_layers"]
+    assert upscale["init_lambda"].default == upscale["scaling_factor"].default == float(theirs["init_lambda"])
+    assert fit["steps"].default == theirs["max_steps"]
+    assert fit["lr"].default == float(theirs["lr"])
+    assert fit["optimizer"].default == theirs["optimizer"]

@@ -338,7 +338,8 @@ _UNITS.update({"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40})
 
 
 def parse_size(size: int | str) -> int:
-    """``5GB``/``500MiB``/int bytes -> bytes (units as in ``save_pretrained(max_shard_size=...)``)."""
+    """``5GB``/``500MiB``/int bytes -> bytes: KB..TB as ``save_pretrained(max_shard_size=...)`` reads them
+    (decimal, huggingface_hub's ``parse_size_to_int``), plus binary KiB..TiB and byte counts."""
     if isinstance(size, int) and not isinstance(size, bool):
         value = size
     else:

@@ -297,3 +297,31 @@ def test_grpo_peft_reference_adapter_holds_the_ema(tiny_path, tmp_path):
     for n, t in ema.items():
         torch.testing.assert_close(params[n.replace(".default.", ".ref.")], t, rtol=1e-6, atol=1e-7)
     assert any(h.get("kl", 0.0) > 0 for h in trainer.state.log_history)
+
+
+def test_bf16_reference_keeps_a_bf16_ema_as_trls_sync():
+    """docs/alignment.md: a bf16 reference keeps a bf16 EMA, "as TRL's sync". The update the callback applies
+    to the reference's own tensors (``ops.averaging.ema_update_``) and TRL's ``SyncRefModelCallback``
+    update both stay in bfloat16 and agree to two bf16 ulps after three updates (a lerp and TRL's mul/add
+    round differently)."""
+    from trl.trainer.callbacks import SyncRefModelCallback
+
+    from robustft.ops.averaging import ema_update_
+
+    g = torch.Generator().manual_seed(0)
+    policy = torch.nn.Linear(32, 16).to(torch.bfloat16)
+    theirs = torch.nn.Linear(32, 16).to(torch.bfloat16)
+    with torch.no_grad():
+        for p in (*policy.parameters(), *theirs.parameters()):
+            p.copy_(torch.randn(p.shape, generator=g))
+    ours = [p.detach().clone() for p in theirs.parameters()]
+    beta = 0.9
+    for _ in range(3):
+        SyncRefModelCallback._sync_target_model(policy, theirs, 1 - beta)
+        ema_update_(ours, [p.detach() for p in policy.parameters()], beta)
+        with torch.no_grad():
+            for p in policy.parameters():
+                p.add_(torch.randn(p.shape, generator=g).to(p.dtype))
+    for mine, trl_ref in zip(ours, theirs.parameters(), strict=True):
+        assert mine.dtype == trl_ref.dtype == torch.bfloat16
+        torch.testing.assert_close(mine.float(), trl_ref.detach().float(), rtol=2 ** -6, atol=2 ** -7)

@@ -180,3 +180,31 @@ def test_layer_wise_adamerging_weights_and_entropy_equal_fusionbench():
     logits = torch.randn(7, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(4)) * 3
     expected = entropy.entropy_loss(logits)
     torch.testing.assert_close(prediction_entropy(logits).mean(), expected, rtol=0, atol=1e-6)
+
+
+def test_layer_wise_adamerging_clamps_coefficients_to_the_unit_interval_where_used():
+    """docs/dynamic_interpolation.md: ``clamp=(0, 1)`` keeps the coefficients in [0, 1] "as AdaMerging does".
+    FusionBench's ``LayerWiseMergedModel`` (``clamp_weights=True``, its default) merges with the coefficients
+    clamped to [0, 1] (the stored ones stay free): its weights are ``compose_weights`` of the clamped
+    coefficients, not of the raw ones."""
+    from robustft.ops.learned import assign_blocks, compose_weights, task_vectors
+
+    fusion = _load("fb_layer_wise_fusion", "models/wrappers/layer_wise_fusion.py",
+                   needs=(("fusion_bench.models.utils", "models/utils.py"),))
+
+    def mlp(seed: int) -> torch.nn.Module:
+        torch.manual_seed(seed)
+        return torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).double()
+
+    start, ends = mlp(0), [mlp(1), mlp(2)]
+    names = [n for n, _ in start.named_parameters()]
+    raw = torch.tensor([[-0.5, 0.3, 1.7, 0.9], [1.2, -2.0, 0.4, 1.0]], dtype=torch.float64)
+    sd = {n: p.detach().clone() for n, p in start.named_parameters()}
+    taus = task_vectors(sd, [{n: p.detach() for n, p in e.named_parameters()} for e in ends])
+    _, block_index = assign_blocks(names, "tensor")
+    theirs = fusion.LayerWiseMergedModel(raw.clone(), mlp(0), [mlp(1), mlp(2)]).merge_weights()
+    clamped = compose_weights(sd, taus, raw.clamp(0, 1), block_index)
+    unclamped = compose_weights(sd, taus, raw, block_index)
+    for n in names:
+        torch.testing.assert_close(clamped[n], theirs[n].detach(), rtol=0, atol=1e-15)
+    assert any(not torch.allclose(unclamped[n], theirs[n].detach()) for n in names)

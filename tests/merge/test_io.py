@@ -218,3 +218,19 @@ def test_reader_names_file_and_tensor_of_a_malformed_entry(tmp_path):
         ValueError, match=r"model\.safetensors: tensor 'bad': shape must be a list of non-negative"
     ):
         CheckpointReader(path)
+
+
+def test_parse_size_reads_save_pretrained_units_as_huggingface_hub_does():
+    """``max_shard_size`` strings in the units ``save_pretrained`` accepts (huggingface_hub's
+    ``parse_size_to_int``: KB, MB, GB, TB, decimal) give the same byte count; binary units and plain byte
+    counts are robustft's own additions (huggingface_hub refuses them)."""
+    from huggingface_hub.serialization._base import parse_size_to_int
+
+    from robustft.merge.io import parse_size
+
+    for size in ("5GB", "500MB", "2KB", "1TB", "1.5GB", "0.1GB", " 3 MB ", "7gb", "200mb"):
+        assert parse_size(size) == parse_size_to_int(size), size
+    assert parse_size("1MiB") == 2**20 and parse_size("2GiB") == 2 * 2**30 and parse_size("123") == 123
+    for extra in ("1MiB", "123B"):
+        with pytest.raises(ValueError):
+            parse_size_to_int(extra)

@@ -91,3 +91,23 @@ def test_lambda_without_a_base_is_refused():
     assert parse_recipe(data).base_model is None
     with pytest.raises(ValueError, match="lambda .* needs base_model"):
         parse_recipe({**data, "parameters": {"lambda": 0.5}})
+
+
+def test_recipe_with_lambda_eta_is_the_same_step_as_warp(family, tmp_path):
+    """docs/alignment.md: a ``robustft merge`` recipe (``merge_method: warp``, ``lambda: η``) is "the same
+    step" as ``robustft warp --eta η``: both outputs hold the same tensors, both the dense formula."""
+    import yaml
+
+    init_dir, dirs = family
+    recipe = tmp_path / "warp.yaml"
+    recipe.write_text(yaml.safe_dump({"merge_method": "warp", "base_model": str(init_dir),
+                                      "models": [str(d) for d in dirs], "parameters": {"lambda": 0.3}}))
+    assert main(["merge", str(recipe), "--out", str(tmp_path / "recipe"), "--no-progress"]) == 0
+    assert main(["warp", "--init", str(init_dir), "--policies", *map(str, dirs), "--eta", "0.3",
+                 "--out", str(tmp_path / "warp"), "--no-progress"]) == 0
+    by_recipe, by_warp = load_all(tmp_path / "recipe"), load_all(tmp_path / "warp")
+    ref = _dense_next_init(load_all(init_dir), [load_all(d) for d in dirs], 0.3, [1.0] * 3)
+    assert set(by_recipe) == set(by_warp) == set(ref)
+    for name, r in ref.items():
+        torch.testing.assert_close(by_recipe[name], by_warp[name], rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(by_recipe[name].double(), r, rtol=0, atol=1e-7, msg=name)

@@ -89,3 +89,10 @@ def test_bad_inputs():
         swa_update_([torch.zeros(2)], [torch.zeros(2)], -1)
     with pytest.raises(ValueError, match="at least one"):
         mean_of([torch.zeros(2)], [])
+
+
+def test_ema_decay_warmup_defaults_are_timms():
+    """docs/averaging.md: γ = 1 and p = 2/3 by default, as timm's ModelEmaV3 (warmup_gamma=1.0,
+    warmup_power=2/3), whose decay after k updates is 1 − (1 + k/γ)^−p capped at the target decay."""
+    for k in [1, 3, 10, 1000]:
+        assert ema_decay(k, 0.999, warmup=True) == pytest.approx(min(0.999, 1 - (1 + k) ** (-2 / 3)))
