@@ -25,6 +25,7 @@ __all__ = [
     "UNKNOWN_RESUME",
     "caller_self",
     "clip_grad_norm",
+    "clip_grad_norm_name",
     "grad_scaler_state",
     "release_zero3_gathered",
     "relink_zero_optimizer_states",
@@ -32,6 +33,7 @@ __all__ = [
     "restore_grad_scaler",
     "trainer_loss_accumulation",
     "trainer_resume_checkpoint",
+    "training_loop_running",
     "trl_bookkeeping_kept",
     "trl_reference_model",
 ]
@@ -91,6 +93,20 @@ def trainer_resume_checkpoint(kind: type) -> str | None | object:
     return UNKNOWN_RESUME
 
 
+def training_loop_running(trainer: Any) -> bool:
+    """True while ``trainer``'s training loop (``Trainer._inner_training_loop``) is on the call stack.
+
+    The Trainer calls no callback when ``train()`` raises; what a callback attached for one run (a
+    wrapped method) asks this to find out, on its next call, that the run is over.
+    """
+    frame = inspect.currentframe()
+    while frame is not None:
+        if frame.f_code.co_name == "_inner_training_loop" and frame.f_locals.get("self") is trainer:
+            return True
+        frame = frame.f_back
+    return False
+
+
 # -- transformers / TRL Trainer -----------------------------------------------------------------------
 def clip_grad_norm(trainer: Any, model: torch.nn.Module) -> None:
     """Clip (and unscale) the gradients as the Trainer's own step does (``Trainer._clip_grad_norm``)."""
@@ -98,6 +114,15 @@ def clip_grad_norm(trainer: Any, model: torch.nn.Module) -> None:
     if clip is None:
         raise _missing(type(trainer).__name__, "_clip_grad_norm", "transformers", "SAMCallback's replay")
     clip(model)
+
+
+def clip_grad_norm_name(trainer: Any) -> str:
+    """The name of the Trainer method that unscales and clips the gradients before
+    ``on_pre_optimizer_step`` (``Trainer._clip_grad_norm``), for a callback that must act just before it."""
+    if not callable(getattr(trainer, "_clip_grad_norm", None)):
+        raise _missing(type(trainer).__name__, "_clip_grad_norm", "transformers", "the frozen entries' "
+                       "gradient mask before clipping (SparseUpdateCallback, LPFTCallback)")
+    return "_clip_grad_norm"
 
 
 def trainer_loss_accumulation(trainer: Any, num_items_in_batch: Any) -> tuple[int, int]:

@@ -8,6 +8,12 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from robustft import LPFTCallback, WiseFTCallback
+from tests.callbacks.failing import (
+    FAILURES,
+    assert_nothing_attached,
+    assert_trains_like_a_fresh_copy,
+    fail_training,
+)
 from tests.tiny import stop_at, tiny_bert, token_dataset, training_args
 
 ADAMW = dict(weight_decay=0.1, adam_beta1=0.9, max_grad_norm=1.0)
@@ -148,3 +154,13 @@ def test_head_matching_nothing_or_everything_is_a_named_error(tmp_path):
         _train(tmp_path / "a", [LPFTCallback(probe_steps=1, head="no_such_module")], max_steps=1)
     with pytest.raises(ValueError, match="head"):
         _train(tmp_path / "b", [LPFTCallback(probe_steps=1, head=".")], max_steps=1)
+
+
+@pytest.mark.parametrize("where", FAILURES)
+def test_a_run_failing_in_the_probe_leaves_the_model_training_like_a_fresh_copy(tmp_path, where):
+    """train() raises at step 2 of a 5-step probe: no hook is left, and a plain run on the model equals the
+    same run on a fresh copy (a frozen backbone left behind would not move)."""
+    model = tiny_bert()
+    fail_training(model, tmp_path / "failed", [LPFTCallback(probe_steps=5)], where, step=2, **ADAMW)
+    assert_nothing_attached(model)
+    assert_trains_like_a_fresh_copy(model, tiny_bert, tmp_path, **ADAMW, max_steps=3)
