@@ -126,7 +126,11 @@ class _AveragingCallback(RobustCallback):
     def averaged_weights(self) -> Iterator[None]:
         """Context in which the model holds the averaged weights (always restored on exit).
 
-        ``with ema.averaged_weights(): trainer.evaluate()`` evaluates the average after training.
+        ``with ema.averaged_weights(): trainer.evaluate()`` evaluates the average after training. The stored
+        average is only read: an edit of the model inside the block (in place, an optimizer step) never
+        reaches it, ``average()`` returns it unchanged inside, and the trained weights come back bit-exactly
+        (kept in one more copy of the selected weights meanwhile). The block runs in the caller's grad mode
+        (:func:`robustft.params.swapped_in`).
         """
         try:
             with swapped_in(self._require_setup(), self.average()):
