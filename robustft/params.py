@@ -33,6 +33,7 @@ __all__ = [
     "restored",
     "select_parameters",
     "swapped_in",
+    "train_mode",
     "zero3_partition",
 ]
 
@@ -385,3 +386,17 @@ def swapped_in(
             for live, s in zip(lives, tensors):
                 live.copy_(s)
         yield
+
+
+@contextmanager
+def train_mode(model: nn.Module, training: bool) -> Iterator[nn.Module]:
+    """Every module of ``model`` in train (True) or eval (False) mode for the duration, as
+    ``model.train(training)``; on exit each module gets its own mode back (a submodule the user put in
+    eval() stays in eval()), also on error. Yields ``model``."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.train(training)
+    try:
+        yield model
+    finally:
+        for m, mode in modes:
+            m.training = mode

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from robustft.params import Snapshot, restored, select_parameters, swapped_in
+from robustft.params import Snapshot, restored, select_parameters, swapped_in, train_mode
 
 
 class Net(nn.Module):
@@ -162,3 +162,41 @@ def test_evaluate_at_alphas_edits_inside_run_reach_neither_later_alphas_nor_the_
     for n in want_end:
         assert torch.equal(seen[0][n], seen[1][n]), n
         assert torch.equal(params[n].detach(), want_end[n]), n
+
+
+def _modes(model: nn.Module) -> dict[str, bool]:
+    return {n: m.training for n, m in model.named_modules()}
+
+
+def test_train_mode_sets_every_module_and_gives_each_its_own_mode_back():
+    net = Net().train()
+    net.norm.eval()  # a submodule the user put in eval()
+    want = _modes(net)
+    for training in (False, True):
+        with pytest.raises(RuntimeError, match="boom"):
+            with train_mode(net, training) as same:
+                assert same is net
+                assert all(mode == training for mode in _modes(net).values())  # as net.train(training)
+                raise RuntimeError("boom")
+        assert _modes(net) == want
+
+
+def test_fisher_gram_and_batchnorm_passes_leave_each_modules_mode():
+    """estimate_fisher / estimate_gram (eval), recompute_batchnorm (train): a submodule in eval() stays so."""
+    from robustft.callbacks.averaging import recompute_batchnorm
+    from robustft.merge.fisher import estimate_fisher, estimate_gram
+    from tests.tiny import tiny_bert
+
+    model = tiny_bert().train()
+    model.bert.encoder.layer[0].eval()
+    want = _modes(model)
+    batch = {"input_ids": torch.randint(6, 64, (2, 8)), "labels": torch.tensor([0, 1])}
+    estimate_fisher(model, [batch])
+    assert _modes(model) == want
+    estimate_gram(model, [batch])
+    assert _modes(model) == want
+    net = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)).train()
+    net[2].eval()
+    want = _modes(net)
+    recompute_batchnorm(net, [torch.randn(4, 4)])
+    assert _modes(net) == want

@@ -31,6 +31,7 @@ from robustft.params import (
     live_tensors,
     select_parameters,
     swapped_in,
+    train_mode,
 )
 
 __all__ = [
@@ -512,18 +513,16 @@ def recompute_batchnorm(model: nn.Module, loader) -> None:
         bn.reset_running_stats()
         momenta[bn] = bn.momentum
         bn.momentum = None  # cumulative average over the pass
-    was_training = model.training
-    model.train()
     device = next(model.parameters()).device
     try:
-        for batch in loader:
-            if isinstance(batch, Mapping):
-                model(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()})
-            elif isinstance(batch, (list, tuple)):
-                model(batch[0].to(device))
-            else:
-                model(batch.to(device))
+        with train_mode(model, True):
+            for batch in loader:
+                if isinstance(batch, Mapping):
+                    model(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()})
+                elif isinstance(batch, (list, tuple)):
+                    model(batch[0].to(device))
+                else:
+                    model(batch.to(device))
     finally:
         for bn, m in momenta.items():
             bn.momentum = m
-        model.train(was_training)
