@@ -28,6 +28,7 @@ __all__ = [
     "clip_grad_norm_name",
     "grad_scaler_state",
     "release_zero3_gathered",
+    "restart_lr_schedule",
     "relink_zero_optimizer_states",
     "reset_grad_scaler",
     "restore_grad_scaler",
@@ -123,6 +124,34 @@ def clip_grad_norm_name(trainer: Any) -> str:
         raise _missing(type(trainer).__name__, "_clip_grad_norm", "transformers", "the frozen entries' "
                        "gradient mask before clipping (SparseUpdateCallback, LPFTCallback)")
     return "_clip_grad_norm"
+
+
+def restart_lr_schedule(trainer: Any, num_training_steps: int, state: dict | None = None) -> Any:
+    """Give the Trainer a fresh learning-rate schedule over ``num_training_steps`` optimizer steps from now
+    (the kind, warmup and kwargs of its ``TrainingArguments``, built by its own ``create_scheduler``); with
+    ``state`` (a ``state_dict`` of such a schedule) the schedule continues from there. Returns it.
+
+    The Trainer builds one schedule over the whole run and rebuilds it only when it made it itself
+    (``_created_lr_scheduler``); a scheduler the user passed in cannot be rebuilt and is refused. The
+    training loop reads ``trainer.lr_scheduler`` at every step and hands callbacks the callback handler's
+    reference, so both are replaced.
+    """
+    if not hasattr(trainer, "_created_lr_scheduler"):
+        raise _missing(type(trainer).__name__, "_created_lr_scheduler", "transformers",
+                       "a fresh learning-rate schedule per stage (LPFTCallback(two_stage=True))")
+    if not trainer._created_lr_scheduler:
+        raise ValueError("two_stage: the Trainer was given its own lr scheduler (optimizers=(..., "
+                         "scheduler)); a fresh schedule per stage is built from the TrainingArguments, so "
+                         "let the Trainer build it")
+    optimizer = trainer.optimizer
+    trainer.lr_scheduler = None
+    scheduler = trainer.create_scheduler(num_training_steps=num_training_steps, optimizer=optimizer)
+    if state is not None:
+        scheduler.load_state_dict(state)
+        for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr(), strict=True):
+            group["lr"] = lr  # the rate of the step it continues from (its init set that of step 0)
+    trainer.callback_handler.lr_scheduler = scheduler
+    return scheduler
 
 
 def trainer_loss_accumulation(trainer: Any, num_items_in_batch: Any) -> tuple[int, int]:
