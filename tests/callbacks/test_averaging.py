@@ -330,7 +330,7 @@ def test_edits_inside_averaged_weights_never_reach_the_average(tmp_path, make):
 
 
 def test_evaluate_after_a_failed_run_scores_the_live_weights(tmp_path):
-    """train() raises: the evaluate wrapper that swaps the EMA in is a leftover of that run and acts no more."""
+    """train() raises: the evaluate wrapper that swaps the EMA in is that run's leftover and acts no more."""
     from tests.callbacks.failing import disarm, fail_training
 
     ema = EMACallback(decay=0.5, save_dir=None)

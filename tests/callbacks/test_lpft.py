@@ -239,6 +239,7 @@ def test_two_stage_refuses_a_scheduler_the_trainer_did_not_build(tmp_path):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     trainer = Trainer(model=model, args=training_args(tmp_path), train_dataset=token_dataset(),
-                      optimizers=(optimizer, schedule), callbacks=[LPFTCallback(probe_steps=2, two_stage=True)])
+                      optimizers=(optimizer, schedule),
+                      callbacks=[LPFTCallback(probe_steps=2, two_stage=True)])
     with pytest.raises(ValueError, match="two_stage"):
         trainer.train()

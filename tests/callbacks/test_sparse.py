@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch.utils.data import DataLoader
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from robustft import RandomPerturbationCallback, SparseUpdateCallback
 from robustft.callbacks.sparse import load_mask, save_mask
@@ -198,3 +198,31 @@ def test_a_failed_run_leaves_the_model_training_like_a_fresh_copy(tmp_path, wher
     assert moved > 0.9 * frozen
     for owner in (trainer.training_step, trainer._clip_grad_norm, trainer.optimizer.step):
         assert getattr(owner, "robustft_owner", None) is None
+
+
+def test_training_again_after_a_failure_with_the_callback_replaces_its_leftover_wrappers(tmp_path):
+    """The failed run's wrappers are replaced (not stacked, not reused) by the next run's; the frozen entries
+    stay bit-identical through it."""
+    model = tiny_bert()
+    cb = SparseUpdateCallback(density=0.1, scores="magnitude")
+    trainer = fail_training(model, tmp_path, [cb], "on_step_end", step=2, **ADAMW)
+    stale = trainer.training_step
+    assert stale.robustft_owner is cb
+    disarm(trainer)
+    before = _weights(model)
+    seen = []
+
+    class Chain(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            link, owners = trainer.training_step, []
+            while getattr(link, "robustft_owner", None) is not None:
+                owners.append((link.robustft_owner, link is stale))
+                link = link.robustft_original
+            seen.append(owners)
+
+    trainer.add_callback(Chain())
+    trainer.train()
+    assert seen and all(owners == [(cb, False)] for owners in seen)
+    after = _weights(model)
+    for name, m in cb.masks.items():
+        assert torch.equal(after[name][~m].view(torch.int32), before[name][~m].view(torch.int32)), name
