@@ -25,13 +25,16 @@ __all__ = [
     "UNKNOWN_RESUME",
     "caller_self",
     "clip_grad_norm",
+    "clip_grad_norm_name",
     "grad_scaler_state",
     "release_zero3_gathered",
+    "restart_lr_schedule",
     "relink_zero_optimizer_states",
     "reset_grad_scaler",
     "restore_grad_scaler",
     "trainer_loss_accumulation",
     "trainer_resume_checkpoint",
+    "training_loop_running",
     "trl_bookkeeping_kept",
     "trl_reference_model",
 ]
@@ -91,6 +94,20 @@ def trainer_resume_checkpoint(kind: type) -> str | None | object:
     return UNKNOWN_RESUME
 
 
+def training_loop_running(trainer: Any) -> bool:
+    """True while ``trainer``'s training loop (``Trainer._inner_training_loop``) is on the call stack.
+
+    The Trainer calls no callback when ``train()`` raises; what a callback attached for one run (a
+    wrapped method) asks this to find out, on its next call, that the run is over.
+    """
+    frame = inspect.currentframe()
+    while frame is not None:
+        if frame.f_code.co_name == "_inner_training_loop" and frame.f_locals.get("self") is trainer:
+            return True
+        frame = frame.f_back
+    return False
+
+
 # -- transformers / TRL Trainer -----------------------------------------------------------------------
 def clip_grad_norm(trainer: Any, model: torch.nn.Module) -> None:
     """Clip (and unscale) the gradients as the Trainer's own step does (``Trainer._clip_grad_norm``)."""
@@ -98,6 +115,43 @@ def clip_grad_norm(trainer: Any, model: torch.nn.Module) -> None:
     if clip is None:
         raise _missing(type(trainer).__name__, "_clip_grad_norm", "transformers", "SAMCallback's replay")
     clip(model)
+
+
+def clip_grad_norm_name(trainer: Any) -> str:
+    """The name of the Trainer method that unscales and clips the gradients before
+    ``on_pre_optimizer_step`` (``Trainer._clip_grad_norm``), for a callback that must act just before it."""
+    if not callable(getattr(trainer, "_clip_grad_norm", None)):
+        raise _missing(type(trainer).__name__, "_clip_grad_norm", "transformers", "the frozen entries' "
+                       "gradient mask before clipping (SparseUpdateCallback, LPFTCallback)")
+    return "_clip_grad_norm"
+
+
+def restart_lr_schedule(trainer: Any, num_training_steps: int, state: dict | None = None) -> Any:
+    """Give the Trainer a fresh learning-rate schedule over ``num_training_steps`` optimizer steps from now
+    (the kind, warmup and kwargs of its ``TrainingArguments``, built by its own ``create_scheduler``); with
+    ``state`` (a ``state_dict`` of such a schedule) the schedule continues from there. Returns it.
+
+    The Trainer builds one schedule over the whole run and rebuilds it only when it made it itself
+    (``_created_lr_scheduler``); a scheduler the user passed in cannot be rebuilt and is refused. The
+    training loop reads ``trainer.lr_scheduler`` at every step and hands callbacks the callback handler's
+    reference, so both are replaced.
+    """
+    if not hasattr(trainer, "_created_lr_scheduler"):
+        raise _missing(type(trainer).__name__, "_created_lr_scheduler", "transformers",
+                       "a fresh learning-rate schedule per stage (LPFTCallback(two_stage=True))")
+    if not trainer._created_lr_scheduler:
+        raise ValueError("two_stage: the Trainer was given its own lr scheduler (optimizers=(..., "
+                         "scheduler)); a fresh schedule per stage is built from the TrainingArguments, so "
+                         "let the Trainer build it")
+    optimizer = trainer.optimizer
+    trainer.lr_scheduler = None
+    scheduler = trainer.create_scheduler(num_training_steps=num_training_steps, optimizer=optimizer)
+    if state is not None:
+        scheduler.load_state_dict(state)
+        for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr(), strict=True):
+            group["lr"] = lr  # the rate of the step it continues from (its init set that of step 0)
+    trainer.callback_handler.lr_scheduler = scheduler
+    return scheduler
 
 
 def trainer_loss_accumulation(trainer: Any, num_items_in_batch: Any) -> tuple[int, int]:

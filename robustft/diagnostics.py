@@ -24,8 +24,7 @@ import io
 import json
 import math
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,7 +40,7 @@ from robustft.learned import _model_loss as model_loss
 from robustft.ops.interpolate import check_method
 from robustft.ops.perturb import compute_dtype
 from robustft.ops.sharpness import ascent_step, check_ball, worst_case_increase
-from robustft.params import select_parameters
+from robustft.params import select_parameters, train_mode
 from robustft.wise_ft import DEFAULT_ALPHAS, WiseFTWeights, check_alphas, evaluate_at_alphas
 
 __all__ = [
@@ -111,18 +110,6 @@ def _check_search(ball: str, radius: float, steps: int, step_size: float, radius
     return value
 
 
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """The model in eval mode (no dropout: the loss is a function of the weights), each module's mode back."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
-
-
 def _perturbed(params: Mapping[str, torch.Tensor], deltas: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
     """θ + δ on the group (δ added in its wider dtype, rounded to each weight's dtype)."""
     pairs = zip(params.items(), deltas, strict=True)
@@ -160,7 +147,7 @@ def _measure(model: nn.Module, batches: Sequence[Any], groups: Mapping[str, Mapp
     base = math.nan
     out: dict[str, float] = {}
     unused: list[str] = []
-    with _eval_mode(model):
+    with train_mode(model, False):
         for name, params in groups.items():
             weights = [p.detach() for p in params.values()]
             deltas = [torch.zeros_like(w, dtype=compute_dtype(w.dtype)) for w in weights]

@@ -30,8 +30,10 @@ __all__ = [
     "live_tensors",
     "local_tensor",
     "resolve_dtype",
+    "restored",
     "select_parameters",
     "swapped_in",
+    "train_mode",
     "zero3_partition",
 ]
 
@@ -344,13 +346,34 @@ def live_tensors(params: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
 
 
 @contextmanager
+def restored(params: Mapping[str, torch.Tensor], saved: Snapshot | None = None) -> Iterator[Snapshot]:
+    """The live values of ``params`` put back bit-exactly on exit, also on error; yields the copy they come
+    back from: ``saved`` when the caller already holds one equal to them (no further copy), else one taken
+    now beside each tensor."""
+    if saved is None:
+        saved = Snapshot.of(params)
+    else:
+        saved._check_names(params)
+    lives = live_tensors(params)
+    try:
+        yield saved
+    finally:
+        with torch.no_grad():
+            for live, s in zip(lives, saved.tensors, strict=True):
+                live.copy_(s)
+
+
+@contextmanager
 def swapped_in(
     params: Mapping[str, torch.Tensor], snapshot: Snapshot | Iterable[torch.Tensor]
 ) -> Iterator[None]:
     """Temporarily put ``snapshot`` into the live tensors; the live values come back on exit, even on error.
 
-    When a copy has the live tensor's dtype and device the two are exchanged in place (no extra
-    memory); otherwise the live value is backed up first, so the restore is always bit-exact.
+    ``snapshot`` is only read: whatever the block does to the model (an in-place edit, an optimizer step)
+    never reaches it, and inside the block it still holds what was swapped in. The live values are kept
+    in a copy beside each tensor meanwhile (one more copy of ``params``), so the restore is bit-exact. The
+    block runs in the caller's grad mode (only the copies are made under ``no_grad``): a gradient at the
+    swapped-in weights is a legitimate use, and evaluation loops set their own mode.
     """
     tensors = snapshot.tensors if isinstance(snapshot, Snapshot) else list(snapshot)
     if isinstance(snapshot, Snapshot):
@@ -358,24 +381,22 @@ def swapped_in(
     lives = live_tensors(params)
     if len(lives) != len(tensors):
         raise ValueError(f"swapped_in: {len(tensors)} tensors for {len(lives)} parameters")
-    backups: list[torch.Tensor | None] = []
-    with torch.no_grad():
-        try:
+    with restored(params):
+        with torch.no_grad():
             for live, s in zip(lives, tensors):
-                if live.dtype == s.dtype and live.device == s.device and isinstance(snapshot, Snapshot):
-                    tmp = live.clone()
-                    live.copy_(s)
-                    s.copy_(tmp)
-                    backups.append(None)
-                else:
-                    backups.append(live.clone())
-                    live.copy_(s)
-            yield
-        finally:
-            for live, s, b in zip(lives, tensors, backups):
-                if b is None:
-                    tmp = live.clone()
-                    live.copy_(s)
-                    s.copy_(tmp)
-                else:
-                    live.copy_(b)
+                live.copy_(s)
+        yield
+
+
+@contextmanager
+def train_mode(model: nn.Module, training: bool) -> Iterator[nn.Module]:
+    """Every module of ``model`` in train (True) or eval (False) mode for the duration, as
+    ``model.train(training)``; on exit each module gets its own mode back (a submodule the user put in
+    eval() stays in eval()), also on error. Yields ``model``."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.train(training)
+    try:
+        yield model
+    finally:
+        for m, mode in modes:
+            m.training = mode

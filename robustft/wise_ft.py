@@ -47,7 +47,7 @@ from robustft.ops.interpolate import (
     interpolate_end_,
     interpolate_into_,
 )
-from robustft.params import Snapshot, full_shape, is_sharded, live_tensors, select_parameters, swapped_in
+from robustft.params import Snapshot, full_shape, is_sharded, live_tensors, restored, select_parameters
 
 __all__ = [
     "DEFAULT_ALPHAS",
@@ -393,13 +393,13 @@ def evaluate_at_alphas(
     θ(α_i) is written into the live tensors (:meth:`WiseFTWeights.apply_`, i.e. ``lerp(..., out=live)``)
     and ``run(i)`` evaluates whatever inputs belong to α_i (a whole eval set in a sweep, one mixture
     component's inputs in DaWin). The live values (θ_end) are kept aside once
-    (:func:`robustft.params.swapped_in`) and put back bit-exactly afterwards, also when ``run`` raises.
+    (:func:`robustft.params.restored`) and put back bit-exactly afterwards, also when ``run`` raises.
     """
     grid = [check_alpha(a, extrapolate, name="alphas") for a in alphas]
     check_method(method)
     end = weights.capture_end()
     try:
-        with swapped_in(weights.params, end):  # restores the end values on exit; ``end`` holds them meanwhile
+        with restored(weights.params, end):  # the end values back on exit, from ``end`` (no further copy)
             results = []
             for i, alpha in enumerate(grid):
                 weights.apply_(alpha, method, end=end, extrapolate=extrapolate)

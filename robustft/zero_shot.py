@@ -17,6 +17,8 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
+from robustft.params import train_mode
+
 __all__ = [
     "SentenceClassifier",
     "embed_texts",
@@ -45,9 +47,7 @@ def embed_texts(
 ) -> torch.Tensor:
     """[len(texts), hidden] mean-pooled (and L2-normalised) sentence embeddings from ``encoder``."""
     device = next(encoder.parameters()).device
-    was_training = encoder.training
-    encoder.eval()
-    try:
+    with train_mode(encoder, False):
         out = []
         for i in range(0, len(texts), batch_size):
             batch = tokenizer(
@@ -61,8 +61,6 @@ def embed_texts(
             emb = mean_pool(hidden, batch["attention_mask"])
             out.append(nn.functional.normalize(emb, dim=-1) if normalize else emb)
         return torch.cat(out).float()
-    finally:
-        encoder.train(was_training)
 
 
 def zero_shot_weights(

@@ -273,3 +273,23 @@ def test_deepspeed_zero3_partition_cache(zero):
     compat.release_zero3_gathered(p)
     compat.release_zero3_gathered(torch.ones(1))  # a plain tensor: nothing to do
     assert p._z3_optimizer.emptied == 1
+
+
+def test_training_loop_running_and_clip_grad_norm_name(tmp_path):
+    """``training_loop_running`` is True inside the Trainer's ``_inner_training_loop`` only (the frame's
+    ``self``); ``clip_grad_norm_name`` names the method the Trainer clips with."""
+    seen = []
+
+    class Probe(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            seen.append((compat.training_loop_running(trainer), compat.training_loop_running(other)))
+
+    torch.manual_seed(0)
+    trainer = make_trainer(MLP(), tmp_path / "a", [Probe()], total_batch=8, steps=1, lr=0.0,
+                           data=NoisyLinearData(n=8))
+    other = make_trainer(MLP(), tmp_path / "b", [], total_batch=8, steps=1, lr=0.0, data=NoisyLinearData(n=8))
+    trainer.train()
+    assert seen == [(True, False)]
+    assert not compat.training_loop_running(trainer)
+    name = compat.clip_grad_norm_name(trainer)
+    assert name == "_clip_grad_norm" and callable(getattr(trainer, name))

@@ -35,7 +35,7 @@ MODULE_LAYERS = {
     "robustft.wise_ft": "lora/merge",  # functional WiSE-FT on whole models (interpolate, sweep)
     "robustft.learned": "lora/merge",  # learned per-block coefficients (aTLAS / AdaMerging) on models
     "robustft.wemoe": "lora/merge",  # WEMoE: MLP blocks as weight-ensembling MoE, routers by entropy
-    "robustft.zero_shot": "lora/merge",  # a model built from a sentence encoder; no robustft import
+    "robustft.zero_shot": "lora/merge",  # a model built from a sentence encoder (params.train_mode)
     "robustft.diagnostics": "lora/merge",  # RiFT's module criticality, layer sharpness along the WiSE-FT path
     "robustft.cli": "cli",
     "robustft.__main__": "cli",

@@ -31,6 +31,7 @@ from robustft.params import (
     live_tensors,
     select_parameters,
     swapped_in,
+    train_mode,
 )
 
 __all__ = [
@@ -126,7 +127,11 @@ class _AveragingCallback(RobustCallback):
     def averaged_weights(self) -> Iterator[None]:
         """Context in which the model holds the averaged weights (always restored on exit).
 
-        ``with ema.averaged_weights(): trainer.evaluate()`` evaluates the average after training.
+        ``with ema.averaged_weights(): trainer.evaluate()`` evaluates the average after training. The stored
+        average is only read: an edit of the model inside the block (in place, an optimizer step) never
+        reaches it, ``average()`` returns it unchanged inside, and the trained weights come back bit-exactly
+        (kept in one more copy of the selected weights meanwhile). The block runs in the caller's grad mode
+        (:func:`robustft.params.swapped_in`).
         """
         try:
             with swapped_in(self._require_setup(), self.average()):
@@ -508,18 +513,16 @@ def recompute_batchnorm(model: nn.Module, loader) -> None:
         bn.reset_running_stats()
         momenta[bn] = bn.momentum
         bn.momentum = None  # cumulative average over the pass
-    was_training = model.training
-    model.train()
     device = next(model.parameters()).device
     try:
-        for batch in loader:
-            if isinstance(batch, Mapping):
-                model(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()})
-            elif isinstance(batch, (list, tuple)):
-                model(batch[0].to(device))
-            else:
-                model(batch.to(device))
+        with train_mode(model, True):
+            for batch in loader:
+                if isinstance(batch, Mapping):
+                    model(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()})
+                elif isinstance(batch, (list, tuple)):
+                    model(batch[0].to(device))
+                else:
+                    model(batch.to(device))
     finally:
         for bn, m in momenta.items():
             bn.momentum = m
-        model.train(was_training)

@@ -12,6 +12,7 @@ callback's end action in phase order, so the result never depends on the order o
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -23,7 +24,7 @@ from transformers import Trainer, TrainerCallback
 from robustft import distributed
 from robustft.checkpoint import load_state, save_state
 from robustft.checks import check_bool
-from robustft.compat import UNKNOWN_RESUME, caller_self, trainer_resume_checkpoint
+from robustft.compat import UNKNOWN_RESUME, caller_self, trainer_resume_checkpoint, training_loop_running
 
 __all__ = [
     "END_COMPOSE",
@@ -63,6 +64,7 @@ class RobustCallback(TrainerCallback):
         self.trainer: Trainer | None = None
         self._resumed_from: str | None | object = UNKNOWN_RESUME
         self._ended = True
+        self._run: Any = None  # the TrainerState of the run in progress (set at on_train_begin)
 
     def attach(self, trainer: Trainer):
         """Use ``trainer`` (and register with it) instead of finding it when training starts; returns self."""
@@ -74,34 +76,63 @@ class RobustCallback(TrainerCallback):
         return self
 
     def wrap_method(
-        self, name: str, make_wrapper: Callable[[Callable], Callable], target: Any = None
+        self, name: str, make_wrapper: Callable[[Callable], Callable], target: Any = None,
+        run_scoped: bool = True,
     ) -> Callable:
         """Put ``make_wrapper(original)`` on ``target`` (default: the Trainer) as ``name`` until
-        :meth:`unwrap_method`.
+        :meth:`unwrap_method`, or until the training run that put it there is over.
 
         The Trainer gives callbacks no hook inside a step or around an evaluation, and DeepSpeed's engine
         steps inside the backward; wrapping the method on the instance (not the class) is the narrowest
         way in. ``original`` calls whatever is below this wrapper at call time, so another callback's
-        wrapper can be removed from under it. Returns ``original``; wrapping twice keeps the first wrapper
-        (also under other callbacks' wrappers).
+        wrapper can be removed from under it. Returns ``original``; wrapping twice in one run keeps the
+        first wrapper (also under other callbacks' wrappers).
+
+        ``run_scoped`` (the default): the wrapper acts only inside the ``train()`` run during which it was
+        put there. The Trainer calls no callback when ``train()`` raises, so a wrapper left behind by such
+        a run finds out on its next call (:meth:`in_run`) that its run is over, removes itself and calls
+        straight through; the next ``on_train_begin`` of the callback replaces it. This is the one
+        mechanism that keeps what a callback attaches from outliving its run, exceptions included; nothing
+        is ever attached to the model itself beyond one call.
         """
         target = self.trainer if target is None else target
         current = getattr(target, name)
         link = current
         while getattr(link, "robustft_owner", None) is not None:
             if link.robustft_owner is self:
-                return link.robustft_call_original
+                if not link.robustft_run_scoped or link.robustft_run is self._run:
+                    return link.robustft_call_original
+                self.unwrap_method(name, target=target)  # a previous run's leftover: replaced
+                return self.wrap_method(name, make_wrapper, target=target, run_scoped=run_scoped)
             link = link.robustft_original
 
         def original(*args, **kwargs):
             return wrapper.robustft_original(*args, **kwargs)
 
-        wrapper = make_wrapper(original)
+        acting = make_wrapper(original)
+        run = self._run
+
+        def wrapper(*args, **kwargs):
+            if run_scoped and not self.in_run(run):
+                self.unwrap_method(name, target=target)  # its run ended (by an exception): gone from now on
+                return original(*args, **kwargs)
+            return acting(*args, **kwargs)
+
+        functools.update_wrapper(wrapper, acting)  # carry the marks the wrapped method's wrapper carries
         wrapper.robustft_owner, wrapper.robustft_original = self, current
         wrapper.robustft_call_original = original
         wrapper.robustft_was_instance_attr = name in target.__dict__
+        wrapper.robustft_run, wrapper.robustft_run_scoped = run, run_scoped
         setattr(target, name, wrapper)
         return original
+
+    def in_run(self, run: Any) -> bool:
+        """True while the training run ``run`` (its ``TrainerState``) is running: the Trainer still holds
+        that state and its training loop is on the call stack. Without a known Trainer (events called by
+        hand) there is no way to tell, and the answer is True."""
+        if self.trainer is None or run is None:
+            return True
+        return self.trainer.state is run and training_loop_running(self.trainer)
 
     def unwrap_method(self, name: str, target: Any = None) -> None:
         """Remove this callback's wrapper of ``name`` on ``target`` (only ours, wherever it sits in the
@@ -231,6 +262,7 @@ class RobustCallback(TrainerCallback):
         self.trainer = caller_self(Trainer) or self.trainer
         self._resumed_from = trainer_resume_checkpoint(Trainer)
         self._ended = False
+        self._run = state
         if self.trainer is not None:
             self._log_through_trainer()
         self._check_end_phases()
@@ -275,4 +307,5 @@ class RobustCallback(TrainerCallback):
 
             return log
 
-        self.wrap_method("log", make_wrapper)
+        # not run-scoped: metrics set when training ends reach the next log, also after train() returned
+        self.wrap_method("log", make_wrapper, run_scoped=False)

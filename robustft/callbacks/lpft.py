@@ -9,6 +9,12 @@ head, gradient dropped before the step so AdamW neither decays nor builds state 
 restored after every step): bit-identical through the probe phase. At the boundary the backbone starts
 training with a fresh optimizer state (its first step is Adam's first step).
 
+Two forms (docs/regularizers.md#lp-ft): by default one run with the Trainer's one learning-rate schedule
+over both phases, the head keeping its optimizer state across the boundary; ``two_stage=True`` is the
+paper's procedure, two trainings: each stage gets its own fresh schedule (the Trainer's kind and warmup,
+over the stage's steps; ``compat.restart_lr_schedule``) and the fine-tuning stage starts with a fresh
+optimizer state for every parameter, the head included, all inside one ``trainer.train()``.
+
 With :class:`~robustft.callbacks.wise_ft.WiseFTCallback` on the same Trainer (either order of the
 callback list), ``interpolate_from_probe=True`` makes the probed model its θ_start: at the boundary the
 WiSE-FT start is re-taken from the live weights, so θ(α) lies between the probed and the fine-tuned model.
@@ -27,6 +33,7 @@ from robustft.callbacks.base import RobustCallback
 from robustft.callbacks.sparse import FrozenEntries, refuse_unsupported
 from robustft.callbacks.wise_ft import WiseFTCallback
 from robustft.checks import check_bool, check_number, short_repr
+from robustft.compat import restart_lr_schedule
 from robustft.params import select_parameters
 
 __all__ = ["DEFAULT_HEAD", "LPFTCallback"]
@@ -46,6 +53,10 @@ class LPFTCallback(RobustCallback):
         head: regex(es) of the head's parameter names (trained in both phases); every other trainable
             parameter is the backbone, frozen during the probe.
         interpolate_from_probe: hand the probed model to every attached ``WiseFTCallback`` as its start.
+        two_stage: the paper's two trainings in one run: a fresh learning-rate schedule for each stage (the
+            probe's over its steps, the fine-tuning's over the rest) and a fresh optimizer state for every
+            parameter at the boundary. Default False: one schedule over the whole run, the head's optimizer
+            state kept (only the backbone starts fresh).
     """
 
     state_name = "lp_ft"
@@ -56,6 +67,7 @@ class LPFTCallback(RobustCallback):
         probe_epochs: int | None = None,
         head: str | Sequence[str] = DEFAULT_HEAD,
         interpolate_from_probe: bool = True,
+        two_stage: bool = False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -73,6 +85,7 @@ class LPFTCallback(RobustCallback):
             raise ValueError(f"head must be a regex or a list of regexes of parameter names, got "
                              f"{short_repr(head)}")
         check_bool("interpolate_from_probe", interpolate_from_probe)
+        check_bool("two_stage", two_stage)
         for pattern in [head] if isinstance(head, str) else head:
             try:
                 re.compile(pattern)
@@ -81,6 +94,9 @@ class LPFTCallback(RobustCallback):
         self.probe_steps, self.probe_epochs = probe_steps, probe_epochs
         self.head = head
         self.interpolate_from_probe = interpolate_from_probe
+        self.two_stage = two_stage
+        self.probe_length: int | None = None
+        self.optimizer = None
         self.probing = False
         self.boundary_step: int | None = None
         self.frozen: FrozenEntries | None = None
@@ -108,9 +124,13 @@ class LPFTCallback(RobustCallback):
                              "nothing to probe")
         refuse_unsupported(type(self).__name__, self.trainer, params)
         self.probing, self.boundary_step = True, None
+        self.optimizer = optimizer
+        self.probe_length = self._probe_length(args, state, kwargs.get("train_dataloader"))
         resume = self.resume_dir(args, state)
         if resume is not None:
             self.load_from(resume)
+        if self.two_stage:
+            self._stage_schedule(state, resumed=resume is not None)
         if not self.probing:
             return
         self.frozen = FrozenEntries(self, backbone, {n: torch.zeros((), dtype=torch.bool) for n in backbone})
@@ -125,11 +145,40 @@ class LPFTCallback(RobustCallback):
         if self.probing and self.probe_epochs is not None and state.epoch >= self.probe_epochs - 1e-9:
             self._end_probe(state)
 
+    def _probe_length(self, args, state, train_dataloader) -> int:
+        """Optimizer steps of the probe phase (``probe_epochs`` × the Trainer's update steps per epoch)."""
+        if self.probe_steps is not None:
+            return self.probe_steps
+        if train_dataloader is None or not hasattr(train_dataloader, "__len__"):
+            if self.two_stage:
+                raise ValueError("two_stage: probe_epochs needs a train dataloader of known length to size "
+                                 "the probe's schedule; give probe_steps")
+            return 0  # unused: the boundary comes at an epoch end
+        batches, accumulation = len(train_dataloader), args.gradient_accumulation_steps
+        per_epoch = max(batches // accumulation + int(batches % accumulation > 0), 1)  # as the Trainer counts
+        return self.probe_epochs * per_epoch
+
+    def _stage_schedule(self, state, resumed: bool) -> None:
+        """Two-stage form: the current stage's own schedule (from train begin, or continued on resume)."""
+        if self.probing:
+            steps = self.probe_length
+        else:
+            steps = state.max_steps - self.boundary_step
+        if self.trainer is None:
+            raise ValueError("two_stage: no Trainer found; call callback.attach(trainer) before train()")
+        saved = self.trainer.lr_scheduler.state_dict() if resumed else None
+        restart_lr_schedule(self.trainer, max(steps, 1), state=saved)
+
     def _end_probe(self, state) -> None:
         """The phase boundary: the backbone trains from the next step; WiSE-FT restarts from the probe."""
         self.frozen.stop()
         self.frozen = None
         self.probing, self.boundary_step = False, state.global_step
+        if self.two_stage:  # a second training: fresh optimizer state for every parameter, a fresh schedule
+            inner = getattr(self.optimizer, "optimizer", self.optimizer)
+            inner.state.clear()
+            if state.max_steps > state.global_step:
+                restart_lr_schedule(self.trainer, state.max_steps - state.global_step)
         if self.interpolate_from_probe:
             for cb in self._attached():
                 if isinstance(cb, WiseFTCallback):

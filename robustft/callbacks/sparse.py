@@ -7,12 +7,14 @@
 
 Why masking the gradient is not enough: AdamW's decoupled weight decay (θ ← θ − lr·λ·θ) and SGD's coupled
 decay move an entry whose gradient is 0, and an optimizer state built before the mask would keep moving
-it. :class:`FrozenEntries` therefore (1) masks the gradient at backward, so clipping and the optimizer's
-moments see exactly 0 there, (2) drops the gradient of wholly frozen tensors before the step, so the
-optimizer skips them (no decay, no state), and (3) wraps ``optimizer.step`` and writes every frozen
-entry's pre-step value back right after it (``ops.sparse.keep_masked_``): bit-identical whatever the
-optimizer does, and whatever the order of the callback list (a one-pass perturbation is undone before
-the step, so the values saved are the unperturbed ones).
+it. :class:`FrozenEntries` therefore (1) masks the gradient after every micro-batch's backward, before
+clipping and before the step, so the clipping norm, the other callbacks and the optimizer's moments see
+exactly 0 there, (2) drops the gradient of wholly frozen tensors, so the optimizer skips them (no decay, no
+state), and (3) wraps ``optimizer.step`` and writes every frozen entry's pre-step value back right after it
+(``ops.sparse.keep_masked_``): bit-identical whatever the optimizer does, and whatever the order of the
+callback list (a one-pass perturbation is undone before the step, so the values saved are the unperturbed
+ones). No hook is put on the model: the wrappers are the callback's, scoped to the training run
+(``RobustCallback.wrap_method``), so a ``train()`` that raises leaves the model training like a fresh copy.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from robustft import distributed
 from robustft.callbacks.base import RobustCallback
 from robustft.checkpoint import atomic_output_file
 from robustft.checks import check_count, check_density, short_repr
+from robustft.compat import clip_grad_norm_name
 from robustft.merge.fisher import estimate_fisher
 from robustft.ops.sparse import keep_masked_, magnitude_scores, mask_gradient, top_k_mask
 from robustft.params import is_sharded, select_parameters
@@ -54,7 +57,10 @@ class FrozenEntries:
     """Entries of parameters that must not move (mask False), kept bit-identical through every optimizer step.
 
     ``masks``: name -> bool tensor of the parameter's shape, or a 0-d ``False`` to freeze the whole tensor
-    (no parameter-sized mask). See the module docstring for the three guarantees.
+    (no parameter-sized mask). See the module docstring for the three guarantees. Nothing is attached to
+    the model: the gradients are masked by wrappers of the Trainer's ``training_step`` and
+    ``_clip_grad_norm`` and of ``optimizer.step``, which last as long as the training run
+    (:meth:`RobustCallback.wrap_method`), also when ``train()`` raises.
     """
 
     def __init__(
@@ -62,23 +68,32 @@ class FrozenEntries:
     ):
         self.owner = owner
         self.items = [(params[n], masks[n].to(params[n].device)) for n in masks if not bool(masks[n].all())]
-        self._hooks: list[Any] = []
         self._optimizer = None
+        self._trainer_methods: list[str] = []
+
+    @torch.no_grad()
+    def mask_gradients(self) -> None:
+        """Frozen entries' gradients to exactly 0 (NaN/Inf included), a wholly frozen tensor's to None (so
+        the optimizer skips it: no decay, no state). Idempotent; exact like masking each micro-batch's."""
+        for p, m in self.items:
+            if p.grad is None:
+                continue
+            if m.dim() == 0:
+                p.grad = None
+            else:
+                p.grad.copy_(mask_gradient(p.grad, m))
 
     def start(self, optimizer) -> None:
-        """Mask gradients at backward and restore frozen entries around ``optimizer.step``."""
+        """Mask the gradients after every micro-batch, before clipping and before ``optimizer.step``, and
+        restore the frozen entries right after the step."""
         if optimizer is None:
             raise ValueError(f"{type(self.owner).__name__}: the Trainer passed no optimizer to the callback")
-        for p, m in self.items:
-            self._hooks.append(p.register_hook(lambda g, m=m: mask_gradient(g, m)))
         items, current = self.items, optimizer.step
 
         def make_wrapper(original):
             def step(*args, **kwargs):
+                self.mask_gradients()  # also a gradient put there after the last micro-batch (exact SAM)
                 before = [p.detach().clone() for p, _ in items]
-                for p, m in items:
-                    if m.dim() == 0:  # wholly frozen: the optimizer skips a parameter without gradient
-                        p.grad = None
                 try:
                     return original(*args, **kwargs)
                 finally:
@@ -88,14 +103,35 @@ class FrozenEntries:
             # carry the marks of the step we wrap (the LR scheduler's check that step() is its own)
             return functools.update_wrapper(step, current)
 
+        def masking_after(original):
+            def call(*args, **kwargs):
+                try:
+                    return original(*args, **kwargs)
+                finally:
+                    self.mask_gradients()
+
+            return call
+
+        def masking_before(original):
+            def call(*args, **kwargs):
+                self.mask_gradients()
+                return original(*args, **kwargs)
+
+            return call
+
         self._optimizer = optimizer
         self.owner.wrap_method("step", make_wrapper, target=optimizer)
+        trainer = self.owner.trainer
+        if trainer is not None:
+            self._trainer_methods = ["training_step", clip_grad_norm_name(trainer)]
+            self.owner.wrap_method("training_step", masking_after)
+            self.owner.wrap_method(self._trainer_methods[1], masking_before)
 
     def stop(self) -> None:
-        """Remove the hooks and the step wrapper: every entry trains from now on."""
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
+        """Remove the wrappers: every entry trains from now on."""
+        for name in self._trainer_methods:
+            self.owner.unwrap_method(name)
+        self._trainer_methods = []
         if self._optimizer is not None:
             self.owner.unwrap_method("step", target=self._optimizer)
             self._optimizer = None

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from torch import nn
 from robustft import distributed
 from robustft.checkpoint import atomic_output_file
 from robustft.merge.io import CheckpointReader
-from robustft.params import select_parameters
+from robustft.params import select_parameters, train_mode
 
 __all__ = ["GramFile", "Grams", "estimate_fisher", "estimate_gram", "save_fisher", "save_gram"]
 
@@ -64,17 +63,6 @@ def _model_inputs(
                 return
     if n == 0:
         raise ValueError(f"{who}: the dataloader yielded no examples")
-
-
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """The model in eval mode (no dropout) for the duration; its train/eval mode restored, also on error."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 def _save(
@@ -128,7 +116,7 @@ def estimate_fisher(
     fisher = [torch.zeros(t.shape, dtype=torch.float32, device=device) for t in tensors]
     loss_fn = loss_fn or _default_loss
     n = 0
-    with _eval_mode(model):
+    with train_mode(model, False):
         for example in _model_inputs(dataloader, device, max_examples, True, "estimate_fisher"):
             loss = loss_fn(model, example)
             grads = torch.autograd.grad(loss, tensors, allow_unused=True)
@@ -228,7 +216,7 @@ def estimate_gram(
     try:
         for module, name, _ in layers:
             handles.append(module.register_forward_hook(hook(name), with_kwargs=True))
-        with _eval_mode(model), torch.no_grad():
+        with train_mode(model, False), torch.no_grad():
             device = next(model.parameters()).device  # the inputs' device, as the model takes them
             for batch in _model_inputs(dataloader, device, max_examples, False, "estimate_gram"):
                 mask = batch.get("attention_mask")

@@ -288,3 +288,59 @@ def test_evaluation_before_the_first_update_scores_the_live_weights(tmp_path):
         assert logged[step] == pytest.approx(trainer.evaluate()["eval_loss"], rel=1e-6), step
     distance_steps = [h["step"] for h in trainer.state.log_history if "swa/distance" in h]
     assert distance_steps and min(distance_steps) == 6
+
+
+AVERAGES = {
+    "ema": lambda: EMACallback(decay=0.8, save_dir=None),
+    "swa": lambda: SWACallback(start=2, save_dir=None),
+    "lawa": lambda: LAWACallback(k=3, update_every=2, save_dir=None),
+    "momentum": lambda: MomentumInterpolationCallback(momentum=0.8, save_dir=None),
+}
+
+
+@pytest.mark.parametrize("make", AVERAGES.values(), ids=AVERAGES.keys())
+def test_edits_inside_averaged_weights_never_reach_the_average(tmp_path, make):
+    """Inside the block the model and ``average()`` hold the average; an in-place +1 and an optimizer step
+    there change neither the stored average nor (after the block) the trained weights; the block runs in the
+    caller's grad mode."""
+    cb = make()
+    trainer = _train([cb], tmp_path)
+    model = trainer.model
+    params = cb.params
+    average = [t.clone() for t in cb.average().tensors]
+    trained = {n: p.detach().clone() for n, p in params.items()}
+    assert any(not torch.equal(a, trained[n]) for n, a in zip(cb.average().names, average))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    batch = {k: torch.tensor(v) for k, v in token_dataset(8)[:8].items()}
+    with cb.averaged_weights():
+        assert torch.is_grad_enabled()
+        for n, a, inside in zip(cb.average().names, average, cb.average().tensors, strict=True):
+            assert torch.equal(params[n].detach(), a), n  # the model holds the average
+            assert torch.equal(inside, a), n  # and average() still returns it
+        with torch.no_grad():
+            for p in params.values():
+                p.add_(1.0)
+        model(**batch).loss.backward()  # a gradient at the swapped-in weights
+        optimizer.step()
+        assert all(torch.equal(inside, a) for inside, a in zip(cb.average().tensors, average))
+    for got, want in zip(cb.average().tensors, average, strict=True):
+        assert torch.equal(got, want)
+    for n, p in params.items():
+        assert torch.equal(p.detach(), trained[n]), n
+
+
+def test_evaluate_after_a_failed_run_scores_the_live_weights(tmp_path):
+    """train() raises: the evaluate wrapper that swaps the EMA in is that run's leftover and acts no more."""
+    from tests.callbacks.failing import disarm, fail_training
+
+    ema = EMACallback(decay=0.5, save_dir=None)
+    trainer = fail_training(tiny_bert(), tmp_path, [ema], "on_step_end", step=3)
+    disarm(trainer)
+    trainer.remove_callback(ema)
+    data = token_dataset(32, seed=1)
+    got = trainer.evaluate(eval_dataset=data)["eval_loss"]
+    assert getattr(trainer.evaluate, "robustft_owner", None) is None
+    with ema.averaged_weights():
+        on_ema = Trainer(model=trainer.model, args=training_args(tmp_path / "e")).evaluate(data)["eval_loss"]
+    live = Trainer(model=trainer.model, args=training_args(tmp_path / "l")).evaluate(data)["eval_loss"]
+    assert got == live != on_ema

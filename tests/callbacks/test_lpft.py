@@ -8,6 +8,12 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from robustft import LPFTCallback, WiseFTCallback
+from tests.callbacks.failing import (
+    FAILURES,
+    assert_nothing_attached,
+    assert_trains_like_a_fresh_copy,
+    fail_training,
+)
 from tests.tiny import stop_at, tiny_bert, token_dataset, training_args
 
 ADAMW = dict(weight_decay=0.1, adam_beta1=0.9, max_grad_norm=1.0)
@@ -148,3 +154,92 @@ def test_head_matching_nothing_or_everything_is_a_named_error(tmp_path):
         _train(tmp_path / "a", [LPFTCallback(probe_steps=1, head="no_such_module")], max_steps=1)
     with pytest.raises(ValueError, match="head"):
         _train(tmp_path / "b", [LPFTCallback(probe_steps=1, head=".")], max_steps=1)
+
+
+@pytest.mark.parametrize("where", FAILURES)
+def test_a_run_failing_in_the_probe_leaves_the_model_training_like_a_fresh_copy(tmp_path, where):
+    """train() raises at step 2 of a 5-step probe: no hook is left, and a plain run on the model equals the
+    same run on a fresh copy (a frozen backbone left behind would not move)."""
+    model = tiny_bert()
+    fail_training(model, tmp_path / "failed", [LPFTCallback(probe_steps=5)], where, step=2, **ADAMW)
+    assert_nothing_attached(model)
+    assert_trains_like_a_fresh_copy(model, tiny_bert, tmp_path, **ADAMW, max_steps=3)
+
+
+# -- the two-stage form (Kumar et al.'s two trainings) ------------------------------------------------
+TWO_STAGE = dict(weight_decay=0.0, max_grad_norm=1.0, lr_scheduler_type="linear", warmup_steps=1)
+
+
+class RecordingTrainer(Trainer):
+    """Keeps every batch ``compute_loss`` sees, so a hand-written loop can replay them."""
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        self.batches = getattr(self, "batches", []) + [{k: v.clone() for k, v in inputs.items()}]
+        return super().compute_loss(model, inputs, *args, **kwargs)
+
+
+def _no_dropout(model):
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    return model
+
+
+def _linear_warmup(warmup, total):
+    return lambda s: s / warmup if s < warmup else max(0.0, (total - s) / (total - warmup))
+
+
+def _reference_two_stage(batches, probe, lr=5e-3):
+    """The paper's procedure by hand: AdamW + its own warmup/linear schedule on the head alone for ``probe``
+    steps, then a fresh AdamW + a fresh schedule on every parameter for the rest."""
+    model = _no_dropout(tiny_bert())
+    model.train()
+    stages = [([p for n, p in model.named_parameters() if n in HEAD], batches[:probe]),
+              (list(model.parameters()), batches[probe:])]
+    for params, stage in stages:
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _linear_warmup(1, len(stage)))
+        for batch in stage:
+            model(**batch).loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            schedule.step()
+            model.zero_grad(set_to_none=True)
+    return {n: p.detach() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("two_stage", [True, False], ids=["two_stage", "one_schedule"])
+def test_two_stage_form_equals_a_hand_written_two_stage_loop(tmp_path, two_stage):
+    """two_stage=True: equal to the reference; the default one-schedule form is not (the test can fail)."""
+    trainer = RecordingTrainer(model=_no_dropout(tiny_bert()), args=training_args(tmp_path, **TWO_STAGE),
+                               train_dataset=token_dataset(),
+                               callbacks=[LPFTCallback(probe_steps=3, two_stage=two_stage)])
+    trainer.train()
+    want = _reference_two_stage(trainer.batches, probe=3)
+    gap = max(float((p.detach() - want[n]).abs().max()) for n, p in trainer.model.named_parameters())
+    if two_stage:
+        assert gap < 1e-6
+    else:
+        assert gap > 1e-4
+
+
+@pytest.mark.parametrize("cut", [2, 3, 5], ids=["in_probe", "at_boundary", "after_probe"])
+def test_two_stage_resumed_equals_uninterrupted(tmp_path, cut):
+    make = lambda: [LPFTCallback(probe_steps=3, two_stage=True), WiseFTCallback(alpha=0.5)]  # noqa: E731
+    full = _train(tmp_path / "full", make(), **TWO_STAGE)
+    want = {n: p.detach().clone() for n, p in full.model.named_parameters()}
+    _train(tmp_path / "part", [*make(), stop_at(cut)], save_strategy="steps", save_steps=cut, **TWO_STAGE)
+    got = _train(tmp_path / "part", make(), resume=True, **TWO_STAGE).model
+    for n, p in got.named_parameters():
+        assert torch.equal(p.detach(), want[n]), n
+
+
+def test_two_stage_refuses_a_scheduler_the_trainer_did_not_build(tmp_path):
+    model = tiny_bert()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    trainer = Trainer(model=model, args=training_args(tmp_path), train_dataset=token_dataset(),
+                      optimizers=(optimizer, schedule),
+                      callbacks=[LPFTCallback(probe_steps=2, two_stage=True)])
+    with pytest.raises(ValueError, match="two_stage"):
+        trainer.train()

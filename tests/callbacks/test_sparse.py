@@ -6,10 +6,17 @@ from __future__ import annotations
 import pytest
 import torch
 from torch.utils.data import DataLoader
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from robustft import RandomPerturbationCallback, SparseUpdateCallback
 from robustft.callbacks.sparse import load_mask, save_mask
+from tests.callbacks.failing import (
+    FAILURES,
+    assert_nothing_attached,
+    assert_trains_like_a_fresh_copy,
+    disarm,
+    fail_training,
+)
 from tests.tiny import stop_at, tiny_bert, token_dataset, training_args
 
 ADAMW = dict(weight_decay=0.1, adam_beta1=0.9, max_grad_norm=1.0)  # decoupled decay + momentum + clipping
@@ -169,3 +176,53 @@ def test_existing_save_mask_and_mask_file_with_scores_are_refused(tmp_path):
         SparseUpdateCallback(scores="magnitude", save_mask=path)
     with pytest.raises(ValueError, match="mask_file"):
         SparseUpdateCallback(scores="magnitude", mask_file=path)
+
+
+@pytest.mark.parametrize("where", FAILURES)
+def test_a_failed_run_leaves_the_model_training_like_a_fresh_copy(tmp_path, where):
+    """train() raises at step 3: no hook is left on the model, and a later plain run on it equals the same run
+    on a fresh copy (a gradient mask left behind would keep 90% of the entries still)."""
+    model = tiny_bert()
+    cb = SparseUpdateCallback(density=0.1, scores="magnitude")
+    trainer = fail_training(model, tmp_path / "failed", [cb], where, step=3, **ADAMW)
+    assert_nothing_attached(model)
+    assert_trains_like_a_fresh_copy(model, tiny_bert, tmp_path, **ADAMW, max_steps=3)
+    # the failed Trainer itself, trained again without the callback, trains the frozen entries
+    trainer.remove_callback(cb)
+    disarm(trainer)
+    before = _weights(model)
+    trainer.train()
+    after = _weights(model)
+    frozen = sum(int((~m).sum()) for m in cb.masks.values())
+    moved = sum(int((after[n][~m] != before[n][~m]).sum()) for n, m in cb.masks.items())
+    assert moved > 0.9 * frozen
+    for owner in (trainer.training_step, trainer._clip_grad_norm, trainer.optimizer.step):
+        assert getattr(owner, "robustft_owner", None) is None
+
+
+def test_training_again_after_a_failure_with_the_callback_replaces_its_leftover_wrappers(tmp_path):
+    """The failed run's wrappers are replaced (not stacked, not reused) by the next run's; the frozen entries
+    stay bit-identical through it."""
+    model = tiny_bert()
+    cb = SparseUpdateCallback(density=0.1, scores="magnitude")
+    trainer = fail_training(model, tmp_path, [cb], "on_step_end", step=2, **ADAMW)
+    stale = trainer.training_step
+    assert stale.robustft_owner is cb
+    disarm(trainer)
+    before = _weights(model)
+    seen = []
+
+    class Chain(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            link, owners = trainer.training_step, []
+            while getattr(link, "robustft_owner", None) is not None:
+                owners.append((link.robustft_owner, link is stale))
+                link = link.robustft_original
+            seen.append(owners)
+
+    trainer.add_callback(Chain())
+    trainer.train()
+    assert seen and all(owners == [(cb, False)] for owners in seen)
+    after = _weights(model)
+    for name, m in cb.masks.items():
+        assert torch.equal(after[name][~m].view(torch.int32), before[name][~m].view(torch.int32)), name
