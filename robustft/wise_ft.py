@@ -412,9 +412,12 @@ def evaluate_at_alphas(
 def _metric_value(metrics: Mapping[str, float], prefix: str, metric: str, name: str) -> float:
     key = _metric_key(prefix, metric)
     if key not in metrics:
+        # the Trainer calls compute_metrics (and reports a loss) only when the batches carry labels
+        why = "give the Trainer a compute_metrics that returns it"
+        if f"{prefix}_loss" not in metrics:
+            why = "no loss either: does the set have labels? The Trainer scores a set only with labels"
         raise ValueError(
-            f"metric: {metric!r} not in the evaluation results of {name!r} (keys: {sorted(metrics)}); "
-            "give the Trainer a compute_metrics that returns it"
+            f"metric: {metric!r} not in the evaluation results of {name!r} (keys: {sorted(metrics)}); {why}"
         )
     return float(metrics[key])
 
@@ -500,17 +503,20 @@ class DaWinResult:
     counts: dict[str, list[int]]
     mean_lambda: dict[str, float]
     loss: dict[str, float] = field(default_factory=dict)
+    #: eval sets without labels: no metric (as ``Trainer.evaluate``), their components are still reported
+    unlabeled: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def table(self) -> str:
-        """One row per eval set: the metric, mean λ and the components as α×count."""
+        """One row per eval set: the metric ("-" without labels), mean λ and the components as α×count."""
         rows = [f"{'eval set':>14} {self.metric:>10} {'mean λ':>7}  components (α × inputs)"]
-        for name, value in self.results.items():
+        for name in self.alphas:
             pairs = zip(self.alphas[name], self.counts[name], strict=True)
             comps = ", ".join(f"{a:.3f}×{c}" for a, c in pairs)
-            rows.append(f"{name[:14]:>14} {value:>10.4f} {self.mean_lambda[name]:>7.3f}  {comps}")
+            value = f"{self.results[name]:>10.4f}" if name in self.results else f"{'-':>10}"
+            rows.append(f"{name[:14]:>14} {value} {self.mean_lambda[name]:>7.3f}  {comps}")
         return "\n".join(rows)
 
 
@@ -609,7 +615,9 @@ def dawin_evaluate(
     (``causal_lm``; default: :func:`is_causal_lm`) the entropy of a sequence is the mean
     next-token entropy over the positions that predict a label. ``loss`` is the input-weighted mean of
     the components' losses; on several ranks it is left out and ``metric="loss"`` is refused
-    (:func:`check_dawin_metric`).
+    (:func:`check_dawin_metric`). A set without labels gets no metric and no loss, as in
+    ``Trainer.evaluate`` (``compute_metrics`` is never called with ``label_ids=None``): it is listed in
+    ``unlabeled`` with a warning, its components still reported.
     """
     check_dawin_metric(metric)
     key = metric.removeprefix("eval_")
@@ -652,25 +660,33 @@ def dawin_evaluate(
         outputs = evaluate_at_alphas(weights, [a for _, a, _ in plan], predict_component, method)
     results: dict[str, float] = {}
     loss: dict[str, float] = {}
+    unlabeled: list[str] = []
     from transformers import EvalPrediction
 
     for n in names:
         mine = [i for i, (m, _, _) in enumerate(plan) if m == n]
         groups = [plan[i][2] for i in mine]
+        if any(outputs[i].label_ids is None for i in mine):
+            # as Trainer.evaluate: no labels, no compute_metrics (it would score against None) and no loss
+            unlabeled.append(n)
+            continue
         losses = [(outputs[i].metrics.get(f"{key_prefix}_c{i}_{n}_loss"), len(plan[i][2])) for i in mine]
         if all(v is not None for v, _ in losses) and distributed.world_size() == 1:
             loss[n] = sum(float(v) * c for v, c in losses) / sum(c for _, c in losses)
         if key == "loss":
             if n not in loss:
-                raise ValueError(f"metric: 'loss' but the model returned no loss on {n!r} (no labels?)")
+                raise ValueError(f"metric: 'loss' but the model returned no loss on {n!r}")
             results[n] = loss[n]
             continue
         preds = _reassemble([outputs[i].predictions for i in mine], groups)
-        has_labels = outputs[mine[0]].label_ids is not None
-        labels = _reassemble([outputs[i].label_ids for i in mine], groups) if has_labels else None
+        labels = _reassemble([outputs[i].label_ids for i in mine], groups)
         scores = compute(EvalPrediction(predictions=preds, label_ids=labels))
         if key not in scores:
             raise ValueError(f"metric: {metric!r} not in compute_metrics' results on {n!r} "
                              f"(keys: {sorted(scores)})")
         results[n] = float(scores[key])
-    return DaWinResult(results, metric, n_components, alphas, counts, mean_lambda, loss)
+    if unlabeled:
+        warnings.warn(f"DaWin: no labels in the eval set(s) {unlabeled}: no {metric} for them (as "
+                      "Trainer.evaluate, compute_metrics is not called); their components are reported",
+                      RuntimeWarning, stacklevel=2)
+    return DaWinResult(results, metric, n_components, alphas, counts, mean_lambda, loss, unlabeled)

@@ -174,3 +174,41 @@ def test_dawin_by_loss_is_refused_on_several_ranks_before_any_prediction(tmp_pat
     with pytest.raises(ValueError, match="metric='loss' is refused on 2 ranks"):
         trainer.train()
     assert trainer.state.global_step == 0
+
+
+def test_a_set_without_labels_gets_no_metric_as_in_trainer_evaluate(tmp_path):
+    """compute_metrics is never called with label_ids=None (it scored 0.0 before): the set is listed as
+    unlabeled, with a warning, its components still reported; a labelled set beside it is unchanged."""
+    model = tiny_bert(0)
+    calls = []
+
+    def metric(pred):
+        calls.append(pred.label_ids is None)
+        return accuracy(pred)
+
+    trainer = Trainer(model=model, args=training_args(tmp_path), compute_metrics=metric)
+    weights = WiseFTWeights.from_models(tiny_bert(1), model)
+    plain = trainer.evaluate(eval_dataset=token_dataset(40, seed=6).remove_columns("labels"))
+    assert "eval_accuracy" not in plain and "eval_loss" not in plain and calls == []  # the Trainer's rule
+    sets = {"id": token_dataset(48, seed=5), "raw": token_dataset(40, seed=6).remove_columns("labels")}
+    with pytest.warns(RuntimeWarning, match=r"no labels in the eval set\(s\) \['raw'\]"):
+        both = dawin_evaluate(trainer, weights, sets, n_components=2)
+    assert True not in calls
+    assert "raw" not in both.results and "raw" not in both.loss and both.unlabeled == ["raw"]
+    assert sum(both.counts["raw"]) == 40 and 0 < both.mean_lambda["raw"] < 1
+    alone = dawin_evaluate(trainer, weights, {"id": sets["id"]}, n_components=2)
+    assert both.results == alone.results and alone.unlabeled == []
+    assert " - " in both.table().splitlines()[-1]
+    with pytest.warns(RuntimeWarning, match="no labels"):
+        by_loss = dawin_evaluate(trainer, weights, {"raw": sets["raw"]}, metric="loss")
+    assert by_loss.results == {} and by_loss.unlabeled == ["raw"]
+
+
+def test_the_sweep_names_a_set_without_labels(tmp_path):
+    """The static sweep needs the metric at every α: a set without labels is a named error (not 0.0)."""
+    model = tiny_bert(0)
+    trainer = Trainer(model=model, args=training_args(tmp_path), compute_metrics=accuracy)
+    weights = WiseFTWeights.from_models(tiny_bert(1), model)
+    raw = {"raw": token_dataset(16, seed=6).remove_columns("labels")}
+    with pytest.raises(ValueError, match=r"'accuracy' not in the evaluation results of 'raw'.*have labels"):
+        wise_ft_sweep(trainer, weights, raw, "raw", alphas=[0.5], progress=False)
