@@ -15,6 +15,7 @@ from robustft.ops.dawin import (
     component_alphas,
     dawin_lambda,
     fit_beta_mixture,
+    fit_beta_mixture_kmeans,
     prediction_entropy,
 )
 from robustft.wise_ft import WiseFTWeights, dawin_evaluate, interpolate_models, wise_ft_sweep
@@ -38,12 +39,17 @@ def _train(tmp_path, callbacks=()):
 
 
 @torch.no_grad()
-def _by_hand(start, end, ds, k):
-    """λ from the two models' logits, the mixture, and the accuracy of θ(α of its component) per input."""
+def _by_hand(start, end, ds, k, procedure="paper"):
+    """λ from the two models' logits, the mixture, and the accuracy of θ(α of its component) per input: the
+    paper's α_k = a_k/(a_k+b_k) of a k-means-initialised fit, or the mean λ of the routed inputs."""
     ids, labels = torch.tensor(ds["input_ids"]), torch.tensor(ds["labels"])
     lam = dawin_lambda(prediction_entropy(start(input_ids=ids).logits.double()),
                        prediction_entropy(end(input_ids=ids).logits.double()))
-    alphas, groups = component_alphas(lam, fit_beta_mixture(lam, k).assign(lam))
+    if procedure == "paper":
+        mixture = fit_beta_mixture_kmeans(lam, k, n_init=3, seed=1)
+        alphas, groups = component_alphas(lam, mixture.assign(lam), mixture)
+    else:
+        alphas, groups = component_alphas(lam, fit_beta_mixture(lam, k).assign(lam))
     correct = 0
     for alpha, group in zip(alphas, groups, strict=True):
         model = copy.deepcopy(end)
@@ -71,6 +77,24 @@ def test_callback_reports_dawin_beside_the_curve_on_every_eval_set(tmp_path):
     saved = json.loads((tmp_path / "wise_ft.json").read_text())
     assert saved["extra"]["dawin"]["results"] == cb.dawin.results
     assert trainer.compute_metrics is accuracy and trainer.preprocess_logits_for_metrics is None
+
+
+@pytest.mark.parametrize("procedure", ["paper", "routed_mean"])
+def test_dawin_evaluate_equals_the_procedure_by_hand(tmp_path, procedure):
+    """Both procedures through the Trainer's loop against one interpolated model per component, by hand."""
+    start, end = tiny_bert(1).eval(), tiny_bert(0)
+    with torch.no_grad():  # a confident end model on part of the inputs: λ spread over (0, 1)
+        for name, p in end.named_parameters():
+            if name.startswith("classifier"):
+                p.mul_(40)
+    trainer = Trainer(model=end, args=training_args(tmp_path), compute_metrics=accuracy)
+    ds = token_dataset(40, seed=6)
+    result = dawin_evaluate(trainer, WiseFTWeights.from_models(start, end), {"s": ds}, n_components=3,
+                            procedure=procedure)
+    acc, alphas, counts = _by_hand(start, end.eval(), ds, 3, procedure)
+    assert result.procedure == procedure and result.counts["s"] == counts and len(counts) >= 2
+    assert result.alphas["s"] == pytest.approx(alphas, rel=1e-5)
+    assert result.results["s"] == pytest.approx(acc, abs=1e-12)
 
 
 def test_one_component_on_saved_checkpoints_equals_the_static_sweep_at_the_mean_lambda(tmp_path):
@@ -127,6 +151,8 @@ def test_options_are_checked_when_the_callback_is_built():
         WiseFTCallback(alpha=0.5, dynamic="dawin")
     with pytest.raises(ValueError, match="n_components"):
         WiseFTCallback(eval_datasets=_sets(), id_dataset="id", dynamic="dawin", n_components=0)
+    with pytest.raises(ValueError, match="procedure: 'mean'"):
+        WiseFTCallback(eval_datasets=_sets(), id_dataset="id", dynamic="dawin", dawin_procedure="mean")
 
 
 def test_without_compute_metrics_it_fails_before_the_first_step(tmp_path):
