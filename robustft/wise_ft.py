@@ -35,10 +35,13 @@ from robustft import distributed
 from robustft.checkpoint import atomic_output_file, save_report
 from robustft.lora.layers import is_lora_b, lora_a_name
 from robustft.ops.dawin import (
+    BetaMixture,
     batch_entropy,
+    check_procedure,
     component_alphas,
     dawin_lambda,
     fit_beta_mixture,
+    fit_beta_mixture_kmeans,
 )
 from robustft.ops.interpolate import (
     check_alpha,
@@ -58,6 +61,7 @@ __all__ = [
     "check_dawin_metric",
     "choose_alpha",
     "dawin_evaluate",
+    "dawin_plan",
     "evaluate_at_alphas",
     "interpolate_models",
     "interpolate_state_dicts",
@@ -412,9 +416,12 @@ def evaluate_at_alphas(
 def _metric_value(metrics: Mapping[str, float], prefix: str, metric: str, name: str) -> float:
     key = _metric_key(prefix, metric)
     if key not in metrics:
+        # the Trainer calls compute_metrics (and reports a loss) only when the batches carry labels
+        why = "give the Trainer a compute_metrics that returns it"
+        if f"{prefix}_loss" not in metrics:
+            why = "no loss either: does the set have labels? The Trainer scores a set only with labels"
         raise ValueError(
-            f"metric: {metric!r} not in the evaluation results of {name!r} (keys: {sorted(metrics)}); "
-            "give the Trainer a compute_metrics that returns it"
+            f"metric: {metric!r} not in the evaluation results of {name!r} (keys: {sorted(metrics)}); {why}"
         )
     return float(metrics[key])
 
@@ -500,17 +507,22 @@ class DaWinResult:
     counts: dict[str, list[int]]
     mean_lambda: dict[str, float]
     loss: dict[str, float] = field(default_factory=dict)
+    #: eval sets without labels: no metric (as ``Trainer.evaluate``), their components are still reported
+    unlabeled: list[str] = field(default_factory=list)
+    #: how the mixture was fitted and where each component was evaluated (``robustft.ops.dawin.PROCEDURES``)
+    procedure: str = "paper"
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def table(self) -> str:
-        """One row per eval set: the metric, mean λ and the components as α×count."""
+        """One row per eval set: the metric ("-" without labels), mean λ and the components as α×count."""
         rows = [f"{'eval set':>14} {self.metric:>10} {'mean λ':>7}  components (α × inputs)"]
-        for name, value in self.results.items():
+        for name in self.alphas:
             pairs = zip(self.alphas[name], self.counts[name], strict=True)
             comps = ", ".join(f"{a:.3f}×{c}" for a, c in pairs)
-            rows.append(f"{name[:14]:>14} {value:>10.4f} {self.mean_lambda[name]:>7.3f}  {comps}")
+            value = f"{self.results[name]:>10.4f}" if name in self.results else f"{'-':>10}"
+            rows.append(f"{name[:14]:>14} {value} {self.mean_lambda[name]:>7.3f}  {comps}")
         return "\n".join(rows)
 
 
@@ -587,6 +599,22 @@ def check_dawin_metric(metric: str) -> None:
         )
 
 
+def dawin_plan(
+    lam: torch.Tensor, n_components: int, procedure: str = "paper", seed: int = 1
+) -> tuple[BetaMixture, list[float], list[torch.Tensor]]:
+    """(mixture, α_k, input indices of component k) for one eval set's λ values.
+
+    ``"paper"``: the authors' k-means-initialised EM (seed ``seed``) and α_k = a_k/(a_k+b_k);
+    ``"routed_mean"``: quantile-initialised EM and α_k = the mean λ of the inputs routed to k.
+    """
+    k = min(n_components, lam.numel())
+    if check_procedure(procedure) == "paper":
+        mixture = fit_beta_mixture_kmeans(lam, k, seed=seed)
+        return mixture, *component_alphas(lam, mixture.assign(lam), mixture)
+    mixture = fit_beta_mixture(lam, k)
+    return mixture, *component_alphas(lam, mixture.assign(lam))
+
+
 def dawin_evaluate(
     trainer,
     weights: WiseFTWeights,
@@ -596,20 +624,26 @@ def dawin_evaluate(
     method: str = "linear",
     causal_lm: bool | None = None,
     key_prefix: str = "dawin",
+    procedure: str = "paper",
+    seed: int = 1,
 ) -> DaWinResult:
     """DaWin on every eval set with the Trainer's evaluation loop; the model's weights are left as found.
 
     Per set: the prediction entropies of θ(0) and θ(1) (two ``trainer.predict`` passes whose logits are
     reduced to one entropy per input in the loop, so no logits are kept), λ(x) =
     sigmoid(H_start − H_ft), a ``n_components``-Beta mixture fitted to the λ of that set, each input
-    routed to its most likely component and predicted at θ(mean λ of the component) by
-    :func:`evaluate_at_alphas` (one interpolation per component). The predictions are put back in input
-    order and scored by ``trainer.compute_metrics`` on the whole set, so any metric works (``metric="loss"``:
-    the input-weighted mean of the components' losses, no ``compute_metrics`` needed). For a causal LM
-    (``causal_lm``; default: :func:`is_causal_lm`) the entropy of a sequence is the mean
-    next-token entropy over the positions that predict a label. ``loss`` is the input-weighted mean of
-    the components' losses; on several ranks it is left out and ``metric="loss"`` is refused
-    (:func:`check_dawin_metric`).
+    routed to its most likely component and predicted at that component's α by :func:`evaluate_at_alphas`
+    (one interpolation per component; :func:`dawin_plan`). ``procedure="paper"`` (default) is the authors':
+    k-means-initialised EM (``seed``) and α_k = a_k/(a_k+b_k), the component's fitted Beta mean;
+    ``"routed_mean"`` fits from quantile groups and evaluates each component at the mean λ of its inputs.
+    The predictions are put back in input order and scored by ``trainer.compute_metrics`` on the whole
+    set, so any metric works (``metric="loss"``: the input-weighted mean of the components' losses, no
+    ``compute_metrics`` needed). For a causal LM (``causal_lm``; default: :func:`is_causal_lm`) the entropy
+    of a sequence is the mean next-token entropy over the positions that predict a label. ``loss`` is the
+    input-weighted mean of the components' losses; on several ranks it is left out and ``metric="loss"`` is
+    refused (:func:`check_dawin_metric`). A set without labels gets no metric and no loss, as in
+    ``Trainer.evaluate`` (``compute_metrics`` is never called with ``label_ids=None``): it is listed in
+    ``unlabeled`` with a warning, its components still reported.
     """
     check_dawin_metric(metric)
     key = metric.removeprefix("eval_")
@@ -617,6 +651,7 @@ def dawin_evaluate(
         raise ValueError(f"metric: DaWin scores the reassembled predictions with the Trainer's "
                          f"compute_metrics; give the Trainer one that returns {metric!r} (or metric='loss')")
     check_method(method)
+    check_procedure(procedure)
     causal = is_causal_lm(trainer.model) if causal_lm is None else bool(causal_lm)
     names = list(eval_datasets)
     compute = trainer.compute_metrics
@@ -638,8 +673,7 @@ def dawin_evaluate(
         lam = dawin_lambda(h_start[n].to(torch.float64), h_ft[n].to(torch.float64))
         if lam.numel() == 0:
             raise ValueError(f"eval_datasets: {n!r} is empty")
-        mixture = fit_beta_mixture(lam, min(n_components, lam.numel()))
-        comp_alphas, groups = component_alphas(lam, mixture.assign(lam))
+        _, comp_alphas, groups = dawin_plan(lam, n_components, procedure, seed)
         plan += [(n, a, g) for a, g in zip(comp_alphas, groups, strict=True)]
         alphas[n], counts[n] = comp_alphas, [len(g) for g in groups]
         mean_lambda[n] = float(lam.mean())
@@ -652,25 +686,33 @@ def dawin_evaluate(
         outputs = evaluate_at_alphas(weights, [a for _, a, _ in plan], predict_component, method)
     results: dict[str, float] = {}
     loss: dict[str, float] = {}
+    unlabeled: list[str] = []
     from transformers import EvalPrediction
 
     for n in names:
         mine = [i for i, (m, _, _) in enumerate(plan) if m == n]
         groups = [plan[i][2] for i in mine]
+        if any(outputs[i].label_ids is None for i in mine):
+            # as Trainer.evaluate: no labels, no compute_metrics (it would score against None) and no loss
+            unlabeled.append(n)
+            continue
         losses = [(outputs[i].metrics.get(f"{key_prefix}_c{i}_{n}_loss"), len(plan[i][2])) for i in mine]
         if all(v is not None for v, _ in losses) and distributed.world_size() == 1:
             loss[n] = sum(float(v) * c for v, c in losses) / sum(c for _, c in losses)
         if key == "loss":
             if n not in loss:
-                raise ValueError(f"metric: 'loss' but the model returned no loss on {n!r} (no labels?)")
+                raise ValueError(f"metric: 'loss' but the model returned no loss on {n!r}")
             results[n] = loss[n]
             continue
         preds = _reassemble([outputs[i].predictions for i in mine], groups)
-        has_labels = outputs[mine[0]].label_ids is not None
-        labels = _reassemble([outputs[i].label_ids for i in mine], groups) if has_labels else None
+        labels = _reassemble([outputs[i].label_ids for i in mine], groups)
         scores = compute(EvalPrediction(predictions=preds, label_ids=labels))
         if key not in scores:
             raise ValueError(f"metric: {metric!r} not in compute_metrics' results on {n!r} "
                              f"(keys: {sorted(scores)})")
         results[n] = float(scores[key])
-    return DaWinResult(results, metric, n_components, alphas, counts, mean_lambda, loss)
+    if unlabeled:
+        warnings.warn(f"DaWin: no labels in the eval set(s) {unlabeled}: no {metric} for them (as "
+                      "Trainer.evaluate, compute_metrics is not called); their components are reported",
+                      RuntimeWarning, stacklevel=2)
+    return DaWinResult(results, metric, n_components, alphas, counts, mean_lambda, loss, unlabeled, procedure)

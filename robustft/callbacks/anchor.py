@@ -11,16 +11,23 @@ derivation; the maths is in ``robustft.ops.anchor``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-from robustft import compat
+from robustft import compat, distributed
 from robustft.callbacks.base import RobustCallback
 from robustft.checks import check_bool, check_number
-from robustft.ops.anchor import anchor_penalty, decoupled_anchor_step_, spectral_penalty, top_singular_value
+from robustft.ops.anchor import (
+    anchor_penalty,
+    anchor_pull,
+    decoupled_anchor_step_,
+    spectral_penalty,
+    top_singular_value,
+)
 from robustft.params import SelectionGuard, Snapshot, check_snapshot_spec, is_sharded, select_parameters
 
 __all__ = ["EWCCallback", "L2SPCallback", "SpectralRegCallback"]
@@ -125,10 +132,13 @@ class L2SPCallback(_AnchorCallback):
     """L2-SP (Li et al., ICML 2018): λ/2·‖θ − θ_start‖² on the selected parameters, θ_start = the weights when
     training begins.
 
-    With ``decoupled=True`` nothing enters the loss; instead, after each optimizer step,
-    θ ← θ − lr·λ·(θ − θ_start) (lr of the parameter's group at that step), as AdamW's decoupled weight decay
-    but toward θ_start: with plain SGD (no momentum) both forms give the same step; with momentum or Adam the
-    decoupled pull bypasses the momentum and second-moment estimates.
+    With ``decoupled=True`` nothing enters the loss; instead each optimizer step becomes
+    θ_{t+1} = step(θ_t) − lr·λ·(θ_t − θ_start), the pull taken on the pre-step θ_t (lr of the parameter's
+    group at that step), as AdamW's decoupled weight decay (θ·(1 − lr·wd) on the pre-step θ), toward θ_start.
+    With plain SGD (no momentum, no weight decay) both forms therefore give the same step; with momentum or
+    Adam the decoupled pull bypasses the momentum and second-moment estimates. The pull is exact for any
+    optimizer and costs one copy of the selected weights (float32 or wider) while ``optimizer.step()`` runs;
+    a step the GradScaler skips gets no pull (as AdamW's decay).
 
     Args:
         strength: λ >= 0.
@@ -149,6 +159,8 @@ class L2SPCallback(_AnchorCallback):
         self.decoupled = decoupled
         self.dtype = dtype
         self.start: Snapshot | None = None
+        self._armed = False  # set at on_pre_optimizer_step: the next optimizer.step() is the Trainer's
+        self._optimizer = None  # whose step carries the decoupled pull
 
     def _take_start(self, model, resuming):
         self.start = Snapshot.of(self.params, dtype=self.dtype)
@@ -159,16 +171,61 @@ class L2SPCallback(_AnchorCallback):
     def _in_loss(self):
         return self.strength > 0 and not self.decoupled
 
-    def on_optimizer_step(self, args, state, control, **kwargs):
-        if not self.decoupled or self.strength == 0:
-            return
-        self.guard.check()
-        lr_of = {id(p): group["lr"] for group in self.trainer.optimizer.param_groups for p in group["params"]}
-        live = self._live()
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        super().on_train_begin(args, state, control, model=model, **kwargs)
+        self._armed = False
+        if self.decoupled and self.strength > 0:
+            self._hook_optimizer_step(optimizer if optimizer is not None else self.trainer.optimizer)
+
+    def _hook_optimizer_step(self, optimizer) -> None:
+        """Wrap ``optimizer.step``: the pull is taken on the pre-step θ in it, subtracted after the update.
+
+        Inside the step, not at ``on_pre_optimizer_step``: a one-pass perturbation undone there, or any other
+        callback's edit before the step, is then already undone whatever the order of the callback list.
+        """
+        if optimizer is None:
+            raise ValueError("L2SPCallback(decoupled=True): the Trainer passed no optimizer to the callback")
+        if distributed.deepspeed_stage(self.trainer) is not None:
+            raise ValueError("L2SPCallback(decoupled=True) does not support DeepSpeed: its engine steps its "
+                             "own fp32 master weights inside the backward; use the loss form")
+        current = optimizer.step
+
+        def make_wrapper(original):
+            def step(*args, **kwargs):
+                armed, self._armed = self._armed, False  # only the Trainer's step after on_pre_optimizer_step
+                if not armed:
+                    return original(*args, **kwargs)
+                live = self._live()
+                pulls = anchor_pull(live, self.start.tensors, self._factors(optimizer, live))
+                result = original(*args, **kwargs)
+                if not getattr(optimizer, "step_was_skipped", False):
+                    decoupled_anchor_step_(live, pulls)
+                return result
+
+            # carry the marks of the step we wrap (the LR scheduler's check that step() is its own)
+            return functools.update_wrapper(step, current)
+
+        self.wrap_method("step", make_wrapper, target=optimizer)
+        self._optimizer = optimizer
+
+    def _factors(self, optimizer, live: list[torch.Tensor]) -> list[float]:
+        """lr·λ per selected tensor, with the lr of its optimizer group at this step."""
+        lr_of = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
         missing = [n for n, p in self.params.items() if id(p) not in lr_of]
         if missing:
             raise ValueError(f"L2SPCallback(decoupled=True): {missing[0]!r} is in no optimizer param group")
-        decoupled_anchor_step_(live, self.start.tensors, [lr_of[id(p)] * self.strength for p in live])
+        return [lr_of[id(p)] * self.strength for p in live]
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if self.decoupled and self.strength > 0:
+            self.guard.check()
+            self._armed = True
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._optimizer is not None:
+            self.unwrap_method("step", target=self._optimizer)
+            self._optimizer = None
+        super().on_train_end(args, state, control, **kwargs)
 
     def state_dict(self):
         return self.start.state_dict(), {}

@@ -28,6 +28,7 @@ import torch
 from robustft import distributed
 from robustft.callbacks.base import END_INTERPOLATE, RobustCallback
 from robustft.checks import check_bool
+from robustft.ops.dawin import check_procedure
 from robustft.ops.interpolate import check_alpha, check_method
 from robustft.params import SelectionGuard, check_snapshot_spec, is_sharded, select_parameters
 from robustft.wise_ft import (
@@ -69,6 +70,8 @@ class WiseFTCallback(RobustCallback):
         sweep_at_eval: also sweep at every intermediate evaluation (logs only; the model is restored).
         dynamic: ``"dawin"`` to also evaluate DaWin on every eval set at the end (reported, never applied).
         n_components: Beta-mixture components of DaWin (one interpolation each per eval set).
+        dawin_procedure: ``"paper"`` (the authors' k-means-initialised fit, each component at its Beta mean
+            a/(a+b)) or ``"routed_mean"`` (docs/dynamic_interpolation.md).
         trainer: the Trainer, if known (else found when training starts).
     """
 
@@ -92,6 +95,7 @@ class WiseFTCallback(RobustCallback):
         sweep_at_eval: bool = False,
         dynamic: str | None = None,
         n_components: int = 3,
+        dawin_procedure: str = "paper",
         progress: bool = True,
         trainer=None,
         **kwargs,
@@ -125,6 +129,7 @@ class WiseFTCallback(RobustCallback):
         if isinstance(n_components, bool) or not isinstance(n_components, int) or n_components < 1:
             raise ValueError(f"n_components: expected a positive integer, got {n_components!r}")
         self.dynamic, self.n_components = dynamic, n_components
+        self.dawin_procedure = check_procedure(dawin_procedure)
         self.dawin: DaWinResult | None = None
         self.id_dataset = id_dataset
         self.metric = metric
@@ -211,7 +216,7 @@ class WiseFTCallback(RobustCallback):
                 if self.dynamic == "dawin":  # first: the model is at θ_end, and is left there
                     self.dawin = dawin_evaluate(
                         self.trainer, self.weights, self.eval_datasets, self.n_components, self.metric,
-                        self.method,
+                        self.method, procedure=self.dawin_procedure,
                     )
                 self.curve = self._sweep(apply_alpha=self.alpha)
             finally:

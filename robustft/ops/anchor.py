@@ -11,7 +11,13 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["anchor_penalty", "decoupled_anchor_step_", "spectral_penalty", "top_singular_value"]
+__all__ = [
+    "anchor_penalty",
+    "anchor_pull",
+    "decoupled_anchor_step_",
+    "spectral_penalty",
+    "top_singular_value",
+]
 
 
 def _wide(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -74,10 +80,19 @@ def spectral_penalty(
 
 
 @torch.no_grad()
-def decoupled_anchor_step_(params: Sequence[torch.Tensor], starts: Sequence[torch.Tensor],
-                           factors: Sequence[float]) -> None:
-    """θ ← θ − c·(θ − θ_start) in place, c = lr·λ per tensor: decoupled L2-SP, as AdamW's decoupled weight
-    decay (Loshchilov & Hutter, 2019) but toward θ_start instead of 0; computed in float32 or wider."""
-    for p, s, c in zip(params, starts, factors, strict=True):
-        w = _wide(p, s)
-        p.copy_((w - c * (w - s.to(p.device))).to(p.dtype))
+def anchor_pull(params: Sequence[torch.Tensor], starts: Sequence[torch.Tensor],
+                factors: Sequence[float]) -> list[torch.Tensor]:
+    """c·(θ − θ_start) per tensor, c = lr·λ, in float32 or wider: the decoupled L2-SP pull of θ as it is now.
+
+    Taken on the pre-step θ and subtracted after the optimizer's update (:func:`decoupled_anchor_step_`), as
+    AdamW decays the pre-step θ (Loshchilov & Hutter, 2019; ``torch.optim.AdamW`` multiplies θ by
+    (1 − lr·wd) before its Adam update), but toward θ_start instead of 0.
+    """
+    return [c * (_wide(p, s) - s.to(p.device)) for p, s, c in zip(params, starts, factors, strict=True)]
+
+
+@torch.no_grad()
+def decoupled_anchor_step_(params: Sequence[torch.Tensor], pulls: Sequence[torch.Tensor]) -> None:
+    """θ ← θ − pull in place, computed in the pull's dtype (float32 or wider) and rounded once to θ's."""
+    for p, d in zip(params, pulls, strict=True):
+        p.copy_((_wide(p, d) - d).to(p.dtype))

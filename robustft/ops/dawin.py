@@ -7,10 +7,16 @@ arXiv:2410.03782) sets, for each input x,
 
 where H is the entropy of the prediction of the start (α=0) and the fine-tuned (α=1) model, and predicts
 x with θ(λ(x)) = (1−λ)·θ_start + λ·θ_ft: the model that is more confident on x gets more weight. To
-avoid one interpolation per input, a mixture of K Beta distributions is fitted to the λ values
-(:func:`fit_beta_mixture`, EM with weighted method-of-moments M-steps as in Arazo et al., 2019,
-arXiv:1904.11238), each input goes to its most likely component, and each component is evaluated at
-one α: the mean λ of its inputs (:func:`component_alphas`). With K=1 this is WiSE-FT at α = mean λ.
+avoid one interpolation per input, a mixture of K Beta distributions is fitted to the λ values, each input
+goes to its most likely component, and each component is evaluated at one α (:func:`component_alphas`).
+Two procedures (``PROCEDURES``):
+
+- ``"paper"`` (the authors' code): the mixture from k-means-initialised EM with their method-of-moments
+  M-step, 3 restarts keeping the best likelihood (:func:`fit_beta_mixture_kmeans`), and each component at
+  its fitted Beta mean α_k = a_k/(a_k+b_k);
+- ``"routed_mean"`` (robustft before issue 22): EM from equal-count quantile groups
+  (:func:`fit_beta_mixture`, M-steps as in Arazo et al., 2019, arXiv:1904.11238), and each component at the
+  mean λ of the inputs routed to it. With K=1 this is WiSE-FT at α = mean λ, bit for bit.
 
 Pure tensor maths; applying the α's to a model is ``robustft.wise_ft.evaluate_at_alphas``.
 """
@@ -23,18 +29,34 @@ from dataclasses import dataclass
 import torch
 
 __all__ = [
+    "PROCEDURES",
     "BetaMixture",
     "batch_entropy",
+    "beta_mixture_em",
     "causal_lm_mask",
+    "check_procedure",
     "component_alphas",
     "dawin_lambda",
     "first_logits",
     "fit_beta_mixture",
+    "fit_beta_mixture_kmeans",
+    "kmeans_1d",
     "prediction_entropy",
 ]
 
 #: λ is clamped to [EPS, 1 − EPS] before the Beta densities are evaluated (they are infinite at 0 and 1)
 EPS = 1e-4
+#: the authors' guard against empty components and zero variances (10 machine epsilons of float64)
+_TINY = 10 * torch.finfo(torch.float64).eps
+#: how a DaWin mixture is fitted and where each component is evaluated (module docstring); first: default
+PROCEDURES = ("paper", "routed_mean")
+
+
+def check_procedure(procedure: str) -> str:
+    """``procedure`` if it is one of :data:`PROCEDURES`, else a ValueError naming the option."""
+    if procedure not in PROCEDURES:
+        raise ValueError(f"procedure: {procedure!r} is not one of {', '.join(PROCEDURES)}")
+    return procedure
 
 
 def prediction_entropy(logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -107,14 +129,17 @@ class BetaMixture:
     b: torch.Tensor
     log_likelihood: float = float("nan")
     n_iter: int = 0
+    #: x is clamped to [eps, 1 − eps] in the densities (the paper's fit: only against log 0)
+    eps: float = EPS
 
     @property
     def means(self) -> torch.Tensor:
+        """a_k/(a_k+b_k): each component's Beta mean (the α the paper evaluates it at)."""
         return self.a / (self.a + self.b)
 
     def log_joint(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, K) log π_k + log Beta(x_i; a_k, b_k), x clamped to [EPS, 1−EPS]."""
-        x = x.to(self.a.dtype).clamp(EPS, 1 - EPS)[:, None]
+        """(N, K) log π_k + log Beta(x_i; a_k, b_k), x clamped to [eps, 1−eps]."""
+        x = x.to(self.a.dtype).clamp(self.eps, 1 - self.eps)[:, None]
         log_beta = torch.lgamma(self.a + self.b) - torch.lgamma(self.a) - torch.lgamma(self.b)
         return self.weights.log() + log_beta + (self.a - 1) * x.log() + (self.b - 1) * torch.log1p(-x)
 
@@ -138,14 +163,7 @@ def fit_beta_mixture(
     equal-count quantile groups of x (deterministic); stops when the mean log-likelihood gains less than
     ``tol`` or after ``max_iter`` steps. Computed in float64.
     """
-    if isinstance(n_components, bool) or not isinstance(n_components, int) or n_components < 1:
-        raise ValueError(f"n_components: expected a positive integer, got {n_components!r}")
-    x = x.detach().flatten().to(torch.float64)
-    if x.numel() < n_components:
-        raise ValueError(f"x: {x.numel()} values for {n_components} Beta components")
-    if not bool(torch.isfinite(x).all()) or bool(((x < 0) | (x > 1)).any()):
-        raise ValueError("x: Beta mixture values must be finite and in [0, 1]")
-    x = x.clamp(EPS, 1 - EPS)
+    x = _check_unit_values(x, n_components).clamp(EPS, 1 - EPS)
     groups = torch.tensor_split(x.sort().values, n_components)
     means = torch.stack([g.mean() for g in groups])
     variances = torch.stack([g.var(correction=0) if g.numel() > 1 else g.new_tensor(0.0) for g in groups])
@@ -172,10 +190,14 @@ def fit_beta_mixture(
     return BetaMixture(mix.weights[order], mix.a[order], mix.b[order], final, mix.n_iter)
 
 
-def component_alphas(lam: torch.Tensor, assignment: torch.Tensor) -> tuple[list[float], list[torch.Tensor]]:
-    """(α_k, indices of component k) for every non-empty component: α_k = mean λ of its inputs.
+def component_alphas(
+    lam: torch.Tensor, assignment: torch.Tensor, mixture: BetaMixture | None = None
+) -> tuple[list[float], list[torch.Tensor]]:
+    """(α_k, indices of component k) for every non-empty component.
 
-    One interpolation per component serves all of its inputs; with one component α = mean λ (WiSE-FT).
+    α_k = a_k/(a_k+b_k), the fitted Beta mean of ``mixture`` (the paper's procedure), or without a mixture
+    the mean λ of the inputs routed to k (``"routed_mean"``; one component: α = mean λ, static WiSE-FT).
+    One interpolation per component serves all of its inputs.
     """
     if lam.shape != assignment.shape or lam.dim() != 1:
         raise ValueError(f"lam and assignment: expected equal 1-D shapes, got {tuple(lam.shape)} "
@@ -183,9 +205,124 @@ def component_alphas(lam: torch.Tensor, assignment: torch.Tensor) -> tuple[list[
     alphas, groups = [], []
     for k in assignment.unique(sorted=True).tolist():
         idx = (assignment == k).nonzero().flatten()
-        alphas.append(float(lam[idx].to(torch.float64).mean()))
+        alpha = lam[idx].to(torch.float64).mean() if mixture is None else mixture.means[k]
+        alphas.append(float(alpha))
         groups.append(idx)
     return alphas, groups
+
+
+def kmeans_1d(x: torch.Tensor, k: int, seed: int = 0, max_iter: int = 300, tol: float = 1e-4) -> torch.Tensor:
+    """Labels (N,) of Lloyd's k-means on scalars from greedy k-means++ seeding, as scikit-learn's ``KMeans``.
+
+    The seeding draws from ``torch.Generator().manual_seed(seed)`` (not scikit-learn's random stream): the
+    first centre uniformly, then each next one as the best of 2 + ⌊ln k⌋ candidates drawn ∝ D² (the one
+    that lowers the total D² most). Lloyd's steps stop when the labels no longer change or the centres move
+    less than ``tol`` × var(x) in total squared shift; the labels are those of the final centres. A centre
+    left without points keeps its place.
+    """
+    x = x.detach().flatten().to(torch.float64)
+    if k < 1 or x.numel() < k:
+        raise ValueError(f"kmeans_1d: {x.numel()} values for {k} clusters")
+    g = torch.Generator().manual_seed(int(seed))
+    trials = 2 + int(math.log(k))
+    centres = x[torch.randint(x.numel(), (1,), generator=g)]
+    d2 = (x - centres[0]) ** 2
+    for _ in range(1, k):
+        if float(d2.sum()) <= 0:  # every point sits on a centre: fewer distinct values than k
+            centres = torch.cat([centres, centres[:1]])
+            continue
+        cand = torch.multinomial(d2, trials, replacement=True, generator=g)
+        pots = torch.minimum(d2[None, :], (x[None, :] - x[cand][:, None]) ** 2)
+        best = int(pots.sum(1).argmin())
+        centres = torch.cat([centres, x[cand[best]].reshape(1)])
+        d2 = pots[best]
+    threshold = tol * float(x.var(correction=0))
+    labels = None
+    for _ in range(max_iter):
+        new = ((x[:, None] - centres[None, :]) ** 2).argmin(1)
+        if labels is not None and torch.equal(new, labels):
+            break
+        labels = new
+        counts = torch.bincount(labels, minlength=k).to(x.dtype)
+        sums = torch.zeros(k, dtype=x.dtype).index_add_(0, labels, x)
+        moved = torch.where(counts > 0, sums / counts.clamp_min(1), centres)
+        shift = float(((moved - centres) ** 2).sum())
+        centres = moved
+        if shift <= threshold:
+            break
+    return ((x[:, None] - centres[None, :]) ** 2).argmin(1)
+
+
+def _paper_m_step(x: torch.Tensor, r: torch.Tensor) -> BetaMixture:
+    """The authors' M-step: π_k ∝ n_k, m_k and v_k the r-weighted mean and variance, v_k capped at
+    m_k(1−m_k)/4, c_k = m_k(1−m_k)/v_k − 1, (a_k, b_k) = (c_k·m_k, c_k·(1−m_k)); n_k and v_k get 10 float64
+    epsilons (empty components), the division another 1e-10."""
+    counts = r.sum(0) + _TINY
+    mean = (r * x[:, None]).sum(0) / counts
+    var = (r * x[:, None] ** 2).sum(0) / counts - mean**2
+    var = torch.minimum(var, mean * (1 - mean) / 4) + _TINY
+    c = mean * (1 - mean) / (var + 1e-10) - 1
+    return BetaMixture(counts / counts.sum(), c * mean, c * (1 - mean), eps=1e-12)
+
+
+@torch.no_grad()
+def beta_mixture_em(
+    x: torch.Tensor, resp: torch.Tensor, max_iter: int = 1000, tol: float = 1e-4
+) -> BetaMixture:
+    """The authors' EM from initial responsibilities ``resp`` (N, K): an M-step, then E/M steps until the mean
+    log-likelihood (of the E-step) changes by less than ``tol``; ``log_likelihood`` is that last E-step's."""
+    x = x.detach().flatten().to(torch.float64)
+    mix = _paper_m_step(x, resp.to(torch.float64) + _TINY)
+    ll, n_iter = -math.inf, 0
+    while n_iter < max_iter:
+        n_iter += 1
+        previous = ll
+        joint = mix.log_joint(x)
+        total = torch.logsumexp(joint, dim=1)
+        ll = float(total.mean())
+        mix = _paper_m_step(x, (joint - total[:, None]).exp())
+        if abs(ll - previous) < tol:
+            break
+    mix.log_likelihood, mix.n_iter = ll, n_iter
+    return mix
+
+
+def _check_unit_values(x: torch.Tensor, n_components: int) -> torch.Tensor:
+    if isinstance(n_components, bool) or not isinstance(n_components, int) or n_components < 1:
+        raise ValueError(f"n_components: expected a positive integer, got {n_components!r}")
+    x = x.detach().flatten().to(torch.float64)
+    if x.numel() < n_components:
+        raise ValueError(f"x: {x.numel()} values for {n_components} Beta components")
+    if not bool(torch.isfinite(x).all()) or bool(((x < 0) | (x > 1)).any()):
+        raise ValueError("x: Beta mixture values must be finite and in [0, 1]")
+    return x
+
+
+@torch.no_grad()
+def fit_beta_mixture_kmeans(
+    x: torch.Tensor, n_components: int = 3, n_init: int = 3, seed: int = 1, max_iter: int = 1000,
+    tol: float = 1e-4,
+) -> BetaMixture:
+    """DaWin's Beta mixture as the authors fit it: k-means initialisation, EM (:func:`beta_mixture_em`).
+
+    For each of ``n_init`` rounds r: k-means (:func:`kmeans_1d`, seed ``seed + r``) gives one-hot
+    responsibilities, EM runs from them, and the round with the highest final mean log-likelihood is kept
+    (the first on ties). K is lowered to the number of distinct values when there are fewer. Components are
+    sorted by their Beta mean a/(a+b). Computed in float64.
+    """
+    x = _check_unit_values(x, n_components)
+    if isinstance(n_init, bool) or not isinstance(n_init, int) or n_init < 1:
+        raise ValueError(f"n_init: expected a positive integer, got {n_init!r}")
+    k = min(n_components, int(x.unique().numel()))
+    best = None
+    for r in range(n_init):
+        labels = kmeans_1d(x, k, seed=seed + r)
+        mix = beta_mixture_em(x, torch.nn.functional.one_hot(labels, k).to(torch.float64), max_iter, tol)
+        if best is None or mix.log_likelihood > best.log_likelihood:
+            best = mix
+    order = best.means.argsort()
+    return BetaMixture(best.weights[order], best.a[order], best.b[order], best.log_likelihood, best.n_iter,
+                       eps=best.eps)
 
 
 def first_logits(logits):

@@ -105,24 +105,38 @@ def test_penalty_gradient_is_clipped_with_the_data_gradient(tmp_path):
         torch.testing.assert_close(g, total[name] * (0.1 / norm), atol=1e-6, rtol=1e-4)
 
 
-def _reference_l2sp(steps, lr=0.1, momentum=0.9, decoupled=False):
-    """Full-batch SGD with momentum on mean CE + λ/2·‖θ − θ₀‖² (or the decoupled pull after the step)."""
+def _reference_l2sp(steps, lr=0.1, momentum=0.9, decoupled=False, adamw=None):
+    """Full-batch plain torch: SGD (or AdamW with weight decay ``adamw``) on mean CE + λ/2·‖θ − θ₀‖², or
+    the decoupled form: the pull lr·λ·(θ_t − θ₀) of the pre-step θ_t subtracted after the update, as AdamW
+    decays the pre-step θ (θ_t·(1 − lr·wd) in torch.optim.AdamW)."""
     torch.manual_seed(0)
     model, data = MLP(), NoisyLinearData(n=16)
     start = [p.detach().clone() for p in model.parameters()]
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    if adamw is None:
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    else:
+        named = list(model.named_parameters())  # as the Trainer: no weight decay on biases
+        groups = [{"params": [p for n, p in named if not n.endswith("bias")], "weight_decay": adamw},
+                  {"params": [p for n, p in named if n.endswith("bias")], "weight_decay": 0.0}]
+        opt = torch.optim.AdamW(groups, lr=lr)
     for _ in range(steps):
         opt.zero_grad()
         loss = model(data.x, data.y)["loss"]
         if not decoupled:
             loss = loss + LAM / 2 * sum(((p - s) ** 2).sum() for p, s in zip(model.parameters(), start))
         loss.backward()
+        pulls = [lr * LAM * (p.detach() - s) for p, s in zip(model.parameters(), start)]
         opt.step()
         if decoupled:
             with torch.no_grad():
-                for p, s in zip(model.parameters(), start):
-                    p.sub_(lr * LAM * (p - s))
+                for p, d in zip(model.parameters(), pulls):
+                    p.sub_(d)
     return dict(model.named_parameters())
+
+
+def _assert_weights(model, want, atol=1e-6):
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), want[name].detach(), atol=atol, rtol=1e-5)
 
 
 @pytest.mark.parametrize("decoupled", [False, True])
@@ -132,9 +146,70 @@ def test_l2sp_weights_equal_a_plain_torch_loop(tmp_path, ga, decoupled):
     model = MLP()
     make_trainer(model, tmp_path, [L2SPCallback(LAM, decoupled=decoupled)], ga=ga, steps=4,
                  data=NoisyLinearData(n=16)).train()
-    want = _reference_l2sp(4, decoupled=decoupled)
-    for name, p in model.named_parameters():
-        torch.testing.assert_close(p.detach(), want[name].detach(), atol=1e-6, rtol=1e-5)
+    _assert_weights(model, _reference_l2sp(4, decoupled=decoupled))
+
+
+@pytest.mark.parametrize("decoupled", [False, True])
+def test_l2sp_under_adamw_with_weight_decay_equals_a_plain_torch_loop(tmp_path, decoupled):
+    """The Trainer's own AdamW (weight decay 0.05 on the weight matrices): the decoupled pull is taken on the
+    same pre-step θ AdamW decays, and subtracted after the whole update."""
+    torch.manual_seed(0)
+    model = MLP()
+    args = dict(optim="adamw_torch", weight_decay=0.05, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8)
+    trainer = make_trainer(model, tmp_path, [L2SPCallback(LAM, decoupled=decoupled)], steps=4, lr=0.01,
+                           data=NoisyLinearData(n=16), **args)
+    trainer.optimizer = None  # make_trainer's SGD out: the Trainer builds AdamW from the arguments
+    trainer.create_optimizer = type(trainer).create_optimizer.__get__(trainer)
+    trainer.train()
+    want = _reference_l2sp(4, lr=0.01, decoupled=decoupled, adamw=0.05)
+    _assert_weights(model, want)
+
+
+def test_decoupled_and_loss_forms_give_the_same_step_under_plain_sgd(tmp_path):
+    """The sentence in docs/regularizers.md: SGD without momentum, θ − lr·g − lr·λ(θ − θ₀) either way (it was
+    off by lr²·λ·g when the pull read the updated θ)."""
+    models = []
+    for decoupled in (False, True):
+        torch.manual_seed(0)
+        model = MLP()
+        make_trainer(model, tmp_path / str(decoupled), [L2SPCallback(LAM, decoupled=decoupled)], steps=4,
+                     momentum=0.0, data=NoisyLinearData(n=16)).train()
+        models.append(model)
+    _assert_weights(models[1], dict(models[0].named_parameters()), atol=1e-7)
+    _assert_weights(models[1], _reference_l2sp(4, momentum=0.0), atol=1e-7)
+
+
+def test_decoupled_pull_ignores_the_order_of_a_one_pass_perturbation(tmp_path):
+    """A perturbation undone at on_pre_optimizer_step, listed before or after: the pull reads the unperturbed
+    θ either way."""
+    from robustft import RandomPerturbationCallback
+
+    results = []
+    for order in (0, 1):
+        torch.manual_seed(0)
+        model = MLP()
+        callbacks = [L2SPCallback(LAM, decoupled=True), RandomPerturbationCallback(0.05, seed=3)]
+        make_trainer(model, tmp_path / str(order), callbacks[::-1] if order else callbacks, steps=3,
+                     data=NoisyLinearData(n=16)).train()
+        results.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    for name, p in results[0].items():
+        assert torch.equal(p, results[1][name]), name
+
+
+def test_a_skipped_step_gets_no_pull(tmp_path, monkeypatch):
+    """As AdamW's decay: when the GradScaler skips the update (fp16 overflow), nothing is pulled either."""
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    monkeypatch.setattr(AcceleratedOptimizer, "step_was_skipped", property(lambda self: True))
+    trained = []
+    for callbacks in ([L2SPCallback(LAM, decoupled=True)], []):
+        torch.manual_seed(0)
+        model = MLP()
+        out = tmp_path / str(len(callbacks))
+        make_trainer(model, out, callbacks, steps=3, data=NoisyLinearData(n=16)).train()
+        trained.append(model)
+    for (n, p), q in zip(trained[0].named_parameters(), trained[1].parameters()):
+        assert torch.equal(p, q), n
 
 
 def test_l2sp_reference_differs_from_plain_training():
@@ -270,3 +345,17 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, make):
             p.copy_(q)
     fresh_trainer.train()
     assert any(not torch.allclose(p, q) for p, q in zip(fresh.parameters(), full.parameters()))
+
+
+def test_decoupled_is_refused_under_deepspeed_before_the_first_step(tmp_path, monkeypatch):
+    """DeepSpeed steps its own fp32 master weights: a pull on the model's weights would be overwritten."""
+    from robustft import distributed
+
+    monkeypatch.setattr(distributed, "deepspeed_stage", lambda obj: 2)
+    trainer, model = _train_mlp(tmp_path, [L2SPCallback(LAM, decoupled=True)])
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=r"decoupled=True\) does not support DeepSpeed"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n

@@ -15,6 +15,7 @@ from robustft.ops.dawin import (
     component_alphas,
     dawin_lambda,
     fit_beta_mixture,
+    fit_beta_mixture_kmeans,
     prediction_entropy,
 )
 from robustft.wise_ft import WiseFTWeights, dawin_evaluate, interpolate_models, wise_ft_sweep
@@ -38,12 +39,17 @@ def _train(tmp_path, callbacks=()):
 
 
 @torch.no_grad()
-def _by_hand(start, end, ds, k):
-    """λ from the two models' logits, the mixture, and the accuracy of θ(α of its component) per input."""
+def _by_hand(start, end, ds, k, procedure="paper"):
+    """λ from the two models' logits, the mixture, and the accuracy of θ(α of its component) per input: the
+    paper's α_k = a_k/(a_k+b_k) of a k-means-initialised fit, or the mean λ of the routed inputs."""
     ids, labels = torch.tensor(ds["input_ids"]), torch.tensor(ds["labels"])
     lam = dawin_lambda(prediction_entropy(start(input_ids=ids).logits.double()),
                        prediction_entropy(end(input_ids=ids).logits.double()))
-    alphas, groups = component_alphas(lam, fit_beta_mixture(lam, k).assign(lam))
+    if procedure == "paper":
+        mixture = fit_beta_mixture_kmeans(lam, k, n_init=3, seed=1)
+        alphas, groups = component_alphas(lam, mixture.assign(lam), mixture)
+    else:
+        alphas, groups = component_alphas(lam, fit_beta_mixture(lam, k).assign(lam))
     correct = 0
     for alpha, group in zip(alphas, groups, strict=True):
         model = copy.deepcopy(end)
@@ -71,6 +77,24 @@ def test_callback_reports_dawin_beside_the_curve_on_every_eval_set(tmp_path):
     saved = json.loads((tmp_path / "wise_ft.json").read_text())
     assert saved["extra"]["dawin"]["results"] == cb.dawin.results
     assert trainer.compute_metrics is accuracy and trainer.preprocess_logits_for_metrics is None
+
+
+@pytest.mark.parametrize("procedure", ["paper", "routed_mean"])
+def test_dawin_evaluate_equals_the_procedure_by_hand(tmp_path, procedure):
+    """Both procedures through the Trainer's loop against one interpolated model per component, by hand."""
+    start, end = tiny_bert(1).eval(), tiny_bert(0)
+    with torch.no_grad():  # a confident end model on part of the inputs: λ spread over (0, 1)
+        for name, p in end.named_parameters():
+            if name.startswith("classifier"):
+                p.mul_(40)
+    trainer = Trainer(model=end, args=training_args(tmp_path), compute_metrics=accuracy)
+    ds = token_dataset(40, seed=6)
+    result = dawin_evaluate(trainer, WiseFTWeights.from_models(start, end), {"s": ds}, n_components=3,
+                            procedure=procedure)
+    acc, alphas, counts = _by_hand(start, end.eval(), ds, 3, procedure)
+    assert result.procedure == procedure and result.counts["s"] == counts and len(counts) >= 2
+    assert result.alphas["s"] == pytest.approx(alphas, rel=1e-5)
+    assert result.results["s"] == pytest.approx(acc, abs=1e-12)
 
 
 def test_one_component_on_saved_checkpoints_equals_the_static_sweep_at_the_mean_lambda(tmp_path):
@@ -127,6 +151,8 @@ def test_options_are_checked_when_the_callback_is_built():
         WiseFTCallback(alpha=0.5, dynamic="dawin")
     with pytest.raises(ValueError, match="n_components"):
         WiseFTCallback(eval_datasets=_sets(), id_dataset="id", dynamic="dawin", n_components=0)
+    with pytest.raises(ValueError, match="procedure: 'mean'"):
+        WiseFTCallback(eval_datasets=_sets(), id_dataset="id", dynamic="dawin", dawin_procedure="mean")
 
 
 def test_without_compute_metrics_it_fails_before_the_first_step(tmp_path):
@@ -174,3 +200,41 @@ def test_dawin_by_loss_is_refused_on_several_ranks_before_any_prediction(tmp_pat
     with pytest.raises(ValueError, match="metric='loss' is refused on 2 ranks"):
         trainer.train()
     assert trainer.state.global_step == 0
+
+
+def test_a_set_without_labels_gets_no_metric_as_in_trainer_evaluate(tmp_path):
+    """compute_metrics is never called with label_ids=None (it scored 0.0 before): the set is listed as
+    unlabeled, with a warning, its components still reported; a labelled set beside it is unchanged."""
+    model = tiny_bert(0)
+    calls = []
+
+    def metric(pred):
+        calls.append(pred.label_ids is None)
+        return accuracy(pred)
+
+    trainer = Trainer(model=model, args=training_args(tmp_path), compute_metrics=metric)
+    weights = WiseFTWeights.from_models(tiny_bert(1), model)
+    plain = trainer.evaluate(eval_dataset=token_dataset(40, seed=6).remove_columns("labels"))
+    assert "eval_accuracy" not in plain and "eval_loss" not in plain and calls == []  # the Trainer's rule
+    sets = {"id": token_dataset(48, seed=5), "raw": token_dataset(40, seed=6).remove_columns("labels")}
+    with pytest.warns(RuntimeWarning, match=r"no labels in the eval set\(s\) \['raw'\]"):
+        both = dawin_evaluate(trainer, weights, sets, n_components=2)
+    assert True not in calls
+    assert "raw" not in both.results and "raw" not in both.loss and both.unlabeled == ["raw"]
+    assert sum(both.counts["raw"]) == 40 and 0 < both.mean_lambda["raw"] < 1
+    alone = dawin_evaluate(trainer, weights, {"id": sets["id"]}, n_components=2)
+    assert both.results == alone.results and alone.unlabeled == []
+    assert " - " in both.table().splitlines()[-1]
+    with pytest.warns(RuntimeWarning, match="no labels"):
+        by_loss = dawin_evaluate(trainer, weights, {"raw": sets["raw"]}, metric="loss")
+    assert by_loss.results == {} and by_loss.unlabeled == ["raw"]
+
+
+def test_the_sweep_names_a_set_without_labels(tmp_path):
+    """The static sweep needs the metric at every α: a set without labels is a named error (not 0.0)."""
+    model = tiny_bert(0)
+    trainer = Trainer(model=model, args=training_args(tmp_path), compute_metrics=accuracy)
+    weights = WiseFTWeights.from_models(tiny_bert(1), model)
+    raw = {"raw": token_dataset(16, seed=6).remove_columns("labels")}
+    with pytest.raises(ValueError, match=r"'accuracy' not in the evaluation results of 'raw'.*have labels"):
+        wise_ft_sweep(trainer, weights, raw, "raw", alphas=[0.5], progress=False)

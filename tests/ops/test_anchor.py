@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from robustft.ops.anchor import anchor_penalty, decoupled_anchor_step_, spectral_penalty, top_singular_value
+from robustft.ops.anchor import (
+    anchor_penalty,
+    anchor_pull,
+    decoupled_anchor_step_,
+    spectral_penalty,
+    top_singular_value,
+)
 
 
 def _tensors(seed, shapes, dtype=torch.float32):
@@ -76,10 +82,15 @@ def test_spectral_penalty_refuses_mismatched_lists():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_decoupled_step_against_its_formula(dtype):
+    """pull = c·(θ − θ_start) on the θ given (the pre-step θ); then θ' ← θ' − pull on the θ' of that time."""
     live = _tensors(5, SHAPES, dtype)
     starts = _tensors(6, SHAPES)
     factors = [0.1, 0.0, 0.35]
-    want = [((p.float() - c * (p.float() - s)).to(dtype)) for p, s, c in zip(live, starts, factors)]
-    decoupled_anchor_step_(live, starts, factors)
-    for p, w in zip(live, want):
-        assert torch.equal(p, w)
+    pulls = anchor_pull(live, starts, factors)
+    for p, s, c, d in zip(live, starts, factors, pulls):
+        assert d.dtype == torch.float32 and torch.equal(d, c * (p.float() - s))
+    moved = [p + 0.5 for p in live]  # an optimizer step in between: the pull is not taken again
+    want = [((m.float() - d).to(dtype)) for m, d in zip(moved, pulls)]
+    decoupled_anchor_step_(moved, pulls)
+    for m, w in zip(moved, want):
+        assert torch.equal(m, w)

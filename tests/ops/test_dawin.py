@@ -8,10 +8,13 @@ import torch
 from scipy import stats
 
 from robustft.ops.dawin import (
+    beta_mixture_em,
     causal_lm_mask,
     component_alphas,
     dawin_lambda,
     fit_beta_mixture,
+    fit_beta_mixture_kmeans,
+    kmeans_1d,
     prediction_entropy,
 )
 
@@ -131,3 +134,108 @@ def test_component_alphas_are_the_mean_lambda_of_each_component_and_one_componen
     one = fit_beta_mixture(lam, 1)
     alphas, groups = component_alphas(lam, one.assign(lam))
     assert alphas == [float(lam.double().mean())] and groups[0].tolist() == list(range(5))
+
+
+# -- the authors' procedure: k-means initialisation, their EM, each component at its Beta mean --------------
+def _paper_em_reference(x: np.ndarray, labels: np.ndarray, k: int, max_iter=1000, tol=1e-4):
+    """DaWin's Beta mixture EM written from the formulas, in numpy/scipy: one-hot responsibilities (+10ε) from
+    the k-means labels; M-step n_k = Σ_i r_ik + 10ε, π_k = n_k/Σn, m_k = Σ r x/n_k, v_k = Σ r x²/n_k − m_k²
+    capped at m_k(1−m_k)/4, + 10ε, c_k = m_k(1−m_k)/(v_k + 1e-10) − 1, a_k = c_k m_k, b_k = c_k(1−m_k);
+    E-step r_ik ∝ π_k x^(a−1)(1−x)^(b−1)/B(a, b); stop when the mean log-likelihood moves less than tol."""
+    from scipy.special import betaln, logsumexp
+
+    eps = 10 * np.finfo(np.float64).eps
+
+    def m_step(r):
+        n = r.sum(0) + eps
+        m = (r * x[:, None]).sum(0) / n
+        v = np.minimum((r * x[:, None] ** 2).sum(0) / n - m**2, m * (1 - m) / 4) + eps
+        c = m * (1 - m) / (v + 1e-10) - 1
+        return n / n.sum(), c * m, c * (1 - m)
+
+    pi, a, b = m_step(np.eye(k)[labels] + eps)
+    ll, it = -np.inf, 0
+    while it < max_iter:
+        it += 1
+        prev = ll
+        joint = np.log(pi) + (a - 1) * np.log(x[:, None]) + (b - 1) * np.log1p(-x[:, None]) - betaln(a, b)
+        norm = logsumexp(joint, axis=1)
+        ll = norm.mean()
+        pi, a, b = m_step(np.exp(joint - norm[:, None]))
+        if abs(ll - prev) < tol:
+            break
+    return pi, a, b, ll, it
+
+
+def _overlapping(n=3000, seed=0):
+    torch.manual_seed(seed)
+    parts = [torch.distributions.Beta(2.0, 6.0).sample((n // 2,)), torch.distributions.Beta(6.0, 3.0).sample(
+        (n // 3,)), torch.distributions.Beta(30.0, 3.0).sample((n - n // 2 - n // 3,))]
+    return torch.cat(parts).double()
+
+
+def _separated(seed=0):
+    torch.manual_seed(seed)
+    spec = (((40.0, 400.0), 300), ((200.0, 200.0), 200), ((400.0, 40.0), 100))
+    return torch.cat([torch.distributions.Beta(a, b).sample((m,)) for (a, b), m in spec]).double()
+
+
+def test_paper_em_equals_the_authors_formulas_written_in_the_test():
+    """From the same (deliberately poor) initial partition: EM runs many steps on overlapping components."""
+    x = _overlapping()
+    labels = torch.bucketize(x, torch.tensor([0.3, 0.5], dtype=torch.float64))  # a quantile-free cut
+    mix = beta_mixture_em(x, torch.nn.functional.one_hot(labels, 3).double())
+    pi, a, b, ll, it = _paper_em_reference(x.numpy(), labels.numpy(), 3)
+    assert it > 5 and mix.n_iter == it
+    np.testing.assert_allclose(mix.weights.numpy(), pi, rtol=1e-9)
+    np.testing.assert_allclose(mix.a.numpy(), a, rtol=1e-9)
+    np.testing.assert_allclose(mix.b.numpy(), b, rtol=1e-9)
+    assert mix.log_likelihood == pytest.approx(ll, rel=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_kmeans_gives_scikit_learns_partition_on_separated_values(seed):
+    """The same algorithm as sklearn.cluster.KMeans (k-means++ seeding, Lloyd's steps, its tolerance): on
+    values with one k-means optimum both end in the same partition (label names aside)."""
+    from itertools import permutations
+
+    KMeans = pytest.importorskip("sklearn.cluster").KMeans
+    x = _separated(seed)
+    mine = kmeans_1d(x, 3, seed=seed).numpy()
+    theirs = KMeans(3, n_init=1, random_state=seed).fit(x.numpy().reshape(-1, 1)).labels_
+    assert any((np.array(p)[mine] == theirs).all() for p in permutations(range(3)))
+    assert sorted(np.bincount(mine).tolist()) == [100, 200, 300]
+
+
+def test_kmeans_fit_is_the_best_of_its_restarts_and_components_sit_at_their_beta_means():
+    """fit_beta_mixture_kmeans against the reference EM run from the k-means labels of seeds 1, 2, 3 (the
+    authors' restarts; kmeans_1d itself is checked against scikit-learn above), the best mean log-likelihood
+    kept; α_k = a_k/(a_k+b_k) of each component. On overlapping values the restarts end apart."""
+    x = _overlapping(900, seed=1)
+    fits = [_paper_em_reference(x.numpy(), kmeans_1d(x, 3, seed=1 + r).numpy(), 3) for r in range(3)]
+    assert max(f[3] for f in fits) - min(f[3] for f in fits) > 1e-6  # the choice among restarts matters
+    pi, a, b, ll, _ = max(fits, key=lambda f: f[3])
+    order = np.argsort(a / (a + b))
+    mix = fit_beta_mixture_kmeans(x, 3, n_init=3, seed=1)
+    np.testing.assert_allclose(mix.a.numpy(), a[order], rtol=1e-6)
+    np.testing.assert_allclose(mix.b.numpy(), b[order], rtol=1e-6)
+    np.testing.assert_allclose(mix.weights.numpy(), pi[order], rtol=1e-6)
+    assignment = mix.assign(x)
+    alphas, groups = component_alphas(x, assignment, mix)
+    want = {k: a[order][k] / (a[order][k] + b[order][k]) for k in range(3)}
+    assert alphas == pytest.approx([want[k] for k in assignment.unique().tolist()], rel=1e-6)
+    routed, _ = component_alphas(x, assignment)  # the other procedure's α: the mean of the routed inputs
+    assert max(abs(p - q) for p, q in zip(alphas, routed)) > 1e-3
+    dens = np.stack([np.log(pi[order][k]) + stats.beta.logpdf(x.numpy(), a[order][k], b[order][k])
+                     for k in range(3)], axis=1)
+    np.testing.assert_array_equal(assignment.numpy(), dens.argmax(1))
+
+
+def test_kmeans_fit_with_fewer_distinct_values_than_components():
+    x = torch.tensor([0.2, 0.2, 0.7, 0.7, 0.7], dtype=torch.float64)
+    mix = fit_beta_mixture_kmeans(x, 3)
+    assert len(mix.a) == 2 and mix.means.tolist() == pytest.approx([0.2, 0.7], abs=1e-12)
+    one = fit_beta_mixture_kmeans(torch.full((4,), 0.3, dtype=torch.float64), 2)
+    assert len(one.a) == 1 and one.means.item() == pytest.approx(0.3, abs=1e-12)
+    with pytest.raises(ValueError, match="n_init"):
+        fit_beta_mixture_kmeans(x, 2, n_init=0)
