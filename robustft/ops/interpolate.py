@@ -15,6 +15,7 @@ from typing import TypeVar
 
 import torch
 
+from robustft.checks import check_number, short_repr
 from robustft.ops import Reduce
 
 __all__ = [
@@ -46,13 +47,9 @@ T = TypeVar("T", Sequence[torch.Tensor], Mapping[str, torch.Tensor])
 
 
 def check_alpha(alpha: float, extrapolate: bool = False, name: str = "alpha") -> float:
-    """α as a float; α outside [0, 1] (or non-finite) is a ValueError unless ``extrapolate=True``."""
-    try:
-        value = float(alpha)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{name}: {alpha!r} is not a number") from err
-    if not math.isfinite(value):
-        raise ValueError(f"{name}: {alpha!r} is not finite")
+    """α as a float (a real number as :func:`robustft.checks.as_real` has it: never a str or a bool);
+    α outside [0, 1] is a ValueError unless ``extrapolate=True``."""
+    value = float(check_number(name, alpha))
     if not extrapolate and not 0.0 <= value <= 1.0:
         raise ValueError(
             f"{name}={value} is outside [0, 1]: that extrapolates beyond the start/fine-tuned models; "
@@ -169,9 +166,9 @@ def check_weights(weights: Sequence[float] | None, n: int, name: str = "weights"
     """``n`` finite weights (all 1 when None); else a ValueError naming ``name``."""
     if weights is None:
         return [1.0] * n
-    values = [float(w) for w in weights]
-    if len(values) != n or not all(math.isfinite(w) for w in values):
-        raise ValueError(f"{name}: expected {n} finite numbers, got {list(weights)!r}")
+    values = [float(check_number(f"{name}[{i}]", w)) for i, w in enumerate(weights)]
+    if len(values) != n:
+        raise ValueError(f"{name}: expected {n} finite numbers, got {short_repr(list(weights))}")
     return values
 
 
