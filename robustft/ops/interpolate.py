@@ -21,6 +21,7 @@ from robustft.ops import Reduce
 __all__ = [
     "FUNCTIONS",
     "METHODS",
+    "ZERO_SUM",
     "check_alpha",
     "check_method",
     "check_weights",
@@ -42,6 +43,9 @@ METHODS = ("linear", "slerp")
 
 #: |cos| above which SLERP falls back to linear (mergekit uses the same 0.9995)
 PARALLEL_THRESHOLD = 0.9995
+
+#: a running sum of weights within this of 0 takes λ = 1/2 in :func:`slerp_iterated` (mergekit's nuslerp)
+ZERO_SUM = 1e-6
 
 T = TypeVar("T", Sequence[torch.Tensor], Mapping[str, torch.Tensor])
 
@@ -191,7 +195,7 @@ def slerp_iterated(
     merged, total = tensors[0], weights[0]
     for tensor, w in zip(tensors[1:], weights[1:], strict=True):
         total += w
-        merged = slerp(merged, tensor, 0.5 if abs(total) < 1e-6 else w / total, threshold, dim=dim)
+        merged = slerp(merged, tensor, 0.5 if abs(total) < ZERO_SUM else w / total, threshold, dim=dim)
     return merged
 
 
