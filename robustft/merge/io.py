@@ -250,7 +250,8 @@ class CheckpointReader:
             return files
         other = sorted(x.name for x in p.iterdir() if x.suffix in (".bin", ".pt", ".pth", ".ckpt"))
         hint = (
-            f" (found {', '.join(other)}: re-save with save_pretrained(safe_serialization=True))"
+            f" (found {', '.join(other)}: pickle, which robustft never loads since unpickling can run code; "
+            "convert it to safetensors: save_pretrained(safe_serialization=True))"
             if other
             else ""
         )
