@@ -13,6 +13,7 @@ fraction of the run or a step). The checks return the plain Python int or float,
 
 from __future__ import annotations
 
+import decimal
 import math
 import numbers
 import re
@@ -68,7 +69,7 @@ def as_real(value: Any) -> int | float | None:
         return item if isinstance(item, (int, float)) and not isinstance(item, bool) else None
     if isinstance(value, numbers.Integral):
         return int(value)
-    if isinstance(value, numbers.Real):  # fractions.Fraction
+    if isinstance(value, (numbers.Real, decimal.Decimal)):  # fractions.Fraction, decimal.Decimal
         return float(value)
     return None
 
