@@ -27,6 +27,7 @@ import re
 import secrets
 import shutil
 import socket
+import stat
 import warnings
 import zlib
 from collections.abc import Callable, Iterable, Iterator
@@ -42,7 +43,9 @@ __all__ = [
     "atomic_output_dir",
     "atomic_output_file",
     "atomic_write_text",
+    "apply_umask",
     "check_output_dir",
+    "current_umask",
     "load_state",
     "save_report",
     "save_state",
@@ -115,6 +118,38 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def current_umask() -> int:
+    """The process umask, read without setting it where the OS shows it (Linux: ``/proc/self/status``):
+    setting it to read it would briefly give files other threads create the wrong mode."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(path: str | os.PathLike) -> None:
+    """Give ``path`` (a file, or a folder and everything in it) the mode ``open``/``mkdir`` give a new file or
+    folder: 0o666 / 0o777 minus the umask. Writers such as safetensors' ``save_file`` create 0o600 files
+    (through a private temporary file); every output goes through here so it is readable as promised
+    (docs/outputs.md). Symlinks are left alone (chmod would change their target, perhaps an input)."""
+    mask = current_umask()
+    root = Path(path)
+    entries = [root]
+    if root.is_dir():
+        entries += [Path(folder, n) for folder, dirs, files in os.walk(root) for n in dirs + files]
+    for entry in entries:
+        info = entry.lstat()
+        if stat.S_ISREG(info.st_mode) or stat.S_ISDIR(info.st_mode):
+            mode = (0o777 if stat.S_ISDIR(info.st_mode) else 0o666) & ~mask
+            if stat.S_IMODE(info.st_mode) != mode:
+                os.chmod(entry, mode)
+
+
 def _fsync_tree(root: Path) -> None:
     """fsync every file and folder under ``root`` (the data first, then the entries that name it)."""
     for folder, _, files in os.walk(root):
@@ -131,7 +166,8 @@ def atomic_output_file(path: str | os.PathLike) -> Iterator[Path]:
     ``path``.
 
     On an error the temporary file is removed and ``path`` is untouched. Temporaries left by killed
-    writers of the same file are removed first. The file gets the usual umask-derived mode.
+    writers of the same file are removed first. The file gets the usual umask-derived mode
+    (:func:`apply_umask`), whatever created it.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -140,6 +176,7 @@ def atomic_output_file(path: str | os.PathLike) -> Iterator[Path]:
     tmp = _temp_name(path, "tmp", path.suffix)
     try:
         yield tmp
+        apply_umask(tmp)
         _fsync(tmp)
         os.replace(tmp, path)
         _fsync(path.parent)
@@ -292,7 +329,8 @@ def atomic_output_dir(
 
     ``out`` is checked first (``check_output_dir``: not an input, exists only with ``overwrite``). An
     existing ``out`` is replaced only after the new folder is complete, so a failed write never destroys
-    the previous output. The folder gets the mode the umask gives a new folder.
+    the previous output. The folder and every file in it get the mode the umask gives a new folder or file
+    (:func:`apply_umask`), whatever created them.
     """
     out = check_output_dir(out, overwrite, inputs)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -300,6 +338,7 @@ def atomic_output_dir(
     tmp.mkdir()  # mode 0o777 minus the umask (mkdtemp would force 0o700)
     try:
         yield tmp
+        apply_umask(tmp)
         _fsync_tree(tmp)
         if out.exists():
             old = _temp_name(out, "old")

@@ -36,8 +36,8 @@ from robustft.checkpoint import atomic_output_file, save_report
 
 # one home for running a model on given weights and for its default loss (learned.py's, kept private there)
 from robustft.learned import _call as call_with_weights
-from robustft.learned import _model_loss as model_loss
 from robustft.ops.interpolate import check_method
+from robustft.ops.outputs import model_loss
 from robustft.ops.perturb import compute_dtype
 from robustft.ops.sharpness import ascent_step, check_ball, worst_case_increase
 from robustft.params import select_parameters, train_mode

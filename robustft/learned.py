@@ -27,6 +27,7 @@ from robustft.lora.io import LoRAAdapter
 from robustft.lora.layers import is_lora_b
 from robustft.ops.dawin import batch_entropy, first_logits, prediction_entropy
 from robustft.ops.learned import assign_blocks, compose_weights, task_vectors
+from robustft.ops.outputs import model_loss
 from robustft.params import live_tensors, select_parameters, swapped_in
 from robustft.wise_ft import is_causal_lm
 
@@ -74,14 +75,6 @@ def _batch_entropy(outputs: Any, batch: Any, causal: bool) -> torch.Tensor:
     return prediction_entropy(logits, mask).mean()
 
 
-def _model_loss(outputs: Any, batch: Any) -> torch.Tensor:
-    loss = getattr(outputs, "loss", None)
-    if loss is None:
-        raise ValueError("objective='loss': the model returned no loss; put labels in the batches or pass "
-                         "a loss_fn")
-    return loss
-
-
 def _minimise(
     params: Sequence[torch.Tensor],
     forward: Callable[[Any], Any],
@@ -117,7 +110,7 @@ def _minimise(
     if clamp is not None and not (len(clamp) == 2 and float(clamp[0]) <= float(clamp[1])):
         raise ValueError(f"clamp: expected (low, high) with low <= high, got {clamp!r}")
     if objective == "loss":
-        score = loss_fn or _model_loss
+        score = loss_fn or model_loss
     else:
         def score(outputs, batch):
             return _batch_entropy(outputs, batch, causal)

@@ -19,6 +19,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from robustft.checks import compile_patterns
+
 __all__ = [
     "SelectionChangedError",
     "SelectionGuard",
@@ -41,16 +43,7 @@ _NORM_OR_BIAS = re.compile(r"(^|\.)(bias|[^.]*norm[^.]*|ln[^.]*|layernorm[^.]*)(
 
 
 def _as_patterns(option: str, value: str | Sequence[str] | None) -> list[re.Pattern]:
-    if value is None:
-        return []
-    values = [value] if isinstance(value, str) else list(value)
-    patterns = []
-    for v in values:
-        try:
-            patterns.append(re.compile(v))
-        except re.error as err:
-            raise ValueError(f"{option}: {v!r} is not a valid regular expression ({err})") from err
-    return patterns
+    return compile_patterns(option, value)
 
 
 def select_parameters(

@@ -15,7 +15,6 @@ class, ``generate``, Trainer); :func:`save_wemoe` / :func:`load_wemoe` write and
 from __future__ import annotations
 
 import copy
-import importlib
 import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -27,6 +26,7 @@ import torch
 from torch import nn
 
 from robustft.checkpoint import atomic_output_dir
+from robustft.checks import check_number, short_repr
 from robustft.learned import _call, _minimise
 from robustft.ops.learned import check_task_vectors
 from robustft.ops.merge import task_arithmetic
@@ -36,6 +36,7 @@ from robustft.wise_ft import is_causal_lm
 __all__ = [
     "ARCHITECTURES",
     "EnsembledLinear",
+    "WEMoEFormatError",
     "WEMoERouter",
     "fit_wemoe",
     "fit_wemoe_router",
@@ -373,13 +374,88 @@ def save_wemoe(model: nn.Module, output_dir: str | os.PathLike, overwrite: bool 
     return Path(output_dir)
 
 
+class WEMoEFormatError(ValueError):
+    """A folder :func:`load_wemoe` cannot read (corrupted, foreign or edited files); the message names the
+    file and what is wrong with it."""
+
+
+def _check_choice(name: str, value: Any, allowed: Sequence[Any]) -> None:
+    if isinstance(value, bool) or value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {short_repr(value)}")
+
+
+def _check_names(name: str, value: Any) -> None:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{name} must be a list of module names, got {short_repr(value)}")
+
+
+def _check_class_name(name: str, value: Any) -> None:
+    if not isinstance(value, str) or "." not in value:
+        raise ValueError(f"{name} must be a dotted class name, got {short_repr(value)}")
+
+
+def _check_float_dtype(name: str, value: Any) -> None:
+    dtype = getattr(torch, value, None) if isinstance(value, str) else None
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"{name} must name a floating torch dtype, got {short_repr(value)}")
+
+
+#: the keys :func:`save_wemoe` writes in ``wemoe.json`` besides format and version, with their checks
+_META_CHECKS: dict[str, Any] = {
+    "model_class": _check_class_name,
+    "dtype": _check_float_dtype,
+    "experts": lambda n, v: check_number(n, v, low=1, integer=True),
+    "routing": lambda n, v: _check_choice(n, v, ROUTINGS),
+    "router_hidden_layers": lambda n, v: _check_choice(n, v, (0, 1, 2)),
+    "init_lambda": check_number,
+    "scaling_factor": check_number,
+    "blocks": _check_names,
+}
+
+
+def _read_meta(meta_path: Path) -> dict[str, Any]:
+    """``wemoe.json`` checked key by key (a :class:`WEMoEFormatError` naming the file and the key)."""
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise WEMoEFormatError(f"{meta_path}: not JSON ({err})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
+        raise WEMoEFormatError(f"{meta_path}: not a {FORMAT} version {FORMAT_VERSION} description")
+    for key, check in _META_CHECKS.items():
+        if key not in meta:
+            raise WEMoEFormatError(f"{meta_path}: no {key!r} (save_wemoe writes it)")
+        try:
+            check(f"{meta_path}: {key}", meta[key])
+        except ValueError as err:
+            raise WEMoEFormatError(str(err)) from None
+    return meta
+
+
+def _saved_class(meta_path: Path, name: str) -> type:
+    """The transformers model class named in ``wemoe.json``, looked up among transformers' public model
+    classes (the allow-list): no module the file names is imported."""
+    import transformers
+
+    module_name, _, class_name = name.rpartition(".")
+    cls = getattr(transformers, class_name, None) if class_name.isidentifier() else None
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)
+            and cls.__module__ == module_name):
+        raise WEMoEFormatError(
+            f"{meta_path}: model_class {short_repr(name)} is not a transformers model class"
+        )
+    return cls
+
+
 def load_wemoe(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
     """The upscaled model saved by :func:`save_wemoe`.
 
-    A transformers model is rebuilt from the folder's ``config.json`` and the class named in ``wemoe.json``;
-    for another class (a wrapper around a transformers encoder) pass ``model``: a not-upscaled model of the
+    A transformers model is rebuilt from the folder's ``config.json`` and the class named in ``wemoe.json``
+    (looked up among transformers' public model classes; no module named by the file is imported); for
+    another class (a wrapper around a transformers encoder) pass ``model``: a not-upscaled model of the
     same architecture (e.g. the start model), which is upscaled in place and gets the saved tensors.
+    Corrupted or foreign files raise :class:`WEMoEFormatError` (a ValueError) naming the file.
     """
+    from safetensors import SafetensorError
     from safetensors.torch import load_model
 
     folder = Path(path)
@@ -387,18 +463,23 @@ def load_wemoe(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Mo
     for p in (meta_path, weights_path):
         if not p.is_file():
             raise FileNotFoundError(f"{p}: no such file (save_wemoe writes it)")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
-        raise ValueError(f"{meta_path}: not a {FORMAT} version {FORMAT_VERSION} description")
+    meta = _read_meta(meta_path)
     module_name, _, class_name = meta["model_class"].rpartition(".")
     if model is None:
         if not module_name.startswith("transformers."):
-            raise ValueError(f"{meta_path}: model class {meta['model_class']} is not a transformers model; "
-                             "pass model= (a not-upscaled model of that class) to load_wemoe")
+            raise WEMoEFormatError(f"{meta_path}: model class {meta['model_class']} is not a transformers "
+                                   "model; pass model= (a not-upscaled model of that class) to load_wemoe")
         from transformers import AutoConfig
 
-        cls = getattr(importlib.import_module(module_name), class_name)
-        model = cls(AutoConfig.from_pretrained(str(folder))).to(getattr(torch, meta.get("dtype", "float32")))
+        cls = _saved_class(meta_path, meta["model_class"])
+        try:
+            config = AutoConfig.from_pretrained(str(folder))
+        except (OSError, ValueError, KeyError) as err:
+            raise WEMoEFormatError(f"{folder / 'config.json'}: not a transformers config ({err})") from None
+        if not isinstance(config, cls.config_class):
+            raise WEMoEFormatError(f"{folder / 'config.json'}: a {type(config).__name__}, not the "
+                                   f"{cls.config_class.__name__} of {meta['model_class']} ({meta_path})")
+        model = cls(config).to(getattr(torch, meta["dtype"]))
     elif type(model).__qualname__ != class_name:
         raise ValueError(f"model: {type(model).__name__}, but {meta_path} was saved from "
                          f"{meta['model_class']}")
@@ -408,8 +489,11 @@ def load_wemoe(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Mo
     if found != options["blocks"]:
         raise ValueError(f"model: MLP blocks {found[:3]}... differ from the saved {options['blocks'][:3]}...")
     _install(model, None, options)
-    missing, unexpected = load_model(model, str(weights_path), strict=False)
+    try:
+        missing, unexpected = load_model(model, str(weights_path), strict=False)
+    except (SafetensorError, RuntimeError, OSError) as err:
+        raise WEMoEFormatError(f"{weights_path}: cannot be read into the model ({err})") from None
     if missing or unexpected:
-        raise ValueError(f"{weights_path}: does not fit the model: missing {sorted(missing)[:5]}, unexpected "
-                         f"{sorted(unexpected)[:5]}")
+        raise WEMoEFormatError(f"{weights_path}: does not fit the model: missing {sorted(missing)[:5]}, "
+                               f"unexpected {sorted(unexpected)[:5]}")
     return model

@@ -136,6 +136,96 @@ def test_outputs_get_the_umask_mode(tmp_path, umask):
         assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f
 
 
+def _modes(root: Path) -> dict[str, int]:
+    """Relative path -> permission bits of ``root`` and of everything under it (symlinks excluded)."""
+    entries = [root, *root.rglob("*")] if root.is_dir() else [root]
+    return {str(p.relative_to(root)): p.stat().st_mode & 0o777 for p in entries if not p.is_symlink()}
+
+
+def _write_lora_compose(tmp_path: Path) -> Path:
+    from tests.lora.conftest import make_adapter, save_base
+
+    base = save_base(tmp_path / "base")
+    adapters = [make_adapter(base, tmp_path / n, i, r=2,
+                              target_modules=["q_proj"]) for i, n in enumerate("ab")]
+    assert main(["lora", "add", *map(str, adapters), "--out", str(tmp_path / "out")]) == 0
+    return tmp_path / "out"
+
+
+def _write_merge_into(tmp_path: Path) -> Path:
+    from tests.lora.conftest import make_adapter, save_base
+
+    base = save_base(tmp_path / "base")
+    adapter = make_adapter(base, tmp_path / "a", 0, r=2, target_modules=["q_proj"])
+    out = tmp_path / "out"
+    assert main(["lora", "negate", str(adapter), "--merge-into", str(base), "--out", str(out)]) == 0
+    return tmp_path / "out"
+
+
+def _write_gram(tmp_path: Path) -> Path:
+    from robustft.merge import Grams, save_gram
+
+    return save_gram(Grams({"w": torch.eye(3)}, {"w": 4}, {"w": 1}), tmp_path / "gram.safetensors")
+
+
+def _write_fisher(tmp_path: Path) -> Path:
+    return save_fisher({"w": torch.ones(3)}, tmp_path / "fisher.safetensors")
+
+
+def _write_state(tmp_path: Path) -> Path:
+    checkpoint.save_state(tmp_path / "ckpt", "ema", {"w": torch.ones(3)}, {"num_updates": 1})
+    return tmp_path / "ckpt"
+
+
+def _write_interpolate(tmp_path: Path) -> Path:
+    start, end = _ckpt(tmp_path / "s", 0), _ckpt(tmp_path / "e", 1)
+    assert main(_interpolate(start, end, tmp_path / "out")) == 0
+    return tmp_path / "out"
+
+
+@pytest.mark.parametrize(
+    "write",
+    [_write_lora_compose, _write_merge_into, _write_gram, _write_fisher, _write_state, _write_interpolate],
+)
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_every_writer_gives_its_files_the_umask_mode(tmp_path, write, umask):
+    """docs/outputs.md: files 0o666 & ~umask, folders 0o777 & ~umask, whoever created them (safetensors'
+    save_file makes 0o600 files; under umask 022 they must come out 0o644 as any file ``open`` creates)."""
+    old = os.umask(umask)
+    try:
+        out = write(tmp_path)
+        with open(tmp_path / "plain", "w"):  # the reference: what the OS gives a new file under this umask
+            pass
+        os.mkdir(tmp_path / "plain_dir")
+    finally:
+        os.umask(old)
+    file_mode = (tmp_path / "plain").stat().st_mode & 0o777
+    dir_mode = (tmp_path / "plain_dir").stat().st_mode & 0o777
+    assert (file_mode, dir_mode) == (0o666 & ~umask, 0o777 & ~umask)
+    modes = _modes(out)
+    assert any((out / name).is_file() and name.endswith(".safetensors") for name in modes) or out.is_file()
+    want = {name: dir_mode if (out / name).is_dir() else file_mode for name in modes}
+    assert modes == want
+
+
+def test_apply_umask_leaves_symlinks_and_their_targets_alone(tmp_path):
+    outside = tmp_path / "input.bin"
+    outside.write_bytes(b"x")
+    outside.chmod(0o600)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "link").symlink_to(outside)
+    (tmp_path / "out" / "f").write_bytes(b"y")
+    (tmp_path / "out" / "f").chmod(0o600)
+    old = os.umask(0o022)
+    try:
+        checkpoint.apply_umask(tmp_path / "out")
+        assert checkpoint.current_umask() == 0o022
+    finally:
+        os.umask(old)
+    assert outside.stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "out" / "f").stat().st_mode & 0o777 == 0o644
+
+
 # -- item 10: disk errors and malformed inputs are reported, not raised ------------------------------------
 @pytest.mark.parametrize("call", ["replace", "mkdir"])
 def test_disk_errors_are_reported_and_keep_the_old_output(tmp_path, capsys, monkeypatch, call):

@@ -20,7 +20,7 @@ from torch import nn
 
 from robustft import compat, distributed
 from robustft.callbacks.base import RobustCallback
-from robustft.checks import check_bool, check_number
+from robustft.checks import check_bool, check_number, compile_patterns
 from robustft.ops.anchor import (
     anchor_penalty,
     anchor_pull,
@@ -48,8 +48,9 @@ class _AnchorCallback(RobustCallback):
                  exclude: str | list[str] | None = None, resume_state_from: str | None = None,
                  restart_if_missing: bool = False):
         super().__init__(resume_state_from=resume_state_from, restart_if_missing=restart_if_missing)
-        check_number("strength", strength, low=0.0)
-        self.strength = float(strength)
+        self.strength = float(check_number("strength", strength, low=0.0))
+        compile_patterns("include", include)
+        compile_patterns("exclude", exclude)
         self.include, self.exclude = include, exclude
         self.params: dict[str, torch.Tensor] | None = None
         self.guard: SelectionGuard | None = None
@@ -269,7 +270,8 @@ class EWCCallback(_AnchorCallback):
             if bad:
                 raise ValueError(f"fisher: tensor {bad[0]!r} has negative or non-finite entries")
         if fisher_max_examples is not None:
-            check_number("fisher_max_examples", fisher_max_examples, low=1, integer=True)
+            fisher_max_examples = check_number("fisher_max_examples", fisher_max_examples, low=1,
+                                               integer=True)
         if fisher_loss_fn is not None and not callable(fisher_loss_fn):
             raise ValueError(f"fisher_loss_fn must be callable, got {type(fisher_loss_fn).__name__}")
         self.fisher_given = fisher
@@ -329,7 +331,7 @@ class SpectralRegCallback(_AnchorCallback):
 
     def __init__(self, strength: float, *, power: int = 2, target: str = "start", **kwargs: Any):
         super().__init__(strength, **kwargs)
-        check_number("power", power, low=1, integer=True)
+        power = check_number("power", power, low=1, integer=True)
         if target not in ("start", "one"):
             raise ValueError(f"target must be 'start' or 'one', got {target!r}")
         self.power, self.target = power, target

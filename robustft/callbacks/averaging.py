@@ -21,7 +21,7 @@ from torch import nn
 
 from robustft import distributed
 from robustft.callbacks.base import END_COPY_AVERAGE, END_SAVE_AVERAGE, RobustCallback
-from robustft.checks import check_bool, check_number
+from robustft.checks import as_real, check_bool, check_number, compile_patterns
 from robustft.ops.averaging import ema_decay, ema_update_, mean_of, squared_distance, swa_update_
 from robustft.params import (
     SelectionGuard,
@@ -67,8 +67,10 @@ class _AveragingCallback(RobustCallback):
         restart_if_missing: bool = False,
     ):
         super().__init__(resume_state_from=resume_state_from, restart_if_missing=restart_if_missing)
-        check_number("update_every", update_every, low=1, integer=True)
-        check_number("start_step", start_step, low=0, integer=True)
+        update_every = check_number("update_every", update_every, low=1, integer=True)
+        start_step = check_number("start_step", start_step, low=0, integer=True)
+        compile_patterns("include", include)
+        compile_patterns("exclude", exclude)
         for option, value in (("buffers", buffers), ("eval_with_average", eval_with_average),
                               ("copy_to_model_at_end", copy_to_model_at_end), ("log_distance", log_distance)):
             check_bool(option, value)
@@ -306,10 +308,10 @@ class EMACallback(_AveragingCallback):
         eval_with_ema: bool = True,
         **kwargs: Any,
     ):
-        check_number("decay", decay, low=0.0, high=1.0, low_open=True, high_open=True)
+        decay = check_number("decay", decay, low=0.0, high=1.0, low_open=True, high_open=True)
         check_bool("warmup", warmup)
-        check_number("warmup_gamma", warmup_gamma, low=0.0, low_open=True)
-        check_number("warmup_power", warmup_power, low=0.0, low_open=True)
+        warmup_gamma = check_number("warmup_gamma", warmup_gamma, low=0.0, low_open=True)
+        warmup_power = check_number("warmup_power", warmup_power, low=0.0, low_open=True)
         check_bool("eval_with_ema", eval_with_ema)
         super().__init__(eval_with_average=eval_with_ema, **kwargs)
         self.decay = decay
@@ -350,10 +352,10 @@ class SWACallback(_AveragingCallback):
 
     def __init__(self, start: int | float = 0.75, *, eval_with_swa: bool = True, update_bn: bool = True,
                  **kwargs: Any):
-        if isinstance(start, float):
-            check_number("start (a fraction of the run)", start, low=0.0, high=1.0, high_open=True)
+        if isinstance(as_real(start), float):
+            start = check_number("start (a fraction of the run)", start, low=0.0, high=1.0, high_open=True)
         else:
-            check_number("start (a step)", start, low=0, integer=True)
+            start = check_number("start (a step)", start, low=0, integer=True)
         if "start_step" in kwargs:
             raise ValueError("SWACallback: give the first averaged step as start=..., not start_step")
         check_bool("eval_with_swa", eval_with_swa)
@@ -394,7 +396,7 @@ class LAWACallback(_AveragingCallback):
     state_name = "lawa"
 
     def __init__(self, k: int = 5, *, update_every: int = 100, eval_with_lawa: bool = True, **kwargs: Any):
-        check_number("k", k, low=1, integer=True)
+        k = check_number("k", k, low=1, integer=True)
         check_bool("eval_with_lawa", eval_with_lawa)
         super().__init__(update_every=update_every, eval_with_average=eval_with_lawa, **kwargs)
         self.k = k
@@ -452,7 +454,7 @@ class MomentumInterpolationCallback(_AveragingCallback):
 
     def __init__(self, momentum: float = 0.99, *, reset_fast_at_task_boundary: bool = True,
                  eval_with_slow: bool = True, **kwargs: Any):
-        check_number("momentum", momentum, low=0.0, high=1.0, low_open=True, high_open=True)
+        momentum = check_number("momentum", momentum, low=0.0, high=1.0, low_open=True, high_open=True)
         check_bool("reset_fast_at_task_boundary", reset_fast_at_task_boundary)
         check_bool("eval_with_slow", eval_with_slow)
         super().__init__(eval_with_average=eval_with_slow, **kwargs)

@@ -84,16 +84,16 @@ class LoRAArithmeticCallback(RobustCallback):
         items = list(recipe.items()) if isinstance(recipe, Mapping) else [tuple(x) for x in recipe]
         if not items:
             raise ValueError("recipe: empty; give adapter -> weight, e.g. {'self': 1, 'other': -0.5}")
-        for entry in items:
+        for i, entry in enumerate(items):
             if len(entry) != 2:
                 raise ValueError(f"recipe: entry {entry!r} is not (adapter, weight)")
-            check_number(f"recipe: weight of {entry[0]!r}", entry[1])
+            items[i] = (entry[0], check_number(f"recipe: weight of {entry[0]!r}", entry[1]))
         if SELF not in [k for k, _ in items]:
             items.insert(0, (SELF, 1.0))
         if method not in _METHODS:
             raise ValueError(f"method: unknown {method!r}; expected one of {list(_METHODS)}")
         if rank is not None:
-            check_number("rank", rank, low=1, integer=True)
+            rank = check_number("rank", rank, low=1, integer=True)
         check_bool("evaluate", evaluate)
         check_bool("overwrite", overwrite)
         if not isinstance(adapter_name, str) or not adapter_name:

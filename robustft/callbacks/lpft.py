@@ -23,7 +23,6 @@ WiSE-FT start is re-taken from the live weights, so θ(α) lies between the prob
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -32,7 +31,7 @@ import torch
 from robustft.callbacks.base import RobustCallback
 from robustft.callbacks.sparse import FrozenEntries, refuse_unsupported
 from robustft.callbacks.wise_ft import WiseFTCallback
-from robustft.checks import check_bool, check_number, short_repr
+from robustft.checks import check_bool, check_number, compile_patterns, short_repr
 from robustft.compat import restart_lr_schedule
 from robustft.params import select_parameters
 
@@ -76,9 +75,10 @@ class LPFTCallback(RobustCallback):
                 "probe_steps / probe_epochs: give exactly one length for the probe phase, got "
                 f"probe_steps={short_repr(probe_steps)}, probe_epochs={short_repr(probe_epochs)}"
             )
-        for name, value in (("probe_steps", probe_steps), ("probe_epochs", probe_epochs)):
-            if value is not None:
-                check_number(name, value, low=1, integer=True)
+        if probe_steps is not None:
+            probe_steps = check_number("probe_steps", probe_steps, low=1, integer=True)
+        if probe_epochs is not None:
+            probe_epochs = check_number("probe_epochs", probe_epochs, low=1, integer=True)
         if not (isinstance(head, str) and head) and not (
             isinstance(head, Sequence) and head and all(isinstance(h, str) and h for h in head)
         ):
@@ -86,11 +86,7 @@ class LPFTCallback(RobustCallback):
                              f"{short_repr(head)}")
         check_bool("interpolate_from_probe", interpolate_from_probe)
         check_bool("two_stage", two_stage)
-        for pattern in [head] if isinstance(head, str) else head:
-            try:
-                re.compile(pattern)
-            except re.error as err:
-                raise ValueError(f"head: {pattern!r} is not a valid regular expression ({err})") from err
+        compile_patterns("head", head)
         self.probe_steps, self.probe_epochs = probe_steps, probe_epochs
         self.head = head
         self.interpolate_from_probe = interpolate_from_probe

@@ -26,7 +26,7 @@ import torch
 
 from robustft import distributed
 from robustft.callbacks.base import RobustCallback
-from robustft.checks import check_bool, check_integer, check_number, short_repr
+from robustft.checks import check_bool, check_integer, check_number, compile_patterns, short_repr
 from robustft.lora.layers import lora_delta, lora_layers, low_rank_factors
 from robustft.ops.perturb import (
     Fixup,
@@ -77,11 +77,13 @@ class _WeightPerturbation(RobustCallback):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        check_number("rho", rho, low=0.0, low_open=True)
+        rho = check_number("rho", rho, low=0.0, low_open=True)
         if schedule not in _SCHEDULES:
             raise ValueError(f"schedule: {short_repr(schedule)} is not one of {_SCHEDULES}")
-        check_number("start_step", start_step, low=0, integer=True)
+        start_step = check_number("start_step", start_step, low=0, integer=True)
         check_bool("skip_norm_and_bias", skip_norm_and_bias)
+        compile_patterns("include", include)
+        compile_patterns("exclude", exclude)
         self.rho = float(rho)
         self.schedule = schedule
         self.start_step = start_step
@@ -186,8 +188,7 @@ class _OnePass(_WeightPerturbation):
 
     def __init__(self, rho: float, seed: int = 0, **kwargs):
         super().__init__(rho, **kwargs)
-        check_integer("seed", seed)
-        self.seed = seed
+        self.seed = check_integer("seed", seed)
         # index -> (tensor, per-tensor context, fixup) for the perturbation in force
         self._applied: list[tuple[int, torch.Tensor, Any, Fixup]] = []
         self._step = 0
@@ -485,8 +486,8 @@ class GGPOCallback(_RowWise):
 
     def __init__(self, rho: float = 0.05, alpha: float = 1.0, beta: float = 1.0, **kwargs):
         super().__init__(rho, **kwargs)
-        check_number("alpha", alpha, low=0.0)
-        check_number("beta", beta, low=0.0)
+        alpha = check_number("alpha", alpha, low=0.0)
+        beta = check_number("beta", beta, low=0.0)
         if alpha == 0 and beta == 0:
             raise ValueError("alpha and beta: at least one must be > 0")
         self.alpha, self.beta = float(alpha), float(beta)

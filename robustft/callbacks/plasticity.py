@@ -16,7 +16,7 @@ import torch
 
 from robustft import distributed
 from robustft.callbacks.base import RobustCallback
-from robustft.checks import check_bool, check_integer, check_non_negative, check_number
+from robustft.checks import check_bool, check_integer, check_non_negative, check_number, compile_patterns
 from robustft.ops.perturb import noise_seed, shrink_perturb_
 from robustft.params import is_sharded, local_tensor, select_parameters
 
@@ -51,15 +51,17 @@ class ShrinkPerturbCallback(RobustCallback):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        check_number("shrink", shrink, low=0, high=1, low_open=True)
-        check_non_negative("sigma", sigma)
+        shrink = check_number("shrink", shrink, low=0, high=1, low_open=True)
+        sigma = check_non_negative("sigma", sigma)
         check_bool("at_train_begin", at_train_begin)
         if every_n_steps is not None:
-            check_number("every_n_steps", every_n_steps, low=1, integer=True)
+            every_n_steps = check_number("every_n_steps", every_n_steps, low=1, integer=True)
         if every_n_steps is None and not at_train_begin:
             raise ValueError("every_n_steps / at_train_begin: say when to shrink and perturb "
                              "(every_n_steps=N or at_train_begin=True)")
-        check_integer("seed", seed)
+        seed = check_integer("seed", seed)
+        compile_patterns("include", include)
+        compile_patterns("exclude", exclude)
         self.shrink, self.sigma = float(shrink), float(sigma)
         self.every_n_steps, self.at_train_begin = every_n_steps, at_train_begin
         self.seed = seed

@@ -65,7 +65,7 @@ class SAMCallback(_WeightPerturbation):
 
     def __init__(self, rho: float = 0.05, adaptive: bool = False, eta: float = 0.01, **kwargs):
         super().__init__(rho, **kwargs)
-        check_number("eta", eta, low=0.0)
+        eta = check_number("eta", eta, low=0.0)
         check_bool("adaptive", adaptive)
         self.adaptive = adaptive
         self.eta = float(eta)

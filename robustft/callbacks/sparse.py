@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 from robustft import distributed
 from robustft.callbacks.base import RobustCallback
 from robustft.checkpoint import atomic_output_file
-from robustft.checks import check_count, check_density, short_repr
+from robustft.checks import check_count, check_density, compile_patterns, short_repr
 from robustft.compat import clip_grad_norm_name
 from robustft.merge.fisher import estimate_fisher
 from robustft.ops.sparse import keep_masked_, magnitude_scores, mask_gradient, top_k_mask
@@ -218,8 +218,10 @@ class SparseUpdateCallback(RobustCallback):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        check_density("density", density)
-        check_count("fisher_examples", fisher_examples)
+        density = check_density("density", density)
+        fisher_examples = check_count("fisher_examples", fisher_examples)
+        compile_patterns("include", include)
+        compile_patterns("exclude", exclude)
         if fisher_examples == 0:
             raise ValueError("fisher_examples must be >= 1, got 0")
         if isinstance(scores, str) and scores not in _SCORES or not isinstance(scores, (str, Mapping)) or (

@@ -27,7 +27,7 @@ import torch
 
 from robustft import distributed
 from robustft.callbacks.base import END_INTERPOLATE, RobustCallback
-from robustft.checks import check_bool
+from robustft.checks import check_bool, check_number, compile_patterns
 from robustft.ops.dawin import check_procedure
 from robustft.ops.interpolate import check_alpha, check_method
 from robustft.params import SelectionGuard, check_snapshot_spec, is_sharded, select_parameters
@@ -108,6 +108,8 @@ class WiseFTCallback(RobustCallback):
         if not isinstance(metric, str) or not metric:
             raise ValueError(f"metric must be the name of an evaluation metric, got {metric!r}")
         check_snapshot_spec(snapshot_device, None, device_name="snapshot_device")
+        compile_patterns("include", include)
+        compile_patterns("exclude", exclude)
         self.alpha = None if alpha is None else check_alpha(alpha, extrapolate)
         self.alphas = check_alphas(alphas, extrapolate)
         self.method = check_method(method)
@@ -126,8 +128,7 @@ class WiseFTCallback(RobustCallback):
             raise ValueError(f"dynamic: {dynamic!r} is not None or one of {', '.join(DYNAMIC_METHODS)}")
         if dynamic is not None and not self.eval_datasets:
             raise ValueError(f"dynamic={dynamic!r} is measured on eval_datasets; give them")
-        if isinstance(n_components, bool) or not isinstance(n_components, int) or n_components < 1:
-            raise ValueError(f"n_components: expected a positive integer, got {n_components!r}")
+        n_components = check_number("n_components", n_components, low=1, integer=True)
         self.dynamic, self.n_components = dynamic, n_components
         self.dawin_procedure = check_procedure(dawin_procedure)
         self.dawin: DaWinResult | None = None

@@ -549,7 +549,9 @@ def merge_into_base(
 ) -> Path:
     """W = W_base + ΔW for every module, through PEFT's ``merge_and_unload``; saved with ``save_pretrained``.
 
-    Shapes are checked against the base model before anything is written; tokenizer files in
+    The base's weights must be safetensors: a pickle checkpoint (``pytorch_model.bin``) is refused by name and
+    never unpickled (loading a pickle can run code). Shapes are checked against the base model before anything
+    is written; tokenizer files in
     ``base_model_dir`` are copied along. The output may not be, contain or lie inside the base or ``inputs``.
     """
     from peft import PeftModel
@@ -559,7 +561,10 @@ def merge_into_base(
         raise FileNotFoundError(f"base model folder {base_dir} not found")
     inputs = [base_dir, *inputs]
     out = check_output_dir(out_dir, overwrite, inputs)
-    model = _model_class(base_dir, model_class).from_pretrained(str(base_dir))
+    from robustft.merge.io import CheckpointReader
+
+    CheckpointReader(base_dir)  # safetensors weights with sound headers; a pickle is named, never loaded
+    model = _model_class(base_dir, model_class).from_pretrained(str(base_dir), use_safetensors=True)
     modules = dict(model.named_modules())
     for module, d in adapter.deltas.items():
         target = modules.get(module)

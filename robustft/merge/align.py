@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from robustft.checkpoint import atomic_output_dir, check_output_dir
+from robustft.checks import check_integer, check_number
 from robustft.merge.interpolate import check_same_layout
 from robustft.merge.io import CheckpointReader, ShardedWriter, copy_side_files
 from robustft.ops.rebasin import (
@@ -243,6 +244,8 @@ def weight_matching(
     every permutation in a random order (``seed``); it stops after a sweep that improves none."""
     from scipy.optimize import linear_sum_assignment
 
+    seed, max_iter = _check_search(seed, max_iter)
+
     rng = random.Random(seed)
     perms = identity_permutations(spec)
     names = list(spec.sizes)
@@ -260,6 +263,12 @@ def weight_matching(
         if not improved:
             return perms, sweep
     return perms, max_iter
+
+
+def _check_search(seed: object, max_iter: object) -> tuple[int, int]:
+    """(seed, max_iter) checked: an integer seed and at least one sweep (0 or fewer would copy the model
+    unaligned)."""
+    return check_integer("seed", seed), check_number("max_iter", max_iter, low=1, integer=True)
 
 
 def align_state_dicts(
@@ -323,6 +332,7 @@ def align_checkpoints(
 
     Memory: the spec's tensors of both models (the MLP and attention weights) are held during matching."""
     start = time.perf_counter()
+    _check_search(seed, max_iter)
     check_output_dir(out, overwrite, [reference, model])
     ref, mod = CheckpointReader(reference), CheckpointReader(model)
     try:

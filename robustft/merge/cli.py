@@ -121,7 +121,7 @@ def _register_warp(subparsers) -> None:
     )
     p.add_argument("--weights", nargs="+", type=float, default=None, help="one weight per policy (default 1)")
     p.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
-    p.add_argument("--extrapolate", action="store_true", help="allow eta outside [0, 1]")
+    p.add_argument("--extrapolate", action="store_true", help="allow eta outside [0, 1], negative --weights")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_warp)

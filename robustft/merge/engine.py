@@ -324,6 +324,39 @@ def merge_checkpoints(
 _LAYER = re.compile(r"^(.*\blayers\.)(\d+)(\..+)$")
 
 
+def _check_stack_widths(
+    sources: list[tuple[str, str, str]], readers: Mapping[str, CheckpointReader], first: str
+) -> None:
+    """Every stacked layer has the tensors and shapes of the stack's first layer, and the norm/head taken from
+    the last slice's model the shapes they have in the first (whose config the stack keeps): layers of
+    different widths would write a model ``from_pretrained`` cannot load."""
+    layers: dict[str, dict[str, tuple[int, ...]]] = {}  # output layer -> suffix -> shape
+    origin: dict[str, tuple[str, str]] = {}  # output layer -> (model, its layer there)
+    for out, path, src in sources:
+        shape = tuple(readers[path].infos[src].shape)
+        m = _LAYER.match(out)
+        if m:
+            layers.setdefault(m.group(2), {})[m.group(3)[1:]] = shape
+            origin.setdefault(m.group(2), (path, _LAYER.match(src).group(2)))
+        elif path != first and src in readers[first].infos:
+            want = tuple(readers[first].infos[src].shape)
+            if want != shape:
+                raise ValueError(
+                    f"slices: tensor {src!r} of {path} has shape {shape} but {want} in {first}, whose config "
+                    "the stack keeps: models of different widths cannot be stacked"
+                )
+    (ref_layer, ref), *rest = layers.items()
+    for layer, tensors in rest:
+        for suffix in sorted(set(ref) | set(tensors)):
+            if ref.get(suffix) != tensors.get(suffix):
+                (path, src), (ref_path, ref_src) = origin[layer], origin[ref_layer]
+                raise ValueError(
+                    f"slices: stacked layer {layer} (layer {src} of {path}) has {suffix!r} of shape "
+                    f"{tensors.get(suffix, 'none')} but stacked layer {ref_layer} (layer {ref_src} of "
+                    f"{ref_path}) has {ref.get(suffix, 'none')}: layers of different widths cannot be stacked"
+                )
+
+
 def _stack_layers(
     recipe: Recipe,
     out_dir: str | os.PathLike,
@@ -377,6 +410,7 @@ def _stack_layers(
             layer_types += types[piece.start : piece.end]
     tail = [n for n in readers[last].names if not _LAYER.match(n) and "embed" not in n]
     sources += [(n, last, n) for n in tail]
+    _check_stack_widths(sources, readers, first)
     out_dtype = recipe.dtype
     scale = recipe.resolve()[2][0]["scale"]
     plan = []

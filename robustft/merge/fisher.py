@@ -21,6 +21,7 @@ from torch import nn
 from robustft import distributed
 from robustft.checkpoint import atomic_output_file
 from robustft.merge.io import CheckpointReader
+from robustft.ops.outputs import model_loss
 from robustft.params import select_parameters, train_mode
 
 __all__ = ["GramFile", "Grams", "estimate_fisher", "estimate_gram", "save_fisher", "save_gram"]
@@ -79,13 +80,10 @@ def _save(
 
 
 def _default_loss(model: nn.Module, example: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    out = model(**example)
-    loss = out["loss"] if isinstance(out, Mapping) else getattr(out, "loss", None)
-    if loss is None:
-        raise ValueError(
-            "estimate_fisher: the model returned no loss; put labels in the batch or pass loss_fn"
-        )
-    return loss
+    try:
+        return model_loss(model(**example))
+    except ValueError as err:
+        raise ValueError(f"estimate_fisher: {err}") from None
 
 
 def estimate_fisher(

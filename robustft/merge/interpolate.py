@@ -16,12 +16,14 @@ import json
 import os
 from pathlib import Path
 
+from robustft.checks import short_repr
 from robustft.merge.engine import MergeResult, merge_checkpoints
 from robustft.merge.io import CheckpointReader, layout_difference
 from robustft.merge.recipe import Recipe, parse_recipe
-from robustft.ops.interpolate import check_alpha, check_method
+from robustft.ops.interpolate import ZERO_SUM, check_alpha, check_method, check_weights
 
 __all__ = [
+    "check_policy_weights",
     "check_same_layout",
     "interpolate_checkpoints",
     "interpolation_recipe",
@@ -120,14 +122,34 @@ def warp_recipe(
         raise ValueError(
             f"method: {method!r} does not merge task vectors; LITI needs one that does (e.g. warp)"
         )
-    if weights is not None and len(weights) != len(policies):
-        raise ValueError(f"weights: {len(weights)} weight(s) for {len(policies)} policies")
+    if weights is not None:
+        weights = check_policy_weights(weights, len(policies), extrapolate)
     models = [
         {"model": str(p)} if weights is None else {"model": str(p), "parameters": {"weight": w}}
         for p, w in zip(policies, weights or [None] * len(policies), strict=True)
     ]
     data = {"merge_method": method, "base_model": str(init), "models": models, "parameters": {"lambda": eta}}
     return parse_recipe(data, source="warp")
+
+
+def check_policy_weights(weights: list[float], n: int, extrapolate: bool = False) -> list[float]:
+    """WARP's policy weights as floats: ``n`` of them, each the policy's share of the merge. A negative share
+    extrapolates (as η outside [0, 1]) and needs ``extrapolate``; shares summing to 0 say nothing (the
+    iterated SLERP's λ_m = w_m / Σ_{k≤m} w_k divides by the sum), so a running sum of 0 after a negative
+    weight, or a total of 0, is refused rather than guessed."""
+    values = check_weights(weights, n)
+    running = [sum(values[: m + 1]) for m in range(n)]
+    if abs(running[-1]) < ZERO_SUM or any(
+        abs(total) < ZERO_SUM and any(w < 0 for w in values[: m + 1]) for m, total in enumerate(running)
+    ):
+        raise ValueError(f"weights: {short_repr(weights)} sum to 0 (in total or in the first policies): "
+                         "the shares of the merge are undefined")
+    if not extrapolate and any(w < 0 for w in values):
+        raise ValueError(
+            f"weights: {short_repr(weights)} has a negative weight: that extrapolates away from a policy "
+            "(λ outside [0, 1]); pass extrapolate=True (CLI: --extrapolate) if this is intended"
+        )
+    return values
 
 
 def warp_checkpoints(

@@ -20,7 +20,7 @@ import shutil
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 
 import torch
 
@@ -204,7 +204,7 @@ class CheckpointReader:
                     raise ValueError(f"{file}: tensor {name!r} is truncated (the file is {size} bytes)")
                 self.infos[name] = info
         for name, shard in (self.index or {}).items():
-            if name not in self.infos or self.infos[name].file.name != shard:
+            if name not in self.infos or self.infos[name].file != self.path / shard:
                 raise ValueError(f"{self.path}: tensor {name!r} is not in its indexed shard {shard}")
 
     def _files(self) -> list[Path]:
@@ -223,6 +223,12 @@ class CheckpointReader:
                 raise ValueError(f"{index}: not a safetensors index (no weight_map: {err!r})") from err
             if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
                 raise ValueError(f"{index}: weight_map must map tensor names to file names")
+            for tensor, name in weight_map.items():  # before any file is opened: none outside this folder
+                if not name or PurePath(name).is_absolute() or ".." in PurePath(name).parts or "\\" in name:
+                    raise ValueError(
+                        f"{index}: tensor {short_repr(tensor)} is mapped to {short_repr(name)}, outside {p}: "
+                        "an index names shard files inside its own folder"
+                    )
             self.index = weight_map
             files = []
             for name in dict.fromkeys(self.index.values()):
@@ -244,7 +250,8 @@ class CheckpointReader:
             return files
         other = sorted(x.name for x in p.iterdir() if x.suffix in (".bin", ".pt", ".pth", ".ckpt"))
         hint = (
-            f" (found {', '.join(other)}: re-save with save_pretrained(safe_serialization=True))"
+            f" (found {', '.join(other)}: pickle, which robustft never loads since unpickling can run code; "
+            "convert it to safetensors: save_pretrained(safe_serialization=True))"
             if other
             else ""
         )

@@ -15,11 +15,13 @@ from typing import TypeVar
 
 import torch
 
+from robustft.checks import check_number, short_repr
 from robustft.ops import Reduce
 
 __all__ = [
     "FUNCTIONS",
     "METHODS",
+    "ZERO_SUM",
     "check_alpha",
     "check_method",
     "check_weights",
@@ -42,17 +44,16 @@ METHODS = ("linear", "slerp")
 #: |cos| above which SLERP falls back to linear (mergekit uses the same 0.9995)
 PARALLEL_THRESHOLD = 0.9995
 
+#: a running sum of weights within this of 0 takes λ = 1/2 in :func:`slerp_iterated` (mergekit's nuslerp)
+ZERO_SUM = 1e-6
+
 T = TypeVar("T", Sequence[torch.Tensor], Mapping[str, torch.Tensor])
 
 
 def check_alpha(alpha: float, extrapolate: bool = False, name: str = "alpha") -> float:
-    """α as a float; α outside [0, 1] (or non-finite) is a ValueError unless ``extrapolate=True``."""
-    try:
-        value = float(alpha)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{name}: {alpha!r} is not a number") from err
-    if not math.isfinite(value):
-        raise ValueError(f"{name}: {alpha!r} is not finite")
+    """α as a float (a real number as :func:`robustft.checks.as_real` has it: never a str or a bool);
+    α outside [0, 1] is a ValueError unless ``extrapolate=True``."""
+    value = float(check_number(name, alpha))
     if not extrapolate and not 0.0 <= value <= 1.0:
         raise ValueError(
             f"{name}={value} is outside [0, 1]: that extrapolates beyond the start/fine-tuned models; "
@@ -169,9 +170,9 @@ def check_weights(weights: Sequence[float] | None, n: int, name: str = "weights"
     """``n`` finite weights (all 1 when None); else a ValueError naming ``name``."""
     if weights is None:
         return [1.0] * n
-    values = [float(w) for w in weights]
-    if len(values) != n or not all(math.isfinite(w) for w in values):
-        raise ValueError(f"{name}: expected {n} finite numbers, got {list(weights)!r}")
+    values = [float(check_number(f"{name}[{i}]", w)) for i, w in enumerate(weights)]
+    if len(values) != n:
+        raise ValueError(f"{name}: expected {n} finite numbers, got {short_repr(list(weights))}")
     return values
 
 
@@ -194,7 +195,7 @@ def slerp_iterated(
     merged, total = tensors[0], weights[0]
     for tensor, w in zip(tensors[1:], weights[1:], strict=True):
         total += w
-        merged = slerp(merged, tensor, 0.5 if abs(total) < 1e-6 else w / total, threshold, dim=dim)
+        merged = slerp(merged, tensor, 0.5 if abs(total) < ZERO_SUM else w / total, threshold, dim=dim)
     return merged
 
 

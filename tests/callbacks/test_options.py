@@ -1,11 +1,21 @@
 """Callback options are checked when the callback is built (naming the option), not when training fails."""
 
 import math
+import re
 import warnings
 
+import numpy as np
 import pytest
+import torch
 
-from robustft import EMACallback, LAWACallback, MomentumInterpolationCallback, SWACallback, WiseFTCallback
+from robustft import (
+    EMACallback,
+    LAWACallback,
+    MomentumInterpolationCallback,
+    SWACallback,
+    WiseFTCallback,
+    callbacks,
+)
 from robustft.callbacks.lora_arithmetic import LoRAArithmeticCallback
 from robustft.wise_ft import WiseFTCurve, choose_alpha
 
@@ -87,3 +97,131 @@ def test_finite_curve_gives_no_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert choose_alpha([0.0, 1.0], [0.5, math.nextafter(0.5, 1)]) == 1.0
+
+
+# -- one rule for numeric options (robustft.checks.as_real), the same for every exported callback ------------
+# (callback, option as named in the error, make(value), a valid value, integer option?)
+NUMERIC = [
+    ("EMACallback", "decay", lambda v: EMACallback(decay=v), 0.9, False),
+    ("EMACallback", "warmup_gamma", lambda v: EMACallback(warmup_gamma=v), 2.5, False),
+    ("EMACallback", "warmup_power", lambda v: EMACallback(warmup_power=v), 0.75, False),
+    ("EMACallback", "update_every", lambda v: EMACallback(update_every=v), 3, True),
+    ("EMACallback", "start_step", lambda v: EMACallback(start_step=v), 2, True),
+    ("EMAReferenceCallback", "decay", lambda v: callbacks.EMAReferenceCallback(decay=v), 0.9, False),
+    ("EWCCallback", "strength", lambda v: callbacks.EWCCallback(v, fisher=FISHER), 0.25, False),
+    ("EWCCallback", "fisher_max_examples",
+     lambda v: callbacks.EWCCallback(1.0, fisher=FISHER, fisher_max_examples=v), 4, True),
+    ("GGPOCallback", "rho", lambda v: callbacks.GGPOCallback(rho=v), 0.125, False),
+    ("GGPOCallback", "alpha", lambda v: callbacks.GGPOCallback(alpha=v), 0.5, False),
+    ("GGPOCallback", "beta", lambda v: callbacks.GGPOCallback(beta=v), 0.5, False),
+    ("GGPOCallback", "seed", lambda v: callbacks.GGPOCallback(seed=v), 7, True),
+    ("L2SPCallback", "strength", lambda v: callbacks.L2SPCallback(v), 0.25, False),
+    ("LAWACallback", "k", lambda v: LAWACallback(k=v), 3, True),
+    ("LAWACallback", "update_every", lambda v: LAWACallback(update_every=v), 10, True),
+    ("LPFTCallback", "probe_steps", lambda v: callbacks.LPFTCallback(probe_steps=v), 5, True),
+    ("LPFTCallback", "probe_epochs", lambda v: callbacks.LPFTCallback(probe_epochs=v), 2, True),
+    ("LoRAArithmeticCallback", "weight of 'self'", lambda v: LoRAArithmeticCallback({"self": v}), -0.5,
+     False),
+    ("LoRAArithmeticCallback", "rank", lambda v: LoRAArithmeticCallback({"self": 1.0}, rank=v), 4, True),
+    ("MomentumInterpolationCallback", "momentum", lambda v: MomentumInterpolationCallback(momentum=v), 0.9,
+     False),
+    ("MomentumSAMCallback", "rho", lambda v: callbacks.MomentumSAMCallback(rho=v), 0.125, False),
+    ("MomentumSAMCallback", "start_step", lambda v: callbacks.MomentumSAMCallback(start_step=v), 3, True),
+    ("RandomPerturbationCallback", "rho", lambda v: callbacks.RandomPerturbationCallback(rho=v), 0.125,
+     False),
+    ("RandomPerturbationCallback", "seed", lambda v: callbacks.RandomPerturbationCallback(seed=v), 3, True),
+    ("SAMCallback", "rho", lambda v: callbacks.SAMCallback(rho=v), 0.125, False),
+    ("SAMCallback", "eta", lambda v: callbacks.SAMCallback(eta=v), 0.5, False),
+    ("SWACallback", "start", lambda v: SWACallback(start=v), 0.5, False),
+    ("SWACallback", "start", lambda v: SWACallback(start=v), 3, True),
+    ("SpectralRegCallback", "strength", lambda v: callbacks.SpectralRegCallback(v), 0.25, False),
+    ("SpectralRegCallback", "power", lambda v: callbacks.SpectralRegCallback(1.0, power=v), 3, True),
+    ("ShrinkPerturbCallback", "shrink", lambda v: _shrink(shrink=v), 0.5, False),
+    ("ShrinkPerturbCallback", "sigma", lambda v: _shrink(sigma=v), 0.25, False),
+    ("ShrinkPerturbCallback", "every_n_steps", lambda v: _shrink(every_n_steps=v, at_train_begin=False), 4,
+     True),
+    ("ShrinkPerturbCallback", "seed", lambda v: _shrink(seed=v), 4, True),
+    ("SparseUpdateCallback", "density",
+     lambda v: callbacks.SparseUpdateCallback(density=v, scores="magnitude"), 0.25, False),
+    ("SparseUpdateCallback", "fisher_examples",
+     lambda v: callbacks.SparseUpdateCallback(fisher_examples=v, fisher_data=[]), 16, True),
+    ("WiseFTCallback", "alpha", lambda v: WiseFTCallback(alpha=v), 0.25, False),
+    ("WiseFTCallback", "alphas", lambda v: WiseFTCallback(alpha=0.5, alphas=[0.0, v]), 0.25, False),
+    ("WiseFTCallback", "n_components", lambda v: WiseFTCallback(alpha=0.5, n_components=v), 2, True),
+]
+
+
+def _shrink(**options):
+    return callbacks.ShrinkPerturbCallback(**{"shrink": 0.5, "sigma": 0.1, "at_train_begin": True, **options})
+
+
+#: exported callbacks with no numeric option
+NO_NUMBERS = {"RobustCallback"}
+FISHER = {"w": torch.ones(2)}
+
+
+def test_the_matrix_covers_every_exported_callback():
+    exported = {n for n in callbacks.__all__ if n.endswith("Callback")}
+    assert exported == {case[0] for case in NUMERIC} | NO_NUMBERS
+
+
+def _case_id(case) -> str:
+    return f"{case[0]}-{case[1]}-{'int' if case[4] else 'real'}"
+
+
+def _state(callback) -> dict[str, str]:
+    """What the constructor kept, as reprs (a numpy or torch scalar kept as such reprs differently)."""
+    return {k: repr(v) for k, v in vars(callback).items()}
+
+
+@pytest.mark.parametrize("case", NUMERIC, ids=_case_id)
+def test_str_and_bool_are_not_numbers(case):
+    _, option, make, good, integer = case
+    make(good)
+    bad_values = [str(good), True, False, np.bool_(True), torch.tensor(True), torch.tensor([good])]
+    if integer:  # an integer option takes an integral value: 3.0 is refused (SWA reads 3 and 0.5 differently)
+        bad_values += [float(good), np.float64(good), torch.tensor(float(good))]
+    for bad in bad_values:
+        with pytest.raises(ValueError, match=re.escape(option)):
+            make(bad)
+
+
+@pytest.mark.parametrize("case", NUMERIC, ids=_case_id)
+def test_numpy_and_torch_scalars_are_the_plain_number(case):
+    _, option, make, good, integer = case
+    kinds = [np.int64, np.int32, lambda v: torch.tensor(v), np.array] if integer else [
+        np.float32, np.float64, lambda v: torch.tensor(v), lambda v: torch.tensor(v, dtype=torch.float64),
+        np.array]
+    for kind in kinds:
+        value = kind(good)
+        plain = value.item()
+        assert type(plain) is (int if integer else float) and plain == pytest.approx(good)
+        assert _state(make(value)) == _state(make(plain)), kind
+
+
+@pytest.mark.parametrize(
+    "make, option",
+    [
+        (lambda p: WiseFTCallback(alpha=0.5, include=p), "include"),
+        (lambda p: WiseFTCallback(alpha=0.5, exclude=p), "exclude"),
+        (lambda p: EMACallback(include=p), "include"),
+        (lambda p: SWACallback(exclude=p), "exclude"),
+        (lambda p: LAWACallback(include=[r"\.weight$", p]), "include"),
+        (lambda p: MomentumInterpolationCallback(include=p), "include"),
+        (lambda p: callbacks.EMAReferenceCallback(exclude=p), "exclude"),
+        (lambda p: callbacks.L2SPCallback(1.0, include=p), "include"),
+        (lambda p: callbacks.EWCCallback(1.0, fisher=FISHER, exclude=p), "exclude"),
+        (lambda p: callbacks.SpectralRegCallback(1.0, include=p), "include"),
+        (lambda p: callbacks.SAMCallback(include=p), "include"),
+        (lambda p: callbacks.GGPOCallback(exclude=p), "exclude"),
+        (lambda p: callbacks.MomentumSAMCallback(include=p), "include"),
+        (lambda p: callbacks.RandomPerturbationCallback(exclude=p), "exclude"),
+        (lambda p: callbacks.ShrinkPerturbCallback(0.5, 0.1, at_train_begin=True, include=p), "include"),
+        (lambda p: callbacks.SparseUpdateCallback(scores="magnitude", exclude=p), "exclude"),
+        (lambda p: callbacks.LPFTCallback(probe_steps=2, head=p), "head"),
+    ],
+)
+def test_a_bad_pattern_is_refused_at_construction(make, option):
+    for bad in ("(", "[a-", 3, [r"ok", 3]):
+        with pytest.raises(ValueError, match=rf"^{option}"):
+            make(bad)

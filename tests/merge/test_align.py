@@ -235,3 +235,22 @@ def test_unalignable_inputs_are_named_and_nothing_is_written(llama_pair, tmp_pat
         align_checkpoints(root / "a", root / "a", root / "a" / "sub")
     with pytest.raises(UnalignableError, match="not a Linear of one nn.Sequential"):
         align_state_dicts({"w": torch.ones(2, 2)}, {"w": torch.ones(2, 2)})
+
+
+@pytest.mark.parametrize("max_iter", ["-5", "0"])
+def test_max_iter_below_one_is_refused_before_writing(tmp_path, capsys, max_iter):
+    """0 or fewer sweeps would write the model unaligned (rc 0 before): a named error, nothing written."""
+    save_file(_mlp(0).state_dict(), tmp_path / "a.safetensors")
+    save_file(_mlp(1).state_dict(), tmp_path / "b.safetensors")
+    out = tmp_path / "out"
+    a, b = str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")
+    args = ["align", "--reference", a, "--model", b, "--out", str(out), "--max-iter", max_iter]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("robustft align: error: max_iter must be >= 1"), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "b.safetensors"]
+    sd = _mlp(0).state_dict()
+    with pytest.raises(ValueError, match="max_iter"):
+        align_state_dicts(sd, sd, max_iter=0)
+    with pytest.raises(ValueError, match="seed"):
+        align_state_dicts(sd, sd, seed="1")

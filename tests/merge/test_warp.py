@@ -111,3 +111,32 @@ def test_recipe_with_lambda_eta_is_the_same_step_as_warp(family, tmp_path):
     for name, r in ref.items():
         torch.testing.assert_close(by_recipe[name], by_warp[name], rtol=0, atol=0, msg=name)
         torch.testing.assert_close(by_recipe[name].double(), r, rtol=0, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("weights", [["-1", "2"], ["0", "0"], ["-1", "1"], ["2", "-2"]])
+def test_weights_that_extrapolate_or_sum_to_zero_are_refused(family, tmp_path, capsys, weights):
+    """-1 2 is slerp at λ = 2 (an extrapolation: needs --extrapolate); 0 0 and -1 1 have no shares at all
+    (λ = w/0; the iterated SLERP would silently take 1/2): refused even with --extrapolate. None writes."""
+    init_dir, dirs = family
+    out = tmp_path / "x"
+    base = ["warp", "--init", str(init_dir), "--policies", *map(str, dirs[:2]), "--eta", "0.5",
+            "--out", str(out), "--weights", *weights, "--no-progress"]
+    assert main(base) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("robustft warp: error: weights: "), err
+    assert ("--extrapolate" in err) == (weights == ["-1", "2"]), err
+    if weights != ["-1", "2"]:
+        assert main([*base, "--extrapolate"]) == 2 and "sum to 0" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_negative_weights_with_extrapolate_are_the_dense_formula(family, tmp_path):
+    init_dir, dirs = family
+    out = tmp_path / "next"
+    args = ["warp", "--init", str(init_dir), "--policies", *map(str, dirs[:2]), "--eta", "0.5",
+            "--out", str(out), "--weights", "-1", "2", "--extrapolate", "--no-progress"]
+    assert main(args) == 0
+    got = load_all(out)
+    ref = _dense_next_init(load_all(init_dir), [load_all(d) for d in dirs[:2]], 0.5, [-1.0, 2.0])
+    for name, r in ref.items():
+        torch.testing.assert_close(got[name].double(), r, rtol=0, atol=1e-6, msg=name)

@@ -1,0 +1,26 @@
+"""What a model's forward pass returned: its loss, read the one way every robustft tool reads it.
+
+A transformers model returns a ``ModelOutput`` (a mapping with attributes), a custom ``nn.Module`` often a
+plain ``dict`` or an object with a ``loss`` attribute; as the Trainer does for mappings, the loss is the
+``"loss"`` entry. Used by the Fisher estimate, learned coefficients and the sharpness diagnostics alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+__all__ = ["model_loss"]
+
+
+def model_loss(outputs: Any, batch: Any = None) -> torch.Tensor:
+    """``outputs["loss"]`` of a mapping (``dict``, ``ModelOutput``), else ``outputs.loss``; a ValueError when
+    there is none (no labels in the batch). ``batch`` is ignored: the signature of a ``loss_fn(outputs,
+    batch)``, so it stands wherever one does."""
+    loss = outputs.get("loss") if isinstance(outputs, Mapping) else getattr(outputs, "loss", None)
+    if loss is None:
+        raise ValueError(f"the model returned no loss ({type(outputs).__name__} without 'loss'); put labels "
+                         "in the batches or pass a loss_fn")
+    return loss
