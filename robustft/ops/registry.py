@@ -179,6 +179,13 @@ def _dare_density(p: Mapping[str, Any]) -> float:
     return p["density"] if p.get("drop_rate") is None else 1.0 - p["drop_rate"]
 
 
+def _check_dare(where: str, g: dict, m: list[dict]) -> None:
+    """``drop_rate`` (robustft's alias) beside a ``density`` below 1 is refused: which one means what?"""
+    for i, p in enumerate(m):
+        if p.get("drop_rate") is not None and p["density"] != 1.0:
+            raise ValueError(f"{where}: models[{i}]: {_DROP_RATE_BOTH}")
+
+
 def _dare(kind: str) -> MergeFn:
     def fn(deltas, g, m, seed, base, fishers):
         density = [_dare_density(p) for p in m]
@@ -406,6 +413,7 @@ METHODS: dict[str, MethodSpec] = {
             extra={"drop_rate": _DROP_RATE_ALIAS},
             lora=True,
             seeded=True,
+            check=_check_dare,
         ),
         _task_vector_spec(
             "dare_ties",
@@ -415,6 +423,7 @@ METHODS: dict[str, MethodSpec] = {
             extra={"drop_rate": _DROP_RATE_ALIAS},
             lora=True,
             seeded=True,
+            check=_check_dare,
         ),
         _task_vector_spec(
             "breadcrumbs",
@@ -769,10 +778,6 @@ def resolve_params(
     model's own values (``per_model``) come before the last layer (an override beats them). ``base``: the
     base model's own values where it is an input (``base_input`` methods); its entry comes last, and its
     ``weight`` has no default (mergekit requires one: a base merged at a silent weight 1 is refused)."""
-    if "drop_rate" in spec.model_params:
-        given = [k for layer in [*layers, *per_model] for k in ("drop_rate", "density") if k in layer]
-        if "drop_rate" in given and "density" in given:
-            raise ValueError(f"merge_method {spec.name!r}: {_DROP_RATE_BOTH}")
     gparams = {k: p.default for k, p in spec.global_params.items()}
     for layer in layers:
         gparams.update({k: v for k, v in layer.items() if k in spec.global_params})
