@@ -79,9 +79,9 @@ print(json.dumps({"seconds": seconds, "peak": status("VmHWM"), "start": start_rs
 #: robustft's other methods timed on the same inputs: method -> (parameters, number of fine-tuned models)
 METHODS = {
     "task_arithmetic": ({}, 3),
-    "dare_ties": ({"drop_rate": 0.8, "density": 0.5}, 3),
+    "dare_ties": ({"density": 0.2}, 3),
     "della": ({"density": 0.4}, 3),
-    "breadcrumbs_ties": ({}, 3),
+    "breadcrumbs_ties": ({"density": 0.8, "gamma": 0.01}, 3),
     "tsv_m": ({}, 3),
     "iso_c": ({}, 3),
     "karcher": ({}, 3),

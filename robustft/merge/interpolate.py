@@ -118,9 +118,10 @@ def warp_recipe(
 
     eta = check_alpha(eta, extrapolate, name="eta")
     spec = method_spec("method", method)
-    if not spec.delta:
+    if not spec.delta or "lambda" not in spec.global_params:
         raise ValueError(
-            f"method: {method!r} does not merge task vectors; LITI needs one that does (e.g. warp)"
+            f"method: {method!r} has no lambda (as in mergekit); LITI needs a task-vector method that "
+            "scales its merged task vector by lambda (e.g. warp)"
         )
     if weights is not None:
         weights = check_policy_weights(weights, len(policies), extrapolate)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +36,9 @@ from robustft.checks import check_integer, check_path, short_repr
 from robustft.ops.registry import (
     METHODS,
     REQUIRED,
+    IgnoredParameterWarning,
     MethodSpec,
+    check_inputs,
     check_params,
     method_spec,
     resolve_params,
@@ -106,12 +109,15 @@ class Recipe:
     raw: dict[str, Any] = field(default_factory=dict)
     #: layer stacking (``passthrough`` with mergekit's ``slices``); ``models`` then holds the first slice's
     slices: list[LayerSlice] = field(default_factory=list)
+    #: the base model's own parameters when it is also listed under ``models`` (mergekit's usual form)
+    base_parameters: dict[str, Any] = field(default_factory=dict)
 
     def resolve(self, override: Override | None = None) -> tuple[str, dict[str, Any], list[dict[str, Any]]]:
         """(method, method-wide parameters, one parameter dict per model) with defaults filled in."""
         method = (override.merge_method if override and override.merge_method else None) or self.merge_method
         layers = [self.parameters, override.parameters if override else {}]
-        gparams, mparams = resolve_params(METHODS[method], layers, [m.parameters for m in self.models])
+        base = self.base_parameters if self.base_model is not None else None
+        gparams, mparams = resolve_params(METHODS[method], layers, [m.parameters for m in self.models], base)
         return method, gparams, mparams
 
     @property
@@ -155,11 +161,7 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
         check_path(f"{where}.model", item["model"])
         params = check_params(f"{where}.parameters", item.get("parameters"), spec, allow_global=False)
         models.append(ModelEntry(str(item["model"]), params))
-    if base is not None and any(os.path.normpath(m.path) == os.path.normpath(base) for m in models):
-        raise ValueError(
-            f"{source}: base_model {short_repr(base)} is also listed under models; "
-            "list only fine-tuned models"
-        )
+    models, base_parameters = _split_base(models, base, spec, source)
 
     overrides = []
     for i, item in enumerate(data.get("overrides") or []):
@@ -210,26 +212,16 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
         max_shard_size=max_shard_size,
         raw=dict(data),
         slices=slices,
+        base_parameters=base_parameters,
     )
     # every method in play must get the inputs and required parameters it needs
     for override in [None, *overrides]:
         method, gparams, mparams = recipe.resolve(override)
         where = source if override is None else f"{source}: override {override.pattern.pattern!r}"
         mspec = METHODS[method]
-        if mspec.needs_base and base is None:
-            raise ValueError(f"{where}: merge_method {method!r} needs base_model")
+        check_inputs(where, mspec, len(models), base is not None)
         if mspec.delta and base is None and gparams.get("lambda", 1.0) != 1.0:
             raise ValueError(f"{where}: lambda scales task vectors ({method!r}): it needs base_model")
-        if len(models) < mspec.min_models:
-            raise ValueError(
-                f"{where}: merge_method {method!r} needs at least {mspec.min_models} model(s) "
-                f"under models, got {len(models)}"
-            )
-        if mspec.max_models is not None and len(models) > mspec.max_models:
-            raise ValueError(
-                f"{where}: merge_method {method!r} takes at most {mspec.max_models} model(s) "
-                f"under models (besides base_model), got {len(models)}"
-            )
         for key, value in gparams.items():
             if value is REQUIRED:
                 raise ValueError(
@@ -238,13 +230,38 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
         for i, values in enumerate(mparams):
             for key, value in values.items():
                 if value is REQUIRED:
+                    who = f"models[{i}] ({models[i].path})" if i < len(models) else f"base_model ({base})"
+                    why = "" if i < len(models) else " (the base is one more input of it, as in mergekit)"
                     raise ValueError(
-                        f"{where}: models[{i}] ({models[i].path}) needs parameter {key!r} "
-                        f"for merge_method {method!r}"
+                        f"{where}: {who} needs parameter {key!r} for merge_method {method!r}{why}"
                     )
         if mspec.check is not None:
             mspec.check(f"{where}: parameters", gparams, mparams)
     return recipe
+
+
+def _split_base(
+    models: list[ModelEntry], base: str | None, spec: MethodSpec, source: str
+) -> tuple[list[ModelEntry], dict[str, Any]]:
+    """(the models without the base, the base entry's parameters): mergekit's usual form lists the base
+    under ``models`` too; it is one input, merged as the base (its parameters read only by methods that
+    take the base as an input, such as linear's weight)."""
+    if base is None:
+        return models, {}
+    same = [i for i, m in enumerate(models) if os.path.normpath(m.path) == os.path.normpath(base)]
+    if len(same) > 1:
+        raise ValueError(f"{source}: base_model {short_repr(base)} is listed {len(same)} times under models")
+    if not same:
+        return models, {}
+    params = models[same[0]].parameters
+    if params and not spec.base_input:
+        warnings.warn(
+            f"{source}: models[{same[0]}] is the base_model; {spec.name!r} does not merge the base as a "
+            f"model, so its parameters {sorted(params)} are ignored (as mergekit ignores them)",
+            IgnoredParameterWarning,
+            stacklevel=3,
+        )
+    return [m for i, m in enumerate(models) if i != same[0]], dict(params)
 
 
 def _parse_slices(data: Mapping, spec: MethodSpec, source: str) -> list[LayerSlice]:

@@ -24,6 +24,7 @@ import torch
 __all__ = [
     "arcee_fusion",
     "breadcrumbs",
+    "combine",
     "consensus_mask",
     "consensus_merge",
     "dare",
@@ -42,6 +43,7 @@ __all__ = [
     "model_stock",
     "nearswap",
     "ram",
+    "random_drop",
     "ramplus_tl",
     "regmean",
     "sce",
@@ -264,7 +266,8 @@ def disjoint_mean(
     Disjoint merge of TIES (Yadav et al., 2023); ``sign`` holds gamma (+1/-1, :func:`elect_sign`); zero
     where no input agrees with the elected sign (an exact zero never agrees). With ``weights=None`` it is
     the plain mean over agreeing tasks; ``normalize=False`` returns the numerator alone (the disjoint sum:
-    mergekit's ``normalize: false``). Streamed in chunks: the temporaries are a few chunks, not tensors,
+    mergekit's ``normalize: false``); where the divisor is 0 it is taken as 1 (as mergekit). Streamed in
+    chunks: the temporaries are a few chunks, not tensors,
     allocated once (freed and re-allocated chunks fragment glibc's heap: tens of MB of resident slack).
     ``out`` (contiguous, not one of the inputs) receives the result instead of a new tensor.
     """
@@ -293,11 +296,8 @@ def disjoint_mean(
             (torch.gt if wi > 0 else torch.lt)(torch.mul(d, gamma[part], out=agree), 0, out=agree)
             num.add_(torch.mul(d, agree, out=kept) if finite else d.masked_fill(agree == 0, 0), alpha=wi)
             den.add_(agree, alpha=wi)
-        if normalize:
-            empty = torch.eq(den, 0, out=agree)
-            num.div_(den.add_(empty))  # num is exactly 0 where den is, unless mixed-sign weights cancel
-            if min(w) < 0:
-                num.masked_fill_(empty.bool(), 0)
+        if normalize:  # a zero divisor becomes 1, as mergekit (mixed-sign weights that cancel keep the sum)
+            num.div_(den.add_(torch.eq(den, 0, out=agree)))
     return result.view(deltas[0].shape) if out is None else out
 
 
@@ -306,6 +306,8 @@ def ties(
     density: float | Sequence[float],
     weights: Sequence[float] | None = None,
     out: torch.Tensor | None = None,
+    normalize: bool = True,
+    rescale: bool = False,
 ) -> torch.Tensor:
     """TIES: trim each tau_i to its top-``density`` magnitudes, elect gamma = sgn(sum_i w_i trim(tau_i)),
     return the disjoint (weighted) mean of the entries agreeing with gamma (Yadav et al., 2023, TIES-Merging).
@@ -314,7 +316,9 @@ def ties(
     weighted disjoint mean). Tie rule: sgn(0) = +1. Streamed: each delta's cut (:func:`top_k_cut`) is found
     first, then trim, election and mean run chunk by chunk, so the temporaries are a few chunks, not
     tensors. ``out`` (contiguous; may be one of ``deltas``, each chunk is read before it is written)
-    receives the result instead of a new tensor.
+    receives the result instead of a new tensor. ``normalize=False``: the disjoint sum (mergekit's
+    ``normalize: false``); ``rescale``: each trimmed delta is scaled back to its L1 norm (mergekit's
+    ``rescale``, :func:`l1_rescale`; one more chunked pass over the trimmed deltas).
     """
     _check_same_shape(deltas)
     densities = _per_input(density, len(deltas), "density")
@@ -336,11 +340,12 @@ def ties(
     # chunk buffers allocated once: trimmed chunks (copies: ``out`` may alias an input), keys, sign
     m = min(n, CHUNK)
     buffers = [torch.empty_like(flats[0][:m]) for _ in range(len(flats) + 2)]
+    factors = _trim_rescale(flats, cuts, buffers[-2]) if rescale else [1.0] * len(flats)
     for s in _chunks(n):
         size = min(CHUNK, n - s)
         *trim_bufs, keys, sign = (b[:size] for b in buffers)
         trimmed = []
-        for f, p, cut, buf in zip(flats, densities, cuts, trim_bufs, strict=True):
+        for f, p, cut, buf, factor in zip(flats, densities, cuts, trim_bufs, factors, strict=True):
             chunk = f[s : s + CHUNK]
             if cut is not None:
                 torch.mul(chunk, _keep_(torch.abs(chunk, out=keys), *cut, s), out=buf)
@@ -348,9 +353,29 @@ def ties(
                 buf.zero_()
             else:
                 buf.copy_(chunk)
+            if factor != 1.0:
+                buf.mul_(factor)
             trimmed.append(buf)
-        disjoint_mean(trimmed, elect_sign(trimmed, w, out=sign), w, out=result[s : s + CHUNK])
+        disjoint_mean(trimmed, elect_sign(trimmed, w, out=sign), w, normalize, out=result[s : s + CHUNK])
     return out
+
+
+def _trim_rescale(flats: list[torch.Tensor], cuts: list, keys: torch.Tensor) -> list[float]:
+    """|tau_i|_1 / |trim(tau_i)|_1 per delta, chunk by chunk (1 where either norm is below 1e-7, as
+    :func:`l1_rescale`): the factors of mergekit's ``rescale`` after a magnitude trim."""
+    factors = []
+    for f, cut in zip(flats, cuts, strict=True):
+        if cut is None:  # kept whole (factor 1) or nothing kept (zeros stay zeros)
+            factors.append(1.0)
+            continue
+        before = after = 0.0
+        for s in _chunks(f.numel()):
+            chunk = f[s : s + CHUNK]
+            v = torch.abs(chunk, out=keys[: chunk.numel()])
+            before += float(v.sum(dtype=torch.float64))
+            after += float(v.mul_(_keep_(v.clone(), *cut, s)).sum(dtype=torch.float64))
+        factors.append(1.0 if before < 1e-7 or after < 1e-7 else before / after)
+    return factors
 
 
 def dare(delta: torch.Tensor, drop_rate: float, generator: torch.Generator) -> torch.Tensor:
@@ -365,28 +390,58 @@ def dare(delta: torch.Tensor, drop_rate: float, generator: torch.Generator) -> t
     return delta * keep.to(delta.dtype) / (1.0 - drop_rate)
 
 
+def random_drop(
+    delta: torch.Tensor, density: float, generator: torch.Generator, rescale: bool = True
+) -> torch.Tensor:
+    """delta * m, m_j ~ Bernoulli(``density``), then (``rescale``) scaled back to delta's L1 norm: mergekit's
+    ``dare_*`` sparsification (``density`` is the keep probability; >= 1 keeps everything and draws nothing).
+
+    The draw is m_j = 1{u_j < density}, u = torch.rand(delta.shape, generator=generator): the same
+    distribution as mergekit's ``torch.bernoulli`` from another random stream. With ``rescale`` the L1 norm
+    is restored (:func:`l1_rescale`, mergekit's rule), not the paper's 1/density (:func:`dare`).
+    """
+    if density >= 1.0:
+        return delta.clone()
+    keep = torch.rand(delta.shape, generator=generator, device=delta.device).lt_(density)
+    masked = delta * keep.to(delta.dtype)
+    return l1_rescale(masked, delta) if rescale else masked
+
+
+def combine(
+    deltas: Sequence[torch.Tensor], weights: Sequence[float] | None, consensus: bool, normalize: bool
+) -> torch.Tensor:
+    """mergekit's last step of its task-vector methods: with ``consensus`` the TIES sign election and the
+    disjoint sum (a weighted mean of the agreeing entries with ``normalize``), else sum_i w_i tau_i (divided
+    by sum_i w_i with ``normalize``, unless that is below 1e-8 in magnitude)."""
+    w = _weights(weights, len(deltas))
+    if consensus:
+        return disjoint_mean(deltas, elect_sign(deltas, w), w, normalize)
+    out = task_arithmetic(deltas, w)
+    return out.div_(sum(w)) if normalize and abs(sum(w)) >= 1e-8 else out
+
+
 def dare_merge(
     deltas: Sequence[torch.Tensor],
-    drop_rate: float | Sequence[float],
+    density: float | Sequence[float],
     seed: int,
     weights: Sequence[float] | None = None,
     method: str = "linear",
-    density: float | Sequence[float] = 1.0,
+    rescale: bool = True,
+    normalize: bool = False,
 ) -> torch.Tensor:
-    """DARE each tau_i (drop p, rescale 1/(1-p)), then combine: ``"linear"`` sum_i w_i tau~_i, or ``"ties"``
-    (trim to ``density``, elect sign, disjoint mean) (Yu et al., 2024).
+    """mergekit's ``dare_linear`` / ``dare_ties``: :func:`random_drop` each tau_i (keep probability
+    ``density``, L1 rescale), then :func:`combine` (``"ties"``: sign election and disjoint sum or mean;
+    ``"linear"``: weighted sum or mean) (Yu et al., 2024, "Language Models are Super Mario").
 
     One ``torch.Generator`` seeded with ``seed`` draws the masks of deltas 0, 1, ... in order.
     """
     _check_same_shape(deltas)
     if method not in ("linear", "ties"):
         raise ValueError(f"method must be 'linear' or 'ties', got {method!r}")
-    rates = _per_input(drop_rate, len(deltas), "drop_rate")
+    densities = _per_input(density, len(deltas), "density")
     gen = torch.Generator(device=deltas[0].device).manual_seed(int(seed))
-    dropped = [dare(d, p, gen) for d, p in zip(deltas, rates, strict=True)]
-    if method == "linear":
-        return task_arithmetic(dropped, weights)
-    return ties(dropped, density, weights)
+    dropped = [random_drop(d, p, gen, rescale) for d, p in zip(deltas, densities, strict=True)]
+    return combine(dropped, weights, method == "ties", normalize)
 
 
 def l1_rescale(masked: torch.Tensor, original: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
@@ -430,6 +485,8 @@ def della(
     """
     if density >= 1.0:
         return delta.clone()
+    if density <= 0.0:  # as mergekit: nothing kept
+        return torch.zeros_like(delta)
     if not (epsilon >= 0 and 0 < density - epsilon and density + epsilon < 1):
         raise ValueError(
             f"della: density +/- epsilon must lie in (0, 1), got density={density}, epsilon={epsilon}"
@@ -466,57 +523,67 @@ def della_merge(
     w = _weights(weights, len(deltas))
     gen = torch.Generator(device=deltas[0].device).manual_seed(int(seed))
     dropped = [della(d, p, e, gen, rescale) for d, p, e in zip(deltas, densities, epsilons, strict=True)]
-    if method == "ties":
-        return disjoint_mean(dropped, elect_sign(dropped, w), w, normalize)
-    out = task_arithmetic(dropped, w)
-    return out / sum(w) if normalize and abs(sum(w)) >= 1e-8 else out
+    return combine(dropped, w, method == "ties", normalize)
 
 
-def breadcrumbs(delta: torch.Tensor, beta: float, gamma: float) -> torch.Tensor:
-    """delta * 1{rank of |delta| not in the largest beta nor the smallest gamma fraction}, per tensor (layer).
-
-    Model Breadcrumbs (Davari & Belilovsky, 2024): drop outliers and tiny perturbations; counts are
-    floor(beta * numel) largest and floor(gamma * numel) smallest.
+def breadcrumbs(
+    delta: torch.Tensor, density: float, gamma: float = 0.01, rescale: bool = False
+) -> torch.Tensor:
+    """delta * 1{rank of |delta| among the kept}: mergekit's ``magnitude_outliers`` (Model Breadcrumbs,
+    Davari & Belilovsky, 2024): keep k = floor(density n) entries after dropping the floor(gamma n)
+    largest (fewer when k + floor(gamma n) > n: then the k smallest are kept) and the smallest rest;
+    ``density >= 1`` keeps everything (``gamma`` then has no effect, as in mergekit). ``rescale``: restore
+    the L1 norm.
     """
-    _check_fraction(beta, "beta")
+    _check_fraction(density, "density")
     _check_fraction(gamma, "gamma")
-    if beta + gamma > 1.0:
-        raise ValueError(f"beta + gamma must be <= 1, got beta={beta}, gamma={gamma}")
+    if density >= 1.0:
+        return delta.clone()
     n = delta.numel()
+    target, n_top = int(density * n), int(gamma * n)
+    n_bot = max(0, n - target - n_top)
     magnitude = delta.detach().reshape(-1).abs().float()
-    drop = top_k_mask(magnitude, int(beta * n), largest=True)
-    n_small = int(gamma * n)
-    if n_small:
-        # the smallest gamma among the entries not already dropped as outliers
-        remaining = magnitude.masked_fill(drop, float("inf"))
-        drop |= top_k_mask(remaining, n_small, largest=False)
-    return delta * (~drop).view_as(delta)
+    drop = top_k_mask(magnitude, n - target - n_bot, largest=True)
+    if n_bot:  # the smallest among the entries not already dropped as outliers
+        drop |= top_k_mask(magnitude.masked_fill(drop, float("inf")), n_bot, largest=False)
+    masked = delta * (~drop).view_as(delta)
+    return l1_rescale(masked, delta) if rescale else masked
 
 
-def model_stock(base: torch.Tensor, finetuned: Sequence[torch.Tensor]) -> torch.Tensor:
+def model_stock(
+    base: torch.Tensor, finetuned: Sequence[torch.Tensor], filter_wise: bool = False
+) -> torch.Tensor:
     """w_H = t * mean_i(w_i) + (1 - t) * w_0, t = N cos(theta) / (1 + (N - 1) cos(theta)), per tensor (layer).
 
-    Model Stock (Jang et al., 2024): cos(theta) is the mean pairwise cosine between the fine-tuned deltas
-    w_i - w_0 (N >= 2). Where 1 + (N-1)cos(theta) = 0 (or a delta is zero) the base is kept.
+    Model Stock (Jang et al., 2024), as mergekit's ``model_stock``: cos(theta) is the mean pairwise cosine
+    between the fine-tuned deltas w_i - w_0 (N >= 2), <a, b> / max(|a||b|, 1e-6); where
+    |1 + (N-1)cos(theta)| < 1e-6 the base is kept. ``filter_wise``: one t per row (the last axis; a 1-D
+    tensor is one row), as mergekit's ``filter_wise: true``.
     """
     _check_same_shape([base, *finetuned], "base+finetuned")
     n = len(finetuned)
     if n < 2:
         raise ValueError(f"model_stock needs at least 2 fine-tuned tensors, got {n}")
-    flat0 = base.reshape(-1)
-    offsets = [w.reshape(-1) - flat0 for w in finetuned]
-    norms = [o.norm() for o in offsets]
+    shape = base.shape
+    if filter_wise:
+        w0 = base.unsqueeze(0) if base.dim() == 1 else base
+        ws = [w.reshape(w0.shape) for w in finetuned]
+    else:
+        w0, ws = base.reshape(-1), [w.reshape(-1) for w in finetuned]
+    offsets = [w - w0 for w in ws]
+    norms = [torch.linalg.vector_norm(o, dim=-1) for o in offsets]
     cosines = []
     for i in range(n):
         for j in range(i + 1, n):
-            denom = norms[i] * norms[j]
-            cos = (offsets[i] @ offsets[j]) / denom if denom > 0 else torch.zeros((), dtype=base.dtype)
-            cosines.append(cos.clamp(-1.0, 1.0))
-    cos_theta = torch.stack(cosines).mean()
+            dot = (offsets[i] * offsets[j]).sum(dim=-1)
+            cosines.append((dot / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1.0, 1.0))
+    cos_theta = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
     denominator = 1 + (n - 1) * cos_theta
-    t = torch.zeros_like(cos_theta) if denominator.abs() < 1e-6 else n * cos_theta / denominator
-    average = task_arithmetic(finetuned) / n
-    return t * average + (1 - t) * base
+    singular = denominator.abs() < 1e-6
+    t = n * cos_theta / denominator.masked_fill(singular, 1)
+    t = torch.where(singular, torch.zeros_like(cos_theta), t)
+    average = task_arithmetic(ws) / n
+    return (t * average + (1 - t) * w0).reshape(shape)
 
 
 def fisher_merge(

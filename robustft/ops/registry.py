@@ -19,6 +19,7 @@ names the option it is about; NaN and ±inf are refused everywhere.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,10 +43,14 @@ from robustft.ops import merge as ops
 __all__ = [
     "LAMBDA",
     "METHODS",
+    "MERGEKIT_REFUSED",
+    "PARAMETER_NAMES",
     "REQUIRED",
     "WEIGHT",
+    "IgnoredParameterWarning",
     "MethodSpec",
     "Param",
+    "check_inputs",
     "check_params",
     "describe_methods",
     "method_spec",
@@ -65,10 +70,13 @@ class Param:
     check: Callable[[str, Any], None]
 
 
+#: mergekit requires ``weight`` on its weighted methods; robustft's default 1 fills in where mergekit refuses
 WEIGHT = Param(1.0, check_number)
 LAMBDA = Param(1.0, check_number)
-DENSITY = Param(0.2, check_density)
-DROP_RATE = Param(0.9, check_drop_rate)
+#: mergekit's task-vector methods keep everything by default (density 1.0), their keep fraction in [0, 1]
+DENSITY = Param(1.0, check_fraction)
+#: mergekit's ``int8_mask``: the dtype of the sign-agreement mask, a memory option with no numerical effect
+INT8_MASK = Param(False, check_bool)
 #: interpolation position between the base (0) and the model (1); outside [0, 1] needs ``extrapolate``
 T = Param(0.5, check_number)
 EXTRAPOLATE = Param(False, check_bool)
@@ -102,6 +110,11 @@ class MethodSpec:
     lora: bool = False
     seeded: bool = False
     check: Callable[[str, dict, list[dict]], None] | None = None
+    #: the base model is one more input, merged as the models are (mergekit's linear, karcher, passthrough:
+    #: their base policy "ignored"); its per-model parameters come last in ``mparams``
+    base_input: bool = False
+    #: parameter names refused with the reason (a robustft spelling whose meaning mergekit gives another name)
+    refused: dict[str, str] = field(default_factory=dict)
 
     def apply(
         self,
@@ -115,6 +128,8 @@ class MethodSpec:
         """Merged weights of one tensor; delta methods subtract the base and add λ·τ back (in place)."""
         if self.fn is None:  # "base": keep the base model's tensor
             return base
+        if self.base_input and base is not None:  # one more input, last (mergekit appends it)
+            tensors = [*tensors, base]
         if not self.delta or (base is None and not self.needs_base):  # optional base: merge the weights
             return self.fn(tensors, dict(gparams), list(mparams), seed, base, fishers)
         for t in tensors:  # task vectors in place: the tensors are fresh reads and the list is ours
@@ -131,7 +146,7 @@ def _weights(mparams: Sequence[Mapping[str, Any]]) -> list[float] | None:
 def _linear(tensors, g, m, seed, base, fishers):
     weights = _weights(m)
     out = ops.task_arithmetic(tensors, weights)
-    return out / sum(weights) if g["normalize"] else out
+    return out.div_(sum(weights)) if g["normalize"] else out
 
 
 def _interpolation(kind: str) -> MergeFn:
@@ -148,36 +163,45 @@ def _check_linear(where: str, g: dict, m: list[dict]) -> None:
         raise ValueError(f"{where}: linear with normalize: true needs weights with a non-zero sum")
 
 
-def _check_breadcrumbs(where: str, g: dict, m: list[dict]) -> None:
-    for i, p in enumerate(m):
-        if p["beta"] + p["gamma"] > 1:
-            raise ValueError(
-                f"{where}: models[{i}] beta + gamma must be <= 1, got {p['beta']} + {p['gamma']}"
-            )
-
-
 def _task_arithmetic(deltas, g, m, seed, base, fishers):
-    return ops.task_arithmetic(deltas, _weights(m))
+    return ops.combine(deltas, _weights(m), False, g["normalize"])
 
 
 def _ties(deltas, g, m, seed, base, fishers):
     # streamed: the merged delta overwrites the first task vector chunk by chunk, no tensor-sized temporary
     out = deltas[0] if deltas[0].is_contiguous() else None
-    return ops.ties(deltas, [p["density"] for p in m], _weights(m), out=out)
+    density = [p["density"] for p in m]
+    return ops.ties(deltas, density, _weights(m), out=out, normalize=g["normalize"], rescale=g["rescale"])
+
+
+def _dare_density(p: Mapping[str, Any]) -> float:
+    """The keep probability: ``density`` (mergekit's name), or 1 - ``drop_rate`` (robustft's older alias)."""
+    return p["density"] if p.get("drop_rate") is None else 1.0 - p["drop_rate"]
+
+
+def _check_dare(where: str, g: dict, m: list[dict]) -> None:
+    """``drop_rate`` (robustft's alias) beside a ``density`` below 1 is refused: which one means what?"""
+    for i, p in enumerate(m):
+        if p.get("drop_rate") is not None and p["density"] != 1.0:
+            raise ValueError(f"{where}: models[{i}]: {_DROP_RATE_BOTH}")
 
 
 def _dare(kind: str) -> MergeFn:
     def fn(deltas, g, m, seed, base, fishers):
-        density = [p["density"] for p in m] if kind == "ties" else 1.0
-        rates = [p["drop_rate"] for p in m]
-        return ops.dare_merge(deltas, rates, seed, _weights(m), method=kind, density=density)
+        density = [_dare_density(p) for p in m]
+        return ops.dare_merge(deltas, density, seed, _weights(m), kind, g["rescale"], g["normalize"])
 
     return fn
 
 
-def _breadcrumbs(deltas, g, m, seed, base, fishers):
-    pruned = [ops.breadcrumbs(d, p["beta"], p["gamma"]) for d, p in zip(deltas, m, strict=True)]
-    return ops.task_arithmetic(pruned, _weights(m))
+def _breadcrumbs(consensus: bool) -> MergeFn:
+    def fn(deltas, g, m, seed, base, fishers):
+        pruned = [
+            ops.breadcrumbs(d, p["density"], p["gamma"], g["rescale"]) for d, p in zip(deltas, m, strict=True)
+        ]
+        return ops.combine(pruned, _weights(m), consensus, g["normalize"])
+
+    return fn
 
 
 def _magnitude_prune(deltas, g, m, seed, base, fishers):
@@ -190,7 +214,7 @@ def _consensus(deltas, g, m, seed, base, fishers):
 
 
 def _model_stock(tensors, g, m, seed, base, fishers):
-    return ops.model_stock(base, tensors)
+    return ops.model_stock(base, tensors, g["filter_wise"])
 
 
 def _fisher(tensors, g, m, seed, base, fishers):
@@ -224,8 +248,9 @@ def _multislerp(deltas, g, m, seed, base, fishers):
     return interp.multislerp(deltas, _weights(m), g["normalize_weights"], g["eps"])
 
 
-def _karcher(deltas, g, m, seed, base, fishers):
-    return interp.karcher_mean(deltas, _weights(m), g["max_iter"], g["tol"])
+def _karcher(tensors, g, m, seed, base, fishers):
+    # mergekit: equal weights over every input, the base (last) included
+    return interp.karcher_mean(tensors, None, g["max_iter"], g["tol"])
 
 
 def _check_weight_sum(where: str, g: dict, m: list[dict]) -> None:
@@ -253,16 +278,10 @@ def _della(kind: str) -> MergeFn:
 def _check_della(where: str, g: dict, m: list[dict]) -> None:
     for i, p in enumerate(m):
         d, e = p["density"], p["epsilon"]
-        if d < 1 and not (0 < d - e and d + e < 1):
+        if 0 < d < 1 and not (0 < d - e and d + e < 1):
             raise ValueError(
                 f"{where}: models[{i}] density +/- epsilon must lie in (0, 1) (density < 1), got {d} +/- {e}"
             )
-
-
-def _breadcrumbs_ties(deltas, g, m, seed, base, fishers):
-    pruned = [ops.breadcrumbs(d, p["beta"], p["gamma"]) for d, p in zip(deltas, m, strict=True)]
-    weights = _weights(m)
-    return ops.disjoint_mean(pruned, ops.elect_sign(pruned, weights), weights, g["normalize"])
 
 
 def _sce(deltas, g, m, seed, base, fishers):
@@ -325,47 +344,48 @@ def _check_tsv_m(where: str, g: dict, m: list[dict]) -> None:
         )
 
 
-_DELLA_MODEL = {
-    "weight": WEIGHT,
-    "density": Param(REQUIRED, check_density),
-    "epsilon": Param(0.15, check_non_negative),
-}
 _RAM_EPSILON = Param(1e-5, check_non_negative)
+_DELTA = {"lambda": LAMBDA}
+_INTERPOLATION = {"t": T, "extrapolate": EXTRAPOLATE}
+_DROP_RATE_ALIAS = Param(None, lambda name, value: value is None or check_drop_rate(name, value))
+_BETA_REFUSED = (
+    "robustft's former Breadcrumbs parameter; the method now reads mergekit's: gamma = the fraction of "
+    "largest magnitudes dropped (the former beta), density = the fraction kept (the former 1 - beta - gamma)"
+)
 
 
-def _della_spec(name: str, kind: str, normalize: bool) -> MethodSpec:
-    """DELLA with TIES sign election (``della``) or a weighted sum (``della_linear``); they differ only there
-    and in the default of ``normalize``."""
+def _task_vector_spec(
+    name: str,
+    fn: MergeFn,
+    normalize: bool,
+    rescale: bool,
+    extra: Mapping[str, Param] | None = None,
+    **kw: Any,
+) -> MethodSpec:
+    """One of mergekit's task-vector methods (its ``GeneralizedTaskArithmeticMerge``): method-wide lambda,
+    normalize and rescale (defaults per method, as mergekit's registry), int8_mask; per model weight and
+    density (1.0), plus the sparsification's own parameter (``extra``)."""
     return MethodSpec(
         name,
-        _della(kind),
+        fn,
         needs_base=True,
         global_params={
             **_DELTA,
             "normalize": Param(normalize, check_bool),
-            "rescale": Param(True, check_bool),
+            "rescale": Param(rescale, check_bool),
+            "int8_mask": INT8_MASK,
         },
-        model_params=_DELLA_MODEL,
+        model_params={"weight": WEIGHT, "density": DENSITY, **(extra or {})},
         delta=True,
-        lora=True,
-        seeded=True,
-        check=_check_della,
+        **kw,
     )
 
-
-_DELTA = {"lambda": LAMBDA}
-#: per-model parameters of the Breadcrumbs masks (breadcrumbs, breadcrumbs_ties)
-_BREADCRUMBS_MODEL = {
-    "weight": WEIGHT,
-    "beta": Param(0.01, check_fraction),
-    "gamma": Param(0.9, check_fraction),
-}
-_INTERPOLATION = {"t": T, "extrapolate": EXTRAPOLATE}
 
 METHODS: dict[str, MethodSpec] = {
     m.name: m
     for m in [
         MethodSpec("base", None, needs_base=True, min_models=0),
+        # -- mergekit 0.1.5's methods: its names, parameters, defaults and meanings --
         MethodSpec(
             "linear",
             _linear,
@@ -373,14 +393,7 @@ METHODS: dict[str, MethodSpec] = {
             global_params={"normalize": Param(True, check_bool)},
             model_params={"weight": WEIGHT},
             check=_check_linear,
-        ),
-        MethodSpec(
-            "lerp",
-            _interpolation("linear"),
-            needs_base=True,
-            max_models=1,
-            global_params=_INTERPOLATION,
-            check=_check_interpolation,
+            base_input=True,
         ),
         MethodSpec(
             "slerp",
@@ -390,83 +403,74 @@ METHODS: dict[str, MethodSpec] = {
             global_params=_INTERPOLATION,
             check=_check_interpolation,
         ),
-        MethodSpec(
-            "task_arithmetic",
-            _task_arithmetic,
-            needs_base=True,
-            global_params=_DELTA,
-            model_params={"weight": WEIGHT},
-            delta=True,
-        ),
-        MethodSpec(
-            "ties",
-            _ties,
-            needs_base=True,
-            global_params=_DELTA,
-            model_params={"weight": WEIGHT, "density": DENSITY},
-            delta=True,
-            lora=True,
-        ),
-        MethodSpec(
+        _task_vector_spec("task_arithmetic", _task_arithmetic, normalize=False, rescale=False),
+        _task_vector_spec("ties", _ties, normalize=True, rescale=False, lora=True),
+        _task_vector_spec(
             "dare_linear",
             _dare("linear"),
-            needs_base=True,
-            global_params=_DELTA,
-            model_params={"weight": WEIGHT, "drop_rate": DROP_RATE},
-            delta=True,
+            normalize=False,
+            rescale=True,
+            extra={"drop_rate": _DROP_RATE_ALIAS},
             lora=True,
             seeded=True,
+            check=_check_dare,
         ),
-        MethodSpec(
+        _task_vector_spec(
             "dare_ties",
             _dare("ties"),
-            needs_base=True,
-            global_params=_DELTA,
-            model_params={"weight": WEIGHT, "drop_rate": DROP_RATE, "density": Param(1.0, check_density)},
-            delta=True,
+            normalize=False,
+            rescale=True,
+            extra={"drop_rate": _DROP_RATE_ALIAS},
             lora=True,
             seeded=True,
+            check=_check_dare,
         ),
-        MethodSpec(
+        _task_vector_spec(
             "breadcrumbs",
-            _breadcrumbs,
-            needs_base=True,
-            global_params=_DELTA,
-            model_params=_BREADCRUMBS_MODEL,
-            delta=True,
+            _breadcrumbs(consensus=False),
+            normalize=False,
+            rescale=False,
+            extra={"gamma": Param(0.01, check_fraction)},
             lora=True,
-            check=_check_breadcrumbs,
+            refused={"beta": _BETA_REFUSED},
+        ),
+        _task_vector_spec(
+            "breadcrumbs_ties",
+            _breadcrumbs(consensus=True),
+            normalize=False,
+            rescale=False,
+            extra={"gamma": Param(0.01, check_fraction)},
+            lora=True,
+            refused={"beta": _BETA_REFUSED},
+        ),
+        _task_vector_spec(
+            "della",
+            _della("ties"),
+            normalize=True,
+            rescale=True,
+            extra={"epsilon": Param(0.15, check_non_negative)},
+            lora=True,
+            seeded=True,
+            check=_check_della,
+        ),
+        _task_vector_spec(
+            "della_linear",
+            _della("linear"),
+            normalize=False,
+            rescale=True,
+            extra={"epsilon": Param(0.15, check_non_negative)},
+            lora=True,
+            seeded=True,
+            check=_check_della,
         ),
         MethodSpec(
-            "magnitude_prune",
-            _magnitude_prune,
-            needs_base=True,
-            global_params=_DELTA,
-            model_params={"weight": WEIGHT, "density": DENSITY},
-            delta=True,
-            lora=True,
-        ),
-        MethodSpec(
-            "consensus",
-            _consensus,
+            "model_stock",
+            _model_stock,
             needs_base=True,
             min_models=2,
-            global_params={**_DELTA, "k": Param(2, check_count)},
-            model_params={"weight": WEIGHT, "tall_lambda": Param(0.6, check_non_negative)},
-            delta=True,
-            lora=True,
+            global_params={"filter_wise": Param(False, check_bool)},
         ),
-        MethodSpec("model_stock", _model_stock, needs_base=True, min_models=2),
-        # spherical merges of task vectors (WARP, mergekit); lambda is LITI's η: θ_init + η·τ_merged
-        MethodSpec(
-            "warp",
-            _warp,
-            needs_base=False,
-            global_params=_DELTA,
-            model_params={"weight": WEIGHT},
-            delta=True,
-            lora=True,
-        ),
+        # nuslerp, multislerp: task vectors with a base, else the weights themselves (as mergekit); no lambda
         MethodSpec(
             "nuslerp",
             _nuslerp,
@@ -474,7 +478,6 @@ METHODS: dict[str, MethodSpec] = {
             min_models=2,
             max_models=2,
             global_params={
-                **_DELTA,
                 "nuslerp_flatten": Param(True, check_bool),
                 "nuslerp_row_wise": Param(False, check_bool),
             },
@@ -487,7 +490,6 @@ METHODS: dict[str, MethodSpec] = {
             _multislerp,
             needs_base=False,
             global_params={
-                **_DELTA,
                 "normalize_weights": Param(True, check_bool),
                 "eps": Param(1e-8, _check_positive),
             },
@@ -496,52 +498,20 @@ METHODS: dict[str, MethodSpec] = {
             lora=True,
             check=_check_weight_sum,
         ),
+        # karcher: the equal-weight Karcher mean of every input's weights, the base one more point (mergekit)
         MethodSpec(
             "karcher",
             _karcher,
             needs_base=False,
-            global_params={**_DELTA, "max_iter": Param(10, check_count), "tol": Param(1e-5, _check_positive)},
-            model_params={"weight": WEIGHT},
-            delta=True,
+            global_params={"max_iter": Param(10, check_count), "tol": Param(1e-5, _check_positive)},
             lora=True,
-            check=_check_weight_sum,
-        ),
-        # end of the spherical merges
-        MethodSpec(
-            "fisher",
-            _fisher,
-            needs_base=False,
-            global_params={"eps": Param(1e-8, check_non_negative)},
-            model_params={"weight": WEIGHT, "fisher": Param(REQUIRED, check_path)},
-        ),
-        # RegMean: the engine passes each model's mean input Gram of the tensor (a file from save_gram) as
-        # the statistics argument, lazily, and None for tensors without one
-        MethodSpec(
-            "regmean",
-            _regmean,
-            needs_base=False,
-            global_params={"reduce_non_diagonal_ratio": Param(1.0, check_fraction)},
-            model_params={"weight": Param(1.0, check_non_negative), "gram": Param(REQUIRED, check_path)},
-            check=_check_weight_sum,
-        ),
-        # -- methods of mergekit 0.1.5 (issue 16) --
-        _della_spec("della", "ties", normalize=True),
-        _della_spec("della_linear", "linear", normalize=False),
-        MethodSpec(
-            "breadcrumbs_ties",
-            _breadcrumbs_ties,
-            needs_base=True,
-            global_params={**_DELTA, "normalize": Param(False, check_bool)},
-            model_params=_BREADCRUMBS_MODEL,
-            delta=True,
-            lora=True,
-            check=_check_breadcrumbs,
+            base_input=True,
         ),
         MethodSpec(
             "sce",
             _sce,
             needs_base=True,
-            global_params={"select_topk": Param(1.0, check_fraction)},
+            global_params={"select_topk": Param(1.0, check_fraction), "int8_mask": INT8_MASK},
             delta=True,
             lora=True,
         ),
@@ -564,17 +534,74 @@ METHODS: dict[str, MethodSpec] = {
             "nearswap",
             _nearswap,
             needs_base=True,
+            min_models=1,
             max_models=1,
             global_params={"t": Param(REQUIRED, check_non_negative)},
         ),
-        MethodSpec("arcee_fusion", _arcee_fusion, needs_base=True, max_models=1),
-        # one model's tensors, optionally scaled (mergekit's passthrough; layer-stacking slices are refused)
+        MethodSpec("arcee_fusion", _arcee_fusion, needs_base=True, min_models=1, max_models=1),
+        # one input's tensors, optionally scaled; with a base_model, the base is that input (as mergekit)
         MethodSpec(
             "passthrough",
             _passthrough,
             needs_base=False,
             max_models=1,
             model_params={"scale": Param(None, _check_scale)},
+            base_input=True,
+        ),
+        # -- robustft's own methods (mergekit has none of these names) --
+        MethodSpec(
+            "lerp",
+            _interpolation("linear"),
+            needs_base=True,
+            max_models=1,
+            global_params=_INTERPOLATION,
+            check=_check_interpolation,
+        ),
+        MethodSpec(
+            "magnitude_prune",
+            _magnitude_prune,
+            needs_base=True,
+            global_params=_DELTA,
+            model_params={"weight": WEIGHT, "density": Param(0.2, check_density)},
+            delta=True,
+            lora=True,
+        ),
+        MethodSpec(
+            "consensus",
+            _consensus,
+            needs_base=True,
+            min_models=2,
+            global_params={**_DELTA, "k": Param(2, check_count)},
+            model_params={"weight": WEIGHT, "tall_lambda": Param(0.6, check_non_negative)},
+            delta=True,
+            lora=True,
+        ),
+        # WARP's spherical merge of task vectors; lambda is LITI's eta: theta_init + eta * tau_merged
+        MethodSpec(
+            "warp",
+            _warp,
+            needs_base=False,
+            global_params=_DELTA,
+            model_params={"weight": WEIGHT},
+            delta=True,
+            lora=True,
+        ),
+        MethodSpec(
+            "fisher",
+            _fisher,
+            needs_base=False,
+            global_params={"eps": Param(1e-8, check_non_negative)},
+            model_params={"weight": WEIGHT, "fisher": Param(REQUIRED, check_path)},
+        ),
+        # RegMean: the engine passes each model's mean input Gram of the tensor (a file from save_gram) as
+        # the statistics argument, lazily, and None for tensors without one
+        MethodSpec(
+            "regmean",
+            _regmean,
+            needs_base=False,
+            global_params={"reduce_non_diagonal_ratio": Param(1.0, check_fraction)},
+            model_params={"weight": Param(1.0, check_non_negative), "gram": Param(REQUIRED, check_path)},
+            check=_check_weight_sum,
         ),
         # -- SVD merges of FusionBench (issue 16) --
         MethodSpec(
@@ -612,6 +639,20 @@ METHODS: dict[str, MethodSpec] = {
     ]
 }
 
+#: mergekit 0.1.5 merge methods robustft refuses, each with its reason (none today: every method of
+#: mergekit's registry is in METHODS with mergekit's meaning; docs/merging.md shows this list)
+MERGEKIT_REFUSED: dict[str, str] = {}
+
+#: every parameter name some method reads: a name outside it is a typo (refused), a name in it that the
+#: recipe's method does not read is ignored with a warning, as mergekit ignores it
+PARAMETER_NAMES = frozenset(
+    name for spec in METHODS.values() for name in [*spec.global_params, *spec.model_params]
+)
+
+
+class IgnoredParameterWarning(UserWarning):
+    """A recipe sets a parameter the method does not read (mergekit ignores it too): it has no effect."""
+
 
 def method_spec(where: str, value: Any) -> MethodSpec:
     """The registered method named ``value`` (a string); else a ValueError naming ``where``, the choices."""
@@ -642,7 +683,11 @@ def describe_methods() -> str:
         flags = [
             "needs base_model"
             if spec.needs_base
-            else ("base_model optional" if spec.delta else "no base_model"),
+            else (
+                "base_model optional: one more input"
+                if spec.base_input
+                else ("base_model optional" if spec.delta else "no base_model")
+            ),
             f"models: {models}",
             "on task vectors" if spec.delta else "on weights",
             f"LoRA deltas: {'yes' if spec.lora else 'no'}",
@@ -658,7 +703,9 @@ def describe_methods() -> str:
 
 
 def check_params(where: str, params: Any, spec: MethodSpec, allow_global: bool = True) -> dict[str, Any]:
-    """Check a mapping of parameter values against ``spec``: known names, each value its own check."""
+    """Check a mapping of parameter values against ``spec``: each value its own check; a name the method
+    refuses is an error with the reason, a name another method reads is dropped with an
+    :class:`IgnoredParameterWarning` (mergekit ignores it too), any other name is an error (a typo)."""
     if params is None:
         return {}
     if not isinstance(params, Mapping):
@@ -668,28 +715,80 @@ def check_params(where: str, params: Any, spec: MethodSpec, allow_global: bool =
     known = dict(spec.model_params)
     if allow_global:
         known.update(spec.global_params)
+    kept, ignored = {}, []
     for key, value in params.items():
+        if key in spec.refused:
+            raise ValueError(f"{where}: parameter {key!r} is refused for {spec.name!r}: {spec.refused[key]}")
         if key not in known:
+            if key in PARAMETER_NAMES and not (key in spec.global_params and not allow_global):
+                ignored.append(key)
+                continue
             names = ", ".join(sorted(known)) or "none"
             raise ValueError(
                 f"{where}: unknown parameter {short_repr(key)} for merge_method {spec.name!r} "
                 f"(known: {names})"
             )
         known[key].check(f"{where}.{key}", value)
-    return dict(params)
+        kept[key] = value
+    if ignored:
+        warnings.warn(
+            f"{where}: merge_method {spec.name!r} does not read parameter(s) {sorted(ignored)}: ignored "
+            "(as mergekit ignores them)",
+            IgnoredParameterWarning,
+            stacklevel=2,
+        )
+    if "drop_rate" in kept and "density" in kept:
+        raise ValueError(f"{where}: {_DROP_RATE_BOTH}")
+    return kept
+
+
+_DROP_RATE_BOTH = (
+    "give density (mergekit's keep probability) or drop_rate (robustft's older alias for 1 - density), "
+    "not both"
+)
+
+
+def check_inputs(where: str, spec: MethodSpec, n_models: int, has_base: bool) -> None:
+    """The recipe gives ``spec`` the inputs it takes: a base where it needs one, and a number of models
+    within its bounds (for ``base_input`` methods the base counts as one of them, as in mergekit)."""
+    if spec.needs_base and not has_base:
+        raise ValueError(f"{where}: merge_method {spec.name!r} needs base_model")
+    n = n_models + int(spec.base_input and has_base)
+    what = (
+        "input(s) (models and base_model)"
+        if spec.base_input
+        else "model(s) under models (besides base_model)"
+    )
+    if n < spec.min_models or (spec.base_input and n == 0):
+        least = max(spec.min_models, 1 if spec.base_input else 0)
+        raise ValueError(f"{where}: merge_method {spec.name!r} needs at least {least} {what}, got {n}")
+    if spec.max_models is not None and n > spec.max_models:
+        raise ValueError(
+            f"{where}: merge_method {spec.name!r} takes at most {spec.max_models} {what}, got {n}"
+        )
 
 
 def resolve_params(
-    spec: MethodSpec, layers: Sequence[Mapping[str, Any]], per_model: Sequence[Mapping[str, Any]]
+    spec: MethodSpec,
+    layers: Sequence[Mapping[str, Any]],
+    per_model: Sequence[Mapping[str, Any]],
+    base: Mapping[str, Any] | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """(method-wide parameters, one dict per model): defaults, then ``layers`` in order (later wins); a
-    model's own values (``per_model``) come before the last layer (an override beats them)."""
+    model's own values (``per_model``) come before the last layer (an override beats them). ``base``: the
+    base model's own values where it is an input (``base_input`` methods); its entry comes last, and its
+    ``weight`` has no default (mergekit requires one: a base merged at a silent weight 1 is refused)."""
     gparams = {k: p.default for k, p in spec.global_params.items()}
     for layer in layers:
         gparams.update({k: v for k, v in layer.items() if k in spec.global_params})
+    owners = list(per_model)
+    if spec.base_input and base is not None:
+        owners.append(base)
     mparams = []
-    for own in per_model:
+    for i, own in enumerate(owners):
         values = {k: p.default for k, p in spec.model_params.items()}
+        if i == len(per_model) and "weight" in values:
+            values["weight"] = REQUIRED
         for layer in [*layers[:1], own, *layers[1:]]:
             values.update({k: v for k, v in layer.items() if k in spec.model_params})
         mparams.append(values)

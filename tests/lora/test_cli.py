@@ -110,9 +110,9 @@ def test_cli_refuses_bad_input_before_writing(lora_zoo, tmp_path, capsys):
             {"density": float("nan")},
         ),
         (
-            ["compose", "--adapters", "{a}", "--method", "ties", "--density", "0"],
+            ["compose", "--adapters", "{a}", "--method", "ties", "--density", "-0.1"],
             "--density",
-            {"density": 0.0},
+            {"density": -0.1},
         ),
         (
             [

@@ -31,12 +31,12 @@ SEED = 5
 METHODS = {
     "ties": ({"density": 0.5}, lambda ts, seed: ops.ties(ts, 0.5, WEIGHTS)),
     "dare_linear": (
-        {"drop_rate": 0.3, "seed": SEED},
-        lambda ts, seed: ops.dare_merge(ts, [0.3] * 3, seed, WEIGHTS, method="linear", density=1.0),
+        {"drop_rate": 0.3, "seed": SEED},  # robustft's alias of density 0.7
+        lambda ts, seed: ops.dare_merge(ts, [0.7] * 3, seed, WEIGHTS, method="linear"),
     ),
     "dare_ties": (
-        {"drop_rate": 0.3, "density": 0.7, "seed": SEED},
-        lambda ts, seed: ops.dare_merge(ts, [0.3] * 3, seed, WEIGHTS, method="ties", density=[0.7] * 3),
+        {"density": 0.7, "seed": SEED},
+        lambda ts, seed: ops.dare_merge(ts, [0.7] * 3, seed, WEIGHTS, method="ties"),
     ),
     "della": (
         {"density": 0.5, "epsilon": 0.1, "seed": SEED},
@@ -263,8 +263,10 @@ def test_lora_merge_inputs_are_checked_before_anything_is_written(variant_zoo, l
     embedded.config["base_model_name_or_path"] = a.base_model
     with pytest.raises(ValueError, match=r"lora_bias=True.*embed_tokens.*embedding"):
         compose_adapters([a, embedded], method="ties", params={"density": 0.5})
-    with pytest.raises(ValueError, match=r"'della' needs parameter\(s\) \['density'\]"):
-        compose_adapters([a, c], method="della", params={"seed": 0})
+    with pytest.raises(ValueError, match=r"density \+/- epsilon must lie in \(0, 1\)"):
+        compose_adapters([a, c], method="della", params={"density": 0.5, "epsilon": 0.5, "seed": 0})
+    with pytest.raises(ValueError, match="drop_rate .* not both"):
+        compose_adapters([a, c], method="dare_ties", params={"density": 0.5, "drop_rate": 0.5, "seed": 0})
     # Iso-C/CTS flatten the spectrum over all min(m, n) directions: ill-posed on low-rank deltas
     with pytest.raises(ValueError, match="merge method 'iso_c' does not apply to LoRA deltas"):
         compose_adapters([a, c], method="iso_c")

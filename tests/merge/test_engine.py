@@ -88,7 +88,7 @@ def test_cli_ties_merge_of_sharded_llama_streams_loads_and_matches_in_memory(fam
 @pytest.mark.parametrize(
     "method,params,reference",
     [
-        ("linear", {}, lambda b, ts, n: sum(ts) / len(ts)),
+        ("linear", {"weight": 1.0}, lambda b, ts, n: (sum(ts) + b) / (len(ts) + 1)),  # base: one more input
         (
             "task_arithmetic",
             {"lambda": 0.5},
@@ -96,20 +96,18 @@ def test_cli_ties_merge_of_sharded_llama_streams_loads_and_matches_in_memory(fam
         ),
         (
             "dare_linear",
-            {"drop_rate": 0.3},
-            lambda b, ts, n: b + M.dare_merge([t - b for t in ts], 0.3, tensor_seed(7, n)),
+            {"density": 0.7},
+            lambda b, ts, n: b + M.dare_merge([t - b for t in ts], 0.7, tensor_seed(7, n)),
         ),
         (
             "dare_ties",
-            {"drop_rate": 0.3, "density": 0.5},
-            lambda b, ts, n: (
-                b + M.dare_merge([t - b for t in ts], 0.3, tensor_seed(7, n), method="ties", density=0.5)
-            ),
+            {"drop_rate": 0.3},  # robustft's alias of density 0.7
+            lambda b, ts, n: b + M.dare_merge([t - b for t in ts], 0.7, tensor_seed(7, n), method="ties"),
         ),
         (
             "breadcrumbs",
-            {"beta": 0.05, "gamma": 0.5},
-            lambda b, ts, n: b + sum(M.breadcrumbs(t - b, 0.05, 0.5) for t in ts),
+            {"density": 0.45, "gamma": 0.05},
+            lambda b, ts, n: b + sum(M.breadcrumbs(t - b, 0.45, 0.05) for t in ts),
         ),
         (
             "magnitude_prune",
@@ -145,11 +143,11 @@ def test_cli_ties_merge_of_sharded_llama_streams_loads_and_matches_in_memory(fam
         ),
         (
             "breadcrumbs_ties",
-            {"beta": 0.05, "gamma": 0.5},
+            {"density": 0.45, "gamma": 0.05},
             lambda b, ts, n: (
                 b
                 + M.disjoint_mean(
-                    bc := [M.breadcrumbs(t - b, 0.05, 0.5) for t in ts], M.elect_sign(bc), normalize=False
+                    bc := [M.breadcrumbs(t - b, 0.45, 0.05) for t in ts], M.elect_sign(bc), normalize=False
                 )
             ),
         ),
@@ -311,7 +309,8 @@ def test_nan_under_a_trim_is_an_error_naming_the_tensor(family, tmp_path):
     tensors["model.norm.weight"][3] = float("nan")
     save_file(tensors, str(tmp_path / "nan.safetensors"))
     models = [str(tmp_path / "nan.safetensors"), str(dirs[1])]
-    recipe = parse_recipe({"merge_method": "ties", "base_model": str(base_dir), "models": models})
+    data = {"merge_method": "ties", "base_model": str(base_dir), "models": models}
+    recipe = parse_recipe({**data, "parameters": {"density": 0.5}})
     with pytest.raises(ValueError, match=r"tensor 'model.norm.weight' \(ties\): .*NaN"):
         merge_checkpoints(recipe, tmp_path / "o", progress=False)
     assert not (tmp_path / "o").exists()

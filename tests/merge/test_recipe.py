@@ -26,13 +26,13 @@ def test_precedence_defaults_recipe_model_override():
               dtype="bfloat16", seed=3)
     )  # fmt: skip
     method, g, m = r.resolve()
-    assert method == "ties" and g == {"lambda": 0.5}
+    assert method == "ties" and g == {"lambda": 0.5, "normalize": True, "rescale": False, "int8_mask": False}
     assert m == [{"weight": 1.0, "density": 0.4}, {"weight": 1.0, "density": 0.7}]
     assert r.resolve(r.overrides[0])[2] == [{"weight": 1.0, "density": 0.9}] * 2
     assert r.resolve(r.overrides[1])[0] == "base"
     assert r.dtype == torch.bfloat16 and r.seed == 3
-    # TIES paper default density
-    assert parse_recipe(_data()).resolve()[2][0]["density"] == 0.2
+    # mergekit's default density: 1.0, keep everything
+    assert parse_recipe(_data()).resolve()[2][0]["density"] == 1.0
 
 
 @pytest.mark.parametrize(
@@ -42,13 +42,13 @@ def test_precedence_defaults_recipe_model_override():
         ({"models": ["a"]}, "merge_method is required"),
         (_data(merge_method="frankenmerge"), "unknown merge method 'frankenmerge'"),
         (_data(merge_method="base"), "only meaningful in overrides"),
-        (_data(parameters={"t": 0.5}), "unknown parameter 't' for merge_method 'ties'"),
+        (_data(parameters={"densty": 0.5}), "unknown parameter 'densty' for merge_method 'ties'"),
         (
-            _data(models=[{"model": "m", "parameters": {"lambda": 2}}]),
-            r"models\[0\].parameters: unknown parameter 'lambda'",
+            _data(models=[{"model": "m", "parameters": {"lamda": 2}}]),
+            r"models\[0\].parameters: unknown parameter 'lamda'",
         ),
         (_data(models=[{"model": "m", "weights": 1}]), r"models\[0\]: unknown option"),
-        (_data(parameters={"density": 0}), "density must be in \\(0, 1\\]"),
+        (_data(parameters={"density": 1.5}), "density must be in \\[0, 1\\]"),
         (
             _data(merge_method="dare_linear", models=["m"], parameters={"drop_rate": 1.0}),
             "drop_rate must be in \\[0, 1\\)",
@@ -59,15 +59,16 @@ def test_precedence_defaults_recipe_model_override():
         (_data(seed=1.5), "seed must be an integer"),
         (_data(overrides=[{"pattern": "("}]), r"overrides\[0\].pattern"),
         (
-            _data(overrides=[{"pattern": "a", "merge_method": "slerp", "parameters": {"density": 1}}]),
+            _data(overrides=[{"pattern": "a", "merge_method": "slerp", "parameters": {"densty": 1}}]),
             "for merge_method 'slerp'",
         ),
-        (_data(models=["b", "m"]), "also listed under models"),
+        (_data(models=["b", "m", "b"]), "base_model 'b' is listed 2 times under models"),
         (_data(merge_method="model_stock", models=["m"]), "at least 2 model"),
         (_data(max_shard_size="big"), "max_shard_size"),
         (
             _data(
                 merge_method="linear",
+                base_model=None,
                 models=[
                     {"model": "a", "parameters": {"weight": 1}},
                     {"model": "c", "parameters": {"weight": -1}},
@@ -88,12 +89,13 @@ def test_precedence_defaults_recipe_model_override():
             r"parameters.t=1.5 is outside \[0, 1\].*extrapolate",
         ),
         (
-            _data(merge_method="breadcrumbs", models=["m"], parameters={"beta": 0.6, "gamma": 0.6}),
-            r"beta \+ gamma must be <= 1",
+            _data(merge_method="breadcrumbs", models=["m"], parameters={"beta": 0.1, "gamma": 0.6}),
+            r"parameter 'beta' is refused for 'breadcrumbs': .*gamma = the fraction of largest",
         ),
         (
-            _data(merge_method="della", models=["m"]),
-            r"models\[0\] \(m\) needs parameter 'density' for merge_method 'della'",
+            _data(merge_method="dare_ties", models=[{"model": "m", "parameters": {"drop_rate": 0.5}}],
+                  parameters={"density": 0.5}),
+            r"give density .* or drop_rate .*, not both",
         ),
         (
             _data(merge_method="della_linear", models=["m"], parameters={"density": 0.5, "epsilon": 0.5}),
@@ -108,8 +110,8 @@ def test_precedence_defaults_recipe_model_override():
         ),
         (_data(merge_method="ram", models=["m"], parameters={"epsilon": -1}), "epsilon must be >= 0"),
         (
-            _data(merge_method="breadcrumbs_ties", parameters={"density": 0.5}),
-            "unknown parameter 'density' for merge_method 'breadcrumbs_ties'",
+            _data(merge_method="breadcrumbs_ties", parameters={"gamma": 1.5}),
+            r"parameters.gamma must be in \[0, 1\]",
         ),
         (
             _data(models=["m1", "m2"], merge_method="tsv_m", parameters={"sv_reduction": 0.6}),
@@ -124,8 +126,8 @@ def test_precedence_defaults_recipe_model_override():
             "parameters.alpha",
         ),
         (
-            _data(models=["m1", "m2"], merge_method="tsv_m", parameters={"lambda": 1.0}),
-            "unknown parameter 'lambda' for merge_method 'tsv_m'",
+            _data(models=["m1", "m2"], merge_method="tsv_m", parameters={"lamda": 1.0}),
+            "unknown parameter 'lamda' for merge_method 'tsv_m'",
         ),
         (
             _data(models=["m1", "m2"], merge_method="iso_cts", parameters={"common_space_fraction": 1.5}),
@@ -162,12 +164,16 @@ def test_every_registered_method_is_parsed_and_merged_by_the_engine():
         if name == "base":
             continue
         n = max(spec.min_models, 2 if spec.max_models is None else 1)
+        if spec.base_input:  # the base is one more input (mergekit): passthrough takes it alone
+            n = 2 if spec.max_models is None else spec.max_models - 1
         stats = {"fisher": "fisher", "regmean": "gram"}.get(name)  # the per-model statistics file
         own = [{stats: f"s{i}"} if stats else {} for i in range(n)]
         models = [{"model": f"m{i}", "parameters": p} for i, p in enumerate(own)]
         # values for the parameters without a default (other than the statistics paths above)
         required = {k: REQUIRED_VALUES[k] for k, p in {**spec.global_params, **spec.model_params}.items()
                     if p.default is REQUIRED and k != stats}  # fmt: skip
+        if spec.base_input and "weight" in spec.model_params:  # the base's weight has no default
+            required["weight"] = 1.0
         recipe = parse_recipe(
             {"merge_method": name, "base_model": "b", "models": models, "parameters": required}
         )

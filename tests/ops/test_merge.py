@@ -50,7 +50,7 @@ def _ref_ties(deltas, density, weights):
             if x != 0 and math.copysign(1.0, x) == gamma:
                 num += x
                 den += w
-        out.append(num / den if den != 0 else 0.0)
+        out.append(num / den if den != 0 else num)  # mergekit: a zero divisor becomes 1
     return torch.tensor(out, dtype=deltas[0].dtype).view_as(deltas[0])
 
 
@@ -221,30 +221,87 @@ def test_dare_is_unbiased_over_seeds():
     assert abs(kept / total - (1 - p)) < 5 * math.sqrt(p * (1 - p) / total)
 
 
-def test_dare_merge_reproducible_and_equals_composition():
+def _ref_l1_rescale(masked, original):
+    """mergekit's ``rescaled_masked_tensor`` (L1): masked |original|_1 / |masked|_1, unless one is < 1e-7."""
+    before, after = sum(abs(x) for x in _flat(original)), sum(abs(x) for x in _flat(masked))
+    return masked if before < 1e-7 or after < 1e-7 else masked * (before / after)
+
+
+def test_random_drop_is_mergekit_bernoulli_keep_then_l1_rescale():
+    """density is the keep probability (mergekit), the same draw u < density, and the L1 norm restored."""
+    (d,) = _rand(1, seed=4)
+    u = torch.rand(d.shape, generator=torch.Generator().manual_seed(5))
+    masked = torch.where(u < 0.3, d, torch.zeros_like(d))
+    for rescale, ref in ((False, masked), (True, _ref_l1_rescale(masked, d))):
+        got = M.random_drop(d, 0.3, torch.Generator().manual_seed(5), rescale)
+        torch.testing.assert_close(got, ref)
+    assert torch.equal(M.random_drop(d, 1.0, torch.Generator(), True), d)  # density 1: nothing drawn
+    # the keep fraction is density (binomial, 5 sigma)
+    kept = sum(int((M.random_drop(d, 0.3, torch.Generator().manual_seed(s)) != 0).sum()) for s in range(50))
+    total = 50 * d.numel()
+    assert abs(kept / total - 0.3) < 5 * math.sqrt(0.21 / total)
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_dare_merge_reproducible_and_equals_composition(normalize):
     deltas = _rand(3, seed=4)
-    a = M.dare_merge(deltas, 0.5, seed=11, weights=[1, 2, 3])
-    b = M.dare_merge(deltas, 0.5, seed=11, weights=[1, 2, 3])
-    c = M.dare_merge(deltas, 0.5, seed=12, weights=[1, 2, 3])
+    w = [1.0, 2.0, 3.0]
+    a = M.dare_merge(deltas, 0.5, seed=11, weights=w, normalize=normalize)
+    b = M.dare_merge(deltas, 0.5, seed=11, weights=w, normalize=normalize)
+    c = M.dare_merge(deltas, 0.5, seed=12, weights=w, normalize=normalize)
     torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert not torch.equal(a, c)
     gen = torch.Generator().manual_seed(11)
-    dropped = [M.dare(d, 0.5, gen) for d in deltas]
-    ref = sum(w * x for w, x in zip([1, 2, 3], dropped, strict=True))
-    torch.testing.assert_close(a, ref)
-    t = M.dare_merge(deltas, 0.5, seed=11, method="ties", density=0.5)
-    torch.testing.assert_close(t, _ref_ties(dropped, 0.5, [1.0, 1.0, 1.0]))
+    dropped = [M.random_drop(d, 0.5, gen) for d in deltas]
+    ref = sum(wi * x for wi, x in zip(w, dropped, strict=True))
+    torch.testing.assert_close(a, ref / 6 if normalize else ref)
+    t = M.dare_merge(deltas, 0.5, seed=11, weights=w, method="ties", normalize=normalize)
+    torch.testing.assert_close(t, _ref_disjoint(dropped, w, normalize))
 
 
-@pytest.mark.parametrize("beta,gamma", [(0.1, 0.5), (0.0, 0.3), (0.2, 0.0), (0.05, 0.9)])
-def test_breadcrumbs_drops_both_tails(beta, gamma):
+@pytest.mark.parametrize("density,gamma", [(0.4, 0.1), (0.7, 0.0), (0.5, 0.2), (0.2, 0.9), (1.0, 0.3)])
+def test_breadcrumbs_is_mergekit_magnitude_outliers(density, gamma):
+    """mergekit: of the magnitudes sorted ascending keep positions [n_bot, n_bot + k), k = floor(density n),
+    n_bot = max(0, n - k - floor(gamma n)); density 1 keeps everything."""
     (d,) = _rand(1, seed=9)
     v = _flat(d)
     n = len(v)
     order = sorted(range(n), key=lambda j: abs(v[j]))  # ascending magnitude
-    keep = set(order[int(gamma * n) : n - int(beta * n)])
+    k = int(density * n)
+    n_bot = max(0, n - k - int(gamma * n))
+    keep = set(order[n_bot : n_bot + k]) if density < 1 else set(range(n))
     ref = torch.tensor([v[j] if j in keep else 0.0 for j in range(n)], dtype=d.dtype).view_as(d)
-    torch.testing.assert_close(M.breadcrumbs(d, beta, gamma), ref)
+    torch.testing.assert_close(M.breadcrumbs(d, density, gamma), ref)
+    torch.testing.assert_close(M.breadcrumbs(d, density, gamma, rescale=True), _ref_l1_rescale(ref, d))
+
+
+@pytest.mark.parametrize("density,weights", [(0.3, [1.0, 0.5, 2.0]), (1.0, [1.0, 1.0, 1.0])])
+def test_ties_normalize_and_rescale_are_mergekits(density, weights, streaming):
+    """normalize false: the disjoint sum; rescale: each trimmed delta scaled back to its L1 norm first."""
+    deltas = _rand(3, seed=8)
+    trimmed = [_ref_l1_rescale(_ref_prune(d, density), d) for d in deltas]
+    for normalize in (True, False):
+        got = M.ties(deltas, density, weights, normalize=normalize, rescale=True)
+        torch.testing.assert_close(got, _ref_disjoint(trimmed, weights, normalize))
+        plain = [_ref_prune(d, density) for d in deltas]
+        torch.testing.assert_close(M.ties(deltas, density, weights, normalize=normalize),
+                                   _ref_disjoint(plain, weights, normalize))  # fmt: skip
+
+
+def test_model_stock_filter_wise_is_one_t_per_row():
+    """mergekit's filter_wise: the angle of each row (last axis) of the deltas, its own t."""
+    base, *ft = _rand(3, seed=10)
+    ft = [base + 0.3 * f + 0.5 * ft[0] for f in ft]
+    rows = []
+    for i in range(base.shape[0]):
+        a, b = (f[i] - base[i] for f in ft)
+        c = float(a @ b) / max(float(a.norm() * b.norm()), 1e-6)
+        t = 2 * c / (1 + c)
+        rows.append(t * (ft[0][i] + ft[1][i]) / 2 + (1 - t) * base[i])
+    torch.testing.assert_close(M.model_stock(base, ft, filter_wise=True), torch.stack(rows))
+    v = base[0]  # a 1-D tensor is one row: the same as the flattened rule
+    rows = [f[0] for f in ft]
+    torch.testing.assert_close(M.model_stock(v, rows, True), M.model_stock(v, rows))
 
 
 def test_model_stock_formula():
@@ -303,8 +360,9 @@ def test_inputs_are_not_modified():
     deltas = _rand(3, seed=16)
     copies = [d.clone() for d in deltas]
     M.ties(deltas, 0.3)
-    M.dare_merge(deltas, 0.5, seed=0, method="ties", density=0.5)
-    M.breadcrumbs(deltas[0], 0.1, 0.2)
+    M.ties(deltas, 0.3, rescale=True)
+    M.dare_merge(deltas, 0.5, seed=0, method="ties")
+    M.breadcrumbs(deltas[0], 0.5, 0.2, rescale=True)
     M.consensus_merge(deltas)
     M.model_stock(deltas[0], deltas[1:])
     for d, c in zip(deltas, copies, strict=True):
@@ -316,7 +374,7 @@ def test_inputs_are_not_modified():
     [
         (lambda d: M.magnitude_prune(d[0], 1.5), "density"),
         (lambda d: M.dare(d[0], 1.0, torch.Generator()), "drop_rate"),
-        (lambda d: M.breadcrumbs(d[0], 0.6, 0.6), "beta \\+ gamma"),
+        (lambda d: M.breadcrumbs(d[0], 0.6, 1.5), "gamma"),
         (lambda d: M.ties([d[0], d[1][:2]], 0.5), "deltas\\[1\\] has shape"),
         (lambda d: M.task_arithmetic(d, [1.0]), "weights"),
         (lambda d: M.model_stock(d[0], [d[1]]), "at least 2"),
@@ -342,7 +400,7 @@ def _ref_disjoint(deltas, weights, normalize=True, sign_weights=None):
             if f[j] != 0 and math.copysign(1.0, w * f[j]) == gamma:
                 num += w * f[j]
                 den += w
-        out.append((num / den if den != 0 else 0.0) if normalize else num)
+        out.append((num / den if den != 0 else num) if normalize else num)  # mergekit: divisor 0 -> 1
     return torch.tensor(out, dtype=deltas[0].dtype).view_as(deltas[0])
 
 
@@ -414,17 +472,18 @@ def test_breadcrumbs_ties_is_breadcrumbs_then_sign_election():
     w = [1.0, 0.7, 1.5]
     deltas = [f - base for f in fts]
     pruned = []
-    for d in deltas:  # drop the 10% largest and 40% smallest magnitudes by a Python sort
+    for d in deltas:  # keep density 0.5 after the 10% largest magnitudes (mergekit's gamma), by a Python sort
         v = _flat(d)
         order = sorted(range(len(v)), key=lambda j: abs(v[j]))
-        keep = set(order[int(0.4 * len(v)) : len(v) - int(0.1 * len(v))])
+        keep = set(order[len(v) - int(0.5 * len(v)) - int(0.1 * len(v)) : len(v) - int(0.1 * len(v))])
         pruned.append(
             torch.tensor([x if j in keep else 0.0 for j, x in enumerate(v)], dtype=d.dtype).view_as(d)
         )
     spec = METHODS["breadcrumbs_ties"]
     for normalize in (False, True):
-        got = spec.apply(base.clone(), [f.clone() for f in fts], {"lambda": 0.8, "normalize": normalize},
-                         [{"weight": wi, "beta": 0.1, "gamma": 0.4} for wi in w])  # fmt: skip
+        got = spec.apply(base.clone(), [f.clone() for f in fts],
+                         {"lambda": 0.8, "normalize": normalize, "rescale": False},
+                         [{"weight": wi, "density": 0.5, "gamma": 0.1} for wi in w])  # fmt: skip
         torch.testing.assert_close(got, base + 0.8 * _ref_disjoint(pruned, w, normalize))
 
 
