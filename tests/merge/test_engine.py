@@ -188,7 +188,8 @@ def test_slerp_and_dtype_and_seed_reproducible(family, tmp_path):
     got, base, ft = load_all(tmp_path / "s"), load_all(base_dir), load_all(dirs[0])
     for name, b in base.items():
         assert got[name].dtype == torch.bfloat16
-        fb, ff = b.double().reshape(-1), ft[name].double().reshape(-1)  # the dense formula
+        # the dense formula on the inputs rounded to ``dtype`` first, as mergekit casts them
+        fb, ff = (x.bfloat16().double().reshape(-1) for x in (b, ft[name]))
         om = torch.arccos(fb @ ff / (fb.norm() * ff.norm()))
         want = (torch.sin(0.75 * om) * fb + torch.sin(0.25 * om) * ff) / torch.sin(om)
         torch.testing.assert_close(got[name], want.reshape(b.shape).to(torch.bfloat16), msg=name)
