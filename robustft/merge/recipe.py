@@ -159,6 +159,8 @@ def parse_setting(where: str, key: str, raw: Any, spec: MethodSpec, allow_global
         return raw if _checked_leaf(where, key, raw, spec, allow_global) else _DROPPED
     if not raw:  # mergekit: an empty list sets nothing
         return Filtered(())
+    if any(isinstance(v, list) for v in raw):
+        raise ValueError(f"{where}.{key}: {short_repr(raw)}: lists do not nest (a gradient is a flat list)")
     if all(not isinstance(v, (list, Mapping)) for v in raw):
         kept = [_checked_leaf(where, key, v, spec, allow_global) for v in raw]
         return Gradient(tuple(raw)) if all(kept) else _DROPPED
