@@ -228,6 +228,33 @@ def main(argv=None) -> None:
               f"{_spread(scalar)} s, gradients {_spread(dynamic)} s; "
               f"ratio median {ratios[len(ratios) // 2]:.3f}x "
               f"(min {ratios[0]:.3f}, max {ratios[-1]:.3f})")  # fmt: skip
+        for label in ("ties_scalar", "ties"):
+            ms, n = _resolution_ms(work / f"{label}.yaml")
+            print(f"  parameters resolved for {n} tensors ({label}.yaml): {ms:.2f} ms per merge")
+
+
+def _resolution_ms(path: Path, repeats: int = 20) -> tuple[float, int]:
+    """In-process time of resolving and checking every tensor's parameters (the engine's per-tensor work
+    for gradients and filters), independent of the machine's load on the merge itself."""
+    import time
+
+    from robustft.merge import load_recipe
+    from robustft.merge.engine import layer_position
+    from robustft.merge.io import CheckpointReader
+    from robustft.merge.recipe import check_resolved
+
+    recipe = load_recipe(path)
+    names = CheckpointReader(recipe.base_model).names
+    count = max(int(n.split(".layers.")[1].split(".")[0]) for n in names if ".layers." in n) + 1
+    labels = [m.path for m in recipe.models]
+    start = time.perf_counter()
+    for _ in range(repeats):
+        for name in names:
+            layer = int(name.split(".layers.")[1].split(".")[0]) if ".layers." in name else None
+            t = 0.0 if layer is None else layer_position(layer, count)
+            method, g, m = recipe.resolve(name=name, t=t)
+            check_resolved(name, method, g, m, True, labels)
+    return (time.perf_counter() - start) / repeats * 1e3, len(names)
 
 
 def _spread(values: list[float]) -> str:

@@ -287,10 +287,10 @@ def merge_checkpoints(
                     return kept_tensor(name, [ref.get(name), *[r.get(name) for r in readers]], who)
                 method, gparams, mparams = params_of[name]
                 compute = work_dtype(info.dtype)
-                base = _read(ref, name, recipe.dtype, compute) if recipe.base_model is not None else None
+                base = _cast(ref.get(name), recipe.dtype, compute) if recipe.base_model is not None else None
                 if method == "base":
                     return base
-                tensors = [_read(r, name, recipe.dtype, compute) for r in readers]
+                tensors = [_cast(r.get(name), recipe.dtype, compute) for r in readers]
                 stats, transposed = None, False
                 if method == "fisher":
                     stats = [fisher_readers[p["fisher"]].get(name).to(compute) for p in mparams]
@@ -354,12 +354,9 @@ def _local_paths(recipe: Recipe) -> dict[str, Path]:
     return {ref: resolve_model(ref) for ref in dict.fromkeys(r for r in refs if r is not None)}
 
 
-def _read(
-    reader: CheckpointReader, name: str, dtype: torch.dtype | None, compute: torch.dtype
-) -> torch.Tensor:
-    """One input tensor in the compute dtype, first rounded to the recipe's ``dtype`` where that is narrower
+def _cast(tensor: torch.Tensor, dtype: torch.dtype | None, compute: torch.dtype) -> torch.Tensor:
+    """An input tensor in the compute dtype, first rounded to the recipe's ``dtype`` where that is narrower
     than the stored one (mergekit casts every input to ``dtype`` before merging)."""
-    tensor = reader.get(name)
     if (
         dtype is not None
         and dtype != tensor.dtype
@@ -524,10 +521,10 @@ def _merge_slices(
                 keys = [*([job.base] if job.base else []), *job.inputs]
                 return kept_tensor(job.name, [readers[p].get(n) for p, n in keys], job.labels)
             compute = work_dtype(dtype)
-            base = _read(readers[job.base[0]], job.base[1], recipe.dtype, compute) if job.base else None
+            base = _cast(readers[job.base[0]].get(job.base[1]), recipe.dtype, compute) if job.base else None
             if method == "base":
                 return base
-            tensors = [_read(readers[p], n, recipe.dtype, compute) for p, n in job.inputs]
+            tensors = [_cast(readers[p].get(n), recipe.dtype, compute) for p, n in job.inputs]
             try:
                 return merge_tensor(
                     method, base, tensors, gparams, mparams, tensor_seed(recipe.seed, job.name)
