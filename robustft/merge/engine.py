@@ -204,6 +204,8 @@ def merge_checkpoints(
         raise ValueError(f"workers must be a positive integer, got {workers!r}")
     _check_tokenizer_options(recipe)
     if recipe.slices:
+        if layout_from is not None or info_files:
+            raise ValueError("layout_from and info_files are not supported with slices")
         return _merge_slices(recipe, out_dir, overwrite, max_shard_size, progress, workers, start)
     local = _local_paths(recipe)
     tok = None if recipe.tokenizer_source == "base" else recipe.tokenizer_source

@@ -480,6 +480,8 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
             labels = [f"models[{i}] ({m.path})" for i, m in enumerate(models)]
             groups.append((where, None, base is not None, [(m.parameters, "") for m in models], labels))
         method = (override.merge_method if override and override.merge_method else None) or spec.name
+        if slices and method in ("fisher", "regmean"):
+            raise ValueError(f"{where}: merge_method {method!r} (statistics files) does not take slices")
         for k, piece in enumerate(slices):
             at = f"{where}: slices[{k}]"
             sbase, rest = recipe.slice_roles(piece, method)

@@ -225,3 +225,54 @@ def test_merge_list_prints_the_registry(capsys):
 def test_merge_without_recipe_is_an_error(capsys):
     assert main(["merge", "--out", "x"]) == 2
     assert "give a RECIPE and --out DIR" in capsys.readouterr().err
+
+
+def test_gradient_precedence_recipe_slice_source_override():
+    """default < recipe < slice < source (evaluated at the tensor's position) < a matching override."""
+    r = parse_recipe(
+        {
+            "merge_method": "ties",
+            "base_model": "b",
+            "parameters": {
+                "density": 0.3,
+                "weight": [0, 1],
+                "lambda": [{"filter": "mlp", "value": [1, 0.5]}],
+            },
+            "slices": [
+                {
+                    "sources": [
+                        {"model": "b", "layer_range": [0, 3]},
+                        {
+                            "model": "m",
+                            "layer_range": [0, 3],
+                            "parameters": {"density": [{"filter": "attn", "value": [0.2, 0.6]}]},
+                        },
+                    ],
+                    "parameters": {"density": 0.4},
+                }
+            ],
+            "overrides": [{"pattern": "up_proj", "parameters": {"weight": 0.25}}],
+        }  # fmt: skip
+    )
+    piece = r.slices[0]
+    base, models = r.slice_roles(piece)
+    assert base.path == "b" and [s.path for s in models] == ["m"]
+
+    def at(name, t, override=None):
+        own = [(s.parameters, name) for s in models]
+        return r.resolve(override, name=name, t=t, piece=piece, own=own)
+
+    _, g, m = at("model.layers.1.self_attn.q_proj.weight", 0.5)
+    assert g == {"lambda": 1.0} and m == [{"weight": 0.5, "density": 0.4}]  # source's filter: "attn" in name
+    _, g, m = at("model.layers.1.mlp.up_proj.weight", 0.5)
+    assert g["lambda"] == 0.75 and m[0]["density"] == 0.4  # no source filter matched: the slice's value
+    _, _, m = at("model.layers.1.mlp.up_proj.weight", 0.5, r.overrides[0])
+    assert m[0]["weight"] == 0.25
+    _, _, m = at("model.layers.2.self_attn.k_proj.weight", 1.0)
+    assert m[0] == {"weight": 1.0, "density": 0.6}
+
+
+def test_statistics_methods_take_no_slices():
+    src = [{"model": "m", "layer_range": [0, 2], "parameters": {"fisher": "f"}}]
+    with pytest.raises(ValueError, match="'fisher' .* does not take slices"):
+        parse_recipe({"merge_method": "fisher", "slices": [{"sources": src}]})
