@@ -117,6 +117,16 @@ def _ordered_map(
         torch.set_num_threads(threads)
 
 
+def _write_in_order(
+    writer: ShardedWriter, plan: list[tuple], merged: Iterator[torch.Tensor], progress: bool
+) -> None:
+    """Write the merged tensors in the plan's order, each cast to its output dtype and dropped at once."""
+    bar = tqdm(merged, total=len(plan), desc="merging", unit="tensor", disable=not progress)
+    for (name, _, dtype), tensor in zip(plan, bar, strict=True):
+        writer.write(name, tensor.to(dtype))
+        del tensor
+
+
 def _override_for(name: str, overrides: list[Override]) -> int | None:
     for i, o in enumerate(overrides):
         if o.pattern.search(name):
@@ -326,12 +336,7 @@ def merge_checkpoints(
             budget = max(costs, default=0)  # the largest tensor alone, or several smaller ones together
             with ShardedWriter(tmp, plan, shard_size, metadata, shards) as writer:
                 merged_in_order = _ordered_map(merge_one, [n for n, _, _ in plan], costs, budget, workers)
-                for (name, _, dtype), merged in zip(
-                    plan, tqdm(merged_in_order, total=len(plan), desc="merging", unit="tensor",
-                               disable=not progress), strict=True,
-                ):  # fmt: skip
-                    writer.write(name, merged.to(dtype))
-                    del merged
+                _write_in_order(writer, plan, merged_in_order, progress)
             copy_side_files(layout.path if layout_from is not None else ref_path, src_tok, tmp, out_dtype)
             _chat_template(recipe, [ref_path, *(r.path for r in readers)], tmp)
             (tmp / "robustft_merge.yaml").write_text(yaml.safe_dump(recipe.raw, sort_keys=False))
@@ -539,13 +544,7 @@ def _merge_slices(
         budget = max(costs, default=0)
         with atomic_output_dir(out_dir, overwrite, inputs) as tmp:
             with ShardedWriter(tmp, plan, shard_size, {"merged_by": "robustft"}) as writer:
-                merged_in_order = _ordered_map(merge_one, jobs, costs, budget, workers)
-                for (name, _, dtype), merged in zip(
-                    plan, tqdm(merged_in_order, total=len(plan), desc="merging", unit="tensor",
-                               disable=not progress), strict=True,
-                ):  # fmt: skip
-                    writer.write(name, merged.to(dtype))
-                    del merged
+                _write_in_order(writer, plan, _ordered_map(merge_one, jobs, costs, budget, workers), progress)
             copy_side_files(ref_path, tok, tmp, out_dtype)
             config_path = tmp / "config.json"
             config = json.loads(config_path.read_text())
