@@ -381,11 +381,15 @@ def test_slices_of_another_width_are_refused_naming_the_tensor(deep, tmp_path):
 
 
 def test_gradient_parameters_are_checked_per_tensor(deep, tmp_path):
-    """A filtered value that leaves a required parameter unset on some tensor is named with that tensor."""
+    """A filter that leaves a required parameter unset on some tensor is an error naming that tensor, before
+    anything is written (mergekit: "Missing required parameter t")."""
     base, dirs = deep
-    recipe = {"merge_method": "della", "base_model": str(base), "models": _models(dirs[:1], [{}]),
-              "parameters": {"density": [{"filter": "mlp", "value": 0.5}]}}  # fmt: skip
-    with pytest.raises(ValueError, match=r"tensor '.*'.*needs parameter 'density'"):
+    recipe = {"merge_method": "nearswap", "base_model": str(base), "models": _models(dirs[:1], [{}]),
+              "parameters": {"t": [{"filter": "mlp", "value": 0.5}]}}  # fmt: skip
+    with pytest.raises(RuntimeError, match="Missing required parameter t"):
+        run_merge(MergeConfiguration.model_validate({**recipe, "models": _models([base, dirs[0]], [{}, {}])}),
+                  str(tmp_path / "mk"), _options())  # fmt: skip
+    with pytest.raises(ValueError, match=r"tensor '(?!.*mlp).*'.*needs parameter 't'"):
         merge_checkpoints(parse_recipe(recipe), tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
 
