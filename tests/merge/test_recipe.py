@@ -263,7 +263,7 @@ def test_gradient_precedence_recipe_slice_source_override():
         return r.resolve(override, name=name, t=t, piece=piece, own=own)
 
     _, g, m = at("model.layers.1.self_attn.q_proj.weight", 0.5)
-    assert g == {"lambda": 1.0} and m == [{"weight": 0.5, "density": 0.4}]  # source's filter: "attn" in name
+    assert g["lambda"] == 1.0 and m == [{"weight": 0.5, "density": 0.4}]  # source's filter: "attn" in name
     _, g, m = at("model.layers.1.mlp.up_proj.weight", 0.5)
     assert g["lambda"] == 0.75 and m[0]["density"] == 0.4  # no source filter matched: the slice's value
     _, _, m = at("model.layers.1.mlp.up_proj.weight", 0.5, r.overrides[0])
