@@ -626,6 +626,8 @@ def _slice_jobs(
         types = configs[local[lead.path]].get("layer_types")
         if isinstance(types, list):
             layer_types += types[lead.start : lead.end]
+    # mergekit pairs the last slice's sources with as many input weights as the first slice has sources
+    last = OutputSlice(last.sources[: len(first.sources)], last.base_model, last.parameters)
     for name in readers[local[last.sources[0].path]].names:
         if not _LAYER.match(name) and "embed" not in name:
             for s in last.sources:

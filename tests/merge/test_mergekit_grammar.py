@@ -192,6 +192,21 @@ def test_linear_over_slices_matches_mergekit(deep, tmp_path):
     assert _max_diff(mk, rf) < 1e-6
 
 
+def test_slices_with_different_source_counts_match_mergekit(deep, tmp_path):
+    """The final norm and head are merged from the last slice's first sources, as many as the first slice
+    has (mergekit pairs them with the first slice's input weights)."""
+    base, dirs = deep
+    recipe = {"merge_method": "linear", "dtype": "float32",
+              "slices": [{"sources": [{"model": str(dirs[0]), "layer_range": [0, 2]},
+                                      {"model": str(dirs[1]), "layer_range": [0, 2]}]},
+                         {"sources": [{"model": str(dirs[2]), "layer_range": [2, 4]},
+                                      {"model": str(base), "layer_range": [2, 4]},
+                                      {"model": str(dirs[0]), "layer_range": [2, 4]}]}],
+              "parameters": {"weight": [1, 2]}}  # fmt: skip
+    mk, rf = _run_both(recipe, tmp_path)
+    assert _max_diff(mk, rf) < 1e-6
+
+
 def test_passthrough_frankenmerge_with_scale_filters_matches_mergekit(deep, tmp_path):
     """The frankenmerge trick: repeated layers with o_proj and down_proj scaled (here to 0 and 0.5) by a
     filter list, per source and recipe-wide; bit for bit."""
