@@ -451,9 +451,8 @@ def _tensor_parameters(
         override = None if rule is None else recipe.overrides[rule]
         method, gparams, mparams = recipe.resolve(override, name=name, t=t)
         if ref.infos[name].dtype.is_floating_point:
-            check_resolved(
-                f"tensor {name!r}", method, gparams, mparams, recipe.base_model is not None, labels
-            )
+            has_base = recipe.base_model is not None
+            check_resolved(f"tensor {name!r}", method, gparams, mparams, has_base, labels, interpolated=True)
         out[name] = (method, gparams, mparams)
     return out
 
@@ -579,7 +578,8 @@ def _slice_jobs(
         if readers[local[(base or models[0]).path]].infos.get(first, None) is not None and (
             readers[local[(base or models[0]).path]].infos[first].dtype.is_floating_point
         ):
-            check_resolved(f"tensor {name!r} (slices[{index}])", *params, base is not None, labels)
+            where = f"tensor {name!r} (slices[{index}])"
+            check_resolved(where, *params, base is not None, labels, interpolated=recipe.dynamic)
         return _Job(
             name,
             None if base is None else (local[base.path], names[base]),

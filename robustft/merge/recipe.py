@@ -124,7 +124,10 @@ def evaluate_setting(setting: Any, name: str, t: float) -> Any:
         i0 = int(scaled)
         i1 = min(len(values) - 1, i0 + 1)
         frac = scaled - i0
-        return (1 - frac) * values[i0] + frac * values[i1]
+        value = (1 - frac) * values[i0] + frac * values[i1]
+        # mergekit validates the result as the parameter's type: an integer parameter takes 10.0 as 10
+        ints = all(isinstance(v, int) for v in values)
+        return int(value) if ints and float(value).is_integer() else value
     if isinstance(setting, Filtered):
         for filt, value in setting.conditions:
             if filt is None or filt == "*" or (name and filt in name):
@@ -347,21 +350,29 @@ def check_resolved(
     mparams: list[dict[str, Any]],
     has_base: bool,
     labels: list[str],
+    interpolated: bool = False,
 ) -> None:
-    """Every method in play gets the inputs and required parameters it needs (``labels``: one per model)."""
+    """Every method in play gets the inputs and required parameters it needs (``labels``: one per model;
+    ``mparams`` may hold one more entry, the base's). ``interpolated``: the values were computed from
+    gradients, so each is checked again by the registry (an integer parameter between two integers)."""
     mspec = METHODS[method]
     if mspec.needs_base and not has_base:
         raise ValueError(f"{where}: merge_method {method!r} needs base_model")
     if mspec.delta and not has_base and gparams.get("lambda", 1.0) != 1.0:
         raise ValueError(f"{where}: lambda scales task vectors ({method!r}): it needs base_model")
-    _counts(where, method, len(mparams))
+    _counts(where, method, len(labels))
+    labels = [*labels, *(["base_model"] * (len(mparams) - len(labels)))]
     for key, value in gparams.items():
         if value is REQUIRED:
             raise ValueError(f"{where}: merge_method {method!r} needs parameter {key!r} (under parameters)")
+        if interpolated:
+            mspec.global_params[key].check(f"{where}: parameters.{key}", value)
     for label, values in zip(labels, mparams, strict=True):
         for key, value in values.items():
             if value is REQUIRED:
                 raise ValueError(f"{where}: {label} needs parameter {key!r} for merge_method {method!r}")
+            if interpolated:
+                mspec.model_params[key].check(f"{where}: {label} parameters.{key}", value)
     if mspec.check is not None:
         mspec.check(f"{where}: parameters", gparams, mparams)
 
