@@ -53,7 +53,7 @@ from robustft.merge.recipe import (
 from robustft.ops.interpolate import kept_tensor, work_dtype
 from robustft.ops.registry import method_spec
 
-__all__ = ["MergeResult", "merge_checkpoints", "merge_tensor", "tensor_seed"]
+__all__ = ["MergeResult", "layer_position", "merge_checkpoints", "merge_tensor", "tensor_seed"]
 
 
 @dataclass
@@ -348,6 +348,8 @@ def merge_checkpoints(
 
 #: a transformer block's tensor: prefix, layer index, rest ("model.layers.3.mlp.up_proj.weight")
 _LAYER = re.compile(r"^(.*\blayers\.)(\d+)(\..+)$")
+#: block names of other layouts (GPT-2's ``h.3.``, BERT's ``layer.3.``, ``blocks.3.``)
+_OTHER_BLOCKS = re.compile(r"(^|\.)(h|layer|blocks?)\.\d+\.")
 
 
 def _local_paths(recipe: Recipe) -> dict[str, Path]:
@@ -429,6 +431,13 @@ def _tensor_parameters(
                 )
     layered = {n: _layer_of(n) for n in names}
     prefixes = {p[0] for p in layered.values() if p is not None}
+    other = [n for n in names if layered[n] is None and _OTHER_BLOCKS.search(n)]
+    if recipe.has_gradients and (other or not prefixes):
+        raise ValueError(
+            f"gradients: {ref.path} does not name its blocks '<prefix>.layers.<i>.' "
+            f"({'e.g. ' + repr(other[0]) if other else 'no such tensor'}): the layer positions of a gradient "
+            "are known for Llama-family layouts only"
+        )
     count = None
     out = {}
     labels = [f"models[{i}] ({m.path})" for i, m in enumerate(recipe.models)]

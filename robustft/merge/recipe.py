@@ -321,6 +321,24 @@ class Recipe:
         return any(is_dynamic(v) for scope in scopes for v in scope.values())
 
     @property
+    def has_gradients(self) -> bool:
+        """True when some parameter is a gradient list (its value depends on the layer's position)."""
+
+        def gradient(setting: Any) -> bool:
+            if isinstance(setting, Filtered):
+                return any(gradient(value) for _, value in setting.conditions)
+            return isinstance(setting, Gradient)
+
+        scopes = [
+            self.parameters,
+            *(m.parameters for m in self.models),
+            *(o.parameters for o in self.overrides),
+        ]
+        for piece in self.slices:
+            scopes += [piece.parameters, *(s.parameters for s in piece.sources)]
+        return any(gradient(v) for scope in scopes for v in scope.values())
+
+    @property
     def reference_model(self) -> str:
         """The model whose tensor names/shapes, config and tokenizer the output follows."""
         if self.base_model is not None:
