@@ -308,9 +308,8 @@ class Recipe:
         gparams, mparams = resolve_params(METHODS[method], [first, last], per_model)
         return method, gparams, mparams
 
-    @property
-    def dynamic(self) -> bool:
-        """True when some parameter depends on the tensor (gradients, filters): resolved per tensor."""
+    def scopes(self) -> list[Mapping[str, Any]]:
+        """Every ``parameters`` mapping of the recipe (recipe-wide, models, overrides, slices, sources)."""
         scopes = [
             self.parameters,
             *(m.parameters for m in self.models),
@@ -318,7 +317,12 @@ class Recipe:
         ]
         for piece in self.slices:
             scopes += [piece.parameters, *(s.parameters for s in piece.sources)]
-        return any(is_dynamic(v) for scope in scopes for v in scope.values())
+        return scopes
+
+    @property
+    def dynamic(self) -> bool:
+        """True when some parameter depends on the tensor (gradients, filters): resolved per tensor."""
+        return any(is_dynamic(v) for scope in self.scopes() for v in scope.values())
 
     @property
     def has_gradients(self) -> bool:
@@ -329,14 +333,7 @@ class Recipe:
                 return any(gradient(value) for _, value in setting.conditions)
             return isinstance(setting, Gradient)
 
-        scopes = [
-            self.parameters,
-            *(m.parameters for m in self.models),
-            *(o.parameters for o in self.overrides),
-        ]
-        for piece in self.slices:
-            scopes += [piece.parameters, *(s.parameters for s in piece.sources)]
-        return any(gradient(v) for scope in scopes for v in scope.values())
+        return any(gradient(v) for scope in self.scopes() for v in scope.values())
 
     @property
     def reference_model(self) -> str:
