@@ -5,9 +5,13 @@ resident set (VmHWM); the printed ratios are robustft / mergekit (below 1 = robu
 outputs are compared tensor by tensor (elements may differ only where several magnitudes tie at the trim
 cut). The same run measures the I/O floor (every input tensor of the 4 checkpoints read, the output written
 by the same writer, no maths) and robustft's other merge methods (``--methods``) on the same inputs.
+``--grammar N`` times the TIES recipe with scalars against the same recipe written with mergekit's gradient
+and filter lists (per-model density and weight spread over the layers), N interleaved pairs: the cost of
+resolving parameters per tensor.
 
     python benchmarks/merge.py                 # --size small: ~17M-parameter Llama x 4, < 3 min here
     python benchmarks/merge.py --size full     # the issue's size: ~134M-parameter Llama x 4
+    python benchmarks/merge.py --methods none --grammar 5   # scalars vs gradients + filters, 5 pairs
 """
 
 from __future__ import annotations
@@ -151,6 +155,10 @@ def main(argv=None) -> None:
         "--methods", default=",".join(METHODS), help="robustft methods also timed (comma list, or none)"
     )
     parser.add_argument("--workdir", default=None, help="reuses the checkpoints already built there")
+    parser.add_argument(
+        "--grammar", type=int, default=0, metavar="N",
+        help="also time TIES with gradient and filter lists against scalars, N interleaved pairs",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     try:
         import mergekit  # noqa: F401
@@ -190,6 +198,7 @@ def main(argv=None) -> None:
     for tool in ("floor", "robustft", "mergekit"):
         results[tool] = run_tool(tool, ties, work / f"out_{tool}", args.threads, args.workers)
     differ, total, worst = compare(work / "out_robustft", work / "out_mergekit")
+    grammar = _grammar_pairs(recipe, work, dirs, args) if args.grammar > 0 else None
     others = {}
     for method in methods:
         params, n = METHODS[method]
@@ -212,6 +221,69 @@ def main(argv=None) -> None:
           f"peak RSS {rf['peak'] / mk['peak']:.2f}x, RSS growth {growth:.2f}x; "
           f"robustft = {rf['seconds'] / fl['seconds']:.2f}x the I/O floor")  # fmt: skip
     print(f"outputs: {differ} of {total} elements differ ({differ / total:.2e}), max abs diff {worst:.3g}")
+    if grammar is not None:
+        scalar, dynamic = grammar
+        ratios = sorted(d / s for s, d in zip(scalar, dynamic, strict=True))
+        print(f"TIES with gradients + filters vs scalars, {len(ratios)} interleaved pairs: scalars "
+              f"{_spread(scalar)} s, gradients {_spread(dynamic)} s; "
+              f"ratio median {ratios[len(ratios) // 2]:.3f}x "
+              f"(min {ratios[0]:.3f}, max {ratios[-1]:.3f})")  # fmt: skip
+        for label in ("ties_scalar", "ties"):
+            ms, n = _resolution_ms(work / f"{label}.yaml")
+            print(f"  parameters resolved for {n} tensors ({label}.yaml): {ms:.2f} ms per merge")
+
+
+def _resolution_ms(path: Path, repeats: int = 20) -> tuple[float, int]:
+    """In-process time of resolving and checking every tensor's parameters (the engine's per-tensor work
+    for gradients and filters), independent of the machine's load on the merge itself."""
+    import time
+
+    from robustft.merge import load_recipe
+    from robustft.merge.engine import layer_position
+    from robustft.merge.io import CheckpointReader
+    from robustft.merge.recipe import check_resolved
+
+    recipe = load_recipe(path)
+    names = CheckpointReader(recipe.base_model).names
+    count = max(int(n.split(".layers.")[1].split(".")[0]) for n in names if ".layers." in n) + 1
+    labels = [m.path for m in recipe.models]
+    start = time.perf_counter()
+    for _ in range(repeats):
+        for name in names:
+            layer = int(name.split(".layers.")[1].split(".")[0]) if ".layers." in name else None
+            t = 0.0 if layer is None else layer_position(layer, count)
+            method, g, m = recipe.resolve(name=name, t=t)
+            check_resolved(name, method, g, m, True, labels)
+    return (time.perf_counter() - start) / repeats * 1e3, len(names)
+
+
+def _spread(values: list[float]) -> str:
+    ordered = sorted(values)
+    return f"{ordered[len(ordered) // 2]:.2f} [{ordered[0]:.2f}-{ordered[-1]:.2f}]"
+
+
+#: the same TIES recipe in mergekit's grammar: per-model density and weight as gradient and filter lists
+GRADIENT_DENSITY = [
+    {"filter": "self_attn", "value": [0.1, 0.3]},
+    {"filter": "mlp", "value": [0.3, 0.1]},
+    {"value": 0.2},
+]
+
+
+def _grammar_pairs(recipe, work: Path, dirs: list[Path], args) -> tuple[list[float], list[float]]:
+    """Wall times of robustft's TIES with scalars and with gradients + filters, interleaved pairs."""
+    own = {"weight": 1.0, "density": args.density}
+    scalar = recipe("ties", {}, [{"model": str(d), "parameters": own} for d in dirs])
+    scalar = scalar.rename(work / "ties_scalar.yaml")
+    own = {"weight": [1.0, 0.8, 1.0], "density": GRADIENT_DENSITY}
+    dynamic = recipe("ties", {}, [{"model": str(d), "parameters": own} for d in dirs])
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in range(args.grammar):
+        for k, path in enumerate((scalar, dynamic)):
+            out = work / f"out_grammar{k}"
+            times[k].append(run_tool("robustft", path, out, args.threads, args.workers)["seconds"])
+            shutil.rmtree(out)
+    return times
 
 
 if __name__ == "__main__":

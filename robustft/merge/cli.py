@@ -26,6 +26,7 @@ def _register_merge(subparsers) -> None:
         nargs="?",
         help="YAML recipe (merge_method, base_model, models, parameters, dtype, overrides)",
     )
+    p.add_argument("out_dir", nargs="?", metavar="OUT", help="output folder (as mergekit-yaml; or --out)")
     p.add_argument("--out", help="output folder (must not exist unless --overwrite)")
     p.add_argument(
         "--list", action="store_true", help="print every merge method with its parameters and defaults"
@@ -39,7 +40,36 @@ def _register_merge(subparsers) -> None:
         help="tensors merged at once by threads (default: torch's intra-op thread count)",
     )  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    mk = p.add_argument_group(
+        "mergekit-yaml flags", "accepted for the same command lines (docs/merging.md, Coming from mergekit)"
+    )
+    mk.add_argument(
+        "--out-shard-size", default=None, metavar="N",
+        help="mergekit's shard size: N bytes, K/M/B = 10^3/10^6/10^9 (e.g. 5B); as --max-shard-size",
+    )  # fmt: skip
+    mk.add_argument("--random-seed", type=int, default=None, help="the recipe's seed (random methods)")
+    mk.add_argument(
+        "--copy-tokenizer", action=argparse.BooleanOptionalAction, default=True,
+        help="copy the tokenizer (default); --no-copy-tokenizer: weights and config only",
+    )  # fmt: skip
+    mk.add_argument(
+        "--lazy-unpickle", action="store_true", help="no effect: safetensors are always read lazily"
+    )
+    mk.add_argument("--allow-crimes", action="store_true", help="no effect: architectures are not compared")
+    mk.add_argument(
+        "--cuda", action="store_true", help="refused without CUDA; else accepted, the merge runs on the CPU"
+    )
     p.set_defaults(func=run_merge)
+
+
+def parse_kmb(value: str) -> int:
+    """mergekit's size notation (``parse_kmb``): digits, or digits with K, M or B (10^3, 10^6, 10^9)."""
+    text = str(value).strip()
+    scale = {"k": 10**3, "m": 10**6, "b": 10**9}.get(text[-1:].lower(), 1)
+    digits = text[:-1] if scale != 1 else text
+    if not digits.isdigit():
+        raise ValueError(f"--out-shard-size: expected digits with an optional K, M or B, got {value!r}")
+    return int(digits) * scale
 
 
 def run_merge(args: argparse.Namespace) -> int:
@@ -48,15 +78,33 @@ def run_merge(args: argparse.Namespace) -> int:
 
         print(describe_methods())
         return 0
-    if args.recipe is None or args.out is None:
+    if args.out_dir is not None and args.out is not None:
+        raise ValueError("give the output folder once (OUT or --out)")
+    out = args.out_dir if args.out_dir is not None else args.out
+    if args.recipe is None or out is None:
         raise ValueError("give a RECIPE and --out DIR (or --list to see the merge methods)")
-    from robustft.merge.engine import merge_checkpoints
+    if args.out_shard_size is not None and args.max_shard_size is not None:
+        raise ValueError("give --max-shard-size or --out-shard-size, not both")
+    shard_size = parse_kmb(args.out_shard_size) if args.out_shard_size is not None else args.max_shard_size
+    import dataclasses
 
+    import torch
+
+    if args.cuda and not torch.cuda.is_available():
+        raise ValueError("--cuda: CUDA is not available (robustft merges on the CPU: leave --cuda out)")
+    from robustft.merge.engine import merge_checkpoints
+    from robustft.merge.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe)
+    if args.random_seed is not None:
+        recipe = dataclasses.replace(recipe, seed=args.random_seed)
+    if not args.copy_tokenizer:
+        recipe = dataclasses.replace(recipe, tokenizer_source=None, chat_template=None)
     result = merge_checkpoints(
-        args.recipe,
-        args.out,
+        recipe,
+        out,
         overwrite=args.overwrite,
-        max_shard_size=args.max_shard_size,
+        max_shard_size=shard_size,
         progress=not args.no_progress,
         workers=args.workers,
     )

@@ -33,12 +33,27 @@ from tqdm.auto import tqdm
 
 from robustft.checkpoint import atomic_output_dir, check_output_dir
 from robustft.merge.fisher import GramFile
-from robustft.merge.io import CheckpointReader, ShardedWriter, copy_side_files, layout_difference
-from robustft.merge.recipe import Override, Recipe, load_recipe
+from robustft.merge.io import (
+    CheckpointReader,
+    ShardedWriter,
+    copy_side_files,
+    layout_difference,
+    resolve_model,
+    write_chat_template,
+)
+from robustft.merge.recipe import (
+    LayerSlice,
+    OutputSlice,
+    Override,
+    Recipe,
+    check_resolved,
+    is_dynamic,
+    load_recipe,
+)
 from robustft.ops.interpolate import kept_tensor, work_dtype
 from robustft.ops.registry import method_spec
 
-__all__ = ["MergeResult", "merge_checkpoints", "merge_tensor", "tensor_seed"]
+__all__ = ["MergeResult", "layer_position", "merge_checkpoints", "merge_tensor", "tensor_seed"]
 
 
 @dataclass
@@ -100,6 +115,16 @@ def _ordered_map(
                 yield pending.popleft()[0].result()
     finally:
         torch.set_num_threads(threads)
+
+
+def _write_in_order(
+    writer: ShardedWriter, plan: list[tuple], merged: Iterator[torch.Tensor], progress: bool
+) -> None:
+    """Write the merged tensors in the plan's order, each cast to its output dtype and dropped at once."""
+    bar = tqdm(merged, total=len(plan), desc="merging", unit="tensor", disable=not progress)
+    for (name, _, dtype), tensor in zip(plan, bar, strict=True):
+        writer.write(name, tensor.to(dtype))
+        del tensor
 
 
 def _override_for(name: str, overrides: list[Override]) -> int | None:
@@ -184,21 +209,25 @@ def merge_checkpoints(
     start = time.perf_counter()
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
-    if recipe.slices:
-        return _stack_layers(recipe, out_dir, overwrite, max_shard_size, progress, start)
-    tok = None if recipe.tokenizer_source == "base" else recipe.tokenizer_source
-    inputs = [recipe.reference_model, *(m.path for m in recipe.models), tok]
-    check_output_dir(out_dir, overwrite, inputs)
-    shard_size = max_shard_size or recipe.max_shard_size or "5GB"
     workers = torch.get_num_threads() if workers is None else workers
     if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
         raise ValueError(f"workers must be a positive integer, got {workers!r}")
+    _check_tokenizer_options(recipe)
+    if recipe.slices:
+        if layout_from is not None or info_files:
+            raise ValueError("layout_from and info_files are not supported with slices")
+        return _merge_slices(recipe, out_dir, overwrite, max_shard_size, progress, workers, start)
+    local = _local_paths(recipe)
+    tok = None if recipe.tokenizer_source == "base" else recipe.tokenizer_source
+    inputs = [local[recipe.reference_model], *(local[m.path] for m in recipe.models), tok]
+    check_output_dir(out_dir, overwrite, inputs)
+    shard_size = max_shard_size or recipe.max_shard_size or "5GB"
 
     with ExitStack() as stack:
-        ref_path = recipe.reference_model
+        ref_path = local[recipe.reference_model]
         ref = stack.enter_context(CheckpointReader(ref_path))
-        readers = [stack.enter_context(CheckpointReader(m.path)) for m in recipe.models]
-        who = [f"base_model {ref_path}" if recipe.base_model else f"models[0] {ref_path}"]
+        readers = [stack.enter_context(CheckpointReader(local[m.path])) for m in recipe.models]
+        who = [f"base_model {recipe.reference_model}" if recipe.base_model else f"models[0] {ref_path}"]
         who += [f"models[{i}] {m.path}" for i, m in enumerate(recipe.models)]
         _check_inputs(recipe, ref, readers, who)
         layout = ref
@@ -218,6 +247,7 @@ def merge_checkpoints(
         resolved = {
             i: recipe.resolve(None if i is None else recipe.overrides[i]) for i in set(choice.values())
         }
+        params_of = _tensor_parameters(recipe, ref, names, choice, resolved)
 
         fisher_readers: dict[str, CheckpointReader] = {}
         for i, (method, _, mparams) in resolved.items():
@@ -246,11 +276,11 @@ def merge_checkpoints(
             if method == "regmean"
         }
 
-        src_tok = ref_path if recipe.tokenizer_source == "base" else recipe.tokenizer_source
+        src_tok = ref_path if recipe.tokenizer_source == "base" else local.get(tok, tok)
         if src_tok is not None and not Path(src_tok).is_dir():
             raise FileNotFoundError(f"tokenizer_source {src_tok} is not a folder")
 
-        out_dtype = recipe.dtype
+        out_dtype = recipe.out_dtype or recipe.dtype
         plan = []
         for name in names:
             info = layout.infos[name]
@@ -267,12 +297,12 @@ def merge_checkpoints(
                 info = layout.infos[name]
                 if not info.dtype.is_floating_point:
                     return kept_tensor(name, [ref.get(name), *[r.get(name) for r in readers]], who)
-                method, gparams, mparams = resolved[choice[name]]
+                method, gparams, mparams = params_of[name]
                 compute = work_dtype(info.dtype)
-                base = ref.get(name).to(compute) if recipe.base_model is not None else None
+                base = _cast(ref.get(name), recipe.dtype, compute) if recipe.base_model is not None else None
                 if method == "base":
                     return base
-                tensors = [r.get(name).to(compute) for r in readers]
+                tensors = [_cast(r.get(name), recipe.dtype, compute) for r in readers]
                 stats, transposed = None, False
                 if method == "fisher":
                     stats = [fisher_readers[p["fisher"]].get(name).to(compute) for p in mparams]
@@ -306,13 +336,9 @@ def merge_checkpoints(
             budget = max(costs, default=0)  # the largest tensor alone, or several smaller ones together
             with ShardedWriter(tmp, plan, shard_size, metadata, shards) as writer:
                 merged_in_order = _ordered_map(merge_one, [n for n, _, _ in plan], costs, budget, workers)
-                for (name, _, dtype), merged in zip(
-                    plan, tqdm(merged_in_order, total=len(plan), desc="merging", unit="tensor",
-                               disable=not progress), strict=True,
-                ):  # fmt: skip
-                    writer.write(name, merged.to(dtype))
-                    del merged
+                _write_in_order(writer, plan, merged_in_order, progress)
             copy_side_files(layout.path if layout_from is not None else ref_path, src_tok, tmp, out_dtype)
+            _chat_template(recipe, [ref_path, *(r.path for r in readers)], tmp)
             (tmp / "robustft_merge.yaml").write_text(yaml.safe_dump(recipe.raw, sort_keys=False))
             for fname, text in (info_files or {}).items():
                 (tmp / fname).write_text(text)
@@ -322,120 +348,327 @@ def merge_checkpoints(
 
 #: a transformer block's tensor: prefix, layer index, rest ("model.layers.3.mlp.up_proj.weight")
 _LAYER = re.compile(r"^(.*\blayers\.)(\d+)(\..+)$")
+#: block names of other layouts (GPT-2's ``h.3.``, BERT's ``layer.3.``, ``blocks.3.``)
+_OTHER_BLOCKS = re.compile(r"(^|\.)(h|layer|blocks?)\.\d+\.")
 
 
-def _check_stack_widths(
-    sources: list[tuple[str, str, str]], readers: Mapping[str, CheckpointReader], first: str
-) -> None:
-    """Every stacked layer has the tensors and shapes of the stack's first layer, and the norm/head taken from
-    the last slice's model the shapes they have in the first (whose config the stack keeps): layers of
-    different widths would write a model ``from_pretrained`` cannot load."""
-    layers: dict[str, dict[str, tuple[int, ...]]] = {}  # output layer -> suffix -> shape
-    origin: dict[str, tuple[str, str]] = {}  # output layer -> (model, its layer there)
-    for out, path, src in sources:
-        shape = tuple(readers[path].infos[src].shape)
-        m = _LAYER.match(out)
-        if m:
-            layers.setdefault(m.group(2), {})[m.group(3)[1:]] = shape
-            origin.setdefault(m.group(2), (path, _LAYER.match(src).group(2)))
-        elif path != first and src in readers[first].infos:
-            want = tuple(readers[first].infos[src].shape)
-            if want != shape:
+def _local_paths(recipe: Recipe) -> dict[str, Path]:
+    """Each model reference of the recipe -> its local folder (a Hub id through the hub cache)."""
+    refs = [recipe.base_model, *(m.path for m in recipe.models)]
+    refs += [s.path for piece in recipe.slices for s in piece.sources]
+    refs += [piece.base_model for piece in recipe.slices]
+    source = recipe.tokenizer_source
+    if source not in (None, "base", "union") and not Path(source).is_dir():
+        refs.append(source)
+    return {ref: resolve_model(ref) for ref in dict.fromkeys(r for r in refs if r is not None)}
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype | None, compute: torch.dtype) -> torch.Tensor:
+    """An input tensor in the compute dtype, first rounded to the recipe's ``dtype`` where that is narrower
+    than the stored one (mergekit casts every input to ``dtype`` before merging)."""
+    if (
+        dtype is not None
+        and dtype != tensor.dtype
+        and torch.finfo(dtype).bits < torch.finfo(tensor.dtype).bits
+    ):
+        tensor = tensor.to(dtype)
+    return tensor.to(compute)
+
+
+def _check_tokenizer_options(recipe: Recipe) -> None:
+    """The tokenizer options robustft cannot honour yet are refused by name, before anything is read."""
+    if recipe.tokenizer is not None or recipe.tokenizer_source == "union":
+        what = "tokenizer:" if recipe.tokenizer is not None else "tokenizer_source: union"
+        raise ValueError(
+            f"{what} (mergekit's merged vocabularies) is not supported by this version of robustft merge; "
+            "use tokenizer_source: base or a model folder"
+        )
+
+
+def _chat_template(recipe: Recipe, inputs: list[Path], out: Path) -> None:
+    """mergekit's ``chat_template`` (a name, ``auto`` or a Jinja string), written beside the tokenizer."""
+    if recipe.chat_template is not None:
+        write_chat_template(recipe.chat_template, inputs, out)
+
+
+def _layer_of(name: str) -> tuple[str, int, str] | None:
+    m = _LAYER.match(name)
+    return (m.group(1), int(m.group(2)), m.group(3)) if m else None
+
+
+def _num_layers(reader: CheckpointReader, who: str) -> int:
+    """``num_hidden_layers`` of a checkpoint's config.json (mergekit's layer count)."""
+    config = reader.folder / "config.json"
+    value = json.loads(config.read_text()).get("num_hidden_layers") if config.is_file() else None
+    if not isinstance(value, int):
+        raise ValueError(f"{who} has no config.json with num_hidden_layers (needed to spread gradients)")
+    return value
+
+
+def layer_position(index: int, count: int) -> float:
+    """mergekit's position of a slice's layer ``index`` among ``count`` for gradients: index/(count-1), 1 for
+    a one-layer slice; tensors outside the blocks (embeddings, final norm, head) get 0."""
+    return index / (count - 1) if count > 1 else 1.0
+
+
+def _tensor_parameters(
+    recipe: Recipe,
+    ref: CheckpointReader,
+    names: list[str],
+    choice: dict[str, int | None],
+    resolved: dict[int | None, tuple[str, dict, list[dict]]],
+) -> dict[str, tuple[str, dict, list[dict]]]:
+    """(method, method-wide, per-model parameters) of every tensor: the rule's when nothing depends on the
+    tensor, else each tensor's own (gradients over the layers, filters on the name), every one checked."""
+    if not recipe.dynamic:
+        return {name: resolved[choice[name]] for name in names}
+    for method, _, _ in resolved.values():
+        if method in ("fisher", "regmean"):
+            key = "fisher" if method == "fisher" else "gram"
+            if any(is_dynamic(m.parameters.get(key)) for m in recipe.models):
                 raise ValueError(
-                    f"slices: tensor {src!r} of {path} has shape {shape} but {want} in {first}, whose config "
-                    "the stack keeps: models of different widths cannot be stacked"
+                    f"models[].parameters.{key}: a gradient or filter list of files is not supported"
                 )
-    (ref_layer, ref), *rest = layers.items()
-    for layer, tensors in rest:
-        for suffix in sorted(set(ref) | set(tensors)):
-            if ref.get(suffix) != tensors.get(suffix):
-                (path, src), (ref_path, ref_src) = origin[layer], origin[ref_layer]
-                raise ValueError(
-                    f"slices: stacked layer {layer} (layer {src} of {path}) has {suffix!r} of shape "
-                    f"{tensors.get(suffix, 'none')} but stacked layer {ref_layer} (layer {ref_src} of "
-                    f"{ref_path}) has {ref.get(suffix, 'none')}: layers of different widths cannot be stacked"
-                )
+    layered = {n: _layer_of(n) for n in names}
+    prefixes = {p[0] for p in layered.values() if p is not None}
+    other = [n for n in names if layered[n] is None and _OTHER_BLOCKS.search(n)]
+    if recipe.has_gradients and (other or not prefixes):
+        raise ValueError(
+            f"gradients: {ref.path} does not name its blocks '<prefix>.layers.<i>.' "
+            f"({'e.g. ' + repr(other[0]) if other else 'no such tensor'}): the layer positions of a gradient "
+            "are known for Llama-family layouts only"
+        )
+    count = None
+    out = {}
+    labels = [f"models[{i}] ({m.path})" for i, m in enumerate(recipe.models)]
+    for name in names:
+        t = 0.0
+        pos = layered[name]
+        if pos is not None:
+            if count is None:
+                if len(prefixes) > 1:
+                    raise ValueError(
+                        f"gradients: {ref.path} has several stacks of layers "
+                        f"({', '.join(sorted(prefixes))}); "
+                        "spreading a gradient over them is not supported"
+                    )
+                count = _num_layers(ref, str(ref.path))
+            if pos[1] >= count:
+                raise ValueError(f"tensor {name!r}: layer {pos[1]} beyond num_hidden_layers {count}")
+            t = layer_position(pos[1], count)
+        rule = choice[name]
+        override = None if rule is None else recipe.overrides[rule]
+        method, gparams, mparams = recipe.resolve(override, name=name, t=t)
+        if ref.infos[name].dtype.is_floating_point:
+            has_base = recipe.base_model is not None
+            check_resolved(f"tensor {name!r}", method, gparams, mparams, has_base, labels, interpolated=True)
+        out[name] = (method, gparams, mparams)
+    return out
 
 
-def _stack_layers(
+@dataclass(frozen=True)
+class _Job:
+    """One output tensor of a slices merge: its inputs (model path, input name), base first when used."""
+
+    name: str
+    base: tuple[Path, str] | None
+    inputs: tuple[tuple[Path, str], ...]
+    params: tuple[str, dict, list[dict]]
+    labels: tuple[str, ...]
+
+
+def _merge_slices(
     recipe: Recipe,
     out_dir: str | os.PathLike,
     overwrite: bool,
     max_shard_size: int | str | None,
     progress: bool,
+    workers: int,
     start: float,
 ) -> MergeResult:
-    """Layer stacking (mergekit's ``passthrough`` with ``slices``): the slices' layers, renumbered from 0,
-    with the embeddings ("embed" in the name) of the first slice's model and the other non-layer tensors
-    (final norm, head) of the last slice's, as mergekit plans Llama-family models; the config is the first
-    slice model's with ``num_hidden_layers`` (and ``layer_types``) for the stack."""
-    paths = list(dict.fromkeys(s.path for s in recipe.slices))
-    tok = recipe.reference_model if recipe.tokenizer_source == "base" else recipe.tokenizer_source
-    check_output_dir(out_dir, overwrite, [*paths, tok])
-    readers = {p: CheckpointReader(p) for p in paths}
-    configs = {}
-    for path, reader in readers.items():
-        config = reader.folder / "config.json"
-        configs[path] = json.loads(config.read_text()) if config.is_file() else {}
-        if "num_hidden_layers" not in configs[path]:
-            raise ValueError(f"slices: {path} has no config.json with num_hidden_layers")
-        odd = [n for n in reader.names if not _LAYER.match(n) and ".layers." in n]
-        if odd or not any(_LAYER.match(n) for n in reader.names):
-            raise ValueError(
-                f"slices: {path} does not name its blocks '<prefix>.layers.<i>.' (Llama-family layout); "
-                "layer stacking supports those only"
+    """mergekit's ``slices:`` with any method: each slice merges its sources layer by layer (a gradient spread
+    over the slice's layers, ``layer_position``), the output's blocks are the slices' layers renumbered from
+    0, the embeddings ("embed" in the name) are merged from the first slice's sources and the other
+    non-layer tensors (final norm, head) from the last slice's, at position 0, as mergekit plans
+    Llama-family models. The config is the reference model's (base_model, else the first source) with
+    ``num_hidden_layers`` (and ``layer_types``) for the stack; every output tensor must have the shape the
+    reference model gives it (no stacking of layers of another width)."""
+    local = _local_paths(recipe)
+    paths = list(dict.fromkeys(local[s.path] for piece in recipe.slices for s in piece.sources))
+    ref_path = local[recipe.reference_model]
+    tok_ref = recipe.reference_model if recipe.tokenizer_source == "base" else recipe.tokenizer_source
+    tok = local.get(tok_ref, tok_ref) if tok_ref is not None else None
+    inputs = [*paths, ref_path, tok]
+    check_output_dir(out_dir, overwrite, inputs)
+    with ExitStack() as stack:
+        readers = {p: stack.enter_context(CheckpointReader(p)) for p in dict.fromkeys([ref_path, *paths])}
+        configs = {}
+        for path, reader in readers.items():
+            config = reader.folder / "config.json"
+            configs[path] = json.loads(config.read_text()) if config.is_file() else {}
+            if "num_hidden_layers" not in configs[path]:
+                raise ValueError(f"slices: {path} has no config.json with num_hidden_layers")
+            odd = [n for n in reader.names if not _LAYER.match(n) and ".layers." in n]
+            if odd or not any(_LAYER.match(n) for n in reader.names):
+                raise ValueError(
+                    f"slices: {path} does not name its blocks '<prefix>.layers.<i>.' (Llama-family layout); "
+                    "slices support those only"
+                )
+        jobs, layer_types, total = _slice_jobs(recipe, local, readers, configs)
+        ref = readers[ref_path]
+        _check_job_shapes(jobs, readers, ref)
+        out_dtype = recipe.out_dtype or recipe.dtype
+        plan = []
+        for job in jobs:
+            path, src = job.base or job.inputs[0]
+            info = readers[path].infos[src]
+            floating = info.dtype.is_floating_point
+            plan.append(
+                (job.name, info.shape, out_dtype if out_dtype is not None and floating else info.dtype)
             )
-    first, last = recipe.slices[0].path, recipe.slices[-1].path
-    sources: list[tuple[str, str, str]] = []  # (output name, model path, input name)
-    others = [n for n in readers[first].names if not _LAYER.match(n)]
-    sources += [(n, first, n) for n in others if "embed" in n]
+        shard_size = max_shard_size or recipe.max_shard_size or "5GB"
+
+        def merge_one(job: _Job) -> torch.Tensor:
+            method, gparams, mparams = job.params
+            first = job.base or job.inputs[0]
+            dtype = readers[first[0]].infos[first[1]].dtype
+            if not dtype.is_floating_point:
+                keys = [*([job.base] if job.base else []), *job.inputs]
+                return kept_tensor(job.name, [readers[p].get(n) for p, n in keys], job.labels)
+            compute = work_dtype(dtype)
+            base = _cast(readers[job.base[0]].get(job.base[1]), recipe.dtype, compute) if job.base else None
+            if method == "base":
+                return base
+            tensors = [_cast(readers[p].get(n), recipe.dtype, compute) for p, n in job.inputs]
+            try:
+                return merge_tensor(
+                    method, base, tensors, gparams, mparams, tensor_seed(recipe.seed, job.name)
+                )
+            except ValueError as err:
+                raise ValueError(f"tensor {job.name!r} ({method}): {err}") from err
+
+        n_inputs = 1 + max((len(j.inputs) for j in jobs), default=0)
+        costs = [(n_inputs + 1) * math.prod(shape) for _, shape, _ in plan]
+        budget = max(costs, default=0)
+        with atomic_output_dir(out_dir, overwrite, inputs) as tmp:
+            with ShardedWriter(tmp, plan, shard_size, {"merged_by": "robustft"}) as writer:
+                _write_in_order(writer, plan, _ordered_map(merge_one, jobs, costs, budget, workers), progress)
+            copy_side_files(ref_path, tok, tmp, out_dtype)
+            config_path = tmp / "config.json"
+            config = json.loads(config_path.read_text())
+            config["num_hidden_layers"] = total
+            if "layer_types" in config:
+                config["layer_types"] = layer_types
+            config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            _chat_template(recipe, list(readers), tmp)
+            (tmp / "robustft_merge.yaml").write_text(yaml.safe_dump(recipe.raw, sort_keys=False))
+            files = list(writer.files)
+    return MergeResult(Path(out_dir), len(plan), files, time.perf_counter() - start)
+
+
+def _slice_jobs(
+    recipe: Recipe, local: dict[str, Path], readers: dict[Path, CheckpointReader], configs: dict[Path, dict]
+) -> tuple[list[_Job], list, int]:
+    """The output tensors of a slices merge in mergekit's order (embeddings, blocks, the rest), each with its
+    inputs and its resolved parameters; also the stack's ``layer_types`` and number of layers."""
+    jobs: list[_Job] = []
+
+    def job(name: str, piece: OutputSlice, index: int, t: float, names: dict[LayerSlice, str]) -> _Job:
+        rule = _override_for(name, recipe.overrides)
+        override = None if rule is None else recipe.overrides[rule]
+        method = (
+            override.merge_method if override and override.merge_method else None
+        ) or recipe.merge_method
+        base, models = recipe.slice_roles(piece, method)
+        own = [(s.parameters, names[s]) for s in models]
+        params = recipe.resolve(override, name=name, t=t, piece=piece, own=own)
+        labels = [f"slices[{index}] source {s.path}" for s in models]
+        first = names[(base or models[0])]
+        if readers[local[(base or models[0]).path]].infos.get(first, None) is not None and (
+            readers[local[(base or models[0]).path]].infos[first].dtype.is_floating_point
+        ):
+            where = f"tensor {name!r} (slices[{index}])"
+            check_resolved(where, *params, base is not None, labels, interpolated=recipe.dynamic)
+        return _Job(
+            name,
+            None if base is None else (local[base.path], names[base]),
+            tuple((local[s.path], names[s]) for s in models),
+            params,
+            tuple(([f"slices[{index}] base {base.path}"] if base else []) + labels),
+        )
+
+    def missing(path: Path, name: str, where: str) -> None:
+        if name not in readers[path].infos:
+            raise ValueError(f"{where}: {path} has no tensor {name!r}")
+
+    first, last = recipe.slices[0], recipe.slices[-1]
+    first_names = readers[local[first.sources[0].path]].names
+    for name in first_names:
+        if not _LAYER.match(name) and "embed" in name:
+            for s in first.sources:
+                missing(local[s.path], name, "slices[0].sources")
+            jobs.append(job(name, first, 0, 0.0, {s: name for s in first.sources}))
     out_layer = 0
     layer_types: list = []
-    for i, piece in enumerate(recipe.slices):
-        total = configs[piece.path]["num_hidden_layers"]
-        if piece.end > total:
-            raise ValueError(
-                f"slices[{i}].sources[0].layer_range: [{piece.start}, {piece.end}] goes beyond the "
-                f"{total} layers of {piece.path}"
-            )
-        names = readers[piece.path].names
-        for layer in range(piece.start, piece.end):
-            for n in names:
-                m = _LAYER.match(n)
-                if m and int(m.group(2)) == layer:
-                    sources.append((f"{m.group(1)}{out_layer}{m.group(3)}", piece.path, n))
+    for k, piece in enumerate(recipe.slices):
+        for j, s in enumerate(piece.sources):
+            total = configs[local[s.path]]["num_hidden_layers"]
+            if s.end > total:
+                raise ValueError(
+                    f"slices[{k}].sources[{j}].layer_range: [{s.start}, {s.end}] goes beyond the "
+                    f"{total} layers of {s.path}"
+                )
+        lead = piece.sources[0]
+        by_layer: dict[int, list[tuple[str, str]]] = {}
+        for n in readers[local[lead.path]].names:
+            pos = _layer_of(n)
+            if pos is not None:
+                by_layer.setdefault(pos[1], []).append((pos[0], pos[2]))
+        for idx in range(piece.length):
+            t = layer_position(idx, piece.length)
+            for prefix, rest in by_layer.get(lead.start + idx, []):
+                names = {s: f"{prefix}{s.start + idx}{rest}" for s in piece.sources}
+                for s in piece.sources:
+                    missing(local[s.path], names[s], f"slices[{k}].sources")
+                jobs.append(job(f"{prefix}{out_layer}{rest}", piece, k, t, names))
             out_layer += 1
-        types = configs[piece.path].get("layer_types")
+        types = configs[local[lead.path]].get("layer_types")
         if isinstance(types, list):
-            layer_types += types[piece.start : piece.end]
-    tail = [n for n in readers[last].names if not _LAYER.match(n) and "embed" not in n]
-    sources += [(n, last, n) for n in tail]
-    _check_stack_widths(sources, readers, first)
-    out_dtype = recipe.dtype
-    scale = recipe.resolve()[2][0]["scale"]
-    plan = []
-    for name, path, src in sources:
-        info = readers[path].infos[src]
-        floating = info.dtype.is_floating_point
-        plan.append((name, info.shape, out_dtype if out_dtype is not None and floating else info.dtype))
-    shard_size = max_shard_size or recipe.max_shard_size or "5GB"
-    with atomic_output_dir(out_dir, overwrite, [*paths, tok]) as tmp:
-        with ShardedWriter(tmp, plan, shard_size, {"merged_by": "robustft"}) as writer:
-            items = zip(plan, sources, strict=True)
-            for (name, _, dtype), (_, path, src) in tqdm(
-                list(items), desc="stacking", unit="tensor", disable=not progress
-            ):
-                tensor = readers[path].get(src)
-                if scale is not None and tensor.dtype.is_floating_point:
-                    tensor = tensor.to(work_dtype(tensor.dtype)).mul_(scale)
-                writer.write(name, tensor.to(dtype))
-        copy_side_files(first, tok, tmp, out_dtype)
-        config_path = tmp / "config.json"
-        config = json.loads(config_path.read_text())
-        config["num_hidden_layers"] = out_layer
-        if "layer_types" in config:
-            config["layer_types"] = layer_types
-        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        (tmp / "robustft_merge.yaml").write_text(yaml.safe_dump(recipe.raw, sort_keys=False))
-        files = list(writer.files)
-    return MergeResult(Path(out_dir), len(plan), files, time.perf_counter() - start)
+            layer_types += types[lead.start : lead.end]
+    # mergekit pairs the last slice's sources with as many input weights as the first slice has sources
+    last = OutputSlice(last.sources[: len(first.sources)], last.base_model, last.parameters)
+    for name in readers[local[last.sources[0].path]].names:
+        if not _LAYER.match(name) and "embed" not in name:
+            for s in last.sources:
+                missing(local[s.path], name, f"slices[{len(recipe.slices) - 1}].sources")
+            jobs.append(job(name, last, len(recipe.slices) - 1, 0.0, {s: name for s in last.sources}))
+    return jobs, layer_types, out_layer
+
+
+def _check_job_shapes(jobs: list[_Job], readers: dict[Path, CheckpointReader], ref: CheckpointReader) -> None:
+    """Every input of an output tensor has the same shape, and that shape is the one the reference model
+    (whose config the output gets) has for that tensor: layers of another width are refused by name."""
+    shapes: dict[str, set[tuple[int, ...]]] = {}
+    for n, info in ref.infos.items():
+        pos = _layer_of(n)
+        shapes.setdefault(n if pos is None else f"{pos[0]}*{pos[2]}", set()).add(info.shape)
+    for job in jobs:
+        keys = [*([job.base] if job.base else []), *job.inputs]
+        first = readers[keys[0][0]].infos[keys[0][1]]
+        for (path, name), label in zip(keys[1:], job.labels[1:], strict=True):
+            other = readers[path].infos[name]
+            if other.shape != first.shape:
+                raise ValueError(
+                    f"tensor {job.name!r}: {name!r} of {label} has shape {tuple(other.shape)}, "
+                    f"{keys[0][1]!r} of {job.labels[0]} has {tuple(first.shape)}"
+                )
+        pos = _layer_of(job.name)
+        key = job.name if pos is None else f"{pos[0]}*{pos[2]}"
+        expected = shapes.get(key)
+        if expected is None or first.shape not in expected:
+            want = "no such tensor" if expected is None else " or ".join(str(s) for s in sorted(expected))
+            raise ValueError(
+                f"tensor {job.name!r}: shape {tuple(first.shape)} (from {job.labels[0]}) does not fit the "
+                f"output's config, which is {ref.path}'s ({want}): stacking layers of different widths "
+                "is not supported"
+            )

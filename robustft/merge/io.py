@@ -35,7 +35,9 @@ __all__ = [
     "layout_difference",
     "parse_size",
     "read_safetensors_header",
+    "resolve_model",
     "shard_plan",
+    "write_chat_template",
 ]
 
 SAFE_INDEX = "model.safetensors.index.json"
@@ -533,3 +535,96 @@ def copy_side_files(
                 shutil.copyfile(src, out_dir / name)
                 copied.append(name)
     return copied
+
+
+#: the files a merge reads from a Hub snapshot (mergekit's patterns, plus the tokenizer and chat templates)
+HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja", "*.model", "*.py"]
+
+
+def _hub_offline() -> bool:
+    """HF_HUB_OFFLINE as set now (huggingface_hub reads it once, at import)."""
+    from huggingface_hub import constants
+
+    flag = os.environ.get("HF_HUB_OFFLINE")
+    return constants.HF_HUB_OFFLINE if flag is None else flag.strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def resolve_model(ref: str) -> Path:
+    """The local folder of a recipe's model: the path itself when it exists, else a Hugging Face Hub id
+    (``org/name``, ``org/name@revision``) looked up through huggingface_hub's cache (``snapshot_download``;
+    with ``HF_HUB_OFFLINE=1`` the cache only, and an error naming the model and how to get it)."""
+    if os.path.exists(ref):
+        return Path(ref)
+    repo, _, revision = ref.partition("@")
+    if os.path.exists(repo):  # mergekit splits at '@' and then ignores the revision of a local folder
+        return Path(repo)
+    if (
+        repo.startswith((".", "/", "~"))
+        or os.path.isabs(repo)
+        or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", repo)
+    ):
+        return Path(ref)  # a local path that does not exist: the reader says so
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    offline = _hub_offline()
+    cache = os.environ.get("HF_HUB_CACHE")
+    try:
+        folder = snapshot_download(
+            repo,
+            revision=revision or None,
+            cache_dir=cache,
+            allow_patterns=HUB_PATTERNS,
+            local_files_only=offline,
+        )
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as err:
+        where = "in the Hugging Face cache (HF_HUB_OFFLINE is set)" if offline else "on the Hugging Face Hub"
+        raise FileNotFoundError(
+            f"model {ref}: not a local folder and not found {where}; download it first "
+            f"(`hf download {repo}{' --revision ' + revision if revision else ''}` with network access, "
+            "or unset HF_HUB_OFFLINE), or give a local folder"
+        ) from err
+    return Path(folder)
+
+
+def _template_of(folder: Path) -> str | None:
+    """A tokenizer folder's chat template (chat_template.jinja, else tokenizer_config.json's default)."""
+    jinja = folder / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text()
+    config = folder / "tokenizer_config.json"
+    if not config.is_file():
+        return None
+    template = json.loads(config.read_text()).get("chat_template")
+    if isinstance(template, list):  # named templates: the default one
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    return template if isinstance(template, str) and template else None
+
+
+def write_chat_template(value: str, inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike) -> bool:
+    """Write a recipe's ``chat_template`` (mergekit's: a template name, ``auto`` = the inputs' most common
+    template, or a Jinja string) as ``chat_template.jinja`` beside the tokenizer written in ``out_dir``
+    (the copy in tokenizer_config.json removed, as transformers saves it); False if none was written."""
+    from collections import Counter
+
+    from robustft.merge.chat_templates import chat_template_text
+
+    out_dir = Path(out_dir)
+    template = chat_template_text(value)
+    if template is None:
+        found = [t.strip() for t in (_template_of(Path(p)) for p in dict.fromkeys(inputs)) if t]
+        if not found:
+            return False
+        template = Counter(found).most_common(1)[0][0]
+    config = out_dir / "tokenizer_config.json"
+    if not config.is_file():
+        import warnings
+
+        warnings.warn("chat_template is given but no tokenizer is written: it is not saved", stacklevel=2)
+        return False
+    data = json.loads(config.read_text())
+    if data.pop("chat_template", None) is not None:
+        config.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    (out_dir / "chat_template.json").unlink(missing_ok=True)
+    (out_dir / "chat_template.jinja").write_text(template)
+    return True

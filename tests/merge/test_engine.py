@@ -186,7 +186,8 @@ def test_slerp_and_dtype_and_seed_reproducible(family, tmp_path):
     got, base, ft = load_all(tmp_path / "s"), load_all(base_dir), load_all(dirs[0])
     for name, b in base.items():
         assert got[name].dtype == torch.bfloat16
-        fb, ff = b.double().reshape(-1), ft[name].double().reshape(-1)  # the dense formula
+        # the dense formula on the inputs rounded to ``dtype`` first, as mergekit casts them
+        fb, ff = (x.bfloat16().double().reshape(-1) for x in (b, ft[name]))
         om = torch.arccos(fb @ ff / (fb.norm() * ff.norm()))
         want = (torch.sin(0.75 * om) * fb + torch.sin(0.25 * om) * ff) / torch.sin(om)
         torch.testing.assert_close(got[name], want.reshape(b.shape).to(torch.bfloat16), msg=name)
@@ -314,3 +315,33 @@ def test_nan_under_a_trim_is_an_error_naming_the_tensor(family, tmp_path):
     with pytest.raises(ValueError, match=r"tensor 'model.norm.weight' \(ties\): .*NaN"):
         merge_checkpoints(recipe, tmp_path / "o", progress=False)
     assert not (tmp_path / "o").exists()
+
+
+def test_gradients_need_known_layer_names_filters_do_not(tmp_path):
+    """GPT-2 names its blocks ``h.<i>.``: a gradient cannot be placed on its layers and is refused by name
+    (never spread as if every tensor sat at t = 0); a filter list needs no position and merges as the dense
+    formula says."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    dirs = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=50, n_positions=16))
+        model.save_pretrained(tmp_path / f"g{seed}")
+        dirs.append(tmp_path / f"g{seed}")
+    models = [
+        {"model": str(d), "parameters": {"weight": w}} for d, w in zip(dirs, ([1, 2], 1.0), strict=True)
+    ]
+    with pytest.raises(ValueError, match=r"gradients: .* does not name its blocks.*'transformer.h.0"):
+        merge_checkpoints(parse_recipe({"merge_method": "linear", "models": models}), tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+    models[0]["parameters"]["weight"] = [{"filter": "attn", "value": 3.0}, {"value": 1.0}]
+    merge_checkpoints(
+        parse_recipe({"merge_method": "linear", "models": models}), tmp_path / "f", progress=False
+    )
+    got, a, b = load_all(tmp_path / "f"), load_all(dirs[0]), load_all(dirs[1])
+    for name, x in got.items():
+        if not x.is_floating_point():
+            continue
+        w = 3.0 if "attn" in name else 1.0
+        torch.testing.assert_close(x, (w * a[name] + b[name]) / (w + 1), msg=name)

@@ -169,6 +169,8 @@ def test_every_registered_method_is_parsed_and_merged_by_the_engine():
         stats = {"fisher": "fisher", "regmean": "gram"}.get(name)  # the per-model statistics file
         own = [{stats: f"s{i}"} if stats else {} for i in range(n)]
         models = [{"model": f"m{i}", "parameters": p} for i, p in enumerate(own)]
+        if not models:  # the base alone (passthrough): mergekit lists it under models
+            models = [{"model": "b"}]
         # values for the parameters without a default (other than the statistics paths above)
         required = {k: REQUIRED_VALUES[k] for k, p in {**spec.global_params, **spec.model_params}.items()
                     if p.default is REQUIRED and k != stats}  # fmt: skip
@@ -231,3 +233,54 @@ def test_merge_list_prints_the_registry(capsys):
 def test_merge_without_recipe_is_an_error(capsys):
     assert main(["merge", "--out", "x"]) == 2
     assert "give a RECIPE and --out DIR" in capsys.readouterr().err
+
+
+def test_gradient_precedence_recipe_slice_source_override():
+    """default < recipe < slice < source (evaluated at the tensor's position) < a matching override."""
+    r = parse_recipe(
+        {
+            "merge_method": "ties",
+            "base_model": "b",
+            "parameters": {
+                "density": 0.3,
+                "weight": [0, 1],
+                "lambda": [{"filter": "mlp", "value": [1, 0.5]}],
+            },
+            "slices": [
+                {
+                    "sources": [
+                        {"model": "b", "layer_range": [0, 3]},
+                        {
+                            "model": "m",
+                            "layer_range": [0, 3],
+                            "parameters": {"density": [{"filter": "attn", "value": [0.2, 0.6]}]},
+                        },
+                    ],
+                    "parameters": {"density": 0.4},
+                }
+            ],
+            "overrides": [{"pattern": "up_proj", "parameters": {"weight": 0.25}}],
+        }  # fmt: skip
+    )
+    piece = r.slices[0]
+    base, models = r.slice_roles(piece)
+    assert base.path == "b" and [s.path for s in models] == ["m"]
+
+    def at(name, t, override=None):
+        own = [(s.parameters, name) for s in models]
+        return r.resolve(override, name=name, t=t, piece=piece, own=own)
+
+    _, g, m = at("model.layers.1.self_attn.q_proj.weight", 0.5)
+    assert g["lambda"] == 1.0 and m == [{"weight": 0.5, "density": 0.4}]  # source's filter: "attn" in name
+    _, g, m = at("model.layers.1.mlp.up_proj.weight", 0.5)
+    assert g["lambda"] == 0.75 and m[0]["density"] == 0.4  # no source filter matched: the slice's value
+    _, _, m = at("model.layers.1.mlp.up_proj.weight", 0.5, r.overrides[0])
+    assert m[0]["weight"] == 0.25
+    _, _, m = at("model.layers.2.self_attn.k_proj.weight", 1.0)
+    assert m[0] == {"weight": 1.0, "density": 0.6}
+
+
+def test_statistics_methods_take_no_slices():
+    src = [{"model": "m", "layer_range": [0, 2], "parameters": {"fisher": "f"}}]
+    with pytest.raises(ValueError, match="'fisher' .* does not take slices"):
+        parse_recipe({"merge_method": "fisher", "slices": [{"sources": src}]})
