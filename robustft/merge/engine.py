@@ -152,11 +152,16 @@ def _gram_files(
 
 
 def _check_inputs(
-    recipe: Recipe, ref: CheckpointReader, readers: list[CheckpointReader], label: list[str]
+    recipe: Recipe,
+    ref: CheckpointReader,
+    readers: list[CheckpointReader],
+    label: list[str],
+    free_rows: frozenset[str] | tuple = (),
 ) -> None:
-    """Same tensor names and shapes everywhere, checked on headers only; the error names tensor and model."""
+    """Same tensor names and shapes everywhere (but the vocabulary rows of ``free_rows``), checked on headers
+    only; the error names tensor and model."""
     for reader, who in zip(readers, label[1:], strict=True):
-        diff = layout_difference(ref, reader, exact_dtype=False)
+        diff = layout_difference(ref, reader, exact_dtype=False, free_rows=free_rows)
         if diff is not None:
             raise ValueError(diff.describe(label[0], who))
 
@@ -188,6 +193,7 @@ def merge_checkpoints(
         return _stack_layers(recipe, out_dir, overwrite, max_shard_size, progress, start)
     tok = None if recipe.tokenizer_source == "base" else recipe.tokenizer_source
     inputs = [recipe.reference_model, *(m.path for m in recipe.models), tok]
+    inputs += recipe.tokenizer.paths() if recipe.tokenizer is not None else []
     check_output_dir(out_dir, overwrite, inputs)
     shard_size = max_shard_size or recipe.max_shard_size or "5GB"
     workers = torch.get_num_threads() if workers is None else workers
@@ -200,7 +206,13 @@ def merge_checkpoints(
         readers = [stack.enter_context(CheckpointReader(m.path)) for m in recipe.models]
         who = [f"base_model {ref_path}" if recipe.base_model else f"models[0] {ref_path}"]
         who += [f"models[{i}] {m.path}" for i, m in enumerate(recipe.models)]
-        _check_inputs(recipe, ref, readers, who)
+        by_path = {**{m.path: r for m, r in zip(recipe.models, readers, strict=True)}, ref_path: ref}
+        vocab = None  # mergekit's output vocabulary: embedding rows mapped onto it as they are read
+        if recipe.tokenizer is not None:
+            from robustft.merge.tokenizer import build_vocabulary
+
+            vocab = build_vocabulary(recipe.tokenizer, recipe.base_model, list(by_path), by_path)
+        _check_inputs(recipe, ref, readers, who, vocab.tensors if vocab is not None else ())
         layout = ref
         if layout_from is not None:
             layout = next((r for r in [ref, *readers] if r.path == Path(layout_from)), None)
@@ -255,7 +267,7 @@ def merge_checkpoints(
         for name in names:
             info = layout.infos[name]
             dtype = out_dtype if (out_dtype is not None and info.dtype.is_floating_point) else info.dtype
-            plan.append((name, info.shape, dtype))
+            plan.append((name, info.shape if vocab is None else vocab.shape(name, info.shape), dtype))
 
         with atomic_output_dir(out_dir, overwrite, [*inputs, *fisher_readers, *gram_files]) as tmp:
             shards, metadata = None, {"merged_by": "robustft"}
@@ -269,10 +281,11 @@ def merge_checkpoints(
                     return kept_tensor(name, [ref.get(name), *[r.get(name) for r in readers]], who)
                 method, gparams, mparams = resolved[choice[name]]
                 compute = work_dtype(info.dtype)
-                base = ref.get(name).to(compute) if recipe.base_model is not None else None
+                read = (lambda r: r.get(name)) if vocab is None else vocab.reads(name, by_path, compute)
+                base = read(ref).to(compute) if recipe.base_model is not None else None
                 if method == "base":
                     return base
-                tensors = [r.get(name).to(compute) for r in readers]
+                tensors = [read(r).to(compute) for r in readers]
                 stats, transposed = None, False
                 if method == "fisher":
                     stats = [fisher_readers[p["fisher"]].get(name).to(compute) for p in mparams]
@@ -312,7 +325,12 @@ def merge_checkpoints(
                 ):  # fmt: skip
                     writer.write(name, merged.to(dtype))
                     del merged
-            copy_side_files(layout.path if layout_from is not None else ref_path, src_tok, tmp, out_dtype)
+            copy_side_files(
+                layout.path if layout_from is not None else ref_path, src_tok if vocab is None else None, tmp,
+                out_dtype,
+            )
+            if vocab is not None:
+                vocab.write(tmp)
             (tmp / "robustft_merge.yaml").write_text(yaml.safe_dump(recipe.raw, sort_keys=False))
             for fname, text in (info_files or {}).items():
                 (tmp / fname).write_text(text)

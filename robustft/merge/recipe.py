@@ -40,6 +40,7 @@ from robustft.ops.registry import (
     method_spec,
     resolve_params,
 )
+from robustft.merge.tokenizer import TokenizerSpec, parse_tokenizer
 from robustft.params import resolve_dtype
 
 __all__ = [
@@ -63,6 +64,7 @@ _TOP_KEYS = {
     "seed",
     "overrides",
     "tokenizer_source",
+    "tokenizer",
     "max_shard_size",
     "slices",
 }
@@ -101,7 +103,10 @@ class Recipe:
     dtype: Any = None
     seed: int = 0
     overrides: list[Override] = field(default_factory=list)
+    #: the folder whose tokenizer files are copied when ``tokenizer`` is None ("base": the reference model)
     tokenizer_source: str | None = "base"
+    #: mergekit's ``tokenizer_source`` / ``tokenizer:`` (an output vocabulary; robustft/merge/tokenizer.py)
+    tokenizer: TokenizerSpec | None = None
     max_shard_size: int | str | None = None
     raw: dict[str, Any] = field(default_factory=dict)
     #: layer stacking (``passthrough`` with mergekit's ``slices``); ``models`` then holds the first slice's
@@ -189,9 +194,9 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
             raise ValueError(f"{source}: dtype must be a floating dtype, got {short_repr(data['dtype'])}")
     seed = data.get("seed", 0)
     check_integer(f"{source}: seed", seed)
-    tokenizer_source = data.get("tokenizer_source", "base")
-    if tokenizer_source is not None:
-        check_path(f"{source}: tokenizer_source", tokenizer_source)
+    tokenizer = parse_tokenizer(data, source)
+    if tokenizer is not None and slices:
+        raise ValueError(f"{source}: tokenizer_source / tokenizer with slices is not supported yet")
     max_shard_size = data.get("max_shard_size")
     if max_shard_size is not None:
         from robustft.merge.io import parse_size
@@ -206,7 +211,7 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
         dtype=dtype,
         seed=seed,
         overrides=overrides,
-        tokenizer_source=tokenizer_source,
+        tokenizer=tokenizer,
         max_shard_size=max_shard_size,
         raw=dict(data),
         slices=slices,
