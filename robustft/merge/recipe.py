@@ -32,6 +32,7 @@ from typing import Any
 import yaml
 
 from robustft.checks import check_integer, check_path, short_repr
+from robustft.merge.tokenizer import TokenizerSpec, parse_tokenizer
 from robustft.ops.registry import (
     METHODS,
     REQUIRED,
@@ -40,7 +41,6 @@ from robustft.ops.registry import (
     method_spec,
     resolve_params,
 )
-from robustft.merge.tokenizer import TokenizerSpec, parse_tokenizer
 from robustft.params import resolve_dtype
 
 __all__ = [
