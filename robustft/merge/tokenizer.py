@@ -471,12 +471,11 @@ def build_vocabulary(
         raise ValueError(f"tokenizer_source: found no embedding tensor in {ref.path}")
     rows = {}
     for m in models:
-        r = torch.full((n,), -1, dtype=torch.long)
+        own = [-1] * n
         for i, old in maps[m].items():
-            if old >= 0 and i not in forced:
-                r[i] = old
-        rows[m] = r
-        needed = [old for rule in fill.values() for old in _rule_rows(rule, m)] + r.tolist()
+            own[i] = -1 if i in forced else old
+        rows[m] = torch.tensor(own, dtype=torch.long)
+        needed = [old for rule in fill.values() for old in _rule_rows(rule, m)] + own
         for name in tensors:
             info = readers[m].infos.get(name)
             if info is None:

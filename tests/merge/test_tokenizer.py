@@ -17,6 +17,7 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from robustft.merge import merge_checkpoints, parse_recipe
+from robustft.merge.io import TOKENIZER_FILES
 from robustft.merge.tokenizer import remap_rows
 from tests.merge.tiny_models import load_all
 
@@ -98,6 +99,13 @@ def _assert_same(mk, rf, same_order: bool) -> None:
     assert set(mk_v) == set(rf_v)
     if same_order:
         assert mk_v == rf_v
+    tok_files = [f for f in TOKENIZER_FILES if (mk / f).exists() or (rf / f).exists()]
+    assert tok_files and all((mk / f).exists() and (rf / f).exists() for f in tok_files), tok_files
+    assert json.loads((rf / "tokenizer_config.json").read_text()) == json.loads(
+        (mk / "tokenizer_config.json").read_text()
+    )
+    if same_order:
+        assert json.loads((rf / "tokenizer.json").read_text()) == json.loads((mk / "tokenizer.json").read_text())
     for key in ("vocab_size", "tie_word_embeddings"):
         assert _config(rf)[key] == _config(mk)[key], key
     a, b = load_all(mk), load_all(rf)
@@ -128,6 +136,15 @@ def test_base_and_model_sources_match_mergekit(untied, tmp_path):
         mk, rf = _run_both(_recipe(untied, tokenizer_source=source), out)
         _assert_same(mk, rf, same_order=True)
         assert _config(rf)["vocab_size"] == rows
+
+
+def test_no_tokenizer_source_copies_the_base_tokenizer_as_mergekit(untied, tmp_path):
+    """``tokenizer_source: null`` is mergekit's default: no vocabulary plan, the reference's files copied."""
+    recipe = {"merge_method": "linear", "models": [{"model": untied["B"], "parameters": {"weight": 1.0}}],
+              "dtype": "float32", "tokenizer_source": None}  # fmt: skip
+    mk, rf = _run_both(recipe, tmp_path)
+    _assert_same(mk, rf, same_order=True)
+    assert (rf / "tokenizer.json").read_bytes() == (mk / "tokenizer.json").read_bytes()
 
 
 def test_tokenizer_block_with_token_sources_and_padding_matches_mergekit(untied, tmp_path):
