@@ -325,10 +325,8 @@ def merge_checkpoints(
                 ):  # fmt: skip
                     writer.write(name, merged.to(dtype))
                     del merged
-            copy_side_files(
-                layout.path if layout_from is not None else ref_path, src_tok if vocab is None else None, tmp,
-                out_dtype,
-            )
+            side_tok = src_tok if vocab is None else None  # a built vocabulary writes its own tokenizer
+            copy_side_files(layout.path if layout_from is not None else ref_path, side_tok, tmp, out_dtype)
             if vocab is not None:
                 vocab.write(tmp)
             (tmp / "robustft_merge.yaml").write_text(yaml.safe_dump(recipe.raw, sort_keys=False))

@@ -105,7 +105,9 @@ def _assert_same(mk, rf, same_order: bool) -> None:
         (mk / "tokenizer_config.json").read_text()
     )
     if same_order:
-        assert json.loads((rf / "tokenizer.json").read_text()) == json.loads((mk / "tokenizer.json").read_text())
+        assert json.loads((rf / "tokenizer.json").read_text()) == json.loads(
+            (mk / "tokenizer.json").read_text()
+        )
     for key in ("vocab_size", "tie_word_embeddings"):
         assert _config(rf)[key] == _config(mk)[key], key
     a, b = load_all(mk), load_all(rf)
@@ -145,6 +147,21 @@ def test_no_tokenizer_source_copies_the_base_tokenizer_as_mergekit(untied, tmp_p
     mk, rf = _run_both(recipe, tmp_path)
     _assert_same(mk, rf, same_order=True)
     assert (rf / "tokenizer.json").read_bytes() == (mk / "tokenizer.json").read_bytes()
+
+
+def test_base_source_cuts_padded_embeddings_as_mergekit(untied, tmp_path):
+    """A base whose embedding has 70 rows for a 64-token tokenizer: the output has the tokenizer's 64."""
+    torch.manual_seed(5)
+    config = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=1, vocab_size=70, max_position_embeddings=32,
+                         tie_word_embeddings=False)  # fmt: skip
+    padded = tmp_path / "padded"
+    LlamaForCausalLM(config).save_pretrained(padded)
+    _save_tokenizer(VOCABS["A"], padded)
+    recipe = {**_recipe(untied, tokenizer_source="base"), "base_model": str(padded)}
+    mk, rf = _run_both(recipe, tmp_path / "out")
+    _assert_same(mk, rf, same_order=True)
+    assert _config(rf)["vocab_size"] == 64
 
 
 def test_tokenizer_block_with_token_sources_and_padding_matches_mergekit(untied, tmp_path):
