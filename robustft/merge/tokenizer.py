@@ -274,9 +274,7 @@ class VocabularyPlan:
         ids = sorted(self.fill)
         wanted: dict[str, set[int]] = {}
         for i in ids:
-            rule = self.fill[i]
-            pairs = rule[1] if rule[0] == "mean" else [rule[1:]] if rule[0] == "row" else []
-            for path, row in pairs:
+            for path, row in _pairs(self.fill[i]):
                 wanted.setdefault(path, set()).add(row)
         got = {}
         for path, rows in wanted.items():
@@ -488,7 +486,11 @@ def build_vocabulary(
     return VocabularyPlan(out, n, padded, rows, fill, tensors)
 
 
+def _pairs(rule: tuple) -> list[tuple[str, int]]:
+    """The (model path, row) pairs a fill rule reads."""
+    return list(rule[1]) if rule[0] == "mean" else [rule[1:]] if rule[0] == "row" else []
+
+
 def _rule_rows(rule: tuple, model: str) -> list[int]:
     """The rows of ``model`` a fill rule reads."""
-    pairs = rule[1] if rule[0] == "mean" else [rule[1:]] if rule[0] == "row" else []
-    return [row for path, row in pairs if path == model]
+    return [row for path, row in _pairs(rule) if path == model]

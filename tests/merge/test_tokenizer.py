@@ -17,7 +17,7 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from robustft.merge import merge_checkpoints, parse_recipe
-from robustft.merge.io import TOKENIZER_FILES
+from robustft.merge.io import TOKENIZER_FILES, CheckpointReader
 from robustft.merge.tokenizer import remap_rows
 from tests.merge.tiny_models import load_all
 
@@ -215,3 +215,12 @@ def test_remap_rows_against_indexing():
     ref = torch.stack([t[4], fill[0], t[0], t[2], fill[1]])
     torch.testing.assert_close(out[:5], ref)
     torch.testing.assert_close(out[5:], ref.mean(0).expand(3, 3))
+
+
+def test_get_rows_reads_the_rows_of_the_tensor(untied):
+    reader = CheckpointReader(untied["B"])
+    full = reader.get("model.embed_tokens.weight")
+    rows = [0, 3, 4, 71]
+    torch.testing.assert_close(reader.get_rows("model.embed_tokens.weight", rows), full[rows], rtol=0, atol=0)
+    with pytest.raises(IndexError, match="no row 72"):
+        reader.get_rows("model.embed_tokens.weight", [72])
