@@ -177,11 +177,16 @@ def _gram_files(
 
 
 def _check_inputs(
-    recipe: Recipe, ref: CheckpointReader, readers: list[CheckpointReader], label: list[str]
+    recipe: Recipe,
+    ref: CheckpointReader,
+    readers: list[CheckpointReader],
+    label: list[str],
+    free_rows: frozenset[str] | tuple = (),
 ) -> None:
-    """Same tensor names and shapes everywhere, checked on headers only; the error names tensor and model."""
+    """Same tensor names and shapes everywhere (but the vocabulary rows of ``free_rows``), checked on headers
+    only; the error names tensor and model."""
     for reader, who in zip(readers, label[1:], strict=True):
-        diff = layout_difference(ref, reader, exact_dtype=False)
+        diff = layout_difference(ref, reader, exact_dtype=False, free_rows=free_rows)
         if diff is not None:
             raise ValueError(diff.describe(label[0], who))
 
@@ -212,7 +217,6 @@ def merge_checkpoints(
     workers = torch.get_num_threads() if workers is None else workers
     if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
         raise ValueError(f"workers must be a positive integer, got {workers!r}")
-    _check_tokenizer_options(recipe)
     if recipe.slices:
         if layout_from is not None or info_files:
             raise ValueError("layout_from and info_files are not supported with slices")
@@ -220,6 +224,7 @@ def merge_checkpoints(
     local = _local_paths(recipe)
     tok = None if recipe.tokenizer_source == "base" else recipe.tokenizer_source
     inputs = [local[recipe.reference_model], *(local[m.path] for m in recipe.models), tok]
+    inputs += recipe.tokenizer.paths() if recipe.tokenizer is not None else []
     check_output_dir(out_dir, overwrite, inputs)
     shard_size = max_shard_size or recipe.max_shard_size or "5GB"
 
@@ -229,7 +234,16 @@ def merge_checkpoints(
         readers = [stack.enter_context(CheckpointReader(local[m.path])) for m in recipe.models]
         who = [f"base_model {recipe.reference_model}" if recipe.base_model else f"models[0] {ref_path}"]
         who += [f"models[{i}] {m.path}" for i, m in enumerate(recipe.models)]
-        _check_inputs(recipe, ref, readers, who)
+        # keyed by local folder (a Hub id's snapshot), as the tokenizer plan reads them
+        by_path = {str(local[m.path]): r for m, r in zip(recipe.models, readers, strict=True)}
+        by_path[str(ref_path)] = ref
+        vocab = None  # mergekit's output vocabulary: embedding rows mapped onto it as they are read
+        if recipe.tokenizer is not None:
+            from robustft.merge.tokenizer import build_vocabulary
+
+            base = str(ref_path) if recipe.base_model is not None else None
+            vocab = build_vocabulary(recipe.tokenizer, base, list(by_path), by_path)
+        _check_inputs(recipe, ref, readers, who, vocab.tensors if vocab is not None else ())
         layout = ref
         if layout_from is not None:
             layout = next((r for r in [ref, *readers] if r.path == Path(layout_from)), None)
@@ -285,7 +299,7 @@ def merge_checkpoints(
         for name in names:
             info = layout.infos[name]
             dtype = out_dtype if (out_dtype is not None and info.dtype.is_floating_point) else info.dtype
-            plan.append((name, info.shape, dtype))
+            plan.append((name, info.shape if vocab is None else vocab.shape(name, info.shape), dtype))
 
         with atomic_output_dir(out_dir, overwrite, [*inputs, *fisher_readers, *gram_files]) as tmp:
             shards, metadata = None, {"merged_by": "robustft"}
@@ -299,10 +313,11 @@ def merge_checkpoints(
                     return kept_tensor(name, [ref.get(name), *[r.get(name) for r in readers]], who)
                 method, gparams, mparams = params_of[name]
                 compute = work_dtype(info.dtype)
-                base = _cast(ref.get(name), recipe.dtype, compute) if recipe.base_model is not None else None
+                read = (lambda r: r.get(name)) if vocab is None else vocab.reads(name, by_path, compute)
+                base = _cast(read(ref), recipe.dtype, compute) if recipe.base_model is not None else None
                 if method == "base":
                     return base
-                tensors = [_cast(r.get(name), recipe.dtype, compute) for r in readers]
+                tensors = [_cast(read(r), recipe.dtype, compute) for r in readers]
                 stats, transposed = None, False
                 if method == "fisher":
                     stats = [fisher_readers[p["fisher"]].get(name).to(compute) for p in mparams]
@@ -337,7 +352,10 @@ def merge_checkpoints(
             with ShardedWriter(tmp, plan, shard_size, metadata, shards) as writer:
                 merged_in_order = _ordered_map(merge_one, [n for n, _, _ in plan], costs, budget, workers)
                 _write_in_order(writer, plan, merged_in_order, progress)
-            copy_side_files(layout.path if layout_from is not None else ref_path, src_tok, tmp, out_dtype)
+            side_tok = src_tok if vocab is None else None  # a built vocabulary writes its own tokenizer
+            copy_side_files(layout.path if layout_from is not None else ref_path, side_tok, tmp, out_dtype)
+            if vocab is not None:
+                vocab.write(tmp)
             _chat_template(recipe, [ref_path, *(r.path for r in readers)], tmp)
             (tmp / "robustft_merge.yaml").write_text(yaml.safe_dump(recipe.raw, sort_keys=False))
             for fname, text in (info_files or {}).items():
@@ -373,16 +391,6 @@ def _cast(tensor: torch.Tensor, dtype: torch.dtype | None, compute: torch.dtype)
     ):
         tensor = tensor.to(dtype)
     return tensor.to(compute)
-
-
-def _check_tokenizer_options(recipe: Recipe) -> None:
-    """The tokenizer options robustft cannot honour yet are refused by name, before anything is read."""
-    if recipe.tokenizer is not None or recipe.tokenizer_source == "union":
-        what = "tokenizer:" if recipe.tokenizer is not None else "tokenizer_source: union"
-        raise ValueError(
-            f"{what} (mergekit's merged vocabularies) is not supported by this version of robustft merge; "
-            "use tokenizer_source: base or a model folder"
-        )
 
 
 def _chat_template(recipe: Recipe, inputs: list[Path], out: Path) -> None:

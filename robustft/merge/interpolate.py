@@ -60,9 +60,10 @@ def interpolation_recipe(
         "base_model": str(start),
         "models": [{"model": str(end)}],
         "parameters": {"t": alpha, "extrapolate": bool(extrapolate)},
-        "tokenizer_source": str(end) if Path(end).is_dir() else None,
     }
-    return parse_recipe(data, source="interpolation")
+    recipe = parse_recipe(data, source="interpolation")
+    recipe.tokenizer_source = str(end) if Path(end).is_dir() else None  # the end's files, copied as they are
+    return recipe
 
 
 def interpolate_checkpoints(

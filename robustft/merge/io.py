@@ -18,7 +18,7 @@ import os
 import re
 import shutil
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePath
 
@@ -289,6 +289,26 @@ class CheckpointReader:
                 got += n
         return out
 
+    def get_rows(self, name: str, rows: Sequence[int]) -> torch.Tensor:
+        """Rows ``rows`` (sorted, distinct) of tensor ``name`` along axis 0, each a positioned read: a few
+        rows of an embedding matrix without reading the matrix."""
+        info = self.infos.get(name)
+        if info is None:
+            raise KeyError(f"{self.path}: no tensor {name!r}")
+        out = torch.empty((len(rows), *info.shape[1:]), dtype=info.dtype)
+        step = _nbytes(info.shape[1:], info.dtype)
+        if not out.numel():
+            return out
+        view = memoryview(out.view(-1).view(torch.uint8).numpy())
+        with open(info.file, "rb", buffering=0) as f:
+            for k, row in enumerate(rows):
+                if not 0 <= row < info.shape[0]:
+                    raise IndexError(f"{self.path}: tensor {name!r} has no row {row}")
+                f.seek(info.begin + row * step)
+                if f.readinto(view[k * step : (k + 1) * step]) != step:
+                    raise ValueError(f"{info.file}: tensor {name!r} is truncated")
+        return out
+
     def close(self) -> None:
         """Nothing stays open between reads; kept so readers work as context managers."""
 
@@ -324,17 +344,18 @@ class LayoutDifference:
 
 
 def layout_difference(
-    ref: CheckpointReader, other: CheckpointReader, exact_dtype: bool = True
+    ref: CheckpointReader, other: CheckpointReader, exact_dtype: bool = True, free_rows: Collection[str] = ()
 ) -> LayoutDifference | None:
     """Compare two checkpoints' headers: same names, shapes, and dtypes (or, unless ``exact_dtype``, the
-    same floating/non-floating kind). None when they agree."""
+    same floating/non-floating kind). Tensors in ``free_rows`` (embeddings mapped onto an output vocabulary)
+    may differ in their first dimension. None when they agree."""
     ref_names, names = set(ref.infos), set(other.infos)
     for kind, diff in (("missing", ref_names - names), ("extra", names - ref_names)):
         if diff:
             return LayoutDifference(kind, sorted(diff)[0], len(diff) - 1)
     for name, a in ref.infos.items():
         b = other.infos[name]
-        if a.shape != b.shape:
+        if a.shape != b.shape and (name not in free_rows or a.shape[1:] != b.shape[1:]):
             return LayoutDifference("shape", name, ref_value=a.shape, other_value=b.shape)
         if a.dtype != b.dtype if exact_dtype else a.dtype.is_floating_point != b.dtype.is_floating_point:
             return LayoutDifference("dtype", name, ref_value=a.dtype, other_value=b.dtype)

@@ -41,6 +41,7 @@ import yaml
 
 from robustft.checks import check_integer, check_path, short_repr
 from robustft.merge.chat_templates import chat_template_text
+from robustft.merge.tokenizer import TokenizerSpec, parse_tokenizer
 from robustft.ops.registry import (
     METHODS,
     REQUIRED,
@@ -274,7 +275,10 @@ class Recipe:
     dtype: Any = None
     seed: int = 0
     overrides: list[Override] = field(default_factory=list)
+    #: the folder whose tokenizer files are copied when ``tokenizer`` is None ("base": the reference model)
     tokenizer_source: str | None = "base"
+    #: mergekit's ``tokenizer_source`` / ``tokenizer:`` (an output vocabulary; robustft/merge/tokenizer.py)
+    tokenizer: TokenizerSpec | None = None
     max_shard_size: int | str | None = None
     raw: dict[str, Any] = field(default_factory=dict)
     #: mergekit's ``slices:`` (layer stacking, and merges of layer ranges with any method); ``models`` is
@@ -286,8 +290,6 @@ class Recipe:
     out_dtype: Any = None
     #: mergekit's ``chat_template``: a template name (chatml, llama3, ...), ``auto`` or a Jinja string
     chat_template: str | None = None
-    #: mergekit's ``tokenizer:`` block (handed to ``robustft.merge.tokenizer``)
-    tokenizer: dict[str, Any] | None = None
 
     def resolve(
         self,
@@ -459,15 +461,9 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
     out_dtype = _floating_dtype(source, "out_dtype", data.get("out_dtype"))
     seed = data.get("seed", 0)
     check_integer(f"{source}: seed", seed)
-    tokenizer_source = data.get("tokenizer_source", "base")
-    if tokenizer_source is not None:
-        check_path(f"{source}: tokenizer_source", tokenizer_source)
-    tokenizer = data.get("tokenizer")
-    if tokenizer is not None:
-        if not isinstance(tokenizer, Mapping):
-            raise ValueError(f"{source}: tokenizer: expected a mapping (source, tokens, pad_to_multiple_of)")
-        if "tokenizer_source" in data:  # mergekit: "Cannot specify both tokenizer_source and tokenizer"
-            raise ValueError(f"{source}: give tokenizer_source or tokenizer, not both")
+    tokenizer = parse_tokenizer(data, source)
+    if tokenizer is not None and slices:
+        raise ValueError(f"{source}: tokenizer_source / tokenizer with slices is not supported yet")
     chat_template = data.get("chat_template")
     if chat_template is not None:
         if not isinstance(chat_template, str):
@@ -491,14 +487,13 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
         dtype=dtype,
         seed=seed,
         overrides=overrides,
-        tokenizer_source=tokenizer_source,
+        tokenizer=tokenizer,
         max_shard_size=max_shard_size,
         raw=dict(data),
         slices=slices,
         base_parameters=base_parameters,
         out_dtype=out_dtype,
         chat_template=chat_template,
-        tokenizer=dict(tokenizer) if tokenizer is not None else None,
     )
     # every method in play must get the inputs and required parameters it needs; parameters that depend
     # on the tensor (gradients, filters) are checked again for every tensor by the engine
