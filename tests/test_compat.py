@@ -1,7 +1,7 @@
-"""robustft.compat: every private name it relies on still exists in the INSTALLED library versions.
+"""robustft.core.compat: every private name it relies on still exists in the INSTALLED library versions.
 
 One test per private access. When a release moves one, the test fails naming the attribute; update
-``robustft/compat.py`` (and its ``CHECKED_AGAINST``) with the new name. The DeepSpeed checks inspect
+``robustft/core/compat.py`` (and its ``CHECKED_AGAINST``) with the new name. The DeepSpeed checks inspect
 the classes without launching anything.
 """
 
@@ -16,7 +16,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import CallbackHandler
 
-from robustft import compat
+from robustft.core import compat
 from tests.callbacks.sam_helpers import MLP, NoisyLinearData, make_trainer
 
 

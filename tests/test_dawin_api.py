@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
+from robustft.interpolation.wise_ft import WiseFTWeights, evaluate_at_alphas, interpolate_models
 from robustft.ops.dawin import component_alphas, dawin_lambda, fit_beta_mixture, prediction_entropy
-from robustft.wise_ft import WiseFTWeights, evaluate_at_alphas, interpolate_models
 
 
 def _pair(seed=0):

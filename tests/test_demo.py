@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_task_has_a_cue_that_breaks_under_shift():
-    from robustft.demo import CUES, LABELS, make_task
+    from robustft.demos.encoder import CUES, LABELS, make_task
 
     iid, shifted = make_task(400, 1), make_task(400, 2, shifted=True)
     agree = [t.startswith(CUES[y] + ":") for t, y in zip(iid["text"], iid["label"], strict=True)]

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from robustft import demo_llm
 from robustft.cli import main
+from robustft.demos import llm as demo_llm
 
 ROOT = Path(__file__).resolve().parents[1]
 

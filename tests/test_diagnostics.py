@@ -1,4 +1,5 @@
-"""RiFT's module criticality and the layer-wise sharpness along the WiSE-FT path (robustft.diagnostics),
+"""RiFT's module criticality and the layer-wise sharpness along the WiSE-FT path
+(robustft.analysis.sharpness),
 against one-step ascents computed by hand, brute force over random directions and direct measurements."""
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from robustft.diagnostics import (
+from robustft.analysis.sharpness import (
     default_modules,
     layer_sharpness,
     least_critical_module,

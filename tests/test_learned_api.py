@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from robustft.learned import LearnedInterpolation
-from robustft.wise_ft import interpolate_models
+from robustft.interpolation.learned import LearnedInterpolation
+from robustft.interpolation.wise_ft import interpolate_models
 from tests.tiny import tiny_bert, tiny_llama
 
 
@@ -209,9 +209,9 @@ def test_bad_options_are_named():
         LearnedInterpolation(start, end, init=torch.zeros(2, 2))
     learned = LearnedInterpolation(start, end)
     x = [torch.randn(2, 4)]
-    with pytest.raises(ValueError, match="objective: 'accuracy'"):
+    with pytest.raises(ValueError, match="objective must be one of 'loss', 'entropy', got 'accuracy'"):
         learned.fit(x, objective="accuracy")
-    with pytest.raises(ValueError, match="lr: expected a finite positive"):
+    with pytest.raises(ValueError, match="lr must be a finite number"):
         learned.fit(x, objective="entropy", lr=float("nan"))
     with pytest.raises(ValueError, match="steps"):
         learned.fit(x, objective="entropy", steps=0)
@@ -268,7 +268,7 @@ def test_lora_coefficients_per_module_equal_peft_merges():
 def test_merge_saved_streams_the_same_weights_as_in_memory(tmp_path):
     from transformers import BertForSequenceClassification
 
-    from robustft.learned import merge_saved
+    from robustft.interpolation.learned import merge_saved
 
     start = tiny_bert(0).eval()
     ends = [_perturbed(start, 1, scale=0.05), _perturbed(start, 2, scale=0.05)]

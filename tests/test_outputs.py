@@ -19,11 +19,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from robustft import checkpoint
-from robustft.checkpoint import atomic_output_dir, atomic_output_file, check_output_dir
 from robustft.checks import short_repr
 from robustft.cli import main
-from robustft.merge.fisher import save_fisher
+from robustft.core import checkpoint
+from robustft.core.checkpoint import atomic_output_dir, atomic_output_file, check_output_dir
+from robustft.core.statistics import save_fisher
 from robustft.merge.recipe import parse_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -435,7 +435,7 @@ def test_single_files_go_through_the_atomic_helper(tmp_path, monkeypatch, writer
 _KILLED_WRITER = textwrap.dedent(
     """
     import os, signal, sys
-    from robustft.checkpoint import atomic_output_dir
+    from robustft.core.checkpoint import atomic_output_dir
     out, between_renames = sys.argv[1], sys.argv[2] == "1"
     real_replace = os.replace
     def replace(src, dst):

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from robustft.params import Snapshot, restored, select_parameters, swapped_in, train_mode
+from robustft.core.params import Snapshot, restored, select_parameters, swapped_in, train_mode
 
 
 class Net(nn.Module):
@@ -140,7 +140,7 @@ def test_restored_puts_the_values_back_from_the_copy_it_yields():
 
 def test_evaluate_at_alphas_edits_inside_run_reach_neither_later_alphas_nor_the_end_weights():
     """The WiSE-FT sweep context: θ(α) is written per α from the kept end values, whatever ``run`` does."""
-    from robustft.wise_ft import WiseFTWeights, evaluate_at_alphas
+    from robustft.interpolation.wise_ft import WiseFTWeights, evaluate_at_alphas
 
     start, end = Net(), Net()
     with torch.no_grad():
@@ -184,7 +184,7 @@ def test_train_mode_sets_every_module_and_gives_each_its_own_mode_back():
 def test_fisher_gram_and_batchnorm_passes_leave_each_modules_mode():
     """estimate_fisher / estimate_gram (eval), recompute_batchnorm (train): a submodule in eval() stays so."""
     from robustft.callbacks.averaging import recompute_batchnorm
-    from robustft.merge.fisher import estimate_fisher, estimate_gram
+    from robustft.core.statistics import estimate_fisher, estimate_gram
     from tests.tiny import tiny_bert
 
     model = tiny_bert().train()

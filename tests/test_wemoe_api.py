@@ -11,10 +11,18 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from robustft.wemoe import fit_wemoe, fit_wemoe_router, load_wemoe, save_wemoe, upscale_wemoe, wemoe_options
+from robustft.interpolation.wemoe import (
+    fit_wemoe,
+    fit_wemoe_router,
+    load_wemoe,
+    save_wemoe,
+    upscale_wemoe,
+    wemoe_options,
+)
 from tests.tiny import tiny_bert, tiny_gpt2, tiny_llama
 
-#: the MLP weights of each architecture, written here independently of robustft.wemoe.ARCHITECTURES
+#: the MLP weights of each architecture, written here independently of
+#: robustft.interpolation.wemoe.ARCHITECTURES
 MLP = {
     "llama": r"\.mlp\.(gate_proj|up_proj|down_proj)\.",
     "gpt2": r"\.mlp\.(c_fc|c_proj)\.",
@@ -241,7 +249,7 @@ def test_a_wrapped_encoder_is_upscaled_trained_saved_and_loaded_into_a_given_mod
 
 
 def test_gpt2_is_a_causal_lm_so_it_routes_per_token_by_default():
-    from robustft.wise_ft import is_causal_lm
+    from robustft.core.model import is_causal_lm
 
     # GPT2LMHeadModel is not named ...ForCausalLM: it was taken for a classifier (sequence routing, which lets
     # a position see later tokens, and no next-token shift of the entropy mask)
@@ -307,7 +315,7 @@ def test_mlp_block_equals_fusionbench_weight_ensembling_moe(arch):
 def test_router_initialisation_equals_fusionbench_gate(hidden_layers):
     """``WEMoERouter`` is "initialised as FusionBench": from the same torch seed, FusionBench's
     ``construct_weight_ensembling_gate`` (models/we_moe.py) gives the same parameters, bit for bit."""
-    from robustft.wemoe import WEMoERouter
+    from robustft.interpolation.wemoe import WEMoERouter
     from tests.merge.test_fusionbench import _load
 
     fb = _load("fb_we_moe", "models/we_moe.py", needs=(("fusion_bench.models.utils", "models/utils.py"),))

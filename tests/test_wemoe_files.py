@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from robustft.wemoe import WEMoEFormatError, load_wemoe, save_wemoe, upscale_wemoe
+from robustft.interpolation.wemoe import WEMoEFormatError, load_wemoe, save_wemoe, upscale_wemoe
 from tests.tiny import tiny_llama
 
 

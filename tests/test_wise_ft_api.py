@@ -1,11 +1,11 @@
 import pytest
 import torch
 
-from robustft.wise_ft import WiseFTCurve, interpolate_state_dicts
+from robustft.interpolation.wise_ft import WiseFTCurve, interpolate_state_dicts
 
 
 def test_choose_alpha_uses_only_what_it_is_given_and_breaks_ties_on_loss():
-    from robustft.wise_ft import choose_alpha
+    from robustft.interpolation.wise_ft import choose_alpha
 
     alphas = [0.0, 0.5, 0.7, 1.0]
     assert choose_alpha(alphas, [0.6, 0.9, 0.9, 0.8]) == 0.5  # tie, no loss: smallest α

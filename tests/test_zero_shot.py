@@ -2,7 +2,7 @@ import pytest
 import torch
 from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel
 
-from robustft.zero_shot import SentenceClassifier, install_zero_shot_head, mean_pool, zero_shot_weights
+from robustft.demos.zero_shot import SentenceClassifier, install_zero_shot_head, mean_pool, zero_shot_weights
 
 
 def test_mean_pool_ignores_padding():

@@ -19,11 +19,10 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from robustft import distributed
 from robustft.callbacks.base import END_COPY_AVERAGE, END_SAVE_AVERAGE, RobustCallback
 from robustft.checks import as_real, check_bool, check_number, compile_patterns
-from robustft.ops.averaging import ema_decay, ema_update_, mean_of, squared_distance, swa_update_
-from robustft.params import (
+from robustft.core import distributed
+from robustft.core.params import (
     SelectionGuard,
     Snapshot,
     check_snapshot_spec,
@@ -33,6 +32,7 @@ from robustft.params import (
     swapped_in,
     train_mode,
 )
+from robustft.ops.averaging import ema_decay, ema_update_, mean_of, squared_distance, swa_update_
 
 __all__ = [
     "EMACallback",
@@ -133,7 +133,7 @@ class _AveragingCallback(RobustCallback):
         average is only read: an edit of the model inside the block (in place, an optimizer step) never
         reaches it, ``average()`` returns it unchanged inside, and the trained weights come back bit-exactly
         (kept in one more copy of the selected weights meanwhile). The block runs in the caller's grad mode
-        (:func:`robustft.params.swapped_in`).
+        (:func:`robustft.core.params.swapped_in`).
         """
         try:
             with swapped_in(self._require_setup(), self.average()):

@@ -19,9 +19,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from robustft import distributed
 from robustft.callbacks.base import END_COMPOSE, RobustCallback
 from robustft.checks import check_bool, check_number
+from robustft.core import distributed
+from robustft.core.params import is_sharded
 from robustft.lora.io import (
     DENSE_METHODS,
     LoRAAdapter,
@@ -31,7 +32,6 @@ from robustft.lora.io import (
     read_adapter,
     write_adapter,
 )
-from robustft.params import is_sharded
 
 __all__ = ["SELF", "LoRAArithmeticCallback"]
 

@@ -1,6 +1,6 @@
 """Weight perturbations as ``TrainerCallback``s: the shared base and the one-pass family.
 
-* :class:`_WeightPerturbation` - what every perturbation callback shares (exact SAM in
+* :class:`WeightPerturbation` - what every perturbation callback shares (exact SAM in
   ``robustft.callbacks.sam`` included): options, parameter selection, the ρ schedule, the hook on
   ``trainer.training_step``, metrics.
 * :class:`MomentumSAMCallback`, :class:`RandomPerturbationCallback` (RWP / Flat-LoRA),
@@ -24,13 +24,22 @@ from typing import Any
 
 import torch
 
-from robustft import distributed
 from robustft.callbacks.base import RobustCallback
 from robustft.checks import check_bool, check_integer, check_number, compile_patterns, short_repr
+from robustft.core import distributed
+from robustft.core.params import (
+    SelectionGuard,
+    full_shape,
+    is_sharded,
+    is_zero3_param,
+    local_tensor,
+    select_parameters,
+    zero3_partition,
+)
 from robustft.lora.layers import lora_delta, lora_layers, low_rank_factors
+from robustft.ops.dtypes import compute_dtype
 from robustft.ops.perturb import (
     Fixup,
-    compute_dtype,
     flat_row_sq_norms,
     ggpo_row_scale,
     global_norm,
@@ -44,22 +53,13 @@ from robustft.ops.perturb import (
     scheduled_rho,
     unperturb_,
 )
-from robustft.params import (
-    SelectionGuard,
-    full_shape,
-    is_sharded,
-    is_zero3_param,
-    local_tensor,
-    select_parameters,
-    zero3_partition,
-)
 
-__all__ = ["GGPOCallback", "MomentumSAMCallback", "RandomPerturbationCallback"]
+__all__ = ["GGPOCallback", "MomentumSAMCallback", "RandomPerturbationCallback", "WeightPerturbation"]
 
 _SCHEDULES = ("constant", "linear")
 
 
-class _WeightPerturbation(RobustCallback):
+class WeightPerturbation(RobustCallback):
     """What all variants share: options, parameter selection, ρ schedule, the Trainer hook, metrics."""
 
     log_prefix = "sam"
@@ -178,7 +178,7 @@ class _WeightPerturbation(RobustCallback):
         self._unhook_trainer()
 
 
-class _OnePass(_WeightPerturbation):
+class _OnePass(WeightPerturbation):
     """Perturb at ``on_step_begin``; undo bit-exactly at ``on_pre_optimizer_step`` or if a micro-batch raises.
 
     Nothing parameter-sized is kept: the perturbation is regenerated from small per-tensor data

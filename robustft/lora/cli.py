@@ -93,7 +93,8 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from robustft.checkpoint import check_output_dir
+    from robustft.core.checkpoint import check_output_dir
+    from robustft.core.params import resolve_dtype
     from robustft.lora.io import (
         TRUNCATION_NAME,
         check_compose,
@@ -102,7 +103,6 @@ def run(args: argparse.Namespace) -> int:
         read_adapter,
         write_adapter,
     )
-    from robustft.params import resolve_dtype
 
     op = args.lora_command
     if op == "add":

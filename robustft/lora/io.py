@@ -30,11 +30,11 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from robustft.checkpoint import atomic_output_dir, check_output_dir
 from robustft.checks import check_integer, check_number
+from robustft.core.checkpoint import atomic_output_dir, check_output_dir
 from robustft.lora.algebra import DeltaSet, LoRADelta, combine, combine_dense
 from robustft.lora.layers import mentions_lora, parse_factor_key
-from robustft.ops.registry import METHODS, REQUIRED
+from robustft.merge.registry import METHODS, REQUIRED, MergeInputs, tensor_seed
 
 __all__ = [
     "COMPOSE_METHODS",
@@ -380,7 +380,6 @@ def _dense_merge_fn(method: str, params: Mapping[str, Any], n: int, transposed: 
     layout of the base weight (``transposed``: weight names whose B·A is the weight's transpose, embeddings
     and ``fan_in_fan_out`` layers; row-wise rules such as DELLA's ranks depend on it); random methods seed
     each tensor as ``robustft merge`` does (from ``seed`` and ``<module>.weight``/``.bias``)."""
-    from robustft.merge.engine import tensor_seed
 
     spec = METHODS[method]
     gparams, mparams = check_compose(method, None, params, n)
@@ -390,7 +389,7 @@ def _dense_merge_fn(method: str, params: Mapping[str, Any], n: int, transposed: 
         per_model = [{**p, "weight": w} for p, w in zip(mparams, weights, strict=True)]
         flip = name in transposed
         tensors = [t.T for t in dense] if flip else list(dense)
-        merged = spec.fn(tensors, gparams, per_model, tensor_seed(seed, name), None, None)
+        merged = spec.fn(MergeInputs(tensors, gparams, per_model, tensor_seed(seed, name)))
         return merged.T if flip else merged
 
     return merge
@@ -410,7 +409,7 @@ def compose_adapters(
     ``method="paper"`` uses Zhang et al. 2023's factor-space operators instead; the registry's LoRA
     methods (:data:`DENSE_METHODS`: ``"ties"``, ``"dare_linear"``, ``"dare_ties"``, ``"della"``,
     ``"della_linear"``, ``"tsv_m"``, ...) apply their tensor function to each module's dense ΔW_i, one
-    module at a time (``params``: their parameters in the merge-method registry, ``robustft.ops.registry``,
+    module at a time (``params``: their parameters in the merge-method registry, ``robustft.merge.registry``,
     with its defaults and checks, plus ``seed`` for random ones) and keep the best rank-``rank`` factors of
     the result (default rank: the sum of the inputs' largest ranks); LoRA biases are merged by the same
     function. A module missing from an adapter is zero there. The result's ``truncation_errors`` holds,

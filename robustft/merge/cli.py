@@ -74,7 +74,7 @@ def parse_kmb(value: str) -> int:
 
 def run_merge(args: argparse.Namespace) -> int:
     if args.list:
-        from robustft.ops.registry import describe_methods
+        from robustft.merge.registry import describe_methods
 
         print(describe_methods())
         return 0

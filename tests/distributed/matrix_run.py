@@ -35,7 +35,7 @@ from robustft import (  # noqa: E402
     SWACallback,
     WiseFTCallback,
 )
-from robustft.params import local_tensor, select_parameters  # noqa: E402
+from robustft.core.params import local_tensor, select_parameters  # noqa: E402
 from tests.distributed.harness import allow_fsdp_on_cpu, finish, fsdp_args, full, full_like  # noqa: E402
 from tests.tiny import lm_dataset, tiny_llama, training_args  # noqa: E402
 

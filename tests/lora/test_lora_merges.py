@@ -386,7 +386,8 @@ OTHER_METHODS = sorted(
 def test_every_other_registry_method_on_lora_deltas(variant_zoo, zoo_refs, tmp_path, method):
     """The rest of the registry's LoRA methods at their defaults: the tensor function of the registry on
     PEFT's ΔW_i (the plumbing: scales, zeros, layout, truncation and its error)."""
-    from robustft.ops.registry import METHODS as REGISTRY
+    from robustft.merge.registry import METHODS as REGISTRY
+    from robustft.merge.registry import MergeInputs
 
     base, paths = variant_zoo
     spec = REGISTRY[method]
@@ -399,7 +400,7 @@ def test_every_other_registry_method_on_lora_deltas(variant_zoo, zoo_refs, tmp_p
     assert set(got) == set(composed.truncation_errors) and len(got) == 10
     for module, delta in got.items():
         like = next(refs[n][module] for n in "abc" if module in refs[n])
-        dense = spec.fn(_stacked(refs, module, like), gparams, mparams, 0, None, None).double()
+        dense = spec.fn(MergeInputs(_stacked(refs, module, like), gparams, mparams)).double()
         U, S, Vh = torch.linalg.svd(dense, full_matrices=False)
         best = (U[:, :RANK] * S[:RANK]) @ Vh[:RANK]
         torch.testing.assert_close(delta, best, atol=2e-5, rtol=1e-4, msg=lambda m, mod=module: f"{mod}: {m}")

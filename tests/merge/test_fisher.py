@@ -9,8 +9,8 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import LlamaForCausalLM
 
+from robustft.core.statistics import estimate_fisher, save_fisher
 from robustft.merge import merge_checkpoints, parse_recipe
-from robustft.merge.fisher import estimate_fisher, save_fisher
 from robustft.ops import merge as M
 from tests.merge.tiny_models import build_family, load_all
 

@@ -524,7 +524,7 @@ def lora_trainer(task: LLMTask, cfg: LLMDemoConfig, output_dir: str | os.PathLik
     from transformers import AutoModelForCausalLM
     from trl import SFTTrainer
 
-    from robustft.demo import quiet_sweep_logs
+    from robustft.demos.console import quiet_sweep_logs
 
     torch.manual_seed(cfg.seed)
     if model is None:

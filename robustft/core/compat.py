@@ -50,7 +50,8 @@ CHECKED_AGAINST = {
 
 def _missing(owner: str, name: str, library: str, what: str) -> RuntimeError:
     return RuntimeError(
-        f"robustft.compat: {owner} has no {name!r} (checked against {library} {CHECKED_AGAINST[library]}); "
+        f"robustft.core.compat: {owner} has no {name!r} "
+        f"(checked against {library} {CHECKED_AGAINST[library]}); "
         f"{what} cannot work with this version"
     )
 

@@ -11,10 +11,11 @@ within a ball, found by projected gradient ascent (maths in :mod:`robustft.ops.s
   "In Search of the Successful Interpolation") of θ(α) for each α, a layers × α table
   (:class:`SharpnessReport`, JSON/CSV and a PNG heatmap by :func:`plot_sharpness`).
 
-The model is run by ``torch.func.functional_call`` on θ + δ (``robustft.learned``'s batch call), so
+The model is run by ``torch.func.functional_call`` on θ + δ (``robustft.core.model.call_with_weights``), so
 the perturbation is never written into it; gradients are taken with ``torch.autograd.grad`` (no ``.grad`` is
 touched). The model runs in eval mode (no dropout) and gets its modes back; along the path θ(α) is written by
-:func:`robustft.wise_ft.evaluate_at_alphas`, which puts the fine-tuned values back bit-exactly, also on error.
+:func:`robustft.interpolation.wise_ft.evaluate_at_alphas`, which puts the fine-tuned values back
+bit-exactly, also on error.
 """
 
 from __future__ import annotations
@@ -32,16 +33,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from robustft.checkpoint import atomic_output_file, save_report
+from robustft.core.checkpoint import atomic_output_file, save_report
+from robustft.core.model import call_with_weights
+from robustft.core.params import select_parameters, train_mode
+from robustft.interpolation.wise_ft import DEFAULT_ALPHAS, WiseFTWeights, check_alphas, evaluate_at_alphas
+from robustft.ops.dtypes import compute_dtype
 
 # one home for running a model on given weights and for its default loss (learned.py's, kept private there)
-from robustft.learned import _call as call_with_weights
 from robustft.ops.interpolate import check_method
 from robustft.ops.outputs import model_loss
-from robustft.ops.perturb import compute_dtype
 from robustft.ops.sharpness import ascent_step, check_ball, worst_case_increase
-from robustft.params import select_parameters, train_mode
-from robustft.wise_ft import DEFAULT_ALPHAS, WiseFTWeights, check_alphas, evaluate_at_alphas
 
 __all__ = [
     "SharpnessReport",
@@ -357,7 +358,8 @@ def sharpness_along_path(
     """:func:`layer_sharpness` of θ(α) = (1−α)·θ_start + α·θ_ft for each α, and the loss L(θ(α)).
 
     ``start``: the start model or its state dict (every floating parameter and buffer of ``finetuned`` is
-    interpolated, as :func:`robustft.wise_ft.interpolate_models`); ``finetuned`` is the model that is run:
+    interpolated, as :func:`robustft.interpolation.wise_ft.interpolate_models`); ``finetuned`` is the model
+    that is run:
     θ(α) is written into its tensors one α at a time and its own values come back bit-exactly afterwards, also
     if the model raises. Cost per α: layers × (steps forward/backward + 1 forward) over ``data``.
     """

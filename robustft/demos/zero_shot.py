@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from robustft.params import train_mode
+from robustft.core.params import train_mode
 
 __all__ = [
     "SentenceClassifier",

@@ -15,8 +15,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from robustft.compat import release_zero3_gathered, relink_zero_optimizer_states
-from robustft.params import is_zero3_param, zero3_partition
+from robustft.core.compat import release_zero3_gathered, relink_zero_optimizer_states
+from robustft.core.params import is_zero3_param, zero3_partition
 
 __all__ = [
     "all_reduce_mean",

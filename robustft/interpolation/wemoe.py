@@ -8,7 +8,8 @@ linearity), with r(x) from one router per block on the block's input hidden stat
 1 or 2 linear layers with ReLU, the last one's bias at ``init_lambda``). Every other parameter is merged once
 by task arithmetic, θ_start + ``scaling_factor``·Σ_k τ_k. The routers are the only trainable parameters;
 :func:`fit_wemoe_router` trains them on unlabelled batches by mean prediction entropy (the training loop of
-:mod:`robustft.learned`, the entropy of :mod:`robustft.ops.dawin`). The model stays the user's model (same
+:mod:`robustft.interpolation.learned`, the entropy of :mod:`robustft.ops.dawin`). The model stays the user's
+model (same
 class, ``generate``, Trainer); :func:`save_wemoe` / :func:`load_wemoe` write and read it.
 """
 
@@ -25,13 +26,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from robustft.checkpoint import atomic_output_dir
-from robustft.checks import check_number, short_repr
-from robustft.learned import _call, _minimise
+from robustft.checks import check_choice, check_number, short_repr
+from robustft.core.checkpoint import atomic_output_dir
+from robustft.core.model import call_with_weights, is_causal_lm, minimise
 from robustft.ops.learned import check_task_vectors
 from robustft.ops.merge import task_arithmetic
 from robustft.ops.wemoe import ROUTINGS, ensembled_linear, routing_weights
-from robustft.wise_ft import is_causal_lm
 
 __all__ = [
     "ARCHITECTURES",
@@ -333,8 +333,10 @@ def fit_wemoe_router(
     for p in routers:
         p.requires_grad_(True)
     causal = is_causal_lm(model) if causal_lm is None else bool(causal_lm)
-    return _minimise(routers, lambda batch: _call(model, {}, batch), data, "entropy", steps, lr, optimizer,
-                     None, None, causal)
+    def forward(batch):
+        return call_with_weights(model, {}, batch)
+
+    return minimise(routers, forward, data, "entropy", steps, lr, optimizer, None, None, causal)
 
 
 def fit_wemoe(
@@ -379,11 +381,6 @@ class WEMoEFormatError(ValueError):
     file and what is wrong with it."""
 
 
-def _check_choice(name: str, value: Any, allowed: Sequence[Any]) -> None:
-    if isinstance(value, bool) or value not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {short_repr(value)}")
-
-
 def _check_names(name: str, value: Any) -> None:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise ValueError(f"{name} must be a list of module names, got {short_repr(value)}")
@@ -405,8 +402,8 @@ _META_CHECKS: dict[str, Any] = {
     "model_class": _check_class_name,
     "dtype": _check_float_dtype,
     "experts": lambda n, v: check_number(n, v, low=1, integer=True),
-    "routing": lambda n, v: _check_choice(n, v, ROUTINGS),
-    "router_hidden_layers": lambda n, v: _check_choice(n, v, (0, 1, 2)),
+    "routing": lambda n, v: check_choice(n, v, ROUTINGS),
+    "router_hidden_layers": lambda n, v: check_choice(n, v, (0, 1, 2)),
     "init_lambda": check_number,
     "scaling_factor": check_number,
     "blocks": _check_names,

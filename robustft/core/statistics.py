@@ -3,7 +3,9 @@ Fisher information (``fisher`` method) and the Gram matrices of the linear layer
 
 Lives outside ``ops/`` because it runs the model. Both are saved as safetensors whose tensor names are the
 checkpoint's parameter names (``save_fisher``, ``save_gram``), so a recipe can point at them; the merge
-engine reads a Gram file through :class:`GramFile`, one tensor at a time.
+engine reads a Gram file through ``robustft.merge.io.GramFile``, one tensor at a time. Training uses the
+estimates too (``SparseUpdateCallback``'s Fisher scores), so this sits in ``core/``, below merge/ and
+callbacks/.
 """
 
 from __future__ import annotations
@@ -18,13 +20,12 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from robustft import distributed
-from robustft.checkpoint import atomic_output_file
-from robustft.merge.io import CheckpointReader
+from robustft.core import distributed
+from robustft.core.checkpoint import atomic_output_file
+from robustft.core.params import select_parameters, train_mode
 from robustft.ops.outputs import model_loss
-from robustft.params import select_parameters, train_mode
 
-__all__ = ["GramFile", "Grams", "estimate_fisher", "estimate_gram", "save_fisher", "save_gram"]
+__all__ = ["GRAM_KIND", "Grams", "estimate_fisher", "estimate_gram", "save_fisher", "save_gram"]
 
 
 def _batch_size(batch: Mapping[str, torch.Tensor], who: str) -> int:
@@ -241,50 +242,3 @@ def save_gram(grams: Grams, path: str | os.PathLike, overwrite: bool = False) ->
         "input_axis": json.dumps(grams.input_axis, sort_keys=True),
     }
     return _save(grams.matrices, path, overwrite, metadata)
-
-
-class GramFile:
-    """A file written by :func:`save_gram`, read lazily: headers and counts at once, one Gram per ``mean``."""
-
-    def __init__(self, path: str | os.PathLike, who: str = "gram"):
-        self.path = Path(path)
-        self.who = who
-        if not self.path.is_file():
-            raise FileNotFoundError(f"{who}: Gram file {self.path} not found")
-        self.reader = CheckpointReader(self.path)
-        meta = self.reader.metadata
-        if meta.get("kind") != GRAM_KIND:
-            raise ValueError(f"{who}: {self.path} is not a Gram file (written by robustft's save_gram)")
-        try:
-            self.counts = {str(k): int(v) for k, v in json.loads(meta["counts"]).items()}
-            self.input_axis = {str(k): int(v) for k, v in json.loads(meta["input_axis"]).items()}
-        except (KeyError, ValueError, TypeError, AttributeError) as err:
-            raise ValueError(f"{who}: {self.path} has unreadable Gram metadata ({err!r})") from err
-        for name in self.reader.infos:
-            if self.counts.get(name, 0) <= 0 or self.input_axis.get(name) not in (0, 1):
-                raise ValueError(
-                    f"{who}: Gram {name!r} in {self.path} has no rows counted or no input axis; "
-                    "estimate it on data that reaches the layer"
-                )
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.reader.infos
-
-    def check(self, name: str, weight_shape: tuple[int, ...]) -> None:
-        """Raise unless the Gram of ``name`` fits a weight of ``weight_shape`` (2-D, (in, in))."""
-        shape = self.reader.infos[name].shape
-        if len(weight_shape) != 2:
-            raise ValueError(
-                f"{self.who}: {self.path} has a Gram for {name!r}, whose weight has shape "
-                f"{tuple(weight_shape)} (RegMean needs a 2-D weight)"
-            )
-        n_in = weight_shape[self.input_axis[name]]
-        if shape != (n_in, n_in):
-            raise ValueError(
-                f"{self.who}: Gram {name!r} in {self.path} has shape {shape}, expected ({n_in}, {n_in}) for "
-                f"the weight of shape {tuple(weight_shape)} (input axis {self.input_axis[name]})"
-            )
-
-    def mean(self, name: str) -> torch.Tensor:
-        """G / count: the Gram of ``name`` averaged over its rows (FusionBench's normalisation), float32."""
-        return self.reader.get(name).float().div_(self.counts[name])

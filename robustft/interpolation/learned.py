@@ -14,125 +14,26 @@ import json
 import math
 import os
 import re
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
-from robustft.checkpoint import atomic_output_dir, atomic_output_file, atomic_write_text
+from robustft.core.checkpoint import atomic_output_dir, atomic_output_file, atomic_write_text
+from robustft.core.model import OBJECTIVES, OPTIMIZERS, call_with_weights, is_causal_lm, minimise
+from robustft.core.params import live_tensors, select_parameters, swapped_in
 from robustft.lora.io import LoRAAdapter
 from robustft.lora.layers import is_lora_b
-from robustft.ops.dawin import batch_entropy, first_logits, prediction_entropy
 from robustft.ops.learned import assign_blocks, compose_weights, task_vectors
-from robustft.ops.outputs import model_loss
-from robustft.params import live_tensors, select_parameters, swapped_in
-from robustft.wise_ft import is_causal_lm
 
 __all__ = ["OBJECTIVES", "OPTIMIZERS", "LearnedInterpolation", "merge_saved", "read_coefficients"]
 
-OBJECTIVES = ("loss", "entropy")
-OPTIMIZERS = ("adam", "sgd")
 
 #: file names written by :meth:`LearnedInterpolation.save_coefficients`
 COEFFICIENTS_FILE = "coefficients.safetensors"
 META_FILE = "coefficients.json"
-
-
-def _cycle(data: Iterable[Any]) -> Iterator[Any]:
-    """The batches of ``data`` again and again (a DataLoader is re-iterated, so it reshuffles)."""
-    while True:
-        empty = True
-        for batch in data:
-            empty = False
-            yield batch
-        if empty:
-            raise ValueError("data: no batch to learn the coefficients on")
-
-
-def _call(model: nn.Module, weights: Mapping[str, torch.Tensor], batch: Any) -> Any:
-    """The model's output on ``batch``: a mapping as keyword arguments, a tuple/list ``(inputs, *rest)`` as
-    its first element (the rest, e.g. targets, is for the ``loss_fn``), anything else as the one argument."""
-    if isinstance(batch, Mapping):
-        return functional_call(model, dict(weights), args=(), kwargs=dict(batch))
-    inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
-    return functional_call(model, dict(weights), args=(inputs,))
-
-
-def _logits(outputs: Any) -> torch.Tensor:
-    return first_logits(outputs.logits if hasattr(outputs, "logits") else outputs)
-
-
-def _batch_entropy(outputs: Any, batch: Any, causal: bool) -> torch.Tensor:
-    """Mean per-input entropy as DaWin's (positions with a label, else the attention mask)."""
-    logits = _logits(outputs)
-    labels = batch.get("labels") if isinstance(batch, Mapping) else None
-    if labels is not None:
-        return batch_entropy(logits, labels, causal).mean()
-    mask = batch.get("attention_mask") if isinstance(batch, Mapping) and logits.dim() == 3 else None
-    return prediction_entropy(logits, mask).mean()
-
-
-def _minimise(
-    params: Sequence[torch.Tensor],
-    forward: Callable[[Any], Any],
-    data: Iterable[Any],
-    objective: str,
-    steps: int,
-    lr: float,
-    optimizer: str,
-    loss_fn: Callable[[Any, Any], torch.Tensor] | None,
-    clamp: tuple[float, float] | None,
-    causal: bool,
-) -> list[float]:
-    """``steps`` optimizer steps on ``params`` (leaf tensors, updated in place) of the objective of
-    ``forward(batch)`` on the cycled batches of ``data``; the objective's value at each step.
-
-    The one training loop of learned coefficients (:class:`LearnedInterpolation`) and of WEMoE's routers
-    (:func:`robustft.wemoe.fit_wemoe_router`): ``objective="loss"`` scores ``loss_fn(outputs, batch)``
-    (default the model's ``outputs.loss``), ``"entropy"`` the batch's mean prediction entropy (DaWin's, per
-    sequence for a causal LM when ``causal``). Options are checked before the first step.
-    """
-    if objective not in OBJECTIVES:
-        raise ValueError(f"objective: {objective!r} is not one of {', '.join(OBJECTIVES)}")
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(f"optimizer: {optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps: expected a positive integer, got {steps!r}")
-    try:
-        lr_value = float(lr)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"lr: {lr!r} is not a number") from err
-    if not math.isfinite(lr_value) or lr_value <= 0:
-        raise ValueError(f"lr: expected a finite positive number, got {lr!r}")
-    if clamp is not None and not (len(clamp) == 2 and float(clamp[0]) <= float(clamp[1])):
-        raise ValueError(f"clamp: expected (low, high) with low <= high, got {clamp!r}")
-    if objective == "loss":
-        score = loss_fn or model_loss
-    else:
-        def score(outputs, batch):
-            return _batch_entropy(outputs, batch, causal)
-
-    params = list(params)
-    opt = (torch.optim.Adam if optimizer == "adam" else torch.optim.SGD)(params, lr=lr_value)
-    history = []
-    batches = _cycle(data)
-    for step in range(steps):
-        batch = next(batches)
-        value = score(forward(batch), batch)
-        if not torch.isfinite(value):
-            raise FloatingPointError(f"fit: the {objective} is not finite at step {step} ({float(value)})")
-        opt.zero_grad(set_to_none=True)
-        value.backward()
-        opt.step()
-        if clamp is not None:
-            with torch.no_grad():
-                for p in params:
-                    p.clamp_(float(clamp[0]), float(clamp[1]))
-        history.append(float(value.detach()))
-    return history
 
 
 def read_coefficients(path: str | os.PathLike) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -299,9 +200,9 @@ class LearnedInterpolation:
         coef = self.coefficients.clone().requires_grad_(True)
 
         def forward(batch):
-            return _call(self.model, self._full(self.weights(coef)), batch)
+            return call_with_weights(self.model, self._full(self.weights(coef)), batch)
 
-        history = _minimise([coef], forward, data, objective, steps, lr, optimizer, loss_fn, clamp, causal)
+        history = minimise([coef], forward, data, objective, steps, lr, optimizer, loss_fn, clamp, causal)
         self.coefficients = coef.detach()
         self.history = history
         self.fit_options = {"objective": objective, "steps": steps, "lr": float(lr), "optimizer": optimizer,
@@ -350,7 +251,8 @@ class LearnedInterpolation:
     def save_merged(self, output_dir: str | os.PathLike, overwrite: bool = False, **save_kwargs: Any) -> Path:
         """``model.save_pretrained`` with θ written in, atomically (``atomic_output_dir``); start put back.
 
-        θ is swapped into the model's tensors for the save only (:func:`robustft.params.swapped_in`: one more
+        θ is swapped into the model's tensors for the save only (:func:`robustft.core.params.swapped_in`:
+        one more
         copy of the selected tensors meanwhile) and the start values are restored bit-exactly, also on error.
         """
         if not hasattr(self.model, "save_pretrained"):

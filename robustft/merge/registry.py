@@ -10,14 +10,16 @@ tensor function, and whether it works on task vectors (``delta``: the function m
     MethodSpec("my_rule", _my_rule, needs_base=True, delta=True, lora=True,
                global_params={"lambda": LAMBDA}, model_params={"weight": WEIGHT, "p": Param(0.5, fraction)})
 
-with ``_my_rule(tensors, gparams, mparams, seed, base, fishers) -> Tensor`` (``tensors`` are deltas when
-``delta`` is true; ``fishers``: the models' per-tensor statistics read by the engine, diagonal Fishers for
-``fisher``, mean input Gram matrices for ``regmean``, else None). Every check raises a ValueError that
+with ``_my_rule(x: MergeInputs) -> Tensor`` (``x.tensors`` are deltas when ``delta`` is true; ``x.gparams``,
+``x.mparams``, ``x.weights``, ``x.seed``, ``x.base``; ``x.fishers`` / ``x.grams``: the models' per-tensor
+statistics read by the engine for a method declaring ``statistics="fisher"`` / ``"gram"``). Every check
+raises a ValueError that
 names the option it is about; NaN and ±inf are refused everywhere.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -48,6 +50,7 @@ __all__ = [
     "REQUIRED",
     "WEIGHT",
     "IgnoredParameterWarning",
+    "MergeInputs",
     "MethodSpec",
     "Param",
     "check_inputs",
@@ -55,6 +58,7 @@ __all__ = [
     "describe_methods",
     "method_spec",
     "resolve_params",
+    "tensor_seed",
 ]
 
 
@@ -81,11 +85,35 @@ INT8_MASK = Param(False, check_bool)
 T = Param(0.5, check_number)
 EXTRAPOLATE = Param(False, check_bool)
 
-# tensor function: (tensors, method-wide params, per-model params, seed, base, per-model statistics) -> merged
-MergeFn = Callable[
-    [list[torch.Tensor], dict, list[dict], int, torch.Tensor | None, Iterable[torch.Tensor] | None],
-    torch.Tensor,
-]
+@dataclass(frozen=True)
+class MergeInputs:
+    """What a method's tensor function gets for one tensor name, by name instead of by position."""
+
+    #: the models' tensors (task vectors θ_i − θ_base when the method is ``delta``); fresh reads, may be
+    #: modified
+    tensors: list[torch.Tensor]
+    #: method-wide parameters, checked and with defaults filled in
+    gparams: dict[str, Any]
+    #: per-model parameters, one dict per tensor of ``tensors``
+    mparams: list[dict[str, Any]]
+    #: the run's seed (random methods draw per tensor from ``tensor_seed(seed, name)``)
+    seed: int = 0
+    #: the base model's tensor where the method reads it (None for delta methods: they get task vectors)
+    base: torch.Tensor | None = None
+    #: the models' diagonal Fishers of this tensor (``statistics="fisher"``)
+    fishers: Iterable[torch.Tensor] | None = None
+    #: the models' mean input Gram matrices of this tensor, read one at a time (``statistics="gram"``); None
+    #: for a tensor without Grams (bias, norm, embedding)
+    grams: Iterable[torch.Tensor] | None = None
+
+    @property
+    def weights(self) -> list[float] | None:
+        """The models' ``weight`` parameters, or None for a method without one."""
+        return _weights(self.mparams)
+
+
+#: a method's tensor function: one tensor's inputs -> merged weights (a delta for ``delta`` methods)
+MergeFn = Callable[[MergeInputs], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -115,6 +143,9 @@ class MethodSpec:
     base_input: bool = False
     #: parameter names refused with the reason (a robustft spelling whose meaning mergekit gives another name)
     refused: dict[str, str] = field(default_factory=dict)
+    #: per-model statistics the engine reads for each tensor: "fisher" (diagonal Fishers), "gram" (mean input
+    #: Gram matrices) or None; they reach ``fn`` as ``MergeInputs.fishers`` / ``MergeInputs.grams``
+    statistics: str | None = None
 
     def apply(
         self,
@@ -123,18 +154,21 @@ class MethodSpec:
         gparams: Mapping[str, Any],
         mparams: Sequence[Mapping[str, Any]],
         seed: int = 0,
-        fishers: Iterable[torch.Tensor] | None = None,
+        statistics: Iterable[torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """Merged weights of one tensor; delta methods subtract the base and add λ·τ back (in place)."""
+        """Merged weights of one tensor; delta methods subtract the base and add λ·τ back (in place).
+        ``statistics``: the models' statistics of this tensor named by :attr:`statistics` (else ignored)."""
         if self.fn is None:  # "base": keep the base model's tensor
             return base
         if self.base_input and base is not None:  # one more input, last (mergekit appends it)
             tensors = [*tensors, base]
         if not self.delta or (base is None and not self.needs_base):  # optional base: merge the weights
-            return self.fn(tensors, dict(gparams), list(mparams), seed, base, fishers)
+            stats = {"fishers": statistics} if self.statistics == "fisher" else (
+                {"grams": statistics} if self.statistics == "gram" else {})
+            return self.fn(MergeInputs(tensors, dict(gparams), list(mparams), seed, base, **stats))
         for t in tensors:  # task vectors in place: the tensors are fresh reads and the list is ours
             t.sub_(base)
-        delta = self.fn(tensors, dict(gparams), list(mparams), seed, None, None)
+        delta = self.fn(MergeInputs(tensors, dict(gparams), list(mparams), seed))
         return base.add_(delta, alpha=gparams.get("lambda", 1.0))
 
 
@@ -143,15 +177,15 @@ def _weights(mparams: Sequence[Mapping[str, Any]]) -> list[float] | None:
 
 
 # -- tensor functions -------------------------------------------------------------------------------------
-def _linear(tensors, g, m, seed, base, fishers):
-    weights = _weights(m)
-    out = ops.task_arithmetic(tensors, weights)
-    return out.div_(sum(weights)) if g["normalize"] else out
+def _linear(x: MergeInputs) -> torch.Tensor:
+    weights = x.weights
+    out = ops.task_arithmetic(x.tensors, weights)
+    return out.div_(sum(weights)) if x.gparams["normalize"] else out
 
 
 def _interpolation(kind: str) -> MergeFn:
     fn = interp.FUNCTIONS[kind]
-    return lambda tensors, g, m, seed, base, fishers: fn(base, tensors[0], g["t"])
+    return lambda x: fn(x.base, x.tensors[0], x.gparams["t"])
 
 
 def _check_interpolation(where: str, g: dict, m: list[dict]) -> None:
@@ -163,15 +197,16 @@ def _check_linear(where: str, g: dict, m: list[dict]) -> None:
         raise ValueError(f"{where}: linear with normalize: true needs weights with a non-zero sum")
 
 
-def _task_arithmetic(deltas, g, m, seed, base, fishers):
-    return ops.combine(deltas, _weights(m), False, g["normalize"])
+def _task_arithmetic(x: MergeInputs) -> torch.Tensor:
+    return ops.combine(x.tensors, x.weights, False, x.gparams["normalize"])
 
 
-def _ties(deltas, g, m, seed, base, fishers):
+def _ties(x: MergeInputs) -> torch.Tensor:
     # streamed: the merged delta overwrites the first task vector chunk by chunk, no tensor-sized temporary
-    out = deltas[0] if deltas[0].is_contiguous() else None
-    density = [p["density"] for p in m]
-    return ops.ties(deltas, density, _weights(m), out=out, normalize=g["normalize"], rescale=g["rescale"])
+    out = x.tensors[0] if x.tensors[0].is_contiguous() else None
+    density = [p["density"] for p in x.mparams]
+    g = x.gparams
+    return ops.ties(x.tensors, density, x.weights, out=out, normalize=g["normalize"], rescale=g["rescale"])
 
 
 def _dare_density(p: Mapping[str, Any]) -> float:
@@ -187,70 +222,72 @@ def _check_dare(where: str, g: dict, m: list[dict]) -> None:
 
 
 def _dare(kind: str) -> MergeFn:
-    def fn(deltas, g, m, seed, base, fishers):
-        density = [_dare_density(p) for p in m]
-        return ops.dare_merge(deltas, density, seed, _weights(m), kind, g["rescale"], g["normalize"])
+    def fn(x: MergeInputs) -> torch.Tensor:
+        density = [_dare_density(p) for p in x.mparams]
+        g = x.gparams
+        return ops.dare_merge(x.tensors, density, x.seed, x.weights, kind, g["rescale"], g["normalize"])
 
     return fn
 
 
 def _breadcrumbs(consensus: bool) -> MergeFn:
-    def fn(deltas, g, m, seed, base, fishers):
-        pruned = [
-            ops.breadcrumbs(d, p["density"], p["gamma"], g["rescale"]) for d, p in zip(deltas, m, strict=True)
-        ]
-        return ops.combine(pruned, _weights(m), consensus, g["normalize"])
+    def fn(x: MergeInputs) -> torch.Tensor:
+        rescale = x.gparams["rescale"]
+        pairs = zip(x.tensors, x.mparams, strict=True)
+        pruned = [ops.breadcrumbs(d, p["density"], p["gamma"], rescale) for d, p in pairs]
+        return ops.combine(pruned, x.weights, consensus, x.gparams["normalize"])
 
     return fn
 
 
-def _magnitude_prune(deltas, g, m, seed, base, fishers):
-    pruned = [ops.magnitude_prune(d, p["density"]) for d, p in zip(deltas, m, strict=True)]
-    return ops.task_arithmetic(pruned, _weights(m))
+def _magnitude_prune(x: MergeInputs) -> torch.Tensor:
+    pruned = [ops.magnitude_prune(d, p["density"]) for d, p in zip(x.tensors, x.mparams, strict=True)]
+    return ops.task_arithmetic(pruned, x.weights)
 
 
-def _consensus(deltas, g, m, seed, base, fishers):
-    return ops.consensus_merge(deltas, g["k"], [p["tall_lambda"] for p in m], _weights(m))
+def _consensus(x: MergeInputs) -> torch.Tensor:
+    return ops.consensus_merge(x.tensors, x.gparams["k"], [p["tall_lambda"] for p in x.mparams], x.weights)
 
 
-def _model_stock(tensors, g, m, seed, base, fishers):
-    return ops.model_stock(base, tensors, g["filter_wise"])
+def _model_stock(x: MergeInputs) -> torch.Tensor:
+    return ops.model_stock(x.base, x.tensors, x.gparams["filter_wise"])
 
 
-def _fisher(tensors, g, m, seed, base, fishers):
-    return ops.fisher_merge(tensors, fishers, eps=g["eps"], weights=_weights(m))
+def _fisher(x: MergeInputs) -> torch.Tensor:
+    return ops.fisher_merge(x.tensors, x.fishers, eps=x.gparams["eps"], weights=x.weights)
 
 
-def _regmean(tensors, g, m, seed, base, grams):
-    weights = _weights(m)
-    if grams is None:  # no Gram for this tensor (bias, norm, embedding): the weighted mean, as FusionBench
-        return ops.task_arithmetic(tensors, weights).div_(sum(weights))
-    return ops.regmean(tensors, grams, g["reduce_non_diagonal_ratio"], weights)
+def _regmean(x: MergeInputs) -> torch.Tensor:
+    weights = x.weights
+    if x.grams is None:  # no Gram for this tensor (bias, norm, embedding): the weighted mean, as FusionBench
+        return ops.task_arithmetic(x.tensors, weights).div_(sum(weights))
+    return ops.regmean(x.tensors, x.grams, x.gparams["reduce_non_diagonal_ratio"], weights)
 
 
 # -- spherical merges of task vectors (robustft.ops.interpolate); base optional: without it, of the weights
-def _warp(deltas, g, m, seed, base, fishers):
-    return interp.slerp_iterated(deltas, _weights(m))
+def _warp(x: MergeInputs) -> torch.Tensor:
+    return interp.slerp_iterated(x.tensors, x.weights)
 
 
 #: mergekit's nuslerp is linear only where 1 − cos²Ω <= (1e-8)², i.e. for (numerically) colinear vectors
 NUSLERP_THRESHOLD = math.sqrt(1.0 - 1e-16)
 
 
-def _nuslerp(deltas, g, m, seed, base, fishers):
+def _nuslerp(x: MergeInputs) -> torch.Tensor:
     # mergekit: flattened (one angle per tensor) by default; else one angle per vector along the last
     # axis, or along axis 0 with nuslerp_row_wise (mergekit's naming)
-    dim = None if g["nuslerp_flatten"] or deltas[0].dim() == 0 else (0 if g["nuslerp_row_wise"] else -1)
-    return interp.slerp_iterated(deltas, _weights(m), dim=dim, threshold=NUSLERP_THRESHOLD)
+    g = x.gparams
+    dim = None if g["nuslerp_flatten"] or x.tensors[0].dim() == 0 else (0 if g["nuslerp_row_wise"] else -1)
+    return interp.slerp_iterated(x.tensors, x.weights, dim=dim, threshold=NUSLERP_THRESHOLD)
 
 
-def _multislerp(deltas, g, m, seed, base, fishers):
-    return interp.multislerp(deltas, _weights(m), g["normalize_weights"], g["eps"])
+def _multislerp(x: MergeInputs) -> torch.Tensor:
+    return interp.multislerp(x.tensors, x.weights, x.gparams["normalize_weights"], x.gparams["eps"])
 
 
-def _karcher(tensors, g, m, seed, base, fishers):
+def _karcher(x: MergeInputs) -> torch.Tensor:
     # mergekit: equal weights over every input, the base (last) included
-    return interp.karcher_mean(tensors, None, g["max_iter"], g["tol"])
+    return interp.karcher_mean(x.tensors, None, x.gparams["max_iter"], x.gparams["tol"])
 
 
 def _check_weight_sum(where: str, g: dict, m: list[dict]) -> None:
@@ -266,10 +303,11 @@ def _check_positive(name: str, value: Any) -> None:
 
 # -- methods of mergekit 0.1.5 (issue 16): DELLA, Breadcrumbs-TIES, SCE, RAM, NearSwap, Arcee Fusion ---------
 def _della(kind: str) -> MergeFn:
-    def fn(deltas, g, m, seed, base, fishers):
-        density, epsilon = [p["density"] for p in m], [p["epsilon"] for p in m]
+    def fn(x: MergeInputs) -> torch.Tensor:
+        density, epsilon = [p["density"] for p in x.mparams], [p["epsilon"] for p in x.mparams]
         return ops.della_merge(
-            deltas, density, epsilon, seed, _weights(m), kind, rescale=g["rescale"], normalize=g["normalize"]
+            x.tensors, density, epsilon, x.seed, x.weights, kind, rescale=x.gparams["rescale"],
+            normalize=x.gparams["normalize"]
         )
 
     return fn
@@ -284,21 +322,21 @@ def _check_della(where: str, g: dict, m: list[dict]) -> None:
             )
 
 
-def _sce(deltas, g, m, seed, base, fishers):
-    return ops.sce(deltas, g["select_topk"])
+def _sce(x: MergeInputs) -> torch.Tensor:
+    return ops.sce(x.tensors, x.gparams["select_topk"])
 
 
-def _ram(deltas, g, m, seed, base, fishers):
-    return ops.ram(deltas, g["epsilon"])
+def _ram(x: MergeInputs) -> torch.Tensor:
+    return ops.ram(x.tensors, x.gparams["epsilon"])
 
 
-def _ramplus_tl(deltas, g, m, seed, base, fishers):
-    return ops.ramplus_tl(deltas, g["epsilon"], g["r"], g["alpha"])
+def _ramplus_tl(x: MergeInputs) -> torch.Tensor:
+    return ops.ramplus_tl(x.tensors, x.gparams["epsilon"], x.gparams["r"], x.gparams["alpha"])
 
 
-def _passthrough(tensors, g, m, seed, base, fishers):
-    scale = m[0]["scale"]
-    return tensors[0] if scale is None else tensors[0].mul_(scale)
+def _passthrough(x: MergeInputs) -> torch.Tensor:
+    scale = x.mparams[0]["scale"]
+    return x.tensors[0] if scale is None else x.tensors[0].mul_(scale)
 
 
 def _check_scale(name: str, value: Any) -> None:
@@ -306,28 +344,29 @@ def _check_scale(name: str, value: Any) -> None:
         check_number(name, value)
 
 
-def _nearswap(tensors, g, m, seed, base, fishers):
-    return ops.nearswap(base, tensors[0], g["t"])
+def _nearswap(x: MergeInputs) -> torch.Tensor:
+    return ops.nearswap(x.base, x.tensors[0], x.gparams["t"])
 
 
-def _arcee_fusion(tensors, g, m, seed, base, fishers):
-    return ops.arcee_fusion(base, tensors[0])
+def _arcee_fusion(x: MergeInputs) -> torch.Tensor:
+    return ops.arcee_fusion(x.base, x.tensors[0])
 
 
 # -- SVD merges of FusionBench (issue 16): TSV-M, Iso-C, Iso-CTS; scale named as FusionBench (alpha,
 # scaling_factor), applied here since these methods take no lambda. Iso-C/Iso-CTS give every one of the
 # min(m, n) directions the mean singular value: on a low-rank delta (LoRA) that fills the null space with
 # directions LAPACK picks arbitrarily, and the flat spectrum has no unique rank-r truncation: not ``lora``
-def _tsv_m(deltas, g, m, seed, base, fishers):
-    return ops.tsv_merge(deltas, _weights(m), g["sv_reduction"]).mul_(g["alpha"])
+def _tsv_m(x: MergeInputs) -> torch.Tensor:
+    return ops.tsv_merge(x.tensors, x.weights, x.gparams["sv_reduction"]).mul_(x.gparams["alpha"])
 
 
-def _iso_c(deltas, g, m, seed, base, fishers):
-    return ops.iso_c(deltas, _weights(m)).mul_(g["scaling_factor"])
+def _iso_c(x: MergeInputs) -> torch.Tensor:
+    return ops.iso_c(x.tensors, x.weights).mul_(x.gparams["scaling_factor"])
 
 
-def _iso_cts(deltas, g, m, seed, base, fishers):
-    return ops.iso_cts(deltas, g["common_space_fraction"], _weights(m)).mul_(g["scaling_factor"])
+def _iso_cts(x: MergeInputs) -> torch.Tensor:
+    g = x.gparams
+    return ops.iso_cts(x.tensors, g["common_space_fraction"], x.weights).mul_(g["scaling_factor"])
 
 
 def _check_sv_reduction(name: str, value: Any) -> None:
@@ -592,9 +631,10 @@ METHODS: dict[str, MethodSpec] = {
             needs_base=False,
             global_params={"eps": Param(1e-8, check_non_negative)},
             model_params={"weight": WEIGHT, "fisher": Param(REQUIRED, check_path)},
+            statistics="fisher",
         ),
         # RegMean: the engine passes each model's mean input Gram of the tensor (a file from save_gram) as
-        # the statistics argument, lazily, and None for tensors without one
+        # the statistics, lazily (MergeInputs.grams), and None for tensors without one
         MethodSpec(
             "regmean",
             _regmean,
@@ -602,6 +642,7 @@ METHODS: dict[str, MethodSpec] = {
             global_params={"reduce_non_diagonal_ratio": Param(1.0, check_fraction)},
             model_params={"weight": Param(1.0, check_non_negative), "gram": Param(REQUIRED, check_path)},
             check=_check_weight_sum,
+            statistics="gram",
         ),
         # -- SVD merges of FusionBench (issue 16) --
         MethodSpec(
@@ -652,6 +693,12 @@ PARAMETER_NAMES = frozenset(
 
 class IgnoredParameterWarning(UserWarning):
     """A recipe sets a parameter the method does not read (mergekit ignores it too): it has no effect."""
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    """Seed for tensor ``name``: stable across runs, machines and tensor order (sha256 of seed and name)."""
+    digest = hashlib.sha256(f"{seed}\0{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 def method_spec(where: str, value: Any) -> MethodSpec:
