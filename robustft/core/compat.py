@@ -1,7 +1,7 @@
 """Every use of another library's private state, and every walk of the call stack, in one place.
 
 Checked against: transformers 5.24.0, accelerate 1.15.0, deepspeed 0.19.8, torch 2.13.0, trl 1.16.0.
-``tests/test_compat.py`` has one test per function below that fails, naming the private attribute,
+``tests/core/test_compat.py`` has one test per function below that fails, naming the private attribute,
 when an installed release no longer has it. Update both together.
 
 Only the standard library and torch are imported at module level (this module sits at the

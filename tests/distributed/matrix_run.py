@@ -1,4 +1,5 @@
-"""Launched by tests/test_distributed.py: every callback trained in one mode, results dumped for comparison.
+"""Launched by tests/distributed/test_matrix.py: every callback trained in one mode, results dumped for
+comparison.
 
 argv: MODE OUT [CASE ...]. MODE is ``single`` (1 rank), ``ddp`` or ``fsdp`` (2 CPU ranks, gloo; FSDP2 through
 the test-only patch in harness.py). The global batch is the whole 8-sample dataset in every mode (8 per

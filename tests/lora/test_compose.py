@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from robustft.lora import compose_adapters, read_adapter, write_adapter
-from robustft.lora.io import DENSE_METHODS
+from robustft.lora.compose import DENSE_METHODS
 from robustft.merge.engine import tensor_seed
 from robustft.ops import merge as ops
 from tests.lora.conftest import make_adapter, peft_deltas, save_base

@@ -287,7 +287,7 @@ def test_bad_input_is_refused_with_a_clear_error(tmp_path):
 def test_mlp_block_equals_fusionbench_weight_ensembling_moe(arch):
     """FusionBench's ``WeightEnsemblingMoE`` (models/we_moe.py) merges a state dict per sample and calls the
     block through functional_call; with the same router weights its output is ours (per-sequence routing)."""
-    from tests.merge.test_fusionbench import _load
+    from tests.merge.fusionbench import load_module as _load
 
     fb = _load("fb_we_moe", "models/we_moe.py", needs=(("fusion_bench.models.utils", "models/utils.py"),))
     start = MAKERS[arch](0).double().eval()
@@ -316,7 +316,7 @@ def test_router_initialisation_equals_fusionbench_gate(hidden_layers):
     """``WEMoERouter`` is "initialised as FusionBench": from the same torch seed, FusionBench's
     ``construct_weight_ensembling_gate`` (models/we_moe.py) gives the same parameters, bit for bit."""
     from robustft.interpolation.wemoe import WEMoERouter
-    from tests.merge.test_fusionbench import _load
+    from tests.merge.fusionbench import load_module as _load
 
     fb = _load("fb_we_moe", "models/we_moe.py", needs=(("fusion_bench.models.utils", "models/utils.py"),))
     torch.manual_seed(11)

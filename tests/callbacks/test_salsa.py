@@ -11,11 +11,7 @@ import torch
 
 trl = pytest.importorskip("trl")
 
-from tests.callbacks.test_ema_reference import (  # noqa: E402,F401  (tiny_path is a fixture)
-    completion_logps,
-    preference_data,
-    tiny_path,
-)
+from tests.callbacks.trl_helpers import completion_logps, preference_data  # noqa: E402
 
 
 def sft_stand_in(base: str, out, seed: int) -> dict[str, torch.Tensor]:
