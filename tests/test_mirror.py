@@ -65,11 +65,13 @@ def test_launch_scripts_live_in_tests_distributed():
 
 
 def test_the_adding_a_method_sections_name_real_files():
-    """docs/architecture.md's "Adding a merge method" / "Adding a callback" steps point at files that exist."""
+    """docs/architecture.md's "Adding a merge method" / "Adding a callback" steps name files that exist."""
     import re
 
     text = (ROOT / "docs" / "architecture.md").read_text()
     steps = text[text.index("## Adding a merge method"):text.index("## Tests: fast subset and CI")]
     paths = set(re.findall(r"`((?:robustft|tests)/[\w/]+\.py)", steps))
-    assert {"robustft/merge/registry.py", "robustft/callbacks/__init__.py", "tests/callbacks/test_options.py"} <= paths
+    wanted = {"robustft/merge/registry.py", "robustft/callbacks/__init__.py",
+              "tests/callbacks/test_options.py"}
+    assert wanted <= paths
     assert [p for p in paths if not (ROOT / p).is_file()] == []

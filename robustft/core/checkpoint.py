@@ -356,3 +356,8 @@ def atomic_output_dir(
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+#: safetensors metadata ``kind`` of a Gram file (written by ``core.statistics.save_gram``, read by
+#: ``merge.io.GramFile``): its JSON maps weight name -> row count / input axis sit beside it
+GRAM_KIND = "robustft-gram"

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from robustft.core import distributed
-from robustft.core.checkpoint import atomic_output_file
+from robustft.core.checkpoint import GRAM_KIND, atomic_output_file
 from robustft.core.params import select_parameters, train_mode
 from robustft.ops.outputs import model_loss
 
@@ -135,8 +135,6 @@ def save_fisher(fisher: Mapping[str, torch.Tensor], path: str | os.PathLike, ove
     return _save(fisher, path, overwrite, {})
 
 
-#: safetensors metadata of a Gram file: its kind, and JSON maps weight name -> row count / input axis
-GRAM_KIND = "robustft-gram"
 
 
 @dataclass

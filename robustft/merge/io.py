@@ -25,6 +25,7 @@ from pathlib import Path, PurePath
 import torch
 
 from robustft.checks import short_repr
+from robustft.core.checkpoint import GRAM_KIND
 
 __all__ = [
     "GramFile",
@@ -656,8 +657,6 @@ class GramFile:
     """A file written by :func:`save_gram`, read lazily: headers and counts at once, one Gram per ``mean``."""
 
     def __init__(self, path: str | os.PathLike, who: str = "gram"):
-        from robustft.core.statistics import GRAM_KIND
-
         self.path = Path(path)
         self.who = who
         if not self.path.is_file():
