@@ -34,8 +34,8 @@ def claim_rows(text: str) -> list[tuple[str, str, str]]:
 
 
 def normalised(text: str) -> str:
-    """``text`` with each line's leading ``#``/``>``/``*`` markup dropped and all whitespace collapsed to one space,
-    so that a quote matches a sentence however it wraps."""
+    """``text`` without each line's leading ``#``/``>``/``*`` markup, whitespace collapsed: a quote
+    then matches its sentence however the sentence wraps."""
     return " ".join(" ".join(LEAD.sub("", line) for line in text.splitlines()).split())
 
 
@@ -46,7 +46,8 @@ def normalised_file(path: str) -> str:
 
 
 def quote_problem(claim: str) -> str | None:
-    """Why the claim cell does not locate its sentence (no `path` "quote", no such file, quote not in it), or None."""
+    """Why the claim cell does not locate its sentence (no `path` "quote", no such file, quote not in it),
+    or None."""
     source = SOURCE.match(claim)
     if source is None:
         return f'no `path` "quote" in {claim!r}'
