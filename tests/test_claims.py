@@ -12,9 +12,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 CLAIMS = ROOT / "docs" / "claims.md"
 NODE = re.compile(r"(tests/[\w/]+\.py)::(\w+)")
-#: tests other branches of issue 22 are adding (decoupled L2-SP, item 5): allowed to be missing until merged,
-#: and must be taken out of this set once they exist (test_pending_tests_are_still_missing fails then)
-PENDING: frozenset[str] = frozenset()
 #: a claim cell: `path` "a verbatim quote of the claim's sentence" (\| for a | inside the quote)
 SOURCE = re.compile(r'^`([\w/.-]+\.(?:md|py))` "(.+)"$')
 #: markup dropped at the start of a line before comparing: comment marks, quote marks, list stars
@@ -81,8 +78,6 @@ def test_every_listed_test_exists():
     missing = []
     for _, _, test in claim_rows(CLAIMS.read_text()):
         for path, name in NODE.findall(test):
-            if f"{path}::{name}" in PENDING:
-                continue
             if not (ROOT / path).is_file() or name not in defined_tests(path):
                 missing.append(f"{path}::{name}")
     assert not missing, f"docs/claims.md names tests that do not exist: {missing}"
@@ -118,9 +113,3 @@ def test_a_missing_test_is_reported(tmp_path):
     ((path, name),) = NODE.findall(test)
     assert name not in defined_tests(path)
     assert "test_every_listed_test_exists" in defined_tests(path)
-
-
-def test_pending_tests_are_still_missing():
-    """A pending test that now exists must leave PENDING, so that it is checked like every other."""
-    arrived = [node for node in PENDING if node.split("::")[1] in defined_tests(node.split("::")[0])]
-    assert not arrived, f"take these out of tests/test_claims.py's PENDING: {arrived}"
