@@ -239,7 +239,8 @@ def test_passthrough_frankenmerge_with_union_matches_mergekit(untied, tmp_path):
     """Embeddings from the first slice's source (A) only, the head from the last slice's (C) only: the rows
     a source lacks are zero in mergekit, not filled from the other slices' models."""
     m = untied
-    recipe = {"merge_method": "passthrough", "base_model": m["A"], "dtype": "float32", "tokenizer_source": "union",
+    recipe = {"merge_method": "passthrough", "base_model": m["A"], "dtype": "float32",
+              "tokenizer_source": "union",
               "slices": [{"sources": [_src(m["A"], 0, 2)]}, {"sources": [_src(m["B"], 1, 2)]},
                          {"sources": [_src(m["C"], 0, 1)]}]}  # fmt: skip
     mk, rf = _run_both(recipe, tmp_path)
@@ -268,9 +269,11 @@ def test_tokenizer_block_over_slices_matches_mergekit(untied, tmp_path):
                         "w3": {"source": m["B"], "force": True},
                         "b1": {"source": {"kind": "model_token", "model": m["A"], "token": "w5"}},
                         "a0": {"source": m["C"]}}}  # fmt: skip
+
     def piece(lo, hi):
         return {"sources": [_src(m["A"], lo, hi), _src(m["B"], lo, hi, weight=0.6),
                             _src(m["C"], lo, hi, weight=0.3)]}  # fmt: skip
+
     recipe = {"merge_method": "task_arithmetic", "base_model": m["A"], "dtype": "float32", "tokenizer": block,
               "slices": [piece(0, 1), piece(1, 2)]}  # fmt: skip
     mk, rf = _run_both(recipe, tmp_path)
@@ -300,9 +303,10 @@ def test_tied_and_untied_models_mixed_with_union_match_mergekit(tmp_path):
 
 def test_tied_and_untied_over_slices_match_mergekit(tmp_path):
     m = _family(tmp_path / "in", {"C"})
+    first = [_src(m["A"], 0, 2, weight=0.5), _src(m["B"], 0, 2, weight=0.5)]
+    last = [_src(m["C"], 0, 2, weight=0.3), _src(m["A"], 0, 2, weight=0.7)]
     recipe = {"merge_method": "linear", "base_model": m["A"], "dtype": "float32", "tokenizer_source": "union",
-              "slices": [{"sources": [_src(m["A"], 0, 2, weight=0.5), _src(m["B"], 0, 2, weight=0.5)]},
-                         {"sources": [_src(m["C"], 0, 2, weight=0.3), _src(m["A"], 0, 2, weight=0.7)]}]}  # fmt: skip
+              "slices": [{"sources": first}, {"sources": last}]}  # fmt: skip
     mk, rf = _run_both(recipe, tmp_path / "out")
     _assert_same(mk, rf, same_order=False)
 
@@ -338,7 +342,8 @@ def test_chat_template_with_a_built_vocabulary_matches_mergekit(chatty, tmp_path
     recipe = _recipe(chatty, tokenizer_source="union", chat_template=template)
     if slices:
         recipe.pop("models")
-        recipe["slices"] = [{"sources": [_src(chatty[k], 0, 2, weight=w) for k, w in zip("ABC", (1, .7, .4))]}]
+        sources = [_src(chatty[k], 0, 2, weight=w) for k, w in zip("ABC", (1.0, 0.7, 0.4), strict=True)]
+        recipe["slices"] = [{"sources": sources}]
     mk, rf = _run_both(recipe, tmp_path)
     files = {p.name for p in mk.iterdir() if "token" in p.name or "chat" in p.name}
     assert files == {p.name for p in rf.iterdir() if "token" in p.name or "chat" in p.name}
