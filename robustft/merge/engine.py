@@ -54,7 +54,15 @@ from robustft.merge.recipe import (
 from robustft.ops.interpolate import kept_tensor, work_dtype
 from robustft.ops.registry import method_spec
 
-__all__ = ["MergeResult", "layer_position", "merge_checkpoints", "merge_tensor", "tensor_seed"]
+__all__ = [
+    "MergeResult",
+    "TiedView",
+    "layer_position",
+    "merge_checkpoints",
+    "merge_tensor",
+    "tensor_seed",
+    "tie_missing_heads",
+]
 
 
 @dataclass

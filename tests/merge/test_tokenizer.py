@@ -295,8 +295,9 @@ def test_tied_and_untied_models_mixed_match_mergekit(tmp_path, tied_models):
     assert "lm_head.weight" in load_all(rf)
 
 
-def test_tied_and_untied_models_mixed_with_union_match_mergekit(tmp_path):
-    m = _family(tmp_path / "in", {"B"})
+@pytest.mark.parametrize("tied_models", [{"B"}, {"A"}])
+def test_tied_and_untied_models_mixed_with_union_match_mergekit(tmp_path, tied_models):
+    m = _family(tmp_path / "in", tied_models)
     mk, rf = _run_both(_recipe(m, tokenizer_source="union"), tmp_path / "out")
     _assert_same(mk, rf, same_order=False)
 
