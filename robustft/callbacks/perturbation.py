@@ -181,7 +181,7 @@ class _WeightPerturbation(RobustCallback):
 
 
 class _OnePass(_WeightPerturbation):
-    """Choose ε at ``on_step_begin``; apply it around each micro-batch in ``training_step``, undone bit-exactly
+    """Choose ε at ``on_step_begin``; apply it around each micro-batch in ``training_step``, undone exactly
     when it returns or raises (DeepSpeed: before the engine's step). Without a known Trainer (events called
     by hand) ε is applied at ``on_step_begin`` and undone at ``on_pre_optimizer_step``.
 
