@@ -13,6 +13,7 @@ import os
 import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,6 +22,7 @@ from torch import nn
 
 from robustft import distributed
 from robustft.callbacks.base import END_COPY_AVERAGE, END_SAVE_AVERAGE, RobustCallback
+from robustft.checkpoint import atomic_output_dir
 from robustft.checks import as_real, check_bool, check_number, compile_patterns
 from robustft.ops.averaging import ema_decay, ema_update_, mean_of, squared_distance, swa_update_
 from robustft.params import (
@@ -259,20 +261,29 @@ class _AveragingCallback(RobustCallback):
         """Last touch on the averaged model before it is saved (SWA recomputes BatchNorm here)."""
 
     def _save_model(self, model: nn.Module, args) -> None:
+        """Write the averaged model to its folder atomically (``checkpoint.atomic_output_dir``: a temporary
+        sibling renamed into place, the umask's modes), replacing a previous save there as a whole."""
         target = os.path.join(args.output_dir, self.prefix) if self.save_dir == "auto" else self.save_dir
+        resolved, output_dir = Path(target).resolve(), Path(args.output_dir).resolve()
+        if resolved == output_dir or resolved in output_dir.parents:  # on every rank, before gathering
+            raise ValueError(
+                f"{type(self).__name__}: save_dir {target} is or contains the Trainer's output_dir "
+                f"{args.output_dir}; the average replaces its folder as a whole: choose a folder of its own "
+                f"(default: <output_dir>/{self.prefix})"
+            )
         # FSDP2 / ZeRO-3: every rank takes part in gathering the full (averaged) weights; the main process
         # writes them (FSDP2 through a full state dict, ZeRO-3 inside GatheredParameters)
         zero3 = distributed.deepspeed_stage(self.params) == 3
         state_dict = distributed.full_state_dict(model) if self.sharded_state() and not zero3 else None
         with distributed.gathered(model.parameters()):
             if distributed.is_main_process():
-                if hasattr(model, "save_pretrained"):
-                    model.save_pretrained(target, state_dict=state_dict)
-                else:  # a plain nn.Module: its state dict as safetensors
-                    os.makedirs(target, exist_ok=True)
-                    state_dict = model.state_dict() if state_dict is None else state_dict
-                    save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()},
-                              os.path.join(target, "model.safetensors"))
+                with atomic_output_dir(target, overwrite=True) as tmp:
+                    if hasattr(model, "save_pretrained"):
+                        model.save_pretrained(tmp, state_dict=state_dict)
+                    else:  # a plain nn.Module: its state dict as safetensors
+                        state_dict = model.state_dict() if state_dict is None else state_dict
+                        save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()},
+                                  str(tmp / "model.safetensors"))
         distributed.barrier()
 
 
