@@ -293,3 +293,12 @@ def test_training_loop_running_and_clip_grad_norm_name(tmp_path):
     assert not compat.training_loop_running(trainer)
     name = compat.clip_grad_norm_name(trainer)
     assert name == "_clip_grad_norm" and callable(getattr(trainer, name))
+
+
+def test_set_scheduler_last_lr_is_what_get_last_lr_returns():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    compat.set_scheduler_last_lr(sched, [0.025])
+    assert sched.get_last_lr() == [0.025]
+    with pytest.raises(RuntimeError, match="_last_lr"):
+        compat.set_scheduler_last_lr(object(), [0.1])
