@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:  # the same names, for type checkers and IDEs
     from robustft.callbacks import (
+        BEMACallback,
         EMACallback,
         EMAReferenceCallback,
         EWCCallback,
@@ -70,6 +71,7 @@ __getattr__, __dir__ = lazy_exports(
     __name__,
     {
         "robustft.callbacks": (
+            "BEMACallback",
             "EMACallback",
             "EMAReferenceCallback",
             "EWCCallback",
@@ -123,6 +125,7 @@ __getattr__, __dir__ = lazy_exports(
 )
 
 __all__ = [
+    "BEMACallback",
     "DeltaSet",
     "EMACallback",
     "EMAReferenceCallback",

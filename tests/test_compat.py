@@ -352,3 +352,12 @@ def test_restart_lr_schedule_refuses_a_scheduler_the_user_passed(tmp_path):
     with pytest.raises(ValueError, match="two_stage: the Trainer was given its own lr scheduler"):
         compat.restart_lr_schedule(trainer, 4)
     assert trainer.lr_scheduler is sched
+
+
+def test_set_scheduler_last_lr_is_what_get_last_lr_returns():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    compat.set_scheduler_last_lr(sched, [0.025])
+    assert sched.get_last_lr() == [0.025]
+    with pytest.raises(RuntimeError, match="_last_lr"):
+        compat.set_scheduler_last_lr(object(), [0.1])

@@ -11,6 +11,7 @@ from robustft._lazy import lazy_exports
 if TYPE_CHECKING:  # the same names, for type checkers and IDEs
     from robustft.callbacks.anchor import EWCCallback, L2SPCallback, SpectralRegCallback
     from robustft.callbacks.averaging import (
+        BEMACallback,
         EMACallback,
         LAWACallback,
         MomentumInterpolationCallback,
@@ -31,6 +32,7 @@ __getattr__, __dir__ = lazy_exports(
     {
         "robustft.callbacks.anchor": ("EWCCallback", "L2SPCallback", "SpectralRegCallback"),
         "robustft.callbacks.averaging": (
+            "BEMACallback",
             "EMACallback",
             "LAWACallback",
             "MomentumInterpolationCallback",
@@ -53,6 +55,7 @@ __getattr__, __dir__ = lazy_exports(
 )
 
 __all__ = [
+    "BEMACallback",
     "EMACallback",
     "EMAReferenceCallback",
     "EWCCallback",
