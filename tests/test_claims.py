@@ -1,5 +1,6 @@
-"""docs/claims.md cannot rot: every file it quotes and every test it names exists (test functions found by
-ast, no import), and every row names a test or says why it has none."""
+"""docs/claims.md cannot rot: every row's quoted words still stand in the file it names (a reworded or removed
+claim fails here and gets reviewed), every test it names exists (found by ast, no import), and every row names
+a test or says why it has none."""
 
 from __future__ import annotations
 
@@ -11,10 +12,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 CLAIMS = ROOT / "docs" / "claims.md"
 NODE = re.compile(r"(tests/[\w/]+\.py)::(\w+)")
-#: tests other branches of issue 22 are adding (decoupled L2-SP, item 5): allowed to be missing until merged,
-#: and must be taken out of this set once they exist (test_pending_tests_are_still_missing fails then)
-PENDING: frozenset[str] = frozenset()
-SOURCE = re.compile(r"`((?:docs|robustft|examples|README)[\w/.]*?\.(?:md|py)):(\d+)`")
+#: a claim cell: `path` "a verbatim quote of the claim's sentence" (\| for a | inside the quote)
+SOURCE = re.compile(r'^`([\w/.-]+\.(?:md|py))` "(.+)"$')
+#: markup dropped at the start of a line before comparing: comment marks, quote marks, list stars
+LEAD = re.compile(r"^\s*(?:#+:?|>+|\*(?=\s))?\s*")
 
 
 def claim_rows(text: str) -> list[tuple[str, str, str]]:
@@ -27,6 +28,34 @@ def claim_rows(text: str) -> list[tuple[str, str, str]]:
         assert len(cells) == 3, f"docs/claims.md: a row needs 3 cells (claim | reference | test): {line!r}"
         rows.append((cells[0], cells[1], cells[2]))
     return rows
+
+
+def normalised(text: str) -> str:
+    """``text`` without each line's leading ``#``/``>``/``*`` markup, whitespace collapsed: a quote
+    then matches its sentence however the sentence wraps."""
+    return " ".join(" ".join(LEAD.sub("", line) for line in text.splitlines()).split())
+
+
+@cache
+def normalised_file(path: str) -> str:
+    """The normalised text of ``path`` (relative to the repository root)."""
+    return normalised((ROOT / path).read_text())
+
+
+def quote_problem(claim: str) -> str | None:
+    """Why the claim cell does not locate its sentence (no `path` "quote", no such file, quote not in it),
+    or None."""
+    source = SOURCE.match(claim)
+    if source is None:
+        return f'no `path` "quote" in {claim!r}'
+    path, quote = source.group(1), normalised(source.group(2).replace("\\|", "|"))
+    if not (ROOT / path).is_file():
+        return f"{path} does not exist"
+    if len(quote.split()) < 4:
+        return f"the quote {quote!r} is too short to locate a sentence in {path} (4 words at least)"
+    if quote not in normalised_file(path):
+        return f"{path} no longer says {quote!r} (claim reworded or removed: review the row)"
+    return None
 
 
 @cache
@@ -49,25 +78,17 @@ def test_every_listed_test_exists():
     missing = []
     for _, _, test in claim_rows(CLAIMS.read_text()):
         for path, name in NODE.findall(test):
-            if f"{path}::{name}" in PENDING:
-                continue
             if not (ROOT / path).is_file() or name not in defined_tests(path):
                 missing.append(f"{path}::{name}")
     assert not missing, f"docs/claims.md names tests that do not exist: {missing}"
 
 
-def test_every_row_quotes_an_existing_file_line_and_has_a_test_or_a_reason():
+def test_every_row_quotes_its_file_verbatim_and_has_a_test_or_a_reason():
     bad = []
     for claim, reference, test in claim_rows(CLAIMS.read_text()):
-        source = SOURCE.search(claim)
-        if source is None:
-            bad.append(f"no `file:line` in {claim!r}")
-            continue
-        path, line = source.group(1), int(source.group(2))
-        if not (ROOT / path).is_file():
-            bad.append(f"{path} does not exist")
-        elif not 1 <= line <= len((ROOT / path).read_text().splitlines()):
-            bad.append(f"{path}:{line} is past the end of the file")
+        problem = quote_problem(claim)
+        if problem:
+            bad.append(problem)
         if not reference:
             bad.append(f"no reference for {claim!r}")
         if not NODE.search(test) and not test.startswith("—"):
@@ -75,16 +96,20 @@ def test_every_row_quotes_an_existing_file_line_and_has_a_test_or_a_reason():
     assert not bad, "docs/claims.md: " + "; ".join(bad)
 
 
+def test_a_reworded_claim_is_reported():
+    """The quote check can fail: a quote that wraps and carries markup matches, a changed word does not."""
+    claim = '`tests/test_claims.py` "quote check can fail: a quote that wraps"'
+    assert quote_problem(claim) is None
+    assert "no longer says" in quote_problem(claim.replace("can fail", "cannot fail"))
+    assert "does not exist" in quote_problem(claim.replace("test_claims.py", "test_nothing.py"))
+    assert "no `path`" in quote_problem("`tests/test_claims.py:12` the old form")
+    assert normalised("  # one\n  #: two  >\n> three\n * four") == "one two > three four"
+
+
 def test_a_missing_test_is_reported(tmp_path):
     """The checks above can fail: a made-up test name is not found by the ast reader."""
-    text = "| `README.md:1` x | y | `tests/test_claims.py::test_that_does_not_exist` |\n"
+    text = '| `README.md` "any four words here" | y | `tests/test_claims.py::test_that_does_not_exist` |\n'
     ((_, _, test),) = claim_rows(text)
     ((path, name),) = NODE.findall(test)
     assert name not in defined_tests(path)
     assert "test_every_listed_test_exists" in defined_tests(path)
-
-
-def test_pending_tests_are_still_missing():
-    """A pending test that now exists must leave PENDING, so that it is checked like every other."""
-    arrived = [node for node in PENDING if node.split("::")[1] in defined_tests(node.split("::")[0])]
-    assert not arrived, f"take these out of tests/test_claims.py's PENDING: {arrived}"

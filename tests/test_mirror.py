@@ -12,7 +12,6 @@ ROOT = Path(__file__).resolve().parents[1]
 NOT_YET = {
     "robustft/core/model.py",  # tested through interpolation/test_learned.py and test_wemoe.py
     "robustft/core/distributed.py",  # tested by the launch tests in tests/distributed/
-    "robustft/callbacks/perturbation.py",  # tested in callbacks/test_sam.py (Flat-LoRA, GGPO, Momentum-SAM)
     "robustft/demos/cli.py",  # tested in demos/test_encoder.py (robustft demo's options)
     "robustft/demos/console.py",
     "robustft/merge/chat_templates.py",  # tested in merge/test_mergekit_grammar.py

@@ -11,6 +11,7 @@ from robustft._lazy import lazy_exports
 if TYPE_CHECKING:  # the same names, for type checkers and IDEs
     from robustft.callbacks.anchor import EWCCallback, L2SPCallback, SpectralRegCallback
     from robustft.callbacks.averaging import (
+        BEMACallback,
         EMACallback,
         LAWACallback,
         MomentumInterpolationCallback,
@@ -32,6 +33,7 @@ if TYPE_CHECKING:  # the same names, for type checkers and IDEs
 EXPORTS: dict[str, tuple[str, ...]] = {
     "robustft.callbacks.anchor": ("EWCCallback", "L2SPCallback", "SpectralRegCallback"),
     "robustft.callbacks.averaging": (
+        "BEMACallback",
         "EMACallback",
         "LAWACallback",
         "MomentumInterpolationCallback",

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,6 +24,8 @@ from torch import nn
 from robustft.callbacks.base import END_COPY_AVERAGE, END_SAVE_AVERAGE, RobustCallback
 from robustft.checks import as_real, check_bool, check_number, compile_patterns
 from robustft.core import distributed
+from robustft.core.checkpoint import atomic_output_dir
+from robustft.core.compat import set_scheduler_last_lr
 from robustft.core.params import (
     SelectionGuard,
     Snapshot,
@@ -32,9 +36,20 @@ from robustft.core.params import (
     swapped_in,
     train_mode,
 )
-from robustft.ops.averaging import ema_decay, ema_update_, mean_of, squared_distance, swa_update_
+from robustft.ops.averaging import (
+    bema_coefficients,
+    bema_update_,
+    ema_decay,
+    ema_update_,
+    half_life_decay,
+    mean_of,
+    squared_distance,
+    swa_update_,
+    swalr_lr,
+)
 
 __all__ = [
+    "BEMACallback",
     "EMACallback",
     "LAWACallback",
     "MomentumInterpolationCallback",
@@ -259,31 +274,61 @@ class _AveragingCallback(RobustCallback):
         """Last touch on the averaged model before it is saved (SWA recomputes BatchNorm here)."""
 
     def _save_model(self, model: nn.Module, args) -> None:
+        """Write the averaged model to its folder atomically (``checkpoint.atomic_output_dir``: a temporary
+        sibling renamed into place, the umask's modes), replacing a previous save there as a whole."""
         target = os.path.join(args.output_dir, self.prefix) if self.save_dir == "auto" else self.save_dir
+        resolved, output_dir = Path(target).resolve(), Path(args.output_dir).resolve()
+        if resolved == output_dir or resolved in output_dir.parents:  # on every rank, before gathering
+            raise ValueError(
+                f"{type(self).__name__}: save_dir {target} is or contains the Trainer's output_dir "
+                f"{args.output_dir}; the average replaces its folder as a whole: choose a folder of its own "
+                f"(default: <output_dir>/{self.prefix})"
+            )
         # FSDP2 / ZeRO-3: every rank takes part in gathering the full (averaged) weights; the main process
         # writes them (FSDP2 through a full state dict, ZeRO-3 inside GatheredParameters)
         zero3 = distributed.deepspeed_stage(self.params) == 3
         state_dict = distributed.full_state_dict(model) if self.sharded_state() and not zero3 else None
         with distributed.gathered(model.parameters()):
             if distributed.is_main_process():
-                if hasattr(model, "save_pretrained"):
-                    model.save_pretrained(target, state_dict=state_dict)
-                else:  # a plain nn.Module: its state dict as safetensors
-                    os.makedirs(target, exist_ok=True)
-                    state_dict = model.state_dict() if state_dict is None else state_dict
-                    save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()},
-                              os.path.join(target, "model.safetensors"))
+                with atomic_output_dir(target, overwrite=True) as tmp:
+                    if hasattr(model, "save_pretrained"):
+                        model.save_pretrained(tmp, state_dict=state_dict)
+                    else:  # a plain nn.Module: its state dict as safetensors
+                        state_dict = model.state_dict() if state_dict is None else state_dict
+                        save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()},
+                                  str(tmp / "model.safetensors"))
         distributed.barrier()
+
+
+_HALF_LIFE = re.compile(r"^\s*(\d+(?:\.\d*)?(?:e\d+)?)\s*(ba|tok)\s*$")
+
+
+def parse_half_life(half_life: str | int | float) -> tuple[float, str]:
+    """A half-life as (amount, unit): a number of optimizer steps, or Composer's "10ba" / "1000tok"."""
+    if isinstance(half_life, str):
+        match = _HALF_LIFE.match(half_life)
+        if match is None:
+            raise ValueError(f"half_life must be a number of steps or a string like '10ba' (optimizer steps) "
+                             f"or '1000tok' (input tokens), got {half_life!r}")
+        amount, unit = float(match.group(1)), match.group(2)
+        check_number("half_life", amount, low=0.0, low_open=True)
+        return amount, unit
+    return float(check_number("half_life", half_life, low=0.0, low_open=True)), "ba"
 
 
 class EMACallback(_AveragingCallback):
     """Exponential moving average of the weights: θ_ema ← β·θ_ema + (1−β)·θ after each update step.
 
     The first update copies the live weights (as ``torch.optim.swa_utils.AveragedModel``); with
-    ``warmup=True`` the decay at the k-th update is min(β, 1 − (1 + k/γ)^−p) as in timm.
+    ``warmup=True`` the decay at the k-th update is min(β, 1 − (1 + k/γ)^−p) as in timm. With
+    ``half_life`` instead of ``decay`` the decay of an update is 0.5^(Δ/h), Δ the optimizer steps ("10ba")
+    or input tokens ("1000tok", the Trainer's ``num_input_tokens_seen``) since the previous update, as
+    Composer's EMA ``half_life``: a term's weight halves every h steps or tokens.
 
     Args:
-        decay: β in (0, 1).
+        decay: β in (0, 1) (default 0.999 when ``half_life`` is not given).
+        half_life: a number of optimizer steps, or "Nba" (steps) / "Ntok" (tokens; needs
+            ``TrainingArguments(include_num_input_tokens_seen=True)``); excludes ``decay`` and ``warmup``.
         warmup, warmup_gamma, warmup_power: decay warmup (timm's ModelEmaV3 formula).
         update_every: update every N optimizer steps; start_step: first step that updates.
         include, exclude: regex name patterns (default: all trainable parameters); buffers: average
@@ -300,14 +345,19 @@ class EMACallback(_AveragingCallback):
 
     def __init__(
         self,
-        decay: float = 0.999,
+        decay: float | None = None,
         *,
+        half_life: str | int | float | None = None,
         warmup: bool = False,
         warmup_gamma: float = 1.0,
         warmup_power: float = 2 / 3,
         eval_with_ema: bool = True,
         **kwargs: Any,
     ):
+        if half_life is not None and (decay is not None or warmup):
+            raise ValueError("EMACallback: give either decay (with warmup) or half_life, not both")
+        self.half_life = parse_half_life(half_life) if half_life is not None else None
+        decay = 0.999 if decay is None else decay
         decay = check_number("decay", decay, low=0.0, high=1.0, low_open=True, high_open=True)
         check_bool("warmup", warmup)
         warmup_gamma = check_number("warmup_gamma", warmup_gamma, low=0.0, low_open=True)
@@ -316,8 +366,26 @@ class EMACallback(_AveragingCallback):
         super().__init__(eval_with_average=eval_with_ema, **kwargs)
         self.decay = decay
         self.warmup, self.warmup_gamma, self.warmup_power = warmup, warmup_gamma, warmup_power
+        self.last_mark = 0.0  # steps or tokens at the previous update (half_life)
+        self.now = 0.0  # steps or tokens at the current step (half_life)
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if self.half_life is not None and self.half_life[1] == "tok" \
+                and args.include_num_input_tokens_seen in ("no", False):
+            raise ValueError(f"EMACallback(half_life={self.half_life[0]:g} tokens) counts the input tokens "
+                             "the Trainer has seen: set TrainingArguments(include_num_input_tokens_seen=True)"
+                             )
+        super().on_train_begin(args, state, control, model=model, **kwargs)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.half_life is not None:
+            self.now = float(state.num_input_tokens_seen if self.half_life[1] == "tok" else state.global_step)
+        super().on_step_end(args, state, control, **kwargs)
 
     def current_decay(self) -> float:
+        """The decay of the next update (``half_life``: for the steps or tokens since the previous one)."""
+        if self.half_life is not None:
+            return half_life_decay(self.now - self.last_mark, self.half_life[0])
         return ema_decay(self.num_updates, self.decay, self.warmup, self.warmup_gamma, self.warmup_power)
 
     def _update(self, step: int) -> None:
@@ -326,9 +394,98 @@ class EMACallback(_AveragingCallback):
             swa_update_(self.avg.tensors, live, 0)  # first update copies, as AveragedModel does
         else:
             ema_update_(self.avg.tensors, live, self.current_decay())
+        self.last_mark = self.now
+
+    def state_dict(self):
+        tensors, meta = super().state_dict()
+        return tensors, {**meta, "last_mark": self.last_mark}
+
+    def load_state_dict(self, tensors, meta, source):
+        super().load_state_dict(tensors, meta, source)
+        self.last_mark = float(meta.get("last_mark", 0.0))
 
     def _extra_logs(self) -> dict[str, float]:
         return {f"{self.prefix}/decay": self.current_decay()}
+
+
+class BEMACallback(_AveragingCallback):
+    """Bias-corrected EMA (BEMA): θ' = EMA_t + α_t·(θ_t − θ_0), the EMA's lag removed; TRL's BEMACallback.
+
+    Block et al. 2025, "EMA without the lag: bias-corrected iterate averaging". Every ``update_freq`` steps
+    after ``update_after``: β_t = max((ρ + γt)^−κ, β_min), EMA_t = (1 − β_t)·EMA + β_t·θ_t, α_t =
+    (ρ + γt)^−η, with t the global step (as TRL). θ_0 and the EMA are the weights at step ``update_after``
+    (at the start of training when it is 0). Same parameters and meaning as ``trl.BEMACallback``; the
+    average is what TRL saves under ``<output_dir>/bema``. Holds three copies of the trained weights
+    (θ_0, the EMA and the corrected average), local shards under FSDP.
+
+    Args:
+        update_freq: φ, update every N steps after ``update_after``.
+        ema_power: κ (0 disables the EMA: β = 1). bias_power: η (0: α = 1).
+        lag: ρ. update_after: τ, the burn-in step where θ_0 is taken. multiplier: γ.
+        min_ema_multiplier: a floor on β_t.
+        eval_with_bema, include, exclude, buffers, device, dtype, save_dir, copy_to_model_at_end: as
+            :class:`EMACallback` (``save_dir="auto"``: ``<output_dir>/bema``).
+    """
+
+    prefix = "bema"
+    state_name = "bema"
+
+    def __init__(self, update_freq: int = 400, ema_power: float = 0.5, bias_power: float = 0.2,
+                 lag: float = 10, update_after: int = 0, multiplier: float = 1.0,
+                 min_ema_multiplier: float = 0.0, *, eval_with_bema: bool = True, **kwargs: Any):
+        for option, ours in (("update_every", "update_freq"), ("start_step", "update_after")):
+            if option in kwargs:
+                raise ValueError(f"BEMACallback: give {ours}=... (TRL's name), not {option}")
+        update_freq = check_number("update_freq", update_freq, low=1, integer=True)
+        update_after = check_number("update_after", update_after, low=0, integer=True)
+        self.ema_power = check_number("ema_power", ema_power, low=0.0)
+        self.bias_power = check_number("bias_power", bias_power, low=0.0)
+        self.lag = check_number("lag", lag, low=0.0)
+        self.multiplier = check_number("multiplier", multiplier, low=0.0)
+        self.min_ema_multiplier = check_number("min_ema_multiplier", min_ema_multiplier, low=0.0, high=1.0)
+        if not self.lag + self.multiplier > 0:
+            raise ValueError("BEMACallback: lag + multiplier must be > 0 (ρ + γt, the age of an update)")
+        check_bool("eval_with_bema", eval_with_bema)
+        super().__init__(update_every=update_freq, start_step=update_after, eval_with_average=eval_with_bema,
+                         **kwargs)
+        self.coefficients = (1.0, 1.0)
+
+    def _init_average(self) -> None:
+        super()._init_average()
+        self.theta0 = Snapshot.of(self.params, device=self.device, dtype=self.dtype)
+        self.ema = Snapshot.of(self.params, device=self.device, dtype=self.dtype)
+
+    def _due(self, step: int) -> bool:
+        return step > self.start_step and (step - self.start_step) % self.update_every == 0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.start_step:  # the burn-in ends: θ_0 and the EMA start here
+            self.theta0.copy_from(self._require_setup())
+            self.ema.copy_from(self.params)
+        super().on_step_end(args, state, control, **kwargs)
+
+    def _update(self, step: int) -> None:
+        self.coefficients = bema_coefficients(
+            step, ema_power=self.ema_power, bias_power=self.bias_power, lag=self.lag,
+            multiplier=self.multiplier, min_ema_multiplier=self.min_ema_multiplier)
+        beta, alpha = self.coefficients
+        bema_update_(self.avg.tensors, self.ema.tensors, self.theta0.tensors, live_tensors(self.params),
+                     beta, alpha)
+
+    def state_dict(self):
+        tensors = {**self.avg.state_dict(prefix="bema."), **self.ema.state_dict(prefix="ema."),
+                   **self.theta0.state_dict(prefix="theta0.")}
+        return tensors, {"num_updates": self.num_updates}
+
+    def load_state_dict(self, tensors, meta, source):
+        self.avg.load_state_dict(tensors, prefix="bema.", source=source)
+        self.ema.load_state_dict(tensors, prefix="ema.", source=source)
+        self.theta0.load_state_dict(tensors, prefix="theta0.", source=source)
+        self.num_updates = int(meta["num_updates"])
+
+    def _extra_logs(self) -> dict[str, float]:
+        beta, alpha = self.coefficients
+        return {f"{self.prefix}/beta": beta, f"{self.prefix}/alpha": alpha}
 
 
 def _start_step(start: int | float, max_steps: int) -> int:
@@ -345,13 +502,20 @@ class SWACallback(_AveragingCallback):
     Optima"). ``start`` is a step (int) or a fraction of the run (float in [0, 1)). BatchNorm
     statistics are recomputed for the averaged weights on the training data before they are
     saved or copied, as ``torch.optim.swa_utils.update_bn`` does.
+
+    With ``swa_lr`` the callback takes the learning rate over from the first averaged step on, as
+    ``torch.optim.swa_utils.SWALR(optimizer, swa_lr, anneal_epochs, anneal_strategy)`` stepped once per
+    optimizer step instead of the Trainer's schedule: from the rate of that step it anneals to ``swa_lr``
+    ("cos" or "linear") over ``anneal_epochs`` optimizer steps, then stays there. ``swa_lr`` is a float
+    or one per optimizer parameter group. The Trainer's logged ``learning_rate`` is the rate used.
     """
 
     prefix = "swa"
     state_name = "swa"
 
     def __init__(self, start: int | float = 0.75, *, eval_with_swa: bool = True, update_bn: bool = True,
-                 **kwargs: Any):
+                 swa_lr: float | list[float] | None = None, anneal_epochs: int = 10,
+                 anneal_strategy: str = "cos", **kwargs: Any):
         if isinstance(as_real(start), float):
             start = check_number("start (a fraction of the run)", start, low=0.0, high=1.0, high_open=True)
         else:
@@ -360,13 +524,60 @@ class SWACallback(_AveragingCallback):
             raise ValueError("SWACallback: give the first averaged step as start=..., not start_step")
         check_bool("eval_with_swa", eval_with_swa)
         check_bool("update_bn", update_bn)
+        if swa_lr is not None:
+            values = swa_lr if isinstance(swa_lr, (list, tuple)) else [swa_lr]
+            if not values:
+                raise ValueError("swa_lr: an empty list")
+            swa_lr = [check_number("swa_lr", v, low=0.0) for v in values]
+        anneal_epochs = check_number("anneal_epochs", anneal_epochs, low=0, integer=True)
+        if anneal_strategy not in ("cos", "linear"):
+            raise ValueError(f"anneal_strategy must be 'cos' or 'linear', got {anneal_strategy!r}")
         super().__init__(eval_with_average=eval_with_swa, **kwargs)
         self.start = start
         self.update_bn = update_bn
+        self.swa_lr, self.anneal_epochs, self.anneal_strategy = swa_lr, anneal_epochs, anneal_strategy
+        self.lr_from: int | None = None  # the first step of the SWALR schedule (the first averaged step)
+        self.start_lrs: list[float] | None = None  # the rates of that step, per parameter group
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self.start_step = _start_step(self.start, state.max_steps)
         super().on_train_begin(args, state, control, model=model, **kwargs)
+
+    def _swa_lrs(self, optimizer) -> list[float]:
+        groups = len(optimizer.param_groups)
+        if len(self.swa_lr) == 1:
+            return self.swa_lr * groups
+        if len(self.swa_lr) != groups:
+            raise ValueError(f"swa_lr: {len(self.swa_lr)} rates for {groups} optimizer parameter groups")
+        return self.swa_lr
+
+    def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
+        super().on_step_begin(args, state, control, optimizer=optimizer, **kwargs)
+        if self.swa_lr is not None and self.lr_from is None and self._due(state.global_step + 1):
+            self._swa_lrs(optimizer)  # checked before the schedule starts
+            self.lr_from = state.global_step + 1
+            self.start_lrs = [float(g["lr"]) for g in optimizer.param_groups]
+
+    def on_optimizer_step(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
+        super().on_optimizer_step(args, state, control, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                                  **kwargs)
+        if self.lr_from is not None:  # the Trainer logs the scheduler's last rate: make it the one used
+            set_scheduler_last_lr(lr_scheduler, [g["lr"] for g in optimizer.param_groups])
+
+    def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+        super().on_step_end(args, state, control, optimizer=optimizer, **kwargs)
+        if self.lr_from is not None:  # after the Trainer's scheduler stepped: the rate of the next step
+            steps = state.global_step - self.lr_from + 1
+            for group, lr0, swa_lr in zip(optimizer.param_groups, self.start_lrs, self._swa_lrs(optimizer)):
+                group["lr"] = swalr_lr(lr0, swa_lr, steps, self.anneal_epochs, self.anneal_strategy)
+
+    def state_dict(self):
+        tensors, meta = super().state_dict()
+        return tensors, {**meta, "lr_from": self.lr_from, "start_lrs": self.start_lrs}
+
+    def load_state_dict(self, tensors, meta, source):
+        super().load_state_dict(tensors, meta, source)
+        self.lr_from, self.start_lrs = meta.get("lr_from"), meta.get("start_lrs")
 
     def _update(self, step: int) -> None:
         swa_update_(self.avg.tensors, live_tensors(self.params), self.num_updates)

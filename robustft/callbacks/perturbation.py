@@ -4,8 +4,10 @@
   ``robustft.callbacks.sam`` included): options, parameter selection, the ρ schedule, the hook on
   ``trainer.training_step``, metrics.
 * :class:`MomentumSAMCallback`, :class:`RandomPerturbationCallback` (RWP / Flat-LoRA),
-  :class:`GGPOCallback` (LoRA-GGPO) - one forward/backward per step: perturb at ``on_step_begin``,
-  undo at ``on_pre_optimizer_step``, so the gradient is taken at w + ε and the step applied to w.
+  :class:`GGPOCallback` (LoRA-GGPO) - one forward/backward per step: ε is chosen at ``on_step_begin``
+  and applied around each micro-batch inside the wrapped ``training_step`` (undone when it returns or
+  raises), so the gradient is taken at w + ε, the step applied to w, and the weights are unperturbed
+  whenever anything else runs: an error raised anywhere in ``train()`` leaves them exactly unperturbed.
 
 The maths is in ``robustft.ops.perturb``; PEFT LoRA layers are found by ``robustft.lora.layers``.
 
@@ -179,7 +181,9 @@ class WeightPerturbation(RobustCallback):
 
 
 class _OnePass(WeightPerturbation):
-    """Perturb at ``on_step_begin``; undo bit-exactly at ``on_pre_optimizer_step`` or if a micro-batch raises.
+    """Choose ε at ``on_step_begin``; apply it around each micro-batch in ``training_step``, undone exactly
+    when it returns or raises (DeepSpeed: before the engine's step). Without a known Trainer (events called
+    by hand) ε is applied at ``on_step_begin`` and undone at ``on_pre_optimizer_step``.
 
     Nothing parameter-sized is kept: the perturbation is regenerated from small per-tensor data
     (a seed, row scales, a norm) and :func:`robustft.ops.perturb.perturb_` keeps only the elements
@@ -192,6 +196,8 @@ class _OnePass(WeightPerturbation):
         # index -> (tensor, per-tensor context, fixup) for the perturbation in force
         self._applied: list[tuple[int, torch.Tensor, Any, Fixup]] = []
         self._step = 0
+        # (contexts, state, first application) of the step's perturbation, from on_step_begin to the step
+        self._pending: tuple[list[Any], Any, bool] | None = None
         self._engine = None  # the DeepSpeed engine whose step undoes the perturbation, if any
 
     def _targets(self, model) -> dict[str, torch.Tensor]:
@@ -247,7 +253,11 @@ class _OnePass(WeightPerturbation):
         raise NotImplementedError
 
     def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
+        """Compute this step's perturbation (small per-tensor contexts); it is applied around each micro-batch
+        inside the Trainer's ``training_step`` (see :meth:`_before_micro_batch`), else (no Trainer known:
+        events called by hand) here, until ``on_pre_optimizer_step``."""
         self._restore()  # never stack two perturbations
+        self._pending = None
         rho = self._rho_at(state)
         if rho <= 0:
             return
@@ -255,7 +265,27 @@ class _OnePass(WeightPerturbation):
             self._guard.check()
         self._step = state.global_step
         weights = [local_tensor(p) for p in self._params.values()]
-        contexts = self._contexts(weights, rho, state, optimizer)
+        self._pending = (self._contexts(weights, rho, state, optimizer), state, True)
+        if self._orig_training_step is None:
+            self._apply()
+
+    def _before_micro_batch(self, model, inputs, num_items_in_batch) -> Any:
+        """Perturb for this micro-batch only: the weights are perturbed inside ``training_step`` and nowhere
+        else, so whatever raises outside it (another callback, clipping, a KeyboardInterrupt between
+        micro-batches) finds the weights unperturbed. Re-applying the same ε is bit-exact (regenerated)."""
+        self._apply()
+        return None
+
+    def _after_micro_batch(self, recorded: Any, loss: torch.Tensor) -> None:
+        self._restore()
+
+    def _apply(self) -> None:
+        """Apply the pending perturbation (bit-exactly undoable); the step's first application logs it."""
+        if self._pending is None:
+            return
+        self._restore()
+        contexts, state, first = self._pending
+        weights = [local_tensor(p) for p in self._params.values()]
         noise_sq = []
         fixed = total = 0
         try:
@@ -273,15 +303,17 @@ class _OnePass(WeightPerturbation):
             self._restore()
             raise
         distributed.reshard(self._model)  # FSDP2: the next forward gathers the perturbed shards
+        if not first or not self._applied:
+            return
+        self._pending = (contexts, state, False)
         sq = torch.stack([x.float().cpu() for x in noise_sq]).sum() if noise_sq else torch.zeros(())
         reduce = self._reduce()
         if reduce is not None:  # ‖ε‖ of the whole model, the same on every rank
             sq = reduce(sq.to(weights[0].device)).cpu()
-        if not self._applied:
-            return
         norm = sq.sqrt().item()
         if not math.isfinite(norm):
             self._restore()
+            self._pending = None
             self._warn_nonfinite(state, "perturbation", "the gradient is taken at the unperturbed weights")
             return
         self._record("perturbation_norm", norm)
@@ -296,12 +328,14 @@ class _OnePass(WeightPerturbation):
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         self._restore()
+        self._pending = None
 
     def _on_micro_batch_error(self) -> None:
         self._restore()
 
     def on_train_end(self, args, state, control, **kwargs):
         self._restore()
+        self._pending = None
         if self._engine is not None:
             self.unwrap_method("step", target=self._engine)
             self._engine = None

@@ -29,6 +29,7 @@ __all__ = [
     "grad_scaler_state",
     "release_zero3_gathered",
     "restart_lr_schedule",
+    "set_scheduler_last_lr",
     "relink_zero_optimizer_states",
     "reset_grad_scaler",
     "restore_grad_scaler",
@@ -153,6 +154,18 @@ def restart_lr_schedule(trainer: Any, num_training_steps: int, state: dict | Non
             group["lr"] = lr  # the rate of the step it continues from (its init set that of step 0)
     trainer.callback_handler.lr_scheduler = scheduler
     return scheduler
+
+
+def set_scheduler_last_lr(scheduler: Any, lrs: list[float]) -> None:
+    """Make ``scheduler.get_last_lr()`` (what the Trainer logs as ``learning_rate``) return ``lrs``: a
+    callback that sets the optimizer's rates itself (SWACallback's SWALR) keeps the logged rate true.
+    """
+    if scheduler is None:
+        return
+    if not hasattr(scheduler, "_last_lr"):
+        raise _missing(type(scheduler).__name__, "_last_lr", "torch",
+                       "the learning rate the Trainer logs while SWACallback(swa_lr=...) sets it")
+    scheduler._last_lr = list(lrs)
 
 
 def trainer_loss_accumulation(trainer: Any, num_items_in_batch: Any) -> tuple[int, int]:

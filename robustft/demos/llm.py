@@ -26,8 +26,6 @@ import importlib.util
 import json
 import os
 import random
-import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -136,16 +134,12 @@ def model_path(cache_dir: str | os.PathLike | None = None, verbose: bool = True)
     model = LlamaForCausalLM(config)
     model.load_state_dict(gguf_model.state_dict())
     model.tie_weights()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=out.parent))
-    try:
+    from robustft.core.checkpoint import atomic_output_dir
+
+    # one atomic writer (checkpoint.atomic_output_dir): the umask's modes, fsync, a partial folder replaced
+    with atomic_output_dir(out, overwrite=True) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if out.exists():  # a partial folder from an interrupted run
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -295,9 +289,9 @@ def base_answers(
     missing = [p for p in prompts if p not in known]
     if missing:
         known.update(_generate(model_dir, missing, max_new_tokens))
-        tmp = cache.with_suffix(".tmp")
-        tmp.write_text(json.dumps(known, indent=1))
-        os.replace(tmp, cache)
+        from robustft.core.checkpoint import atomic_write_text
+
+        atomic_write_text(cache, json.dumps(known, indent=1))
     return [chat_row(p, known[p]) for p in prompts if known[p] is not None]
 
 
@@ -385,7 +379,9 @@ class LLMDemoResult:
         path = self.output_dir / "llm_demo.json"
         data = {k: v for k, v in asdict(self).items() if k not in ("curve", "output_dir")}
         data["chosen_alpha"] = self.curve.chosen_alpha
-        path.write_text(json.dumps(data, indent=2))
+        from robustft.core.checkpoint import atomic_write_text
+
+        atomic_write_text(path, json.dumps(data, indent=2))
         return path
 
 

@@ -11,7 +11,6 @@ is WiSE-FT with a learned α per block; several are multi-task merging.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -21,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from robustft.checks import check_number
 from robustft.core.checkpoint import atomic_output_dir, atomic_output_file, atomic_write_text
 from robustft.core.model import OBJECTIVES, OPTIMIZERS, call_with_weights, is_causal_lm, minimise
 from robustft.core.params import live_tensors, select_parameters, swapped_in
@@ -101,19 +101,15 @@ class LearnedInterpolation:
         self.block_names, self.block_index = assign_blocks(list(self.start), blocks)
         self.blocks = blocks
         shape = (len(self.vectors), len(self.block_names))
-        if isinstance(init, torch.Tensor):
+        if isinstance(init, torch.Tensor) and init.ndim > 0:
             if tuple(init.shape) != shape:
                 raise ValueError(f"init: shape {tuple(init.shape)}, expected (task vectors, blocks) = "
                                  f"{shape}")
             start_coef = init.detach().to(torch.float32).clone()
-        else:
-            try:
-                value = float(init)
-            except (TypeError, ValueError) as err:
-                raise ValueError(f"init: {init!r} is not a number or a tensor") from err
-            if not math.isfinite(value):
-                raise ValueError(f"init: {init!r} is not finite")
-            start_coef = torch.full(shape, value)
+            if not torch.isfinite(start_coef).all():
+                raise ValueError("init: the tensor holds non-finite values")
+        else:  # one rule (robustft.checks): real numbers incl. numpy / 0-d torch scalars, never str or bool
+            start_coef = torch.full(shape, float(check_number("init", init)))
         self.coefficients = start_coef.to(next(iter(self.start.values())).device)
         self.history: list[float] = []
         self.fit_options: dict[str, Any] = {}

@@ -1,15 +1,18 @@
 """``robustft merge`` (a streamed merge of checkpoints from a YAML recipe), ``robustft interpolate``
-(θ(α) of two checkpoints) and ``robustft warp`` (WARP's merge + LITI), all recipes of the same engine; and
+(θ(α) of two checkpoints), ``robustft average`` (the uniform mean of a run's checkpoints) and
+``robustft warp`` (WARP's merge + LITI), all recipes of the same engine; and
 ``robustft align`` (Git Re-Basin: permute one model's hidden units to match another before merging)."""
 
 from __future__ import annotations
 
 import argparse
+import os
 
 
 def register(subparsers) -> None:
     _register_merge(subparsers)
     _register_interpolate(subparsers)
+    _register_average(subparsers)
     _register_warp(subparsers)
     _register_align(subparsers)
 
@@ -144,6 +147,99 @@ def run_interpolate(args: argparse.Namespace) -> int:
         f"wrote {args.out}: {info['tensors']} tensors in {info['shards']} file(s), "
         f"alpha={info['alpha']:g} ({info['method']})"
     )
+    return 0
+
+
+def _register_average(subparsers) -> None:
+    p = subparsers.add_parser(
+        "average",
+        help="uniform average of a run's checkpoint folders (or of PEFT adapters), streamed",
+        description="Average saved checkpoints tensor by tensor into a loadable folder: the merge engine "
+        "with a linear recipe of equal weights (normalize: true). A run folder or a glob stands for its "
+        "checkpoint-* folders, sorted by step; --last N keeps the latest N. PEFT adapter folders are "
+        "averaged as their deltas, the mean of B·A, exactly (as robustft lora compose --weights 1/N ...). "
+        "See docs/averaging.md.",
+    )
+    p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT",
+                   help="checkpoint folders, a run folder (its checkpoint-* folders) or a quoted glob")
+    p.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
+    p.add_argument("--last", type=int, default=None, metavar="N",
+                   help="average only the latest N checkpoints")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_average)
+
+
+def checkpoint_step(path: str) -> int | None:
+    """The step of a Trainer checkpoint folder ``checkpoint-<step>``; None for any other name."""
+    import re
+
+    match = re.fullmatch(r"checkpoint-(\d+)", os.path.basename(os.path.normpath(path)))
+    return int(match.group(1)) if match else None
+
+
+def average_inputs(items: list[str], last: int | None = None) -> list[str]:
+    """The folders to average: globs and run folders expanded to their checkpoint-* folders sorted by step."""
+    import glob
+
+    if last is not None and (isinstance(last, bool) or not isinstance(last, int) or last < 1):
+        raise ValueError(f"--last must be a positive integer, got {last!r}")
+    paths: list[str] = []
+    for item in items:
+        if glob.has_magic(item):
+            found = sorted(glob.glob(item))
+            if not found:
+                raise FileNotFoundError(f"{item}: the pattern matches nothing")
+            paths.extend(found)
+        elif os.path.isdir(item) and not _has_weights(item) and glob.glob(os.path.join(item, "checkpoint-*")):
+            paths.extend(p for p in glob.glob(os.path.join(item, "checkpoint-*")) if os.path.isdir(p))
+        else:
+            paths.append(item)
+    steps = [checkpoint_step(p) for p in paths]
+    if all(s is not None for s in steps):
+        paths = [p for _, p in sorted(zip(steps, paths))]
+    elif last is not None:
+        raise ValueError("--last needs checkpoint-<step> folders (the latest are chosen by step); got "
+                         + ", ".join(p for p, s in zip(paths, steps) if s is None))
+    if len(set(map(os.path.realpath, paths))) != len(paths):
+        raise ValueError(f"a checkpoint is given twice: {paths}")
+    return paths[-last:] if last is not None else paths
+
+
+def _has_weights(folder: str) -> bool:
+    import glob
+
+    return bool(glob.glob(os.path.join(folder, "*.safetensors"))) or os.path.isfile(
+        os.path.join(folder, "adapter_config.json"))
+
+
+def run_average(args: argparse.Namespace) -> int:
+    from robustft.core.checkpoint import check_output_dir
+
+    paths = average_inputs(args.checkpoints, args.last)
+    check_output_dir(args.out, args.overwrite, paths)
+    adapters = [os.path.isfile(os.path.join(p, "adapter_config.json")) for p in paths]
+    if any(adapters):
+        if not all(adapters):
+            raise ValueError("give only PEFT adapter folders or only model checkpoints, not both: adapters "
+                             + ", ".join(p for p, a in zip(paths, adapters) if a))
+        from robustft.lora.io import compose_adapters, read_adapter, write_adapter
+
+        composed = compose_adapters([read_adapter(p) for p in paths], [1.0 / len(paths)] * len(paths))
+        out = write_adapter(composed, args.out, args.overwrite, None, paths)
+        print(f"averaged {len(paths)} adapters into {out} ({len(composed.deltas)} modules)")
+        return 0
+    from robustft.merge.engine import merge_checkpoints
+    from robustft.merge.recipe import parse_recipe
+
+    recipe = parse_recipe({
+        "merge_method": "linear",
+        "models": [{"model": p, "parameters": {"weight": 1.0}} for p in paths],
+        "parameters": {"normalize": True},
+    }, source="average")
+    result = merge_checkpoints(recipe, args.out, overwrite=args.overwrite, progress=not args.no_progress)
+    print(f"averaged {len(paths)} checkpoints into {result.out_dir}: {result.tensors} tensors "
+          f"({len(result.files)} file(s), {result.seconds:.1f} s)")
     return 0
 
 

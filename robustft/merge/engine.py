@@ -25,6 +25,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -53,7 +54,15 @@ from robustft.merge.registry import method_spec, tensor_seed
 from robustft.ops.dtypes import compute_dtype
 from robustft.ops.interpolate import kept_tensor
 
-__all__ = ["MergeResult", "layer_position", "merge_checkpoints", "merge_tensor", "tensor_seed"]
+__all__ = [
+    "MergeResult",
+    "TiedView",
+    "layer_position",
+    "merge_checkpoints",
+    "merge_tensor",
+    "tensor_seed",
+    "tie_missing_heads",
+]
 
 
 @dataclass
@@ -170,6 +179,48 @@ def _gram_files(
     return files
 
 
+class TiedView:
+    """A checkpoint whose missing output embedding (``lm_head.weight``) reads as its input embedding, as
+    mergekit reads a tied model where another input has an untied head (its architectures' ``tied_names``);
+    everything else is the wrapped reader's."""
+
+    def __init__(self, reader: CheckpointReader, alias: Mapping[str, str]) -> None:
+        self.reader, self.alias = reader, dict(alias)
+        self.names = [*reader.names, *(a for a in self.alias if a not in reader.infos)]
+        self.infos = {**reader.infos, **{a: reader.infos[t] for a, t in self.alias.items()}}
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.reader.get(self.alias.get(name, name))
+
+    def get_rows(self, name: str, rows) -> torch.Tensor:
+        return self.reader.get_rows(self.alias.get(name, name), rows)
+
+    def __getattr__(self, attr: str):
+        return getattr(self.reader, attr)
+
+
+def tie_missing_heads(readers: list, group: list | None = None) -> tuple[list, str | None]:
+    """``readers`` with every one that lacks the output embedding (a tied model) read through
+    :class:`TiedView` when some reader of ``group`` (default: all) has one, as mergekit plans the optional
+    ``lm_head`` (written when any gathered input has it); also the output embedding's name (None when the
+    layouts agree or the architecture is unknown: the layout check then names the difference)."""
+    group = readers if group is None else group
+    if all(set(r.infos) == set(readers[0].infos) for r in readers):
+        return readers, None
+    from robustft.merge.tokenizer import embedding_names
+
+    try:
+        pair = embedding_names(readers[0].folder)
+    except ValueError:
+        return readers, None
+    if pair is None:
+        return readers, None
+    inp, out = pair
+    if not any(out in r.infos for r in group):
+        return readers, out
+    return [r if out in r.infos or inp not in r.infos else TiedView(r, {out: inp}) for r in readers], out
+
+
 def _check_inputs(
     recipe: Recipe,
     ref: CheckpointReader,
@@ -226,6 +277,7 @@ def merge_checkpoints(
         ref_path = local[recipe.reference_model]
         ref = stack.enter_context(CheckpointReader(ref_path))
         readers = [stack.enter_context(CheckpointReader(local[m.path])) for m in recipe.models]
+        ref, *readers = tie_missing_heads([ref, *readers])[0]
         who = [f"base_model {recipe.reference_model}" if recipe.base_model else f"models[0] {ref_path}"]
         who += [f"models[{i}] {m.path}" for i, m in enumerate(recipe.models)]
         # keyed by local folder (a Hub id's snapshot), as the tokenizer plan reads them
@@ -477,6 +529,7 @@ class _Job:
     inputs: tuple[tuple[Path, str], ...]
     params: tuple[str, dict, list[dict]]
     labels: tuple[str, ...]
+    piece: int = 0
 
 
 def _merge_slices(
@@ -501,9 +554,11 @@ def _merge_slices(
     tok_ref = recipe.reference_model if recipe.tokenizer_source == "base" else recipe.tokenizer_source
     tok = local.get(tok_ref, tok_ref) if tok_ref is not None else None
     inputs = [*paths, ref_path, tok]
+    inputs += recipe.tokenizer.paths() if recipe.tokenizer is not None else []
     check_output_dir(out_dir, overwrite, inputs)
     with ExitStack() as stack:
         readers = {p: stack.enter_context(CheckpointReader(p)) for p in dict.fromkeys([ref_path, *paths])}
+        readers = _tie_slice_heads(recipe, local, readers, ref_path)
         configs = {}
         for path, reader in readers.items():
             config = reader.folder / "config.json"
@@ -518,16 +573,16 @@ def _merge_slices(
                 )
         jobs, layer_types, total = _slice_jobs(recipe, local, readers, configs)
         ref = readers[ref_path]
-        _check_job_shapes(jobs, readers, ref)
+        vocab, groups = _slice_vocabulary(recipe, local, readers, jobs, ref_path)
+        _check_job_shapes(jobs, readers, ref, vocab.tensors if vocab is not None else frozenset())
         out_dtype = recipe.out_dtype or recipe.dtype
         plan = []
         for job in jobs:
             path, src = job.base or job.inputs[0]
             info = readers[path].infos[src]
             floating = info.dtype.is_floating_point
-            plan.append(
-                (job.name, info.shape, out_dtype if out_dtype is not None and floating else info.dtype)
-            )
+            shape = info.shape if vocab is None else vocab.shape(job.name, info.shape)
+            plan.append((job.name, shape, out_dtype if out_dtype is not None and floating else info.dtype))
         shard_size = max_shard_size or recipe.max_shard_size or "5GB"
 
         def merge_one(job: _Job) -> torch.Tensor:
@@ -538,10 +593,12 @@ def _merge_slices(
                 keys = [*([job.base] if job.base else []), *job.inputs]
                 return kept_tensor(job.name, [readers[p].get(n) for p, n in keys], job.labels)
             compute = compute_dtype(dtype)
-            base = _cast(readers[job.base[0]].get(job.base[1]), recipe.dtype, compute) if job.base else None
+            group = groups.get(job.name)
+            read = _rows_reader(group, job.name, readers, compute) if group else (lambda r, n: r.get(n))
+            base = _cast(read(readers[job.base[0]], job.base[1]), recipe.dtype, compute) if job.base else None
             if method == "base":
                 return base
-            tensors = [_cast(readers[p].get(n), recipe.dtype, compute) for p, n in job.inputs]
+            tensors = [_cast(read(readers[p], n), recipe.dtype, compute) for p, n in job.inputs]
             try:
                 return merge_tensor(
                     method, base, tensors, gparams, mparams, tensor_seed(recipe.seed, job.name)
@@ -555,17 +612,79 @@ def _merge_slices(
         with atomic_output_dir(out_dir, overwrite, inputs) as tmp:
             with ShardedWriter(tmp, plan, shard_size, {"merged_by": "robustft"}) as writer:
                 _write_in_order(writer, plan, _ordered_map(merge_one, jobs, costs, budget, workers), progress)
-            copy_side_files(ref_path, tok, tmp, out_dtype)
+            copy_side_files(ref_path, tok if vocab is None else None, tmp, out_dtype)
             config_path = tmp / "config.json"
             config = json.loads(config_path.read_text())
             config["num_hidden_layers"] = total
             if "layer_types" in config:
                 config["layer_types"] = layer_types
             config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            if vocab is not None:
+                vocab.write(tmp)
             _chat_template(recipe, list(readers), tmp)
             (tmp / "robustft_merge.yaml").write_text(yaml.safe_dump(recipe.raw, sort_keys=False))
             files = list(writer.files)
     return MergeResult(Path(out_dir), len(plan), files, time.perf_counter() - start)
+
+
+def _tie_slice_heads(
+    recipe: Recipe, local: dict[str, Path], readers: dict[Path, CheckpointReader], ref_path: Path
+) -> dict[Path, CheckpointReader]:
+    """The slices' readers with tied models' heads read as mergekit reads them: the head (post weights) is
+    gathered from the last slice's sources (as many as the first slice has), written when one of them has
+    an untied head, the tied ones giving their input embedding. A reference (config) with a head of its own
+    and a last slice of tied models only is refused: mergekit writes no head there, and the output config
+    then wants one that transformers initialises at random."""
+    first, last = recipe.slices[0], recipe.slices[-1]
+    post = list(dict.fromkeys(local[s.path] for s in last.sources[: len(first.sources)]))
+    views, out = tie_missing_heads(list(readers.values()), [readers[p] for p in post])
+    if out is not None and out in readers[ref_path].infos and not any(out in readers[p].infos for p in post):
+        raise ValueError(
+            f"slices[{len(recipe.slices) - 1}]: every source of the last slice ties its embeddings (no "
+            f"{out!r}) but the output's config is {ref_path}'s, which has its own {out!r}: mergekit 0.1.5 "
+            "then writes no head and the model loads with a random one; robustft refuses. Take base_model "
+            "from a tied model, or end with a slice of a model that has the head"
+        )
+    return dict(zip(readers, views, strict=True))
+
+
+def _slice_vocabulary(
+    recipe: Recipe, local: dict[str, Path], readers: dict[Path, CheckpointReader], jobs: list[_Job], ref: Path
+) -> tuple[Any, dict[str, Any]]:
+    """mergekit's output vocabulary for a slices recipe (None without ``tokenizer_source``/``tokenizer``):
+    built from every referenced model (the base model's tokenizer, else the first source's), and per
+    embedding-like output tensor the plan of the sources it is gathered from (the first slice's for the
+    embeddings, the last slice's for the head), filled from those only, with that slice's base model."""
+    if recipe.tokenizer is None:
+        return None, {}
+    from robustft.merge.tokenizer import build_vocabulary
+
+    by_path = {str(p): r for p, r in readers.items()}
+    base = str(ref) if recipe.base_model is not None else None
+    vocab = build_vocabulary(recipe.tokenizer, base, list(by_path), by_path, check=False)
+    groups, cache = {}, {}
+    for job in jobs:
+        if job.name not in vocab.tensors:
+            continue
+        piece = recipe.slices[job.piece]
+        order = [str(local[s.path]) for s in piece.sources]
+        used = {str(p) for p, _ in [*([job.base] if job.base else []), *job.inputs]}
+        models = [m for m in dict.fromkeys(order) if m in used]
+        slice_base = piece.base_model or recipe.base_model
+        slice_base = None if slice_base is None else str(local[slice_base])
+        key = (tuple(models), slice_base)
+        if key not in cache:
+            cache[key] = vocab.group(models, slice_base, by_path)
+        groups[job.name] = cache[key]
+    return vocab, groups
+
+
+def _rows_reader(
+    plan: Any, name: str, readers: dict[Path, CheckpointReader], dtype: torch.dtype
+) -> Callable[[CheckpointReader, str], torch.Tensor]:
+    """(reader, input name) -> the reader's tensor ``name`` in the output vocabulary's rows (``plan``)."""
+    read = plan.reads(name, {str(p): r for p, r in readers.items() if plan.key(p) in plan.rows}, dtype)
+    return lambda reader, _name: read(reader)
 
 
 def _slice_jobs(
@@ -597,6 +716,7 @@ def _slice_jobs(
             tuple((local[s.path], names[s]) for s in models),
             params,
             tuple(([f"slices[{index}] base {base.path}"] if base else []) + labels),
+            index,
         )
 
     def missing(path: Path, name: str, where: str) -> None:
@@ -647,9 +767,12 @@ def _slice_jobs(
     return jobs, layer_types, out_layer
 
 
-def _check_job_shapes(jobs: list[_Job], readers: dict[Path, CheckpointReader], ref: CheckpointReader) -> None:
+def _check_job_shapes(
+    jobs: list[_Job], readers: dict[Path, CheckpointReader], ref: CheckpointReader, free_rows: frozenset[str]
+) -> None:
     """Every input of an output tensor has the same shape, and that shape is the one the reference model
-    (whose config the output gets) has for that tensor: layers of another width are refused by name."""
+    (whose config the output gets) has for that tensor: layers of another width are refused by name. The
+    tensors of ``free_rows`` (mapped onto an output vocabulary) may differ in their number of rows."""
     shapes: dict[str, set[tuple[int, ...]]] = {}
     for n, info in ref.infos.items():
         pos = _layer_of(n)
@@ -659,7 +782,8 @@ def _check_job_shapes(jobs: list[_Job], readers: dict[Path, CheckpointReader], r
         first = readers[keys[0][0]].infos[keys[0][1]]
         for (path, name), label in zip(keys[1:], job.labels[1:], strict=True):
             other = readers[path].infos[name]
-            if other.shape != first.shape:
+            rows_only = job.name in free_rows and other.shape[1:] == first.shape[1:]
+            if other.shape != first.shape and not rows_only:
                 raise ValueError(
                     f"tensor {job.name!r}: {name!r} of {label} has shape {tuple(other.shape)}, "
                     f"{keys[0][1]!r} of {job.labels[0]} has {tuple(first.shape)}"
@@ -667,6 +791,8 @@ def _check_job_shapes(jobs: list[_Job], readers: dict[Path, CheckpointReader], r
         pos = _layer_of(job.name)
         key = job.name if pos is None else f"{pos[0]}*{pos[2]}"
         expected = shapes.get(key)
+        if job.name in free_rows and expected is not None:
+            expected = {(first.shape[0], *e[1:]) for e in expected}
         if expected is None or first.shape not in expected:
             want = "no such tensor" if expected is None else " or ".join(str(s) for s in sorted(expected))
             raise ValueError(

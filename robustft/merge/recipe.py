@@ -462,8 +462,6 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
     seed = data.get("seed", 0)
     check_integer(f"{source}: seed", seed)
     tokenizer = parse_tokenizer(data, source)
-    if tokenizer is not None and slices:
-        raise ValueError(f"{source}: tokenizer_source / tokenizer with slices is not supported yet")
     chat_template = data.get("chat_template")
     if chat_template is not None:
         if not isinstance(chat_template, str):

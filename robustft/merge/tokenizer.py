@@ -215,10 +215,8 @@ def _union(base_tok, tokenizers: list[tuple[str, Any]]):
     return res
 
 
-def vocabulary_tensors(path: str | os.PathLike, names: Sequence[str]) -> list[str]:
-    """Names among ``names`` of the model's input/output embedding weights and biases (vocabulary on axis
-    0): the modules ``get_input_embeddings``/``get_output_embeddings`` of the config's architecture, built on
-    the meta device, as mergekit finds them for architectures it has no table for."""
+def _meta_model(path: str | os.PathLike, what: str):
+    """The config's architecture built on the meta device (no weights): where its embeddings are."""
     import transformers
     from transformers import AutoConfig
 
@@ -228,11 +226,18 @@ def vocabulary_tensors(path: str | os.PathLike, names: Sequence[str]) -> list[st
         if cls is None:
             raise ValueError(f"unknown architecture {config.architectures}")
         with torch.device("meta"):
-            model = cls(config)
+            return cls(config)
     except Exception as err:  # noqa: BLE001
         raise ValueError(
-            f"tokenizer_source: cannot tell the embedding tensors of {path} from its config ({err})"
+            f"{what}: cannot tell the embedding tensors of {path} from its config ({err})"
         ) from err
+
+
+def vocabulary_tensors(path: str | os.PathLike, names: Sequence[str]) -> list[str]:
+    """Names among ``names`` of the model's input/output embedding weights and biases (vocabulary on axis
+    0): the modules ``get_input_embeddings``/``get_output_embeddings`` of the config's architecture, built on
+    the meta device, as mergekit finds them for architectures it has no table for."""
+    model = _meta_model(path, "tokenizer_source")
     ids = set()
     for module in (model.get_input_embeddings(), model.get_output_embeddings()):
         for attr in ("weight", "bias"):
@@ -241,6 +246,18 @@ def vocabulary_tensors(path: str | os.PathLike, names: Sequence[str]) -> list[st
                 ids.add(id(param))
     found = {n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in ids}
     return [n for n in names if n in found]
+
+
+def embedding_names(path: str | os.PathLike) -> tuple[str, str] | None:
+    """(input, output) embedding weight names of the model's architecture (``model.embed_tokens.weight``,
+    ``lm_head.weight`` for Llama), tied or not; None when it has no output embedding. mergekit reads the
+    input one in place of a missing output one (its architectures' ``tied_names``)."""
+    model = _meta_model(path, "tied embeddings")
+    where = {id(m): n for n, m in model.named_modules()}
+    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    if inp is None or out is None or id(inp) not in where or id(out) not in where:
+        return None
+    return f"{where[id(inp)]}.weight", f"{where[id(out)]}.weight"
 
 
 @dataclass
@@ -259,10 +276,38 @@ class VocabularyPlan:
     rows: dict[str, torch.Tensor]
     fill: dict[int, tuple]
     tensors: frozenset[str]
+    #: what the fill rules of another group of models are built from (:meth:`group`)
+    spec: TokenizerSpec | None = field(default=None, repr=False)
+    maps: dict[str, dict[int, int]] = field(default_factory=dict, repr=False)
+    vocabs: dict[str, dict[str, int]] = field(default_factory=dict, repr=False)
 
     def key(self, path: str | os.PathLike) -> str:
         """The row map's key of a model path."""
         return os.path.normpath(path)
+
+    def group(
+        self, models: Sequence[str | os.PathLike], base: str | os.PathLike | None, readers: Mapping[str, Any]
+    ) -> VocabularyPlan:
+        """The plan for a tensor gathered from ``models`` only (mergekit's ``PermutedVocabulary`` fills a
+        row from the models it gathered, e.g. one slice's sources), ``base`` the base model of the rule
+        "the base's row"; every row it reads checked against ``readers`` (path -> reader)."""
+        models = list(dict.fromkeys(self.key(m) for m in models))
+        missing = [m for m in models if m not in self.maps]
+        if missing or self.spec is None:
+            raise ValueError(f"tokenizer: {missing or models} not among the models of the vocabulary plan")
+        readers = {self.key(k): v for k, v in readers.items()}
+        fill, _ = _fill_rules(self.spec, self.vocabs_out, models, base, self.maps, self.vocabs)
+        plan = VocabularyPlan(
+            self.tokenizer, self.n_tokens, self.size, {m: self.rows[m] for m in models}, fill, self.tensors,
+            self.spec, self.maps, self.vocabs,
+        )  # fmt: skip
+        _check_rows(plan, models, readers)
+        return plan
+
+    @property
+    def vocabs_out(self) -> dict[str, int]:
+        """The output vocabulary: token -> id."""
+        return self.tokenizer.get_vocab()
 
     def shape(self, name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
         """The output shape of tensor ``name``."""
@@ -420,11 +465,17 @@ def _fill_rules(
 
 
 def build_vocabulary(
-    spec: TokenizerSpec, base: str | None, models: Sequence[str], readers: Mapping[str, Any]
+    spec: TokenizerSpec,
+    base: str | None,
+    models: Sequence[str],
+    readers: Mapping[str, Any],
+    check: bool = True,
 ) -> VocabularyPlan:
     """The output tokenizer of ``spec`` and the row maps of the merge's models (``models``: the listed
     models, then the base when not among them, as mergekit gathers them; ``readers``: path -> open
-    CheckpointReader of each, headers only). Checks every row it will read exists; reads no tensor."""
+    CheckpointReader of each, headers only), with the fill rules of all of them and every row they read
+    checked; without ``check``, no fill rules (a slices merge builds them per group of models it gathers,
+    :meth:`VocabularyPlan.group`). Reads no tensor."""
     models = list(dict.fromkeys(os.path.normpath(m) for m in models))
     readers = {os.path.normpath(k): v for k, v in readers.items()}
     tok_base = os.path.normpath(base) if base is not None else models[0]
@@ -458,7 +509,8 @@ def build_vocabulary(
     vocab_out = out.get_vocab()
     vocabs = {m: tokenizers.get(m, base_tok).get_vocab() for m in models}
     maps = _row_maps(vocab_out, models, vocabs)
-    fill, forced = _fill_rules(spec, vocab_out, models, base, maps, vocabs)
+    forced = {vocab_out[w] for w, cfg in spec.tokens.items() if cfg.force}
+    fill = _fill_rules(spec, vocab_out, models, base, maps, vocabs)[0] if check else {}
     n = len(vocab_out)
     padded = n
     if spec.pad_to_multiple_of and n % spec.pad_to_multiple_of:
@@ -473,8 +525,17 @@ def build_vocabulary(
         for i, old in maps[m].items():
             own[i] = -1 if i in forced else old
         rows[m] = torch.tensor(own, dtype=torch.long)
-        needed = [old for rule in fill.values() for old in _rule_rows(rule, m)] + own
-        for name in tensors:
+    plan = VocabularyPlan(out, n, padded, rows, fill, tensors, spec, maps, vocabs)
+    if check:
+        _check_rows(plan, models, readers)
+    return plan
+
+
+def _check_rows(plan: VocabularyPlan, models: list[str], readers: Mapping[str, Any]) -> None:
+    """Every model has the plan's tensors with every row its row map and the fill rules read."""
+    for m in models:
+        needed = [old for rule in plan.fill.values() for old in _rule_rows(rule, m)] + plan.rows[m].tolist()
+        for name in sorted(plan.tensors):
             info = readers[m].infos.get(name)
             if info is None:
                 raise ValueError(f"tokenizer_source: {m} lacks tensor {name!r}")
@@ -483,7 +544,6 @@ def build_vocabulary(
                     f"tokenizer: row {max(needed)} of tensor {name!r} is needed but {m} has "
                     f"{info.shape[0]} rows"
                 )
-    return VocabularyPlan(out, n, padded, rows, fill, tensors)
 
 
 def _pairs(rule: tuple) -> list[tuple[str, int]]:

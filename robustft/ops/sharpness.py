@@ -25,6 +25,7 @@ from collections.abc import Sequence
 
 import torch
 
+from robustft.checks import check_number
 from robustft.ops.dtypes import compute_dtype
 from robustft.ops.perturb import global_norm, sam_perturbation
 
@@ -35,16 +36,11 @@ BALLS = ("relative_l2", "adaptive_linf")
 
 
 def check_ball(ball: str, radius: float, name: str = "radius") -> float:
-    """The radius as a float, after checking the ball's name and that the radius is finite and ≥ 0."""
+    """The radius as a float, after checking the ball's name and that the radius is a finite real number ≥ 0
+    (``robustft.checks.check_number``: numpy / 0-d torch scalars accepted, str and bool refused)."""
     if ball not in BALLS:
         raise ValueError(f"ball: {ball!r} is not one of {', '.join(BALLS)}")
-    try:
-        value = float(radius)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{name}: {radius!r} is not a number") from err
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name}: expected a finite number >= 0, got {radius!r}")
-    return value
+    return float(check_number(name, radius, low=0.0))  # one rule: real numbers, never str or bool
 
 
 def _wide(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

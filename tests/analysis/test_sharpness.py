@@ -184,7 +184,7 @@ def test_report_files_hold_the_table(tmp_path):
 
 
 @pytest.mark.parametrize(("call", "message"), [
-    (lambda m, b: module_criticality(m, b, epsilon=-1), "epsilon: expected a finite number >= 0"),
+    (lambda m, b: module_criticality(m, b, epsilon=-1), "epsilon must be >= 0.0, got -1"),
     (lambda m, b: module_criticality(m, b, steps=0), "steps: expected a positive integer"),
     (lambda m, b: module_criticality(m, b, step_size=0.0), "step_size: expected a finite number > 0"),
     (lambda m, b: module_criticality(m, b, modules=["fc"]), "modules: 'fc' is not a module of the model"),

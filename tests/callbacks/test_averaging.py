@@ -344,3 +344,141 @@ def test_evaluate_after_a_failed_run_scores_the_live_weights(tmp_path):
         on_ema = Trainer(model=trainer.model, args=training_args(tmp_path / "e")).evaluate(data)["eval_loss"]
     live = Trainer(model=trainer.model, args=training_args(tmp_path / "l")).evaluate(data)["eval_loss"]
     assert got == live != on_ema
+
+
+@pytest.mark.parametrize("options", [
+    dict(update_freq=2),
+    dict(update_freq=3, update_after=2, lag=1, multiplier=2.0, min_ema_multiplier=0.4, ema_power=0.7,
+         bias_power=0.5),
+])
+def test_bema_equals_trl_bema_callback(tmp_path, options):
+    from safetensors.torch import load_file
+    from trl.trainer.callbacks import BEMACallback as TRLBEMA
+
+    from robustft import BEMACallback
+
+    ours, theirs = BEMACallback(save_dir=str(tmp_path / "ours"), **options), TRLBEMA(**options)
+    trainer = _train([ours, theirs], tmp_path, learning_rate=2e-2)
+    assert ours.num_updates == len(range(options.get("update_after", 0) + options["update_freq"], 9,
+                                         options["update_freq"]))
+    ref = dict(theirs.running_model.named_parameters())
+    for name, avg in zip(ours.average().names, ours.average().tensors):
+        torch.testing.assert_close(avg, ref[name].detach(), atol=1e-6, rtol=1e-6)
+        assert not torch.allclose(avg, trainer.model.get_parameter(name).detach())  # not the live weights
+    saved_ours = load_file(str(tmp_path / "ours" / "model.safetensors"))
+    saved_trl = load_file(str(tmp_path / "bema" / "model.safetensors"))  # TRL writes <output_dir>/bema
+    for name in ours.average().names:
+        torch.testing.assert_close(saved_ours[name], saved_trl[name], atol=1e-6, rtol=1e-6)
+
+
+def test_bema_refuses_our_names_for_trls_options():
+    from robustft import BEMACallback
+
+    with pytest.raises(ValueError, match="update_freq"):
+        BEMACallback(update_every=2)
+    with pytest.raises(ValueError, match="update_after"):
+        BEMACallback(start_step=2)
+
+
+class TokensAndWeights(Recorder):
+    """Also records the Trainer's input-token count after every optimizer step."""
+
+    def __init__(self):
+        super().__init__()
+        self.tokens: list[int] = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.tokens.append(state.num_input_tokens_seen)
+
+
+@pytest.mark.parametrize("half_life, unit", [("3ba", "steps"), (2.5, "steps"), ("100tok", "tokens")])
+def test_ema_half_life_is_the_halving_formula(tmp_path, half_life, unit):
+    ema, rec = EMACallback(half_life=half_life, update_every=2, save_dir=None), TokensAndWeights()
+    _train([ema, rec], tmp_path, include_num_input_tokens_seen=unit == "tokens",
+           per_device_train_batch_size=4 if unit == "tokens" else 8)
+    h = 3.0 if half_life == "3ba" else 2.5 if unit == "steps" else 100.0
+    steps = (2, 4, 6, 8)
+    clock = {s: (rec.tokens[s - 1] if unit == "tokens" else s) for s in steps}
+    if unit == "tokens":
+        assert clock[4] - clock[2] == 2 * 4 * 8  # two steps of 4 sequences of 8 tokens
+    ref = {n: t.double() for n, t in rec.points[1].items()}  # the first update copies
+    for prev, s in zip(steps, steps[1:]):
+        decay = 0.5 ** ((clock[s] - clock[prev]) / h)
+        ref = {n: decay * ref[n] + (1 - decay) * rec.points[s - 1][n].double() for n in ref}
+    for name, avg in zip(ema.average().names, ema.average().tensors):
+        torch.testing.assert_close(avg.double(), ref[name], atol=1e-6, rtol=0)
+
+
+def test_ema_half_life_in_tokens_needs_the_token_count(tmp_path):
+    with pytest.raises(ValueError, match="include_num_input_tokens_seen"):
+        _train([EMACallback(half_life="1000tok", save_dir=None)], tmp_path)
+    for bad in ("10ep", "-3ba", "ba", 0):
+        with pytest.raises(ValueError, match="half_life"):
+            EMACallback(half_life=bad)
+    with pytest.raises(ValueError, match="half_life"):
+        EMACallback(0.9, half_life="10ba")
+
+
+class LearningRates(TrainerCallback):
+    """The learning rate each optimizer step used."""
+
+    def __init__(self):
+        self.used: list[float] = []
+
+    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        self.used.append(optimizer.param_groups[0]["lr"])
+
+
+@pytest.mark.parametrize("start, strategy, anneal", [(3, "cos", 3), (0.5, "linear", 2), (2, "cos", 0)])
+def test_swalr_equals_torch_swalr_in_a_hand_loop(tmp_path, start, strategy, anneal):
+    from torch.optim.swa_utils import SWALR
+    from transformers import get_scheduler
+
+    swa = SWACallback(start=start, swa_lr=1e-3, anneal_epochs=anneal, anneal_strategy=strategy, save_dir=None)
+    rates = LearningRates()
+    trainer = _train([swa, rates], tmp_path, lr_scheduler_type="linear", learning_rate=2e-2)
+    first = start if isinstance(start, int) else int(start * 8)
+    # torch's recipe: the schedule steps until SWA starts, then SWALR steps instead (once per step here)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2e-2)
+    base, swalr, used = get_scheduler("linear", opt, num_warmup_steps=0, num_training_steps=8), None, []
+    for t in range(1, 9):
+        used.append(opt.param_groups[0]["lr"])
+        opt.step()
+        if t >= first:
+            swalr = swalr or SWALR(opt, swa_lr=1e-3, anneal_epochs=anneal, anneal_strategy=strategy)
+            swalr.step()
+        else:
+            base.step()
+    assert rates.used == pytest.approx(used, abs=1e-12)
+    assert used[-1] == pytest.approx(1e-3) and used[first - 1] > 1e-3  # it did take over
+    logged = [h["learning_rate"] for h in trainer.state.log_history if "learning_rate" in h]
+    assert logged == pytest.approx(used, abs=1e-12)
+
+
+def test_swalr_bad_options():
+    for option in (dict(anneal_strategy="step"), dict(anneal_epochs=-1), dict(swa_lr=-1.0), dict(swa_lr=[])):
+        with pytest.raises(ValueError, match=next(iter(option))):
+            SWACallback(**option)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: __import__("robustft").BEMACallback(update_freq=2, update_after=1, save_dir=None),
+    lambda: EMACallback(half_life="3ba", update_every=3, save_dir=None),
+    lambda: SWACallback(start=2, swa_lr=1e-3, anneal_epochs=4, save_dir=None),
+])
+def test_variants_resume_equals_uninterrupted(tmp_path, make):
+    full, rates = make(), LearningRates()
+    _train([full, rates], tmp_path / "full", lr_scheduler_type="linear")
+    interrupted = make()
+    _train([interrupted, stop_at(4)], tmp_path / "part", save_strategy="steps", save_steps=4,
+           lr_scheduler_type="linear")
+    resumed, resumed_rates = make(), LearningRates()
+    trainer = Trainer(
+        model=tiny_bert(), train_dataset=token_dataset(), callbacks=[resumed, resumed_rates],
+        args=training_args(tmp_path / "part", save_strategy="no", lr_scheduler_type="linear"),
+    )
+    trainer.train(resume_from_checkpoint=str(tmp_path / "part" / "checkpoint-4"))
+    assert resumed.num_updates == full.num_updates
+    assert resumed_rates.used == pytest.approx(rates.used[4:], abs=1e-12)
+    for a, b in zip(full.average().tensors, resumed.average().tensors):
+        torch.testing.assert_close(a, b, atol=1e-7, rtol=0)

@@ -102,6 +102,17 @@ def test_finite_curve_gives_no_warning():
 # -- one rule for numeric options (robustft.checks.as_real), the same for every exported callback ------------
 # (callback, option as named in the error, make(value), a valid value, integer option?)
 NUMERIC = [
+    ("BEMACallback", "update_freq", lambda v: callbacks.BEMACallback(update_freq=v), 4, True),
+    ("BEMACallback", "update_after", lambda v: callbacks.BEMACallback(update_after=v), 2, True),
+    ("BEMACallback", "ema_power", lambda v: callbacks.BEMACallback(ema_power=v), 0.25, False),
+    ("BEMACallback", "bias_power", lambda v: callbacks.BEMACallback(bias_power=v), 0.25, False),
+    ("BEMACallback", "lag", lambda v: callbacks.BEMACallback(lag=v), 2.5, False),
+    ("BEMACallback", "multiplier", lambda v: callbacks.BEMACallback(multiplier=v), 2.5, False),
+    ("BEMACallback", "min_ema_multiplier", lambda v: callbacks.BEMACallback(min_ema_multiplier=v), 0.25,
+     False),
+    ("EMACallback", "half_life", lambda v: EMACallback(half_life=v), 2.5, False),
+    ("SWACallback", "swa_lr", lambda v: SWACallback(swa_lr=v), 0.25, False),
+    ("SWACallback", "anneal_epochs", lambda v: SWACallback(swa_lr=0.1, anneal_epochs=v), 4, True),
     ("EMACallback", "decay", lambda v: EMACallback(decay=v), 0.9, False),
     ("EMACallback", "warmup_gamma", lambda v: EMACallback(warmup_gamma=v), 2.5, False),
     ("EMACallback", "warmup_power", lambda v: EMACallback(warmup_power=v), 0.75, False),

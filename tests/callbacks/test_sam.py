@@ -140,11 +140,13 @@ def test_sam_without_clipping_matches_reference_and_differs_from_plain(tmp_path,
 
 
 class BitProbe(TrainerCallback):
-    """Records every parameter at step begin (after the perturbation), before the optimizer step
-    (after the undo), the gradients and SGD momentum buffers seen by the step, and the result."""
+    """Records every parameter at the step's first forward (the weights the gradient is taken at: the
+    one-pass variants perturb inside ``training_step``), before the optimizer step (after the undo), the
+    gradients and SGD momentum buffers seen by the step, and the result."""
 
     def __init__(self):
         self.begin, self.pre, self.end, self.grads, self.bufs = [], [], [], [], []
+        self._want = False
 
     @staticmethod
     def _snap(model):
@@ -153,8 +155,18 @@ class BitProbe(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kw):
         self.start = self._snap(model)
 
+        def first_forward(module, inputs):
+            if self._want:
+                self._want = False
+                self.begin.append(self._snap(model))
+
+        self._hook = model.register_forward_pre_hook(first_forward)
+
     def on_step_begin(self, args, state, control, model=None, **kw):
-        self.begin.append(self._snap(model))
+        self._want = True
+
+    def on_train_end(self, args, state, control, **kw):
+        self._hook.remove()
 
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kw):
         self.pre.append(self._snap(model))

@@ -183,9 +183,55 @@ def _write_interpolate(tmp_path: Path) -> Path:
     return tmp_path / "out"
 
 
+def _write_average(tmp_path: Path) -> Path:
+    """EMACallback saving the averaged model (save_pretrained) at the end of a 2-step run."""
+    from transformers import Trainer
+
+    from robustft import EMACallback
+    from tests.tiny import tiny_bert, token_dataset, training_args
+
+    args = training_args(tmp_path / "run", max_steps=2)
+    ema = EMACallback(decay=0.5)
+    Trainer(model=tiny_bert(), args=args, train_dataset=token_dataset(16), callbacks=[ema]).train()
+    return tmp_path / "run" / "ema"
+
+
+def _write_average_plain_module(tmp_path: Path) -> Path:
+    """SWACallback saving a plain nn.Module's averaged state dict (safetensors' save_file) to its save_dir."""
+    from robustft import SWACallback
+    from tests.callbacks.sam_helpers import MLP, NoisyLinearData, make_trainer
+
+    torch.manual_seed(0)
+    swa = SWACallback(start=0, save_dir=str(tmp_path / "swa"))
+    make_trainer(MLP(), tmp_path / "run", [swa], total_batch=8, steps=2, data=NoisyLinearData(n=16)).train()
+    return tmp_path / "swa"
+
+
+def _write_demo_llm_cache(tmp_path: Path) -> Path:
+    """The LLM demo's converted model cache (model_path), the GGUF loading replaced by a tiny Llama."""
+    import transformers
+
+    from robustft.demos import llm as demo_llm
+    from tests.tiny import tiny_llama
+
+    class Tokenizer:
+        def save_pretrained(self, folder):
+            Path(folder, "tokenizer.json").write_text("{}")
+
+    patch = pytest.MonkeyPatch()
+    try:
+        patch.setattr(demo_llm, "gguf_folder", lambda: tmp_path)
+        patch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: Tokenizer())
+        patch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: tiny_llama())
+        return demo_llm.model_path(tmp_path / "cache", verbose=False)
+    finally:
+        patch.undo()
+
+
 @pytest.mark.parametrize(
     "write",
-    [_write_lora_compose, _write_merge_into, _write_gram, _write_fisher, _write_state, _write_interpolate],
+    [_write_lora_compose, _write_merge_into, _write_gram, _write_fisher, _write_state, _write_interpolate,
+     _write_average, _write_average_plain_module, _write_demo_llm_cache],
 )
 @pytest.mark.parametrize("umask", [0o022, 0o077])
 def test_every_writer_gives_its_files_the_umask_mode(tmp_path, write, umask):
@@ -475,3 +521,24 @@ def test_a_killed_writer_leaves_nothing_the_next_run_does_not_clean(tmp_path, be
     assert [str(w.message).endswith("left aside") for w in caught] == ([True] if between_renames else [])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     assert (out / "model.safetensors").read_bytes() == b"old"
+
+
+def test_average_save_replaces_its_folder_and_refuses_the_output_dir(tmp_path):
+    """The averaged model replaces a previous save as a whole (atomic_output_dir), so no stale file of an
+    older save stays beside it; a save_dir that is the Trainer's output_dir (which it would replace) is a
+    named error that leaves output_dir's files alone."""
+    from robustft import SWACallback
+    from tests.callbacks.sam_helpers import MLP, NoisyLinearData, make_trainer
+
+    (tmp_path / "swa").mkdir()
+    (tmp_path / "swa" / "model-00002-of-00002.safetensors").write_bytes(b"an older save's shard")
+    torch.manual_seed(0)
+    swa = SWACallback(start=0, save_dir=str(tmp_path / "swa"))
+    make_trainer(MLP(), tmp_path / "run", [swa], total_batch=8, steps=2, data=NoisyLinearData(n=16)).train()
+    assert sorted(p.name for p in (tmp_path / "swa").iterdir()) == ["model.safetensors"]
+    (tmp_path / "run" / "notes.txt").write_text("keep")
+    trainer = make_trainer(MLP(), tmp_path / "run", [SWACallback(start=0, save_dir=str(tmp_path / "run"))],
+                           total_batch=8, steps=2, data=NoisyLinearData(n=16))
+    with pytest.raises(ValueError, match="SWACallback: save_dir .* is or contains the Trainer's output_dir"):
+        trainer.train()
+    assert (tmp_path / "run" / "notes.txt").read_text() == "keep"

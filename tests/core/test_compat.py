@@ -293,3 +293,71 @@ def test_training_loop_running_and_clip_grad_norm_name(tmp_path):
     assert not compat.training_loop_running(trainer)
     name = compat.clip_grad_norm_name(trainer)
     assert name == "_clip_grad_norm" and callable(getattr(trainer, name))
+
+
+
+def _linear_warmup(step: int, base: float, warmup: int, total: int) -> float:
+    """transformers' "linear" schedule written out: warmup to ``base`` over ``warmup`` steps, then to 0."""
+    if step < warmup:
+        return base * step / warmup
+    return base * max(0.0, (total - step) / (total - warmup))
+
+
+def _schedule_trainer(tmp_path, callbacks, steps: int, optimizers=(None, None), **args) -> Trainer:
+    from transformers import TrainingArguments
+
+    torch.manual_seed(0)
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=steps,
+                             report_to=[], use_cpu=True, disable_tqdm=True, save_strategy="no", seed=0,
+                             optim="sgd", **args)
+    return Trainer(model=MLP(), args=args, train_dataset=NoisyLinearData(n=8), callbacks=callbacks,
+                   optimizers=optimizers)
+
+
+def test_restart_lr_schedule_rebuilds_and_continues_the_trainers_schedule(tmp_path):
+    """``restart_lr_schedule`` (LP-FT's two-stage form): from the step it is called on, the optimizer gets
+    the rates of a fresh schedule of the TrainingArguments' kind and warmup over the given steps; with
+    ``state`` the schedule continues from that state; the callbacks are handed the new scheduler."""
+    base, warmup = 0.1, 2
+    lrs, handed = [], []
+
+    class Restart(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, optimizer=None, lr_scheduler=None, **kw):
+            lrs.append(optimizer.param_groups[0]["lr"])
+            handed.append(lr_scheduler is trainer.lr_scheduler)
+
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 3:  # stage two: a fresh schedule over the 4 steps left
+                self.first = compat.restart_lr_schedule(trainer, 4)
+            elif state.global_step == 5:  # rebuilt again, continuing from the state the first had reached
+                self.first.step()  # (the state it would reach at step 5: one step past the Trainer's)
+                again = compat.restart_lr_schedule(trainer, 4, state=self.first.state_dict())
+                assert again is not self.first
+
+    trainer = _schedule_trainer(tmp_path, [Restart()], 7, learning_rate=base, lr_scheduler_type="linear",
+                                warmup_steps=warmup)
+    trainer.train()
+    want = [_linear_warmup(s, base, warmup, 7) for s in range(3)]  # the Trainer's own schedule
+    want += [_linear_warmup(s, base, warmup, 4) for s in (0, 1, 3, 4)]  # the fresh one; its state at 5 -> 3
+    assert lrs == pytest.approx(want, abs=1e-12) and all(handed)
+
+
+def test_restart_lr_schedule_refuses_a_scheduler_the_user_passed(tmp_path):
+    """A scheduler given to the Trainer cannot be rebuilt from the TrainingArguments: a named refusal."""
+    model = MLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    trainer = _schedule_trainer(tmp_path, [], 1, optimizers=(opt, sched))
+    trainer.create_optimizer_and_scheduler(num_training_steps=1)
+    with pytest.raises(ValueError, match="two_stage: the Trainer was given its own lr scheduler"):
+        compat.restart_lr_schedule(trainer, 4)
+    assert trainer.lr_scheduler is sched
+
+
+def test_set_scheduler_last_lr_is_what_get_last_lr_returns():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    compat.set_scheduler_last_lr(sched, [0.025])
+    assert sched.get_last_lr() == [0.025]
+    with pytest.raises(RuntimeError, match="_last_lr"):
+        compat.set_scheduler_last_lr(object(), [0.1])

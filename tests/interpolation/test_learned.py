@@ -2,7 +2,9 @@
 hand-written entropy-minimisation loop, the dense formula, saved/reloaded coefficients and checkpoints."""
 
 import copy
+import fractions
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -201,9 +203,9 @@ def test_bad_options_are_named():
         LearnedInterpolation(start, wrong)
     with pytest.raises(ValueError, match="ends\\[0\\]: has no tensor"):
         LearnedInterpolation(start, {"0.weight": torch.zeros(8, 4)})
-    with pytest.raises(ValueError, match="init: 'half' is not a number"):
+    with pytest.raises(ValueError, match="init must be a finite number, got 'half'"):
         LearnedInterpolation(start, end, init="half")
-    with pytest.raises(ValueError, match="init: nan is not finite"):
+    with pytest.raises(ValueError, match="init must be a finite number, got nan"):
         LearnedInterpolation(start, end, init=float("nan"))
     with pytest.raises(ValueError, match="init: shape"):
         LearnedInterpolation(start, end, init=torch.zeros(2, 2))
@@ -291,3 +293,21 @@ def test_merge_saved_streams_the_same_weights_as_in_memory(tmp_path):
     with pytest.raises(ValueError, match="fitted on another model"):
         merge_saved(tmp_path / "llama", [tmp_path / "llama"] * 2, tmp_path / "coef", tmp_path / "other")
     assert not (tmp_path / "other").exists()
+
+
+@pytest.mark.parametrize("bad", ["0.5", True, float("inf"), None, [0.5]])
+def test_init_follows_the_one_numeric_rule(bad):
+    """checks.check_number: a numeric string or a bool is not a coefficient (float() would take both)."""
+    start = _net(0)
+    with pytest.raises(ValueError, match=r"init must be a finite number, got "):
+        LearnedInterpolation(start, _perturbed(start, 1), init=bad)
+    with pytest.raises(ValueError, match="init: the tensor holds non-finite values"):
+        LearnedInterpolation(start, _perturbed(start, 1), blocks="all", init=torch.tensor([[float("nan")]]))
+
+
+@pytest.mark.parametrize("scalar", [np.float32(0.25), torch.tensor(0.25), 0.25, fractions.Fraction(1, 4)])
+def test_init_accepts_real_scalars(scalar):
+    """numpy and 0-d torch scalars are real numbers: the same coefficients as the Python float."""
+    start = _net(0)
+    got = LearnedInterpolation(start, _perturbed(start, 1), init=scalar).coefficients
+    assert torch.equal(got, torch.full_like(got, 0.25))

@@ -45,13 +45,16 @@ def _save_tokenizer(words: list[str], path) -> None:
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]").save_pretrained(path)
 
 
-def _family(root, tied: bool) -> dict[str, str]:
+def _family(root, tied: bool | set[str], vocabs: dict[str, list[str]] = VOCABS) -> dict[str, str]:
+    """Three two-layer Llamas with the word-level tokenizers of ``vocabs``; ``tied``: all, or the names of
+    the models that tie their embeddings."""
     out = {}
-    for k, (name, words) in enumerate(VOCABS.items()):
+    for k, (name, words) in enumerate(vocabs.items()):
         torch.manual_seed(k)
-        config = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        tie = tied if isinstance(tied, bool) else name in tied
+        config = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
                              num_key_value_heads=1, vocab_size=len(words), max_position_embeddings=32,
-                             tie_word_embeddings=tied)  # fmt: skip
+                             tie_word_embeddings=tie)  # fmt: skip
         path = root / name
         LlamaForCausalLM(config).save_pretrained(path)
         _save_tokenizer(words, path)
@@ -152,7 +155,7 @@ def test_no_tokenizer_source_copies_the_base_tokenizer_as_mergekit(untied, tmp_p
 def test_base_source_cuts_padded_embeddings_as_mergekit(untied, tmp_path):
     """A base whose embedding has 70 rows for a 64-token tokenizer: the output has the tokenizer's 64."""
     torch.manual_seed(5)
-    config = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+    config = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
                          num_key_value_heads=1, vocab_size=70, max_position_embeddings=32,
                          tie_word_embeddings=False)  # fmt: skip
     padded = tmp_path / "padded"
@@ -224,3 +227,129 @@ def test_get_rows_reads_the_rows_of_the_tensor(untied):
     torch.testing.assert_close(reader.get_rows("model.embed_tokens.weight", rows), full[rows], rtol=0, atol=0)
     with pytest.raises(IndexError, match="no row 72"):
         reader.get_rows("model.embed_tokens.weight", [72])
+
+
+# -- output vocabularies over slices -----------------------------------------------------------------------
+def _src(path: str, lo: int, hi: int, **parameters) -> dict:
+    out = {"model": path, "layer_range": [lo, hi]}
+    return {**out, "parameters": parameters} if parameters else out
+
+
+def test_passthrough_frankenmerge_with_union_matches_mergekit(untied, tmp_path):
+    """Embeddings from the first slice's source (A) only, the head from the last slice's (C) only: the rows
+    a source lacks are zero in mergekit, not filled from the other slices' models."""
+    m = untied
+    recipe = {"merge_method": "passthrough", "base_model": m["A"], "dtype": "float32",
+              "tokenizer_source": "union",
+              "slices": [{"sources": [_src(m["A"], 0, 2)]}, {"sources": [_src(m["B"], 1, 2)]},
+                         {"sources": [_src(m["C"], 0, 1)]}]}  # fmt: skip
+    mk, rf = _run_both(recipe, tmp_path)
+    _assert_same(mk, rf, same_order=False)
+    out, v = load_all(rf), _vocab(rf)
+    assert _config(rf)["num_hidden_layers"] == 4 and out["lm_head.weight"].shape[0] == 79
+    assert not out["model.embed_tokens.weight"][v["c0"]].any() and not out["lm_head.weight"][v["b3"]].any()
+
+
+def test_slerp_over_slices_with_union_matches_mergekit(untied, tmp_path):
+    """Two slices of other pairs: the embeddings' rows filled from A and B, the head's from A and C."""
+    m = untied
+    recipe = {"merge_method": "slerp", "base_model": m["A"], "dtype": "float32", "tokenizer_source": "union",
+              "parameters": {"t": [0.2, 0.7]},
+              "slices": [{"sources": [_src(m["A"], 0, 1), _src(m["B"], 0, 1)]},
+                         {"sources": [_src(m["A"], 1, 2), _src(m["C"], 1, 2)]}]}  # fmt: skip
+    mk, rf = _run_both(recipe, tmp_path)
+    _assert_same(mk, rf, same_order=False)
+    assert _config(rf)["vocab_size"] == 79
+
+
+def test_tokenizer_block_over_slices_matches_mergekit(untied, tmp_path):
+    m = untied
+    block = {"source": "union", "pad_to_multiple_of": 16,
+             "tokens": {"newtok": {"source": {"kind": "zero"}},
+                        "w3": {"source": m["B"], "force": True},
+                        "b1": {"source": {"kind": "model_token", "model": m["A"], "token": "w5"}},
+                        "a0": {"source": m["C"]}}}  # fmt: skip
+
+    def piece(lo, hi):
+        return {"sources": [_src(m["A"], lo, hi), _src(m["B"], lo, hi, weight=0.6),
+                            _src(m["C"], lo, hi, weight=0.3)]}  # fmt: skip
+
+    recipe = {"merge_method": "task_arithmetic", "base_model": m["A"], "dtype": "float32", "tokenizer": block,
+              "slices": [piece(0, 1), piece(1, 2)]}  # fmt: skip
+    mk, rf = _run_both(recipe, tmp_path)
+    _assert_same(mk, rf, same_order=False)
+    assert _config(rf)["vocab_size"] == 80 and "newtok" in _vocab(rf)
+
+
+# -- tied and untied models mixed --------------------------------------------------------------------------
+SAME_VOCAB = {k: VOCABS["A"] for k in VOCABS}
+
+
+@pytest.mark.parametrize("tied_models", [{"B"}, {"A"}, {"A", "C"}])
+def test_tied_and_untied_models_mixed_match_mergekit(tmp_path, tied_models):
+    """mergekit reads a tied model's embedding as its lm_head when another input has one; with a tied base
+    it writes that head beside the base's tied config (transformers then loads the head, untied)."""
+    m = _family(tmp_path / "in", tied_models, SAME_VOCAB)
+    mk, rf = _run_both(_recipe(m), tmp_path / "out")
+    _assert_same(mk, rf, same_order=True)
+    assert "lm_head.weight" in load_all(rf)
+
+
+@pytest.mark.parametrize("tied_models", [{"B"}, {"A"}])
+def test_tied_and_untied_models_mixed_with_union_match_mergekit(tmp_path, tied_models):
+    m = _family(tmp_path / "in", tied_models)
+    mk, rf = _run_both(_recipe(m, tokenizer_source="union"), tmp_path / "out")
+    _assert_same(mk, rf, same_order=False)
+
+
+def test_tied_and_untied_over_slices_match_mergekit(tmp_path):
+    m = _family(tmp_path / "in", {"C"})
+    first = [_src(m["A"], 0, 2, weight=0.5), _src(m["B"], 0, 2, weight=0.5)]
+    last = [_src(m["C"], 0, 2, weight=0.3), _src(m["A"], 0, 2, weight=0.7)]
+    recipe = {"merge_method": "linear", "base_model": m["A"], "dtype": "float32", "tokenizer_source": "union",
+              "slices": [{"sources": first}, {"sources": last}]}  # fmt: skip
+    mk, rf = _run_both(recipe, tmp_path / "out")
+    _assert_same(mk, rf, same_order=False)
+
+
+def test_last_slice_of_tied_models_under_an_untied_config_is_refused(tmp_path):
+    """mergekit writes no lm_head there while the config (A's) has an untied one: refused by name."""
+    m = _family(tmp_path / "in", {"C"}, SAME_VOCAB)
+    recipe = {"merge_method": "passthrough", "base_model": m["A"], "dtype": "float32",
+              "slices": [{"sources": [_src(m["A"], 0, 2)]}, {"sources": [_src(m["C"], 0, 2)]}]}  # fmt: skip
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"slices\[1\]: every source of the last slice ties its embeddings"):
+        merge_checkpoints(parse_recipe(recipe), out, progress=False)
+    assert not out.exists()
+
+
+# -- chat_template with a built vocabulary -----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def chatty(tmp_path_factory):
+    """The untied family, A and C with one chat template and B with another (``auto``: the plurality)."""
+    m = _family(tmp_path_factory.mktemp("chatty"), tied=False)
+    for name, text in (("A", "{{ 'a' }}{% for m in messages %}{{ m['content'] }}{% endfor %}"),
+                       ("B", "{{ 'b' }}{% for m in messages %}{{ m['content'] }}{% endfor %}"),
+                       ("C", "{{ 'a' }}{% for m in messages %}{{ m['content'] }}{% endfor %}")):  # fmt: skip
+        tok = AutoTokenizer.from_pretrained(m[name])
+        tok.chat_template = text
+        tok.save_pretrained(m[name])
+    return m
+
+
+@pytest.mark.parametrize("template", ["chatml", "auto"])
+@pytest.mark.parametrize("slices", [False, True])
+def test_chat_template_with_a_built_vocabulary_matches_mergekit(chatty, tmp_path, template, slices):
+    recipe = _recipe(chatty, tokenizer_source="union", chat_template=template)
+    if slices:
+        recipe.pop("models")
+        sources = [_src(chatty[k], 0, 2, weight=w) for k, w in zip("ABC", (1.0, 0.7, 0.4), strict=True)]
+        recipe["slices"] = [{"sources": sources}]
+    mk, rf = _run_both(recipe, tmp_path)
+    files = {p.name for p in mk.iterdir() if "token" in p.name or "chat" in p.name}
+    assert files == {p.name for p in rf.iterdir() if "token" in p.name or "chat" in p.name}
+    assert json.loads((rf / "tokenizer_config.json").read_text()) == json.loads(
+        (mk / "tokenizer_config.json").read_text()
+    )
+    assert (rf / "chat_template.jinja").read_text() == (mk / "chat_template.jinja").read_text()
+    assert AutoTokenizer.from_pretrained(rf).chat_template == AutoTokenizer.from_pretrained(mk).chat_template

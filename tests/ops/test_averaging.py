@@ -96,3 +96,48 @@ def test_ema_decay_warmup_defaults_are_timms():
     warmup_power=2/3), whose decay after k updates is 1 − (1 + k/γ)^−p capped at the target decay."""
     for k in [1, 3, 10, 1000]:
         assert ema_decay(k, 0.999, warmup=True) == pytest.approx(min(0.999, 1 - (1 + k) ** (-2 / 3)))
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+def test_bema_update_is_the_dense_formula(foreach):
+    from robustft.ops.averaging import bema_coefficients, bema_update_
+
+    traj = _trajectory(steps=5)
+    theta0 = [t.clone() for t in traj[0]]
+    ema, out = [t.clone() for t in traj[0]], [torch.zeros_like(t) for t in traj[0]]
+    ref_ema = [t.double() for t in traj[0]]
+    for step, point in enumerate(traj[1:], start=1):
+        beta, alpha = bema_coefficients(step * 3, ema_power=0.5, bias_power=0.2, lag=10, multiplier=2.0)
+        assert (beta, alpha) == pytest.approx(((10 + 6 * step) ** -0.5, (10 + 6 * step) ** -0.2))
+        bema_update_(out, ema, theta0, point, beta, alpha, foreach=foreach)
+        ref_ema = [(1 - beta) * e + beta * p.double() for e, p in zip(ref_ema, point)]
+        ref_out = [e + alpha * (p.double() - t0.double()) for e, p, t0 in zip(ref_ema, point, theta0)]
+        for o, r in zip(out, ref_out):
+            torch.testing.assert_close(o.double(), r, atol=1e-6, rtol=0)
+    assert bema_coefficients(10**6, min_ema_multiplier=0.3)[0] == 0.3  # the floor on β
+
+
+def test_half_life_decay_halves_a_term_every_half_life():
+    from robustft.ops.averaging import half_life_decay
+
+    assert half_life_decay(1, 10) ** 10 == pytest.approx(0.5)
+    assert half_life_decay(64, 1000) == pytest.approx(0.5 ** 0.064)
+    assert half_life_decay(0, 5) == 1.0
+    with pytest.raises(ValueError, match="half_life"):
+        half_life_decay(1, 0)
+
+
+@pytest.mark.parametrize("strategy, anneal", [("cos", 4), ("linear", 3), ("cos", 0), ("linear", 1)])
+def test_swalr_lr_equals_torch_swalr(strategy, anneal):
+    from torch.optim.swa_utils import SWALR
+
+    from robustft.ops.averaging import swalr_lr
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.2)
+    sched = SWALR(opt, swa_lr=0.01, anneal_epochs=anneal, anneal_strategy=strategy)
+    for k in range(1, 8):
+        opt.step()
+        sched.step()
+        assert opt.param_groups[0]["lr"] == pytest.approx(swalr_lr(0.2, 0.01, k, anneal, strategy), abs=1e-12)
+    with pytest.raises(ValueError, match="anneal_strategy"):
+        swalr_lr(0.2, 0.01, 1, 2, "step")

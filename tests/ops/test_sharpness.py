@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -92,10 +93,18 @@ def test_worst_case_increase_is_the_best_iterate_and_never_negative():
 
 @pytest.mark.parametrize(("ball", "radius", "message"), [
     ("l2", 0.1, "ball: 'l2' is not one of relative_l2, adaptive_linf"),
-    ("relative_l2", -0.1, "radius: expected a finite number >= 0"),
-    ("adaptive_linf", float("nan"), "radius: expected a finite number >= 0"),
-    ("adaptive_linf", "big", "radius: 'big' is not a number"),
+    ("relative_l2", -0.1, "radius must be >= 0.0, got -0.1"),
+    ("adaptive_linf", float("nan"), "radius must be a finite number, got nan"),
+    ("adaptive_linf", "big", "radius must be a finite number, got 'big'"),
+    ("adaptive_linf", "0.1", "radius must be a finite number, got '0.1'"),  # float() would take it
+    ("relative_l2", True, "radius must be a finite number, got True"),
 ])
 def test_bad_ball_options_are_named(ball, radius, message):
     with pytest.raises(ValueError, match=message):
         check_ball(ball, radius)
+
+
+@pytest.mark.parametrize("radius", [np.float32(0.5), torch.tensor(0.5), 0.5, 1])
+def test_ball_radius_takes_real_scalars(radius):
+    """robustft.checks' one rule: numpy and 0-d torch scalars are numbers (same value as the Python float)."""
+    assert check_ball("adaptive_linf", radius) == float(radius)
