@@ -223,7 +223,8 @@ def run_average(args: argparse.Namespace) -> int:
         if not all(adapters):
             raise ValueError("give only PEFT adapter folders or only model checkpoints, not both: adapters "
                              + ", ".join(p for p, a in zip(paths, adapters) if a))
-        from robustft.lora.io import compose_adapters, read_adapter, write_adapter
+        from robustft.lora.compose import compose_adapters
+        from robustft.lora.io import read_adapter, write_adapter
 
         composed = compose_adapters([read_adapter(p) for p in paths], [1.0 / len(paths)] * len(paths))
         out = write_adapter(composed, args.out, args.overwrite, None, paths)

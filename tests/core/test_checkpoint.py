@@ -26,7 +26,7 @@ from robustft.core.checkpoint import atomic_output_dir, atomic_output_file, chec
 from robustft.core.statistics import save_fisher
 from robustft.merge.recipe import parse_recipe
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _ckpt(path: Path, seed: int) -> Path:

@@ -9,7 +9,7 @@ import pytest
 from robustft.cli import main
 from robustft.demos import llm as demo_llm
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # three synsets of noun.animal (05), one of noun.artifact (06), one of noun.person (18), WordNet 3.0 layout
 DATA_NOUN = """\
