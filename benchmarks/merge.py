@@ -5,6 +5,8 @@ resident set (VmHWM); the printed ratios are robustft / mergekit (below 1 = robu
 outputs are compared tensor by tensor (elements may differ only where several magnitudes tie at the trim
 cut). The same run measures the I/O floor (every input tensor of the 4 checkpoints read, the output written
 by the same writer, no maths) and robustft's other merge methods (``--methods``) on the same inputs.
+``--commands N`` times the whole commands (``robustft merge`` and ``mergekit-yaml --lazy-unpickle``, each a
+fresh process with default threads, start-up and side files included), N interleaved rounds.
 ``--grammar N`` times the TIES recipe with scalars against the same recipe written with mergekit's gradient
 and filter lists (per-model density and weight spread over the layers), N interleaved pairs: the cost of
 resolving parameters per tensor.
@@ -12,6 +14,7 @@ resolving parameters per tensor.
     python benchmarks/merge.py                 # --size small: ~17M-parameter Llama x 4, < 3 min here
     python benchmarks/merge.py --size full     # the issue's size: ~134M-parameter Llama x 4
     python benchmarks/merge.py --methods none --grammar 5   # scalars vs gradients + filters, 5 pairs
+    python benchmarks/merge.py --size full --methods none --commands 3   # whole commands, 3 rounds
 """
 
 from __future__ import annotations
@@ -159,6 +162,10 @@ def main(argv=None) -> None:
         "--grammar", type=int, default=0, metavar="N",
         help="also time TIES with gradient and filter lists against scalars, N interleaved pairs",
     )  # fmt: skip
+    parser.add_argument(
+        "--commands", type=int, default=0, metavar="N",
+        help="also time the whole commands (robustft merge, mergekit-yaml), N interleaved rounds",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     try:
         import mergekit  # noqa: F401
@@ -199,6 +206,7 @@ def main(argv=None) -> None:
         results[tool] = run_tool(tool, ties, work / f"out_{tool}", args.threads, args.workers)
     differ, total, worst = compare(work / "out_robustft", work / "out_mergekit")
     grammar = _grammar_pairs(recipe, work, dirs, args) if args.grammar > 0 else None
+    commands = _command_rounds(ties, work, args.commands) if args.commands > 0 else None
     others = {}
     for method in methods:
         params, n = METHODS[method]
@@ -221,6 +229,12 @@ def main(argv=None) -> None:
           f"peak RSS {rf['peak'] / mk['peak']:.2f}x, RSS growth {growth:.2f}x; "
           f"robustft = {rf['seconds'] / fl['seconds']:.2f}x the I/O floor")  # fmt: skip
     print(f"outputs: {differ} of {total} elements differ ({differ / total:.2e}), max abs diff {worst:.3g}")
+    if commands is not None:
+        ours, theirs = commands
+        ratios = sorted(o / t for o, t in zip(ours, theirs, strict=True))
+        print(f"whole commands, default threads, {len(ratios)} interleaved rounds: robustft merge "
+              f"{_spread(ours)} s, mergekit-yaml {_spread(theirs)} s; ratio median "
+              f"{ratios[len(ratios) // 2]:.3f}x (min {ratios[0]:.3f}, max {ratios[-1]:.3f})")  # fmt: skip
     if grammar is not None:
         scalar, dynamic = grammar
         ratios = sorted(d / s for s, d in zip(scalar, dynamic, strict=True))
@@ -231,6 +245,28 @@ def main(argv=None) -> None:
         for label in ("ties_scalar", "ties"):
             ms, n = _resolution_ms(work / f"{label}.yaml")
             print(f"  parameters resolved for {n} tensors ({label}.yaml): {ms:.2f} ms per merge")
+
+
+def _command_rounds(recipe: Path, work: Path, rounds: int) -> tuple[list[float], list[float]]:
+    """Wall times of the whole ``robustft merge`` and ``mergekit-yaml`` commands (fresh processes, default
+    threads), interleaved rounds; each output is removed before the next run."""
+    import time
+
+    commands = (
+        [sys.executable, "-m", "robustft", "merge", str(recipe), str(work / "out_cmd"), "--no-progress"],
+        [str(Path(sys.executable).with_name("mergekit-yaml")), str(recipe), str(work / "out_cmd"),
+         "--lazy-unpickle"],
+    )  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    env["PYTHONPATH"] = str(REPO)
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in range(rounds):
+        for k, command in enumerate(commands):
+            start = time.perf_counter()
+            subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            times[k].append(time.perf_counter() - start)
+            shutil.rmtree(work / "out_cmd")
+    return times
 
 
 def _resolution_ms(path: Path, repeats: int = 20) -> tuple[float, int]:

@@ -101,8 +101,8 @@ def run_merge(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe)
     if args.random_seed is not None:
         recipe = dataclasses.replace(recipe, seed=args.random_seed)
-    if not args.copy_tokenizer:
-        recipe = dataclasses.replace(recipe, tokenizer_source=None, chat_template=None)
+    if not args.copy_tokenizer:  # no copied tokenizer; a built vocabulary's (and its chat_template) stays
+        recipe = dataclasses.replace(recipe, tokenizer_source=None)
     result = merge_checkpoints(
         recipe,
         out,

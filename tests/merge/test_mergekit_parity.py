@@ -12,6 +12,7 @@ here or listed in ``robustft.merge.registry.MERGEKIT_REFUSED`` (shown in docs/me
 
 from __future__ import annotations
 
+import shutil
 import warnings
 
 import pytest
@@ -19,7 +20,7 @@ import torch
 
 from robustft.merge import merge_checkpoints, parse_recipe
 from robustft.merge.registry import MERGEKIT_REFUSED, IgnoredParameterWarning
-from tests.merge.tiny_models import build_family, load_all
+from tests.merge.tiny_models import build_family, load_all, save_word_tokenizer, word_family
 
 pytest.importorskip("mergekit", reason="mergekit is not installed (pip install mergekit==0.1.5)")
 
@@ -255,3 +256,193 @@ def test_no_warning_on_a_plain_mergekit_recipe(ckpt):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         parse_recipe(_recipe(ckpt, "ties", [("base", {}), *[(k, {**p, "density": 0.5}) for k, p in W3]]))
+
+
+# -- claims of docs/merging.md run against mergekit (docs/claims.md) ---------------------------------------
+# A zero divisor: weights +1 and -1 sum to 0 (task_arithmetic everywhere; ties where the weighted deltas
+# agree in sign, i.e. where the two task vectors have opposite signs: about half the entries).
+ZERO_DIVISOR = {
+    "ties": ("ties", [("a", {"weight": 1.0, "density": 1.0}), ("b", {"weight": -1.0, "density": 1.0})]),
+    "task_arithmetic": ("task_arithmetic", [("a", {"weight": 1.0}), ("b", {"weight": -1.0})]),
+    "della_linear": ("della_linear", [("a", {"weight": 1.0, "density": 1.0}), ("b", {"weight": -1.0})]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ZERO_DIVISOR))
+def test_zero_divisor_is_taken_as_one_as_mergekit(ckpt, tmp_path, case):
+    method, entries = ZERO_DIVISOR[case]
+    mk, rf = _both(_recipe(ckpt, method, entries, {"normalize": True}), tmp_path)
+    _assert_same(mk, rf, ckpt, tie_fraction=1e-4 if "ties" in method else 0.0)
+    a, b, base = load_all(ckpt["a"]), load_all(ckpt["b"]), ckpt["tensors"]
+    name = "model.layers.0.mlp.down_proj.weight"
+    opposite = (a[name] - base[name]).sign() * (b[name] - base[name]).sign() < 0
+    assert opposite.any() and torch.allclose(rf[name][opposite], a[name][opposite] - b[name][opposite] + base[
+        name][opposite], atol=1e-6), "the zero divisor was not reached (or not taken as 1)"  # fmt: skip
+
+
+def _save_weights(tensors: dict[str, torch.Tensor], config_from: str, path) -> str:
+    """A model folder with ``tensors`` in one safetensors file and ``config_from``'s config (no tokenizer)."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    path.mkdir()
+    save_file({n: t.contiguous() for n, t in tensors.items()}, path / "model.safetensors", {"format": "pt"})
+    shutil.copyfile(f"{config_from}/config.json", path / "config.json")
+    return str(path)
+
+
+@pytest.mark.parametrize("filter_wise", [False, True])
+def test_model_stock_cosine_floor_as_mergekit(ckpt, tmp_path, filter_wise):
+    """Model a's delta scaled by 1e-6: the products of its norm with b's and c's are below 1e-6, where
+    mergekit divides the dot product by 1e-6."""
+    base, a = ckpt["tensors"], load_all(ckpt["a"])
+    tiny = _save_weights({n: base[n] + 1e-6 * (a[n] - base[n]) for n in base}, ckpt["base"],
+                         tmp_path / "tiny")  # fmt: skip
+    small, other = load_all(tiny), load_all(ckpt["b"])
+    name = "model.layers.0.self_attn.k_proj.weight"
+    norms = (small[name] - base[name]).norm() * (other[name] - base[name]).norm()
+    assert 0 < norms < 1e-6
+    recipe = {"merge_method": "model_stock", "base_model": ckpt["base"], "dtype": "float32",
+              "parameters": {"filter_wise": filter_wise},
+              "models": [{"model": tiny}, {"model": ckpt["b"]}, {"model": ckpt["c"]}]}  # fmt: skip
+    mk, rf = _both(recipe, tmp_path)
+    _assert_same(mk, rf, ckpt, atol=1e-5)
+
+
+def test_revision_of_a_local_folder_is_ignored_as_mergekit(ckpt, tmp_path):
+    recipe = _recipe(ckpt, "ties", [(k, {**p, "density": 0.5}) for k, p in W3])
+    plain = _robustft(recipe, tmp_path / "plain")
+    recipe["base_model"] += "@main"
+    recipe["models"] = [{**m, "model": m["model"] + "@some-branch"} for m in recipe["models"]]
+    mk, rf = _both(recipe, tmp_path)
+    _assert_same(mk, rf, ckpt, tie_fraction=1e-4)
+    _assert_same(plain, rf)
+
+
+def test_relative_paths_from_the_current_directory_as_mergekit(ckpt, tmp_path, monkeypatch):
+    """Paths relative to the current directory: a recipe naming the models by folder name, run from their
+    parent folder, gives mergekit's output (and the absolute recipe's)."""
+    from pathlib import Path
+
+    recipe = _recipe(ckpt, "task_arithmetic", W3, {"lambda": 0.8})
+    absolute = _robustft(recipe, tmp_path / "abs")
+    monkeypatch.chdir(Path(ckpt["base"]).parent)
+    recipe["base_model"] = Path(ckpt["base"]).name
+    recipe["models"] = [{**m, "model": Path(m["model"]).name} for m in recipe["models"]]
+    mk, rf = _both(recipe, tmp_path)
+    _assert_same(mk, rf, ckpt)
+    _assert_same(absolute, rf)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(Exception, match=Path(ckpt["base"]).name):
+        _robustft(recipe, tmp_path / "elsewhere")
+
+
+WORD = [f"w{i}" for i in range(28)]
+WORDS = {"A": ["[UNK]", "[PAD]", *WORD, "a0", "a1"], "B": ["[PAD]", "[UNK]", *WORD[::-1], "a1", "b0"]}
+
+
+@pytest.fixture(scope="module")
+def worded(tmp_path_factory):
+    """Two tiny Llamas with word-level tokenizers of 32 and 32 tokens (B: A's words reversed, b0 for a0)."""
+    return word_family(tmp_path_factory.mktemp("worded"), WORDS)
+
+
+def _worded_recipe(base: str, models: list[str], **extra) -> dict:
+    return {"merge_method": "task_arithmetic", "base_model": base, "dtype": "float32",
+            "models": [{"model": m, "parameters": {"weight": 0.7 - 0.3 * i}} for i, m in enumerate(models)],
+            **extra}  # fmt: skip
+
+
+def _side_files(path) -> dict[str, str]:
+    """The output's files other than the weights, robustft's copy of the recipe and the generation config
+    (robustft copies it, mergekit 0.1.5 does not): name -> text."""
+    skip = ("robustft_merge.yaml", "model.safetensors.index.json", "generation_config.json")
+    return {p.name: p.read_text() for p in path.iterdir() if not p.name.endswith(".safetensors")
+            and p.name not in skip}  # fmt: skip
+
+
+@pytest.mark.parametrize("source", [None, "base"])
+def test_no_copy_tokenizer_writes_what_mergekit_writes(worded, tmp_path, source):
+    """``--no-copy-tokenizer`` with a ``chat_template``: without a tokenizer_source nothing but the config
+    (no template); with one, the built tokenizer and its template, as mergekit."""
+    import json
+
+    import yaml
+
+    from robustft.cli import main
+
+    extra = {"tokenizer_source": source} if source else {}
+    recipe = _worded_recipe(worded["A"], [worded["B"]], chat_template="chatml", **extra)
+    options = MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True)
+    run_merge(MergeConfiguration.model_validate(recipe), str(tmp_path / "mk"), options)
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    args = ["merge", str(tmp_path / "r.yaml"), str(tmp_path / "rf"), "--no-copy-tokenizer", "--no-progress"]
+    if source is None:  # mergekit logs "Chat template specified but no tokenizer found"
+        with pytest.warns(UserWarning, match="no tokenizer is written: it is not saved"):
+            assert main(args) == 0
+    else:
+        assert main(args) == 0
+    mk, rf = _side_files(tmp_path / "mk"), _side_files(tmp_path / "rf")
+    assert set(mk) == set(rf)
+    assert ("chat_template.jinja" in rf) == (source is not None)
+    for name in set(rf) - {"config.json"}:
+        assert (json.loads(rf[name]) if name.endswith(".json") else rf[name]) == (
+            json.loads(mk[name]) if name.endswith(".json") else mk[name]), name  # fmt: skip
+    _assert_same(load_all(tmp_path / "mk"), load_all(tmp_path / "rf"))
+
+
+def test_model_without_a_tokenizer_has_the_base_vocabulary_as_mergekit(worded, tmp_path, caplog):
+    """Model D has A's 32 rows and no tokenizer files: both tools read it with A's vocabulary (a warning)."""
+    import logging
+
+    from transformers import AutoTokenizer
+
+    torch.manual_seed(9)
+    noisy = {n: t + 0.05 * torch.randn_like(t) for n, t in load_all(worded["A"]).items()}
+    d = _save_weights(noisy, worded["A"], tmp_path / "D")
+    recipe = _worded_recipe(worded["A"], [worded["B"], d], tokenizer_source="union")
+    options = MergeOptions(copy_tokenizer=True, write_model_card=False, quiet=True)
+    run_merge(MergeConfiguration.model_validate(recipe), str(tmp_path / "mk"), options)
+    with caplog.at_level(logging.WARNING):
+        merge_checkpoints(parse_recipe(recipe), tmp_path / "rf", progress=False, workers=1)
+    assert "taking it to have the vocabulary of" in caplog.text
+    mk_v = AutoTokenizer.from_pretrained(tmp_path / "mk").get_vocab()
+    assert AutoTokenizer.from_pretrained(tmp_path / "rf").get_vocab() == mk_v and "b0" in mk_v
+    _assert_same(load_all(tmp_path / "mk"), load_all(tmp_path / "rf"))
+
+
+def _refused_recipe(worded, tmp_path, case: str) -> dict:
+    """The first four recipes of docs/merging.md's refused table."""
+    a, b = worded["A"], worded["B"]
+    if case == "base_lacks_token":
+        return _worded_recipe(a, [b], tokenizer={"source": "base", "tokens": {"b0": {"source": b}}})
+    if case == "id_beyond_vocab_size":  # B's tokenizer has a0 (A's id 30) at id 32, beyond its 32 rows
+        short = tmp_path / "short"
+        shutil.copytree(b, short)
+        save_word_tokenizer([*WORDS["B"], "a0"], short)
+        return _worded_recipe(a, [str(short)], tokenizer_source="union")
+    if case == "no_source":
+        return _worded_recipe(a, [b], tokenizer={"source": "union", "tokens": {"b0": {}}})
+    return _worded_recipe(a, [b], tokenizer={"source": "union", "tokens": {"b0": {"source": "elsewhere"}}})
+
+
+@pytest.mark.parametrize(
+    "case, mergekit_error, match",
+    [
+        ("base_lacks_token", KeyError, "token 'b0' has id 32 .* beyond its vocab_size 32"),
+        ("id_beyond_vocab_size", KeyError, "token 'a0' has id 32 .* beyond its vocab_size 32"),
+        ("no_source", NotImplementedError, r"tokenizer.tokens\['b0'\]: give a source"),
+        ("foreign_source", ValueError, r"\['b0'\].source: .* is not one of the merged models"),
+    ],
+)
+def test_vocabulary_refusals_where_mergekit_raises(worded, tmp_path, case, mergekit_error, match):
+    """Where mergekit stops with an exception, robustft refuses the recipe by name and writes nothing."""
+    recipe = _refused_recipe(worded, tmp_path, case)
+    options = MergeOptions(copy_tokenizer=True, write_model_card=False, quiet=True)
+    with pytest.raises(mergekit_error):
+        run_merge(MergeConfiguration.model_validate(recipe), str(tmp_path / "mk"), options)
+    out = tmp_path / "rf"
+    with pytest.raises(ValueError, match=match):
+        merge_checkpoints(parse_recipe(recipe), out, progress=False)
+    assert not out.exists()

@@ -19,7 +19,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from robustft.merge import merge_checkpoints, parse_recipe
 from robustft.merge.io import TOKENIZER_FILES, CheckpointReader
 from robustft.merge.tokenizer import remap_rows
-from tests.merge.tiny_models import load_all
+from tests.merge.tiny_models import load_all, save_word_tokenizer, word_family
 
 mergekit = pytest.importorskip("mergekit", reason="mergekit is not installed (pip install mergekit==0.1.5)")
 
@@ -36,30 +36,8 @@ VOCABS = {
 }
 
 
-def _save_tokenizer(words: list[str], path) -> None:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]").save_pretrained(path)
-
-
 def _family(root, tied: bool | set[str], vocabs: dict[str, list[str]] = VOCABS) -> dict[str, str]:
-    """Three two-layer Llamas with the word-level tokenizers of ``vocabs``; ``tied``: all, or the names of
-    the models that tie their embeddings."""
-    out = {}
-    for k, (name, words) in enumerate(vocabs.items()):
-        torch.manual_seed(k)
-        tie = tied if isinstance(tied, bool) else name in tied
-        config = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                             num_key_value_heads=1, vocab_size=len(words), max_position_embeddings=32,
-                             tie_word_embeddings=tie)  # fmt: skip
-        path = root / name
-        LlamaForCausalLM(config).save_pretrained(path)
-        _save_tokenizer(words, path)
-        out[name] = str(path)
-    return out
+    return word_family(root, vocabs, tied)
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +138,7 @@ def test_base_source_cuts_padded_embeddings_as_mergekit(untied, tmp_path):
                          tie_word_embeddings=False)  # fmt: skip
     padded = tmp_path / "padded"
     LlamaForCausalLM(config).save_pretrained(padded)
-    _save_tokenizer(VOCABS["A"], padded)
+    save_word_tokenizer(VOCABS["A"], padded)
     recipe = {**_recipe(untied, tokenizer_source="base"), "base_model": str(padded)}
     mk, rf = _run_both(recipe, tmp_path / "out")
     _assert_same(mk, rf, same_order=True)

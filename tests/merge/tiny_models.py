@@ -64,6 +64,33 @@ def build_family(root: Path, n: int = 3, max_shard_size="5GB", config=None, toke
     return base_dir, dirs
 
 
+def save_word_tokenizer(words: list[str], path) -> None:
+    """A word-level fast tokenizer whose ids are the positions of ``words`` ([UNK] and [PAD] among them)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]").save_pretrained(path)
+
+
+def word_family(root: Path, vocabs: dict[str, list[str]], tied: bool | set[str] = False) -> dict[str, str]:
+    """Two-layer Llamas named as ``vocabs``' keys, each with the word-level tokenizer of its words (embedding
+    rows = words); ``tied``: all, or the names of the models that tie their embeddings."""
+    out = {}
+    for k, (name, words) in enumerate(vocabs.items()):
+        torch.manual_seed(k)
+        tie = tied if isinstance(tied, bool) else name in tied
+        config = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                             num_key_value_heads=1, vocab_size=len(words), max_position_embeddings=32,
+                             tie_word_embeddings=tie)  # fmt: skip
+        path = root / name
+        LlamaForCausalLM(config).save_pretrained(path)
+        save_word_tokenizer(words, path)
+        out[name] = str(path)
+    return out
+
+
 def load_all(path: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a saved folder, in memory (the non-streamed reference)."""
     out = {}
