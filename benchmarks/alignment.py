@@ -4,7 +4,7 @@
     python benchmarks/alignment.py                    # --setting full: more pairs and steps
     python benchmarks/alignment.py --setting fast --rm-steps 4 --dpo-steps 4    # a smoke run under load
 
-Data: ``robustft.demo_llm.make_preference_task`` (WordNet glosses; chosen = the word's definition, rejected
+Data: ``robustft.demos.llm.make_preference_task`` (WordNet glosses; chosen = the word's definition, rejected
 = another word's). In ``train`` and ``id`` the chosen answer is always the longer one; in ``cue_reversed``
 (same topics) and ``shifted`` (artifacts instead of animals and plants) it is always the shorter one, so a
 model that learned the length cue instead of the definitions drops below 50 % there.
@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT / "examples"))
 import warm_reward_models as warm  # noqa: E402
 
 from benchmarks.llm import write_section  # noqa: E402
-from robustft import demo_llm  # noqa: E402
+from robustft.demos import llm as demo_llm  # noqa: E402
 
 START, END = "<!-- alignment-benchmark:start -->", "<!-- alignment-benchmark:end -->"
 EVAL_SPLITS = ("id", "cue_reversed", "shifted")
@@ -184,7 +184,7 @@ def main(argv=None) -> int:
         f"bf16 autocast {'on' if cfg.bf16 else 'off'}, seed {cfg.seed}). Load average at start {load0:.1f} "
         f"on {os.cpu_count()} cores (above ~1 per core, other jobs were running: times are indicative).",
         "",
-        "Data (`robustft.demo_llm.make_preference_task`, WordNet 3.0 glosses): the prompt asks for a word's "
+        "Data (`robustft.demos.llm.make_preference_task`, WordNet 3.0 glosses): the prompt asks for a word's "
         "definition, chosen is its definition, rejected another word's. `id`: animals and plants, chosen "
         "always the longer answer, as in training; `cue_reversed`: same topics, chosen always the shorter; "
         "`shifted`: artifacts, chosen always the shorter. Length alone scores 100 % / 0 % / 0 %.",

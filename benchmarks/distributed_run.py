@@ -25,7 +25,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from robustft import EMACallback, RandomPerturbationCallback, WiseFTCallback  # noqa: E402
-from robustft.params import is_zero3_param, local_tensor  # noqa: E402
+from robustft.core.params import is_zero3_param, local_tensor  # noqa: E402
 from tests.distributed.harness import allow_deepspeed_on_cpu, allow_fsdp_on_cpu, finish, fsdp_args  # noqa: E402
 from tests.tiny import training_args  # noqa: E402
 

@@ -181,7 +181,7 @@ def check_wise_ft(device: str, out: str) -> tuple[str, float, float]:
 
 
 def run_checks(device: str) -> bool:
-    from robustft.demo_llm import format_table
+    from robustft.demos.llm import format_table
 
     with tempfile.TemporaryDirectory() as out:
         results = [check_ema(device, out), *check_sam(device, out), check_wise_ft(device, out)]
@@ -215,7 +215,7 @@ def main(argv=None) -> int:
     from dataclasses import replace
 
     from benchmarks.llm import throughput, throughput_table
-    from robustft import demo_llm
+    from robustft.demos import llm as demo_llm
 
     cfg = demo_llm.FULL if args.setting == "full" else demo_llm.FAST
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"

@@ -4,7 +4,7 @@
     python benchmarks/llm.py --setting fast      # the `robustft demo --llm` default (a few minutes)
     python benchmarks/llm.py --skip-scores --rounds 3 --steps 6     # throughput only
 
-1. Scores: ``robustft.demo_llm.run_llm_demo`` in the chosen setting: base model, plain LoRA, WiSE-FT at α*
+1. Scores: ``robustft.demos.llm.run_llm_demo`` in the chosen setting: base model, plain LoRA, WiSE-FT at α*
    (chosen on in-distribution loss only), EMA, Flat-LoRA, LoRA-GGPO and Momentum-SAM, each scored by the
    mean answer-token loss on the in-distribution, shifted and retained-capability sets (lower is better).
 2. Throughput: training tokens per second of plain LoRA and of each callback on the same model and data,
@@ -29,7 +29,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from robustft import demo_llm  # noqa: E402
+from robustft.demos import llm as demo_llm  # noqa: E402
 
 THROUGHPUT_VARIANTS = ("plain LoRA", "EMA", "Flat-LoRA", "LoRA-GGPO", "Momentum-SAM")
 START, END = "<!-- llm-benchmark:start -->", "<!-- llm-benchmark:end -->"

@@ -5,7 +5,8 @@
     python benchmarks/robustness.py --no-write              # print only
     python benchmarks/robustness.py --llm                   # the LLM task's table (robustft demo --llm)
 
-The task, data, seeds and training budget are those of ``robustft demo`` (``robustft.demo``: the zero-shot
+The task, data, seeds and training budget are those of ``robustft demo`` (``robustft.demos.encoder``: the
+zero-shot
 all-MiniLM-L6-v2 start, 400 training examples with a spurious source tag, 2 epochs of batch 32 at lr 5e-5;
 300 examples per eval set). Every method starts from the same zero-shot model. Scores are accuracies on
 ``id_test`` (held-out in-distribution) and ``shifted`` (the tag points to a wrong label); ``id`` is only used
@@ -58,8 +59,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.llm import write_section  # noqa: E402
-from robustft import demo, demo_llm  # noqa: E402
-from robustft.demo_llm import format_table, step_clock  # noqa: E402
+from robustft.demos import encoder as demo  # noqa: E402
+from robustft.demos import llm as demo_llm  # noqa: E402
+from robustft.demos.llm import format_table, step_clock  # noqa: E402
 
 SPLITS = ("id_test", "shifted")  # reported; "id" chooses
 
@@ -147,7 +149,7 @@ class Context:
     """The shared plain fine-tuning run (both endpoints kept) and the runs several rows share."""
 
     def __init__(self, task: Task, out: Path):
-        from robustft.wise_ft import WiseFTWeights
+        from robustft.interpolation.wise_ft import WiseFTWeights
 
         self.task, self.out = task, out
         self.start = task.start().eval()
@@ -170,7 +172,7 @@ class Context:
 
     def curve(self, split: str) -> tuple[Any, float]:
         """The WiSE-FT curve of ``split`` alone (α chosen on it) and the seconds its sweep took."""
-        from robustft.wise_ft import wise_ft_sweep
+        from robustft.interpolation.wise_ft import wise_ft_sweep
 
         def sweep():
             t0 = time.perf_counter()
@@ -182,7 +184,7 @@ class Context:
 
     def at_alpha(self, alpha: float) -> tuple[dict[str, float], float]:
         """The reported scores of θ(α) (written into the fine-tuned model, then put back) and their time."""
-        from robustft.wise_ft import evaluate_at_alphas
+        from robustft.interpolation.wise_ft import evaluate_at_alphas
 
         return evaluate_at_alphas(self.weights, [alpha], lambda _: evaluate(self.trainer, self.task))[0]
 
@@ -227,7 +229,7 @@ def wise_ft(ctx: Context, oracle: bool = False) -> Row:
 
 
 def dawin(ctx: Context, n_components: int = 3) -> Row:
-    from robustft.wise_ft import dawin_evaluate
+    from robustft.interpolation.dawin import dawin_evaluate
 
     t0 = time.perf_counter()
     result = dawin_evaluate(ctx.trainer, ctx.weights, {s: ctx.task.evals[s] for s in SPLITS}, n_components)
@@ -240,7 +242,7 @@ def dawin(ctx: Context, n_components: int = 3) -> Row:
 
 def learned(ctx: Context, objective: str, split: str) -> Row:
     """Per-layer coefficients (aTLAS: loss on labelled ``split``; AdaMerging: entropy on its inputs alone)."""
-    from robustft.learned import LearnedInterpolation
+    from robustft.interpolation.learned import LearnedInterpolation
 
     task = ctx.task
     t0 = time.perf_counter()
@@ -477,16 +479,16 @@ LLM_L2SP = 1.0  # λ of L2-SP and of EWC's λ·mean(F) (EWC: λ = 1/mean(F)), as
 
 
 def llm_rows(cfg, out: Path, task=None) -> tuple[dict[str, Row], str, int]:
-    """The cheap rows on the LLM demo task (robustft.demo_llm's set-up, trainer and scores), its description
+    """The cheap rows on the LLM demo task (robustft.demos.llm's set-up, trainer and scores), its description
     and the elements of one model. Row scores are mean answer-token losses (lower is better)."""
     import torch
     from transformers import AutoModelForCausalLM, TrainerCallback
 
     from robustft import EWCCallback, L2SPCallback, WiseFTCallback
-    from robustft.learned import LearnedInterpolation
+    from robustft.interpolation.dawin import dawin_evaluate
+    from robustft.interpolation.learned import LearnedInterpolation
     from robustft.lora.io import adapter_from_peft_model
     from robustft.merge import estimate_fisher
-    from robustft.wise_ft import dawin_evaluate
 
     task = task or demo_llm.prepare_llm_task(cfg, verbose=False)
     evals = task.evals

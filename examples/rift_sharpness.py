@@ -26,7 +26,7 @@ from robustft import (  # noqa: E402
     least_critical_module,
     sharpness_along_path,
 )
-from robustft.demo import LABELS, TOPICS, encoder_path, make_task  # noqa: E402
+from robustft.demos.encoder import LABELS, TOPICS, encoder_path, make_task  # noqa: E402
 
 
 def main() -> None:

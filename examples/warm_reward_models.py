@@ -13,7 +13,7 @@
 4. Every single RM, the ensemble and the weight average are scored by pairwise accuracy (reward of chosen
    > reward of rejected) on each evaluation set, with their cost: scoring time and parameters held.
 
-Data: with ``--model`` the WordNet preference pairs of ``robustft.demo_llm.make_preference_task`` (needs
+Data: with ``--model`` the WordNet preference pairs of ``robustft.demos.llm.make_preference_task`` (needs
 ``wordnet-base``): ``id`` with a length cue that agrees with the preference as in training, ``cue_reversed``
 and ``shifted`` (another topic) where it is reversed, so a reward model that learned the cue (reward
 hacking) drops below 50 %. In tiny mode (no ``--model``) a 2-layer random-init Llama, a word-level
@@ -154,7 +154,7 @@ def compare(reward_models: Sequence[str | os.PathLike], averaged: str | os.PathL
 
 def table(rows: dict[str, dict], splits: Sequence[str]) -> str:
     """The comparison as a Markdown table (accuracy per split, scoring time, parameters held)."""
-    from robustft.demo_llm import format_table
+    from robustft.demos.llm import format_table
 
     return format_table(
         ["reward model", *(f"{s} acc" for s in splits), "scoring s", "parameters held"],
@@ -263,7 +263,7 @@ def main(argv=None) -> int:
         base, data = tiny_setup(out / "tiny", seed=args.seed)
         lrs, steps = args.learning_rates or [5e-3, 1e-2, 2e-2], args.steps or 12
     else:
-        from robustft import demo_llm
+        from robustft.demos import llm as demo_llm
 
         base = args.model
         data = demo_llm.make_preference_task(demo_llm.wordnet_dir(args.wordnet), args.n_train, args.n_eval,

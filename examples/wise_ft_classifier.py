@@ -17,7 +17,7 @@ from datasets import Dataset  # noqa: E402
 from transformers import AutoTokenizer, DataCollatorWithPadding, Trainer, TrainingArguments  # noqa: E402
 
 from robustft import SentenceClassifier, WiseFTCallback, install_zero_shot_head  # noqa: E402
-from robustft.demo import LABELS, TOPICS, encoder_path, make_task  # noqa: E402
+from robustft.demos.encoder import LABELS, TOPICS, encoder_path, make_task  # noqa: E402
 
 
 def main() -> None:

@@ -11,31 +11,12 @@ only what a program touches pulls in torch or transformers (see docs/architectur
 from typing import TYPE_CHECKING
 
 from robustft._lazy import lazy_exports
+from robustft.callbacks import CALLBACKS
 
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:  # the same names, for type checkers and IDEs
-    from robustft.callbacks import (
-        BEMACallback,
-        EMACallback,
-        EMAReferenceCallback,
-        EWCCallback,
-        GGPOCallback,
-        L2SPCallback,
-        LAWACallback,
-        LoRAArithmeticCallback,
-        LPFTCallback,
-        MomentumInterpolationCallback,
-        MomentumSAMCallback,
-        RandomPerturbationCallback,
-        SAMCallback,
-        ShrinkPerturbCallback,
-        SparseUpdateCallback,
-        SpectralRegCallback,
-        SWACallback,
-        WiseFTCallback,
-    )
-    from robustft.diagnostics import (
+    from robustft.analysis.sharpness import (
         SharpnessReport,
         layer_sharpness,
         least_critical_module,
@@ -43,7 +24,19 @@ if TYPE_CHECKING:  # the same names, for type checkers and IDEs
         plot_sharpness,
         sharpness_along_path,
     )
-    from robustft.learned import LearnedInterpolation
+    from robustft.callbacks import *  # noqa: F403 (every name of robustft.callbacks.CALLBACKS)
+    from robustft.core.params import Snapshot, select_parameters, swapped_in
+    from robustft.demos.zero_shot import SentenceClassifier, install_zero_shot_head
+    from robustft.interpolation.dawin import dawin_evaluate
+    from robustft.interpolation.learned import LearnedInterpolation
+    from robustft.interpolation.wemoe import fit_wemoe, load_wemoe, save_wemoe, upscale_wemoe
+    from robustft.interpolation.wise_ft import (
+        WiseFTCurve,
+        evaluate_at_alphas,
+        interpolate_models,
+        interpolate_state_dicts,
+        wise_ft_sweep,
+    )
     from robustft.lora import (
         DeltaSet,
         LoRAAdapter,
@@ -55,126 +48,44 @@ if TYPE_CHECKING:  # the same names, for type checkers and IDEs
     )
     from robustft.merge import estimate_fisher, load_recipe, merge_checkpoints
     from robustft.ops.interpolate import interpolate
-    from robustft.params import Snapshot, select_parameters, swapped_in
-    from robustft.wemoe import fit_wemoe, load_wemoe, save_wemoe, upscale_wemoe
-    from robustft.wise_ft import (
-        WiseFTCurve,
-        dawin_evaluate,
-        evaluate_at_alphas,
-        interpolate_models,
-        interpolate_state_dicts,
-        wise_ft_sweep,
-    )
-    from robustft.zero_shot import SentenceClassifier, install_zero_shot_head
 
-__getattr__, __dir__ = lazy_exports(
-    __name__,
-    {
-        "robustft.callbacks": (
-            "BEMACallback",
-            "EMACallback",
-            "EMAReferenceCallback",
-            "EWCCallback",
-            "GGPOCallback",
-            "L2SPCallback",
-            "LAWACallback",
-            "LPFTCallback",
-            "LoRAArithmeticCallback",
-            "MomentumInterpolationCallback",
-            "MomentumSAMCallback",
-            "RandomPerturbationCallback",
-            "SAMCallback",
-            "SWACallback",
-            "SpectralRegCallback",
-            "ShrinkPerturbCallback",
-            "SparseUpdateCallback",
-            "WiseFTCallback",
-        ),
-        "robustft.diagnostics": (
-            "SharpnessReport",
-            "layer_sharpness",
-            "least_critical_module",
-            "module_criticality",
-            "plot_sharpness",
-            "sharpness_along_path",
-        ),
-        "robustft.learned": ("LearnedInterpolation",),
-        "robustft.lora": (
-            "DeltaSet",
-            "LoRAAdapter",
-            "LoRADelta",
-            "compose_adapters",
-            "merge_into_base",
-            "read_adapter",
-            "write_adapter",
-        ),
-        "robustft.merge": ("estimate_fisher", "load_recipe", "merge_checkpoints"),
-        "robustft.ops.interpolate": ("interpolate",),
-        "robustft.params": ("Snapshot", "select_parameters", "swapped_in"),
-        "robustft.wise_ft": (
-            "WiseFTCurve",
-            "dawin_evaluate",
-            "evaluate_at_alphas",
-            "interpolate_models",
-            "interpolate_state_dicts",
-            "wise_ft_sweep",
-        ),
-        "robustft.wemoe": ("fit_wemoe", "load_wemoe", "save_wemoe", "upscale_wemoe"),
-        "robustft.zero_shot": ("SentenceClassifier", "install_zero_shot_head"),
-    },
-)
+#: module -> the public names ``robustft`` re-exports from it; ``__all__`` and the lazy look-up derive from it
+#: (a new callback is registered in ``robustft.callbacks.EXPORTS`` only)
+EXPORTS: dict[str, tuple[str, ...]] = {
+    "robustft.callbacks": CALLBACKS,
+    "robustft.analysis.sharpness": (
+        "SharpnessReport",
+        "layer_sharpness",
+        "least_critical_module",
+        "module_criticality",
+        "plot_sharpness",
+        "sharpness_along_path",
+    ),
+    "robustft.interpolation.learned": ("LearnedInterpolation",),
+    "robustft.lora": (
+        "DeltaSet",
+        "LoRAAdapter",
+        "LoRADelta",
+        "compose_adapters",
+        "merge_into_base",
+        "read_adapter",
+        "write_adapter",
+    ),
+    "robustft.merge": ("estimate_fisher", "load_recipe", "merge_checkpoints"),
+    "robustft.ops.interpolate": ("interpolate",),
+    "robustft.core.params": ("Snapshot", "select_parameters", "swapped_in"),
+    "robustft.interpolation.dawin": ("dawin_evaluate",),
+    "robustft.interpolation.wise_ft": (
+        "WiseFTCurve",
+        "evaluate_at_alphas",
+        "interpolate_models",
+        "interpolate_state_dicts",
+        "wise_ft_sweep",
+    ),
+    "robustft.interpolation.wemoe": ("fit_wemoe", "load_wemoe", "save_wemoe", "upscale_wemoe"),
+    "robustft.demos.zero_shot": ("SentenceClassifier", "install_zero_shot_head"),
+}
 
-__all__ = [
-    "BEMACallback",
-    "DeltaSet",
-    "EMACallback",
-    "EMAReferenceCallback",
-    "EWCCallback",
-    "GGPOCallback",
-    "L2SPCallback",
-    "LAWACallback",
-    "LPFTCallback",
-    "LearnedInterpolation",
-    "LoRAAdapter",
-    "LoRAArithmeticCallback",
-    "LoRADelta",
-    "MomentumInterpolationCallback",
-    "MomentumSAMCallback",
-    "RandomPerturbationCallback",
-    "SAMCallback",
-    "SWACallback",
-    "SentenceClassifier",
-    "SharpnessReport",
-    "ShrinkPerturbCallback",
-    "Snapshot",
-    "SpectralRegCallback",
-    "SparseUpdateCallback",
-    "WiseFTCallback",
-    "WiseFTCurve",
-    "__version__",
-    "compose_adapters",
-    "dawin_evaluate",
-    "estimate_fisher",
-    "evaluate_at_alphas",
-    "fit_wemoe",
-    "install_zero_shot_head",
-    "interpolate",
-    "interpolate_models",
-    "interpolate_state_dicts",
-    "layer_sharpness",
-    "least_critical_module",
-    "load_recipe",
-    "load_wemoe",
-    "merge_checkpoints",
-    "merge_into_base",
-    "module_criticality",
-    "plot_sharpness",
-    "read_adapter",
-    "save_wemoe",
-    "select_parameters",
-    "sharpness_along_path",
-    "swapped_in",
-    "upscale_wemoe",
-    "wise_ft_sweep",
-    "write_adapter",
-]
+__getattr__, __dir__ = lazy_exports(__name__, EXPORTS)
+
+__all__ = sorted({"__version__", *(name for names in EXPORTS.values() for name in names)})

@@ -147,6 +147,13 @@ def check_integer(name: str, value: Any) -> int:
     return real
 
 
+def check_choice(name: str, value: Any, allowed: Sequence[Any]) -> None:
+    """``value`` is one of ``allowed`` (bool refused where ints are allowed); else a ValueError naming
+    ``name``."""
+    if isinstance(value, bool) or value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {short_repr(value)}")
+
+
 def compile_patterns(name: str, value: str | Sequence[str] | None) -> list[re.Pattern]:
     """The regular expressions of a name-pattern option (None, a str or a sequence of str), compiled now so
     a bad pattern is refused where the option is given, naming it."""

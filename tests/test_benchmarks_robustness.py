@@ -14,7 +14,7 @@ def tiny_task():
     from transformers import default_data_collator
 
     from benchmarks.robustness import Task
-    from robustft.demo import accuracy
+    from robustft.demos.encoder import accuracy
     from tests.tiny import tiny_bert, token_dataset, training_args
 
     start = tiny_bert(num_labels=2)
@@ -74,7 +74,7 @@ def test_llm_table_has_every_row_on_a_tiny_llama_with_the_demo_tokenizer(tmp_pat
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from benchmarks import robustness as rb
-    from robustft import demo_llm
+    from robustft.demos import llm as demo_llm
 
     cache = demo_llm.default_cache_dir() / "smollm2-135m-instruct"
     if not (cache / "tokenizer.json").exists():

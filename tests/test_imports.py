@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ("transformers", "peft", "accelerate", "datasets", "trl", "deepspeed", "matplotlib")
 
 #: modules that sit on the Trainer stack by design (the callbacks layer and the zero-shot model)
-MAY_BE_HEAVY = ("robustft.callbacks.", "robustft.zero_shot")
+MAY_BE_HEAVY = ("robustft.callbacks.", "robustft.demos.zero_shot")
 
 #: packages and command modules that must not even import torch (the CLI parser is built from them)
 TORCH_FREE = (
@@ -32,8 +32,13 @@ TORCH_FREE = (
     "robustft.callbacks",
     "robustft.lora",
     "robustft.merge",
+    "robustft.core",
+    "robustft.interpolation",
+    "robustft.analysis",
+    "robustft.demos",
     "robustft.cli",
-    "robustft.demo",
+    "robustft.demos.cli",
+    "robustft.demos.encoder",
     "robustft.lora.cli",
     "robustft.merge.cli",
 )
@@ -135,15 +140,51 @@ def test_type_checking_imports_match_the_lazy_names(package):
     seen = {}
     for node in block.body:
         assert isinstance(node, ast.ImportFrom), ast.unparse(node)
+        source = importlib.import_module(node.module)
         for alias in node.names:
-            seen[alias.asname or alias.name] = getattr(importlib.import_module(node.module), alias.name)
+            if alias.name == "*":  # robustft's callbacks: the names robustft.callbacks.CALLBACKS lists
+                seen.update({name: getattr(source, name) for name in source.CALLBACKS})
+            else:
+                seen[alias.asname or alias.name] = getattr(source, alias.name)
     assert set(seen) == set(module.__all__) - {"__version__"}
     for name, obj in seen.items():
         assert getattr(module, name) is obj, f"{package}.{name}"
 
 
 def test_submodules_still_import_through_the_package():
-    """``from robustft import distributed`` (a module, not a lazy name) keeps working."""
-    from robustft import distributed, params
+    """``from robustft.core import distributed`` (a module, not a lazy name) keeps working."""
+    from robustft.core import distributed, params
 
-    assert distributed.__name__ == "robustft.distributed" and params.__name__ == "robustft.params"
+    assert distributed.__name__ == "robustft.core.distributed" and params.__name__ == "robustft.core.params"
+
+
+#: the public names of ``from robustft import X`` (issue 23: the layout moved, these did not)
+PUBLIC = {
+    "BEMACallback", "DeltaSet", "EMACallback", "EMAReferenceCallback", "EWCCallback", "GGPOCallback",
+    "L2SPCallback",
+    "LAWACallback", "LPFTCallback", "LearnedInterpolation", "LoRAAdapter", "LoRAArithmeticCallback",
+    "LoRADelta",
+    "MomentumInterpolationCallback", "MomentumSAMCallback", "RandomPerturbationCallback", "SAMCallback",
+    "SWACallback", "SentenceClassifier", "SharpnessReport", "ShrinkPerturbCallback", "Snapshot",
+    "SpectralRegCallback", "SparseUpdateCallback", "WiseFTCallback", "WiseFTCurve", "__version__",
+    "compose_adapters", "dawin_evaluate", "estimate_fisher", "evaluate_at_alphas", "fit_wemoe",
+    "install_zero_shot_head", "interpolate", "interpolate_models", "interpolate_state_dicts",
+    "layer_sharpness",
+    "least_critical_module", "load_recipe", "load_wemoe", "merge_checkpoints", "merge_into_base",
+    "module_criticality", "plot_sharpness", "read_adapter", "save_wemoe", "select_parameters",
+    "sharpness_along_path", "swapped_in", "upscale_wemoe", "wise_ft_sweep", "write_adapter",
+}
+
+
+def test_the_public_names_are_kept():
+    """Every public name still imports from ``robustft``; a new one is added here on purpose."""
+    assert set(robustft.__all__) == PUBLIC
+
+
+def test_the_top_level_callbacks_come_from_the_one_table():
+    """A callback is registered once (robustft.callbacks.EXPORTS); robustft re-exports every callback."""
+    import robustft.callbacks as callbacks
+
+    classes = {n for n in callbacks.__all__ if n.endswith("Callback")} - {"RobustCallback"}
+    assert set(callbacks.CALLBACKS) == classes
+    assert set(callbacks.CALLBACKS) <= set(robustft.__all__)

@@ -1,4 +1,5 @@
-"""The import-layer contract: imports point down, ops -> params/distributed -> lora/merge -> callbacks -> cli.
+"""The import-layer contract: imports point down (ops -> core -> lora/merge -> interpolation -> analysis ->
+callbacks -> cli), and no module imports another module's private name.
 
 Every ``import`` of every module under robustft/ is read with ``ast`` (top-level, inside functions and
 under ``if TYPE_CHECKING:``) and must name a module of the same or a lower layer. The layers and the
@@ -15,41 +16,38 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "robustft"
 
 #: lowest first; a module may import its own layer and the ones before it
-LAYERS = ["init", "ops", "params/distributed", "lora/merge", "callbacks", "cli"]
+LAYERS = ["init", "ops", "core", "lora/merge", "interpolation", "analysis", "callbacks", "cli"]
 
 #: the layer of each module named here ...
 MODULE_LAYERS = {
     # the package __init__ files only name their exports; each is imported lazily (robustft/_lazy.py)
     "robustft": "init",
     "robustft._lazy": "init",
-    "robustft.checks": "init",  # bounded reprs for error messages; standard library only
+    "robustft.checks": "init",  # bounded reprs and option checks for error messages; standard library only
     "robustft.callbacks": "init",
+    "robustft.core": "init",
     "robustft.lora": "init",
     "robustft.merge": "init",
+    "robustft.interpolation": "init",
+    "robustft.analysis": "init",
+    "robustft.demos": "init",
     # ops/__init__ defines the Reduce type the maths takes, so it is part of ops
     "robustft.ops": "ops",
-    "robustft.params": "params/distributed",
-    "robustft.distributed": "params/distributed",
-    "robustft.compat": "params/distributed",  # private Trainer/accelerate/DeepSpeed state, stack walks
-    "robustft.checkpoint": "params/distributed",  # atomic writes and the callbacks' side state files
-    "robustft.wise_ft": "lora/merge",  # functional WiSE-FT on whole models (interpolate, sweep)
-    "robustft.learned": "lora/merge",  # learned per-block coefficients (aTLAS / AdaMerging) on models
-    "robustft.wemoe": "lora/merge",  # WEMoE: MLP blocks as weight-ensembling MoE, routers by entropy
-    "robustft.zero_shot": "lora/merge",  # a model built from a sentence encoder (params.train_mode)
-    "robustft.diagnostics": "lora/merge",  # RiFT's module criticality, layer sharpness along the WiSE-FT path
     "robustft.cli": "cli",
     "robustft.__main__": "cli",
-    "robustft.demo": "cli",
-    "robustft.demo_llm": "cli",  # the LLM demo (robustft demo --llm)
     "robustft.merge.cli": "cli",
     "robustft.lora.cli": "cli",
 }
-#: ... and of every other module inside these packages
+#: ... and of every other module inside these packages (one folder, one layer; command modules above)
 PACKAGE_LAYERS = {
     "robustft.ops.": "ops",
+    "robustft.core.": "core",
     "robustft.lora.": "lora/merge",
     "robustft.merge.": "lora/merge",
+    "robustft.interpolation.": "interpolation",
+    "robustft.analysis.": "analysis",
     "robustft.callbacks.": "callbacks",
+    "robustft.demos.": "cli",
 }
 
 #: ops/ is pure tensor maths: besides the standard library it may import only these
@@ -94,7 +92,9 @@ def lazy_names(package: str) -> dict[str, str]:
         if _is_type_checking(node):
             for child in node.body:
                 if isinstance(child, ast.ImportFrom):
-                    names.update({a.asname or a.name: child.module for a in child.names})
+                    for a in child.names:  # a star import re-exports that package's lazy names
+                        names.update({n: child.module for n in lazy_names(child.module)} if a.name == "*"
+                                     else {a.asname or a.name: child.module})
     return names
 
 
@@ -182,11 +182,13 @@ def test_imports_point_down(module):
     [
         ("robustft.ops.merge", "def f():\n    from robustft.callbacks import EMACallback\n",
          "robustft/ops/merge.py:2 imports robustft.callbacks.averaging (callbacks) from the lower layer ops"),
-        ("robustft.params", "from robustft import SAMCallback\n", "(callbacks) from the lower layer params"),
+        ("robustft.core.params", "from robustft import SAMCallback\n", "(callbacks) from the lower layer"),
+        ("robustft.interpolation.dawin", "from robustft.analysis import sharpness\n", "(analysis) from the"),
+        ("robustft.core.model", "from robustft.merge.io import GramFile\n", "(lora/merge) from the lower"),
         ("robustft.merge.engine", "import robustft.cli\n", "imports robustft.cli (cli)"),
-        ("robustft.lora.io", "from robustft import demo\n", "imports robustft.demo (cli)"),
+        ("robustft.lora.io", "from robustft.demos import encoder\n", "imports robustft.demos.encoder (cli)"),
         ("robustft.ops.perturb", "import numpy as np\n", "imports numpy: ops/ is pure maths"),
-        ("robustft.wise_ft", "from robustft.nowhere import x\n", "robustft.nowhere, which is not a module"),
+        ("robustft.interpolation.dawin", "from robustft.nowhere import x\n", "robustft.nowhere, which is"),
     ],
 )
 def test_the_contract_catches_an_upward_import(module, source, message):
@@ -195,7 +197,7 @@ def test_the_contract_catches_an_upward_import(module, source, message):
 
 
 def test_same_and_lower_layers_are_allowed():
-    source = "from robustft import distributed\nfrom robustft.ops import interpolate\nimport torch\n"
+    source = "from robustft.core import distributed\nfrom robustft.ops import interpolate\nimport torch\n"
     assert violations("robustft.callbacks.averaging", source) == []
     assert violations("robustft.merge.io", "from robustft.lora.algebra import LoRADelta\n") == []
 
@@ -204,3 +206,36 @@ def test_a_new_module_must_be_given_a_layer():
     expected = r"assign a layer to robustft/new_module\.py in tests/test_layers\.py"
     with pytest.raises(LookupError, match=expected):
         layer_of("robustft.new_module")
+
+
+def private_imports(module: str, source: str) -> list[str]:
+    """``from robustft.x import _name`` (a private name of another module) and ``import robustft.x._y``."""
+    path = module_path(module)
+    where = path.relative_to(ROOT) if path else f"{module.replace('.', '/')}.py"
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("robustft") and not node.level:
+            for alias in node.names:
+                if alias.name.startswith("_") and not alias.name.startswith("__") and (
+                        module_path(f"{node.module}.{alias.name}") is None):
+                    name = f"{node.module}.{alias.name}"
+                    found.append(f"{where}:{node.lineno} imports the private name {name}: "
+                                 "make it public in one home")
+    return found
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_no_module_imports_a_private_name(module):
+    """Helpers used in two places are public in one home (no per-file exceptions)."""
+    problems = private_imports(module, module_path(module).read_text())
+    assert not problems, "\n".join(problems)
+
+
+def test_the_private_name_check_catches_a_reach_in():
+    source = "from robustft.core.model import minimise\nfrom robustft.interpolation.learned import _x\n"
+    assert private_imports("robustft.analysis.sharpness", source) == [
+        "robustft/analysis/sharpness.py:2 imports the private name robustft.interpolation.learned._x: "
+        "make it public in one home"
+    ]
+    # a private *module* (robustft._lazy) is package plumbing, not another module's private name
+    assert private_imports("robustft.callbacks", "from robustft import _lazy\n") == []

@@ -27,53 +27,39 @@ if TYPE_CHECKING:  # the same names, for type checkers and IDEs
     from robustft.callbacks.sparse import SparseUpdateCallback, load_mask, save_mask
     from robustft.callbacks.wise_ft import WiseFTCallback
 
-__getattr__, __dir__ = lazy_exports(
-    __name__,
-    {
-        "robustft.callbacks.anchor": ("EWCCallback", "L2SPCallback", "SpectralRegCallback"),
-        "robustft.callbacks.averaging": (
-            "BEMACallback",
-            "EMACallback",
-            "LAWACallback",
-            "MomentumInterpolationCallback",
-            "SWACallback",
-        ),
-        "robustft.callbacks.base": ("RobustCallback",),
-        "robustft.callbacks.ema_reference": ("EMAReferenceCallback",),
-        "robustft.callbacks.lora_arithmetic": ("LoRAArithmeticCallback",),
-        "robustft.callbacks.lpft": ("LPFTCallback",),
-        "robustft.callbacks.perturbation": (
-            "GGPOCallback",
-            "MomentumSAMCallback",
-            "RandomPerturbationCallback",
-        ),
-        "robustft.callbacks.plasticity": ("ShrinkPerturbCallback",),
-        "robustft.callbacks.sam": ("SAMCallback",),
-        "robustft.callbacks.sparse": ("SparseUpdateCallback", "load_mask", "save_mask"),
-        "robustft.callbacks.wise_ft": ("WiseFTCallback",),
-    },
+#: the one registration point of a callback: module -> its public names. ``__all__``, the lazy look-up and
+#: ``robustft``'s own exports (:data:`CALLBACKS`) are derived from it; the ``TYPE_CHECKING`` imports above
+#: mirror it for IDEs (tests/test_imports.py checks that they agree).
+EXPORTS: dict[str, tuple[str, ...]] = {
+    "robustft.callbacks.anchor": ("EWCCallback", "L2SPCallback", "SpectralRegCallback"),
+    "robustft.callbacks.averaging": (
+        "BEMACallback",
+        "EMACallback",
+        "LAWACallback",
+        "MomentumInterpolationCallback",
+        "SWACallback",
+    ),
+    "robustft.callbacks.base": ("RobustCallback",),
+    "robustft.callbacks.ema_reference": ("EMAReferenceCallback",),
+    "robustft.callbacks.lora_arithmetic": ("LoRAArithmeticCallback",),
+    "robustft.callbacks.lpft": ("LPFTCallback",),
+    "robustft.callbacks.perturbation": (
+        "GGPOCallback",
+        "MomentumSAMCallback",
+        "RandomPerturbationCallback",
+    ),
+    "robustft.callbacks.plasticity": ("ShrinkPerturbCallback",),
+    "robustft.callbacks.sam": ("SAMCallback",),
+    "robustft.callbacks.sparse": ("SparseUpdateCallback", "load_mask", "save_mask"),
+    "robustft.callbacks.wise_ft": ("WiseFTCallback",),
+}
+
+#: the callbacks ``robustft`` re-exports at the top: every exported ``...Callback`` but the base class
+CALLBACKS: tuple[str, ...] = tuple(
+    name for names in EXPORTS.values() for name in names
+    if name.endswith("Callback") and name != "RobustCallback"
 )
 
-__all__ = [
-    "BEMACallback",
-    "EMACallback",
-    "EMAReferenceCallback",
-    "EWCCallback",
-    "GGPOCallback",
-    "L2SPCallback",
-    "LAWACallback",
-    "LPFTCallback",
-    "LoRAArithmeticCallback",
-    "MomentumInterpolationCallback",
-    "MomentumSAMCallback",
-    "RandomPerturbationCallback",
-    "RobustCallback",
-    "SAMCallback",
-    "SWACallback",
-    "SpectralRegCallback",
-    "ShrinkPerturbCallback",
-    "SparseUpdateCallback",
-    "WiseFTCallback",
-    "load_mask",
-    "save_mask",
-]
+__getattr__, __dir__ = lazy_exports(__name__, EXPORTS)
+
+__all__ = sorted(name for names in EXPORTS.values() for name in names)

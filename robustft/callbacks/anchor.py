@@ -18,9 +18,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from robustft import compat, distributed
 from robustft.callbacks.base import RobustCallback
 from robustft.checks import check_bool, check_number, compile_patterns
+from robustft.core import compat, distributed
+from robustft.core.params import SelectionGuard, Snapshot, check_snapshot_spec, is_sharded, select_parameters
 from robustft.ops.anchor import (
     anchor_penalty,
     anchor_pull,
@@ -28,7 +29,6 @@ from robustft.ops.anchor import (
     spectral_penalty,
     top_singular_value,
 )
-from robustft.params import SelectionGuard, Snapshot, check_snapshot_spec, is_sharded, select_parameters
 
 __all__ = ["EWCCallback", "L2SPCallback", "SpectralRegCallback"]
 
@@ -287,7 +287,7 @@ class EWCCallback(_AnchorCallback):
         elif resuming:  # loaded from the checkpoint right after this
             source = {n: torch.zeros(p.shape) for n, p in self.params.items()}
         else:
-            from robustft.merge.fisher import estimate_fisher
+            from robustft.core.statistics import estimate_fisher
 
             source = estimate_fisher(model, self.fisher_data, max_examples=self.fisher_max_examples,
                                      loss_fn=self.fisher_loss_fn, include=self.include, exclude=self.exclude)

@@ -21,11 +21,21 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from robustft import distributed
 from robustft.callbacks.base import END_COPY_AVERAGE, END_SAVE_AVERAGE, RobustCallback
-from robustft.checkpoint import atomic_output_dir
 from robustft.checks import as_real, check_bool, check_number, compile_patterns
-from robustft.compat import set_scheduler_last_lr
+from robustft.core import distributed
+from robustft.core.checkpoint import atomic_output_dir
+from robustft.core.compat import set_scheduler_last_lr
+from robustft.core.params import (
+    SelectionGuard,
+    Snapshot,
+    check_snapshot_spec,
+    is_sharded,
+    live_tensors,
+    select_parameters,
+    swapped_in,
+    train_mode,
+)
 from robustft.ops.averaging import (
     bema_coefficients,
     bema_update_,
@@ -36,16 +46,6 @@ from robustft.ops.averaging import (
     squared_distance,
     swa_update_,
     swalr_lr,
-)
-from robustft.params import (
-    SelectionGuard,
-    Snapshot,
-    check_snapshot_spec,
-    is_sharded,
-    live_tensors,
-    select_parameters,
-    swapped_in,
-    train_mode,
 )
 
 __all__ = [
@@ -148,7 +148,7 @@ class _AveragingCallback(RobustCallback):
         average is only read: an edit of the model inside the block (in place, an optimizer step) never
         reaches it, ``average()`` returns it unchanged inside, and the trained weights come back bit-exactly
         (kept in one more copy of the selected weights meanwhile). The block runs in the caller's grad mode
-        (:func:`robustft.params.swapped_in`).
+        (:func:`robustft.core.params.swapped_in`).
         """
         try:
             with swapped_in(self._require_setup(), self.average()):

@@ -21,10 +21,10 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback
 
-from robustft import distributed
-from robustft.checkpoint import load_state, save_state
 from robustft.checks import check_bool
-from robustft.compat import UNKNOWN_RESUME, caller_self, trainer_resume_checkpoint, training_loop_running
+from robustft.core import distributed
+from robustft.core.checkpoint import load_state, save_state
+from robustft.core.compat import UNKNOWN_RESUME, caller_self, trainer_resume_checkpoint, training_loop_running
 
 __all__ = [
     "END_COMPOSE",

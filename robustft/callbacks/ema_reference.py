@@ -22,9 +22,9 @@ from typing import Any
 import torch
 
 from robustft.callbacks.averaging import EMACallback
-from robustft.compat import TRL_REF_ADAPTER, trl_reference_model
+from robustft.core.compat import TRL_REF_ADAPTER, trl_reference_model
+from robustft.core.params import Snapshot, full_shape, is_sharded, live_tensors
 from robustft.ops.averaging import ema_update_
-from robustft.params import Snapshot, full_shape, is_sharded, live_tensors
 
 __all__ = ["EMAReferenceCallback"]
 

@@ -19,19 +19,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from robustft import distributed
 from robustft.callbacks.base import END_COMPOSE, RobustCallback
 from robustft.checks import check_bool, check_number
-from robustft.lora.io import (
-    DENSE_METHODS,
-    LoRAAdapter,
-    adapter_from_peft_model,
-    check_compatible,
-    compose_adapters,
-    read_adapter,
-    write_adapter,
-)
-from robustft.params import is_sharded
+from robustft.core import distributed
+from robustft.core.params import is_sharded
+from robustft.lora.compose import DENSE_METHODS, check_compatible, compose_adapters
+from robustft.lora.io import LoRAAdapter, adapter_from_peft_model, read_adapter, write_adapter
 
 __all__ = ["SELF", "LoRAArithmeticCallback"]
 

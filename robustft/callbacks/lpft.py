@@ -32,8 +32,8 @@ from robustft.callbacks.base import RobustCallback
 from robustft.callbacks.sparse import FrozenEntries, refuse_unsupported
 from robustft.callbacks.wise_ft import WiseFTCallback
 from robustft.checks import check_bool, check_number, compile_patterns, short_repr
-from robustft.compat import restart_lr_schedule
-from robustft.params import select_parameters
+from robustft.core.compat import restart_lr_schedule
+from robustft.core.params import select_parameters
 
 __all__ = ["DEFAULT_HEAD", "LPFTCallback"]
 

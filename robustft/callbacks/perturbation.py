@@ -1,6 +1,6 @@
 """Weight perturbations as ``TrainerCallback``s: the shared base and the one-pass family.
 
-* :class:`_WeightPerturbation` - what every perturbation callback shares (exact SAM in
+* :class:`WeightPerturbation` - what every perturbation callback shares (exact SAM in
   ``robustft.callbacks.sam`` included): options, parameter selection, the ρ schedule, the hook on
   ``trainer.training_step``, metrics.
 * :class:`MomentumSAMCallback`, :class:`RandomPerturbationCallback` (RWP / Flat-LoRA),
@@ -26,13 +26,22 @@ from typing import Any
 
 import torch
 
-from robustft import distributed
 from robustft.callbacks.base import RobustCallback
 from robustft.checks import check_bool, check_integer, check_number, compile_patterns, short_repr
+from robustft.core import distributed
+from robustft.core.params import (
+    SelectionGuard,
+    full_shape,
+    is_sharded,
+    is_zero3_param,
+    local_tensor,
+    select_parameters,
+    zero3_partition,
+)
 from robustft.lora.layers import lora_delta, lora_layers, low_rank_factors
+from robustft.ops.dtypes import compute_dtype
 from robustft.ops.perturb import (
     Fixup,
-    compute_dtype,
     flat_row_sq_norms,
     ggpo_row_scale,
     global_norm,
@@ -46,22 +55,13 @@ from robustft.ops.perturb import (
     scheduled_rho,
     unperturb_,
 )
-from robustft.params import (
-    SelectionGuard,
-    full_shape,
-    is_sharded,
-    is_zero3_param,
-    local_tensor,
-    select_parameters,
-    zero3_partition,
-)
 
-__all__ = ["GGPOCallback", "MomentumSAMCallback", "RandomPerturbationCallback"]
+__all__ = ["GGPOCallback", "MomentumSAMCallback", "RandomPerturbationCallback", "WeightPerturbation"]
 
 _SCHEDULES = ("constant", "linear")
 
 
-class _WeightPerturbation(RobustCallback):
+class WeightPerturbation(RobustCallback):
     """What all variants share: options, parameter selection, ρ schedule, the Trainer hook, metrics."""
 
     log_prefix = "sam"
@@ -180,7 +180,7 @@ class _WeightPerturbation(RobustCallback):
         self._unhook_trainer()
 
 
-class _OnePass(_WeightPerturbation):
+class _OnePass(WeightPerturbation):
     """Choose ε at ``on_step_begin``; apply it around each micro-batch in ``training_step``, undone exactly
     when it returns or raises (DeepSpeed: before the engine's step). Without a known Trainer (events called
     by hand) ε is applied at ``on_step_begin`` and undone at ``on_pre_optimizer_step``.

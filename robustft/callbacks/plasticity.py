@@ -14,11 +14,11 @@ from typing import Any
 
 import torch
 
-from robustft import distributed
 from robustft.callbacks.base import RobustCallback
 from robustft.checks import check_bool, check_integer, check_non_negative, check_number, compile_patterns
+from robustft.core import distributed
+from robustft.core.params import is_sharded, local_tensor, select_parameters
 from robustft.ops.perturb import noise_seed, shrink_perturb_
-from robustft.params import is_sharded, local_tensor, select_parameters
 
 __all__ = ["ShrinkPerturbCallback"]
 

@@ -5,7 +5,7 @@ through the Trainer's ``training_step`` at w + ε (so ``compute_loss`` overrides
 autocast, loss scaling and gradient-accumulation scaling all hold). The one-pass variants
 (MomentumSAM, RWP / Flat-LoRA, GGPO) and the base class all variants share are in
 ``robustft.callbacks.perturbation``; the maths is in ``robustft.ops.perturb``; the Trainer/TRL/GradScaler
-internals the replay needs are in ``robustft.compat``.
+internals the replay needs are in ``robustft.core.compat``.
 """
 
 from __future__ import annotations
@@ -18,16 +18,16 @@ from typing import Any
 import torch
 from transformers import Trainer
 
-from robustft import compat, distributed
-from robustft.callbacks.perturbation import _WeightPerturbation
+from robustft.callbacks.perturbation import WeightPerturbation
 from robustft.checks import check_bool, check_number
+from robustft.core import compat, distributed
+from robustft.core.params import SelectionGuard, Snapshot, local_tensor
 from robustft.ops.perturb import sam_epsilon, sam_norm
-from robustft.params import SelectionGuard, Snapshot, local_tensor
 
 __all__ = ["SAMCallback"]
 
 
-class SAMCallback(_WeightPerturbation):
+class SAMCallback(WeightPerturbation):
     """Exact SAM (Foret et al., 2021) or, with ``adaptive=True``, ASAM (Kwon et al., 2021).
 
     At ``on_pre_optimizer_step`` (gradients accumulated over the step's micro-batches, synchronized

@@ -29,14 +29,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from robustft import distributed
 from robustft.callbacks.base import RobustCallback
-from robustft.checkpoint import atomic_output_file
 from robustft.checks import check_count, check_density, compile_patterns, short_repr
-from robustft.compat import clip_grad_norm_name
-from robustft.merge.fisher import estimate_fisher
-from robustft.ops.sparse import keep_masked_, magnitude_scores, mask_gradient, top_k_mask
-from robustft.params import is_sharded, select_parameters
+from robustft.core import distributed
+from robustft.core.checkpoint import atomic_output_file
+from robustft.core.compat import clip_grad_norm_name
+from robustft.core.params import is_sharded, select_parameters
+from robustft.core.statistics import estimate_fisher
+from robustft.ops.sparse import keep_masked_, magnitude_scores, mask_gradient, top_k_masks
 
 __all__ = ["FrozenEntries", "SparseUpdateCallback", "load_mask", "save_mask"]
 
@@ -280,7 +280,7 @@ class SparseUpdateCallback(RobustCallback):
                 scores = estimate_fisher(model, self.fisher_data, max_examples=self.fisher_examples,
                                          include=self.include, exclude=self.exclude, across_ranks=True)
         masks = {}
-        for n, m in top_k_mask(scores, self.density).items():  # the main process's mask on every rank
+        for n, m in top_k_masks(scores, self.density).items():  # the main process's mask on every rank
             masks[n] = distributed.broadcast_from_main(m.to(self.params[n].device, torch.uint8)).bool()
         return masks
 

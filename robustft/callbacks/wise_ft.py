@@ -25,22 +25,20 @@ from typing import Any
 
 import torch
 
-from robustft import distributed
 from robustft.callbacks.base import END_INTERPOLATE, RobustCallback
 from robustft.checks import check_bool, check_number, compile_patterns
-from robustft.ops.dawin import check_procedure
-from robustft.ops.interpolate import check_alpha, check_method
-from robustft.params import SelectionGuard, check_snapshot_spec, is_sharded, select_parameters
-from robustft.wise_ft import (
+from robustft.core import distributed
+from robustft.core.params import SelectionGuard, check_snapshot_spec, is_sharded, select_parameters
+from robustft.interpolation.dawin import DaWinResult, check_dawin_metric, dawin_evaluate
+from robustft.interpolation.wise_ft import (
     DEFAULT_ALPHAS,
-    DaWinResult,
     WiseFTCurve,
     WiseFTWeights,
     check_alphas,
-    check_dawin_metric,
-    dawin_evaluate,
     wise_ft_sweep,
 )
+from robustft.ops.dawin import check_procedure
+from robustft.ops.interpolate import check_alpha, check_method
 
 __all__ = ["DYNAMIC_METHODS", "WiseFTCallback"]
 

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 
 import torch
 
+from robustft.ops.dtypes import compute_dtype
+
 __all__ = [
     "DeltaSet",
     "LoRADelta",
@@ -40,11 +42,6 @@ __all__ = [
     "paper_negate",
     "relative_tail",
 ]
-
-
-def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    """float64 if any input is float64, else float32 (half types are upcast for the linear algebra)."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def _sum_bias(biases: Sequence[torch.Tensor | None], weights: Sequence[float] | None = None):
@@ -157,18 +154,18 @@ class LoRADelta:
 
     def dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dense ΔW = s·B @ A, shape (out, in); only on request, it costs out x in memory."""
-        dt = dtype or _compute_dtype(self.B, self.A)
+        dt = dtype or compute_dtype(self.B.dtype, self.A.dtype)
         return (self.B.to(dt) @ self.A.to(dt)) * self.scale
 
     def dense_bias(self, dtype: torch.dtype | None = None) -> torch.Tensor | None:
         """Δb = s·bias, shape (out,), or None without a LoRA bias."""
         if self.bias is None:
             return None
-        return self.bias.to(dtype or _compute_dtype(self.B, self.A, self.bias)) * self.scale
+        return self.bias.to(dtype or compute_dtype(self.B.dtype, self.A.dtype, self.bias.dtype)) * self.scale
 
     # -- compression ------------------------------------------------------------------------------
     def _core_svd(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        dt = _compute_dtype(self.B, self.A)
+        dt = compute_dtype(self.B.dtype, self.A.dtype)
         Qb, Rb = torch.linalg.qr(self.B.to(dt))  # B = Qb Rb
         Qa, Ra = torch.linalg.qr(self.A.to(dt).T)  # Aᵀ = Qa Ra
         core = (Rb @ Ra.T) * self.scale  # ΔW = Qb core Qaᵀ, core is at most r x r
@@ -326,7 +323,7 @@ def _truncated_svd(
     """(best rank-k factors of ``dense``, their relative Frobenius error), from one SVD."""
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         raise ValueError(f"{name}: rank must be a positive integer, got {rank!r}")
-    U, S, Vh = torch.linalg.svd(dense.to(_compute_dtype(dense)), full_matrices=False)
+    U, S, Vh = torch.linalg.svd(dense.to(compute_dtype(dense.dtype)), full_matrices=False)
     k = min(rank, S.shape[0])
     root = S[:k].sqrt()
     B, A = (U[:, :k] * root).to(dense.dtype), (root[:, None] * Vh[:k]).to(dense.dtype)
@@ -368,7 +365,7 @@ def combine_dense(
     disable = None if progress is None else not progress
     for name in tqdm(names, desc="merging LoRA modules", unit="module", disable=disable):
         present = [s[name] for s in sets if name in s]
-        dtype, shape = _compute_dtype(*[t for d in present for t in (d.B, d.A)]), present[0].shape
+        dtype, shape = compute_dtype(*[t.dtype for d in present for t in (d.B, d.A)]), present[0].shape
         dense = [s[name].dense(dtype) if name in s else torch.zeros(shape, dtype=dtype) for s in sets]
         merged = merge_fn(dense, weights, f"{name}.weight")
         del dense

@@ -93,16 +93,10 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from robustft.checkpoint import check_output_dir
-    from robustft.lora.io import (
-        TRUNCATION_NAME,
-        check_compose,
-        compose_adapters,
-        merge_into_base,
-        read_adapter,
-        write_adapter,
-    )
-    from robustft.params import resolve_dtype
+    from robustft.core.checkpoint import check_output_dir
+    from robustft.core.params import resolve_dtype
+    from robustft.lora.compose import check_compose, compose_adapters, merge_into_base
+    from robustft.lora.io import TRUNCATION_NAME, read_adapter, write_adapter
 
     op = args.lora_command
     if op == "add":

@@ -18,8 +18,9 @@ import re
 
 import torch
 
-from robustft import distributed
-from robustft.params import is_sharded, is_zero3_param, local_tensor, zero3_partition
+from robustft.core import distributed
+from robustft.core.params import is_sharded, is_zero3_param, local_tensor, zero3_partition
+from robustft.ops.dtypes import compute_dtype
 
 __all__ = [
     "is_lora_b",
@@ -91,7 +92,7 @@ def lora_delta(layer: torch.nn.Module, adapter: str) -> torch.Tensor:
     """
     b = layer.lora_B[adapter].weight
     base = layer.base_layer.weight
-    wide = torch.promote_types(base.dtype, torch.float32)
+    wide = compute_dtype(base.dtype)
     if is_zero3_param(base):
         with distributed.gathered([layer.lora_A[adapter].weight, b]):
             delta = layer.get_delta_weight(adapter).to(wide)
@@ -123,7 +124,7 @@ def low_rank_factors(layer: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor
         a, b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
         if getattr(layer, "use_dora", {}).get(adapter, False) or is_sharded({"A": a, "B": b}) or a.dim() != 2:
             return None
-        wide = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
+        wide = compute_dtype(a.dtype, b.dtype)
         scaled.append(b.detach().to(wide) * layer.scaling[adapter])
         stacked.append(a.detach().to(wide))
     return torch.cat(scaled, dim=1), torch.cat(stacked, dim=0)

@@ -9,9 +9,9 @@ from typing import TYPE_CHECKING
 from robustft._lazy import lazy_exports
 
 if TYPE_CHECKING:  # the same names, for type checkers and IDEs
+    from robustft.core.statistics import Grams, estimate_fisher, estimate_gram, save_fisher, save_gram
     from robustft.merge.align import AlignResult, align_checkpoints, align_state_dicts
     from robustft.merge.engine import MergeResult, merge_checkpoints, merge_tensor
-    from robustft.merge.fisher import Grams, estimate_fisher, estimate_gram, save_fisher, save_gram
     from robustft.merge.interpolate import warp_checkpoints
     from robustft.merge.recipe import METHODS, Recipe, load_recipe, parse_recipe
 
@@ -20,7 +20,7 @@ __getattr__, __dir__ = lazy_exports(
     {
         "robustft.merge.align": ("AlignResult", "align_checkpoints", "align_state_dicts"),
         "robustft.merge.engine": ("MergeResult", "merge_checkpoints", "merge_tensor"),
-        "robustft.merge.fisher": ("Grams", "estimate_fisher", "estimate_gram", "save_fisher", "save_gram"),
+        "robustft.core.statistics": ("Grams", "estimate_fisher", "estimate_gram", "save_fisher", "save_gram"),
         "robustft.merge.interpolate": ("warp_checkpoints",),
         "robustft.merge.recipe": ("METHODS", "Recipe", "load_recipe", "parse_recipe"),
     },

@@ -32,8 +32,8 @@ from pathlib import Path
 
 import torch
 
-from robustft.checkpoint import atomic_output_dir, check_output_dir
 from robustft.checks import check_integer, check_number
+from robustft.core.checkpoint import atomic_output_dir, check_output_dir
 from robustft.merge.interpolate import check_same_layout
 from robustft.merge.io import CheckpointReader, ShardedWriter, copy_side_files
 from robustft.ops.rebasin import (

@@ -77,7 +77,7 @@ def parse_kmb(value: str) -> int:
 
 def run_merge(args: argparse.Namespace) -> int:
     if args.list:
-        from robustft.ops.registry import describe_methods
+        from robustft.merge.registry import describe_methods
 
         print(describe_methods())
         return 0
@@ -214,7 +214,7 @@ def _has_weights(folder: str) -> bool:
 
 
 def run_average(args: argparse.Namespace) -> int:
-    from robustft.checkpoint import check_output_dir
+    from robustft.core.checkpoint import check_output_dir
 
     paths = average_inputs(args.checkpoints, args.last)
     check_output_dir(args.out, args.overwrite, paths)
@@ -223,7 +223,8 @@ def run_average(args: argparse.Namespace) -> int:
         if not all(adapters):
             raise ValueError("give only PEFT adapter folders or only model checkpoints, not both: adapters "
                              + ", ".join(p for p, a in zip(paths, adapters) if a))
-        from robustft.lora.io import compose_adapters, read_adapter, write_adapter
+        from robustft.lora.compose import compose_adapters
+        from robustft.lora.io import read_adapter, write_adapter
 
         composed = compose_adapters([read_adapter(p) for p in paths], [1.0 / len(paths)] * len(paths))
         out = write_adapter(composed, args.out, args.overwrite, None, paths)

@@ -2,7 +2,7 @@
 
 For each tensor name: read it from the base and every model (and its Fisher or Gram statistics), upcast
 to float32 (float64 stays), apply the tensor function of the recipe's method (or an override's) from the
-merge-method registry (``robustft.ops.registry``), cast to the output dtype and append it to the output
+merge-method registry (``robustft.merge.registry``), cast to the output dtype and append it to the output
 shard. Non-floating tensors must be equal in every model and are copied. Everything that can be wrong is
 checked first, from the safetensors headers (names, shapes, Fisher and Gram files, override patterns, the
 output folder), before any file is written; an error while merging (a singular RegMean system) names the
@@ -14,7 +14,6 @@ solve of one weight and one Gram per model at a time).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -32,10 +31,10 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from robustft.checkpoint import atomic_output_dir, check_output_dir
-from robustft.merge.fisher import GramFile
+from robustft.core.checkpoint import atomic_output_dir, check_output_dir
 from robustft.merge.io import (
     CheckpointReader,
+    GramFile,
     ShardedWriter,
     copy_side_files,
     layout_difference,
@@ -51,8 +50,9 @@ from robustft.merge.recipe import (
     is_dynamic,
     load_recipe,
 )
-from robustft.ops.interpolate import kept_tensor, work_dtype
-from robustft.ops.registry import method_spec
+from robustft.merge.registry import method_spec, tensor_seed
+from robustft.ops.dtypes import compute_dtype
+from robustft.ops.interpolate import kept_tensor
 
 __all__ = [
     "MergeResult",
@@ -73,12 +73,6 @@ class MergeResult:
     seconds: float
 
 
-def tensor_seed(seed: int, name: str) -> int:
-    """Seed for tensor ``name``: stable across runs, machines and tensor order (sha256 of seed and name)."""
-    digest = hashlib.sha256(f"{seed}\0{name}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
 def merge_tensor(
     method: str,
     base: torch.Tensor | None,
@@ -88,7 +82,7 @@ def merge_tensor(
     seed: int = 0,
     fishers: Iterable[torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Merged weights of one tensor under ``method`` (a key of ``robustft.ops.registry.METHODS``).
+    """Merged weights of one tensor under ``method`` (a key of ``robustft.merge.registry.METHODS``).
 
     ``fishers``: the models' statistics of this tensor, where the method uses some: diagonal Fishers
     (``fisher``), or mean input Gram matrices in (in, in) for (out, in) weights (``regmean``; an iterable
@@ -364,7 +358,7 @@ def merge_checkpoints(
                 if not info.dtype.is_floating_point:
                     return kept_tensor(name, [ref.get(name), *[r.get(name) for r in readers]], who)
                 method, gparams, mparams = params_of[name]
-                compute = work_dtype(info.dtype)
+                compute = compute_dtype(info.dtype)
                 read = (lambda r: r.get(name)) if vocab is None else vocab.reads(name, by_path, compute)
                 base = _cast(read(ref), recipe.dtype, compute) if recipe.base_model is not None else None
                 if method == "base":
@@ -598,7 +592,7 @@ def _merge_slices(
             if not dtype.is_floating_point:
                 keys = [*([job.base] if job.base else []), *job.inputs]
                 return kept_tensor(job.name, [readers[p].get(n) for p, n in keys], job.labels)
-            compute = work_dtype(dtype)
+            compute = compute_dtype(dtype)
             group = groups.get(job.name)
             read = _rows_reader(group, job.name, readers, compute) if group else (lambda r, n: r.get(n))
             base = _cast(read(readers[job.base[0]], job.base[1]), recipe.dtype, compute) if job.base else None

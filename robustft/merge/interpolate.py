@@ -4,7 +4,8 @@ WARP's merge + LITI step (``warp_checkpoints``): interpolation toward the init, 
 θ(α) = (1−α)·θ_start + α·θ_end (or per-tensor SLERP) is the two-model case of the merge engine: the
 recipe ``{merge_method: lerp|slerp, base_model: start, models: [end], parameters: {t: α}}``, streamed
 tensor by tensor with the same reader, writer and tensor functions (``robustft.ops.interpolate``), so
-a merge recipe, ``robustft interpolate`` and ``robustft.wise_ft.interpolate_state_dicts`` give the same
+a merge recipe, ``robustft interpolate`` and ``robustft.interpolation.wise_ft.interpolate_state_dicts`` give
+the same
 bits. Every header is checked before anything is written: different tensor names, shapes or dtypes
 stop with an error naming the tensor. The output mirrors the end checkpoint's shard layout (and
 index), and carries its config and tokenizer files.
@@ -115,7 +116,7 @@ def warp_recipe(
     other task-vector method of the registry) of the policies' task vectors θ_m − θ_init, so θ_next =
     θ_init + η·τ_merged: the method with ``lambda: η``. η outside [0, 1] needs ``extrapolate``.
     """
-    from robustft.ops.registry import method_spec
+    from robustft.merge.registry import method_spec
 
     eta = check_alpha(eta, extrapolate, name="eta")
     spec = method_spec("method", method)

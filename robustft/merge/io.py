@@ -8,7 +8,7 @@ Writing: because all output names, shapes and dtypes are known before the first 
 ``ShardedWriter`` fixes the shard layout and each file's header up front and appends each tensor's bytes
 as soon as it is computed. No shard is ever held in memory, so the peak stays near
 (number of inputs x largest tensor), whatever ``max_shard_size`` is. Outputs go through
-``robustft.checkpoint.atomic_output_dir`` (temporary sibling folder, renamed into place).
+``robustft.core.checkpoint.atomic_output_dir`` (temporary sibling folder, renamed into place).
 """
 
 from __future__ import annotations
@@ -25,8 +25,10 @@ from pathlib import Path, PurePath
 import torch
 
 from robustft.checks import short_repr
+from robustft.core.checkpoint import GRAM_KIND
 
 __all__ = [
+    "GramFile",
     "CheckpointReader",
     "LayoutDifference",
     "ShardedWriter",
@@ -649,3 +651,50 @@ def write_chat_template(value: str, inputs: Sequence[str | os.PathLike], out_dir
     (out_dir / "chat_template.json").unlink(missing_ok=True)
     (out_dir / "chat_template.jinja").write_text(template)
     return True
+
+
+class GramFile:
+    """A file written by :func:`save_gram`, read lazily: headers and counts at once, one Gram per ``mean``."""
+
+    def __init__(self, path: str | os.PathLike, who: str = "gram"):
+        self.path = Path(path)
+        self.who = who
+        if not self.path.is_file():
+            raise FileNotFoundError(f"{who}: Gram file {self.path} not found")
+        self.reader = CheckpointReader(self.path)
+        meta = self.reader.metadata
+        if meta.get("kind") != GRAM_KIND:
+            raise ValueError(f"{who}: {self.path} is not a Gram file (written by robustft's save_gram)")
+        try:
+            self.counts = {str(k): int(v) for k, v in json.loads(meta["counts"]).items()}
+            self.input_axis = {str(k): int(v) for k, v in json.loads(meta["input_axis"]).items()}
+        except (KeyError, ValueError, TypeError, AttributeError) as err:
+            raise ValueError(f"{who}: {self.path} has unreadable Gram metadata ({err!r})") from err
+        for name in self.reader.infos:
+            if self.counts.get(name, 0) <= 0 or self.input_axis.get(name) not in (0, 1):
+                raise ValueError(
+                    f"{who}: Gram {name!r} in {self.path} has no rows counted or no input axis; "
+                    "estimate it on data that reaches the layer"
+                )
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.reader.infos
+
+    def check(self, name: str, weight_shape: tuple[int, ...]) -> None:
+        """Raise unless the Gram of ``name`` fits a weight of ``weight_shape`` (2-D, (in, in))."""
+        shape = self.reader.infos[name].shape
+        if len(weight_shape) != 2:
+            raise ValueError(
+                f"{self.who}: {self.path} has a Gram for {name!r}, whose weight has shape "
+                f"{tuple(weight_shape)} (RegMean needs a 2-D weight)"
+            )
+        n_in = weight_shape[self.input_axis[name]]
+        if shape != (n_in, n_in):
+            raise ValueError(
+                f"{self.who}: Gram {name!r} in {self.path} has shape {shape}, expected ({n_in}, {n_in}) for "
+                f"the weight of shape {tuple(weight_shape)} (input axis {self.input_axis[name]})"
+            )
+
+    def mean(self, name: str) -> torch.Tensor:
+        """G / count: the Gram of ``name`` averaged over its rows (FusionBench's normalisation), float32."""
+        return self.reader.get(name).float().div_(self.counts[name])

@@ -40,9 +40,9 @@ from typing import Any
 import yaml
 
 from robustft.checks import check_integer, check_path, short_repr
+from robustft.core.params import resolve_dtype
 from robustft.merge.chat_templates import chat_template_text
-from robustft.merge.tokenizer import TokenizerSpec, parse_tokenizer
-from robustft.ops.registry import (
+from robustft.merge.registry import (
     METHODS,
     REQUIRED,
     IgnoredParameterWarning,
@@ -52,7 +52,7 @@ from robustft.ops.registry import (
     method_spec,
     resolve_params,
 )
-from robustft.params import resolve_dtype
+from robustft.merge.tokenizer import TokenizerSpec, parse_tokenizer
 
 __all__ = [
     "METHODS",

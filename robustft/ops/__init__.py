@@ -4,5 +4,6 @@ from collections.abc import Callable
 
 import torch
 
-#: a sum over ranks of a small tensor (``robustft.distributed.all_reduce_sum``), for maths on local shards
+#: a sum over ranks of a small tensor (``robustft.core.distributed.all_reduce_sum``), for maths on local
+#: shards
 Reduce = Callable[[torch.Tensor], torch.Tensor]

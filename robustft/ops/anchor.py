@@ -11,6 +11,8 @@ from collections.abc import Sequence
 
 import torch
 
+from robustft.ops.dtypes import compute_dtype
+
 __all__ = [
     "anchor_penalty",
     "anchor_pull",
@@ -21,7 +23,7 @@ __all__ = [
 
 
 def _wide(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return t.to(torch.promote_types(torch.promote_types(t.dtype, like.dtype), torch.float32))
+    return t.to(compute_dtype(t.dtype, like.dtype))
 
 
 def anchor_penalty(
@@ -53,7 +55,7 @@ def top_singular_value(w: torch.Tensor) -> torch.Tensor:
     if w.ndim < 2:
         raise ValueError(f"top_singular_value: a matrix is needed, got a tensor of shape {tuple(w.shape)}")
     m = w.reshape(w.shape[0], -1)
-    return torch.linalg.matrix_norm(m.to(torch.promote_types(m.dtype, torch.float32)), ord=2)
+    return torch.linalg.matrix_norm(m.to(compute_dtype(m.dtype)), ord=2)
 
 
 def spectral_penalty(

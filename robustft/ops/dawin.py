@@ -18,7 +18,7 @@ Two procedures (``PROCEDURES``):
   (:func:`fit_beta_mixture`, M-steps as in Arazo et al., 2019, arXiv:1904.11238), and each component at the
   mean λ of the inputs routed to it. With K=1 this is WiSE-FT at α = mean λ, bit for bit.
 
-Pure tensor maths; applying the α's to a model is ``robustft.wise_ft.evaluate_at_alphas``.
+Pure tensor maths; applying the α's to a model is ``robustft.interpolation.wise_ft.evaluate_at_alphas``.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ import math
 from dataclasses import dataclass
 
 import torch
+
+from robustft.ops.dtypes import compute_dtype
 
 __all__ = [
     "PROCEDURES",
@@ -68,7 +70,7 @@ def prediction_entropy(logits: torch.Tensor, mask: torch.Tensor | None = None) -
     """
     if logits.dim() not in (2, 3):
         raise ValueError(f"logits: expected shape (N, C) or (N, T, C), got {tuple(logits.shape)}")
-    work = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    work = compute_dtype(logits.dtype)
     logp = torch.log_softmax(logits.to(work), dim=-1)
     h = -(logp.exp() * logp).sum(-1)
     if logits.dim() == 2:

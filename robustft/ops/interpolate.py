@@ -17,6 +17,7 @@ import torch
 
 from robustft.checks import check_number, short_repr
 from robustft.ops import Reduce
+from robustft.ops.dtypes import compute_dtype
 
 __all__ = [
     "FUNCTIONS",
@@ -36,7 +37,6 @@ __all__ = [
     "slerp",
     "slerp_coefficients",
     "slerp_iterated",
-    "work_dtype",
 ]
 
 METHODS = ("linear", "slerp")
@@ -69,24 +69,19 @@ def check_method(method: str) -> str:
     return method
 
 
-def work_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype θ(α) is computed in: float64 stays, everything else (float32, half types) is float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def lerp(
     start: torch.Tensor, end: torch.Tensor, alpha: float, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """θ(α) = (1−α)·θ_start + α·θ_end (WiSE-FT, Wortsman et al., 2022, arXiv:2109.01903).
 
     The one linear interpolation of robustft (callbacks, functional API, ``robustft interpolate`` and
-    merges): ``torch.lerp`` in :func:`work_dtype` (half types in float32), rounded to ``start``'s dtype
+    merges): ``torch.lerp`` in :func:`compute_dtype` (half types in float32), rounded to ``start``'s dtype
     (or written into ``out``, which may be ``end`` itself: no temporary). ``start`` is returned
     bit-exactly at α=0 and ``end`` at α=1.
     """
     dtype = start.dtype if out is None else out.dtype
     device = start.device if out is None else out.device
-    work = work_dtype(dtype)
+    work = compute_dtype(dtype)
     s = start.to(device=device, dtype=work)
     e = end.to(device=device, dtype=work)
     if out is not None and out.dtype == work:
@@ -140,7 +135,7 @@ def slerp(
     """θ(α) = sin((1−α)Ω)/sin Ω · θ_start + sin(αΩ)/sin Ω · θ_end, cos Ω = <θ_s, θ_e>/(|θ_s||θ_e|).
 
     Spherical linear interpolation (Shoemake, 1985) of the flattened tensors, as used for model
-    merging by mergekit; the one SLERP of robustft. Computed in float64, rounded to :func:`work_dtype`
+    merging by mergekit; the one SLERP of robustft. Computed in float64, rounded to :func:`compute_dtype`
     and then to ``start``'s dtype (or written into ``out``), so a half tensor gets the same bits whether
     it is interpolated as stored or upcast to float32 first (the merge engine). Falls back to
     :func:`lerp` when |cos Ω| > ``threshold`` (near-parallel) or a tensor is zero, where Ω is
@@ -162,7 +157,7 @@ def slerp(
     if dim is None and abs(cos.item()) > threshold:
         return lerp(start, end, alpha, out=out)
     c_start, c_end = slerp_coefficients(cos, alpha, threshold)
-    result = (c_start * s + c_end * e).to(work_dtype(dtype))
+    result = (c_start * s + c_end * e).to(compute_dtype(dtype))
     return result.to(dtype) if out is None else out.copy_(result)
 
 
@@ -222,7 +217,7 @@ def multislerp(
         if total == 0:
             raise ValueError("multislerp: weights sum to 0; they cannot be normalized")
         weights = [w / total for w in weights]
-    dtype = work_dtype(tensors[0].dtype)
+    dtype = compute_dtype(tensors[0].dtype)
     mean = torch.zeros(tensors[0].shape, dtype=torch.float64, device=tensors[0].device)
     scale = 0.0
     for tensor, w in zip(tensors, weights, strict=True):
@@ -265,7 +260,7 @@ def karcher_mean(
     total = sum(weights)
     if total == 0:
         raise ValueError("karcher: weights sum to 0")
-    dtype = work_dtype(tensors[0].dtype)
+    dtype = compute_dtype(tensors[0].dtype)
     points = [t.to(torch.float64) for t in tensors]
     norms = [torch.linalg.vector_norm(p).item() for p in points]
     scale = sum(w * n for w, n in zip(weights, norms, strict=True)) / total

@@ -8,7 +8,7 @@ by prediction-entropy minimisation on unlabelled inputs. With one task vector an
 WiSE-FT at a learned α.
 
 Pure tensor maths: the block assignment of tensor names and the (differentiable) composition; learning α
-through ``torch.func.functional_call`` is ``robustft.learned.LearnedInterpolation``.
+through ``torch.func.functional_call`` is ``robustft.interpolation.learned.LearnedInterpolation``.
 """
 
 from __future__ import annotations

@@ -21,6 +21,8 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
+from robustft.ops.dtypes import compute_dtype
+
 __all__ = [
     "arcee_fusion",
     "breadcrumbs",
@@ -828,10 +830,6 @@ def arcee_fusion(base: torch.Tensor, model: torch.Tensor) -> torch.Tensor:
 # The SVDs run in float32 (float64 inputs in float64) and the result comes back in the inputs' dtype.
 
 
-def _svd_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
 def _numerical_rank(s: torch.Tensor, shape: Sequence[int]) -> int:
     """Number of singular values above max(m, n) eps(dtype) sigma_max (numpy's ``matrix_rank`` tolerance)."""
     if s.numel() == 0 or s[0] <= 0:
@@ -886,7 +884,7 @@ def tsv_merge(
             f"sv_reduction must be in (0, 1/T] = (0, {1 / n_tasks:g}] for T={n_tasks} task vectors, "
             f"got {fraction}"
         )
-    dtype = _svd_dtype(deltas[0])
+    dtype = compute_dtype(deltas[0].dtype)
     k = int(min(deltas[0].shape) * fraction)
     if k == 0:  # a task matrix thinner than T: no singular component survives (as FusionBench)
         return torch.zeros_like(deltas[0])
@@ -918,7 +916,7 @@ def iso_c(deltas: Sequence[torch.Tensor], weights: Sequence[float] | None = None
     total = task_arithmetic(deltas, weights)
     if total.dim() != 2:
         return total / len(deltas)
-    u, s, vh = torch.linalg.svd(total.to(_svd_dtype(total)), full_matrices=False)
+    u, s, vh = torch.linalg.svd(total.to(compute_dtype(total.dtype)), full_matrices=False)
     return (u.mul_(s.mean()) @ vh).to(total.dtype)
 
 
@@ -950,7 +948,7 @@ def iso_cts(
     total = task_arithmetic(deltas, w)
     if total.dim() != 2:
         return total / n_tasks
-    dtype = _svd_dtype(total)
+    dtype = compute_dtype(total.dtype)
     k_common, k_task = iso_cts_sizes(min(total.shape), n_tasks, common_space_fraction)
     u, s, vh = torch.linalg.svd(total.to(dtype), full_matrices=False)
     del total

@@ -5,7 +5,7 @@ Pure tensor maths (no Trainer, no PEFT, no I/O). The callbacks in ``robustft.cal
 
 * a perturbation is a list of tensors ``eps`` added to the weights ``w`` (``w + eps``);
 * norms are global (over every tensor of the list) and accept a ``reduce`` hook (e.g.
-  ``robustft.distributed.all_reduce_sum``) applied to the sum of squares, so sharded tensors
+  ``robustft.core.distributed.all_reduce_sum``) applied to the sum of squares, so sharded tensors
   (FSDP2 local shards) give the norm of the full model;
 * everything is computed in float32, or in the tensors' own dtype when it is wider (float64 models
   are perturbed in float64; :func:`compute_dtype`);
@@ -24,10 +24,10 @@ from dataclasses import dataclass
 import torch
 
 from robustft.ops import Reduce
+from robustft.ops.dtypes import compute_dtype
 
 __all__ = [
     "Fixup",
-    "compute_dtype",
     "flat_row_sq_norms",
     "ggpo_row_scale",
     "global_norm",
@@ -47,14 +47,6 @@ __all__ = [
     "shrink_perturb_",
     "unperturb_",
 ]
-
-
-def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
-    """float32, or the widest of ``dtypes`` when wider (float64): the dtype perturbations are computed in."""
-    out = torch.float32
-    for dtype in dtypes:
-        out = torch.promote_types(out, dtype)
-    return out
 
 
 def global_norm(tensors: Sequence[torch.Tensor | None], reduce: Reduce | None = None) -> torch.Tensor:

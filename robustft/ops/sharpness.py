@@ -26,7 +26,8 @@ from collections.abc import Sequence
 import torch
 
 from robustft.checks import check_number
-from robustft.ops.perturb import compute_dtype, global_norm, sam_perturbation
+from robustft.ops.dtypes import compute_dtype
+from robustft.ops.perturb import global_norm, sam_perturbation
 
 __all__ = ["BALLS", "ascent_step", "check_ball", "project_to_ball", "worst_case_increase"]
 

@@ -12,32 +12,33 @@ from collections.abc import Mapping
 import torch
 
 from robustft.checks import check_density
+from robustft.ops.merge import top_k_mask
 
-__all__ = ["keep_masked_", "magnitude_scores", "mask_gradient", "top_k_mask"]
+__all__ = ["keep_masked_", "magnitude_scores", "mask_gradient", "top_k_masks"]
 
 
-def top_k_mask(scores: Mapping[str, torch.Tensor], density: float) -> dict[str, torch.Tensor]:
+def top_k_masks(scores: Mapping[str, torch.Tensor], density: float) -> dict[str, torch.Tensor]:
     """m = 1 on the k = max(1, round(density·N)) largest scores over every tensor together, else 0.
 
     The global top-k of FISH masks (Sung et al., 2021, "Training Neural Networks with Fixed Sparse
     Masks", eq. 2: keep the k parameters of largest empirical Fisher); any score works (|θ|, |θ_ft − θ_0|).
-    Exactly k entries are kept (ties broken by ``torch.topk``). A non-finite score is an error naming
-    its tensor.
+    Exactly k entries are kept, ties at the cut going to the lowest flat index (tensors in the mapping's
+    order): the one exact top-k of the package, :func:`robustft.ops.merge.top_k_mask`. A non-finite score is
+    an error naming its tensor.
     """
     check_density("density", density)
     if not scores:
-        raise ValueError("top_k_mask: no scores given")
+        raise ValueError("top_k_masks: no scores given")
     for name, s in scores.items():
         if not torch.isfinite(s).all():
-            raise ValueError(f"top_k_mask: scores of {name!r} hold NaN or Inf")
+            raise ValueError(f"top_k_masks: scores of {name!r} hold NaN or Inf")
     first = next(iter(scores.values()))
     dtype = torch.float32
     for s in scores.values():  # float64 scores are compared in float64
         dtype = torch.promote_types(dtype, s.dtype)
     flat = torch.cat([s.detach().reshape(-1).to(first.device, dtype) for s in scores.values()])
     k = max(1, round(density * flat.numel()))
-    keep = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
-    keep[torch.topk(flat, k, sorted=False).indices] = True
+    keep = top_k_mask(flat, k)
     masks, offset = {}, 0
     for name, s in scores.items():
         masks[name] = keep[offset : offset + s.numel()].reshape(s.shape).to(s.device)

@@ -15,7 +15,7 @@ the per-token router outputs over the sequence's positions, FusionBench's ``batc
 over the positions of the attention mask when one is known).
 
 Pure tensor maths; the router module, upscaling a transformers model and its training are
-``robustft.wemoe``.
+``robustft.interpolation.wemoe``.
 """
 
 from __future__ import annotations

@@ -84,7 +84,7 @@ def fail_training(model, out, callbacks, where: str, step: int, error: type[Base
                    callbacks=[*callbacks, *extra])
     trainer.fail_step, trainer.fail_in, trainer.fail_error, trainer.fail_call = step, where, error, call
     if where == "clip":  # the Trainer's own clipping method (named by compat), raising at the failure step
-        from robustft import compat
+        from robustft.core import compat
 
         name = compat.clip_grad_norm_name(trainer)
         clip = getattr(trainer, name)

@@ -349,7 +349,7 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, make):
 
 def test_decoupled_is_refused_under_deepspeed_before_the_first_step(tmp_path, monkeypatch):
     """DeepSpeed steps its own fp32 master weights: a pull on the model's weights would be overwritten."""
-    from robustft import distributed
+    from robustft.core import distributed
 
     monkeypatch.setattr(distributed, "deepspeed_stage", lambda obj: 2)
     trainer, model = _train_mlp(tmp_path, [L2SPCallback(LAM, decoupled=True)])

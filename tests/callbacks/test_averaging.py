@@ -9,7 +9,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from transformers import Trainer, TrainerCallback
 
 from robustft import EMACallback, LAWACallback, MomentumInterpolationCallback, SWACallback
-from robustft.params import select_parameters
+from robustft.core.params import select_parameters
 from tests.tiny import stop_at, tiny_bert, token_dataset, training_args
 
 

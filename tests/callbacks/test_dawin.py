@@ -10,6 +10,8 @@ import torch
 from transformers import AutoModelForSequenceClassification, Trainer
 
 from robustft import WiseFTCallback
+from robustft.interpolation.dawin import dawin_evaluate
+from robustft.interpolation.wise_ft import WiseFTWeights, interpolate_models, wise_ft_sweep
 from robustft.ops.dawin import (
     causal_lm_mask,
     component_alphas,
@@ -18,7 +20,6 @@ from robustft.ops.dawin import (
     fit_beta_mixture_kmeans,
     prediction_entropy,
 )
-from robustft.wise_ft import WiseFTWeights, dawin_evaluate, interpolate_models, wise_ft_sweep
 from tests.tiny import lm_dataset, tiny_bert, tiny_llama, token_dataset, training_args
 
 
@@ -184,7 +185,7 @@ def test_dawin_leaves_the_static_sweep_and_its_chosen_model_unchanged(tmp_path):
 
 def test_dawin_by_loss_is_refused_on_several_ranks_before_any_prediction(tmp_path, monkeypatch):
     """The Trainer's eval loss is inexact under DDP (padding samples): refused before anything runs."""
-    from robustft import distributed
+    from robustft.core import distributed
 
     model = tiny_bert(0)
     trainer = Trainer(model=model, args=training_args(tmp_path), compute_metrics=accuracy)

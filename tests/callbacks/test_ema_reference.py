@@ -15,53 +15,10 @@ trl = pytest.importorskip("trl")
 peft = pytest.importorskip("peft")
 
 from robustft import EMAReferenceCallback  # noqa: E402
+from tests.callbacks.trl_helpers import PAIRS, completion_logps, preference_data  # noqa: E402
 
-WORDS = "<pad> <unk> <s> </s> the cat dog sat ran on mat rug fast slow red blue is was a".split()
-PAIRS = [
-    ("the cat", "sat on the mat", "ran fast"),
-    ("the dog", "ran fast", "sat on a rug"),
-    ("a cat", "is red", "was blue"),
-    ("a dog", "was slow", "is fast"),
-    ("the mat", "is blue", "ran"),
-    ("the rug", "was red", "sat slow"),
-    ("a red cat", "sat", "ran on the rug"),
-    ("a blue dog", "ran slow", "is a mat"),
-]
 DECAY = 0.6
 STEPS = 4
-
-
-@pytest.fixture(scope="module")
-def tiny_path(tmp_path_factory):
-    """A random-init 2-layer Llama and a word-level tokenizer, saved (TRL builds its reference from it)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    path = tmp_path_factory.mktemp("tiny_llama")
-    vocab = {w: i for i, w in enumerate(WORDS)}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>"
-    )
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32, tie_word_embeddings=False,
-        pad_token_id=vocab["<pad>"], bos_token_id=vocab["<s>"], eos_token_id=vocab["</s>"],
-    )
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
-
-
-def preference_data():
-    from datasets import Dataset
-
-    return Dataset.from_dict({
-        "prompt": [p for p, _, _ in PAIRS], "chosen": [" " + c for _, c, _ in PAIRS],
-        "rejected": [" " + r for _, _, r in PAIRS],
-    })
 
 
 def dpo_trainer(path, tmp_path, callbacks=(), peft_config=None, **overrides):
@@ -122,15 +79,6 @@ class AdapterRecorder(TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         self._record(model)
-
-
-def completion_logps(model, batch) -> torch.Tensor:
-    """Σ log p(completion token) per sequence, by hand from the logits (no TRL code)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-    logp = torch.log_softmax(logits[:, :-1], dim=-1)
-    target = batch["input_ids"][:, 1:]
-    mask = batch["completion_mask"][:, 1:].bool()
-    return (logp.gather(-1, target.unsqueeze(-1)).squeeze(-1) * mask).sum(dim=1)
 
 
 def test_peft_reference_is_base_plus_ema_adapter(tiny_path, tmp_path):
@@ -281,7 +229,8 @@ def test_grpo_full_model_equals_trl_sync_ref_model(tiny_path, tmp_path):
 
 
 def test_grpo_peft_reference_adapter_holds_the_ema(tiny_path, tmp_path):
-    """GRPO reads the PEFT reference through the same "ref" adapter (tests/test_compat.py); it holds the EMA
+    """GRPO reads the PEFT reference through the same "ref" adapter (tests/core/test_compat.py); it holds
+    the EMA
     of the recorded adapter states and the KL to it is logged."""
     recorder = AdapterRecorder()
     trainer = grpo_trainer(tiny_path, tmp_path, callbacks=[recorder, EMAReferenceCallback(DECAY)],

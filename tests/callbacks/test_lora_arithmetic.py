@@ -94,7 +94,7 @@ def test_two_rank_ddp_writes_once_and_evaluates_on_every_rank(setup, tmp_path):
     from tests.distributed.harness import torchrun
 
     base, other, _ = setup
-    torchrun("tests/lora/ddp_run.py", str(base), str(other), str(tmp_path))
+    torchrun("tests/distributed/lora_arithmetic_run.py", str(base), str(other), str(tmp_path))
     infos = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert all(
         i["world_size"] == 2 and i["active"] == "default" and i["adapters"] == ["default"] for i in infos

@@ -17,7 +17,7 @@ from robustft import (
     callbacks,
 )
 from robustft.callbacks.lora_arithmetic import LoRAArithmeticCallback
-from robustft.wise_ft import WiseFTCurve, choose_alpha
+from robustft.interpolation.wise_ft import WiseFTCurve, choose_alpha
 
 NAN, INF = float("nan"), float("inf")
 

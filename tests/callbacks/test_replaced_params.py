@@ -14,7 +14,7 @@ from robustft import (
     SWACallback,
     WiseFTCallback,
 )
-from robustft.params import SelectionChangedError
+from robustft.core.params import SelectionChangedError
 from tests.tiny import tiny_bert, token_dataset, training_args
 
 

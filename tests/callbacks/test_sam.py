@@ -557,7 +557,7 @@ def test_sam_and_random_perturbation_under_ddp(tmp_path):
 
     from tests.distributed.harness import torchrun
 
-    torchrun("tests/callbacks/ddp_sam_script.py", str(tmp_path))
+    torchrun("tests/distributed/sam_run.py", str(tmp_path))
     ref = tiny_bert()
     reference_sam(ref, ToyData().batch(), 3, RHO, False, 0.0, CLIP, 0.1, 0.9)
     for variant in ("sam", "rwp"):

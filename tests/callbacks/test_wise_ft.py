@@ -7,7 +7,7 @@ from datasets import Dataset
 from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
 
 from robustft import WiseFTCallback
-from robustft.wise_ft import interpolate_models
+from robustft.interpolation.wise_ft import interpolate_models
 
 VOCAB = 64
 

@@ -1,4 +1,4 @@
-"""Launched by tests/test_anchor_distributed.py: each anchor penalty trained on 1 rank or 2 DDP ranks (gloo).
+"""Launched by tests/distributed/test_anchor.py: each anchor penalty trained on 1 rank or 2 DDP ranks (gloo).
 
 argv: MODE OUT. The global batch is the whole 8-sample dataset in both modes (halved again with 2 accumulated
 micro-batches for ``<case>_ga2``), so both take the same steps. Rank R writes OUT/<case>/rank<R>.safetensors

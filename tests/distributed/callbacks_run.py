@@ -1,4 +1,4 @@
-"""Launched by tests/test_callbacks_distributed.py: the sparse / LP-FT / shrink-perturb / DaWin /
+"""Launched by tests/distributed/test_callbacks.py: the sparse / LP-FT / shrink-perturb / DaWin /
 EMA-reference callbacks on 1 rank or 2 DDP ranks (CPU, gloo).
 
 argv: OUT. The global batch is the same in both modes (8 samples; 4 for DPO), so both take the same steps.

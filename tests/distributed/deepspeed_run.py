@@ -1,4 +1,4 @@
-"""Launched by tests/test_deepspeed.py with torchrun (2 CPU ranks): every callback under one mode.
+"""Launched by tests/distributed/test_deepspeed.py with torchrun (2 CPU ranks): every callback under one mode.
 
 ``python -m torch.distributed.run --nproc_per_node 2 deepspeed_run.py MODE OUT`` with MODE one of
 ``ddp`` (the reference: plain DDP on CPU), ``zero1``, ``zero2``, ``zero3`` (DeepSpeed on CPU, needs

@@ -1,4 +1,5 @@
-"""Launched by tests/test_distributed.py: every callback trained in one mode, results dumped for comparison.
+"""Launched by tests/distributed/test_matrix.py: every callback trained in one mode, results dumped for
+comparison.
 
 argv: MODE OUT [CASE ...]. MODE is ``single`` (1 rank), ``ddp`` or ``fsdp`` (2 CPU ranks, gloo; FSDP2 through
 the test-only patch in harness.py). The global batch is the whole 8-sample dataset in every mode (8 per
@@ -35,7 +36,7 @@ from robustft import (  # noqa: E402
     SWACallback,
     WiseFTCallback,
 )
-from robustft.params import local_tensor, select_parameters  # noqa: E402
+from robustft.core.params import local_tensor, select_parameters  # noqa: E402
 from tests.distributed.harness import allow_fsdp_on_cpu, finish, fsdp_args, full, full_like  # noqa: E402
 from tests.tiny import lm_dataset, tiny_llama, training_args  # noqa: E402
 

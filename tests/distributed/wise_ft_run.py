@@ -1,4 +1,4 @@
-"""Launched by tests/test_wise_ft_distributed.py with torchrun (2 CPU ranks, gloo, DDP).
+"""Launched by tests/distributed/test_wise_ft.py with torchrun (2 CPU ranks, gloo, DDP).
 
 A WiSE-FT sweep through the Trainer's distributed evaluation; alpha=1 is applied so the model ends
 at the fine-tuned weights, from which the test's brute-force curve is computed. Writes

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from robustft.cli import main
-from robustft.lora.io import merge_into_base, read_adapter
+from robustft.lora.compose import merge_into_base
+from robustft.lora.io import read_adapter
 from tests.lora.conftest import make_adapter, peft_deltas, save_base
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -9,8 +9,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from robustft.cli import main
+from robustft.interpolation.wise_ft import interpolate_models, interpolate_state_dicts
 from robustft.merge.interpolate import interpolate_checkpoints
-from robustft.wise_ft import interpolate_models, interpolate_state_dicts
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -199,7 +199,8 @@ def _load_folder(path):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("method", ["linear", "slerp"])
 def test_cli_functional_api_and_merge_recipe_give_identical_bits(tmp_path, method, dtype):
-    """One interpolation: `robustft interpolate`, robustft.wise_ft.interpolate_state_dicts and a merge recipe
+    """One interpolation: `robustft interpolate`, robustft.interpolation.wise_ft.interpolate_state_dicts and
+    a merge recipe
     (`robustft merge`, lerp/slerp with the start as base) write exactly the same tensors."""
     import yaml
 

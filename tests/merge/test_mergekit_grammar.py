@@ -16,7 +16,7 @@ import torch
 from robustft.cli import main
 from robustft.merge import merge_checkpoints, parse_recipe
 from robustft.merge.recipe import evaluate_setting, parse_setting
-from robustft.ops.registry import METHODS
+from robustft.merge.registry import METHODS
 from tests.merge.tiny_models import TOKENIZER_DIR, build_family, load_all, tiny_config
 
 mergekit = pytest.importorskip("mergekit", reason="mergekit is not installed (pip install mergekit==0.1.5)")

@@ -7,7 +7,7 @@ absolute + 1e-5 relative; TIES sign ties, FACTS.md, up to a 1e-4 fraction), or w
 recipe with the named reason. Random drops (DARE, DELLA) draw from different random streams in the two
 tools: they are compared with density 1 (no draw: exact), with the same mask injected into both tools'
 draw, and by their keep rates. The last test walks mergekit's method registry: every method is covered
-here or listed in ``robustft.ops.registry.MERGEKIT_REFUSED`` (shown in docs/merging.md).
+here or listed in ``robustft.merge.registry.MERGEKIT_REFUSED`` (shown in docs/merging.md).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from robustft.merge import merge_checkpoints, parse_recipe
-from robustft.ops.registry import MERGEKIT_REFUSED, IgnoredParameterWarning
+from robustft.merge.registry import MERGEKIT_REFUSED, IgnoredParameterWarning
 from tests.merge.tiny_models import build_family, load_all, save_word_tokenizer, word_family
 
 pytest.importorskip("mergekit", reason="mergekit is not installed (pip install mergekit==0.1.5)")

@@ -5,7 +5,7 @@ import torch
 
 from robustft.cli import main
 from robustft.merge import METHODS, load_recipe, merge_tensor, parse_recipe
-from robustft.ops.registry import REQUIRED
+from robustft.merge.registry import REQUIRED
 
 
 def _data(**extra):

@@ -11,8 +11,9 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
 from transformers.pytorch_utils import Conv1D
 
+from robustft.core.statistics import save_fisher
 from robustft.merge import Grams, estimate_gram, merge_checkpoints, parse_recipe, save_gram
-from robustft.merge.fisher import GramFile, save_fisher
+from robustft.merge.io import GramFile
 from robustft.ops import merge as M
 from tests.merge.tiny_models import build_family, load_all, save_model
 

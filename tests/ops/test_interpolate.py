@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 
+from robustft.merge.registry import METHODS
 from robustft.ops.interpolate import (
     check_alpha,
     interpolate,
@@ -14,7 +15,6 @@ from robustft.ops.interpolate import (
     slerp,
     slerp_iterated,
 )
-from robustft.ops.registry import METHODS
 
 
 def _pair(seed=0, shape=(7, 5)):

@@ -466,7 +466,7 @@ def test_della_merge_is_della_then_combine(method, normalize):
 
 
 def test_breadcrumbs_ties_is_breadcrumbs_then_sign_election():
-    from robustft.ops.registry import METHODS
+    from robustft.merge.registry import METHODS
 
     base, *fts = _rand(4, seed=23)
     w = [1.0, 0.7, 1.5]

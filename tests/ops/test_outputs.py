@@ -11,8 +11,8 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from robustft.diagnostics import layer_sharpness, module_criticality
-from robustft.merge.fisher import estimate_fisher
+from robustft.analysis.sharpness import layer_sharpness, module_criticality
+from robustft.core.statistics import estimate_fisher
 from robustft.ops.outputs import model_loss
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from robustft.ops.sparse import keep_masked_, magnitude_scores, mask_gradient, top_k_mask
+from robustft.ops.sparse import keep_masked_, magnitude_scores, mask_gradient, top_k_masks
 
 
 def _brute_top_k(scores, density):
@@ -18,7 +18,7 @@ def test_top_k_mask_equals_a_brute_force_sort(density):
     g = torch.Generator().manual_seed(0)
     scores = {"a": torch.rand(7, 5, generator=g), "b": 2 * torch.rand(13, generator=g),
               "c": torch.rand(3, 2, 2, generator=g)}
-    masks = top_k_mask(scores, density)
+    masks = top_k_masks(scores, density)
     got = {(n, i) for n, m in masks.items() for i in m.reshape(-1).nonzero().squeeze(1).tolist()}
     assert got == _brute_top_k(scores, density)
     assert all(masks[n].shape == scores[n].shape and masks[n].dtype == torch.bool for n in scores)
@@ -27,12 +27,12 @@ def test_top_k_mask_equals_a_brute_force_sort(density):
 @pytest.mark.parametrize("density", [0.0, -0.1, 1.5, float("nan"), True])
 def test_top_k_mask_refuses_a_bad_density(density):
     with pytest.raises(ValueError, match="density"):
-        top_k_mask({"a": torch.rand(4)}, density)
+        top_k_masks({"a": torch.rand(4)}, density)
 
 
 def test_top_k_mask_names_a_non_finite_score():
     with pytest.raises(ValueError, match="'b'"):
-        top_k_mask({"a": torch.rand(4), "b": torch.tensor([1.0, float("nan")])}, 0.5)
+        top_k_masks({"a": torch.rand(4), "b": torch.tensor([1.0, float("nan")])}, 0.5)
 
 
 def test_magnitude_scores_are_absolute_values():
@@ -57,3 +57,12 @@ def test_keep_masked_restores_masked_entries_bit_for_bit():
     assert torch.equal(w[m], moved[m])
     keep_masked_(w, before, torch.tensor(False))
     assert torch.equal(w.view(torch.int32), before.view(torch.int32))
+
+
+def test_top_k_masks_break_ties_to_the_lowest_index_across_tensors():
+    """Ties at the cut go to the lowest flat index, tensors taken in the mapping's order (the one exact
+    top-k of the package, robustft.ops.merge.top_k_mask), whatever torch.topk's own order is."""
+    scores = {"a": torch.zeros(600), "b": torch.cat([torch.ones(3), torch.zeros(997)])}
+    masks = top_k_masks(scores, 10 / 1600)
+    assert masks["b"][:3].all() and masks["b"][3:].sum() == 0
+    assert masks["a"][:7].all() and masks["a"][7:].sum() == 0

