@@ -68,14 +68,28 @@ def full_from_partition(param, shard: torch.Tensor) -> torch.Tensor:
 
 
 class StepBeginRecorder(TrainerCallback):
-    """All full weights at on_step_begin, after a one-pass callback perturbed them (robustft callbacks
-    run first: they move themselves just after DefaultFlowCallback)."""
+    """All full weights at the first forward of each step: the weights a one-pass callback's gradient is
+    taken at (the perturbation is applied around each micro-batch, inside ``training_step``)."""
 
     def __init__(self):
-        self.points = []
+        self.points, self._want, self._hook = [], False, None
 
-    def on_step_begin(self, args, state, control, model=None, **kwargs):
-        self.points.append(full_weights(model, trainable_only=False))
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        def first_forward(module, inputs):
+            if self._want:
+                self._want = False
+                # inside DeepSpeed's forward nothing may be gathered: the full weights from the partitions
+                self.points.append({n: full_from_partition(p, p.ds_tensor.detach().flatten()).clone()
+                                    if hasattr(p, "ds_id") else p.detach().clone()
+                                    for n, p in module.named_parameters()})  # fmt: skip
+
+        self._hook = model.register_forward_pre_hook(first_forward)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._want = True
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._hook.remove()
 
 
 class Recorder(TrainerCallback):
