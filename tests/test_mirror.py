@@ -10,14 +10,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 #: modules without their own test file yet (issue 23 left these; remove a line when its file is added)
 NOT_YET = {
-    "robustft/core/model.py",  # tested through interpolation/test_learned.py and test_wemoe.py
-    "robustft/core/distributed.py",  # tested by the launch tests in tests/distributed/
     "robustft/demos/cli.py",  # tested in demos/test_encoder.py (robustft demo's options)
     "robustft/demos/console.py",
     "robustft/merge/chat_templates.py",  # tested in merge/test_mergekit_grammar.py
     "robustft/merge/cli.py",  # tested in merge/test_engine.py and merge/test_interpolate_cli.py
     "robustft/merge/interpolate.py",  # tested in merge/test_interpolate_cli.py and merge/test_warp.py
-    "robustft/ops/dtypes.py",
 }
 
 
