@@ -94,8 +94,10 @@ def test_minimise_with_sgd_is_plain_projected_gradient_descent(clamp):
 
 def test_minimise_default_loss_is_the_outputs_loss_and_entropy_is_the_softmax_entropy():
     logits = torch.zeros(4, 3, requires_grad=True)
-    history = minimise([logits], lambda batch: SimpleNamespace(logits=logits * batch), [torch.ones(1)], "entropy",
-                       1, 0.1, "adam", None, None, False)
+    def forward(batch):
+        return SimpleNamespace(logits=logits * batch)
+
+    history = minimise([logits], forward, [torch.ones(1)], "entropy", 1, 0.1, "adam", None, None, False)
     assert history == pytest.approx([float(torch.log(torch.tensor(3.0)))])  # uniform over 3 classes
     w = torch.ones(2, requires_grad=True)
     history = minimise([w], lambda batch: {"loss": (w * batch).sum()}, [torch.full((2,), 2.0)], "loss",
@@ -112,8 +114,8 @@ def test_minimise_refuses_bad_options_before_a_step(change, match):
     options = dict(objective="loss", steps=1, lr=0.1, optimizer="sgd", clamp=None)
     options.update(change)
     with pytest.raises(ValueError, match=match):
-        minimise([w], lambda b: {"loss": (w - 1).pow(2).sum()}, [None], options["objective"], options["steps"],
-                 options["lr"], options["optimizer"], None, options["clamp"], False)
+        minimise([w], lambda b: {"loss": (w - 1).pow(2).sum()}, [None], options["objective"],
+                 options["steps"], options["lr"], options["optimizer"], None, options["clamp"], False)
     assert torch.equal(w, torch.zeros(2))
 
 

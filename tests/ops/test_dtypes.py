@@ -1,4 +1,4 @@
-"""ops/dtypes.py: the one compute-dtype rule (float32, float64 when an input is float64) against its statement."""
+"""ops/dtypes.py: the compute-dtype rule (float32, float64 when an input is float64) against its statement."""
 
 import itertools
 
