@@ -12,9 +12,6 @@ ROOT = Path(__file__).resolve().parents[1]
 NOT_YET = {
     "robustft/demos/cli.py",  # tested in demos/test_encoder.py (robustft demo's options)
     "robustft/demos/console.py",
-    "robustft/merge/chat_templates.py",  # tested in merge/test_mergekit_grammar.py
-    "robustft/merge/cli.py",  # tested in merge/test_engine.py and merge/test_interpolate_cli.py
-    "robustft/merge/interpolate.py",  # tested in merge/test_interpolate_cli.py and merge/test_warp.py
 }
 
 
