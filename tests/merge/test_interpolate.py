@@ -1,5 +1,6 @@
 """merge/interpolate.py: ``robustft interpolate`` and ``interpolate_checkpoints`` between two checkpoints,
-against the functional API (interpolate_state_dicts) and the merge recipe; bad inputs refused before writing."""
+against the functional API (interpolate_state_dicts) and the merge recipe; bad inputs refused
+before writing."""
 
 import json
 import subprocess
