@@ -8,19 +8,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-#: modules without their own test file yet (issue 23 left these; remove a line when its file is added)
-NOT_YET = {
-    "robustft/core/model.py",  # tested through interpolation/test_learned.py and test_wemoe.py
-    "robustft/core/distributed.py",  # tested by the launch tests in tests/distributed/
-    "robustft/demos/cli.py",  # tested in demos/test_encoder.py (robustft demo's options)
-    "robustft/demos/console.py",
-    "robustft/merge/chat_templates.py",  # tested in merge/test_mergekit_grammar.py
-    "robustft/merge/cli.py",  # tested in merge/test_engine.py and merge/test_interpolate_cli.py
-    "robustft/merge/interpolate.py",  # tested in merge/test_interpolate_cli.py and merge/test_warp.py
-    "robustft/ops/dtypes.py",
-}
-
-
 def _modules() -> list[str]:
     return sorted(
         str(p.relative_to(ROOT)) for p in (ROOT / "robustft").rglob("*.py")
@@ -33,16 +20,9 @@ def test_every_module_has_its_test_file():
     for module in _modules():
         path = Path(module)
         test = ROOT / "tests" / Path(*path.parts[1:-1]) / f"test_{path.stem}.py"
-        if not test.is_file() and module not in NOT_YET:
+        if not test.is_file():
             missing.append(f"{module}: add {test.relative_to(ROOT)}")
     assert not missing, "\n".join(missing)
-
-
-def test_the_gap_list_is_honest():
-    """A module listed in NOT_YET that has its test file (or no longer exists) must leave the list."""
-    stale = [m for m in NOT_YET if m not in _modules() or (
-        ROOT / "tests" / Path(*Path(m).parts[1:-1]) / f"test_{Path(m).stem}.py").is_file()]
-    assert not stale, stale
 
 
 def test_no_test_module_imports_another_test_module():
@@ -61,6 +41,13 @@ def test_launch_scripts_live_in_tests_distributed():
     tests = ROOT / "tests"
     scripts = [*tests.rglob("*_run.py"), *tests.rglob("*script*.py")]
     assert scripts and all(p.parent.name == "distributed" for p in scripts), scripts
+
+
+def test_launch_tests_live_beside_their_scripts():
+    """A test that starts processes with the harness's torchrun lives in tests/distributed/ too."""
+    launchers = [p for p in (ROOT / "tests").rglob("test_*.py")
+                 if p.name != "test_mirror.py" and "torchrun(" in p.read_text()]
+    assert launchers and all(p.parent.name == "distributed" for p in launchers), launchers
 
 
 def test_the_adding_a_method_sections_name_real_files():

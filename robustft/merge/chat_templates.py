@@ -1,5 +1,5 @@
 """The chat templates mergekit 0.1.5 ships by name (``chat_template: chatml`` in a recipe), copied verbatim
-from its ``mergekit/_data/chat_templates/*.jinja`` (tests/merge/test_mergekit_grammar.py checks them equal).
+from its ``mergekit/_data/chat_templates/*.jinja`` (tests/merge/test_chat_templates.py checks them equal).
 """
 
 from __future__ import annotations

@@ -236,6 +236,152 @@ def _check_inputs(
             raise ValueError(diff.describe(label[0], who))
 
 
+@dataclass
+class _Inputs:
+    """The opened checkpoints of a recipe without slices: the reference, the models, their labels for
+    errors, the readers by local folder, the output vocabulary (or None) and the checkpoint whose layout
+    the output copies."""
+
+    ref_path: Path
+    ref: CheckpointReader
+    readers: list[CheckpointReader]
+    who: list[str]
+    by_path: dict[str, CheckpointReader]
+    vocab: Any
+    layout: CheckpointReader
+
+
+def _open_inputs(
+    recipe: Recipe, local: Mapping[str, Path], layout_from: str | os.PathLike | None, stack: ExitStack
+) -> _Inputs:
+    """Open the recipe's checkpoints (closed with ``stack``), build its output vocabulary and check that
+    names and shapes agree, reading headers only."""
+    ref_path = local[recipe.reference_model]
+    ref = stack.enter_context(CheckpointReader(ref_path))
+    readers = [stack.enter_context(CheckpointReader(local[m.path])) for m in recipe.models]
+    ref, *readers = tie_missing_heads([ref, *readers])[0]
+    who = [f"base_model {recipe.reference_model}" if recipe.base_model else f"models[0] {ref_path}"]
+    who += [f"models[{i}] {m.path}" for i, m in enumerate(recipe.models)]
+    # keyed by local folder (a Hub id's snapshot), as the tokenizer plan reads them
+    by_path = {str(local[m.path]): r for m, r in zip(recipe.models, readers, strict=True)}
+    by_path[str(ref_path)] = ref
+    vocab = None  # mergekit's output vocabulary: embedding rows mapped onto it as they are read
+    if recipe.tokenizer is not None:
+        from robustft.merge.tokenizer import build_vocabulary
+
+        base = str(ref_path) if recipe.base_model is not None else None
+        vocab = build_vocabulary(recipe.tokenizer, base, list(by_path), by_path)
+    _check_inputs(recipe, ref, readers, who, vocab.tensors if vocab is not None else ())
+    layout = ref
+    if layout_from is not None:
+        layout = next((r for r in [ref, *readers] if r.path == Path(layout_from)), None)
+        if layout is None:
+            raise ValueError(f"layout_from: {layout_from} is not one of the recipe's checkpoints")
+    return _Inputs(ref_path, ref, readers, who, by_path, vocab, layout)
+
+
+def _tensor_rules(recipe: Recipe, names: list[str], ref_path: Path) -> tuple[dict[str, int | None], dict]:
+    """Which rule (override index, None for the recipe's own) each tensor gets, and each rule resolved;
+    every override pattern must match a tensor no earlier override takes."""
+    choice = {name: _override_for(name, recipe.overrides) for name in names}
+    for i, o in enumerate(recipe.overrides):
+        if i not in choice.values():
+            hit = any(o.pattern.search(n) for n in names)
+            reason = "is shadowed by an earlier override" if hit else "matches no tensor"
+            raise ValueError(f"overrides[{i}].pattern {o.pattern.pattern!r} {reason} of {ref_path}")
+    resolved = {i: recipe.resolve(None if i is None else recipe.overrides[i]) for i in set(choice.values())}
+    return choice, resolved
+
+
+def _fisher_readers(
+    resolved: Mapping, names: list[str], choice: Mapping[str, int | None], ref: CheckpointReader,
+    stack: ExitStack,
+) -> dict[str, CheckpointReader]:
+    """The Fisher files of the rules merged with ``fisher``, opened (closed with ``stack``) and checked to
+    hold every floating tensor those rules merge, with its shape."""
+    readers: dict[str, CheckpointReader] = {}
+    for i, (method, _, mparams) in resolved.items():
+        if method != "fisher":
+            continue
+        for k, p in enumerate(mparams):
+            path = p["fisher"]
+            if path not in readers:
+                readers[path] = stack.enter_context(CheckpointReader(path))
+            fr = readers[path]
+            for name in names:
+                if choice[name] != i or not ref.infos[name].dtype.is_floating_point:
+                    continue
+                if name not in fr.infos:
+                    raise ValueError(f"Fisher file {path} (models[{k}]) has no tensor {name!r}")
+                if fr.infos[name].shape != ref.infos[name].shape:
+                    raise ValueError(
+                        f"Fisher tensor {name!r} in {path} has shape {fr.infos[name].shape}, "
+                        f"expected {ref.infos[name].shape}"
+                    )
+    return readers
+
+
+def _output_plan(inputs: _Inputs, names: list[str], out_dtype: torch.dtype | None) -> list[tuple]:
+    """(name, shape, dtype) of each output tensor: the layout's, floating tensors in ``out_dtype`` when
+    given, embedding rows as many as the output vocabulary's."""
+    plan = []
+    for name in names:
+        info = inputs.layout.infos[name]
+        dtype = out_dtype if (out_dtype is not None and info.dtype.is_floating_point) else info.dtype
+        shape = info.shape if inputs.vocab is None else inputs.vocab.shape(name, info.shape)
+        plan.append((name, shape, dtype))
+    return plan
+
+
+def _merge_one(
+    name: str, recipe: Recipe, inputs: _Inputs, params_of: Mapping, fisher_readers: Mapping,
+    grams_of: Mapping, choice: Mapping[str, int | None],
+) -> torch.Tensor:
+    """The merged tensor ``name``: kept when not floating, else its rule's method on the inputs read in the
+    compute dtype (with its Fisher or Gram statistics); a data error names the tensor."""
+    ref, readers, vocab = inputs.ref, inputs.readers, inputs.vocab
+    info = inputs.layout.infos[name]
+    if not info.dtype.is_floating_point:
+        return kept_tensor(name, [ref.get(name), *[r.get(name) for r in readers]], inputs.who)
+    method, gparams, mparams = params_of[name]
+    compute = compute_dtype(info.dtype)
+    read = (lambda r: r.get(name)) if vocab is None else vocab.reads(name, inputs.by_path, compute)
+    base = _cast(read(ref), recipe.dtype, compute) if recipe.base_model is not None else None
+    if method == "base":
+        return base
+    tensors = [_cast(read(r), recipe.dtype, compute) for r in readers]
+    stats, transposed = None, False
+    if method == "fisher":
+        stats = [fisher_readers[p["fisher"]].get(name).to(compute) for p in mparams]
+    elif method == "regmean" and name in grams_of[choice[name]][0]:
+        files = grams_of[choice[name]]
+        stats = (f.mean(name) for f in files)  # one Gram in memory at a time
+        # GPT-2's Conv1D stores (in, out): RegMean works on (out, in)
+        transposed = files[0].input_axis[name] == 0
+        tensors = [t.T for t in tensors] if transposed else tensors
+    try:  # data errors (NaN under a top-k cut, a singular RegMean system): name the tensor
+        merged = merge_tensor(method, base, tensors, gparams, mparams, tensor_seed(recipe.seed, name), stats)
+    except ValueError as err:
+        raise ValueError(f"tensor {name!r} ({method}): {err}") from err
+    return merged.T if transposed else merged
+
+
+def _tensor_costs(
+    plan: list[tuple], n_inputs: int, grams_of: Mapping, choice: Mapping[str, int | None]
+) -> list[int]:
+    """Memory units of each tensor in flight: its inputs and its result, (inputs + 1) x its entries; a
+    RegMean weight also one Gram (in x in) per model and the float64 system (2 float32 units per entry)."""
+    costs = []
+    for name, shape, _ in plan:
+        entries = (n_inputs + 1) * math.prod(shape)
+        files = grams_of.get(choice.get(name))
+        if files and name in files[0]:
+            n_in = shape[files[0].input_axis[name]]
+            entries += (len(files) + 2 * 2) * n_in * n_in
+        costs.append(entries)
+    return costs
+
+
 def merge_checkpoints(
     recipe: Recipe | str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -268,132 +414,40 @@ def merge_checkpoints(
         return _merge_slices(recipe, out_dir, overwrite, max_shard_size, progress, workers, start)
     local = _local_paths(recipe)
     tok = None if recipe.tokenizer_source == "base" else recipe.tokenizer_source
-    inputs = [local[recipe.reference_model], *(local[m.path] for m in recipe.models), tok]
-    inputs += recipe.tokenizer.paths() if recipe.tokenizer is not None else []
-    check_output_dir(out_dir, overwrite, inputs)
+    paths = [local[recipe.reference_model], *(local[m.path] for m in recipe.models), tok]
+    paths += recipe.tokenizer.paths() if recipe.tokenizer is not None else []
+    check_output_dir(out_dir, overwrite, paths)
     shard_size = max_shard_size or recipe.max_shard_size or "5GB"
 
     with ExitStack() as stack:
-        ref_path = local[recipe.reference_model]
-        ref = stack.enter_context(CheckpointReader(ref_path))
-        readers = [stack.enter_context(CheckpointReader(local[m.path])) for m in recipe.models]
-        ref, *readers = tie_missing_heads([ref, *readers])[0]
-        who = [f"base_model {recipe.reference_model}" if recipe.base_model else f"models[0] {ref_path}"]
-        who += [f"models[{i}] {m.path}" for i, m in enumerate(recipe.models)]
-        # keyed by local folder (a Hub id's snapshot), as the tokenizer plan reads them
-        by_path = {str(local[m.path]): r for m, r in zip(recipe.models, readers, strict=True)}
-        by_path[str(ref_path)] = ref
-        vocab = None  # mergekit's output vocabulary: embedding rows mapped onto it as they are read
-        if recipe.tokenizer is not None:
-            from robustft.merge.tokenizer import build_vocabulary
-
-            base = str(ref_path) if recipe.base_model is not None else None
-            vocab = build_vocabulary(recipe.tokenizer, base, list(by_path), by_path)
-        _check_inputs(recipe, ref, readers, who, vocab.tensors if vocab is not None else ())
-        layout = ref
-        if layout_from is not None:
-            layout = next((r for r in [ref, *readers] if r.path == Path(layout_from)), None)
-            if layout is None:
-                raise ValueError(f"layout_from: {layout_from} is not one of the recipe's checkpoints")
-
+        inputs = _open_inputs(recipe, local, layout_from, stack)
+        ref_path, ref, layout, vocab = inputs.ref_path, inputs.ref, inputs.layout, inputs.vocab
         names = layout.names
-        # which rule each tensor gets; every override pattern must match something
-        choice = {name: _override_for(name, recipe.overrides) for name in names}
-        for i, o in enumerate(recipe.overrides):
-            if i not in choice.values():
-                hit = any(o.pattern.search(n) for n in names)
-                reason = "is shadowed by an earlier override" if hit else "matches no tensor"
-                raise ValueError(f"overrides[{i}].pattern {o.pattern.pattern!r} {reason} of {ref_path}")
-        resolved = {
-            i: recipe.resolve(None if i is None else recipe.overrides[i]) for i in set(choice.values())
-        }
+        choice, resolved = _tensor_rules(recipe, names, ref_path)
         params_of = _tensor_parameters(recipe, ref, names, choice, resolved)
-
-        fisher_readers: dict[str, CheckpointReader] = {}
-        for i, (method, _, mparams) in resolved.items():
-            if method != "fisher":
-                continue
-            for k, p in enumerate(mparams):
-                path = p["fisher"]
-                if path not in fisher_readers:
-                    fisher_readers[path] = stack.enter_context(CheckpointReader(path))
-                fr = fisher_readers[path]
-                for name in names:
-                    if choice[name] != i or not ref.infos[name].dtype.is_floating_point:
-                        continue
-                    if name not in fr.infos:
-                        raise ValueError(f"Fisher file {path} (models[{k}]) has no tensor {name!r}")
-                    if fr.infos[name].shape != ref.infos[name].shape:
-                        raise ValueError(
-                            f"Fisher tensor {name!r} in {path} has shape {fr.infos[name].shape}, "
-                            f"expected {ref.infos[name].shape}"
-                        )
-
+        fisher_readers = _fisher_readers(resolved, names, choice, ref, stack)
         gram_files: dict[str, GramFile] = {}
         grams_of = {
             i: _gram_files(i, mparams, gram_files, names, choice, ref)
             for i, (method, _, mparams) in resolved.items()
             if method == "regmean"
         }
-
         src_tok = ref_path if recipe.tokenizer_source == "base" else local.get(tok, tok)
         if src_tok is not None and not Path(src_tok).is_dir():
             raise FileNotFoundError(f"tokenizer_source {src_tok} is not a folder")
-
         out_dtype = recipe.out_dtype or recipe.dtype
-        plan = []
-        for name in names:
-            info = layout.infos[name]
-            dtype = out_dtype if (out_dtype is not None and info.dtype.is_floating_point) else info.dtype
-            plan.append((name, info.shape if vocab is None else vocab.shape(name, info.shape), dtype))
+        plan = _output_plan(inputs, names, out_dtype)
 
-        with atomic_output_dir(out_dir, overwrite, [*inputs, *fisher_readers, *gram_files]) as tmp:
+        with atomic_output_dir(out_dir, overwrite, [*paths, *fisher_readers, *gram_files]) as tmp:
             shards, metadata = None, {"merged_by": "robustft"}
             if layout_from is not None:
                 shards = {n: i.file.name for n, i in layout.infos.items()}
                 metadata = {**layout.metadata, **metadata}
 
             def merge_one(name: str) -> torch.Tensor:
-                info = layout.infos[name]
-                if not info.dtype.is_floating_point:
-                    return kept_tensor(name, [ref.get(name), *[r.get(name) for r in readers]], who)
-                method, gparams, mparams = params_of[name]
-                compute = compute_dtype(info.dtype)
-                read = (lambda r: r.get(name)) if vocab is None else vocab.reads(name, by_path, compute)
-                base = _cast(read(ref), recipe.dtype, compute) if recipe.base_model is not None else None
-                if method == "base":
-                    return base
-                tensors = [_cast(read(r), recipe.dtype, compute) for r in readers]
-                stats, transposed = None, False
-                if method == "fisher":
-                    stats = [fisher_readers[p["fisher"]].get(name).to(compute) for p in mparams]
-                elif method == "regmean" and name in grams_of[choice[name]][0]:
-                    files = grams_of[choice[name]]
-                    stats = (f.mean(name) for f in files)  # one Gram in memory at a time
-                    # GPT-2's Conv1D stores (in, out): RegMean works on (out, in)
-                    transposed = files[0].input_axis[name] == 0
-                    tensors = [t.T for t in tensors] if transposed else tensors
-                try:  # data errors (NaN under a top-k cut, a singular RegMean system): name the tensor
-                    merged = merge_tensor(
-                        method, base, tensors, gparams, mparams, tensor_seed(recipe.seed, name), stats
-                    )
-                except ValueError as err:
-                    raise ValueError(f"tensor {name!r} ({method}): {err}") from err
-                return merged.T if transposed else merged
+                return _merge_one(name, recipe, inputs, params_of, fisher_readers, grams_of, choice)
 
-            # a tensor in flight holds its inputs and its result: (inputs + 1) x its entries; a RegMean
-            # weight also one Gram (in x in) per model and the float64 system (2 float32 units per entry)
-            n_inputs = 1 + len(readers) + len(fisher_readers)
-
-            def cost(name: str, shape: tuple[int, ...]) -> int:
-                entries = (n_inputs + 1) * math.prod(shape)
-                files = grams_of.get(choice.get(name))
-                if files and name in files[0]:
-                    n_in = shape[files[0].input_axis[name]]
-                    entries += (len(files) + 2 * 2) * n_in * n_in
-                return entries
-
-            costs = [cost(name, shape) for name, shape, _ in plan]
+            costs = _tensor_costs(plan, 1 + len(inputs.readers) + len(fisher_readers), grams_of, choice)
             budget = max(costs, default=0)  # the largest tensor alone, or several smaller ones together
             with ShardedWriter(tmp, plan, shard_size, metadata, shards) as writer:
                 merged_in_order = _ordered_map(merge_one, [n for n, _, _ in plan], costs, budget, workers)
@@ -402,7 +456,7 @@ def merge_checkpoints(
             copy_side_files(layout.path if layout_from is not None else ref_path, side_tok, tmp, out_dtype)
             if vocab is not None:
                 vocab.write(tmp)
-            _chat_template(recipe, [ref_path, *(r.path for r in readers)], tmp)
+            _chat_template(recipe, [ref_path, *(r.path for r in inputs.readers)], tmp)
             (tmp / "robustft_merge.yaml").write_text(yaml.safe_dump(recipe.raw, sort_keys=False))
             for fname, text in (info_files or {}).items():
                 (tmp / fname).write_text(text)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
 
 N_SAMPLES, SEQ_LEN, VOCAB, N_LABELS = 16, 8, 40, 3
@@ -154,3 +155,62 @@ def mean_loss_increase(
         for p, x in zip(params, d, strict=True):
             p.sub_(x * scale)
     return total / draws
+
+
+def sam_loss(model, batch, label_smoothing: float, scale: float = 1.0) -> torch.Tensor:
+    """The (scaled, label-smoothed) cross-entropy of a sequence classifier on one batch."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return scale * F.cross_entropy(logits, batch["labels"], label_smoothing=label_smoothing)
+
+
+def reference_sam(
+    model,
+    batch,
+    steps,
+    rho,
+    adaptive,
+    eta,
+    clip,
+    lr,
+    momentum,
+    label_smoothing=0.0,
+    scale=1.0,
+    only=None,
+    start=0,
+):
+    """Two-step SAM (davda54/sam formulation) on the full batch, written independently of robustft.
+
+    ``scale`` multiplies the loss: transformers 5.23 passes ``num_items_in_batch`` to models that
+    accept loss kwargs (BERT does) and then does not divide by the accumulation steps, but BERT's
+    classification loss ignores it - so with k micro-batches the Trainer's gradient is k times the
+    full-batch mean gradient. Clipping hides the factor; without clipping the reference needs it.
+    ``only``: perturb only parameters whose name contains it; ``start``: plain steps before SAM.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=lr, momentum=momentum)
+    for step in range(steps):
+        opt.zero_grad()
+        sam_loss(model, batch, label_smoothing, scale).backward()
+        torch.nn.utils.clip_grad_norm_(params, clip)
+        if step < start:
+            opt.step()
+            continue
+        perturbed = [
+            p for n, p in model.named_parameters() if p.requires_grad and (only is None or only in n)
+        ]
+        with torch.no_grad():
+            t_w = [(p.abs() + eta) if adaptive else torch.ones_like(p) for p in perturbed]
+            norm = torch.norm(
+                torch.stack([(t * p.grad).norm(2) for t, p in zip(t_w, perturbed, strict=True)]), 2
+            )
+            old = [p.clone() for p in perturbed]
+            for t, p in zip(t_w, perturbed, strict=True):
+                p.add_(t * t * p.grad * (rho / (norm + 1e-12)))
+        opt.zero_grad()
+        sam_loss(model, batch, label_smoothing, scale).backward()
+        torch.nn.utils.clip_grad_norm_(params, clip)
+        with torch.no_grad():
+            for p, o in zip(perturbed, old, strict=True):
+                p.copy_(o)
+        opt.step()
+    return model

@@ -3,21 +3,21 @@
 from __future__ import annotations
 
 import copy
-import sys
 import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 from transformers import TrainerCallback
 
 from robustft import GGPOCallback, MomentumSAMCallback, RandomPerturbationCallback, SAMCallback
+from tests.callbacks import sam_helpers
 from tests.callbacks.sam_helpers import (
     MLP,
     NoisyLinearData,
     ToyData,
     make_trainer,
     mean_loss_increase,
+    reference_sam,
     tiny_bert,
     tiny_lora_bert,
 )
@@ -32,64 +32,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-def _loss(model, batch, label_smoothing: float, scale: float = 1.0) -> torch.Tensor:
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return scale * F.cross_entropy(logits, batch["labels"], label_smoothing=label_smoothing)
-
-
-def reference_sam(
-    model,
-    batch,
-    steps,
-    rho,
-    adaptive,
-    eta,
-    clip,
-    lr,
-    momentum,
-    label_smoothing=0.0,
-    scale=1.0,
-    only=None,
-    start=0,
-):
-    """Two-step SAM (davda54/sam formulation) on the full batch, written independently of robustft.
-
-    ``scale`` multiplies the loss: transformers 5.23 passes ``num_items_in_batch`` to models that
-    accept loss kwargs (BERT does) and then does not divide by the accumulation steps, but BERT's
-    classification loss ignores it - so with k micro-batches the Trainer's gradient is k times the
-    full-batch mean gradient. Clipping hides the factor; without clipping the reference needs it.
-    ``only``: perturb only parameters whose name contains it; ``start``: plain steps before SAM.
-    """
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=lr, momentum=momentum)
-    for step in range(steps):
-        opt.zero_grad()
-        _loss(model, batch, label_smoothing, scale).backward()
-        torch.nn.utils.clip_grad_norm_(params, clip)
-        if step < start:
-            opt.step()
-            continue
-        perturbed = [
-            p for n, p in model.named_parameters() if p.requires_grad and (only is None or only in n)
-        ]
-        with torch.no_grad():
-            t_w = [(p.abs() + eta) if adaptive else torch.ones_like(p) for p in perturbed]
-            norm = torch.norm(
-                torch.stack([(t * p.grad).norm(2) for t, p in zip(t_w, perturbed, strict=True)]), 2
-            )
-            old = [p.clone() for p in perturbed]
-            for t, p in zip(t_w, perturbed, strict=True):
-                p.add_(t * t * p.grad * (rho / (norm + 1e-12)))
-        opt.zero_grad()
-        _loss(model, batch, label_smoothing, scale).backward()
-        torch.nn.utils.clip_grad_norm_(params, clip)
-        with torch.no_grad():
-            for p, o in zip(perturbed, old, strict=True):
-                p.copy_(o)
-        opt.step()
-    return model
 
 
 def _max_diff(a, b) -> float:
@@ -485,13 +427,13 @@ def test_sam_replay_runs_under_the_trainers_bf16_autocast(tmp_path, monkeypatch)
     ref_bf16, ref_fp32 = copy.deepcopy(model), copy.deepcopy(model)
     make_trainer(model, tmp_path, [SAMCallback(rho=RHO)], max_grad_norm=CLIP, bf16=True).train()
     reference_sam(ref_fp32, ToyData().batch(), 3, RHO, False, 0.0, CLIP, 0.1, 0.9)
-    plain_loss = _loss
+    plain_loss = sam_helpers.sam_loss
 
     def autocast_loss(*a, **k):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             return plain_loss(*a, **k)
 
-    monkeypatch.setattr(sys.modules[__name__], "_loss", autocast_loss)
+    monkeypatch.setattr(sam_helpers, "sam_loss", autocast_loss)
     reference_sam(ref_bf16, ToyData().batch(), 3, RHO, False, 0.0, CLIP, 0.1, 0.9)
     # both passes ran in bf16 autocast: equal to a bf16-autocast reference, not to the fp32 one
     assert _max_diff(model, ref_bf16) < 1e-6
@@ -547,27 +489,6 @@ def _fp16_scaler(trainer, monkeypatch) -> torch.amp.GradScaler:
 
     monkeypatch.setattr(acc, "prepare", prepare)
     return scaler
-
-
-@pytest.mark.slow
-def test_sam_and_random_perturbation_under_ddp(tmp_path):
-    """2 processes (torchrun, gloo): ε from the synchronized gradient keeps the ranks identical, and
-    SAM equals the single-process reference on the whole batch."""
-    from safetensors.torch import load_file
-
-    from tests.distributed.harness import torchrun
-
-    torchrun("tests/distributed/sam_run.py", str(tmp_path))
-    ref = tiny_bert()
-    reference_sam(ref, ToyData().batch(), 3, RHO, False, 0.0, CLIP, 0.1, 0.9)
-    for variant in ("sam", "rwp"):
-        r0 = load_file(tmp_path / f"{variant}-rank0.safetensors")
-        r1 = load_file(tmp_path / f"{variant}-rank1.safetensors")
-        for n in r0:
-            assert torch.equal(r0[n], r1[n]), (variant, n)  # ranks never drift apart
-    sam = load_file(tmp_path / "sam-rank0.safetensors")
-    diff = max((sam[n] - p.detach()).abs().max().item() for n, p in ref.named_parameters())
-    assert diff < 1e-6
 
 
 def test_ggpo_resume_equals_uninterrupted_run(tmp_path):

@@ -46,10 +46,3 @@ def test_demo_shows_the_wise_ft_effect(tmp_path):
     assert res["id_test"][alphas.index(0.0)] < res["id_test"][end] - 0.1  # fine-tuning helped in-distribution
     assert (out / "wise_ft.png").stat().st_size > 5000 and (out / "wise_ft.csv").is_file()
     assert "gained" in proc.stdout and "chosen on id" in proc.stdout
-
-
-def test_demo_cli_refuses_tiny_sizes(capsys):
-    from robustft.cli import main
-
-    assert main(["demo", "--train-size", "3"]) == 2
-    assert "--train-size" in capsys.readouterr().err

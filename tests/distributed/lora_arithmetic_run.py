@@ -1,4 +1,4 @@
-"""Launched by tests/callbacks/test_lora_arithmetic.py with torchrun (2 CPU ranks, gloo, DDP).
+"""Launched by tests/distributed/test_lora_arithmetic.py with torchrun (2 CPU ranks, gloo, DDP).
 
 argv: BASE OTHER OUT. Trains a LoRA adapter with LoRAArithmeticCallback(evaluate=True); rank 0 saves
 the trained adapter to OUT/trained; every rank writes what it saw to OUT/rank<R>.json.

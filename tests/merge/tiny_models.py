@@ -97,3 +97,27 @@ def load_all(path: Path) -> dict[str, torch.Tensor]:
     for f in sorted(Path(path).glob("*.safetensors")):
         out.update(load_file(str(f)))
     return out
+
+
+def recipe_models(dirs, params) -> list[dict]:
+    """A recipe's ``models:`` list: each folder with its parameters."""
+    return [{"model": str(d), "parameters": p} for d, p in zip(dirs, params, strict=True)]
+
+
+def mergekit_options(**kw):
+    """mergekit's ``MergeOptions`` for a quiet test run (no tokenizer or model card unless asked)."""
+    from mergekit.merge import MergeOptions
+
+    return MergeOptions(
+        **{"copy_tokenizer": False, "write_model_card": False, "quiet": True, "lazy_unpickle": True, **kw}
+    )
+
+
+def max_diff(mk: dict, rf: dict) -> float:
+    """Largest |mergekit - robustft| over tensors of the same names and dtypes (printed, returned)."""
+    assert set(mk) == set(rf)
+    for name in rf:
+        assert mk[name].dtype == rf[name].dtype, name
+    diff = max(float((mk[n].double() - rf[n].double()).abs().max()) for n in rf)
+    print(f"max |mergekit - robustft| = {diff:.3g}")
+    return diff

@@ -1,3 +1,7 @@
+"""merge/interpolate.py: ``robustft interpolate`` and ``interpolate_checkpoints`` between two checkpoints,
+against the functional API (interpolate_state_dicts) and the merge recipe; bad inputs refused
+before writing."""
+
 import json
 import subprocess
 import sys

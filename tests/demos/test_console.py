@@ -1,0 +1,50 @@
+"""demos/console.py: quiet_sweep_logs keeps the sweep's and EMA's evaluation logs off the console (they still
+reach the log history) and prints every other log as the Trainer's own printer does."""
+
+import pytest
+import torch
+from transformers import Trainer, TrainingArguments
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+from robustft.demos.console import quiet_sweep_logs
+
+LOGS = [{"loss": 1.5}, {"wise_ft_a0.5_id_accuracy": 0.7}, {"ema_eval_loss": 0.3}, {"eval_loss": 0.9}]
+
+
+class Tiny(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        return {"loss": (self.w * x).sum()}
+
+
+def _trainer(tmp_path, disable_tqdm: bool) -> Trainer:
+    args = TrainingArguments(str(tmp_path), report_to=[], use_cpu=True, disable_tqdm=disable_tqdm)
+    return Trainer(model=Tiny(), args=args)
+
+
+def _printed(trainer, capsys) -> str:
+    capsys.readouterr()
+    for logs in LOGS:
+        trainer.callback_handler.on_log(trainer.args, trainer.state, trainer.control, dict(logs))
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("disable_tqdm, printer", [(True, PrinterCallback), (False, ProgressCallback)])
+def test_sweep_logs_are_not_printed_and_other_logs_print_as_before(tmp_path, capsys, disable_tqdm, printer):
+    plain = _trainer(tmp_path / "plain", disable_tqdm)
+    trainer = _trainer(tmp_path / "quiet", disable_tqdm)
+    trainer.state.is_local_process_zero = plain.state.is_local_process_zero = True
+    quiet_sweep_logs(trainer)
+    mine = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, printer)]
+    assert len(mine) == 1 and type(mine[0]) is not printer  # the printer was replaced, not doubled
+    if printer is ProgressCallback:  # its on_log prints through the training bar: give both one
+        for t in (plain, trainer):
+            t.callback_handler.on_train_begin(t.args, t.state, t.control)
+    shown, everything = _printed(trainer, capsys), _printed(plain, capsys)
+    assert "wise_ft_a0.5" in everything and "ema_eval_loss" in everything
+    assert "wise_ft_a0.5" not in shown and "ema_eval_loss" not in shown
+    kept = [line for line in everything.splitlines() if "wise_ft" not in line and "ema_" not in line]
+    assert shown.splitlines() == kept and "1.5" in shown and "0.9" in shown
