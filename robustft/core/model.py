@@ -17,8 +17,8 @@ from torch import nn
 from torch.func import functional_call
 
 from robustft.checks import check_choice, check_number, short_repr
-from robustft.ops.dawin import batch_entropy, first_logits, prediction_entropy
-from robustft.ops.outputs import model_loss
+from robustft.ops.dawin import batch_entropy, prediction_entropy
+from robustft.ops.outputs import model_logits, model_loss
 
 __all__ = ["OBJECTIVES", "OPTIMIZERS", "call_with_weights", "cycle_batches", "is_causal_lm", "minimise"]
 
@@ -58,13 +58,11 @@ def call_with_weights(model: nn.Module, weights: Mapping[str, torch.Tensor], bat
     return functional_call(model, dict(weights), args=(inputs,))
 
 
-def _logits(outputs: Any) -> torch.Tensor:
-    return first_logits(outputs.logits if hasattr(outputs, "logits") else outputs)
 
 
 def _batch_entropy(outputs: Any, batch: Any, causal: bool) -> torch.Tensor:
     """Mean per-input entropy as DaWin's (positions with a label, else the attention mask)."""
-    logits = _logits(outputs)
+    logits = model_logits(outputs)
     labels = batch.get("labels") if isinstance(batch, Mapping) else None
     if labels is not None:
         return batch_entropy(logits, labels, causal).mean()

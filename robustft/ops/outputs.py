@@ -1,4 +1,4 @@
-"""What a model's forward pass returned: its loss, read the one way every robustft tool reads it.
+"""What a model's forward pass returned: its loss and logits, read the one way every robustft tool reads them.
 
 A transformers model returns a ``ModelOutput`` (a mapping with attributes), a custom ``nn.Module`` often a
 plain ``dict`` or an object with a ``loss`` attribute; as the Trainer does for mappings, the loss is the
@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["model_loss"]
+__all__ = ["model_logits", "model_loss"]
 
 
 def model_loss(outputs: Any, batch: Any = None) -> torch.Tensor:
@@ -24,3 +24,14 @@ def model_loss(outputs: Any, batch: Any = None) -> torch.Tensor:
         raise ValueError(f"the model returned no loss ({type(outputs).__name__} without 'loss'); put labels "
                          "in the batches or pass a loss_fn")
     return loss
+
+
+def model_logits(outputs: Any) -> torch.Tensor:
+    """``outputs["logits"]`` of a mapping, else ``outputs.logits``, else the output itself (a tensor, or the
+    first element of a tuple, as a model without a ModelOutput returns its logits)."""
+    if isinstance(outputs, Mapping):
+        if "logits" not in outputs:
+            raise ValueError(f"the model returned no logits ({type(outputs).__name__} without 'logits')")
+        return outputs["logits"]
+    logits = getattr(outputs, "logits", outputs)
+    return logits[0] if isinstance(logits, (tuple, list)) else logits

@@ -89,3 +89,19 @@ def test_a_model_without_a_loss_is_a_named_error_everywhere():
         module_criticality(model, batch)
     with pytest.raises(ValueError, match="estimate_fisher: the model returned no loss"):
         estimate_fisher(model, [batch])
+
+
+def test_model_logits_reads_mappings_attributes_tuples_and_tensors():
+    """The logits of every output form a model returns: the ``"logits"`` entry of a mapping (a plain dict
+    included), the attribute, the first element of a tuple, or the tensor itself."""
+    from transformers.modeling_outputs import SequenceClassifierOutput
+
+    from robustft.ops.outputs import model_logits
+
+    x = torch.randn(2, 3)
+    assert model_logits({"logits": x}) is x
+    assert model_logits(SequenceClassifierOutput(logits=x)) is x
+    assert model_logits((x, torch.zeros(1))) is x
+    assert model_logits(x) is x
+    with pytest.raises(ValueError, match="no logits"):
+        model_logits({"loss": x.sum()})
