@@ -156,7 +156,8 @@ def _loop_square_sums(
         grads = torch.autograd.grad(loss_fn(model, example), tensors, allow_unused=True)
         for s, g in zip(sums, grads, strict=True):
             if g is not None:
-                s.add_(g.detach().float().pow(2))
+                g = g.detach().float()
+                s.addcmul_(g, g)  # in place: no squared copy of every gradient
     return sums
 
 
@@ -188,9 +189,10 @@ def estimate_fisher(
     ``per_example``: how the per-example gradients are taken, the same numbers to float rounding.
     ``"vmap"``: ``torch.func.vmap(grad(...))`` over the rows of each batch (grouped by equal
     ``attention_mask`` rows, at most 1 GiB of float32 gradients per call); raises where torch.func refuses
-    the model. ``"loop"``: one forward and backward per example. ``"auto"`` (default): vmap, and the loop
-    from the first batch that vmap refuses on (data-dependent control flow, ``.item()``, random ops such as
-    a loss that samples labels, in-place writes). See docs/benchmarks.md#fisher for the speed-up.
+    the model. ``"loop"``: one forward and backward per example. ``"auto"`` (default): the loop on CPU,
+    where vmap was measured no faster (docs/benchmarks.md#fisher); on an accelerator vmap, and the loop
+    from the first batch that vmap refuses (data-dependent control flow, ``.item()``, random ops such as a
+    loss that samples labels, in-place writes).
 
     ``across_ranks=True`` (a collective: every rank must call it): the sums and N are added over the ranks
     of a distributed run, so every rank gets the Fisher of all the ranks' examples together (each rank's
@@ -207,7 +209,7 @@ def estimate_fisher(
     module = _LossOf(model, loss_fn)
     weights = {f"model.{name}": t.detach() for name, t in params.items()}
     cap = max(1, _VMAP_BYTES // (4 * sum(t.numel() for t in tensors)))
-    vmapping = per_example != "loop"
+    vmapping = per_example == "vmap" or (per_example == "auto" and device.type != "cpu")
     n = 0
     with train_mode(model, False):
         for batch in _model_inputs(dataloader, device, max_examples, False, "estimate_fisher"):
