@@ -88,6 +88,7 @@ def _default_loss(model: nn.Module, example: Mapping[str, torch.Tensor]) -> torc
 
 
 PER_EXAMPLE = ("auto", "vmap", "loop")
+AUTO_VMAP_ON_CPU = False  # "auto" takes vmap on CPU too (measured no faster there: docs/benchmarks.md#fisher)
 _VMAP_BYTES = 2**30  # per-example gradients held at once by one vmap call (float32)
 
 
@@ -209,7 +210,7 @@ def estimate_fisher(
     module = _LossOf(model, loss_fn)
     weights = {f"model.{name}": t.detach() for name, t in params.items()}
     cap = max(1, _VMAP_BYTES // (4 * sum(t.numel() for t in tensors)))
-    vmapping = per_example == "vmap" or (per_example == "auto" and device.type != "cpu")
+    vmapping = per_example == "vmap" or (per_example == "auto" and (AUTO_VMAP_ON_CPU or device.type != "cpu"))
     n = 0
     with train_mode(model, False):
         for batch in _model_inputs(dataloader, device, max_examples, False, "estimate_fisher"):

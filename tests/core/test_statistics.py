@@ -206,7 +206,10 @@ class Branchy(nn.Module):
         return {"loss": nn.functional.cross_entropy(out, labels)}
 
 
-def test_auto_falls_back_to_the_loop_where_vmap_refuses_and_vmap_says_so():
+def test_auto_falls_back_to_the_loop_where_vmap_refuses_and_vmap_says_so(monkeypatch):
+    from robustft.core import statistics
+
+    monkeypatch.setattr(statistics, "AUTO_VMAP_ON_CPU", True)  # "auto" as on an accelerator
     torch.manual_seed(0)
     model = Branchy()
     loader = [{"x": torch.randn(6, 4), "labels": torch.randint(0, 2, (6,))}]
