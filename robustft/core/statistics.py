@@ -87,6 +87,87 @@ def _default_loss(model: nn.Module, example: Mapping[str, torch.Tensor]) -> torc
         raise ValueError(f"estimate_fisher: {err}") from None
 
 
+PER_EXAMPLE = ("auto", "vmap", "loop")
+AUTO_VMAP_ON_CPU = False  # "auto" takes vmap on CPU too (measured no faster there: docs/benchmarks.md#fisher)
+_VMAP_BYTES = 2**30  # per-example gradients held at once by one vmap call (float32)
+
+
+class _LossOf(nn.Module):
+    """``loss_fn(model, example)`` as a module, so ``functional_call`` can swap the weights under it."""
+
+    def __init__(self, model: nn.Module, loss_fn: Callable) -> None:
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, example: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return self.loss_fn(self.model, example)
+
+
+def _groups(batch: Mapping[str, torch.Tensor], size: int, cap: int) -> list[torch.Tensor]:
+    """Row indices of ``batch`` grouped by equal ``attention_mask`` rows (one group without a mask), each cut
+    to at most ``cap`` rows: inside a group the mask is one tensor, not a vmapped one, so models that look at
+    its values (transformers' ``padding_mask.all()``) still run under vmap."""
+    mask = batch.get("attention_mask")
+    if torch.is_tensor(mask) and mask.dim() > 0:
+        _, inverse = torch.unique(mask.reshape(size, -1), dim=0, return_inverse=True)
+        groups = [torch.nonzero(inverse == g).flatten() for g in range(int(inverse.max()) + 1)]
+    else:
+        groups = [torch.arange(size)]
+    return [idx[i : i + cap] for idx in groups for i in range(0, len(idx), cap)]
+
+
+def _split(rows: Mapping[str, object]) -> tuple[dict, dict]:
+    """(keys vmapped over, keys passed once): a tensor whose rows are all equal goes once, as one row."""
+    batched, shared = {}, {}
+    for k, v in rows.items():
+        if torch.is_tensor(v) and v.dim() > 0 and not bool((v == v[:1]).all()):
+            batched[k] = v
+        else:
+            shared[k] = v[:1] if torch.is_tensor(v) and v.dim() > 0 else v
+    return batched, shared
+
+
+def _vmap_square_sums(
+    module: nn.Module, weights: dict[str, torch.Tensor], rows: Mapping[str, object]
+) -> list[torch.Tensor]:
+    """sum over the rows of (d loss_row / d w)^2 for each weight, from one ``vmap(grad(...))`` call."""
+    from torch.func import functional_call, grad, vmap
+
+    batched, shared = _split(rows)
+
+    def loss(w: dict[str, torch.Tensor], one: dict[str, torch.Tensor]) -> torch.Tensor:
+        example = {**shared, **{k: v.unsqueeze(0) for k, v in one.items()}}
+        return functional_call(module, w, args=(example,))
+
+    if batched:
+        grads = vmap(grad(loss), in_dims=(None, 0), randomness="error")(weights, batched)
+        return [g.float().pow(2).sum(0) for g in grads.values()]
+    grads = grad(loss)(weights, {})  # every row the same example: n times its square
+    n = _batch_size({k: v for k, v in rows.items() if torch.is_tensor(v)}, "estimate_fisher")
+    return [g.float().pow(2) * n for g in grads.values()]
+
+
+def _loop_square_sums(
+    model: nn.Module, loss_fn: Callable, tensors: list[torch.Tensor], rows: Mapping[str, object]
+) -> list[torch.Tensor]:
+    """sum over the rows of (d loss_row / d w)^2, one forward and backward per row."""
+    sums = [torch.zeros(t.shape, dtype=torch.float32, device=t.device) for t in tensors]
+    for example in _model_inputs([rows], tensors[0].device, None, True, "estimate_fisher"):
+        grads = torch.autograd.grad(loss_fn(model, example), tensors, allow_unused=True)
+        for s, g in zip(sums, grads, strict=True):
+            if g is not None:
+                g = g.detach().float()
+                s.addcmul_(g, g)  # in place: no squared copy of every gradient
+    return sums
+
+
+def _vmap_refused(err: RuntimeError) -> bool:
+    """True for torch.func's refusals (data-dependent control flow, ``.item()``, random ops, in-place
+    writes into a non-batched tensor, missing batching rules), which the loop runs fine."""
+    return "vmap" in str(err) or "functorch" in str(err) or "batched tensor" in str(err).lower()
+
+
 def estimate_fisher(
     model: nn.Module,
     dataloader: Iterable[Mapping[str, torch.Tensor]],
@@ -95,34 +176,66 @@ def estimate_fisher(
     include: str | list[str] | None = None,
     exclude: str | list[str] | None = None,
     across_ranks: bool = False,
+    per_example: str = "auto",
 ) -> dict[str, torch.Tensor]:
     """F_j = (1/N) sum_n (d loss_n / d theta_j)^2: the empirical diagonal Fisher over N single examples.
 
     With the default loss (the model's own ``loss``, i.e. the negative log-likelihood of the labels in the
-    batch) this is the empirical Fisher of Fisher-weighted averaging (Matena & Raffel, 2022). Batches are
-    split into single examples, because the square of a batch gradient is not the mean of the squares.
-    The model runs in eval mode (restored afterwards) and its ``.grad`` fields are not touched.
-    Returns float32 CPU tensors keyed by parameter name (trainable parameters, filtered by include/exclude).
+    batch) this is the empirical Fisher of Fisher-weighted averaging (Matena & Raffel, 2022). Each example is
+    its own batch of one (its row of the dataloader's batch, padding included), because the square of a
+    batch gradient is not the mean of the squares. The model runs in eval mode (restored afterwards) and its
+    ``.grad`` fields are not touched. Returns float32 CPU tensors keyed by parameter name (trainable
+    parameters, filtered by include/exclude).
+
+    ``per_example``: how the per-example gradients are taken, the same numbers to float rounding.
+    ``"vmap"``: ``torch.func.vmap(grad(...))`` over the rows of each batch (grouped by equal
+    ``attention_mask`` rows, at most 1 GiB of float32 gradients per call); raises where torch.func refuses
+    the model. ``"loop"``: one forward and backward per example. ``"auto"`` (default): the loop on CPU,
+    where vmap was measured no faster (docs/benchmarks.md#fisher); on an accelerator vmap, and the loop
+    from the first batch that vmap refuses (data-dependent control flow, ``.item()``, random ops such as a
+    loss that samples labels, in-place writes).
 
     ``across_ranks=True`` (a collective: every rank must call it): the sums and N are added over the ranks
     of a distributed run, so every rank gets the Fisher of all the ranks' examples together (each rank's
     ``max_examples`` caps its own share): the whole set's Fisher when each rank reads its own share, the
     same Fisher as one process when every rank reads the same data.
     """
+    if per_example not in PER_EXAMPLE:
+        raise ValueError(f"estimate_fisher: per_example must be one of {PER_EXAMPLE}, got {per_example!r}")
     params = select_parameters(model, include=include, exclude=exclude)
     names, tensors = list(params), list(params.values())
     device = tensors[0].device
     fisher = [torch.zeros(t.shape, dtype=torch.float32, device=device) for t in tensors]
     loss_fn = loss_fn or _default_loss
+    module = _LossOf(model, loss_fn)
+    weights = {f"model.{name}": t.detach() for name, t in params.items()}
+    cap = max(1, _VMAP_BYTES // (4 * sum(t.numel() for t in tensors)))
+    vmapping = per_example == "vmap" or (per_example == "auto" and (AUTO_VMAP_ON_CPU or device.type != "cpu"))
     n = 0
     with train_mode(model, False):
-        for example in _model_inputs(dataloader, device, max_examples, True, "estimate_fisher"):
-            loss = loss_fn(model, example)
-            grads = torch.autograd.grad(loss, tensors, allow_unused=True)
-            for f, g in zip(fisher, grads, strict=True):
-                if g is not None:
-                    f.add_(g.detach().float().pow(2))
-            n += 1
+        for batch in _model_inputs(dataloader, device, max_examples, False, "estimate_fisher"):
+            size = _batch_size(batch, "estimate_fisher")
+            for idx in _groups(batch, size, cap) if vmapping else [torch.arange(size)]:
+                rows = {k: (v[idx.to(v.device)] if torch.is_tensor(v) and v.dim() > 0 else v)
+                        for k, v in batch.items()}
+                sums = None
+                if vmapping:
+                    try:
+                        sums = _vmap_square_sums(module, weights, rows)
+                    except RuntimeError as err:
+                        if not _vmap_refused(err):
+                            raise
+                        if per_example == "vmap":
+                            raise ValueError(
+                                f"estimate_fisher: per_example='vmap' but torch.func cannot run this model "
+                                f"({err}); use per_example='auto' or 'loop'"
+                            ) from err
+                        vmapping = False
+                if sums is None:
+                    sums = _loop_square_sums(model, loss_fn, tensors, rows)
+                for f, s in zip(fisher, sums, strict=True):
+                    f.add_(s)
+                n += len(idx)
     if across_ranks:
         for f in fisher:
             distributed.all_reduce_sum(f)
