@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 import warnings
 from collections.abc import Iterator
@@ -11,21 +12,34 @@ __all__ = ["Stages", "demo_console", "quiet_sweep_logs", "trainer_console"]
 
 # what a demo hides unless --verbose: deprecation notices of the libraries it drives
 HIDDEN_WARNINGS = (DeprecationWarning, PendingDeprecationWarning, FutureWarning)
+# loggers with their own stdout handler (not transformers'), quieted to errors: DeepSpeed's accelerator notice
+QUIET_LOGGERS = ("DeepSpeed",)
+
+
+def _errors_only(record: logging.LogRecord) -> bool:
+    """A logging filter passing errors and worse only."""
+    return record.levelno >= logging.ERROR
 
 
 @contextmanager
 def demo_console(verbose: bool) -> Iterator[None]:
-    """While a demo runs: unless ``verbose``, transformers logs errors only, datasets shows no bars and
-    deprecation warnings are ignored; everything is restored on exit (no global filter is left)."""
+    """While a demo runs: unless ``verbose``, transformers and DeepSpeed log errors only, neither
+    transformers (weight loading) nor datasets shows progress bars and deprecation warnings are ignored;
+    everything is restored on exit (no global filter is left)."""
     if verbose:
         yield
         return
     from datasets.utils import logging as datasets_logging
     from transformers.utils import logging as hf_logging
 
-    level, bars = hf_logging.get_verbosity(), datasets_logging.is_progress_bar_enabled()
+    level = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled(), datasets_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     datasets_logging.disable_progress_bar()
+    quiet = [logging.getLogger(name) for name in QUIET_LOGGERS]
+    for logger in quiet:
+        logger.addFilter(_errors_only)
     try:
         with warnings.catch_warnings():
             for category in HIDDEN_WARNINGS:
@@ -33,7 +47,11 @@ def demo_console(verbose: bool) -> Iterator[None]:
             yield
     finally:
         hf_logging.set_verbosity(level)
-        if bars:
+        for logger in quiet:
+            logger.removeFilter(_errors_only)
+        if bars[0]:
+            hf_logging.enable_progress_bar()
+        if bars[1]:
             datasets_logging.enable_progress_bar()
 
 

@@ -619,6 +619,9 @@ def run_llm_demo(
         raise ValueError(f"methods: 'plain LoRA' is needed (WiSE-FT and EMA use its run), got {methods}")
     for m in methods:
         _method_callbacks(m, cfg)  # unknown names fail before anything runs
+    if model is not None:
+        local_model_dir(model)
+    wordnet_dir(wordnet)
     from robustft.demos.console import demo_console
 
     with demo_console(trainer_logs):
