@@ -121,7 +121,8 @@ def test_llm_demo_runs_offline_and_wise_ft_keeps_more_of_the_base_model(tmp_path
     assert (out / "wise_ft.png").stat().st_size > 5000
     for row in rows:
         assert f"| {row}" in proc.stdout
-    assert proc.stdout.index("base model (before fine-tuning)") < proc.stdout.index("plain LoRA:")
+    first_run = proc.stdout.index("fine-tuning 1/4: plain LoRA")
+    assert proc.stdout.index("base model (before fine-tuning)") < first_run
 
 
 def test_gpu_benchmark_without_cuda_says_so_and_exits_cleanly():
