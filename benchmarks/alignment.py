@@ -128,7 +128,7 @@ def dpo_run(model_dir: Path, data: dict, out: Path, cfg: AlignmentConfig, anchor
         output_dir=str(out), max_steps=cfg.dpo_steps, per_device_train_batch_size=cfg.batch_size,
         learning_rate=cfg.dpo_learning_rate, lr_scheduler_type="constant", warmup_steps=0, beta=cfg.dpo_beta,
         seed=cfg.seed, save_strategy="no", report_to=[], use_cpu=not torch.cuda.is_available(), bf16=cfg.bf16,
-        gradient_checkpointing=False, logging_steps=max(1, cfg.dpo_steps // 4), disable_tqdm=True,
+        activation_checkpointing=False, logging_steps=max(1, cfg.dpo_steps // 4), disable_tqdm=True,
         dataloader_num_workers=0,
     )
     callbacks = [EMAReferenceCallback(cfg.ema_decay)] if anchor else []

@@ -67,7 +67,7 @@ def train_reward_model(init: str | os.PathLike, train, out: str | os.PathLike, *
         output_dir=str(out), max_steps=steps, per_device_train_batch_size=batch_size,
         learning_rate=learning_rate, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
         seed=seed, data_seed=seed, save_strategy="no", report_to=[], use_cpu=not torch.cuda.is_available(),
-        bf16=bf16, gradient_checkpointing=False, logging_steps=max(1, steps // 4), disable_tqdm=True,
+        bf16=bf16, activation_checkpointing=False, logging_steps=max(1, steps // 4), disable_tqdm=True,
         dataloader_num_workers=0,
     )
     trainer = RewardTrainer(

