@@ -27,13 +27,15 @@ FAILURE, RESUME, ORDER = "failure", "resume", "order"
 @dataclass(frozen=True)
 class Setting:
     """One exported callback: ``make(model)`` builds it for a tiny run on a fresh ``model`` (the model is
-    given for setups that read an initial state); ``skip`` maps a check it cannot take to the reason."""
+    given for setups that read an initial state); ``skip`` maps a check it cannot take to the reason,
+    ``xfail`` a check it fails to the bug (strict: fixing the bug makes the matrix say so)."""
 
     name: str
     make: Callable[[nn.Module], TrainerCallback]
     model: str = CLASSIFIER
     setup: str = ""
     skip: dict[str, str] = field(default_factory=dict)
+    xfail: dict[str, str] = field(default_factory=dict)
 
 
 def tiny_lora(seed: int = 0) -> nn.Module:
@@ -70,7 +72,11 @@ SETTINGS: list[Setting] = [
     Setting("MomentumSAMCallback", lambda m: callbacks.MomentumSAMCallback(rho=0.05)),
     Setting("RandomPerturbationCallback", lambda m: callbacks.RandomPerturbationCallback(rho=0.05, seed=3)),
     Setting("SAMCallback", lambda m: callbacks.SAMCallback(rho=0.05)),
-    Setting("ShrinkPerturbCallback", lambda m: callbacks.ShrinkPerturbCallback(0.5, 0.01, every_n_steps=2)),
+    Setting("ShrinkPerturbCallback", lambda m: callbacks.ShrinkPerturbCallback(0.5, 0.01, every_n_steps=2),
+            xfail={ORDER: "bug: ShrinkPerturbCallback shrinks and perturbs the weights in its on_step_end, so an "
+                          "EMACallback listed before it averages the weights before the shrink and one listed "
+                          "after it the weights after: the saved EMA (ema/model.safetensors) depends on the "
+                          "list order"}),
     Setting("SparseUpdateCallback", lambda m: callbacks.SparseUpdateCallback(density=0.25, scores="magnitude")),
     Setting("SpectralRegCallback", lambda m: callbacks.SpectralRegCallback(0.5)),
     Setting("SWACallback", lambda m: callbacks.SWACallback(start=1), skip={ORDER: _COPIED_IN}),
@@ -88,8 +94,15 @@ def exported_callbacks() -> set[str]:
 
 def params(check: str) -> list:
     """The rows as pytest parameters for ``check``; a row that cannot take it is skipped with its reason."""
-    return [pytest.param(s, id=s.name, marks=[pytest.mark.skip(reason=s.skip[check])] if check in s.skip else [])
-            for s in SETTINGS]
+    return [pytest.param(s, id=s.name, marks=_marks(s, check)) for s in SETTINGS]
+
+
+def _marks(setting: Setting, check: str) -> list:
+    if check in setting.skip:
+        return [pytest.mark.skip(reason=setting.skip[check])]
+    if check in setting.xfail:
+        return [pytest.mark.xfail(strict=True, reason=setting.xfail[check])]
+    return []
 
 
 def train(model: nn.Module, out, callbacks: list, resume=None, **args) -> Trainer:
