@@ -50,6 +50,11 @@ def tiny_lora(seed: int = 0) -> nn.Module:
 
 MODELS: dict[str, Callable[[], nn.Module]] = {CLASSIFIER: tiny_bert, LORA: tiny_lora}
 
+def _unit_fisher(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A Fisher of ones for every parameter of ``model`` (EWC's anchor is then L2-SP's, weighted)."""
+    return {n: torch.ones_like(p) for n, p in model.named_parameters()}
+
+
 _TRL = "needs a TRL DPOTrainer with a reference model (tests/callbacks/test_ema_reference.py)"
 _COPIED_IN = "copies its average into the model at the end like EMACallback: two such are refused by design"
 
@@ -59,8 +64,7 @@ SETTINGS: list[Setting] = [
     Setting("EMACallback", lambda m: callbacks.EMACallback(decay=0.7)),
     Setting("EMAReferenceCallback", lambda m: callbacks.EMAReferenceCallback(decay=0.7), model=TRL,
             setup="a reference model (TRL)", skip={FAILURE: _TRL, RESUME: _TRL, ORDER: _TRL}),
-    Setting("EWCCallback",
-            lambda m: callbacks.EWCCallback(0.5, fisher={n: torch.ones_like(p) for n, p in m.named_parameters()}),
+    Setting("EWCCallback", lambda m: callbacks.EWCCallback(0.5, fisher=_unit_fisher(m)),
             setup="a Fisher of the initial state"),
     Setting("GGPOCallback", lambda m: callbacks.GGPOCallback(rho=0.05)),
     Setting("L2SPCallback", lambda m: callbacks.L2SPCallback(0.5)),
@@ -73,11 +77,12 @@ SETTINGS: list[Setting] = [
     Setting("RandomPerturbationCallback", lambda m: callbacks.RandomPerturbationCallback(rho=0.05, seed=3)),
     Setting("SAMCallback", lambda m: callbacks.SAMCallback(rho=0.05)),
     Setting("ShrinkPerturbCallback", lambda m: callbacks.ShrinkPerturbCallback(0.5, 0.01, every_n_steps=2),
-            xfail={ORDER: "bug: ShrinkPerturbCallback shrinks and perturbs the weights in its on_step_end, so an "
-                          "EMACallback listed before it averages the weights before the shrink and one listed "
-                          "after it the weights after: the saved EMA (ema/model.safetensors) depends on the "
-                          "list order"}),
-    Setting("SparseUpdateCallback", lambda m: callbacks.SparseUpdateCallback(density=0.25, scores="magnitude")),
+            xfail={ORDER: "bug: ShrinkPerturbCallback shrinks and perturbs the weights in its on_step_end, "
+                          "so an EMACallback listed before it averages the weights before the shrink and one "
+                          "listed after it the weights after: the saved EMA (ema/model.safetensors) depends "
+                          "on the list order"}),
+    Setting("SparseUpdateCallback",
+            lambda m: callbacks.SparseUpdateCallback(density=0.25, scores="magnitude")),
     Setting("SpectralRegCallback", lambda m: callbacks.SpectralRegCallback(0.5)),
     Setting("SWACallback", lambda m: callbacks.SWACallback(start=1), skip={ORDER: _COPIED_IN}),
     Setting("WiseFTCallback", lambda m: callbacks.WiseFTCallback(alpha=0.5)),

@@ -66,8 +66,8 @@ def test_resumed_equals_uninterrupted_bit_for_bit(tmp_path, setting):
     model = make_model()
     train(model, tmp_path / "part", [setting.make(model), stop_at(2)], **args)
     model = make_model()  # in another output_dir: the cut run's end-of-training files are not in the way
-    resumed = train(model, tmp_path / "resumed", [setting.make(model)], resume=str(tmp_path / "part" / "checkpoint-2"),
-                    **args)
+    resumed = train(model, tmp_path / "resumed", [setting.make(model)],
+                    resume=str(tmp_path / "part" / "checkpoint-2"), **args)
     assert_bit_equal(weights(resumed.model), weights(full.model))
     assert saved_files(tmp_path / "resumed") == saved_files(tmp_path / "full")
 
