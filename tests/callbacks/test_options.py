@@ -18,6 +18,7 @@ from robustft import (
 )
 from robustft.callbacks.lora_arithmetic import LoRAArithmeticCallback
 from robustft.interpolation.wise_ft import WiseFTCurve, choose_alpha
+from tests.callbacks.settings import NOT_RUN, SETTINGS
 
 NAN, INF = float("nan"), float("inf")
 
@@ -174,6 +175,11 @@ FISHER = {"w": torch.ones(2)}
 def test_the_matrix_covers_every_exported_callback():
     exported = {n for n in callbacks.__all__ if n.endswith("Callback")}
     assert exported == {case[0] for case in NUMERIC} | NO_NUMBERS
+
+
+def test_the_matrix_names_the_callbacks_of_the_settings_table():
+    """The option matrix and the settings table (tests/callbacks/settings.py) cover the same callbacks."""
+    assert {case[0] for case in NUMERIC} | NO_NUMBERS == {s.name for s in SETTINGS} | set(NOT_RUN)
 
 
 def _case_id(case) -> str:

@@ -6,17 +6,14 @@ import shutil
 
 import pytest
 import torch
-from transformers import Trainer
 
 from robustft import EMACallback, WiseFTCallback
-from tests.tiny import stop_at, tiny_bert, token_dataset, training_args
+from tests.callbacks.settings import train
+from tests.tiny import stop_at, tiny_bert
 
 
 def _train(out, callbacks, resume=None, **args):
-    trainer = Trainer(model=tiny_bert(), args=training_args(out, **args), train_dataset=token_dataset(),
-                      callbacks=callbacks)
-    trainer.train(resume_from_checkpoint=resume)
-    return trainer
+    return train(tiny_bert(), out, callbacks, resume=resume, **args)
 
 
 def _ema():
