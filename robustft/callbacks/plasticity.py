@@ -95,7 +95,9 @@ class ShrinkPerturbCallback(RobustCallback):
         if self.at_train_begin and self.resume_dir(args, state) is None:
             self.apply(state.global_step)
 
-    def on_step_end(self, args, state, control, **kwargs):
-        n, step = self.every_n_steps, state.global_step
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        # right after optimizer.step(), before any callback's on_step_end (averages update there): what an
+        # average sees of step ``step`` does not depend on the order of the callback list
+        n, step = self.every_n_steps, state.global_step + 1
         if n is not None and step % n == 0 and step < state.max_steps:
             self.apply(step)

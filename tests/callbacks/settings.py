@@ -76,11 +76,7 @@ SETTINGS: list[Setting] = [
     Setting("MomentumSAMCallback", lambda m: callbacks.MomentumSAMCallback(rho=0.05)),
     Setting("RandomPerturbationCallback", lambda m: callbacks.RandomPerturbationCallback(rho=0.05, seed=3)),
     Setting("SAMCallback", lambda m: callbacks.SAMCallback(rho=0.05)),
-    Setting("ShrinkPerturbCallback", lambda m: callbacks.ShrinkPerturbCallback(0.5, 0.01, every_n_steps=2),
-            xfail={ORDER: "bug: ShrinkPerturbCallback shrinks and perturbs the weights in its on_step_end, "
-                          "so an EMACallback listed before it averages the weights before the shrink and one "
-                          "listed after it the weights after: the saved EMA (ema/model.safetensors) depends "
-                          "on the list order"}),
+    Setting("ShrinkPerturbCallback", lambda m: callbacks.ShrinkPerturbCallback(0.5, 0.01, every_n_steps=2)),
     Setting("SparseUpdateCallback",
             lambda m: callbacks.SparseUpdateCallback(density=0.25, scores="magnitude")),
     Setting("SpectralRegCallback", lambda m: callbacks.SpectralRegCallback(0.5)),

@@ -62,6 +62,7 @@ def test_an_exception_in_a_step_leaves_weights_and_hooks_as_before(tmp_path, set
     assert_trains_like_a_fresh_copy(model, make_model, tmp_path, max_steps=2)
 
 
+@pytest.mark.slow  # three Trainer runs per row (about a minute for the table here): CI runs it
 @pytest.mark.parametrize("setting", params(RESUME))
 def test_resumed_equals_uninterrupted_bit_for_bit(tmp_path, setting):
     make_model = MODELS[setting.model]
@@ -82,6 +83,7 @@ _PAIR = "is one of the pair (WiseFTCallback, EMACallback) itself"
 ORDERS = {"x-wise-ema": ("x", "wise", "ema"), "ema-wise-x": ("ema", "wise", "x")}
 
 
+@pytest.mark.slow  # two Trainer runs per row: CI runs it
 @pytest.mark.parametrize("setting", [
     p if p.values[0].name not in ("WiseFTCallback", "EMACallback")
     else pytest.param(*p.values, id=p.id, marks=[pytest.mark.skip(reason=_PAIR)])

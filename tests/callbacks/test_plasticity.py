@@ -13,7 +13,7 @@ from tests.tiny import tiny_bert, token_dataset, training_args
 
 
 class Snap(TrainerCallback):
-    """The weights at every step end (where this callback sits in the list decides before/after)."""
+    """The weights at every step end: after the shrink, which acts right after ``optimizer.step()``."""
 
     def __init__(self):
         self.weights = {}
@@ -23,6 +23,16 @@ class Snap(TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         self.weights[state.global_step] = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+class SnapUpdate(Snap):
+    """The weights right after ``optimizer.step()``, before the shrink when listed before the callback."""
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self.weights[state.global_step + 1] = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        pass
 
 
 def _train(out, callbacks, resume=None, model=None, **args):
@@ -42,7 +52,7 @@ def _dense(weights, shrink, sigma, seed, step):
 
 
 def test_every_n_steps_equals_the_dense_update_and_skips_the_last_step(tmp_path):
-    before, after = Snap(), Snap()
+    before, after = SnapUpdate(), Snap()
     _train(tmp_path, [before, ShrinkPerturbCallback(shrink=0.6, sigma=0.01, every_n_steps=4, seed=5), after])
     for step in range(1, 9):
         if step == 4:
