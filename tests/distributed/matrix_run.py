@@ -1,7 +1,8 @@
 """Launched by tests/distributed/test_matrix.py: every callback trained in one mode, results dumped for
 comparison.
 
-argv: MODE OUT [CASE ...]. MODE is ``single`` (1 rank), ``ddp`` or ``fsdp`` (2 CPU ranks, gloo; FSDP2 through
+argv: MODE OUT [CASE ...]; ``table-<Callback>``: that callback's row of tests/callbacks/settings.py
+on its model, dropout off, on the tiny token data. MODE is ``single`` (1 rank), ``ddp`` or ``fsdp`` (2 CPU ranks, gloo; FSDP2 through
 the test-only patch in harness.py). The global batch is the whole 8-sample dataset in every mode (8 per
 device on 1 rank, 4 per device on 2; halved again with 2 accumulated micro-batches for ``<case>_ga2``),
 so every mode takes the same steps. Per case, each rank writes
@@ -37,8 +38,9 @@ from robustft import (  # noqa: E402
     WiseFTCallback,
 )
 from robustft.core.params import local_tensor, select_parameters  # noqa: E402
+from tests.callbacks.settings import MODELS, SETTINGS  # noqa: E402
 from tests.distributed.harness import allow_fsdp_on_cpu, finish, fsdp_args, full, full_like  # noqa: E402
-from tests.tiny import lm_dataset, tiny_llama, training_args  # noqa: E402
+from tests.tiny import lm_dataset, tiny_llama, token_dataset, training_args  # noqa: E402
 
 GLOBAL_BATCH, STEPS = 8, 3
 
@@ -116,10 +118,35 @@ def local_state_numel(cb) -> int:
     return 0
 
 
+def table_case(setting):
+    """A settings-table row as a case: its model with dropout off (the ranks draw other dropout masks than
+    one process) and its callback."""
+
+    def factory():
+        model = MODELS[setting.model]()
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        return model, [setting.make(model)]
+
+    return factory
+
+
 def run_case(name: str, factory, mode: str, out: Path, resume: bool = False, accumulation: int = 1) -> None:
     model, callbacks = factory()
-    data = features() if isinstance(model, BNNet) else lm_dataset(GLOBAL_BATCH)
     extra = fsdp_args() if mode == "fsdp" else {}
+    if isinstance(model, BNNet):
+        data = features()
+    elif name.startswith("table-"):
+        data = token_dataset(GLOBAL_BATCH)
+        # the table's BERT loss ignores num_items_in_batch: the Trainer's token averaging across devices
+        # would then scale its DDP gradient by the world size (a transformers quirk, not a callback's)
+        extra["average_tokens_across_devices"] = False
+        # plain SGD: AdamW would blow the rounding noise of gradients that are zero in exact maths (attention
+        # key biases, unused embedding rows under a penalty) up to learning-rate-sized steps in either mode
+        extra["optim"] = "sgd"
+    else:
+        data = lm_dataset(GLOBAL_BATCH)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     per_device = GLOBAL_BATCH // world // accumulation
     case_dir = out / name
@@ -186,7 +213,8 @@ def main(mode: str, out: str, names: list[str]) -> None:
         allow_fsdp_on_cpu()
     out = Path(out)
     cases = {**CASES, "lora_arithmetic": lora_arithmetic(out),
-             "swa_bn": lambda: (BNNet(), [SWACallback(start=1, copy_to_model_at_end=True)])}
+             "swa_bn": lambda: (BNNet(), [SWACallback(start=1, copy_to_model_at_end=True)]),
+             **{f"table-{row.name}": table_case(row) for row in SETTINGS}}
     for name in names or list(CASES):
         # <case>_resume: <case> stopped at step 2 and resumed; <case>_ga2: 2 micro-batches per step
         base = name.removesuffix("_resume").removesuffix("_ga2")

@@ -196,3 +196,35 @@ def test_hsdp_replicated_parameters_are_refused(runs):
         info = json.loads((runs["fsdp"] / f"hsdp.rank{r}.json").read_text())
         assert info["placements"] == ["Replicate()", "Shard(dim=0)"]  # HSDP really was built
         assert "is a DTensor with placements (Replicate(), Shard(dim=0)) on a 2-D mesh" in info["refused"]
+
+
+@pytest.fixture(scope="module")
+def table_runs(tmp_path_factory) -> tuple[list[str], dict[str, Path]]:
+    """Every row of the callbacks' settings table (tests/callbacks/settings.py) that runs in a plain Trainer,
+    launched once on 1 rank and once under 2-rank DDP with the same global batch."""
+    from tests.callbacks.settings import SETTINGS, TRL
+
+    cases = [f"table-{row.name}" for row in SETTINGS if row.model != TRL]
+    root = tmp_path_factory.mktemp("table")
+    for mode in ("single", "ddp"):
+        torchrun("tests/distributed/matrix_run.py", mode, str(root / mode), *cases, nproc=MODES[mode],
+                 timeout=500)
+    return cases, {mode: root / mode for mode in ("single", "ddp")}
+
+
+@pytest.mark.slow
+def test_every_settings_row_under_ddp_equals_one_process(table_runs):
+    """Driven by the settings table: a new callback gets this check by adding its row. DDP's ranks agree,
+    and their final weights, the callback's state and its mode-independent metrics equal one process's."""
+    cases, runs = table_runs
+    assert len(cases) >= 15
+    differ = {}
+    for case in cases:
+        ddp = [_load(runs["ddp"], case, r) for r in (0, 1)]
+        assert ddp[0][1]["world_size"] == 2 and not ddp[0][1]["dtensor"], case
+        try:
+            _assert_same(ddp[0], ddp[1], atol=0, rtol=0)
+            _assert_same(_load(runs["single"], case), ddp[0])
+        except AssertionError as err:
+            differ[case] = " ".join(str(err).splitlines()[:6])
+    assert not differ, differ
