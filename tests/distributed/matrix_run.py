@@ -2,10 +2,10 @@
 comparison.
 
 argv: MODE OUT [CASE ...]; ``table-<Callback>``: that callback's row of tests/callbacks/settings.py
-on its model, dropout off, on the tiny token data. MODE is ``single`` (1 rank), ``ddp`` or ``fsdp`` (2 CPU
-ranks, gloo; FSDP2 through the test-only patch in harness.py). The global batch is the whole 8-sample dataset in every mode (8 per
-device on 1 rank, 4 per device on 2; halved again with 2 accumulated micro-batches for ``<case>_ga2``),
-so every mode takes the same steps. Per case, each rank writes
+on its model, dropout off, on the tiny token data. MODE is ``single`` (1 rank), ``ddp`` or ``fsdp``
+(2 CPU ranks, gloo; FSDP2 through the test-only patch in harness.py). The global batch is the whole
+8-sample dataset in every mode (8 per device on 1 rank, 4 per device on 2; halved again with 2 accumulated
+micro-batches for ``<case>_ga2``), so every mode takes the same steps. Per case, each rank writes
 OUT/<case>/rank<R>.safetensors (final trainable weights and the callback's state, gathered to full tensors)
 and OUT/<case>/rank<R>.json (the mode that ran, the size of the state this rank holds, logged metrics).
 """
