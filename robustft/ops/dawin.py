@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from robustft.ops.dtypes import compute_dtype
+from robustft.ops.outputs import model_logits
 
 __all__ = [
     "PROCEDURES",
@@ -39,7 +40,6 @@ __all__ = [
     "check_procedure",
     "component_alphas",
     "dawin_lambda",
-    "first_logits",
     "fit_beta_mixture",
     "fit_beta_mixture_kmeans",
     "kmeans_1d",
@@ -327,11 +327,6 @@ def fit_beta_mixture_kmeans(
                        eps=best.eps)
 
 
-def first_logits(logits):
-    """The logits of a model output that may be a tuple (logits first)."""
-    return logits[0] if isinstance(logits, (tuple, list)) else logits
-
-
 def batch_entropy(logits, labels, causal: bool) -> torch.Tensor:
     """Per-input prediction entropy of one evaluation batch (the Trainer's ``preprocess_logits_for_metrics``).
 
@@ -339,7 +334,7 @@ def batch_entropy(logits, labels, causal: bool) -> torch.Tensor:
     predicting a token (labels shifted by one, :func:`causal_lm_mask`), otherwise
     (token classification) those whose own label is not -100; all positions when there are no labels.
     """
-    logits = first_logits(logits)
+    logits = model_logits(logits)
     mask = None
     if logits.dim() == 3 and isinstance(labels, torch.Tensor) and labels.shape == logits.shape[:2]:
         mask = causal_lm_mask(labels) if causal else labels != -100
