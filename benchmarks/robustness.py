@@ -83,18 +83,21 @@ class Task:
     batch_size: int = 32
 
 
-def demo_task(seed: int = 0, n_train: int = 400, n_eval: int = 300, epochs: float = 2.0) -> Task:
-    """The ``robustft demo`` task, built by the demo's own functions."""
+def demo_task(seed: int = 0, n_train: int = 400, n_eval: int = 300, epochs: float = 2.0,
+              task: str = "topics") -> Task:
+    """The ``robustft demo`` task (``task="glosses"``: ``robustft demo --task glosses``, WordNet definitions
+    under a subpopulation shift), built by the demo's own functions."""
     from transformers import DataCollatorWithPadding
 
-    model, tokenizer = demo.zero_shot_start(seed)
-    train, evals = demo.encode_splits(tokenizer, seed, n_train, n_eval)
+    model, tokenizer = demo.zero_shot_start(seed, task)
+    train, evals = demo.encode_splits(tokenizer, seed, n_train, n_eval, task)
     return Task(
         start=lambda: copy.deepcopy(model), train=train, evals=evals,
         collator=DataCollatorWithPadding(tokenizer),
         args=lambda out, **kw: demo.training_arguments(out, seed, epochs, progress=False, **kw),
         metrics=demo.accuracy, seed=seed,
-        description=f"`robustft demo` task (all-MiniLM-L6-v2 zero-shot start, {n_train} training examples, "
+        description=f"`robustft demo{' --task glosses' if task == 'glosses' else ''}` task (all-MiniLM-L6-v2 "
+        f"zero-shot start, {n_train} training examples, "
         f"{epochs:g} epochs of batch 32 at lr 5e-5, {n_eval} examples per eval set, seed {seed})",
     )
 
@@ -723,9 +726,16 @@ def build_sections(task: Task, out: Path, only: list[str], rounds: int, steps: i
     return sections
 
 
-def write_docs(sections: dict[str, str], docs: Path = ROOT / "docs") -> None:
+def task_markers(name: str, task: str) -> tuple[str, str]:
+    """A section's doc markers: the demo task's, or the gloss task's own (``robustness-NAME-glosses``)."""
+    start, end = MARKERS[name]
+    return (start, end) if task == "topics" else (start.replace(":start", f"-{task}:start"),
+                                                  end.replace(":end", f"-{task}:end"))
+
+
+def write_docs(sections: dict[str, str], docs: Path = ROOT / "docs", task: str = "topics") -> None:
     for name, text in sections.items():
-        start, end = MARKERS[name]
+        start, end = task_markers(name, task)
         write_section(text, docs / "benchmarks.md", start, end)
         if name in FEATURE_DOC:
             write_section(text, docs / FEATURE_DOC[name], start, end)
@@ -735,7 +745,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--only", action="append", choices=list(MARKERS), help="sections to run (default: all)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--rounds", type=int, default=3, help="interleaved overhead rounds")
+    p.add_argument("--task", choices=("topics", "glosses"), default="topics",
+                   help="the encoder task: robustft demo's (default) or --task glosses (WordNet definitions, "
+                   "a subpopulation shift); the gloss task's tables go between their own markers")
     p.add_argument("--steps", type=int, default=8, help="optimizer steps per overhead run")
     p.add_argument("--out", default=os.path.join(tempfile.gettempdir(), "robustft_robustness_benchmark"))
     p.add_argument("--no-write", action="store_true", help="print only; leave the docs alone")
@@ -756,10 +768,11 @@ def main(argv=None) -> int:
                 write_section(text, ROOT / "docs" / doc, *LLM_MARKERS)
         return 0
     only = args.only or list(MARKERS)
-    sections = build_sections(demo_task(args.seed), Path(args.out), only, args.rounds, args.steps, command)
+    task = demo_task(args.seed, task=args.task)
+    sections = build_sections(task, Path(args.out) / args.task, only, args.rounds, args.steps, command)
     print("\n\n".join(sections.values()))
     if not args.no_write:
-        write_docs(sections)
+        write_docs(sections, task=args.task)
         print(f"\nwritten to {ROOT / 'docs'}")
     return 0
 

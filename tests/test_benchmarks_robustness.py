@@ -47,6 +47,11 @@ def test_every_table_has_every_row_and_the_docs_get_each_section(tmp_path):
     assert all(bench.count(start) == 1 and bench.count(end) == 1 for start, end in rb.MARKERS.values())
     assert sections["interpolation"] in (docs / "dynamic_interpolation.md").read_text()
     assert sections["regularizers"] in (docs / "regularizers.md").read_text()
+    glosses = {name: text.replace("`cmd`", "`cmd --task glosses`") for name, text in sections.items()}
+    rb.write_docs(glosses, docs, task="glosses")  # the second task's tables beside, never over, the first's
+    bench = (docs / "benchmarks.md").read_text()
+    assert sections["regularizers"] in bench and glosses["regularizers"] in bench
+    assert bench.count("<!-- robustness-regularizers-glosses:start -->") == 1
 
 
 def test_reading_reports_each_method_against_the_reference_and_names_only_real_gains():

@@ -27,6 +27,11 @@ def register(subparsers) -> None:
     p.add_argument("--eval-size", type=int, default=None,
                    help="examples per eval set (default 300; --llm: 12)")
     p.add_argument("--epochs", type=float, default=2.0, help="encoder demo only")
+    p.add_argument("--task", choices=("topics", "glosses"), default="topics",
+                   help="encoder demo only: 'topics' (generated sentences whose spurious source tag flips "
+                   "under shift) or 'glosses' (WordNet definitions of animals, plants, artifacts and foods; "
+                   "the shift is subgroups never trained on, e.g. birds, shrubs, vehicles; needs "
+                   "wordnet-base)")
     p.add_argument("--no-progress", action="store_true", help="with --verbose: no progress bars")
     p.add_argument("--verbose", action="store_true",
                    help="also show the Trainer's log dicts and progress bars and the libraries' warnings "
@@ -46,7 +51,8 @@ def register(subparsers) -> None:
                      help="with --llm: where the converted model is kept (default $ROBUSTFT_CACHE or "
                      "~/.cache/robustft)")
     llm.add_argument("--wordnet-dir", default=None,
-                     help="with --llm: WordNet 3.0 dict folder (default $WNSEARCHDIR or /usr/share/wordnet)")
+                     help="with --llm or --task glosses: WordNet 3.0 dict folder (default $WNSEARCHDIR or "
+                     "/usr/share/wordnet)")
     p.set_defaults(func=_run)
 
 
@@ -56,14 +62,19 @@ def _run(args: argparse.Namespace) -> int:
         if value is not None and value < 8:
             raise ValueError(f"--{name.replace('_', '-')}: at least 8 examples, got {value}")
     if not args.llm:
-        for name in ("full", "steps", "model", "cache_dir", "wordnet_dir"):
+        for name in ("full", "steps", "model", "cache_dir"):
             if getattr(args, name) not in (None, False):
                 raise ValueError(f"--{name.replace('_', '-')}: only with --llm")
+        if args.wordnet_dir is not None and args.task != "glosses":
+            raise ValueError("--wordnet-dir: only with --llm or --task glosses")
         from robustft.demos.encoder import run_demo
 
         run_demo(args.out or "runs/wise_ft_demo", args.seed, args.train_size or 400, args.eval_size or 300,
-                 args.epochs, progress=not args.no_progress, trainer_logs=args.verbose)
+                 args.epochs, progress=not args.no_progress, trainer_logs=args.verbose, task=args.task,
+                 wordnet=args.wordnet_dir)
         return 0
+    if args.task != "topics":
+        raise ValueError("--task: encoder demo only (not with --llm)")
     from dataclasses import replace
 
     from robustft.demos import llm as demo_llm

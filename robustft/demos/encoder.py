@@ -231,7 +231,20 @@ class DemoResult:
         )
 
 
-def zero_shot_start(seed: int = 0):
+def task_labels(task: str = "topics") -> dict[str, str]:
+    """label -> zero-shot description of the demo's ``task``: ``"topics"`` (generated sentences with a
+    spurious cue) or ``"glosses"`` (WordNet definitions, a subpopulation shift; ``robustft.demos.wordnet``).
+    """
+    if task == "topics":
+        return {label: TOPICS[label]["description"] for label in LABELS}
+    if task == "glosses":
+        from robustft.demos.wordnet import GLOSS_CLASSES
+
+        return {label: spec[1] for label, spec in GLOSS_CLASSES.items()}
+    raise ValueError(f"task: expected 'topics' or 'glosses', got {task!r}")
+
+
+def zero_shot_start(seed: int = 0, task: str = "topics"):
     """(model, tokenizer): all-MiniLM-L6-v2 with the zero-shot head of the label descriptions (α=0)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -240,17 +253,21 @@ def zero_shot_start(seed: int = 0):
 
     from robustft.demos.zero_shot import SentenceClassifier, install_zero_shot_head
 
+    labels = task_labels(task)
     path = encoder_path()
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     torch.manual_seed(seed)
-    model = SentenceClassifier.from_pretrained(path, num_labels=len(LABELS))
-    model.id2label = dict(enumerate(LABELS))
-    install_zero_shot_head(model, tokenizer, [TOPICS[label]["description"] for label in LABELS])
+    model = SentenceClassifier.from_pretrained(path, num_labels=len(labels))
+    model.id2label = dict(enumerate(labels))
+    install_zero_shot_head(model, tokenizer, list(labels.values()))
     return model, tokenizer
 
 
-def encode_splits(tokenizer, seed: int = 0, n_train: int = 400, n_eval: int = 300):
-    """(train, {"id", "id_test", "shifted"}): the demo's tokenized splits (α is chosen on "id" only)."""
+def encode_splits(tokenizer, seed: int = 0, n_train: int = 400, n_eval: int = 300, task: str = "topics",
+                  wordnet: str | os.PathLike | None = None):
+    """(train, {"id", "id_test", "shifted"}): the demo's tokenized splits (α is chosen on "id" only).
+
+    ``task="glosses"`` reads WordNet from ``wordnet`` (default: ``robustft.demos.wordnet.wordnet_dir``)."""
     from datasets import Dataset
 
     def encode(data: dict[str, list]) -> Dataset:
@@ -258,6 +275,12 @@ def encode_splits(tokenizer, seed: int = 0, n_train: int = 400, n_eval: int = 30
         ds = ds.map(lambda b: tokenizer(b["text"], truncation=True, max_length=64), batched=True)
         return ds.rename_column("label", "labels").remove_columns(["text"])
 
+    task_labels(task)
+    if task == "glosses":
+        from robustft.demos.wordnet import make_gloss_task, wordnet_dir
+
+        splits = make_gloss_task(wordnet_dir(wordnet), n_train, n_eval, seed)
+        return encode(splits.pop("train")), {name: encode(data) for name, data in splits.items()}
     train = encode(make_task(n_train, seed))
     evals = {
         "id": encode(make_task(n_eval, seed + 1)),  # α is chosen here
@@ -310,8 +333,13 @@ def run_demo(
     progress: bool = True,
     verbose: bool = True,
     trainer_logs: bool = False,
+    task: str = "topics",
+    wordnet: str | os.PathLike | None = None,
 ) -> DemoResult:
     """Zero-shot start, fine-tune with the Trainer + WiseFTCallback, sweep α; returns the curve.
+
+    ``task``: ``"topics"`` (generated sentences, a spurious cue that flips under shift) or ``"glosses"``
+    (WordNet definitions, a subpopulation shift; ``wordnet`` is the WordNet folder).
 
     ``verbose`` prints one line per stage, the table and the reading; ``trainer_logs`` (``--verbose``)
     also shows the Trainer's log dicts, its progress bars (``progress``) and library warnings."""
@@ -319,12 +347,12 @@ def run_demo(
 
     with demo_console(trainer_logs):
         return _run_demo(Path(output_dir), seed, n_train, n_eval, epochs, learning_rate, alphas,
-                         progress and trainer_logs, verbose, trainer_logs)
+                         progress and trainer_logs, verbose, trainer_logs, task, wordnet)
 
 
 def _run_demo(out: Path, seed: int, n_train: int, n_eval: int, epochs: float, learning_rate: float,
               alphas: tuple[float, ...] | None, progress: bool, verbose: bool,
-              trainer_logs: bool) -> DemoResult:
+              trainer_logs: bool, task: str = "topics", wordnet=None) -> DemoResult:
     """``run_demo`` inside its console settings."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -337,9 +365,9 @@ def _run_demo(out: Path, seed: int, n_train: int, n_eval: int, epochs: float, le
 
     t0 = time.time()
     stages = Stages(3, trainer_logs, print if verbose else lambda *a, **k: None)
-    stages.start("zero-shot start: all-MiniLM-L6-v2 with the label descriptions as its head")
-    model, tokenizer = zero_shot_start(seed)
-    train, evals = encode_splits(tokenizer, seed, n_train, n_eval)
+    stages.start(f"zero-shot start: all-MiniLM-L6-v2 with the label descriptions as its head (task {task})")
+    model, tokenizer = zero_shot_start(seed, task)
+    train, evals = encode_splits(tokenizer, seed, n_train, n_eval, task, wordnet)
     stages.end(f"train {len(train)}, eval {len(evals['id'])} per split")
     args = training_arguments(out, seed, epochs, learning_rate, progress)
     wise = WiseFTCallback(

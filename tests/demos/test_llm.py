@@ -11,37 +11,6 @@ from robustft.demos import llm as demo_llm
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# three synsets of noun.animal (05), one of noun.artifact (06), one of noun.person (18), WordNet 3.0 layout
-DATA_NOUN = """\
-  1 This software and database is being provided to you, the LICENSEE, by
-  2 Princeton University under the following license. | not a synset
-01313888 05 n 01 recombinant 0 002 @ 00006484 n 0000 @ 00004475 n 0000 | a cell or organism in which genetic \
-recombination has occurred
-01604330 05 n 02 heron 0 egret 0 000 | grey or white wading bird with long neck and long legs; "herons \
-stand still"
-01313093 05 n 03 Animalia 0 kingdom_Animalia 0 animal_kingdom 0 000 | taxonomic kingdom comprising all animals
-01320000 05 n 01 sea_horse 0 000 | small fish with horselike head
-01320001 05 n 01 longgloss 0 000 | one two three four five six seven eight nine ten eleven twelve thirteen \
-fourteen fifteen sixteen seventeen
-02700000 06 n 01 scuttle 0 000 | container for coal; "fill the scuttle"
-10000000 18 n 01 farmer 0 000 | a person who operates a farm
-"""
-
-
-def test_wordnet_glosses_keep_single_lowercase_words_and_strip_examples(tmp_path):
-    (tmp_path / "data.noun").write_text(DATA_NOUN)
-    assert demo_llm.read_wordnet_glosses(tmp_path, ["noun.animal"]) == [
-        ("heron", "grey or white wading bird with long neck and long legs"),
-        ("recombinant", "a cell or organism in which genetic recombination has occurred"),
-    ]
-    assert demo_llm.read_wordnet_glosses(tmp_path, ["noun.artifact", "noun.person"]) == [
-        ("farmer", "a person who operates a farm"),
-        ("scuttle", "container for coal"),
-    ]
-    with pytest.raises(ValueError, match="noun.animals"):
-        demo_llm.read_wordnet_glosses(tmp_path, ["noun.animals"])
-
-
 def test_definition_task_splits_are_disjoint_and_the_shift_is_another_lexfile(tmp_path):
     folder = tmp_path
     animals = "".join(f"0{i:07d} 05 n 01 animal{chr(97 + i % 26)}{chr(97 + i // 26)} 0 000 | beast {i}\n"
