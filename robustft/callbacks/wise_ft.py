@@ -66,7 +66,7 @@ class WiseFTCallback(RobustCallback):
         budget: choose α* as the best ``metric`` on ``id_dataset`` among the α whose constraint metric on
             another eval set stays within ε of its value at α=0: an :class:`AlphaBudget` or a mapping of its
             fields, e.g. ``{"dataset": "retained", "metric": "loss", "epsilon": 0.1}``. None (default):
-            the ID-only rule. Needs α=0 in ``alphas``. (docs/wise_ft.md#alpha-under-a-forgetting-budget)
+            the ID-only rule. Needs α=0 in ``alphas``. (docs/wise_ft.md, "α under a forgetting budget")
         snapshot_device: ``"same"`` or ``"cpu"`` (offload the start copy).
         include / exclude: regexes selecting the interpolated trainable parameters.
         extrapolate: allow α outside [0, 1].
