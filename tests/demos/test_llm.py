@@ -106,18 +106,23 @@ def test_llm_demo_runs_offline_and_wise_ft_keeps_more_of_the_base_model(tmp_path
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((out / "llm_demo.json").read_text())
     curve = json.loads((out / "wise_ft.json").read_text())
-    alphas, res, chosen = curve["alphas"], curve["results"], curve["chosen_alpha"]
+    alphas, res, chosen = curve["alphas"], curve["results"], curve["extra"]["id_rule_alpha"]
+    budget_alpha = curve["chosen_alpha"]
     rows = list(result["scores"])
-    assert rows == ["base", "plain LoRA", f"WiSE-FT a={chosen:g}", "EMA", "Flat-LoRA", "LoRA-GGPO",
-                    "Momentum-SAM"]
+    assert rows == ["base", "plain LoRA", f"WiSE-FT a={chosen:g}", f"WiSE-FT (budget) a={budget_alpha:g}",
+                    "EMA", "Flat-LoRA", "LoRA-GGPO", "Momentum-SAM"]
     for row in rows:
         assert set(result["scores"][row]) == {"id", "shifted", "retained"}
     i, end, start = alphas.index(chosen), alphas.index(1.0), alphas.index(0.0)
     assert res["id"][i] == min(res["id"])  # chosen on the in-distribution loss only
-    assert result["scores"]["base"] == pytest.approx({s: res[s][start] for s in res}, rel=1e-5)
-    assert result["scores"]["plain LoRA"] == {s: res[s][end] for s in res}
+    j = alphas.index(budget_alpha)  # the best id loss among the α within the retained budget
+    limit = res["retained"][start] + result["config"]["retained_budget"]
+    assert res["id"][j] == min(v for v, r in zip(res["id"], res["retained"]) if r <= limit)
     assert res["id"][end] < res["id"][start]  # fine-tuning learned the task
     assert res["retained"][i] <= res["retained"][end]  # WiSE-FT keeps at least as much as α=1
+    scores = result["scores"]
+    assert scores[f"WiSE-FT a={chosen:g}"]["retained"] <= scores["plain LoRA"]["retained"]
+    assert "[95% CI]" in proc.stdout
     assert (out / "wise_ft.png").stat().st_size > 5000
     for row in rows:
         assert f"| {row}" in proc.stdout
@@ -253,9 +258,10 @@ def test_llm_demo_on_a_local_model_folder_prints_one_line_per_stage_then_the_tab
     stdout, stderr = capfd.readouterr()
     result = json.loads((out / "llm_demo.json").read_text())
     assert result["config"]["model"] == str(model)
-    rows = ["base", "plain LoRA", f"WiSE-FT a={result['chosen_alpha']:g}", "EMA", "Flat-LoRA", "LoRA-GGPO",
-            "Momentum-SAM"]
+    rows = ["base", "plain LoRA", f"WiSE-FT a={result['chosen_alpha']:g}",
+            f"WiSE-FT (budget) a={result['budget_alpha']:g}", "EMA", "Flat-LoRA", "LoRA-GGPO", "Momentum-SAM"]
     assert list(result["scores"]) == rows
+    assert "n = id 8, shifted 8, retained 16 items" in stdout and "[95% CI]" in stdout
     for row in rows:
         assert f"| {row} " in stdout
     before = [line for line in stdout[: stdout.index("mean answer-token loss")].splitlines() if line.strip()]
