@@ -31,12 +31,15 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from robustft.demos.console import format_table
+
 __all__ = [
     "GGUF_FILE",
     "LLMDemoConfig",
     "LLMTask",
     "LLMDemoResult",
     "evaluate_losses",
+    "format_table",
     "item_losses",
     "gguf_folder",
     "lora_trainer",
@@ -476,13 +479,6 @@ class LLMDemoResult:
 def _mean(values: Sequence[float]) -> float:
     """The mean of a list of per-item scores."""
     return sum(values) / len(values)
-
-
-def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """A Markdown table (readable as plain text): the demo prints it, the benchmarks paste it into docs."""
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
-    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
 
 
 def _method_callbacks(method: str, cfg: LLMDemoConfig) -> list:
