@@ -742,11 +742,11 @@ def _run_llm_demo(out: Path, cfg: LLMDemoConfig, cache_dir, wordnet, methods: Se
         if wise is not None:
             curve = wise.curve
             id_alpha, budget_alpha = curve.extra["id_rule_alpha"], curve.chosen_alpha
-            grid = [id_alpha, budget_alpha]  # θ(α) written into the live adapter, α=1 put back afterwards
-            wise_items = evaluate_at_alphas(wise.weights, grid, lambda i, t=trainer: score(t))
-            rows = (f"WiSE-FT a={id_alpha:g}", f"WiSE-FT (budget) a={budget_alpha:g}")
-            for row, got in zip(rows, wise_items):
-                items[row] = got
+            grid = sorted({id_alpha, budget_alpha})  # θ(α) written into the live adapter, α=1 put back after
+            at = dict(zip(grid, evaluate_at_alphas(wise.weights, grid, lambda i, t=trainer: score(t))))
+            for row, a in ((f"WiSE-FT a={id_alpha:g}", id_alpha), (f"WiSE-FT (budget) a={budget_alpha:g}",
+                                                                   budget_alpha)):
+                items[row] = at[a]
                 seconds[row] = t_end - clock.train_begin  # the loop + the sweep at its end
             with ema.averaged_weights():
                 items["EMA"] = score(trainer)
