@@ -5,8 +5,10 @@
     python benchmarks/llm.py --skip-scores --rounds 3 --steps 6     # throughput only
 
 1. Scores: ``robustft.demos.llm.run_llm_demo`` in the chosen setting: base model, plain LoRA, WiSE-FT at α*
-   (chosen on in-distribution loss only), EMA, Flat-LoRA, LoRA-GGPO and Momentum-SAM, each scored by the
-   mean answer-token loss on the in-distribution, shifted and retained-capability sets (lower is better).
+   (chosen on in-distribution loss only, and under the retained budget), EMA, Flat-LoRA, LoRA-GGPO and
+   Momentum-SAM, each scored by the mean answer-token loss on the in-distribution, shifted and
+   retained-capability sets (lower is better), each row's difference from plain LoRA with its 95% paired
+   bootstrap interval over the items (n in the table's footer).
 2. Throughput: training tokens per second of plain LoRA and of each callback on the same model and data,
    ``--steps`` optimizer steps per run. The variants are interleaved (the order rotates every round) and
    repeated ``--rounds`` times; each round's ratio is taken against that round's plain run, and the table
@@ -144,8 +146,9 @@ def main(argv=None) -> int:
             "",
             "Mean answer-token loss (lower is better): `id` held-out WordNet definitions of animals and "
             "plants, `shifted` definitions of artifacts, `retained` the base model's own answers to "
-            "general prompts (forgetting raises it). Time: wall seconds of that row's training run "
-            "(EMA shares the plain LoRA run; WiSE-FT adds its α sweep).",
+            "general prompts (forgetting raises it). WiSE-FT (budget): the best `id` loss among the α whose "
+            f"retained loss is at most {cfg.retained_budget:g} above the base model's. Time: wall seconds of "
+            "that row's training run (EMA shares the plain LoRA run; WiSE-FT adds its α sweep).",
             "",
             result.table(),
             "",

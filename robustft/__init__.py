@@ -31,6 +31,7 @@ if TYPE_CHECKING:  # the same names, for type checkers and IDEs
     from robustft.interpolation.learned import LearnedInterpolation
     from robustft.interpolation.wemoe import fit_wemoe, load_wemoe, save_wemoe, upscale_wemoe
     from robustft.interpolation.wise_ft import (
+        AlphaBudget,
         WiseFTCurve,
         evaluate_at_alphas,
         interpolate_models,
@@ -76,6 +77,7 @@ EXPORTS: dict[str, tuple[str, ...]] = {
     "robustft.core.params": ("Snapshot", "select_parameters", "swapped_in"),
     "robustft.interpolation.dawin": ("dawin_evaluate",),
     "robustft.interpolation.wise_ft": (
+        "AlphaBudget",
         "WiseFTCurve",
         "evaluate_at_alphas",
         "interpolate_models",

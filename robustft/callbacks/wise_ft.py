@@ -32,9 +32,11 @@ from robustft.core.params import SelectionGuard, check_snapshot_spec, is_sharded
 from robustft.interpolation.dawin import DaWinResult, check_dawin_metric, dawin_evaluate
 from robustft.interpolation.wise_ft import (
     DEFAULT_ALPHAS,
+    AlphaBudget,
     WiseFTCurve,
     WiseFTWeights,
     check_alphas,
+    check_budget,
     wise_ft_sweep,
 )
 from robustft.ops.dawin import check_procedure
@@ -61,6 +63,10 @@ class WiseFTCallback(RobustCallback):
         id_dataset: the in-distribution set α is chosen on (never the shifted ones).
         metric: key of the Trainer's metrics (``compute_metrics``) to choose on, e.g. ``"accuracy"``.
         greater_is_better: False for a loss-like metric.
+        budget: choose α* as the best ``metric`` on ``id_dataset`` among the α whose constraint metric on
+            another eval set stays within ε of its value at α=0: an :class:`AlphaBudget` or a mapping of its
+            fields, e.g. ``{"dataset": "retained", "metric": "loss", "epsilon": 0.1}``. None (default):
+            the ID-only rule. Needs α=0 in ``alphas``. (docs/wise_ft.md, "α under a forgetting budget")
         snapshot_device: ``"same"`` or ``"cpu"`` (offload the start copy).
         include / exclude: regexes selecting the interpolated trainable parameters.
         extrapolate: allow α outside [0, 1].
@@ -96,6 +102,7 @@ class WiseFTCallback(RobustCallback):
         dawin_procedure: str = "paper",
         progress: bool = True,
         trainer=None,
+        budget: AlphaBudget | Mapping[str, Any] | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -126,6 +133,11 @@ class WiseFTCallback(RobustCallback):
             raise ValueError(f"dynamic: {dynamic!r} is not None or one of {', '.join(DYNAMIC_METHODS)}")
         if dynamic is not None and not self.eval_datasets:
             raise ValueError(f"dynamic={dynamic!r} is measured on eval_datasets; give them")
+        if budget is not None:
+            if not self.eval_datasets:
+                raise ValueError("budget: α is chosen under a budget only in a sweep; give eval_datasets")
+            budget = check_budget(budget, self.eval_datasets, self.alphas)
+        self.budget: AlphaBudget | None = budget
         n_components = check_number("n_components", n_components, low=1, integer=True)
         self.dynamic, self.n_components = dynamic, n_components
         self.dawin_procedure = check_procedure(dawin_procedure)
@@ -243,11 +255,15 @@ class WiseFTCallback(RobustCallback):
                 extrapolate=self.extrapolate,
                 apply_alpha=apply_alpha,
                 progress=self.progress,
+                budget=self.budget,
             )
 
     def _record(self, curve: WiseFTCurve, args, final: bool) -> None:
         applied = curve.extra["applied_alpha"]
         logs = {"wise_ft_chosen_alpha": curve.chosen_alpha}
+        if curve.budget is not None:
+            logs["wise_ft_id_rule_alpha"] = curve.extra["id_rule_alpha"]
+            logs["wise_ft_budget_limit"] = curve.budget_limit
         if final:
             logs["wise_ft_alpha"] = applied
         key = curve.metric.removeprefix("eval_")

@@ -5,10 +5,10 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
-__all__ = ["Stages", "demo_console", "quiet_sweep_logs", "trainer_console"]
+__all__ = ["Stages", "demo_console", "format_table", "quiet_sweep_logs", "trainer_console"]
 
 # what a demo hides unless --verbose: deprecation notices of the libraries it drives
 HIDDEN_WARNINGS = (DeprecationWarning, PendingDeprecationWarning, FutureWarning)
@@ -106,3 +106,10 @@ def trainer_console(trainer, verbose: bool, prefixes: tuple[str, ...] = ("wise_f
     for cb in list(trainer.callback_handler.callbacks):
         if isinstance(cb, (PrinterCallback, ProgressCallback)):
             trainer.remove_callback(cb)
+
+
+def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A Markdown table (readable as plain text): the demos print it, the benchmarks paste it into docs."""
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])

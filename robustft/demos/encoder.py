@@ -19,11 +19,12 @@ from __future__ import annotations
 import os
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 __all__ = [
-    "DemoResult", "accuracy", "encode_splits", "encoder_path", "make_task", "run_demo", "training_arguments",
+    "DemoResult", "accuracy", "encode_splits", "encoder_path", "example_correctness", "make_task", "run_demo",
+    "training_arguments",
     "zero_shot_start",
 ]
 
@@ -196,12 +197,45 @@ def encoder_path() -> Path:
     return path
 
 
+COMPARED = ("id_test", "shifted")  # the splits of the comparison table (α is chosen on "id")
+REFERENCE = "fine-tuned (a=1)"  # the row the others are compared with
+
+
 @dataclass
 class DemoResult:
     curve: object  # WiseFTCurve
     output_dir: Path
     seconds: float
     ema_accuracy: dict[str, float]
+    # row -> split -> per-example correctness (1.0 / 0.0): the comparison table and its intervals
+    correct: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    seed: int = 0
+
+    def comparison(self) -> str:
+        """Accuracy per row on the held-out splits and its difference from the fine-tuned model, in points,
+        with a 95% paired bootstrap interval over the same examples; n in the footer."""
+        from robustft.demos.console import format_table
+        from robustft.ops.bootstrap import paired_bootstrap
+
+        ref = self.correct[REFERENCE]
+        rows = []
+        for row, per in self.correct.items():
+            cells = [row]
+            for s in COMPARED:
+                cells.append(f"{100 * sum(per[s]) / len(per[s]):.1f}")
+                if row == REFERENCE:
+                    cells.append("(reference)")
+                else:
+                    d = paired_bootstrap([100 * v for v in per[s]], [100 * v for v in ref[s]], seed=self.seed)
+                    cells.append(d.format(1))
+            rows.append(cells)
+        header = ["model"]
+        for s in COMPARED:
+            header += [f"{s} %", f"{s} vs fine-tuned, points [95% CI]"]
+        n = ", ".join(f"{s} {len(ref[s])}" for s in COMPARED)
+        return format_table(header, rows) + (
+            f"\nn = {n} examples. vs fine-tuned: the accuracy difference in points and its 95% paired "
+            f"bootstrap interval (2000 resamples of the examples, seed {self.seed}).")
 
     def accuracy(self, split: str, alpha: float) -> float:
         return self.curve.value(split, alpha)
@@ -361,7 +395,7 @@ def _run_demo(out: Path, seed: int, n_train: int, n_eval: int, epochs: float, le
     from robustft.callbacks.averaging import EMACallback
     from robustft.callbacks.wise_ft import WiseFTCallback
     from robustft.demos.console import Stages, trainer_console
-    from robustft.interpolation.wise_ft import DEFAULT_ALPHAS
+    from robustft.interpolation.wise_ft import DEFAULT_ALPHAS, evaluate_at_alphas
 
     t0 = time.time()
     stages = Stages(3, trainer_logs, print if verbose else lambda *a, **k: None)
@@ -371,6 +405,7 @@ def _run_demo(out: Path, seed: int, n_train: int, n_eval: int, epochs: float, le
     stages.end(f"train {len(train)}, eval {len(evals['id'])} per split")
     args = training_arguments(out, seed, epochs, learning_rate, progress)
     wise = WiseFTCallback(
+        alpha=1.0,  # the fine-tuned weights stay in the model: the comparison table's reference row
         alphas=alphas or DEFAULT_ALPHAS,
         eval_datasets=evals,
         id_dataset="id",
@@ -391,20 +426,39 @@ def _run_demo(out: Path, seed: int, n_train: int, n_eval: int, epochs: float, le
     trainer_console(trainer, trainer_logs)
     stages.start(f"fine-tuning ({epochs:g} epochs) and the WiSE-FT sweep over {len(wise.alphas)} alphas")
     trainer.train()
-    stages.end(f"alpha*={wise.curve.chosen_alpha:g}")
-    stages.start("scoring the EMA of the fine-tuning weights")
+    a = wise.curve.chosen_alpha
+    stages.end(f"alpha*={a:g}")
+    stages.start("scoring each example: start, WiSE-FT, fine-tuned and the EMA of the fine-tuning weights")
+
+    def correct(_: int = 0) -> dict[str, list[float]]:
+        return {s: example_correctness(trainer, evals[s]) for s in COMPARED}
+
+    fine_tuned = correct()
+    start, wise_ft = evaluate_at_alphas(wise.weights, [0.0, a], correct)  # the fine-tuned weights put back
     with ema.averaged_weights():
-        ema_accuracy = {
-            split: trainer.evaluate(evals[split], metric_key_prefix=f"ema_{split}")[f"ema_{split}_accuracy"]
-            for split in ("id_test", "shifted")
-        }
+        ema_correct = correct()
+    wise.weights.apply_(a, wise.method)  # the model is left at θ(α*), as the callback alone leaves it
     stages.end()
-    result = DemoResult(curve=wise.curve, output_dir=out, seconds=time.time() - t0, ema_accuracy=ema_accuracy)
+    table = {"zero-shot start (a=0)": start, REFERENCE: fine_tuned, f"WiSE-FT a={a:g}": wise_ft,
+             "EMA": ema_correct}
+    ema_accuracy = {s: sum(v) / len(v) for s, v in ema_correct.items()}
+    result = DemoResult(curve=wise.curve, output_dir=out, seconds=time.time() - t0, ema_accuracy=ema_accuracy,
+                        correct=table, seed=seed)
     if verbose:
         print("\nWiSE-FT curve (accuracy; alpha=0 is the zero-shot start, alpha=1 the fine-tuned model):")
         print(wise.curve.table())
+        print("\nheld-out accuracy of each model (alpha chosen on 'id' only):")
+        print(result.comparison())
         print(f"\nplot and table: {out / 'wise_ft.png'}, {out / 'wise_ft.csv'}, {out / 'wise_ft.json'}")
         print(result.summary())
         print(result.ema_summary())
         print(f"({result.seconds:.0f} s)")
     return result
+
+
+def example_correctness(trainer, dataset) -> list[float]:
+    """1.0 where the trainer's model predicts an example's label (top-1), else 0.0: one ``predict`` pass."""
+    import numpy as np
+
+    pred = trainer.predict(dataset, metric_key_prefix="score")
+    return (np.argmax(pred.predictions, axis=-1) == pred.label_ids).astype(float).tolist()

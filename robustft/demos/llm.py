@@ -31,6 +31,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from robustft.demos.console import format_table
 from robustft.demos.wordnet import read_wordnet_glosses, wordnet_dir
 
 __all__ = [
@@ -39,6 +40,8 @@ __all__ = [
     "LLMTask",
     "LLMDemoResult",
     "evaluate_losses",
+    "format_table",
+    "item_losses",
     "gguf_folder",
     "lora_trainer",
     "make_definition_task",
@@ -329,6 +332,10 @@ class LLMDemoConfig:
     msam_rho: float = 0.3
     max_new_tokens: int = 48
     seed: int = 0
+    # ε of the "WiSE-FT (budget)" row: its retained loss at most this much (nats per answer token, absolute)
+    # above the base model's (α=0), the best in-distribution loss among the α that keep to it
+    retained_budget: float = 0.1
+    bootstrap_resamples: int = 2000  # paired bootstrap of each row's difference from plain LoRA (95 %)
 
 
 FAST = LLMDemoConfig()
@@ -342,49 +349,86 @@ SPLITS = ("id", "shifted", "retained")
 
 @dataclass
 class LLMDemoResult:
-    """Per-row scores (mean answer-token loss per eval set), wall times and the WiSE-FT curve."""
+    """Per-row scores (mean over items of each item's answer-token loss), wall times and the WiSE-FT curve."""
 
-    scores: dict[str, dict[str, float]]  # row -> split -> loss
+    scores: dict[str, dict[str, float]]  # row -> split -> mean of the per-item losses
     seconds: dict[str, float]  # row -> wall seconds of its training loop (+ the sweep for WiSE-FT)
     tokens_per_second: dict[str, float]  # training run -> trained tokens per second
-    curve: object  # WiseFTCurve of the plain LoRA run
+    curve: object  # WiseFTCurve of the plain LoRA run (α chosen under the retained budget)
     output_dir: Path
     total_seconds: float
     config: dict = field(default_factory=dict)
+    items: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # row -> split -> per-item loss
+    id_rule_alpha: float | None = None  # the WiSE-FT row's α (best id loss); the budget row's is the curve's
+
+    @property
+    def wise_rows(self) -> tuple[str, str]:
+        """The labels of the two WiSE-FT rows: α by the ID rule, α under the retained budget."""
+        return f"WiSE-FT a={self.id_rule_alpha:g}", f"WiSE-FT (budget) a={self.curve.chosen_alpha:g}"
+
+    def differences(self) -> dict[str, dict[str, object]]:
+        """row -> split -> paired bootstrap interval of (row − plain LoRA) over the split's items."""
+        from robustft.ops.bootstrap import paired_bootstrap
+
+        ref = self.items["plain LoRA"]
+        resamples = int(self.config.get("bootstrap_resamples", 2000))
+        seed = int(self.config.get("seed", 0))
+        return {row: {s: paired_bootstrap(self.items[row][s], ref[s], resamples=resamples, seed=seed)
+                      for s in SPLITS} for row in self.items if row != "plain LoRA"}
 
     def table(self) -> str:
-        """The demo's table: one row per model, the three losses and the wall time."""
-        return format_table(
-            ["model", "id loss", "shifted loss", "retained loss", "time s"],
-            [[row, *(f"{self.scores[row][s]:.4f}" for s in SPLITS),
-              "-" if self.seconds.get(row) is None else f"{self.seconds[row]:.0f}"] for row in self.scores],
-        )
+        """The demo's table: per row, each set's loss and its difference from plain LoRA with a 95 % paired
+        bootstrap interval, and the wall time; the footer states n and how the numbers are made."""
+        diffs = self.differences()
+        header = ["model"]
+        for s in SPLITS:
+            header += [f"{s} loss", f"{s} vs plain LoRA [95% CI]"]
+        rows = []
+        for row in self.scores:
+            cells = [row]
+            for s in SPLITS:
+                cells += [f"{self.scores[row][s]:.4f}", "(reference)" if row == "plain LoRA" else
+                          diffs[row][s].format(3)]
+            rows.append([*cells, "-" if self.seconds.get(row) is None else f"{self.seconds[row]:.0f}"])
+        n = ", ".join(f"{s} {len(self.items['plain LoRA'][s])}" for s in SPLITS)
+        resamples = int(self.config.get("bootstrap_resamples", 2000))
+        return format_table([*header, "time s"], rows) + (
+            f"\nn = {n} items. Loss: mean over items of each item's mean answer-token loss. vs plain LoRA: "
+            "the "
+            f"mean per-item difference (negative = lower loss than plain LoRA) and its 95% paired bootstrap "
+            f"interval ({resamples} resamples of the items, seed {self.config.get('seed', 0)}).")
 
     def summary(self) -> str:
-        c, a = self.curve, self.curve.chosen_alpha
-        base, plain, wise = (self.scores[k] for k in ("base", "plain LoRA", f"WiSE-FT a={a:g}"))
+        c, (wise_row, budget_row) = self.curve, self.wise_rows
+        base, plain, wise, budget = (self.scores[k] for k in ("base", "plain LoRA", wise_row, budget_row))
+        d = self.differences()
+        verdict = "outside" if d[wise_row]["retained"].excludes_zero else "inside"
         return (
-            f"WiSE-FT (alpha={a:g}, chosen on '{c.id_dataset}' only): retained loss "
-            f"{wise['retained']:.4f} vs {plain['retained']:.4f} fine-tuned and {base['retained']:.4f} base; "
+            f"WiSE-FT (alpha={self.id_rule_alpha:g}, chosen on '{c.id_dataset}' only): retained loss "
+            f"{wise['retained']:.4f} vs {plain['retained']:.4f} fine-tuned and {base['retained']:.4f} base "
+            f"(difference {d[wise_row]['retained'].format(3)}, 0 {verdict} the interval); "
             f"in-distribution loss {wise['id']:.4f} vs {plain['id']:.4f} fine-tuned and {base['id']:.4f} "
-            f"base; shifted {wise['shifted']:.4f} vs {plain['shifted']:.4f}."
+            f"base; shifted {wise['shifted']:.4f} vs {plain['shifted']:.4f}. Under the retained budget "
+            f"(+{self.config.get('retained_budget', 0.1):g} over base) alpha={c.chosen_alpha:g}: retained "
+            f"{budget['retained']:.4f}, in-distribution {budget['id']:.4f}."
         )
 
     def save(self) -> Path:
         path = self.output_dir / "llm_demo.json"
         data = {k: v for k, v in asdict(self).items() if k not in ("curve", "output_dir")}
-        data["chosen_alpha"] = self.curve.chosen_alpha
+        data["chosen_alpha"] = self.id_rule_alpha
+        data["budget_alpha"] = self.curve.chosen_alpha
+        data["differences"] = {row: {s: asdict(b) for s, b in per.items()}
+                               for row, per in self.differences().items()}
         from robustft.core.checkpoint import atomic_write_text
 
         atomic_write_text(path, json.dumps(data, indent=2))
         return path
 
 
-def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """A Markdown table (readable as plain text): the demo prints it, the benchmarks paste it into docs."""
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
-    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
+def _mean(values: Sequence[float]) -> float:
+    """The mean of a list of per-item scores."""
+    return sum(values) / len(values)
 
 
 def _method_callbacks(method: str, cfg: LLMDemoConfig) -> list:
@@ -547,6 +591,25 @@ def evaluate_losses(trainer, evals: dict, name: str) -> dict[str, float]:
                      [f"{key}_{s}_loss"]) for s in evals}
 
 
+def item_losses(trainer, name: str) -> list[float]:
+    """Each item's mean answer-token loss under the trainer's model on its tokenized eval set ``name``
+    (``trainer.eval_dataset[name]``): one pass with the Trainer's collator, batches and mixed precision, no
+    model copy. The per-item scores the demo's table averages and its bootstrap intervals resample."""
+    import torch
+
+    from robustft.core.params import train_mode
+    from robustft.ops.outputs import model_logits, sequence_losses
+
+    device, losses = trainer.args.device, []
+    with train_mode(trainer.model, False) as model, torch.no_grad(), trainer.accelerator.autocast():
+        for batch in trainer.get_eval_dataloader(name):
+            inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "position_ids")
+                      if k in batch}
+            logits = model_logits(model(**inputs))
+            losses += sequence_losses(logits.float(), batch["labels"].to(device)).tolist()
+    return losses
+
+
 def run_llm_demo(
     output_dir: str | os.PathLike = "runs/llm_demo",
     cfg: LLMDemoConfig = FAST,
@@ -595,49 +658,59 @@ def _run_llm_demo(out: Path, cfg: LLMDemoConfig, cache_dir, wordnet, methods: Se
     stages.end(f"{task.model_dir.name}: train {len(task.train)}, id {len(evals['id'])}, shifted "
                f"{len(evals['shifted'])}, retained {len(evals['retained'])}")
     from robustft import EMACallback, WiseFTCallback
+    from robustft.interpolation.wise_ft import evaluate_at_alphas
 
-    scores, seconds, tps, curve = {}, {}, {}, None
+    def score(trainer) -> dict[str, list[float]]:
+        return {s: item_losses(trainer, s) for s in SPLITS}
+
+    items, seconds, tps, curve, id_alpha = {}, {}, {}, None, None
+    budget = {"dataset": "retained", "metric": "loss", "epsilon": cfg.retained_budget}
     for k, method in enumerate(methods, 1):
         clock = step_clock()
         extra = _method_callbacks(method, cfg)
         wise = ema = None
         if method == "plain LoRA":  # EMA and WiSE-FT only read the trajectory: they share this run
             ema = EMACallback(decay=cfg.ema_decay, warmup=True, eval_with_ema=False, save_dir=None)
-            wise = WiseFTCallback(alphas=cfg.alphas, eval_datasets=evals, id_dataset="id", metric="eval_loss",
-                                  greater_is_better=False, progress=progress, save_curve=False)
+            # α=1 stays in the model (the plain LoRA row); the sweep chooses α under the retained budget
+            wise = WiseFTCallback(alpha=1.0, alphas=cfg.alphas, eval_datasets=evals, id_dataset="id",
+                                  metric="eval_loss", greater_is_better=False, progress=progress,
+                                  save_curve=False, budget=budget)
             extra = [ema, wise]  # the curve is saved once, into the demo's folder
         trainer = lora_trainer(task, cfg, out / method.replace(" ", "_"), [clock, *extra], progress,
-                               train_overrides, trainer_logs=trainer_logs)
+                               train_overrides, trainer_logs=trainer_logs, eval_dataset=evals)
         if method == "plain LoRA":  # B = 0: the LoRA model is exactly the base model here
             stages.start("base model (before fine-tuning)")
-            scores["base"] = evaluate_losses(trainer, evals, "base")
-            stages.end(", ".join(f"{s} loss {v:.4f}" for s, v in scores["base"].items()))
+            items["base"] = score(trainer)
+            stages.end(", ".join(f"{s} loss {_mean(v):.4f}" for s, v in items["base"].items()))
         label = method + (" (+ EMA, WiSE-FT sweep)" if method == "plain LoRA" else "")
         stages.start(f"fine-tuning {k}/{len(methods)}: {label}")
         trainer.train()
         t_end = time.perf_counter()
         seconds[method] = clock.train_seconds
         tps[method] = clock.tokens / sum(clock.step_seconds)
+        items[method] = score(trainer)  # the live weights: the fine-tuned end point (α=1)
         if wise is not None:
             curve = wise.curve
-            a = curve.chosen_alpha
-            scores[method] = {s: curve.value(s, 1.0) for s in SPLITS}
-            scores[f"WiSE-FT a={a:g}"] = {s: curve.value(s, a) for s in SPLITS}
-            seconds[f"WiSE-FT a={a:g}"] = t_end - clock.train_begin  # the loop + the sweep at its end
+            id_alpha, budget_alpha = curve.extra["id_rule_alpha"], curve.chosen_alpha
+            grid = sorted({id_alpha, budget_alpha})  # θ(α) written into the live adapter, α=1 put back after
+            at = dict(zip(grid, evaluate_at_alphas(wise.weights, grid, lambda i, t=trainer: score(t))))
+            for row, a in ((f"WiSE-FT a={id_alpha:g}", id_alpha), (f"WiSE-FT (budget) a={budget_alpha:g}",
+                                                                   budget_alpha)):
+                items[row] = at[a]
+                seconds[row] = t_end - clock.train_begin  # the loop + the sweep at its end
             with ema.averaged_weights():
-                scores["EMA"] = evaluate_losses(trainer, evals, "ema")
+                items["EMA"] = score(trainer)
             seconds["EMA"] = seconds[method]  # same run: EMA adds one lerp of the adapter per step
-        else:
-            scores[method] = evaluate_losses(trainer, evals, method.replace(" ", "_"))
-        stages.end(", ".join(f"{s} loss {v:.4f}" for s, v in scores[method].items())
+        stages.end(", ".join(f"{s} loss {_mean(v):.4f}" for s, v in items[method].items())
                    + f", {tps[method]:.0f} tokens/s")
         del trainer
-    order = ["base", "plain LoRA", f"WiSE-FT a={curve.chosen_alpha:g}", "EMA",
-             *[m for m in methods if m != "plain LoRA"]]
+    order = ["base", "plain LoRA", f"WiSE-FT a={id_alpha:g}", f"WiSE-FT (budget) a={curve.chosen_alpha:g}",
+             "EMA", *[m for m in methods if m != "plain LoRA"]]
     result = LLMDemoResult(
-        scores={k: scores[k] for k in order}, seconds=seconds, tokens_per_second=tps, curve=curve,
-        output_dir=out, total_seconds=time.time() - t_start,
-        config={**asdict(cfg), "model": str(task.model_dir)},
+        scores={k: {s: _mean(v) for s, v in items[k].items()} for k in order}, seconds=seconds,
+        tokens_per_second=tps, curve=curve, output_dir=out, total_seconds=time.time() - t_start,
+        config={**asdict(cfg), "model": str(task.model_dir)}, items={k: items[k] for k in order},
+        id_rule_alpha=id_alpha,
     )
     curve.save(out)
     result.save()

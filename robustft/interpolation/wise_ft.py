@@ -7,7 +7,9 @@ fine-tuned weights: θ(α) = (1−α)·θ_start + α·θ_end, with α chosen on 
 - :class:`WiseFTWeights`: the start of the trained tensors of a live model and how to set θ(α)
   (with the exact LoRA rule: the delta B·A is scaled, not the factors interpolated).
 - :func:`wise_ft_sweep`: every α on every eval set through ``trainer.evaluate``; α is chosen on
-  the in-distribution set only; returns a :class:`WiseFTCurve` (table, JSON, CSV, PNG plot).
+  the in-distribution set only, optionally under an :class:`AlphaBudget` (a constraint metric on another
+  set, e.g. the retained loss, at most ε worse than at α=0); returns a :class:`WiseFTCurve` (table, JSON,
+  CSV, PNG plot).
 - :func:`evaluate_at_alphas`: the one loop behind the sweep and DaWin: θ(α) written once per α into
   the live tensors, something run, the end weights restored (also on error).
 
@@ -23,13 +25,14 @@ import math
 import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
+from robustft.checks import check_bool, check_non_negative
 from robustft.core import distributed
 from robustft.core.checkpoint import atomic_output_file, save_report
 from robustft.core.params import Snapshot, full_shape, is_sharded, live_tensors, restored, select_parameters
@@ -44,9 +47,12 @@ from robustft.ops.interpolate import (
 
 __all__ = [
     "DEFAULT_ALPHAS",
+    "AlphaBudget",
     "WiseFTCurve",
     "WiseFTWeights",
+    "budget_base",
     "check_alphas",
+    "check_budget",
     "choose_alpha",
     "evaluate_at_alphas",
     "interpolate_models",
@@ -66,24 +72,94 @@ def check_alphas(alphas: Sequence[float], extrapolate: bool = False) -> list[flo
     return sorted({check_alpha(a, extrapolate, name="alphas") for a in alphas})
 
 
+@dataclass(frozen=True)
+class AlphaBudget:
+    """Admit only the α whose ``metric`` on eval set ``dataset`` is at most ε worse than at α=0 (the start).
+
+    The limit is value(α=0) + ``epsilon`` + ``relative``·|value(α=0)| for a metric where lower is better
+    (a loss, a KL: the default), value(α=0) − the same slack where greater is better (an accuracy).
+    ``metric`` is any key the sweep's evaluation of ``dataset`` returns (``"loss"``: the Trainer's eval
+    loss, e.g. of the base model's own answers, the "retained" loss); the grid must hold α=0.
+    """
+
+    dataset: str
+    metric: str = "loss"
+    epsilon: float = 0.0
+    relative: float = 0.0
+    greater_is_better: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.dataset, str) or not self.dataset:
+            raise ValueError(f"budget.dataset must name an eval dataset, got {self.dataset!r}")
+        if not isinstance(self.metric, str) or not self.metric:
+            raise ValueError(f"budget.metric must be the name of an evaluation metric, got {self.metric!r}")
+        object.__setattr__(self, "metric", self.metric.removeprefix("eval_"))
+        object.__setattr__(self, "epsilon", check_non_negative("budget.epsilon", self.epsilon))
+        object.__setattr__(self, "relative", check_non_negative("budget.relative", self.relative))
+        check_bool("budget.greater_is_better", self.greater_is_better)
+
+    @classmethod
+    def of(cls, value: AlphaBudget | Mapping[str, Any]) -> AlphaBudget:
+        """An AlphaBudget, or one built from a mapping of its fields (a config file's ``budget:``)."""
+        if isinstance(value, AlphaBudget):
+            return value
+        if isinstance(value, Mapping):
+            unknown = set(value) - {f.name for f in fields(cls)}
+            if unknown:
+                known = [f.name for f in fields(cls)]
+                raise ValueError(f"budget: unknown keys {sorted(unknown)}; known: {known}")
+            return cls(**value)
+        raise ValueError(f"budget must be an AlphaBudget or a mapping of its fields, got {value!r}")
+
+    def limit(self, base: float) -> float:
+        """The worst admitted value, given the value at α=0."""
+        slack = self.epsilon + self.relative * abs(base)
+        return base - slack if self.greater_is_better else base + slack
+
+    def excess(self, value: float, base: float) -> float:
+        """How far ``value`` is past the limit (≤ 0: admitted; +inf when not finite)."""
+        if not math.isfinite(value):
+            return math.inf
+        over = value - self.limit(base)
+        return -over if self.greater_is_better else over
+
+    def describe(self, base: float | None = None) -> str:
+        """``retained loss <= value at alpha=0 + 0.1 (= 0.71)``: the rule in words (tables, warnings)."""
+        sign, op = ("-", ">=") if self.greater_is_better else ("+", "<=")
+        parts = [f"{self.epsilon:g}"] if self.epsilon or not self.relative else []
+        if self.relative:
+            parts.append(f"{self.relative:g}*|value at alpha=0|")
+        text = f"{self.dataset} {self.metric} {op} value at alpha=0 {sign} {' + '.join(parts)}"
+        return text if base is None else f"{text} (= {self.limit(base):.4g})"
+
+
 def choose_alpha(
     alphas: Sequence[float],
     values: Sequence[float],
     greater_is_better: bool = True,
     tie_break: Sequence[float] | None = None,
+    constraint: Sequence[float] | None = None,
+    budget: AlphaBudget | None = None,
 ) -> float:
     """α* = argbest_α metric_ID(α); ties go to the lowest ``tie_break`` (ID loss), then the smallest α.
 
     Only in-distribution numbers are passed in, so a shifted set can never steer the choice. A
     metric like accuracy is often flat over a range of α on a finite validation set; the ID loss
-    of the same evaluation separates those models, and the smallest α (closest to the start) is the
+    of the same evaluations separates those models, and the smallest α (closest to the start) is the
     last resort. A non-finite value (a diverged evaluation) is never chosen: it is reported with a
     warning, and a curve with no finite value is an error.
+
+    With a ``budget`` (and its metric at every α in ``constraint``) only the α it admits compete: the best
+    ID metric subject to constraint(α) within ε of constraint(α=0). α=0 always meets its own budget; if its
+    ID value is not finite either, α=0 is returned with a RuntimeWarning naming the budget and the smallest
+    violation.
     """
     if len(alphas) != len(values) or not alphas:
         raise ValueError(f"choose_alpha: {len(alphas)} alphas for {len(values)} metric values")
     if tie_break is not None and len(tie_break) != len(alphas):
         raise ValueError(f"choose_alpha: {len(tie_break)} tie-break values for {len(alphas)} alphas")
+    if (budget is None) != (constraint is None):
+        raise ValueError("choose_alpha: give both a budget and its constraint values, or neither")
     finite = [i for i, v in enumerate(values) if math.isfinite(v)]
     if not finite:
         raise ValueError(f"choose_alpha: no finite metric value at any α ({list(values)}); nothing to choose")
@@ -91,6 +167,19 @@ def choose_alpha(
         skipped = [alphas[i] for i in range(len(values)) if i not in finite]
         warnings.warn(f"choose_alpha: the metric is not finite at α={skipped}; those points are never chosen",
                       RuntimeWarning, stacklevel=2)
+    if budget is not None:
+        base = budget_base(alphas, constraint, budget)
+        excess = [budget.excess(c, base) for c in constraint]
+        admitted = [i for i in finite if excess[i] <= 0]
+        if not admitted:
+            worst = min(excess[i] for i in finite)
+            warnings.warn(f"choose_alpha: no α with a finite metric meets the budget "
+                          f"{budget.describe(base)}; "
+                          f"the smallest violation is {worst:.4g} (at α="
+                          f"{[alphas[i] for i in finite if excess[i] == worst]}); choosing α=0 (the start)",
+                          RuntimeWarning, stacklevel=2)
+            return 0.0
+        finite = admitted
     sign = 1.0 if greater_is_better else -1.0
     best = max(sign * values[i] for i in finite)
     tied = [i for i in finite if sign * values[i] == best]
@@ -98,6 +187,19 @@ def choose_alpha(
         low = min(tie_break[i] for i in tied if math.isfinite(tie_break[i]))
         tied = [i for i in tied if tie_break[i] == low]
     return min(alphas[i] for i in tied)
+
+
+def budget_base(alphas: Sequence[float], constraint: Sequence[float], budget: AlphaBudget) -> float:
+    """The constraint's value at α=0, which the budget is measured from; a ValueError when there is none."""
+    if len(constraint) != len(alphas):
+        raise ValueError(f"choose_alpha: {len(constraint)} constraint values for {len(alphas)} alphas")
+    if 0.0 not in alphas:
+        raise ValueError(f"budget: the limit is measured from α=0, which the grid {list(alphas)} lacks; "
+                         "add 0")
+    base = float(constraint[list(alphas).index(0.0)])
+    if not math.isfinite(base):
+        raise ValueError(f"budget: {budget.dataset} {budget.metric} at α=0 is {base}; no budget from it")
+    return base
 
 
 # -- offline, whole models ---------------------------------------------------------------------
@@ -269,7 +371,11 @@ class WiseFTWeights:
 # -- the curve ---------------------------------------------------------------------------------
 @dataclass
 class WiseFTCurve:
-    """Metric of every eval set at every α, and the α chosen on the in-distribution set."""
+    """Metric of every eval set at every α, and the α chosen on the in-distribution set (under ``budget``).
+
+    ``budget`` and ``constraint`` (its metric on its set at every α) are set when α was chosen under an
+    :class:`AlphaBudget`; ``extra["id_rule_alpha"]`` then holds what the ID-only rule would have chosen.
+    """
 
     alphas: list[float]
     results: dict[str, list[float]]
@@ -280,16 +386,60 @@ class WiseFTCurve:
     method: str = "linear"
     step: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    budget: AlphaBudget | None = None
+    constraint: list[float] | None = None
 
     @property
     def shifted(self) -> list[str]:
         return [d for d in self.results if d != self.id_dataset]
 
+    @property
+    def rule(self) -> str:
+        """``"id"`` (best in-distribution metric) or ``"budget"`` (the same among the α the budget admits)."""
+        return "id" if self.budget is None else "budget"
+
+    @property
+    def budget_limit(self) -> float | None:
+        """The worst constraint value the budget admits (None without a budget)."""
+        if self.budget is None:
+            return None
+        return self.budget.limit(budget_base(self.alphas, self.constraint, self.budget))
+
     def value(self, dataset: str, alpha: float) -> float:
         return self.results[dataset][self.alphas.index(alpha)]
 
+    def constraint_values(self, budget: AlphaBudget) -> list[float]:
+        """The budget's metric at every α: measured with the curve, or the curve's own metric on its set."""
+        if self.budget is not None and (self.budget.dataset, self.budget.metric) == (budget.dataset,
+                                                                                     budget.metric):
+            return list(self.constraint)
+        if budget.metric == self.metric.removeprefix("eval_") and budget.dataset in self.results:
+            return list(self.results[budget.dataset])
+        raise ValueError(f"budget: the curve holds no {budget.metric!r} of {budget.dataset!r} (it measured "
+                         f"{self.metric!r} on {sorted(self.results)}); sweep with this budget instead")
+
+    def choose(self, budget: AlphaBudget | None = None) -> float:
+        """α* of this curve by the ID rule, or under ``budget`` (read from what the curve measured)."""
+        id_loss = self.extra.get("id_loss") or []
+        by_loss = len(id_loss) == len(self.alphas) and self.metric.removeprefix("eval_") != "loss"
+        tie = id_loss if by_loss else None
+        constraint = None if budget is None else self.constraint_values(budget)
+        return choose_alpha(self.alphas, self.results[self.id_dataset], self.greater_is_better, tie,
+                            constraint=constraint, budget=budget)
+
+    def admitted(self, alpha: float) -> bool:
+        """Whether the curve's budget admits ``alpha`` (always True without one)."""
+        if self.budget is None:
+            return True
+        base = budget_base(self.alphas, self.constraint, self.budget)
+        return self.budget.excess(self.constraint[self.alphas.index(alpha)], base) <= 0
+
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        out["rule"] = self.rule
+        if self.budget is not None:
+            out["budget_limit"] = self.budget_limit
+        return out
 
     def to_json(self) -> str:
         return json.dumps(self.as_dict(), indent=2)
@@ -297,16 +447,28 @@ class WiseFTCurve:
     def to_csv(self) -> str:
         buf = io.StringIO()
         w = csv.writer(buf)
-        w.writerow(["alpha", *[f"{d}_{self.metric}" for d in self.results], "chosen"])
+        budget = [] if self.budget is None else [f"budget_{self.budget.dataset}_{self.budget.metric}",
+                                                  "admitted"]
+        w.writerow(["alpha", *[f"{d}_{self.metric}" for d in self.results], "chosen", *budget])
         for i, a in enumerate(self.alphas):
-            w.writerow([a, *[self.results[d][i] for d in self.results], int(a == self.chosen_alpha)])
+            row = [a, *[self.results[d][i] for d in self.results], int(a == self.chosen_alpha)]
+            if self.budget is not None:
+                row += [self.constraint[i], int(self.admitted(a))]
+            w.writerow(row)
         return buf.getvalue()
 
     def table(self) -> str:
-        """Plain-text table: one row per α, the endpoints and the chosen α labelled."""
+        """Plain-text table: one row per α, the endpoints, the chosen α and the budget's verdicts labelled."""
         names = list(self.results)
-        head = f"{'alpha':>7} " + " ".join(f"{d[:14]:>14}" for d in names) + "  note"
+        own = self.budget is not None and self.budget.metric == self.metric.removeprefix("eval_") and \
+            self.budget.dataset in self.results
+        extra = [] if self.budget is None or own else [f"{self.budget.dataset} {self.budget.metric}"]
+        head = f"{'alpha':>7} " + " ".join(f"{d[:14]:>14}" for d in [*names, *extra]) + "  note"
         rows = [head, "-" * len(head)]
+        if self.budget is not None:
+            base = budget_base(self.alphas, self.constraint, self.budget)
+            rule = f"rule: best {self.id_dataset} {self.metric} subject to {self.budget.describe(base)}"
+            rows.insert(0, rule)
         for i, a in enumerate(self.alphas):
             notes = []
             if a == 0.0:
@@ -314,10 +476,14 @@ class WiseFTCurve:
             if a == 1.0:
                 notes.append("fine-tuned")
             if a == self.chosen_alpha:
-                notes.append(f"<- chosen on {self.id_dataset}")
+                notes.append(f"<- chosen on {self.id_dataset}" + (" under the budget" if self.budget else ""))
             if not math.isfinite(self.results[self.id_dataset][i]):
                 notes.append("not finite: never chosen")
+            if not self.admitted(a):
+                notes.append("over budget")
             vals = " ".join(f"{self.results[d][i]:>14.4f}" for d in names)
+            if extra:
+                vals += f" {self.constraint[i]:>14.4f}"
             rows.append(f"{a:>7.2f} {vals}  {', '.join(notes)}")
         return "\n".join(rows)
 
@@ -326,7 +492,8 @@ class WiseFTCurve:
         return save_report(output_dir, stem, self.to_json(), self.to_csv(), self.plot if plot else None)
 
     def plot(self, path: str | os.PathLike) -> Path | None:
-        """WiSE-FT-style plot: ID metric on x, each shifted metric on y, one point per α."""
+        """WiSE-FT-style plot: ID metric on x, each shifted metric on y, one point per α; with a budget, a
+        second panel: the constraint metric against α, the budget's limit dashed."""
         try:
             import matplotlib
 
@@ -335,7 +502,11 @@ class WiseFTCurve:
         except ImportError:
             return None
         path = Path(path)
-        fig, ax = plt.subplots(figsize=(5.5, 4.5))
+        if self.budget is None:
+            fig, ax = plt.subplots(figsize=(5.5, 4.5))
+        else:
+            fig, (ax, bx) = plt.subplots(1, 2, figsize=(10.5, 4.5))
+            self._plot_budget(bx)
         x = self.results[self.id_dataset]
         ci = self.alphas.index(self.chosen_alpha)
         for d in self.shifted or [self.id_dataset]:
@@ -363,6 +534,26 @@ class WiseFTCurve:
             fig.savefig(tmp, dpi=110)
         plt.close(fig)
         return path
+
+    def _plot_budget(self, ax) -> None:
+        """The budget panel: the constraint metric at every α, the limit, the admitted and chosen α."""
+        b, y = self.budget, self.constraint
+        ax.plot(self.alphas, y, "o-", ms=4, color="tab:purple", label=f"{b.dataset} {b.metric}")
+        ax.axhline(self.budget_limit, ls="--", color="gray", label=f"budget: {b.describe()}")
+        over = [i for i, a in enumerate(self.alphas) if not self.admitted(a)]
+        ax.plot([self.alphas[i] for i in over], [y[i] for i in over], "x", ms=9, color="gray",
+                label="over budget: not eligible")
+        ci = self.alphas.index(self.chosen_alpha)
+        ax.plot(self.alphas[ci], y[ci], "*", ms=16, color="crimson", label=f"chosen α={self.chosen_alpha:g}")
+        id_alpha = self.extra.get("id_rule_alpha")
+        if id_alpha is not None and id_alpha != self.chosen_alpha:
+            j = self.alphas.index(id_alpha)
+            ax.plot(id_alpha, y[j], "D", ms=8, mfc="none", color="black", label=f"ID rule α={id_alpha:g}")
+        ax.set_xlabel("α (0: start, 1: fine-tuned)")
+        ax.set_ylabel(f"{b.dataset} {b.metric}")
+        ax.set_title("the budget's constraint along the path")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="best")
 
 
 # -- sweeps through the Trainer's own evaluation -----------------------------------------------
@@ -425,13 +616,16 @@ def wise_ft_sweep(
     apply_alpha: float | None = None,
     progress: bool = True,
     key_prefix: str = "wise_ft",
+    budget: AlphaBudget | Mapping[str, Any] | None = None,
 ) -> WiseFTCurve:
     """Evaluate θ(α) for every α on every eval set with ``trainer.evaluate``; choose α on ``id_dataset``.
 
     The Trainer's ``compute_metrics``, data collator, dataloaders and distributed evaluation are
     used as they are (``trainer.evaluate(eval_dataset=ds, metric_key_prefix=...)``). Afterwards
     the model holds θ(α*) (or θ(``apply_alpha``) when given); if an evaluation raises, the
-    fine-tuned weights are put back before the error propagates.
+    fine-tuned weights are put back before the error propagates. With a ``budget`` (an
+    :class:`AlphaBudget` or a mapping of its fields) its metric is read from the same evaluations of its
+    set and α* is the best ID metric among the α it admits (:func:`choose_alpha`).
     """
     if id_dataset not in eval_datasets:
         raise ValueError(
@@ -439,8 +633,10 @@ def wise_ft_sweep(
         )
     grid = check_alphas(alphas, extrapolate)
     check_method(method)
+    budget = None if budget is None else check_budget(budget, eval_datasets, grid)
     results: dict[str, list[float]] = {name: [] for name in eval_datasets}
     id_loss: list[float] = []
+    constraint: list[float] = []
     bar = None
     if progress and distributed.is_main_process():
         from tqdm.auto import tqdm
@@ -455,6 +651,8 @@ def wise_ft_sweep(
             results[name].append(_metric_value(metrics, prefix, metric, name))
             if name == id_dataset and f"{prefix}_loss" in metrics:
                 id_loss.append(float(metrics[f"{prefix}_loss"]))
+            if budget is not None and name == budget.dataset:
+                constraint.append(_metric_value(metrics, prefix, budget.metric, name))
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(alpha=alpha, **{name: round(results[name][-1], 4)})
@@ -464,18 +662,38 @@ def wise_ft_sweep(
     finally:
         if bar is not None:
             bar.close()
-    tie = id_loss if len(id_loss) == len(grid) and metric.removeprefix("eval_") != "loss" else None
-    chosen = choose_alpha(grid, results[id_dataset], greater_is_better, tie_break=tie)
-    final = chosen if apply_alpha is None else check_alpha(apply_alpha, extrapolate)
-    weights.apply_(final, method, extrapolate=extrapolate)  # in place from the fine-tuned values
-    return WiseFTCurve(
+        curve = WiseFTCurve(
         alphas=grid,
         results=results,
         metric=metric,
         id_dataset=id_dataset,
-        chosen_alpha=chosen,
+        chosen_alpha=0.0,
         greater_is_better=greater_is_better,
         method=method,
         step=int(getattr(trainer.state, "global_step", 0)),
-        extra={"applied_alpha": final, "id_loss": id_loss},
+        extra={"id_loss": id_loss},
+        budget=budget,
+        constraint=constraint if budget is not None else None,
     )
+    curve.chosen_alpha = curve.choose(budget)
+    if budget is not None:
+        curve.extra["id_rule_alpha"] = curve.choose()
+    final = curve.chosen_alpha if apply_alpha is None else check_alpha(apply_alpha, extrapolate)
+    curve.extra["applied_alpha"] = final
+    weights.apply_(final, method, extrapolate=extrapolate)  # in place from the fine-tuned values
+    return curve
+
+
+def check_budget(
+    budget: AlphaBudget | Mapping[str, Any], eval_datasets: Mapping[str, Any] | Sequence[str],
+    alphas: Sequence[float],
+) -> AlphaBudget:
+    """``budget`` as an :class:`AlphaBudget` whose set is among ``eval_datasets`` and whose grid holds α=0."""
+    budget = AlphaBudget.of(budget)
+    if budget.dataset not in eval_datasets:
+        raise ValueError(f"budget.dataset: {budget.dataset!r} is not one of the eval datasets "
+                         f"{sorted(eval_datasets)}")
+    if 0.0 not in alphas:
+        raise ValueError(f"budget: the limit is measured from α=0, which the grid {list(alphas)} lacks; "
+                         "add 0 to alphas")
+    return budget

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["model_logits", "model_loss"]
+__all__ = ["model_logits", "model_loss", "sequence_losses"]
 
 
 def model_loss(outputs: Any, batch: Any = None) -> torch.Tensor:
@@ -35,3 +35,18 @@ def model_logits(outputs: Any) -> torch.Tensor:
         return outputs["logits"]
     logits = getattr(outputs, "logits", outputs)
     return logits[0] if isinstance(logits, (tuple, list)) else logits
+
+
+def sequence_losses(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Per-sequence mean next-token cross-entropy of a causal LM: row i averages −log p(labels[i, t+1]) over
+    its scored positions (labels ≠ ``ignore_index``), the per-item score behind a causal LM's loss (NaN for a
+    row with none). ``logits`` (batch, length, vocab), ``labels`` (batch, length), float32 or wider."""
+    if logits.dim() != 3 or labels.shape != logits.shape[:2]:
+        raise ValueError(f"sequence_losses: logits {tuple(logits.shape)} and labels {tuple(labels.shape)} "
+                         "must be (batch, length, vocab) and (batch, length)")
+    shifted = logits[:, :-1].float() if logits.dtype in (torch.float16, torch.bfloat16) else logits[:, :-1]
+    target = labels[:, 1:]
+    mask = target != ignore_index
+    nll = torch.nn.functional.cross_entropy(shifted.transpose(1, 2), target.masked_fill(~mask, 0),
+                                            reduction="none")
+    return (nll * mask).sum(dim=1) / mask.sum(dim=1)

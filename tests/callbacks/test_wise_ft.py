@@ -385,3 +385,109 @@ def test_sweep_scores_the_live_weights_whatever_the_callback_order(tmp_path, ema
                 p.copy_((1 - alpha) * start[n] + alpha * end[n])
             want = model(input_ids=batch, labels=batch).loss.item()
         assert got == pytest.approx(want, rel=1e-4), alpha
+
+
+# -- α under a budget ----------------------------------------------------------------------------
+def _dense_losses(start, end, alpha, sets):
+    """MSE of θ(α) (the dense formula, a separate model) on each eval set: the brute-force curve."""
+    probe = _model()
+    probe.load_state_dict({k: (1 - alpha) * start[k] + alpha * end[k] for k in start})
+    out = {}
+    for name, ds in sets.items():
+        y = torch.tensor(ds["labels"])
+        out[name] = torch.mean((_outputs(probe, ds) - y) ** 2).item()
+    return out
+
+
+def test_sweep_under_a_budget_chooses_the_brute_force_alpha(tmp_path, full_run):
+    """ID targets are θ(0.7)'s outputs, "retained" ones θ(0)'s (the start's own answers): the ID rule picks
+    0.7; a budget on the retained loss, ε set between its values at α=0.2 and α=0.5, must pick 0.2."""
+    start, end = full_run
+    probe = _model()
+    sets = {}
+    for name, a, seed in (("id", 0.7, 5), ("retained", 0.0, 7)):
+        probe.load_state_dict({k: (1 - a) * start[k] + a * end[k] for k in start})
+        sets[name] = _data(32, seed, labels=_outputs(probe, _data(32, seed)))
+    grid = [0.0, 0.2, 0.5, 0.7, 1.0]
+    dense = {a: _dense_losses(start, end, a, sets) for a in grid}
+    retained = [dense[a]["retained"] for a in grid]
+    assert retained[0] < 1e-8 < retained[1] < retained[2]  # forgetting grows along the path
+    eps = (retained[1] + retained[2]) / 2 - retained[0]
+    admitted = [a for a in grid if dense[a]["retained"] <= retained[0] + eps]
+    want = min(admitted, key=lambda a: (dense[a]["id"], a))
+    assert want == 0.2 and min(grid, key=lambda a: dense[a]["id"]) == 0.7  # the budget binds
+
+    model = _model()
+    cb = WiseFTCallback(eval_datasets=sets, id_dataset="id", metric="eval_loss", greater_is_better=False,
+                        alphas=grid, budget={"dataset": "retained", "epsilon": eps}, progress=False)
+    trainer = Trainer(model=model, args=_args(tmp_path), train_dataset=_data(48, 1), callbacks=[cb])
+    trainer.train()
+    curve = cb.curve
+    assert curve.chosen_alpha == want and curve.extra["id_rule_alpha"] == 0.7 and curve.rule == "budget"
+    for a, got in zip(grid, curve.constraint):
+        assert got == pytest.approx(dense[a]["retained"], rel=1e-4, abs=1e-7), a
+    for k, v in model.state_dict().items():  # θ(α*) is left in the model
+        torch.testing.assert_close(v, 0.8 * start[k] + 0.2 * end[k], rtol=0, atol=1e-6, msg=k)
+    logged = [h for h in trainer.state.log_history if "wise_ft_curve" in h][-1]
+    assert logged["wise_ft_id_rule_alpha"] == 0.7
+    assert logged["wise_ft_budget_limit"] == pytest.approx(retained[0] + eps, rel=1e-4, abs=1e-7)
+    saved = json.loads((tmp_path / "wise_ft.json").read_text())
+    assert saved["rule"] == "budget" and saved["budget"]["epsilon"] == eps
+    assert "admitted" in (tmp_path / "wise_ft.csv").read_text().splitlines()[0]
+
+
+def test_the_default_rule_is_unchanged(tmp_path, full_run):
+    """Without a budget the same run chooses on the ID set alone, and the files keep their columns."""
+    start, end = full_run
+    probe = _model()
+    probe.load_state_dict({k: 0.3 * start[k] + 0.7 * end[k] for k in start})
+    sets = {"id": _data(32, 5, labels=_outputs(probe, _data(32, 5))), "retained": _data(32, 7)}
+    cb = WiseFTCallback(eval_datasets=sets, id_dataset="id", metric="eval_loss", greater_is_better=False,
+                        alphas=[0.0, 0.2, 0.5, 0.7, 1.0], progress=False)
+    _train(tmp_path, _model(), [cb])
+    assert cb.curve.chosen_alpha == 0.7 and cb.curve.rule == "id" and cb.curve.budget is None
+    header = (tmp_path / "wise_ft.csv").read_text().splitlines()[0]
+    assert header == "alpha,id_eval_loss,retained_eval_loss,chosen"
+
+
+def test_budget_options_are_checked_before_training():
+    sets = {"id": [], "retained": []}
+    with pytest.raises(ValueError, match="budget.dataset: 'other'"):
+        WiseFTCallback(eval_datasets=sets, id_dataset="id", budget={"dataset": "other"})
+    with pytest.raises(ValueError, match="lacks; add 0"):
+        WiseFTCallback(eval_datasets=sets, id_dataset="id", alphas=[0.5, 1], budget={"dataset": "retained"})
+    with pytest.raises(ValueError, match="give eval_datasets"):
+        WiseFTCallback(alpha=0.5, budget={"dataset": "retained"})
+    with pytest.raises(ValueError, match="budget.epsilon"):
+        WiseFTCallback(eval_datasets=sets, id_dataset="id", budget={"dataset": "retained", "epsilon": "0.1"})
+
+
+def test_lora_sweep_copies_no_base_weight(tmp_path, monkeypatch):
+    """For LoRA the curve scales the adapter: everything snapshotted during training and the budgeted sweep
+    is the adapter's own factors (the sweep's copy of the fine-tuned A and B), never a base weight."""
+    from peft import LoraConfig, get_peft_model
+
+    from robustft.core.params import Snapshot
+
+    copied: list[tuple[str, int]] = []
+    original = Snapshot.of.__func__
+
+    def spy(cls, params, *args, **kwargs):
+        snap = original(cls, params, *args, **kwargs)
+        copied.extend((n, t.numel()) for n, t in zip(snap.names, snap.tensors))
+        return snap
+
+    monkeypatch.setattr(Snapshot, "of", classmethod(spy))
+    model = get_peft_model(_model(), LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"]))
+    adapter = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
+    b_numel = sum(v for n, v in adapter.items() if "lora_B" in n)
+    sets = {"id": _data(16, 5), "retained": _data(16, 7)}
+    cb = WiseFTCallback(eval_datasets=sets, id_dataset="id", metric="eval_loss", greater_is_better=False,
+                        alphas=[0.0, 0.5, 1.0], budget={"dataset": "retained", "epsilon": 0.5},
+                        progress=False, save_curve=False)
+    _train(tmp_path, model, [cb])
+    assert cb.weights.stored_numel() == 0  # the start of B is known to be 0: nothing is kept for it
+    assert copied and all(n in adapter for n, _ in copied), [n for n, _ in copied if n not in adapter][:3]
+    assert sum(v for n, v in copied if "lora_B" in n) == b_numel  # the sweep's one copy of B
+    total = sum(p.numel() for p in model.parameters())
+    assert sum(v for _, v in copied) == sum(adapter.values()) < total / 10

