@@ -154,15 +154,13 @@ def search_dimensions(recipe: Recipe, params: Sequence[SearchParam]) -> list[Dim
 
 
 def _real_valued(param: Any) -> bool:
-    """A registry parameter that takes real numbers: its default is one (or it accepts 0.5)."""
-    default = param.default
-    if as_real(default) is not None and not isinstance(default, bool):
-        try:
-            param.check("probe", 0.5)
-        except ValueError:
-            return False
-        return True
-    return False
+    """A registry parameter that takes real numbers: its check accepts 0.5 (paths, booleans and counts
+    refuse it)."""
+    try:
+        param.check("probe", 0.5)
+    except (ValueError, TypeError):
+        return False
+    return True
 
 
 def trial_recipe(raw: Mapping[str, Any], recipe: Recipe, dims: Sequence[Dimension], values: Sequence[float]
@@ -377,9 +375,24 @@ def _definition(recipe: Recipe, dims: Sequence[Dimension], sampler: str, greater
                        "greater_is_better": bool(greater_is_better)}, sort_keys=True, default=str)
 
 
-def _open_study(out: Path, definition: str, sampler, greater_is_better: bool, overwrite: bool):
-    """The study in ``out/study.db``, created or resumed; a study of another search is refused; trials a
-    killed run left running are marked failed and queued again with their values."""
+def _connect(db: Path):
+    """A SQLite connection in WAL mode with ``synchronous=NORMAL``: a commit is a write, not an fsync (each
+    trial commits a dozen times), and survives the process being killed; a power cut may lose the last
+    trials, which the search then runs again."""
+    import sqlite3
+
+    conn = sqlite3.connect(str(db), check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    return conn
+
+
+def _open_study(out: Path, definition: str, sampler, reseed: Callable[[int], Any], greater_is_better: bool,
+                overwrite: bool):
+    """The study in ``out/study.db``, created or resumed; a study of another search is refused; a resumed
+    TPE/CMA-ES study gets ``reseed(n trials so far)`` as its sampler (a grid keeps its seed: it orders the
+    grid); trials a killed run left running are marked
+    failed and queued again with their values."""
     import optuna
     from optuna.trial import TrialState
 
@@ -387,7 +400,7 @@ def _open_study(out: Path, definition: str, sampler, greater_is_better: bool, ov
     if db.exists() and overwrite:
         db.unlink()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = optuna.storages.RDBStorage(f"sqlite:///{db}")
+    storage = optuna.storages.RDBStorage(f"sqlite:///{db}", engine_kwargs={"creator": lambda: _connect(db)})
     study = optuna.create_study(storage=storage, study_name=STUDY_NAME, sampler=sampler, load_if_exists=True,
                                 direction="maximize" if greater_is_better else "minimize")
     stored = study.user_attrs.get("definition")
@@ -396,6 +409,8 @@ def _open_study(out: Path, definition: str, sampler, greater_is_better: bool, ov
     elif stored != definition:
         raise ValueError(f"out_dir {out} holds the study of another search (recipe, searched parameters, "
                          "sampler or direction differ): use another folder or overwrite=True (--overwrite)")
+    if study.trials and not isinstance(sampler, optuna.samplers.GridSampler):
+        study.sampler = reseed(len(study.trials))  # the same seed would replay the first run's draws
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
         if t.params:
@@ -534,7 +549,8 @@ def search_merge(
 
     with _locked(out):
         definition = _definition(recipe, dims, kind, greater_is_better)
-        study = _open_study(out, definition, smp, greater_is_better, overwrite)
+        study = _open_study(out, definition, smp, lambda n: _sampler(sampler, dims, grid_points, seed + n)[1],
+                            greater_is_better, overwrite)
         from optuna.trial import TrialState
 
         done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
