@@ -40,7 +40,8 @@ def save(model, folder: Path) -> Path:
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
+    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(tensors, str(folder / "model.safetensors"))
     return folder
 
 
@@ -58,7 +59,7 @@ def finetune(root: Path, args) -> tuple[Path, list[Path], float]:
     for seed, data_seed, lr in FINETUNES:
         model, tok = zero_shot_start(seed)
         ds = Dataset.from_dict(make_task(args.n_train, data_seed))
-        ds = ds.map(lambda b: tok(b["text"], truncation=True, max_length=64), batched=True)
+        ds = ds.map(lambda b, tok=tok: tok(b["text"], truncation=True, max_length=64), batched=True)
         ds = ds.rename_column("label", "labels").remove_columns(["text"])
         targs = training_arguments(root / f"run{seed}", seed, args.epochs, lr, progress=False)
         Trainer(model=model, args=targs, train_dataset=ds, data_collator=DataCollatorWithPadding(tok)).train()
@@ -116,7 +117,7 @@ def main(argv=None) -> None:
         rows.append({"method": name, "evaluations": 1, "weights": weights, **scores(),
                      "seconds": time.perf_counter() - t0})
 
-    for k, d in enumerate(dirs):
+    for k in range(len(dirs)):
         fixed(f"fine-tuned model {k} alone", [1.0 if i == k else 0.0 for i in range(3)])
     fixed("default weights (1, 1, 1)", [1.0, 1.0, 1.0])
     fixed("uniform weights (1/3 each)", [1 / 3] * 3)
@@ -126,7 +127,8 @@ def main(argv=None) -> None:
                                      (f"CMA-ES, {args.budget} trials", "cmaes", args.budget, 5)):
         t0 = time.perf_counter()
         r = search_merge(recipe(), model, objective, [SearchParam("weight", 0.0, 1.0)], work / sampler,
-                         sampler=sampler, grid_points=points, n_trials=n, progress=False, metric_name="id accuracy")
+                         sampler=sampler, grid_points=points, n_trials=n, progress=False,
+                         metric_name="id accuracy")
         seconds = time.perf_counter() - t0
         timing[sampler] = (statistics.median(t["merge_s"] for t in r.trials),
                            statistics.median(t["eval_s"] for t in r.trials))
@@ -146,8 +148,10 @@ def print_and_write(rows, timing, memory, ft_seconds, args) -> None:
                      f"{100 * r['id_test']:.1f} | {100 * r['shifted']:.1f} | {r['seconds']:.0f} |")
     merge_s = statistics.median(m for m, _ in timing.values())
     eval_s = statistics.median(e for _, e in timing.values())
-    cmd = "python benchmarks/search.py" + ("" if argv_default(args) else f" --n-train {args.n_train} "
-                                             f"--n-eval {args.n_eval} --epochs {args.epochs} --budget {args.budget}")
+    cmd = "python benchmarks/search.py"
+    if not argv_default(args):
+        cmd += (f" --n-train {args.n_train} --n-eval {args.n_eval} --epochs {args.epochs:g}"
+                f" --budget {args.budget}")
     text = "\n".join([
         f"Command: `{cmd}` (CPU, 2 threads; the machine was shared with other sessions' jobs, so wall times "
         "are loaded times). n = 1 run per row (one seed): with "

@@ -547,6 +547,10 @@ def search_merge(
             raise ValueError(f"objective returned {value} at trial {trial.number} ({shown})")
         return value
 
+    # the recipe at the middle of every range, merged once: the recipe, the trial values and the model are
+    # checked before anything is written (a gradient on a model without layers, a model that does not fit)
+    middle = [math.sqrt(d.low * d.high) if d.log else (d.low + d.high) / 2 for d in dims]
+    merge(trial_recipe(recipe.raw, recipe, dims, middle), "search check")
     with _locked(out):
         definition = _definition(recipe, dims, kind, greater_is_better)
         study = _open_study(out, definition, smp, lambda n: _sampler(sampler, dims, grid_points, seed + n)[1],

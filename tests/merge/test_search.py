@@ -239,14 +239,46 @@ def test_a_range_outside_the_parameters_check_is_refused(tmp_path):
 
 def test_a_model_that_does_not_fit_the_checkpoints_is_named(tmp_path):
     base, models = _toy(tmp_path, 2)
+    calls = []
     with pytest.raises(ValueError, match="tensor 'weight': shape"):
-        search_merge(_recipe(base, models), nn.Linear(5, 3), lambda m: 0.0, [SearchParam("weight", 0, 1)],
+        search_merge(_recipe(base, models), nn.Linear(5, 3), calls.append, [SearchParam("weight", 0, 1)],
                      tmp_path / "out", progress=False)
+    assert calls == [] and not (tmp_path / "out").exists()
     extra = nn.Sequential()
     extra.weight, extra.bias, extra.scale = (nn.Parameter(torch.zeros(3, 4)), nn.Parameter(torch.zeros(3)),
                                              nn.Parameter(torch.zeros(1)))
     with pytest.raises(ValueError, match="model parameter 'scale'"):
         load_into_model(extra, merged_tensors(parse_recipe(_recipe(base, models))))
+
+
+def test_layer_groups_on_a_model_without_layers_are_refused_before_anything_is_written(tmp_path):
+    base, models = _toy(tmp_path, 2)
+    with pytest.raises(ValueError, match="gradients"):
+        search_merge(_recipe(base, models), nn.Linear(4, 3), lambda m: 0.0,
+                     [SearchParam("weight", 0, 1, groups=2)], tmp_path / "out", n_trials=2)
+    assert not (tmp_path / "out").exists()
+
+
+def test_trainer_objective_is_the_trainers_evaluation_of_the_searched_model(family, tmp_path):
+    """``trainer_objective`` returns ``trainer.evaluate``'s loss, which is the model's own loss on the batch;
+    another model than ``trainer.model`` is refused."""
+    from datasets import Dataset
+    from transformers import LlamaForCausalLM, Trainer, TrainingArguments
+
+    from robustft.merge.search import trainer_objective
+
+    base, dirs = family
+    model = LlamaForCausalLM.from_pretrained(base)
+    ids = torch.randint(0, 128, (4, 8), generator=torch.Generator().manual_seed(0))
+    data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
+    args = TrainingArguments(tmp_path / "t", use_cpu=True, report_to=[], per_device_eval_batch_size=4)
+    trainer = Trainer(model=model, args=args)
+    objective = trainer_objective(trainer, data, "loss")
+    with torch.no_grad():
+        expected = float(model(input_ids=ids, labels=ids).loss)
+    assert objective(model) == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ValueError, match="must be trainer.model"):
+        objective(LlamaForCausalLM.from_pretrained(base))
 
 
 def test_a_folder_holding_another_search_is_refused(tmp_path):
