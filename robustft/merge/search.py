@@ -397,8 +397,9 @@ def _open_study(out: Path, definition: str, sampler, reseed: Callable[[int], Any
     from optuna.trial import TrialState
 
     db = out / STUDY_FILE
-    if db.exists() and overwrite:
-        db.unlink()
+    if overwrite:
+        for path in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
+            path.unlink(missing_ok=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = optuna.storages.RDBStorage(f"sqlite:///{db}", engine_kwargs={"creator": lambda: _connect(db)})
     study = optuna.create_study(storage=storage, study_name=STUDY_NAME, sampler=sampler, load_if_exists=True,
@@ -511,7 +512,7 @@ def search_merge(
         raise ValueError(f"timeout must be a positive number of seconds, got {short_repr(timeout)}")
     if n_trials is None:
         if kind != "grid" and timeout is None:
-            raise ValueError(f"sampler {kind!r}: give n_trials or timeout (the budget)")
+            raise ValueError(f"sampler {kind!r}: give a budget: n_trials or timeout (--trials, --timeout)")
         n_trials = grid_points ** len(dims) if kind == "grid" else None
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
