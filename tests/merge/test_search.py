@@ -230,6 +230,14 @@ def test_bad_search_parameters_are_named(tmp_path, param, message):
     assert calls == [] and not (tmp_path / "out").exists()
 
 
+def test_tpe_without_a_budget_is_refused(tmp_path):
+    base, models = _toy(tmp_path, 3)
+    with pytest.raises(ValueError, match="give a budget: n_trials or timeout"):
+        search_merge(_recipe(base, models), nn.Linear(4, 3), lambda m: 0.0, [SearchParam("weight", 0, 1)],
+                     tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_range_outside_the_parameters_check_is_refused(tmp_path):
     base, models = _toy(tmp_path, 2)
     with pytest.raises(ValueError, match="density"):
