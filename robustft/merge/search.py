@@ -496,6 +496,8 @@ def search_merge(
     ``n_trials``: finished trials wanted in total (a resumed search runs the rest; default: the grid's size,
     required for TPE/CMA-ES unless ``timeout``); ``timeout``: seconds for this run. The study lives in
     ``out_dir/study.db``: calling again with the same arguments resumes it (``overwrite`` starts afresh).
+    If the objective raises, the error propagates (the trial is recorded as failed) and the model holds
+    that trial's merge.
     """
     import optuna
     from tqdm.auto import tqdm
