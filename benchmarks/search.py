@@ -1,7 +1,8 @@
 """Merge-coefficient search on the demo's encoder task: a 3-model task-arithmetic merge, weights chosen by
 ``robustft.merge.search.search_merge`` (TPE, CMA-ES, a grid) against the default weights, offline on CPU.
 
-    python benchmarks/search.py                 # ~15-30 min on 2 loaded cores; writes docs/benchmarks.md
+    python benchmarks/search.py                 # 400 train / 300 eval, 2 epochs, 27 trials; an hour loaded
+    python benchmarks/search.py --n-train 200 --n-eval 150 --epochs 1 --budget 12  # recorded (40 min)
     python benchmarks/search.py --no-write      # print only
     python benchmarks/search.py --n-train 160 --epochs 1 --budget 6     # a smoke run
 
