@@ -47,7 +47,7 @@ if TYPE_CHECKING:  # the same names, for type checkers and IDEs
         read_adapter,
         write_adapter,
     )
-    from robustft.merge import estimate_fisher, load_recipe, merge_checkpoints
+    from robustft.merge import estimate_fisher, load_recipe, merge_checkpoints, search_merge
     from robustft.ops.interpolate import interpolate
 
 #: module -> the public names ``robustft`` re-exports from it; ``__all__`` and the lazy look-up derive from it
@@ -72,7 +72,7 @@ EXPORTS: dict[str, tuple[str, ...]] = {
         "read_adapter",
         "write_adapter",
     ),
-    "robustft.merge": ("estimate_fisher", "load_recipe", "merge_checkpoints"),
+    "robustft.merge": ("estimate_fisher", "load_recipe", "merge_checkpoints", "search_merge"),
     "robustft.ops.interpolate": ("interpolate",),
     "robustft.core.params": ("Snapshot", "select_parameters", "swapped_in"),
     "robustft.interpolation.dawin": ("dawin_evaluate",),

@@ -108,7 +108,7 @@ def test_maths_and_io_modules_do_not_import_the_trainer_stack():
 @pytest.mark.parametrize(
     "args",
     [["--version"], ["--help"], ["merge", "--help"], ["lora", "--help"], ["lora", "add", "--help"],
-     ["interpolate", "--help"], ["demo", "--help"]],
+     ["interpolate", "--help"], ["demo", "--help"], ["search", "--help"]],
     ids=" ".join,
 )
 def test_cli_answers_without_torch(args):
@@ -174,6 +174,7 @@ PUBLIC = {
     "least_critical_module", "load_recipe", "load_wemoe", "merge_checkpoints", "merge_into_base",
     "module_criticality", "plot_sharpness", "read_adapter", "save_wemoe", "select_parameters",
     "sharpness_along_path", "swapped_in", "upscale_wemoe", "wise_ft_sweep", "write_adapter",
+    "search_merge",
 }
 
 

@@ -1,7 +1,8 @@
 """``robustft merge`` (a streamed merge of checkpoints from a YAML recipe), ``robustft interpolate``
 (θ(α) of two checkpoints), ``robustft average`` (the uniform mean of a run's checkpoints) and
 ``robustft warp`` (WARP's merge + LITI), all recipes of the same engine; and
-``robustft align`` (Git Re-Basin: permute one model's hidden units to match another before merging)."""
+``robustft align`` (Git Re-Basin: permute one model's hidden units to match another before merging) and
+``robustft search`` (a recipe's coefficients chosen by evaluation)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ def register(subparsers) -> None:
     _register_average(subparsers)
     _register_warp(subparsers)
     _register_align(subparsers)
+    _register_search(subparsers)
 
 
 def _register_merge(subparsers) -> None:
@@ -325,3 +327,102 @@ def run_align(args: argparse.Namespace) -> int:
         f"{result.seconds:.1f} s)"
     )
     return 0
+
+
+def _register_search(subparsers) -> None:
+    p = subparsers.add_parser(
+        "search",
+        help="choose a recipe's weights (density, lambda, per layer group) by evaluation; write the best",
+        description="Search a recipe's coefficients: every trial merges in memory from the inputs read once, "
+        "loads the result into the model and scores it on --eval; the study (optuna, SQLite) resumes after "
+        "a kill. Writes best.yaml (mergekit-compatible), trials.csv/.json/.png. See docs/merging.md, "
+        "'Choosing coefficients: robustft search'.",
+    )
+    p.add_argument("recipe", help="YAML recipe (its models: form; the searched values are filled in)")
+    p.add_argument("--eval", required=True, metavar="DATA",
+                   help="JSONL file or datasets folder: a causal LM is scored by its loss on the answer "
+                   "tokens of {prompt, answer} rows ({text}: every token), a sequence classifier by its "
+                   "accuracy on {text, label} rows")
+    p.add_argument("--out", required=True, help="output folder (the study lives there: run again to resume)")
+    p.add_argument("--param", action="append", default=None, metavar="KEY=LOW:HIGH[:log]",
+                   help="a searched parameter of the method and its range (repeatable; default weight=0:1)")
+    p.add_argument("--layer-groups", type=int, default=1, metavar="K",
+                   help="K values per parameter spread over the layers (a gradient list; default 1)")
+    p.add_argument("--sampler", default="auto", help="auto (a grid for <= 2 values, else tpe), tpe, cmaes")
+    p.add_argument("--trials", type=int, default=None, help="finished trials in total (default: the grid)")
+    p.add_argument("--timeout", type=float, default=None, help="seconds for this run")
+    p.add_argument("--grid-points", type=int, default=5, help="values per searched number on a grid")
+    p.add_argument("--seed", type=int, default=0, help="the sampler's seed")
+    p.add_argument("--batch-size", type=int, default=16, help="evaluation batch size")
+    p.add_argument("--max-length", type=int, default=256, help="tokens per evaluation row at most")
+    p.add_argument("--overwrite", action="store_true", help="start afresh: drop a study already in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_search)
+
+
+def parse_search_param(text: str, groups: int = 1):
+    """``KEY=LOW:HIGH`` or ``KEY=LOW:HIGH:log`` -> a SearchParam (the registry checks the key later)."""
+    from robustft.merge.search import SearchParam
+
+    key, sep, rng = text.partition("=")
+    parts = rng.split(":")
+    if not sep or not key or len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] != "log"):
+        raise ValueError(f"--param: expected KEY=LOW:HIGH or KEY=LOW:HIGH:log, got {text!r}")
+    try:
+        low, high = float(parts[0]), float(parts[1])
+    except ValueError:
+        raise ValueError(f"--param {text!r}: LOW and HIGH must be numbers") from None
+    return SearchParam(key.strip(), low, high, log=len(parts) == 3, groups=groups)
+
+
+def run_search(args: argparse.Namespace) -> int:
+    params = [parse_search_param(t, args.layer_groups) for t in (args.param or ["weight=0:1"])]
+    from robustft.merge.io import resolve_model
+    from robustft.merge.recipe import load_recipe
+    from robustft.merge.search import (
+        dataset_objective,
+        read_eval_rows,
+        search_dimensions,
+        search_merge,
+    )
+
+    recipe = load_recipe(args.recipe)
+    search_dimensions(recipe, params)  # bad parameters named before any model is loaded
+    rows = read_eval_rows(args.eval)
+    model, tokenizer, causal = _auto_model(resolve_model(recipe.reference_model))
+    objective, metric, greater = dataset_objective(rows, tokenizer, causal, args.batch_size, args.max_length)
+    result = search_merge(
+        recipe, model, objective, params, args.out, greater_is_better=greater, n_trials=args.trials,
+        timeout=args.timeout, sampler=args.sampler, grid_points=args.grid_points, seed=args.seed,
+        progress=not args.no_progress, overwrite=args.overwrite, metric_name=metric,
+    )
+    best = ", ".join(f"{k}={v:.4g}" for k, v in result.best_params.items())
+    print(f"best {metric} {result.best_value:.6g} ({best}) after {len(result.trials)} trials "
+          f"({result.evaluations} evaluated in this run); wrote {result.out_dir / 'best.yaml'}")
+    return 0
+
+
+def _auto_model(folder):
+    """(model, tokenizer, is causal LM) of a reference checkpoint: its config's causal-LM or sequence-
+    classification architecture, float32, loaded once; other architectures are refused by name."""
+    import json
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    config = os.path.join(folder, "config.json")
+    with open(config) if os.path.isfile(config) else open(os.devnull) as f:
+        text = f.read()
+    arch = (json.loads(text).get("architectures") or [""])[0] if text else ""
+    if arch.endswith("ForCausalLM") or arch.endswith("LMHeadModel"):
+        cls, causal = AutoModelForCausalLM, True
+    elif arch.endswith("ForSequenceClassification"):
+        cls, causal = AutoModelForSequenceClassification, False
+    else:
+        raise ValueError(f"{folder}: architecture {arch or 'unknown'!r}; robustft search scores causal LMs "
+                         "and sequence classifiers (other models: the Python API "
+                         "robustft.merge.search.search_merge with your own objective)")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return cls.from_pretrained(folder, dtype=torch.float32), tokenizer, causal

@@ -60,6 +60,7 @@ __all__ = [
     "layer_position",
     "merge_checkpoints",
     "merge_tensor",
+    "merged_tensors",
     "tensor_seed",
     "tie_missing_heads",
 ]
@@ -252,13 +253,14 @@ class _Inputs:
 
 
 def _open_inputs(
-    recipe: Recipe, local: Mapping[str, Path], layout_from: str | os.PathLike | None, stack: ExitStack
+    recipe: Recipe, local: Mapping[str, Path], layout_from: str | os.PathLike | None, stack: ExitStack,
+    open_reader: Callable[[Path], CheckpointReader] = CheckpointReader,
 ) -> _Inputs:
-    """Open the recipe's checkpoints (closed with ``stack``), build its output vocabulary and check that
-    names and shapes agree, reading headers only."""
+    """Open the recipe's checkpoints (closed with ``stack``; ``open_reader`` opens one), build its output
+    vocabulary and check that names and shapes agree, reading headers only."""
     ref_path = local[recipe.reference_model]
-    ref = stack.enter_context(CheckpointReader(ref_path))
-    readers = [stack.enter_context(CheckpointReader(local[m.path])) for m in recipe.models]
+    ref = stack.enter_context(open_reader(ref_path))
+    readers = [stack.enter_context(open_reader(local[m.path])) for m in recipe.models]
     ref, *readers = tie_missing_heads([ref, *readers])[0]
     who = [f"base_model {recipe.reference_model}" if recipe.base_model else f"models[0] {ref_path}"]
     who += [f"models[{i}] {m.path}" for i, m in enumerate(recipe.models)]
@@ -295,7 +297,7 @@ def _tensor_rules(recipe: Recipe, names: list[str], ref_path: Path) -> tuple[dic
 
 def _fisher_readers(
     resolved: Mapping, names: list[str], choice: Mapping[str, int | None], ref: CheckpointReader,
-    stack: ExitStack,
+    stack: ExitStack, open_reader: Callable[[Path], CheckpointReader] = CheckpointReader,
 ) -> dict[str, CheckpointReader]:
     """The Fisher files of the rules merged with ``fisher``, opened (closed with ``stack``) and checked to
     hold every floating tensor those rules merge, with its shape."""
@@ -306,7 +308,7 @@ def _fisher_readers(
         for k, p in enumerate(mparams):
             path = p["fisher"]
             if path not in readers:
-                readers[path] = stack.enter_context(CheckpointReader(path))
+                readers[path] = stack.enter_context(open_reader(Path(path)))
             fr = readers[path]
             for name in names:
                 if choice[name] != i or not ref.infos[name].dtype.is_floating_point:
@@ -382,6 +384,60 @@ def _tensor_costs(
     return costs
 
 
+@dataclass
+class _Prepared:
+    """A recipe without slices ready to merge: its opened inputs, the output's tensor names, each tensor's
+    rule and resolved parameters, and the statistics files."""
+
+    inputs: _Inputs
+    names: list[str]
+    choice: dict[str, int | None]
+    params_of: dict[str, tuple[str, dict, list[dict]]]
+    fisher_readers: dict[str, CheckpointReader]
+    gram_files: dict[str, GramFile]
+    grams_of: dict[int | None, list[GramFile]]
+
+
+def _prepare(
+    recipe: Recipe, local: Mapping[str, Path], layout_from: str | os.PathLike | None, stack: ExitStack,
+    open_reader: Callable[[Path], CheckpointReader],
+) -> _Prepared:
+    """Open and check everything a merge of ``recipe`` (no slices) reads, before any tensor is merged."""
+    inputs = _open_inputs(recipe, local, layout_from, stack, open_reader)
+    names = inputs.layout.names
+    choice, resolved = _tensor_rules(recipe, names, inputs.ref_path)
+    params_of = _tensor_parameters(recipe, inputs.ref, names, choice, resolved)
+    fisher_readers = _fisher_readers(resolved, names, choice, inputs.ref, stack, open_reader)
+    gram_files: dict[str, GramFile] = {}
+    grams_of = {
+        i: _gram_files(i, mparams, gram_files, names, choice, inputs.ref)
+        for i, (method, _, mparams) in resolved.items()
+        if method == "regmean"
+    }
+    return _Prepared(inputs, names, choice, params_of, fisher_readers, gram_files, grams_of)
+
+
+def merged_tensors(
+    recipe: Recipe, open_reader: Callable[[Path], CheckpointReader] = CheckpointReader
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, merged tensor) for every tensor of ``recipe`` (no slices), in the reference model's order,
+    computed as :func:`merge_checkpoints` computes them but not cast to the output dtype nor written.
+
+    ``open_reader(folder)`` opens one input (default: a streamed :class:`CheckpointReader`; ``robustft
+    search`` gives checkpoints read into memory once, :class:`robustft.merge.io.LoadedCheckpoint`). Every
+    check runs before the first tensor is yielded.
+    """
+    if recipe.slices:
+        raise ValueError("merged_tensors: slices are not supported (merge_checkpoints writes them)")
+    local = _local_paths(recipe)
+    with ExitStack() as stack:
+        p = _prepare(recipe, local, None, stack, open_reader)
+        for name in p.names:
+            yield name, _merge_one(
+                name, recipe, p.inputs, p.params_of, p.fisher_readers, p.grams_of, p.choice
+            )
+
+
 def merge_checkpoints(
     recipe: Recipe | str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -420,18 +476,10 @@ def merge_checkpoints(
     shard_size = max_shard_size or recipe.max_shard_size or "5GB"
 
     with ExitStack() as stack:
-        inputs = _open_inputs(recipe, local, layout_from, stack)
-        ref_path, ref, layout, vocab = inputs.ref_path, inputs.ref, inputs.layout, inputs.vocab
-        names = layout.names
-        choice, resolved = _tensor_rules(recipe, names, ref_path)
-        params_of = _tensor_parameters(recipe, ref, names, choice, resolved)
-        fisher_readers = _fisher_readers(resolved, names, choice, ref, stack)
-        gram_files: dict[str, GramFile] = {}
-        grams_of = {
-            i: _gram_files(i, mparams, gram_files, names, choice, ref)
-            for i, (method, _, mparams) in resolved.items()
-            if method == "regmean"
-        }
+        p = _prepare(recipe, local, layout_from, stack, CheckpointReader)
+        inputs, names, choice, params_of = p.inputs, p.names, p.choice, p.params_of
+        fisher_readers, gram_files, grams_of = p.fisher_readers, p.gram_files, p.grams_of
+        ref_path, layout, vocab = inputs.ref_path, inputs.layout, inputs.vocab
         src_tok = ref_path if recipe.tokenizer_source == "base" else local.get(tok, tok)
         if src_tok is not None and not Path(src_tok).is_dir():
             raise FileNotFoundError(f"tokenizer_source {src_tok} is not a folder")

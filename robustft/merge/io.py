@@ -31,10 +31,12 @@ __all__ = [
     "GramFile",
     "CheckpointReader",
     "LayoutDifference",
+    "LoadedCheckpoint",
     "ShardedWriter",
     "TensorInfo",
     "copy_side_files",
     "layout_difference",
+    "load_checkpoints",
     "parse_size",
     "read_safetensors_header",
     "resolve_model",
@@ -319,6 +321,42 @@ class CheckpointReader:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class LoadedCheckpoint(CheckpointReader):
+    """A :class:`CheckpointReader` whose tensors are read from disk once, at construction, and kept in
+    memory as stored (memory: the checkpoint's size). ``get`` and ``get_rows`` hand out copies the caller
+    owns (the merge methods may modify their inputs in place), so a checkpoint can be merged many times
+    without a disk read: ``robustft search`` merges every trial from these."""
+
+    def __init__(self, path: str | os.PathLike):
+        super().__init__(path)
+        read = CheckpointReader.get
+        self.tensors: dict[str, torch.Tensor] = {name: read(self, name) for name in self.infos}
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.tensors:
+            raise KeyError(f"{self.path}: no tensor {name!r}")
+        return self.tensors[name].clone()
+
+    def get_rows(self, name: str, rows: Sequence[int]) -> torch.Tensor:
+        if name not in self.tensors:
+            raise KeyError(f"{self.path}: no tensor {name!r}")
+        tensor = self.tensors[name]
+        bad = [r for r in rows if not 0 <= r < tensor.shape[0]]
+        if bad:
+            raise IndexError(f"{self.path}: tensor {name!r} has no row {bad[0]}")
+        return tensor[list(rows)].clone()
+
+    def memory_bytes(self) -> int:
+        """Bytes held in memory (the stored tensors)."""
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+def load_checkpoints(paths: Sequence[str | os.PathLike]) -> dict[Path, LoadedCheckpoint]:
+    """Each distinct checkpoint of ``paths`` (folders or .safetensors files) read into memory once: the
+    "load a set of checkpoints once, merge them many times" helper (search trials, soups)."""
+    return {Path(p): LoadedCheckpoint(p) for p in dict.fromkeys(Path(p) for p in paths)}
 
 
 @dataclass(frozen=True)
