@@ -60,7 +60,7 @@ def is_adapter_folder(path: str | os.PathLike) -> bool:
     return os.path.isfile(os.path.join(path, "adapter_config.json"))
 
 
-# -- on disk: the uniform soup through the merge engine -------------------------------------------------------
+# -- on disk: the uniform soup through the merge engine --------------------------------------------
 @dataclass
 class WrittenSoup:
     """What :func:`write_uniform_soup` wrote: the folder, its inputs and what they were."""
@@ -94,8 +94,10 @@ def write_uniform_soup(
     t0 = time.perf_counter()
     if any(adapters):
         if not all(adapters):
-            raise ValueError("give only PEFT adapter folders or only model checkpoints, not both: adapters "
-                             + ", ".join(p for p, a in zip(paths, adapters) if a))
+            raise ValueError(
+                "give only PEFT adapter folders or only model checkpoints, not both: adapters "
+                + ", ".join(p for p, a in zip(paths, adapters) if a)
+            )
         from robustft.lora.compose import compose_adapters
         from robustft.lora.io import read_adapter, write_adapter
 
@@ -105,16 +107,19 @@ def write_uniform_soup(
     from robustft.merge.engine import merge_checkpoints
     from robustft.merge.recipe import parse_recipe
 
-    recipe = parse_recipe({
-        "merge_method": "linear",
-        "models": [{"model": p, "parameters": {"weight": 1.0}} for p in paths],
-        "parameters": {"normalize": True},
-    }, source="average")
+    recipe = parse_recipe(
+        {
+            "merge_method": "linear",
+            "models": [{"model": p, "parameters": {"weight": 1.0}} for p in paths],
+            "parameters": {"normalize": True},
+        },
+        source="average",
+    )
     result = merge_checkpoints(recipe, out, overwrite=overwrite, progress=progress)
     return WrittenSoup(result.out_dir, paths, False, result.tensors, len(result.files), result.seconds)
 
 
-# -- in memory: the candidates' tensors, loaded once ----------------------------------------------------------
+# -- in memory: the candidates' tensors, loaded once -----------------------------------------------
 def _candidate_name(candidate: Any, i: int) -> str:
     if isinstance(candidate, (str, os.PathLike)):
         return os.path.basename(os.path.normpath(os.fspath(candidate))) or os.fspath(candidate)
@@ -147,11 +152,15 @@ class SoupIngredients:
         candidates = list(candidates)
         if not candidates:
             raise ValueError("soup: no candidates given")
-        self.names = list(names) if names is not None else [_candidate_name(c, i) for i, c in enumerate(candidates)]
+        self.names = (
+            list(names) if names is not None else [_candidate_name(c, i) for i, c in enumerate(candidates)]
+        )
         if len(self.names) != len(candidates) or len(set(self.names)) != len(self.names):
             raise ValueError(f"soup: names must be {len(candidates)} distinct strings, got {self.names}")
-        kinds = [is_adapter_folder(c) if isinstance(c, (str, os.PathLike)) else hasattr(c, "deltas")
-                 for c in candidates]
+        kinds = [
+            is_adapter_folder(c) if isinstance(c, (str, os.PathLike)) else hasattr(c, "deltas")
+            for c in candidates
+        ]
         if any(kinds) and not all(kinds):
             raise ValueError("soup: give only PEFT adapters or only model checkpoints, not both")
         self.adapters = all(kinds)
@@ -169,20 +178,26 @@ class SoupIngredients:
             floating = [k for k, t in d.items() if t.is_floating_point()]
             if set(floating) != set(keys):
                 diff = sorted(set(floating) ^ set(keys))
-                raise ValueError(f"soup: candidate {name!r} holds other tensors than {self.names[0]!r} "
-                                 f"(first difference {diff[0]!r})")
+                raise ValueError(
+                    f"soup: candidate {name!r} holds other tensors than {self.names[0]!r} "
+                    f"(first difference {diff[0]!r})"
+                )
         for k in keys:
             if k not in state:
                 raise ValueError(f"soup: tensor {k!r} of the candidates is not in the model")
             for name, d in zip(self.names, dicts):
                 if tuple(d[k].shape) != tuple(state[k].shape):
-                    raise ValueError(f"soup: tensor {k!r} has shape {tuple(d[k].shape)} in candidate {name!r} "
-                                     f"but {tuple(state[k].shape)} in the model")
+                    raise ValueError(
+                        f"soup: tensor {k!r} has shape {tuple(d[k].shape)} in candidate {name!r} "
+                        f"but {tuple(state[k].shape)} in the model"
+                    )
         covered = {state[k].data_ptr() for k in keys}
         for k, t in state.items():
             if t.is_floating_point() and k not in keys and t.data_ptr() not in covered:
-                raise ValueError(f"soup: tensor {k!r} of the model is in none of the candidates "
-                                 f"({self.names[0]!r} lacks it); soup checkpoints of this model")
+                raise ValueError(
+                    f"soup: tensor {k!r} of the model is in none of the candidates "
+                    f"({self.names[0]!r} lacks it); soup checkpoints of this model"
+                )
         self.keys = keys
         self.live = [state[k] for k in keys]
         self.tensors = [[d[k] for k in keys] for d in dicts]
@@ -192,28 +207,36 @@ class SoupIngredients:
         from robustft.lora.io import read_adapter
 
         if hasattr(model, "peft_config"):
-            raise ValueError("soup: adapters are souped into their base model; give the base model, not a "
-                             "PeftModel (its LoRA layers would add their own delta on top)")
+            raise ValueError(
+                "soup: adapters are souped into their base model; give the base model, not a "
+                "PeftModel (its LoRA layers would add their own delta on top)"
+            )
         adapters = [read_adapter(c) if isinstance(c, (str, os.PathLike)) else c for c in candidates]
         check_compatible(adapters)
         for name, a in zip(self.names, adapters):
             if a.extras:
-                raise ValueError(f"soup: adapter {name!r} saves non-LoRA tensors ({sorted(a.extras)[0]!r}, "
-                                 "modules_to_save); their in-memory soup is not supported: write the uniform "
-                                 "soup with write_uniform_soup")
+                raise ValueError(
+                    f"soup: adapter {name!r} saves non-LoRA tensors ({sorted(a.extras)[0]!r}, "
+                    "modules_to_save); their in-memory soup is not supported: write the uniform "
+                    "soup with write_uniform_soup"
+                )
         modules = dict(model.named_modules())
         targets: list[tuple[str, str, bool]] = []  # (module, "weight"|"bias", transposed)
         for module in sorted({m for a in adapters for m in a.deltas}):
             layer = modules.get(module)
             if getattr(layer, "weight", None) is None:
-                raise ValueError(f"soup: module {module!r} of the adapters is not a weighted module of the model")
+                raise ValueError(
+                    f"soup: module {module!r} of the adapters is not a weighted module of the model"
+                )
             flip = any(a.kinds.get(module) == "embedding" for a in adapters) or bool(
-                adapters[0].config.get("fan_in_fan_out"))
+                adapters[0].config.get("fan_in_fan_out")
+            )
             targets.append((module, "weight", flip))
             if any(module in a.deltas and a.deltas[module].bias is not None for a in adapters):
                 if getattr(layer, "bias", None) is None:
-                    raise ValueError(f"soup: module {module!r}: the adapters have a LoRA bias but the layer "
-                                     "has none")
+                    raise ValueError(
+                        f"soup: module {module!r}: the adapters have a LoRA bias but the layer has none"
+                    )
                 targets.append((module, "bias", False))
         self.keys = [f"{m}.{part}" for m, part, _ in targets]
         self.live = [getattr(modules[m], part).data for m, part, _ in targets]
@@ -229,8 +252,10 @@ class SoupIngredients:
                 dense = d.dense() if part == "weight" else d.dense_bias()
                 dense = dense.T if flip and part == "weight" else dense
                 if tuple(dense.shape) != tuple(live.shape):
-                    raise ValueError(f"soup: module {module!r}: adapter {name!r} has ΔW of shape "
-                                     f"{tuple(dense.shape)} for a {tuple(live.shape)} {part}")
+                    raise ValueError(
+                        f"soup: module {module!r}: adapter {name!r} has ΔW of shape "
+                        f"{tuple(dense.shape)} for a {tuple(live.shape)} {part}"
+                    )
                 own.append(dense.to(live.dtype))
             self.tensors.append(own)
 
@@ -252,9 +277,10 @@ class SoupIngredients:
         torch._foreach_copy_(self.live, list(saved))
 
 
-# -- scores ---------------------------------------------------------------------------------------------------
-def trainer_scorer(trainer, eval_datasets: Mapping[str, Any], metric: str = "accuracy",
-                   key_prefix: str = "soup") -> Scorer:
+# -- scores ----------------------------------------------------------------------------------------
+def trainer_scorer(
+    trainer, eval_datasets: Mapping[str, Any], metric: str = "accuracy", key_prefix: str = "soup"
+) -> Scorer:
     """A :data:`Scorer` through ``trainer.evaluate`` on every eval set (its ``compute_metrics``, collator and
     distributed evaluation as they are); the model scored must be ``trainer.model``."""
     if not eval_datasets:
@@ -266,8 +292,9 @@ def trainer_scorer(trainer, eval_datasets: Mapping[str, Any], metric: str = "acc
         out = {}
         for name, ds in eval_datasets.items():
             prefix = f"{key_prefix}_{name}"
-            out[name] = metric_value(trainer.evaluate(eval_dataset=ds, metric_key_prefix=prefix), prefix,
-                                     metric, name)
+            out[name] = metric_value(
+                trainer.evaluate(eval_dataset=ds, metric_key_prefix=prefix), prefix, metric, name
+            )
         return out
 
     return score
@@ -277,21 +304,25 @@ def _scores(value: Any, id_dataset: str) -> dict[str, float]:
     """A scorer's answer as set -> float; one number is the ID score."""
     if isinstance(value, Mapping):
         if id_dataset not in value:
-            raise ValueError(f"soup: the scores {sorted(value)} have no in-distribution score {id_dataset!r} "
-                             "(id_dataset)")
+            raise ValueError(
+                f"soup: the scores {sorted(value)} have no in-distribution score {id_dataset!r} (id_dataset)"
+            )
         items = dict(value)
     else:
         items = {id_dataset: value}
     out = {}
     for k, v in items.items():
-        if isinstance(v, bool) or not isinstance(v, (int, float)) and not (
-                isinstance(v, torch.Tensor) and v.numel() == 1):
+        if (
+            isinstance(v, bool)
+            or not isinstance(v, (int, float))
+            and not (isinstance(v, torch.Tensor) and v.numel() == 1)
+        ):
             raise ValueError(f"soup: score {k!r} must be a number, got {v!r}")
         out[str(k)] = float(v)
     return out
 
 
-# -- the result -----------------------------------------------------------------------------------------------
+# -- the result ------------------------------------------------------------------------------------
 @dataclass
 class SoupResult:
     """Scores of every candidate and of the soups tried, and which candidates the soup kept."""
@@ -318,8 +349,11 @@ class SoupResult:
     @property
     def order(self) -> list[str]:
         """The candidates by decreasing ID score (the greedy order; ties keep the given order)."""
-        return rank_candidates(self.candidates, [self.individual.get(c, {}).get(self.id_dataset, math.nan)
-                                                 for c in self.candidates], self.greater_is_better)
+        return rank_candidates(
+            self.candidates,
+            [self.individual.get(c, {}).get(self.id_dataset, math.nan) for c in self.candidates],
+            self.greater_is_better,
+        )
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -329,15 +363,24 @@ class SoupResult:
 
     def _rows(self) -> list[tuple[str, str, dict[str, float], str]]:
         """(kind, name, scores, note) rows: each candidate, each greedy step, the uniform and final soups."""
-        rows = [("model", c, self.individual[c], "kept" if c in self.kept else "")
-                for c in self.order if c in self.individual]
+        rows = [
+            ("model", c, self.individual[c], "kept" if c in self.kept else "")
+            for c in self.order
+            if c in self.individual
+        ]
         for s in self.steps[1:]:
             rows.append(("greedy", "+" + s["tried"], s["scores"], "kept" if s["kept"] else "dropped"))
         if self.uniform:
             rows.append(("uniform", f"all {len(self.candidates)}", self.uniform, ""))
         if self.soup:
-            rows.append((self.method, f"{len(self.kept)} kept", self.soup,
-                         f"<- chosen on {self.id_dataset}" if self.method == "greedy" else ""))
+            rows.append(
+                (
+                    self.method,
+                    f"{len(self.kept)} kept",
+                    self.soup,
+                    f"<- chosen on {self.id_dataset}" if self.method == "greedy" else "",
+                )
+            )
         return rows
 
     def to_csv(self) -> str:
@@ -380,16 +423,31 @@ class SoupResult:
             color = f"C{j}"
             pts = [(s[self.id_dataset], s.get(d, math.nan)) for s in self.individual.values()]
             ax.plot(*zip(*pts), "o", ms=6, color=color, label=f"{d}: single models") if pts else None
-            for scores, label, mk in ((self.uniform, "uniform soup", "s"), (self.soup, f"{self.method} soup", "*")):
+            for scores, label, mk in (
+                (self.uniform, "uniform soup", "s"),
+                (self.soup, f"{self.method} soup", "*"),
+            ):
                 if scores:
-                    ax.plot(scores[self.id_dataset], scores.get(d, math.nan), mk, ms=12 if mk == "*" else 9,
-                            color="crimson" if mk == "*" else "black")
-                    ax.annotate(label, (scores[self.id_dataset], scores.get(d, math.nan)),
-                                textcoords="offset points", xytext=(6, 6))
+                    ax.plot(
+                        scores[self.id_dataset],
+                        scores.get(d, math.nan),
+                        mk,
+                        ms=12 if mk == "*" else 9,
+                        color="crimson" if mk == "*" else "black",
+                    )
+                    ax.annotate(
+                        label,
+                        (scores[self.id_dataset], scores.get(d, math.nan)),
+                        textcoords="offset points",
+                        xytext=(6, 6),
+                    )
         ax.margins(x=0.15, y=0.1)
         ax.set_xlabel(f"{self.id_dataset} {self.metric} (in-distribution)")
-        ax.set_ylabel(f"{self.metric} on the other eval sets" if shifted != [self.id_dataset]
-                      else f"{self.id_dataset} {self.metric}")
+        ax.set_ylabel(
+            f"{self.metric} on the other eval sets"
+            if shifted != [self.id_dataset]
+            else f"{self.id_dataset} {self.metric}"
+        )
         ax.set_title("Model soups: single models, uniform and greedy soup")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="best")
@@ -400,14 +458,16 @@ class SoupResult:
         return path
 
 
-def rank_candidates(names: Sequence[str], scores: Sequence[float], greater_is_better: bool = True) -> list[str]:
-    """``names`` by decreasing ID score (increasing when not ``greater_is_better``); non-finite last; stable."""
+def rank_candidates(
+    names: Sequence[str], scores: Sequence[float], greater_is_better: bool = True
+) -> list[str]:
+    """``names`` by decreasing ID score (increasing if not ``greater_is_better``); non-finite last; stable."""
     sign = 1.0 if greater_is_better else -1.0
     key = {n: (0, -sign * s) if math.isfinite(s) else (1, 0.0) for n, s in zip(names, scores)}
     return sorted(names, key=lambda n: key[n])
 
 
-# -- the soups ------------------------------------------------------------------------------------------------
+# -- the soups -------------------------------------------------------------------------------------
 def soup_model(
     model: nn.Module,
     candidates: Sequence[Any] | SoupIngredients,
@@ -420,7 +480,7 @@ def soup_model(
     evaluate_uniform: bool = True,
     progress: bool = True,
 ) -> SoupResult:
-    """The uniform or greedy soup of ``candidates``, left in ``model``; returns the scores as a :class:`SoupResult`.
+    """The uniform or greedy soup of ``candidates``, left in ``model``; its scores as a :class:`SoupResult`.
 
     Greedy (Wortsman et al. 2022, Alg. 1): every candidate is scored alone; in decreasing order of ID score
     each is added to the kept set when the uniform average of the kept set plus it scores at least the
@@ -435,8 +495,9 @@ def soup_model(
         raise ValueError("soup method 'greedy' chooses by score: give score= (a callable or trainer_scorer)")
     if not isinstance(id_dataset, str) or not id_dataset:
         raise ValueError(f"id_dataset must name the in-distribution set, got {id_dataset!r}")
-    ingredients = candidates if isinstance(candidates, SoupIngredients) else SoupIngredients(model, candidates,
-                                                                                            names)
+    ingredients = (
+        candidates if isinstance(candidates, SoupIngredients) else SoupIngredients(model, candidates, names)
+    )
     k = len(ingredients.names)
     result = SoupResult(method, list(ingredients.names), [], id_dataset, metric, greater_is_better)
     t0 = time.perf_counter()
@@ -476,8 +537,12 @@ def soup_model(
     return result
 
 
-def _greedy(ingredients: SoupIngredients, evaluate: Callable[[list[int]], dict[str, float]],
-            result: SoupResult, evaluate_uniform: bool = True) -> list[int]:
+def _greedy(
+    ingredients: SoupIngredients,
+    evaluate: Callable[[list[int]], dict[str, float]],
+    result: SoupResult,
+    evaluate_uniform: bool = True,
+) -> list[int]:
     """Alg. 1 of Wortsman et al.: the kept indices; fills the result's individual scores and steps."""
     names, idd = ingredients.names, result.id_dataset
     k = len(names)
@@ -491,13 +556,15 @@ def _greedy(ingredients: SoupIngredients, evaluate: Callable[[list[int]], dict[s
     order = [names.index(n) for n in rank_candidates(names, ids, result.greater_is_better)]
     sign = 1.0 if result.greater_is_better else -1.0
     kept, best = [order[0]], result.individual[names[order[0]]]
-    result.steps.append({"tried": names[order[0]], "ingredients": [names[order[0]]], "scores": best,
-                         "kept": True})
+    result.steps.append(
+        {"tried": names[order[0]], "ingredients": [names[order[0]]], "scores": best, "kept": True}
+    )
     for i in order[1:]:
         got = evaluate([*kept, i])
         keep = sign * got[idd] >= sign * best[idd]  # NaN never passes
-        result.steps.append({"tried": names[i], "ingredients": [names[j] for j in (*kept, i)], "scores": got,
-                             "kept": keep})
+        result.steps.append(
+            {"tried": names[i], "ingredients": [names[j] for j in (*kept, i)], "scores": got, "kept": keep}
+        )
         if keep:
             kept, best = [*kept, i], got
     result.soup = best
