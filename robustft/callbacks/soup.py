@@ -166,7 +166,7 @@ class SoupCallback(RobustCallback):
         return names, found
 
     def end_of_training(self, args, state, control, model=None, **kwargs):
-        """Soup the candidates into the model: kept there (copy), or saved and the trained weights put back."""
+        """Soup the candidates into the model: kept there (copy), or saved and the trained weights back."""
         names, sources = self.candidates(state)
         live = {k: v.detach().clone() for k, v in model.state_dict().items()}
         tensors = [live if s == FINAL else s for s in sources]

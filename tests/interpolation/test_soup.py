@@ -48,7 +48,7 @@ def _hand_greedy(states, score_of, greater=True):
 
 
 def _target_score(target):
-    """An ID score of weights, minus the distance to ``target``: some candidates help the soup, some do not."""
+    """An ID score of weights, minus the distance to ``target``: some candidates help, some do not."""
 
     def score(state):
         return -sum(float((state[n] - target[n]).pow(2).sum()) for n in target)
