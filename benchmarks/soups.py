@@ -49,7 +49,7 @@ class Recipe:
 
 
 #: the hyperparameter sweep (the first K are used)
-SWEEP = (Recipe(0, 5e-5, 1), Recipe(1, 3e-5, 2), Recipe(2, 1e-4, 1), Recipe(3, 5e-5, 1), Recipe(4, 2e-5, 2))
+SWEEP = (Recipe(0, 5e-5, 1), Recipe(1, 1e-4, 1), Recipe(2, 3e-5, 2), Recipe(3, 5e-5, 2), Recipe(4, 2e-5, 2))
 
 
 def fine_tune(task, recipe: Recipe, out: Path) -> tuple[dict, float]:
@@ -72,12 +72,13 @@ def fine_tune(task, recipe: Recipe, out: Path) -> tuple[dict, float]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}, time.perf_counter() - t0
 
 
-def measure(task_name: str, k: int, seed: int, out: Path, n_eval: int, alphas: list[float]) -> str:
+def measure(task_name: str, k: int, seed: int, out: Path, n_eval: int, alphas: list[float],
+            n_train: int = 400) -> str:
     """The section of one task: the table of the four rows and how it was made."""
     from robustft.interpolation.soup import SoupIngredients, soup_model, trainer_scorer
     from robustft.interpolation.wise_ft import WiseFTWeights, wise_ft_sweep
 
-    task = demo_task(seed, task=task_name, n_eval=n_eval)
+    task = demo_task(seed, task=task_name, n_train=n_train, n_eval=n_eval)
     recipes = SWEEP[:k]
     trained, train_seconds = [], []
     for i, recipe in enumerate(recipes):
@@ -129,7 +130,8 @@ def measure(task_name: str, k: int, seed: int, out: Path, n_eval: int, alphas: l
     ]
     singles = "; ".join(f"{n}: {greedy.individual[n]['id']:.3f}" for n in greedy.order)
     command = (
-        f"nice -n 5 python benchmarks/soups.py --task {task_name} --k {k} --seed {seed} --n-eval {n_eval} "
+        f"nice -n 5 python benchmarks/soups.py --task {task_name} --k {k} --seed {seed} --n-train {n_train} "
+        f"--n-eval {n_eval} "
         f"--alphas {' '.join(f'{a:g}' for a in alphas)}"
     )
     description = task.description.replace(", 2 epochs of batch 32 at lr 5e-5", ", batch 32")
@@ -159,6 +161,7 @@ def main(argv=None) -> int:
     p.add_argument("--task", action="append", choices=list(MARKERS), help="task(s) (default: both)")
     p.add_argument("--k", type=int, default=4, help=f"fine-tuned models (at most {len(SWEEP)})")
     p.add_argument("--seed", type=int, default=0, help="the data seed of the task")
+    p.add_argument("--n-train", type=int, default=400, help="training examples")
     p.add_argument("--n-eval", type=int, default=300, help="examples per eval set")
     p.add_argument(
         "--alphas", type=float, nargs="+", default=[0.0, 0.2, 0.4, 0.6, 0.8, 1.0], help="the WiSE-FT grid"
@@ -173,7 +176,8 @@ def main(argv=None) -> int:
 
     hf_logging.set_verbosity_error()
     for task_name in args.task or list(MARKERS):
-        text = measure(task_name, args.k, args.seed, Path(args.out) / task_name, args.n_eval, args.alphas)
+        text = measure(task_name, args.k, args.seed, Path(args.out) / task_name, args.n_eval, args.alphas,
+                       args.n_train)
         print(text, flush=True)
         if not args.no_write:
             for doc in DOCS:
