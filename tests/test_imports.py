@@ -166,6 +166,7 @@ PUBLIC = {
     "LoRADelta",
     "MomentumInterpolationCallback", "MomentumSAMCallback", "RandomPerturbationCallback", "SAMCallback",
     "SWACallback", "SentenceClassifier", "SharpnessReport", "ShrinkPerturbCallback", "Snapshot",
+    "SoupCallback", "SoupResult", "soup_model", "trainer_scorer", "write_uniform_soup",
     "SpectralRegCallback", "SparseUpdateCallback", "WiseFTCallback", "WiseFTCurve", "__version__",
     "compose_adapters", "dawin_evaluate", "estimate_fisher", "evaluate_at_alphas", "fit_wemoe",
     "install_zero_shot_head", "interpolate", "interpolate_models", "interpolate_state_dicts",
