@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from robustft.core import distributed
-from robustft.core.checkpoint import atomic_output_file, check_output_dir, save_report
+from robustft.core.checkpoint import check_output_dir, pyplot, save_figure, save_report
 from robustft.interpolation.wise_ft import metric_value
 from robustft.ops.averaging import mean_of
 
@@ -409,14 +409,9 @@ class SoupResult:
 
     def plot(self, path: str | os.PathLike) -> Path | None:
         """ID score on x, each other set's on y: every candidate, the uniform soup and the final soup."""
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
+        plt = pyplot()
+        if plt is None:
             return None
-        path = Path(path)
         shifted = [d for d in self.datasets if d != self.id_dataset] or [self.id_dataset]
         fig, ax = plt.subplots(figsize=(5.5, 4.5))
         for j, d in enumerate(shifted):
@@ -452,10 +447,7 @@ class SoupResult:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="best")
         fig.tight_layout()
-        with atomic_output_file(path) as tmp:
-            fig.savefig(tmp, dpi=110)
-        plt.close(fig)
-        return path
+        return save_figure(fig, path)
 
 
 def rank_candidates(
