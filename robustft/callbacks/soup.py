@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from robustft.callbacks.base import END_COPY_AVERAGE, END_SAVE_AVERAGE, RobustCallback
-from robustft.checks import check_bool, check_number
+from robustft.checks import check_bool, check_id_dataset, check_number
 from robustft.core import distributed
 from robustft.core.checkpoint import atomic_output_dir
 from robustft.interpolation.soup import SOUP_METHODS, SoupResult, soup_model, trainer_scorer
@@ -90,14 +90,7 @@ class SoupCallback(RobustCallback):
         self.eval_datasets = dict(eval_datasets or {})
         if method == "greedy" and not self.eval_datasets:
             raise ValueError("method='greedy' chooses by score: give eval_datasets (and id_dataset)")
-        if self.eval_datasets:
-            if id_dataset is None and len(self.eval_datasets) == 1:
-                id_dataset = next(iter(self.eval_datasets))
-            if id_dataset not in self.eval_datasets:
-                raise ValueError(
-                    f"id_dataset: {id_dataset!r} must name the in-distribution set among "
-                    f"eval_datasets {sorted(self.eval_datasets)}"
-                )
+        id_dataset = check_id_dataset(self.eval_datasets, id_dataset)
         if not copy_to_model_at_end and save_dir is None:
             raise ValueError(
                 "SoupCallback: with copy_to_model_at_end=False give save_dir, else the soup goes nowhere"

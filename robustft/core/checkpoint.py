@@ -193,7 +193,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def pyplot():
-    """matplotlib's ``pyplot`` on the file-only Agg backend, or None without matplotlib; plots are optional."""
+    """matplotlib's ``pyplot`` on the Agg (file-only) backend; None without matplotlib (no plot)."""
     try:
         import matplotlib
 
