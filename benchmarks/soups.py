@@ -141,7 +141,7 @@ def measure(task_name: str, k: int, seed: int, out: Path, n_eval: int, alphas: l
             f"({', '.join(names)}: seed, learning rate, epochs; fine-tuning took {min(train_seconds):.0f}-"
             f"{max(train_seconds):.0f} s each). Machine: 2 CPU cores shared with about 8 other sessions "
             "(load "
-            f"average about 15 during the run). Accuracy on {n_eval} examples per set (one example is "
+            f"average 15 to 30 during the run). Accuracy on {n_eval} examples per set (one example is "
             f"{1 / n_eval:.4f}; differences below about {1 / n_eval**0.5:.2f} (two binomial standard errors "
             "at "
             f"50%) are within the noise); one run per task (n=1).",
