@@ -108,7 +108,7 @@ def test_maths_and_io_modules_do_not_import_the_trainer_stack():
 @pytest.mark.parametrize(
     "args",
     [["--version"], ["--help"], ["merge", "--help"], ["lora", "--help"], ["lora", "add", "--help"],
-     ["interpolate", "--help"], ["demo", "--help"]],
+     ["interpolate", "--help"], ["demo", "--help"], ["soup", "--help"]],
     ids=" ".join,
 )
 def test_cli_answers_without_torch(args):
