@@ -140,10 +140,11 @@ class SoupIngredients:
     ``model``'s architecture; or PEFT adapter folders / :class:`robustft.lora.io.LoRAAdapter` objects with
     ``model`` their *base* model (not a ``PeftModel``): the adapter soup (1/|S|)·Σ ΔW_k is then written as
     W_base + (1/|S|)·Σ ΔW_k into the base weights, which computes exactly what the concatenated-rank adapter
-    of :func:`write_uniform_soup` computes. Floating tensors are averaged; integer tensors (position ids)
-    must agree and are left alone. A tensor of the model that no candidate holds is refused unless it shares
-    its storage with one that is (tied embeddings). Different names or shapes are a ValueError naming the
-    tensor and the candidate.
+    of :func:`write_uniform_soup` computes. Floating tensors are averaged in the live tensor's dtype and on
+    its device (the candidates are converted once, when read: K copies of the souped tensors are held);
+    integer tensors (position ids) are left as the model has them. A tensor of the model that no candidate
+    holds is refused unless it shares its storage with one that is (tied embeddings). Different names or
+    shapes are a ValueError naming the tensor and the candidate.
     """
 
     def __init__(self, model: nn.Module, candidates: Sequence[Any], names: Sequence[str] | None = None):
@@ -200,7 +201,9 @@ class SoupIngredients:
                 )
         self.keys = keys
         self.live = [state[k] for k in keys]
-        self.tensors = [[d[k] for k in keys] for d in dicts]
+        self.tensors = [
+            [d[k].to(device=t.device, dtype=t.dtype) for k, t in zip(keys, self.live)] for d in dicts
+        ]
 
     def _load_adapters(self, model: nn.Module, candidates: list[Any]) -> None:
         from robustft.lora.compose import check_compatible
@@ -256,7 +259,7 @@ class SoupIngredients:
                         f"soup: module {module!r}: adapter {name!r} has ΔW of shape "
                         f"{tuple(dense.shape)} for a {tuple(live.shape)} {part}"
                     )
-                own.append(dense.to(live.dtype))
+                own.append(dense.to(device=live.device, dtype=live.dtype))
             self.tensors.append(own)
 
     @torch.no_grad()

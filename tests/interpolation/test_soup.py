@@ -261,3 +261,18 @@ def test_bad_input_is_named(tmp_path):
     with pytest.raises(ValueError, match="not both"):
         write_uniform_soup([folders[0], tmp_path / "full"], tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_bfloat16_checkpoints_are_souped_in_the_models_dtype(tmp_path):
+    """Candidates saved in bfloat16 are averaged in the live float32 tensors (the engine's compute dtype)."""
+    states = [
+        {n: t.to(torch.bfloat16) if t.is_floating_point() else t for n, t in s.items()}
+        for s in _candidates(3)
+    ]
+    model = tiny_bert(0)
+    soup_model(model, states, method="uniform", progress=False)
+    want = _mean([{n: t.float() if t.is_floating_point() else t for n, t in s.items()} for s in states])
+    live = model.state_dict()
+    for n in want:
+        assert live[n].dtype == torch.float32
+        torch.testing.assert_close(live[n], want[n], atol=1e-6, rtol=1e-6)
