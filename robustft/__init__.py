@@ -29,6 +29,7 @@ if TYPE_CHECKING:  # the same names, for type checkers and IDEs
     from robustft.demos.zero_shot import SentenceClassifier, install_zero_shot_head
     from robustft.interpolation.dawin import dawin_evaluate
     from robustft.interpolation.learned import LearnedInterpolation
+    from robustft.interpolation.soup import SoupResult, soup_model, trainer_scorer, write_uniform_soup
     from robustft.interpolation.wemoe import fit_wemoe, load_wemoe, save_wemoe, upscale_wemoe
     from robustft.interpolation.wise_ft import (
         AlphaBudget,
@@ -63,6 +64,7 @@ EXPORTS: dict[str, tuple[str, ...]] = {
         "sharpness_along_path",
     ),
     "robustft.interpolation.learned": ("LearnedInterpolation",),
+    "robustft.interpolation.soup": ("SoupResult", "soup_model", "trainer_scorer", "write_uniform_soup"),
     "robustft.lora": (
         "DeltaSet",
         "LoRAAdapter",

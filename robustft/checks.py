@@ -18,7 +18,7 @@ import math
 import numbers
 import re
 import reprlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 __all__ = [
@@ -28,6 +28,7 @@ __all__ = [
     "check_density",
     "check_drop_rate",
     "check_fraction",
+    "check_id_dataset",
     "check_integer",
     "check_non_negative",
     "check_number",
@@ -137,6 +138,20 @@ def check_count(name: str, value: Any) -> int:
     if not isinstance(real, int) or real < 0:
         raise ValueError(f"{name} must be a non-negative integer, got {short_repr(value)}")
     return real
+
+
+def check_id_dataset(eval_datasets: Mapping[str, Any], id_dataset: str | None) -> str | None:
+    """The in-distribution set among ``eval_datasets`` (default: the only one); None without eval sets."""
+    if not eval_datasets:
+        return id_dataset
+    if id_dataset is None and len(eval_datasets) == 1:
+        id_dataset = next(iter(eval_datasets))
+    if id_dataset not in eval_datasets:
+        raise ValueError(
+            f"id_dataset: {id_dataset!r} must name the in-distribution set among eval_datasets "
+            f"{sorted(eval_datasets)}"
+        )
+    return id_dataset
 
 
 def check_integer(name: str, value: Any) -> int:

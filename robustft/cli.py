@@ -18,6 +18,7 @@ SUBCOMMANDS: list[str] = [
     "robustft.demos.cli",
     "robustft.merge.cli",
     "robustft.lora.cli",
+    "robustft.interpolation.cli",
 ]
 
 

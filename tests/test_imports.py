@@ -108,7 +108,7 @@ def test_maths_and_io_modules_do_not_import_the_trainer_stack():
 @pytest.mark.parametrize(
     "args",
     [["--version"], ["--help"], ["merge", "--help"], ["lora", "--help"], ["lora", "add", "--help"],
-     ["interpolate", "--help"], ["demo", "--help"], ["search", "--help"]],
+     ["interpolate", "--help"], ["demo", "--help"], ["search", "--help"], ["soup", "--help"]],
     ids=" ".join,
 )
 def test_cli_answers_without_torch(args):
@@ -167,6 +167,7 @@ PUBLIC = {
     "LoRADelta",
     "MomentumInterpolationCallback", "MomentumSAMCallback", "RandomPerturbationCallback", "SAMCallback",
     "SWACallback", "SentenceClassifier", "SharpnessReport", "ShrinkPerturbCallback", "Snapshot",
+    "SoupCallback", "SoupResult", "soup_model", "trainer_scorer", "write_uniform_soup",
     "SpectralRegCallback", "SparseUpdateCallback", "WiseFTCallback", "WiseFTCurve", "__version__",
     "compose_adapters", "dawin_evaluate", "estimate_fisher", "evaluate_at_alphas", "fit_wemoe",
     "install_zero_shot_head", "interpolate", "interpolate_models", "interpolate_state_dicts",

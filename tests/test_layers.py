@@ -37,6 +37,7 @@ MODULE_LAYERS = {
     "robustft.__main__": "cli",
     "robustft.merge.cli": "cli",
     "robustft.lora.cli": "cli",
+    "robustft.interpolation.cli": "cli",
 }
 #: ... and of every other module inside these packages (one folder, one layer; command modules above)
 PACKAGE_LAYERS = {

@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # the same names, for type checkers and IDEs
     from robustft.callbacks.perturbation import GGPOCallback, MomentumSAMCallback, RandomPerturbationCallback
     from robustft.callbacks.plasticity import ShrinkPerturbCallback
     from robustft.callbacks.sam import SAMCallback
+    from robustft.callbacks.soup import SoupCallback
     from robustft.callbacks.sparse import SparseUpdateCallback, load_mask, save_mask
     from robustft.callbacks.wise_ft import WiseFTCallback
 
@@ -50,6 +51,7 @@ EXPORTS: dict[str, tuple[str, ...]] = {
     ),
     "robustft.callbacks.plasticity": ("ShrinkPerturbCallback",),
     "robustft.callbacks.sam": ("SAMCallback",),
+    "robustft.callbacks.soup": ("SoupCallback",),
     "robustft.callbacks.sparse": ("SparseUpdateCallback", "load_mask", "save_mask"),
     "robustft.callbacks.wise_ft": ("WiseFTCallback",),
 }

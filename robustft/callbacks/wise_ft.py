@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from robustft.callbacks.base import END_INTERPOLATE, RobustCallback
-from robustft.checks import check_bool, check_number, compile_patterns
+from robustft.checks import check_bool, check_id_dataset, check_number, compile_patterns
 from robustft.core import distributed
 from robustft.core.params import SelectionGuard, check_snapshot_spec, is_sharded, select_parameters
 from robustft.interpolation.dawin import DaWinResult, check_dawin_metric, dawin_evaluate
@@ -121,14 +121,7 @@ class WiseFTCallback(RobustCallback):
         self.eval_datasets = dict(eval_datasets or {})
         if self.alpha is None and not self.eval_datasets:
             raise ValueError("WiseFTCallback: give a fixed `alpha` or `eval_datasets` to choose α on")
-        if self.eval_datasets:
-            if id_dataset is None and len(self.eval_datasets) == 1:
-                id_dataset = next(iter(self.eval_datasets))
-            if id_dataset not in self.eval_datasets:
-                raise ValueError(
-                    f"id_dataset: {id_dataset!r} must name the in-distribution set among eval_datasets "
-                    f"{sorted(self.eval_datasets)}"
-                )
+        id_dataset = check_id_dataset(self.eval_datasets, id_dataset)
         if dynamic is not None and dynamic not in DYNAMIC_METHODS:
             raise ValueError(f"dynamic: {dynamic!r} is not None or one of {', '.join(DYNAMIC_METHODS)}")
         if dynamic is not None and not self.eval_datasets:

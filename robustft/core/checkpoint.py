@@ -47,6 +47,8 @@ __all__ = [
     "check_output_dir",
     "current_umask",
     "load_state",
+    "pyplot",
+    "save_figure",
     "save_report",
     "save_state",
     "state_paths",
@@ -188,6 +190,29 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` atomically (``atomic_output_file``)."""
     with atomic_output_file(path) as tmp:
         Path(tmp).write_text(text)
+
+
+def pyplot():
+    """matplotlib's ``pyplot`` on the Agg (file-only) backend; None without matplotlib (no plot)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
+    """Write a matplotlib figure to ``path`` atomically (:func:`atomic_output_file`) and close it."""
+    path = Path(path)
+    with atomic_output_file(path) as tmp:
+        fig.savefig(tmp, dpi=dpi)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
 
 
 def save_report(

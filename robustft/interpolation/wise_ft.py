@@ -57,6 +57,7 @@ __all__ = [
     "evaluate_at_alphas",
     "interpolate_models",
     "interpolate_state_dicts",
+    "metric_value",
     "wise_ft_sweep",
 ]
 
@@ -590,7 +591,8 @@ def evaluate_at_alphas(
     return results
 
 
-def _metric_value(metrics: Mapping[str, float], prefix: str, metric: str, name: str) -> float:
+def metric_value(metrics: Mapping[str, float], prefix: str, metric: str, name: str) -> float:
+    """``metric`` of eval set ``name`` from ``trainer.evaluate``'s results (keys ``<prefix>_<metric>``)."""
     key = _metric_key(prefix, metric)
     if key not in metrics:
         # the Trainer calls compute_metrics (and reports a loss) only when the batches carry labels
@@ -648,7 +650,7 @@ def wise_ft_sweep(
         for name, ds in eval_datasets.items():
             prefix = f"{key_prefix}_a{alpha:g}_{name}"
             metrics = trainer.evaluate(eval_dataset=ds, metric_key_prefix=prefix)
-            results[name].append(_metric_value(metrics, prefix, metric, name))
+            results[name].append(metric_value(metrics, prefix, metric, name))
             if name == id_dataset and f"{prefix}_loss" in metrics:
                 id_loss.append(float(metrics[f"{prefix}_loss"]))
             if budget is not None and name == budget.dataset:

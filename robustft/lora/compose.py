@@ -23,7 +23,7 @@ from robustft.lora.io import CONFIG_NAME, WEIGHTS_NAME, LoRAAdapter, adapter_fil
 from robustft.merge.registry import METHODS, REQUIRED, MergeInputs, tensor_seed
 
 __all__ = ["COMPOSE_METHODS", "DENSE_METHODS", "check_compatible", "check_compose", "compose_adapters",
-           "merge_into_base"]
+           "load_model_class", "merge_into_base"]
 
 
 def check_compatible(adapters: Sequence[LoRAAdapter]) -> str | None:
@@ -246,7 +246,9 @@ def compose_adapters(
 # -- writing -----------------------------------------------------------------------------------------
 
 
-def _model_class(base_dir: Path, model_class: str | None):
+def load_model_class(base_dir: str | os.PathLike, model_class: str | None = None):
+    """The transformers class of a model folder: ``model_class`` by name, else its first architecture."""
+    base_dir = Path(base_dir)
     import transformers
 
     if model_class is None:
@@ -290,7 +292,7 @@ def merge_into_base(
     from robustft.merge.io import CheckpointReader
 
     CheckpointReader(base_dir)  # safetensors weights with sound headers; a pickle is named, never loaded
-    model = _model_class(base_dir, model_class).from_pretrained(str(base_dir), use_safetensors=True)
+    model = load_model_class(base_dir, model_class).from_pretrained(str(base_dir), use_safetensors=True)
     modules = dict(model.named_modules())
     for module, d in adapter.deltas.items():
         target = modules.get(module)

@@ -216,33 +216,15 @@ def _has_weights(folder: str) -> bool:
 
 
 def run_average(args: argparse.Namespace) -> int:
-    from robustft.core.checkpoint import check_output_dir
+    from robustft.interpolation.soup import write_uniform_soup
 
-    paths = average_inputs(args.checkpoints, args.last)
-    check_output_dir(args.out, args.overwrite, paths)
-    adapters = [os.path.isfile(os.path.join(p, "adapter_config.json")) for p in paths]
-    if any(adapters):
-        if not all(adapters):
-            raise ValueError("give only PEFT adapter folders or only model checkpoints, not both: adapters "
-                             + ", ".join(p for p, a in zip(paths, adapters) if a))
-        from robustft.lora.compose import compose_adapters
-        from robustft.lora.io import read_adapter, write_adapter
-
-        composed = compose_adapters([read_adapter(p) for p in paths], [1.0 / len(paths)] * len(paths))
-        out = write_adapter(composed, args.out, args.overwrite, None, paths)
-        print(f"averaged {len(paths)} adapters into {out} ({len(composed.deltas)} modules)")
-        return 0
-    from robustft.merge.engine import merge_checkpoints
-    from robustft.merge.recipe import parse_recipe
-
-    recipe = parse_recipe({
-        "merge_method": "linear",
-        "models": [{"model": p, "parameters": {"weight": 1.0}} for p in paths],
-        "parameters": {"normalize": True},
-    }, source="average")
-    result = merge_checkpoints(recipe, args.out, overwrite=args.overwrite, progress=not args.no_progress)
-    print(f"averaged {len(paths)} checkpoints into {result.out_dir}: {result.tensors} tensors "
-          f"({len(result.files)} file(s), {result.seconds:.1f} s)")
+    soup = write_uniform_soup(average_inputs(args.checkpoints, args.last), args.out, args.overwrite,
+                              progress=not args.no_progress)
+    if soup.adapters:
+        print(f"averaged {len(soup.inputs)} adapters into {soup.out_dir} ({soup.tensors} modules)")
+    else:
+        print(f"averaged {len(soup.inputs)} checkpoints into {soup.out_dir}: {soup.tensors} tensors "
+              f"({soup.files} file(s), {soup.seconds:.1f} s)")
     return 0
 
 

@@ -79,6 +79,7 @@ SETTINGS: list[Setting] = [
     Setting("ShrinkPerturbCallback", lambda m: callbacks.ShrinkPerturbCallback(0.5, 0.01, every_n_steps=2)),
     Setting("SparseUpdateCallback",
             lambda m: callbacks.SparseUpdateCallback(density=0.25, scores="magnitude")),
+    Setting("SoupCallback", lambda m: callbacks.SoupCallback(last=2)),
     Setting("SpectralRegCallback", lambda m: callbacks.SpectralRegCallback(0.5)),
     Setting("SWACallback", lambda m: callbacks.SWACallback(start=1), skip={ORDER: _COPIED_IN}),
     Setting("WiseFTCallback", lambda m: callbacks.WiseFTCallback(alpha=0.5)),

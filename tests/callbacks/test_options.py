@@ -144,6 +144,7 @@ NUMERIC = [
     ("RandomPerturbationCallback", "seed", lambda v: callbacks.RandomPerturbationCallback(seed=v), 3, True),
     ("SAMCallback", "rho", lambda v: callbacks.SAMCallback(rho=v), 0.125, False),
     ("SAMCallback", "eta", lambda v: callbacks.SAMCallback(eta=v), 0.5, False),
+    ("SoupCallback", "last", lambda v: callbacks.SoupCallback(last=v), 2, True),
     ("SWACallback", "start", lambda v: SWACallback(start=v), 0.5, False),
     ("SWACallback", "start", lambda v: SWACallback(start=v), 3, True),
     ("SpectralRegCallback", "strength", lambda v: callbacks.SpectralRegCallback(v), 0.25, False),
