@@ -35,6 +35,7 @@ from robustft.core.params import (
     is_sharded,
     is_zero3_param,
     local_tensor,
+    quantization,
     select_parameters,
     zero3_partition,
 )
@@ -475,6 +476,13 @@ class RandomPerturbationCallback(_RowWise):
         for name, layer in layers.items():
             key = f"{name}.base_layer.weight"
             if key in candidates:
+                quantized = quantization(candidates[key])
+                if quantized is not None:
+                    raise ValueError(
+                        f"RandomPerturbationCallback: the LoRA base weight {key!r} is {quantized}: Flat-LoRA "
+                        "adds its noise to the frozen base weight W0, which a quantized W0 cannot hold and "
+                        "give back exactly; pass lora=False to perturb the trained adapter factors instead"
+                    )
                 targets[key] = candidates[key]
                 self._layers[key] = layer
         if not targets:

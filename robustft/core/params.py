@@ -31,6 +31,7 @@ __all__ = [
     "is_zero3_param",
     "live_tensors",
     "local_tensor",
+    "quantization",
     "resolve_dtype",
     "restored",
     "select_parameters",
@@ -167,6 +168,20 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
     if _is_dtensor(t):
         t = t.to_local()
     return t.detach()
+
+
+def quantization(t: torch.Tensor) -> str | None:
+    """What quantizes ``t`` (``"bitsandbytes 4-bit (nf4)"``, ``"bitsandbytes 8-bit"``, ``"int8"``...),
+    None for a float tensor: a quantized weight (QLoRA's frozen base) cannot take an in-place float update."""
+    kind = type(t).__name__
+    if kind == "Params4bit":
+        state = getattr(t, "quant_state", None)
+        return f"bitsandbytes 4-bit ({getattr(state, 'quant_type', None) or getattr(t, 'quant_type', '?')})"
+    if kind == "Int8Params":
+        return "bitsandbytes 8-bit"
+    if t.is_floating_point() or t.is_complex():
+        return None
+    return str(t.dtype).removeprefix("torch.")
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
