@@ -147,3 +147,35 @@ def test_flat_lora_refuses_a_quantized_base_weight_by_name(llama_dir, tmp_path, 
     with pytest.raises(ValueError, match=match):
         train(model, tmp_path, callbacks.RandomPerturbationCallback(rho=0.05, seed=3))
     assert all(torch.equal(t, start[n]) for n, t in adapter(model).items())  # refused before any step
+
+
+@pytest.mark.slow
+def test_ema_reference_with_trl_dpo_on_an_nf4_base_equals_the_dequantized_base(llama_dir, tmp_path):
+    trl = pytest.importorskip("trl")
+    from transformers import AutoTokenizer
+
+    from tests.callbacks.trl_helpers import preference_data
+
+    def run(model, out):
+        args = trl.DPOConfig(output_dir=str(out), per_device_train_batch_size=4, max_steps=STEPS,
+                             learning_rate=5e-2, lr_scheduler_type="constant", logging_steps=1,
+                             save_strategy="no", report_to=[], seed=0, use_cpu=True, bf16=False, beta=0.5,
+                             disable_tqdm=True,
+                             gradient_checkpointing=False)
+        torch.manual_seed(0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer = trl.DPOTrainer(model=model, args=args, train_dataset=preference_data(),
+                                     processing_class=AutoTokenizer.from_pretrained(llama_dir),
+                                     callbacks=[callbacks.EMAReferenceCallback(0.6)],
+                                     peft_config=lora_config())
+            trainer.train()
+        return {n: p.detach().clone() for n, p in trainer.model.named_parameters() if ".lora_" in n}
+
+    got = run(load_base(llama_dir, 4), tmp_path / "q")
+    want = run(load_base(llama_dir, 4, dequantized=True), tmp_path / "f")
+    refs = [n for n in got if ".ref." in n]
+    assert refs and set(got) == set(want)
+    assert any(not torch.equal(got[n], got[n.replace(".ref.", ".default.")]) for n in refs)  # an EMA
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")
