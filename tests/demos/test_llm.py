@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import subprocess
 import sys
@@ -197,14 +198,16 @@ TINY_WORDS = ["</s>", "[UNK]", "[PAD]", "Define", "the", "word", '"', "in", "a",
               "What", "is", "?", "Paris", "It", "yes"]
 
 
-def _tiny_llama(folder, chat_template: str | None = None):
-    """A two-layer random Llama with a word-level tokenizer (EOS ``</s>``), saved as a local folder."""
+def _tiny_llama(folder, chat_template: str | None = None, hidden: int = 16):
+    """A two-layer random Llama with a word-level tokenizer (EOS ``</s>``), saved as a local folder
+    (``hidden=64``: the least bitsandbytes' 4-bit blocks take)."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                         num_attention_heads=2,
                          num_key_value_heads=1, vocab_size=len(TINY_WORDS), max_position_embeddings=64,
                          eos_token_id=0, pad_token_id=2, bos_token_id=None)
     LlamaForCausalLM(config).save_pretrained(folder)
@@ -218,10 +221,10 @@ def _tiny_llama(folder, chat_template: str | None = None):
     return folder
 
 
-def _tiny_demo_folders(tmp_path):
+def _tiny_demo_folders(tmp_path, hidden: int = 16):
     """(model, wordnet, out): the tiny Llama, a fake WordNet and an output folder holding the base model's
     answers to the first general prompts (the random model would rarely end an answer with EOS)."""
-    model = _tiny_llama(tmp_path / "tiny")
+    model = _tiny_llama(tmp_path / "tiny", hidden=hidden)
     wn = tmp_path / "wn"
     wn.mkdir()
     _preference_wordnet(wn)
@@ -348,3 +351,24 @@ def test_no_deprecated_training_arguments(tmp_path):
     for folder in ("robustft", "examples", "benchmarks"):
         for path in (ROOT / folder).rglob("*.py"):
             assert "gradient_checkpointing=" not in path.read_text(), path
+
+
+@pytest.mark.slow  # four LoRA runs and a sweep on a 4-bit base
+def test_llm_demo_4bit_trains_every_method_on_an_nf4_base(tmp_path, monkeypatch):
+    """``demo --llm --4bit``: the same rows, every run on Linear4bit layers (Flat-LoRA's noise included)."""
+    pytest.importorskip("bitsandbytes")
+    model, wn, out = _tiny_demo_folders(tmp_path, hidden=64)
+    kinds = []
+    original = demo_llm.lora_trainer
+
+    def recording(*args, **kwargs):
+        trainer = original(*args, **kwargs)
+        kinds.append({type(m).__name__ for m in trainer.model.modules()} & {"Linear4bit", "Linear"})
+        return trainer
+
+    monkeypatch.setattr(demo_llm, "lora_trainer", recording)
+    assert main(_tiny_argv(model, wn, out, "--4bit")) == 0
+    result = json.loads((out / "llm_demo.json").read_text())
+    assert result["config"]["bits"] == 4
+    assert len(kinds) == 4 and all("Linear4bit" in k for k in kinds)
+    assert all(math.isfinite(v) for row in result["scores"].values() for v in row.values())
