@@ -137,13 +137,18 @@ def test_gpu_benchmark_without_cuda_says_so_and_exits_cleanly():
 
 @pytest.mark.slow
 def test_gpu_benchmark_bf16_checks_pass_on_cpu():
-    """The GPU script's bf16 checks (EMA, SAM, WiSE-FT against float32 references) run with CPU bf16."""
+    """The GPU script's bf16 checks (EMA, SAM, WiSE-FT against float32 references) run with CPU bf16, and its
+    QLoRA checks (training on NF4 against the dequantized base, the merge) with CPU bitsandbytes."""
+    import importlib.util
+
     proc = subprocess.run(
         [sys.executable, "benchmarks/gpu.py", "--device", "cpu", "--checks-only"], cwd=ROOT,
         capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert proc.stdout.count("| ok") == 5 and "FAILED" not in proc.stdout
+    qlora = importlib.util.find_spec("bitsandbytes") is not None
+    assert proc.stdout.count("| ok") == 5 + 4 * qlora and "FAILED" not in proc.stdout
+    assert ("QLoRA merge: robustft" in proc.stdout) == qlora
 
 
 def _preference_wordnet(folder):
