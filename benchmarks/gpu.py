@@ -341,21 +341,16 @@ def main(argv=None) -> int:
     cfg = demo_llm.FULL if args.setting == "full" else demo_llm.FAST
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     overrides = {"use_cpu": args.device == "cpu", "bf16": True}
-    result = demo_llm.run_llm_demo(args.out, cfg, progress=False, train_overrides=overrides)
-    per = throughput(replace(cfg, steps=args.steps), args.rounds, device=args.device, bf16=True)
-    print(f"\n{name}, bf16 autocast, setting {args.setting}:\n")
-    print(result.table())
-    print(result.summary())
-    print(f"\nthroughput, {args.rounds} interleaved rounds of {args.steps} steps:\n")
-    print(throughput_table(per))
+    runs = [("", cfg, Path(args.out))]
     if not args.skip_qlora and importlib.util.find_spec("bitsandbytes") is not None:
-        nf4 = replace(cfg, bits=4)  # robustft demo --llm --4bit
-        result = demo_llm.run_llm_demo(Path(args.out) / "nf4", nf4, progress=False, train_overrides=overrides)
-        per = throughput(replace(nf4, steps=args.steps), args.rounds, device=args.device, bf16=True)
-        print(f"\n{name}, NF4 base (QLoRA), bf16 autocast, setting {args.setting}:\n")
+        runs.append((" on the NF4 base (QLoRA)", replace(cfg, bits=4), Path(args.out) / "nf4"))  # demo --4bit
+    for label, setting, out in runs:
+        result = demo_llm.run_llm_demo(out, setting, progress=False, train_overrides=overrides)
+        per = throughput(replace(setting, steps=args.steps), args.rounds, device=args.device, bf16=True)
+        print(f"\n{name}{label}, bf16 autocast, setting {args.setting}:\n")
         print(result.table())
         print(result.summary())
-        print(f"\nthroughput on the NF4 base, {args.rounds} interleaved rounds of {args.steps} steps:\n")
+        print(f"\nthroughput{label}, {args.rounds} interleaved rounds of {args.steps} steps:\n")
         print(throughput_table(per))
     return 0 if ok else 1
 
