@@ -178,7 +178,7 @@ def quantization(t: torch.Tensor) -> str | None:
     if kind == "Params4bit":
         state = getattr(t, "quant_state", None)
         return f"bitsandbytes 4-bit ({getattr(state, 'quant_type', None) or getattr(t, 'quant_type', '?')})"
-    if kind == "Int8Params":
+    if kind == "Int8Params" and t.dtype == torch.int8:  # has_fp16_weights=True keeps a float weight
         return "bitsandbytes 8-bit"
     if t.is_floating_point() or t.is_complex():
         return None
