@@ -363,12 +363,13 @@ def test_llm_demo_4bit_trains_every_method_on_an_nf4_base(tmp_path, monkeypatch)
     """``demo --llm --4bit``: the same rows, every run on Linear4bit layers (Flat-LoRA's noise included)."""
     pytest.importorskip("bitsandbytes")
     model, wn, out = _tiny_demo_folders(tmp_path, hidden=64)
-    kinds = []
+    kinds, models = [], []
     original = demo_llm.lora_trainer
 
     def recording(*args, **kwargs):
         trainer = original(*args, **kwargs)
         kinds.append({type(m).__name__ for m in trainer.model.modules()} & {"Linear4bit", "Linear"})
+        models.append(trainer.model)
         return trainer
 
     monkeypatch.setattr(demo_llm, "lora_trainer", recording)
@@ -376,4 +377,9 @@ def test_llm_demo_4bit_trains_every_method_on_an_nf4_base(tmp_path, monkeypatch)
     result = json.loads((out / "llm_demo.json").read_text())
     assert result["config"]["bits"] == 4
     assert len(kinds) == 4 and all("Linear4bit" in k for k in kinds)
+    # the base was scored before training: bitsandbytes' CPU inference repacking (whose backward does not
+    # reach the input) stayed off, so every run trained through the layers' autograd path
+    packed = [n for m in models for n, q in m.named_modules() if type(q).__name__ == "Linear4bit"
+              and getattr(q.weight.quant_state, "packing_format_for_cpu", False)]
+    assert not packed, packed[:3]
     assert all(math.isfinite(v) for row in result["scores"].values() for v in row.values())
