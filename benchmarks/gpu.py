@@ -1,8 +1,10 @@
-"""The LLM benchmark on a CUDA GPU with ``bf16=True``, plus bf16 correctness checks of EMA, SAM and WiSE-FT.
+"""The LLM benchmark on a CUDA GPU with ``bf16=True``, plus bf16 correctness checks of EMA, SAM and WiSE-FT,
+and the QLoRA path: the same on a 4-bit NF4 base (bitsandbytes) with its own checks.
 
     python benchmarks/gpu.py                          # on a machine with an NVIDIA GPU: checks + benchmark
-    python benchmarks/gpu.py --checks-only            # the three bf16 checks only (seconds)
-    python benchmarks/gpu.py --device cpu --checks-only   # the same checks with CPU bf16 (tests the script)
+    python benchmarks/gpu.py --checks-only            # the bf16 and QLoRA checks only (seconds)
+    python benchmarks/gpu.py --device cpu --checks-only   # the same checks on CPU (tests the script)
+    python benchmarks/gpu.py --skip-qlora             # without the QLoRA path
 
 Without CUDA (and without ``--device cpu``) it prints why nothing ran and exits 0.
 
@@ -18,13 +20,24 @@ Checks, each on a small random Llama whose weights are bfloat16, trained by the 
 * WiSE-FT: ``WiseFTCallback(alpha=0.5)`` leaves (θ_start + θ_end)/2 computed in float32 and rounded to
   bf16 (each element within one bf16 rounding, 2^-8 relative).
 
+QLoRA checks (skipped, with the reason, when bitsandbytes is not installed), on a small random Llama loaded
+in NF4 on the device:
+
+* training: Flat-LoRA (its noise through the 4-bit layer's output) and Momentum-SAM with EMA give the same
+  adapter as on the dequantized float copy of that base (worst tensor, relative error <= 1e-3);
+* merge: ``merge_into_base`` on the saved NF4 base equals its dequantized weights + ΔW (relative to ‖ΔW‖,
+  <= 1e-6); printed beside it, for the record, what PEFT's ``merge_and_unload`` into the 4-bit layers loses
+  of ΔW (peft#2105) and how far the result is from a full-precision merge W0 + ΔW (NF4's error of W0).
+
 Benchmark: ``benchmarks/llm.py``'s two parts on CUDA with bf16 autocast (float32 master weights): the
-scores of every method in the ``--setting`` (default full) and the interleaved throughput rounds.
+scores of every method in the ``--setting`` (default full) and the interleaved throughput rounds; then the
+same on the NF4 base (``robustft demo --llm --4bit``) unless ``--skip-qlora``.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import os
 import sys
@@ -59,12 +72,13 @@ def token_data(n: int = 8, seq: int = 32, seed: int = 0):
     return Dataset.from_dict({"input_ids": ids, "labels": ids})
 
 
-def trainer_for(model, callbacks, device: str, out: str, steps: int, lr: float, optim: str = "adamw_torch"):
+def trainer_for(model, callbacks, device: str, out: str, steps: int, lr: float, optim: str = "adamw_torch",
+                bf16: bool = True):
     from transformers import Trainer, TrainingArguments
 
     args = TrainingArguments(
         output_dir=out, max_steps=steps, per_device_train_batch_size=8, learning_rate=lr, optim=optim,
-        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=0.0, bf16=True,
+        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=0.0, bf16=bf16,
         use_cpu=device == "cpu", save_strategy="no", report_to=[], disable_tqdm=True, logging_steps=10**6,
         seed=0, dataloader_num_workers=0,
     )
@@ -180,14 +194,120 @@ def check_wise_ft(device: str, out: str) -> tuple[str, float, float]:
     return name, worst if moved else math.inf, 2**-8
 
 
-def run_checks(device: str) -> bool:
+def nf4_base(root: Path) -> Path:
+    """The small random Llama saved in float32 (``tiny_llama``: hidden 64, bitsandbytes' 4-bit block)."""
+    import torch
+
+    tiny_llama(torch.float32, "cpu").save_pretrained(root / "base")
+    return root / "base"
+
+
+def load_nf4(path: Path, device: str, dequantized: bool = False):
+    """``path`` loaded in NF4 (float32 compute) on ``device``; ``dequantized``: made float again
+    (transformers' ``dequantize``: its weights are exactly the 4-bit ones)."""
+    import torch
+    from transformers import BitsAndBytesConfig, LlamaForCausalLM
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                bnb_4bit_compute_dtype=torch.float32)
+    model = LlamaForCausalLM.from_pretrained(path, quantization_config=config, device_map=device)
+    return model.dequantize(dtype=torch.float32) if dequantized else model
+
+
+def check_qlora_training(device: str, out: str) -> tuple[str, float, float]:
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from robustft import EMACallback, MomentumSAMCallback, RandomPerturbationCallback
+
+    base = nf4_base(Path(out))
+    adapters = []
+    for dequantized in (False, True):
+        torch.manual_seed(0)
+        model = get_peft_model(load_nf4(base, device, dequantized),
+                               LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"]))
+        callbacks = [RandomPerturbationCallback(rho=0.1, seed=1, lora=True), MomentumSAMCallback(rho=0.1),
+                     EMACallback(decay=0.5)]
+        trainer_for(model, callbacks, device, out, steps=4, lr=1e-2, bf16=False).train()
+        adapters.append({n: p.detach().float().cpu() for n, p in model.named_parameters() if ".lora_" in n})
+    got, want = adapters
+    err = max(((got[n] - want[n]).norm() / want[n].norm()).item() for n in want)
+    name = "QLoRA: Flat-LoRA + Momentum-SAM + EMA on NF4 vs the dequantized base (worst relative error)"
+    return name, err, 1e-3
+
+
+def check_qlora_merge(out: str) -> list[tuple[str, float, float]]:
+    """The merge (offline, CPU): robustft's exact one, PEFT's re-quantized one, the full-precision one."""
+    import statistics
+
+    import bitsandbytes as bnb
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    from robustft.lora import merge_into_base, read_adapter
+
+    root = Path(out)
+    base = root / "base"
+    load_nf4(base, "cpu").save_pretrained(root / "nf4")
+    model = get_peft_model(LlamaForCausalLM.from_pretrained(base),
+                           LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "up_proj"]))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # ΔW about 6% of W, like a trained adapter's
+        for name, p in model.named_parameters():
+            if ".lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * (0.02 if "lora_A" in name else 0.01))
+    model.save_pretrained(root / "adapter")
+    deltas = {n.removeprefix("base_model.model."): m.get_delta_weight("default").detach()
+              for n, m in model.named_modules() if hasattr(m, "get_delta_weight")}
+    full = dict(PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base), root / "adapter")
+                .merge_and_unload().named_modules())
+    ours = dict(LlamaForCausalLM.from_pretrained(
+        merge_into_base(read_adapter(root / "adapter"), root / "nf4", root / "merged", overwrite=True))
+        .named_modules())
+    nf4 = dict(load_nf4(root / "nf4", "cpu").named_modules())
+    peft = dict(PeftModel.from_pretrained(load_nf4(root / "nf4", "cpu"), root / "adapter").merge_and_unload()
+                .named_modules())
+
+    def dequantized(weight):
+        return bnb.functional.dequantize_4bit(weight.data, weight.quant_state).float()
+
+    exact, lost, from_full = [], [], []
+    for module, delta in deltas.items():
+        want = dequantized(nf4[module].weight) + delta
+        exact.append(((ours[module].weight.detach() - want).norm() / delta.norm()).item())
+        lost.append(((dequantized(peft[module].weight) - want).norm() / delta.norm()).item())
+        w_full = full[module].weight.detach()
+        from_full.append(((ours[module].weight.detach() - w_full).norm() / w_full.norm()).item())
+    return [
+        ("QLoRA merge: robustft vs dequantized W + ΔW (worst module, relative to ‖ΔW‖)", max(exact), 1e-6),
+        ("(record) PEFT merge_and_unload into NF4 vs dequantized W + ΔW (median, relative to ‖ΔW‖)",
+         statistics.median(lost), math.inf),
+        ("(record) robustft merge vs full-precision W0 + ΔW (median, relative to ‖W0 + ΔW‖)",
+         statistics.median(from_full), math.inf),
+    ]
+
+
+def qlora_checks(device: str, out: str) -> list[tuple[str, float, float]]:
+    """The QLoRA rows, or none (and why) without bitsandbytes."""
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        print("QLoRA checks skipped: bitsandbytes is not installed (pip install 'robustft[qlora]')")
+        return []
+    return [check_qlora_training(device, out), *check_qlora_merge(out)]
+
+
+def run_checks(device: str, qlora: bool = True) -> bool:
     from robustft.demos.llm import format_table
 
     with tempfile.TemporaryDirectory() as out:
         results = [check_ema(device, out), *check_sam(device, out), check_wise_ft(device, out)]
+        if qlora:
+            results += qlora_checks(device, out)
     rows = [[name, f"{value:.3g}", f"<= {tol:g}", "ok" if value <= tol else "FAILED"]
             for name, value, tol in results]
-    print(f"\nbf16 correctness checks on {device}:")
+    print(f"\nbf16 and QLoRA correctness checks on {device}:")
     print(format_table(["check", "value", "bound", ""], rows))
     return all(value <= tol for _, value, tol in results)
 
@@ -197,6 +317,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     p.add_argument("--checks-only", action="store_true")
     p.add_argument("--skip-checks", action="store_true")
+    p.add_argument("--skip-qlora", action="store_true", help="leave out the QLoRA checks and NF4 benchmark")
     p.add_argument("--setting", choices=["full", "fast"], default="full")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=20, help="optimizer steps per throughput run")
@@ -209,7 +330,7 @@ def main(argv=None) -> int:
         return 0
     ok = True
     if not args.skip_checks:
-        ok = run_checks(args.device)
+        ok = run_checks(args.device, qlora=not args.skip_qlora)
     if args.checks_only:
         return 0 if ok else 1
     from dataclasses import replace
@@ -220,13 +341,17 @@ def main(argv=None) -> int:
     cfg = demo_llm.FULL if args.setting == "full" else demo_llm.FAST
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     overrides = {"use_cpu": args.device == "cpu", "bf16": True}
-    result = demo_llm.run_llm_demo(args.out, cfg, progress=False, train_overrides=overrides)
-    per = throughput(replace(cfg, steps=args.steps), args.rounds, device=args.device, bf16=True)
-    print(f"\n{name}, bf16 autocast, setting {args.setting}:\n")
-    print(result.table())
-    print(result.summary())
-    print(f"\nthroughput, {args.rounds} interleaved rounds of {args.steps} steps:\n")
-    print(throughput_table(per))
+    runs = [("", cfg, Path(args.out))]
+    if not args.skip_qlora and importlib.util.find_spec("bitsandbytes") is not None:
+        runs.append((" on the NF4 base (QLoRA)", replace(cfg, bits=4), Path(args.out) / "nf4"))  # demo --4bit
+    for label, setting, out in runs:
+        result = demo_llm.run_llm_demo(out, setting, progress=False, train_overrides=overrides)
+        per = throughput(replace(setting, steps=args.steps), args.rounds, device=args.device, bf16=True)
+        print(f"\n{name}{label}, bf16 autocast, setting {args.setting}:\n")
+        print(result.table())
+        print(result.summary())
+        print(f"\nthroughput{label}, {args.rounds} interleaved rounds of {args.steps} steps:\n")
+        print(throughput_table(per))
     return 0 if ok else 1
 
 

@@ -54,7 +54,8 @@ def train_once(name: str, cfg, model_dir: Path, train, tokenizer, out: Path, dev
     from trl import SFTTrainer
 
     torch.manual_seed(cfg.seed)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
+                                                 **demo_llm.quantized_loading(cfg, device))  # --4bit: NF4
     clock = demo_llm.step_clock()
     trainer = SFTTrainer(
         model=model,

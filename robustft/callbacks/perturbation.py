@@ -31,10 +31,12 @@ from robustft.checks import check_bool, check_integer, check_number, compile_pat
 from robustft.core import distributed
 from robustft.core.params import (
     SelectionGuard,
+    dequantized_weight,
     full_shape,
     is_sharded,
     is_zero3_param,
     local_tensor,
+    quantization,
     select_parameters,
     zero3_partition,
 )
@@ -53,6 +55,7 @@ from robustft.ops.perturb import (
     row_sq_norms,
     rwp_row_scale,
     scheduled_rho,
+    seeded_noise_linear,
     unperturb_,
 )
 
@@ -295,7 +298,7 @@ class _OnePass(WeightPerturbation):
                 e = self._noise(i, w, ctx)
                 noise_sq.append(e.pow(2).sum())
                 # exact to undo even if e holds NaN/Inf: every element then is a fix-up
-                fixup = perturb_(w, e)
+                fixup = self._perturb(i, w, ctx, e)
                 self._applied.append((i, w, ctx, fixup))
                 fixed += fixup.numel()
                 total += w.numel()
@@ -319,10 +322,17 @@ class _OnePass(WeightPerturbation):
         self._record("perturbation_norm", norm)
         self._record("fixup_fraction", fixed / max(total, 1))
 
+    def _perturb(self, index: int, w: torch.Tensor, ctx: Any, e: torch.Tensor) -> Fixup:
+        """Add ``e`` to the tensor; the fix-up that makes :meth:`_unperturb` exact."""
+        return perturb_(w, e)
+
+    def _unperturb(self, index: int, w: torch.Tensor, ctx: Any, fixup: Fixup) -> None:
+        unperturb_(w, self._noise(index, w, ctx), fixup)
+
     def _restore(self) -> None:
         applied, self._applied = self._applied, []
         for i, w, ctx, fixup in reversed(applied):
-            unperturb_(w, self._noise(i, w, ctx), fixup)
+            self._unperturb(i, w, ctx, fixup)
         if applied:
             distributed.reshard(self._model)
 
@@ -445,6 +455,12 @@ class RandomPerturbationCallback(_RowWise):
     W' = W₀ + s·BA, as in Flat-LoRA: the row norms are those of W' and the noise is added to the frozen
     base weight W₀ (equivalent, since W' = (W₀ + ε) + s·BA). The noise is regenerated from
     (seed, step, tensor) to undo it; no parameter-sized buffer is kept. ~1x a plain step.
+
+    A quantized W₀ (QLoRA: a bitsandbytes 4-bit or 8-bit base) cannot hold ε: its row norms are taken from
+    the dequantized weight (one layer at a time, at each step's start), and x·εᵀ is added to the base
+    layer's output while a micro-batch runs (its ``forward`` wrapped for that call only), ε regenerated from
+    the seed for the backward (:func:`robustft.ops.perturb.seeded_noise_linear`): the same gradient as
+    W₀ + ε would give, without a float copy of W₀.
     """
 
     state_name = "random_perturbation"
@@ -456,13 +472,14 @@ class RandomPerturbationCallback(_RowWise):
             raise ValueError(f"lora: must be True, False or 'auto', got {lora!r}")
         self.lora = lora
         self._layers: dict[str, torch.nn.Module] = {}
+        self._quantized: dict[str, torch.nn.Module] = {}  # target -> its quantized base layer
 
     def _targets(self, model):
         layers = lora_layers(model)
         if self.lora is True and not layers:
             raise ValueError("lora=True: the model has no PEFT LoRA layer")
         if not layers or self.lora is False:
-            self._layers = {}
+            self._layers, self._quantized = {}, {}
             return self._select(model)
         candidates = select_parameters(
             model,
@@ -471,23 +488,38 @@ class RandomPerturbationCallback(_RowWise):
             trainable_only=False,
             skip_norm_and_bias=self.skip_norm_and_bias,
         )
-        targets, self._layers = {}, {}
+        targets, self._layers, self._quantized = {}, {}, {}
         for name, layer in layers.items():
             key = f"{name}.base_layer.weight"
             if key in candidates:
                 targets[key] = candidates[key]
                 self._layers[key] = layer
+                if quantization(candidates[key]) is not None:
+                    self._quantized[key] = layer.base_layer
         if not targets:
             raise ValueError(
                 "RandomPerturbationCallback: include/exclude leave no LoRA base weight to perturb"
             )
         return targets
 
+    def _shape(self, name: str) -> torch.Size:
+        """The whole shape of target ``name``; a quantized W₀'s is its layer's (out, in), not its storage."""
+        base = self._quantized.get(name)
+        if base is None:
+            return full_shape(self._params[name])
+        return torch.Size((base.out_features, base.in_features))
+
     @torch.no_grad()
     def _merged_sq_rows(self, name: str, w: torch.Tensor) -> torch.Tensor:
         layer = self._layers.get(name)
         if layer is None:
             return self._row_sq(name, w)
+        if name in self._quantized:  # W₀ dequantized for the norms only, one layer at a time
+            merged = dequantized_weight(self._quantized[name])
+            for adapter in layer.active_adapters:
+                if adapter in layer.lora_A:
+                    merged = merged + lora_delta(layer, adapter)
+            return row_sq_norms(merged)
         factors = low_rank_factors(layer)
         if factors is not None:  # plain LoRA Linear, whole tensors: the row norms without s·B·A
             return low_rank_merged_row_sq_norms(w, *factors)
@@ -499,10 +531,38 @@ class RandomPerturbationCallback(_RowWise):
 
     def _contexts(self, weights, rho, state, optimizer):
         return [  # the full shape: a 1-D tensor's n counts the elements of every rank
-            (rwp_row_scale(self._merged_sq_rows(name, w), full_shape(self._params[name]), rho), self._step,
-             name)
+            (rwp_row_scale(self._merged_sq_rows(name, w), self._shape(name), rho), self._step, name)
             for name, w in zip(self._params, weights, strict=True)
         ]
+
+    def _noise(self, index, w, ctx):
+        scale, step, name = ctx
+        if name not in self._quantized:
+            return super()._noise(index, w, ctx)
+        return row_noise(self._shape(name), scale, self._seed_for(step, index), device=w.device)
+
+    def _perturb(self, index, w, ctx, e):
+        """A quantized W₀: x·εᵀ joins its layer's output until :meth:`_unperturb` (ε regenerated)."""
+        base = self._quantized.get(ctx[2])
+        if base is None:
+            return super()._perturb(index, w, ctx, e)
+
+        def make_wrapper(original):
+            def forward(x, *args, **kwargs):
+                out = original(x, *args, **kwargs)
+                noise = seeded_noise_linear(x, lambda: self._noise(index, w, ctx).to(x.device))
+                return out + noise.to(out.dtype)
+
+            return forward
+
+        self.wrap_method("forward", make_wrapper, target=base)
+        return Fixup(torch.empty(0, dtype=torch.long), torch.empty(0))
+
+    def _unperturb(self, index, w, ctx, fixup):
+        base = self._quantized.get(ctx[2])
+        if base is None:
+            return super()._unperturb(index, w, ctx, fixup)
+        self.unwrap_method("forward", target=base)
 
 
 class GGPOCallback(_RowWise):

@@ -31,6 +31,8 @@ __all__ = [
     "is_zero3_param",
     "live_tensors",
     "local_tensor",
+    "dequantized_weight",
+    "quantization",
     "resolve_dtype",
     "restored",
     "select_parameters",
@@ -167,6 +169,43 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
     if _is_dtensor(t):
         t = t.to_local()
     return t.detach()
+
+
+def quantization(t: torch.Tensor) -> str | None:
+    """What quantizes ``t`` (``"bitsandbytes 4-bit (nf4)"``, ``"bitsandbytes 8-bit"``, ``"int8"``...),
+    None for a float tensor: a quantized weight (QLoRA's frozen base) cannot take an in-place float update."""
+    kind = type(t).__name__
+    if kind == "Params4bit":
+        state = getattr(t, "quant_state", None)
+        return f"bitsandbytes 4-bit ({getattr(state, 'quant_type', None) or getattr(t, 'quant_type', '?')})"
+    if kind == "Int8Params" and t.dtype == torch.int8:  # has_fp16_weights=True keeps a float weight
+        return "bitsandbytes 8-bit"
+    if t.is_floating_point() or t.is_complex():
+        return None
+    return str(t.dtype).removeprefix("torch.")
+
+
+def dequantized_weight(layer: nn.Module) -> torch.Tensor:
+    """The float32 weight a bitsandbytes 4-bit or 8-bit ``layer`` computes with (bitsandbytes' own
+    dequantization; what QLoRA's forward multiplies by), e.g. for row norms of W0 + s·B·A."""
+    import bitsandbytes as bnb
+
+    w = layer.weight
+    kind = type(w).__name__
+    if kind == "Params4bit":
+        if getattr(w.quant_state, "packing_format_for_cpu", False):
+            raise ValueError(
+                f"{type(layer).__name__}: the 4-bit weight is in bitsandbytes' CPU inference layout (the "
+                "model ran in eval mode under torch.no_grad); load the model again before training"
+            )
+        return bnb.functional.dequantize_4bit(w.data, w.quant_state).float()
+    if kind == "Int8Params":
+        scb = getattr(w, "SCB", None)
+        scb = scb if scb is not None else getattr(getattr(layer, "state", None), "SCB", None)
+        if scb is None:
+            raise ValueError(f"{type(layer).__name__}: the 8-bit weight has no row scales (SCB)")
+        return bnb.functional.int8_vectorwise_dequant(w.data, scb).float()
+    raise ValueError(f"{type(layer).__name__}: weight is not a bitsandbytes 4-bit or 8-bit weight")
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:

@@ -47,6 +47,9 @@ def register(subparsers) -> None:
     llm.add_argument("--model", default=None, metavar="PATH",
                      help="with --llm: a local causal-LM folder (transformers checkpoint with its tokenizer) "
                      "instead of SmolLM2; its chat template is used if it has one, else plain prompts")
+    llm.add_argument("--4bit", dest="four_bit", action="store_true",
+                     help="with --llm: train on the model loaded in 4-bit NF4 (QLoRA; needs bitsandbytes: "
+                     "pip install 'robustft[qlora]')")
     llm.add_argument("--cache-dir", default=None,
                      help="with --llm: where the converted model is kept (default $ROBUSTFT_CACHE or "
                      "~/.cache/robustft)")
@@ -65,6 +68,8 @@ def _run(args: argparse.Namespace) -> int:
         for name in ("full", "steps", "model", "cache_dir"):
             if getattr(args, name) not in (None, False):
                 raise ValueError(f"--{name.replace('_', '-')}: only with --llm")
+        if args.four_bit:
+            raise ValueError("--4bit: only with --llm")
         if args.wordnet_dir is not None and args.task != "glosses":
             raise ValueError("--wordnet-dir: only with --llm or --task glosses")
         from robustft.demos.encoder import run_demo
@@ -83,7 +88,8 @@ def _run(args: argparse.Namespace) -> int:
         raise ValueError(f"--steps: at least 1, got {args.steps}")
     cfg = demo_llm.FULL if args.full else demo_llm.FAST
     sizes = {"n_train": args.train_size, "n_eval": args.eval_size, "steps": args.steps}
-    cfg = replace(cfg, seed=args.seed, **{k: v for k, v in sizes.items() if v is not None})
+    cfg = replace(cfg, seed=args.seed, bits=4 if args.four_bit else None,
+                  **{k: v for k, v in sizes.items() if v is not None})
     demo_llm.run_llm_demo(args.out or "runs/llm_demo", cfg, cache_dir=args.cache_dir,
                           wordnet=args.wordnet_dir, progress=not args.no_progress, trainer_logs=args.verbose,
                           model=args.model)

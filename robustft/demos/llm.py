@@ -336,6 +336,7 @@ class LLMDemoConfig:
     # above the base model's (α=0), the best in-distribution loss among the α that keep to it
     retained_budget: float = 0.1
     bootstrap_resamples: int = 2000  # paired bootstrap of each row's difference from plain LoRA (95 %)
+    bits: int | None = None  # 4: the model is trained in 4-bit NF4 (QLoRA, bitsandbytes); None: float32
 
 
 FAST = LLMDemoConfig()
@@ -556,6 +557,21 @@ def prepare_llm_task(cfg: LLMDemoConfig = FAST, cache_dir: str | os.PathLike | N
     return LLMTask(mdir, tokenizer, train, evals)
 
 
+def quantized_loading(cfg: LLMDemoConfig, device: str) -> dict:
+    """``from_pretrained`` arguments for ``cfg.bits``: 4 loads the base in 4-bit NF4 with bfloat16 compute
+    (the QLoRA paper's format; bitsandbytes) on ``device``; None loads it as it is (no arguments)."""
+    if cfg.bits is None:
+        return {}
+    if cfg.bits != 4:
+        raise ValueError(f"bits: 4 (NF4) or None, got {cfg.bits!r}")
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                bnb_4bit_compute_dtype=torch.bfloat16)
+    return {"quantization_config": config, "device_map": device}
+
+
 def lora_trainer(task: LLMTask, cfg: LLMDemoConfig, output_dir: str | os.PathLike, callbacks: Sequence = (),
                  progress: bool = False, train_overrides: dict | None = None, model=None, eval_dataset=None,
                  trainer_logs: bool = True):
@@ -574,7 +590,14 @@ def lora_trainer(task: LLMTask, cfg: LLMDemoConfig, output_dir: str | os.PathLik
 
     torch.manual_seed(cfg.seed)
     if model is None:
-        model = AutoModelForCausalLM.from_pretrained(task.model_dir, dtype=torch.float32)
+        cpu = (train_overrides or {}).get("use_cpu", True)
+        model = AutoModelForCausalLM.from_pretrained(task.model_dir, dtype=torch.float32,
+                                                     **quantized_loading(cfg, "cpu" if cpu else "cuda"))
+        for module in model.modules():  # 4-bit: the base is scored (eval, no_grad) before training
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                # bitsandbytes 0.50.2 would repack its CPU weights for inference there, and its backward
+                # then no longer reaches the layer's input (gemv_4bit has no autograd kernel)
+                module.support_avx512bf16_for_cpu = False
     trainer = SFTTrainer(
         model=model, args=sft_config(output_dir, cfg, progress, **(train_overrides or {})),
         train_dataset=task.train, eval_dataset=eval_dataset, processing_class=task.tokenizer,
@@ -633,6 +656,8 @@ def run_llm_demo(
         raise ValueError(f"methods: 'plain LoRA' is needed (WiSE-FT and EMA use its run), got {methods}")
     for m in methods:
         _method_callbacks(m, cfg)  # unknown names fail before anything runs
+    if cfg.bits is not None and importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError("--4bit: needs bitsandbytes (pip install 'robustft[qlora]')")
     if model is not None:
         local_model_dir(model)
     wordnet_dir(wordnet)

@@ -654,7 +654,7 @@ def wise_ft_sweep(
             if name == id_dataset and f"{prefix}_loss" in metrics:
                 id_loss.append(float(metrics[f"{prefix}_loss"]))
             if budget is not None and name == budget.dataset:
-                constraint.append(_metric_value(metrics, prefix, budget.metric, name))
+                constraint.append(metric_value(metrics, prefix, budget.metric, name))
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(alpha=alpha, **{name: round(results[name][-1], 4)})

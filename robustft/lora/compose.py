@@ -5,6 +5,7 @@ adapters is :mod:`robustft.lora.io`.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import tempfile
@@ -267,6 +268,47 @@ def load_model_class(base_dir: str | os.PathLike, model_class: str | None = None
     return cls
 
 
+def _quantization(base_dir: Path) -> dict | None:
+    """The ``quantization_config`` of ``base_dir/config.json`` (a quantized base), else None."""
+    path = base_dir / "config.json"
+    config = json.loads(path.read_text()).get("quantization_config") if path.is_file() else None
+    return config if isinstance(config, dict) else None
+
+
+def _load_base(base_dir: Path, model_class: str | None):
+    """(the base model, the dtype to save the merge in, or None to keep the base's own).
+
+    A bitsandbytes 4-bit/8-bit base is loaded on CPU and dequantized to float32 (transformers'
+    ``dequantize``): the adapter is then added to exactly the weights it was trained against, in full
+    precision, instead of to the quantized layer, which would re-quantize W + ΔW and round most of the
+    adapter's small ΔW away (peft#2105, transformers#31293). The merge is saved in the base's dtype: the wider
+    of its 4-bit compute dtype and the dtype of its unquantized weights (LLM.int8() computes in the latter).
+    """
+    cls = load_model_class(base_dir, model_class)
+    quant = _quantization(base_dir)
+    if quant is None:
+        return cls.from_pretrained(str(base_dir), use_safetensors=True), None
+    method = quant.get("quant_method")
+    if method != "bitsandbytes":
+        raise ValueError(
+            f"{base_dir} is quantized with {method!r} (config.json quantization_config); robustft "
+            "dequantizes only bitsandbytes 4-bit/8-bit bases before a merge"
+        )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError(
+            f"{base_dir} is a bitsandbytes-quantized base (config.json quantization_config): install "
+            "bitsandbytes (pip install 'robustft[qlora]') to dequantize it for the merge"
+        )
+    model = cls.from_pretrained(str(base_dir), use_safetensors=True, device_map="cpu")
+    dtype = model.config.dtype if isinstance(model.config.dtype, torch.dtype) else torch.float32
+    compute = quant.get("bnb_4bit_compute_dtype") if quant.get("load_in_4bit") else None
+    if isinstance(compute, str):
+        compute = getattr(torch, compute.removeprefix("torch."), None)
+    if isinstance(compute, torch.dtype):
+        dtype = torch.promote_types(dtype, compute)
+    return model.dequantize(dtype=torch.float32), dtype
+
+
 def merge_into_base(
     adapter: LoRAAdapter,
     base_model_dir: str | os.PathLike,
@@ -276,6 +318,10 @@ def merge_into_base(
     inputs: Sequence[str | os.PathLike] = (),
 ) -> Path:
     """W = W_base + ΔW for every module, through PEFT's ``merge_and_unload``; saved with ``save_pretrained``.
+
+    A bitsandbytes 4-bit (NF4/FP4) or 8-bit base (``quantization_config`` in its config.json) is dequantized
+    first and the merge saved as a float model in the base's dtype, loadable without bitsandbytes (see
+    :func:`_load_base` and docs/lora_arithmetic.md, "Quantized bases (QLoRA)").
 
     The base's weights must be safetensors: a pickle checkpoint (``pytorch_model.bin``) is refused by name and
     never unpickled (loading a pickle can run code). Shapes are checked against the base model before anything
@@ -292,7 +338,7 @@ def merge_into_base(
     from robustft.merge.io import CheckpointReader
 
     CheckpointReader(base_dir)  # safetensors weights with sound headers; a pickle is named, never loaded
-    model = load_model_class(base_dir, model_class).from_pretrained(str(base_dir), use_safetensors=True)
+    model, dtype = _load_base(base_dir, model_class)
     modules = dict(model.named_modules())
     for module, d in adapter.deltas.items():
         target = modules.get(module)
@@ -318,6 +364,8 @@ def merge_into_base(
         save_file(tensors, os.path.join(adir, WEIGHTS_NAME), metadata={"format": "pt"})
         Path(adir, CONFIG_NAME).write_text(json.dumps(config, default=str))
         merged = PeftModel.from_pretrained(model, adir).merge_and_unload()
+    if dtype is not None:
+        merged = merged.to(dtype)
     with atomic_output_dir(out, overwrite, inputs) as tmp:
         merged.save_pretrained(str(tmp))
         from robustft.merge.io import copy_side_files

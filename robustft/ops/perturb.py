@@ -43,6 +43,7 @@ __all__ = [
     "sam_perturbation",
     "scale_flat_rows_",
     "scheduled_rho",
+    "seeded_noise_linear",
     "seeded_normal",
     "shrink_perturb_",
     "unperturb_",
@@ -288,6 +289,29 @@ def row_noise(
     if len(shape) <= 1:
         return z * scale.reshape(())
     return z * scale.reshape((-1,) + (1,) * (len(shape) - 1))
+
+
+class _SeededNoiseLinear(torch.autograd.Function):
+    """x·εᵀ with ε = make() drawn again in the backward instead of kept for it."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, make) -> torch.Tensor:
+        ctx.make = make
+        return torch.nn.functional.linear(x, make().to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad @ ctx.make().to(grad.dtype), None
+
+
+def seeded_noise_linear(x: torch.Tensor, make) -> torch.Tensor:
+    """x·εᵀ for a noise matrix ε = ``make()`` (out × in) that is regenerated for the backward, not stored.
+
+    The output change a perturbation W₀ + ε causes, x·(W₀ + ε)ᵀ − x·W₀ᵀ, for a W₀ that cannot hold ε: a
+    quantized base weight (Flat-LoRA on QLoRA). ``make`` must return the same ε each call (seeded, e.g.
+    :func:`row_noise`); only ∂/∂x flows (ε is not trained).
+    """
+    return _SeededNoiseLinear.apply(x, make)
 
 
 _INT_OF = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}

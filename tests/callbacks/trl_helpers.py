@@ -20,8 +20,9 @@ PAIRS = [
 ]
 
 
-def save_tiny_llama(path: Path) -> str:
-    """A random-init 2-layer Llama and a word-level tokenizer, saved (TRL builds its reference from it)."""
+def save_tiny_llama(path: Path, hidden_size: int = 16) -> str:
+    """A random-init 2-layer Llama and a word-level tokenizer, saved (TRL builds its reference from it);
+    ``hidden_size=64`` is the least bitsandbytes' 4-bit CPU kernels take (one 64-element block per row)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -33,7 +34,8 @@ def save_tiny_llama(path: Path) -> str:
     )
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+        vocab_size=len(vocab), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        num_hidden_layers=2,
         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32, tie_word_embeddings=False,
         pad_token_id=vocab["<pad>"], bos_token_id=vocab["<s>"], eos_token_id=vocab["</s>"],
     )

@@ -200,3 +200,30 @@ def test_fisher_gram_and_batchnorm_passes_leave_each_modules_mode():
     want = _modes(net)
     recompute_batchnorm(net, [torch.randn(4, 4)])
     assert _modes(net) == want
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_weights_are_named_and_dequantized_to_what_the_layer_computes_with(bits):
+    """``dequantized_weight`` is the W of the layer's own training forward x @ Wᵀ (bitsandbytes on CPU)."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from robustft.core.params import dequantized_weight, quantization
+
+    torch.manual_seed(0)
+    dense = torch.nn.Linear(64, 32, bias=False)
+    if bits == 4:
+        layer = bnb.nn.Linear4bit(64, 32, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+        layer.weight = bnb.nn.Params4bit(dense.weight.data.clone(), requires_grad=False, quant_type="nf4")
+    else:
+        layer = bnb.nn.Linear8bitLt(64, 32, bias=False, has_fp16_weights=False)
+        layer.weight = bnb.nn.Int8Params(dense.weight.data.clone(), requires_grad=False,
+                                         has_fp16_weights=False)
+    layer = layer.to("cpu").train()
+    assert quantization(layer.weight) == ("bitsandbytes 4-bit (nf4)" if bits == 4 else "bitsandbytes 8-bit")
+    assert quantization(dense.weight) is None and quantization(torch.zeros(2, dtype=torch.int8)) == "int8"
+    w = dequantized_weight(layer)
+    assert w.dtype == torch.float32 and w.shape == dense.weight.shape
+    x = torch.randn(5, 64)
+    torch.testing.assert_close(layer(x), x @ w.T, rtol=1e-5, atol=1e-6)
+    assert 0 < (w - dense.weight).abs().max() < 0.1  # quantized, close to the original
+    with pytest.raises(ValueError, match="not a bitsandbytes"):
+        dequantized_weight(dense)

@@ -26,7 +26,8 @@ def test_demo_cli_refuses_tiny_sizes(capsys, calls):
     assert calls == []
 
 
-@pytest.mark.parametrize("flag", [["--steps", "3"], ["--full"], ["--cache-dir", "c"], ["--wordnet-dir", "w"]])
+@pytest.mark.parametrize("flag", [["--steps", "3"], ["--full"], ["--cache-dir", "c"], ["--wordnet-dir", "w"],
+                                  ["--4bit"]])
 def test_llm_options_without_llm_are_refused_by_name(capsys, calls, flag):
     assert main(["demo", *flag]) == 2
     assert capsys.readouterr().err.startswith(f"robustft demo: error: {flag[0]}: only with --llm")
@@ -65,3 +66,10 @@ def test_llm_demo_gets_its_config_with_the_given_sizes(calls):
     assert name == "llm" and out == "runs/llm_demo"
     assert (cfg.n_train, cfg.steps, cfg.n_eval) == (9, 2, FAST.n_eval)
     assert (full.n_train, full.steps, full.n_eval) == (FULL.n_train, FULL.steps, FULL.n_eval)
+
+
+def test_llm_demo_4bit_asks_for_an_nf4_base(calls):
+    assert main(["demo", "--llm", "--4bit"]) == 0
+    assert main(["demo", "--llm"]) == 0
+    (_, (_, cfg), _), (_, (_, plain), _) = calls
+    assert cfg.bits == 4 and plain.bits is None

@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import subprocess
 import sys
@@ -110,13 +111,18 @@ def test_gpu_benchmark_without_cuda_says_so_and_exits_cleanly():
 
 @pytest.mark.slow
 def test_gpu_benchmark_bf16_checks_pass_on_cpu():
-    """The GPU script's bf16 checks (EMA, SAM, WiSE-FT against float32 references) run with CPU bf16."""
+    """The GPU script's bf16 checks (EMA, SAM, WiSE-FT against float32 references) run with CPU bf16, and its
+    QLoRA checks (training on NF4 against the dequantized base, the merge) with CPU bitsandbytes."""
+    import importlib.util
+
     proc = subprocess.run(
         [sys.executable, "benchmarks/gpu.py", "--device", "cpu", "--checks-only"], cwd=ROOT,
         capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert proc.stdout.count("| ok") == 5 and "FAILED" not in proc.stdout
+    qlora = importlib.util.find_spec("bitsandbytes") is not None
+    assert proc.stdout.count("| ok") == 5 + 4 * qlora and "FAILED" not in proc.stdout
+    assert ("QLoRA merge: robustft" in proc.stdout) == qlora
 
 
 def _preference_wordnet(folder):
@@ -171,14 +177,16 @@ TINY_WORDS = ["</s>", "[UNK]", "[PAD]", "Define", "the", "word", '"', "in", "a",
               "What", "is", "?", "Paris", "It", "yes"]
 
 
-def _tiny_llama(folder, chat_template: str | None = None):
-    """A two-layer random Llama with a word-level tokenizer (EOS ``</s>``), saved as a local folder."""
+def _tiny_llama(folder, chat_template: str | None = None, hidden: int = 16):
+    """A two-layer random Llama with a word-level tokenizer (EOS ``</s>``), saved as a local folder
+    (``hidden=64``: the least bitsandbytes' 4-bit blocks take)."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                         num_attention_heads=2,
                          num_key_value_heads=1, vocab_size=len(TINY_WORDS), max_position_embeddings=64,
                          eos_token_id=0, pad_token_id=2, bos_token_id=None)
     LlamaForCausalLM(config).save_pretrained(folder)
@@ -192,10 +200,10 @@ def _tiny_llama(folder, chat_template: str | None = None):
     return folder
 
 
-def _tiny_demo_folders(tmp_path):
+def _tiny_demo_folders(tmp_path, hidden: int = 16):
     """(model, wordnet, out): the tiny Llama, a fake WordNet and an output folder holding the base model's
     answers to the first general prompts (the random model would rarely end an answer with EOS)."""
-    model = _tiny_llama(tmp_path / "tiny")
+    model = _tiny_llama(tmp_path / "tiny", hidden=hidden)
     wn = tmp_path / "wn"
     wn.mkdir()
     _preference_wordnet(wn)
@@ -383,3 +391,30 @@ def test_llm_table_gives_each_difference_from_plain_lora_with_its_paired_interva
     saved = json.loads(result.save().read_text())
     assert saved["chosen_alpha"] == 0.5 and saved["budget_alpha"] == 0.25
     assert saved["differences"]["WiSE-FT a=0.5"]["retained"]["high"] == want.high
+
+
+@pytest.mark.slow  # four LoRA runs and a sweep on a 4-bit base
+def test_llm_demo_4bit_trains_every_method_on_an_nf4_base(tmp_path, monkeypatch):
+    """``demo --llm --4bit``: the same rows, every run on Linear4bit layers (Flat-LoRA's noise included)."""
+    pytest.importorskip("bitsandbytes")
+    model, wn, out = _tiny_demo_folders(tmp_path, hidden=64)
+    kinds, models = [], []
+    original = demo_llm.lora_trainer
+
+    def recording(*args, **kwargs):
+        trainer = original(*args, **kwargs)
+        kinds.append({type(m).__name__ for m in trainer.model.modules()} & {"Linear4bit", "Linear"})
+        models.append(trainer.model)
+        return trainer
+
+    monkeypatch.setattr(demo_llm, "lora_trainer", recording)
+    assert main(_tiny_argv(model, wn, out, "--4bit")) == 0
+    result = json.loads((out / "llm_demo.json").read_text())
+    assert result["config"]["bits"] == 4
+    assert len(kinds) == 4 and all("Linear4bit" in k for k in kinds)
+    # the base was scored before training: bitsandbytes' CPU inference repacking (whose backward does not
+    # reach the input) stayed off, so every run trained through the layers' autograd path
+    packed = [n for m in models for n, q in m.named_modules() if type(q).__name__ == "Linear4bit"
+              and getattr(q.weight.quant_state, "packing_format_for_cpu", False)]
+    assert not packed, packed[:3]
+    assert all(math.isfinite(v) for row in result["scores"].values() for v in row.values())

@@ -68,6 +68,38 @@ def peft_deltas(
     return out
 
 
+def save_quantized_base(root, bits: int):
+    """A float tiny Llama (hidden 64: bitsandbytes' 4-bit block), the same saved in ``bits`` by bitsandbytes,
+    and an adapter on it whose ΔW is ~6% of W (a trained adapter's size, not a random one's)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import BitsAndBytesConfig, LlamaForCausalLM
+
+    base = save_base(root / "base", hidden=64)
+    config = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                 bnb_4bit_compute_dtype=torch.float32)
+              if bits == 4 else BitsAndBytesConfig(load_in_8bit=True))
+    LlamaForCausalLM.from_pretrained(base, quantization_config=config, device_map="cpu").save_pretrained(
+        root / "quantized")
+    model = get_peft_model(LlamaForCausalLM.from_pretrained(base),
+                           LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "up_proj"]))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * (0.02 if "lora_A" in name else 0.01))
+    model.save_pretrained(root / "adapter")
+    return base, root / "quantized", root / "adapter"
+
+
+def dequantized(weight) -> torch.Tensor:
+    """bitsandbytes' own dequantization of a 4-bit or 8-bit weight (float32)."""
+    import bitsandbytes as bnb
+
+    if type(weight).__name__ == "Params4bit":
+        return bnb.functional.dequantize_4bit(weight.data, weight.quant_state).float()
+    return bnb.functional.int8_vectorwise_dequant(weight.data, weight.SCB).float()
+
+
 @pytest.fixture(scope="module")
 def lora_zoo(tmp_path_factory):
     """A base model and three adapters: different targets, ranks, alphas, rsLoRA and an embedding."""

@@ -12,7 +12,7 @@ import torch
 from robustft.cli import main
 from robustft.lora.compose import merge_into_base
 from robustft.lora.io import read_adapter
-from tests.lora.conftest import make_adapter, peft_deltas, save_base
+from tests.lora.conftest import make_adapter, peft_deltas, save_base, save_quantized_base
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -213,3 +213,22 @@ def test_model_class_must_be_a_model_class(lora_zoo, tmp_path, capsys):
     assert main(["lora", *map(str, argv)]) == 2
     assert "'pipeline' is not a transformers model class" in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
+
+
+def test_merge_into_a_4bit_base_writes_a_float_model_loadable_without_bitsandbytes(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    _, quantized, adapter = save_quantized_base(tmp_path, 4)
+    out = tmp_path / "dense"
+    assert main(["lora", "compose", "--adapters", str(adapter), "--out", str(out), "--merge-into",
+                 str(quantized)]) == 0
+    want = merge_into_base(read_adapter(adapter), quantized, tmp_path / "api")
+    # a fresh interpreter where bitsandbytes cannot be imported loads it and gives the API's weights
+    code = (
+        "import sys, torch; sys.modules['bitsandbytes'] = None\n"
+        "from transformers import LlamaForCausalLM\n"
+        f"a = LlamaForCausalLM.from_pretrained({str(out)!r}).state_dict()\n"
+        f"b = LlamaForCausalLM.from_pretrained({str(want)!r}).state_dict()\n"
+        "assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), 'differ'\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]

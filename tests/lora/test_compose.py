@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from robustft.lora import compose_adapters, read_adapter, write_adapter
-from robustft.lora.compose import DENSE_METHODS
+from robustft.lora.compose import DENSE_METHODS, merge_into_base
 from robustft.merge.engine import tensor_seed
 from robustft.ops import merge as ops
-from tests.lora.conftest import make_adapter, peft_deltas, save_base
+from tests.lora.conftest import dequantized, make_adapter, peft_deltas, save_base, save_quantized_base
 
 # lora_bias on the bias-free Llama layers: PEFT warns that it could not merge into the base (not done here),
 # and its loader takes the 1-D lora_B.bias for an ungathered ZeRO-3/FSDP shard (a false alarm)
@@ -451,3 +451,62 @@ def test_fan_in_fan_out_layers_are_merged_in_the_weight_layout(tmp_path):
             torch.testing.assert_close(module.get_delta_weight("o").detach(), want, atol=1e-4, rtol=1e-4)
             checked += 1
     assert checked == 2
+
+
+# -- quantized bases (QLoRA) ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_merge_into_a_quantized_base_is_its_dequantized_weights_plus_the_delta(tmp_path, bits):
+    """What the QLoRA model computes (dequantized W + s·B·A), saved as a float model without bitsandbytes."""
+    pytest.importorskip("bitsandbytes")
+    from safetensors import safe_open
+    from transformers import LlamaForCausalLM
+
+    base, quantized, adapter = save_quantized_base(tmp_path, bits)
+    out = merge_into_base(read_adapter(adapter), quantized, tmp_path / "merged")
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}  # the base's dtype; no uint8/int8
+    deltas = {f"{m}.weight": d.float() for m, d in peft_deltas(base, {"a": adapter})["a"].items()}
+    q = LlamaForCausalLM.from_pretrained(quantized, device_map="cpu")
+    merged = dict(LlamaForCausalLM.from_pretrained(out).named_parameters())
+    expected = {n: (dequantized(p) if p.dtype in (torch.uint8, torch.int8) else p.detach().float())
+                for n, p in q.named_parameters()}
+    assert set(merged) == set(expected) and set(deltas) <= set(merged)
+    for n, w in merged.items():
+        torch.testing.assert_close(w.detach(), expected[n] + deltas.get(n, 0), rtol=1e-6, atol=1e-7, msg=n)
+
+
+def test_peft_merge_into_a_4bit_base_loses_the_delta_robustft_keeps(tmp_path):
+    """peft#2105 / transformers#31293: merging into the Linear4bit re-quantizes W + ΔW, rounding ΔW away."""
+    pytest.importorskip("bitsandbytes")
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    base, quantized, adapter = save_quantized_base(tmp_path, 4)
+    deltas = peft_deltas(base, {"a": adapter})["a"]
+    peft_merged = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(quantized, device_map="cpu"),
+                                            adapter).merge_and_unload()
+    start = dict(LlamaForCausalLM.from_pretrained(quantized, device_map="cpu").named_modules())
+    ours = dict(LlamaForCausalLM.from_pretrained(
+        merge_into_base(read_adapter(adapter), quantized, tmp_path / "merged")).named_modules())
+    peft_modules = dict(peft_merged.named_modules())
+    for module, delta in deltas.items():
+        want = dequantized(start[module].weight) + delta.float()
+        lost = (dequantized(peft_modules[module].weight) - want).norm() / delta.norm()
+        kept = (ours[module].weight.detach() - want).norm() / delta.norm()
+        assert lost > 0.5 and kept < 1e-6, (module, lost, kept)
+
+
+def test_merge_into_a_base_of_another_quantization_is_refused_by_name(lora_zoo, tmp_path):
+    import shutil
+
+    base, paths = lora_zoo
+    shutil.copytree(base, tmp_path / "gptq")
+    config = json.loads((tmp_path / "gptq" / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    (tmp_path / "gptq" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="gptq.*only bitsandbytes"):
+        merge_into_base(read_adapter(paths["a"]), tmp_path / "gptq", tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -257,3 +257,26 @@ def test_low_rank_merged_row_norms_of_a_cancelling_row_are_not_negative():
 def test_low_rank_merged_row_norms_reject_mismatched_factors():
     with pytest.raises(ValueError, match=r"W0 \(4, 5\), B \(4, 2\) and A \(3, 5\)"):
         low_rank_merged_row_sq_norms(torch.zeros(4, 5), torch.zeros(4, 2), torch.zeros(3, 5))
+
+
+def test_seeded_noise_linear_is_x_times_the_noise_with_its_gradient_and_keeps_no_noise():
+    from robustft.ops.perturb import row_noise, seeded_noise_linear
+
+    scale = torch.rand(6) + 0.1
+    calls = []
+
+    def make():
+        calls.append(1)
+        return row_noise(torch.Size((6, 5)), scale, seed=11)
+
+    x = torch.randn(3, 4, 5, requires_grad=True)
+    y = seeded_noise_linear(x, make)
+    g = torch.randn(3, 4, 6)
+    (y * g).sum().backward()
+    x_ref = x.detach().clone().requires_grad_()
+    eps = make()
+    y_ref = torch.nn.functional.linear(x_ref, eps)
+    (y_ref * g).sum().backward()
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-6, atol=1e-6)
+    assert len(calls) == 3  # drawn for the forward, again for the backward (and once for the reference)
