@@ -9,7 +9,12 @@ from typing import TYPE_CHECKING
 from robustft._lazy import lazy_exports
 
 if TYPE_CHECKING:  # the same names, for type checkers and IDEs
-    from robustft.callbacks.anchor import EWCCallback, L2SPCallback, SpectralRegCallback
+    from robustft.callbacks.anchor import (
+        EWCCallback,
+        L2SPCallback,
+        SpectralRegCallback,
+        WassersteinRegCallback,
+    )
     from robustft.callbacks.averaging import (
         BEMACallback,
         EMACallback,
@@ -31,7 +36,12 @@ if TYPE_CHECKING:  # the same names, for type checkers and IDEs
 #: ``robustft``'s own exports (:data:`CALLBACKS`) are derived from it; the ``TYPE_CHECKING`` imports above
 #: mirror it for IDEs (tests/test_imports.py checks that they agree).
 EXPORTS: dict[str, tuple[str, ...]] = {
-    "robustft.callbacks.anchor": ("EWCCallback", "L2SPCallback", "SpectralRegCallback"),
+    "robustft.callbacks.anchor": (
+        "EWCCallback",
+        "L2SPCallback",
+        "SpectralRegCallback",
+        "WassersteinRegCallback",
+    ),
     "robustft.callbacks.averaging": (
         "BEMACallback",
         "EMACallback",

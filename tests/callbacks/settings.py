@@ -81,6 +81,7 @@ SETTINGS: list[Setting] = [
             lambda m: callbacks.SparseUpdateCallback(density=0.25, scores="magnitude")),
     Setting("SpectralRegCallback", lambda m: callbacks.SpectralRegCallback(0.5)),
     Setting("SWACallback", lambda m: callbacks.SWACallback(start=1), skip={ORDER: _COPIED_IN}),
+    Setting("WassersteinRegCallback", lambda m: callbacks.WassersteinRegCallback(0.5)),
     Setting("WiseFTCallback", lambda m: callbacks.WiseFTCallback(alpha=0.5)),
 ]
 
