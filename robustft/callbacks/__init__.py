@@ -26,7 +26,12 @@ if TYPE_CHECKING:  # the same names, for type checkers and IDEs
     from robustft.callbacks.ema_reference import EMAReferenceCallback
     from robustft.callbacks.lora_arithmetic import LoRAArithmeticCallback
     from robustft.callbacks.lpft import LPFTCallback
-    from robustft.callbacks.perturbation import GGPOCallback, MomentumSAMCallback, RandomPerturbationCallback
+    from robustft.callbacks.perturbation import (
+        GGPOCallback,
+        MGPOCallback,
+        MomentumSAMCallback,
+        RandomPerturbationCallback,
+    )
     from robustft.callbacks.plasticity import ShrinkPerturbCallback
     from robustft.callbacks.sam import SAMCallback
     from robustft.callbacks.sparse import SparseUpdateCallback, load_mask, save_mask
@@ -55,6 +60,7 @@ EXPORTS: dict[str, tuple[str, ...]] = {
     "robustft.callbacks.lpft": ("LPFTCallback",),
     "robustft.callbacks.perturbation": (
         "GGPOCallback",
+        "MGPOCallback",
         "MomentumSAMCallback",
         "RandomPerturbationCallback",
     ),

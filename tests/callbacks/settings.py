@@ -72,6 +72,7 @@ SETTINGS: list[Setting] = [
             skip={ORDER: _COPIED_IN}),
     Setting("LPFTCallback", lambda m: callbacks.LPFTCallback(probe_steps=2)),
     Setting("LoRAArithmeticCallback", lambda m: callbacks.LoRAArithmeticCallback({"self": 0.5}), model=LORA),
+    Setting("MGPOCallback", lambda m: callbacks.MGPOCallback(rho=0.05), model=LORA),
     Setting("MomentumInterpolationCallback", lambda m: callbacks.MomentumInterpolationCallback(momentum=0.5)),
     Setting("MomentumSAMCallback", lambda m: callbacks.MomentumSAMCallback(rho=0.05)),
     Setting("RandomPerturbationCallback", lambda m: callbacks.RandomPerturbationCallback(rho=0.05, seed=3)),
