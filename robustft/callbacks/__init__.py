@@ -32,7 +32,7 @@ if TYPE_CHECKING:  # the same names, for type checkers and IDEs
         MomentumSAMCallback,
         RandomPerturbationCallback,
     )
-    from robustft.callbacks.plasticity import ShrinkPerturbCallback
+    from robustft.callbacks.plasticity import ContinualBackpropCallback, ShrinkPerturbCallback
     from robustft.callbacks.sam import SAMCallback
     from robustft.callbacks.sparse import SparseUpdateCallback, load_mask, save_mask
     from robustft.callbacks.wise_ft import WiseFTCallback
@@ -64,7 +64,7 @@ EXPORTS: dict[str, tuple[str, ...]] = {
         "MomentumSAMCallback",
         "RandomPerturbationCallback",
     ),
-    "robustft.callbacks.plasticity": ("ShrinkPerturbCallback",),
+    "robustft.callbacks.plasticity": ("ContinualBackpropCallback", "ShrinkPerturbCallback"),
     "robustft.callbacks.sam": ("SAMCallback",),
     "robustft.callbacks.sparse": ("SparseUpdateCallback", "load_mask", "save_mask"),
     "robustft.callbacks.wise_ft": ("WiseFTCallback",),

@@ -61,6 +61,9 @@ _COPIED_IN = "copies its average into the model at the end like EMACallback: two
 SETTINGS: list[Setting] = [
     Setting("BEMACallback", lambda m: callbacks.BEMACallback(update_freq=1, lag=2),
             skip={ORDER: _COPIED_IN}),
+    Setting("ContinualBackpropCallback",
+            lambda m: callbacks.ContinualBackpropCallback(replacement_rate=0.1, maturity_threshold=1,
+                                                          decay=0.9)),
     Setting("EMACallback", lambda m: callbacks.EMACallback(decay=0.7)),
     Setting("EMAReferenceCallback", lambda m: callbacks.EMAReferenceCallback(decay=0.7), model=TRL,
             setup="a reference model (TRL)", skip={FAILURE: _TRL, RESUME: _TRL, ORDER: _TRL}),
