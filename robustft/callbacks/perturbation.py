@@ -676,6 +676,7 @@ class MGPOCallback(_OnePass):
         return out
 
     # -- the direction and its size --------------------------------------------------------------
+    @torch.no_grad()
     def _weight_space(self, name: str, pick) -> torch.Tensor | None:
         """The tensor ``pick`` (momentum or gradient of a parameter; None if missing) seen in the target's
         weight space: Σ s·(dB·A + B·dA) for a LoRA layer (transposed for fan_in_fan_out), else itself."""
