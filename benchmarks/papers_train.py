@@ -1,14 +1,15 @@
 """Issue 27's training-time rows (LoRA-MGPO, continual backprop, Wasserstein to init) beside plain fine-tuning
 on the demo task, over several seeds: the mean and the spread of each row, and of its difference to plain.
 
-    python benchmarks/papers_train.py --seeds 0 1 2
-    python benchmarks/papers_train.py --seeds 0 &    # seeds in parallel processes, then the summary
-    python benchmarks/papers_train.py --seeds 1; wait; python benchmarks/papers_train.py --summarize 0 1
+    python benchmarks/papers_train.py --seeds 0 1 2              # train and save every row of each seed
+    python benchmarks/papers_train.py --summarize --seeds 0 1 2  # the summary of the saved rows
+    python benchmarks/papers_train.py --seeds 0 --rows MGPO &    # rows in parallel processes (no plain run)
 
 Each seed is one ``benchmarks/robustness.py`` regularizers section restricted to these rows (its
 ``REGULARIZERS`` entries and settings, the same task and budget with that seed: data, start model and
-training order all change with it); the per-seed tables are printed and each seed's rows saved as
-``<out>/seed<n>/rows.json``, then the summary (``--summarize``: from the saved files only).
+training order all change with it); each row is printed and saved as ``<out>/seed<n>/<row>.json`` when it is
+done; ``--summarize`` prints the summary from the saved files only. A process whose ``--rows`` leave out
+plain fine-tuning does not train it (its train-time ratio is then against another process's plain run).
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -47,40 +50,73 @@ def summary(per_seed: list[dict[str, robustness.Row]]) -> str:
     return "\n".join(lines)
 
 
-def save(rows: dict[str, robustness.Row], path: Path) -> None:
-    """One seed's rows as JSON (scores and seconds)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({name: dataclasses.asdict(r) for name, r in rows.items()}, indent=1))
+def slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_")
 
 
-def load(path: Path) -> dict[str, robustness.Row]:
-    return {name: robustness.Row(**r) for name, r in json.loads(path.read_text()).items()}
+def save(name: str, row: robustness.Row, folder: Path) -> None:
+    """One row of one seed as ``<folder>/<row>.json`` (scores and seconds)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{slug(name)}.json").write_text(json.dumps(dataclasses.asdict(row), indent=1))
+
+
+def load(folder: Path) -> dict[str, robustness.Row]:
+    """Every row of one seed saved in ``folder``; a missing row is an error naming it."""
+    missing = [name for name in ROWS if not (folder / f"{slug(name)}.json").exists()]
+    if missing:
+        raise SystemExit(f"papers_train: no saved row {missing} in {folder}")
+    return {name: robustness.Row(**json.loads((folder / f"{slug(name)}.json").read_text())) for name in ROWS}
+
+
+class RowsOnly(robustness.Context):
+    """The shared context without its plain run: for a process that trains other rows only (the plain row
+    and the train-time ratios then come from the process that ran it)."""
+
+    def __init__(self, task: robustness.Task, out: Path):
+        self.task, self.out, self.cache = task, out, {}
+
+
+def from_log(log: Path) -> dict[str, robustness.Row]:
+    """The rows a run printed (``<name>: Row(...)`` lines of ``robustness.run_rows`` or of this script)."""
+    rows = {}
+    for line in log.read_text().splitlines():
+        for name in ROWS:
+            if line.startswith(f"{name}: Row("):
+                text = re.sub(r" \(\d+ s\)$", "", line[len(name) + 2:])  # run_rows adds its wall time
+                rows[name] = eval(text, {"Row": robustness.Row, "nan": math.nan})  # noqa: S307 (our own repr)
+    return rows
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS), help="the rows this process trains")
     p.add_argument("--out", default=os.path.join(tempfile.gettempdir(), "robustft_papers_train"))
-    p.add_argument("--summarize", type=int, nargs="+", metavar="SEED",
-                   help="print the summary of these seeds' saved rows; train nothing")
+    p.add_argument("--summarize", action="store_true", help="print the summary of --seeds' saved rows only")
+    p.add_argument("--from-log", type=Path, help="save the rows a run printed to LOG (one seed) and stop")
     args = p.parse_args(argv)
+    if args.from_log is not None:
+        for name, row in from_log(args.from_log).items():
+            save(name, row, Path(args.out) / f"seed{args.seeds[0]}")
+            print(f"seed {args.seeds[0]}: saved {name}")
+        return 0
     if args.summarize:
-        per_seed = [load(Path(args.out) / f"seed{s}" / "rows.json") for s in args.summarize]
-        print(f"{len(per_seed)} seeds {args.summarize}\n" + summary(per_seed))
+        per_seed = [load(Path(args.out) / f"seed{s}") for s in args.seeds]
+        print(f"{len(per_seed)} seeds {args.seeds}\n" + summary(per_seed))
         return 0
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    per_seed = []
     for seed in args.seeds:
-        ctx = robustness.Context(robustness.demo_task(seed), Path(args.out) / f"seed{seed}")
-        rows = robustness.run_rows({name: robustness.REGULARIZERS[name] for name in ROWS}, ctx)
-        print(f"seed {seed}:\n" + robustness.regularizer_table(rows, ctx), flush=True)
-        save(rows, Path(args.out) / f"seed{seed}" / "rows.json")
-        per_seed.append(rows)
-    print(f"\n{len(args.seeds)} seeds {args.seeds}; load average {os.getloadavg()[0]:.1f} on "
-          f"{os.cpu_count()} cores at the end\n" + summary(per_seed))
+        folder = Path(args.out) / f"seed{seed}"
+        task = robustness.demo_task(seed)
+        ctx = robustness.Context(task, folder) if ROWS[0] in args.rows else RowsOnly(task, folder)
+        for name in args.rows:
+            row = robustness.REGULARIZERS[name](ctx)
+            print(f"{name}: {row}", flush=True)
+            save(name, row, folder)
+    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores at the end")
     return 0
 
 
