@@ -311,12 +311,15 @@ def regularizer_callbacks(task: Task, name: str) -> tuple[list, float]:
     import torch
 
     from robustft import (
+        ContinualBackpropCallback,
         EWCCallback,
         L2SPCallback,
         LPFTCallback,
+        MGPOCallback,
         ShrinkPerturbCallback,
         SparseUpdateCallback,
         SpectralRegCallback,
+        WassersteinRegCallback,
     )
 
     if name == "plain":
@@ -338,6 +341,12 @@ def regularizer_callbacks(task: Task, name: str) -> tuple[list, float]:
         return [ShrinkPerturbCallback(shrink=0.99, sigma=1e-3, every_n_steps=10, seed=task.seed)], 0.0
     if name == "LP-FT":
         return [LPFTCallback(probe_epochs=1)], 0.0
+    if name == "Wasserstein to init":
+        return [WassersteinRegCallback(1.0)], 0.0
+    if name == "continual backprop":
+        return [ContinualBackpropCallback(replacement_rate=1e-3, maturity_threshold=10, seed=task.seed)], 0.0
+    if name == "MGPO":
+        return [MGPOCallback(rho=0.05, beta=0.9)], 0.0
     raise ValueError(f"unknown training-time method {name!r}")
 
 
@@ -349,6 +358,9 @@ REGULARIZER_SETTINGS = {
     "magnitude mask": "0.5% of the weights by abs(θ_start)",
     "shrink-perturb": "θ ← 0.99·θ + 0.001·ε every 10 steps",
     "LP-FT": "probe 1 epoch (head only), then 1 epoch full",
+    "Wasserstein to init": "λ=1, sorted entries of every trainable tensor against their start",
+    "continual backprop": "ρ=1e-3, m=10, η=0.99, units of the 6 BERT MLP blocks, init N(0, 0.02²)",
+    "MGPO": "ρ=0.05, β=0.9 (the paper's NLU setting); no LoRA here: one layer per trainable tensor",
 }
 
 

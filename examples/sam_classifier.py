@@ -7,7 +7,8 @@ the first token modulo 3). Usage:
     python examples/sam_classifier.py --variant sam          # exact SAM (2 passes per step)
     python examples/sam_classifier.py --variant asam         # adaptive SAM
     python examples/sam_classifier.py --variant rwp --lora   # Flat-LoRA: random perturbation of W0 + sBA
-    python examples/sam_classifier.py --variant msam|ggpo
+    python examples/sam_classifier.py --variant mgpo --lora  # LoRA-MGPO: momentum-guided, per LoRA layer
+    python examples/sam_classifier.py --variant msam
 """
 
 from __future__ import annotations
@@ -19,14 +20,14 @@ import tempfile
 import torch
 from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
 
-from robustft import GGPOCallback, MomentumSAMCallback, RandomPerturbationCallback, SAMCallback
+from robustft import MGPOCallback, MomentumSAMCallback, RandomPerturbationCallback, SAMCallback
 
 VARIANTS = {
     "sam": lambda: SAMCallback(rho=0.05),
     "asam": lambda: SAMCallback(rho=0.5, adaptive=True),
     "msam": lambda: MomentumSAMCallback(rho=0.3),
     "rwp": lambda: RandomPerturbationCallback(rho=0.05),
-    "ggpo": lambda: GGPOCallback(rho=0.05),
+    "mgpo": lambda: MGPOCallback(rho=0.05),
     "none": None,
 }
 

@@ -9,7 +9,12 @@ from typing import TYPE_CHECKING
 from robustft._lazy import lazy_exports
 
 if TYPE_CHECKING:  # the same names, for type checkers and IDEs
-    from robustft.callbacks.anchor import EWCCallback, L2SPCallback, SpectralRegCallback
+    from robustft.callbacks.anchor import (
+        EWCCallback,
+        L2SPCallback,
+        SpectralRegCallback,
+        WassersteinRegCallback,
+    )
     from robustft.callbacks.averaging import (
         BEMACallback,
         EMACallback,
@@ -21,8 +26,13 @@ if TYPE_CHECKING:  # the same names, for type checkers and IDEs
     from robustft.callbacks.ema_reference import EMAReferenceCallback
     from robustft.callbacks.lora_arithmetic import LoRAArithmeticCallback
     from robustft.callbacks.lpft import LPFTCallback
-    from robustft.callbacks.perturbation import GGPOCallback, MomentumSAMCallback, RandomPerturbationCallback
-    from robustft.callbacks.plasticity import ShrinkPerturbCallback
+    from robustft.callbacks.perturbation import (
+        GGPOCallback,
+        MGPOCallback,
+        MomentumSAMCallback,
+        RandomPerturbationCallback,
+    )
+    from robustft.callbacks.plasticity import ContinualBackpropCallback, ShrinkPerturbCallback
     from robustft.callbacks.sam import SAMCallback
     from robustft.callbacks.soup import SoupCallback
     from robustft.callbacks.sparse import SparseUpdateCallback, load_mask, save_mask
@@ -32,7 +42,12 @@ if TYPE_CHECKING:  # the same names, for type checkers and IDEs
 #: ``robustft``'s own exports (:data:`CALLBACKS`) are derived from it; the ``TYPE_CHECKING`` imports above
 #: mirror it for IDEs (tests/test_imports.py checks that they agree).
 EXPORTS: dict[str, tuple[str, ...]] = {
-    "robustft.callbacks.anchor": ("EWCCallback", "L2SPCallback", "SpectralRegCallback"),
+    "robustft.callbacks.anchor": (
+        "EWCCallback",
+        "L2SPCallback",
+        "SpectralRegCallback",
+        "WassersteinRegCallback",
+    ),
     "robustft.callbacks.averaging": (
         "BEMACallback",
         "EMACallback",
@@ -46,10 +61,11 @@ EXPORTS: dict[str, tuple[str, ...]] = {
     "robustft.callbacks.lpft": ("LPFTCallback",),
     "robustft.callbacks.perturbation": (
         "GGPOCallback",
+        "MGPOCallback",
         "MomentumSAMCallback",
         "RandomPerturbationCallback",
     ),
-    "robustft.callbacks.plasticity": ("ShrinkPerturbCallback",),
+    "robustft.callbacks.plasticity": ("ContinualBackpropCallback", "ShrinkPerturbCallback"),
     "robustft.callbacks.sam": ("SAMCallback",),
     "robustft.callbacks.soup": ("SoupCallback",),
     "robustft.callbacks.sparse": ("SparseUpdateCallback", "load_mask", "save_mask"),

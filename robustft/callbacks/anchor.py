@@ -1,4 +1,5 @@
-"""Anchor penalties in the training loss: L2-SP, the Fisher (EWC) anchor and spectral regularization.
+"""Anchor penalties in the training loss: L2-SP, the Fisher (EWC) anchor, spectral regularization and the
+Wasserstein distance to the initial weight distribution.
 
 One mechanism for all three (:class:`_AnchorCallback`): the Trainer's ``compute_loss`` is wrapped on the
 instance and, during training only, returns loss + c·λ·P(θ), with c chosen so that after the Trainer's own
@@ -26,11 +27,13 @@ from robustft.ops.anchor import (
     anchor_penalty,
     anchor_pull,
     decoupled_anchor_step_,
+    sorted_values,
     spectral_penalty,
     top_singular_value,
+    wasserstein_penalty,
 )
 
-__all__ = ["EWCCallback", "L2SPCallback", "SpectralRegCallback"]
+__all__ = ["EWCCallback", "L2SPCallback", "SpectralRegCallback", "WassersteinRegCallback"]
 
 
 class _AnchorCallback(RobustCallback):
@@ -364,3 +367,39 @@ class SpectralRegCallback(_AnchorCallback):
             raise ValueError(f"{source}: 'targets' missing or not of shape {tuple(self.targets.shape)}")
         self.targets = saved.to(torch.float64)
 
+
+
+class WassersteinRegCallback(_AnchorCallback):
+    """Wasserstein-to-init regularization (Lewandowski et al., arXiv:2312.00246; the distributional baseline
+    of "Learning Continually by Spectral Regularization"): λ·Σ_t Σ_i (θ_t,(i) − θ⁰_t,(i))², per selected
+    tensor the sorted current entries against the sorted entries it had when training began
+    (:func:`robustft.ops.anchor.wasserstein_penalty`).
+
+    Unlike L2-SP it anchors each tensor's weight *distribution*, not each weight: units may swap roles.
+    Costs one sort per selected tensor per micro-batch and one sorted float32 copy of the selection.
+
+    Args:
+        strength: λ >= 0.
+        include, exclude: regex name patterns of the trainable parameters regularized (default: all).
+    Logs ``wasserstein/penalty``.
+    """
+
+    prefix = "wasserstein"
+    state_name = "wasserstein"
+
+    def __init__(self, strength: float, **kwargs: Any):
+        super().__init__(strength, **kwargs)
+        self.start: Snapshot | None = None
+
+    def _take_start(self, model, resuming):
+        with torch.no_grad():
+            self.start = Snapshot(list(self.params), [sorted_values(p.detach()) for p in self._live()])
+
+    def penalty(self):
+        return wasserstein_penalty(self._live(), self.start.tensors)
+
+    def state_dict(self):
+        return self.start.state_dict(), {}
+
+    def load_state_dict(self, tensors, meta, source):
+        self.start.load_state_dict(tensors, source=source)

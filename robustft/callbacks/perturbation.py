@@ -4,7 +4,8 @@
   ``robustft.callbacks.sam`` included): options, parameter selection, the ρ schedule, the hook on
   ``trainer.training_step``, metrics.
 * :class:`MomentumSAMCallback`, :class:`RandomPerturbationCallback` (RWP / Flat-LoRA),
-  :class:`GGPOCallback` (LoRA-GGPO) - one forward/backward per step: ε is chosen at ``on_step_begin``
+  :class:`MGPOCallback` (LoRA-MGPO, arXiv 2502.14538 v2+), :class:`GGPOCallback` (deprecated: our reading
+  of that paper's first version) - one forward/backward per step: ε is chosen at ``on_step_begin``
   and applied around each micro-batch inside the wrapped ``training_step`` (undone when it returns or
   raises), so the gradient is taken at w + ε, the step applied to w, and the weights are unperturbed
   whenever anything else runs: an error raised anywhere in ``train()`` leaves them exactly unperturbed.
@@ -48,6 +49,9 @@ from robustft.ops.perturb import (
     ggpo_row_scale,
     global_norm,
     low_rank_merged_row_sq_norms,
+    low_rank_tangent,
+    mgpo_factor,
+    mgpo_grad_ema,
     momentum_epsilon,
     noise_seed,
     perturb_,
@@ -59,7 +63,13 @@ from robustft.ops.perturb import (
     unperturb_,
 )
 
-__all__ = ["GGPOCallback", "MomentumSAMCallback", "RandomPerturbationCallback", "WeightPerturbation"]
+__all__ = [
+    "GGPOCallback",
+    "MGPOCallback",
+    "MomentumSAMCallback",
+    "RandomPerturbationCallback",
+    "WeightPerturbation",
+]
 
 _SCHEDULES = ("constant", "linear")
 
@@ -566,12 +576,12 @@ class RandomPerturbationCallback(_RowWise):
 
 
 class GGPOCallback(_RowWise):
-    """LoRA-GGPO-style perturbation of the trained (LoRA) factors from weight and gradient norms.
+    """Deprecated: our reading of LoRA-GGPO's first version (its abstract only); use :class:`MGPOCallback`,
+    the method as arXiv 2502.14538 publishes it from v2 on (LoRA-MGPO). See docs/sam.md, "Changes".
 
     ε_{i,j} ~ N(0, ρ²/n · (α‖W_{i,:}‖² + β‖∇W_{i,:}‖²)) per row of each trainable tensor, with ∇W the
-    previous step's gradient (see :func:`robustft.ops.perturb.ggpo_row_scale`: the paper's equation
-    was not available; this follows its abstract). Noise regenerated from a seed; ~1x a plain step.
-    The per-row gradient norms (one float per row) are saved with checkpoints.
+    previous step's gradient (see :func:`robustft.ops.perturb.ggpo_row_scale`). Noise regenerated from a
+    seed; ~1x a plain step. The per-row gradient norms (one float per row) are saved with checkpoints.
     """
 
     state_name = "ggpo"
@@ -584,6 +594,12 @@ class GGPOCallback(_RowWise):
         beta = check_number("beta", beta, low=0.0)
         if alpha == 0 and beta == 0:
             raise ValueError("alpha and beta: at least one must be > 0")
+        warnings.warn(
+            "GGPOCallback is deprecated: it follows the abstract of LoRA-GGPO's first version, not the "
+            "method arXiv 2502.14538 publishes (LoRA-MGPO); use MGPOCallback (docs/sam.md, 'Changes')",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         self.alpha, self.beta = float(alpha), float(beta)
         self._grad_sq_rows: dict[str, torch.Tensor] = {}
 
@@ -627,3 +643,171 @@ class GGPOCallback(_RowWise):
 
     def sharded_state(self) -> bool:  # FSDP2: each rank keeps the row norms of its own rows
         return is_sharded(self._params)
+
+
+class MGPOCallback(_OnePass):
+    """LoRA-MGPO (Chang et al., "LoRA-MGPO: Mitigating Double Descent in Low-Rank Adaptation via
+    Momentum-Guided Perturbation Optimization", EMNLP 2025 Findings; arXiv 2502.14538 v2+): the gradient is
+    taken at W + ε_l with, per layer l, ε_l = −ρ · v_l/‖v_l‖ · min(1/ḡ_l, max_scale).
+
+    On a PEFT LoRA model each LoRA layer is one l: v_l = Σ_adapters s·(m_B·A + B·m_A) is the optimizer's
+    momentum of the factors (Adam's ``exp_avg``, SGD's ``momentum_buffer``) seen in weight space
+    (:func:`robustft.ops.perturb.low_rank_tangent`), added to the frozen base weight W₀ (so the layer
+    computes with W₀ + ε + s·B·A), and ḡ_l is the EMA (``beta``) of ‖Σ s·(∇B·A + B·∇A)‖, the layer's
+    gradient norm in the same space. On a model without LoRA layers each selected trainable tensor is one l
+    (v = its momentum, ḡ = EMA of its gradient norm): the same rule without the factorisation.
+
+    ε is recomputed from the momentum (which the optimizer changes only in its step, after ε is undone), so
+    nothing parameter-sized is stored; a layer without momentum yet (the first step) is not perturbed. ḡ is
+    updated once per optimizer step from the gradient the optimizer receives (accumulated, clipped); the
+    ḡ values (one float per layer) are saved with checkpoints. ~1x a plain step.
+
+    Args:
+        rho: ρ > 0 (the paper: 0.05 for T5-base on GLUE, 0.01 for LLaMA-2-7B).
+        beta: ḡ's EMA coefficient in [0, 1) (the paper: 0.9 / 0.8).
+        normalize: divide by ḡ (the paper's adaptive normalisation); False keeps ε = −ρ·v/‖v‖ per layer.
+        max_scale: cap of 1/ḡ (10, as the authors' code).
+        include / exclude / skip_norm_and_bias / schedule / start_step: as every perturbation callback
+            (on a LoRA model they select among the LoRA layers' base weights ``<layer>.base_layer.weight``).
+    Refuses DoRA and LoRA embedding layers, FSDP2 and DeepSpeed by name.
+    """
+
+    state_name = "mgpo"
+    log_prefix = "mgpo"
+    has_state = True
+
+    def __init__(self, rho: float = 0.05, beta: float = 0.9, normalize: bool = True,
+                 max_scale: float = 10.0, **kwargs):
+        super().__init__(rho, **kwargs)
+        beta = check_number("beta", beta, low=0.0, high=1.0, high_open=True)
+        check_bool("normalize", normalize)
+        max_scale = check_number("max_scale", max_scale, low=0.0, low_open=True)
+        self.beta, self.normalize, self.max_scale = float(beta), normalize, float(max_scale)
+        # target name -> [(B, A, scaling)] of its active adapters (LoRA), or None (the tensor itself)
+        self._factors: dict[str, list[tuple[torch.Tensor, torch.Tensor, float]] | None] = {}
+        self._transposed: dict[str, bool] = {}
+        self._grad_ema: dict[str, torch.Tensor] = {}
+
+    # -- what is perturbed -----------------------------------------------------------------------
+    def _targets(self, model):
+        owner = self.trainer if self.trainer is not None else model
+        if distributed.deepspeed_stage(owner) is not None:
+            raise ValueError("MGPOCallback does not support DeepSpeed: it reads the optimizer's momentum per "
+                             "parameter, which ZeRO partitions; use DDP")
+        layers = lora_layers(model)
+        if not layers:
+            targets = self._select(model)
+            self._factors = dict.fromkeys(targets)
+            self._transposed = dict.fromkeys(targets, False)
+        else:
+            candidates = select_parameters(model, self.include, self.exclude, trainable_only=False,
+                                           skip_norm_and_bias=self.skip_norm_and_bias)
+            targets, self._factors, self._transposed = {}, {}, {}
+            for name, layer in layers.items():
+                key = f"{name}.base_layer.weight"
+                if key in candidates:
+                    targets[key] = candidates[key]
+                    self._factors[key] = self._lora_factors(name, layer)
+                    self._transposed[key] = bool(getattr(layer, "fan_in_fan_out", False))
+            if not targets:
+                raise ValueError("MGPOCallback: include/exclude leave no LoRA base weight to perturb")
+        if is_sharded(targets):
+            raise ValueError("MGPOCallback does not support FSDP2 shards: the per-layer direction needs "
+                             "whole LoRA factors and their momentum; use DDP")
+        return targets
+
+    @staticmethod
+    def _lora_factors(name: str, layer) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
+        """(B, A, s) of each active adapter of a plain LoRA linear layer; anything else is refused by name."""
+        active = list(layer.active_adapters)
+        if not active or any(a not in layer.lora_A for a in active):
+            raise ValueError(f"MGPOCallback: LoRA layer {name!r} has an active adapter that is no LoRA "
+                             "linear factor pair (an embedding LoRA?); exclude it")
+        if any(getattr(layer, "use_dora", {}).get(a, False) for a in active):
+            raise ValueError(f"MGPOCallback: LoRA layer {name!r} uses DoRA, whose weight is not "
+                             "W₀ + s·B·A")
+        out = []
+        for adapter in active:
+            a, b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+            if a.dim() != 2:
+                raise ValueError(f"MGPOCallback: LoRA layer {name!r} is not a linear layer (factor A of "
+                                 f"shape {tuple(a.shape)})")
+            out.append((b, a, float(layer.scaling[adapter])))
+        return out
+
+    # -- the direction and its size --------------------------------------------------------------
+    @torch.no_grad()
+    def _weight_space(self, name: str, pick) -> torch.Tensor | None:
+        """The tensor ``pick`` (momentum or gradient of a parameter; None if missing) seen in the target's
+        weight space: Σ s·(dB·A + B·dA) for a LoRA layer (transposed for fan_in_fan_out), else itself."""
+        factors = self._factors[name]
+        if factors is None:
+            t = pick(self._params[name])
+            return None if t is None else t.detach().to(compute_dtype(t.dtype))
+        parts = [(s * b, a, pick(b), pick(a), s) for b, a, s in factors]
+        if any(db is None or da is None for _, _, db, da, _ in parts):
+            return None
+        sb = torch.cat([p[0] for p in parts], dim=1)
+        a = torch.cat([p[1] for p in parts], dim=0)
+        sdb = torch.cat([p[4] * p[2] for p in parts], dim=1)
+        da = torch.cat([p[3] for p in parts], dim=0)
+        v = low_rank_tangent(sb, a, sdb, da)
+        return v.T if self._transposed[name] else v
+
+    def _momentum(self, optimizer):
+        def pick(p):
+            st = optimizer.state.get(p, {}) if hasattr(optimizer, "state") else {}
+            return st.get("exp_avg", st.get("momentum_buffer"))
+
+        return pick
+
+    def _contexts(self, weights, rho, state, optimizer):
+        if optimizer is None:
+            raise ValueError("MGPOCallback: the Trainer passed no optimizer to the callback")
+        pick = self._momentum(optimizer)
+        contexts, scales = [], []
+        for name in self._params:
+            v = self._weight_space(name, pick)
+            if v is None:
+                contexts.append(None)
+                continue
+            norm = torch.linalg.vector_norm(v)
+            if not torch.isfinite(norm):
+                self._warn_nonfinite(state, f"momentum of {name!r}", "this layer is not perturbed")
+                contexts.append(None)
+                continue
+            if norm <= 1e-12:
+                contexts.append(None)
+                continue
+            ema = self._grad_ema.get(name) if self.normalize else None
+            factor = mgpo_factor(norm, ema, rho, self.max_scale)
+            scales.append(-factor * float(norm) / rho)
+            contexts.append((name, optimizer, factor))
+        if scales:
+            self._record("adaptive_scale", sum(scales) / len(scales))
+        return contexts
+
+    def _noise(self, index, w, ctx):
+        name, optimizer, factor = ctx
+        return (self._weight_space(name, self._momentum(optimizer)) * factor).to(w.device)
+
+    # -- ḡ ---------------------------------------------------------------------------------------
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        super().on_pre_optimizer_step(args, state, control, **kwargs)
+        for name in self._params:
+            g = self._weight_space(name, lambda p: p.grad)
+            if g is None:
+                continue
+            norm = torch.linalg.vector_norm(g)
+            if torch.isfinite(norm):
+                self._grad_ema[name] = mgpo_grad_ema(self._grad_ema.get(name), norm, self.beta)
+
+    def state_dict(self):
+        return ({f"grad_ema.{n}": t.reshape(1) for n, t in self._grad_ema.items()},
+                {"beta": self.beta, "rho": self.rho})
+
+    def load_state_dict(self, tensors, meta, source):
+        unknown = [k for k in tensors if k[len("grad_ema."):] not in self._params]
+        if unknown:
+            raise ValueError(f"{source}: {unknown[0]!r} names no tensor this MGPOCallback perturbs")
+        self._grad_ema = {k[len("grad_ema."):]: t.to(torch.float64).reshape(()) for k, t in tensors.items()}

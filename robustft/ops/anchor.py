@@ -1,4 +1,5 @@
-"""Anchor penalties that keep fine-tuning near its start: L2-SP, the Fisher (EWC) anchor, spectral.
+"""Anchor penalties that keep fine-tuning near its start: L2-SP, the Fisher (EWC) anchor, spectral, and
+the Wasserstein distance to the initial weight distribution.
 
 Pure functions of tensors, differentiable in the live weights; ``robustft.callbacks.anchor`` adds them to the
 Trainer's loss (docs/regularizers.md). Every penalty is computed in float32 (or the start copy's dtype when
@@ -17,8 +18,10 @@ __all__ = [
     "anchor_penalty",
     "anchor_pull",
     "decoupled_anchor_step_",
+    "sorted_values",
     "spectral_penalty",
     "top_singular_value",
+    "wasserstein_penalty",
 ]
 
 
@@ -98,3 +101,38 @@ def decoupled_anchor_step_(params: Sequence[torch.Tensor], pulls: Sequence[torch
     """θ ← θ − pull in place, computed in the pull's dtype (float32 or wider) and rounded once to θ's."""
     for p, d in zip(params, pulls, strict=True):
         p.copy_((_wide(p, d) - d).to(p.dtype))
+
+
+def sorted_values(t: torch.Tensor) -> torch.Tensor:
+    """The entries of ``t`` flattened and sorted ascending, in float32 or wider: a tensor's empirical
+    distribution in the form :func:`wasserstein_penalty` compares (its quantiles)."""
+    return torch.sort(t.reshape(-1).to(compute_dtype(t.dtype))).values
+
+
+def wasserstein_penalty(
+    params: Sequence[torch.Tensor], sorted_starts: Sequence[torch.Tensor]
+) -> torch.Tensor:
+    """Σ_t Σ_i (θ_t,(i) − θ⁰_t,(i))²: per tensor, the squared 2-Wasserstein distance between the empirical
+    distribution of its current entries and that of its initial ones, times its size n_t.
+
+    Two equal-size samples on the line are optimally matched in sorted order, so W₂² = (1/n)·Σ_i
+    (x_(i) − y_(i))²: the Wasserstein regularizer of Lewandowski et al. ("Directions of Curvature as an
+    Explanation for Loss of Plasticity", arXiv:2312.00246; the Wasserstein-to-init variant the spectral
+    regularization paper compares against), which keeps each layer's weight *distribution* near its
+    initial one while letting individual weights move (any permutation of θ⁰ costs nothing, unlike L2-SP).
+    ``sorted_starts``: :func:`sorted_values` of the starting tensors. The gradient w.r.t. θ_j is
+    2·(θ_j − θ⁰_(rank of θ_j)); torch's sort passes it back to the unsorted positions.
+    """
+    if len(params) != len(sorted_starts):
+        raise ValueError(f"wasserstein_penalty: {len(params)} tensors, {len(sorted_starts)} starts")
+    if not params:
+        raise ValueError("wasserstein_penalty: no tensor to regularize")
+    terms = []
+    for i, (p, s) in enumerate(zip(params, sorted_starts)):
+        if p.numel() != s.numel():
+            raise ValueError(
+                f"wasserstein_penalty: tensor {i} has {p.numel()} entries, its start {s.numel()}"
+            )
+        q = sorted_values(_wide(p, s))
+        terms.append((q - s.to(device=q.device, dtype=q.dtype)).square().sum())
+    return torch.stack(terms).sum()

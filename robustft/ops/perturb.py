@@ -32,6 +32,9 @@ __all__ = [
     "ggpo_row_scale",
     "global_norm",
     "low_rank_merged_row_sq_norms",
+    "low_rank_tangent",
+    "mgpo_factor",
+    "mgpo_grad_ema",
     "momentum_epsilon",
     "noise_seed",
     "perturb_",
@@ -134,6 +137,53 @@ def momentum_epsilon(m: torch.Tensor, rho: float, norm: torch.Tensor) -> torch.T
     """
     dtype = compute_dtype(m.dtype)
     return m.detach().to(dtype) * (-rho / (norm.to(device=m.device, dtype=dtype) + 1e-12))
+
+
+def low_rank_tangent(
+    b: torch.Tensor, a: torch.Tensor, db: torch.Tensor, da: torch.Tensor
+) -> torch.Tensor:
+    """dB·A + B·dA (out × in, float32 or wider): the first-order change of the product B·A when the factors
+    move along (dB, dA), i.e. a direction of the LoRA factors seen in the weight space of W₀ + B·A.
+
+    LoRA-MGPO (Chang et al., EMNLP 2025 Findings, arXiv:2502.14538 v2+) reads the optimizer's momentum of
+    the factors (m_B, m_A) and the gradients (∇B, ∇A) this way: ``b`` = s·B, ``db`` = s·m_B (or s·∇B) for a
+    layer of scaling s; several adapters: their s·B (and s·dB) side by side and their A (and dA) stacked.
+    """
+    if b.dim() != 2 or a.dim() != 2 or b.shape != db.shape or a.shape != da.shape or (
+        b.shape[1] != a.shape[0]
+    ):
+        raise ValueError(f"low_rank_tangent: B {tuple(b.shape)}, A {tuple(a.shape)}, dB {tuple(db.shape)} "
+                         f"and dA {tuple(da.shape)} do not make dB·A + B·dA")
+    dtype = compute_dtype(b.dtype, a.dtype, db.dtype, da.dtype)
+    b, a, db, da = (t.detach().to(dtype) for t in (b, a, db, da))
+    return db @ a + b @ da
+
+
+def mgpo_factor(
+    direction_norm: torch.Tensor | float,
+    grad_ema: torch.Tensor | float | None,
+    rho: float,
+    max_scale: float = 10.0,
+    eps: float = 1e-12,
+) -> float:
+    """c with ε = c·v: c = −ρ / (‖v‖ + eps) · min(1 / (ḡ + eps), max_scale), or −ρ / (‖v‖ + eps) before the
+    first gradient norm is known (``grad_ema`` None).
+
+    LoRA-MGPO's perturbation of one layer, ε = −ρ · v/‖v‖ · ḡ⁻¹: the direction v is the optimizer's momentum
+    (the coming step follows −v, so the gradient is taken ahead along it, as in Momentum-SAM), normalised
+    per layer; its size is divided by ḡ, the EMA of that layer's gradient norm (:func:`mgpo_grad_ema`), so
+    layers whose gradients are large are perturbed less. The reciprocal is capped at ``max_scale`` (10 in
+    the authors' code, llm172/LoRA-MGPO ``lora_mgpo/trainer.py``).
+    """
+    scale = 1.0 if grad_ema is None else min(1.0 / (float(grad_ema) + eps), max_scale)
+    return -rho / (float(direction_norm) + eps) * scale
+
+
+def mgpo_grad_ema(previous: torch.Tensor | None, grad_norm: torch.Tensor, beta: float) -> torch.Tensor:
+    """ḡ_t = β·ḡ_{t−1} + (1 − β)·‖g_t‖, started at the first norm itself (no zero start, no bias correction),
+    as the authors' code does; float64 scalar on the CPU."""
+    norm = grad_norm.detach().to(device="cpu", dtype=torch.float64).reshape(())
+    return norm if previous is None else beta * previous + (1.0 - beta) * norm
 
 
 def row_sq_norms(t: torch.Tensor) -> torch.Tensor:

@@ -61,6 +61,9 @@ _COPIED_IN = "copies its average into the model at the end like EMACallback: two
 SETTINGS: list[Setting] = [
     Setting("BEMACallback", lambda m: callbacks.BEMACallback(update_freq=1, lag=2),
             skip={ORDER: _COPIED_IN}),
+    Setting("ContinualBackpropCallback",
+            lambda m: callbacks.ContinualBackpropCallback(replacement_rate=0.1, maturity_threshold=1,
+                                                          decay=0.9)),
     Setting("EMACallback", lambda m: callbacks.EMACallback(decay=0.7)),
     Setting("EMAReferenceCallback", lambda m: callbacks.EMAReferenceCallback(decay=0.7), model=TRL,
             setup="a reference model (TRL)", skip={FAILURE: _TRL, RESUME: _TRL, ORDER: _TRL}),
@@ -72,6 +75,7 @@ SETTINGS: list[Setting] = [
             skip={ORDER: _COPIED_IN}),
     Setting("LPFTCallback", lambda m: callbacks.LPFTCallback(probe_steps=2)),
     Setting("LoRAArithmeticCallback", lambda m: callbacks.LoRAArithmeticCallback({"self": 0.5}), model=LORA),
+    Setting("MGPOCallback", lambda m: callbacks.MGPOCallback(rho=0.05), model=LORA),
     Setting("MomentumInterpolationCallback", lambda m: callbacks.MomentumInterpolationCallback(momentum=0.5)),
     Setting("MomentumSAMCallback", lambda m: callbacks.MomentumSAMCallback(rho=0.05)),
     Setting("RandomPerturbationCallback", lambda m: callbacks.RandomPerturbationCallback(rho=0.05, seed=3)),
@@ -82,6 +86,7 @@ SETTINGS: list[Setting] = [
     Setting("SoupCallback", lambda m: callbacks.SoupCallback(last=2)),
     Setting("SpectralRegCallback", lambda m: callbacks.SpectralRegCallback(0.5)),
     Setting("SWACallback", lambda m: callbacks.SWACallback(start=1), skip={ORDER: _COPIED_IN}),
+    Setting("WassersteinRegCallback", lambda m: callbacks.WassersteinRegCallback(0.5)),
     Setting("WiseFTCallback", lambda m: callbacks.WiseFTCallback(alpha=0.5)),
 ]
 

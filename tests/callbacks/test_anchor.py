@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from robustft import EWCCallback, L2SPCallback, SpectralRegCallback
+from robustft import EWCCallback, L2SPCallback, SpectralRegCallback, WassersteinRegCallback
 from robustft.merge import estimate_fisher
 from tests.callbacks.sam_helpers import MLP, NoisyLinearData, make_trainer, tiny_bert
 
@@ -47,6 +47,14 @@ def _spectral_grad(w, w0, power=2):
     return g.reshape(w.shape).float()
 
 
+def _wasserstein_grad(w, w0):
+    """d/dθ Σ_i (θ_(i) − θ⁰_(i))²: each entry minus the initial entry of the same rank, twice (by ranks)."""
+    flat = w.double().reshape(-1)
+    rank = torch.empty_like(flat, dtype=torch.long)
+    rank[torch.argsort(flat)] = torch.arange(flat.numel())
+    return (2 * (flat - torch.sort(w0.double().reshape(-1)).values[rank])).reshape(w.shape).float()
+
+
 def _model(kind):
     if kind == "mlp":
         torch.manual_seed(0)
@@ -67,6 +75,8 @@ PENALTIES = {
     "ewc": (lambda model: EWCCallback(LAM, fisher=_fisher(model)), lambda w, w0, n, f: LAM * f[n] * (w - w0)),
     "spectral": (lambda model: SpectralRegCallback(LAM),
                  lambda w, w0, n, f: LAM * _spectral_grad(w, w0) if w.ndim >= 2 else torch.zeros_like(w)),
+    "wasserstein": (lambda model: WassersteinRegCallback(LAM),
+                    lambda w, w0, n, f: LAM * _wasserstein_grad(w, w0)),
 }
 
 
@@ -237,8 +247,8 @@ def _train_mlp(tmp_path, callbacks, steps=4, **kw):
 @pytest.mark.parametrize("make", [
     lambda: L2SPCallback(0.0), lambda: L2SPCallback(0.0, decoupled=True),
     lambda: EWCCallback(0.0, fisher_data=[{"x": torch.ones(2, 10), "labels": torch.ones(2).long()}]),
-    lambda: SpectralRegCallback(0.0),
-], ids=["l2sp", "l2sp_decoupled", "ewc", "spectral"])
+    lambda: SpectralRegCallback(0.0), lambda: WassersteinRegCallback(0.0),
+], ids=["l2sp", "l2sp_decoupled", "ewc", "spectral", "wasserstein"])
 def test_zero_strength_is_bit_identical_to_plain_training(tmp_path, make):
     trainer, model = _train_mlp(tmp_path / "a", [make()])
     trainer.train()
@@ -297,6 +307,8 @@ def test_ewc_fisher_must_cover_the_selection(tmp_path):
     (lambda: SpectralRegCallback(0.1, power=1.5), "power"),
     (lambda: SpectralRegCallback(0.1, target="init"), "target"),
     (lambda: L2SPCallback(0.1, restart_if_missing="no"), "restart_if_missing"),
+    (lambda: WassersteinRegCallback(-0.5), "strength"),
+    (lambda: WassersteinRegCallback(0.1, include="("), "include"),
 ])
 def test_bad_options_are_named_at_construction(make, match):
     with pytest.raises(ValueError, match=match):
@@ -328,7 +340,8 @@ def _fisher_batches():
     lambda: L2SPCallback(LAM, decoupled=True),
     lambda: EWCCallback(3.0, fisher_data=_fisher_batches()),
     lambda: SpectralRegCallback(LAM),
-], ids=["l2sp", "l2sp_decoupled", "ewc", "spectral"])
+    lambda: WassersteinRegCallback(LAM),
+], ids=["l2sp", "l2sp_decoupled", "ewc", "spectral", "wasserstein"])
 def test_resume_equals_an_uninterrupted_run(tmp_path, make):
     full_trainer, full = _train_mlp(tmp_path / "full", [make()])
     full_trainer.train()
@@ -359,3 +372,35 @@ def test_decoupled_is_refused_under_deepspeed_before_the_first_step(tmp_path, mo
     assert trainer.state.global_step == 0
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]), n
+
+
+def _reference_wasserstein(steps, lr=0.1, momentum=0.9):
+    """Full-batch plain torch: SGD on mean CE + λ·Σ_t Σ_i (θ_t,(i) − θ⁰_t,(i))², the sorted initial entries
+    taken before the first step (the penalty written here with argsort, not robustft's sort)."""
+    torch.manual_seed(0)
+    model, data = MLP(), NoisyLinearData(n=16)
+    flat = [p.detach().reshape(-1) for p in model.parameters()]
+    start = [f[torch.argsort(f)].clone() for f in flat]
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = model(data.x, data.y)["loss"]
+        for p, s in zip(model.parameters(), start):
+            flat = p.reshape(-1)
+            loss = loss + LAM * (flat[torch.argsort(flat.detach())] - s).square().sum()
+        loss.backward()
+        opt.step()
+    return dict(model.named_parameters())
+
+
+@pytest.mark.parametrize("ga", [1, 2])
+def test_wasserstein_weights_equal_a_plain_torch_loop(tmp_path, ga):
+    torch.manual_seed(0)
+    model = MLP()
+    make_trainer(model, tmp_path, [WassersteinRegCallback(LAM)], ga=ga, steps=4,
+                 data=NoisyLinearData(n=16)).train()
+    want = _reference_wasserstein(4)
+    _assert_weights(model, want)
+    # anchoring the distribution is not anchoring each weight: L2-SP of the same strength ends elsewhere
+    l2sp = _reference_l2sp(4).values()
+    assert any(not torch.allclose(p, q, atol=1e-4) for p, q in zip(want.values(), l2sp))

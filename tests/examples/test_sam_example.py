@@ -10,7 +10,8 @@ from tests.examples import run_example
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("argv", "metric"),
-    [(["--variant", "sam"], "sam/sharpness"), (["--variant", "rwp", "--lora"], "rwp/perturbation_norm")],
+    [(["--variant", "sam"], "sam/sharpness"), (["--variant", "rwp", "--lora"], "rwp/perturbation_norm"),
+     (["--variant", "mgpo", "--lora"], "mgpo/perturbation_norm")],
 )
 def test_sam_example_runs(argv, metric):
     out = run_example("sam_classifier.py", *argv, "--steps", "10")

@@ -9,8 +9,10 @@ from robustft.ops.anchor import (
     anchor_penalty,
     anchor_pull,
     decoupled_anchor_step_,
+    sorted_values,
     spectral_penalty,
     top_singular_value,
+    wasserstein_penalty,
 )
 
 
@@ -94,3 +96,35 @@ def test_decoupled_step_against_its_formula(dtype):
     decoupled_anchor_step_(moved, pulls)
     for m, w in zip(moved, want):
         assert torch.equal(m, w)
+
+
+def test_wasserstein_penalty_is_the_optimal_matching_cost_found_by_an_assignment_solver():
+    """Σ_i (θ_(i) − θ⁰_(i))² equals min over matchings π of Σ_i (θ_i − θ⁰_π(i))² (scipy's Hungarian solver on
+    the dense cost matrix), per tensor; its gradient is 2·(θ_j − θ⁰ of θ_j's rank)."""
+    from scipy.optimize import linear_sum_assignment
+
+    params = [t.requires_grad_() for t in _tensors(7, [(5, 3), (4,), (2, 3, 2)], torch.float64)]
+    starts = _tensors(8, [(5, 3), (4,), (2, 3, 2)], torch.float64)
+    value = wasserstein_penalty(params, [sorted_values(s) for s in starts])
+    value.backward()
+    total = 0.0
+    for p, s in zip(params, starts):
+        x, y = p.detach().reshape(-1), s.reshape(-1)
+        cost = (x[:, None] - y[None, :]).square().numpy()
+        rows, cols = linear_sum_assignment(cost)
+        total += float(cost[rows, cols].sum())
+        want = 2 * (x - y[torch.as_tensor(cols)])  # the optimal partner of each entry
+        torch.testing.assert_close(p.grad.reshape(-1), want)
+    assert value.item() == pytest.approx(total, rel=1e-10)
+    # a permutation of the start costs nothing (L2-SP would charge it)
+    perm = starts[0].reshape(-1)[torch.randperm(15, generator=torch.Generator().manual_seed(0))]
+    assert wasserstein_penalty([perm], [sorted_values(starts[0])]).item() == 0.0
+
+
+def test_wasserstein_penalty_refuses_mismatched_inputs():
+    with pytest.raises(ValueError, match="2 tensors, 1 starts"):
+        wasserstein_penalty(_tensors(0, [(2,), (3,)]), [torch.zeros(2)])
+    with pytest.raises(ValueError, match="tensor 0 has 3 entries, its start 2"):
+        wasserstein_penalty(_tensors(0, [(3,)]), [torch.zeros(2)])
+    with pytest.raises(ValueError, match="no tensor"):
+        wasserstein_penalty([], [])

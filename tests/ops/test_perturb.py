@@ -12,6 +12,9 @@ from robustft.ops.perturb import (
     ggpo_row_scale,
     global_norm,
     low_rank_merged_row_sq_norms,
+    low_rank_tangent,
+    mgpo_factor,
+    mgpo_grad_ema,
     momentum_epsilon,
     noise_seed,
     perturb_,
@@ -280,3 +283,24 @@ def test_seeded_noise_linear_is_x_times_the_noise_with_its_gradient_and_keeps_no
     torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-6, atol=1e-6)
     assert len(calls) == 3  # drawn for the forward, again for the backward (and once for the reference)
+
+
+def test_low_rank_tangent_is_the_derivative_of_the_product():
+    """dB·A + B·dA = d/dt (B + t·dB)(A + t·dA) at t = 0, checked by torch.func.jvp on the dense product."""
+    g = torch.Generator().manual_seed(3)
+    shapes = [(6, 2), (2, 5), (6, 2), (2, 5)]
+    b, a, db, da = (torch.randn(s, generator=g, dtype=torch.float64) for s in shapes)
+    _, want = torch.func.jvp(lambda x, y: x @ y, (b, a), (db, da))
+    torch.testing.assert_close(low_rank_tangent(b, a, db, da), want)
+    with pytest.raises(ValueError, match="do not make"):
+        low_rank_tangent(b, a, db, da.T)
+
+
+def test_mgpo_factor_and_grad_ema_follow_the_rule():
+    assert mgpo_factor(2.0, None, 0.1) == pytest.approx(-0.05)  # before the first gradient norm: ρ·v/‖v‖
+    assert mgpo_factor(2.0, 4.0, 0.1) == pytest.approx(-0.05 / 4)  # divided by ḡ
+    assert mgpo_factor(2.0, 1e-3, 0.1) == pytest.approx(-0.05 * 10)  # 1/ḡ capped at 10
+    assert mgpo_factor(2.0, 1e-3, 0.1, max_scale=100.0) == pytest.approx(-0.05 * 100)
+    ema = mgpo_grad_ema(None, torch.tensor(3.0), 0.9)
+    assert ema.item() == 3.0  # started at the first norm
+    assert mgpo_grad_ema(ema, torch.tensor(1.0), 0.9).item() == pytest.approx(0.9 * 3 + 0.1 * 1)
