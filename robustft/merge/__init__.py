@@ -14,6 +14,7 @@ if TYPE_CHECKING:  # the same names, for type checkers and IDEs
     from robustft.merge.engine import MergeResult, merge_checkpoints, merge_tensor
     from robustft.merge.interpolate import warp_checkpoints
     from robustft.merge.recipe import METHODS, Recipe, load_recipe, parse_recipe
+    from robustft.merge.tall import TallResult, tall_compress_checkpoints, tall_extract
 
 __getattr__, __dir__ = lazy_exports(
     __name__,
@@ -23,6 +24,7 @@ __getattr__, __dir__ = lazy_exports(
         "robustft.core.statistics": ("Grams", "estimate_fisher", "estimate_gram", "save_fisher", "save_gram"),
         "robustft.merge.interpolate": ("warp_checkpoints",),
         "robustft.merge.recipe": ("METHODS", "Recipe", "load_recipe", "parse_recipe"),
+        "robustft.merge.tall": ("TallResult", "tall_compress_checkpoints", "tall_extract"),
     },
 )
 
@@ -42,5 +44,8 @@ __all__ = [
     "save_fisher",
     "save_gram",
     "parse_recipe",
+    "TallResult",
+    "tall_compress_checkpoints",
+    "tall_extract",
     "warp_checkpoints",
 ]
