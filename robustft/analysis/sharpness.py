@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from robustft.core.checkpoint import atomic_output_file, save_report
-from robustft.core.model import call_with_weights
+from robustft.core.model import as_batches, call_with_weights
 from robustft.core.params import select_parameters, train_mode
 from robustft.interpolation.wise_ft import DEFAULT_ALPHAS, WiseFTWeights, check_alphas, evaluate_at_alphas
 from robustft.ops.dtypes import compute_dtype
@@ -89,16 +89,6 @@ def _groups(model: nn.Module, names: Sequence[str] | None, option: str) -> dict[
             raise ValueError(f"{option}: module {name!r} has no floating parameter to perturb")
         groups[name] = params
     return groups
-
-
-def _batches(data: Any) -> list[Any]:
-    """The batches, read once (a shuffling DataLoader would give each pass other batches): a mapping, a
-    tensor or a tuple ``(inputs, *targets)`` is one batch; a list, a DataLoader or another iterable holds
-    batches."""
-    batches = [data] if isinstance(data, (Mapping, torch.Tensor, tuple)) else list(data)
-    if not batches:
-        raise ValueError("data: no batch to measure the loss on")
-    return batches
 
 
 def _check_search(ball: str, radius: float, steps: int, step_size: float, radius_name: str) -> float:
@@ -201,7 +191,8 @@ def _criticality(model: nn.Module, data: Any, modules: Sequence[str] | None, eps
                  step_size: float, loss_fn: LossFn | None) -> tuple[dict[str, float], list[str]]:
     radius = _check_search("relative_l2", epsilon, steps, step_size, "epsilon")
     groups = _groups(model, modules, "modules")
-    _, mrc, unused = _measure(model, _batches(data), groups, "relative_l2", radius, steps, step_size, loss_fn)
+    batches = as_batches(data)
+    _, mrc, unused = _measure(model, batches, groups, "relative_l2", radius, steps, step_size, loss_fn)
     return mrc, unused
 
 
@@ -242,7 +233,7 @@ def layer_sharpness(
     """
     radius = _check_search(ball, rho, steps, step_size, "rho")
     groups = _groups(model, layers, "layers")
-    return _measure(model, _batches(data), groups, ball, radius, steps, step_size, loss_fn)[1]
+    return _measure(model, as_batches(data), groups, ball, radius, steps, step_size, loss_fn)[1]
 
 
 def _path_weights(start: nn.Module | Mapping[str, torch.Tensor], finetuned: nn.Module) -> WiseFTWeights:
@@ -367,7 +358,7 @@ def sharpness_along_path(
     grid = check_alphas(list(alphas))
     check_method(method)
     groups = _groups(finetuned, layers, "layers")
-    batches = _batches(data)
+    batches = as_batches(data)
     weights = _path_weights(start, finetuned)
 
     def run(i: int) -> tuple[float, dict[str, float]]:
