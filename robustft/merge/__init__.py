@@ -10,7 +10,13 @@ from robustft._lazy import lazy_exports
 
 if TYPE_CHECKING:  # the same names, for type checkers and IDEs
     from robustft.core.statistics import Grams, estimate_fisher, estimate_gram, save_fisher, save_gram
-    from robustft.merge.align import AlignResult, align_checkpoints, align_state_dicts
+    from robustft.merge.align import (
+        AlignResult,
+        activation_matching,
+        align_checkpoints,
+        align_models,
+        align_state_dicts,
+    )
     from robustft.merge.engine import MergeResult, merge_checkpoints, merge_tensor
     from robustft.merge.interpolate import warp_checkpoints
     from robustft.merge.recipe import METHODS, Recipe, load_recipe, parse_recipe
@@ -19,7 +25,9 @@ if TYPE_CHECKING:  # the same names, for type checkers and IDEs
 __getattr__, __dir__ = lazy_exports(
     __name__,
     {
-        "robustft.merge.align": ("AlignResult", "align_checkpoints", "align_state_dicts"),
+        "robustft.merge.align": (
+            "AlignResult", "activation_matching", "align_checkpoints", "align_models", "align_state_dicts",
+        ),
         "robustft.merge.engine": ("MergeResult", "merge_checkpoints", "merge_tensor"),
         "robustft.core.statistics": ("Grams", "estimate_fisher", "estimate_gram", "save_fisher", "save_gram"),
         "robustft.merge.interpolate": ("warp_checkpoints",),
@@ -30,7 +38,9 @@ __getattr__, __dir__ = lazy_exports(
 
 __all__ = [
     "AlignResult",
+    "activation_matching",
     "align_checkpoints",
+    "align_models",
     "align_state_dicts",
     "METHODS",
     "MergeResult",
