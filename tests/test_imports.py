@@ -173,6 +173,7 @@ PUBLIC = {
     "least_critical_module", "load_recipe", "load_wemoe", "merge_checkpoints", "merge_into_base",
     "module_criticality", "plot_sharpness", "read_adapter", "save_wemoe", "select_parameters",
     "sharpness_along_path", "swapped_in", "upscale_wemoe", "wise_ft_sweep", "write_adapter",
+    "BarrierReport", "barrier_report", "straggler_layers", "treat_stragglers",  # issue 27
 }
 
 
