@@ -59,8 +59,8 @@ def test_mixup_loss_is_the_mixed_cross_entropy_and_eval_is_plain(tmp_path):
     want = 0.0
     for i in range(6):  # smoothed cross-entropy per example: (1−ε)·(−log p_y) + ε·mean_k(−log p_k)
         logp = torch.log_softmax(logits[i], -1)
-        ce = lambda c: 0.9 * -logp[c] + 0.1 * -logp.mean()  # noqa: E731
-        want = want + (lam * ce(y[i]) + (1 - lam) * ce(y[perm[i]])) / 6
+        ce_i, ce_j = (0.9 * -logp[c] + 0.1 * -logp.mean() for c in (y[i], y[perm[i]]))
+        want = want + (lam * ce_i + (1 - lam) * ce_j) / 6
     torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
     model.eval()
     _, out = trainer.compute_loss(model, dict(batch), return_outputs=True)
