@@ -86,11 +86,9 @@ class BarrierReport:
     moved: dict[str, int] = field(default_factory=dict)  # variant -> units not left in place
     options: dict[str, Any] = field(default_factory=dict)
 
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
     def to_json(self) -> str:
-        return json.dumps(self.as_dict(), indent=2)
+        """Every field as JSON (λ grid, curves, barriers, units moved, options)."""
+        return json.dumps(asdict(self), indent=2)
 
     def to_csv(self) -> str:
         """One row per variant: its barrier, then its loss at each λ."""

@@ -335,8 +335,7 @@ def _register_tall(subparsers) -> None:
         help="TALL masks: store fine-tuned checkpoints as one task vector + a bit mask each, or extract one",
         description="TALL-mask compression (Wang et al. 2024): 'compress' stores tau_MTL = sum of the task "
         "vectors and one bit-packed mask per task, m_t = |tau_t| >= lambda*|tau_MTL - tau_t|; 'extract' "
-        "writes "
-        "task t's model base + m_t * tau_MTL as a loadable folder. See docs/merging.md.",
+        "writes task t's model base + m_t * tau_MTL as a loadable folder. See docs/merging.md.",
     )
     sub = p.add_subparsers(dest="tall_command", metavar="ACTION", required=True)
     c = sub.add_parser("compress", help="compress fine-tuned checkpoints of one base")
