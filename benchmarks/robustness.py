@@ -820,6 +820,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=os.path.join(tempfile.gettempdir(), "robustft_robustness_benchmark"))
     p.add_argument("--no-write", action="store_true", help="print only; leave the docs alone")
     p.add_argument("--eval-size", type=int, default=300, help="examples per eval split (the demo's 300)")
+    p.add_argument("--train-size", type=int, default=400, help="training examples (the demo's 400)")
+    p.add_argument("--epochs", type=float, default=2.0, help="training epochs (the demo's 2)")
     p.add_argument("--rows", action="append", default=None,
                    help="only the rows whose name contains one of these (with --no-write: a partial table)")
     p.add_argument("--llm", action="store_true",
@@ -841,7 +843,7 @@ def main(argv=None) -> int:
     only = args.only or list(MARKERS)
     pick = (lambda table: {k: v for k, v in table.items() if any(r in k for r in args.rows)}) if args.rows \
         else (lambda table: None)
-    task = demo_task(args.seed, n_eval=args.eval_size)
+    task = demo_task(args.seed, n_train=args.train_size, n_eval=args.eval_size, epochs=args.epochs)
     sections = build_sections(task, Path(args.out), only, args.rounds, args.steps, command,
                               pick(INTERPOLATION), pick(REGULARIZERS))
     print("\n\n".join(sections.values()))
