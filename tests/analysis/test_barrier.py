@@ -87,15 +87,10 @@ def test_bad_options_are_named():
 def test_both_alignments_lower_the_barrier_of_two_independently_trained_mlps(tmp_path):
     """The toy task of tests/merge/test_align.py (3 spirals, MLPs 2-64-64-3 from different seeds); the
     report's numbers are printed (docs/merging.md quotes them); only the direction is asserted."""
-    from tests.merge.test_align import _train
+    from tests.merge.test_align import spirals, train_mlp
 
-    g = torch.Generator().manual_seed(0)
-    n = 300
-    label = torch.arange(n) % 3
-    r = torch.rand(n, generator=g)
-    angle = 4 * r + 2.1 * label + 0.2 * torch.randn(n, generator=g)
-    x = torch.stack([r * angle.cos(), r * angle.sin()], 1)
-    a, b = _train(1, x, label), _train(2, x, label)
+    x, label = spirals()
+    a, b = train_mlp(1, x, label), train_mlp(2, x, label)
     report = barrier_report(a, b, (x, label), lambdas=[i / 20 for i in range(21)], loss_fn=_ce)
     print("\n" + report.table())
     report.save(tmp_path)

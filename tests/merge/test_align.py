@@ -113,7 +113,7 @@ def test_the_spec_covers_llama_mlp_units_and_whole_kv_groups():
     assert all("norm" not in a.tensor and "embed" not in a.tensor for ax in spec.axes.values() for a in ax)
 
 
-def _train(seed, x, y, steps=300):
+def train_mlp(seed, x, y, steps=300):
     model = _mlp(seed, widths=(2, 64, 64, 3))
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     for _ in range(steps):
@@ -121,6 +121,15 @@ def _train(seed, x, y, steps=300):
         torch.nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
     return model
+
+
+def spirals(n=300):
+    """(x, label): 3 interleaved noisy spirals in 2-D, the toy task of the barrier measurements."""
+    g = torch.Generator().manual_seed(0)
+    label = torch.arange(n) % 3
+    r = torch.rand(n, generator=g)
+    angle = 4 * r + 2.1 * label + 0.2 * torch.randn(n, generator=g)
+    return torch.stack([r * angle.cos(), r * angle.sin()], 1), label
 
 
 def _barrier(a, b, x, y):
@@ -139,13 +148,8 @@ def _barrier(a, b, x, y):
 @pytest.mark.slow  # trains two MLPs (~6 s quiet)
 def test_alignment_lowers_the_loss_barrier_of_two_independently_trained_mlps():
     """Two MLPs from different inits on the same toy task (3 interleaved spirals); barrier before vs after."""
-    g = torch.Generator().manual_seed(0)
-    n = 300
-    label = torch.arange(n) % 3
-    r = torch.rand(n, generator=g)
-    angle = 4 * r + 2.1 * label + 0.2 * torch.randn(n, generator=g)
-    x = torch.stack([r * angle.cos(), r * angle.sin()], 1)
-    a, b = _train(1, x, label), _train(2, x, label)
+    x, label = spirals()
+    a, b = train_mlp(1, x, label), train_mlp(2, x, label)
     before = _barrier(a, b, x, label)
     aligned, _ = align_state_dicts(a.state_dict(), b.state_dict())
     c = _mlp(0, widths=(2, 64, 64, 3))
