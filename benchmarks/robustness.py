@@ -282,6 +282,82 @@ def wemoe(ctx: Context, split: str) -> Row:
 
 WEMOE_LR = 1e-3  # FusionBench's 1e-4 is for 1000 steps; the table's budget is ``learned_steps`` (20)
 
+# -- issue 27: the straggler-layer remedy and BANG ------------------------------------------------------
+STRAGGLER_ALPHAS = [0.0, 0.5, 1.0]  # the diagnostic costs layers × α × 2 passes over the probe
+STRAGGLER_DENSITY = 0.1  # fraction of a straggler tensor's task vector "sparsify" keeps
+
+
+def stragglers(ctx: Context, treatment: str, k: int = 1) -> Row:
+    """The sharpest block(s) along the WiSE-FT path of the plain run (layer-wise adaptive sharpness, ρ=0.01,
+    one ascent step, on 16 id examples) treated (``treatment``), then WiSE-FT with α* chosen on id."""
+    from robustft.analysis.sharpness import sharpness_along_path, straggler_layers, treat_stragglers
+    from robustft.interpolation.wise_ft import WiseFTWeights, evaluate_at_alphas, wise_ft_sweep
+
+    task = ctx.task
+
+    def measure():
+        probe = task.collator([task.evals["id"][i] for i in range(16)])
+        t0 = time.perf_counter()
+        layers = ["encoder.embeddings", *transformer_blocks(ctx.model), "classifier"]
+        report = sharpness_along_path(ctx.start, ctx.model, probe, STRAGGLER_ALPHAS, layers, steps=1)
+        return report, time.perf_counter() - t0
+
+    report, seconds = ctx.once("straggler_report", measure)
+    chosen = straggler_layers(report, k)
+    t0 = time.perf_counter()
+    s, e = treat_stragglers(ctx.start, ctx.model, chosen, treatment, STRAGGLER_DENSITY)
+    start, end = task.start().eval(), task.start().eval()
+    start.load_state_dict(s)
+    end.load_state_dict(e)
+    weights = WiseFTWeights.from_models(start, end)
+    trainer = make_trainer(task, end, ctx.out / f"stragglers_{treatment}")
+    curve = wise_ft_sweep(trainer, weights, {"id": task.evals["id"]}, "id", apply_alpha=1.0, progress=False)
+    fit = seconds + time.perf_counter() - t0
+    alpha = curve.chosen_alpha
+    scores, eval_seconds = evaluate_at_alphas(weights, [alpha], lambda _: evaluate(trainer, task))[0]
+    what = {"sparsify": f"task vector top {STRAGGLER_DENSITY:.0%} kept", "start": "kept at the start",
+            "finetuned": "fine-tuned at every α"}[treatment]
+    return Row(scores, eval_seconds, extra_fit_seconds=fit, fit_numel=2 * ctx.n + weights.stored_numel(),
+               note=f"straggler {', '.join(chosen)} ({what}); α={alpha:g}")
+
+
+BANG_SMOOTHING, BANG_MIXUP = 0.1, 0.4
+
+
+def bang(ctx: Context, recipe: str) -> Row:
+    """BANG (examples/bang_wise_ft.py): fine-tune with label smoothing and/or mixup, WiSE-FT at α* on id."""
+    sys.path.insert(0, str(ROOT / "examples"))
+    import bang_wise_ft
+
+    from robustft import WiseFTCallback
+
+    task = ctx.task
+    model = task.start()
+    wise = WiseFTCallback(eval_datasets={"id": task.evals["id"]}, id_dataset="id", progress=False,
+                          save_curve=False)
+    clock = step_clock()
+    smoothing = BANG_SMOOTHING if recipe in ("smoothing", "both") else 0.0
+    kwargs = dict(model=model, args=task.args(ctx.out / f"bang_{recipe}", label_smoothing_factor=smoothing),
+                  train_dataset=task.train, data_collator=task.collator, compute_metrics=task.metrics,
+                  callbacks=[clock, wise])
+    if recipe in ("mixup", "both"):
+        trainer = bang_wise_ft.MixupTrainer(**kwargs, mixup_alpha=BANG_MIXUP, mixup_seed=task.seed)
+    else:
+        from transformers import Trainer
+
+        trainer = Trainer(**kwargs)
+    trainer.train()  # ends at θ(α*)
+    after = time.perf_counter() - clock.last_step_end
+    model.eval()
+    scores, seconds = evaluate(trainer, task)
+    parts = [f"label smoothing {smoothing:g}"] if smoothing else []
+    if recipe != "smoothing":
+        parts.append(f"mixup Beta({BANG_MIXUP:g}, {BANG_MIXUP:g}) of the head's inputs")
+    note = f"{' + '.join(parts)}; α={wise.curve.chosen_alpha:g}; own training run"
+    return Row(scores, seconds, train_seconds=clock.train_seconds, extra_fit_seconds=after,
+               fit_numel=2 * ctx.n, note=note)
+
+
 INTERPOLATION: dict[str, Callable[[Context], Row]] = {
     "zero-shot start (α=0)": zero_shot,
     "plain fine-tuning (α=1)": plain_again,
@@ -293,6 +369,10 @@ INTERPOLATION: dict[str, Callable[[Context], Row]] = {
         lambda ctx: learned(ctx, "entropy", "shifted"),
     "WEMoE (K=1, routers by entropy on unlabelled shifted inputs)": lambda ctx: wemoe(ctx, "shifted"),
     "WEMoE (K=1, routers by entropy on id inputs)": lambda ctx: wemoe(ctx, "id"),
+    "straggler block sparsified, then WiSE-FT α* on id": lambda ctx: stragglers(ctx, "sparsify"),
+    "straggler block kept at the start, then WiSE-FT α* on id": lambda ctx: stragglers(ctx, "start"),
+    "BANG: label smoothing, then WiSE-FT α* on id": lambda ctx: bang(ctx, "smoothing"),
+    "BANG: label smoothing + mixup, then WiSE-FT α* on id": lambda ctx: bang(ctx, "both"),
 }
 
 
@@ -763,6 +843,11 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=8, help="optimizer steps per overhead run")
     p.add_argument("--out", default=os.path.join(tempfile.gettempdir(), "robustft_robustness_benchmark"))
     p.add_argument("--no-write", action="store_true", help="print only; leave the docs alone")
+    p.add_argument("--eval-size", type=int, default=300, help="examples per eval split (the demo's 300)")
+    p.add_argument("--train-size", type=int, default=400, help="training examples (the demo's 400)")
+    p.add_argument("--epochs", type=float, default=2.0, help="training epochs (the demo's 2)")
+    p.add_argument("--rows", action="append", default=None,
+                   help="only the rows whose name contains one of these (with --no-write: a partial table)")
     p.add_argument("--llm", action="store_true",
                    help="the LLM task's table instead (robustft demo --llm, fast setting)")
     args = p.parse_args(argv)
@@ -780,8 +865,12 @@ def main(argv=None) -> int:
                 write_section(text, ROOT / "docs" / doc, *LLM_MARKERS)
         return 0
     only = args.only or list(MARKERS)
-    task = demo_task(args.seed, task=args.task)
-    sections = build_sections(task, Path(args.out) / args.task, only, args.rounds, args.steps, command)
+    pick = (lambda table: {k: v for k, v in table.items() if any(r in k for r in args.rows)}) if args.rows \
+        else (lambda table: None)
+    task = demo_task(args.seed, n_train=args.train_size, n_eval=args.eval_size, epochs=args.epochs,
+                     task=args.task)
+    sections = build_sections(task, Path(args.out) / args.task, only, args.rounds, args.steps, command,
+                              pick(INTERPOLATION), pick(REGULARIZERS))
     print("\n\n".join(sections.values()))
     if not args.no_write:
         write_docs(sections, task=args.task)

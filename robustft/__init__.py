@@ -16,6 +16,7 @@ from robustft.callbacks import CALLBACKS
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:  # the same names, for type checkers and IDEs
+    from robustft.analysis.barrier import BarrierReport, barrier_report
     from robustft.analysis.sharpness import (
         SharpnessReport,
         layer_sharpness,
@@ -23,6 +24,8 @@ if TYPE_CHECKING:  # the same names, for type checkers and IDEs
         module_criticality,
         plot_sharpness,
         sharpness_along_path,
+        straggler_layers,
+        treat_stragglers,
     )
     from robustft.callbacks import *  # noqa: F403 (every name of robustft.callbacks.CALLBACKS)
     from robustft.core.params import Snapshot, select_parameters, swapped_in
@@ -55,6 +58,7 @@ if TYPE_CHECKING:  # the same names, for type checkers and IDEs
 #: (a new callback is registered in ``robustft.callbacks.EXPORTS`` only)
 EXPORTS: dict[str, tuple[str, ...]] = {
     "robustft.callbacks": CALLBACKS,
+    "robustft.analysis.barrier": ("BarrierReport", "barrier_report"),
     "robustft.analysis.sharpness": (
         "SharpnessReport",
         "layer_sharpness",
@@ -62,6 +66,8 @@ EXPORTS: dict[str, tuple[str, ...]] = {
         "module_criticality",
         "plot_sharpness",
         "sharpness_along_path",
+        "straggler_layers",
+        "treat_stragglers",
     ),
     "robustft.interpolation.learned": ("LearnedInterpolation",),
     "robustft.interpolation.soup": ("SoupResult", "soup_model", "trainer_scorer", "write_uniform_soup"),

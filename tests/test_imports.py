@@ -178,6 +178,7 @@ PUBLIC = {
     "module_criticality", "plot_sharpness", "read_adapter", "save_wemoe", "select_parameters",
     "sharpness_along_path", "swapped_in", "upscale_wemoe", "wise_ft_sweep", "write_adapter",
     "search_merge",
+    "BarrierReport", "barrier_report", "straggler_layers", "treat_stragglers",  # issue 27
 }
 
 

@@ -10,6 +10,9 @@ within a ball, found by projected gradient ascent (maths in :mod:`robustft.ops.s
   (Andriushchenko et al., 2023, Eq. 1, c = |w|, ℓ∞; one layer at a time as in Abdollahpoorrostam, 2024,
   "In Search of the Successful Interpolation") of θ(α) for each α, a layers × α table
   (:class:`SharpnessReport`, JSON/CSV and a PNG heatmap by :func:`plot_sharpness`).
+- the remedy: :func:`straggler_layers` picks the few layers that stand out in that table, and
+  :func:`treat_stragglers` gives the WiSE-FT end points with their task vector sparsified (the paper's
+  "inducing sparsity in the straggler layers"), or with them kept at the start or at the fine-tuned values.
 
 The model is run by ``torch.func.functional_call`` on θ + δ (``robustft.core.model.call_with_weights``), so
 the perturbation is never written into it; gradients are taken with ``torch.autograd.grad`` (no ``.grad`` is
@@ -33,8 +36,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from robustft.checks import check_number
 from robustft.core.checkpoint import atomic_output_file, save_report
-from robustft.core.model import call_with_weights
+from robustft.core.model import as_batches, call_with_weights
 from robustft.core.params import select_parameters, train_mode
 from robustft.interpolation.wise_ft import DEFAULT_ALPHAS, WiseFTWeights, check_alphas, evaluate_at_alphas
 from robustft.ops.dtypes import compute_dtype
@@ -42,7 +46,7 @@ from robustft.ops.dtypes import compute_dtype
 # one home for running a model on given weights and for its default loss (learned.py's, kept private there)
 from robustft.ops.interpolate import check_method
 from robustft.ops.outputs import model_loss
-from robustft.ops.sharpness import ascent_step, check_ball, worst_case_increase
+from robustft.ops.sharpness import ascent_step, check_ball, treat_layers, worst_case_increase
 
 __all__ = [
     "SharpnessReport",
@@ -52,6 +56,8 @@ __all__ = [
     "module_criticality",
     "plot_sharpness",
     "sharpness_along_path",
+    "straggler_layers",
+    "treat_stragglers",
 ]
 
 LossFn = Callable[[Any, Any], torch.Tensor]
@@ -89,16 +95,6 @@ def _groups(model: nn.Module, names: Sequence[str] | None, option: str) -> dict[
             raise ValueError(f"{option}: module {name!r} has no floating parameter to perturb")
         groups[name] = params
     return groups
-
-
-def _batches(data: Any) -> list[Any]:
-    """The batches, read once (a shuffling DataLoader would give each pass other batches): a mapping, a
-    tensor or a tuple ``(inputs, *targets)`` is one batch; a list, a DataLoader or another iterable holds
-    batches."""
-    batches = [data] if isinstance(data, (Mapping, torch.Tensor, tuple)) else list(data)
-    if not batches:
-        raise ValueError("data: no batch to measure the loss on")
-    return batches
 
 
 def _check_search(ball: str, radius: float, steps: int, step_size: float, radius_name: str) -> float:
@@ -201,7 +197,8 @@ def _criticality(model: nn.Module, data: Any, modules: Sequence[str] | None, eps
                  step_size: float, loss_fn: LossFn | None) -> tuple[dict[str, float], list[str]]:
     radius = _check_search("relative_l2", epsilon, steps, step_size, "epsilon")
     groups = _groups(model, modules, "modules")
-    _, mrc, unused = _measure(model, _batches(data), groups, "relative_l2", radius, steps, step_size, loss_fn)
+    batches = as_batches(data)
+    _, mrc, unused = _measure(model, batches, groups, "relative_l2", radius, steps, step_size, loss_fn)
     return mrc, unused
 
 
@@ -242,7 +239,7 @@ def layer_sharpness(
     """
     radius = _check_search(ball, rho, steps, step_size, "rho")
     groups = _groups(model, layers, "layers")
-    return _measure(model, _batches(data), groups, ball, radius, steps, step_size, loss_fn)[1]
+    return _measure(model, as_batches(data), groups, ball, radius, steps, step_size, loss_fn)[1]
 
 
 def _path_weights(start: nn.Module | Mapping[str, torch.Tensor], finetuned: nn.Module) -> WiseFTWeights:
@@ -367,7 +364,7 @@ def sharpness_along_path(
     grid = check_alphas(list(alphas))
     check_method(method)
     groups = _groups(finetuned, layers, "layers")
-    batches = _batches(data)
+    batches = as_batches(data)
     weights = _path_weights(start, finetuned)
 
     def run(i: int) -> tuple[float, dict[str, float]]:
@@ -383,3 +380,51 @@ def sharpness_along_path(
         options={"ball": ball, "rho": radius, "steps": steps, "step_size": step_size, "method": method,
                  "batches": len(batches)},
     )
+
+
+#: how :func:`straggler_layers` ranks layers
+STRAGGLER_RULES = ("sharpest", "excess")
+
+
+def straggler_layers(report: SharpnessReport, k: int = 1, rule: str = "sharpest") -> list[str]:
+    """The ``k`` layers of ``report`` that stand out along the path, most first (ties: report order).
+
+    ``rule="sharpest"``: by max_α S_l(α), the layer-wise sharpness itself; ``"excess"``: by max_α of
+    S_l(α) − ((1−α)·S_l(0) + α·S_l(1)) over the α strictly inside the path (a layer that turns sharp in the
+    middle, as a loss barrier; only layers with an excess > 0 count, so fewer than ``k`` may come back).
+    """
+    k = check_number("k", k, low=1, integer=True)
+    if rule not in STRAGGLER_RULES:
+        raise ValueError(f"rule must be one of {STRAGGLER_RULES}, got {rule!r}")
+    alphas = report.alphas
+    if rule == "sharpest":
+        score = {layer: max(report.sharpness[layer]) for layer in report.layers}
+    else:
+        if alphas[0] != 0.0 or alphas[-1] != 1.0 or len(alphas) < 3:
+            raise ValueError("rule='excess' needs a report with α = 0, 1 and at least one α between")
+        score = {}
+        for layer in report.layers:
+            values = report.sharpness[layer]
+            excess = max(v - ((1 - a) * values[0] + a * values[-1])
+                         for a, v in zip(alphas[1:-1], values[1:-1], strict=True))
+            if excess > 0:
+                score[layer] = excess
+    order = sorted(score, key=lambda layer: (-score[layer], report.layers.index(layer)))
+    return order[:k]
+
+
+def treat_stragglers(
+    start: nn.Module | Mapping[str, torch.Tensor],
+    finetuned: nn.Module,
+    layers: Sequence[str],
+    treatment: str = "sparsify",
+    density: float = 0.1,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(start, fine-tuned) state dicts with every floating parameter of the modules ``layers`` treated by
+    :func:`robustft.ops.sharpness.treat_layers` (``treatment`` in ``TREATMENTS``; ``density``: the fraction
+    of each tensor's task vector kept by ``"sparsify"``); load them into copies and interpolate as usual."""
+    groups = _groups(finetuned, list(layers), "layers")
+    names = [n for params in groups.values() for n in params]
+    a = start.state_dict() if isinstance(start, nn.Module) else dict(start)
+    b = finetuned.state_dict()
+    return treat_layers(a, b, names, treatment, density)

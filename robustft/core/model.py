@@ -20,7 +20,10 @@ from robustft.checks import check_choice, check_number, short_repr
 from robustft.ops.dawin import batch_entropy, prediction_entropy
 from robustft.ops.outputs import model_logits, model_loss
 
-__all__ = ["OBJECTIVES", "OPTIMIZERS", "call_with_weights", "cycle_batches", "is_causal_lm", "minimise"]
+__all__ = [
+    "OBJECTIVES", "OPTIMIZERS", "as_batches", "call_with_weights", "cycle_batches", "is_causal_lm",
+    "minimise",
+]
 
 OBJECTIVES = ("loss", "entropy")
 OPTIMIZERS = ("adam", "sgd")
@@ -47,6 +50,16 @@ def cycle_batches(data: Iterable[Any]) -> Iterator[Any]:
             yield batch
         if empty:
             raise ValueError("data: no batch to learn the coefficients on")
+
+
+def as_batches(data: Any) -> list[Any]:
+    """The batches, read once (a shuffling DataLoader would give each pass other batches): a mapping, a
+    tensor or a tuple ``(inputs, *targets)`` is one batch; a list, a DataLoader or another iterable holds
+    batches."""
+    batches = [data] if isinstance(data, (Mapping, torch.Tensor, tuple)) else list(data)
+    if not batches:
+        raise ValueError("data: no batch to run the model on")
+    return batches
 
 
 def call_with_weights(model: nn.Module, weights: Mapping[str, torch.Tensor], batch: Any) -> Any:

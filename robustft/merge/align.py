@@ -17,6 +17,13 @@ model family from tensor names and the config:
 
 The residual stream (embeddings, norms, the hidden size) is left alone, so the aligned model computes
 the same function as B. Unknown families and differing shapes raise before anything is written.
+
+Activation matching (the paper's Sec. 3.1, :func:`activation_matching`, in memory on two ``nn.Module``s):
+run both models on the same data sample, take each permutation's units where a Linear (or GPT-2 Conv1D)
+reads them (the input of ``down_proj``/``c_proj``/``output.dense``/``o_proj``, or of the next Linear of an
+MLP: post-activation), correlate every unit of A with every unit of B (Pearson, over the samples and
+tokens; ``attention_mask`` drops padding) and solve one linear assignment per permutation, with no
+coordinate descent: a unit's activations do not depend on how the other units are ordered.
 """
 
 from __future__ import annotations
@@ -31,27 +38,35 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from robustft.checks import check_integer, check_number
 from robustft.core.checkpoint import atomic_output_dir, check_output_dir
+from robustft.core.model import as_batches, call_with_weights
+from robustft.core.params import train_mode
 from robustft.merge.interpolate import check_same_layout
 from robustft.merge.io import CheckpointReader, ShardedWriter, copy_side_files
 from robustft.ops.rebasin import (
+    CrossMoments,
     PermAxis,
     PermutationSpec,
     apply_permutations,
     check_spec,
     identity_permutations,
     matching_cost,
+    unit_activations,
 )
 
 __all__ = [
     "FAMILIES",
     "AlignResult",
     "UnalignableError",
+    "activation_matching",
     "align_checkpoints",
+    "align_models",
     "align_state_dicts",
     "permutation_spec",
+    "unit_readers",
     "weight_matching",
 ]
 
@@ -263,6 +278,107 @@ def weight_matching(
         if not improved:
             return perms, sweep
     return perms, max_iter
+
+
+def unit_readers(model: nn.Module, spec: PermutationSpec) -> dict[str, tuple[str, PermAxis]]:
+    """Permutation -> (module, axis) of the layer that reads its units as its input features: an
+    ``nn.Linear`` whose weight's dim 1 the permutation reorders, or a GPT-2 ``Conv1D`` (weight [in, out])
+    whose dim 0 it reorders. Its input is what activation matching correlates."""
+    modules = dict(model.named_modules())
+    out = {}
+    for name, axes in spec.axes.items():
+        for axis in axes:
+            owner = axis.tensor.removesuffix(".weight")
+            module = modules.get(owner) if axis.tensor.endswith(".weight") else None
+            if (isinstance(module, nn.Linear) and axis.dim == 1) or (
+                    type(module).__name__ == "Conv1D" and axis.dim == 0):
+                out[name] = (owner, axis)
+                break
+        else:
+            raise UnalignableError(f"permutation {name!r}: no Linear/Conv1D of the model reads its units "
+                                   "(activation matching needs one; use weight matching)")
+    return out
+
+
+def _token_rows(x: torch.Tensor, batch: object) -> torch.Tensor:
+    """The rows of ``x`` (..., features) that are real tokens: a (B, T, F) input of a batch with a (B, T)
+    ``attention_mask`` keeps the unmasked tokens only; anything else keeps every row."""
+    mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+    if mask is not None and x.dim() == 3 and tuple(mask.shape) == tuple(x.shape[:2]):
+        return x[mask.bool()]
+    return x.reshape(-1, x.shape[-1])
+
+
+def _capture(model: nn.Module, readers: Mapping[str, tuple[str, PermAxis]], batch: object
+             ) -> dict[str, torch.Tensor]:
+    """Each reader module's input on ``batch`` (forward pre-hooks, removed on every exit path)."""
+    seen: dict[str, torch.Tensor] = {}
+    modules = dict(model.named_modules())
+    handles = []
+    try:
+        for owner in {o for o, _ in readers.values()}:
+            def hook(_module, args, owner=owner):
+                seen[owner] = args[0].detach()
+            handles.append(modules[owner].register_forward_pre_hook(hook))
+        with torch.no_grad():
+            call_with_weights(model, {}, batch)  # its own weights
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def activation_matching(
+    spec: PermutationSpec, reference: nn.Module, model: nn.Module, data: object
+) -> dict[str, torch.Tensor]:
+    """Permutations of ``model``'s units maximising Σ_i corr(reference unit i, model unit π(i)) of their
+    activations on ``data`` (one batch or an iterable of batches, read once; both models run in eval mode
+    on each batch), one linear assignment per permutation (Ainsworth et al. 2023, Sec. 3.1). A unit of
+    ``block`` entries (an attention head) sums the correlations of its entries, entry k with entry k."""
+    from scipy.optimize import linear_sum_assignment
+
+    readers = unit_readers(model, spec)
+    unit_readers(reference, spec)
+    moments = {n: CrossMoments(spec.sizes[n], a.outer * a.block) for n, (_, a) in readers.items()}
+    with train_mode(reference, False), train_mode(model, False):
+        for batch in as_batches(data):
+            xa, xb = _capture(reference, readers, batch), _capture(model, readers, batch)
+            for name, (owner, axis) in readers.items():
+                n = spec.sizes[name]
+                moments[name].update(unit_activations(_token_rows(xa[owner], batch), axis, n),
+                                     unit_activations(_token_rows(xb[owner], batch), axis, n))
+    perms = {}
+    for name, m in moments.items():
+        _, cols = linear_sum_assignment(m.correlation().numpy(), maximize=True)
+        perms[name] = torch.as_tensor(cols, dtype=torch.long)
+    return perms
+
+
+def align_models(
+    reference: nn.Module,
+    model: nn.Module,
+    method: str = "weight",
+    data: object = None,
+    family: str | None = None,
+    seed: int = 0,
+    max_iter: int = 100,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``model``'s state dict with its units permuted to match ``reference`` (same function as ``model``)
+    and the permutations: ``method="weight"`` (weight matching, Algorithm 1) or ``"activation"``
+    (:func:`activation_matching` on ``data``); the spec from the state dict and ``model.config``."""
+    if method not in ("weight", "activation"):
+        raise ValueError(f"method must be 'weight' or 'activation', got {method!r}")
+    if method == "activation" and data is None:
+        raise ValueError("data: activation matching needs a data sample (a batch or batches)")
+    a, b = reference.state_dict(), model.state_dict()
+    _check_shapes({k: tuple(v.shape) for k, v in a.items()}, {k: tuple(v.shape) for k, v in b.items()})
+    config = getattr(model, "config", None)
+    spec = permutation_spec({k: tuple(v.shape) for k, v in b.items()}, config, family)
+    if method == "weight":
+        perms, _ = weight_matching(spec, a, b, seed, max_iter)
+    else:
+        perms = activation_matching(spec, reference, model, data)
+    return apply_permutations(spec, perms, b), perms
 
 
 def _check_search(seed: object, max_iter: object) -> tuple[int, int]:

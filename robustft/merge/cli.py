@@ -1,8 +1,9 @@
 """``robustft merge`` (a streamed merge of checkpoints from a YAML recipe), ``robustft interpolate``
 (θ(α) of two checkpoints), ``robustft average`` (the uniform mean of a run's checkpoints) and
 ``robustft warp`` (WARP's merge + LITI), all recipes of the same engine; and
-``robustft align`` (Git Re-Basin: permute one model's hidden units to match another before merging) and
-``robustft search`` (a recipe's coefficients chosen by evaluation)."""
+``robustft align`` (Git Re-Basin: permute one model's hidden units to match another before merging),
+``robustft search`` (a recipe's coefficients chosen by evaluation) and ``robustft tall`` (TALL-mask
+compression of fine-tuned checkpoints, and extraction of one task's model)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ def register(subparsers) -> None:
     _register_warp(subparsers)
     _register_align(subparsers)
     _register_search(subparsers)
+    _register_tall(subparsers)
 
 
 def _register_merge(subparsers) -> None:
@@ -408,3 +410,51 @@ def _auto_model(folder):
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return cls.from_pretrained(folder, dtype=torch.float32), tokenizer, causal
+
+
+def _register_tall(subparsers) -> None:
+    p = subparsers.add_parser(
+        "tall",
+        help="TALL masks: store fine-tuned checkpoints as one task vector + a bit mask each, or extract one",
+        description="TALL-mask compression (Wang et al. 2024): 'compress' stores tau_MTL = sum of the task "
+        "vectors and one bit-packed mask per task, m_t = |tau_t| >= lambda*|tau_MTL - tau_t|; 'extract' "
+        "writes task t's model base + m_t * tau_MTL as a loadable folder. See docs/merging.md.",
+    )
+    sub = p.add_subparsers(dest="tall_command", metavar="ACTION", required=True)
+    c = sub.add_parser("compress", help="compress fine-tuned checkpoints of one base")
+    c.add_argument("--base", required=True, help="the checkpoint every model was fine-tuned from")
+    c.add_argument("--models", required=True, nargs="+", help="the fine-tuned checkpoint folders")
+    c.add_argument("--tasks", nargs="+", default=None, help="a name per model (default: folder names)")
+    c.add_argument("--lambda", dest="lambda_", nargs="+", type=float, default=[0.6],
+                   help="mask threshold lambda (one for all, or one per model; default 0.6)")
+    c.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    c.set_defaults(func=run_tall_compress)
+    e = sub.add_parser("extract", help="write one task's model from a compression")
+    e.add_argument("compressed", help="the folder written by 'robustft tall compress'")
+    e.add_argument("--task", required=True, help="the task's name (or its index)")
+    e.add_argument("--base", default=None, help="the base checkpoint (default: the path recorded)")
+    e.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    e.set_defaults(func=run_tall_extract)
+
+
+def run_tall_compress(args: argparse.Namespace) -> int:
+    from robustft.merge.tall import tall_compress_checkpoints
+
+    lambda_ = args.lambda_[0] if len(args.lambda_) == 1 else args.lambda_
+    r = tall_compress_checkpoints(args.base, args.models, args.out, lambda_, args.tasks, args.overwrite)
+    dens = ", ".join(f"{t} {d:.1%}" for t, d in r.density.items())
+    print(f"wrote {r.out_dir}: {len(r.tasks)} tasks, {r.tensors} tensors, {r.nbytes / 1e6:.1f} MB for "
+          f"{r.inputs_nbytes / 1e6:.1f} MB of fine-tuned checkpoints ({r.nbytes / r.inputs_nbytes:.2f}x); "
+          f"mask density {dens} ({r.seconds:.1f} s)")
+    return 0
+
+
+def run_tall_extract(args: argparse.Namespace) -> int:
+    from robustft.merge.tall import tall_extract
+
+    task = int(args.task) if args.task.isdigit() else args.task
+    out = tall_extract(args.compressed, task, args.out, args.base, args.overwrite)
+    print(f"wrote {out}: task {args.task} of {args.compressed}")
+    return 0

@@ -44,18 +44,22 @@ __all__ = [
     "magnitude_prune",
     "model_stock",
     "nearswap",
+    "pack_mask",
     "ram",
     "random_drop",
     "ramplus_tl",
     "regmean",
     "sce",
+    "tall_compress",
     "tall_masks",
+    "tall_reconstruct",
     "task_arithmetic",
     "ties",
     "top_k_cut",
     "top_k_mask",
     "trim_top_k",
     "tsv_merge",
+    "unpack_mask",
 ]
 
 
@@ -711,6 +715,50 @@ def consensus_merge(
 ) -> torch.Tensor:
     """tau = m_cons * sum_i w_i tau_i: consensus task arithmetic (Wang et al., 2024)."""
     return task_arithmetic(deltas, weights) * consensus_mask(deltas, k, lambda_).to(deltas[0].dtype)
+
+
+def tall_compress(
+    deltas: Sequence[torch.Tensor], lambda_: float | Sequence[float] = 0.6
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(tau_MTL, [m_t]): TALL-mask compression of T task vectors into one multi-task vector tau_MTL = sum_t
+    tau_t and one boolean mask per task (:func:`tall_masks`; Wang et al., 2024, Sec. 3.1 and 4.1): task t
+    is recovered as theta_0 + m_t * tau_MTL (:func:`tall_reconstruct`) without storing tau_t."""
+    return task_arithmetic(deltas), tall_masks(deltas, lambda_)
+
+
+def tall_reconstruct(base: torch.Tensor, mtl: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """theta_t = theta_0 + m_t * tau_MTL: one task's weights recovered from a TALL compression (computed in
+    the wider of the dtypes, returned in the base's dtype)."""
+    _check_same_shape([base, mtl, mask], "base, mtl, mask")
+    dtype = compute_dtype(base.dtype, mtl.dtype)
+    out = base.to(dtype) + torch.where(mask.bool(), mtl.to(dtype), torch.zeros((), dtype=dtype))
+    return out.to(base.dtype)
+
+
+_BITS = (1 << torch.arange(8, dtype=torch.int32)).to(torch.uint8)  # bit k of a byte holds entry 8j + k
+
+
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """A boolean tensor as 1-D uint8, 8 entries per byte (flattened entry 8j+k in bit k of byte j, the
+    last byte zero-padded): ``numpy.packbits(mask, bitorder="little")``, so a mask costs 1 bit per entry."""
+    if mask.dtype != torch.bool:
+        raise ValueError(f"pack_mask: expected a boolean mask, got {mask.dtype}")
+    flat = mask.reshape(-1)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    return (flat.view(-1, 8).to(torch.uint8) * _BITS.to(flat.device)).sum(1, dtype=torch.uint8)
+
+
+def unpack_mask(packed: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """The boolean tensor of ``shape`` that :func:`pack_mask` packed into ``packed`` (uint8, 1-D)."""
+    numel = math.prod(shape)
+    if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != (numel + 7) // 8:
+        raise ValueError(f"unpack_mask: expected {(numel + 7) // 8} uint8 bytes for shape {tuple(shape)}, "
+                         f"got "
+                         f"{packed.dtype} of shape {tuple(packed.shape)}")
+    bits = (packed[:, None] & _BITS.to(packed.device)) != 0
+    return bits.reshape(-1)[:numel].reshape(tuple(shape))
 
 
 def sce(deltas: Sequence[torch.Tensor], select_topk: float = 1.0) -> torch.Tensor:

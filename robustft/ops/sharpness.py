@@ -16,20 +16,31 @@ gradient ascent (:func:`ascent_step`) from δ = 0:
   δ ← clip(δ + η·ρ|w|·sign(g), −ρ|w|, ρ|w|); one step with η ≥ 1 is the first-order maximiser ρ|w|·sign(g).
 
 Computed in float32 (float64 for float64 weights).
+
+The remedy for straggler layers (:func:`treat_layers`): edit the two end points of the WiSE-FT path on a few
+layers only, so θ'(α) = (1−α)·θ'_0 + α·θ'_ft sparsifies their task vector, keeps them at the start, or keeps
+them at the fine-tuned values for every α.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
 from robustft.checks import check_number
 from robustft.ops.dtypes import compute_dtype
+from robustft.ops.merge import magnitude_prune
 from robustft.ops.perturb import global_norm, sam_perturbation
 
-__all__ = ["BALLS", "ascent_step", "check_ball", "project_to_ball", "worst_case_increase"]
+__all__ = [
+    "BALLS", "TREATMENTS", "ascent_step", "check_ball", "project_to_ball", "treat_layers",
+    "worst_case_increase",
+]
+
+#: what :func:`treat_layers` does to the chosen tensors' end points
+TREATMENTS = ("sparsify", "start", "finetuned")
 
 #: the perturbation balls: relative ℓ2 over the group (RiFT's MRC), element-wise adaptive ℓ∞ (sharpness)
 BALLS = ("relative_l2", "adaptive_linf")
@@ -94,3 +105,38 @@ def worst_case_increase(base: float, losses: Sequence[float]) -> float:
     """max(0, max_k L(w + δ_k) − L(w)) over the ascent's iterates (δ = 0 is in the ball, so ≥ 0); a NaN
     loss is skipped, +inf (the loss overflowed inside the ball) counts."""
     return max([0.0] + [v - base for v in losses if not math.isnan(v)])
+
+
+def treat_layers(
+    start: Mapping[str, torch.Tensor],
+    end: Mapping[str, torch.Tensor],
+    names: Sequence[str],
+    treatment: str = "sparsify",
+    density: float = 0.1,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(start', end'): the WiSE-FT end points with the tensors ``names`` treated, the others passed through.
+
+    ``"sparsify"``: end' = θ_0 + top-k(τ) on them, τ = end − start, k = ⌊density·numel⌋ largest magnitudes
+    (:func:`robustft.ops.merge.magnitude_prune`), so θ'(α) = θ_0 + α·m∘τ; ``"start"``: end' = θ_0 (the
+    tensor never leaves the start); ``"finetuned"``: start' = θ_ft (the tensor is fine-tuned at every α).
+    """
+    if treatment not in TREATMENTS:
+        raise ValueError(f"treatment must be one of {TREATMENTS}, got {treatment!r}")
+    density = check_number("density", density, 0.0, 1.0)
+    missing = [n for n in names if n not in start or n not in end]
+    if missing:
+        raise ValueError(f"names: tensor {missing[0]!r} is not in both start and end")
+    start_out, end_out = dict(start), dict(end)
+    for n in names:
+        s, e = start[n], end[n]
+        if s.shape != e.shape:
+            raise ValueError(f"tensor {n!r}: shape {tuple(s.shape)} at start but {tuple(e.shape)} at the end")
+        if treatment == "start":
+            end_out[n] = s.clone()
+        elif treatment == "finetuned":
+            start_out[n] = e.clone()
+        else:
+            dtype = compute_dtype(s.dtype, e.dtype)
+            tau = e.to(dtype) - s.to(dtype)
+            end_out[n] = (s.to(dtype) + magnitude_prune(tau, density)).to(e.dtype)
+    return start_out, end_out

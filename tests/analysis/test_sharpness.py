@@ -13,12 +13,15 @@ import torch
 from torch import nn
 
 from robustft.analysis.sharpness import (
+    SharpnessReport,
     default_modules,
     layer_sharpness,
     least_critical_module,
     module_criticality,
     plot_sharpness,
     sharpness_along_path,
+    straggler_layers,
+    treat_stragglers,
 )
 
 
@@ -258,3 +261,41 @@ def test_a_module_the_forward_never_uses_is_zero_and_never_the_least_critical():
     assert least_critical_module(model, batch, steps=2, loss_fn=_ce) == min(["net.0", "net.3"], key=mrc.get)
     with pytest.raises(ValueError, match="the loss depends on none of"):
         least_critical_module(model, batch, modules=["unused"], loss_fn=_ce)
+
+
+def _report():
+    alphas = [0.0, 0.25, 0.5, 0.75, 1.0]
+    sharp = {"a": [0.1, 0.9, 0.8, 0.7, 0.1],   # turns sharp inside the path
+             "b": [2.0, 1.6, 1.3, 1.1, 1.0],   # sharpest, but only at the start
+             "c": [0.5, 0.5, 0.6, 0.4, 0.3]}
+    return SharpnessReport(alphas, list(sharp), sharp, [0.0] * 5)
+
+
+def test_straggler_layers_rank_by_sharpness_or_by_its_excess_over_the_chord():
+    report = _report()
+    assert straggler_layers(report, 1) == ["b"]
+    assert straggler_layers(report, 3) == ["b", "a", "c"]
+    # brute force of the excess: max over inner α of S(α) − ((1−α)S(0) + αS(1))
+    excess = {}
+    for layer, v in report.sharpness.items():
+        excess[layer] = max(v[i] - ((1 - a) * v[0] + a * v[-1]) for i, a in enumerate(report.alphas)
+                            if 0 < a < 1)
+    want = sorted((k for k in excess if excess[k] > 0), key=lambda k: -excess[k])
+    assert straggler_layers(report, 3, "excess") == want == ["a", "c"]  # b is below its chord
+    with pytest.raises(ValueError, match="rule must be one of"):
+        straggler_layers(report, 1, "loudest")
+    with pytest.raises(ValueError, match="k"):
+        straggler_layers(report, 0)
+
+
+def test_treat_stragglers_sparsifies_the_named_modules_task_vectors_only():
+    start, model = _mlp(0), _mlp(1)
+    s, e = treat_stragglers(start, model, ["0"], "sparsify", density=0.2)
+    tau = model.state_dict()["0.weight"] - start.state_dict()["0.weight"]
+    kept = (e["0.weight"] - start.state_dict()["0.weight"]) != 0
+    assert int(kept.sum()) == int(0.2 * tau.numel())  # ⌊0.2·15⌋ = 3 largest |τ| kept
+    assert tau.abs()[kept].min() >= tau.abs()[~kept].max()
+    assert torch.equal(e["3.weight"], model.state_dict()["3.weight"])  # other layers untouched
+    assert torch.equal(s["0.weight"], start.state_dict()["0.weight"])
+    with pytest.raises(ValueError, match="'9' is not a module"):
+        treat_stragglers(start, model, ["9"])

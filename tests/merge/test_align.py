@@ -12,9 +12,12 @@ from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, Lla
 from robustft.cli import main
 from robustft.merge.align import (
     UnalignableError,
+    activation_matching,
     align_checkpoints,
+    align_models,
     align_state_dicts,
     permutation_spec,
+    unit_readers,
     weight_matching,
 )
 from robustft.ops.rebasin import apply_permutations
@@ -110,7 +113,7 @@ def test_the_spec_covers_llama_mlp_units_and_whole_kv_groups():
     assert all("norm" not in a.tensor and "embed" not in a.tensor for ax in spec.axes.values() for a in ax)
 
 
-def _train(seed, x, y, steps=300):
+def train_mlp(seed, x, y, steps=300):
     model = _mlp(seed, widths=(2, 64, 64, 3))
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     for _ in range(steps):
@@ -118,6 +121,15 @@ def _train(seed, x, y, steps=300):
         torch.nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
     return model
+
+
+def spirals(n=300):
+    """(x, label): 3 interleaved noisy spirals in 2-D, the toy task of the barrier measurements."""
+    g = torch.Generator().manual_seed(0)
+    label = torch.arange(n) % 3
+    r = torch.rand(n, generator=g)
+    angle = 4 * r + 2.1 * label + 0.2 * torch.randn(n, generator=g)
+    return torch.stack([r * angle.cos(), r * angle.sin()], 1), label
 
 
 def _barrier(a, b, x, y):
@@ -136,13 +148,8 @@ def _barrier(a, b, x, y):
 @pytest.mark.slow  # trains two MLPs (~6 s quiet)
 def test_alignment_lowers_the_loss_barrier_of_two_independently_trained_mlps():
     """Two MLPs from different inits on the same toy task (3 interleaved spirals); barrier before vs after."""
-    g = torch.Generator().manual_seed(0)
-    n = 300
-    label = torch.arange(n) % 3
-    r = torch.rand(n, generator=g)
-    angle = 4 * r + 2.1 * label + 0.2 * torch.randn(n, generator=g)
-    x = torch.stack([r * angle.cos(), r * angle.sin()], 1)
-    a, b = _train(1, x, label), _train(2, x, label)
+    x, label = spirals()
+    a, b = train_mlp(1, x, label), train_mlp(2, x, label)
     before = _barrier(a, b, x, label)
     aligned, _ = align_state_dicts(a.state_dict(), b.state_dict())
     c = _mlp(0, widths=(2, 64, 64, 3))
@@ -254,3 +261,46 @@ def test_max_iter_below_one_is_refused_before_writing(tmp_path, capsys, max_iter
         align_state_dicts(sd, sd, max_iter=0)
     with pytest.raises(ValueError, match="seed"):
         align_state_dicts(sd, sd, seed="1")
+
+
+ACTIVATION_INPUTS = {
+    "mlp": lambda: torch.randn(64, 8, generator=torch.Generator().manual_seed(3)),
+    "llama-mha": lambda: torch.randint(0, 128, (4, 12), generator=torch.Generator().manual_seed(3)),
+    "llama-gqa": lambda: torch.randint(0, 128, (4, 12), generator=torch.Generator().manual_seed(3)),
+    "gpt2": lambda: torch.randint(0, 64, (4, 12), generator=torch.Generator().manual_seed(3)),
+    "bert": lambda: torch.randint(0, 64, (4, 12), generator=torch.Generator().manual_seed(3)),
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_activation_matching_recovers_a_known_permutation_exactly(family):
+    """B = A with every permutation group shuffled; matching B's unit activations to A's finds the inverse."""
+    build, _ = FAMILIES[family]
+    a = build(0)
+    sd = a.state_dict()
+    spec = permutation_spec({k: tuple(v.shape) for k, v in sd.items()}, _config(a))
+    g = torch.Generator().manual_seed(5)
+    truth = {k: torch.randperm(n, generator=g) for k, n in spec.sizes.items()}
+    b = build(0)
+    b.load_state_dict(apply_permutations(spec, truth, sd))
+    perms = activation_matching(spec, a, b, ACTIVATION_INPUTS[family]())
+    for k, p in perms.items():  # B's unit p[i] is A's unit i: p inverts truth
+        assert torch.equal(truth[k][p], torch.arange(len(p))), k
+    back, _ = align_models(a, b, "activation", ACTIVATION_INPUTS[family](), family=None)
+    assert all(torch.equal(back[k], sd[k]) for k in sd)
+    assert not any(m._forward_pre_hooks for m in [*a.modules(), *b.modules()])  # hooks gone
+
+
+def test_activation_matching_reads_units_where_a_layer_takes_them_as_input():
+    m = _gpt2(0)
+    spec = permutation_spec({k: tuple(v.shape) for k, v in m.state_dict().items()}, _config(m))
+    readers = unit_readers(m, spec)
+    assert readers["layer0.mlp"][0] == "transformer.h.0.mlp.c_proj"
+    assert readers["layer1.heads"][0] == "transformer.h.1.attn.c_proj"
+    with pytest.raises(ValueError, match="data: activation matching needs a data sample"):
+        align_models(m, _gpt2(1), "activation")
+    with pytest.raises(ValueError, match="method must be"):
+        align_models(m, _gpt2(1), "both")
+    bad = permutation_spec({"0.weight": (4, 3), "1.weight": (2, 4)})
+    with pytest.raises(UnalignableError, match="no Linear/Conv1D of the model reads"):
+        unit_readers(torch.nn.Module(), bad)

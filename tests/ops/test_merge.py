@@ -785,3 +785,38 @@ def test_svd_merges_keep_the_dtype_and_leave_inputs_untouched():
 def test_svd_merges_bad_input_names_the_cause(call, match):
     with pytest.raises(ValueError, match=match):
         call(_rand(3))
+
+
+def test_pack_mask_is_numpy_packbits_little_and_round_trips():
+    g = torch.Generator().manual_seed(3)
+    for shape in [(1,), (8,), (3, 7), (5, 4, 3), (0,)]:
+        mask = torch.rand(shape, generator=g) > 0.5
+        packed = M.pack_mask(mask)
+        ref = np.packbits(mask.numpy().reshape(-1), bitorder="little")
+        assert packed.dtype == torch.uint8 and packed.tolist() == ref.tolist()
+        assert torch.equal(M.unpack_mask(packed, shape), mask)
+    with pytest.raises(ValueError, match="boolean"):
+        M.pack_mask(torch.ones(3))
+    with pytest.raises(ValueError, match="2 uint8 bytes for shape"):
+        M.unpack_mask(torch.zeros(3, dtype=torch.uint8), (3, 4))
+
+
+def test_tall_compress_and_reconstruct_follow_the_paper_entry_by_entry():
+    """theta_t = theta_0 + m_t * tau_MTL, m_t = 1{|tau_t| >= lambda_t |tau_MTL - tau_t|} (Wang et al.)."""
+    base = _rand(1, seed=20)[0]
+    deltas = _rand(3, seed=21)
+    lams = [0.2, 0.6, 1.0]
+    mtl, masks = M.tall_compress(deltas, lams)
+    for t, lam in enumerate(lams):
+        rec = M.tall_reconstruct(base, mtl, masks[t])
+        for idx in range(base.numel()):
+            vals = [float(d.reshape(-1)[idx]) for d in deltas]
+            total = sum(vals)
+            keep = abs(vals[t]) >= lam * abs(total - vals[t])
+            want = float(base.reshape(-1)[idx]) + (total if keep else 0.0)
+            assert float(rec.reshape(-1)[idx]) == pytest.approx(want, abs=1e-12)
+    # one task: tau_MTL = tau_1, the mask keeps everything, the model comes back exactly
+    mtl1, (m1,) = M.tall_compress(deltas[:1])
+    assert bool(m1.all()) and torch.equal(M.tall_reconstruct(base, mtl1, m1), base + deltas[0])
+    with pytest.raises(ValueError, match="base, mtl, mask"):
+        M.tall_reconstruct(base, mtl, masks[0][:2])

@@ -1,15 +1,19 @@
 """ops/rebasin.py against dense references: permutation matrices for applying, explicit sums for the cost."""
 
+import numpy as np
 import pytest
 import torch
 
 from robustft.ops.rebasin import (
+    CrossMoments,
     PermAxis,
     PermutationSpec,
     apply_permutations,
     axis_index,
     check_spec,
+    loss_barrier,
     matching_cost,
+    unit_activations,
 )
 
 
@@ -103,3 +107,47 @@ def test_check_spec_names_the_problem(spec, message):
     with pytest.raises(ValueError, match=message):
         check_spec(spec, shapes)
     check_spec(MLP_SPEC, shapes)
+
+
+def test_cross_moments_correlation_is_numpy_corrcoef_summed_over_a_units_entries():
+    g = torch.Generator().manual_seed(4)
+    n, width = 5, 3
+    batches = [(torch.randn(7, n, width, generator=g), torch.randn(7, n, width, generator=g))
+               for _ in range(3)]
+    a = torch.cat([x for x, _ in batches]).double().numpy()
+    b = torch.cat([y for _, y in batches]).double().numpy()
+    b[:, 2, 1] = 3.0  # a constant entry (a dead unit's): correlation 0
+    m = CrossMoments(n, width)
+    for (x, _), k in zip(batches, range(3), strict=True):
+        m.update(x, torch.from_numpy(b[7 * k:7 * (k + 1)]))
+    ref = np.zeros((n, n))
+    for i in range(n):
+        for j in range(n):
+            for e in range(width):
+                if b[:, j, e].std() > 0:
+                    ref[i, j] += np.corrcoef(a[:, i, e], b[:, j, e])[0, 1]
+    np.testing.assert_allclose(m.correlation().numpy(), ref, rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match="expected"):
+        m.update(torch.zeros(2, n, width + 1), torch.zeros(2, n, width + 1))
+
+
+def test_unit_activations_groups_blocks_of_stacked_copies():
+    x = torch.arange(2 * 3 * 2 * 2).reshape(2, 12).float()  # 2 samples, outer 3, n 2, block 2
+    got = unit_activations(x, PermAxis("w", 1, block=2, outer=3), 2)
+    for s in range(2):
+        for i in range(2):
+            want = [x[s, o * 4 + i * 2 + k] for o in range(3) for k in range(2)]
+            assert got[s, i].tolist() == [float(v) for v in want]
+    with pytest.raises(ValueError, match="12 features, expected 1·2·2"):
+        unit_activations(x, PermAxis("w", 1, block=2), 2)
+
+
+def test_loss_barrier_is_the_largest_gap_above_the_chord():
+    lambdas = [0.0, 0.25, 0.5, 0.75, 1.0]
+    losses = [1.0, 2.5, 3.0, 2.0, 2.0]
+    chord = [1.0 + x * (2.0 - 1.0) for x in lambdas]
+    assert loss_barrier(lambdas, losses) == pytest.approx(max(v - c for v, c in zip(losses, chord)))
+    assert loss_barrier([1.0, 0.0], [2.0, 1.0]) == pytest.approx(0.0)  # a straight line: no barrier
+    assert loss_barrier([0.0, 0.5, 1.0], [1.0, 0.5, 1.0]) == 0.0  # below the chord inside: the ends count
+    with pytest.raises(ValueError, match="must include"):
+        loss_barrier([0.0, 0.5], [1.0, 2.0])

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from robustft.ops.sharpness import ascent_step, check_ball, project_to_ball, worst_case_increase
+from robustft.ops.sharpness import ascent_step, check_ball, project_to_ball, treat_layers, worst_case_increase
 
 
 def _tensors(seed=0, scale=1.0):
@@ -108,3 +108,26 @@ def test_bad_ball_options_are_named(ball, radius, message):
 def test_ball_radius_takes_real_scalars(radius):
     """robustft.checks' one rule: numpy and 0-d torch scalars are numbers (same value as the Python float)."""
     assert check_ball("adaptive_linf", radius) == float(radius)
+
+
+def test_treat_layers_edits_only_the_named_tensors_end_points():
+    g = torch.Generator().manual_seed(7)
+    start = {n: torch.randn(4, 5, generator=g, dtype=torch.float64) for n in ("a", "b")}
+    end = {n: t + torch.randn(4, 5, generator=g, dtype=torch.float64) for n, t in start.items()}
+    s, e = treat_layers(start, end, ["a"], "sparsify", density=0.25)
+    tau = [float(x) for x in (end["a"] - start["a"]).reshape(-1)]
+    keep = sorted(range(20), key=lambda j: -abs(tau[j]))[:5]  # ⌊0.25·20⌋ largest magnitudes
+    want = [float(start["a"].reshape(-1)[j]) + (tau[j] if j in keep else 0.0) for j in range(20)]
+    assert e["a"].reshape(-1).tolist() == pytest.approx(want, abs=1e-12)
+    assert s["a"] is start["a"] and e["b"] is end["b"] and s["b"] is start["b"]  # untouched pass through
+    s, e = treat_layers(start, end, ["b"], "start")
+    assert torch.equal(e["b"], start["b"]) and torch.equal(e["a"], end["a"])
+    s, e = treat_layers(start, end, ["b"], "finetuned")
+    for alpha in (0.0, 0.3, 1.0):  # θ'(α) of b is θ_ft at every α
+        torch.testing.assert_close((1 - alpha) * s["b"] + alpha * e["b"], end["b"])
+    with pytest.raises(ValueError, match="treatment must be one of"):
+        treat_layers(start, end, ["a"], "prune")
+    with pytest.raises(ValueError, match="'c' is not in both"):
+        treat_layers(start, end, ["c"])
+    with pytest.raises(ValueError, match="density"):
+        treat_layers(start, end, ["a"], density=1.5)
