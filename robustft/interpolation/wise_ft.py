@@ -51,6 +51,7 @@ __all__ = [
     "evaluate_at_alphas",
     "interpolate_models",
     "interpolate_state_dicts",
+    "metric_value",
     "wise_ft_sweep",
 ]
 
@@ -280,6 +281,7 @@ class WiseFTCurve:
     method: str = "linear"
     step: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    axis: str = "alpha"  # what ``alphas`` hold: WiSE-FT's α, or a swept strength (robustft.analysis.strength)
 
     @property
     def shifted(self) -> list[str]:
@@ -297,7 +299,7 @@ class WiseFTCurve:
     def to_csv(self) -> str:
         buf = io.StringIO()
         w = csv.writer(buf)
-        w.writerow(["alpha", *[f"{d}_{self.metric}" for d in self.results], "chosen"])
+        w.writerow([self.axis, *[f"{d}_{self.metric}" for d in self.results], "chosen"])
         for i, a in enumerate(self.alphas):
             w.writerow([a, *[self.results[d][i] for d in self.results], int(a == self.chosen_alpha)])
         return buf.getvalue()
@@ -305,20 +307,21 @@ class WiseFTCurve:
     def table(self) -> str:
         """Plain-text table: one row per α, the endpoints and the chosen α labelled."""
         names = list(self.results)
-        head = f"{'alpha':>7} " + " ".join(f"{d[:14]:>14}" for d in names) + "  note"
+        head = f"{self.axis:>7} " + " ".join(f"{d[:14]:>14}" for d in names) + "  note"
         rows = [head, "-" * len(head)]
         for i, a in enumerate(self.alphas):
             notes = []
-            if a == 0.0:
+            if a == 0.0 and self.axis == "alpha":
                 notes.append("start")
-            if a == 1.0:
+            if a == 1.0 and self.axis == "alpha":
                 notes.append("fine-tuned")
             if a == self.chosen_alpha:
                 notes.append(f"<- chosen on {self.id_dataset}")
             if not math.isfinite(self.results[self.id_dataset][i]):
                 notes.append("not finite: never chosen")
             vals = " ".join(f"{self.results[d][i]:>14.4f}" for d in names)
-            rows.append(f"{a:>7.2f} {vals}  {', '.join(notes)}")
+            x = f"{a:>7.2f}" if self.axis == "alpha" else f"{a:>7.3g}"
+            rows.append(f"{x} {vals}  {', '.join(notes)}")
         return "\n".join(rows)
 
     def save(self, output_dir: str | os.PathLike, plot: bool = True, stem: str = "wise_ft") -> list[Path]:
@@ -338,24 +341,27 @@ class WiseFTCurve:
         fig, ax = plt.subplots(figsize=(5.5, 4.5))
         x = self.results[self.id_dataset]
         ci = self.alphas.index(self.chosen_alpha)
+        wise, sym = self.axis == "alpha", "α" if self.axis == "alpha" else self.axis
         for d in self.shifted or [self.id_dataset]:
             y = self.results[d]
-            ax.plot(x, y, "o-", ms=4, label=f"{d}: WiSE-FT, α ∈ [{self.alphas[0]:g}, {self.alphas[-1]:g}]")
-            for a, label, mk in ((0.0, "start", "s"), (1.0, "fine-tuned", "^")):
+            ax.plot(x, y, "o-", ms=4, label=f"{d}: {'WiSE-FT' if wise else 'one run each'}, {sym} ∈ "
+                    f"[{self.alphas[0]:g}, {self.alphas[-1]:g}]")
+            for a, label, mk in ((0.0, "start", "s"), (1.0, "fine-tuned", "^")) if wise else ():
                 if a in self.alphas:
                     i = self.alphas.index(a)
                     ax.plot(x[i], y[i], mk, ms=9, color="black")
                     ax.annotate(label, (x[i], y[i]), textcoords="offset points", xytext=(6, -10))
             ax.plot(x[ci], y[ci], "*", ms=16, color="crimson")
             ax.annotate(
-                f"chosen α={self.chosen_alpha:g}", (x[ci], y[ci]), textcoords="offset points", xytext=(6, 6)
+                f"chosen {sym}={self.chosen_alpha:g}", (x[ci], y[ci]), textcoords="offset points",
+                xytext=(6, 6),
             )
         ax.margins(x=0.15, y=0.1)
         ax.set_xlabel(f"{self.id_dataset} {self.metric} (in-distribution)")
         ax.set_ylabel(
             f"{self.metric} on the other eval sets" if self.shifted else f"{self.id_dataset} {self.metric}"
         )
-        ax.set_title("WiSE-FT: weight-space ensembles of start and fine-tuned")
+        ax.set_title("WiSE-FT: weight-space ensembles of start and fine-tuned" if wise else f"{sym} sweep")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="best")
         fig.tight_layout()
@@ -399,7 +405,8 @@ def evaluate_at_alphas(
     return results
 
 
-def _metric_value(metrics: Mapping[str, float], prefix: str, metric: str, name: str) -> float:
+def metric_value(metrics: Mapping[str, float], prefix: str, metric: str, name: str) -> float:
+    """``metric`` of eval set ``name`` in ``trainer.evaluate``'s results; missing: an error naming it."""
     key = _metric_key(prefix, metric)
     if key not in metrics:
         # the Trainer calls compute_metrics (and reports a loss) only when the batches carry labels
@@ -452,7 +459,7 @@ def wise_ft_sweep(
         for name, ds in eval_datasets.items():
             prefix = f"{key_prefix}_a{alpha:g}_{name}"
             metrics = trainer.evaluate(eval_dataset=ds, metric_key_prefix=prefix)
-            results[name].append(_metric_value(metrics, prefix, metric, name))
+            results[name].append(metric_value(metrics, prefix, metric, name))
             if name == id_dataset and f"{prefix}_loss" in metrics:
                 id_loss.append(float(metrics[f"{prefix}_loss"]))
             if bar is not None:
