@@ -4,13 +4,14 @@
     python benchmarks/strength.py --task glosses --methods L2-SP EWC
     python benchmarks/strength.py --task topics --report-only           # rebuild the doc from the JSONs
 
-Every method is swept with ``robustft.analysis.strength.strength_sweep`` over the grids of ``factories`` (the docs' setting
-times 0.01, 0.1 and 1 for the anchor penalties; one untuned setting for the others), from the same zero-shot
-start with the demo's data and budget (``benchmarks/robustness.py``'s ``demo_task``, ``make_trainer``). The
-strength is chosen on ``id`` at the end points, then WiSE-FT's α (``ALPHAS``) on ``id`` on the chosen run
-(``wise_ft="chosen"``; plain fine-tuning: its α curve, ``"each"``); ``id_test`` and ``shifted`` are reported.
-Each method's curve is saved as ``<out>/<task>/<method>.json`` (+ CSV, PNG) as soon as it is done; the
-table is built from the JSONs present and written between ``<!-- strength-<task>:start/end -->`` in docs/regularizers.md and docs/benchmarks.md.
+Every method is swept with ``robustft.analysis.strength.strength_sweep`` over the grids of ``factories``
+(the docs' setting times 0.01, 0.1 and 1 for the anchor penalties; one untuned setting for the others), from
+the same zero-shot start with the demo's data and budget (``benchmarks/robustness.py``'s ``demo_task``,
+``make_trainer``). The strength is chosen on ``id`` at the end points, then WiSE-FT's α (``ALPHAS``) on ``id``
+on the chosen run (``wise_ft="chosen"``; plain fine-tuning: its α curve, ``"each"``); ``id_test`` and
+``shifted`` are reported. Each method's curve is saved as ``<out>/<task>/<method>.json`` (+ CSV, PNG) as soon
+as it is done; the table is built from the JSONs present and written between
+``<!-- strength-<task>:start/end -->`` in docs/regularizers.md and docs/benchmarks.md.
 """
 
 from __future__ import annotations
