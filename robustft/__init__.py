@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # the same names, for type checkers and IDEs
         plot_sharpness,
         sharpness_along_path,
     )
+    from robustft.analysis.strength import StrengthCurve, strength_sweep
     from robustft.callbacks import *  # noqa: F403 (every name of robustft.callbacks.CALLBACKS)
     from robustft.core.params import Snapshot, select_parameters, swapped_in
     from robustft.demos.zero_shot import SentenceClassifier, install_zero_shot_head
@@ -61,6 +62,7 @@ EXPORTS: dict[str, tuple[str, ...]] = {
         "plot_sharpness",
         "sharpness_along_path",
     ),
+    "robustft.analysis.strength": ("StrengthCurve", "strength_sweep"),
     "robustft.interpolation.learned": ("LearnedInterpolation",),
     "robustft.lora": (
         "DeltaSet",
