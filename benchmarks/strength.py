@@ -33,7 +33,7 @@ from robustft.demos.llm import format_table  # noqa: E402
 
 ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 EVALS = ("id", "id_test", "shifted")  # "id" chooses α and the strength; the other two are reported
-WISE_FT = {"plain": "each"}  # the others: WiSE-FT on the chosen strength's run only (the evaluations cost)
+WISE_FT = {"plain": "each"}  # plain fine-tuning: its α curve (the WiSE-FT row); the others: ``--wise-ft``
 METHODS = ("plain", "L2-SP", "EWC", "spectral", "LP-FT", "EMA", "SAM")  # the table's order
 
 
@@ -72,7 +72,7 @@ def factories(task: Task) -> dict[str, tuple[list[float], Callable[[float], list
     }
 
 
-def run_method(task: Task, method: str, out: Path) -> Path:
+def run_method(task: Task, method: str, out: Path, wise_ft: str | None = None) -> Path:
     """One method's sweep (WiSE-FT on every run), saved as ``out/<method>.json``; returns that path."""
     from robustft.analysis.strength import strength_sweep
 
@@ -85,7 +85,7 @@ def run_method(task: Task, method: str, out: Path) -> Path:
 
     t0 = time.perf_counter()
     curve = strength_sweep(trainer_of, make_callback, strengths, {e: task.evals[e] for e in EVALS}, "id",
-                           name=method, wise_ft=WISE_FT.get(method, "chosen"), alphas=ALPHAS, output_dir=out,
+                           name=method, wise_ft=WISE_FT.get(method, wise_ft), alphas=ALPHAS, output_dir=out,
                            plot=True)
     data = curve.as_dict()
     data.update(meaning=meaning, seconds=time.perf_counter() - t0,
@@ -143,6 +143,10 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-eval", type=int, default=300, help="examples per eval set (the demo's: 300)")
     p.add_argument("--out", default=os.path.join(tempfile.gettempdir(), "robustft_strength_benchmark"))
+    p.add_argument("--wise-ft", choices=("none", "chosen", "each"), default="none",
+                   help="WiSE-FT's α sweep on no run (default; the evaluations cost as much as training), "
+                   "the chosen run, or every run")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--report-only", action="store_true", help="rebuild the table from the saved JSONs")
     p.add_argument("--no-write", action="store_true", help="print only; leave the docs alone")
     args = p.parse_args(argv)
@@ -150,13 +154,17 @@ def main(argv=None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     out = Path(args.out) / args.task
     out.mkdir(parents=True, exist_ok=True)
     if not args.report_only:
         task = demo_task(args.seed, n_eval=args.n_eval, task=args.task)
         for method in args.methods:
             print(f"== {method}", flush=True)
-            run_method(task, method, out)
+            run_method(task, method, out, None if args.wise_ft == "none" else args.wise_ft)
     name = "`robustft demo`" if args.task == "topics" else "`robustft demo --task glosses`"
     command = f"python benchmarks/strength.py --task {args.task} --methods <each method> --out {args.out}"
     text = section(name, out, command)
