@@ -166,13 +166,16 @@ PUBLIC = {
     "LoRADelta",
     "MomentumInterpolationCallback", "MomentumSAMCallback", "RandomPerturbationCallback", "SAMCallback",
     "SWACallback", "SentenceClassifier", "SharpnessReport", "ShrinkPerturbCallback", "Snapshot",
+    "StrengthCurve",
     "SpectralRegCallback", "SparseUpdateCallback", "WiseFTCallback", "WiseFTCurve", "__version__",
     "compose_adapters", "dawin_evaluate", "estimate_fisher", "evaluate_at_alphas", "fit_wemoe",
     "install_zero_shot_head", "interpolate", "interpolate_models", "interpolate_state_dicts",
     "layer_sharpness",
     "least_critical_module", "load_recipe", "load_wemoe", "merge_checkpoints", "merge_into_base",
     "module_criticality", "plot_sharpness", "read_adapter", "save_wemoe", "select_parameters",
-    "sharpness_along_path", "swapped_in", "upscale_wemoe", "wise_ft_sweep", "write_adapter",
+    "sharpness_along_path",
+    "strength_sweep",
+    "swapped_in", "upscale_wemoe", "wise_ft_sweep", "write_adapter",
 }
 
 
