@@ -64,7 +64,7 @@ def factories(task: Task) -> dict[str, tuple[list[float], Callable[[float], list
         "EWC": ewc,
         "spectral": lambda: ([0.01, 0.1, 1.0], lambda s: [SpectralRegCallback(s, include=r"\.layer\.\d+\.")],
                              "λ, σ₁ of the encoder-layer matrices held at their start values"),
-        "LP-FT": lambda: ([1.0], lambda s: [LPFTCallback(probe_epochs=s)], "probe epochs (of 2)"),
+        "LP-FT": lambda: ([1.0], lambda s: [LPFTCallback(probe_epochs=int(s))], "probe epochs (of 2)"),
         "EMA": lambda: ([0.9, 0.99],
                         lambda s: [EMACallback(decay=s, copy_to_model_at_end=True, save_dir=None)],
                         "decay β (26 steps), EMA weights left in the model"),
