@@ -18,6 +18,7 @@ start. What is shared across strengths (an EWC Fisher) is the factory's to compu
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -66,48 +67,49 @@ def check_strengths(strengths: Sequence[float]) -> list[float]:
 class StrengthCurve:
     """Metric of every eval set for every strength's run, and the strength chosen on the ID set.
 
-    ``results`` hold each run's end point, or with WiSE-FT on each run its θ(α*) (``alphas[i]``, chosen on the
-    ID set). ``wise_ft`` holds the α curves (as dicts) by strength; ``train_seconds`` each run's ``train()``.
-    The table, CSV and plot are those of a :class:`WiseFTCurve` with the strength as its axis.
+    ``curve`` is a :class:`WiseFTCurve` whose ``alphas`` are the strengths and ``axis`` their name (its table,
+    CSV and plot are reused); its ``results`` hold each run's end point, or with WiSE-FT on each run its θ(α*)
+    (``alphas[i]``, chosen on the ID set). ``wise_ft`` holds the α curves (as dicts) by strength,
+    ``train_seconds`` each run's ``train()``, ``id_loss`` the ID loss that breaks ties.
     """
 
-    strengths: list[float]
-    results: dict[str, list[float]]
-    metric: str
-    id_dataset: str
-    chosen_strength: float
-    greater_is_better: bool = True
-    name: str = "strength"
+    curve: WiseFTCurve
     alphas: list[float | None] = field(default_factory=list)
     wise_ft: dict[str, dict[str, Any]] = field(default_factory=dict)
     train_seconds: list[float] = field(default_factory=list)
     id_loss: list[float] = field(default_factory=list)
     trainer: Any = field(default=None, repr=False, compare=False)  # the chosen run's Trainer (not saved)
 
+    @property
+    def strengths(self) -> list[float]:
+        return self.curve.alphas
+
+    @property
+    def results(self) -> dict[str, list[float]]:
+        return self.curve.results
+
+    @property
+    def chosen_strength(self) -> float:
+        return self.curve.chosen_alpha
+
     def value(self, dataset: str, strength: float) -> float:
         """The metric of ``dataset`` for the run at ``strength``."""
-        return self.results[dataset][self.strengths.index(strength)]
-
-    def curve(self) -> WiseFTCurve:
-        """The same numbers as a WiSE-FT curve whose axis is the strength (for its table, CSV and plot)."""
-        return WiseFTCurve(alphas=self.strengths, results=self.results, metric=self.metric,
-                           id_dataset=self.id_dataset, chosen_alpha=self.chosen_strength,
-                           greater_is_better=self.greater_is_better, axis=self.name)
+        return self.curve.value(dataset, strength)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"axis": self.name, "strengths": self.strengths, "results": self.results,
-                "metric": self.metric,
-                "id_dataset": self.id_dataset, "chosen_strength": self.chosen_strength,
-                "greater_is_better": self.greater_is_better, "alphas": self.alphas, "wise_ft": self.wise_ft,
+        """Everything but the Trainer, under the strength's own keys (``strengths``, ``chosen_strength``)."""
+        c = self.curve
+        return {"axis": c.axis, "strengths": c.alphas, "results": c.results, "metric": c.metric,
+                "id_dataset": c.id_dataset, "chosen_strength": c.chosen_alpha,
+                "greater_is_better": c.greater_is_better, "alphas": self.alphas, "wise_ft": self.wise_ft,
                 "train_seconds": self.train_seconds, "id_loss": self.id_loss}
 
     def to_json(self) -> str:
-        import json
-
+        """The JSON of :meth:`as_dict`."""
         return json.dumps(self.as_dict(), indent=2)
 
     def to_csv(self) -> str:
-        text = self.curve().to_csv()
+        text = self.curve.to_csv()
         if not any(a is not None for a in self.alphas):
             return text
         lines = text.splitlines()  # one more column: each run's α*
@@ -116,7 +118,7 @@ class StrengthCurve:
 
     def table(self) -> str:
         """Plain-text table, one row per strength (with each run's α* when WiSE-FT ran on every run)."""
-        text = self.curve().table()
+        text = self.curve.table()
         if not any(a is not None for a in self.alphas):
             return text
         head, rule, *rows = text.splitlines()
@@ -125,7 +127,7 @@ class StrengthCurve:
 
     def plot(self, path: str | os.PathLike) -> Path | None:
         """The WiSE-FT-style plot: ID metric on x, each shifted metric on y, one point per strength."""
-        return self.curve().plot(path)
+        return self.curve.plot(path)
 
     def save(self, output_dir: str | os.PathLike, plot: bool = True, stem: str = "strength") -> list[Path]:
         """Write ``<stem>.json``, ``.csv`` and (with matplotlib) ``.png`` atomically; returns the paths."""
@@ -229,9 +231,9 @@ def strength_sweep(
         wise = wise_ft_sweep(trainer, weights, eval_datasets, id_dataset, alpha_grid, metric,
                              greater_is_better, progress=False, key_prefix=f"{name}{chosen:g}_wise_ft")
         curves[f"{chosen:g}"] = wise.as_dict()
-    curve = StrengthCurve(strengths=grid, results=results, metric=metric, id_dataset=id_dataset,
-                          chosen_strength=chosen, greater_is_better=greater_is_better, name=name,
-                          alphas=chosen_alphas, wise_ft=curves, train_seconds=seconds, id_loss=id_loss,
+    table = WiseFTCurve(alphas=grid, results=results, metric=metric, id_dataset=id_dataset,
+                        chosen_alpha=chosen, greater_is_better=greater_is_better, axis=name)
+    curve = StrengthCurve(table, alphas=chosen_alphas, wise_ft=curves, train_seconds=seconds, id_loss=id_loss,
                           trainer=trainer)
     if output_dir is not None:
         curve.save(output_dir, plot=plot)
