@@ -125,10 +125,11 @@ def section(task_name: str, out: Path, command: str) -> str:
         f"### Measured: strength sweeps on the {task_name} task (issue 28)", "",
         f"Command: `{command}` ({desc}; one run per strength, one seed; load average at the end of each "
         f"method: {loads}, on 2 cores shared with other sessions' work, so train seconds are noisy).", "",
-        "Accuracy in %. `end`: the run's end point (α = 1). The strength is chosen on `id` at the end point "
-        "(ties: lower id loss, then the smaller strength); WiSE-FT then runs on the chosen run only "
-        f"(`wise_ft=\"chosen\"`, α ∈ {{{', '.join(f'{a:g}' for a in ALPHAS)}}} chosen on `id`): `α*` and "
-        "the scores `at α*`. Strengths: " + meanings + ".",
+        "Accuracy in %. `end`: the run's end point (α = 1). The strength is chosen on `id` at the end points "
+        "(ties: lower id loss, then the smaller strength). `α*` and `at α*`: WiSE-FT's α ∈ "
+        f"{{{', '.join(f'{a:g}' for a in ALPHAS)}}} chosen on `id`, where it ran (plain fine-tuning: its own "
+        "curve, the WiSE-FT row; the others only with `--wise-ft`, off here: the α sweep's evaluations "
+        "cost as much as a training run). `train s`: wall seconds of `train()`. Strengths: " + meanings + ".",
         "",
         format_table(["method", "strength", "id end", "id_test end", "shifted end", "α*", "id_test at α*",
                       "shifted at α*", "train s", "choice"], rows),
