@@ -109,7 +109,7 @@ def rows_of(data: dict) -> list[list[str]]:
         rows.append([data["axis"], f"{s:.4g}", *(pct(end[d]) for d in EVALS),
                      "-" if at is None else f"{at:g}",
                      *(pct(best[d]) if best else "-" for d in EVALS[1:]), f"{data['train_seconds'][i]:.0f}",
-                     "chosen on id" if s == data["chosen_strength"] else ""])
+                     "chosen on id" if s == data["chosen_strength"] and len(data["strengths"]) > 1 else ""])
     return rows
 
 
@@ -123,8 +123,9 @@ def section(task_name: str, out: Path, command: str) -> str:
     meanings = "; ".join(f"{m}: {d['meaning']}" for m, d in datas.items() if d["meaning"] != "-")
     return "\n".join([
         f"### Measured: strength sweeps on the {task_name} task (issue 28)", "",
-        f"Command: `{command}` ({desc}; one run per strength, one seed; load average at the end of each "
-        f"method: {loads}, on 2 cores shared with other sessions' work, so train seconds are noisy).", "",
+        f"Command: `{command}`, one process per method side by side, then `--report-only` ({desc}; one run "
+        f"per strength, one seed; load average at the end of each method: {loads}, on 2 cores shared with "
+        "other sessions' work, so train seconds are noisy).", "",
         "Accuracy in %. `end`: the run's end point (α = 1). The strength is chosen on `id` at the end points "
         "(ties: lower id loss, then the smaller strength). `α*` and `at α*`: WiSE-FT's α ∈ "
         f"{{{', '.join(f'{a:g}' for a in ALPHAS)}}} chosen on `id`, where it ran (plain fine-tuning: its own "
@@ -167,7 +168,8 @@ def main(argv=None) -> int:
             print(f"== {method}", flush=True)
             run_method(task, method, out, None if args.wise_ft == "none" else args.wise_ft)
     name = "`robustft demo`" if args.task == "topics" else "`robustft demo --task glosses`"
-    command = f"python benchmarks/strength.py --task {args.task} --methods <each method> --out {args.out}"
+    threads = f" --threads {args.threads}" if args.threads else ""
+    command = f"python benchmarks/strength.py --task {args.task} --methods <method>{threads} --out {args.out}"
     text = section(name, out, command)
     print(text)
     if not args.no_write:
