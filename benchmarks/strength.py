@@ -34,11 +34,16 @@ from robustft.demos.llm import format_table  # noqa: E402
 ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 EVALS = ("id", "id_test", "shifted")  # "id" chooses α and the strength; the other two are reported
 WISE_FT = {"plain": "each"}  # plain fine-tuning: its α curve (the WiSE-FT row); the others: ``--wise-ft``
+SCALES = (0.01, 0.1, 1.0)  # the anchor penalties' strengths, times the docs' setting
 METHODS = ("plain", "L2-SP", "EWC", "spectral", "LP-FT", "EMA", "SAM")  # the table's order
 
 
-def factories(task: Task) -> dict[str, tuple[list[float], Callable[[float], list], str]]:
-    """Method -> (strengths, strength -> callbacks, what the strength is). EWC's Fisher is estimated once."""
+Sweep = tuple[list[float], Callable[[float], list], str]  # strengths, strength -> callbacks, their meaning
+
+
+def factories(task: Task, scales=SCALES) -> dict[str, Callable[[], Sweep]]:
+    """Method -> () -> its sweep; the anchor penalties' strengths are ``scales`` times the docs' setting
+    (λ = 1, and 1/mean(F) for EWC, whose Fisher is estimated once)."""
     import torch
 
     from robustft import (
@@ -50,19 +55,19 @@ def factories(task: Task) -> dict[str, tuple[list[float], Callable[[float], list
         SpectralRegCallback,
     )
 
-    def ewc() -> tuple[list[float], Callable[[float], list], str]:
+    def ewc() -> Sweep:
         fisher, seconds = fisher_of_start(task)
         mean = float(torch.cat([f.flatten() for f in fisher.values()]).mean())
         print(f"Fisher of the start: {seconds:.1f} s, mean {mean:.3g}", flush=True)
-        return ([round(c / mean, 6) for c in (0.01, 0.1, 1.0)],
+        return ([round(c / mean, 6) for c in scales],
                 lambda s: [EWCCallback(s, fisher=fisher)],
                 f"λ (1/mean(F) = {1 / mean:.4g}; Fisher {seconds:.0f} s)")
 
     return {
         "plain": lambda: ([0.0], lambda s: [], "-"),
-        "L2-SP": lambda: ([0.01, 0.1, 1.0], lambda s: [L2SPCallback(s)], "λ, loss form"),
+        "L2-SP": lambda: (list(scales), lambda s: [L2SPCallback(s)], "λ, loss form"),
         "EWC": ewc,
-        "spectral": lambda: ([0.01, 0.1, 1.0], lambda s: [SpectralRegCallback(s, include=r"\.layer\.\d+\.")],
+        "spectral": lambda: (list(scales), lambda s: [SpectralRegCallback(s, include=r"\.layer\.\d+\.")],
                              "λ, σ₁ of the encoder-layer matrices held at their start values"),
         "LP-FT": lambda: ([1.0], lambda s: [LPFTCallback(probe_epochs=int(s))], "probe epochs (of 2)"),
         "EMA": lambda: ([0.9, 0.99],
@@ -72,11 +77,11 @@ def factories(task: Task) -> dict[str, tuple[list[float], Callable[[float], list
     }
 
 
-def run_method(task: Task, method: str, out: Path, wise_ft: str | None = None) -> Path:
+def run_method(task: Task, method: str, out: Path, wise_ft: str | None = None, scales=SCALES) -> Path:
     """One method's sweep (WiSE-FT on every run), saved as ``out/<method>.json``; returns that path."""
     from robustft.analysis.strength import strength_sweep
 
-    strengths, make_callback, meaning = factories(task)[method]()
+    strengths, make_callback, meaning = factories(task, scales)[method]()
     run = {"i": 0}
 
     def trainer_of(callbacks: list):
@@ -148,6 +153,8 @@ def main(argv=None) -> int:
     p.add_argument("--wise-ft", choices=("none", "chosen", "each"), default="none",
                    help="WiSE-FT's α sweep on no run (default; the evaluations cost as much as training), "
                    "the chosen run, or every run")
+    p.add_argument("--scales", type=float, nargs="+", default=list(SCALES),
+                   help="the anchor penalties' strengths, times the docs' setting")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--report-only", action="store_true", help="rebuild the table from the saved JSONs")
     p.add_argument("--no-write", action="store_true", help="print only; leave the docs alone")
@@ -166,7 +173,7 @@ def main(argv=None) -> int:
         task = demo_task(args.seed, n_eval=args.n_eval, task=args.task)
         for method in args.methods:
             print(f"== {method}", flush=True)
-            run_method(task, method, out, None if args.wise_ft == "none" else args.wise_ft)
+            run_method(task, method, out, None if args.wise_ft == "none" else args.wise_ft, args.scales)
     name = "`robustft demo`" if args.task == "topics" else "`robustft demo --task glosses`"
     threads = f" --threads {args.threads}" if args.threads else ""
     command = f"python benchmarks/strength.py --task {args.task} --methods <method>{threads} --out {args.out}"
