@@ -13,7 +13,7 @@ sys.path.insert(0, str(ROOT))
 @pytest.mark.slow
 def test_each_method_gives_its_json_and_its_rows(tmp_path):
     from benchmarks import strength as bs
-    from tests.test_benchmarks_robustness import tiny_task
+    from tests.tiny import tiny_task
 
     task = tiny_task()
     for method in ("plain", "L2-SP", "EWC"):
