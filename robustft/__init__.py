@@ -27,6 +27,7 @@ if TYPE_CHECKING:  # the same names, for type checkers and IDEs
         straggler_layers,
         treat_stragglers,
     )
+    from robustft.analysis.strength import StrengthCurve, strength_sweep
     from robustft.callbacks import *  # noqa: F403 (every name of robustft.callbacks.CALLBACKS)
     from robustft.core.params import Snapshot, select_parameters, swapped_in
     from robustft.demos.zero_shot import SentenceClassifier, install_zero_shot_head
@@ -69,6 +70,7 @@ EXPORTS: dict[str, tuple[str, ...]] = {
         "straggler_layers",
         "treat_stragglers",
     ),
+    "robustft.analysis.strength": ("StrengthCurve", "strength_sweep"),
     "robustft.interpolation.learned": ("LearnedInterpolation",),
     "robustft.interpolation.soup": ("SoupResult", "soup_model", "trainer_scorer", "write_uniform_soup"),
     "robustft.lora": (

@@ -1,6 +1,5 @@
 """benchmarks/robustness.py's machinery on a tiny model: every row of every table, and the docs sections."""
 
-import copy
 import sys
 from pathlib import Path
 
@@ -9,20 +8,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-
-def tiny_task():
-    from transformers import default_data_collator
-
-    from benchmarks.robustness import Task
-    from robustft.demos.encoder import accuracy
-    from tests.tiny import tiny_bert, token_dataset, training_args
-
-    start = tiny_bert(num_labels=2)
-    evals = {name: token_dataset(32, seed=s) for name, s in (("id", 1), ("id_test", 2), ("shifted", 3))}
-    return Task(start=lambda: copy.deepcopy(start), train=token_dataset(32), evals=evals,
-                collator=default_data_collator, metrics=accuracy, description="tiny BERT",
-                args=lambda out, **kw: training_args(out, **{"max_steps": 4, "logging_steps": 10, **kw}),
-                fisher_examples=4, learned_steps=2, batch_size=8)
+from tests.tiny import tiny_task  # noqa: E402
 
 
 @pytest.mark.slow

@@ -168,6 +168,7 @@ PUBLIC = {
     "LoRADelta", "MGPOCallback",
     "MomentumInterpolationCallback", "MomentumSAMCallback", "RandomPerturbationCallback", "SAMCallback",
     "SWACallback", "SentenceClassifier", "SharpnessReport", "ShrinkPerturbCallback", "Snapshot",
+    "StrengthCurve",
     "SoupCallback", "SoupResult", "soup_model", "trainer_scorer", "write_uniform_soup",
     "SpectralRegCallback", "SparseUpdateCallback", "WassersteinRegCallback", "WiseFTCallback",
     "WiseFTCurve", "__version__",
@@ -179,6 +180,7 @@ PUBLIC = {
     "sharpness_along_path", "swapped_in", "upscale_wemoe", "wise_ft_sweep", "write_adapter",
     "search_merge",
     "BarrierReport", "barrier_report", "straggler_layers", "treat_stragglers",  # issue 27
+    "strength_sweep",
 }
 
 

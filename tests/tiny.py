@@ -83,3 +83,20 @@ def tiny_gpt2(seed: int = 0):
         attn_pdrop=0.0,
     )
     return GPT2LMHeadModel(config)
+
+
+def tiny_task():
+    """benchmarks/robustness.py's ``Task`` on a tiny BERT: 32 training and eval examples, 4 steps."""
+    import copy
+
+    from transformers import default_data_collator
+
+    from benchmarks.robustness import Task
+    from robustft.demos.encoder import accuracy
+
+    start = tiny_bert(num_labels=2)
+    evals = {name: token_dataset(32, seed=s) for name, s in (("id", 1), ("id_test", 2), ("shifted", 3))}
+    return Task(start=lambda: copy.deepcopy(start), train=token_dataset(32), evals=evals,
+                collator=default_data_collator, metrics=accuracy, description="tiny BERT",
+                args=lambda out, **kw: training_args(out, **{"max_steps": 4, "logging_steps": 10, **kw}),
+                fisher_examples=4, learned_steps=2, batch_size=8)

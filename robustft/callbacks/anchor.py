@@ -144,6 +144,12 @@ class L2SPCallback(_AnchorCallback):
     optimizer and costs one copy of the selected weights (float32 or wider) while ``optimizer.step()`` runs;
     a step the GradScaler skips gets no pull (as AdamW's decay).
 
+    Strength: no value transfers. The paper (Sec. 4, experimental setup) picks its α (this λ) per target
+    task by cross-validation on a grid over orders of magnitude (about 10⁻³ to 1; the exact grid is from
+    memory, not checked against the text here). Measured in docs/regularizers.md: λ = 1 gains 17 points under
+    shift on the demo task and loses on another task (issue 28). Sweep it on in-distribution data:
+    :func:`robustft.analysis.strength.strength_sweep`.
+
     Args:
         strength: λ >= 0.
         decoupled: apply the pull toward θ_start in the optimizer step instead of the loss.
@@ -246,6 +252,11 @@ class EWCCallback(_AnchorCallback):
     ``fisher_data`` (an iterable of batches; its first ``fisher_max_examples`` examples). F and θ_start are
     saved with the callback's state, so a resumed run does not estimate F again.
 
+    Strength: λ multiplies F, whose scale depends on the loss and the data, so λ has no unit that transfers;
+    the paper sets it per experiment by search (Methods; values from memory, not checked here: λ of 10² to 10⁴
+    are what later work reuses). A starting point is λ = 1/mean(F) (the L2-SP strength on average); sweep λ
+    on in-distribution data with :func:`robustft.analysis.strength.strength_sweep` (docs/regularizers.md).
+
     Args:
         strength: λ >= 0.
         fisher: precomputed Fisher (must hold every selected parameter, same shapes); or
@@ -320,6 +331,12 @@ class SpectralRegCallback(_AnchorCallback):
     ``target="start"`` (default) keeps each σ₁ near its value when training begins (τ_l = σ₁(W_l,start));
     ``target="one"`` is the paper's τ = 1. σ₁ is computed exactly (``torch.linalg.matrix_norm(ord=2)``, an SVD
     per matrix per micro-batch): select the matrices that matter with ``include`` on large models.
+
+    Strength: the paper sweeps λ over orders of magnitude in its hyperparameter-sensitivity study (Sec. 5 and
+    the appendix; the grid is not checked here) and reports the regularizer as less sensitive to λ than L2
+    toward the init. Its setting is continual learning over many tasks; in one short fine-tuning run σ₁ moves
+    little, so λ matters little (docs/regularizers.md). Sweep it with
+    :func:`robustft.analysis.strength.strength_sweep`.
 
     Args:
         strength: λ >= 0.

@@ -325,6 +325,12 @@ class EMACallback(_AveragingCallback):
     or input tokens ("1000tok", the Trainer's ``num_input_tokens_seen``) since the previous update, as
     Composer's EMA ``half_life``: a term's weight halves every h steps or tokens.
 
+    Strength: β averages over about 1/(1−β) updates; common values (0.999-0.9999, timm and Polyak-style
+    averaging) assume thousands of steps. In a short fine-tuning run the first update's weights (near the
+    start) keep weight β^(updates−1) (0.99 over 26 steps: 0.78), so the EMA is then close to the start.
+    Sweep β with :func:`robustft.analysis.strength.strength_sweep` (``copy_to_model_at_end=True`` so the
+    run's end point is the average).
+
     Args:
         decay: β in (0, 1) (default 0.999 when ``half_life`` is not given).
         half_life: a number of optimizer steps, or "Nba" (steps) / "Ntok" (tokens; needs

@@ -37,6 +37,12 @@ __all__ = ["ContinualBackpropCallback", "HiddenLayer", "ShrinkPerturbCallback", 
 class ShrinkPerturbCallback(RobustCallback):
     """θ ← λ·θ + σ·ε, ε ~ N(0, I) from a seed, on the selected trainable parameters.
 
+    Strength: Ash & Adams (NeurIPS 2020, "On Warm-Starting Neural Network Training", Sec. 4-5) shrink once
+    per warm start, with λ well below 1 and small noise (λ around 0.3-0.6 and σ around 10⁻⁴-10⁻²; from memory,
+    not checked here), and show the result depends on both. Applied every few steps inside one run, λ must be
+    close to 1 (it compounds). One value per run: sweep λ (or σ) with
+    :func:`robustft.analysis.strength.strength_sweep` (``lambda s: ShrinkPerturbCallback(1 - s, sigma)``).
+
     Args:
         shrink: λ in (0, 1].
         sigma: σ >= 0, the noise's standard deviation.

@@ -49,6 +49,11 @@ class SAMCallback(WeightPerturbation):
     micro-batches and, during the replay, the first-pass gradient (kept for the fallback). Dropout masks
     differ between the two passes (as in davda54/sam).
 
+    Strength: Foret et al. choose ρ per task by grid search on held-out training data, over
+    {0.01, 0.02, 0.05, 0.1, 0.2, 0.5} (Sec. 3; from memory, not checked against the text here), 0.05 being
+    the common default; ASAM's ρ is about 10x larger (Kwon et al.). Sweep ρ on in-distribution data with
+    :func:`robustft.analysis.strength.strength_sweep` (``lambda rho: SAMCallback(rho)``).
+
     Args:
         rho: radius ρ > 0 (typical: 0.05 for SAM, 0.5-2 for ASAM).
         adaptive: ASAM's scale-invariant ε.

@@ -389,6 +389,7 @@ class WiseFTCurve:
     extra: dict[str, Any] = field(default_factory=dict)
     budget: AlphaBudget | None = None
     constraint: list[float] | None = None
+    axis: str = "alpha"  # what ``alphas`` hold: WiSE-FT's α, or a swept strength (robustft.analysis.strength)
 
     @property
     def shifted(self) -> list[str]:
@@ -450,7 +451,7 @@ class WiseFTCurve:
         w = csv.writer(buf)
         budget = [] if self.budget is None else [f"budget_{self.budget.dataset}_{self.budget.metric}",
                                                   "admitted"]
-        w.writerow(["alpha", *[f"{d}_{self.metric}" for d in self.results], "chosen", *budget])
+        w.writerow([self.axis, *[f"{d}_{self.metric}" for d in self.results], "chosen", *budget])
         for i, a in enumerate(self.alphas):
             row = [a, *[self.results[d][i] for d in self.results], int(a == self.chosen_alpha)]
             if self.budget is not None:
@@ -464,7 +465,7 @@ class WiseFTCurve:
         own = self.budget is not None and self.budget.metric == self.metric.removeprefix("eval_") and \
             self.budget.dataset in self.results
         extra = [] if self.budget is None or own else [f"{self.budget.dataset} {self.budget.metric}"]
-        head = f"{'alpha':>7} " + " ".join(f"{d[:14]:>14}" for d in [*names, *extra]) + "  note"
+        head = f"{self.axis:>7} " + " ".join(f"{d[:14]:>14}" for d in [*names, *extra]) + "  note"
         rows = [head, "-" * len(head)]
         if self.budget is not None:
             base = budget_base(self.alphas, self.constraint, self.budget)
@@ -472,9 +473,9 @@ class WiseFTCurve:
             rows.insert(0, rule)
         for i, a in enumerate(self.alphas):
             notes = []
-            if a == 0.0:
+            if a == 0.0 and self.axis == "alpha":
                 notes.append("start")
-            if a == 1.0:
+            if a == 1.0 and self.axis == "alpha":
                 notes.append("fine-tuned")
             if a == self.chosen_alpha:
                 notes.append(f"<- chosen on {self.id_dataset}" + (" under the budget" if self.budget else ""))
@@ -485,7 +486,8 @@ class WiseFTCurve:
             vals = " ".join(f"{self.results[d][i]:>14.4f}" for d in names)
             if extra:
                 vals += f" {self.constraint[i]:>14.4f}"
-            rows.append(f"{a:>7.2f} {vals}  {', '.join(notes)}")
+            x = f"{a:>7.2f}" if self.axis == "alpha" else f"{a:>7.3g}"
+            rows.append(f"{x} {vals}  {', '.join(notes)}")
         return "\n".join(rows)
 
     def save(self, output_dir: str | os.PathLike, plot: bool = True, stem: str = "wise_ft") -> list[Path]:
@@ -510,24 +512,27 @@ class WiseFTCurve:
             self._plot_budget(bx)
         x = self.results[self.id_dataset]
         ci = self.alphas.index(self.chosen_alpha)
+        wise, sym = self.axis == "alpha", "α" if self.axis == "alpha" else self.axis
         for d in self.shifted or [self.id_dataset]:
             y = self.results[d]
-            ax.plot(x, y, "o-", ms=4, label=f"{d}: WiSE-FT, α ∈ [{self.alphas[0]:g}, {self.alphas[-1]:g}]")
-            for a, label, mk in ((0.0, "start", "s"), (1.0, "fine-tuned", "^")):
+            ax.plot(x, y, "o-", ms=4, label=f"{d}: {'WiSE-FT' if wise else 'one run each'}, {sym} ∈ "
+                    f"[{self.alphas[0]:g}, {self.alphas[-1]:g}]")
+            for a, label, mk in ((0.0, "start", "s"), (1.0, "fine-tuned", "^")) if wise else ():
                 if a in self.alphas:
                     i = self.alphas.index(a)
                     ax.plot(x[i], y[i], mk, ms=9, color="black")
                     ax.annotate(label, (x[i], y[i]), textcoords="offset points", xytext=(6, -10))
             ax.plot(x[ci], y[ci], "*", ms=16, color="crimson")
             ax.annotate(
-                f"chosen α={self.chosen_alpha:g}", (x[ci], y[ci]), textcoords="offset points", xytext=(6, 6)
+                f"chosen {sym}={self.chosen_alpha:g}", (x[ci], y[ci]), textcoords="offset points",
+                xytext=(6, 6),
             )
         ax.margins(x=0.15, y=0.1)
         ax.set_xlabel(f"{self.id_dataset} {self.metric} (in-distribution)")
         ax.set_ylabel(
             f"{self.metric} on the other eval sets" if self.shifted else f"{self.id_dataset} {self.metric}"
         )
-        ax.set_title("WiSE-FT: weight-space ensembles of start and fine-tuned")
+        ax.set_title("WiSE-FT: weight-space ensembles of start and fine-tuned" if wise else f"{sym} sweep")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="best")
         fig.tight_layout()
@@ -592,7 +597,7 @@ def evaluate_at_alphas(
 
 
 def metric_value(metrics: Mapping[str, float], prefix: str, metric: str, name: str) -> float:
-    """``metric`` of eval set ``name`` from ``trainer.evaluate``'s results (keys ``<prefix>_<metric>``)."""
+    """``metric`` of eval set ``name`` in ``trainer.evaluate``'s results; missing: an error naming it."""
     key = _metric_key(prefix, metric)
     if key not in metrics:
         # the Trainer calls compute_metrics (and reports a loss) only when the batches carry labels

@@ -1,0 +1,190 @@
+"""Strength sweeps of training-time methods on the encoder demo tasks (issue 28), with WiSE-FT on each run.
+
+    python benchmarks/strength.py --task topics --methods L2-SP EWC     # one JSON per method, then the doc
+    python benchmarks/strength.py --task glosses --methods L2-SP EWC
+    python benchmarks/strength.py --task topics --report-only           # rebuild the doc from the JSONs
+
+Every method is swept with ``robustft.analysis.strength.strength_sweep`` over the grids of ``factories``
+(the docs' setting times 0.01, 0.1 and 1 for the anchor penalties; one untuned setting for the others), from
+the same zero-shot start with the demo's data and budget (``benchmarks/robustness.py``'s ``demo_task``,
+``make_trainer``). The strength is chosen on ``id`` at the end points, then WiSE-FT's α (``ALPHAS``) on ``id``
+on the chosen run (``wise_ft="chosen"``; plain fine-tuning: its α curve, ``"each"``); ``id_test`` and
+``shifted`` are reported. Each method's curve is saved as ``<out>/<task>/<method>.json`` (+ CSV, PNG) as soon
+as it is done; the table is built from the JSONs present and written between
+``<!-- strength-<task>:start/end -->`` in docs/regularizers.md and docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from benchmarks.llm import write_section  # noqa: E402
+from benchmarks.robustness import Task, demo_task, fisher_of_start, make_trainer, pct  # noqa: E402
+from robustft.demos.llm import format_table  # noqa: E402
+
+ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
+EVALS = ("id", "id_test", "shifted")  # "id" chooses α and the strength; the other two are reported
+WISE_FT = {"plain": "each"}  # plain fine-tuning: its α curve (the WiSE-FT row); the others: ``--wise-ft``
+SCALES = (0.01, 0.1, 1.0)  # the anchor penalties' strengths, times the docs' setting
+METHODS = ("plain", "L2-SP", "EWC", "spectral", "LP-FT", "EMA", "SAM")  # the table's order
+
+
+Sweep = tuple[list[float], Callable[[float], list], str]  # strengths, strength -> callbacks, their meaning
+
+
+def factories(task: Task, scales=SCALES) -> dict[str, Callable[[], Sweep]]:
+    """Method -> () -> its sweep; the anchor penalties' strengths are ``scales`` times the docs' setting
+    (λ = 1, and 1/mean(F) for EWC, whose Fisher is estimated once)."""
+    import torch
+
+    from robustft import (
+        EMACallback,
+        EWCCallback,
+        L2SPCallback,
+        LPFTCallback,
+        SAMCallback,
+        SpectralRegCallback,
+    )
+
+    def ewc() -> Sweep:
+        fisher, seconds = fisher_of_start(task)
+        mean = float(torch.cat([f.flatten() for f in fisher.values()]).mean())
+        print(f"Fisher of the start: {seconds:.1f} s, mean {mean:.3g}", flush=True)
+        return ([round(c / mean, 6) for c in scales],
+                lambda s: [EWCCallback(s, fisher=fisher)],
+                f"λ (1/mean(F) = {1 / mean:.4g}; Fisher {seconds:.0f} s)")
+
+    return {
+        "plain": lambda: ([0.0], lambda s: [], "-"),
+        "L2-SP": lambda: (list(scales), lambda s: [L2SPCallback(s)], "λ, loss form"),
+        "EWC": ewc,
+        "spectral": lambda: (list(scales), lambda s: [SpectralRegCallback(s, include=r"\.layer\.\d+\.")],
+                             "λ, σ₁ of the encoder-layer matrices held at their start values"),
+        "LP-FT": lambda: ([1.0], lambda s: [LPFTCallback(probe_epochs=int(s))], "probe epochs (of 2)"),
+        "EMA": lambda: ([0.9, 0.99],
+                        lambda s: [EMACallback(decay=s, copy_to_model_at_end=True, save_dir=None)],
+                        "decay β (26 steps), EMA weights left in the model"),
+        "SAM": lambda: ([0.05], lambda s: [SAMCallback(rho=s)], "ρ"),
+    }
+
+
+def run_method(task: Task, method: str, out: Path, wise_ft: str | None = None, scales=SCALES) -> Path:
+    """One method's sweep (WiSE-FT on every run), saved as ``out/<method>.json``; returns that path."""
+    from robustft.analysis.strength import strength_sweep
+
+    strengths, make_callback, meaning = factories(task, scales)[method]()
+    run = {"i": 0}
+
+    def trainer_of(callbacks: list):
+        run["i"] += 1
+        return make_trainer(task, task.start(), out / f"{method}_{run['i']}", callbacks)
+
+    t0 = time.perf_counter()
+    curve = strength_sweep(trainer_of, make_callback, strengths, {e: task.evals[e] for e in EVALS}, "id",
+                           name=method, wise_ft=WISE_FT.get(method, wise_ft), alphas=ALPHAS, output_dir=out,
+                           plot=True)
+    data = curve.as_dict()
+    data.update(meaning=meaning, seconds=time.perf_counter() - t0,
+                load=os.getloadavg()[0], description=task.description)
+    path = out / f"{method}.json"
+    path.write_text(json.dumps(data, indent=2))  # overwrites strength_sweep's own JSON with the extras
+    print(curve.table(), flush=True)
+    return path
+
+
+def rows_of(data: dict) -> list[list[str]]:
+    """Table rows of one method's JSON: per strength, the end point, θ(α*) where swept, and the train time."""
+    rows = []
+    for i, s in enumerate(data["strengths"]):
+        wise = data["wise_ft"].get(f"{s:g}")
+        at = None if wise is None else wise["chosen_alpha"]
+        end = {d: data["results"][d][i] for d in EVALS}
+        if data["alphas"][i] is not None:  # wise_ft="each": the results are θ(α*)'s, the end point is α = 1
+            end = {d: wise["results"][d][wise["alphas"].index(1.0)] for d in EVALS}
+        best = {} if wise is None else {d: wise["results"][d][wise["alphas"].index(at)] for d in EVALS}
+        rows.append([data["axis"], f"{s:.4g}", *(pct(end[d]) for d in EVALS),
+                     "-" if at is None else f"{at:g}",
+                     *(pct(best[d]) if best else "-" for d in EVALS[1:]), f"{data['train_seconds'][i]:.0f}",
+                     "chosen on id" if s == data["chosen_strength"] and len(data["strengths"]) > 1 else ""])
+    return rows
+
+
+def section(task_name: str, out: Path, command: str) -> str:
+    """The markdown of every method's JSON present in ``out``: command, meaning of columns, table."""
+    found = [m for m in METHODS if (out / f"{m}.json").exists()]
+    datas = {m: json.loads((out / f"{m}.json").read_text()) for m in found}
+    rows = [r for m in found for r in rows_of(datas[m])]
+    desc = next(iter(datas.values()))["description"] if datas else ""
+    loads = ", ".join(f"{m} {d['load']:.1f}" for m, d in datas.items())
+    meanings = "; ".join(f"{m}: {d['meaning']}" for m, d in datas.items() if d["meaning"] != "-")
+    return "\n".join([
+        f"### Measured: strength sweeps on the {task_name} task (issue 28)", "",
+        f"Command: `{command}`, one process per method side by side, then `--report-only` ({desc}; one run "
+        f"per strength, one seed; load average at the end of each method: {loads}, on 2 cores shared with "
+        "other sessions' work, so train seconds are noisy).", "",
+        "Accuracy in %. `end`: the run's end point (α = 1). The strength is chosen on `id` at the end points "
+        "(ties: lower id loss, then the smaller strength). `α*` and `at α*`: WiSE-FT's α ∈ "
+        f"{{{', '.join(f'{a:g}' for a in ALPHAS)}}} chosen on `id`, where it ran (plain fine-tuning: its own "
+        "curve, the WiSE-FT row; the others only with `--wise-ft`, off here: the α sweep's evaluations "
+        "cost as much as a training run). `train s`: wall seconds of `train()`. Strengths: " + meanings + ".",
+        "",
+        format_table(["method", "strength", "id end", "id_test end", "shifted end", "α*", "id_test at α*",
+                      "shifted at α*", "train s", "choice"], rows),
+    ])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--task", choices=("topics", "glosses"), default="topics")
+    p.add_argument("--methods", nargs="+", default=["plain", "L2-SP", "EWC"],
+                   choices=METHODS)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-eval", type=int, default=300, help="examples per eval set (the demo's: 300)")
+    p.add_argument("--out", default=os.path.join(tempfile.gettempdir(), "robustft_strength_benchmark"))
+    p.add_argument("--wise-ft", choices=("none", "chosen", "each"), default="none",
+                   help="WiSE-FT's α sweep on no run (default; the evaluations cost as much as training), "
+                   "the chosen run, or every run")
+    p.add_argument("--scales", type=float, nargs="+", default=list(SCALES),
+                   help="the anchor penalties' strengths, times the docs' setting")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--report-only", action="store_true", help="rebuild the table from the saved JSONs")
+    p.add_argument("--no-write", action="store_true", help="print only; leave the docs alone")
+    args = p.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    out = Path(args.out) / args.task
+    out.mkdir(parents=True, exist_ok=True)
+    if not args.report_only:
+        task = demo_task(args.seed, n_eval=args.n_eval, task=args.task)
+        for method in args.methods:
+            print(f"== {method}", flush=True)
+            run_method(task, method, out, None if args.wise_ft == "none" else args.wise_ft, args.scales)
+    name = "`robustft demo`" if args.task == "topics" else "`robustft demo --task glosses`"
+    threads = f" --threads {args.threads}" if args.threads else ""
+    command = f"python benchmarks/strength.py --task {args.task} --methods <method>{threads} --out {args.out}"
+    text = section(name, out, command)
+    print(text)
+    if not args.no_write:
+        start, end = f"<!-- strength-{args.task}:start -->", f"<!-- strength-{args.task}:end -->"
+        for doc in ("regularizers.md", "benchmarks.md"):
+            write_section(text, ROOT / "docs" / doc, start, end)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
