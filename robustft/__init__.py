@@ -16,6 +16,13 @@ from robustft.callbacks import CALLBACKS
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:  # the same names, for type checkers and IDEs
+    from robustft.analysis.retention import (
+        RetentionScores,
+        RetentionSet,
+        build_retention_set,
+        general_prompts,
+        score_retention,
+    )
     from robustft.analysis.sharpness import (
         SharpnessReport,
         layer_sharpness,
@@ -53,6 +60,13 @@ if TYPE_CHECKING:  # the same names, for type checkers and IDEs
 #: (a new callback is registered in ``robustft.callbacks.EXPORTS`` only)
 EXPORTS: dict[str, tuple[str, ...]] = {
     "robustft.callbacks": CALLBACKS,
+    "robustft.analysis.retention": (
+        "RetentionScores",
+        "RetentionSet",
+        "build_retention_set",
+        "general_prompts",
+        "score_retention",
+    ),
     "robustft.analysis.sharpness": (
         "SharpnessReport",
         "layer_sharpness",

@@ -170,6 +170,7 @@ PUBLIC = {
     "compose_adapters", "dawin_evaluate", "estimate_fisher", "evaluate_at_alphas", "fit_wemoe",
     "install_zero_shot_head", "interpolate", "interpolate_models", "interpolate_state_dicts",
     "layer_sharpness",
+    "RetentionScores", "RetentionSet", "build_retention_set", "general_prompts", "score_retention",
     "least_critical_module", "load_recipe", "load_wemoe", "merge_checkpoints", "merge_into_base",
     "module_criticality", "plot_sharpness", "read_adapter", "save_wemoe", "select_parameters",
     "sharpness_along_path", "swapped_in", "upscale_wemoe", "wise_ft_sweep", "write_adapter",

@@ -83,3 +83,23 @@ def tiny_gpt2(seed: int = 0):
         attn_pdrop=0.0,
     )
     return GPT2LMHeadModel(config)
+
+
+def tiny_llama_folder(folder, words, chat_template: str | None = None, seed: int = 0, eos: str = "</s>"):
+    """A two-layer random Llama with a word-level tokenizer over ``words`` (which must hold ``eos``,
+    ``[UNK]`` and ``[PAD]``), saved with it as a local folder (``chat_template`` set when given)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, vocab_size=len(words), max_position_embeddings=64,
+                         eos_token_id=words.index(eos), pad_token_id=words.index("[PAD]"), bos_token_id=None)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", eos_token=eos)
+    if chat_template:
+        fast.chat_template = chat_template
+    fast.save_pretrained(folder)
+    return folder
