@@ -118,6 +118,20 @@ def end_of_answer_id(tokenizer, source: str | os.PathLike) -> int:
     return tokenizer.eos_token_id
 
 
+def check_model_dir(path: str | os.PathLike, option: str = "--model") -> Path:
+    """``path`` checked as a local causal-LM folder (``config.json``, weights, a tokenizer), errors naming
+    ``option``."""
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{option} {folder}: no config.json (a local transformers checkpoint folder)")
+    if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+        raise FileNotFoundError(f"{option} {folder}: no weights (*.safetensors or *.bin)")
+    tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+    if not any((folder / f).is_file() for f in tokenizer_files):
+        raise FileNotFoundError(f"{option} {folder}: no tokenizer (save it with the model)")
+    return folder
+
+
 # -- the base model's identity --------------------------------------------------------------------------
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()

@@ -34,6 +34,7 @@ from pathlib import Path
 from robustft.analysis.retention import (
     as_plain,
     chat_row,
+    check_model_dir,
     end_of_answer_id,
     general_prompts,
     generate_answers,
@@ -233,15 +234,7 @@ def _base_model_answers(model_dir: str | os.PathLike, prompts: Sequence[str], ma
 
 def local_model_dir(path: str | os.PathLike) -> Path:
     """``path`` checked as a local causal-LM folder: a transformers ``config.json``, weights, a tokenizer."""
-    folder = Path(path)
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"--model {folder}: no config.json (a local transformers checkpoint folder)")
-    if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
-        raise FileNotFoundError(f"--model {folder}: no weights (*.safetensors or *.bin)")
-    tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-    if not any((folder / f).is_file() for f in tokenizer_files):
-        raise FileNotFoundError(f"--model {folder}: no tokenizer (save it with the model)")
-    return folder
+    return check_model_dir(path, "--model")
 
 
 # -- the run -------------------------------------------------------------------------------------------
