@@ -36,6 +36,7 @@ TORCH_FREE = (
     "robustft.interpolation",
     "robustft.analysis",
     "robustft.demos",
+    "robustft.analysis.cli",
     "robustft.cli",
     "robustft.demos.cli",
     "robustft.demos.encoder",
@@ -108,7 +109,7 @@ def test_maths_and_io_modules_do_not_import_the_trainer_stack():
 @pytest.mark.parametrize(
     "args",
     [["--version"], ["--help"], ["merge", "--help"], ["lora", "--help"], ["lora", "add", "--help"],
-     ["interpolate", "--help"], ["demo", "--help"]],
+     ["interpolate", "--help"], ["demo", "--help"], ["report", "--help"]],
     ids=" ".join,
 )
 def test_cli_answers_without_torch(args):

@@ -43,11 +43,11 @@ ROW_SHAPES = ("{'messages': [..., {'role': 'assistant', ...}]}", "{'prompt': str
               "{'prompt': [messages], 'completion': [messages]}")
 
 
-# -- data --------------------------------------------------------------------------------------------------
+# -- data -----------------------------------------------------------------------------------------------
 def _is_messages(value: Any) -> bool:
-    return (isinstance(value, list) and bool(value)
-            and all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                    for m in value))
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        for m in value)
 
 
 def example_of(row: Any) -> dict[str, Any] | None:
@@ -92,13 +92,18 @@ def read_examples(path: str | os.PathLike, option: str = "--id") -> list[dict[st
     return examples
 
 
-# -- models -----------------------------------------------------------------------------------------------------
+# -- models ---------------------------------------------------------------------------------------------
 def check_adapter(adapter: str | os.PathLike) -> None:
     """Refuse an adapter whose θ(α) is not B ← α·B: LoRA variants (read_adapter refuses them) and
     ``modules_to_save`` (dense trained copies with no start value in the adapter)."""
     from robustft.lora.io import read_adapter
 
-    found = read_adapter(adapter)
+    if not (Path(adapter) / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"--adapter {adapter}: no adapter_config.json (a PEFT adapter folder)")
+    try:
+        found = read_adapter(adapter)
+    except (ValueError, FileNotFoundError) as err:
+        raise type(err)(f"--adapter {adapter}: {err}") from None
     if found.extras:
         raise ValueError(f"--adapter {adapter}: holds non-LoRA tensors ({sorted(found.extras)[:3]}, "
                          "modules_to_save): their base values are not in the adapter; merge it "
@@ -147,7 +152,7 @@ def full_interpolation(base: str | os.PathLike, model_dir: str | os.PathLike) ->
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     live, ref = model.state_dict(), start.state_dict()
     reader = CheckpointReader(model_dir)
-    names = [n for n in reader.names() if n in live]
+    names = [n for n in reader.names if n in live]
     stored = {live[n].data_ptr() for n in names}
     for n in live:
         if n not in ref:
@@ -174,7 +179,7 @@ def full_interpolation(base: str | os.PathLike, model_dir: str | os.PathLike) ->
     return Interpolation(model, start, sweep)
 
 
-# -- the report ----------------------------------------------------------------------------------------------
+# -- the report -----------------------------------------------------------------------------------------
 @dataclass
 class Report:
     """Per α: the loss on each data set and the retained loss and KL; α* (in-distribution only)."""
@@ -216,9 +221,10 @@ class Report:
         end = self.alphas.index(1.0) if 1.0 in self.alphas else len(self.alphas) - 1
         r = self.losses["retained"]
         return (f"α*={a:g} (chosen on id loss only): id loss {self.losses['id'][i]:.4f} vs "
-                f"{self.losses['id'][end]:.4f} fine-tuned; retained loss {r[i]:.4f} vs {r[end]:.4f} fine-tuned "
-                f"and {r[0]:.4f} at α={self.alphas[0]:g}; retained KL {self.retained_kl[i]:.4f} vs "
-                f"{self.retained_kl[end]:.4f} ({self.n_items['retained']} retained answers).")
+                f"{self.losses['id'][end]:.4f} fine-tuned; retained loss {r[i]:.4f} vs {r[end]:.4f} "
+                f"fine-tuned and {r[0]:.4f} at α={self.alphas[0]:g}; retained KL "
+                f"{self.retained_kl[i]:.4f} vs {self.retained_kl[end]:.4f} "
+                f"({self.n_items['retained']} retained answers).")
 
     def as_dict(self) -> dict[str, Any]:
         return {"alphas": self.alphas, "chosen_alpha": self.chosen_alpha, "losses": self.losses,
@@ -259,7 +265,8 @@ def wise_ft_report(interp: Interpolation, examples: Mapping[str, Sequence[tuple[
 def check_report_inputs(base, model, adapter, id_path, shift_path, prompts_path, retention_path) -> None:
     """Every input checked before anything is loaded or written, each error naming its option."""
     if (model is None) == (adapter is None):
-        raise ValueError("give exactly one of --model (a fine-tuned model folder) or --adapter (a PEFT folder)")
+        raise ValueError("give exactly one of --model (a fine-tuned model folder) or --adapter "
+                         "(a PEFT adapter folder)")
     check_model_dir(base, "--base")
     if model is not None:
         check_model_dir(model, "--model")

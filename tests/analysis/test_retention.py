@@ -13,17 +13,10 @@ import torch
 import torch.nn.functional as F
 
 from robustft.analysis import retention
+from tests.analysis.retention_helpers import PROMPTS, ROWS, TEMPLATE, WORDS
 from tests.tiny import tiny_llama_folder
 
 ROOT = Path(__file__).resolve().parents[2]
-WORDS = ["</s>", "[UNK]", "[PAD]", "user", "assistant", ":", "What", "is", "the", "?", "It", "yes", "no",
-         "Paris", "a", "cat", ".", "Say", "hello", "blue"]
-TEMPLATE = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} </s> {% endfor %}"
-            "{% if add_generation_prompt %}assistant : {% endif %}")
-PROMPTS = ["What is the cat ?", "Say hello", "What is blue ?", "What is Paris ?", "Say yes", "Say no .",
-           "What is a cat ?", "Say blue"]
-ROWS = [("What is the cat ?", "It is a cat ."), ("Say hello", "hello"), ("What is Paris ?", "It is Paris ."),
-        ("Say yes", "yes yes no ."), ("What is blue ?", "blue")]
 
 
 @pytest.fixture(params=["chat", "plain"])
