@@ -381,14 +381,6 @@ class RetentionScores:
                 "item_loss": self.item_loss, "item_kl": self.item_kl, "tokens": self.tokens}
 
 
-def _is_peft_model(model) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:  # pragma: no cover - peft is a dependency
-        return False
-    return isinstance(model, PeftModel)
-
-
 def _batches(examples: Sequence[tuple[list[int], int]], batch_size: int, pad_id: int, device) -> Iterator:
     """Right-padded (input_ids, attention_mask, answer-target mask) batches in order."""
     import torch
@@ -426,10 +418,11 @@ def score_examples(model, examples: Sequence[tuple[list[int], int]], reference=N
     import torch
 
     from robustft.core.params import train_mode
+    from robustft.lora.layers import is_peft_model
 
     if not examples:
         raise ValueError("score: no example to score")
-    if kl and reference is None and not _is_peft_model(model):
+    if kl and reference is None and not is_peft_model(model):
         raise ValueError("reference: KL to base needs the base model (reference=...) for a model that is not "
                          "a PEFT model; pass kl=False for the loss alone")
     device = next(model.parameters()).device
