@@ -162,6 +162,7 @@ def test_submodules_still_import_through_the_package():
 #: the public names of ``from robustft import X`` (issue 23: the layout moved, these did not)
 PUBLIC = {
     "BEMACallback", "DeltaSet", "EMACallback", "EMAReferenceCallback", "EWCCallback", "GGPOCallback",
+    "ForgettingCallback",
     "L2SPCallback",
     "LAWACallback", "LPFTCallback", "LearnedInterpolation", "LoRAAdapter", "LoRAArithmeticCallback",
     "LoRADelta",

@@ -34,6 +34,7 @@ from robustft.analysis.retention import (
     build_retention_set,
     check_model_dir,
     encode_rows,
+    pad_id,
     read_prompts,
     score_examples,
 )
@@ -328,8 +329,7 @@ def run_report(
         + f" | id {len(encoded['id'])}" + (f", shift {len(encoded['shift'])}" if "shift" in encoded else "")
         + f", retained {len(encoded['retained'])} ({len(retained.unfinished)} unfinished prompts left out)")
     interp = adapter_interpolation(base, adapter) if adapter is not None else full_interpolation(base, model)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    report = wise_ft_report(interp, encoded, grid, batch_size, pad)
+    report = wise_ft_report(interp, encoded, grid, batch_size, pad_id(tokenizer))
     report.inputs = {"base": str(base), "model": None if model is None else str(model),
                      "adapter": None if adapter is None else str(adapter), "id": str(id_path),
                      "shift": None if shift_path is None else str(shift_path),

@@ -381,6 +381,14 @@ class RetentionScores:
                 "item_loss": self.item_loss, "item_kl": self.item_kl, "tokens": self.tokens}
 
 
+def pad_id(tokenizer) -> int:
+    """The id right-padded batches are filled with (masked out): PAD, else EOS, else 0."""
+    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if tid is not None:
+            return tid
+    return 0
+
+
 def _batches(examples: Sequence[tuple[list[int], int]], batch_size: int, pad_id: int, device) -> Iterator:
     """Right-padded (input_ids, attention_mask, answer-target mask) batches in order."""
     import torch
@@ -459,5 +467,4 @@ def score_retention(model, tokenizer, retention: RetentionSet | Sequence[Mapping
     """
     rows = retention.model_rows(tokenizer) if isinstance(retention, RetentionSet) else list(retention)
     examples = encode_rows(tokenizer, rows, max_length, source="retention set")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    return score_examples(model, examples, reference, kl, batch_size, pad)
+    return score_examples(model, examples, reference, kl, batch_size, pad_id(tokenizer))
