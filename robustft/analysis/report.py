@@ -55,7 +55,7 @@ def example_of(row: Any) -> dict[str, Any] | None:
     """A JSONL row as ``{"prompt", "completion"}`` (text or messages), or None for any other shape.
 
     Chat ``messages`` ending with an assistant message: everything before it is the prompt, it is the
-    completion (TRL's conversational prompt-completion split)."""
+    completion."""
     if not isinstance(row, dict):
         return None
     if set(row) >= {"messages"} and not set(row) & {"prompt", "completion"}:
