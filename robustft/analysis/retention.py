@@ -359,6 +359,8 @@ def encode_rows(tokenizer, rows: Sequence[Mapping[str, Any]], max_length: int | 
         ids, n_prompt = encode_example(tokenizer, row["prompt"], row["completion"])
         if max_length is not None:
             ids = ids[:max_length]
+        if n_prompt < 1:
+            raise ValueError(f"{source}: row {i} has an empty prompt (the first answer token has no context)")
         if len(ids) <= n_prompt:
             raise ValueError(f"{source}: row {i} has no answer token (within max_length={max_length})")
         out.append((ids, n_prompt))
@@ -434,9 +436,10 @@ def score_examples(model, examples: Sequence[tuple[list[int], int]], reference=N
         raise ValueError("reference: KL to base needs the base model (reference=...) for a model that is not "
                          "a PEFT model; pass kl=False for the loss alone")
     device = next(model.parameters()).device
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))  # by length: little padding
     nll_sums, kl_sums, counts = [], [], []
     with torch.no_grad(), train_mode(model, False):
-        for ids, attn, target in _batches(examples, batch_size, pad_id, device):
+        for ids, attn, target in _batches([examples[i] for i in order], batch_size, pad_id, device):
             logp = _answer_log_probs(model, ids, attn, target)
             nll = -logp.gather(1, ids[:, 1:][target[:, 1:]].unsqueeze(1)).squeeze(1)
             per_row = target[:, 1:].sum(1).tolist()
@@ -451,6 +454,9 @@ def score_examples(model, examples: Sequence[tuple[list[int], int]], reference=N
                         base = _answer_log_probs(model, ids, attn, target)
                 tok_kl = (base.exp() * (base - logp)).sum(-1)
                 kl_sums += [float(x.double().sum()) for x in tok_kl.split(per_row)]
+    back = sorted(range(len(order)), key=order.__getitem__)  # results in the order of ``examples``
+    nll_sums, counts = [nll_sums[i] for i in back], [counts[i] for i in back]
+    kl_sums = [kl_sums[i] for i in back] if kl else kl_sums
     total = sum(counts)
     return RetentionScores(
         loss=sum(nll_sums) / total, item_loss=[s / n for s, n in zip(nll_sums, counts)], tokens=counts,
