@@ -17,6 +17,13 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:  # the same names, for type checkers and IDEs
     from robustft.analysis.barrier import BarrierReport, barrier_report
+    from robustft.analysis.retention import (
+        RetentionScores,
+        RetentionSet,
+        build_retention_set,
+        general_prompts,
+        score_retention,
+    )
     from robustft.analysis.sharpness import (
         SharpnessReport,
         layer_sharpness,
@@ -60,6 +67,13 @@ if TYPE_CHECKING:  # the same names, for type checkers and IDEs
 EXPORTS: dict[str, tuple[str, ...]] = {
     "robustft.callbacks": CALLBACKS,
     "robustft.analysis.barrier": ("BarrierReport", "barrier_report"),
+    "robustft.analysis.retention": (
+        "RetentionScores",
+        "RetentionSet",
+        "build_retention_set",
+        "general_prompts",
+        "score_retention",
+    ),
     "robustft.analysis.sharpness": (
         "SharpnessReport",
         "layer_sharpness",

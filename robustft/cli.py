@@ -15,6 +15,7 @@ from robustft import __version__
 
 # module path of each sub-command; each exposes register(subparsers)
 SUBCOMMANDS: list[str] = [
+    "robustft.analysis.cli",
     "robustft.demos.cli",
     "robustft.merge.cli",
     "robustft.lora.cli",

@@ -36,6 +36,7 @@ TORCH_FREE = (
     "robustft.interpolation",
     "robustft.analysis",
     "robustft.demos",
+    "robustft.analysis.cli",
     "robustft.cli",
     "robustft.demos.cli",
     "robustft.demos.encoder",
@@ -108,7 +109,8 @@ def test_maths_and_io_modules_do_not_import_the_trainer_stack():
 @pytest.mark.parametrize(
     "args",
     [["--version"], ["--help"], ["merge", "--help"], ["lora", "--help"], ["lora", "add", "--help"],
-     ["interpolate", "--help"], ["demo", "--help"], ["search", "--help"], ["soup", "--help"]],
+     ["interpolate", "--help"], ["demo", "--help"], ["search", "--help"], ["soup", "--help"],
+     ["report", "--help"]],
     ids=" ".join,
 )
 def test_cli_answers_without_torch(args):
@@ -163,6 +165,7 @@ PUBLIC = {
     "AlphaBudget",
     "BEMACallback", "ContinualBackpropCallback",
     "DeltaSet", "EMACallback", "EMAReferenceCallback", "EWCCallback", "GGPOCallback",
+    "ForgettingCallback",
     "L2SPCallback",
     "LAWACallback", "LPFTCallback", "LearnedInterpolation", "LoRAAdapter", "LoRAArithmeticCallback",
     "LoRADelta", "MGPOCallback",
@@ -175,6 +178,7 @@ PUBLIC = {
     "compose_adapters", "dawin_evaluate", "estimate_fisher", "evaluate_at_alphas", "fit_wemoe",
     "install_zero_shot_head", "interpolate", "interpolate_models", "interpolate_state_dicts",
     "layer_sharpness",
+    "RetentionScores", "RetentionSet", "build_retention_set", "general_prompts", "score_retention",
     "least_critical_module", "load_recipe", "load_wemoe", "merge_checkpoints", "merge_into_base",
     "module_criticality", "plot_sharpness", "read_adapter", "save_wemoe", "select_parameters",
     "sharpness_along_path", "swapped_in", "upscale_wemoe", "wise_ft_sweep", "write_adapter",

@@ -35,6 +35,7 @@ MODULE_LAYERS = {
     "robustft.ops": "ops",
     "robustft.cli": "cli",
     "robustft.__main__": "cli",
+    "robustft.analysis.cli": "cli",
     "robustft.merge.cli": "cli",
     "robustft.lora.cli": "cli",
     "robustft.interpolation.cli": "cli",

@@ -100,3 +100,26 @@ def tiny_task():
                 collator=default_data_collator, metrics=accuracy, description="tiny BERT",
                 args=lambda out, **kw: training_args(out, **{"max_steps": 4, "logging_steps": 10, **kw}),
                 fisher_examples=4, learned_steps=2, batch_size=8)
+
+
+def tiny_llama_folder(folder, words, chat_template: str | None = None, seed: int = 0, eos: str = "</s>",
+                      hidden: int = 16):
+    """A two-layer random Llama with a word-level tokenizer over ``words`` (which must hold ``eos``,
+    ``[UNK]`` and ``[PAD]``), saved with it as a local folder (``chat_template`` set when given;
+    ``hidden=64``: the least bitsandbytes' 4-bit blocks take)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                         num_attention_heads=2,
+                         num_key_value_heads=1, vocab_size=len(words), max_position_embeddings=64,
+                         eos_token_id=words.index(eos), pad_token_id=words.index("[PAD]"), bos_token_id=None)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", eos_token=eos)
+    if chat_template:
+        fast.chat_template = chat_template
+    fast.save_pretrained(folder)
+    return folder

@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # the same names, for type checkers and IDEs
     )
     from robustft.callbacks.base import RobustCallback
     from robustft.callbacks.ema_reference import EMAReferenceCallback
+    from robustft.callbacks.forgetting import ForgettingCallback
     from robustft.callbacks.lora_arithmetic import LoRAArithmeticCallback
     from robustft.callbacks.lpft import LPFTCallback
     from robustft.callbacks.perturbation import (
@@ -57,6 +58,7 @@ EXPORTS: dict[str, tuple[str, ...]] = {
     ),
     "robustft.callbacks.base": ("RobustCallback",),
     "robustft.callbacks.ema_reference": ("EMAReferenceCallback",),
+    "robustft.callbacks.forgetting": ("ForgettingCallback",),
     "robustft.callbacks.lora_arithmetic": ("LoRAArithmeticCallback",),
     "robustft.callbacks.lpft": ("LPFTCallback",),
     "robustft.callbacks.perturbation": (

@@ -24,6 +24,7 @@ import torch
 from robustft.callbacks.averaging import EMACallback
 from robustft.core.compat import TRL_REF_ADAPTER, trl_reference_model
 from robustft.core.params import Snapshot, full_shape, is_sharded, live_tensors
+from robustft.lora.layers import is_peft_model
 from robustft.ops.averaging import ema_update_
 
 __all__ = ["EMAReferenceCallback"]
@@ -99,7 +100,7 @@ class EMAReferenceCallback(EMACallback):
                 or getattr(trainer, "is_fsdp_enabled", False)):
             raise NotImplementedError("EMAReferenceCallback supports one process or DDP; FSDP and DeepSpeed "
                                       "(sharded policy or reference) are not supported yet")
-        if _is_peft(self.model):
+        if is_peft_model(self.model):
             if ref_model is not None:
                 raise ValueError("EMAReferenceCallback: with a PEFT policy the reference is the base model "
                                  "plus the EMA adapter; do not pass a separate ref_model to the trainer")
@@ -109,14 +110,6 @@ class EMAReferenceCallback(EMACallback):
                              "(e.g. GRPO/RLOO with beta=0.0, or precomputed reference log-probs): nothing to "
                              "anchor")
         return _matching(ref_model, self.params, "the reference model")
-
-
-def _is_peft(model: torch.nn.Module) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:
-        return False
-    return isinstance(model, PeftModel)
 
 
 def _matching(owner: torch.nn.Module, params: dict[str, torch.Tensor], what: str,

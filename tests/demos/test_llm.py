@@ -9,6 +9,7 @@ import pytest
 
 from robustft.cli import main
 from robustft.demos import llm as demo_llm
+from tests.tiny import tiny_llama_folder
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -180,24 +181,7 @@ TINY_WORDS = ["</s>", "[UNK]", "[PAD]", "Define", "the", "word", '"', "in", "a",
 def _tiny_llama(folder, chat_template: str | None = None, hidden: int = 16):
     """A two-layer random Llama with a word-level tokenizer (EOS ``</s>``), saved as a local folder
     (``hidden=64``: the least bitsandbytes' 4-bit blocks take)."""
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-                         num_attention_heads=2,
-                         num_key_value_heads=1, vocab_size=len(TINY_WORDS), max_position_embeddings=64,
-                         eos_token_id=0, pad_token_id=2, bos_token_id=None)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(TINY_WORDS)}, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
-                                   eos_token="</s>")
-    if chat_template:
-        fast.chat_template = chat_template
-    fast.save_pretrained(folder)
-    return folder
+    return tiny_llama_folder(folder, TINY_WORDS, chat_template, hidden=hidden)
 
 
 def _tiny_demo_folders(tmp_path, hidden: int = 16):

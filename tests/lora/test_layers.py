@@ -94,3 +94,13 @@ def test_low_rank_factors_multiply_to_the_sum_of_the_active_deltas():
 def test_low_rank_factors_refuse_dora():
     model = _two_adapters(use_dora=True)
     assert all(layers.low_rank_factors(layer) is None for layer in layers.lora_layers(model).values())
+
+
+def test_is_peft_model_is_true_for_peft_models_only():
+    """A PeftModel (it has ``disable_adapter()``) is one; a transformers model (its own adapter mixin has
+    ``disable_adapters()``) and a plain module are not."""
+    from robustft.lora.layers import is_peft_model
+    from tests.tiny import tiny_llama
+
+    assert is_peft_model(get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"])))
+    assert not is_peft_model(tiny_llama()) and not is_peft_model(torch.nn.Linear(2, 2))

@@ -1,0 +1,133 @@
+"""``robustft report``'s engine on tiny Llamas: every point of the curve equals a model built densely at θ(α)
+(an adapter merged by PEFT, or two state dicts interpolated by hand) scored against a separately loaded
+base; α* is the best in-distribution loss; the outputs and the reuse of the retention set."""
+
+import json
+
+import pytest
+import torch
+
+from robustft.analysis import report, retention
+from tests.analysis.retention_helpers import (
+    ID_ROWS,
+    PROMPTS,
+    SHIFT_ROWS,
+    TEMPLATE,
+    WORDS,
+    save_adapter,
+    write_jsonl,
+)
+from tests.tiny import tiny_llama_folder
+
+ALPHAS = (0.0, 0.5, 1.0)
+QUIET = dict(alphas=ALPHAS, max_new_tokens=6, say=lambda *a: None)
+
+
+@pytest.fixture
+def files(tmp_path):
+    base = tiny_llama_folder(tmp_path / "base", WORDS, TEMPLATE)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    return {"base": base, "id": write_jsonl(tmp_path / "id.jsonl", ID_ROWS),
+            "shift": write_jsonl(tmp_path / "shift.jsonl", SHIFT_ROWS), "prompts": prompts, "tmp": tmp_path}
+
+
+def dense_scores(model, ref, tok, rows_by_set):
+    """Loss per set (and retained KL against ``ref``, a separately loaded base) of ``model``."""
+    out = {}
+    for name, rows in rows_by_set.items():
+        ex = retention.encode_rows(tok, rows)
+        s = retention.score_examples(model, ex, ref, kl=name == "retained", batch_size=1, pad_id=2)
+        out[name] = (s.loss, s.kl)
+    return out
+
+
+def rows_by_set(files, out):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(files["base"])
+    rset = retention.RetentionSet.load(out / "retention.jsonl")
+    return {"id": [report.example_of(r) for r in ID_ROWS],
+            "shift": [report.example_of(r) for r in SHIFT_ROWS], "retained": rset.model_rows(tok)}
+
+
+def check_against_dense(result, states, files, out):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    sets = rows_by_set(files, out)
+    tok = AutoTokenizer.from_pretrained(files["base"])
+    model, base = (AutoModelForCausalLM.from_pretrained(files["base"]) for _ in range(2))
+    for i, a in enumerate(ALPHAS):
+        model.load_state_dict(states(a))
+        ref = dense_scores(model, base, tok, sets)
+        for name in ("id", "shift", "retained"):
+            assert result.losses[name][i] == pytest.approx(ref[name][0], rel=1e-5), (a, name)
+        assert result.retained_kl[i] == pytest.approx(ref["retained"][1], rel=1e-4, abs=1e-7), a
+    assert result.retained_kl[0] == pytest.approx(0.0, abs=1e-7)
+    assert result.chosen_alpha == ALPHAS[min(range(len(ALPHAS)), key=result.losses["id"].__getitem__)]
+
+
+def test_adapter_curve_equals_the_merged_adapter_at_each_alpha(files):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    adapter = save_adapter(files["base"], files["tmp"] / "adapter")
+    out = files["tmp"] / "out"
+    result = report.run_report(files["base"], files["id"], out, adapter=adapter, shift_path=files["shift"],
+                               **QUIET, prompts_path=files["prompts"])
+    base_sd = AutoModelForCausalLM.from_pretrained(files["base"]).state_dict()
+    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(files["base"]), str(adapter))
+    end_sd = merged.merge_and_unload().state_dict()  # PEFT's own W0 + s·B·A
+    check_against_dense(result, lambda a: {k: base_sd[k] + a * (end_sd[k] - base_sd[k]) for k in base_sd},
+                        files, out)
+    assert result.losses["retained"][0] < result.losses["retained"][-1]  # the adapter moved away from base
+
+
+def test_full_model_curve_equals_interpolated_state_dicts(files):
+    from transformers import AutoModelForCausalLM
+
+    tuned = tiny_llama_folder(files["tmp"] / "tuned", WORDS, TEMPLATE, seed=5)
+    out = files["tmp"] / "out"
+    result = report.run_report(files["base"], files["id"], out, model=tuned, shift_path=files["shift"],
+                               **QUIET, prompts_path=files["prompts"])
+    base_sd = AutoModelForCausalLM.from_pretrained(files["base"]).state_dict()
+    end_sd = AutoModelForCausalLM.from_pretrained(tuned).state_dict()
+    check_against_dense(result, lambda a: {k: torch.lerp(base_sd[k], end_sd[k], a) for k in base_sd},
+                        files, out)
+
+
+def test_outputs_and_the_retention_set_is_reused(files, monkeypatch):
+    adapter = save_adapter(files["base"], files["tmp"] / "adapter")
+    out = files["tmp"] / "out"
+    kw = dict(adapter=adapter, **QUIET, prompts_path=files["prompts"])
+    first = report.run_report(files["base"], files["id"], out, **kw)
+    names = {p.name for p in out.iterdir()}
+    assert {"report.json", "report.md", "wise_ft.json", "wise_ft.csv", "retention.jsonl"} <= names
+    data = json.loads((out / "report.json").read_text())
+    assert data["chosen_alpha"] == first.chosen_alpha and data["losses"]["id"] == first.losses["id"]
+    assert len(data["retained_items"][f"alpha={first.chosen_alpha:g}"]["loss"]) == data["n_items"]["retained"]
+    assert "shift" not in data["losses"]
+    assert "α* (chosen on id only)" in (out / "report.md").read_text()
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        report.run_report(files["base"], files["id"], out, **kw)
+    monkeypatch.setattr(retention, "generate_answers", lambda *a, **k: pytest.fail("regenerated"))
+    again = report.run_report(files["base"], files["id"], out, overwrite=True, **kw)
+    assert again.losses == first.losses
+
+
+@pytest.mark.parametrize("row, why", [
+    ({"text": "hi"}, "expected one of"),
+    ({"messages": [{"role": "user", "content": "hi"}]}, "expected one of"),  # no assistant answer
+    ({"prompt": "a", "completion": 3}, "expected one of"),
+    ("just a string", "expected one of"),
+])
+def test_other_row_shapes_are_refused_with_file_and_line(tmp_path, row, why):
+    path = write_jsonl(tmp_path / "d.jsonl", [ID_ROWS[0], row])
+    with pytest.raises(ValueError, match=rf"--id .*d.jsonl:2: {why}"):
+        report.read_examples(path)
+
+
+def test_plain_and_chat_rows_become_prompt_completion_examples():
+    assert report.example_of({"prompt": "Q\n", "completion": "A"}) == {"prompt": "Q\n", "completion": "A"}
+    assert report.example_of(ID_ROWS[0]) == {"prompt": ID_ROWS[0]["messages"][:1],
+                                             "completion": ID_ROWS[0]["messages"][1:]}
