@@ -194,6 +194,9 @@ class Report:
     n_tokens: dict[str, int]
     seconds: float = 0.0
     inputs: dict[str, Any] = field(default_factory=dict)
+    # α* minus the fine-tuned model (α = 1), paired over the same items: "<set> loss" and "retained KL" ->
+    # BootstrapInterval fields (the mean over items of each item's mean answer-token loss / KL)
+    differences: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def curve(self):
         """The WiSE-FT curve (in-distribution loss on x; shifted and retained loss on y)."""
@@ -215,7 +218,18 @@ class Report:
                          ", ".join(note)])
         widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
         line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
-        return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
+        lines = [line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)]
+        if self.differences:
+            first = next(iter(self.differences.values()))
+            lines.append(
+                f"\nα*={self.chosen_alpha:g} minus the fine-tuned model (α=1), mean over items of each "
+                f"answer's mean token loss, paired bootstrap {100 * first['confidence']:g}% interval "
+                f"({first['resamples']} resamples, seeded; robustft.ops.bootstrap.paired_bootstrap):")
+            for name, d in self.differences.items():
+                outside = "; outside the noise" if d["low"] > 0 or d["high"] < 0 else ""
+                lines.append(f"- {name}: {d['difference']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}] "
+                             f"(n = {d['n']} items{outside})")
+        return "\n".join(lines)
 
     def summary(self) -> str:
         a, i = self.chosen_alpha, self.alphas.index(self.chosen_alpha)
@@ -231,7 +245,7 @@ class Report:
         return {"alphas": self.alphas, "chosen_alpha": self.chosen_alpha, "losses": self.losses,
                 "retained_kl": self.retained_kl, "retained_items": self.retained_items,
                 "n_items": self.n_items, "n_tokens": self.n_tokens, "seconds": self.seconds,
-                "inputs": self.inputs}
+                "inputs": self.inputs, "differences": self.differences}
 
 
 def wise_ft_report(interp: Interpolation, examples: Mapping[str, Sequence[tuple[list[int], int]]],
@@ -255,9 +269,19 @@ def wise_ft_report(interp: Interpolation, examples: Mapping[str, Sequence[tuple[
     for a in dict.fromkeys([chosen, grid[-1]]):
         s = scores["retained"][grid.index(a)]
         items[f"alpha={a:g}"] = {"loss": s.item_loss, "kl": s.item_kl, "tokens": s.tokens}
+    differences = {}
+    if chosen != grid[-1]:
+        from dataclasses import asdict
+
+        from robustft.ops.bootstrap import paired_bootstrap
+
+        at, end = grid.index(chosen), grid.index(1.0) if 1.0 in grid else len(grid) - 1
+        pairs = {f"{name} loss": (v[at].item_loss, v[end].item_loss) for name, v in scores.items()}
+        pairs["retained KL"] = (scores["retained"][at].item_kl, scores["retained"][end].item_kl)
+        differences = {k: asdict(paired_bootstrap(a, b, seed=0)) for k, (a, b) in pairs.items() if len(a) > 1}
     return Report(
         alphas=grid, losses=losses, retained_kl=[s.kl for s in scores["retained"]], chosen_alpha=chosen,
-        retained_items=items, n_items={k: len(v) for k, v in examples.items()},
+        retained_items=items, differences=differences, n_items={k: len(v) for k, v in examples.items()},
         n_tokens={k: sum(len(ids) - n for ids, n in v) for k, v in examples.items()},
         seconds=time.perf_counter() - t0,
     )

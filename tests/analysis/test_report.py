@@ -131,3 +131,29 @@ def test_plain_and_chat_rows_become_prompt_completion_examples():
     assert report.example_of({"prompt": "Q\n", "completion": "A"}) == {"prompt": "Q\n", "completion": "A"}
     assert report.example_of(ID_ROWS[0]) == {"prompt": ID_ROWS[0]["messages"][:1],
                                              "completion": ID_ROWS[0]["messages"][1:]}
+
+
+def test_alpha_star_against_the_fine_tuned_model_gets_paired_intervals(files, monkeypatch):
+    """The report's differences are the per-item means of α* minus α=1 over the same items (recomputed
+    here from the per-item values it stores) with the paired bootstrap's interval (issue 24 item 5)."""
+    import numpy as np
+
+    from robustft.interpolation import wise_ft
+    from robustft.ops.bootstrap import paired_bootstrap
+
+    monkeypatch.setattr(wise_ft, "choose_alpha", lambda alphas, values, **kw: 0.5)
+    adapter = save_adapter(files["base"], files["tmp"] / "adapter")
+    out = files["tmp"] / "out"
+    result = report.run_report(files["base"], files["id"], out, adapter=adapter, shift_path=files["shift"],
+                               prompts_path=files["prompts"], **QUIET)
+    assert set(result.differences) == {"id loss", "shift loss", "retained loss", "retained KL"}
+    at, end = result.retained_items["alpha=0.5"], result.retained_items["alpha=1"]
+    got = result.differences["retained loss"]
+    assert got["difference"] == pytest.approx(float(np.mean(np.subtract(at["loss"], end["loss"]))), rel=1e-6)
+    want = paired_bootstrap(at["kl"], end["kl"], seed=0)
+    assert (result.differences["retained KL"]["low"], result.differences["retained KL"]["high"]) == (
+        want.low, want.high)
+    assert got["n"] == result.n_items["retained"] and result.differences["id loss"]["n"] == len(ID_ROWS)
+    text = (out / "report.md").read_text()
+    assert "α*=0.5 minus the fine-tuned model (α=1)" in text and f"(n = {got['n']} items" in text
+    assert json.loads((out / "report.json").read_text())["differences"]["retained loss"] == got
