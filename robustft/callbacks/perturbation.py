@@ -457,6 +457,22 @@ class _RowWise(_OnePass):
         return row_sq_norms(t)
 
 
+def _add_output_noise(callback: WeightPerturbation, base: torch.nn.Module, make) -> Fixup:
+    """Perturb a quantized W₀ that cannot hold ε: x·εᵀ (ε = ``make()``, regenerated, not stored) joins
+    ``base``'s output until ``callback.unwrap_method("forward", target=base)``; an empty fix-up."""
+
+    def make_wrapper(original):
+        def forward(x, *args, **kwargs):
+            out = original(x, *args, **kwargs)
+            noise = seeded_noise_linear(x, lambda: make().to(x.device))
+            return out + noise.to(out.dtype)
+
+        return forward
+
+    callback.wrap_method("forward", make_wrapper, target=base)
+    return Fixup(torch.empty(0, dtype=torch.long), torch.empty(0))
+
+
 class RandomPerturbationCallback(_RowWise):
     """Random weight perturbation, filter-wise: ε_{i,j} ~ N(0, ρ²/n · ‖W_{i,:}‖²) (RWP; Flat-LoRA for LoRA).
 
@@ -556,17 +572,7 @@ class RandomPerturbationCallback(_RowWise):
         base = self._quantized.get(ctx[2])
         if base is None:
             return super()._perturb(index, w, ctx, e)
-
-        def make_wrapper(original):
-            def forward(x, *args, **kwargs):
-                out = original(x, *args, **kwargs)
-                noise = seeded_noise_linear(x, lambda: self._noise(index, w, ctx).to(x.device))
-                return out + noise.to(out.dtype)
-
-            return forward
-
-        self.wrap_method("forward", make_wrapper, target=base)
-        return Fixup(torch.empty(0, dtype=torch.long), torch.empty(0))
+        return _add_output_noise(self, base, lambda: self._noise(index, w, ctx))
 
     def _unperturb(self, index, w, ctx, fixup):
         base = self._quantized.get(ctx[2])
@@ -686,6 +692,7 @@ class MGPOCallback(_OnePass):
         # target name -> [(B, A, scaling)] of its active adapters (LoRA), or None (the tensor itself)
         self._factors: dict[str, list[tuple[torch.Tensor, torch.Tensor, float]] | None] = {}
         self._transposed: dict[str, bool] = {}
+        self._quantized: dict[str, torch.nn.Module] = {}  # target -> its quantized base layer (QLoRA)
         self._grad_ema: dict[str, torch.Tensor] = {}
 
     # -- what is perturbed -----------------------------------------------------------------------
@@ -702,13 +709,15 @@ class MGPOCallback(_OnePass):
         else:
             candidates = select_parameters(model, self.include, self.exclude, trainable_only=False,
                                            skip_norm_and_bias=self.skip_norm_and_bias)
-            targets, self._factors, self._transposed = {}, {}, {}
+            targets, self._factors, self._transposed, self._quantized = {}, {}, {}, {}
             for name, layer in layers.items():
                 key = f"{name}.base_layer.weight"
                 if key in candidates:
                     targets[key] = candidates[key]
                     self._factors[key] = self._lora_factors(name, layer)
                     self._transposed[key] = bool(getattr(layer, "fan_in_fan_out", False))
+                    if quantization(candidates[key]) is not None:
+                        self._quantized[key] = layer.base_layer
             if not targets:
                 raise ValueError("MGPOCallback: include/exclude leave no LoRA base weight to perturb")
         if is_sharded(targets):
@@ -790,6 +799,19 @@ class MGPOCallback(_OnePass):
     def _noise(self, index, w, ctx):
         name, optimizer, factor = ctx
         return (self._weight_space(name, self._momentum(optimizer)) * factor).to(w.device)
+
+    def _perturb(self, index, w, ctx, e):
+        """A quantized W₀ (QLoRA) cannot hold ε: x·εᵀ joins its layer's output until :meth:`_unperturb`."""
+        base = self._quantized.get(ctx[0])
+        if base is None:
+            return super()._perturb(index, w, ctx, e)
+        return _add_output_noise(self, base, lambda: self._noise(index, w, ctx))
+
+    def _unperturb(self, index, w, ctx, fixup):
+        base = self._quantized.get(ctx[0])
+        if base is None:
+            return super()._unperturb(index, w, ctx, fixup)
+        self.unwrap_method("forward", target=base)
 
     # -- ḡ ---------------------------------------------------------------------------------------
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
