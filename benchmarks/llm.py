@@ -5,7 +5,7 @@
     python benchmarks/llm.py --skip-scores --rounds 3 --steps 6     # throughput only
 
 1. Scores: ``robustft.demos.llm.run_llm_demo`` in the chosen setting: base model, plain LoRA, WiSE-FT at α*
-   (chosen on in-distribution loss only, and under the retained budget), EMA, Flat-LoRA, LoRA-GGPO and
+   (chosen on in-distribution loss only, and under the retained budget), EMA, Flat-LoRA, LoRA-MGPO and
    Momentum-SAM, each scored by the mean answer-token loss on the in-distribution, shifted and
    retained-capability sets (lower is better), each row's difference from plain LoRA with its 95% paired
    bootstrap interval over the items (n in the table's footer).
@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from robustft.demos import llm as demo_llm  # noqa: E402
 
-THROUGHPUT_VARIANTS = ("plain LoRA", "EMA", "Flat-LoRA", "LoRA-GGPO", "Momentum-SAM")
+THROUGHPUT_VARIANTS = ("plain LoRA", "EMA", "Flat-LoRA", "LoRA-MGPO", "Momentum-SAM")
 START, END = "<!-- llm-benchmark:start -->", "<!-- llm-benchmark:end -->"
 
 

@@ -5,7 +5,7 @@
     python benchmarks/sam.py --size full       # GPT-2 small shape (124M), for a GPU or a large box
 
 Two groups, each against its own baseline measured in the same process: full fine-tuning (plain,
-SAM, ASAM, Momentum-SAM, random perturbation) and LoRA (plain LoRA, SAM, Flat-LoRA, GGPO).
+SAM, ASAM, Momentum-SAM, random perturbation) and LoRA (plain LoRA, SAM, Flat-LoRA, LoRA-MGPO).
 Step time: median over steps (after warm-up) of on_step_begin -> on_step_end, best of ``--rounds``
 interleaved rounds; on CPU it is the training thread's CPU time with torch on one thread
 (``--clock thread``), which other processes on a shared machine do not inflate.
@@ -28,7 +28,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from robustft import GGPOCallback, MomentumSAMCallback, RandomPerturbationCallback, SAMCallback  # noqa: E402
+from robustft import MGPOCallback, MomentumSAMCallback, RandomPerturbationCallback, SAMCallback  # noqa: E402
 
 SIZES = {
     "default": dict(n_embd=192, n_layer=4, n_head=4, vocab_size=2048, n_positions=64, batch=8, seq=64),
@@ -130,7 +130,7 @@ GROUPS = {
         "plain LoRA": None,
         "sam (LoRA)": lambda: SAMCallback(rho=0.05),
         "flat-lora": lambda: RandomPerturbationCallback(rho=0.01),
-        "ggpo": lambda: GGPOCallback(rho=0.01),
+        "mgpo": lambda: MGPOCallback(),  # default ρ = 0.05, β = 0.9; ρ does not change the cost
     },
 }
 

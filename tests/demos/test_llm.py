@@ -81,7 +81,7 @@ def test_llm_demo_runs_offline_and_wise_ft_keeps_more_of_the_base_model(tmp_path
     budget_alpha = curve["chosen_alpha"]
     rows = list(result["scores"])
     assert rows == ["base", "plain LoRA", f"WiSE-FT a={chosen:g}", f"WiSE-FT (budget) a={budget_alpha:g}",
-                    "EMA", "Flat-LoRA", "LoRA-GGPO", "Momentum-SAM"]
+                    "EMA", "Flat-LoRA", "LoRA-MGPO", "Momentum-SAM"]
     for row in rows:
         assert set(result["scores"][row]) == {"id", "shifted", "retained"}
     i, end, start = alphas.index(chosen), alphas.index(1.0), alphas.index(0.0)
@@ -220,7 +220,7 @@ def test_llm_demo_on_a_local_model_folder_prints_one_line_per_stage_then_the_tab
     result = json.loads((out / "llm_demo.json").read_text())
     assert result["config"]["model"] == str(model)
     rows = ["base", "plain LoRA", f"WiSE-FT a={result['chosen_alpha']:g}",
-            f"WiSE-FT (budget) a={result['budget_alpha']:g}", "EMA", "Flat-LoRA", "LoRA-GGPO", "Momentum-SAM"]
+            f"WiSE-FT (budget) a={result['budget_alpha']:g}", "EMA", "Flat-LoRA", "LoRA-MGPO", "Momentum-SAM"]
     assert list(result["scores"]) == rows
     assert "n = id 8, shifted 8, retained 16 items" in stdout and "[95% CI]" in stdout
     for row in rows:
@@ -375,6 +375,19 @@ def test_llm_table_gives_each_difference_from_plain_lora_with_its_paired_interva
     saved = json.loads(result.save().read_text())
     assert saved["chosen_alpha"] == 0.5 and saved["budget_alpha"] == 0.25
     assert saved["differences"]["WiSE-FT a=0.5"]["retained"]["high"] == want.high
+
+
+def test_llm_demo_mgpo_row_is_mgpo_callback_with_its_documented_defaults():
+    """The "LoRA-MGPO" row trains with ``MGPOCallback`` at its own defaults (ρ, β); GGPO is no row."""
+    import inspect
+
+    from robustft import MGPOCallback
+
+    assert "LoRA-MGPO" in demo_llm.METHODS and not any("GGPO" in m for m in demo_llm.METHODS)
+    (cb,) = demo_llm._method_callbacks("LoRA-MGPO", demo_llm.FAST)
+    defaults = inspect.signature(MGPOCallback).parameters
+    assert type(cb) is MGPOCallback
+    assert (cb.rho, cb.beta) == (defaults["rho"].default, defaults["beta"].default)
 
 
 @pytest.mark.slow  # four LoRA runs and a sweep on a 4-bit base
