@@ -38,26 +38,13 @@ def test_llm_task_sweeps_lora_losses_and_chooses_the_lowest_id_loss(tmp_path):
     """``--task llm`` on a tiny Llama with the demo's tokenizer and chat rows: loss columns for id, shifted
     and retained, the strength chosen on the lowest id loss (brute force), plain's end point the demo's own
     score of a LoRA run trained apart (``demo_llm.lora_trainer`` + ``evaluate_losses``)."""
-    import torch
-    from datasets import Dataset
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
     from benchmarks import strength as bs
     from robustft.demos import llm as demo_llm
+    from tests.tiny import tiny_llm_task
 
-    cache = demo_llm.default_cache_dir() / "smollm2-135m-instruct"
-    if not (cache / "tokenizer.json").exists():
+    task = tiny_llm_task(tmp_path / "model", bs.LLM_EVALS, shift=True)
+    if task is None:
         pytest.skip("the LLM demo's model is not in the cache (robustft demo --llm sets it up)")
-    tokenizer = AutoTokenizer.from_pretrained(cache)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
-                         tie_word_embeddings=False)
-    LlamaForCausalLM(config).save_pretrained(tmp_path / "model")
-    words = [("heron", "a wading bird"), ("oak", "a tree"), ("lamp", "a light"), ("cup", "a vessel")] * 2
-    rows = [demo_llm.definition_example(w, d) for w, d in words]
-    task = demo_llm.LLMTask(tmp_path / "model", tokenizer, Dataset.from_list(rows),
-                            {s: Dataset.from_list(rows[i:i + 4]) for i, s in enumerate(bs.LLM_EVALS)})
     cfg = demo_llm.LLMDemoConfig(n_train=8, n_eval=4, steps=2, batch_size=4, rank=2, learning_rate=0.05)
     out = tmp_path / "out"
     bench = bs.llm_bench(task, cfg, out, scales=(0.01, 100.0))
