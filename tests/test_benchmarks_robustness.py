@@ -60,26 +60,13 @@ def test_llm_table_has_every_row_on_a_tiny_llama_with_the_demo_tokenizer(tmp_pat
     chat rows): every method scored on every set, WEMoE left out with its reason, every cost measured."""
     import math
 
-    import torch
-    from datasets import Dataset
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
     from benchmarks import robustness as rb
     from robustft.demos import llm as demo_llm
+    from tests.tiny import tiny_llm_task
 
-    cache = demo_llm.default_cache_dir() / "smollm2-135m-instruct"
-    if not (cache / "tokenizer.json").exists():
+    task = tiny_llm_task(tmp_path / "model", rb.LLM_SPLITS)
+    if task is None:
         pytest.skip("the LLM demo's model is not in the cache (robustft demo --llm sets it up)")
-    tokenizer = AutoTokenizer.from_pretrained(cache)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
-                         tie_word_embeddings=False)
-    LlamaForCausalLM(config).save_pretrained(tmp_path / "model")
-    words = [("heron", "a wading bird"), ("oak", "a tree"), ("lamp", "a light"), ("cup", "a vessel")] * 2
-    rows = [demo_llm.definition_example(w, d) for w, d in words]
-    task = demo_llm.LLMTask(tmp_path / "model", tokenizer, Dataset.from_list(rows),
-                            {s: Dataset.from_list(rows[:4]) for s in rb.LLM_SPLITS})
     cfg = demo_llm.LLMDemoConfig(n_train=8, n_eval=4, steps=2, batch_size=4, rank=2)
     table_rows, description, n = rb.llm_rows(cfg, tmp_path / "out", task)
     assert "WEMoE" in table_rows and "not run" in table_rows["WEMoE"].note

@@ -31,3 +31,46 @@ def test_each_method_gives_its_json_and_its_rows(tmp_path):
         assert len(chosen) == 1 and float(chosen[0][1]) == pytest.approx(best, rel=1e-3)
     plain = json.loads((tmp_path / "plain.json").read_text())
     assert list(plain["wise_ft"]["0"]["alphas"]) == list(bs.ALPHAS)  # plain fine-tuning's own WiSE-FT curve
+
+
+@pytest.mark.slow
+def test_llm_task_sweeps_lora_losses_and_chooses_the_lowest_id_loss(tmp_path):
+    """``--task llm`` on a tiny Llama with the demo's tokenizer and chat rows: loss columns for id, shifted
+    and retained, the strength chosen on the lowest id loss (brute force), plain's end point the demo's own
+    score of a LoRA run trained apart (``demo_llm.lora_trainer`` + ``evaluate_losses``)."""
+    from benchmarks import strength as bs
+    from robustft.demos import llm as demo_llm
+    from tests.tiny import tiny_llm_task
+
+    task = tiny_llm_task(tmp_path / "model", bs.LLM_EVALS, shift=True)
+    if task is None:
+        pytest.skip("the LLM demo's model is not in the cache (robustft demo --llm sets it up)")
+    cfg = demo_llm.LLMDemoConfig(n_train=8, n_eval=4, steps=2, batch_size=4, rank=2, learning_rate=0.05)
+    out = tmp_path / "out"
+    bench = bs.llm_bench(task, cfg, out, scales=(0.01, 100.0))
+    for method in bs.LLM_METHODS:
+        bs.run_method(bench, method, out)
+    text = bs.section("llm", out, "cmd", per_method=False)
+    lines = [line for line in text.splitlines() if line.startswith("| ")]
+    table = [[c.strip() for c in line.split("|")[1:-1]] for line in lines]
+    assert table[0][2:5] == ["id end", "shifted end", "retained end"] and "answer-token loss" in text
+    assert [r[0] for r in table[1:]] == ["plain", "L2-SP", "L2-SP", "EWC", "EWC"]
+    for method in ("L2-SP", "EWC"):
+        data = json.loads((out / f"{method}.json").read_text())
+        assert data["greater_is_better"] is False and list(data["results"]) == list(bs.LLM_EVALS)
+        best = min(zip(data["results"]["id"], data["strengths"], strict=True))[1]  # lowest id loss, smaller
+        assert data["chosen_strength"] == best
+    assert json.loads((out / "L2-SP.json").read_text())["strengths"] == [0.01, 100.0]
+    trainer = demo_llm.lora_trainer(task, cfg, tmp_path / "apart")
+    trainer.train()
+    apart = demo_llm.evaluate_losses(trainer, task.evals, "apart")
+    plain = next(r for r in table if r[0] == "plain")
+    assert [float(x) for x in plain[2:5]] == pytest.approx([apart[s] for s in bs.LLM_EVALS], abs=1e-4)
+
+
+def test_llm_task_refuses_methods_it_does_not_run(capsys):
+    from benchmarks import strength as bs
+
+    with pytest.raises(SystemExit) as e:
+        bs.main(["--task", "llm", "--methods", "plain", "LP-FT", "--no-write"])
+    assert e.value.code == 2 and "LP-FT" in capsys.readouterr().err

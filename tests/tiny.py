@@ -123,3 +123,29 @@ def tiny_llama_folder(folder, words, chat_template: str | None = None, seed: int
         fast.chat_template = chat_template
     fast.save_pretrained(folder)
     return folder
+
+
+def tiny_llm_task(folder, splits, shift: bool = False):
+    """The LLM demo's task (``robustft.demos.llm.LLMTask``: its tokenizer and chat rows) on a tiny random
+    Llama saved in ``folder``; eight WordNet-like glosses to train, four per eval set in ``splits`` (the
+    i-th set starts at row i with ``shift``, else all are the first four). None: the demo's tokenizer is not
+    in the cache."""
+    from pathlib import Path
+
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from robustft.demos import llm as demo_llm
+
+    cache = demo_llm.default_cache_dir() / "smollm2-135m-instruct"
+    if not (cache / "tokenizer.json").exists():
+        return None
+    tokenizer = AutoTokenizer.from_pretrained(cache)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=False)
+    LlamaForCausalLM(config).save_pretrained(Path(folder))
+    words = [("heron", "a wading bird"), ("oak", "a tree"), ("lamp", "a light"), ("cup", "a vessel")] * 2
+    rows = [demo_llm.definition_example(w, d) for w, d in words]
+    evals = {s: Dataset.from_list(rows[i * shift:i * shift + 4]) for i, s in enumerate(splits)}
+    return demo_llm.LLMTask(Path(folder), tokenizer, Dataset.from_list(rows), evals)
