@@ -298,7 +298,9 @@ def stragglers(ctx: Context, treatment: str, k: int = 1) -> Row:
     def measure():
         probe = task.collator([task.evals["id"][i] for i in range(16)])
         t0 = time.perf_counter()
-        layers = ["encoder.embeddings", *transformer_blocks(ctx.model), "classifier"]
+        modules = dict(ctx.model.named_modules())  # the demo's SentenceClassifier or a tiny BERT in the tests
+        embeddings = min((n for n in modules if n.split(".")[-1] == "embeddings"), key=len)
+        layers = [embeddings, *transformer_blocks(ctx.model), *(n for n in ("classifier",) if n in modules)]
         report = sharpness_along_path(ctx.start, ctx.model, probe, STRAGGLER_ALPHAS, layers, steps=1)
         return report, time.perf_counter() - t0
 

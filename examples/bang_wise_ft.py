@@ -31,13 +31,15 @@ from transformers import DataCollatorWithPadding, Trainer  # noqa: E402
 
 from robustft import WiseFTCallback  # noqa: E402
 from robustft.demos import encoder as demo  # noqa: E402
+from robustft.ops.outputs import model_logits  # noqa: E402
 
 RECIPES = ("plain", "smoothing", "mixup", "both")
 
 
 class MixupTrainer(Trainer):
-    """A Trainer whose loss is mixup of the head's inputs: ``model.features`` (the sentence embedding) of
-    each example mixed with a random other of the batch, fed to ``model.classifier``; λ ~ Beta(a, a) per
+    """A Trainer whose loss is mixup of the head's inputs: the input of ``model.classifier`` (the sentence
+    embedding of the demo's model; the pooled, dropped-out output of a BERT classifier) of each example mixed
+    with a random other of the batch (a forward pre-hook, removed on every exit); λ ~ Beta(a, a) per
     batch from a seeded generator (so a run is reproducible). Label smoothing, if set, applies to both
     cross-entropies. Evaluation (the model in eval mode) uses the Trainer's own loss and logits."""
 
@@ -52,11 +54,17 @@ class MixupTrainer(Trainer):
         if not model.training:  # evaluation and the α sweep score the model as it is
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         labels = inputs["labels"]
-        ids, mask, types = inputs["input_ids"], inputs.get("attention_mask"), inputs.get("token_type_ids")
-        feats = model.features(ids, mask, types)
         lam = float(self.rng.beta(self.mixup_alpha, self.mixup_alpha))
         perm = torch.as_tensor(self.rng.permutation(labels.shape[0]), device=labels.device)
-        logits = model.classifier(lam * feats + (1 - lam) * feats[perm])
+
+        def mix(module, args):  # the head's input h -> λ·h + (1−λ)·h[perm]
+            return (lam * args[0] + (1 - lam) * args[0][perm], *args[1:])
+
+        handle = model.classifier.register_forward_pre_hook(mix)
+        try:
+            logits = model_logits(model(**{k: v for k, v in inputs.items() if k != "labels"}))
+        finally:
+            handle.remove()
         smoothing = self.args.label_smoothing_factor
         ce = torch.nn.functional.cross_entropy
         loss = lam * ce(logits, labels, label_smoothing=smoothing) + (1 - lam) * ce(

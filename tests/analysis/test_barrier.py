@@ -87,7 +87,7 @@ def test_bad_options_are_named():
 def test_both_alignments_lower_the_barrier_of_two_independently_trained_mlps(tmp_path):
     """The toy task of tests/merge/test_align.py (3 spirals, MLPs 2-64-64-3 from different seeds); the
     report's numbers are printed (docs/merging.md quotes them); only the direction is asserted."""
-    from tests.merge.test_align import spirals, train_mlp
+    from tests.merge.tiny_models import spirals, train_mlp
 
     x, label = spirals()
     a, b = train_mlp(1, x, label), train_mlp(2, x, label)

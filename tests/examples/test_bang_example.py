@@ -20,7 +20,7 @@ def _load_example():
 
 
 class _Tiny(nn.Module):
-    """features + classifier, as SentenceClassifier: what MixupTrainer needs."""
+    """A head `classifier` fed by the features, as SentenceClassifier: what MixupTrainer mixes."""
 
     def __init__(self):
         super().__init__()

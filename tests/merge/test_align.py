@@ -21,15 +21,7 @@ from robustft.merge.align import (
     weight_matching,
 )
 from robustft.ops.rebasin import apply_permutations
-from tests.merge.tiny_models import load_all, save_model, tiny_config
-
-
-def _mlp(seed, widths=(8, 32, 24, 4)):
-    torch.manual_seed(seed)
-    layers = []
-    for i, (a, b) in enumerate(zip(widths, widths[1:])):
-        layers += [torch.nn.Linear(a, b)] + ([torch.nn.ReLU()] if i < len(widths) - 2 else [])
-    return torch.nn.Sequential(*layers)
+from tests.merge.tiny_models import load_all, save_model, spirals, tiny_config, tiny_mlp, train_mlp
 
 
 def _llama(seed, kv=2, intermediate=64):
@@ -59,7 +51,7 @@ def _bert(seed):
 
 
 FAMILIES = {
-    "mlp": (_mlp, lambda m: torch.randn(5, 8, generator=torch.Generator().manual_seed(9))),
+    "mlp": (tiny_mlp, lambda m: torch.randn(5, 8, generator=torch.Generator().manual_seed(9))),
     "llama-mha": (lambda s: _llama(s, kv=4), lambda m: torch.randint(0, 128, (2, 9))),
     "llama-gqa": (_llama, lambda m: torch.randint(0, 128, (2, 9))),
     "gpt2": (_gpt2, lambda m: torch.randint(0, 64, (2, 9))),
@@ -113,28 +105,9 @@ def test_the_spec_covers_llama_mlp_units_and_whole_kv_groups():
     assert all("norm" not in a.tensor and "embed" not in a.tensor for ax in spec.axes.values() for a in ax)
 
 
-def train_mlp(seed, x, y, steps=300):
-    model = _mlp(seed, widths=(2, 64, 64, 3))
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    for _ in range(steps):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-    return model
-
-
-def spirals(n=300):
-    """(x, label): 3 interleaved noisy spirals in 2-D, the toy task of the barrier measurements."""
-    g = torch.Generator().manual_seed(0)
-    label = torch.arange(n) % 3
-    r = torch.rand(n, generator=g)
-    angle = 4 * r + 2.1 * label + 0.2 * torch.randn(n, generator=g)
-    return torch.stack([r * angle.cos(), r * angle.sin()], 1), label
-
-
 def _barrier(a, b, x, y):
     """max over α of loss((1−α)A + αB) − ((1−α)loss(A) + α loss(B)), on 21 points of α."""
-    model = _mlp(0, widths=(2, 64, 64, 3))
+    model = tiny_mlp(0, widths=(2, 64, 64, 3))
     sa, sb = a.state_dict(), b.state_dict()
     losses = []
     for t in torch.linspace(0, 1, 21).tolist():
@@ -152,7 +125,7 @@ def test_alignment_lowers_the_loss_barrier_of_two_independently_trained_mlps():
     a, b = train_mlp(1, x, label), train_mlp(2, x, label)
     before = _barrier(a, b, x, label)
     aligned, _ = align_state_dicts(a.state_dict(), b.state_dict())
-    c = _mlp(0, widths=(2, 64, 64, 3))
+    c = tiny_mlp(0, widths=(2, 64, 64, 3))
     c.load_state_dict(aligned)
     after = _barrier(a, c, x, label)
     print(f"\nloss barrier along linear interpolation: before alignment {before:.4f}, after {after:.4f}")
@@ -160,7 +133,7 @@ def test_alignment_lowers_the_loss_barrier_of_two_independently_trained_mlps():
 
 
 def test_weight_matching_stops_after_a_sweep_that_improves_nothing():
-    sd = _mlp(0).state_dict()
+    sd = tiny_mlp(0).state_dict()
     spec = permutation_spec({k: tuple(v.shape) for k, v in sd.items()})
     perms, sweeps = weight_matching(spec, sd, sd)
     assert sweeps == 1 and all(torch.equal(p, torch.arange(len(p))) for p in perms.values())
@@ -210,7 +183,7 @@ def test_cli_aligns_a_sharded_llama_checkpoint_and_the_aligned_pair_merges(llama
 
 
 def test_an_mlp_safetensors_file_without_config_aligns(tmp_path):
-    a, b = _mlp(0), _mlp(1)
+    a, b = tiny_mlp(0), tiny_mlp(1)
     save_file(a.state_dict(), tmp_path / "a.safetensors")
     (tmp_path / "b").mkdir()
     save_file(b.state_dict(), tmp_path / "b" / "model.safetensors")
@@ -247,8 +220,8 @@ def test_unalignable_inputs_are_named_and_nothing_is_written(llama_pair, tmp_pat
 @pytest.mark.parametrize("max_iter", ["-5", "0"])
 def test_max_iter_below_one_is_refused_before_writing(tmp_path, capsys, max_iter):
     """0 or fewer sweeps would write the model unaligned (rc 0 before): a named error, nothing written."""
-    save_file(_mlp(0).state_dict(), tmp_path / "a.safetensors")
-    save_file(_mlp(1).state_dict(), tmp_path / "b.safetensors")
+    save_file(tiny_mlp(0).state_dict(), tmp_path / "a.safetensors")
+    save_file(tiny_mlp(1).state_dict(), tmp_path / "b.safetensors")
     out = tmp_path / "out"
     a, b = str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")
     args = ["align", "--reference", a, "--model", b, "--out", str(out), "--max-iter", max_iter]
@@ -256,7 +229,7 @@ def test_max_iter_below_one_is_refused_before_writing(tmp_path, capsys, max_iter
     err = capsys.readouterr().err
     assert err.startswith("robustft align: error: max_iter must be >= 1"), err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "b.safetensors"]
-    sd = _mlp(0).state_dict()
+    sd = tiny_mlp(0).state_dict()
     with pytest.raises(ValueError, match="max_iter"):
         align_state_dicts(sd, sd, max_iter=0)
     with pytest.raises(ValueError, match="seed"):

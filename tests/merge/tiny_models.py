@@ -121,3 +121,32 @@ def max_diff(mk: dict, rf: dict) -> float:
     diff = max(float((mk[n].double() - rf[n].double()).abs().max()) for n in rf)
     print(f"max |mergekit - robustft| = {diff:.3g}")
     return diff
+
+
+def tiny_mlp(seed, widths=(8, 32, 24, 4)):
+    """A seeded ReLU MLP of the given widths (the permutation tests' smallest model)."""
+    torch.manual_seed(seed)
+    layers = []
+    for i, (a, b) in enumerate(zip(widths, widths[1:])):
+        layers += [torch.nn.Linear(a, b)] + ([torch.nn.ReLU()] if i < len(widths) - 2 else [])
+    return torch.nn.Sequential(*layers)
+
+
+def train_mlp(seed, x, y, steps=300):
+    """A 2-64-64-3 MLP trained by SGD on (x, y) from ``seed``: the toy models of the barrier tests."""
+    model = tiny_mlp(seed, widths=(2, 64, 64, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(steps):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model
+
+
+def spirals(n=300):
+    """(x, label): 3 interleaved noisy spirals in 2-D, the toy task of the barrier measurements."""
+    g = torch.Generator().manual_seed(0)
+    label = torch.arange(n) % 3
+    r = torch.rand(n, generator=g)
+    angle = 4 * r + 2.1 * label + 0.2 * torch.randn(n, generator=g)
+    return torch.stack([r * angle.cos(), r * angle.sin()], 1), label
