@@ -440,13 +440,23 @@ def perturb_(w: torch.Tensor, e: torch.Tensor) -> Fixup:
         raise ValueError(f"perturb_: tensor of dtype {w.dtype} is not floating point")
     if tuple(e.shape) != tuple(w.shape):
         raise ValueError(f"perturb_: perturbation shape {tuple(e.shape)} != weight shape {tuple(w.shape)}")
-    perturbed = _add(w, e, 1.0)
-    bad = _bits(_add(perturbed, e, -1.0)) != _bits(w)
+    same = w.dtype == e.dtype == compute_dtype(w.dtype) and w.device == e.device
+    if same:  # fl(fl(w + e) − e) in one temporary, then w ← fl(w + e) in place: the same bits as below
+        back = torch.add(w, e).sub_(e)
+        perturbed = None
+    else:
+        perturbed = _add(w, e, 1.0)
+        back = _add(perturbed, e, -1.0)
+    bad = _bits(back) != _bits(w)
+    del back
     index = bad.reshape(-1).nonzero().squeeze(1)
     if w.numel() < 2**31:
         index = index.to(torch.int32)
     values = w.reshape(-1)[index.long()].clone()
-    w.copy_(perturbed)
+    if same:
+        w.add_(e)
+    else:
+        w.copy_(perturbed)
     return Fixup(index, values)
 
 
