@@ -110,6 +110,7 @@ class WeightPerturbation(RobustCallback):
         self._params: dict[str, torch.Tensor] = {}
         self._guard: SelectionGuard | None = None
         self._sums: dict[str, list[float]] = {}
+        self._sharded: tuple[dict[str, torch.Tensor], bool] | None = None  # (selection, is it sharded)
 
     # -- the Trainer ---------------------------------------------------------------------------
     def _hook_trainer(self, required: bool) -> None:
@@ -163,8 +164,15 @@ class WeightPerturbation(RobustCallback):
     def _rho_at(self, state) -> float:
         return scheduled_rho(self.rho, self.schedule, state.global_step, self.start_step, state.max_steps)
 
+    def _is_sharded(self) -> bool:
+        """``is_sharded`` of the selection, found once per selection: it walks every tensor, and the noise of
+        each tensor asks (per tensor and micro-batch, that walk was a few percent of a step)."""
+        if self._sharded is None or self._sharded[0] is not self._params:
+            self._sharded = (self._params, is_sharded(self._params))
+        return self._sharded[1]
+
     def _reduce(self):
-        return distributed.all_reduce_sum if is_sharded(self._params) else None
+        return distributed.all_reduce_sum if self._is_sharded() else None
 
     def _record(self, name: str, value: float, mean: bool = True) -> None:
         """Mean (or sum, for counts) of a metric over the steps since the last Trainer log."""
@@ -230,7 +238,7 @@ class _OnePass(WeightPerturbation):
 
     def _seed_for(self, step: int, index: int) -> int:
         # replicated weights (DDP) draw the same noise on every rank; FSDP2 shards each draw their own
-        shard = distributed.rank() if is_sharded(self._params) else 0
+        shard = distributed.rank() if self._is_sharded() else 0
         return noise_seed(self.seed, step, index + (shard << 32))
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
@@ -674,7 +682,7 @@ class GGPOCallback(_RowWise):
         self._grad_sq_rows = {k[len("grad_sq_rows.") :]: t for k, t in tensors.items()}
 
     def sharded_state(self) -> bool:  # FSDP2: each rank keeps the row norms of its own rows
-        return is_sharded(self._params)
+        return self._is_sharded()
 
 
 class MGPOCallback(_QuantizedBase, _OnePass):
