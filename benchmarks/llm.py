@@ -270,7 +270,8 @@ def throughput_text(per, args, shape: Shape | None, load0: float) -> list[str]:
             f"{shape.tokens} tokens per optimizer step")
     return [
         f"Training throughput, {args.rounds} interleaved rounds of {args.steps} steps per variant, each run "
-        f"a fresh process with {args.threads or 'the default number of'} torch thread(s) ({work}; median "
+        f"a fresh process with {args.threads or 'the default number of'} torch thread(s), "
+        f"{'bf16 autocast' if args.bf16 else 'float32'} ({work}; median "
         "step after the first; the ratio is the step time over the same round's plain LoRA step; memory: the "
         "peak RSS of `train()` minus the same round's plain LoRA run's). Load average "
         f"{load0:.1f} before, {os.getloadavg()[0]:.1f} after on {os.cpu_count()} cores (on a shared machine "
@@ -291,6 +292,8 @@ def main(argv=None) -> int:
     p.add_argument("--unpacked", action="store_true",
                    help="throughput on the setting's own rows and batch size (the pre-issue-26 measurement)")
     p.add_argument("--threads", type=int, default=None, help="torch threads of each throughput run")
+    p.add_argument("--bf16", action="store_true",
+                   help="throughput with bf16 autocast (the demo's training; default float32 as before)")
     p.add_argument("--variants", nargs="+", default=list(THROUGHPUT_VARIANTS), choices=THROUGHPUT_VARIANTS,
                    help="throughput variants (plain LoRA is always run)")
     p.add_argument("--model", default=None, help="a causal LM folder instead of SmolLM2-135M-Instruct")
@@ -342,7 +345,7 @@ def main(argv=None) -> int:
         variants = tuple(v for v in THROUGHPUT_VARIANTS if v == "plain LoRA" or v in args.variants)
         load0 = os.getloadavg()[0]
         per = throughput(replace(cfg, steps=args.steps), args.rounds, variants=variants, shape=shape,
-                         threads=args.threads, model_dir=args.model)
+                         threads=args.threads, model_dir=args.model, bf16=args.bf16)
         parts += ["", *throughput_text(per, args, shape, load0)]
     text = "\n".join(parts)
     print("\n" + text)
