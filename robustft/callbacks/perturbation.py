@@ -792,9 +792,9 @@ class MGPOCallback(_QuantizedBase, _OnePass):
 
     @torch.no_grad()
     def _weight_space_norm(self, name: str, pick) -> torch.Tensor | None:
-        """‖v‖ of the tensor ``pick`` seen in the target's weight space (see :meth:`_weight_space`), for a
-        LoRA layer from the factors alone (:func:`robustft.ops.perturb.low_rank_tangent_sq_norm`, no out × in
-        matrix)."""
+        """‖v‖ of the tensor ``pick`` (momentum or gradient; None if missing) seen in the target's weight
+        space: for a LoRA layer v = Σ s·(dB·A + B·dA), its norm from the factors alone
+        (:func:`robustft.ops.perturb.low_rank_tangent_sq_norm`, no out × in matrix); else the tensor's own."""
         if self._factors[name] is None:
             t = pick(self._params[name])
             return None if t is None else torch.linalg.vector_norm(t.detach().to(compute_dtype(t.dtype)))
@@ -804,22 +804,11 @@ class MGPOCallback(_QuantizedBase, _OnePass):
         r = uv[0].shape[1] // 2  # U = [s·dB, s·B], V = [A; dA]
         return low_rank_tangent_sq_norm(uv[0][:, r:], uv[1][:r], uv[0][:, :r], uv[1][r:]).sqrt()
 
-    @torch.no_grad()
-    def _weight_space(self, name: str, pick, out: torch.Tensor | None = None) -> torch.Tensor | None:
-        """The tensor ``pick`` (momentum or gradient of a parameter; None if missing) seen in the target's
-        weight space: Σ s·(dB·A + B·dA) for a LoRA layer (transposed for fan_in_fan_out; one product U·V of
-        inner size 2r, written into ``out`` when given), else itself."""
-        factors = self._factors[name]
-        if factors is None:
-            t = pick(self._params[name])
-            return None if t is None else t.detach().to(compute_dtype(t.dtype))
-        uv = self._low_rank(name, pick)
-        if uv is None:
-            return None
-        u, v = uv
-        if self._transposed[name]:
-            return torch.mm(v.T, u.T, out=out) if out is not None else v.T @ u.T
-        return torch.mm(u, v, out=out) if out is not None else u @ v
+    @staticmethod
+    def _product(u: torch.Tensor, v: torch.Tensor, transposed: bool, out: torch.Tensor) -> torch.Tensor:
+        """U·V (its transpose for fan_in_fan_out weights) into ``out``: one product of inner size 2r."""
+        a, b = (v.T, u.T) if transposed else (u, v)
+        return torch.mm(a, b, out=out)
 
     def _momentum(self, optimizer):
         def pick(p):
@@ -856,12 +845,14 @@ class MGPOCallback(_QuantizedBase, _OnePass):
     def _noise(self, index, w, ctx):
         name, optimizer, factor = ctx
         pick = self._momentum(optimizer)
-        if self._factors[name] is None:
-            return (self._weight_space(name, pick) * factor).to(w.device)
-        u, v = self._low_rank(name, pick)
-        shape = (v.shape[1], u.shape[0]) if self._transposed[name] else (u.shape[0], v.shape[1])
+        if self._factors[name] is None:  # a plain tensor: its own momentum
+            m = pick(self._params[name]).detach()
+            return (m.to(compute_dtype(m.dtype)) * factor).to(w.device)
+        u, v = self._low_rank(name, pick)  # not None: the context was made from the same momentum
+        transposed = self._transposed[name]
+        shape = (v.shape[1], u.shape[0]) if transposed else (u.shape[0], v.shape[1])
         out = self._scratch_for(torch.Size(shape), u.dtype, u.device)  # one buffer for every layer's ε
-        return self._weight_space(name, pick, out=out).mul_(factor).to(w.device)
+        return self._product(u, v, transposed, out).mul_(factor).to(w.device)
 
     @staticmethod
     def _target_of(ctx) -> str:
