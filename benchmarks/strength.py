@@ -43,10 +43,11 @@ from robustft.demos.llm import format_table  # noqa: E402
 ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 EVALS = ("id", "id_test", "shifted")  # "id" chooses α and the strength; the other two are reported
 LLM_EVALS = ("id", "shifted", "retained")  # the LLM task's (mean answer-token loss)
-LLM_METHODS = ("plain", "L2-SP", "EWC")  # run on LoRA (LP-FT: no head to probe; the others: not run)
+LLM_METHODS = ("plain", "L2-SP", "EWC", "EMA", "Momentum-SAM")  # run on LoRA (LP-FT: no head to probe)
 WISE_FT = {"plain": "each"}  # plain fine-tuning: its α curve (the WiSE-FT row); the others: ``--wise-ft``
 SCALES = (0.01, 0.1, 1.0)  # the anchor penalties' strengths, times the docs' setting
-METHODS = ("plain", "L2-SP", "EWC", "spectral", "LP-FT", "EMA", "SAM")  # the table's order
+METHODS = ("plain", "L2-SP", "EWC", "spectral", "LP-FT", "EMA", "SAM", "Momentum-SAM",
+           "shrink-perturb")  # the table's order
 
 
 Sweep = tuple[list[float], Callable[[float], list], str]  # strengths, strength -> callbacks, their meaning
@@ -75,7 +76,7 @@ def llm_bench(task, cfg, out: Path, scales=SCALES) -> Bench:
     :class:`Bench`: L2-SP at λ = ``scales``, EWC at ``scales`` / mean(F) with F on the LoRA factors."""
     import torch
 
-    from robustft import EWCCallback, L2SPCallback
+    from robustft import EMACallback, EWCCallback, L2SPCallback, MomentumSAMCallback
     from robustft.merge import estimate_fisher
 
     def trainer(folder: Path, callbacks: list):
@@ -97,6 +98,13 @@ def llm_bench(task, cfg, out: Path, scales=SCALES) -> Bench:
         "L2-SP": lambda: (list(scales), lambda s: [L2SPCallback(s)],
                           "λ, loss form, on the LoRA factors (anchor: the adapter at train begin, B = 0)"),
         "EWC": ewc,
+        "EMA": lambda: ([0.5, 0.9, 0.98],
+                        lambda s: [EMACallback(decay=s, warmup=True, copy_to_model_at_end=True,
+                                               save_dir=None)],
+                        f"decay β ({cfg.steps} steps, warm-up on; the demo's: {cfg.ema_decay:g}), EMA of the "
+                        "adapter left in the model"),
+        "Momentum-SAM": lambda: ([0.1, 0.3, 1.0], lambda s: [MomentumSAMCallback(rho=s)],
+                                 f"ρ on the adapter (the demo's: {cfg.msam_rho:g})"),
     }
     n = {s: len(task.evals[s]) for s in LLM_EVALS}
     description = (f"`robustft demo --llm` fast setting: SmolLM2-135M-Instruct, LoRA r={cfg.rank} on all "
@@ -118,6 +126,7 @@ def factories(task: Task, scales=SCALES) -> dict[str, Callable[[], Sweep]]:
         L2SPCallback,
         LPFTCallback,
         SAMCallback,
+        ShrinkPerturbCallback,
         SpectralRegCallback,
     )
 
@@ -136,10 +145,14 @@ def factories(task: Task, scales=SCALES) -> dict[str, Callable[[], Sweep]]:
         "spectral": lambda: (list(scales), lambda s: [SpectralRegCallback(s, include=r"\.layer\.\d+\.")],
                              "λ, σ₁ of the encoder-layer matrices held at their start values"),
         "LP-FT": lambda: ([1.0], lambda s: [LPFTCallback(probe_epochs=int(s))], "probe epochs (of 2)"),
-        "EMA": lambda: ([0.9, 0.99],
+        "EMA": lambda: ([0.5, 0.9, 0.99],
                         lambda s: [EMACallback(decay=s, copy_to_model_at_end=True, save_dir=None)],
                         "decay β (26 steps), EMA weights left in the model"),
-        "SAM": lambda: ([0.05], lambda s: [SAMCallback(rho=s)], "ρ"),
+        "SAM": lambda: ([0.01, 0.05, 0.2], lambda s: [SAMCallback(rho=s)], "ρ"),
+        "shrink-perturb": lambda: ([0.9, 0.99, 0.999],
+                                   lambda s: [ShrinkPerturbCallback(shrink=s, sigma=1e-3, every_n_steps=10,
+                                                                    seed=task.seed)],
+                                   "shrink λ every 10 steps, σ = 1e-3 (the robustness benchmark's: 0.99)"),
     }
 
 
