@@ -30,6 +30,9 @@ from pathlib import Path
 from typing import Any
 
 FORMAT = 1  # version of the JSONL header
+# answer length limit of a new set: 80 of the 100 shipped prompts finish within it on SmolLM2-135M-Instruct
+# (52 within 48, 73 within 96; docs/forgetting.md)
+MAX_NEW_TOKENS = 128
 PROMPTS_FILE = "general_prompts.txt"  # package data of robustft.analysis
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
@@ -272,7 +275,7 @@ def build_retention_set(
     model_dir: str | os.PathLike,
     prompts: Sequence[str] | None = None,
     path: str | os.PathLike | None = None,
-    max_new_tokens: int = 48,
+    max_new_tokens: int = MAX_NEW_TOKENS,
     batch_size: int = 16,
     rebuild: bool = False,
     model=None,
@@ -319,6 +322,28 @@ def build_retention_set(
     if path is not None:
         result.save(path)
     return result
+
+
+def load_retention_set(path: str | os.PathLike, model_dir: str | os.PathLike, tokenizer=None,
+                       prompts: Sequence[str] | None = None,
+                       max_new_tokens: int | None = None) -> RetentionSet:
+    """A saved retention set, checked to be the answers of the model in ``model_dir``: the same weights, chat
+    template and end token, and the given ``prompts`` / ``max_new_tokens`` where given (else the file's).
+
+    So a set built with any settings (``robustft demo --llm``'s, your own) is reused as it is; a set from
+    other weights or with other given settings is a ValueError naming what differs.
+    """
+    found = RetentionSet.load(path)
+    if tokenizer is None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    saved = found.settings
+    want = generation_settings(tokenizer, saved.get("prompts", []) if prompts is None else prompts,
+                               saved.get("max_new_tokens", 0) if max_new_tokens is None else max_new_tokens,
+                               end_of_answer_id(tokenizer, model_dir), saved.get("batch_size", 0))
+    check_matches(found, model_identity(model_dir), want, path)
+    return found
 
 
 # -- tokenized examples ---------------------------------------------------------------------------------
