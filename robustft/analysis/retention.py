@@ -162,10 +162,12 @@ def model_identity(model_dir: str | os.PathLike) -> dict[str, str]:
 
 # -- generation -----------------------------------------------------------------------------------------
 def generate_answers(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, end_id: int,
-                     batch_size: int = 16) -> list[str | None]:
+                     batch_size: int = 16, lengths: list | None = None) -> list[str | None]:
     """Greedy answers of ``model`` to ``prompts`` (None where no ``end_id`` came within ``max_new_tokens``).
 
     Left-padded batches of ``batch_size`` in prompt order, float32 logits, no sampling: deterministic.
+    ``lengths``: a list that gets each answer's generated tokens, ``end_id`` included (None: unfinished), so
+    one run at the largest limit tells how many answers finish within any smaller one.
     """
     import torch
 
@@ -189,6 +191,8 @@ def generate_answers(model, tokenizer, prompts: Sequence[str], max_new_tokens: i
                 for row in out[:, batch["input_ids"].shape[1]:].tolist():
                     done = end_id in row
                     answers.append(tokenizer.decode(row[: row.index(end_id)]).strip() if done else None)
+                    if lengths is not None:
+                        lengths.append(row.index(end_id) + 1 if done else None)
     finally:
         tokenizer.padding_side, tokenizer.pad_token = side, pad
     return answers
