@@ -305,3 +305,20 @@ def test_wise_ft_on_the_chosen_run_only(tmp_path):
     for name, p in curve.trainer.model.named_parameters():  # the kept model is at θ(α*) of the chosen run
         want = (1 - alpha) * start[name] + alpha * ref.model.state_dict()[name]
         torch.testing.assert_close(p.detach(), want, rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow  # real Trainer runs (a few seconds each on a loaded machine)
+def test_a_budget_on_real_trainer_runs_reads_each_runs_loss_and_the_untrained_start(tmp_path):
+    strengths = [0.0, 1.0, 100.0]
+    curve = strength_sweep(lambda cbs: _trainer(tmp_path, cbs), L2SPCallback, strengths, EVALS, "id",
+                           metric="neg_mse", name="λ", budget={"dataset": "shifted", "epsilon": 0.01})
+    start = _trainer(tmp_path, []).evaluate(eval_dataset=EVALS["shifted"])["eval_loss"]  # untrained
+    assert curve.curve.budget_start == pytest.approx(start, rel=1e-6)
+    held = []
+    for s in strengths:  # the reference: each strength's run, its shifted loss read by hand
+        ref = _trainer(tmp_path, [L2SPCallback(s)])
+        ref.train()
+        held.append(ref.evaluate(eval_dataset=EVALS["shifted"])["eval_loss"])
+    assert curve.curve.constraint == pytest.approx(held, rel=1e-6)
+    ids = curve.results["id"]
+    assert curve.chosen_strength == brute_force_budget(ids, curve.id_loss, held, start, 0.01, strengths)
