@@ -48,7 +48,7 @@ def test_llm_task_sweeps_lora_losses_and_chooses_the_lowest_id_loss(tmp_path):
     cfg = demo_llm.LLMDemoConfig(n_train=8, n_eval=4, steps=2, batch_size=4, rank=2, learning_rate=0.05)
     out = tmp_path / "out"
     bench = bs.llm_bench(task, cfg, out, scales=(0.01, 100.0))
-    for method in ("plain", "L2-SP", "EWC"):  # the anchor penalties (EMA and Momentum-SAM: fixed grids)
+    for method in bs.LLM_METHODS:
         bs.run_method(bench, method, out)
     text = bs.section("llm", out, "cmd", per_method=False)
     lines = [line for line in text.splitlines() if line.startswith("| ")]
