@@ -6,7 +6,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from robustft.demos.console import quiet_sweep_logs
+from robustft.demos.console import format_table, quiet_sweep_logs
 
 LOGS = [{"loss": 1.5}, {"wise_ft_a0.5_id_accuracy": 0.7}, {"ema_eval_loss": 0.3}, {"eval_loss": 0.9}]
 
@@ -48,3 +48,11 @@ def test_sweep_logs_are_not_printed_and_other_logs_print_as_before(tmp_path, cap
     assert "wise_ft_a0.5" not in shown and "ema_eval_loss" not in shown
     kept = [line for line in everything.splitlines() if "wise_ft" not in line and "ema_" not in line]
     assert shown.splitlines() == kept and "1.5" in shown and "0.9" in shown
+
+
+def test_markdown_table_aligns_columns():
+    table = format_table(["model", "loss"], [["base", "1.5"], ["plain LoRA", "0.25"]])
+    lines = table.splitlines()
+    assert lines[0] == "| model      | loss |"
+    assert lines[1] == "|------------|------|"
+    assert lines[3] == "| plain LoRA | 0.25 |"
