@@ -12,12 +12,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def tiny_bert(seed: int = 0, num_labels: int = 2) -> BertForSequenceClassification:
-    """A random-init 2-layer BERT classifier (about 30k parameters)."""
+def tiny_bert(seed: int = 0, num_labels: int = 2, hidden: int = 16, vocab: int = 64, positions: int = 32,
+              dropout: float | None = None) -> BertForSequenceClassification:
+    """A random-init 2-layer BERT classifier (about 30k parameters at ``hidden=16``; ``dropout`` None keeps
+    BERT's default, 0.0 makes training deterministic given the data)."""
     torch.manual_seed(seed)
+    drop = {} if dropout is None else dict(hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
     config = BertConfig(
-        vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
-        max_position_embeddings=32, num_labels=num_labels,
+        vocab_size=vocab, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=2 * hidden, max_position_embeddings=positions, num_labels=num_labels, **drop,
     )
     return BertForSequenceClassification(config)
 
@@ -43,14 +46,14 @@ def training_args(output_dir, **overrides) -> TrainingArguments:
     return TrainingArguments(**kwargs)
 
 
-def tiny_llama(seed: int = 0):
-    """A random-init 2-layer Llama causal LM (about 20k parameters), untied embeddings."""
+def tiny_llama(seed: int = 0, hidden: int = 16):
+    """A random-init 2-layer Llama causal LM (about 20k parameters at ``hidden=16``), untied embeddings."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=2, max_position_embeddings=32, tie_word_embeddings=False,
+        vocab_size=64, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32, tie_word_embeddings=False,
     )
     return LlamaForCausalLM(config)
 

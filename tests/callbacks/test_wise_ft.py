@@ -4,30 +4,20 @@ import json
 import pytest
 import torch
 from datasets import Dataset
-from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
+from transformers import Trainer, TrainingArguments
 
 from robustft import WiseFTCallback
 from robustft.interpolation.wise_ft import interpolate_models
+from tests.tiny import tiny_bert
 
 VOCAB = 64
 
 
 def _model(num_labels=1, seed=0):
-    torch.manual_seed(seed)
-    cfg = BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=32,
-        num_labels=num_labels,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
+    model = tiny_bert(seed, num_labels, hidden=32, vocab=VOCAB, dropout=0.0)
     if num_labels == 1:
-        cfg.problem_type = "regression"
-    return BertForSequenceClassification(cfg).eval()
+        model.config.problem_type = "regression"
+    return model.eval()
 
 
 def _data(n, seed, labels=None):
