@@ -102,7 +102,6 @@ ON_ADAPTER = {
     "ASAM": lambda m: callbacks.SAMCallback(rho=0.5, adaptive=True),
     "Momentum-SAM": lambda m: callbacks.MomentumSAMCallback(rho=0.05),
     "RWP-adapter": lambda m: callbacks.RandomPerturbationCallback(rho=0.05, seed=3, lora=False),
-    "GGPO": lambda m: callbacks.GGPOCallback(rho=0.05),
     "L2-SP": lambda m: callbacks.L2SPCallback(0.5),
     "MGPO": lambda m: callbacks.MGPOCallback(rho=0.05),  # step 1 has no momentum: steps 2 and 3 perturb
     "EWC": lambda m: callbacks.EWCCallback(0.5, fisher=_fisher_of_ones(m)),
@@ -113,7 +112,7 @@ ON_ADAPTER = {
 
 
 #: one callback per family runs in the fast subset; the rest are marked slow (two tiny trainings each)
-FAST = {("EMA", 4), ("WiSE-FT", 4), ("Momentum-SAM", 4), ("GGPO", 8), ("L2-SP", 4), ("MGPO", 4)}
+FAST = {("EMA", 4), ("WiSE-FT", 4), ("Momentum-SAM", 4), ("L2-SP", 4), ("MGPO", 4), ("MGPO", 8)}
 #: (rtol, atol): 4-bit trains through exactly x @ dequantize(W)ᵀ on CPU; 8-bit's CPU matmul differs from the
 #: float product by ~1e-7 relative, which SAM's ascent step amplifies a little
 TOLERANCE = {4: (1e-4, 1e-6), 8: (1e-3, 1e-5)}
