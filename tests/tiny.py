@@ -152,3 +152,17 @@ def tiny_llm_task(folder, splits, shift: bool = False):
     rows = [demo_llm.definition_example(w, d) for w, d in words]
     evals = {s: Dataset.from_list(rows[i * shift:i * shift + 4]) for i, s in enumerate(splits)}
     return demo_llm.LLMTask(Path(folder), tokenizer, Dataset.from_list(rows), evals)
+
+
+def fed_average(averaged, points, make_live) -> dict[str, torch.Tensor]:
+    """torch.optim.swa_utils as the reference of an average: ``averaged`` (an ``AveragedModel``) fed the
+    recorded trajectory ``points`` (name -> tensor, one per update) through a separate live model from
+    ``make_live()``; its averaged weights of the recorded names."""
+    live = make_live()
+    params = dict(live.named_parameters())
+    for point in points:
+        with torch.no_grad():
+            for n, t in point.items():
+                params[n].copy_(t)
+        averaged.update_parameters(live)
+    return {n: p.detach().clone() for n, p in averaged.module.named_parameters() if n in points[0]}
