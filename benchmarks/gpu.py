@@ -299,7 +299,7 @@ def qlora_checks(device: str, out: str) -> list[tuple[str, float, float]]:
 
 
 def run_checks(device: str, qlora: bool = True) -> bool:
-    from robustft.demos.llm import format_table
+    from robustft.demos.console import format_table
 
     with tempfile.TemporaryDirectory() as out:
         results = [check_ema(device, out), *check_sam(device, out), check_wise_ft(device, out)]

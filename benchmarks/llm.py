@@ -32,6 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from robustft.demos import llm as demo_llm  # noqa: E402
+from robustft.demos.console import format_table  # noqa: E402
 
 THROUGHPUT_VARIANTS = ("plain LoRA", "EMA", "Flat-LoRA", "LoRA-MGPO", "Momentum-SAM")
 START, END = "<!-- llm-benchmark:start -->", "<!-- llm-benchmark:end -->"
@@ -101,7 +102,7 @@ def throughput_table(per: dict[str, dict[str, list[float]]]) -> str:
         t, r = d["tokens_per_s"], d["ratio"]
         rows.append([v, f"{statistics.median(t):.0f}", f"{min(t):.0f}-{max(t):.0f}",
                      f"{statistics.median(r):.2f}x", f"{min(r):.2f}-{max(r):.2f}x"])
-    return demo_llm.format_table(
+    return format_table(
         ["variant", "tokens/s (median)", "tokens/s (range)", "step time / plain (median)", "range"], rows
     )
 

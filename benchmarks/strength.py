@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.llm import write_section  # noqa: E402
 from benchmarks.robustness import Task, demo_task, fisher_of_start, make_trainer, pct  # noqa: E402
 from robustft.demos import llm as demo_llm  # noqa: E402
-from robustft.demos.llm import format_table  # noqa: E402
+from robustft.demos.console import format_table  # noqa: E402
 
 ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 EVALS = ("id", "id_test", "shifted")  # "id" chooses α and the strength; the other two are reported

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 
+from robustft.cli import add_output_options
+
 __all__ = ["register", "run"]
 
 
@@ -52,8 +54,7 @@ def register(subparsers) -> None:
                    "own)")
     p.add_argument("--max-length", type=int, default=512, help="tokens per example (longer ones are cut)")
     p.add_argument("--batch-size", type=int, default=8, help="examples per forward pass")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    add_output_options(p, "output folder")
     p.set_defaults(func=run)
 
 

@@ -51,7 +51,6 @@ __all__ = [
     "LLMTask",
     "LLMDemoResult",
     "evaluate_losses",
-    "format_table",
     "item_losses",
     "gguf_folder",
     "lora_trainer",

@@ -34,7 +34,7 @@ from torch import nn
 
 from robustft.checks import check_bool, check_non_negative
 from robustft.core import distributed
-from robustft.core.checkpoint import atomic_output_file, save_report
+from robustft.core.checkpoint import pyplot, save_figure, save_report
 from robustft.core.params import Snapshot, full_shape, is_sharded, live_tensors, restored, select_parameters
 from robustft.lora.layers import is_lora_b, lora_a_name
 from robustft.ops.interpolate import (
@@ -523,14 +523,9 @@ class WiseFTCurve:
     def plot(self, path: str | os.PathLike) -> Path | None:
         """WiSE-FT-style plot: ID metric on x, each shifted metric on y, one point per α; with a budget, a
         second panel: the constraint metric against α, the budget's limit dashed."""
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
+        plt = pyplot()
+        if plt is None:
             return None
-        path = Path(path)
         if self.budget is None:
             fig, ax = plt.subplots(figsize=(5.5, 4.5))
         else:
@@ -562,10 +557,7 @@ class WiseFTCurve:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="best")
         fig.tight_layout()
-        with atomic_output_file(path) as tmp:
-            fig.savefig(tmp, dpi=110)
-        plt.close(fig)
-        return path
+        return save_figure(fig, path)
 
     def _plot_budget(self, ax) -> None:
         """The budget panel: the constraint metric at every α, the limit, the admitted and chosen α."""

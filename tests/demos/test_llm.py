@@ -43,14 +43,6 @@ def test_missing_model_package_and_wordnet_are_named(monkeypatch, tmp_path):
         demo_llm.wordnet_dir(tmp_path)
 
 
-def test_markdown_table_aligns_columns():
-    table = demo_llm.format_table(["model", "loss"], [["base", "1.5"], ["plain LoRA", "0.25"]])
-    lines = table.splitlines()
-    assert lines[0] == "| model      | loss |"
-    assert lines[1] == "|------------|------|"
-    assert lines[3] == "| plain LoRA | 0.25 |"
-
-
 @pytest.mark.parametrize("argv", [["demo", "--full"], ["demo", "--llm", "--steps", "0"]])
 def test_demo_cli_refuses_llm_options_out_of_place(argv, capsys):
     assert main(argv) == 2
