@@ -504,6 +504,7 @@ def lora_trainer(task: LLMTask, cfg: LLMDemoConfig, output_dir: str | os.PathLik
     from transformers import AutoModelForCausalLM
     from trl import SFTTrainer
 
+    from robustft.core.params import keep_4bit_trainable
     from robustft.demos.console import trainer_console
 
     torch.manual_seed(cfg.seed)
@@ -511,11 +512,7 @@ def lora_trainer(task: LLMTask, cfg: LLMDemoConfig, output_dir: str | os.PathLik
         cpu = (train_overrides or {}).get("use_cpu", True)
         model = AutoModelForCausalLM.from_pretrained(task.model_dir, dtype=torch.float32,
                                                      **quantized_loading(cfg, "cpu" if cpu else "cuda"))
-        for module in model.modules():  # 4-bit: the base is scored (eval, no_grad) before training
-            if hasattr(module, "support_avx512bf16_for_cpu"):
-                # bitsandbytes 0.50.2 would repack its CPU weights for inference there, and its backward
-                # then no longer reaches the layer's input (gemv_4bit has no autograd kernel)
-                module.support_avx512bf16_for_cpu = False
+        keep_4bit_trainable(model)  # 4-bit: the base is scored (eval, no_grad) before training
     trainer = SFTTrainer(
         model=model, args=sft_config(output_dir, cfg, progress, **(train_overrides or {})),
         train_dataset=task.train, eval_dataset=eval_dataset, processing_class=task.tokenizer,
