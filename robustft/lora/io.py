@@ -9,6 +9,9 @@ options PEFT tags as LoRA variants, base-mutating initialisations) are refused, 
 module and the option. Written adapters fold s into B and declare scale 1 for every module
 (``lora_alpha = r`` per module through ``rank_pattern``/``alpha_pattern``, no rsLoRA), so ranks may differ
 per module and loading is exact.
+A ``target_parameters`` adapter (LoRA on fused MoE experts, PEFT's ``ParamWrapper``) becomes one delta per
+expert, named ``<saved path>[e]`` with kind ``"parameter"``, and is written back in PEFT's layout
+(:mod:`robustft.lora.layers`).
 For embeddings PEFT's ΔW is (B A)ᵀ and for ``fan_in_fan_out`` layers it is stored transposed; the
 algebra is the same on the factors, so both are carried through unchanged.
 """

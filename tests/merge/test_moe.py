@@ -116,3 +116,15 @@ def test_fused_3d_expert_tensors_merge_per_tensor(tmp_path):
         for key, value in got.items():
             ref = formula(*(s[key] for s in states))
             torch.testing.assert_close(value, ref, rtol=1e-5, atol=1e-6, msg=f"{name} {key}")
+
+
+def test_model_layout_view_reads_what_from_pretrained_builds(family):
+    from robustft.merge.io import CheckpointReader, ModelLayoutView, model_layout
+
+    view = model_layout(CheckpointReader(family / "ft1"))
+    assert isinstance(view, ModelLayoutView)
+    live = {k: v.detach() for k, v in MixtralForCausalLM.from_pretrained(family / "ft1").state_dict().items()}
+    assert set(view.names) == set(live)
+    for name in view.names:
+        assert view.infos[name].shape == tuple(live[name].shape), name
+        assert torch.equal(view.get(name), live[name]), name
