@@ -7,11 +7,12 @@ import json
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
 from transformers import MixtralForCausalLM
 
 from robustft.lora.compose import compose_adapters, merge_into_base
 from robustft.lora.io import read_adapter, write_adapter
+from tests.lora.conftest import make_adapter
 from tests.tiny import tiny_mixtral_folder
 
 EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
@@ -19,15 +20,8 @@ EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 
 def make_moe_adapter(base, out, seed: int, **kwargs):
     """A PEFT adapter on the tiny Mixtral at ``base`` with every factor random."""
-    config = LoraConfig(**{"target_modules": [], "target_parameters": EXPERTS, **kwargs})
-    model = get_peft_model(MixtralForCausalLM.from_pretrained(base), config)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    model.save_pretrained(out)
-    return out
+    return make_adapter(base, out, seed, MixtralForCausalLM,
+                        **{"target_modules": [], "target_parameters": EXPERTS, **kwargs})
 
 
 def merged_state(base, adapter) -> dict[str, torch.Tensor]:
