@@ -1,5 +1,6 @@
 """The callbacks on a tiny Mixtral (fused 3-D experts, the router ``mlp.gate.weight`` trained like any other
-weight), each against an independent reference: SAM against ``sam_helpers.reference_sam``, EMA/SWA against
+weight), each against an independent reference: SAM against ``sam_helpers.reference_sam``, Momentum-SAM
+against its formula as a torch loop, EMA/SWA against
 ``torch.optim.swa_utils.AveragedModel`` fed the recorded weights, WiSE-FT against its formula on a plain run,
 L2-SP/EWC against the penalty added to the loss by autograd, sparse updates by the entries they freeze, and a
 PEFT ``target_parameters`` adapter (LoRA on the fused experts) with EMA and ``LoRAArithmeticCallback``."""
@@ -15,7 +16,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from transformers import MixtralConfig, MixtralForSequenceClassification, Trainer, TrainerCallback
 
 from robustft import callbacks
-from tests.callbacks.sam_helpers import N_LABELS, VOCAB, ToyData, make_trainer, reference_sam
+from tests.callbacks.sam_helpers import N_LABELS, VOCAB, ToyData, make_trainer, reference_sam, sam_loss
 
 ROUTER = "model.layers.0.mlp.gate.weight"
 EXPERTS = "model.layers.0.mlp.experts.gate_up_proj"
@@ -74,6 +75,35 @@ def test_sam_on_moe_matches_the_two_step_reference(tmp_path):
     want = dict(ref.named_parameters())
     assert not torch.equal(got[ROUTER], start[ROUTER])  # the router trained (and was perturbed)
     for n, w in want.items():
+        torch.testing.assert_close(got[n], w.detach(), rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_momentum_sam_on_moe_matches_its_formula(tmp_path):
+    """Momentum-SAM (Becker et al. 2024): the gradient at w − ρ·v/‖v‖ (v: SGD's momentum buffer, the norm over
+    every weight, router included; the first step plain), clipped, taken back at w: a torch loop."""
+    model = moe_classifier()
+    ref = copy.deepcopy(model)
+    got = run(model, tmp_path, [callbacks.MomentumSAMCallback(rho=0.05)], max_grad_norm=1.0)
+    params = [p for p in ref.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=LR, momentum=0.9)
+    batch = ToyData().batch()
+    for _ in range(STEPS):
+        buffers = [opt.state.get(p, {}).get("momentum_buffer") for p in params]
+        eps = []
+        if all(b is not None for b in buffers):
+            norm = torch.norm(torch.stack([b.norm() for b in buffers]))
+            eps = [-0.05 * b / norm for b in buffers]
+        with torch.no_grad():
+            for p, e in zip(params, eps):
+                p.add_(e)
+        opt.zero_grad()
+        sam_loss(ref, batch, 0.0).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        with torch.no_grad():
+            for p, e in zip(params, eps):
+                p.sub_(e)
+        opt.step()
+    for n, w in ref.named_parameters():
         torch.testing.assert_close(got[n], w.detach(), rtol=1e-5, atol=1e-6, msg=n)
 
 
