@@ -389,7 +389,7 @@ def run_checks(device: str, qlora: bool = True, moe: bool = True) -> bool:
             results += moe_checks(device, out)
     rows = [[name, f"{value:.3g}", f"<= {tol:g}", "ok" if value <= tol else "FAILED"]
             for name, value, tol in results]
-    print(f"\nbf16 and QLoRA correctness checks on {device}:")
+    print(f"\nbf16, QLoRA and MoE correctness checks on {device}:")
     print(format_table(["check", "value", "bound", ""], rows))
     return all(value <= tol for _, value, tol in results)
 

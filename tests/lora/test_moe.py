@@ -124,3 +124,18 @@ def test_merge_into_a_base_with_other_experts_is_refused_before_writing(moe, tmp
     with pytest.raises(ValueError, match=r"expert 3 does not fit parameter 'model.layers.0.mlp.experts"):
         merge_into_base(read_adapter(a), other, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_the_router_as_a_target_parameter(moe, tmp_path):
+    """The router's 2-D ``mlp.gate.weight`` beside the fused experts: one "expert" (E = 1), exact too."""
+    _, base, _, _ = moe
+    ad = make_moe_adapter(base, tmp_path / "router", 4, r=2, lora_alpha=2,
+                          target_parameters=["mlp.gate.weight", *EXPERTS])
+    adapter = read_adapter(ad)
+    assert {"model.layers.0.mlp.gate[0]", "model.layers.0.mlp.experts[3]"} <= set(adapter.deltas)
+    out = write_adapter(compose_adapters([adapter], [-0.5]), tmp_path / "half", overwrite=True)
+    got, ref = merged_state(base, out), merged_state(base, ad)
+    start = {k: v.double() for k, v in MixtralForCausalLM.from_pretrained(base).state_dict().items()}
+    assert not torch.equal(ref["model.layers.0.mlp.gate.weight"], start["model.layers.0.mlp.gate.weight"])
+    for k in got:
+        torch.testing.assert_close(got[k], start[k] - 0.5 * (ref[k] - start[k]), rtol=1e-5, atol=1e-5, msg=k)
