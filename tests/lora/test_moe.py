@@ -139,3 +139,18 @@ def test_the_router_as_a_target_parameter(moe, tmp_path):
     assert not torch.equal(ref["model.layers.0.mlp.gate.weight"], start["model.layers.0.mlp.gate.weight"])
     for k in got:
         torch.testing.assert_close(got[k], start[k] - 0.5 * (ref[k] - start[k]), rtol=1e-5, atol=1e-5, msg=k)
+
+
+def test_a_dense_method_merges_each_expert(moe, tmp_path):
+    """``dare_linear`` at density 1 (no drop) is the weighted sum of each expert's dense ΔW_e, refactored to a
+    rank that holds it exactly: the dense path splits and rejoins the experts like the exact one."""
+    _, base, a, b = moe
+    composed = compose_adapters([read_adapter(a), read_adapter(b)], [0.4, 0.9], method="dare_linear",
+                                params={"density": 1.0, "seed": 0})
+    assert max(composed.truncation_errors.values()) < 1e-6
+    got = merged_state(base, write_adapter(composed, tmp_path / "dense"))
+    start = {k: v.double() for k, v in MixtralForCausalLM.from_pretrained(base).state_dict().items()}
+    ma, mb = merged_state(base, a), merged_state(base, b)
+    for k in got:
+        ref = start[k] + 0.4 * (ma[k] - start[k]) + 0.9 * (mb[k] - start[k])
+        torch.testing.assert_close(got[k], ref, rtol=1e-4, atol=1e-5, msg=k)
