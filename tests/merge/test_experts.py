@@ -18,8 +18,24 @@ from tests.tiny import tiny_mixtral
 E, TOP_K, HIDDEN, INTER = 6, 2, 8, 4  # 4 hidden neurons per expert: 24 permutations to try
 
 
-def small_moe():
-    model = tiny_mixtral(seed=3, experts=E, top_k=TOP_K, hidden=HIDDEN)
+def small_moe(kind: str = "mixtral"):
+    """A random 2-layer MoE of ``kind`` (Mixtral, Qwen3-MoE or OLMoE) with E experts of INTER neurons."""
+    if kind == "mixtral":
+        model = tiny_mixtral(seed=3, experts=E, top_k=TOP_K, hidden=HIDDEN)
+    else:
+        import transformers
+
+        torch.manual_seed(3)
+        common = dict(vocab_size=64, hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=1, max_position_embeddings=32, num_experts=E,
+                      num_experts_per_tok=TOP_K, intermediate_size=INTER, pad_token_id=0, eos_token_id=1,
+                      bos_token_id=2)
+        if kind == "qwen3_moe":
+            config = transformers.Qwen3MoeConfig(**common, moe_intermediate_size=INTER, head_dim=4,
+                                                 norm_topk_prob=True)
+            model = transformers.Qwen3MoeForCausalLM(config)
+        else:
+            model = transformers.OlmoeForCausalLM(transformers.OlmoeConfig(**common))
     assert model.model.layers[0].mlp.experts.down_proj.shape == (E, HIDDEN, INTER)
     return model
 
@@ -75,9 +91,13 @@ def reference(model, batches, keep, rank):
     return result
 
 
-@pytest.mark.parametrize(("keep", "rank"), [(3, None), (2, None), (2, 2), (1, 3)])
-def test_mc_smoe_equals_the_paper_reference(keep, rank):
-    model = small_moe()
+CASES = [("mixtral", 3, None), ("mixtral", 2, None), ("mixtral", 2, 2), ("mixtral", 1, 3),
+         ("qwen3_moe", 2, 2), ("olmoe", 3, None)]
+
+
+@pytest.mark.parametrize(("kind", "keep", "rank"), CASES)
+def test_mc_smoe_equals_the_paper_reference(kind, keep, rank):
+    model = small_moe(kind)
     want = reference(model, sample(), keep, rank)
     report = merge_experts(model, sample(), keep=keep, rank=rank)
     for i, layer in enumerate(model.model.layers):
