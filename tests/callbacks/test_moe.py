@@ -107,14 +107,18 @@ def test_momentum_sam_on_moe_matches_its_formula(tmp_path):
         torch.testing.assert_close(got[n], w.detach(), rtol=1e-5, atol=1e-6, msg=n)
 
 
-@pytest.mark.parametrize("kind", ["ema", "swa"])
+@pytest.mark.parametrize("kind", ["ema", "swa", "lawa"])
 def test_averages_on_moe_equal_torch_averaged_model(tmp_path, kind):
+    """EMA and SWA against torch's ``AveragedModel``, LAWA (k = 2) against the mean of the last two steps."""
     rec = Recorder()
-    cb = (callbacks.EMACallback(decay=0.6, copy_to_model_at_end=True) if kind == "ema"
-          else callbacks.SWACallback(start=1, copy_to_model_at_end=True, update_bn=False))
+    cb = {"ema": lambda: callbacks.EMACallback(decay=0.6, copy_to_model_at_end=True),
+          "swa": lambda: callbacks.SWACallback(start=1, copy_to_model_at_end=True, update_bn=False),
+          "lawa": lambda: callbacks.LAWACallback(k=2, update_every=1, copy_to_model_at_end=True)}[kind]()
     got = run(moe_classifier(), tmp_path, [rec, cb])
-    fn = get_ema_multi_avg_fn(0.6) if kind == "ema" else None
-    want = averaged(rec.points, fn)  # SWA's start=1: every step's weights (steps 1, 2, 3)
+    if kind == "lawa":
+        want = {n: (rec.points[-2][n] + rec.points[-1][n]) / 2 for n in rec.points[0]}
+    else:  # SWA's start=1: every step's weights (steps 1, 2, 3)
+        want = averaged(rec.points, get_ema_multi_avg_fn(0.6) if kind == "ema" else None)
     assert not torch.equal(want[ROUTER], rec.points[-1][ROUTER])
     for n, w in want.items():
         torch.testing.assert_close(got[n], w, rtol=1e-6, atol=1e-7, msg=n)
