@@ -166,3 +166,24 @@ def fed_average(averaged, points, make_live) -> dict[str, torch.Tensor]:
                 params[n].copy_(t)
         averaged.update_parameters(live)
     return {n: p.detach().clone() for n, p in averaged.module.named_parameters() if n in points[0]}
+
+
+def tiny_mixtral(seed: int = 0, experts: int = 4, top_k: int = 2, hidden: int = 16):
+    """A random-init 2-layer Mixtral causal LM (transformers 5 keeps its experts fused: 3-D ``gate_up_proj``
+    (E, 2I, H) and ``down_proj`` (E, H, I), router ``mlp.gate.weight`` (E, H)), untied embeddings."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(seed)
+    config = MixtralConfig(
+        vocab_size=64, hidden_size=hidden, intermediate_size=hidden // 2, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, num_local_experts=experts, num_experts_per_tok=top_k,
+        max_position_embeddings=32, tie_word_embeddings=False,
+    )
+    return MixtralForCausalLM(config)
+
+
+def tiny_mixtral_folder(folder, seed: int = 0, experts: int = 4):
+    """:func:`tiny_mixtral` saved with ``save_pretrained`` (transformers writes Mixtral's per-expert layout,
+    ``block_sparse_moe.experts.<e>.w1/w2/w3``, which mergekit reads)."""
+    tiny_mixtral(seed, experts).save_pretrained(folder)
+    return folder

@@ -106,7 +106,8 @@ def test_gpu_benchmark_without_cuda_says_so_and_exits_cleanly():
 @pytest.mark.slow
 def test_gpu_benchmark_bf16_checks_pass_on_cpu():
     """The GPU script's bf16 checks (EMA, SAM, WiSE-FT against float32 references) run with CPU bf16, and its
-    QLoRA checks (training on NF4 against the dequantized base, the merge) with CPU bitsandbytes."""
+    QLoRA checks (training on NF4 against the dequantized base, the merge) with CPU bitsandbytes, and its MoE
+    checks (LoRA on fused experts, MC-SMoE)."""
     import importlib.util
 
     proc = subprocess.run(
@@ -115,7 +116,7 @@ def test_gpu_benchmark_bf16_checks_pass_on_cpu():
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     qlora = importlib.util.find_spec("bitsandbytes") is not None
-    assert proc.stdout.count("| ok") == 5 + 4 * qlora and "FAILED" not in proc.stdout
+    assert proc.stdout.count("| ok") == 5 + 4 * qlora + 2 and "FAILED" not in proc.stdout  # 2: the MoE rows
     assert ("QLoRA merge: robustft" in proc.stdout) == qlora
 
 
