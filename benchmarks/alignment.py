@@ -41,6 +41,7 @@ import warm_reward_models as warm  # noqa: E402
 
 from benchmarks.llm import write_section  # noqa: E402
 from robustft.demos import llm as demo_llm  # noqa: E402
+from robustft.demos.console import format_table  # noqa: E402
 
 START, END = "<!-- alignment-benchmark:start -->", "<!-- alignment-benchmark:end -->"
 EVAL_SPLITS = ("id", "cue_reversed", "shifted")
@@ -146,7 +147,7 @@ def dpo_run(model_dir: Path, data: dict, out: Path, cfg: AlignmentConfig, anchor
 
 def dpo_table(runs: dict[str, dict]) -> str:
     header = ["DPO run", *(f"{s} acc" for s in EVAL_SPLITS), *(f"{s} KL" for s in EVAL_SPLITS), "train s"]
-    return demo_llm.format_table(header, [
+    return format_table(header, [
         [name, *(f"{r['scores'][s]['accuracy']:.3f}" for s in EVAL_SPLITS),
          *(f"{r['scores'][s]['kl']:.4f}" for s in EVAL_SPLITS), f"{r['train_seconds']:.0f}"]
         for name, r in runs.items()])

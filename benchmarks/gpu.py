@@ -5,6 +5,7 @@ and the QLoRA path: the same on a 4-bit NF4 base (bitsandbytes) with its own che
     python benchmarks/gpu.py --checks-only            # the bf16 and QLoRA checks only (seconds)
     python benchmarks/gpu.py --device cpu --checks-only   # the same checks on CPU (tests the script)
     python benchmarks/gpu.py --skip-qlora             # without the QLoRA path
+    python benchmarks/gpu.py --skip-moe               # without the MoE path
 
 Without CUDA (and without ``--device cpu``) it prints why nothing ran and exits 0.
 
@@ -28,6 +29,13 @@ in NF4 on the device:
 * merge: ``merge_into_base`` on the saved NF4 base equals its dequantized weights + ΔW (relative to ‖ΔW‖,
   <= 1e-6); printed beside it, for the record, what PEFT's ``merge_and_unload`` into the 4-bit layers loses
   of ΔW (peft#2105) and how far the result is from a full-precision merge W0 + ΔW (NF4's error of W0).
+
+MoE checks, on a small random Mixtral (fused 3-D experts):
+
+* LoRA with ``target_parameters`` on the experts, trained in bf16 with EMA, then scaled by 0.5 with robustft's
+  adapter algebra and loaded by PEFT: every expert's delta is half the trained one (relative error <= 1e-2);
+* MC-SMoE (``merge_experts``, keep 2 of 4 experts, rank 8) on the device equals the same merge on CPU
+  (relative error <= 1e-4); its time is printed.
 
 Benchmark: ``benchmarks/llm.py``'s two parts on CUDA with bf16 autocast (float32 master weights): the
 scores of every method in the ``--setting`` (default full) and the interleaved throughput rounds; then the
@@ -298,16 +306,90 @@ def qlora_checks(device: str, out: str) -> list[tuple[str, float, float]]:
     return [check_qlora_training(device, out), *check_qlora_merge(out)]
 
 
-def run_checks(device: str, qlora: bool = True) -> bool:
-    from robustft.demos.llm import format_table
+def tiny_mixtral(dtype, device: str, seed: int = 0):
+    """A 2-layer random Mixtral (4 fused experts, top-2) in ``dtype`` on ``device``."""
+    import torch
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(seed)
+    config = MixtralConfig(vocab_size=128, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                           num_experts_per_tok=2, max_position_embeddings=64, tie_word_embeddings=False)
+    return MixtralForCausalLM(config).to(device=device, dtype=dtype)
+
+
+def check_moe_lora(device: str, out: str) -> tuple[str, float, float]:
+    """A PEFT LoRA on the fused experts (``target_parameters``) trained in bf16 with EMA; the adapter scaled
+    by 0.5 (``robustft lora scale``'s algebra, written, loaded by PEFT) gives half of each expert's delta."""
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from robustft import EMACallback
+    from robustft.lora.compose import compose_adapters
+    from robustft.lora.io import read_adapter, write_adapter
+
+    base = tiny_mixtral(torch.float32, "cpu")
+    base.save_pretrained(os.path.join(out, "moe_base"))
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=[],
+                        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    model = get_peft_model(tiny_mixtral(torch.bfloat16, device), config)
+    ema = EMACallback(decay=0.5, copy_to_model_at_end=True)
+    trainer_for(model, [ema], device, out, steps=4, lr=1e-2).train()
+    model.save_pretrained(os.path.join(out, "moe_adapter"))
+    half = write_adapter(compose_adapters([read_adapter(os.path.join(out, "moe_adapter"))], [0.5]),
+                         os.path.join(out, "moe_half"), overwrite=True)
+    loaded = PeftModel.from_pretrained(base.to(torch.bfloat16), str(half)).to(device)
+    err = 0.0
+    for trained, got in zip(model.base_model.model.model.layers, loaded.base_model.model.model.layers):
+        for a, b in ((trained.mlp.experts, got.mlp.experts),
+                     (trained.mlp.experts.base_layer, got.mlp.experts.base_layer)):
+            want = 0.5 * a.get_delta_weight("default").float()
+            assert want.abs().max() > 0, "the adapter did not train"
+            diff = (b.get_delta_weight("default").float() - want).abs().max() / want.abs().max()
+            err = max(err, diff.item())
+    return "MoE LoRA (target_parameters) x 0.5 vs half of each expert's trained delta (max rel.)", err, 1e-2
+
+
+def check_mc_smoe(device: str) -> tuple[str, float, float]:
+    """MC-SMoE (keep 2 of 4 experts, rank 8) on ``device`` equals the same merge on CPU (relative error)."""
+    import time
+
+    import torch
+
+    from robustft.merge import merge_experts
+
+    g = torch.Generator().manual_seed(0)
+    batches = [{"input_ids": torch.randint(0, 64, (8, 16), generator=g)} for _ in range(2)]
+    ref = tiny_mixtral(torch.float32, "cpu")
+    merge_experts(ref, batches, keep=2, rank=8)
+    model = tiny_mixtral(torch.float32, device)
+    start = time.perf_counter()
+    report = merge_experts(model, [{k: v.to(device) for k, v in b.items()} for b in batches], keep=2, rank=8)
+    seconds = time.perf_counter() - start
+    print(f"MC-SMoE on {device}: {seconds:.2f} s, expert parameters stored x{report.ratio:.3f}")
+    want = dict(ref.named_parameters())
+    return ("MC-SMoE (keep 2 of 4, rank 8) on the device vs on CPU (max relative)",
+            max(((p.detach().cpu() - want[n]).abs().max() / want[n].abs().max().clamp_min(1e-12)).item()
+                for n, p in model.named_parameters()), 1e-4)
+
+
+def moe_checks(device: str, out: str) -> list[tuple[str, float, float]]:
+    """The MoE rows: LoRA on fused experts in bf16, MC-SMoE."""
+    return [check_moe_lora(device, out), check_mc_smoe(device)]
+
+
+def run_checks(device: str, qlora: bool = True, moe: bool = True) -> bool:
+    from robustft.demos.console import format_table
 
     with tempfile.TemporaryDirectory() as out:
         results = [check_ema(device, out), *check_sam(device, out), check_wise_ft(device, out)]
         if qlora:
             results += qlora_checks(device, out)
+        if moe:
+            results += moe_checks(device, out)
     rows = [[name, f"{value:.3g}", f"<= {tol:g}", "ok" if value <= tol else "FAILED"]
             for name, value, tol in results]
-    print(f"\nbf16 and QLoRA correctness checks on {device}:")
+    print(f"\nbf16, QLoRA and MoE correctness checks on {device}:")
     print(format_table(["check", "value", "bound", ""], rows))
     return all(value <= tol for _, value, tol in results)
 
@@ -318,6 +400,7 @@ def main(argv=None) -> int:
     p.add_argument("--checks-only", action="store_true")
     p.add_argument("--skip-checks", action="store_true")
     p.add_argument("--skip-qlora", action="store_true", help="leave out the QLoRA checks and NF4 benchmark")
+    p.add_argument("--skip-moe", action="store_true", help="leave out the MoE checks (LoRA, MC-SMoE)")
     p.add_argument("--setting", choices=["full", "fast"], default="full")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=20, help="optimizer steps per throughput run")
@@ -330,7 +413,7 @@ def main(argv=None) -> int:
         return 0
     ok = True
     if not args.skip_checks:
-        ok = run_checks(args.device, qlora=not args.skip_qlora)
+        ok = run_checks(args.device, qlora=not args.skip_qlora, moe=not args.skip_moe)
     if args.checks_only:
         return 0 if ok else 1
     from dataclasses import replace

@@ -46,6 +46,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from robustft.demos import llm as demo_llm  # noqa: E402
+from robustft.demos.console import format_table  # noqa: E402
 
 THROUGHPUT_VARIANTS = ("plain LoRA", "EMA", "Momentum-SAM", "RWP", "LoRA-MGPO", "Flat-LoRA", "L2-SP", "EWC")
 #: the issue's targets (issue 26 item 3): step time over plain LoRA's
@@ -245,7 +246,7 @@ def throughput_table(per: dict[str, dict[str, list[float]]]) -> str:
                      "-" if target is None else f"<= {target:.2f}x",
                      f"{statistics.median(extra):+.0f}" if v != "plain LoRA" else
                      f"{statistics.median(d.get('peak_mb') or [float('nan')]):.0f} (peak)"])
-    return demo_llm.format_table(
+    return format_table(
         ["variant", "tokens/s (median)", "tokens/s (range)", "step time / plain (median)", "range", "target",
          "peak memory over plain, MiB (median)"], rows
     )

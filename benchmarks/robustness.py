@@ -61,7 +61,8 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.llm import write_section  # noqa: E402
 from robustft.demos import encoder as demo  # noqa: E402
 from robustft.demos import llm as demo_llm  # noqa: E402
-from robustft.demos.llm import format_table, step_clock  # noqa: E402
+from robustft.demos.console import format_table  # noqa: E402
+from robustft.demos.llm import step_clock  # noqa: E402
 
 SPLITS = ("id_test", "shifted")  # reported; "id" chooses
 

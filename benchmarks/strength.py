@@ -17,7 +17,9 @@ as it is done; the table is built from the JSONs present and written between
 ``--task llm``: the ``robustft demo --llm`` task in its fast setting (``robustft.demos.llm``'s
 ``prepare_llm_task``, ``lora_trainer``), L2-SP and EWC on the LoRA factors (anchor: the adapter at train
 begin, B = 0) at λ = ``scales`` (EWC: times 1/mean(F), F on the training examples); the metric is the mean
-answer-token loss (lower is better), chosen on ``id``, with ``shifted`` and ``retained`` reported.
+answer-token loss (lower is better), chosen on ``id``, with ``shifted`` and ``retained`` reported;
+``--budget ε``: chosen on ``id`` among the strengths whose retained loss is at most the base model's + ε
+(``strength_sweep(budget=...)``, the α rule's ``AlphaBudget``).
 """
 
 from __future__ import annotations
@@ -38,15 +40,16 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.llm import write_section  # noqa: E402
 from benchmarks.robustness import Task, demo_task, fisher_of_start, make_trainer, pct  # noqa: E402
 from robustft.demos import llm as demo_llm  # noqa: E402
-from robustft.demos.llm import format_table  # noqa: E402
+from robustft.demos.console import format_table  # noqa: E402
 
 ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 EVALS = ("id", "id_test", "shifted")  # "id" chooses α and the strength; the other two are reported
 LLM_EVALS = ("id", "shifted", "retained")  # the LLM task's (mean answer-token loss)
-LLM_METHODS = ("plain", "L2-SP", "EWC")  # run on LoRA (LP-FT: no head to probe; the others: not run)
+LLM_METHODS = ("plain", "L2-SP", "EWC", "EMA", "Momentum-SAM")  # run on LoRA (LP-FT: no head to probe)
 WISE_FT = {"plain": "each"}  # plain fine-tuning: its α curve (the WiSE-FT row); the others: ``--wise-ft``
 SCALES = (0.01, 0.1, 1.0)  # the anchor penalties' strengths, times the docs' setting
-METHODS = ("plain", "L2-SP", "EWC", "spectral", "LP-FT", "EMA", "SAM")  # the table's order
+METHODS = ("plain", "L2-SP", "EWC", "spectral", "LP-FT", "EMA", "SAM", "Momentum-SAM",
+           "shrink-perturb")  # the table's order
 
 
 Sweep = tuple[list[float], Callable[[float], list], str]  # strengths, strength -> callbacks, their meaning
@@ -75,7 +78,7 @@ def llm_bench(task, cfg, out: Path, scales=SCALES) -> Bench:
     :class:`Bench`: L2-SP at λ = ``scales``, EWC at ``scales`` / mean(F) with F on the LoRA factors."""
     import torch
 
-    from robustft import EWCCallback, L2SPCallback
+    from robustft import EMACallback, EWCCallback, L2SPCallback, MomentumSAMCallback
     from robustft.merge import estimate_fisher
 
     def trainer(folder: Path, callbacks: list):
@@ -97,6 +100,12 @@ def llm_bench(task, cfg, out: Path, scales=SCALES) -> Bench:
         "L2-SP": lambda: (list(scales), lambda s: [L2SPCallback(s)],
                           "λ, loss form, on the LoRA factors (anchor: the adapter at train begin, B = 0)"),
         "EWC": ewc,
+        "EMA": lambda: ([0.5, 0.75, 0.9],  # no warm-up: in 8 steps it caps β at 0.77 (0.9 = 0.98 there)
+                        lambda s: [EMACallback(decay=s, copy_to_model_at_end=True, save_dir=None)],
+                        f"decay β ({cfg.steps} steps, no warm-up, which would cap β at 0.77 in 8 steps; the "
+                        f"demo: {cfg.ema_decay:g} with warm-up), EMA of the adapter left in the model"),
+        "Momentum-SAM": lambda: ([0.1, 0.3, 1.0], lambda s: [MomentumSAMCallback(rho=s)],
+                                 f"ρ on the adapter (the demo's: {cfg.msam_rho:g})"),
     }
     n = {s: len(task.evals[s]) for s in LLM_EVALS}
     description = (f"`robustft demo --llm` fast setting: SmolLM2-135M-Instruct, LoRA r={cfg.rank} on all "
@@ -118,6 +127,7 @@ def factories(task: Task, scales=SCALES) -> dict[str, Callable[[], Sweep]]:
         L2SPCallback,
         LPFTCallback,
         SAMCallback,
+        ShrinkPerturbCallback,
         SpectralRegCallback,
     )
 
@@ -136,16 +146,21 @@ def factories(task: Task, scales=SCALES) -> dict[str, Callable[[], Sweep]]:
         "spectral": lambda: (list(scales), lambda s: [SpectralRegCallback(s, include=r"\.layer\.\d+\.")],
                              "λ, σ₁ of the encoder-layer matrices held at their start values"),
         "LP-FT": lambda: ([1.0], lambda s: [LPFTCallback(probe_epochs=int(s))], "probe epochs (of 2)"),
-        "EMA": lambda: ([0.9, 0.99],
+        "EMA": lambda: ([0.5, 0.9, 0.99],
                         lambda s: [EMACallback(decay=s, copy_to_model_at_end=True, save_dir=None)],
                         "decay β (26 steps), EMA weights left in the model"),
-        "SAM": lambda: ([0.05], lambda s: [SAMCallback(rho=s)], "ρ"),
+        "SAM": lambda: ([0.01, 0.05, 0.2], lambda s: [SAMCallback(rho=s)], "ρ"),
+        "shrink-perturb": lambda: ([0.9, 0.99, 0.999],
+                                   lambda s: [ShrinkPerturbCallback(shrink=s, sigma=1e-3, every_n_steps=10,
+                                                                    seed=task.seed)],
+                                   "shrink λ every 10 steps, σ = 1e-3 (the robustness benchmark's: 0.99)"),
     }
 
 
 def run_method(task: Task | Bench, method: str, out: Path, wise_ft: str | None = None,
-               scales=SCALES) -> Path:
-    """One method's sweep (WiSE-FT on every run), saved as ``out/<method>.json``; returns that path."""
+               scales=SCALES, budget: float | None = None) -> Path:
+    """One method's sweep (WiSE-FT on every run), saved as ``out/<method>.json``; returns that path.
+    ``budget``: ε of a retained-loss budget (the LLM task's ``retained`` set)."""
     from robustft.analysis.strength import strength_sweep
 
     bench = task if isinstance(task, Bench) else encoder_bench(task, scales)
@@ -159,7 +174,8 @@ def run_method(task: Task | Bench, method: str, out: Path, wise_ft: str | None =
     t0 = time.perf_counter()
     curve = strength_sweep(trainer_of, make_callback, strengths, bench.evals, "id", metric=bench.metric,
                            greater_is_better=bench.greater_is_better, name=method,
-                           wise_ft=WISE_FT.get(method, wise_ft), alphas=ALPHAS, output_dir=out, plot=True)
+                           wise_ft=WISE_FT.get(method, wise_ft), alphas=ALPHAS, output_dir=out, plot=True,
+                           budget=None if budget is None else {"dataset": "retained", "epsilon": budget})
     data = curve.as_dict()
     data.update(meaning=meaning, seconds=time.perf_counter() - t0,
                 load=os.getloadavg()[0], description=bench.description)
@@ -187,7 +203,8 @@ def rows_of(data: dict) -> list[list[str]]:
         rows.append([data["axis"], f"{s:.4g}", *(fmt(end[d]) for d in evals),
                      "-" if at is None else f"{at:g}",
                      *(fmt(best[d]) if best else "-" for d in evals[1:]), f"{data['train_seconds'][i]:.0f}",
-                     "chosen on id" if s == data["chosen_strength"] and len(data["strengths"]) > 1 else ""])
+                     ("chosen on id" + (" under the budget" if data.get("rule") == "budget" else ""))
+                     if s == data["chosen_strength"] and len(data["strengths"]) > 1 else ""])
     return rows
 
 
@@ -208,6 +225,10 @@ def section(task_name: str, out: Path, command: str, per_method: bool = True) ->
              "at the end points (ties: the smaller strength)." if loss else
              "Accuracy in %. `end`: the run's end point (α = 1). The strength is chosen on `id` at the end "
              "points (ties: lower id loss, then the smaller strength).")
+    if first.get("rule") == "budget":
+        units += (f" Under the budget: only the strengths whose retained loss is at most the base model's "
+                  f"({first['budget_start']:.4f}) + {first['budget']['epsilon']:g} compete (none: the one "
+                  "closest to it, with a warning).")
     return "\n".join([
         f"### Measured: strength sweeps on the {task_name} task (issue 28)", "",
         f"Command: `{command}`{how} ({first['description']}; one run per strength, one seed; load average at "
@@ -240,7 +261,11 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--report-only", action="store_true", help="rebuild the table from the saved JSONs")
     p.add_argument("--no-write", action="store_true", help="print only; leave the docs alone")
+    p.add_argument("--budget", type=float, default=None, metavar="EPS",
+                   help="llm: choose among the strengths whose retained loss is <= the base model's + EPS")
     args = p.parse_args(argv)
+    if args.budget is not None and args.task != "llm":
+        p.error("--budget: only with --task llm (the retained set is the LLM task's)")
     if args.task == "llm" and set(args.methods) - set(LLM_METHODS):
         p.error(f"--methods: the llm task runs {', '.join(LLM_METHODS)} only, got "
                 f"{', '.join(sorted(set(args.methods) - set(LLM_METHODS)))}")
@@ -262,14 +287,16 @@ def main(argv=None) -> int:
             task = demo_task(args.seed, n_eval=args.n_eval, task=args.task)
         for method in args.methods:
             print(f"== {method}", flush=True)
-            run_method(task, method, out, None if args.wise_ft == "none" else args.wise_ft, args.scales)
+            run_method(task, method, out, None if args.wise_ft == "none" else args.wise_ft, args.scales,
+                       args.budget)
     name = {"topics": "`robustft demo`", "glosses": "`robustft demo --task glosses`",
             "llm": "`robustft demo --llm`"}[args.task]
     threads = f" --threads {args.threads}" if args.threads else ""
     methods = " ".join(args.methods) if args.task == "llm" else "<method>"
     scales = "" if tuple(args.scales) == SCALES else " --scales " + " ".join(f"{c:g}" for c in args.scales)
-    command = (f"python benchmarks/strength.py --task {args.task} --methods {methods}{scales}{threads} "
-               f"--out {args.out}")
+    budget = "" if args.budget is None else f" --budget {args.budget:g}"
+    command = (f"python benchmarks/strength.py --task {args.task} --methods {methods}{scales}{threads}"
+               f"{budget} --out {args.out}")
     text = section(name, out, command, per_method=args.task != "llm")
     print(text)
     if not args.no_write:

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from robustft.demos import encoder as demo  # noqa: E402
-from robustft.demos.llm import format_table  # noqa: E402
+from robustft.demos.console import format_table  # noqa: E402
 
 
 def rotated_split(tokenizer, n: int, seed: int, shift: int, shifted: bool = False):

@@ -154,7 +154,7 @@ def compare(reward_models: Sequence[str | os.PathLike], averaged: str | os.PathL
 
 def table(rows: dict[str, dict], splits: Sequence[str]) -> str:
     """The comparison as a Markdown table (accuracy per split, scoring time, parameters held)."""
-    from robustft.demos.llm import format_table
+    from robustft.demos.console import format_table
 
     return format_table(
         ["reward model", *(f"{s} acc" for s in splits), "scoring s", "parameters held"],

@@ -23,6 +23,25 @@ SUBCOMMANDS: list[str] = [
 ]
 
 
+OUT_HELP = "output folder (must not exist unless --overwrite)"
+
+
+def add_output_options(
+    parser: argparse.ArgumentParser,
+    out_help: str = OUT_HELP,
+    *,
+    required: bool = True,
+    overwrite_help: str = "replace an existing output folder",
+    progress: bool = False,
+) -> None:
+    """Add ``--out``, ``--overwrite`` (and ``--no-progress``): the options of every sub-command that writes
+    a folder, declared once so their names, meanings and help read the same in each command."""
+    parser.add_argument("--out", required=required, help=out_help)
+    parser.add_argument("--overwrite", action="store_true", help=overwrite_help)
+    if progress:
+        parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="robustft",

@@ -54,8 +54,9 @@ def test_llm_task_sweeps_lora_losses_and_chooses_the_lowest_id_loss(tmp_path):
     lines = [line for line in text.splitlines() if line.startswith("| ")]
     table = [[c.strip() for c in line.split("|")[1:-1]] for line in lines]
     assert table[0][2:5] == ["id end", "shifted end", "retained end"] and "answer-token loss" in text
-    assert [r[0] for r in table[1:]] == ["plain", "L2-SP", "L2-SP", "EWC", "EWC"]
-    for method in ("L2-SP", "EWC"):
+    assert [r[0] for r in table[1:]] == ["plain", "L2-SP", "L2-SP", "EWC", "EWC", *["EMA"] * 3,
+                                         *["Momentum-SAM"] * 3]
+    for method in ("L2-SP", "EWC", "EMA", "Momentum-SAM"):
         data = json.loads((out / f"{method}.json").read_text())
         assert data["greater_is_better"] is False and list(data["results"]) == list(bs.LLM_EVALS)
         best = min(zip(data["results"]["id"], data["strengths"], strict=True))[1]  # lowest id loss, smaller
@@ -74,3 +75,47 @@ def test_llm_task_refuses_methods_it_does_not_run(capsys):
     with pytest.raises(SystemExit) as e:
         bs.main(["--task", "llm", "--methods", "plain", "LP-FT", "--no-write"])
     assert e.value.code == 2 and "LP-FT" in capsys.readouterr().err
+
+
+def test_llm_budget_is_recorded_in_the_section_and_refused_off_the_llm_task(tmp_path, capsys):
+    """``--budget ε``: the JSON's budget choice is the row marked "under the budget", the text states the
+    rule with the start model's retained loss; on a task without a retained set it is refused."""
+    from torch import nn
+
+    from benchmarks import strength as bs
+    from robustft.analysis.strength import strength_sweep
+
+    table = {"start": (0.0, 1.0), 0.01: (0.5, 1.6), 1.0: (0.7, 1.05)}  # strength -> (id loss, retained loss)
+
+    class Fake:
+        def __init__(self, callbacks):
+            self.model, self.s, self.trained = nn.Linear(1, 1), callbacks[0].s, False
+
+        def train(self):
+            self.trained = True
+
+        def evaluate(self, eval_dataset=None, metric_key_prefix="eval"):
+            row = table[self.s if self.trained else "start"]
+            return {f"{metric_key_prefix}_loss": row[0] if eval_dataset != "retained" else row[1]}
+
+    class Strength:
+        def __init__(self, s):
+            self.s = s
+
+        def on_train_begin(self, *a, **k):
+            pass
+
+    curve = strength_sweep(Fake, Strength, [0.01, 1.0], {d: d for d in bs.LLM_EVALS}, "id", metric="loss",
+                           greater_is_better=False, name="L2-SP",
+                           budget={"dataset": "retained", "epsilon": 0.1})
+    data = curve.as_dict()
+    data.update(meaning="λ", seconds=1.0, load=0.0, description="fake")
+    (tmp_path / "L2-SP.json").write_text(json.dumps(data))
+    text = bs.section("llm", tmp_path, "cmd --budget 0.1", per_method=False)
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in text.splitlines() if line.startswith("| ")]
+    marked = {r[1]: r[-1] for r in rows[1:]}
+    assert marked == {"0.01": "", "1": "chosen on id under the budget"}  # 0.01 has the lower id loss
+    assert "at most the base model's (1.0000) + 0.1 compete" in text
+    with pytest.raises(SystemExit) as e:
+        bs.main(["--task", "topics", "--budget", "0.1", "--no-write"])
+    assert e.value.code == 2 and "--budget: only with --task llm" in capsys.readouterr().err

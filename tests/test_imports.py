@@ -164,7 +164,7 @@ def test_submodules_still_import_through_the_package():
 PUBLIC = {
     "AlphaBudget",
     "BEMACallback", "ContinualBackpropCallback",
-    "DeltaSet", "EMACallback", "EMAReferenceCallback", "EWCCallback", "GGPOCallback",
+    "DeltaSet", "EMACallback", "EMAReferenceCallback", "EWCCallback",
     "ForgettingCallback",
     "L2SPCallback",
     "LAWACallback", "LPFTCallback", "LearnedInterpolation", "LoRAAdapter", "LoRAArithmeticCallback",

@@ -12,12 +12,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def tiny_bert(seed: int = 0, num_labels: int = 2) -> BertForSequenceClassification:
-    """A random-init 2-layer BERT classifier (about 30k parameters)."""
+def tiny_bert(seed: int = 0, num_labels: int = 2, hidden: int = 16, vocab: int = 64, positions: int = 32,
+              dropout: float | None = None) -> BertForSequenceClassification:
+    """A random-init 2-layer BERT classifier (about 30k parameters at ``hidden=16``; ``dropout`` None keeps
+    BERT's default, 0.0 makes training deterministic given the data)."""
     torch.manual_seed(seed)
+    drop = {} if dropout is None else dict(hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
     config = BertConfig(
-        vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
-        max_position_embeddings=32, num_labels=num_labels,
+        vocab_size=vocab, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=2 * hidden, max_position_embeddings=positions, num_labels=num_labels, **drop,
     )
     return BertForSequenceClassification(config)
 
@@ -43,14 +46,14 @@ def training_args(output_dir, **overrides) -> TrainingArguments:
     return TrainingArguments(**kwargs)
 
 
-def tiny_llama(seed: int = 0):
-    """A random-init 2-layer Llama causal LM (about 20k parameters), untied embeddings."""
+def tiny_llama(seed: int = 0, hidden: int = 16):
+    """A random-init 2-layer Llama causal LM (about 20k parameters at ``hidden=16``), untied embeddings."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=2, max_position_embeddings=32, tie_word_embeddings=False,
+        vocab_size=64, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32, tie_word_embeddings=False,
     )
     return LlamaForCausalLM(config)
 
@@ -149,3 +152,38 @@ def tiny_llm_task(folder, splits, shift: bool = False):
     rows = [demo_llm.definition_example(w, d) for w, d in words]
     evals = {s: Dataset.from_list(rows[i * shift:i * shift + 4]) for i, s in enumerate(splits)}
     return demo_llm.LLMTask(Path(folder), tokenizer, Dataset.from_list(rows), evals)
+
+
+def fed_average(averaged, points, make_live) -> dict[str, torch.Tensor]:
+    """torch.optim.swa_utils as the reference of an average: ``averaged`` (an ``AveragedModel``) fed the
+    recorded trajectory ``points`` (name -> tensor, one per update) through a separate live model from
+    ``make_live()``; its averaged weights of the recorded names."""
+    live = make_live()
+    params = dict(live.named_parameters())
+    for point in points:
+        with torch.no_grad():
+            for n, t in point.items():
+                params[n].copy_(t)
+        averaged.update_parameters(live)
+    return {n: p.detach().clone() for n, p in averaged.module.named_parameters() if n in points[0]}
+
+
+def tiny_mixtral(seed: int = 0, experts: int = 4, top_k: int = 2, hidden: int = 16):
+    """A random-init 2-layer Mixtral causal LM (transformers 5 keeps its experts fused: 3-D ``gate_up_proj``
+    (E, 2I, H) and ``down_proj`` (E, H, I), router ``mlp.gate.weight`` (E, H)), untied embeddings."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(seed)
+    config = MixtralConfig(
+        vocab_size=64, hidden_size=hidden, intermediate_size=hidden // 2, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, num_local_experts=experts, num_experts_per_tok=top_k,
+        max_position_embeddings=32, tie_word_embeddings=False,
+    )
+    return MixtralForCausalLM(config)
+
+
+def tiny_mixtral_folder(folder, seed: int = 0, experts: int = 4):
+    """:func:`tiny_mixtral` saved with ``save_pretrained`` (transformers writes Mixtral's per-expert layout,
+    ``block_sparse_moe.experts.<e>.w1/w2/w3``, which mergekit reads)."""
+    tiny_mixtral(seed, experts).save_pretrained(folder)
+    return folder

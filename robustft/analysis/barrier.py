@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from robustft.core.checkpoint import atomic_output_file, save_report
+from robustft.core.checkpoint import pyplot, save_figure, save_report
 from robustft.core.model import as_batches, call_with_weights
 from robustft.core.params import train_mode
 from robustft.merge.align import align_models
@@ -115,14 +115,9 @@ class BarrierReport:
 
 def plot_barrier(report: BarrierReport, path: str | os.PathLike) -> Path | None:
     """PNG: the loss along θ(λ) of each variant, its barrier in the legend; None without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
-    path = Path(path)
     fig, ax = plt.subplots(figsize=(6, 3.6), layout="constrained")
     for name, curve in report.curves.items():
         ax.plot(report.lambdas, curve, "o-", ms=3, label=f"{name} (barrier {report.barriers[name]:.3f})")
@@ -131,10 +126,7 @@ def plot_barrier(report: BarrierReport, path: str | os.PathLike) -> Path | None:
     ax.set_title("Loss along the linear path, before and after alignment")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    with atomic_output_file(path) as tmp:
-        fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def barrier_report(

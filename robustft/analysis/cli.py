@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 
+from robustft.cli import add_output_options
+
 __all__ = ["register", "run"]
 
 
@@ -47,11 +49,12 @@ def register(subparsers) -> None:
                    help="regenerate a retention set that was built from other weights or settings")
     p.add_argument("--alphas", type=_alphas, default=None,
                    help="comma-separated α grid (default 0,0.25,0.5,0.75,1)")
-    p.add_argument("--max-new-tokens", type=int, default=48, help="answer length limit of the retention set")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="answer length limit of a new retention set (default 128; a reused set keeps its "
+                   "own)")
     p.add_argument("--max-length", type=int, default=512, help="tokens per example (longer ones are cut)")
     p.add_argument("--batch-size", type=int, default=8, help="examples per forward pass")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    add_output_options(p, "output folder")
     p.set_defaults(func=run)
 
 

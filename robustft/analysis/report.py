@@ -29,11 +29,13 @@ from typing import Any
 import torch
 
 from robustft.analysis.retention import (
+    MAX_NEW_TOKENS,
     RetentionScores,
     RetentionSet,
     build_retention_set,
     check_model_dir,
     encode_rows,
+    load_retention_set,
     pad_id,
     read_prompts,
     score_examples,
@@ -316,7 +318,7 @@ def run_report(
     prompts_path: str | os.PathLike | None = None,
     retention_path: str | os.PathLike | None = None,
     alphas: Sequence[float] = DEFAULT_ALPHAS,
-    max_new_tokens: int = 48,
+    max_new_tokens: int | None = None,
     max_length: int | None = 512,
     batch_size: int = 8,
     overwrite: bool = False,
@@ -327,7 +329,10 @@ def run_report(
 
     ``out`` gets ``report.json``, ``report.md`` (the table), ``wise_ft.{json,csv,png}`` and, when
     ``retention_path`` is not given, the retention set (``retention.jsonl``, reused by a later run into
-    the same ``out`` with ``overwrite``). Nothing is written when an input is refused.
+    the same ``out`` with ``overwrite``). Nothing is written when an input is refused. A saved set is reused
+    as it was built (e.g. ``robustft demo --llm``'s), checked against ``base``'s weights; ``prompts_path``
+    and ``max_new_tokens``, when given, must match it. A new set is answered within ``max_new_tokens``
+    (default :data:`~robustft.analysis.retention.MAX_NEW_TOKENS`).
     """
     from transformers import AutoTokenizer
 
@@ -342,9 +347,14 @@ def run_report(
     tokenizer = AutoTokenizer.from_pretrained(base)
     prompts = read_prompts(prompts_path) if prompts_path is not None else None
     reuse = Path(retention_path) if retention_path is not None else out / "retention.jsonl"
-    say(f"retention set: {'reusing' if reuse.exists() else 'building'} {reuse} (answers of --base)")
-    retained = build_retention_set(base, prompts, reuse if (retention_path or reuse.exists()) else None,
-                                   max_new_tokens, rebuild=rebuild_retention)
+    reused = reuse.is_file() and not rebuild_retention
+    say(f"retention set: {'reusing' if reused else 'building'} {reuse} (answers of --base)")
+    if reused:
+        retained = load_retention_set(reuse, base, tokenizer, prompts, max_new_tokens)
+    else:
+        retained = build_retention_set(base, prompts, reuse if (retention_path or reuse.exists()) else None,
+                                       MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens,
+                                       rebuild=rebuild_retention, tokenizer=tokenizer)
     data = {"id": read_examples(id_path, "--id"), **({"shift": read_examples(shift_path, "--shift")}
                                                    if shift_path is not None else {})}
     encoded = {name: encode_rows(tokenizer, rows, max_length, source=name) for name, rows in data.items()}
@@ -357,7 +367,9 @@ def run_report(
     report.inputs = {"base": str(base), "model": None if model is None else str(model),
                      "adapter": None if adapter is None else str(adapter), "id": str(id_path),
                      "shift": None if shift_path is None else str(shift_path),
-                     "prompts": "shipped general prompts" if prompts_path is None else str(prompts_path),
+                     "prompts": str(prompts_path) if prompts_path is not None else
+                     "the retention set's" if reused else "shipped general prompts",
+                     "max_new_tokens": retained.settings["max_new_tokens"],
                      "retention_set": str(reuse), "max_length": max_length, "batch_size": batch_size,
                      "eval_seconds": report.seconds}
     report.seconds = time.perf_counter() - t0

@@ -30,6 +30,9 @@ from pathlib import Path
 from typing import Any
 
 FORMAT = 1  # version of the JSONL header
+# answer length limit of a new set: 80 of the 100 shipped prompts finish within it on SmolLM2-135M-Instruct
+# (52 within 48, 73 within 96; docs/forgetting.md)
+MAX_NEW_TOKENS = 128
 PROMPTS_FILE = "general_prompts.txt"  # package data of robustft.analysis
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
@@ -159,10 +162,12 @@ def model_identity(model_dir: str | os.PathLike) -> dict[str, str]:
 
 # -- generation -----------------------------------------------------------------------------------------
 def generate_answers(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, end_id: int,
-                     batch_size: int = 16) -> list[str | None]:
+                     batch_size: int = 16, lengths: list | None = None) -> list[str | None]:
     """Greedy answers of ``model`` to ``prompts`` (None where no ``end_id`` came within ``max_new_tokens``).
 
     Left-padded batches of ``batch_size`` in prompt order, float32 logits, no sampling: deterministic.
+    ``lengths``: a list that gets each answer's generated tokens, ``end_id`` included (None: unfinished), so
+    one run at the largest limit tells how many answers finish within any smaller one.
     """
     import torch
 
@@ -186,6 +191,8 @@ def generate_answers(model, tokenizer, prompts: Sequence[str], max_new_tokens: i
                 for row in out[:, batch["input_ids"].shape[1]:].tolist():
                     done = end_id in row
                     answers.append(tokenizer.decode(row[: row.index(end_id)]).strip() if done else None)
+                    if lengths is not None:
+                        lengths.append(row.index(end_id) + 1 if done else None)
     finally:
         tokenizer.padding_side, tokenizer.pad_token = side, pad
     return answers
@@ -272,7 +279,7 @@ def build_retention_set(
     model_dir: str | os.PathLike,
     prompts: Sequence[str] | None = None,
     path: str | os.PathLike | None = None,
-    max_new_tokens: int = 48,
+    max_new_tokens: int = MAX_NEW_TOKENS,
     batch_size: int = 16,
     rebuild: bool = False,
     model=None,
@@ -319,6 +326,28 @@ def build_retention_set(
     if path is not None:
         result.save(path)
     return result
+
+
+def load_retention_set(path: str | os.PathLike, model_dir: str | os.PathLike, tokenizer=None,
+                       prompts: Sequence[str] | None = None,
+                       max_new_tokens: int | None = None) -> RetentionSet:
+    """A saved retention set, checked to be the answers of the model in ``model_dir``: the same weights, chat
+    template and end token, and the given ``prompts`` / ``max_new_tokens`` where given (else the file's).
+
+    So a set built with any settings (``robustft demo --llm``'s, your own) is reused as it is; a set from
+    other weights or with other given settings is a ValueError naming what differs.
+    """
+    found = RetentionSet.load(path)
+    if tokenizer is None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    saved = found.settings
+    want = generation_settings(tokenizer, saved.get("prompts", []) if prompts is None else prompts,
+                               saved.get("max_new_tokens", 0) if max_new_tokens is None else max_new_tokens,
+                               end_of_answer_id(tokenizer, model_dir), saved.get("batch_size", 0))
+    check_matches(found, model_identity(model_dir), want, path)
+    return found
 
 
 # -- tokenized examples ---------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from robustft.checks import check_number
-from robustft.core.checkpoint import atomic_output_file, save_report
+from robustft.core.checkpoint import pyplot, save_figure, save_report
 from robustft.core.model import as_batches, call_with_weights
 from robustft.core.params import select_parameters, train_mode
 from robustft.interpolation.wise_ft import DEFAULT_ALPHAS, WiseFTWeights, check_alphas, evaluate_at_alphas
@@ -304,14 +304,9 @@ class SharpnessReport:
 
 def plot_sharpness(report: SharpnessReport, path: str | os.PathLike) -> Path | None:
     """PNG: L(θ(α)) on top, the layers × α sharpness heatmap below; None when matplotlib is not installed."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
-    path = Path(path)
     n = len(report.layers)
     fig, (top, ax) = plt.subplots(2, 1, figsize=(7, 2.2 + 0.28 * n), layout="constrained",
                                   gridspec_kw={"height_ratios": [1.6, max(2.0, 0.28 * n)]})
@@ -333,10 +328,7 @@ def plot_sharpness(report: SharpnessReport, path: str | os.PathLike) -> Path | N
     # one colour bar beside both panels keeps the loss points above their heatmap columns
     fig.colorbar(image, ax=[top, ax], fraction=0.04, pad=0.02,
                  label=f"worst-case loss increase ({ball}, ρ={radius})")
-    with atomic_output_file(path) as tmp:
-        fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def sharpness_along_path(

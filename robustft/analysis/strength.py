@@ -6,8 +6,11 @@ task and loses 3 on another). :func:`strength_sweep` trains once per strength wi
 factory builds (``strength -> callback``), evaluates every run's end point on every eval set with
 ``trainer.evaluate``, and chooses the strength on the in-distribution set only, with the WiSE-FT rule
 (:func:`robustft.interpolation.wise_ft.choose_alpha`: best ID metric, ties to the lowest ID loss, then the
-smallest strength). ``wise_ft="each"`` sweeps WiSE-FT's α on every run's end point (the table then holds each
-run at its own α*, chosen on ID), ``wise_ft="chosen"`` on the chosen run's only.
+smallest strength), optionally under a forgetting budget (the α rule's
+:class:`~robustft.interpolation.wise_ft.AlphaBudget`: the best ID metric among the runs whose budget metric is
+within ε of the start model's, measured once before training). ``wise_ft="each"`` sweeps WiSE-FT's α on every
+run's end point (the table then holds each run at its own α*, chosen on ID), ``wise_ft="chosen"`` on the
+chosen run's only.
 
 Cost: one full training run per strength (plus the evaluations). No cheaper proxy is sound in general: the
 penalised optimum has no closed form for a network, WiSE-FT's θ(α) path is a different family of models (the
@@ -22,8 +25,9 @@ import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +36,7 @@ from robustft.core.checkpoint import save_report
 from robustft.core.params import select_parameters
 from robustft.interpolation.wise_ft import (
     DEFAULT_ALPHAS,
+    AlphaBudget,
     WiseFTCurve,
     WiseFTWeights,
     check_alphas,
@@ -97,12 +102,17 @@ class StrengthCurve:
         return self.curve.value(dataset, strength)
 
     def as_dict(self) -> dict[str, Any]:
-        """Everything but the Trainer, under the strength's own keys (``strengths``, ``chosen_strength``)."""
+        """Everything but the Trainer, under the strength's own keys (``strengths``, ``chosen_strength``);
+        with a budget also the rule, the budget, its metric per run, the start's value and the limit."""
         c = self.curve
-        return {"axis": c.axis, "strengths": c.alphas, "results": c.results, "metric": c.metric,
-                "id_dataset": c.id_dataset, "chosen_strength": c.chosen_alpha,
-                "greater_is_better": c.greater_is_better, "alphas": self.alphas, "wise_ft": self.wise_ft,
-                "train_seconds": self.train_seconds, "id_loss": self.id_loss}
+        out = {"axis": c.axis, "strengths": c.alphas, "results": c.results, "metric": c.metric,
+               "id_dataset": c.id_dataset, "chosen_strength": c.chosen_alpha,
+               "greater_is_better": c.greater_is_better, "alphas": self.alphas, "wise_ft": self.wise_ft,
+               "train_seconds": self.train_seconds, "id_loss": self.id_loss, "rule": c.rule}
+        if c.budget is not None:
+            out.update(budget=asdict(c.budget), constraint=c.constraint, budget_start=c.budget_start,
+                       budget_limit=c.budget_limit, id_rule_strength=c.extra.get("id_rule_alpha"))
+        return out
 
     def to_json(self) -> str:
         """The JSON of :meth:`as_dict`."""
@@ -121,9 +131,10 @@ class StrengthCurve:
         text = self.curve.table()
         if not any(a is not None for a in self.alphas):
             return text
-        head, rule, *rows = text.splitlines()
+        lines = text.splitlines()
+        top, rows = lines[: -len(self.alphas)], lines[-len(self.alphas):]  # (budget rule,) header, rule
         rows = [row if a is None else f"{row}  (α*={a:g})" for row, a in zip(rows, self.alphas, strict=True)]
-        return "\n".join([head, rule, *rows])
+        return "\n".join([*top, *rows])
 
     def plot(self, path: str | os.PathLike) -> Path | None:
         """The WiSE-FT-style plot: ID metric on x, each shifted metric on y, one point per strength."""
@@ -143,17 +154,37 @@ def _as_callbacks(made: Any, strength: float) -> list:
     return callbacks
 
 
-def _evaluate_end(trainer, eval_datasets: Mapping[str, Any], id_dataset: str, metric: str,
-                  prefix: str) -> tuple[dict[str, float], float]:
-    """Every eval set's metric for the model as it is, and the ID loss (nan when not reported)."""
-    scores, loss = {}, math.nan
+def _evaluate_end(trainer, eval_datasets: Mapping[str, Any], id_dataset: str, metric: str, prefix: str,
+                  budget: AlphaBudget | None = None) -> tuple[dict[str, float], float, float]:
+    """Every eval set's metric for the model as it is, the ID loss (nan when not reported) and the budget's
+    metric on its set (nan without a budget)."""
+    scores, loss, constraint = {}, math.nan, math.nan
     for name, ds in eval_datasets.items():
         key = f"{prefix}_{name}"
         metrics = trainer.evaluate(eval_dataset=ds, metric_key_prefix=key)
         scores[name] = metric_value(metrics, key, metric, name)
         if name == id_dataset:
             loss = float(metrics.get(f"{key}_loss", math.nan))
-    return scores, loss
+        if budget is not None and name == budget.dataset:
+            constraint = metric_value(metrics, key, budget.metric, name)
+    return scores, loss, constraint
+
+
+def _start_value(trainer, eval_datasets: Mapping[str, Any], budget: AlphaBudget, prefix: str) -> float:
+    """The budget's metric of the untrained start model (a fresh Trainer before ``train()``)."""
+    key = f"{prefix}_start_{budget.dataset}"
+    metrics = trainer.evaluate(eval_dataset=eval_datasets[budget.dataset], metric_key_prefix=key)
+    return metric_value(metrics, key, budget.metric, budget.dataset)
+
+
+def _choose(grid: Sequence[float], results: Sequence[float], greater_is_better: bool,
+            tie: Sequence[float] | None, budget: AlphaBudget | None, constraint: Sequence[float],
+            start: float | None) -> float:
+    """The strength :func:`choose_alpha` picks (under the budget, measured from the start's value)."""
+    if budget is None:
+        return choose_alpha(grid, results, greater_is_better, tie_break=tie)
+    return choose_alpha(grid, results, greater_is_better, tie_break=tie, constraint=constraint, budget=budget,
+                        base=start)
 
 
 def strength_sweep(
@@ -169,6 +200,7 @@ def strength_sweep(
     alphas: Sequence[float] = DEFAULT_ALPHAS,
     output_dir: str | os.PathLike | None = None,
     plot: bool = True,
+    budget: AlphaBudget | Mapping[str, Any] | None = None,
 ) -> StrengthCurve:
     """Train ``make_trainer(make_callback(s))`` for each strength s; choose s on ``id_dataset`` only.
 
@@ -179,6 +211,13 @@ def strength_sweep(
     ``"each"`` sweeps α (``alphas``) on every run's end point and scores each run at its α* (chosen on ID),
     ``"chosen"`` sweeps α on the chosen run only. The chosen run's Trainer is kept (``curve.trainer``; its
     model at θ(α*) with WiSE-FT); the others are dropped. ``output_dir``: the JSON, CSV and plot saved there.
+
+    ``budget`` (an :class:`~robustft.interpolation.wise_ft.AlphaBudget` or a mapping of its fields, its set
+    among ``eval_datasets``): the best ID metric among the strengths whose run keeps the budget's metric
+    within ε of the start model's (measured once, on the first Trainer before it trains), by
+    :func:`~robustft.interpolation.wise_ft.choose_alpha`, the α rule itself. No admissible strength: the
+    one closest to the budget (smallest violation), with a RuntimeWarning naming the budget. With WiSE-FT the
+    α sweeps choose under the same budget (α=0 is the same start model).
     """
     grid = check_strengths(strengths)
     if not callable(make_trainer) or not callable(make_callback):
@@ -191,13 +230,23 @@ def strength_sweep(
     alpha_grid = check_alphas(alphas) if wise_ft else None
     if not isinstance(name, str) or not name:
         raise ValueError(f"name: expected a non-empty string (the swept quantity), got {name!r}")
+    if budget is not None:
+        budget = AlphaBudget.of(budget)
+        if budget.dataset not in eval_datasets:
+            raise ValueError(f"budget.dataset: {budget.dataset!r} is not one of the eval sets "
+                             f"{sorted(eval_datasets)}")
+        if alpha_grid is not None and 0.0 not in alpha_grid:
+            raise ValueError(f"budget: WiSE-FT's α sweeps measure it from α=0, which alphas {alpha_grid} "
+                             "lack; add 0")
     callbacks = [_as_callbacks(make_callback(s), s) for s in grid]
 
     results: dict[str, list[float]] = {d: [] for d in eval_datasets}
-    id_loss, seconds, chosen_alphas, curves = [], [], [], {}
+    id_loss, seconds, chosen_alphas, curves, constraint, start = [], [], [], {}, [], None
     best: tuple[int, Any, WiseFTWeights | None] | None = None
     for i, s in enumerate(grid):
         trainer = make_trainer(list(callbacks[i]))
+        if budget is not None and start is None:
+            start = _start_value(trainer, eval_datasets, budget, name)
         weights = WiseFTWeights(select_parameters(trainer.model), model=trainer.model) if wise_ft else None
         t0 = time.perf_counter()
         trainer.train()
@@ -205,34 +254,46 @@ def strength_sweep(
         alpha = None
         if wise_ft == "each":
             wise = wise_ft_sweep(trainer, weights, eval_datasets, id_dataset, alpha_grid, metric,
-                                 greater_is_better, progress=False, key_prefix=f"{name}{s:g}_wise_ft")
+                                 greater_is_better, progress=False, key_prefix=f"{name}{s:g}_wise_ft",
+                                 budget=budget)
             curves[f"{s:g}"] = wise.as_dict()
             alpha = wise.chosen_alpha
             scores = {d: wise.value(d, alpha) for d in eval_datasets}
             losses = wise.extra["id_loss"]
             loss = losses[wise.alphas.index(alpha)] if len(losses) == len(wise.alphas) else math.nan
+            held = wise.constraint[wise.alphas.index(alpha)] if budget is not None else math.nan
         else:
-            scores, loss = _evaluate_end(trainer, eval_datasets, id_dataset, metric, f"{name}{s:g}")
+            scores, loss, held = _evaluate_end(trainer, eval_datasets, id_dataset, metric, f"{name}{s:g}",
+                                               budget)
         for d in eval_datasets:
             results[d].append(scores[d])
         id_loss.append(loss)
         chosen_alphas.append(alpha)
+        constraint.append(held)
         tie = id_loss if metric.removeprefix("eval_") != "loss" else None
-        so_far = choose_alpha(grid[: i + 1], results[id_dataset], greater_is_better, tie_break=tie)
+        with warnings.catch_warnings():  # the final choice below warns once
+            warnings.simplefilter("ignore")
+            so_far = _choose(grid[: i + 1], results[id_dataset], greater_is_better, tie, budget, constraint,
+                             start)
         if so_far == s:  # keep only the best run so far (its model, and its start when WiSE-FT follows)
             best = (i, trainer, weights)
         del trainer, weights
-    chosen = choose_alpha(grid, results[id_dataset], greater_is_better,
-                          tie_break=id_loss if metric.removeprefix("eval_") != "loss" else None)
+    tie = id_loss if metric.removeprefix("eval_") != "loss" else None
+    chosen = _choose(grid, results[id_dataset], greater_is_better, tie, budget, constraint, start)
     if best is None or grid[best[0]] != chosen:  # the prefix choice and the full one follow the same order
         raise RuntimeError(f"strength_sweep: kept the run at {best and grid[best[0]]}, chose {chosen}")
     _, trainer, weights = best
     if wise_ft == "chosen":
         wise = wise_ft_sweep(trainer, weights, eval_datasets, id_dataset, alpha_grid, metric,
-                             greater_is_better, progress=False, key_prefix=f"{name}{chosen:g}_wise_ft")
+                             greater_is_better, progress=False, key_prefix=f"{name}{chosen:g}_wise_ft",
+                             budget=budget)
         curves[f"{chosen:g}"] = wise.as_dict()
     table = WiseFTCurve(alphas=grid, results=results, metric=metric, id_dataset=id_dataset,
-                        chosen_alpha=chosen, greater_is_better=greater_is_better, axis=name)
+                        chosen_alpha=chosen, greater_is_better=greater_is_better, axis=name, budget=budget,
+                        constraint=constraint if budget is not None else None, budget_start=start)
+    if budget is not None:
+        table.extra["id_rule_alpha"] = _choose(grid, results[id_dataset], greater_is_better, tie, None, [],
+                                               None)
     curve = StrengthCurve(table, alphas=chosen_alphas, wise_ft=curves, train_seconds=seconds, id_loss=id_loss,
                           trainer=trainer)
     if output_dir is not None:

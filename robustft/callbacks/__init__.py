@@ -28,7 +28,6 @@ if TYPE_CHECKING:  # the same names, for type checkers and IDEs
     from robustft.callbacks.lora_arithmetic import LoRAArithmeticCallback
     from robustft.callbacks.lpft import LPFTCallback
     from robustft.callbacks.perturbation import (
-        GGPOCallback,
         MGPOCallback,
         MomentumSAMCallback,
         RandomPerturbationCallback,
@@ -62,7 +61,6 @@ EXPORTS: dict[str, tuple[str, ...]] = {
     "robustft.callbacks.lora_arithmetic": ("LoRAArithmeticCallback",),
     "robustft.callbacks.lpft": ("LPFTCallback",),
     "robustft.callbacks.perturbation": (
-        "GGPOCallback",
         "MGPOCallback",
         "MomentumSAMCallback",
         "RandomPerturbationCallback",

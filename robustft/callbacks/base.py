@@ -25,6 +25,7 @@ from robustft.checks import check_bool
 from robustft.core import distributed
 from robustft.core.checkpoint import load_state, save_state
 from robustft.core.compat import UNKNOWN_RESUME, caller_self, trainer_resume_checkpoint, training_loop_running
+from robustft.core.params import keep_4bit_trainable
 
 __all__ = [
     "END_COMPOSE",
@@ -263,6 +264,10 @@ class RobustCallback(TrainerCallback):
         self._resumed_from = trainer_resume_checkpoint(Trainer)
         self._ended = False
         self._run = state
+        model = kwargs.get("model")
+        model = getattr(self.trainer, "model", None) if model is None else model
+        if model is not None:  # a QLoRA base evaluated during training must still train
+            keep_4bit_trainable(model)
         if self.trainer is not None:
             self._log_through_trainer()
         self._check_end_phases()

@@ -4,11 +4,11 @@
   ``robustft.callbacks.sam`` included): options, parameter selection, the ρ schedule, the hook on
   ``trainer.training_step``, metrics.
 * :class:`MomentumSAMCallback`, :class:`RandomPerturbationCallback` (RWP / Flat-LoRA),
-  :class:`MGPOCallback` (LoRA-MGPO, arXiv 2502.14538 v2+), :class:`GGPOCallback` (deprecated: our reading
-  of that paper's first version) - one forward/backward per step: ε is chosen at ``on_step_begin``
-  and applied around each micro-batch inside the wrapped ``training_step`` (undone when it returns or
-  raises), so the gradient is taken at w + ε, the step applied to w, and the weights are unperturbed
-  whenever anything else runs: an error raised anywhere in ``train()`` leaves them exactly unperturbed.
+  :class:`MGPOCallback` (LoRA-MGPO, arXiv 2502.14538 v2+) - one forward/backward per step: ε is
+  chosen at ``on_step_begin`` and applied around each micro-batch inside the wrapped ``training_step``
+  (undone when it returns or raises), so the gradient is taken at w + ε, the step applied to w, and the
+  weights are unperturbed whenever anything else runs: an error raised anywhere in ``train()`` leaves
+  them exactly unperturbed.
 
 The maths is in ``robustft.ops.perturb``; PEFT LoRA layers are found by ``robustft.lora.layers``.
 
@@ -46,7 +46,6 @@ from robustft.ops.dtypes import compute_dtype
 from robustft.ops.perturb import (
     Fixup,
     flat_row_sq_norms,
-    ggpo_row_scale,
     global_norm,
     low_rank_merged_row_sq_norms,
     low_rank_tangent_sq_norm,
@@ -64,7 +63,6 @@ from robustft.ops.perturb import (
 )
 
 __all__ = [
-    "GGPOCallback",
     "MGPOCallback",
     "MomentumSAMCallback",
     "RandomPerturbationCallback",
@@ -613,76 +611,6 @@ class RandomPerturbationCallback(_QuantizedBase, _RowWise):
     @staticmethod
     def _target_of(ctx) -> str:
         return ctx[2]
-
-
-class GGPOCallback(_RowWise):
-    """Deprecated: our reading of LoRA-GGPO's first version (its abstract only); use :class:`MGPOCallback`,
-    the method as arXiv 2502.14538 publishes it from v2 on (LoRA-MGPO). See docs/sam.md, "Changes".
-
-    ε_{i,j} ~ N(0, ρ²/n · (α‖W_{i,:}‖² + β‖∇W_{i,:}‖²)) per row of each trainable tensor, with ∇W the
-    previous step's gradient (see :func:`robustft.ops.perturb.ggpo_row_scale`). Noise regenerated from a
-    seed; ~1x a plain step. The per-row gradient norms (one float per row) are saved with checkpoints.
-    """
-
-    state_name = "ggpo"
-    log_prefix = "ggpo"
-    has_state = True
-
-    def __init__(self, rho: float = 0.05, alpha: float = 1.0, beta: float = 1.0, **kwargs):
-        super().__init__(rho, **kwargs)
-        alpha = check_number("alpha", alpha, low=0.0)
-        beta = check_number("beta", beta, low=0.0)
-        if alpha == 0 and beta == 0:
-            raise ValueError("alpha and beta: at least one must be > 0")
-        warnings.warn(
-            "GGPOCallback is deprecated: it follows the abstract of LoRA-GGPO's first version, not the "
-            "method arXiv 2502.14538 publishes (LoRA-MGPO); use MGPOCallback (docs/sam.md, 'Changes')",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        self.alpha, self.beta = float(alpha), float(beta)
-        self._grad_sq_rows: dict[str, torch.Tensor] = {}
-
-    def _contexts(self, weights, rho, state, optimizer):
-        return [
-            (
-                ggpo_row_scale(
-                    self._row_sq(name, w), self._grad_sq_rows.get(name), full_shape(self._params[name]), rho,
-                    self.alpha, self.beta,
-                ),
-                self._step,
-                name,
-            )
-            for name, w in zip(self._params, weights, strict=True)
-        ]
-
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        super().on_pre_optimizer_step(args, state, control, **kwargs)
-        if self._engine is None:  # under DeepSpeed: recorded before the engine's step
-            self._record_grad_rows({n: p.grad for n, p in self._params.items()})
-
-    def _before_deepspeed_step(self) -> None:
-        super()._before_deepspeed_step()
-        args = self.trainer.args
-        self._record_grad_rows(
-            distributed.deepspeed_clipped_grads(self._params, self.trainer.model, args.max_grad_norm)
-        )
-
-    def _record_grad_rows(self, grads: dict[str, torch.Tensor | None]) -> None:
-        for name, g in grads.items():
-            if g is not None:
-                sq = self._row_sq(name, local_tensor(g))
-                if torch.isfinite(sq).all():
-                    self._grad_sq_rows[name] = sq
-
-    def state_dict(self):
-        return {f"grad_sq_rows.{n}": t.cpu() for n, t in self._grad_sq_rows.items()}, {"seed": self.seed}
-
-    def load_state_dict(self, tensors, meta, source):
-        self._grad_sq_rows = {k[len("grad_sq_rows.") :]: t for k, t in tensors.items()}
-
-    def sharded_state(self) -> bool:  # FSDP2: each rank keeps the row norms of its own rows
-        return self._is_sharded()
 
 
 class MGPOCallback(_QuantizedBase, _OnePass):

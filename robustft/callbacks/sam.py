@@ -3,7 +3,7 @@
 :class:`SAMCallback` records the step's own micro-batches and, at ``on_pre_optimizer_step``, replays them
 through the Trainer's ``training_step`` at w + ε (so ``compute_loss`` overrides, label smoothing,
 autocast, loss scaling and gradient-accumulation scaling all hold). The one-pass variants
-(MomentumSAM, RWP / Flat-LoRA, GGPO) and the base class all variants share are in
+(MomentumSAM, RWP / Flat-LoRA, LoRA-MGPO) and the base class all variants share are in
 ``robustft.callbacks.perturbation``; the maths is in ``robustft.ops.perturb``; the Trainer/TRL/GradScaler
 internals the replay needs are in ``robustft.core.compat``.
 """

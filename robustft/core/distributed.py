@@ -23,7 +23,6 @@ __all__ = [
     "all_reduce_sum",
     "barrier",
     "broadcast_from_main",
-    "deepspeed_clipped_grads",
     "deepspeed_engine",
     "deepspeed_optimizer_states",
     "deepspeed_stage",
@@ -198,36 +197,3 @@ def _valid(param: torch.Tensor, partition: torch.Tensor | None) -> torch.Tensor 
     if partition is None:
         return None
     return partition.reshape(-1).narrow(0, 0, zero3_partition(param)[1])
-
-
-def deepspeed_clipped_grads(
-    params: Mapping[str, torch.Tensor], model: torch.nn.Module, max_norm: float | None
-) -> dict[str, torch.Tensor | None]:
-    """Gradients of ``params`` between DeepSpeed's backward and its step, clipped as the Trainer clips.
-
-    Under DDP the Trainer clips (``torch.nn.utils.clip_grad_norm_`` over every trainable parameter)
-    before ``on_pre_optimizer_step``; DeepSpeed clips inside its step. This applies the same
-    coefficient min(1, max_norm / (‖g‖ + 1e-6)) to the gradients (a collective). ZeRO-1/2: full
-    gradients; ZeRO-3: this rank's partitions, laid out like ``params.local_tensor(p)``.
-    """
-    utils = _deepspeed().utils
-    zero3 = any(is_zero3_param(p) for p in params.values())
-
-    def get(p):
-        return _valid(p, utils.safe_get_local_grad(p)) if zero3 else utils.safe_get_full_grad(p)
-
-    grads = {n: get(p) for n, p in params.items()}
-    if max_norm is None or max_norm <= 0:
-        return grads
-    chosen = {id(p): n for n, p in params.items()}
-    sq = torch.zeros((), dtype=torch.float64)
-    for p in model.parameters():
-        if p.requires_grad:
-            g = grads[chosen[id(p)]] if id(p) in chosen else get(p)
-            if g is not None:
-                sq += g.detach().double().pow(2).sum().cpu()
-    if zero3:  # each rank summed its partitions (reduced on the gradients' device: NCCL needs CUDA)
-        device = next((g.device for g in grads.values() if g is not None), sq.device)
-        sq = all_reduce_sum(sq.to(device)).cpu()
-    coef = min(1.0, max_norm / (float(sq.sqrt()) + 1e-6))
-    return {n: None if g is None else g * coef for n, g in grads.items()}

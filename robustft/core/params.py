@@ -32,6 +32,7 @@ __all__ = [
     "live_tensors",
     "local_tensor",
     "dequantized_weight",
+    "keep_4bit_trainable",
     "quantization",
     "resolve_dtype",
     "restored",
@@ -206,6 +207,32 @@ def dequantized_weight(layer: nn.Module) -> torch.Tensor:
             raise ValueError(f"{type(layer).__name__}: the 8-bit weight has no row scales (SCB)")
         return bnb.functional.int8_vectorwise_dequant(w.data, scb).float()
     raise ValueError(f"{type(layer).__name__}: weight is not a bitsandbytes 4-bit or 8-bit weight")
+
+
+def keep_4bit_trainable(model: nn.Module) -> int:
+    """Keep bitsandbytes 4-bit layers trainable on CPU; returns how many layers were switched.
+
+    bitsandbytes 0.50.2 repacks a ``Linear4bit``'s CPU weight into an inference layout, for good, at its
+    first eval-mode forward without gradients on CPUs with AVX512-BF16 (an evaluation during training), and
+    from then on its backward no longer reaches the layer's input: training goes on silently wrong. This
+    switches that repacking off on every such layer (``support_avx512bf16_for_cpu = False``, as the LLM
+    demo does; only the speed of CPU inference changes) and refuses, naming it, a layer already repacked."""
+    switched = 0
+    for name, module in model.named_modules():
+        if not hasattr(module, "support_avx512bf16_for_cpu"):
+            continue
+        if getattr(getattr(module.weight, "quant_state", None), "packing_format_for_cpu", False):
+            raise ValueError(
+                f"{name or type(module).__name__}: its 4-bit weight is in bitsandbytes' CPU inference layout "
+                "(the model ran in eval mode without gradients, e.g. an evaluation, before training), where "
+                "its backward no longer reaches the layer's input; set support_avx512bf16_for_cpu = False "
+                "on the Linear4bit modules right after loading, or load the model again (docs/llm.md, "
+                "'Quantized bases')"
+            )
+        if module.support_avx512bf16_for_cpu:
+            module.support_avx512bf16_for_cpu = False
+            switched += 1
+    return switched
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:

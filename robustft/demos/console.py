@@ -12,8 +12,11 @@ __all__ = ["Stages", "demo_console", "format_table", "quiet_sweep_logs", "traine
 
 # what a demo hides unless --verbose: deprecation notices of the libraries it drives
 HIDDEN_WARNINGS = (DeprecationWarning, PendingDeprecationWarning, FutureWarning)
-# loggers with their own stdout handler (not transformers'), quieted to errors: DeepSpeed's accelerator notice
-QUIET_LOGGERS = ("DeepSpeed",)
+# loggers outside transformers' verbosity, quieted to errors: DeepSpeed's accelerator notice (its own stdout
+# handler), and bitsandbytes' CPU backend, which warns on import (transformers' Trainer or peft imports it)
+# that the kernels-community gemm_4bit_forward kernel did not load (it falls back to its own CPU kernel).
+# A filter acts on the logger that creates the record only, so each is named in full.
+QUIET_LOGGERS = ("DeepSpeed", "bitsandbytes.backends.cpu.ops")
 
 
 def _errors_only(record: logging.LogRecord) -> bool:
@@ -23,9 +26,9 @@ def _errors_only(record: logging.LogRecord) -> bool:
 
 @contextmanager
 def demo_console(verbose: bool) -> Iterator[None]:
-    """While a demo runs: unless ``verbose``, transformers and DeepSpeed log errors only, neither
-    transformers (weight loading) nor datasets shows progress bars and deprecation warnings are ignored;
-    everything is restored on exit (no global filter is left)."""
+    """While a demo runs: unless ``verbose``, transformers, DeepSpeed and bitsandbytes' CPU backend log errors
+    only, neither transformers (weight loading) nor datasets shows progress bars and deprecation warnings are
+    ignored; everything is restored on exit (no global filter is left)."""
     if verbose:
         yield
         return

@@ -10,7 +10,9 @@
    the hierarchy.
 3. Retained capability: general prompts ("What is the capital of France?") answered greedily by the
    base model before fine-tuning; the score is the loss of those same answers after fine-tuning. The
-   base model scores best here by construction, so a rise is forgetting.
+   base model scores best here by construction, so a rise is forgetting. The answers are a retention set
+   (:mod:`robustft.analysis.retention`), cached as its JSONL file, which ``robustft report --retention``
+   reads as well.
 4. All three scores are the mean per-token loss of the answer (completion tokens only; lower is better).
    Rows: the base model, plain LoRA (TRL ``SFTTrainer``), WiSE-FT at α* (chosen on in-distribution data
    only; for LoRA θ(α) is B ← α·B), EMA of the LoRA factors, Flat-LoRA (``RandomPerturbationCallback``),
@@ -32,12 +34,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from robustft.analysis.retention import (
+    RetentionSet,
     as_plain,
+    build_retention_set,
     chat_row,
     check_model_dir,
-    end_of_answer_id,
     general_prompts,
-    generate_answers,
     has_chat_template,
 )
 from robustft.demos.console import format_table
@@ -49,7 +51,6 @@ __all__ = [
     "LLMTask",
     "LLMDemoResult",
     "evaluate_losses",
-    "format_table",
     "item_losses",
     "gguf_folder",
     "lora_trainer",
@@ -202,37 +203,28 @@ def make_preference_task(
 
 
 # -- retained capability: the base model's own answers to general prompts ---------------------------------
-def base_answers(
-    model_dir: str | os.PathLike, prompts: Sequence[str], max_new_tokens: int = 48,
-    cache_dir: str | os.PathLike | None = None,
-) -> list[dict[str, list[dict[str, str]]]]:
-    """The base model's greedy answers to ``prompts`` as prompt-completion rows, cached in ``cache_dir``
-    (default: beside the model).
+def retention_file(folder: str | os.PathLike, n_prompts: int, max_new_tokens: int) -> Path:
+    """Where the demo keeps the retention set of its first ``n_prompts`` general prompts."""
+    return Path(folder) / f"retention-{n_prompts}prompts-{max_new_tokens}tokens.jsonl"
 
-    Only answers that end (end-of-turn token within ``max_new_tokens``) are kept, so the completion
-    the scores read, answer plus end of turn, is exactly what the base model says. The prompts are
-    answered in one left-padded batch; the cache maps each prompt to its answer (null: unfinished).
+
+def base_retention_set(model_dir: str | os.PathLike, prompts: Sequence[str], max_new_tokens: int = 48,
+                       cache_dir: str | os.PathLike | None = None, tokenizer=None) -> RetentionSet:
+    """The base model's retention set of ``prompts`` (:func:`build_retention_set`: greedy, only finished
+    answers kept), built once and reused from :func:`retention_file` in ``cache_dir`` (default: beside
+    the model); ``robustft report --retention`` reads the same file.
+
+    The prompts are answered in one left-padded batch, as the demo always did (so its answers, and its
+    numbers, are those of earlier versions). A file that no longer matches the model is refused.
     """
-    cache = Path(cache_dir or model_dir) / f"base_answers-{max_new_tokens}.json"
-    known = json.loads(cache.read_text()) if cache.is_file() else {}
-    missing = [p for p in prompts if p not in known]
-    if missing:
-        known.update(zip(missing, _base_model_answers(model_dir, missing, max_new_tokens)))
-        from robustft.core.checkpoint import atomic_write_text
-
-        atomic_write_text(cache, json.dumps(known, indent=1))
-    return [chat_row(p, known[p]) for p in prompts if known[p] is not None]
-
-
-def _base_model_answers(model_dir: str | os.PathLike, prompts: Sequence[str], max_new_tokens: int) -> list:
-    """Greedy answers of the model in ``model_dir`` (``generate_answers``, in one left-padded batch)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    end = end_of_answer_id(tokenizer, model_dir)
-    return generate_answers(model, tokenizer, prompts, max_new_tokens, end, batch_size=max(1, len(prompts)))
+    path = retention_file(cache_dir or model_dir, len(prompts), max_new_tokens)
+    try:
+        return build_retention_set(model_dir, prompts, path, max_new_tokens, batch_size=max(1, len(prompts)),
+                                   tokenizer=tokenizer)
+    except ValueError as err:
+        if not path.is_file():  # not a stale cache: the model finished no prompt
+            raise
+        raise ValueError(f"{err} (the demo's cache: delete {path} to rebuild it)") from None
 
 
 def local_model_dir(path: str | os.PathLike) -> Path:
@@ -466,10 +458,9 @@ def prepare_llm_task(cfg: LLMDemoConfig = FAST, cache_dir: str | os.PathLike | N
 
     tokenizer = AutoTokenizer.from_pretrained(mdir)
     task = make_definition_task(folder, cfg.n_train, cfg.n_eval, cfg.seed)
-    retained = base_answers(mdir, GENERAL_PROMPTS[: cfg.n_retained], cfg.max_new_tokens,
-                            None if model is None else answers_dir)
-    if not retained:
-        raise ValueError("the base model finished none of the general prompts: raise max_new_tokens")
+    rset = base_retention_set(mdir, GENERAL_PROMPTS[: cfg.n_retained], cfg.max_new_tokens,
+                              None if model is None else answers_dir, tokenizer)
+    retained = [chat_row(r["prompt"], r["completion"]) for r in rset.rows]
     rows = {"train": task["train"], "id": task["id"], "shifted": task["shifted"], "retained": retained}
     if not has_chat_template(tokenizer):
         rows = {k: [as_plain(r) for r in v] for k, v in rows.items()}
@@ -513,6 +504,7 @@ def lora_trainer(task: LLMTask, cfg: LLMDemoConfig, output_dir: str | os.PathLik
     from transformers import AutoModelForCausalLM
     from trl import SFTTrainer
 
+    from robustft.core.params import keep_4bit_trainable
     from robustft.demos.console import trainer_console
 
     torch.manual_seed(cfg.seed)
@@ -520,11 +512,7 @@ def lora_trainer(task: LLMTask, cfg: LLMDemoConfig, output_dir: str | os.PathLik
         cpu = (train_overrides or {}).get("use_cpu", True)
         model = AutoModelForCausalLM.from_pretrained(task.model_dir, dtype=torch.float32,
                                                      **quantized_loading(cfg, "cpu" if cpu else "cuda"))
-        for module in model.modules():  # 4-bit: the base is scored (eval, no_grad) before training
-            if hasattr(module, "support_avx512bf16_for_cpu"):
-                # bitsandbytes 0.50.2 would repack its CPU weights for inference there, and its backward
-                # then no longer reaches the layer's input (gemv_4bit has no autograd kernel)
-                module.support_avx512bf16_for_cpu = False
+        keep_4bit_trainable(model)  # 4-bit: the base is scored (eval, no_grad) before training
     trainer = SFTTrainer(
         model=model, args=sft_config(output_dir, cfg, progress, **(train_overrides or {})),
         train_dataset=task.train, eval_dataset=eval_dataset, processing_class=task.tokenizer,

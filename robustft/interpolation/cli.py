@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from robustft.cli import add_output_options
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -27,7 +29,7 @@ def register(subparsers) -> None:
         metavar="CHECKPOINT",
         help="checkpoint or adapter folders, a run folder (its checkpoint-* folders) or a quoted glob",
     )
-    p.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
+    add_output_options(p, progress=True)
     p.add_argument("--method", choices=["uniform", "greedy"], default="uniform")
     p.add_argument("--last", type=int, default=None, metavar="N", help="only the latest N checkpoints")
     p.add_argument(
@@ -51,8 +53,6 @@ def register(subparsers) -> None:
         metavar="DIR",
         help="write soup.json, soup.csv and soup.png into DIR (greedy)",
     )
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_soup)
 
 

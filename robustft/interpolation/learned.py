@@ -137,6 +137,9 @@ class LearnedInterpolation:
         deltas: list[dict[str, torch.Tensor]] = [{} for _ in adapters]
         for k, adapter in enumerate(adapters):
             for module, delta in adapter.deltas.items():
+                if adapter.kinds.get(module) == "parameter":
+                    raise ValueError(f"adapters[{k}]: module {module!r} is a target_parameters LoRA (fused "
+                                     "MoE experts): learned coefficients on it are not supported")
                 weight = getattr(modules.get(module), "weight", None)
                 if weight is None:
                     raise ValueError(f"adapters[{k}]: module {module!r} is not a weighted module of the "

@@ -34,7 +34,7 @@ from torch import nn
 
 from robustft.checks import check_bool, check_non_negative
 from robustft.core import distributed
-from robustft.core.checkpoint import atomic_output_file, save_report
+from robustft.core.checkpoint import pyplot, save_figure, save_report
 from robustft.core.params import Snapshot, full_shape, is_sharded, live_tensors, restored, select_parameters
 from robustft.lora.layers import is_lora_b, lora_a_name
 from robustft.ops.interpolate import (
@@ -124,13 +124,14 @@ class AlphaBudget:
         over = value - self.limit(base)
         return -over if self.greater_is_better else over
 
-    def describe(self, base: float | None = None) -> str:
-        """``retained loss <= value at alpha=0 + 0.1 (= 0.71)``: the rule in words (tables, warnings)."""
+    def describe(self, base: float | None = None, at: str = "at alpha=0") -> str:
+        """``retained loss <= value at alpha=0 + 0.1 (= 0.71)``: the rule in words (tables, warnings);
+        ``at`` names where the base value was measured (a strength sweep: ``"of the start model"``)."""
         sign, op = ("-", ">=") if self.greater_is_better else ("+", "<=")
         parts = [f"{self.epsilon:g}"] if self.epsilon or not self.relative else []
         if self.relative:
-            parts.append(f"{self.relative:g}*|value at alpha=0|")
-        text = f"{self.dataset} {self.metric} {op} value at alpha=0 {sign} {' + '.join(parts)}"
+            parts.append(f"{self.relative:g}*|value {at}|")
+        text = f"{self.dataset} {self.metric} {op} value {at} {sign} {' + '.join(parts)}"
         return text if base is None else f"{text} (= {self.limit(base):.4g})"
 
 
@@ -141,6 +142,7 @@ def choose_alpha(
     tie_break: Sequence[float] | None = None,
     constraint: Sequence[float] | None = None,
     budget: AlphaBudget | None = None,
+    base: float | None = None,
 ) -> float:
     """α* = argbest_α metric_ID(α); ties go to the lowest ``tie_break`` (ID loss), then the smallest α.
 
@@ -153,7 +155,11 @@ def choose_alpha(
     With a ``budget`` (and its metric at every α in ``constraint``) only the α it admits compete: the best
     ID metric subject to constraint(α) within ε of constraint(α=0). α=0 always meets its own budget; if its
     ID value is not finite either, α=0 is returned with a RuntimeWarning naming the budget and the smallest
-    violation.
+    violation. ``base``: the constraint's value at a start the grid does not hold (a strength sweep's
+    untrained model, :func:`robustft.analysis.strength.strength_sweep`); the limit is measured from it, and
+    when no point is admitted the one with the smallest violation is returned (ties as above), with the
+    same warning: the fallback of both cases is the point closest to meeting the budget (α=0 always meets
+    its own).
     """
     if len(alphas) != len(values) or not alphas:
         raise ValueError(f"choose_alpha: {len(alphas)} alphas for {len(values)} metric values")
@@ -169,18 +175,24 @@ def choose_alpha(
         warnings.warn(f"choose_alpha: the metric is not finite at α={skipped}; those points are never chosen",
                       RuntimeWarning, stacklevel=2)
     if budget is not None:
-        base = budget_base(alphas, constraint, budget)
+        outside = base is not None
+        base = budget_base(alphas, constraint, budget, base)
         excess = [budget.excess(c, base) for c in constraint]
         admitted = [i for i in finite if excess[i] <= 0]
         if not admitted:
             worst = min(excess[i] for i in finite)
-            warnings.warn(f"choose_alpha: no α with a finite metric meets the budget "
-                          f"{budget.describe(base)}; "
-                          f"the smallest violation is {worst:.4g} (at α="
-                          f"{[alphas[i] for i in finite if excess[i] == worst]}); choosing α=0 (the start)",
+            least = [i for i in finite if excess[i] == worst]
+            at = "of the start model" if outside else "at alpha=0"
+            warnings.warn(f"choose_alpha: no {'point' if outside else 'α'} with a finite metric meets the "
+                          f"budget {budget.describe(base, at)}; the smallest violation is {worst:.4g} (at "
+                          f"{'' if outside else 'α='}{[alphas[i] for i in least]}); choosing "
+                          + ("the one closest to the budget" if outside else "α=0 (the start)"),
                           RuntimeWarning, stacklevel=2)
-            return 0.0
-        finite = admitted
+            if not outside:
+                return 0.0
+            finite = least
+        else:
+            finite = admitted
     sign = 1.0 if greater_is_better else -1.0
     best = max(sign * values[i] for i in finite)
     tied = [i for i in finite if sign * values[i] == best]
@@ -190,10 +202,17 @@ def choose_alpha(
     return min(alphas[i] for i in tied)
 
 
-def budget_base(alphas: Sequence[float], constraint: Sequence[float], budget: AlphaBudget) -> float:
-    """The constraint's value at α=0, which the budget is measured from; a ValueError when there is none."""
+def budget_base(alphas: Sequence[float], constraint: Sequence[float], budget: AlphaBudget,
+                start: float | None = None) -> float:
+    """The constraint's value at α=0 (or ``start``, measured off the grid), which the budget is measured
+    from; a ValueError when there is none."""
     if len(constraint) != len(alphas):
         raise ValueError(f"choose_alpha: {len(constraint)} constraint values for {len(alphas)} alphas")
+    if start is not None:
+        if not math.isfinite(start):
+            raise ValueError(f"budget: {budget.dataset} {budget.metric} of the start model is {start}; "
+                             "no budget from it")
+        return float(start)
     if 0.0 not in alphas:
         raise ValueError(f"budget: the limit is measured from α=0, which the grid {list(alphas)} lacks; "
                          "add 0")
@@ -390,6 +409,7 @@ class WiseFTCurve:
     budget: AlphaBudget | None = None
     constraint: list[float] | None = None
     axis: str = "alpha"  # what ``alphas`` hold: WiSE-FT's α, or a swept strength (robustft.analysis.strength)
+    budget_start: float | None = None  # the budget's metric of the start when the grid lacks it (strengths)
 
     @property
     def shifted(self) -> list[str]:
@@ -405,7 +425,12 @@ class WiseFTCurve:
         """The worst constraint value the budget admits (None without a budget)."""
         if self.budget is None:
             return None
-        return self.budget.limit(budget_base(self.alphas, self.constraint, self.budget))
+        return self.budget.limit(budget_base(self.alphas, self.constraint, self.budget, self.budget_start))
+
+    @property
+    def budget_at(self) -> str:
+        """Where the budget's base value was measured, in words (tables, plots)."""
+        return "at alpha=0" if self.budget_start is None else "of the start model"
 
     def value(self, dataset: str, alpha: float) -> float:
         return self.results[dataset][self.alphas.index(alpha)]
@@ -427,13 +452,13 @@ class WiseFTCurve:
         tie = id_loss if by_loss else None
         constraint = None if budget is None else self.constraint_values(budget)
         return choose_alpha(self.alphas, self.results[self.id_dataset], self.greater_is_better, tie,
-                            constraint=constraint, budget=budget)
+                            constraint=constraint, budget=budget, base=self.budget_start)
 
     def admitted(self, alpha: float) -> bool:
         """Whether the curve's budget admits ``alpha`` (always True without one)."""
         if self.budget is None:
             return True
-        base = budget_base(self.alphas, self.constraint, self.budget)
+        base = budget_base(self.alphas, self.constraint, self.budget, self.budget_start)
         return self.budget.excess(self.constraint[self.alphas.index(alpha)], base) <= 0
 
     def as_dict(self) -> dict[str, Any]:
@@ -468,8 +493,9 @@ class WiseFTCurve:
         head = f"{self.axis:>7} " + " ".join(f"{d[:14]:>14}" for d in [*names, *extra]) + "  note"
         rows = [head, "-" * len(head)]
         if self.budget is not None:
-            base = budget_base(self.alphas, self.constraint, self.budget)
-            rule = f"rule: best {self.id_dataset} {self.metric} subject to {self.budget.describe(base)}"
+            base = budget_base(self.alphas, self.constraint, self.budget, self.budget_start)
+            rule = (f"rule: best {self.id_dataset} {self.metric} subject to "
+                    f"{self.budget.describe(base, self.budget_at)}")
             rows.insert(0, rule)
         for i, a in enumerate(self.alphas):
             notes = []
@@ -497,14 +523,9 @@ class WiseFTCurve:
     def plot(self, path: str | os.PathLike) -> Path | None:
         """WiSE-FT-style plot: ID metric on x, each shifted metric on y, one point per α; with a budget, a
         second panel: the constraint metric against α, the budget's limit dashed."""
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
+        plt = pyplot()
+        if plt is None:
             return None
-        path = Path(path)
         if self.budget is None:
             fig, ax = plt.subplots(figsize=(5.5, 4.5))
         else:
@@ -536,26 +557,25 @@ class WiseFTCurve:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="best")
         fig.tight_layout()
-        with atomic_output_file(path) as tmp:
-            fig.savefig(tmp, dpi=110)
-        plt.close(fig)
-        return path
+        return save_figure(fig, path)
 
     def _plot_budget(self, ax) -> None:
         """The budget panel: the constraint metric at every α, the limit, the admitted and chosen α."""
         b, y = self.budget, self.constraint
         ax.plot(self.alphas, y, "o-", ms=4, color="tab:purple", label=f"{b.dataset} {b.metric}")
-        ax.axhline(self.budget_limit, ls="--", color="gray", label=f"budget: {b.describe()}")
+        ax.axhline(self.budget_limit, ls="--", color="gray", label=f"budget: {b.describe(at=self.budget_at)}")
         over = [i for i, a in enumerate(self.alphas) if not self.admitted(a)]
         ax.plot([self.alphas[i] for i in over], [y[i] for i in over], "x", ms=9, color="gray",
                 label="over budget: not eligible")
         ci = self.alphas.index(self.chosen_alpha)
-        ax.plot(self.alphas[ci], y[ci], "*", ms=16, color="crimson", label=f"chosen α={self.chosen_alpha:g}")
+        sym = "α" if self.axis == "alpha" else self.axis
+        ax.plot(self.alphas[ci], y[ci], "*", ms=16, color="crimson",
+                label=f"chosen {sym}={self.chosen_alpha:g}")
         id_alpha = self.extra.get("id_rule_alpha")
         if id_alpha is not None and id_alpha != self.chosen_alpha:
             j = self.alphas.index(id_alpha)
             ax.plot(id_alpha, y[j], "D", ms=8, mfc="none", color="black", label=f"ID rule α={id_alpha:g}")
-        ax.set_xlabel("α (0: start, 1: fine-tuned)")
+        ax.set_xlabel("α (0: start, 1: fine-tuned)" if self.axis == "alpha" else f"{sym} (one run each)")
         ax.set_ylabel(f"{b.dataset} {b.metric}")
         ax.set_title("the budget's constraint along the path")
         ax.grid(alpha=0.3)

@@ -13,16 +13,15 @@ from __future__ import annotations
 
 import argparse
 
+from robustft.cli import add_output_options
+
 __all__ = ["register", "run"]
 
 _DTYPES = ("bfloat16", "float16", "float32")  # names only: the parser is built without importing torch
 
 
 def _common(p: argparse.ArgumentParser, method: bool = True, rank: bool = True) -> None:
-    p.add_argument(
-        "--out", required=True, help="output folder (an adapter, or a dense model with --merge-into)"
-    )
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    add_output_options(p, "output folder (an adapter, or a dense model with --merge-into)")
     if method:
         p.add_argument(
             "--method",

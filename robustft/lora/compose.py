@@ -21,6 +21,7 @@ from robustft.checks import check_integer, check_number
 from robustft.core.checkpoint import atomic_output_dir, check_output_dir
 from robustft.lora.algebra import combine, combine_dense
 from robustft.lora.io import CONFIG_NAME, WEIGHTS_NAME, LoRAAdapter, adapter_files
+from robustft.lora.layers import parse_expert_name, unwrapped_module, wrapped_parameter
 from robustft.merge.registry import METHODS, REQUIRED, MergeInputs, tensor_seed
 
 __all__ = ["COMPOSE_METHODS", "DENSE_METHODS", "check_compatible", "check_compose", "compose_adapters",
@@ -52,6 +53,13 @@ def check_compatible(adapters: Sequence[LoRAAdapter]) -> str | None:
         raise ValueError(
             f"{biased.source} has lora_bias=True but module {embedding[0]!r} of {embedding[1].source} is an "
             "embedding LoRA: PEFT has no lora_bias for embeddings, so no single adapter can hold both"
+        )
+    targets = {a.source: sorted(a.config.get("target_parameters") or ()) for a in adapters
+               if a.config.get("target_parameters")}
+    if len({tuple(t) for t in targets.values()}) > 1:
+        raise ValueError(
+            f"adapters target different parameters (target_parameters: {targets}): a nested ParamWrapper's "
+            "saved name depends on which parameters are targeted, so they cannot be combined"
         )
     fan = {bool(a.config.get("fan_in_fan_out")) for a in adapters}
     if len(fan) > 1:
@@ -309,6 +317,24 @@ def _load_base(base_dir: Path, model_class: str | None):
     return model.dequantize(dtype=torch.float32), dtype
 
 
+def _check_expert(model, name: str, shape: tuple[int, int], target_parameters, base_dir: Path) -> None:
+    """Refuse an expert delta ``name`` (``<path>[e]``) that does not fit the base parameter it adapts."""
+    path, expert = parse_expert_name(name)
+    pname, param = wrapped_parameter(model, path, target_parameters)
+    if param.dim() == 2:
+        experts, expected = 1, tuple(param.shape)
+    else:
+        experts, expected = param.shape[0], tuple(param.shape[1:])
+        owner = dict(model.named_modules())[unwrapped_module(path)[0]]
+        if getattr(owner, "is_transposed", False):  # (E, in, out) storage: PEFT's ΔW is transposed there
+            expected = expected[::-1]
+    if expert >= experts or shape != expected:
+        raise ValueError(
+            f"module {name!r}: adapter ΔW of shape {shape} for expert {expert} does not fit parameter "
+            f"{pname!r} {tuple(param.shape)} in {base_dir}"
+        )
+
+
 def merge_into_base(
     adapter: LoRAAdapter,
     base_model_dir: str | os.PathLike,
@@ -341,6 +367,9 @@ def merge_into_base(
     model, dtype = _load_base(base_dir, model_class)
     modules = dict(model.named_modules())
     for module, d in adapter.deltas.items():
+        if adapter.kinds.get(module) == "parameter":
+            _check_expert(model, module, d.shape, adapter.config.get("target_parameters") or (), base_dir)
+            continue
         target = modules.get(module)
         weight = getattr(target, "weight", None)
         if weight is None:

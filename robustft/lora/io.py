@@ -9,6 +9,9 @@ options PEFT tags as LoRA variants, base-mutating initialisations) are refused, 
 module and the option. Written adapters fold s into B and declare scale 1 for every module
 (``lora_alpha = r`` per module through ``rank_pattern``/``alpha_pattern``, no rsLoRA), so ranks may differ
 per module and loading is exact.
+A ``target_parameters`` adapter (LoRA on fused MoE experts, PEFT's ``ParamWrapper``) becomes one delta per
+expert, named ``<saved path>[e]`` with kind ``"parameter"``, and is written back in PEFT's layout
+(:mod:`robustft.lora.layers`).
 For embeddings PEFT's ΔW is (B A)ᵀ and for ``fan_in_fan_out`` layers it is stored transposed; the
 algebra is the same on the factors, so both are carried through unchanged.
 """
@@ -30,7 +33,16 @@ from safetensors.torch import load_file, save_file
 
 from robustft.core.checkpoint import atomic_output_dir
 from robustft.lora.algebra import DeltaSet, LoRADelta
-from robustft.lora.layers import mentions_lora, parse_factor_key
+from robustft.lora.layers import (
+    expert_name,
+    join_expert_factors,
+    mentions_lora,
+    parse_expert_name,
+    parse_factor_key,
+    split_expert_factors,
+    targets_parameter,
+    unwrapped_module,
+)
 
 __all__ = [
     "adapter_files",
@@ -77,6 +89,48 @@ class LoRAAdapter:
 
 
 # -- reading -----------------------------------------------------------------------------------------
+def _pattern_value(config: Mapping[str, Any], pattern: str, key: str, default):
+    """PEFT's value of ``pattern`` (``rank_pattern``/``alpha_pattern``) for ``key``, else ``default``."""
+    from peft.utils.other import get_pattern_key
+
+    patterns = config.get(pattern) or {}
+    return patterns.get(get_pattern_key(patterns.keys(), key), default)
+
+
+def _wrapper_rank(config: Mapping[str, Any], path: str, source: str) -> tuple[int, float]:
+    """(r, lora_alpha) of the ``ParamWrapper`` saved under ``path``: PEFT looks them up by
+    ``<module>.<parameter>``; which parameter a nested wrapper adapts depends on the model's parameter order,
+    so patterns that tell the candidates apart are refused."""
+    module, _ = unwrapped_module(path)
+    names = {t.rpartition(".")[2] for t in config.get("target_parameters") or ()
+             if targets_parameter(f"{module}.{t.rpartition('.')[2]}", config["target_parameters"])}
+    found = {(_pattern_value(config, "rank_pattern", f"{module}.{n}", config.get("r", 8)),
+              _pattern_value(config, "alpha_pattern", f"{module}.{n}", config.get("lora_alpha", 8)))
+             for n in sorted(names)}
+    if len(found) != 1:
+        raise ValueError(
+            f"{source}: module {path!r} (target_parameters): rank_pattern/alpha_pattern give its parameters "
+            f"{sorted(names)} different ranks or alphas {sorted(found)}, and which nested ParamWrapper "
+            "adapts which parameter depends on the model's parameter order; not supported"
+        )
+    return found.pop()
+
+
+def _is_wrapper(config: Mapping[str, Any], path: str) -> bool:
+    """True when the LoRA module saved under ``path`` is a ``ParamWrapper`` (``target_parameters``)."""
+    targets = config.get("target_parameters") or ()
+    module, depth = unwrapped_module(path)
+    if depth > 0:
+        return True
+    named = any(targets_parameter(f"{module}.{t.rpartition('.')[2]}", [t]) for t in targets if "." in t)
+    if not named and config.get("target_modules") and any("." not in t for t in targets):
+        raise ValueError(
+            f"module {path!r}: target_parameters {sorted(targets)} names a bare parameter, so a LoRA layer "
+            "of target_modules and a ParamWrapper look alike in the saved adapter; not supported"
+        )
+    return named or any(targets_parameter(f"{module}.{t}", [t]) for t in targets if "." not in t)
+
+
 def _module_scale(config: Mapping[str, Any], module: str, rank: int) -> float:
     """PEFT's scale of ``module``: lora_alpha (or its ``alpha_pattern`` entry, matched by PEFT's own
     ``get_pattern_key``) over r, or over √r with rsLoRA."""
@@ -115,7 +169,7 @@ def _variant_options(config: Mapping[str, Any]) -> list[str]:
                 found.append(f"init_lora_weights={init!r}")
         elif f.metadata.get("is_lora_variant") and value:
             found.append(f"{f.name}={value!r}")
-    for name in ("use_qalora", "target_parameters", "layer_replication"):  # not s·B·A on a base module
+    for name in ("use_qalora", "layer_replication"):  # not s·B·A on a base module
         if config.get(name):
             found.append(f"{name}={config[name]!r}")
     return found
@@ -178,12 +232,38 @@ def adapter_from_state_dict(
                 f"{source}: module {module!r} has {A.ndim}-D LoRA factors (a convolution?); "
                 "only Linear/Conv1D/Embedding LoRA is supported"
             )
+        if kinds[module] == "linear" and _is_wrapper(config, module):
+            _add_experts(deltas, kinds, module, parts, config, source)
+            dtype = A.dtype if dtype is None else torch.promote_types(dtype, A.dtype)
+            continue
         scale = _module_scale(config, module, A.shape[0])
         deltas[module] = LoRADelta(B, A, scale, module, parts.get("bias"))
         dtype = A.dtype if dtype is None else torch.promote_types(dtype, A.dtype)
     if not deltas:
         raise ValueError(f"{source}: no LoRA factors found")
     return LoRAAdapter(deltas, config, kinds, extras, dtype, source)
+
+
+def _add_experts(deltas: DeltaSet, kinds: dict[str, str], path: str, parts: Mapping[str, torch.Tensor],
+                 config: Mapping[str, Any], source: str) -> None:
+    """Split the ``ParamWrapper`` saved under ``path`` into one :class:`LoRADelta` per expert, named
+    :func:`expert_name` and of kind ``"parameter"``."""
+    A, B = parts["A"], parts["B"]
+    if "bias" in parts:
+        raise ValueError(f"{source}: module {path!r} (target_parameters) has a lora_B bias; PEFT has none")
+    rank, alpha = _wrapper_rank(config, path, source)
+    experts, rest = divmod(A.shape[0], rank)
+    if rest or experts < 1 or B.shape[1] != A.shape[0]:
+        raise ValueError(
+            f"{source}: module {path!r} (target_parameters): factors A {tuple(A.shape)} and "
+            f"B {tuple(B.shape)} do not hold r={rank} per expert"
+        )
+    scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+    del kinds[path]
+    for e, (b, a) in enumerate(split_expert_factors(B, A, experts)):
+        name = expert_name(path, e)
+        deltas[name] = LoRADelta(b, a, scale, name)
+        kinds[name] = "parameter"
 
 
 def read_adapter(path: str | os.PathLike) -> LoRAAdapter:
@@ -233,7 +313,13 @@ def adapter_files(
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
     bias = any(d.bias is not None for d in adapter.deltas.values())
+    experts = {m: d for m, d in adapter.deltas.items() if adapter.kinds.get(m) == "parameter"}
+    if experts and bias:
+        raise ValueError("PEFT has no lora_bias with target_parameters; cannot write both in one adapter")
+    wrapper_rank = _write_experts(experts, tensors, dtype)
     for module, delta in adapter.deltas.items():
+        if module in experts:
+            continue
         d = delta.folded()
         ranks[module] = d.rank
         if adapter.kinds.get(module, "linear") == "embedding":
@@ -249,7 +335,7 @@ def adapter_files(
             tensors[f"{PREFIX}{module}.lora_B.bias"] = b.to(dtype).contiguous()
     for key, t in adapter.extras.items():
         tensors[key] = t.contiguous()
-    r = max(ranks.values())
+    r = wrapper_rank or max(ranks.values())
     pattern = {re.escape(m): k for m, k in sorted(ranks.items()) if k != r}
     config = dict(adapter.config)
     config.update(
@@ -264,10 +350,37 @@ def adapter_files(
         exclude_modules=None,
         layers_to_transform=None,
         layers_pattern=None,
-        target_parameters=None,
+        target_parameters=sorted(adapter.config.get("target_parameters") or ()) if experts else None,
         inference_mode=True,
     )
     return config, tensors
+
+
+def _write_experts(experts: Mapping[str, LoRADelta], tensors: dict[str, torch.Tensor],
+                   dtype: torch.dtype) -> int:
+    """Put the per-expert deltas back into their ``ParamWrapper`` s' factors (scales folded, every expert
+    zero-padded to the largest rank among them: exact, PEFT holds one r per wrapper) and return that rank
+    (0 without experts)."""
+    if not experts:
+        return 0
+    rank = max(d.rank for d in experts.values())
+    groups: dict[str, dict[int, LoRADelta]] = {}
+    for name, d in experts.items():
+        path, e = parse_expert_name(name)
+        groups.setdefault(path, {})[e] = d.folded()
+    for path, by_expert in sorted(groups.items()):
+        if sorted(by_expert) != list(range(len(by_expert))):
+            raise ValueError(f"module {path!r} (target_parameters): experts {sorted(by_expert)}, not 0..E-1")
+        pairs = []
+        for e in range(len(by_expert)):
+            d = by_expert[e]
+            pad = rank - d.rank
+            pairs.append((torch.nn.functional.pad(d.B, (0, pad)),
+                          torch.nn.functional.pad(d.A, (0, 0, 0, pad))))
+        B, A = join_expert_factors(pairs)
+        tensors[f"{PREFIX}{path}.lora_A.weight"] = A.to(dtype).contiguous()
+        tensors[f"{PREFIX}{path}.lora_B.weight"] = B.to(dtype).contiguous()
+    return rank
 
 
 def write_adapter(

@@ -10,6 +10,15 @@ PEFT (checked with peft 0.21.2) gives a LoRA ``Linear``/``Conv1D`` layer two ``M
 
 Live layers are recognised by what they hold (``lora_A``, ``lora_B``, ``base_layer``,
 ``get_delta_weight``), not by class, so PEFT is never imported here.
+
+``target_parameters`` (a ``ParamWrapper`` on an ``nn.Parameter``, e.g. the fused 3-D expert weights of an
+MoE, (E, out, in)): one pair of ``Linear`` factors holds every expert, A of shape (E·r, in) expert-major
+and B of shape (out, r·E) rank-major, so expert e's delta is s·B[:, e::E] A[e·r:(e+1)·r]. Several parameters
+of one module nest their wrappers, the first one PEFT wraps (the module's parameter order) innermost: its
+saved keys carry one ``.base_layer`` per wrapper around it (``experts.base_layer.lora_A.weight`` is
+``gate_up_proj``,
+``experts.lora_A.weight`` is ``down_proj`` on Mixtral). robustft names expert e of such a saved module path
+``<path>[e]`` (:func:`expert_name`).
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ from robustft.core.params import is_sharded, is_zero3_param, local_tensor, zero3
 from robustft.ops.dtypes import compute_dtype
 
 __all__ = [
+    "expert_name",
     "is_lora_b",
     "is_peft_model",
     "lora_a_name",
@@ -30,7 +40,13 @@ __all__ = [
     "lora_layers",
     "low_rank_factors",
     "mentions_lora",
+    "join_expert_factors",
+    "parse_expert_name",
     "parse_factor_key",
+    "split_expert_factors",
+    "targets_parameter",
+    "wrapped_parameter",
+    "unwrapped_module",
 ]
 
 # a factor's name part, in a live model or a saved adapter: lora_A, lora_B, lora_embedding_A, lora_embedding_B
@@ -70,6 +86,71 @@ def parse_factor_key(key: str) -> tuple[str, str, str] | None:
     if m["bias"] is not None:
         return m["module"], "bias", "linear"
     return m["module"], m["embedding"], "embedding"
+
+
+_EXPERT = re.compile(r"^(?P<path>.+)\[(?P<expert>\d+)\]$")
+_BASE_LAYER = ".base_layer"
+
+
+def expert_name(path: str, expert: int) -> str:
+    """robustft's name of expert ``expert`` of the ``ParamWrapper`` saved under ``path``: ``<path>[e]``."""
+    return f"{path}[{expert}]"
+
+
+def parse_expert_name(name: str) -> tuple[str, int] | None:
+    """(saved path, expert) of an :func:`expert_name`, else None."""
+    m = _EXPERT.match(name)
+    return None if m is None else (m["path"], int(m["expert"]))
+
+
+def unwrapped_module(path: str) -> tuple[str, int]:
+    """(the module a ``ParamWrapper`` saved under ``path`` wraps, how many wrappers lie around it): the
+    trailing ``.base_layer`` s removed and counted."""
+    depth = 0
+    while path.endswith(_BASE_LAYER):
+        path, depth = path[: -len(_BASE_LAYER)], depth + 1
+    return path, depth
+
+
+def targets_parameter(key: str, target_parameters) -> bool:
+    """PEFT's matching of a parameter's full name to ``target_parameters`` (equal, or a dotted suffix)."""
+    return any(key == t or key.endswith(f".{t}") for t in target_parameters)
+
+
+def wrapped_parameter(model: torch.nn.Module, path: str, target_parameters) -> tuple[str, torch.nn.Parameter]:
+    """(name, parameter) of ``model`` that the ``ParamWrapper`` saved under ``path`` adapts: the module's own
+    parameters that ``target_parameters`` names, in the module's order, the first innermost."""
+    module_name, depth = unwrapped_module(path)
+    module = dict(model.named_modules()).get(module_name)
+    if module is None:
+        raise ValueError(f"LoRA module {path!r}: no module {module_name!r} in the base model")
+    targeted = [(n, p) for n, p in module.named_parameters(recurse=False)
+                if targets_parameter(f"{module_name}.{n}", target_parameters)]
+    if depth >= len(targeted):
+        raise ValueError(
+            f"LoRA module {path!r}: module {module_name!r} of the base model has {len(targeted)} "
+            f"parameter(s) named by target_parameters={list(target_parameters)}, fewer than the "
+            "wrappers the key implies"
+        )
+    name, param = targeted[len(targeted) - 1 - depth]
+    return f"{module_name}.{name}", param
+
+
+def split_expert_factors(B: torch.Tensor, A: torch.Tensor,
+                         experts: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """[(B_e, A_e)] of a ``ParamWrapper`` 's factors B (out, r·E) rank-major and A (E·r, in) expert-major."""
+    rank = A.shape[0] // experts
+    a = A.reshape(experts, rank, A.shape[-1])
+    b = B.reshape(B.shape[0], rank, experts)
+    return [(b[:, :, e].contiguous(), a[e].contiguous()) for e in range(experts)]
+
+
+def join_expert_factors(pairs) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, A) in a ``ParamWrapper`` 's layout from equal-rank per-expert (B_e, A_e): the inverse of
+    :func:`split_expert_factors`."""
+    B = torch.stack([b for b, _ in pairs], dim=2)  # out x r x E
+    A = torch.stack([a for _, a in pairs], dim=0)  # E x r x in
+    return B.reshape(B.shape[0], -1), A.reshape(-1, A.shape[-1])
 
 
 def mentions_lora(key: str) -> bool:

@@ -18,6 +18,7 @@ if TYPE_CHECKING:  # the same names, for type checkers and IDEs
         align_state_dicts,
     )
     from robustft.merge.engine import MergeResult, merge_checkpoints, merge_tensor
+    from robustft.merge.experts import ExpertMergeReport, merge_experts
     from robustft.merge.interpolate import warp_checkpoints
     from robustft.merge.recipe import METHODS, Recipe, load_recipe, parse_recipe
     from robustft.merge.search import SearchParam, SearchResult, search_merge, trainer_objective
@@ -30,6 +31,7 @@ __getattr__, __dir__ = lazy_exports(
             "AlignResult", "activation_matching", "align_checkpoints", "align_models", "align_state_dicts",
         ),
         "robustft.merge.engine": ("MergeResult", "merge_checkpoints", "merge_tensor"),
+        "robustft.merge.experts": ("ExpertMergeReport", "merge_experts"),
         "robustft.core.statistics": ("Grams", "estimate_fisher", "estimate_gram", "save_fisher", "save_gram"),
         "robustft.merge.interpolate": ("warp_checkpoints",),
         "robustft.merge.recipe": ("METHODS", "Recipe", "load_recipe", "parse_recipe"),
@@ -44,8 +46,10 @@ __all__ = [
     "align_checkpoints",
     "align_models",
     "align_state_dicts",
+    "ExpertMergeReport",
     "METHODS",
     "MergeResult",
+    "merge_experts",
     "Recipe",
     "load_recipe",
     "merge_checkpoints",

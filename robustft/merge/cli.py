@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from robustft.cli import add_output_options
+
 
 def register(subparsers) -> None:
     _register_merge(subparsers)
@@ -34,11 +36,10 @@ def _register_merge(subparsers) -> None:
         help="YAML recipe (merge_method, base_model, models, parameters, dtype, overrides)",
     )
     p.add_argument("out_dir", nargs="?", metavar="OUT", help="output folder (as mergekit-yaml; or --out)")
-    p.add_argument("--out", help="output folder (must not exist unless --overwrite)")
+    add_output_options(p, required=False, progress=True)
     p.add_argument(
         "--list", action="store_true", help="print every merge method with its parameters and defaults"
     )
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument(
         "--max-shard-size", default=None, help="shard size, e.g. 2GB or 500MiB (default: recipe or 5GB)"
     )
@@ -46,7 +47,6 @@ def _register_merge(subparsers) -> None:
         "--workers", type=int, default=None,
         help="tensors merged at once by threads (default: torch's intra-op thread count)",
     )  # fmt: skip
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     mk = p.add_argument_group(
         "mergekit-yaml flags", "accepted for the same command lines (docs/merging.md, Coming from mergekit)"
     )
@@ -135,9 +135,8 @@ def _register_interpolate(subparsers) -> None:
     )
     p.add_argument("--alpha", required=True, type=float, help="0 = start, 1 = fine-tuned")
     p.add_argument("--method", choices=["linear", "slerp"], default="linear")
-    p.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
+    add_output_options(p)
     p.add_argument("--extrapolate", action="store_true", help="allow alpha outside [0, 1]")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=run_interpolate)
 
 
@@ -166,11 +165,9 @@ def _register_average(subparsers) -> None:
     )
     p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT",
                    help="checkpoint folders, a run folder (its checkpoint-* folders) or a quoted glob")
-    p.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
+    add_output_options(p, progress=True)
     p.add_argument("--last", type=int, default=None, metavar="N",
                    help="average only the latest N checkpoints")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_average)
 
 
@@ -251,10 +248,8 @@ def _register_warp(subparsers) -> None:
         help="merge of the task vectors: warp (iterated SLERP, default), nuslerp (M=2), multislerp, karcher",
     )
     p.add_argument("--weights", nargs="+", type=float, default=None, help="one weight per policy (default 1)")
-    p.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
+    add_output_options(p, progress=True)
     p.add_argument("--extrapolate", action="store_true", help="allow eta outside [0, 1], negative --weights")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_warp)
 
 
@@ -290,11 +285,10 @@ def _register_align(subparsers) -> None:
     )
     p.add_argument("--reference", required=True, help="the model to match (checkpoint folder or file)")
     p.add_argument("--model", required=True, help="the model to permute (its config/tokenizer are copied)")
-    p.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
+    add_output_options(p)
     p.add_argument("--family", default=None, help="mlp, llama, gpt2 or bert (default: from config.json)")
     p.add_argument("--seed", type=int, default=0, help="seed of the order the permutations are visited in")
     p.add_argument("--max-iter", type=int, default=100, help="at most this many sweeps over the permutations")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=run_align)
 
 
@@ -327,7 +321,8 @@ def _register_search(subparsers) -> None:
                    help="JSONL file or datasets folder: a causal LM is scored by its loss on the answer "
                    "tokens of {prompt, answer} rows ({text}: every token), a sequence classifier by its "
                    "accuracy on {text, label} rows")
-    p.add_argument("--out", required=True, help="output folder (the study lives there: run again to resume)")
+    add_output_options(p, "output folder (the study lives there: run again to resume)",
+                       overwrite_help="start afresh: drop a study already in --out", progress=True)
     p.add_argument("--param", action="append", default=None, metavar="KEY=LOW:HIGH[:log]",
                    help="a searched parameter of the method and its range (repeatable; default weight=0:1)")
     p.add_argument("--layer-groups", type=int, default=1, metavar="K",
@@ -339,8 +334,6 @@ def _register_search(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="the sampler's seed")
     p.add_argument("--batch-size", type=int, default=16, help="evaluation batch size")
     p.add_argument("--max-length", type=int, default=256, help="tokens per evaluation row at most")
-    p.add_argument("--overwrite", action="store_true", help="start afresh: drop a study already in --out")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_search)
 
 
@@ -427,15 +420,13 @@ def _register_tall(subparsers) -> None:
     c.add_argument("--tasks", nargs="+", default=None, help="a name per model (default: folder names)")
     c.add_argument("--lambda", dest="lambda_", nargs="+", type=float, default=[0.6],
                    help="mask threshold lambda (one for all, or one per model; default 0.6)")
-    c.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
-    c.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    add_output_options(c)
     c.set_defaults(func=run_tall_compress)
     e = sub.add_parser("extract", help="write one task's model from a compression")
     e.add_argument("compressed", help="the folder written by 'robustft tall compress'")
     e.add_argument("--task", required=True, help="the task's name (or its index)")
     e.add_argument("--base", default=None, help="the base checkpoint (default: the path recorded)")
-    e.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
-    e.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    add_output_options(e)
     e.set_defaults(func=run_tall_extract)
 
 

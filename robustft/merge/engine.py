@@ -38,6 +38,7 @@ from robustft.merge.io import (
     ShardedWriter,
     copy_side_files,
     layout_difference,
+    model_layout,
     resolve_model,
     write_chat_template,
 )
@@ -259,8 +260,8 @@ def _open_inputs(
     """Open the recipe's checkpoints (closed with ``stack``; ``open_reader`` opens one), build its output
     vocabulary and check that names and shapes agree, reading headers only."""
     ref_path = local[recipe.reference_model]
-    ref = stack.enter_context(open_reader(ref_path))
-    readers = [stack.enter_context(open_reader(local[m.path])) for m in recipe.models]
+    ref = model_layout(stack.enter_context(open_reader(ref_path)))
+    readers = [model_layout(stack.enter_context(open_reader(local[m.path]))) for m in recipe.models]
     ref, *readers = tie_missing_heads([ref, *readers])[0]
     who = [f"base_model {recipe.reference_model}" if recipe.base_model else f"models[0] {ref_path}"]
     who += [f"models[{i}] {m.path}" for i, m in enumerate(recipe.models)]

@@ -21,6 +21,7 @@ import struct
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePath
+from typing import Any
 
 import torch
 
@@ -37,6 +38,8 @@ __all__ = [
     "copy_side_files",
     "layout_difference",
     "load_checkpoints",
+    "model_layout",
+    "ModelLayoutView",
     "parse_size",
     "read_safetensors_header",
     "resolve_model",
@@ -351,6 +354,99 @@ class LoadedCheckpoint(CheckpointReader):
     def memory_bytes(self) -> int:
         """Bytes held in memory (the stored tensors)."""
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+#: a per-expert MoE tensor name (``...experts.3.w1.weight``): a checkpoint layout transformers 5 fuses
+_PER_EXPERT = re.compile(r"\.experts\.\d+\.")
+
+
+def _natural(name: str) -> tuple:
+    """Sort key with numbers compared as numbers (expert 10 after expert 9), as transformers stacks them."""
+    return tuple(int(p) if p.isdigit() else p for p in re.split(r"([0-9]+)", name))
+
+
+def _convert_layout(transforms: Sequence, futures: Mapping[str, Any]) -> tuple[dict[str, Any], dict]:
+    """Run transformers' checkpoint conversion (``WeightRenaming`` / ``WeightConverter`` s, in order) on
+    ``futures`` (name -> callable giving the tensor): (model-layout name -> tensor or callable, model-layout
+    name -> the checkpoint names it is made of). One fresh converter per target layer, as mergekit does."""
+    import copy
+
+    from transformers.core_model_loading import WeightRenaming
+
+    available = dict(futures)
+    sources = {k: (k,) for k in futures}
+    for transform in transforms:
+        groups: dict[str, list[tuple[str, str]]] = {}
+        for key in sorted(available, key=_natural):
+            renamed, pattern = transform.rename_source_key(key)
+            if pattern is not None:
+                groups.setdefault(renamed, []).append((key, pattern))
+        for layer, members in groups.items():
+            if isinstance(transform, WeightRenaming):
+                (key, _), = members
+                available[layer], sources[layer] = available.pop(key), sources.pop(key)
+                continue
+            converter = copy.deepcopy(transform)
+            for key, pattern in members:
+                converter.add_tensor(layer, key, pattern, available.pop(key))
+            made_of = tuple(k for key, _ in members for k in sources.pop(key))
+            for name, tensor in converter.convert(layer).items():
+                available[name], sources[name] = tensor, made_of
+    return available, sources
+
+
+class ModelLayoutView:
+    """A checkpoint saved in its checkpoint layout (Mixtral's per-expert ``block_sparse_moe.experts.<e>.w1``)
+    read in transformers 5's model layout (fused 3-D ``mlp.experts.gate_up_proj`` (E, 2I, H), ``down_proj``),
+    by transformers' own conversion mapping: what ``from_pretrained`` builds and what mergekit 0.1.5 merges
+    and writes. Names and shapes come from a conversion of empty (meta) tensors; ``get`` converts the tensors
+    one model-layout tensor is made of."""
+
+    def __init__(self, reader: CheckpointReader, transforms: Sequence) -> None:
+        self.reader, self.transforms = reader, list(transforms)
+        meta = {n: (lambda i=i: torch.empty(i.shape, dtype=i.dtype, device="meta"))
+                for n, i in reader.infos.items()}
+        converted, self.sources = _convert_layout(self.transforms, meta)
+        self.infos = {}
+        for name, t in converted.items():
+            t = t() if callable(t) else t
+            first = reader.infos[self.sources[name][0]]
+            self.infos[name] = TensorInfo(name, tuple(t.shape), t.dtype, first.file, first.begin, first.end)
+        self.names = sorted(self.infos, key=_natural)
+
+    def get(self, name: str) -> torch.Tensor:
+        made_of = self.sources.get(name)
+        if made_of is None:
+            raise KeyError(f"{self.reader.path}: no tensor {name!r}")
+        if made_of == (name,):
+            return self.reader.get(name)
+        futures = {k: (lambda k=k: self.reader.get(k)) for k in made_of}
+        tensor = _convert_layout(self.transforms, futures)[0][name]
+        return (tensor() if callable(tensor) else tensor).contiguous()
+
+    def get_rows(self, name: str, rows) -> torch.Tensor:
+        if self.sources.get(name) == (name,):
+            return self.reader.get_rows(name, rows)
+        return self.get(name)[list(rows)]
+
+    def __getattr__(self, attr: str):
+        return getattr(self.reader, attr)
+
+
+def model_layout(reader: CheckpointReader) -> CheckpointReader | ModelLayoutView:
+    """``reader`` in transformers 5's model layout where it differs from the saved one (an MoE checkpoint
+    with per-expert tensors whose ``model_type`` transformers converts on load), else ``reader`` itself;
+    transformers is imported only for such a checkpoint."""
+    if not any(_PER_EXPERT.search(n) for n in reader.infos):
+        return reader
+    config = reader.folder / "config.json"
+    model_type = json.loads(config.read_text()).get("model_type") if config.is_file() else None
+    if not isinstance(model_type, str):
+        return reader
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+    transforms = get_checkpoint_conversion_mapping(model_type)
+    return ModelLayoutView(reader, transforms) if transforms else reader
 
 
 def load_checkpoints(paths: Sequence[str | os.PathLike]) -> dict[Path, LoadedCheckpoint]:

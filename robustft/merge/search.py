@@ -33,7 +33,7 @@ import yaml
 from torch import nn
 
 from robustft.checks import as_real, short_repr
-from robustft.core.checkpoint import atomic_write_text, save_report
+from robustft.core.checkpoint import atomic_write_text, pyplot, save_figure, save_report
 from robustft.merge.engine import merged_tensors
 from robustft.merge.io import LoadedCheckpoint, load_checkpoints, resolve_model
 from robustft.merge.recipe import Recipe, load_recipe, parse_recipe
@@ -438,15 +438,9 @@ def _plot(rows: list[dict[str, Any]], label: str) -> Callable[[Path], Path | Non
     matplotlib)."""
 
     def plot(path: Path) -> Path | None:
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
+        plt = pyplot()
+        if plt is None:
             return None
-        from robustft.core.checkpoint import atomic_output_file
-
         fig, ax = plt.subplots(figsize=(5.5, 4))
         x = list(range(1, len(rows) + 1))
         ax.plot(x, [r["value"] for r in rows], "o", ms=4, alpha=0.6, label="trial")
@@ -457,10 +451,7 @@ def _plot(rows: list[dict[str, Any]], label: str) -> Callable[[Path], Path | Non
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        with atomic_output_file(path) as tmp:
-            fig.savefig(tmp, dpi=110)
-        plt.close(fig)
-        return path
+        return save_figure(fig, path)
 
     return plot
 

@@ -29,7 +29,6 @@ from robustft.ops.dtypes import compute_dtype
 __all__ = [
     "Fixup",
     "flat_row_sq_norms",
-    "ggpo_row_scale",
     "global_norm",
     "low_rank_merged_row_sq_norms",
     "low_rank_tangent",
@@ -298,28 +297,6 @@ def rwp_row_scale(w_sq_rows: torch.Tensor, shape: torch.Size, sigma: float) -> t
     W₀ + s·BA. ``w_sq_rows`` is :func:`row_sq_norms` of that weight.
     """
     return w_sq_rows.sqrt() * (sigma / math.sqrt(_row_numel(shape)))
-
-
-def ggpo_row_scale(
-    w_sq_rows: torch.Tensor,
-    g_sq_rows: torch.Tensor | None,
-    shape: torch.Size,
-    sigma: float,
-    alpha: float = 1.0,
-    beta: float = 1.0,
-) -> torch.Tensor:
-    """std_i = σ/√n · sqrt(α‖W_{i,:}‖² + β‖∇_{W_{i,:}}L‖²): gradient- and weight-guided noise per row.
-
-    Our reading of LoRA-GGPO (Chang et al., 2025, "LoRA-GGPO: Mitigating Double Descent in LoRA
-    Fine-Tuning via Gradient-Guided Perturbation Optimization"): the paper's abstract says the
-    perturbation is generated from gradient and weight norms in one pass; its equation was not
-    available to us, so this is the Flat-LoRA covariance σ²/n·diag(‖W_i‖²) with the previous step's
-    per-row gradient norm added (weights α, β). With β = 0 it is :func:`rwp_row_scale` (times √α).
-    """
-    var = alpha * w_sq_rows
-    if g_sq_rows is not None and beta != 0.0:
-        var = var + beta * g_sq_rows.to(var.device).float()
-    return var.sqrt() * (sigma / math.sqrt(_row_numel(shape)))
 
 
 def noise_seed(seed: int, step: int, index: int) -> int:

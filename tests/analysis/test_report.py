@@ -157,3 +157,29 @@ def test_alpha_star_against_the_fine_tuned_model_gets_paired_intervals(files, mo
     text = (out / "report.md").read_text()
     assert "α*=0.5 minus the fine-tuned model (α=1)" in text and f"(n = {got['n']} items" in text
     assert json.loads((out / "report.json").read_text())["differences"]["retained loss"] == got
+
+
+def test_a_saved_set_is_reused_with_its_own_settings_and_checked_against_the_base(files, monkeypatch):
+    """A set built with other prompts, answer limit and batch size (as ``demo --llm`` builds its own) is
+    reused as it is when --prompts / --max-new-tokens are not given; given ones must match it; a set from
+    other weights is refused."""
+    saved = files["tmp"] / "demo-set.jsonl"
+    rset = retention.build_retention_set(files["base"], PROMPTS[:5], saved, max_new_tokens=6, batch_size=5)
+    adapter = save_adapter(files["base"], files["tmp"] / "adapter")
+    monkeypatch.setattr(retention, "generate_answers", lambda *a, **k: pytest.fail("regenerated"))
+    kw = dict(adapter=adapter, retention_path=saved, alphas=ALPHAS, say=lambda *a: None)
+    result = report.run_report(files["base"], files["id"], files["tmp"] / "out", **kw)
+    assert result.n_items["retained"] == len(rset.rows) and result.inputs["max_new_tokens"] == 6
+    assert result.inputs["prompts"] == "the retention set's"
+    with pytest.raises(ValueError, match=r"other settings \(max_new_tokens differ\)"):
+        report.run_report(files["base"], files["id"], files["tmp"] / "o2", max_new_tokens=7, **kw)
+    with pytest.raises(ValueError, match=r"other settings \(prompts differ\)"):
+        report.run_report(files["base"], files["id"], files["tmp"] / "o3", prompts_path=files["prompts"],
+                          **kw)
+    head, *rows = saved.read_text().splitlines()
+    other = json.loads(head)
+    other["model"]["weights_sha256"] = "0" * 64
+    saved.write_text("\n".join([json.dumps(other), *rows]) + "\n")
+    with pytest.raises(ValueError, match="built from another model"):
+        report.run_report(files["base"], files["id"], files["tmp"] / "o4", **kw)
+    assert not any((files["tmp"] / o).exists() for o in ("o2", "o3", "o4"))

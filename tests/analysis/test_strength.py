@@ -1,5 +1,6 @@
 import json
 import math
+import warnings
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from transformers import (
 
 from robustft import L2SPCallback, WiseFTCallback
 from robustft.analysis.strength import StrengthCurve, check_strengths, strength_sweep
+from robustft.interpolation.wise_ft import AlphaBudget
 
 VOCAB = 64
 ALPHAS = [0.0, 0.5, 1.0]
@@ -32,14 +34,15 @@ class ScriptedTrainer:
     def __init__(self, table, callbacks, reads):
         self.model = nn.Linear(2, 2)
         self.strength = callbacks[0].strength
-        self.table, self.reads = table, reads
+        self.table, self.reads, self.trained = table, reads, False
 
     def train(self):
-        pass
+        self.trained = True
 
     def evaluate(self, eval_dataset=None, metric_key_prefix="eval"):
         self.reads.append(eval_dataset)
-        acc, loss = self.table[self.strength][eval_dataset]
+        row = self.strength if self.trained or "start" not in self.table else "start"  # before train(): start
+        acc, loss = self.table[row][eval_dataset]
         return {f"{metric_key_prefix}_accuracy": acc, f"{metric_key_prefix}_loss": loss}
 
 
@@ -95,6 +98,85 @@ def test_strength_curve_files_and_table(tmp_path):
     text = curve.table()
     assert "0.001" in text and "start" not in text and "fine-tuned" not in text and "<- chosen on id" in text
     assert isinstance(curve, StrengthCurve) and curve.value("shifted", 0.001) == 0.7
+
+
+def brute_force_budget(values, losses, retained, start, eps, strengths, greater=True):
+    """The budget rule written out: among the runs with retained loss <= start + eps, argbest ID metric (ties:
+    lower ID loss, then smaller strength); none: the smallest excess, ties the same way."""
+    sign = 1 if greater else -1
+    rows = list(zip(values, losses, strengths, [r - (start + eps) for r in retained]))
+    admitted = [r for r in rows if r[3] <= 0]
+    if not admitted:
+        least = min(r[3] for r in rows)
+        admitted = [r for r in rows if r[3] == least]
+    return min(admitted, key=lambda t: (-sign * t[0], t[1], t[2]))[2]
+
+
+@pytest.mark.parametrize("greater", [True, False])
+def test_the_strength_chosen_under_a_budget_equals_brute_force(greater):
+    g = torch.Generator().manual_seed(1)
+    fallbacks = 0
+    for trial in range(40):
+        strengths = sorted(torch.rand(5, generator=g).mul(10).tolist())
+        acc = torch.randint(0, 3, (5,), generator=g).div(4).tolist()
+        loss = torch.randint(0, 2, (5,), generator=g).float().tolist()
+        retained = torch.randint(0, 5, (5,), generator=g).div(10).add(0.6).tolist()  # 0.6 .. 1.0
+        start, eps = 0.6, [0.0, 0.1, 0.2][trial % 3]
+        table = {s: {"id": (a, lo), "shifted": (0.5, 0.0), "retained": (0.0, r)}
+                 for s, a, lo, r in zip(strengths, acc, loss, retained, strict=True)}
+        table["start"] = {"retained": (0.0, start)}
+        want = brute_force_budget(acc, loss, retained, start, eps, strengths, greater)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            curve, reads = scripted_sweep(table, strengths, evals=("id", "shifted", "retained"),
+                                          greater_is_better=greater,
+                                          budget={"dataset": "retained", "epsilon": eps})
+        assert curve.chosen_strength == want, trial
+        assert curve.curve.constraint == retained and curve.curve.budget_start == start
+        assert curve.curve.extra["id_rule_alpha"] == brute_force(acc, loss, strengths, greater)
+        assert reads.count("retained") == len(strengths) + 1  # each run, and the start model once
+        over = all(r > start + eps for r in retained)
+        fallbacks += over
+        named = [w for w in caught if "retained loss <= value of the start model" in str(w.message)]
+        assert len(named) == int(over), trial  # one warning naming the budget, only when none is admitted
+    assert 0 < fallbacks < 40  # both branches were exercised
+
+
+def test_a_budget_is_recorded_in_the_json_table_csv_and_plot(tmp_path):
+    table = {0.01: {"id": (0.9, 0.1), "retained": (0.0, 1.5)},
+             1.0: {"id": (0.8, 0.2), "retained": (0.0, 1.05)}, "start": {"retained": (0.0, 1.0)}}
+    curve, _ = scripted_sweep(table, [0.01, 1.0], evals=("id", "retained"), name="λ", output_dir=tmp_path,
+                              budget=AlphaBudget("retained", epsilon=0.1))
+    assert curve.chosen_strength == 1.0  # 0.01 has the better ID metric but forgot too much
+    saved = json.loads((tmp_path / "strength.json").read_text())
+    assert saved["rule"] == "budget" and saved["budget"]["epsilon"] == 0.1 and saved["budget_start"] == 1.0
+    assert saved["budget_limit"] == pytest.approx(1.1) and saved["constraint"] == [1.5, 1.05]
+    assert saved["id_rule_strength"] == 0.01 and saved["chosen_strength"] == 1.0
+    text = curve.table()
+    assert "retained loss <= value of the start model + 0.1 (= 1.1)" in text.splitlines()[0]
+    lines = text.splitlines()
+    assert "over budget" in lines[3] and "<- chosen on id under the budget" in lines[4]
+    csv = (tmp_path / "strength.csv").read_text().splitlines()
+    assert csv[0].endswith("budget_retained_loss,admitted")
+    assert csv[1].endswith(",0") and csv[2].endswith(",1")
+    assert (tmp_path / "strength.png").stat().st_size > 1000
+
+
+def test_a_bad_budget_is_refused_before_any_training():
+    def make_trainer(callbacks):
+        raise AssertionError("no Trainer may be built")
+
+    evals = {"id": 0, "retained": 1}
+    with pytest.raises(ValueError, match="budget.dataset: 'kept'"):
+        strength_sweep(make_trainer, Marker, [0.1], evals, "id", budget={"dataset": "kept"})
+    with pytest.raises(ValueError, match="budget: unknown keys"):
+        strength_sweep(make_trainer, Marker, [0.1], evals, "id", budget={"dataset": "retained", "eps": 1})
+    with pytest.raises(ValueError, match="budget.epsilon"):
+        strength_sweep(make_trainer, Marker, [0.1], evals, "id",
+                       budget={"dataset": "retained", "epsilon": -1})
+    with pytest.raises(ValueError, match="lack; add 0"):
+        strength_sweep(make_trainer, Marker, [0.1], evals, "id", wise_ft="each", alphas=[0.5, 1.0],
+                       budget={"dataset": "retained"})
 
 
 @pytest.mark.parametrize("bad,match", [
@@ -223,3 +305,20 @@ def test_wise_ft_on_the_chosen_run_only(tmp_path):
     for name, p in curve.trainer.model.named_parameters():  # the kept model is at θ(α*) of the chosen run
         want = (1 - alpha) * start[name] + alpha * ref.model.state_dict()[name]
         torch.testing.assert_close(p.detach(), want, rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow  # real Trainer runs (a few seconds each on a loaded machine)
+def test_a_budget_on_real_trainer_runs_reads_each_runs_loss_and_the_untrained_start(tmp_path):
+    strengths = [0.0, 1.0, 100.0]
+    curve = strength_sweep(lambda cbs: _trainer(tmp_path, cbs), L2SPCallback, strengths, EVALS, "id",
+                           metric="neg_mse", name="λ", budget={"dataset": "shifted", "epsilon": 0.01})
+    start = _trainer(tmp_path, []).evaluate(eval_dataset=EVALS["shifted"])["eval_loss"]  # untrained
+    assert curve.curve.budget_start == pytest.approx(start, rel=1e-6)
+    held = []
+    for s in strengths:  # the reference: each strength's run, its shifted loss read by hand
+        ref = _trainer(tmp_path, [L2SPCallback(s)])
+        ref.train()
+        held.append(ref.evaluate(eval_dataset=EVALS["shifted"])["eval_loss"])
+    assert curve.curve.constraint == pytest.approx(held, rel=1e-6)
+    ids = curve.results["id"]
+    assert curve.chosen_strength == brute_force_budget(ids, curve.id_loss, held, start, 0.01, strengths)

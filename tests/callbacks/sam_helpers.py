@@ -4,25 +4,16 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
+from transformers import BertForSequenceClassification, Trainer, TrainingArguments
+
+from tests import tiny
 
 N_SAMPLES, SEQ_LEN, VOCAB, N_LABELS = 16, 8, 40, 3
 
 
 def tiny_bert(seed: int = 0, hidden: int = 32) -> BertForSequenceClassification:
-    torch.manual_seed(seed)
-    cfg = BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=hidden,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=2 * hidden,
-        max_position_embeddings=SEQ_LEN,
-        num_labels=N_LABELS,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    return BertForSequenceClassification(cfg)
+    """tests/tiny.py's BERT sized for ``ToyData`` (its vocabulary, length and labels), without dropout."""
+    return tiny.tiny_bert(seed, N_LABELS, hidden=hidden, vocab=VOCAB, positions=SEQ_LEN, dropout=0.0)
 
 
 def tiny_lora_bert(seed: int = 0):

@@ -73,7 +73,6 @@ SETTINGS: list[Setting] = [
     # (its scores are tested in tests/callbacks/test_forgetting.py)
     Setting("ForgettingCallback",
             lambda m: callbacks.ForgettingCallback([{"prompt": "Q\n", "completion": "A"}], metrics="loss")),
-    Setting("GGPOCallback", lambda m: callbacks.GGPOCallback(rho=0.05)),
     Setting("L2SPCallback", lambda m: callbacks.L2SPCallback(0.5)),
     Setting("LAWACallback", lambda m: callbacks.LAWACallback(k=2, update_every=1),
             skip={ORDER: _COPIED_IN}),

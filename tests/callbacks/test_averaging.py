@@ -10,7 +10,7 @@ from transformers import Trainer, TrainerCallback
 
 from robustft import EMACallback, LAWACallback, MomentumInterpolationCallback, SWACallback
 from robustft.core.params import select_parameters
-from tests.tiny import stop_at, tiny_bert, token_dataset, training_args
+from tests.tiny import fed_average, stop_at, tiny_bert, token_dataset, training_args
 
 
 class Recorder(TrainerCallback):
@@ -23,18 +23,6 @@ class Recorder(TrainerCallback):
     def on_optimizer_step(self, args, state, control, model=None, **kwargs):
         params = select_parameters(model, **self.select)
         self.points.append({n: p.detach().clone() for n, p in params.items()})
-
-
-def _fed(averaged: AveragedModel, points) -> dict[str, torch.Tensor]:
-    """Feed ``averaged`` the recorded trajectory through a separate live model; its averaged weights."""
-    live = tiny_bert(seed=1)
-    params = dict(live.named_parameters())
-    for point in points:
-        with torch.no_grad():
-            for n, t in point.items():
-                params[n].copy_(t)
-        averaged.update_parameters(live)
-    return {n: p.detach() for n, p in averaged.module.named_parameters()}
 
 
 def _train(callbacks, tmp_path, model=None, **args):
@@ -51,7 +39,7 @@ def test_ema_matches_averaged_model(tmp_path):
     ema, rec = EMACallback(decay=0.8, save_dir=None), Recorder()
     trainer = _train([ema, rec], tmp_path)
     averaged = AveragedModel(tiny_bert(), multi_avg_fn=get_ema_multi_avg_fn(0.8), use_buffers=False)
-    ref = _fed(averaged, rec.points)
+    ref = fed_average(averaged, rec.points, lambda: tiny_bert(seed=1))
     for name, avg in zip(ema.average().names, ema.average().tensors):
         torch.testing.assert_close(avg, ref[name], atol=1e-6, rtol=0)
     logged = [h for h in trainer.state.log_history if "ema/decay" in h]
@@ -62,7 +50,7 @@ def test_swa_matches_averaged_model_from_start_every_n(tmp_path):
     swa, rec = SWACallback(start=2, update_every=3, save_dir=None), Recorder()
     _train([swa, rec], tmp_path)
     used = [rec.points[s - 1] for s in (2, 5, 8)]  # global steps 2, 5, 8
-    ref = _fed(AveragedModel(tiny_bert(), use_buffers=False), used)
+    ref = fed_average(AveragedModel(tiny_bert(), use_buffers=False), used, lambda: tiny_bert(seed=1))
     assert swa.num_updates == 3
     for name, avg in zip(swa.average().names, swa.average().tensors):
         torch.testing.assert_close(avg, ref[name], atol=1e-6, rtol=0)

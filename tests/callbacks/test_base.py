@@ -21,7 +21,7 @@ from robustft import (
     SWACallback,
     WiseFTCallback,
 )
-from tests.tiny import tiny_bert, token_dataset, training_args
+from tests.tiny import fed_average, tiny_bert, token_dataset, training_args
 
 STEPS = 6
 
@@ -41,26 +41,14 @@ class Recorder(TrainerCallback):
         return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _averaged(averaged: AveragedModel, points, make_live) -> dict[str, torch.Tensor]:
-    """Feed ``averaged`` the trajectory through a separate live model (swa_utils as the reference)."""
-    live = make_live()
-    params = dict(live.named_parameters())
-    for point in points:
-        with torch.no_grad():
-            for n, t in point.items():
-                params[n].copy_(t)
-        averaged.update_parameters(live)
-    return {n: p.detach().clone() for n, p in averaged.module.named_parameters() if n in points[0]}
-
-
 # copy-in averages: (callback, reference average from (start, trajectory))
 def _ema(rec):
-    return _averaged(AveragedModel(tiny_bert(), multi_avg_fn=get_ema_multi_avg_fn(0.6), use_buffers=False),
-                     rec.points, tiny_bert)
+    ema = AveragedModel(tiny_bert(), multi_avg_fn=get_ema_multi_avg_fn(0.6), use_buffers=False)
+    return fed_average(ema, rec.points, tiny_bert)
 
 
 def _swa(rec):  # steps 2, 4, 6
-    return _averaged(AveragedModel(tiny_bert(), use_buffers=False), rec.points[1::2], tiny_bert)
+    return fed_average(AveragedModel(tiny_bert(), use_buffers=False), rec.points[1::2], tiny_bert)
 
 
 def _lawa(rec):  # the mean of the snapshots at steps 4 and 6

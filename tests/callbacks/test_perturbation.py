@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from robustft import GGPOCallback, MGPOCallback, MomentumSAMCallback, RandomPerturbationCallback, SAMCallback
+from robustft import MGPOCallback, MomentumSAMCallback, RandomPerturbationCallback, SAMCallback
 from tests.callbacks.failing import INSIDE_STEP, Failure, assert_nothing_attached, fail_training
 from tests.callbacks.sam_helpers import MLP, NoisyLinearData, ToyData, make_trainer, sam_loss, tiny_lora_bert
 from tests.tiny import tiny_bert
@@ -19,7 +19,6 @@ STEP = 2  # the failing optimizer step: MomentumSAM has momentum from step 1 on
 ONE_PASS = {
     "msam": lambda: MomentumSAMCallback(rho=0.3),
     "rwp": lambda: RandomPerturbationCallback(rho=0.05, seed=3),
-    "ggpo": lambda: GGPOCallback(rho=0.05),
     "mgpo": lambda: MGPOCallback(rho=0.3),
 }
 
@@ -210,7 +209,3 @@ def test_mgpo_refuses_what_it_cannot_perturb(tmp_path):
     with pytest.raises(ValueError, match="leave no LoRA base weight"):
         trainer.train()
 
-
-def test_ggpo_is_deprecated_for_mgpo():
-    with pytest.warns(DeprecationWarning, match="use MGPOCallback"):
-        GGPOCallback(rho=0.05)

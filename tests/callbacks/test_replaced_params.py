@@ -8,7 +8,6 @@ from transformers import Trainer, TrainerCallback
 
 from robustft import (
     EMACallback,
-    GGPOCallback,
     MGPOCallback,
     RandomPerturbationCallback,
     SAMCallback,
@@ -67,7 +66,7 @@ def test_average_updates_stop_at_the_step_after_a_replacement(tmp_path):
     assert trainer.state.global_step == 3 and ema.num_updates == 2
 
 
-@pytest.mark.parametrize("make", [SAMCallback, RandomPerturbationCallback, GGPOCallback, MGPOCallback])
+@pytest.mark.parametrize("make", [SAMCallback, RandomPerturbationCallback, MGPOCallback])
 def test_perturbations_refuse_a_replaced_module_at_the_next_step(tmp_path, make):
     """SAM and the one-pass family would silently stop perturbing a replaced head: a named error instead,
     raised before the next perturbation, with the weights left as the step before ended them."""

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from robustft import GGPOCallback, MomentumSAMCallback, RandomPerturbationCallback, SAMCallback
+from robustft import MGPOCallback, MomentumSAMCallback, RandomPerturbationCallback, SAMCallback
 from tests.callbacks import sam_helpers
 from tests.callbacks.sam_helpers import (
     MLP,
@@ -135,13 +135,13 @@ ONE_PASS = {
     "rwp": lambda: RandomPerturbationCallback(rho=0.05, seed=3),
     "rwp_linear": lambda: RandomPerturbationCallback(rho=0.05, schedule="linear", skip_norm_and_bias=True),
     "flat_lora": lambda: RandomPerturbationCallback(rho=0.05),
-    "ggpo": lambda: GGPOCallback(rho=0.05),
+    "mgpo": lambda: MGPOCallback(rho=0.3),
 }
 
 
 @pytest.mark.parametrize("variant", list(ONE_PASS))
 def test_one_pass_undo_is_bit_exact(tmp_path, variant):
-    lora = variant in ("flat_lora", "ggpo")
+    lora = variant in ("flat_lora", "mgpo")
     model = tiny_lora_bert() if lora else tiny_bert()
     probe = BitProbe()
     lr, mu = 0.1, 0.9
@@ -160,12 +160,10 @@ def test_one_pass_undo_is_bit_exact(tmp_path, variant):
             assert torch.equal(_bits(probe.end[t][n]), _bits(expected)), (variant, t, n)
         changed = [n for n in before if not torch.equal(probe.begin[t][n], before[n])]
         perturbed_steps += bool(changed)
-        if lora and variant == "flat_lora" and changed:
-            assert all("base_layer.weight" in n for n in changed)  # Flat-LoRA perturbs W0 (the merged weight)
-        if variant == "ggpo" and changed:
-            assert all("lora_" in n or "classifier" in n for n in changed)
-    # the forward really ran at perturbed weights (MSAM has no momentum at step 0)
-    assert perturbed_steps >= (3 if variant == "msam" else 4)
+        if lora and changed:  # Flat-LoRA and LoRA-MGPO perturb W0 (Flat-LoRA: the merged weight)
+            assert all("base_layer.weight" in n for n in changed)
+    # the forward really ran at perturbed weights (MSAM and MGPO have no momentum at step 0)
+    assert perturbed_steps >= (3 if variant in ("msam", "mgpo") else 4)
 
 
 def test_flat_lora_noise_scales_with_merged_row_norms(tmp_path):
@@ -374,12 +372,11 @@ def test_float64_model_is_perturbed_in_float64(tmp_path):
         (lambda: SAMCallback(rho=float("nan")), "rho"),
         (lambda: MomentumSAMCallback(rho=0.0), "rho"),
         (lambda: RandomPerturbationCallback(rho=-1), "rho"),
-        (lambda: GGPOCallback(rho=0), "rho"),
+        (lambda: MGPOCallback(rho=0), "rho"),
         (lambda: SAMCallback(schedule="cosine"), "schedule"),
         (lambda: SAMCallback(start_step=-1), "start_step"),
         (lambda: SAMCallback(eta=-1.0), "eta"),
         (lambda: RandomPerturbationCallback(lora="merged"), "lora"),
-        (lambda: GGPOCallback(alpha=0, beta=0), "alpha"),
     ],
 )
 def test_bad_options_raise(factory, match):
@@ -491,26 +488,26 @@ def _fp16_scaler(trainer, monkeypatch) -> torch.amp.GradScaler:
     return scaler
 
 
-def test_ggpo_resume_equals_uninterrupted_run(tmp_path):
-    """GGPO keeps the previous step's per-row gradient norms: they are saved with the checkpoint and
-    read back, so a run resumed at step 2 ends where an uninterrupted 4-step run ends."""
+def test_mgpo_resume_equals_uninterrupted_run(tmp_path):
+    """LoRA-MGPO keeps ḡ, the EMA of each layer's gradient norm: it is saved with the checkpoint and read
+    back, so a run resumed at step 2 ends where an uninterrupted 4-step run ends."""
     full = tiny_lora_bert()
-    make_trainer(full, tmp_path / "full", [GGPOCallback(rho=0.05)], steps=4).train()
+    make_trainer(full, tmp_path / "full", [MGPOCallback(rho=0.05)], steps=4).train()
 
     first = tiny_lora_bert()
     kw = dict(steps=4, save_strategy="steps", save_steps=2)
-    trainer = make_trainer(first, tmp_path / "cut", [GGPOCallback(rho=0.05)], **kw)
+    trainer = make_trainer(first, tmp_path / "cut", [MGPOCallback(rho=0.05)], **kw)
     trainer.train()
     assert (tmp_path / "cut" / "checkpoint-2" / "robustft").is_dir()
     resumed = tiny_lora_bert()
-    make_trainer(resumed, tmp_path / "cut", [GGPOCallback(rho=0.05)], **kw).train(
+    make_trainer(resumed, tmp_path / "cut", [MGPOCallback(rho=0.05)], **kw).train(
         resume_from_checkpoint=str(tmp_path / "cut" / "checkpoint-2")
     )
     for (n, a), (_, b) in zip(full.named_parameters(), resumed.named_parameters(), strict=True):
         assert torch.equal(a, b), n
-    # and without the saved gradient norms the run would differ: the state matters
+    # and without the saved ḡ the run would differ: the state matters
     stateless = tiny_lora_bert()
-    cb = GGPOCallback(rho=0.05, restart_if_missing=True)
+    cb = MGPOCallback(rho=0.05, restart_if_missing=True)
     cb.has_state = False
     make_trainer(stateless, tmp_path / "cut", [cb], **kw).train(
         resume_from_checkpoint=str(tmp_path / "cut" / "checkpoint-2")

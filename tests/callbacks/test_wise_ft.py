@@ -4,30 +4,20 @@ import json
 import pytest
 import torch
 from datasets import Dataset
-from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
+from transformers import Trainer, TrainingArguments
 
 from robustft import WiseFTCallback
 from robustft.interpolation.wise_ft import interpolate_models
+from tests.tiny import tiny_bert
 
 VOCAB = 64
 
 
 def _model(num_labels=1, seed=0):
-    torch.manual_seed(seed)
-    cfg = BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=32,
-        num_labels=num_labels,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
+    model = tiny_bert(seed, num_labels, hidden=32, vocab=VOCAB, dropout=0.0)
     if num_labels == 1:
-        cfg.problem_type = "regression"
-    return BertForSequenceClassification(cfg).eval()
+        model.config.problem_type = "regression"
+    return model.eval()
 
 
 def _data(n, seed, labels=None):
@@ -55,10 +45,14 @@ def _args(tmp_path, **kw):
     return TrainingArguments(**base)
 
 
+def _trainer(tmp_path, model, callbacks=(), eval_dataset=None, compute_metrics=None, **kw) -> Trainer:
+    """A Trainer of ``model`` on the 48 training rows (``kw``: training arguments)."""
+    return Trainer(model=model, args=_args(tmp_path, **kw), train_dataset=_data(48, 1),
+                   callbacks=list(callbacks), eval_dataset=eval_dataset, compute_metrics=compute_metrics)
+
+
 def _train(tmp_path, model, callbacks=(), **kw):
-    trainer = Trainer(
-        model=model, args=_args(tmp_path, **kw), train_dataset=_data(48, 1), callbacks=list(callbacks)
-    )
+    trainer = _trainer(tmp_path, model, callbacks, **kw)
     trainer.train()
     return trainer
 
@@ -205,13 +199,7 @@ def test_sweep_chooses_alpha_on_in_distribution_set_only(tmp_path, full_run, met
     cb = WiseFTCallback(
         eval_datasets=targets, id_dataset="id", metric=metric, greater_is_better=greater, alphas=grid
     )
-    trainer = Trainer(
-        model=model,
-        args=_args(tmp_path),
-        train_dataset=_data(48, 1),
-        callbacks=[cb],
-        compute_metrics=_neg_mse,
-    )
+    trainer = _trainer(tmp_path, model, [cb], compute_metrics=_neg_mse)
     trainer.train()
     curve = cb.curve
     assert cb.trainer is trainer  # found on the call stack
@@ -241,9 +229,7 @@ def test_sweep_restores_fine_tuned_weights_when_evaluation_fails(tmp_path, full_
 
     model = _model()
     cb = WiseFTCallback(eval_datasets={"id": _data(16, 3)}, metric="neg_mse")
-    trainer = Trainer(
-        model=model, args=_args(tmp_path), train_dataset=_data(48, 1), callbacks=[cb], compute_metrics=broken
-    )
+    trainer = _trainer(tmp_path, model, [cb], compute_metrics=broken)
     with pytest.raises(RuntimeError, match="exploded"):
         trainer.train()
     for k, v in model.state_dict().items():
@@ -267,12 +253,7 @@ def test_resume_restores_the_start_snapshot(tmp_path, full_run):
     _train(tmp_path, model, [WiseFTCallback(alpha=0.5)], max_steps=6, save_strategy="steps", save_steps=3)
     once = _state(model)
     model2 = _model(seed=1)  # different init: the start must come from the checkpoint, not the live model
-    trainer = Trainer(
-        model=model2,
-        args=_args(tmp_path, save_strategy="steps", save_steps=3),
-        train_dataset=_data(48, 1),
-        callbacks=[WiseFTCallback(alpha=0.5)],
-    )
+    trainer = _trainer(tmp_path, model2, [WiseFTCallback(alpha=0.5)], save_strategy="steps", save_steps=3)
     trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
     for k, v in model2.state_dict().items():
         torch.testing.assert_close(v, once[k], rtol=0, atol=1e-6, msg=k)
@@ -283,7 +264,7 @@ def test_slerp_and_attach(tmp_path, full_run):
 
     start, end = full_run
     model = _model()
-    trainer = Trainer(model=model, args=_args(tmp_path), train_dataset=_data(48, 1))
+    trainer = _trainer(tmp_path, model)
     cb = WiseFTCallback(alpha=0.4, method="slerp").attach(trainer)
     assert cb in trainer.callback_handler.callbacks and cb.trainer is trainer
     trainer.train()
@@ -304,14 +285,7 @@ def test_sweep_at_eval_logs_curves_and_leaves_training_untouched(tmp_path, full_
         sweep_at_eval=True,
         save_curve=False,
     )
-    trainer = Trainer(
-        model=model,
-        args=_args(tmp_path, eval_strategy="steps", eval_steps=3),
-        train_dataset=_data(48, 1),
-        eval_dataset=ds,
-        compute_metrics=_neg_mse,
-        callbacks=[cb],
-    )
+    trainer = _trainer(tmp_path, model, [cb], ds, _neg_mse, eval_strategy="steps", eval_steps=3)
     trainer.train()
     curves = [h for h in trainer.state.log_history if "wise_ft_curve" in h]
     assert [h["wise_ft_curve"]["step"] for h in curves] == [3, 6, 6]
@@ -325,13 +299,7 @@ def test_manual_sweep_after_training(tmp_path, full_run):
     start, end = full_run
     model = _model()
     cb = WiseFTCallback(alpha=1.0)
-    trainer = Trainer(
-        model=model,
-        args=_args(tmp_path),
-        train_dataset=_data(48, 1),
-        callbacks=[cb],
-        compute_metrics=_neg_mse,
-    )
+    trainer = _trainer(tmp_path, model, [cb], compute_metrics=_neg_mse)
     trainer.train()
     ds = _data(16, 9)
     at_end = trainer.evaluate(eval_dataset=ds)["eval_mse"]
@@ -420,7 +388,7 @@ def test_sweep_under_a_budget_chooses_the_brute_force_alpha(tmp_path, full_run):
     model = _model()
     cb = WiseFTCallback(eval_datasets=sets, id_dataset="id", metric="eval_loss", greater_is_better=False,
                         alphas=grid, budget={"dataset": "retained", "epsilon": eps}, progress=False)
-    trainer = Trainer(model=model, args=_args(tmp_path), train_dataset=_data(48, 1), callbacks=[cb])
+    trainer = _trainer(tmp_path, model, [cb])
     trainer.train()
     curve = cb.curve
     assert curve.chosen_alpha == want and curve.extra["id_rule_alpha"] == 0.7 and curve.rule == "budget"

@@ -227,3 +227,36 @@ def test_quantized_weights_are_named_and_dequantized_to_what_the_layer_computes_
     assert 0 < (w - dense.weight).abs().max() < 0.1  # quantized, close to the original
     with pytest.raises(ValueError, match="not a bitsandbytes"):
         dequantized_weight(dense)
+
+
+def test_keep_4bit_trainable_keeps_the_backward_of_a_4bit_layer_evaluated_on_cpu():
+    """After ``keep_4bit_trainable`` an eval-mode forward without gradients leaves the 4-bit layer's CPU
+    layout as it was, so its backward still reaches the input (x.grad = g @ W, W the dequantized weight);
+    a layer bitsandbytes already repacked for CPU inference is refused by name."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from bitsandbytes.functional import has_avx512bf16
+
+    from robustft.core.params import dequantized_weight, keep_4bit_trainable
+
+    def layer():
+        torch.manual_seed(0)
+        lin = bnb.nn.Linear4bit(64, 32, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+        lin.weight = bnb.nn.Params4bit(torch.randn(32, 64), requires_grad=False, quant_type="nf4")
+        lin.support_avx512bf16_for_cpu = True  # what bitsandbytes sets on an AVX512-BF16 CPU
+        return nn.Sequential(lin.to("cpu"))
+
+    model = layer()
+    assert keep_4bit_trainable(model) == 1 and keep_4bit_trainable(model) == 0
+    w = dequantized_weight(model[0])
+    with torch.no_grad():
+        model.eval()(torch.randn(3, 64))
+    x = torch.randn(3, 64, requires_grad=True)
+    model.train()(x).sum().backward()
+    torch.testing.assert_close(x.grad, torch.ones(3, 32) @ w, rtol=1e-5, atol=1e-5)
+    if not has_avx512bf16():
+        return  # bitsandbytes repacks only on CPUs with AVX512-BF16
+    repacked = layer()
+    with torch.no_grad():
+        repacked.eval()(torch.randn(3, 64))
+    with pytest.raises(ValueError, match=r"^0: its 4-bit weight is in bitsandbytes' CPU inference layout"):
+        keep_4bit_trainable(repacked)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from robustft.analysis.retention import RetentionSet
 from robustft.cli import main
 from robustft.demos import llm as demo_llm
 from tests.tiny import tiny_llama_folder
@@ -40,14 +41,6 @@ def test_missing_model_package_and_wordnet_are_named(monkeypatch, tmp_path):
         demo_llm.gguf_folder()
     with pytest.raises(FileNotFoundError, match="wordnet-base"):
         demo_llm.wordnet_dir(tmp_path)
-
-
-def test_markdown_table_aligns_columns():
-    table = demo_llm.format_table(["model", "loss"], [["base", "1.5"], ["plain LoRA", "0.25"]])
-    lines = table.splitlines()
-    assert lines[0] == "| model      | loss |"
-    assert lines[1] == "|------------|------|"
-    assert lines[3] == "| plain LoRA | 0.25 |"
 
 
 @pytest.mark.parametrize("argv", [["demo", "--full"], ["demo", "--llm", "--steps", "0"]])
@@ -113,7 +106,8 @@ def test_gpu_benchmark_without_cuda_says_so_and_exits_cleanly():
 @pytest.mark.slow
 def test_gpu_benchmark_bf16_checks_pass_on_cpu():
     """The GPU script's bf16 checks (EMA, SAM, WiSE-FT against float32 references) run with CPU bf16, and its
-    QLoRA checks (training on NF4 against the dequantized base, the merge) with CPU bitsandbytes."""
+    QLoRA checks (training on NF4 against the dequantized base, the merge) with CPU bitsandbytes, and its MoE
+    checks (LoRA on fused experts, MC-SMoE)."""
     import importlib.util
 
     proc = subprocess.run(
@@ -122,7 +116,7 @@ def test_gpu_benchmark_bf16_checks_pass_on_cpu():
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     qlora = importlib.util.find_spec("bitsandbytes") is not None
-    assert proc.stdout.count("| ok") == 5 + 4 * qlora and "FAILED" not in proc.stdout
+    assert proc.stdout.count("| ok") == 5 + 4 * qlora + 2 and "FAILED" not in proc.stdout  # 2: the MoE rows
     assert ("QLoRA merge: robustft" in proc.stdout) == qlora
 
 
@@ -184,6 +178,23 @@ def _tiny_llama(folder, chat_template: str | None = None, hidden: int = 16):
     return tiny_llama_folder(folder, TINY_WORDS, chat_template, hidden=hidden)
 
 
+def _seed_retention(folder, model_dir, answers, max_new_tokens=48):
+    """Write the demo's retention set file in ``folder`` for ``model_dir`` with the given answers (prompt ->
+    answer, None: unfinished), as the demo would have built it (one batch)."""
+    from transformers import AutoTokenizer
+
+    from robustft.analysis.retention import end_of_answer_id, generation_settings, model_identity
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    prompts = list(answers)
+    end = end_of_answer_id(tok, model_dir)
+    settings = generation_settings(tok, prompts, max_new_tokens, end, len(prompts))
+    rset = RetentionSet(rows=[{"prompt": p, "completion": a} for p, a in answers.items() if a is not None],
+                        settings=settings, model=model_identity(model_dir),
+                        unfinished=[p for p, a in answers.items() if a is None])
+    return rset.save(demo_llm.retention_file(folder, len(prompts), max_new_tokens))
+
+
 def _tiny_demo_folders(tmp_path, hidden: int = 16):
     """(model, wordnet, out): the tiny Llama, a fake WordNet and an output folder holding the base model's
     answers to the first general prompts (the random model would rarely end an answer with EOS)."""
@@ -193,8 +204,7 @@ def _tiny_demo_folders(tmp_path, hidden: int = 16):
     _preference_wordnet(wn)
     out = tmp_path / "out"
     out.mkdir()
-    answers = {p: "It is yes ." for p in demo_llm.GENERAL_PROMPTS[:16]}
-    (out / "base_answers-48.json").write_text(json.dumps(answers))
+    _seed_retention(out, model, {p: "It is yes ." for p in demo_llm.GENERAL_PROMPTS[:16]})
     return model, wn, out
 
 
@@ -261,9 +271,9 @@ def test_llm_demo_model_without_chat_template_uses_plain_prompts(tmp_path):
     assert task.evals["retained"][0] == {"prompt": demo_llm.GENERAL_PROMPTS[0] + "\n", "completion": ""}
     row = task.train[0]
     assert row["prompt"].startswith('Define the word "') and row["prompt"].endswith("\n")
-    assert json.loads((tmp_path / "base_answers-48.json").read_text()) == {
-        p: "" for p in demo_llm.GENERAL_PROMPTS[:3]}  # cached in answers_dir, not in the user's model folder
-    assert not (model_dir / "base_answers-48.json").exists()
+    saved = RetentionSet.load(demo_llm.retention_file(tmp_path, 3, 48))  # in answers_dir, not the model's
+    assert saved.rows == [{"prompt": p, "completion": ""} for p in demo_llm.GENERAL_PROMPTS[:3]]
+    assert not list(model_dir.glob("retention-*"))
 
 
 def test_llm_demo_model_with_chat_template_keeps_chat_rows(tmp_path):
@@ -272,11 +282,47 @@ def test_llm_demo_model_with_chat_template_keeps_chat_rows(tmp_path):
     wn = tmp_path / "wn"
     wn.mkdir()
     _preference_wordnet(wn)
-    (tmp_path / "base_answers-48.json").write_text(json.dumps({demo_llm.GENERAL_PROMPTS[0]: "yes"}))
+    _seed_retention(tmp_path, model_dir, {demo_llm.GENERAL_PROMPTS[0]: "yes"})
     cfg = demo_llm.LLMDemoConfig(n_train=8, n_eval=8, n_retained=1, steps=1)
     task = demo_llm.prepare_llm_task(cfg, wordnet=wn, verbose=False, model=model_dir, answers_dir=tmp_path)
     assert task.evals["retained"][0] == demo_llm.chat_row(demo_llm.GENERAL_PROMPTS[0], "yes")
     assert task.train[0]["prompt"][0]["role"] == "user"
+
+
+def test_llm_demo_retained_answers_are_a_retention_set_that_report_reads(tmp_path, monkeypatch):
+    """The demo's retained rows are the base model's greedy answers in one batch (as generate_answers gives
+    them: the demo's numbers are unchanged), kept in a retention-set file that ``robustft report
+    --retention`` reuses as it is; a cache from other weights is refused, naming the file."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from robustft.analysis import retention
+
+    model_dir = tiny_llama_folder(tmp_path / "tiny", TINY_WORDS, seed=3)  # this seed ends its answers
+    wn = tmp_path / "wn"
+    wn.mkdir()
+    _preference_wordnet(wn)
+    cfg = demo_llm.LLMDemoConfig(n_train=8, n_eval=8, steps=1)
+    prompts = demo_llm.GENERAL_PROMPTS[: cfg.n_retained]
+    task = demo_llm.prepare_llm_task(cfg, wordnet=wn, verbose=False, model=model_dir, answers_dir=tmp_path)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    answers = retention.generate_answers(AutoModelForCausalLM.from_pretrained(model_dir), tok, prompts, 48,
+                                         retention.end_of_answer_id(tok, model_dir), batch_size=len(prompts))
+    want = [retention.as_plain(retention.chat_row(p, a)) for p, a in zip(prompts, answers) if a is not None]
+    assert len(want) > 3 and len({r["completion"] for r in want}) > 1  # real, varied answers
+    assert list(task.evals["retained"]) == want
+    path = demo_llm.retention_file(tmp_path, len(prompts), 48)
+    assert RetentionSet.load(path).settings["prompts"] == prompts
+    write = lambda name, rows: (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))  # noqa: E731
+    write("id.jsonl", want[:2])
+    monkeypatch.setattr(retention, "generate_answers", lambda *a, **k: pytest.fail("regenerated"))
+    assert main(["report", "--base", str(model_dir), "--model", str(model_dir), "--id",
+                 str(tmp_path / "id.jsonl"), "--retention", str(path), "--out", str(tmp_path / "report"),
+                 "--alphas", "0,1"]) == 0
+    assert json.loads((tmp_path / "report" / "report.json").read_text())["n_items"]["retained"] == len(want)
+    other = tiny_llama_folder(tmp_path / "other", TINY_WORDS, seed=4)
+    path.rename(demo_llm.retention_file(tmp_path / "other", len(prompts), 48))
+    with pytest.raises(ValueError, match=r"built from another model.*delete .*retention-16prompts-48tokens"):
+        demo_llm.base_retention_set(other, prompts, 48, tmp_path / "other")
 
 
 @pytest.mark.parametrize("missing", ["config.json", "model.safetensors", "tokenizer.json"])
@@ -322,6 +368,7 @@ def test_item_losses_average_to_the_trainers_eval_loss_one_item_per_batch(tmp_pa
     """Reference: the Trainer's own ``evaluate`` loss with one item per batch is the mean of the per-item
     answer-token losses (with larger batches it weights items by their answer length instead)."""
     model, wn, out = _tiny_demo_folders(tmp_path)
+    _seed_retention(out, model, {p: "It is yes ." for p in demo_llm.GENERAL_PROMPTS[:4]})
     cfg = demo_llm.LLMDemoConfig(n_train=8, n_eval=6, n_retained=4, steps=1)
     task = demo_llm.prepare_llm_task(cfg, wordnet=wn, verbose=False, model=model, answers_dir=out)
     trainer = demo_llm.lora_trainer(task, cfg, tmp_path / "run", eval_dataset=task.evals,

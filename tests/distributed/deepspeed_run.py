@@ -19,9 +19,9 @@ from transformers import Trainer, TrainerCallback
 sys.path.insert(0, os.getcwd())
 from robustft import (  # noqa: E402
     EMACallback,
-    GGPOCallback,
     LAWACallback,
     LoRAArithmeticCallback,
+    MGPOCallback,
     MomentumInterpolationCallback,
     MomentumSAMCallback,
     RandomPerturbationCallback,
@@ -142,8 +142,7 @@ def row_wise_on_partitions(mode: str, out: str, info: dict, put) -> None:
     """The row-wise methods, which ZeRO-3 computes from flat partitions (compared with DDP by the test).
 
     RWP and Flat-LoRA at learning rate 0, so the weights stay the start's (bit-exact if every perturbation
-    is undone): each step's perturbation is the perturbed weights minus the start. GGPO with
-    its perturbation never starting: the per-row gradient norms it records. WiSE-FT with slerp.
+    is undone): each step's perturbation is the perturbed weights minus the start. WiSE-FT with slerp.
     """
     from peft import LoraConfig, get_peft_model
 
@@ -175,10 +174,6 @@ def row_wise_on_partitions(mode: str, out: str, info: dict, put) -> None:
         r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))  # B ≠ 0: W₀+sBA ≠ W₀
     perturbations("flat_lora", lora_model, RandomPerturbationCallback(rho=0.05, seed=3))
 
-    ggpo = GGPOCallback(rho=0.05, start_step=STEPS)
-    make_trainer(mode, os.path.join(out, "ggpo_rows"), [ggpo]).train()
-    put("ggpo_grad_rows", ggpo.state_dict()[0])
-
     slerp = make_trainer(mode, os.path.join(out, "slerp"), [WiseFTCallback(alpha=0.5, method="slerp")])
     slerp.train()
     info["slerp"] = check_mode(slerp, mode)
@@ -201,11 +196,12 @@ def main(mode: str, out: str) -> None:
     info["plain"] = check_mode(plain, mode)
     put("plain", rec.points[-1])
 
-    # 2. one-pass perturbations (= DDP under ZeRO-1/2; ZeRO-3 draws per partition), SAM (refused)
+    # 2. one-pass perturbations (= DDP under ZeRO-1/2; ZeRO-3 draws per partition), SAM and LoRA-MGPO
+    # (refused by name: SAM replays micro-batches, MGPO reads the optimizer's momentum per parameter)
     for name, make in {
         "rwp": lambda: RandomPerturbationCallback(rho=0.05, seed=3),
         "msam": lambda: MomentumSAMCallback(rho=0.3),
-        "ggpo": lambda: GGPOCallback(rho=0.05, seed=3),
+        "mgpo": lambda: MGPOCallback(rho=0.05),
         "sam": lambda: SAMCallback(rho=0.05),
     }.items():
         rec = Recorder()
@@ -214,10 +210,6 @@ def main(mode: str, out: str) -> None:
         info[f"{name}_refused"] = refusal(trainer.train)
         if info[f"{name}_refused"] is None:
             put(name, rec.points[-1])
-    # GGPO keeps state (the last gradient's row norms): resumed from step 2 it must end where it did
-    resumed = make_trainer(mode, os.path.join(out, "ggpo"), [GGPOCallback(rho=0.05, seed=3)])
-    resumed.train(resume_from_checkpoint=os.path.join(out, "ggpo", "checkpoint-2"))
-    put("ggpo_resumed", full_weights(resumed.model))
 
     if mode != "ddp":
         # 3. averaging: four callbacks at once, saving their states at step 2 for the resume below; an

@@ -1,7 +1,8 @@
 """Launched by tests/distributed/test_matrix.py: every callback trained in one mode, results dumped for
 comparison.
 
-argv: MODE OUT [CASE ...]; ``table-<Callback>``: that callback's row of tests/callbacks/settings.py
+argv: MODE OUT [CASE ...]; ``<case>_refused``: that case must refuse MODE (``refused_case``);
+``table-<Callback>``: that callback's row of tests/callbacks/settings.py
 on its model, dropout off, on the tiny token data. MODE is ``single`` (1 rank), ``ddp`` or ``fsdp``
 (2 CPU ranks, gloo; FSDP2 through the test-only patch in harness.py). The global batch is the whole
 8-sample dataset in every mode (8 per device on 1 rank, 4 per device on 2; halved again with 2 accumulated
@@ -27,9 +28,9 @@ from transformers import Trainer
 sys.path.insert(0, os.getcwd())
 from robustft import (  # noqa: E402
     EMACallback,
-    GGPOCallback,
     LAWACallback,
     LoRAArithmeticCallback,
+    MGPOCallback,
     MomentumInterpolationCallback,
     MomentumSAMCallback,
     RandomPerturbationCallback,
@@ -70,7 +71,7 @@ CASES = {
     "msam": lambda: (tiny_llama(), [MomentumSAMCallback(rho=0.3)]),
     "rwp": lambda: (tiny_llama(), [RandomPerturbationCallback(rho=0.05)]),
     "flat_lora": lambda: (lora_llama(), [RandomPerturbationCallback(rho=0.05)]),
-    "ggpo": lambda: (lora_llama(), [GGPOCallback(rho=0.05)]),
+    "mgpo": lambda: (lora_llama(), [MGPOCallback(rho=0.05)]),  # refused under FSDP2: see refused_case
 }
 
 
@@ -188,6 +189,26 @@ def run_case(name: str, factory, mode: str, out: Path, resume: bool = False, acc
     (case_dir / f"rank{rank}.json").write_text(json.dumps(info))
 
 
+def refused_case(name: str, factory, mode: str, out: Path) -> None:
+    """A case that must refuse this mode by name at train begin, before any step: the message (None when it
+    trained) and the step reached go to OUT/<name>_refused/rank<R>.json."""
+    model, callbacks = factory()
+    case_dir = out / f"{name}_refused"
+    extra = fsdp_args() if mode == "fsdp" else {}
+    args = training_args(case_dir, max_steps=STEPS, per_device_train_batch_size=GLOBAL_BATCH // 2, **extra)
+    trainer = Trainer(model=model, args=args, train_dataset=lm_dataset(GLOBAL_BATCH), callbacks=callbacks)
+    try:
+        trainer.train()
+    except ValueError as err:
+        message = str(err)
+    else:
+        message = None
+    case_dir.mkdir(parents=True, exist_ok=True)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    (case_dir / f"rank{rank}.json").write_text(json.dumps({"refused": message,
+                                                           "global_step": trainer.state.global_step}))
+
+
 def hsdp_refusal(out: Path) -> None:
     """FSDP2 on a 2-D (replicate x shard) mesh, i.e. HSDP: selecting its parameters must raise.
     Written to OUT/hsdp.rank<R>.json."""
@@ -217,7 +238,10 @@ def main(mode: str, out: str, names: list[str]) -> None:
              **{f"table-{row.name}": table_case(row) for row in SETTINGS}}
     for name in names or list(CASES):
         # <case>_resume: <case> stopped at step 2 and resumed; <case>_ga2: 2 micro-batches per step
-        base = name.removesuffix("_resume").removesuffix("_ga2")
+        base = name.removesuffix("_resume").removesuffix("_ga2").removesuffix("_refused")
+        if name.endswith("_refused"):  # <case>_refused: the case must refuse this mode at train begin
+            refused_case(base, cases[base], mode, out)
+            continue
         run_case(name, cases[base], mode, out, resume=name.endswith("_resume"),
                  accumulation=2 if name.endswith("_ga2") else 1)
     if mode == "fsdp":  # after the Trainers: they set up the process group

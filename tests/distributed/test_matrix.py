@@ -20,9 +20,12 @@ from tests.distributed.harness import torchrun
 MODES = {"single": 1, "ddp": 2, "fsdp": 2}
 DETERMINISTIC = ["ema", "swa", "lawa", "momentum", "wise_fixed", "wise_slerp", "wise_lora", "wise_sweep",
                  "sam", "asam", "sam_ga2", "msam", "lora_arithmetic"]  # fmt: skip
-RANDOM = ["rwp", "flat_lora", "ggpo"]  # noise drawn per shard under FSDP2: same law, other draws
-RESUMED = ["ema", "wise_fixed", "ggpo"]  # <case>_resume: stopped after the checkpoint at step 2, resumed
+RANDOM = ["rwp", "flat_lora"]  # noise drawn per shard under FSDP2: same law, other draws
+RESUMED = ["ema", "wise_fixed"]  # <case>_resume: stopped after the checkpoint at step 2, resumed
 CASES = DETERMINISTIC + RANDOM + [f"{c}_resume" for c in RESUMED]
+# refused under FSDP2 by name (per-layer directions need whole weights): 1 rank and DDP, resumed too
+UNSHARDED = ["mgpo"]
+UNSHARDED_CASES = UNSHARDED + [f"{c}_resume" for c in UNSHARDED]
 AVERAGES = {"ema": "ema", "swa": "swa", "lawa": "lawa", "momentum": "momentum"}
 
 
@@ -44,6 +47,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     for mode, nproc in MODES.items():
         _other_adapter(root / mode / "other")
         cases = CASES + (["swa_bn"] if mode == "ddp" else [])  # a plain MLP: no FSDP2 wrap policy for it
+        cases += [f"{c}_refused" for c in UNSHARDED] if mode == "fsdp" else UNSHARDED_CASES
         torchrun("tests/distributed/matrix_run.py", mode, str(root / mode), *cases, nproc=nproc, timeout=400)
     return {mode: root / mode for mode in MODES}
 
@@ -86,12 +90,12 @@ def test_the_mode_that_ran(runs):
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_ranks_agree(runs, mode):
-    for case in CASES:
+    for case in CASES + (UNSHARDED_CASES if mode == "ddp" else []):
         _assert_same(_load(runs[mode], case, 0), _load(runs[mode], case, 1), atol=0, rtol=0)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", DETERMINISTIC + RANDOM)
+@pytest.mark.parametrize("case", DETERMINISTIC + RANDOM + UNSHARDED)
 def test_ddp_equals_one_process(runs, case):
     """Same global batch: 2 ranks x 4 = 1 rank x 8 samples per step (replicas draw the same noise)."""
     _assert_same(_load(runs["ddp"], case), _load(runs["single"], case))
@@ -121,17 +125,27 @@ def test_fsdp2_random_perturbation_has_the_same_law(runs, case):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", list(MODES))
-@pytest.mark.parametrize("case", RESUMED)
+@pytest.mark.parametrize("mode, case", [(m, c) for c in RESUMED for m in MODES]
+                         + [(m, c) for c in UNSHARDED for m in ("single", "ddp")])
 def test_resume_equals_uninterrupted(runs, mode, case):
     _assert_same(_load(runs[mode], f"{case}_resume"), _load(runs[mode], case), atol=1e-7, rtol=1e-6)
     state = runs[mode] / f"{case}_resume" / "checkpoint-2" / "robustft"
     files = sorted(p.name for p in state.glob("*.safetensors"))
     name = json.loads(next(state.glob("*.json")).read_text())["callback"]
-    assert name in {"EMACallback", "WiseFTCallback", "GGPOCallback"}
+    assert name in {"EMACallback", "WiseFTCallback", "MGPOCallback"}
     stem = files[0].split(".")[0]
     per_rank = [f"{stem}.rank0.safetensors", f"{stem}.rank1.safetensors"]
     assert files == (per_rank if mode == "fsdp" else [f"{stem}.safetensors"])  # FSDP2: each rank its shard
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", UNSHARDED)
+def test_unsharded_cases_refuse_fsdp2_at_train_begin(runs, case):
+    """LoRA-MGPO under FSDP2: a named refusal on every rank at train begin, before any step."""
+    for rank in (0, 1):
+        info = json.loads((runs["fsdp"] / f"{case}_refused" / f"rank{rank}.json").read_text())
+        assert "does not support FSDP2" in (info["refused"] or ""), info
+        assert info["global_step"] == 0
 
 
 @pytest.mark.slow

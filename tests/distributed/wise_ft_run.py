@@ -11,11 +11,12 @@ import sys
 
 import torch
 from datasets import Dataset
-from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
+from transformers import Trainer, TrainingArguments
 
 sys.path.insert(0, os.getcwd())
 from robustft import WiseFTCallback  # noqa: E402
 from tests.distributed.harness import finish  # noqa: E402
+from tests.tiny import tiny_bert  # noqa: E402
 
 
 def data(n, seed):
@@ -30,20 +31,8 @@ def mse(pred):
 
 
 def main(out: str) -> None:
-    torch.manual_seed(0)
-    cfg = BertConfig(
-        vocab_size=64,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=32,
-        num_labels=1,
-        problem_type="regression",
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    model = BertForSequenceClassification(cfg)
+    model = tiny_bert(0, num_labels=1, hidden=32, dropout=0.0)
+    model.config.problem_type = "regression"
     evals = {"id": data(32, 5), "shifted": data(32, 6)}
     cb = WiseFTCallback(
         alpha=1.0,

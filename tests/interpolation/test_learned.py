@@ -311,3 +311,14 @@ def test_init_accepts_real_scalars(scalar):
     start = _net(0)
     got = LearnedInterpolation(start, _perturbed(start, 1), init=scalar).coefficients
     assert torch.equal(got, torch.full_like(got, 0.25))
+
+
+def test_from_lora_refuses_a_target_parameters_adapter_by_name():
+    from robustft.lora.algebra import DeltaSet, LoRADelta
+    from robustft.lora.io import LoRAAdapter
+
+    name = "model.layers.0.mlp.experts[0]"
+    adapter = LoRAAdapter(DeltaSet({name: LoRADelta(torch.ones(4, 1), torch.ones(1, 3), 1.0, name)}), {},
+                          {name: "parameter"})
+    with pytest.raises(ValueError, match=r"experts\[0\]'.*target_parameters"):
+        LearnedInterpolation.from_lora(nn.Linear(3, 4), [adapter])

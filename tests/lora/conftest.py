@@ -28,9 +28,9 @@ def save_base(path: Path, hidden: int = 32, seed: int = 0) -> Path:
     return path
 
 
-def make_adapter(base_dir: Path, out: Path, seed: int, **lora_kwargs) -> Path:
-    """Save a LoRA adapter on the base at ``base_dir`` with every factor random (B too)."""
-    model = LlamaForCausalLM.from_pretrained(base_dir)
+def make_adapter(base_dir: Path, out: Path, seed: int, model_class=LlamaForCausalLM, **lora_kwargs) -> Path:
+    """Save a LoRA adapter on the ``model_class`` base at ``base_dir`` with every factor random (B too)."""
+    model = model_class.from_pretrained(base_dir)
     peft_model = get_peft_model(model, LoraConfig(**lora_kwargs))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -10,28 +10,18 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
 from robustft.cli import main
 from robustft.interpolation.wise_ft import interpolate_models, interpolate_state_dicts
 from robustft.merge.interpolate import interpolate_checkpoints
+from tests.tiny import tiny_llama
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _llama(seed, hidden=32, dtype=torch.float32):
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=64,
-        hidden_size=hidden,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-        tie_word_embeddings=False,
-    )
-    return LlamaForCausalLM(cfg).to(dtype).eval()
+    return tiny_llama(seed, hidden).to(dtype).eval()
 
 
 def _save(model, path, shard=None):
