@@ -48,7 +48,7 @@ from robustft.ops.perturb import (
     flat_row_sq_norms,
     global_norm,
     low_rank_merged_row_sq_norms,
-    low_rank_tangent,
+    low_rank_tangent_sq_norm,
     mgpo_factor,
     mgpo_grad_ema,
     momentum_epsilon,
@@ -108,6 +108,7 @@ class WeightPerturbation(RobustCallback):
         self._params: dict[str, torch.Tensor] = {}
         self._guard: SelectionGuard | None = None
         self._sums: dict[str, list[float]] = {}
+        self._sharded: tuple[dict[str, torch.Tensor], bool] | None = None  # (selection, is it sharded)
 
     # -- the Trainer ---------------------------------------------------------------------------
     def _hook_trainer(self, required: bool) -> None:
@@ -161,8 +162,15 @@ class WeightPerturbation(RobustCallback):
     def _rho_at(self, state) -> float:
         return scheduled_rho(self.rho, self.schedule, state.global_step, self.start_step, state.max_steps)
 
+    def _is_sharded(self) -> bool:
+        """``is_sharded`` of the selection, found once per selection: it walks every tensor, and the noise of
+        each tensor asks (per tensor and micro-batch, that walk was a few percent of a step)."""
+        if self._sharded is None or self._sharded[0] is not self._params:
+            self._sharded = (self._params, is_sharded(self._params))
+        return self._sharded[1]
+
     def _reduce(self):
-        return distributed.all_reduce_sum if is_sharded(self._params) else None
+        return distributed.all_reduce_sum if self._is_sharded() else None
 
     def _record(self, name: str, value: float, mean: bool = True) -> None:
         """Mean (or sum, for counts) of a metric over the steps since the last Trainer log."""
@@ -210,13 +218,25 @@ class _OnePass(WeightPerturbation):
         # (contexts, state, first application) of the step's perturbation, from on_step_begin to the step
         self._pending: tuple[list[Any], Any, bool] | None = None
         self._engine = None  # the DeepSpeed engine whose step undoes the perturbation, if any
+        # (device, dtype) -> one reusable buffer the noise of one tensor at a time is drawn into (the largest
+        # perturbed tensor's size, kept from the step's first draw to its optimizer step)
+        self._scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
     def _targets(self, model) -> dict[str, torch.Tensor]:
         return self._select(model)
 
+    def _scratch_for(self, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A contiguous ``shape`` view of this callback's scratch buffer: the noise of one tensor is used and
+        dropped before the next is drawn, so one buffer serves them all without a fresh allocation each."""
+        n, key = math.prod(shape), (torch.device(device), dtype)
+        buf = self._scratch.get(key)
+        if buf is None or buf.numel() < n:
+            buf = self._scratch[key] = torch.empty(n, dtype=dtype, device=device)
+        return buf[:n].view(shape)
+
     def _seed_for(self, step: int, index: int) -> int:
         # replicated weights (DDP) draw the same noise on every rank; FSDP2 shards each draw their own
-        shard = distributed.rank() if is_sharded(self._params) else 0
+        shard = distributed.rank() if self._is_sharded() else 0
         return noise_seed(self.seed, step, index + (shard << 32))
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
@@ -304,7 +324,8 @@ class _OnePass(WeightPerturbation):
                 if ctx is None:
                     continue
                 e = self._noise(i, w, ctx)
-                noise_sq.append(e.pow(2).sum())
+                flat = e.reshape(-1)
+                noise_sq.append(torch.dot(flat, flat))  # Σ e², one pass and no e-sized temporary
                 # exact to undo even if e holds NaN/Inf: every element then is a fix-up
                 fixup = self._perturb(i, w, ctx, e)
                 self._applied.append((i, w, ctx, fixup))
@@ -347,6 +368,7 @@ class _OnePass(WeightPerturbation):
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         self._restore()
         self._pending = None
+        self._scratch = {}
 
     def _on_micro_batch_error(self) -> None:
         self._restore()
@@ -354,6 +376,7 @@ class _OnePass(WeightPerturbation):
     def on_train_end(self, args, state, control, **kwargs):
         self._restore()
         self._pending = None
+        self._scratch = {}
         if self._engine is not None:
             self.unwrap_method("step", target=self._engine)
             self._engine = None
@@ -430,7 +453,8 @@ class _RowWise(_OnePass):
         param = self._params[name]
         slice_of = (full_shape(param), zero3_partition(param)[0]) if is_zero3_param(param) else None
         seed, dtype = self._seed_for(step, index), compute_dtype(w.dtype)
-        return row_noise(w.shape, scale, seed, device=w.device, slice_of=slice_of, dtype=dtype)
+        out = self._scratch_for(w.shape, dtype, w.device)
+        return row_noise(w.shape, scale, seed, device=w.device, slice_of=slice_of, dtype=dtype, out=out)
 
     def _row_sq(self, name: str, t: torch.Tensor) -> torch.Tensor:
         """Squared row norms of ``t``, the local part of parameter ``name`` (or of its gradient).
@@ -683,23 +707,36 @@ class MGPOCallback(_QuantizedBase, _OnePass):
         return out
 
     # -- the direction and its size --------------------------------------------------------------
-    @torch.no_grad()
-    def _weight_space(self, name: str, pick) -> torch.Tensor | None:
-        """The tensor ``pick`` (momentum or gradient of a parameter; None if missing) seen in the target's
-        weight space: Σ s·(dB·A + B·dA) for a LoRA layer (transposed for fan_in_fan_out), else itself."""
-        factors = self._factors[name]
-        if factors is None:
-            t = pick(self._params[name])
-            return None if t is None else t.detach().to(compute_dtype(t.dtype))
-        parts = [(s * b, a, pick(b), pick(a), s) for b, a, s in factors]
+    def _low_rank(self, name: str, pick) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(U, V) with U·V = Σ s·(dB·A + B·dA) for LoRA target ``name``, ``pick`` giving dB, dA (momentum or
+        gradient; None if missing): U = [s·dB, s·B] (out × 2r), V = [A; dA] (2r × in), float32 or wider."""
+        parts = [(s * b, a, pick(b), pick(a), s) for b, a, s in self._factors[name]]
         if any(db is None or da is None for _, _, db, da, _ in parts):
             return None
-        sb = torch.cat([p[0] for p in parts], dim=1)
-        a = torch.cat([p[1] for p in parts], dim=0)
-        sdb = torch.cat([p[4] * p[2] for p in parts], dim=1)
-        da = torch.cat([p[3] for p in parts], dim=0)
-        v = low_rank_tangent(sb, a, sdb, da)
-        return v.T if self._transposed[name] else v
+        dtype = compute_dtype(*(t.dtype for part in parts for t in part[:4]))
+        u = torch.cat([p[4] * p[2] for p in parts] + [p[0] for p in parts], dim=1)
+        v = torch.cat([p[1] for p in parts] + [p[3] for p in parts], dim=0)
+        return u.detach().to(dtype), v.detach().to(dtype)
+
+    @torch.no_grad()
+    def _weight_space_norm(self, name: str, pick) -> torch.Tensor | None:
+        """‖v‖ of the tensor ``pick`` (momentum or gradient; None if missing) seen in the target's weight
+        space: for a LoRA layer v = Σ s·(dB·A + B·dA), its norm from the factors alone
+        (:func:`robustft.ops.perturb.low_rank_tangent_sq_norm`, no out × in matrix); else the tensor's own."""
+        if self._factors[name] is None:
+            t = pick(self._params[name])
+            return None if t is None else torch.linalg.vector_norm(t.detach().to(compute_dtype(t.dtype)))
+        uv = self._low_rank(name, pick)
+        if uv is None:
+            return None
+        r = uv[0].shape[1] // 2  # U = [s·dB, s·B], V = [A; dA]
+        return low_rank_tangent_sq_norm(uv[0][:, r:], uv[1][:r], uv[0][:, :r], uv[1][r:]).sqrt()
+
+    @staticmethod
+    def _product(u: torch.Tensor, v: torch.Tensor, transposed: bool, out: torch.Tensor) -> torch.Tensor:
+        """U·V (its transpose for fan_in_fan_out weights) into ``out``: one product of inner size 2r."""
+        a, b = (v.T, u.T) if transposed else (u, v)
+        return torch.mm(a, b, out=out)
 
     def _momentum(self, optimizer):
         def pick(p):
@@ -714,11 +751,10 @@ class MGPOCallback(_QuantizedBase, _OnePass):
         pick = self._momentum(optimizer)
         contexts, scales = [], []
         for name in self._params:
-            v = self._weight_space(name, pick)
-            if v is None:
+            norm = self._weight_space_norm(name, pick)
+            if norm is None:
                 contexts.append(None)
                 continue
-            norm = torch.linalg.vector_norm(v)
             if not torch.isfinite(norm):
                 self._warn_nonfinite(state, f"momentum of {name!r}", "this layer is not perturbed")
                 contexts.append(None)
@@ -736,7 +772,15 @@ class MGPOCallback(_QuantizedBase, _OnePass):
 
     def _noise(self, index, w, ctx):
         name, optimizer, factor = ctx
-        return (self._weight_space(name, self._momentum(optimizer)) * factor).to(w.device)
+        pick = self._momentum(optimizer)
+        if self._factors[name] is None:  # a plain tensor: its own momentum
+            m = pick(self._params[name]).detach()
+            return (m.to(compute_dtype(m.dtype)) * factor).to(w.device)
+        u, v = self._low_rank(name, pick)  # not None: the context was made from the same momentum
+        transposed = self._transposed[name]
+        shape = (v.shape[1], u.shape[0]) if transposed else (u.shape[0], v.shape[1])
+        out = self._scratch_for(torch.Size(shape), u.dtype, u.device)  # one buffer for every layer's ε
+        return self._product(u, v, transposed, out).mul_(factor).to(w.device)
 
     @staticmethod
     def _target_of(ctx) -> str:
@@ -746,10 +790,9 @@ class MGPOCallback(_QuantizedBase, _OnePass):
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         super().on_pre_optimizer_step(args, state, control, **kwargs)
         for name in self._params:
-            g = self._weight_space(name, lambda p: p.grad)
-            if g is None:
+            norm = self._weight_space_norm(name, lambda p: p.grad)
+            if norm is None:
                 continue
-            norm = torch.linalg.vector_norm(g)
             if torch.isfinite(norm):
                 self._grad_ema[name] = mgpo_grad_ema(self._grad_ema.get(name), norm, self.beta)
 

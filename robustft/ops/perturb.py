@@ -32,6 +32,7 @@ __all__ = [
     "global_norm",
     "low_rank_merged_row_sq_norms",
     "low_rank_tangent",
+    "low_rank_tangent_sq_norm",
     "mgpo_factor",
     "mgpo_grad_ema",
     "momentum_epsilon",
@@ -156,6 +157,27 @@ def low_rank_tangent(
     dtype = compute_dtype(b.dtype, a.dtype, db.dtype, da.dtype)
     b, a, db, da = (t.detach().to(dtype) for t in (b, a, db, da))
     return db @ a + b @ da
+
+
+def low_rank_tangent_sq_norm(
+    b: torch.Tensor, a: torch.Tensor, db: torch.Tensor, da: torch.Tensor
+) -> torch.Tensor:
+    """‖dB·A + B·dA‖_F² (float64 scalar) without forming the (out × in) matrix of :func:`low_rank_tangent`.
+
+    With U = [dB, B] (out × 2r) and V = [A; dA] (2r × in), dB·A + B·dA = U·V and ‖U·V‖_F² = Σ (UᵀU) ⊙ (V·Vᵀ):
+    two (2r × 2r) Gram matrices, O((out + in)·r²) work instead of O(out·in·r) and an out × in buffer. Equals
+    ``low_rank_tangent(...).pow(2).sum()`` to float rounding (LoRA-MGPO's per-layer momentum and gradient
+    norms). Computed in float64, clamped at 0.
+    """
+    if b.dim() != 2 or a.dim() != 2 or b.shape != db.shape or a.shape != da.shape or (
+        b.shape[1] != a.shape[0]
+    ):
+        raise ValueError(f"low_rank_tangent_sq_norm: B {tuple(b.shape)}, A {tuple(a.shape)}, dB "
+                         f"{tuple(db.shape)} and dA {tuple(da.shape)} do not make dB·A + B·dA")
+    wide = torch.float64
+    u = torch.cat([db.detach(), b.detach()], dim=1).to(wide)
+    v = torch.cat([a.detach(), da.detach()], dim=0).to(wide)
+    return ((u.T @ u) * (v @ v.T)).sum().clamp_min(0)
 
 
 def mgpo_factor(
@@ -286,13 +308,21 @@ def noise_seed(seed: int, step: int, index: int) -> int:
 
 def seeded_normal(
     shape: torch.Size | tuple[int, ...], seed: int, device: torch.device | str = "cpu",
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """z ~ N(0, I) of ``shape`` from a torch.Generator seeded with ``seed``: the same (shape, seed, device,
-    dtype) gives the same z, so noise is regenerated instead of stored (seeds from :func:`noise_seed`)."""
+    dtype) gives the same z, so noise is regenerated instead of stored (seeds from :func:`noise_seed`).
+
+    ``out``: a contiguous tensor of that shape, dtype and device to draw into (the same z, bit for bit,
+    without a fresh allocation: a caller drawing many tensors per step reuses one scratch buffer)."""
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
-    return torch.randn(tuple(shape), generator=gen, device=device, dtype=dtype)
+    if out is None:
+        return torch.randn(tuple(shape), generator=gen, device=device, dtype=dtype)
+    if tuple(out.shape) != tuple(shape) or out.dtype != dtype or not out.is_contiguous():
+        raise ValueError(f"seeded_normal: out is {tuple(out.shape)} {out.dtype}, not a contiguous "
+                         f"{tuple(shape)} {dtype}")
+    return torch.randn(tuple(shape), generator=gen, device=device, dtype=dtype, out=out)
 
 
 def row_noise(
@@ -302,20 +332,22 @@ def row_noise(
     device: torch.device | str = "cpu",
     slice_of: tuple[torch.Size, int] | None = None,
     dtype: torch.dtype = torch.float32,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """ε = z ⊙ std (broadcast per row), z ~ N(0, I) of ``dtype`` from a torch.Generator seeded with ``seed``.
 
     ``slice_of=(full_shape, offset)``: ``shape`` is a flat slice of a larger tensor (a ZeRO-3
     partition) whose rows are those of ``full_shape`` (:func:`scale_flat_rows_`). Deterministic for a
-    given (shape, seed, device), so a perturbation can be regenerated to undo it.
+    given (shape, seed, device), so a perturbation can be regenerated to undo it. ``out``: a scratch tensor
+    to write ε into (see :func:`seeded_normal`); the same ε bit for bit, without allocating one.
     """
-    z = seeded_normal(shape, seed, device, dtype)
+    z = seeded_normal(shape, seed, device, dtype, out=out)
     if slice_of is not None:
         return scale_flat_rows_(z, row_scale, *slice_of)
     scale = row_scale.to(device=device, dtype=dtype)
     if len(shape) <= 1:
-        return z * scale.reshape(())
-    return z * scale.reshape((-1,) + (1,) * (len(shape) - 1))
+        return z.mul_(scale.reshape(()))
+    return z.mul_(scale.reshape((-1,) + (1,) * (len(shape) - 1)))
 
 
 class _SeededNoiseLinear(torch.autograd.Function):
@@ -385,13 +417,23 @@ def perturb_(w: torch.Tensor, e: torch.Tensor) -> Fixup:
         raise ValueError(f"perturb_: tensor of dtype {w.dtype} is not floating point")
     if tuple(e.shape) != tuple(w.shape):
         raise ValueError(f"perturb_: perturbation shape {tuple(e.shape)} != weight shape {tuple(w.shape)}")
-    perturbed = _add(w, e, 1.0)
-    bad = _bits(_add(perturbed, e, -1.0)) != _bits(w)
+    same = w.dtype == e.dtype == compute_dtype(w.dtype) and w.device == e.device
+    if same:  # fl(fl(w + e) − e) in one temporary, then w ← fl(w + e) in place: the same bits as below
+        back = torch.add(w, e).sub_(e)
+        perturbed = None
+    else:
+        perturbed = _add(w, e, 1.0)
+        back = _add(perturbed, e, -1.0)
+    bad = _bits(back) != _bits(w)
+    del back
     index = bad.reshape(-1).nonzero().squeeze(1)
     if w.numel() < 2**31:
         index = index.to(torch.int32)
     values = w.reshape(-1)[index.long()].clone()
-    w.copy_(perturbed)
+    if same:
+        w.add_(e)
+    else:
+        w.copy_(perturbed)
     return Fixup(index, values)
 
 

@@ -12,6 +12,7 @@ from robustft.ops.perturb import (
     global_norm,
     low_rank_merged_row_sq_norms,
     low_rank_tangent,
+    low_rank_tangent_sq_norm,
     mgpo_factor,
     mgpo_grad_ema,
     momentum_epsilon,
@@ -22,6 +23,7 @@ from robustft.ops.perturb import (
     rwp_row_scale,
     sam_perturbation,
     scheduled_rho,
+    seeded_normal,
     unperturb_,
 )
 
@@ -288,6 +290,33 @@ def test_low_rank_tangent_is_the_derivative_of_the_product():
     torch.testing.assert_close(low_rank_tangent(b, a, db, da), want)
     with pytest.raises(ValueError, match="do not make"):
         low_rank_tangent(b, a, db, da.T)
+
+
+@pytest.mark.parametrize("out, inp, r", [(6, 5, 2), (40, 3, 4), (3, 50, 1)])
+def test_low_rank_tangent_norm_is_the_norm_of_the_dense_tangent(out, inp, r):
+    """‖dB·A + B·dA‖² from two 2r × 2r Gram matrices equals the squared norm of the dense product's jvp."""
+    g = torch.Generator().manual_seed(out + inp)
+    b, db = (torch.randn(out, r, generator=g, dtype=torch.float64) for _ in range(2))
+    a, da = (torch.randn(r, inp, generator=g, dtype=torch.float64) for _ in range(2))
+    _, dense = torch.func.jvp(lambda x, y: x @ y, (b, a), (db, da))
+    torch.testing.assert_close(low_rank_tangent_sq_norm(b, a, db, da), dense.pow(2).sum())
+    got32 = low_rank_tangent_sq_norm(b.float(), a.float(), db.float(), da.float())
+    assert got32.dtype == torch.float64
+    torch.testing.assert_close(got32, dense.pow(2).sum(), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="do not make"):
+        low_rank_tangent_sq_norm(b, a, db, da.T)
+
+
+def test_noise_drawn_into_a_scratch_buffer_is_the_same_noise():
+    """``out=`` only saves the allocation: the same z and the same row noise, bit for bit."""
+    scale = torch.tensor([0.5, 2.0, 0.0])
+    buf = torch.full((3 * 17,), float("nan"))
+    got = row_noise(torch.Size((3, 17)), scale, seed=11, out=buf.view(3, 17))
+    assert got.data_ptr() == buf.data_ptr()
+    assert torch.equal(got, row_noise(torch.Size((3, 17)), scale, seed=11))
+    assert torch.equal(seeded_normal((4, 9), 5, out=torch.empty(4, 9)), seeded_normal((4, 9), 5))
+    with pytest.raises(ValueError, match="out is"):
+        seeded_normal((4, 9), 5, out=torch.empty(9, 4).T)
 
 
 def test_mgpo_factor_and_grad_ema_follow_the_rule():
