@@ -83,7 +83,7 @@ def variant_callbacks(name: str, cfg: demo_llm.LLMDemoConfig) -> list:
         return [L2SPCallback(L2SP_STRENGTH)]
     if name == "EWC":
         return []
-    return demo_llm._method_callbacks(name, cfg)
+    return demo_llm.method_callbacks(name, cfg)
 
 
 def packed_rows(rows: list[dict], tokenizer, seq_len: int, n_rows: int) -> list[dict]:

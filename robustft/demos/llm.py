@@ -56,6 +56,7 @@ __all__ = [
     "lora_trainer",
     "make_definition_task",
     "make_preference_task",
+    "method_callbacks",
     "model_path",
     "prepare_llm_task",
     "run_llm_demo",
@@ -351,7 +352,8 @@ def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values)
 
 
-def _method_callbacks(method: str, cfg: LLMDemoConfig) -> list:
+def method_callbacks(method: str, cfg: LLMDemoConfig) -> list:
+    """The callbacks of one of the demo's training ``METHODS`` in setting ``cfg`` (plain LoRA: none)."""
     from robustft import MGPOCallback, MomentumSAMCallback, RandomPerturbationCallback
 
     if method == "plain LoRA":
@@ -570,7 +572,7 @@ def run_llm_demo(
     if "plain LoRA" not in methods:
         raise ValueError(f"methods: 'plain LoRA' is needed (WiSE-FT and EMA use its run), got {methods}")
     for m in methods:
-        _method_callbacks(m, cfg)  # unknown names fail before anything runs
+        method_callbacks(m, cfg)  # unknown names fail before anything runs
     if cfg.bits is not None and importlib.util.find_spec("bitsandbytes") is None:
         raise ValueError("--4bit: needs bitsandbytes (pip install 'robustft[qlora]')")
     if model is not None:
@@ -607,7 +609,7 @@ def _run_llm_demo(out: Path, cfg: LLMDemoConfig, cache_dir, wordnet, methods: Se
     budget = {"dataset": "retained", "metric": "loss", "epsilon": cfg.retained_budget}
     for k, method in enumerate(methods, 1):
         clock = step_clock()
-        extra = _method_callbacks(method, cfg)
+        extra = method_callbacks(method, cfg)
         wise = ema = None
         if method == "plain LoRA":  # EMA and WiSE-FT only read the trajectory: they share this run
             ema = EMACallback(decay=cfg.ema_decay, warmup=True, eval_with_ema=False, save_dir=None)

@@ -431,7 +431,7 @@ def test_llm_demo_mgpo_row_is_mgpo_callback_with_its_documented_defaults():
     from robustft import MGPOCallback
 
     assert "LoRA-MGPO" in demo_llm.METHODS and not any("GGPO" in m for m in demo_llm.METHODS)
-    (cb,) = demo_llm._method_callbacks("LoRA-MGPO", demo_llm.FAST)
+    (cb,) = demo_llm.method_callbacks("LoRA-MGPO", demo_llm.FAST)
     defaults = inspect.signature(MGPOCallback).parameters
     assert type(cb) is MGPOCallback
     assert (cb.rho, cb.beta) == (defaults["rho"].default, defaults["beta"].default)
