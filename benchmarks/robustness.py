@@ -843,6 +843,7 @@ def main(argv=None) -> int:
     p.add_argument("--task", choices=("topics", "glosses"), default="topics",
                    help="the encoder task: robustft demo's (default) or --task glosses (WordNet definitions, "
                    "a subpopulation shift); the gloss task's tables go between their own markers")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved overhead rounds")
     p.add_argument("--steps", type=int, default=8, help="optimizer steps per overhead run")
     p.add_argument("--out", default=os.path.join(tempfile.gettempdir(), "robustft_robustness_benchmark"))
     p.add_argument("--no-write", action="store_true", help="print only; leave the docs alone")
