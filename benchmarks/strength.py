@@ -45,7 +45,7 @@ from robustft.demos.console import format_table  # noqa: E402
 ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 EVALS = ("id", "id_test", "shifted")  # "id" chooses α and the strength; the other two are reported
 LLM_EVALS = ("id", "shifted", "retained")  # the LLM task's (mean answer-token loss)
-LLM_METHODS = ("plain", "L2-SP", "EWC", "EMA", "Momentum-SAM")  # run on LoRA (LP-FT: no head to probe)
+LLM_METHODS = ("plain", "L2-SP", "EWC", "spectral", "EMA", "Momentum-SAM")  # on LoRA (LP-FT: no head)
 WISE_FT = {"plain": "each"}  # plain fine-tuning: its α curve (the WiSE-FT row); the others: ``--wise-ft``
 SCALES = (0.01, 0.1, 1.0)  # the anchor penalties' strengths, times the docs' setting
 METHODS = ("plain", "L2-SP", "EWC", "spectral", "LP-FT", "EMA", "SAM", "Momentum-SAM",
@@ -78,7 +78,7 @@ def llm_bench(task, cfg, out: Path, scales=SCALES) -> Bench:
     :class:`Bench`: L2-SP at λ = ``scales``, EWC at ``scales`` / mean(F) with F on the LoRA factors."""
     import torch
 
-    from robustft import EMACallback, EWCCallback, L2SPCallback, MomentumSAMCallback
+    from robustft import EMACallback, EWCCallback, L2SPCallback, MomentumSAMCallback, SpectralRegCallback
     from robustft.merge import estimate_fisher
 
     def trainer(folder: Path, callbacks: list):
@@ -100,6 +100,9 @@ def llm_bench(task, cfg, out: Path, scales=SCALES) -> Bench:
         "L2-SP": lambda: (list(scales), lambda s: [L2SPCallback(s)],
                           "λ, loss form, on the LoRA factors (anchor: the adapter at train begin, B = 0)"),
         "EWC": ewc,
+        "spectral": lambda: (list(scales), lambda s: [SpectralRegCallback(s)],
+                             "λ, σ₁ of every LoRA factor held at its start value (B: 0, so on B a pull of "
+                             "σ₁(B) toward 0; the paper's σ₁ is the layer's whole weight's)"),
         "EMA": lambda: ([0.5, 0.75, 0.9],  # no warm-up: in 8 steps it caps β at 0.77 (0.9 = 0.98 there)
                         lambda s: [EMACallback(decay=s, copy_to_model_at_end=True, save_dir=None)],
                         f"decay β ({cfg.steps} steps, no warm-up, which would cap β at 0.77 in 8 steps; the "

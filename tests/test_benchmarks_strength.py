@@ -54,9 +54,9 @@ def test_llm_task_sweeps_lora_losses_and_chooses_the_lowest_id_loss(tmp_path):
     lines = [line for line in text.splitlines() if line.startswith("| ")]
     table = [[c.strip() for c in line.split("|")[1:-1]] for line in lines]
     assert table[0][2:5] == ["id end", "shifted end", "retained end"] and "answer-token loss" in text
-    assert [r[0] for r in table[1:]] == ["plain", "L2-SP", "L2-SP", "EWC", "EWC", *["EMA"] * 3,
-                                         *["Momentum-SAM"] * 3]
-    for method in ("L2-SP", "EWC", "EMA", "Momentum-SAM"):
+    assert [r[0] for r in table[1:]] == ["plain", *["L2-SP"] * 2, *["EWC"] * 2, *["spectral"] * 2,
+                                         *["EMA"] * 3, *["Momentum-SAM"] * 3]
+    for method in ("L2-SP", "EWC", "spectral", "EMA", "Momentum-SAM"):
         data = json.loads((out / f"{method}.json").read_text())
         assert data["greater_is_better"] is False and list(data["results"]) == list(bs.LLM_EVALS)
         best = min(zip(data["results"]["id"], data["strengths"], strict=True))[1]  # lowest id loss, smaller
