@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "examples"))
 import warm_reward_models as warm  # noqa: E402
 
-from benchmarks.llm import write_section  # noqa: E402
+from benchmarks.llm import publish  # noqa: E402
 from robustft.demos import llm as demo_llm  # noqa: E402
 from robustft.demos.console import format_table  # noqa: E402
 
@@ -231,11 +231,7 @@ def main(argv=None) -> int:
     parts += ["", f"Total {time.time() - t0:.0f} s; load average at the end {os.getloadavg()[0]:.1f}. "
               f"Config: `{asdict(cfg)}`."]
     text = "\n".join(parts)
-    print("\n" + text)
-    if not args.no_write:
-        write_section(text, start=START, end=END)
-        print(f"\nwritten to {ROOT / 'docs' / 'benchmarks.md'}")
-    return 0
+    return publish(text, args.no_write, START, END)
 
 
 if __name__ == "__main__":

@@ -255,13 +255,9 @@ def main(argv=None) -> int:
               args.max_new_tokens or MAX_NEW_TOKENS, None if args.skip_finish_counts else LIMITS)
     text = section(res["gen"], res["counts"], len(prompts), res["report"], res["overhead"], command.strip(),
                    (load0, os.getloadavg()[0]))
-    print("\n" + text)
-    if not args.no_write:
-        from benchmarks.llm import write_section
+    from benchmarks.llm import publish
 
-        write_section(text, start=START, end=END)
-        print(f"\nwritten to {ROOT / 'docs' / 'benchmarks.md'}")
-    return 0
+    return publish(text, args.no_write, START, END)
 
 
 if __name__ == "__main__":

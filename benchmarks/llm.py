@@ -264,6 +264,15 @@ def write_section(text: str, path: Path = ROOT / "docs" / "benchmarks.md", start
     path.write_text(doc)
 
 
+def publish(text: str, no_write: bool, start: str = START, end: str = END) -> int:
+    """Print a benchmark's section and, unless ``no_write``, write it into docs/benchmarks.md; exit code 0."""
+    print("\n" + text)
+    if not no_write:
+        write_section(text, start=start, end=end)
+        print(f"\nwritten to {ROOT / 'docs' / 'benchmarks.md'}")
+    return 0
+
+
 def throughput_text(per, args, shape: Shape | None, load0: float) -> list[str]:
     """The throughput paragraph (what was run, the load) and its table."""
     work = ("the dataset's own rows" if shape is None else
