@@ -9,10 +9,12 @@ retained loss and KL(p_base ‖ p_α). α* is chosen on the in-distribution loss
 loss on y) and ``report.json`` with per-item retained values for intervals.
 
 Cost: for an adapter, θ(α) is B ← α·B_end (:class:`~robustft.interpolation.wise_ft.WiseFTWeights`, only
-the LoRA factors are copied, once) and the base logits come from the same model with the adapter
-disabled, so the cost is forward passes over the eval tokens. For a full model, the base model (start and
-KL reference) and the fine-tuned model are in memory; θ(α) is written into the fine-tuned model's tensors
-from the base's and the fine-tuned file's (read tensor by tensor), never a third copy.
+the LoRA factors are copied) and the base logits come from the same model with the adapter disabled; each
+batch is scored at every α in turn, so its base pass (the KL's reference, and α = 0 itself, where B = 0)
+runs once: one forward pass per eval token and α > 0, plus one. For a full model, the base model (start
+and KL reference) and the fine-tuned model are in memory; θ(α) is written into the fine-tuned model's
+tensors from the base's and the fine-tuned file's (read tensor by tensor), never a third copy, once per α,
+so the retained set's base pass is repeated per α.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from robustft.analysis.retention import (
     pad_id,
     read_prompts,
     score_examples,
+    score_sweep,
 )
 
 DEFAULT_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -116,11 +119,14 @@ def check_adapter(adapter: str | os.PathLike) -> None:
 @dataclass
 class Interpolation:
     """A model that ``sweep(alphas, run)`` sets to each θ(α) in place (then back to the fine-tuned end),
-    and the base model's KL reference (None: the PEFT model itself with its adapter disabled)."""
+    and the base model's KL reference (None: the PEFT model itself with its adapter disabled).
+    ``per_batch``: a sweep is cheap (an adapter's B ← α·B), so the report sweeps every batch, scoring the
+    base once per batch for all α (:func:`~robustft.analysis.retention.score_sweep`); else once per α."""
 
     model: Any
     reference: Any
     sweep: Callable[[Sequence[float], Callable[[int], Any]], list]
+    per_batch: bool = False
 
 
 def adapter_interpolation(base: str | os.PathLike, adapter: str | os.PathLike) -> Interpolation:
@@ -139,7 +145,8 @@ def adapter_interpolation(base: str | os.PathLike, adapter: str | os.PathLike) -
     weights = WiseFTWeights(params, check_start=False)  # the trained B is the end; its start is B = 0
     if weights.dense:
         raise ValueError(f"--adapter {adapter}: tensors {weights.dense[:3]} are not LoRA factor pairs")
-    return Interpolation(model, None, lambda grid, run: evaluate_at_alphas(weights, grid, run))
+    return Interpolation(model, None, lambda grid, run: evaluate_at_alphas(weights, grid, run),
+                         per_batch=True)
 
 
 def full_interpolation(base: str | os.PathLike, model_dir: str | os.PathLike) -> Interpolation:
@@ -264,7 +271,13 @@ def wise_ft_report(interp: Interpolation, examples: Mapping[str, Sequence[tuple[
             kl = name == "retained"
             scores[name].append(score_examples(interp.model, ex, interp.reference, kl, batch_size, pad_id))
 
-    interp.sweep(grid, run)
+    if interp.per_batch:  # α outermost per batch: one base pass per batch; α = 0 (B = 0) is that pass
+        at_base = [i for i, a in enumerate(grid) if a == 0.0]
+        for name, ex in examples.items():
+            scores[name] = score_sweep(interp.model, ex, lambda r: interp.sweep(grid, r), interp.reference,
+                                       name == "retained", batch_size, pad_id, at_base)
+    else:
+        interp.sweep(grid, run)
     losses = {name: [s.loss for s in v] for name, v in scores.items()}
     chosen = choose_alpha(grid, losses["id"], greater_is_better=False)
     items = {}

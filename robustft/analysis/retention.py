@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -446,6 +446,17 @@ def _answer_log_probs(model, ids, attn, target):
     return torch.log_softmax(logits[:, :-1][keep].float(), dim=-1)
 
 
+def _base_log_probs(model, reference, ids, attn, target):
+    """:func:`_answer_log_probs` of the base: ``reference``, else ``model`` (PEFT) with adapters disabled."""
+    from robustft.core.params import train_mode
+
+    if reference is not None:
+        with train_mode(reference, False):
+            return _answer_log_probs(reference, ids, attn, target)
+    with model.disable_adapter():
+        return _answer_log_probs(model, ids, attn, target)
+
+
 def score_examples(model, examples: Sequence[tuple[list[int], int]], reference=None, kl: bool = True,
                    batch_size: int = 8, pad_id: int = 0) -> RetentionScores:
     """Answer-token loss and KL(p_base ‖ p_model) of ``model`` on encoded ``examples``.
@@ -454,6 +465,21 @@ def score_examples(model, examples: Sequence[tuple[list[int], int]], reference=N
     ``model`` is a PEFT model, from ``model`` with its adapters disabled. ``kl=False`` skips it; KL on a
     full model without ``reference`` is a ValueError. Both models are run in eval mode, without gradients.
     """
+    return score_sweep(model, examples, lambda run: [run(0)], reference, kl, batch_size, pad_id)[0]
+
+
+def score_sweep(model, examples: Sequence[tuple[list[int], int]],
+                sweep: Callable[[Callable[[int], Any]], list], reference=None, kl: bool = True,
+                batch_size: int = 8, pad_id: int = 0, base_points: Sequence[int] = (),
+                ) -> list[RetentionScores]:
+    """:func:`score_examples` of ``model`` at every point of a sweep, batch by batch.
+
+    ``sweep(run)`` sets the model to each of its points in turn, calls ``run(i)`` at point ``i``, returns
+    the results in order and restores the model; it is called once per batch, so it must be cheap (an
+    adapter's B ← α·B). Why: a batch's base log-probabilities (the KL's reference pass) are computed once
+    for all points instead of once per point, and at ``base_points``, where the model *is* the base (α = 0
+    of an adapter: B = 0 adds exact zeros), they are the model's own, so that point costs no forward pass.
+    """
     import torch
 
     from robustft.core.params import train_mode
@@ -461,37 +487,47 @@ def score_examples(model, examples: Sequence[tuple[list[int], int]], reference=N
 
     if not examples:
         raise ValueError("score: no example to score")
-    if kl and reference is None and not is_peft_model(model):
+    needs_base = kl or bool(base_points)
+    if needs_base and reference is None and not is_peft_model(model):
         raise ValueError("reference: KL to base needs the base model (reference=...) for a model that is not "
                          "a PEFT model; pass kl=False for the loss alone")
     device = next(model.parameters()).device
     order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))  # by length: little padding
-    nll_sums, kl_sums, counts = [], [], []
+    nll_sums: list[list[float]] = []  # per point, per example (in ``order``)
+    kl_sums: list[list[float]] = []
+    counts: list[int] = []
     with torch.no_grad(), train_mode(model, False):
         for ids, attn, target in _batches([examples[i] for i in order], batch_size, pad_id, device):
-            logp = _answer_log_probs(model, ids, attn, target)
-            nll = -logp.gather(1, ids[:, 1:][target[:, 1:]].unsqueeze(1)).squeeze(1)
+            answer = ids[:, 1:][target[:, 1:]].unsqueeze(1)
             per_row = target[:, 1:].sum(1).tolist()
-            nll_sums += [float(x.double().sum()) for x in nll.split(per_row)]
-            counts += per_row
-            if kl:
-                if reference is not None:
-                    with train_mode(reference, False):
-                        base = _answer_log_probs(reference, ids, attn, target)
-                else:
-                    with model.disable_adapter():
-                        base = _answer_log_probs(model, ids, attn, target)
+            base = _base_log_probs(model, reference, ids, attn, target) if needs_base else None
+
+            def run(i: int, ids=ids, attn=attn, target=target, base=base, answer=answer, per_row=per_row):
+                logp = base if i in base_points else _answer_log_probs(model, ids, attn, target)
+                nll = [float(x.double().sum()) for x in (-logp.gather(1, answer).squeeze(1)).split(per_row)]
+                if not kl:
+                    return nll, []
                 tok_kl = (base.exp() * (base - logp)).sum(-1)
-                kl_sums += [float(x.double().sum()) for x in tok_kl.split(per_row)]
+                return nll, [float(x.double().sum()) for x in tok_kl.split(per_row)]
+
+            got = sweep(run)
+            if not nll_sums:
+                nll_sums, kl_sums = [[] for _ in got], [[] for _ in got]
+            for point, (nll, k) in enumerate(got):
+                nll_sums[point] += nll
+                kl_sums[point] += k
+            counts += per_row
     back = sorted(range(len(order)), key=order.__getitem__)  # results in the order of ``examples``
-    nll_sums, counts = [nll_sums[i] for i in back], [counts[i] for i in back]
-    kl_sums = [kl_sums[i] for i in back] if kl else kl_sums
+    counts = [counts[i] for i in back]
     total = sum(counts)
-    return RetentionScores(
-        loss=sum(nll_sums) / total, item_loss=[s / n for s, n in zip(nll_sums, counts)], tokens=counts,
-        kl=sum(kl_sums) / total if kl else None,
-        item_kl=[s / n for s, n in zip(kl_sums, counts)] if kl else None,
-    )
+    scores = []
+    for nll, k in zip(nll_sums, kl_sums):
+        nll, k = [nll[i] for i in back], [k[i] for i in back] if kl else None
+        scores.append(RetentionScores(
+            loss=sum(nll) / total, item_loss=[s / n for s, n in zip(nll, counts)], tokens=counts,
+            kl=sum(k) / total if kl else None, item_kl=[s / n for s, n in zip(k, counts)] if kl else None,
+        ))
+    return scores
 
 
 def score_retention(model, tokenizer, retention: RetentionSet | Sequence[Mapping[str, Any]], reference=None,

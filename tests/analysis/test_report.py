@@ -183,3 +183,35 @@ def test_a_saved_set_is_reused_with_its_own_settings_and_checked_against_the_bas
     with pytest.raises(ValueError, match="built from another model"):
         report.run_report(files["base"], files["id"], files["tmp"] / "o4", **kw)
     assert not any((files["tmp"] / o).exists() for o in ("o2", "o3", "o4"))
+
+
+def test_an_adapter_report_runs_one_forward_pass_per_batch_and_alpha(files):
+    """Cost claim of the module docstring: per batch, the base pass (KL reference and α = 0, where B = 0)
+    runs once and each α > 0 once, so a 3-α grid costs 3 passes per batch, not 3 + 3 for the KL; the
+    curve equals scoring each α alone (score_examples, its own base pass); B comes back bit-exactly."""
+    from transformers import AutoTokenizer
+
+    adapter = save_adapter(files["base"], files["tmp"] / "adapter")
+    interp = report.adapter_interpolation(files["base"], adapter)
+    tok = AutoTokenizer.from_pretrained(files["base"])
+    examples = {"id": retention.encode_rows(tok, [report.example_of(r) for r in ID_ROWS]),
+                "retained": retention.encode_rows(tok, [report.example_of(r) for r in SHIFT_ROWS])}
+    params = [p for n, p in interp.model.named_parameters() if "lora_B" in n]
+    end = [p.detach().clone() for p in params]
+    calls = []
+    hook = interp.model.get_base_model().model.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        got = report.wise_ft_report(interp, examples, ALPHAS, batch_size=2, pad_id=2)
+    finally:
+        hook.remove()
+    assert all(torch.equal(p, e) for p, e in zip(params, end))
+    batches = sum(-(-len(ex) // 2) for ex in examples.values())
+    assert len(calls) == batches * len(ALPHAS)
+    for i, a in enumerate(ALPHAS):  # each α by hand: B ← α·B, scored alone with its own base pass
+        for p, e in zip(params, end):
+            p.data.copy_(a * e)
+        for name, ex in examples.items():
+            s = retention.score_examples(interp.model, ex, kl=name == "retained", batch_size=2, pad_id=2)
+            assert got.losses[name][i] == pytest.approx(s.loss, rel=1e-6), (name, a)
+        assert got.retained_kl[i] == pytest.approx(s.kl, rel=1e-5, abs=1e-8), a
+    assert got.retained_kl[0] == 0.0  # α = 0 is the base pass itself
