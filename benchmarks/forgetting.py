@@ -116,6 +116,11 @@ def report_timing(model_dir: str | os.PathLike, adapter: Path, id_path: Path, sh
             "n_tokens": report.n_tokens}
 
 
+def per_token_ms(rep: dict) -> float:
+    """Median evaluation milliseconds per answer token and α: what a report costs per eval token."""
+    return 1000 * statistics.median(rep["eval"]) / (sum(rep["n_tokens"].values()) * rep["alphas"])
+
+
 def callback_overhead(make_trainer: Callable[[list], object], retention: Path, repeats: int,
                       eval_name: str = "id") -> dict[str, list[float]]:
     """Seconds of ``trainer.evaluate(eval_name)`` per variant (without the callback, loss, loss+KL),
@@ -184,7 +189,8 @@ def section(gen: dict | None, counts: dict[int, int] | None, n_prompts: int, rep
         parts += ["", f"`robustft report --adapter` with that set cached, {rep['alphas']} α, "
                   f"{len(rep['total'])} runs: {spread(rep['total'])} s in all (loading included), "
                   f"{spread(rep['eval'])} s evaluating; items {rep['n_items']}, answer tokens "
-                  f"{rep['n_tokens']}."]
+                  f"{rep['n_tokens']}: {per_token_ms(rep):.1f} ms per answer token and α (one forward pass "
+                  "per batch and α, the base pass shared)."]
     if over is not None:
         parts += ["", f"ForgettingCallback per evaluation ({len(over['without'])} interleaved rounds):", "",
                   overhead_table(over)]
@@ -217,8 +223,9 @@ def demo_trainer_factory(model_dir: Path, tokenizer, train_rows, id_rows,
 
 
 def run(model_dir, prompts, id_rows, shift_rows, train_rows, tokenizer, out: Path, repeats: int,
-        max_new_tokens: int, limits: Sequence[int] | None = LIMITS) -> dict:
-    """Every measurement on ``model_dir``; the results as a dict (``section`` formats them)."""
+        max_new_tokens: int, limits: Sequence[int] | None = LIMITS, overhead: bool = True) -> dict:
+    """Every measurement on ``model_dir`` (the callback's overhead unless not ``overhead``); the results as
+    a dict (``section`` formats them)."""
     out.mkdir(parents=True, exist_ok=True)
     retention = out / "retention.jsonl"
     result = {"gen": retention_generation(model_dir, prompts, retention, max_new_tokens)}
@@ -227,8 +234,10 @@ def run(model_dir, prompts, id_rows, shift_rows, train_rows, tokenizer, out: Pat
     result["report"] = report_timing(model_dir, adapter, write_rows(out / "id.jsonl", id_rows),
                                      write_rows(out / "shift.jsonl", shift_rows), retention, out / "report",
                                      repeats)
-    make = demo_trainer_factory(model_dir, tokenizer, train_rows, id_rows, out / "trainer")
-    result["overhead"] = callback_overhead(make, retention, repeats)
+    result["overhead"] = None
+    if overhead:
+        make = demo_trainer_factory(model_dir, tokenizer, train_rows, id_rows, out / "trainer")
+        result["overhead"] = callback_overhead(make, retention, repeats)
     return result
 
 
@@ -239,9 +248,13 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5, help="report runs; interleaved evaluate() rounds")
     p.add_argument("--max-new-tokens", type=int, default=None, help="answer limit (default: the library's)")
     p.add_argument("--skip-finish-counts", action="store_true", help="skip the 48/96/128-token counts")
+    p.add_argument("--skip-overhead", action="store_true",
+                   help="skip ForgettingCallback's overhead (with --no-write only: the section holds it)")
     p.add_argument("--out", default=os.path.join(tempfile.gettempdir(), "robustft_forgetting_benchmark"))
     p.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
     args = p.parse_args(argv)
+    if args.skip_overhead and not args.no_write:
+        p.error("--skip-overhead: only with --no-write (the written section holds the overhead table)")
     import torch
 
     from robustft.analysis.retention import MAX_NEW_TOKENS, general_prompts
@@ -252,7 +265,8 @@ def main(argv=None) -> int:
     prompts = general_prompts()[: args.prompts]
     model_dir, id_rows, shift_rows, train_rows, tok = smollm2_setup(args.n_eval)
     res = run(model_dir, prompts, id_rows, shift_rows, train_rows, tok, Path(args.out), args.repeats,
-              args.max_new_tokens or MAX_NEW_TOKENS, None if args.skip_finish_counts else LIMITS)
+              args.max_new_tokens or MAX_NEW_TOKENS, None if args.skip_finish_counts else LIMITS,
+              not args.skip_overhead)
     text = section(res["gen"], res["counts"], len(prompts), res["report"], res["overhead"], command.strip(),
                    (load0, os.getloadavg()[0]))
     from benchmarks.llm import publish

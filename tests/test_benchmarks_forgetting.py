@@ -41,5 +41,15 @@ def test_tiny_run_measures_every_part(tmp_path):
     assert {k: len(v) for k, v in res["overhead"].items()} == {v: 2 for v in bf.VARIANTS}
     text = bf.section(res["gen"], res["counts"], len(PROMPTS), rep, res["overhead"], "cmd", (0.0, 0.0))
     for needle in ("`cmd`", "6 tokens:", "Retention set, built once", "`robustft report --adapter`",
-                   "| loss+kl ", "ratio to without"):
+                   "| loss+kl ", "ratio to without", f"{bf.per_token_ms(rep):.1f} ms per answer token and α"):
         assert needle in text, needle
+    tokens = sum(rep["n_tokens"].values()) * rep["alphas"]
+    # the median of two runs is their mean
+    assert bf.per_token_ms(rep) == pytest.approx(1000 * (rep["eval"][0] + rep["eval"][1]) / 2 / tokens)
+
+
+def test_skip_overhead_is_refused_when_the_section_would_be_written():
+    from benchmarks import forgetting as bf
+
+    with pytest.raises(SystemExit):
+        bf.main(["--skip-overhead"])
