@@ -188,3 +188,26 @@ def test_peft_kl_with_the_adapter_disabled_equals_a_separately_loaded_base(model
     assert own.item_kl == pytest.approx(ref.item_kl, rel=1e-6, abs=1e-9)
     assert own.item_loss == ref.item_loss
     assert peft.active_adapters == ["default"] and all(m.training for m in peft.modules())  # modes restored
+
+
+def test_logits_only_at_answer_positions_equal_the_full_logits(model_dir, monkeypatch):
+    """The Llama path projects only the answer positions onto the vocabulary (``logits_to_keep`` mask,
+    checked to be taken: the lm_head sees only them); its scores equal slicing the full logits."""
+    from peft import LoraConfig, get_peft_model
+
+    model, tok = load(model_dir)
+    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"],
+                                            init_lora_weights=False))
+    assert retention._keeps_masked_logits(type(peft.get_base_model()))
+    seen = []
+    hook = peft.get_base_model().lm_head.register_forward_hook(lambda m, a, out: seen.append(a[0].shape[0]))
+    try:
+        sliced = retention.score_retention(peft, tok, rows_for(tok), batch_size=3)
+    finally:
+        hook.remove()
+    answer_tokens = sum(sliced.tokens)
+    assert sum(seen) == 2 * answer_tokens  # the model's pass and the base pass (KL), answer rows only
+    monkeypatch.setattr(retention, "_keeps_masked_logits", lambda cls: False)
+    full = retention.score_retention(peft, tok, rows_for(tok), batch_size=3)
+    assert sliced.item_loss == pytest.approx(full.item_loss, rel=1e-6)
+    assert sliced.item_kl == pytest.approx(full.item_kl, rel=1e-5, abs=1e-8)
