@@ -357,16 +357,10 @@ def main(argv=None) -> int:
         per = throughput(replace(cfg, steps=args.steps), args.rounds, variants=variants, shape=shape,
                          threads=args.threads, model_dir=args.model, bf16=args.bf16)
         parts += ["", *throughput_text(per, args, shape, load0)]
-    text = "\n".join(parts)
-    print("\n" + text)
-    if not args.no_write:
-        if args.skip_scores:  # the throughput alone has its own section; the scores' stays
-            heading = "### Throughput and memory per callback (issue 26)\n\n"
-            write_section(heading + "\n".join(parts[2:]), start=THROUGHPUT_START, end=THROUGHPUT_END)
-        else:
-            write_section(text)
-        print(f"\nwritten to {ROOT / 'docs' / 'benchmarks.md'}")
-    return 0
+    if args.skip_scores:  # the throughput alone has its own section; the scores' stays
+        heading = "### Throughput and memory per callback (issue 26)\n\n"
+        return publish(heading + "\n".join(parts[2:]), args.no_write, THROUGHPUT_START, THROUGHPUT_END)
+    return publish("\n".join(parts), args.no_write)
 
 
 if __name__ == "__main__":
